@@ -1,0 +1,451 @@
+//! Ordered change capture for one group (docs/CAPTURE.md): every change to
+//! any of the group's volumes gets the next sequence number in the order it
+//! reaches the images, and is queued for each replica.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tandem_volume::{RawImage, VolumeError};
+
+use crate::dirty::{regions_of, DirtyMap};
+use crate::error::CaptureError;
+use crate::fine::FineDirty;
+use crate::seq::SeqAllocator;
+
+/// Fixed per-record overhead counted against `queue_memory`.
+const RECORD_OVERHEAD: usize = 96;
+
+/// One captured change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    /// Index of the volume in the group.
+    pub volume: u32,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Write { offset: u64, data: Vec<u8>, fua: bool },
+    WriteZeroes { offset: u64, len: u64, fua: bool },
+    Trim { offset: u64, len: u64, fua: bool },
+    Flush,
+}
+
+impl Op {
+    /// The byte range the change touches.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Op::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            Op::WriteZeroes { offset, len, .. } | Op::Trim { offset, len, .. } => Some((*offset, *len)),
+            Op::Flush => None,
+        }
+    }
+
+    fn cost(&self) -> usize {
+        RECORD_OVERHEAD
+            + match self {
+                Op::Write { data, .. } => data.len(),
+                _ => 0,
+            }
+    }
+}
+
+/// What a replica's consumer gets next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Record(Arc<Record>),
+    /// Records were dropped before this replica acknowledged them (or the
+    /// agent restarted): copy these ranges of each volume (indexed like the
+    /// group's volumes) from the primary, then continue with the records
+    /// from `resume_at`. Acknowledging `resume_at - 1` says the copy is
+    /// complete.
+    Resync { ranges: Vec<Vec<(u64, u64)>>, resume_at: u64 },
+}
+
+/// A volume of the group.
+pub struct CaptureVolume {
+    pub name: String,
+    pub image: Arc<RawImage>,
+}
+
+struct Replica {
+    name: String,
+    /// Every record up to here is durable on the replica.
+    acked: u64,
+    /// The next record to hand out.
+    next: u64,
+    /// Ranges owed because their records were dropped (per volume).
+    gap: Vec<FineDirty>,
+    /// Ranges handed out in a resync that is not yet acknowledged, and the
+    /// sequence number that acknowledges it.
+    resyncing: Option<(Vec<FineDirty>, u64)>,
+}
+
+struct State {
+    seq: SeqAllocator,
+    queue: VecDeque<Arc<Record>>,
+    queued_bytes: usize,
+    replicas: Vec<Replica>,
+    /// Persistent dirty maps, one per volume; empty without replicas.
+    maps: Vec<DirtyMap>,
+    /// Latest sequence number that touched each (volume, region).
+    last_write: HashMap<(u32, u64), u64>,
+    dropped_records: u64,
+}
+
+/// Counters for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    pub next_seq: u64,
+    pub queued_records: usize,
+    pub queued_bytes: usize,
+    pub dropped_records: u64,
+    /// Per replica: (name, acked seq, bytes owed by dirty ranges).
+    pub replicas: Vec<(String, u64, u64)>,
+    /// Per volume: regions marked in the persistent map.
+    pub marked_regions: Vec<u64>,
+}
+
+pub struct GroupCapture {
+    name: String,
+    volumes: Vec<CaptureVolume>,
+    state: Mutex<State>,
+    arrived: Condvar,
+    queue_limit: usize,
+}
+
+impl GroupCapture {
+    /// Opens the capture state of group `name` under `dir`
+    /// (`<data_dir>/capture/<group>`). `image_existed[i]` says whether
+    /// volume `i`'s image was there before this start.
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<CaptureVolume>,
+        image_existed: &[bool],
+        replicas: &[String],
+        queue_limit: u64,
+    ) -> Result<GroupCapture, CaptureError> {
+        std::fs::create_dir_all(dir).map_err(CaptureError::io(dir, "create capture directory"))?;
+        let seq = SeqAllocator::open(&dir.join("seq"))?;
+        let mut maps = Vec::new();
+        if !replicas.is_empty() {
+            for (i, v) in volumes.iter().enumerate() {
+                let existed = image_existed.get(i).copied().unwrap_or(true);
+                let path = dir.join(format!("{}.dirty", v.name));
+                maps.push(DirtyMap::open(&path, v.image.size(), existed)?);
+            }
+        }
+        // After a restart the queue is empty: every replica owes what the
+        // persistent map says may differ.
+        let owed: Vec<FineDirty> = maps
+            .iter()
+            .zip(&volumes)
+            .map(|(map, v)| {
+                let mut d = FineDirty::default();
+                for (offset, len) in map.ranges(v.image.size()) {
+                    for r in regions_of(offset, len) {
+                        d.add_region(r);
+                    }
+                }
+                d
+            })
+            .collect();
+        let start = seq.peek();
+        let replicas = replicas
+            .iter()
+            .map(|r| Replica {
+                name: r.clone(),
+                acked: start - 1,
+                next: start,
+                gap: owed.clone(),
+                resyncing: None,
+            })
+            .collect();
+        Ok(GroupCapture {
+            name: name.to_owned(),
+            volumes,
+            state: Mutex::new(State {
+                seq,
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                replicas,
+                maps,
+                last_write: HashMap::new(),
+                dropped_records: 0,
+            }),
+            arrived: Condvar::new(),
+            queue_limit: usize::try_from(queue_limit).unwrap_or(usize::MAX),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn volumes(&self) -> &[CaptureVolume] {
+        &self.volumes
+    }
+
+    pub fn image(&self, volume: usize) -> &Arc<RawImage> {
+        &self.volumes[volume].image
+    }
+
+    /// Writes `data` at `offset` of volume `volume`; returns its sequence
+    /// number.
+    pub fn write(&self, volume: usize, offset: u64, data: &[u8], fua: bool) -> Result<u64, CaptureError> {
+        self.change(
+            volume,
+            Some((offset, data.len() as u64)),
+            |image| image.write(offset, data),
+            || Op::Write {
+                offset,
+                data: data.to_vec(),
+                fua,
+            },
+        )
+    }
+
+    /// Zeroes a range. `keep_allocated`: no hole; `fast_only`: fail
+    /// without changing anything unless it is cheap.
+    pub fn write_zeroes(
+        &self,
+        volume: usize,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> Result<u64, CaptureError> {
+        self.change(
+            volume,
+            Some((offset, len)),
+            |image| image.write_zeroes(offset, len, keep_allocated, fast_only),
+            || Op::WriteZeroes { offset, len, fua },
+        )
+    }
+
+    pub fn trim(&self, volume: usize, offset: u64, len: u64, fua: bool) -> Result<u64, CaptureError> {
+        self.change(
+            volume,
+            Some((offset, len)),
+            |image| image.punch_hole(offset, len),
+            || Op::Trim { offset, len, fua },
+        )
+    }
+
+    /// Orders a flush after every change so far (the caller then makes the
+    /// image durable with [`RawImage::sync`]).
+    pub fn flush(&self, volume: usize) -> Result<u64, CaptureError> {
+        self.change(volume, None, |_| Ok(()), || Op::Flush)
+    }
+
+    fn change(
+        &self,
+        volume: usize,
+        range: Option<(u64, u64)>,
+        apply: impl FnOnce(&RawImage) -> Result<(), VolumeError>,
+        op: impl FnOnce() -> Op,
+    ) -> Result<u64, CaptureError> {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let tracked = !st.replicas.is_empty();
+        if let (true, Some((offset, len))) = (tracked, range) {
+            st.maps[volume].mark(offset, len)?; // D1: durable before the write
+        }
+        let seq = st.seq.next()?;
+        if let Err(e) = apply(&self.volumes[volume].image) {
+            // A failed change may have reached the image in part: owe it to
+            // every replica. A refused fast zero changed nothing.
+            if let (false, Some((offset, len))) = (matches!(e, VolumeError::SlowZero { .. }), range) {
+                for r in &mut st.replicas {
+                    r.gap[volume].add(offset, len);
+                }
+            }
+            return Err(e.into());
+        }
+        if !tracked {
+            return Ok(seq);
+        }
+        if let Some((offset, len)) = range {
+            for region in regions_of(offset, len) {
+                st.last_write.insert((volume as u32, region), seq);
+            }
+        }
+        let record = Arc::new(Record {
+            seq,
+            volume: volume as u32,
+            op: op(),
+        });
+        st.queued_bytes += record.op.cost();
+        st.queue.push_back(record);
+        while st.queued_bytes > self.queue_limit && st.queue.len() > 1 {
+            let Some(old) = st.queue.pop_front() else { break };
+            st.queued_bytes -= old.op.cost();
+            st.dropped_records += 1;
+            for r in &mut st.replicas {
+                if r.acked < old.seq {
+                    if let Some((offset, len)) = old.op.range() {
+                        r.gap[old.volume as usize].add(offset, len);
+                    }
+                }
+            }
+        }
+        self.arrived.notify_all();
+        Ok(seq)
+    }
+
+    /// The next event for `replica`, waiting up to `timeout` for one.
+    pub fn next_event(&self, replica: &str, timeout: Duration) -> Result<Option<Event>, CaptureError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        loop {
+            let st_ref = &mut *st;
+            let front = st_ref.queue.front().map(|r| r.seq);
+            let upcoming = st_ref.seq.peek();
+            let r = replica_mut(&mut st_ref.replicas, replica)?;
+            if r.gap.iter().any(|g| !g.is_empty()) {
+                let gap = std::mem::replace(&mut r.gap, vec![FineDirty::default(); self.volumes.len()]);
+                let ranges = gap
+                    .iter()
+                    .zip(&self.volumes)
+                    .map(|(g, v)| g.ranges(v.image.size()))
+                    .collect();
+                let resume_at = r.next.max(front.unwrap_or(upcoming));
+                r.next = resume_at;
+                // Merge with a resync still unacknowledged.
+                let mut pending = gap;
+                if let Some((older, _)) = r.resyncing.take() {
+                    for (p, o) in pending.iter_mut().zip(older) {
+                        for (offset, len) in o.ranges(u64::MAX) {
+                            p.add(offset, len);
+                        }
+                    }
+                }
+                r.resyncing = Some((pending, resume_at));
+                return Ok(Some(Event::Resync { ranges, resume_at }));
+            }
+            let next = r.next;
+            let idx = st_ref.queue.partition_point(|x| x.seq < next);
+            if let Some(record) = st_ref.queue.get(idx).cloned() {
+                replica_mut(&mut st_ref.replicas, replica)?.next = record.seq + 1;
+                return Ok(Some(Event::Record(record)));
+            }
+            if self.arrived.wait_until(&mut st, deadline).timed_out() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// `replica` holds every change up to `seq` durably.
+    pub fn ack(&self, replica: &str, seq: u64) -> Result<(), CaptureError> {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let r = replica_mut(&mut st.replicas, replica)?;
+        r.acked = r.acked.max(seq);
+        if let Some((_, done_at)) = &r.resyncing {
+            if seq + 1 >= *done_at {
+                r.resyncing = None;
+            }
+        }
+        let min_acked = st.replicas.iter().map(|r| r.acked).min().unwrap_or(u64::MAX);
+        while st.queue.front().is_some_and(|f| f.seq <= min_acked) {
+            if let Some(old) = st.queue.pop_front() {
+                st.queued_bytes -= old.op.cost();
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the replica start again from its acknowledged position (after
+    /// a reconnect).
+    pub fn rewind(&self, replica: &str) -> Result<(), CaptureError> {
+        let mut st = self.state.lock();
+        let r = replica_mut(&mut st.replicas, replica)?;
+        r.next = r.acked + 1;
+        if let Some((pending, _)) = r.resyncing.take() {
+            for (g, p) in r.gap.iter_mut().zip(pending) {
+                for (offset, len) in p.ranges(u64::MAX) {
+                    g.add(offset, len);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the persistent mark of every region that all replicas hold
+    /// (invariant D2). Returns the number of regions cleared.
+    pub fn clear_replicated(&self) -> Result<u64, CaptureError> {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        if st.replicas.is_empty() {
+            return Ok(0);
+        }
+        let min_acked = st.replicas.iter().map(|r| r.acked).min().unwrap_or(0);
+        let mut cleared = 0;
+        for (v, map) in st.maps.iter_mut().enumerate() {
+            let size = self.volumes[v].image.size();
+            let marked: Vec<u64> = map
+                .ranges(size)
+                .into_iter()
+                .flat_map(|(offset, len)| regions_of(offset, len))
+                .collect();
+            for region in marked {
+                let owed = st.replicas.iter().any(|r| {
+                    r.gap[v].touches_region(region)
+                        || r.resyncing.as_ref().is_some_and(|(p, _)| p[v].touches_region(region))
+                });
+                let written_after = st
+                    .last_write
+                    .get(&(v as u32, region))
+                    .is_some_and(|&s| s > min_acked);
+                if !owed && !written_after {
+                    map.clear(region)?;
+                    st.last_write.remove(&(v as u32, region));
+                    cleared += 1;
+                }
+            }
+        }
+        Ok(cleared)
+    }
+
+    pub fn stats(&self) -> CaptureStats {
+        let st = self.state.lock();
+        CaptureStats {
+            next_seq: st.seq.peek(),
+            queued_records: st.queue.len(),
+            queued_bytes: st.queued_bytes,
+            dropped_records: st.dropped_records,
+            replicas: st
+                .replicas
+                .iter()
+                .map(|r| {
+                    let owed = r.gap.iter().map(FineDirty::dirty_bytes).sum();
+                    (r.name.clone(), r.acked, owed)
+                })
+                .collect(),
+            marked_regions: st.maps.iter().map(DirtyMap::marked_count).collect(),
+        }
+    }
+
+    /// Marked ranges of each volume's persistent map.
+    pub fn dirty_ranges(&self) -> Vec<Vec<(u64, u64)>> {
+        let st = self.state.lock();
+        st.maps
+            .iter()
+            .zip(&self.volumes)
+            .map(|(m, v)| m.ranges(v.image.size()))
+            .collect()
+    }
+}
+
+fn replica_mut<'a>(replicas: &'a mut [Replica], name: &str) -> Result<&'a mut Replica, CaptureError> {
+    replicas
+        .iter_mut()
+        .find(|r| r.name == name)
+        .ok_or_else(|| CaptureError::UnknownReplica(name.to_owned()))
+}

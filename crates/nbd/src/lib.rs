@@ -1,0 +1,16 @@
+//! The NBD front of a Tandem volume: the handshake and transmission codecs
+//! (bytes in, bytes out, no I/O) and a server that drives them over Unix
+//! and TCP sockets. Fixed newstyle only; see `docs/NBD.md`.
+
+pub mod error;
+pub mod export;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod stats;
+pub mod transmission;
+mod wire;
+
+pub use error::{ErrorCode, ExportError, ProtocolError};
+pub use export::{Catalog, Completion, Deferred, Export, Extent, ZeroFlags};
+pub use server::{Server, Stream};

@@ -1,0 +1,354 @@
+//! A volume's plain raw sparse image: positioned I/O with clear errors, and
+//! a failure latch so that a failed fsync is never retried into silent
+//! corruption.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use crate::file::{BlockFile, OsFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{path}: cannot open the volume image: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error(
+        "{path}: the image is {actual} bytes but the configuration says {configured} bytes; \
+         refusing to resize it (fix the size in the configuration, or resize the image \
+         with `qemu-img resize` while the agent is stopped)"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        actual: u64,
+        configured: u64,
+    },
+    #[error("{path}: the image is in use by another process (is another agent running on this data_dir?)")]
+    Locked { path: PathBuf },
+    #[error("{path}: no space left on the host's disk for {op} of {len} bytes at offset {offset}")]
+    NoSpace {
+        path: PathBuf,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+    },
+    #[error("{path}: {op} of {len} bytes at offset {offset} failed: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        source: io::Error,
+    },
+    #[error(
+        "{path}: the volume failed earlier ({reason}); writes and flushes are refused \
+         until the agent restarts, so that no acknowledged data is silently lost"
+    )]
+    Failed { path: PathBuf, reason: String },
+    #[error("{path}: fast zeroing is not possible here")]
+    SlowZero { path: PathBuf },
+}
+
+/// A raw image of fixed size.
+pub struct RawImage {
+    file: Box<dyn BlockFile>,
+    path: PathBuf,
+    size: u64,
+    /// Set on the first failed fsync (or EIO on write); never cleared.
+    failure: OnceLock<String>,
+    /// RWF_NOWAIT reads work on this filesystem.
+    nowait: AtomicBool,
+    /// FALLOC_FL_ZERO_RANGE works on this filesystem.
+    zero_range: AtomicBool,
+    /// Keeps the image's exclusive flock for as long as it is open.
+    _lock: Option<File>,
+}
+
+impl std::fmt::Debug for RawImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawImage")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("failure", &self.failure.get())
+            .finish()
+    }
+}
+
+impl RawImage {
+    /// Opens the image at `path`, creating it sparse at `size` bytes if it
+    /// does not exist. An existing image of another size is an error, never
+    /// a silent resize. The image is locked against a second agent.
+    pub fn open_or_create(path: &Path, size: u64) -> Result<RawImage, VolumeError> {
+        let open_err = |source| VolumeError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(file) => {
+                file.set_len(size).map_err(open_err)?;
+                file.sync_all().map_err(open_err)?;
+                if let Some(dir) = path.parent() {
+                    File::open(dir).and_then(|d| d.sync_all()).map_err(open_err)?;
+                }
+                file
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(open_err)?,
+            Err(e) => return Err(open_err(e)),
+        };
+        // SAFETY: flock on an fd we own; released when the file closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+            return Err(VolumeError::Locked {
+                path: path.to_owned(),
+            });
+        }
+        let lock = file.try_clone().map_err(open_err)?;
+        let actual = file.metadata().map_err(open_err)?.len();
+        if actual != size {
+            return Err(VolumeError::SizeMismatch {
+                path: path.to_owned(),
+                actual,
+                configured: size,
+            });
+        }
+        let mut image = RawImage::with_file(Box::new(OsFile(file)), path.to_owned(), size);
+        image._lock = Some(lock);
+        Ok(image)
+    }
+
+    /// An image over any [`BlockFile`] (tests inject failures this way).
+    pub fn with_file(file: Box<dyn BlockFile>, path: PathBuf, size: u64) -> RawImage {
+        RawImage {
+            file,
+            path,
+            size,
+            failure: OnceLock::new(),
+            nowait: AtomicBool::new(true),
+            zero_range: AtomicBool::new(true),
+            _lock: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Why the volume latched into its failed state, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    fn check_healthy(&self) -> Result<(), VolumeError> {
+        match self.failure.get() {
+            Some(reason) => Err(VolumeError::Failed {
+                path: self.path.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn latch(&self, reason: String) {
+        if self.failure.set(reason.clone()).is_ok() {
+            tracing::error!(image = %self.path.display(), "volume failed: {reason}");
+        }
+    }
+
+    fn io_error(&self, op: &'static str, offset: u64, len: u64, source: io::Error) -> VolumeError {
+        match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => VolumeError::NoSpace {
+                path: self.path.clone(),
+                op,
+                offset,
+                len,
+            },
+            _ => VolumeError::Io {
+                path: self.path.clone(),
+                op,
+                offset,
+                len,
+                source,
+            },
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, blocking on storage if needed.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    // Past the end of a shorter file reads as zeroes.
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_error("read", offset, buf.len() as u64, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads from the page cache only; `Ok(false)` when that is not
+    /// possible without blocking.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        if !self.nowait.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match self.file.read_cached_at(buf, offset) {
+            Ok(n) => Ok(n == buf.len()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)) => {
+                self.nowait.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(self.io_error("read", offset, buf.len() as u64, e)),
+        }
+    }
+
+    /// Writes `data` at `offset` (into the page cache; [`RawImage::sync`]
+    /// makes it durable).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        self.check_healthy()?;
+        let mut done = 0;
+        while done < data.len() {
+            match self.file.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "wrote nothing");
+                    return Err(self.io_error("write", offset, data.len() as u64, e));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let err = self.io_error("write", offset, data.len() as u64, e);
+                    if matches!(err, VolumeError::Io { .. }) {
+                        self.latch(err.to_string());
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deallocates `[offset, offset + len)`; it reads back as zeroes.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check_healthy()?;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.file.fallocate(mode, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zero_buffers(offset, len),
+            Err(e) => Err(self.io_error("trim", offset, len, e)),
+        }
+    }
+
+    /// Zeroes `[offset, offset + len)`. With `keep_allocated` the range
+    /// stays provisioned (no hole). With `fast_only`, fails with
+    /// [`VolumeError::SlowZero`] (changing nothing) unless it can be done
+    /// without writing zero buffers.
+    pub fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool, fast_only: bool) -> Result<(), VolumeError> {
+        self.check_healthy()?;
+        if !keep_allocated {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.file.fallocate(mode, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) => return Err(self.io_error("write zeroes", offset, len, e)),
+            }
+        }
+        if self.zero_range.load(Ordering::Relaxed) {
+            let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.file.fallocate(mode, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.zero_range.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(self.io_error("write zeroes", offset, len, e)),
+            }
+        }
+        if fast_only {
+            return Err(VolumeError::SlowZero {
+                path: self.path.clone(),
+            });
+        }
+        self.write_zero_buffers(offset, len)
+    }
+
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.write(offset + done, &zeroes[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable. A failure latches the volume:
+    /// the kernel may have dropped the dirty pages, so retrying could
+    /// report success for data that is gone.
+    pub fn sync(&self) -> Result<(), VolumeError> {
+        self.check_healthy()?;
+        if let Err(e) = self.file.sync_data() {
+            let err = self.io_error("fsync", 0, self.size, e);
+            self.latch(err.to_string());
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Prefetch hint.
+    pub fn cache(&self, offset: u64, len: u64) {
+        self.file.advise_willneed(offset, len);
+    }
+
+    /// Allocation map of `[offset, offset + len)` from SEEK_DATA/SEEK_HOLE:
+    /// consecutive `(length, is_hole)` runs, at most `max` of them (fewer
+    /// than requested is allowed; at least one is returned).
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<(u64, bool)>, VolumeError> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        let seek = |at, whence| {
+            self.file
+                .seek(at, whence)
+                .map_err(|e| self.io_error("extent map", at, len, e))
+        };
+        while pos < end && runs.len() < max.max(1) {
+            let data = seek(pos, libc::SEEK_DATA)?.unwrap_or(self.size);
+            if data > pos {
+                let stop = data.min(end);
+                runs.push((stop - pos, true));
+                pos = stop;
+                continue;
+            }
+            let hole = seek(pos, libc::SEEK_HOLE)?.unwrap_or(self.size).max(pos + 1);
+            let stop = hole.min(end);
+            runs.push((stop - pos, false));
+            pos = stop;
+        }
+        if runs.is_empty() {
+            runs.push((len.max(1), false));
+        }
+        Ok(runs)
+    }
+}
