@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod export;
+pub mod fuzzing;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -1,0 +1,40 @@
+//! Where things live under `site.data_dir` (SPEC §4.2).
+
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub data_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: &Path) -> Layout {
+        Layout {
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.data_dir.join("volumes")
+    }
+
+    pub fn image(&self, volume: &str) -> PathBuf {
+        self.volumes_dir().join(format!("{volume}.img"))
+    }
+
+    pub fn nbd_dir(&self) -> PathBuf {
+        self.data_dir.join("nbd")
+    }
+
+    pub fn socket(&self, volume: &str) -> PathBuf {
+        self.nbd_dir().join(format!("{volume}.sock"))
+    }
+
+    pub fn capture_dir(&self, group: &str) -> PathBuf {
+        self.data_dir.join("capture").join(group)
+    }
+
+    pub fn dirty_map(&self, group: &str, volume: &str) -> PathBuf {
+        self.capture_dir(group).join(format!("{volume}.dirty"))
+    }
+}

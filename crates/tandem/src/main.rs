@@ -1,0 +1,91 @@
+//! `tandem`: the site agent and its command-line tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Continuous replication and failover of virtual machine disks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// Site configuration file [default: $TANDEM_CONFIG, then /etc/tandem/tandem.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| std::env::var_os("TANDEM_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/etc/tandem/tandem.toml"))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run this site's agent: serve the volumes of the groups it is primary for
+    Agent {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show the regions of a volume that may differ from its replicas
+    Dirty {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Volume name
+        volume: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging();
+    let result: Result<()> = match cli.command {
+        Command::Agent { config } => cmd::agent::run(&config.path()),
+        Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("TANDEM_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(path: &std::path::Path) -> Result<tandem_config::Config> {
+    tandem_config::load(path).with_context(|| "cannot start with this configuration".to_string())
+}
