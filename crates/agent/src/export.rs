@@ -35,9 +35,17 @@ impl VolumeExport {
         Completion::Deferred(Box::new(move || image.sync().map_err(volume_error)))
     }
 
-    fn changed(&self, result: Result<u64, CaptureError>, fua: bool) -> Result<Completion, ExportError> {
+    fn changed(
+        &self,
+        result: Result<u64, CaptureError>,
+        fua: bool,
+    ) -> Result<Completion, ExportError> {
         result.map_err(capture_error)?;
-        Ok(if fua { self.durable() } else { Completion::Done })
+        Ok(if fua {
+            self.durable()
+        } else {
+            Completion::Done
+        })
     }
 }
 
@@ -47,7 +55,11 @@ impl Export for VolumeExport {
     }
 
     fn description(&self) -> String {
-        format!("Tandem volume {} of group {}", self.name, self.capture.name())
+        format!(
+            "Tandem volume {} of group {}",
+            self.name,
+            self.capture.name()
+        )
     }
 
     fn size(&self) -> u64 {
@@ -60,7 +72,10 @@ impl Export for VolumeExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
-        self.capture.image(self.index).read(offset, buf).map_err(volume_error)
+        self.capture
+            .image(self.index)
+            .read(offset, buf)
+            .map_err(volume_error)
     }
 
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, ExportError> {
@@ -74,10 +89,20 @@ impl Export for VolumeExport {
         self.changed(self.capture.write(self.index, offset, data, fua), fua)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<Completion, ExportError> {
-        let result = self
-            .capture
-            .write_zeroes(self.index, offset, len, flags.no_hole, flags.fast, flags.fua);
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<Completion, ExportError> {
+        let result = self.capture.write_zeroes(
+            self.index,
+            offset,
+            len,
+            flags.no_hole,
+            flags.fast,
+            flags.fua,
+        );
         self.changed(result, flags.fua)
     }
 

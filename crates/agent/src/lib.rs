@@ -38,7 +38,10 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("cannot listen for NBD on {addr} (site.nbd_listen): {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// How long a stopping agent waits for clients to finish their requests.
@@ -109,7 +112,8 @@ impl Agent {
             })?;
             let capture = Arc::new(capture);
             for index in 0..capture.volumes().len() {
-                let export: Arc<dyn Export> = Arc::new(VolumeExport::new(Arc::clone(&capture), index));
+                let export: Arc<dyn Export> =
+                    Arc::new(VolumeExport::new(Arc::clone(&capture), index));
                 agent.listen_unix(&layout, Arc::clone(&export))?;
                 all_exports.insert(export.name().to_owned(), export);
             }
@@ -153,7 +157,10 @@ impl Agent {
         }
         let listener = UnixListener::bind(&path).map_err(io_err("listen"))?;
         self.server
-            .serve_unix(listener, Arc::new(catalog::SingleExport(Arc::clone(&export))))
+            .serve_unix(
+                listener,
+                Arc::new(catalog::SingleExport(Arc::clone(&export))),
+            )
             .map_err(io_err("start accept thread"))?;
         info!(volume = export.name(), socket = %path.display(), size = export.size(), "NBD export ready");
         self.sockets.push(path);
@@ -174,7 +181,10 @@ impl Agent {
     pub fn shutdown(self) -> Result<(), AgentError> {
         let left = self.server.shutdown(SHUTDOWN_GRACE);
         if left > 0 {
-            warn!(connections = left, "clients still connected after the grace period");
+            warn!(
+                connections = left,
+                "clients still connected after the grace period"
+            );
         }
         for path in &self.sockets {
             let _ = std::fs::remove_file(path);

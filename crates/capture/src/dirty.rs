@@ -33,7 +33,11 @@ impl DirtyMap {
     /// Opens the map for a volume of `volume_size` bytes. `image_existed`
     /// says whether the image was there before this start: a missing map
     /// for an existing image marks every region (nothing is known).
-    pub fn open(path: &Path, volume_size: u64, image_existed: bool) -> Result<DirtyMap, CaptureError> {
+    pub fn open(
+        path: &Path,
+        volume_size: u64,
+        image_existed: bool,
+    ) -> Result<DirtyMap, CaptureError> {
         let regions = volume_size.div_ceil(REGION_SIZE);
         let words = regions.div_ceil(64) as usize;
         let existed = path.exists();
@@ -85,7 +89,11 @@ impl DirtyMap {
         if &header[0..8] != MAGIC {
             return Err(corrupt("bad magic"));
         }
-        let crc = u32::from_le_bytes(header[32..36].try_into().map_err(|_| corrupt("short header"))?);
+        let crc = u32::from_le_bytes(
+            header[32..36]
+                .try_into()
+                .map_err(|_| corrupt("short header"))?,
+        );
         if crc != crc32c::crc32c(&header[0..32]) {
             return Err(corrupt("header checksum mismatch"));
         }
@@ -158,7 +166,10 @@ impl DirtyMap {
     /// clean (invariant D1). Returns whether anything had to be written.
     pub fn mark(&mut self, offset: u64, len: u64) -> Result<bool, CaptureError> {
         let range = regions_of(offset, len);
-        let (first, last) = (*range.start(), (*range.end()).min(self.regions.saturating_sub(1)));
+        let (first, last) = (
+            *range.start(),
+            (*range.end()).min(self.regions.saturating_sub(1)),
+        );
         if (first..=last).all(|r| self.is_marked(r)) {
             return Ok(false);
         }
@@ -259,7 +270,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.dirty");
         DirtyMap::open(&path, 8 * REGION_SIZE, false).unwrap();
-        let err = DirtyMap::open(&path, 16 * REGION_SIZE, true).unwrap_err().to_string();
+        let err = DirtyMap::open(&path, 16 * REGION_SIZE, true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("v.dirty") && err.contains("33554432"), "{err}");
     }
 
@@ -270,7 +283,9 @@ mod tests {
         DirtyMap::open(&path, 8 * REGION_SIZE, false).unwrap();
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[9], 17).unwrap();
-        let err = DirtyMap::open(&path, 8 * REGION_SIZE, true).unwrap_err().to_string();
+        let err = DirtyMap::open(&path, 8 * REGION_SIZE, true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("checksum"), "{err}");
     }
 }

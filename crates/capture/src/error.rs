@@ -27,7 +27,10 @@ pub enum CaptureError {
 }
 
 impl CaptureError {
-    pub(crate) fn io<'a>(path: &'a std::path::Path, op: &'static str) -> impl FnOnce(io::Error) -> CaptureError + 'a {
+    pub(crate) fn io<'a>(
+        path: &'a std::path::Path,
+        op: &'static str,
+    ) -> impl FnOnce(io::Error) -> CaptureError + 'a {
         move |source| CaptureError::Io {
             path: path.to_owned(),
             op,

@@ -60,7 +60,10 @@ impl FineDirty {
                 block = region_last + 1;
                 continue;
             }
-            let words = self.regions.entry(region).or_insert_with(|| Box::new([0; WORDS]));
+            let words = self
+                .regions
+                .entry(region)
+                .or_insert_with(|| Box::new([0; WORDS]));
             for b in block..=region_last {
                 let i = (b % per_region) as usize;
                 words[i / 64] |= 1 << (i % 64);
@@ -154,7 +157,10 @@ mod tests {
         let mut d = FineDirty::default();
         d.add(REGION_SIZE - 4096, 8192);
         d.add(1, 1);
-        assert_eq!(d.ranges(u64::MAX), vec![(0, 4096), (REGION_SIZE - 4096, 8192)]);
+        assert_eq!(
+            d.ranges(u64::MAX),
+            vec![(0, 4096), (REGION_SIZE - 4096, 8192)]
+        );
         assert_eq!(d.dirty_bytes(), 3 * 4096);
     }
 

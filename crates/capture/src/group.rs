@@ -29,9 +29,21 @@ pub struct Record {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Write { offset: u64, data: Vec<u8>, fua: bool },
-    WriteZeroes { offset: u64, len: u64, fua: bool },
-    Trim { offset: u64, len: u64, fua: bool },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
     Flush,
 }
 
@@ -40,7 +52,9 @@ impl Op {
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             Op::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
-            Op::WriteZeroes { offset, len, .. } | Op::Trim { offset, len, .. } => Some((*offset, *len)),
+            Op::WriteZeroes { offset, len, .. } | Op::Trim { offset, len, .. } => {
+                Some((*offset, *len))
+            }
             Op::Flush => None,
         }
     }
@@ -63,7 +77,10 @@ pub enum Event {
     /// group's volumes) from the primary, then continue with the records
     /// from `resume_at`. Acknowledging `resume_at - 1` says the copy is
     /// complete.
-    Resync { ranges: Vec<Vec<(u64, u64)>>, resume_at: u64 },
+    Resync {
+        ranges: Vec<Vec<(u64, u64)>>,
+        resume_at: u64,
+    },
 }
 
 /// A volume of the group.
@@ -197,7 +214,13 @@ impl GroupCapture {
 
     /// Writes `data` at `offset` of volume `volume`; returns its sequence
     /// number.
-    pub fn write(&self, volume: usize, offset: u64, data: &[u8], fua: bool) -> Result<u64, CaptureError> {
+    pub fn write(
+        &self,
+        volume: usize,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<u64, CaptureError> {
         self.change(
             volume,
             Some((offset, data.len() as u64)),
@@ -229,7 +252,13 @@ impl GroupCapture {
         )
     }
 
-    pub fn trim(&self, volume: usize, offset: u64, len: u64, fua: bool) -> Result<u64, CaptureError> {
+    pub fn trim(
+        &self,
+        volume: usize,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<u64, CaptureError> {
         self.change(
             volume,
             Some((offset, len)),
@@ -261,7 +290,8 @@ impl GroupCapture {
         if let Err(e) = apply(&self.volumes[volume].image) {
             // A failed change may have reached the image in part: owe it to
             // every replica. A refused fast zero changed nothing.
-            if let (false, Some((offset, len))) = (matches!(e, VolumeError::SlowZero { .. }), range) {
+            if let (false, Some((offset, len))) = (matches!(e, VolumeError::SlowZero { .. }), range)
+            {
                 for r in &mut st.replicas {
                     r.gap[volume].add(offset, len);
                 }
@@ -284,7 +314,9 @@ impl GroupCapture {
         st.queued_bytes += record.op.cost();
         st.queue.push_back(record);
         while st.queued_bytes > self.queue_limit && st.queue.len() > 1 {
-            let Some(old) = st.queue.pop_front() else { break };
+            let Some(old) = st.queue.pop_front() else {
+                break;
+            };
             st.queued_bytes -= old.op.cost();
             st.dropped_records += 1;
             for r in &mut st.replicas {
@@ -300,7 +332,11 @@ impl GroupCapture {
     }
 
     /// The next event for `replica`, waiting up to `timeout` for one.
-    pub fn next_event(&self, replica: &str, timeout: Duration) -> Result<Option<Event>, CaptureError> {
+    pub fn next_event(
+        &self,
+        replica: &str,
+        timeout: Duration,
+    ) -> Result<Option<Event>, CaptureError> {
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock();
         loop {
@@ -309,7 +345,8 @@ impl GroupCapture {
             let upcoming = st_ref.seq.peek();
             let r = replica_mut(&mut st_ref.replicas, replica)?;
             if r.gap.iter().any(|g| !g.is_empty()) {
-                let gap = std::mem::replace(&mut r.gap, vec![FineDirty::default(); self.volumes.len()]);
+                let gap =
+                    std::mem::replace(&mut r.gap, vec![FineDirty::default(); self.volumes.len()]);
                 let ranges = gap
                     .iter()
                     .zip(&self.volumes)
@@ -352,7 +389,12 @@ impl GroupCapture {
                 r.resyncing = None;
             }
         }
-        let min_acked = st.replicas.iter().map(|r| r.acked).min().unwrap_or(u64::MAX);
+        let min_acked = st
+            .replicas
+            .iter()
+            .map(|r| r.acked)
+            .min()
+            .unwrap_or(u64::MAX);
         while st.queue.front().is_some_and(|f| f.seq <= min_acked) {
             if let Some(old) = st.queue.pop_front() {
                 st.queued_bytes -= old.op.cost();
@@ -397,7 +439,9 @@ impl GroupCapture {
             for region in marked {
                 let owed = st.replicas.iter().any(|r| {
                     r.gap[v].touches_region(region)
-                        || r.resyncing.as_ref().is_some_and(|(p, _)| p[v].touches_region(region))
+                        || r.resyncing
+                            .as_ref()
+                            .is_some_and(|(p, _)| p[v].touches_region(region))
                 });
                 let written_after = st
                     .last_write
@@ -443,7 +487,10 @@ impl GroupCapture {
     }
 }
 
-fn replica_mut<'a>(replicas: &'a mut [Replica], name: &str) -> Result<&'a mut Replica, CaptureError> {
+fn replica_mut<'a>(
+    replicas: &'a mut [Replica],
+    name: &str,
+) -> Result<&'a mut Replica, CaptureError> {
     replicas
         .iter_mut()
         .find(|r| r.name == name)

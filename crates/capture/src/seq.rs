@@ -34,7 +34,10 @@ impl SeqAllocator {
             .mode(0o600)
             .open(path)
             .map_err(CaptureError::io(path, "open sequence file"))?;
-        let len = file.metadata().map_err(CaptureError::io(path, "stat"))?.len();
+        let len = file
+            .metadata()
+            .map_err(CaptureError::io(path, "stat"))?
+            .len();
         let (generation, start) = if len == 0 {
             (0, 1)
         } else {

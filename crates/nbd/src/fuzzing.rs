@@ -54,7 +54,12 @@ impl Export for MemExport {
         self.data.lock()[self.range(offset, data.len() as u64)].copy_from_slice(data);
         Ok(Completion::Done)
     }
-    fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<Completion, ExportError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _flags: ZeroFlags,
+    ) -> Result<Completion, ExportError> {
         self.data.lock()[self.range(offset, len)].fill(0);
         Ok(Completion::Done)
     }
@@ -112,12 +117,16 @@ pub fn run_session(export: Arc<MemExport>, input: &[u8]) -> Transcript {
     };
     let mut negotiation = Negotiation::new(&catalog);
     let Some(flags) = take(4) else { return t };
-    if let Err(e) = negotiation.client_flags(u32::from_be_bytes([flags[0], flags[1], flags[2], flags[3]])) {
+    if let Err(e) =
+        negotiation.client_flags(u32::from_be_bytes([flags[0], flags[1], flags[2], flags[3]]))
+    {
         t.closed_because = Some(e.to_string());
         return t;
     }
     let agreement = loop {
-        let Some(header) = take(OPTION_HEADER_LEN) else { return t };
+        let Some(header) = take(OPTION_HEADER_LEN) else {
+            return t;
+        };
         let mut h = [0u8; OPTION_HEADER_LEN];
         h.copy_from_slice(header);
         let header = match decode_option_header(&h) {
@@ -127,7 +136,9 @@ pub fn run_session(export: Arc<MemExport>, input: &[u8]) -> Transcript {
                 return t;
             }
         };
-        let Some(data) = take(header.len as usize) else { return t };
+        let Some(data) = take(header.len as usize) else {
+            return t;
+        };
         match negotiation.option(header.option, data, &mut t.sent) {
             Ok(Step::Continue) => {}
             Ok(Step::Close) => return t,
@@ -146,7 +157,9 @@ pub fn run_session(export: Arc<MemExport>, input: &[u8]) -> Transcript {
         base_allocation: agreement.base_allocation,
     };
     loop {
-        let Some(bytes) = take(REQUEST_LEN) else { return t };
+        let Some(bytes) = take(REQUEST_LEN) else {
+            return t;
+        };
         let header = match tx::decode_request(bytes) {
             Ok(Some(h)) => h,
             Ok(None) => return t,
@@ -173,26 +186,36 @@ pub fn run_session(export: Arc<MemExport>, input: &[u8]) -> Transcript {
             Ok(Command::Read { offset, len }) => {
                 let mut buf = vec![0u8; len as usize];
                 export.read(offset, &mut buf).map(|()| {
-                    tx::read_reply_header(&mut t.sent, session.structured, header.cookie, offset, len);
+                    tx::read_reply_header(
+                        &mut t.sent,
+                        session.structured,
+                        header.cookie,
+                        offset,
+                        len,
+                    );
                     t.sent.extend_from_slice(&buf);
                 })
             }
             Ok(Command::Write { offset, fua, .. }) => export.write(offset, data, fua).map(|_| {
                 tx::ok_reply(&mut t.sent, header.cookie);
             }),
-            Ok(Command::WriteZeroes { offset, len, flags }) => {
-                export.write_zeroes(offset, u64::from(len), flags).map(|_| tx::ok_reply(&mut t.sent, header.cookie))
+            Ok(Command::WriteZeroes { offset, len, flags }) => export
+                .write_zeroes(offset, u64::from(len), flags)
+                .map(|_| tx::ok_reply(&mut t.sent, header.cookie)),
+            Ok(Command::Trim { offset, len, fua }) => export
+                .trim(offset, u64::from(len), fua)
+                .map(|_| tx::ok_reply(&mut t.sent, header.cookie)),
+            Ok(Command::Flush) => export
+                .flush()
+                .map(|_| tx::ok_reply(&mut t.sent, header.cookie)),
+            Ok(Command::Cache { offset, len }) => export
+                .cache(offset, u64::from(len))
+                .map(|()| tx::ok_reply(&mut t.sent, header.cookie)),
+            Ok(Command::BlockStatus { offset, len, .. }) => {
+                export.extents(offset, u64::from(len)).map(|e| {
+                    tx::block_status_reply(&mut t.sent, header.cookie, &e);
+                })
             }
-            Ok(Command::Trim { offset, len, fua }) => {
-                export.trim(offset, u64::from(len), fua).map(|_| tx::ok_reply(&mut t.sent, header.cookie))
-            }
-            Ok(Command::Flush) => export.flush().map(|_| tx::ok_reply(&mut t.sent, header.cookie)),
-            Ok(Command::Cache { offset, len }) => {
-                export.cache(offset, u64::from(len)).map(|()| tx::ok_reply(&mut t.sent, header.cookie))
-            }
-            Ok(Command::BlockStatus { offset, len, .. }) => export.extents(offset, u64::from(len)).map(|e| {
-                tx::block_status_reply(&mut t.sent, header.cookie, &e);
-            }),
         };
         if let Err(e) = result {
             tx::error_reply(&mut t.sent, session.structured, header.cookie, &e);

@@ -122,10 +122,17 @@ impl<'a> Negotiation<'a> {
     }
 
     /// Handles one option; replies are appended to `out`.
-    pub fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Result<Step, ProtocolError> {
+    pub fn option(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Step, ProtocolError> {
         if self.shutting_down && option != OPT_ABORT {
             if option == OPT_EXPORT_NAME {
-                return Err(ProtocolError::UnknownExport("(server shutting down)".into()));
+                return Err(ProtocolError::UnknownExport(
+                    "(server shutting down)".into(),
+                ));
             }
             reply(out, option, REP_ERR_SHUTDOWN, b"server is shutting down");
             return Ok(Step::Continue);
@@ -154,7 +161,12 @@ impl<'a> Negotiation<'a> {
             OPT_INFO | OPT_GO => self.info_or_go(option, data, out),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    reply(out, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data");
+                    reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 } else {
                     self.structured = true;
                     reply(out, option, REP_ACK, &[]);
@@ -188,9 +200,19 @@ impl<'a> Negotiation<'a> {
         Ok(Step::Transmit(agreement))
     }
 
-    fn info_or_go(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Result<Step, ProtocolError> {
+    fn info_or_go(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Step, ProtocolError> {
         let Some((name, requests)) = parse_info_request(data) else {
-            reply(out, option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/NBD_OPT_GO data");
+            reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                b"malformed NBD_OPT_INFO/NBD_OPT_GO data",
+            );
             return Ok(Step::Continue);
         };
         let Some(export) = self.catalog.lookup(&name) else {
@@ -239,11 +261,21 @@ impl<'a> Negotiation<'a> {
             self.meta = None;
         }
         if !self.structured {
-            reply(out, option, REP_ERR_INVALID, b"negotiate structured replies first");
+            reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                b"negotiate structured replies first",
+            );
             return;
         }
         let Some((name, queries)) = parse_meta_request(data) else {
-            reply(out, option, REP_ERR_INVALID, b"malformed meta context request");
+            reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                b"malformed meta context request",
+            );
             return;
         };
         let Some(export) = self.catalog.lookup(&name) else {
@@ -251,14 +283,20 @@ impl<'a> Negotiation<'a> {
             reply(out, option, REP_ERR_UNKNOWN, message.as_bytes());
             return;
         };
-        let selects = |q: &str| q == META_BASE_ALLOCATION || (option == OPT_LIST_META_CONTEXT && q == "base:");
+        let selects = |q: &str| {
+            q == META_BASE_ALLOCATION || (option == OPT_LIST_META_CONTEXT && q == "base:")
+        };
         let chosen = if option == OPT_LIST_META_CONTEXT && queries.is_empty() {
             true
         } else {
             queries.iter().any(|q| selects(q))
         };
         if chosen {
-            let id = if option == OPT_SET_META_CONTEXT { META_ID_BASE_ALLOCATION } else { 0 };
+            let id = if option == OPT_SET_META_CONTEXT {
+                META_ID_BASE_ALLOCATION
+            } else {
+                0
+            };
             let mut body = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
             put_u32(&mut body, id);
             body.extend_from_slice(META_BASE_ALLOCATION.as_bytes());

@@ -117,7 +117,11 @@ impl Server {
     }
 
     /// Serves `catalog` on a Unix socket listener until [`Server::shutdown`].
-    pub fn serve_unix(self: &Arc<Self>, listener: UnixListener, catalog: Arc<dyn Catalog>) -> io::Result<()> {
+    pub fn serve_unix(
+        self: &Arc<Self>,
+        listener: UnixListener,
+        catalog: Arc<dyn Catalog>,
+    ) -> io::Result<()> {
         let label = listener
             .local_addr()
             .ok()
@@ -136,7 +140,11 @@ impl Server {
                     match conn {
                         Ok(stream) => {
                             n += 1;
-                            server.spawn_connection(stream, format!("{label}#{n}"), Arc::clone(&catalog));
+                            server.spawn_connection(
+                                stream,
+                                format!("{label}#{n}"),
+                                Arc::clone(&catalog),
+                            );
                         }
                         Err(e) => {
                             warn!(listener = %label, "accept failed: {e}");
@@ -150,7 +158,11 @@ impl Server {
     }
 
     /// Serves `catalog` on a TCP listener until [`Server::shutdown`].
-    pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener, catalog: Arc<dyn Catalog>) -> io::Result<()> {
+    pub fn serve_tcp(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        catalog: Arc<dyn Catalog>,
+    ) -> io::Result<()> {
         self.listeners.lock().push(listener.as_raw_fd());
         let server = Arc::clone(self);
         let handle = thread::Builder::new()
@@ -181,7 +193,12 @@ impl Server {
     }
 
     /// Serves one already-connected stream on the calling thread.
-    pub fn serve_stream<S: Stream>(self: &Arc<Self>, stream: S, peer: String, catalog: Arc<dyn Catalog>) {
+    pub fn serve_stream<S: Stream>(
+        self: &Arc<Self>,
+        stream: S,
+        peer: String,
+        catalog: Arc<dyn Catalog>,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         match stream.try_clone() {
             Ok(handle) => {
@@ -217,7 +234,12 @@ impl Server {
         }
     }
 
-    fn spawn_connection<S: Stream>(self: &Arc<Self>, stream: S, peer: String, catalog: Arc<dyn Catalog>) {
+    fn spawn_connection<S: Stream>(
+        self: &Arc<Self>,
+        stream: S,
+        peer: String,
+        catalog: Arc<dyn Catalog>,
+    ) {
         let server = Arc::clone(self);
         let name = format!("nbd-conn-{}", self.next_id.load(Ordering::Relaxed));
         let spawned = thread::Builder::new()
@@ -329,7 +351,11 @@ fn negotiate<S: Stream>(
     }
 }
 
-fn read_exact<S: Read>(stream: &mut S, buf: &mut [u8], what: &'static str) -> Result<(), ProtocolError> {
+fn read_exact<S: Read>(
+    stream: &mut S,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), ProtocolError> {
     match stream.read_exact(buf) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ProtocolError::Truncated(what)),
@@ -516,9 +542,17 @@ impl<S: Stream> Transmission<S> {
             Ok(command) => command,
             Err(err) => {
                 self.skip_payload(header.payload_len() as usize)?;
-                debug!(export = self.export.name(), "refused request {header:?}: {err}");
+                debug!(
+                    export = self.export.name(),
+                    "refused request {header:?}: {err}"
+                );
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                tx::error_reply(&mut self.batch, self.session.structured, header.cookie, &err);
+                tx::error_reply(
+                    &mut self.batch,
+                    self.session.structured,
+                    header.cookie,
+                    &err,
+                );
                 return Ok(true);
             }
         };
@@ -568,10 +602,17 @@ impl<S: Stream> Transmission<S> {
                 stats.flushes.fetch_add(1, Ordering::Relaxed);
             }
             Command::Cache { offset, len } => {
-                let result = self.export.cache(offset, u64::from(len)).map(|()| Completion::Done);
+                let result = self
+                    .export
+                    .cache(offset, u64::from(len))
+                    .map(|()| Completion::Done);
                 self.complete(cookie, result, 0);
             }
-            Command::BlockStatus { offset, len, req_one } => self.block_status(cookie, offset, len, req_one),
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => self.block_status(cookie, offset, len, req_one),
             Command::Disconnect => return Ok(false),
         }
         Ok(true)
@@ -646,7 +687,10 @@ impl<S: Stream> Transmission<S> {
         let header_len = tx::read_reply_header_len(structured);
         let at = self.batch.len();
         self.batch.resize(at + header_len + len as usize, 0);
-        match self.export.read_cached(offset, &mut self.batch[at + header_len..]) {
+        match self
+            .export
+            .read_cached(offset, &mut self.batch[at + header_len..])
+        {
             Ok(true) => {
                 let mut header = Vec::with_capacity(header_len);
                 tx::read_reply_header(&mut header, structured, cookie, offset, len);
@@ -686,7 +730,10 @@ impl<S: Stream> Transmission<S> {
 
     fn block_status(&mut self, cookie: u64, offset: u64, len: u32, req_one: bool) {
         let result = if len == 0 {
-            Err(ExportError::new(ErrorCode::Invalid, "block status of zero length"))
+            Err(ExportError::new(
+                ErrorCode::Invalid,
+                "block status of zero length",
+            ))
         } else {
             self.export.extents(offset, u64::from(len))
         };

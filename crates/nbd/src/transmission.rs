@@ -64,14 +64,36 @@ pub fn decode_request(buf: &[u8]) -> Result<Option<RequestHeader>, ProtocolError
 /// A request that passed validation: in range, known flags only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    Cache { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32, flags: ZeroFlags },
-    BlockStatus { offset: u64, len: u32, req_one: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        flags: ZeroFlags,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
 }
 
 /// What validation needs to know about the session.
@@ -263,8 +285,16 @@ fn truncate(message: &str, max: usize) -> &[u8] {
 /// server as a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplyHeader {
-    Simple { error: u32, cookie: u64 },
-    Chunk { flags: u16, kind: u16, cookie: u64, len: u32 },
+    Simple {
+        error: u32,
+        cookie: u64,
+    },
+    Chunk {
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        len: u32,
+    },
 }
 
 /// Decodes a reply header from the front of `buf`: the header and its

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use tandem_nbd::fuzzing::{run_session, MemExport};
 use tandem_nbd::proto::*;
-use tandem_nbd::transmission::{decode_reply_header, decode_request, validate, Command, ReplyHeader, RequestHeader, Session};
+use tandem_nbd::transmission::{
+    decode_reply_header, decode_request, validate, Command, ReplyHeader, RequestHeader, Session,
+};
 
 const SIZE: usize = 1 << 16;
 
@@ -29,7 +31,9 @@ fn name_and_infos(name: &str, infos: &[u16]) -> Vec<u8> {
 /// Option replies as (option, type, data).
 fn option_replies(mut sent: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
     let mut out = Vec::new();
-    while sent.len() >= 20 && u64::from_be_bytes(sent[0..8].try_into().unwrap()) == OPTION_REPLY_MAGIC {
+    while sent.len() >= 20
+        && u64::from_be_bytes(sent[0..8].try_into().unwrap()) == OPTION_REPLY_MAGIC
+    {
         let opt = u32::from_be_bytes(sent[8..12].try_into().unwrap());
         let ty = u32::from_be_bytes(sent[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(sent[16..20].try_into().unwrap()) as usize;
@@ -40,7 +44,9 @@ fn option_replies(mut sent: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
 }
 
 fn hello(structured: bool) -> Vec<u8> {
-    let mut c = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+    let mut c = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
     if structured {
         option(&mut c, OPT_STRUCTURED_REPLY, &[]);
     }
@@ -57,9 +63,19 @@ fn go_reports_size_flags_and_block_sizes() {
         .iter()
         .find(|r| r.1 == REP_INFO && r.2[0..2] == INFO_EXPORT.to_be_bytes())
         .expect("INFO_EXPORT");
-    assert_eq!(u64::from_be_bytes(export.2[2..10].try_into().unwrap()), SIZE as u64);
+    assert_eq!(
+        u64::from_be_bytes(export.2[2..10].try_into().unwrap()),
+        SIZE as u64
+    );
     let flags = u16::from_be_bytes(export.2[10..12].try_into().unwrap());
-    for f in [TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_CAN_MULTI_CONN] {
+    for f in [
+        TF_HAS_FLAGS,
+        TF_SEND_FLUSH,
+        TF_SEND_FUA,
+        TF_SEND_TRIM,
+        TF_SEND_WRITE_ZEROES,
+        TF_CAN_MULTI_CONN,
+    ] {
         assert_ne!(flags & f, 0, "flag {f:#x} missing in {flags:#x}");
     }
     assert_eq!(flags & TF_READ_ONLY, 0);
@@ -67,7 +83,10 @@ fn go_reports_size_flags_and_block_sizes() {
         .iter()
         .find(|r| r.1 == REP_INFO && r.2[0..2] == INFO_BLOCK_SIZE.to_be_bytes())
         .expect("INFO_BLOCK_SIZE");
-    assert_eq!(u32::from_be_bytes(sizes.2[10..14].try_into().unwrap()), MAX_PAYLOAD);
+    assert_eq!(
+        u32::from_be_bytes(sizes.2[10..14].try_into().unwrap()),
+        MAX_PAYLOAD
+    );
     assert_eq!(replies.last().unwrap().1, REP_ACK);
 }
 
@@ -119,16 +138,39 @@ fn block_status_needs_the_meta_context() {
         structured: true,
         base_allocation: false,
     };
-    let h = RequestHeader { flags: 0, kind: CMD_BLOCK_STATUS, cookie: 1, offset: 0, length: 512 };
+    let h = RequestHeader {
+        flags: 0,
+        kind: CMD_BLOCK_STATUS,
+        cookie: 1,
+        offset: 0,
+        length: 512,
+    };
     assert!(validate(&h, &session).is_err());
-    let with = Session { base_allocation: true, ..session };
-    assert!(matches!(validate(&h, &with), Ok(Command::BlockStatus { .. })));
+    let with = Session {
+        base_allocation: true,
+        ..session
+    };
+    assert!(matches!(
+        validate(&h, &with),
+        Ok(Command::BlockStatus { .. })
+    ));
 }
 
 #[test]
 fn range_and_size_errors_follow_the_spec() {
-    let s = Session { export_size: 8192, read_only: false, structured: false, base_allocation: false };
-    let req = |kind, offset, length| RequestHeader { flags: 0, kind, cookie: 9, offset, length };
+    let s = Session {
+        export_size: 8192,
+        read_only: false,
+        structured: false,
+        base_allocation: false,
+    };
+    let req = |kind, offset, length| RequestHeader {
+        flags: 0,
+        kind,
+        cookie: 9,
+        offset,
+        length,
+    };
     let code = |h| validate(&h, &s).unwrap_err().code.wire();
     assert_eq!(code(req(CMD_READ, 8192, 1)), 22);
     assert_eq!(code(req(CMD_WRITE, 4096, 8192)), 28);
@@ -142,21 +184,32 @@ fn range_and_size_errors_follow_the_spec() {
 }
 
 /// A client-side view of the transmission replies: (cookie, error, data).
-fn parse_replies(mut sent: &[u8], reads: &std::collections::HashMap<u64, u32>) -> Vec<(u64, u32, Vec<u8>)> {
+fn parse_replies(
+    mut sent: &[u8],
+    reads: &std::collections::HashMap<u64, u32>,
+) -> Vec<(u64, u32, Vec<u8>)> {
     let mut out = Vec::new();
     while let Some((h, n)) = decode_reply_header(sent).unwrap() {
         sent = &sent[n..];
         match h {
             ReplyHeader::Simple { error, cookie } => {
-                let len = if error == 0 { reads.get(&cookie).copied().unwrap_or(0) as usize } else { 0 };
+                let len = if error == 0 {
+                    reads.get(&cookie).copied().unwrap_or(0) as usize
+                } else {
+                    0
+                };
                 out.push((cookie, error, sent[..len].to_vec()));
                 sent = &sent[len..];
             }
-            ReplyHeader::Chunk { kind, cookie, len, .. } => {
+            ReplyHeader::Chunk {
+                kind, cookie, len, ..
+            } => {
                 let body = &sent[..len as usize];
                 let (error, data) = match kind {
                     REPLY_TYPE_OFFSET_DATA => (0, body[8..].to_vec()),
-                    REPLY_TYPE_ERROR => (u32::from_be_bytes(body[0..4].try_into().unwrap()), vec![]),
+                    REPLY_TYPE_ERROR => {
+                        (u32::from_be_bytes(body[0..4].try_into().unwrap()), vec![])
+                    }
                     _ => (0, vec![]),
                 };
                 out.push((cookie, error, data));
@@ -177,12 +230,18 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u64..SIZE as u64 - 1, proptest::collection::vec(any::<u8>(), 1..600)).prop_map(|(o, d)| {
-            let n = d.len().min(SIZE - o as usize);
-            Op::Write(o, d[..n].to_vec())
-        }),
-        (0u64..SIZE as u64 - 1, 1u32..5000).prop_map(|(o, l)| Op::Zero(o, l.min((SIZE as u64 - o) as u32))),
-        (0u64..SIZE as u64 - 1, 1u32..5000).prop_map(|(o, l)| Op::Read(o, l.min((SIZE as u64 - o) as u32))),
+        (
+            0u64..SIZE as u64 - 1,
+            proptest::collection::vec(any::<u8>(), 1..600)
+        )
+            .prop_map(|(o, d)| {
+                let n = d.len().min(SIZE - o as usize);
+                Op::Write(o, d[..n].to_vec())
+            }),
+        (0u64..SIZE as u64 - 1, 1u32..5000)
+            .prop_map(|(o, l)| Op::Zero(o, l.min((SIZE as u64 - o) as u32))),
+        (0u64..SIZE as u64 - 1, 1u32..5000)
+            .prop_map(|(o, l)| Op::Read(o, l.min((SIZE as u64 - o) as u32))),
         (SIZE as u64..u64::MAX, any::<u32>()).prop_map(|(o, l)| Op::Bad(o, l % 4096 + 1)),
     ]
 }

@@ -97,7 +97,9 @@ impl RawImage {
                 file.set_len(size).map_err(open_err)?;
                 file.sync_all().map_err(open_err)?;
                 if let Some(dir) = path.parent() {
-                    File::open(dir).and_then(|d| d.sync_all()).map_err(open_err)?;
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(open_err)?;
                 }
                 file
             }
@@ -215,7 +217,12 @@ impl RawImage {
         match self.file.read_cached_at(buf, offset) {
             Ok(n) => Ok(n == buf.len()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                ) =>
+            {
                 self.nowait.store(false, Ordering::Relaxed);
                 Ok(false)
             }
@@ -254,7 +261,9 @@ impl RawImage {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match self.file.fallocate(mode, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zero_buffers(offset, len),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zero_buffers(offset, len)
+            }
             Err(e) => Err(self.io_error("trim", offset, len, e)),
         }
     }
@@ -263,7 +272,13 @@ impl RawImage {
     /// stays provisioned (no hole). With `fast_only`, fails with
     /// [`VolumeError::SlowZero`] (changing nothing) unless it can be done
     /// without writing zero buffers.
-    pub fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool, fast_only: bool) -> Result<(), VolumeError> {
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+    ) -> Result<(), VolumeError> {
         self.check_healthy()?;
         if !keep_allocated {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -324,7 +339,12 @@ impl RawImage {
     /// Allocation map of `[offset, offset + len)` from SEEK_DATA/SEEK_HOLE:
     /// consecutive `(length, is_hole)` runs, at most `max` of them (fewer
     /// than requested is allowed; at least one is returned).
-    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<(u64, bool)>, VolumeError> {
+    pub fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, bool)>, VolumeError> {
         let end = offset.saturating_add(len).min(self.size);
         let mut runs = Vec::new();
         let mut pos = offset;
@@ -341,7 +361,9 @@ impl RawImage {
                 pos = stop;
                 continue;
             }
-            let hole = seek(pos, libc::SEEK_HOLE)?.unwrap_or(self.size).max(pos + 1);
+            let hole = seek(pos, libc::SEEK_HOLE)?
+                .unwrap_or(self.size)
+                .max(pos + 1);
             let stop = hole.min(end);
             runs.push((stop - pos, false));
             pos = stop;

@@ -15,7 +15,10 @@ pub fn run(config_path: &Path) -> Result<()> {
     let agent = Agent::start(&config)?;
     info!(site = %config.site.name, config = %config_path.display(), "agent running");
     if let Some(signal) = signals.forever().next() {
-        info!(signal, "stopping: finishing requests in flight, then flushing");
+        info!(
+            signal,
+            "stopping: finishing requests in flight, then flushing"
+        );
     }
     agent.shutdown()?;
     info!("agent stopped cleanly");

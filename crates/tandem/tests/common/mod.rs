@@ -1,0 +1,289 @@
+//! Test harness: runs real `tandem agent` processes in temporary data
+//! directories, and real NBD clients against them. A missing tool fails the
+//! test (scripts/test installs them); every wait is bounded.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// Path of an external tool, or a failing test that says how to get it.
+pub fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("required tool `{name}` is not installed; run scripts/test, which installs every test dependency");
+}
+
+/// Waits until `cond` holds, polling; panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Runs a command to completion within `timeout`; returns its output.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let description = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {description}: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{description} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// Runs a command and asserts it succeeded; returns stdout.
+pub fn run_ok(cmd: &mut Command, timeout: Duration) -> String {
+    let description = format!("{cmd:?}");
+    let out = run_with_timeout(cmd, timeout);
+    assert!(
+        out.status.success(),
+        "{description} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A volume of a test site: name and size ("64MiB").
+#[derive(Clone, Debug)]
+pub struct Vol {
+    pub name: &'static str,
+    pub size: &'static str,
+}
+
+pub fn vol(name: &'static str, size: &'static str) -> Vol {
+    Vol { name, size }
+}
+
+/// One site ("ny") running `tandem agent`, primary for group "g" whose
+/// replica site "dr" is configured but not running (so changes are
+/// captured and tracked as they would be in production).
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub volumes: Vec<Vol>,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Site {
+    pub fn new(volumes: &[Vol]) -> Site {
+        Site::with_extra(volumes, "", "")
+    }
+
+    /// `site_extra` is appended to `[site]`, `group_extra` to `[[group]]`.
+    pub fn with_extra(volumes: &[Vol], site_extra: &str, group_extra: &str) -> Site {
+        // Short paths: Unix socket paths are limited to 107 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("td")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let data_dir = dir.path().join("d");
+        let vols: Vec<String> = volumes
+            .iter()
+            .map(|v| format!("{{ name = \"{}\", size = \"{}\" }}", v.name, v.size))
+            .collect();
+        let text = format!(
+            r#"[site]
+name = "ny"
+data_dir = "{data}"
+listen = "127.0.0.1:1"
+api = "127.0.0.1:2"
+{site_extra}
+
+[tls]
+mode = "off"
+
+[coordinator]
+kind = "none"
+
+[[peer]]
+name = "ny"
+address = "127.0.0.1:1"
+
+[[peer]]
+name = "dr"
+address = "127.0.0.1:3"
+
+[[group]]
+name = "g"
+primary = "ny"
+replicas = [ {{ site = "dr", priority = 1 }} ]
+volumes = [ {vols} ]
+{group_extra}
+"#,
+            data = data_dir.display(),
+            vols = vols.join(", ")
+        );
+        let config = dir.path().join("tandem.toml");
+        std::fs::write(&config, text).expect("write config");
+        let log = dir.path().join("agent.log");
+        Site {
+            dir,
+            config,
+            data_dir,
+            volumes: volumes.to_vec(),
+            child: None,
+            log,
+            starts: 0,
+        }
+    }
+
+    pub fn socket(&self, volume: &str) -> PathBuf {
+        self.data_dir.join("nbd").join(format!("{volume}.sock"))
+    }
+
+    pub fn image(&self, volume: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(format!("{volume}.img"))
+    }
+
+    /// NBD URI of a volume for libnbd tools, fio and qemu.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.socket(volume).display())
+    }
+
+    /// Starts the agent and waits until every volume answers NBD.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(TANDEM)
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("TANDEM_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tandem agent");
+        self.child = Some(child);
+        for v in self.volumes.clone() {
+            let socket = self.socket(v.name);
+            wait_until(Duration::from_secs(20), &format!("socket {}", socket.display()), || {
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    panic!("agent exited during start ({status}):\n{}", self.log());
+                }
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            });
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        wait_child(&mut child, Duration::from_secs(40))
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({}) ---\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+pub fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn files_equal(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).expect("read a") == std::fs::read(b).expect("read b")
+}
