@@ -78,6 +78,25 @@ impl FineDirty {
         }
     }
 
+    /// Adds everything dirty in `other`.
+    pub fn merge(&mut self, other: &FineDirty) {
+        for region in other.whole_regions() {
+            self.add_region(region);
+        }
+        for (&region, words) in &other.regions {
+            if self.is_whole(region) {
+                continue;
+            }
+            let mine = self
+                .regions
+                .entry(region)
+                .or_insert_with(|| Box::new([0; WORDS]));
+            for (m, o) in mine.iter_mut().zip(words.iter()) {
+                *m |= o;
+            }
+        }
+    }
+
     /// Whether any block of region `region` (4 MiB) is dirty.
     pub fn touches_region(&self, region: u64) -> bool {
         self.is_whole(region) || self.regions.contains_key(&region)

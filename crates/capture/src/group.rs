@@ -95,11 +95,25 @@ struct Replica {
     acked: u64,
     /// The next record to hand out.
     next: u64,
-    /// Ranges owed because their records were dropped (per volume).
+    /// Records below this are not needed any more (acknowledged, or
+    /// covered by a resync).
+    floor: u64,
+    /// Too far behind for the memory queue: its changes go to `gap`
+    /// directly, until its consumer takes the resync.
+    overflowed: bool,
+    /// Ranges owed outside the record stream (per volume).
     gap: Vec<FineDirty>,
     /// Ranges handed out in a resync that is not yet acknowledged, and the
-    /// sequence number that acknowledges it.
+    /// sequence number whose acknowledgement completes it.
     resyncing: Option<(Vec<FineDirty>, u64)>,
+}
+
+impl Replica {
+    fn owe(&mut self, volume: usize, op: &Op) {
+        if let Some((offset, len)) = op.range() {
+            self.gap[volume].add(offset, len);
+        }
+    }
 }
 
 struct State {
@@ -112,6 +126,55 @@ struct State {
     /// Latest sequence number that touched each (volume, region).
     last_write: HashMap<(u32, u64), u64>,
     dropped_records: u64,
+}
+
+impl State {
+    /// The queue is over its memory limit: the streaming replica that is
+    /// furthest behind stops holding records in memory; what it still
+    /// needs becomes dirty ranges (docs/CAPTURE.md).
+    fn overflow_laggard(&mut self) {
+        let Some(i) = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.overflowed)
+            .min_by_key(|(_, r)| r.floor)
+            .map(|(i, _)| i)
+        else {
+            return;
+        };
+        let r = &mut self.replicas[i];
+        let floor = r.floor;
+        for record in self.queue.iter().filter(|rec| rec.seq >= floor) {
+            r.owe(record.volume as usize, &record.op);
+        }
+        r.overflowed = true;
+        tracing::warn!(
+            replica = %r.name,
+            acked = r.acked,
+            "replica too far behind for the memory queue: tracking dirty regions instead"
+        );
+        self.dropped_records += self.trim();
+    }
+
+    /// Drops records no streaming replica needs; returns how many.
+    fn trim(&mut self) -> u64 {
+        let floor = self
+            .replicas
+            .iter()
+            .filter(|r| !r.overflowed)
+            .map(|r| r.floor)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut dropped = 0;
+        while self.queue.front().is_some_and(|f| f.seq < floor) {
+            if let Some(old) = self.queue.pop_front() {
+                self.queued_bytes -= old.op.cost();
+                dropped += 1;
+            }
+        }
+        dropped
+    }
 }
 
 /// Counters for status and metrics.
@@ -179,6 +242,8 @@ impl GroupCapture {
                 name: r.clone(),
                 acked: start - 1,
                 next: start,
+                floor: start,
+                overflowed: false,
                 gap: owed.clone(),
                 resyncing: None,
             })
@@ -306,25 +371,25 @@ impl GroupCapture {
                 st.last_write.insert((volume as u32, region), seq);
             }
         }
-        let record = Arc::new(Record {
-            seq,
-            volume: volume as u32,
-            op: op(),
-        });
-        st.queued_bytes += record.op.cost();
-        st.queue.push_back(record);
-        while st.queued_bytes > self.queue_limit && st.queue.len() > 1 {
-            let Some(old) = st.queue.pop_front() else {
-                break;
-            };
-            st.queued_bytes -= old.op.cost();
-            st.dropped_records += 1;
-            for r in &mut st.replicas {
-                if r.acked < old.seq {
-                    if let Some((offset, len)) = old.op.range() {
-                        r.gap[old.volume as usize].add(offset, len);
-                    }
-                }
+        let op = op();
+        let mut streaming = false;
+        for r in &mut st.replicas {
+            if r.overflowed {
+                r.owe(volume, &op);
+            } else {
+                streaming = true;
+            }
+        }
+        if streaming {
+            let record = Arc::new(Record {
+                seq,
+                volume: volume as u32,
+                op,
+            });
+            st.queued_bytes += record.op.cost();
+            st.queue.push_back(record);
+            while st.queued_bytes > self.queue_limit {
+                st.overflow_laggard();
             }
         }
         self.arrived.notify_all();
@@ -341,30 +406,10 @@ impl GroupCapture {
         let mut st = self.state.lock();
         loop {
             let st_ref = &mut *st;
-            let front = st_ref.queue.front().map(|r| r.seq);
             let upcoming = st_ref.seq.peek();
             let r = replica_mut(&mut st_ref.replicas, replica)?;
-            if r.gap.iter().any(|g| !g.is_empty()) {
-                let gap =
-                    std::mem::replace(&mut r.gap, vec![FineDirty::default(); self.volumes.len()]);
-                let ranges = gap
-                    .iter()
-                    .zip(&self.volumes)
-                    .map(|(g, v)| g.ranges(v.image.size()))
-                    .collect();
-                let resume_at = r.next.max(front.unwrap_or(upcoming));
-                r.next = resume_at;
-                // Merge with a resync still unacknowledged.
-                let mut pending = gap;
-                if let Some((older, _)) = r.resyncing.take() {
-                    for (p, o) in pending.iter_mut().zip(older) {
-                        for (offset, len) in o.ranges(u64::MAX) {
-                            p.add(offset, len);
-                        }
-                    }
-                }
-                r.resyncing = Some((pending, resume_at));
-                return Ok(Some(Event::Resync { ranges, resume_at }));
+            if r.overflowed || r.gap.iter().any(|g| !g.is_empty()) {
+                return Ok(Some(self.start_resync(r, upcoming)));
             }
             let next = r.next;
             let idx = st_ref.queue.partition_point(|x| x.seq < next);
@@ -378,42 +423,56 @@ impl GroupCapture {
         }
     }
 
+    /// Hands the replica's owed ranges out as one resync. An overflowed
+    /// replica owes every change so far in `gap`, so it resumes with the
+    /// next change; otherwise it resumes where its stream was.
+    fn start_resync(&self, r: &mut Replica, upcoming: u64) -> Event {
+        let empty = vec![FineDirty::default(); self.volumes.len()];
+        let gap = std::mem::replace(&mut r.gap, empty);
+        let ranges = gap
+            .iter()
+            .zip(&self.volumes)
+            .map(|(g, v)| g.ranges(v.image.size()))
+            .collect();
+        let resume_at = if r.overflowed { upcoming } else { r.next };
+        r.overflowed = false;
+        r.next = resume_at;
+        r.floor = r.floor.max(resume_at);
+        let mut pending = gap;
+        if let Some((older, _)) = r.resyncing.take() {
+            for (p, o) in pending.iter_mut().zip(older) {
+                p.merge(&o);
+            }
+        }
+        r.resyncing = Some((pending, resume_at));
+        Event::Resync { ranges, resume_at }
+    }
+
     /// `replica` holds every change up to `seq` durably.
     pub fn ack(&self, replica: &str, seq: u64) -> Result<(), CaptureError> {
         let mut st = self.state.lock();
-        let st = &mut *st;
         let r = replica_mut(&mut st.replicas, replica)?;
         r.acked = r.acked.max(seq);
-        if let Some((_, done_at)) = &r.resyncing {
-            if seq + 1 >= *done_at {
-                r.resyncing = None;
-            }
+        r.floor = r.floor.max(r.acked + 1);
+        if r.resyncing
+            .as_ref()
+            .is_some_and(|(_, done_at)| seq + 1 >= *done_at)
+        {
+            r.resyncing = None;
         }
-        let min_acked = st
-            .replicas
-            .iter()
-            .map(|r| r.acked)
-            .min()
-            .unwrap_or(u64::MAX);
-        while st.queue.front().is_some_and(|f| f.seq <= min_acked) {
-            if let Some(old) = st.queue.pop_front() {
-                st.queued_bytes -= old.op.cost();
-            }
-        }
+        st.trim();
         Ok(())
     }
 
     /// Makes the replica start again from its acknowledged position (after
-    /// a reconnect).
+    /// a reconnect). An unacknowledged resync is owed again.
     pub fn rewind(&self, replica: &str) -> Result<(), CaptureError> {
         let mut st = self.state.lock();
         let r = replica_mut(&mut st.replicas, replica)?;
-        r.next = r.acked + 1;
+        r.next = r.floor;
         if let Some((pending, _)) = r.resyncing.take() {
             for (g, p) in r.gap.iter_mut().zip(pending) {
-                for (offset, len) in p.ranges(u64::MAX) {
-                    g.add(offset, len);
-                }
+                g.merge(&p);
             }
         }
         Ok(())
