@@ -40,12 +40,20 @@ const BATCH_FLUSH: usize = 256 << 10;
 /// A client must finish the handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const POOL_THREADS: usize = 8;
+/// A client that stops reading its replies for this long is disconnected,
+/// so that it cannot hold worker threads.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections served at once; more are refused with a log line.
+pub const MAX_CONNECTIONS: usize = 512;
+/// A write buffer above this size is released after use.
+const SCRATCH_KEEP: usize = 4 << 20;
 
 /// A connected byte stream the server can serve (Unix or TCP socket).
 pub trait Stream: Read + Write + Send + Sync + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for UnixStream {
@@ -58,6 +66,9 @@ impl Stream for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
     }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
+    }
 }
 
 impl Stream for TcpStream {
@@ -69,6 +80,9 @@ impl Stream for TcpStream {
     }
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
     }
 }
 
@@ -202,7 +216,12 @@ impl Server {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         match stream.try_clone() {
             Ok(handle) => {
-                self.connections.lock().insert(
+                let mut conns = self.connections.lock();
+                if conns.len() >= MAX_CONNECTIONS {
+                    warn!(peer = %peer, "refusing NBD connection: {MAX_CONNECTIONS} connections already open");
+                    return;
+                }
+                conns.insert(
                     id,
                     Box::new(move || {
                         let _ = handle.shutdown(Shutdown::Read);
@@ -433,6 +452,7 @@ struct Transmission<S: Stream> {
 impl<S: Stream> Transmission<S> {
     fn new(server: &Arc<Server>, stream: S, agreement: Agreement) -> io::Result<Self> {
         let writer = stream.try_clone()?;
+        writer.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let session = Session {
             export_size: agreement.export.size(),
             read_only: agreement.export.read_only(),
@@ -573,7 +593,11 @@ impl<S: Stream> Transmission<S> {
                     self.export.write(offset, data, fua)
                 } else {
                     self.read_large_payload(len)?;
-                    self.export.write(offset, &self.scratch, fua)
+                    let result = self.export.write(offset, &self.scratch, fua);
+                    if self.scratch.capacity() > SCRATCH_KEEP {
+                        self.scratch = Vec::new();
+                    }
+                    result
                 };
                 self.complete(cookie, result, len);
                 stats.record_write(len as u64, started);
