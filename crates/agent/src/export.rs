@@ -130,7 +130,7 @@ impl Export for VolumeExport {
             .into_iter()
             .map(|(length, hole)| Extent {
                 // Runs lie within one request, whose length is a u32.
-                length: u32::try_from(length).unwrap_or(u32::MAX & !511),
+                length: u32::try_from(length).unwrap_or(0xFFFF_FE00),
                 flags: if hole {
                     tandem_nbd::proto::STATE_HOLE | tandem_nbd::proto::STATE_ZERO
                 } else {

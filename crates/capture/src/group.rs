@@ -351,7 +351,7 @@ impl GroupCapture {
         if let (true, Some((offset, len))) = (tracked, range) {
             st.maps[volume].mark(offset, len)?; // D1: durable before the write
         }
-        let seq = st.seq.next()?;
+        let seq = st.seq.issue()?;
         if let Err(e) = apply(&self.volumes[volume].image) {
             // A failed change may have reached the image in part: owe it to
             // every replica. A refused fast zero changed nothing.

@@ -72,7 +72,7 @@ impl SeqAllocator {
     }
 
     /// The next number, reserving a new block durably when needed.
-    pub fn next(&mut self) -> Result<u64, CaptureError> {
+    pub fn issue(&mut self) -> Result<u64, CaptureError> {
         if self.next >= self.reserved_until {
             self.reserve()?;
         }
@@ -133,11 +133,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seq");
         let mut a = SeqAllocator::open(&path).unwrap();
-        assert_eq!(a.next().unwrap(), 1);
-        assert_eq!(a.next().unwrap(), 2);
+        assert_eq!(a.issue().unwrap(), 1);
+        assert_eq!(a.issue().unwrap(), 2);
         drop(a); // as after SIGKILL: nothing more is written
         let mut b = SeqAllocator::open(&path).unwrap();
-        let n = b.next().unwrap();
+        let n = b.issue().unwrap();
         assert!(n > 2, "got {n}");
         assert_eq!(n, 1 + RESERVE);
     }
@@ -147,7 +147,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seq");
         let mut a = SeqAllocator::open(&path).unwrap();
-        let first = a.next().unwrap();
+        let first = a.issue().unwrap();
         drop(a);
         let b = SeqAllocator::open(&path).unwrap(); // writes generation 2 (slot 0)
         drop(b);
@@ -155,7 +155,7 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff; 4], 10).unwrap();
         let mut c = SeqAllocator::open(&path).unwrap();
-        assert!(c.next().unwrap() > first);
+        assert!(c.issue().unwrap() > first);
     }
 
     #[test]

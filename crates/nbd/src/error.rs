@@ -95,6 +95,8 @@ pub enum ProtocolError {
     OptionTooLarge { option: u32, len: u32, max: u32 },
     #[error("export {0:?} does not exist (NBD_OPT_EXPORT_NAME cannot report errors)")]
     UnknownExport(String),
+    #[error("handshake not finished within {0:?} (client silent): timed out")]
+    HandshakeTimeout(std::time::Duration),
     #[error("client aborted the handshake")]
     Aborted,
     #[error("connection closed mid-message ({0})")]

@@ -324,8 +324,18 @@ fn serve_connection<S: Stream>(
     catalog: &dyn Catalog,
 ) -> Result<(), ProtocolError> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let Some(agreement) = negotiate(server, &mut stream, catalog)? else {
-        return Ok(());
+    let agreement = match negotiate(server, &mut stream, catalog) {
+        Ok(Some(agreement)) => agreement,
+        Ok(None) => return Ok(()),
+        Err(ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(ProtocolError::HandshakeTimeout(HANDSHAKE_TIMEOUT))
+        }
+        Err(e) => return Err(e),
     };
     stream.set_read_timeout(None)?;
     info!(

@@ -1,4 +1,5 @@
 //! Property and example tests of the NBD codecs, on bytes only.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 

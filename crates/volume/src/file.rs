@@ -20,7 +20,7 @@ pub trait BlockFile: Send + Sync {
     /// data (ENXIO).
     fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>>;
     fn advise_willneed(&self, offset: u64, len: u64);
-    fn len(&self) -> io::Result<u64>;
+    fn byte_len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
 
@@ -105,7 +105,7 @@ impl BlockFile for OsFile {
         }
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn byte_len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 

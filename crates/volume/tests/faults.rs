@@ -45,8 +45,8 @@ impl BlockFile for Faulty {
     fn advise_willneed(&self, offset: u64, len: u64) {
         self.inner.advise_willneed(offset, len)
     }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
+    fn byte_len(&self) -> io::Result<u64> {
+        self.inner.byte_len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)

@@ -27,7 +27,10 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
@@ -184,7 +187,10 @@ volumes = [ {vols} ]
 
     /// NBD URI of a volume for libnbd tools, fio and qemu.
     pub fn uri(&self, volume: &str) -> String {
-        format!("nbd+unix:///{volume}?socket={}", self.socket(volume).display())
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.socket(volume).display()
+        )
     }
 
     /// Starts the agent and waits until every volume answers NBD.
@@ -208,12 +214,20 @@ volumes = [ {vols} ]
         self.child = Some(child);
         for v in self.volumes.clone() {
             let socket = self.socket(v.name);
-            wait_until(Duration::from_secs(20), &format!("socket {}", socket.display()), || {
-                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    panic!("agent exited during start ({status}):\n{}", self.log());
-                }
-                std::os::unix::net::UnixStream::connect(&socket).is_ok()
-            });
+            wait_until(
+                Duration::from_secs(20),
+                &format!("socket {}", socket.display()),
+                || {
+                    if let Some(status) = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten())
+                    {
+                        panic!("agent exited during start ({status}):\n{}", self.log());
+                    }
+                    std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                },
+            );
         }
     }
 
