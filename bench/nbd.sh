@@ -51,14 +51,14 @@ EOF
 # ---------------------------------------------------------------------------
 # arguments
 # ---------------------------------------------------------------------------
-RUN_QEMU=1 RUN_TANDEM=1 RUN_REPLICA=1 RUN_RSS=1 KEEP=0
+RUN_QEMU=1 RUN_QEMUWB=1 RUN_TANDEM=1 RUN_REPLICA=1 RUN_RSS=1 KEEP=0
 while (($# > 0)); do
     case "$1" in
     --only)
         (($# >= 2)) || die "--only needs an argument (qemu|tandem)"
         case "$2" in
-        qemu) RUN_QEMU=1 RUN_TANDEM=0 RUN_REPLICA=0 RUN_RSS=0 ;;
-        tandem) RUN_QEMU=0 RUN_TANDEM=1 RUN_REPLICA=1 RUN_RSS=1 ;;
+        qemu) RUN_QEMU=1 RUN_QEMUWB=1 RUN_TANDEM=0 RUN_REPLICA=0 RUN_RSS=0 ;;
+        tandem) RUN_QEMU=0 RUN_QEMUWB=0 RUN_TANDEM=1 RUN_REPLICA=1 RUN_RSS=1 ;;
         *) die "--only: unknown value '$2' (qemu|tandem)" ;;
         esac
         shift 2
@@ -70,10 +70,11 @@ while (($# > 0)); do
         for s in "${_skips[@]}"; do
             case "$s" in
             qemu) RUN_QEMU=0 ;;
+            qemuwb) RUN_QEMUWB=0 ;;
             tandem) RUN_TANDEM=0 ;;
             replica) RUN_REPLICA=0 ;;
             rss) RUN_RSS=0 ;;
-            *) die "--skip: unknown part '$s' (qemu,tandem,replica,rss)" ;;
+            *) die "--skip: unknown part '$s' (qemu,qemuwb,tandem,replica,rss)" ;;
             esac
         done
         shift 2
@@ -165,20 +166,24 @@ RESULTS="$WORK/results.tsv" # server job iops bw_kib p50_us p99_us cpu_pct
 # ---------------------------------------------------------------------------
 declare -A SRV_PID SRV_SOCK SRV_LOG SRV_LABEL
 SRV_LABEL[qemu]="qemu-nbd"
+SRV_LABEL[qemuwb]="qemu-nbd writeback (reference)"
 SRV_LABEL[tandem]="tandem (no replica configured)"
 SRV_LABEL[replica]="tandem (capture for 1 offline replica)"
 
+# start_qemu ID CACHE_ARGS...: qemu-nbd on its own image.
 start_qemu() {
-    local dir="$WORK/qemu"
+    local id=$1
+    shift
+    local dir="$WORK/$id"
     mkdir -p "$dir"
     truncate -s "$SIZE_BYTES" "$dir/vol0.img"
-    SRV_SOCK[qemu]="$dir/vol0.sock"
-    SRV_LOG[qemu]="$dir/qemu-nbd.log"
-    qemu-nbd --cache=none --aio=native -f raw --persistent --shared=16 \
-        -x "$EXPORT" --socket="${SRV_SOCK[qemu]}" "$dir/vol0.img" \
-        </dev/null >"${SRV_LOG[qemu]}" 2>&1 &
-    SRV_PID[qemu]=$!
-    track_pid "${SRV_PID[qemu]}"
+    SRV_SOCK[$id]="$dir/vol0.sock"
+    SRV_LOG[$id]="$dir/qemu-nbd.log"
+    qemu-nbd "$@" -f raw --persistent --shared=16 \
+        -x "$EXPORT" --socket="${SRV_SOCK[$id]}" "$dir/vol0.img" \
+        </dev/null >"${SRV_LOG[$id]}" 2>&1 &
+    SRV_PID[$id]=$!
+    track_pid "${SRV_PID[$id]}"
 }
 
 # write_tandem_config FILE DATA_DIR LISTEN_PORT API_PORT WITH_REPLICA NVOL VOLSIZE
@@ -221,6 +226,7 @@ start_tandem() {
 
 SERVERS=()
 ((RUN_QEMU)) && SERVERS+=(qemu)
+((RUN_QEMUWB)) && SERVERS+=(qemuwb)
 ((RUN_TANDEM)) && SERVERS+=(tandem)
 ((RUN_REPLICA)) && SERVERS+=(replica)
 
@@ -299,7 +305,8 @@ if ((${#SERVERS[@]} > 0)); then
     log "work dir: $WORK ($fstype)"
     for id in "${SERVERS[@]}"; do
         case "$id" in
-        qemu) start_qemu ;;
+        qemu) start_qemu qemu --cache=none --aio=native ;;
+        qemuwb) start_qemu qemuwb --cache=writeback --aio=threads ;;
         tandem) start_tandem tandem 0 "$PORT_BASE" ;;
         replica) start_tandem replica 1 $((PORT_BASE + 10)) ;;
         esac
@@ -394,6 +401,7 @@ JOBS = [("randwrite-4k-qd16", "4k randwrite QD16"),
         ("randread-4k-qd16", "4k randread QD16"),
         ("write-1m-qd8", "1M seq write QD8")]
 SERVERS = [("qemu", "qemu-nbd"),
+           ("qemuwb", "qemu-nbd writeback (reference)"),
            ("tandem", "tandem (no replica configured)"),
            ("replica", "tandem (capture for 1 offline replica)")]
 
@@ -442,15 +450,17 @@ for job, label in JOBS:
     t_q = ratio("tandem", "qemu", job)
     r_q = ratio("replica", "qemu", job)
     r_t = ratio("replica", "tandem", job)
+    t_w = ratio("tandem", "qemuwb", job)
     ratios[job] = {"tandem_vs_qemu": t_q, "replica_vs_qemu": r_q,
-                   "replica_vs_tandem": r_t}
+                   "replica_vs_tandem": r_t, "tandem_vs_qemu_writeback": t_w}
     rows.append([label, fmt("qemu", job), fmt("tandem", job), rs(t_q, 1.0),
-                 fmt("replica", job), rs(r_q, 1.0), rs(r_t, 0.9)])
+                 fmt("replica", job), rs(r_q, 1.0), rs(r_t, 0.9),
+                 fmt("qemuwb", job), "-" if t_w is None else f"{t_w:.2f}x"])
 
 print()
 if rows:
     head = ["job", "qemu-nbd", "tandem", "tandem/qemu", "tandem+1r",
-            "tandem+1r/qemu", "tandem+1r/tandem"]
+            "tandem+1r/qemu", "tandem+1r/tandem", "qemu-wb", "tandem/qemu-wb"]
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
     print(line(head))
@@ -462,6 +472,8 @@ if rows:
     print("  tandem+1r/tandem >= 0.9x is the target for one LIVE async replica on")
     print("  loopback; here the replica is offline (capture + queueing only): informational.")
     print("  tandem+1r = tandem (capture for 1 offline replica)")
+    print("  qemu-wb = qemu-nbd --cache=writeback --aio=threads: same durability")
+    print("  contract as tandem (page cache, fsync on FLUSH/FUA); a reference, not the SPEC peer.")
     print()
     print("details (latency is fio completion latency; server CPU is % of one core"
           + (f"; medians of {repeat} rounds" if int(repeat) > 1 else "") + "):")
