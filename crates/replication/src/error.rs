@@ -1,0 +1,20 @@
+use std::io;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Volume(#[from] tandem_volume::VolumeError),
+    #[error("record {seq} for volume index {volume}, but the group has {volumes} volume(s)")]
+    NoSuchVolume { seq: u64, volume: u32, volumes: usize },
+    #[error("record {seq} reaches past the end of volume {volume} ({size} bytes)")]
+    OutOfRange { seq: u64, volume: String, size: u64 },
+}

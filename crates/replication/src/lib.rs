@@ -1,0 +1,9 @@
+//! Replication between sites: the replica's journal, state and apply
+//! (docs/REPLICA.md), and the sessions that ship and receive a group's
+//! changes over the peer protocol (docs/PEER.md).
+
+mod error;
+pub mod journal;
+pub mod state;
+
+pub use error::ReplicaError;
