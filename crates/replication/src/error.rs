@@ -14,7 +14,11 @@ pub enum ReplicaError {
     #[error(transparent)]
     Volume(#[from] tandem_volume::VolumeError),
     #[error("record {seq} for volume index {volume}, but the group has {volumes} volume(s)")]
-    NoSuchVolume { seq: u64, volume: u32, volumes: usize },
+    NoSuchVolume {
+        seq: u64,
+        volume: u32,
+        volumes: usize,
+    },
     #[error("record {seq} reaches past the end of volume {volume} ({size} bytes)")]
     OutOfRange { seq: u64, volume: String, size: u64 },
 }

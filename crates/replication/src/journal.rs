@@ -86,7 +86,10 @@ impl Entry {
             return Ok(None);
         }
         let total = u64::from(u32_at(4));
-        let Some(data_len) = total.checked_sub(HEADER_LEN as u64).filter(|n| *n <= MAX_DATA) else {
+        let Some(data_len) = total
+            .checked_sub(HEADER_LEN as u64)
+            .filter(|n| *n <= MAX_DATA)
+        else {
             return Ok(None);
         };
         let Some(op) = EntryOp::from_u8(h[28]) else {
@@ -160,7 +163,10 @@ impl Journal {
             let entry = entry.map_err(io_err("list journal", dir))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if let Some(first) = name.strip_suffix(".log").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(first) = name
+                .strip_suffix(".log")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 firsts.push(first);
             }
         }
@@ -184,13 +190,18 @@ impl Journal {
             let (valid_bytes, last, complete) = scan(&path)?;
             if !complete {
                 ended = true;
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err("open journal segment", &path))?;
-                f.set_len(valid_bytes).map_err(io_err("truncate torn journal entry", &path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("open journal segment", &path))?;
+                f.set_len(valid_bytes)
+                    .map_err(io_err("truncate torn journal entry", &path))?;
                 f.sync_all().map_err(io_err("sync journal", &path))?;
                 tracing::warn!(segment = %path.display(), at = valid_bytes, "journal ends with a torn entry: truncated");
             }
             if valid_bytes == 0 {
-                std::fs::remove_file(&path).map_err(io_err("remove empty journal segment", &path))?;
+                std::fs::remove_file(&path)
+                    .map_err(io_err("remove empty journal segment", &path))?;
                 continue;
             }
             journal.last_seq = journal.last_seq.max(last);
@@ -219,6 +230,11 @@ impl Journal {
     pub fn append(&mut self, entry: &Entry) {
         entry.encode(&mut self.pending);
         self.pending_last = entry.seq;
+    }
+
+    /// Sequence number of the last synced entry.
+    pub fn durable_seq(&self) -> u64 {
+        self.last_seq
     }
 
     pub fn has_pending(&self) -> bool {
@@ -282,7 +298,11 @@ impl Journal {
     }
 
     /// Calls `apply` for every durable entry with `seq > after`, in order.
-    pub fn replay(&self, after: u64, mut apply: impl FnMut(Entry) -> Result<(), ReplicaError>) -> Result<u64, ReplicaError> {
+    pub fn replay(
+        &self,
+        after: u64,
+        mut apply: impl FnMut(Entry) -> Result<(), ReplicaError>,
+    ) -> Result<u64, ReplicaError> {
         let mut count = 0;
         for seg in self.segments.values().filter(|s| s.last_seq > after) {
             let file = File::open(&seg.path).map_err(|source| ReplicaError::Io {
@@ -405,7 +425,12 @@ mod tests {
         j.sync().unwrap();
         drop(j);
         // A torn third entry: its header and part of its data.
-        let seg = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let mut torn = Vec::new();
         entry(3, 5000).encode(&mut torn);
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
@@ -435,7 +460,12 @@ mod tests {
         }
         j.sync().unwrap();
         drop(j);
-        let seg = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let mut bytes = std::fs::read(&seg).unwrap();
         let second = HEADER_LEN + 64;
         bytes[second + HEADER_LEN + 7] ^= 1;

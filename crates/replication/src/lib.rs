@@ -4,6 +4,7 @@
 
 mod error;
 pub mod journal;
+pub mod replica;
 pub mod state;
 
 pub use error::ReplicaError;

@@ -129,7 +129,8 @@ fn decode(buf: &[u8; SLOT_LEN]) -> Option<(u64, ReplicaState)> {
     if &buf[0..8] != MAGIC {
         return None;
     }
-    let word = |at: usize| -> Option<u64> { Some(u64::from_le_bytes(buf[at..at + 8].try_into().ok()?)) };
+    let word =
+        |at: usize| -> Option<u64> { Some(u64::from_le_bytes(buf[at..at + 8].try_into().ok()?)) };
     let crc = u32::from_le_bytes(buf[48..52].try_into().ok()?);
     if crc != crc32c::crc32c(&buf[0..48]) || buf[40] > 1 {
         return None;
@@ -155,8 +156,18 @@ mod tests {
         let path = dir.path().join("state");
         let mut f = StateFile::open(&path).unwrap();
         assert!(f.created);
-        let a = ReplicaState { epoch: 1, applied: 10, consistent_at: 0, inconsistent: false };
-        let b = ReplicaState { epoch: 1, applied: 20, consistent_at: 30, inconsistent: true };
+        let a = ReplicaState {
+            epoch: 1,
+            applied: 10,
+            consistent_at: 0,
+            inconsistent: false,
+        };
+        let b = ReplicaState {
+            epoch: 1,
+            applied: 20,
+            consistent_at: 30,
+            inconsistent: true,
+        };
         f.set(a).unwrap();
         f.set(b).unwrap();
         drop(f);
@@ -164,15 +175,30 @@ mod tests {
         assert_eq!(f.get(), b);
         assert!(!f.created);
         // Tear the newest slot (generation 2 is in slot 0).
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[0xee; 8], 20).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&[0xee; 8], 20)
+            .unwrap();
         assert_eq!(StateFile::open(&path).unwrap().get(), a);
     }
 
     #[test]
     fn consistency_follows_the_resync_point() {
-        let s = ReplicaState { epoch: 1, applied: 5, consistent_at: 9, inconsistent: false };
+        let s = ReplicaState {
+            epoch: 1,
+            applied: 5,
+            consistent_at: 9,
+            inconsistent: false,
+        };
         assert!(!s.is_consistent());
         assert!(ReplicaState { applied: 8, ..s }.is_consistent());
-        assert!(!ReplicaState { inconsistent: true, applied: 100, ..s }.is_consistent());
+        assert!(!ReplicaState {
+            inconsistent: true,
+            applied: 100,
+            ..s
+        }
+        .is_consistent());
     }
 }

@@ -1,0 +1,326 @@
+//! One group on a replica site: records are journaled and synced, then
+//! applied in order to the images; resync chunks go straight to the images
+//! while the state says "inconsistent" (docs/REPLICA.md).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_volume::RawImage;
+
+use crate::error::ReplicaError;
+use crate::journal::{Entry, EntryOp, Journal};
+use crate::state::{ReplicaState, StateFile};
+
+/// Images are synced and the applied position recorded at least this often
+/// while records are applied (bounds journal replay after a crash).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+/// A volume of a replicated group.
+pub struct ReplicaVolume {
+    pub name: String,
+    pub image: Arc<RawImage>,
+}
+
+/// Where a replica stands, for status and the peer protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub received: u64,
+    pub durable: u64,
+    pub applied: u64,
+    pub epoch: u64,
+    pub consistent: bool,
+    /// No state yet: the images hold nothing known.
+    pub new: bool,
+    pub resyncing: bool,
+}
+
+pub struct ReplicaGroup {
+    name: String,
+    volumes: Vec<ReplicaVolume>,
+    journal: Journal,
+    state: StateFile,
+    /// Received and appended, not yet synced in the journal.
+    batch: Vec<Entry>,
+    /// Applied to the images (maybe not yet synced).
+    applied: u64,
+    last_checkpoint: Instant,
+}
+
+impl ReplicaGroup {
+    /// Opens the group's replica state under `dir`
+    /// (`<data_dir>/replica/<group>`) and brings the images to the last
+    /// durable prefix by replaying the journal.
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<ReplicaVolume>,
+    ) -> Result<ReplicaGroup, ReplicaError> {
+        std::fs::create_dir_all(dir).map_err(|source| ReplicaError::Io {
+            path: dir.to_owned(),
+            op: "create replica directory",
+            source,
+        })?;
+        let journal = Journal::open(&dir.join("journal"))?;
+        let state = StateFile::open(&dir.join("state"))?;
+        let applied = state.get().applied;
+        let mut group = ReplicaGroup {
+            name: name.to_owned(),
+            volumes,
+            journal,
+            state,
+            batch: Vec::new(),
+            applied,
+            last_checkpoint: Instant::now(),
+        };
+        let replayed = {
+            let ReplicaGroup {
+                journal,
+                volumes,
+                applied,
+                ..
+            } = &mut group;
+            journal.replay(*applied, |entry| {
+                apply(volumes, &entry)?;
+                *applied = entry.seq;
+                Ok(())
+            })?
+        };
+        if replayed > 0 {
+            tracing::info!(
+                group = name,
+                entries = replayed,
+                applied = group.applied,
+                "replayed the journal after a restart"
+            );
+        }
+        group.checkpoint()?;
+        Ok(group)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn volumes(&self) -> &[ReplicaVolume] {
+        &self.volumes
+    }
+
+    pub fn position(&self) -> Position {
+        let s = self.state.get();
+        Position {
+            received: self.journal.last_seq().max(self.applied),
+            durable: self.journal.durable_seq().max(self.applied),
+            applied: self.applied,
+            epoch: s.epoch,
+            consistent: ReplicaState {
+                applied: self.applied,
+                ..s
+            }
+            .is_consistent()
+                && !self.state.created,
+            new: self.state.created,
+            resyncing: s.inconsistent,
+        }
+    }
+
+    /// Adopts a newer epoch (from the primary's hello).
+    pub fn set_epoch(&mut self, epoch: u64) -> Result<(), ReplicaError> {
+        let s = self.state.get();
+        if epoch > s.epoch || self.state.created {
+            self.state.set(ReplicaState { epoch, ..s })?;
+        }
+        Ok(())
+    }
+
+    /// Checks and appends a record; it is durable after [`commit`].
+    pub fn receive(&mut self, entry: Entry) -> Result<(), ReplicaError> {
+        let Some(volume) = self.volumes.get(entry.volume as usize) else {
+            return Err(ReplicaError::NoSuchVolume {
+                seq: entry.seq,
+                volume: entry.volume,
+                volumes: self.volumes.len(),
+            });
+        };
+        let size = volume.image.size();
+        if entry.op != EntryOp::Flush
+            && entry
+                .offset
+                .checked_add(entry.len)
+                .is_none_or(|end| end > size)
+        {
+            return Err(ReplicaError::OutOfRange {
+                seq: entry.seq,
+                volume: volume.name.clone(),
+                size,
+            });
+        }
+        self.journal.append(&entry);
+        self.batch.push(entry);
+        Ok(())
+    }
+
+    pub fn has_uncommitted(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
+    /// Syncs the journal, then applies what it made durable. Returns the
+    /// durable sequence number.
+    pub fn commit(&mut self) -> Result<u64, ReplicaError> {
+        let durable = self.journal.sync()?;
+        for entry in std::mem::take(&mut self.batch) {
+            apply(&self.volumes, &entry)?;
+            self.applied = entry.seq;
+        }
+        if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint()?;
+        }
+        Ok(durable)
+    }
+
+    /// Syncs the images and records the applied position; releases
+    /// journal segments that are no longer needed.
+    pub fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        for v in &self.volumes {
+            v.image.sync()?;
+        }
+        let mut s = self.state.get();
+        let consistent_now = s.consistent_at != 0 && self.applied + 1 >= s.consistent_at;
+        if s.applied != self.applied || consistent_now {
+            s.applied = self.applied;
+            if consistent_now {
+                s.consistent_at = 0;
+                tracing::info!(group = %self.name, applied = self.applied, "replica is a consistent prefix again");
+            }
+            self.state.set(s)?;
+        }
+        self.journal.release(self.applied)?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// A resync starts: from now on the images are not a prefix.
+    pub fn begin_resync(&mut self, epoch: u64) -> Result<(), ReplicaError> {
+        self.commit()?;
+        self.checkpoint()?;
+        let s = self.state.get();
+        self.state.set(ReplicaState {
+            epoch: epoch.max(s.epoch),
+            inconsistent: true,
+            ..s
+        })
+    }
+
+    /// BLAKE3 hashes of `count` chunks of `chunk` bytes from `offset`
+    /// (the last chunk may be short at the end of the volume).
+    pub fn hashes(
+        &self,
+        volume: u32,
+        offset: u64,
+        chunk: u32,
+        count: usize,
+    ) -> Result<Vec<[u8; 32]>, ReplicaError> {
+        let image = &self.volume(volume)?.image;
+        chunk_hashes(image, offset, chunk, count)
+    }
+
+    /// Writes a resync chunk straight to the image.
+    pub fn write_chunk(
+        &mut self,
+        volume: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ReplicaError> {
+        let v = self.volume(volume)?;
+        let size = v.image.size();
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(ReplicaError::OutOfRange {
+                seq: 0,
+                volume: v.name.clone(),
+                size,
+            });
+        }
+        if data.iter().all(|b| *b == 0) {
+            v.image
+                .write_zeroes(offset, data.len() as u64, false, false)?;
+        } else {
+            v.image.write(offset, data)?;
+        }
+        Ok(())
+    }
+
+    /// The resync has sent everything: once every record below
+    /// `consistent_at` is applied, the images are a prefix again.
+    pub fn end_resync(&mut self, consistent_at: u64) -> Result<(), ReplicaError> {
+        for v in &self.volumes {
+            v.image.sync()?;
+        }
+        let s = self.state.get();
+        self.state.set(ReplicaState {
+            inconsistent: false,
+            consistent_at: consistent_at.max(1),
+            ..s
+        })?;
+        self.checkpoint()
+    }
+
+    fn volume(&self, volume: u32) -> Result<&ReplicaVolume, ReplicaError> {
+        self.volumes
+            .get(volume as usize)
+            .ok_or(ReplicaError::NoSuchVolume {
+                seq: 0,
+                volume,
+                volumes: self.volumes.len(),
+            })
+    }
+
+    /// Applies and syncs everything received (clean stop).
+    pub fn close(mut self) -> Result<(), ReplicaError> {
+        self.commit()?;
+        self.checkpoint()
+    }
+}
+
+/// Hashes `count` chunks of an image.
+pub fn chunk_hashes(
+    image: &RawImage,
+    offset: u64,
+    chunk: u32,
+    count: usize,
+) -> Result<Vec<[u8; 32]>, ReplicaError> {
+    let size = image.size();
+    let mut out = Vec::with_capacity(count.min(4096));
+    let mut buf = vec![0u8; chunk as usize];
+    for i in 0..count as u64 {
+        let at = offset + i * u64::from(chunk);
+        if at >= size {
+            break;
+        }
+        let n = (u64::from(chunk)).min(size - at) as usize;
+        image.read(at, &mut buf[..n])?;
+        out.push(*blake3::hash(&buf[..n]).as_bytes());
+    }
+    Ok(out)
+}
+
+fn apply(volumes: &[ReplicaVolume], entry: &Entry) -> Result<(), ReplicaError> {
+    let Some(v) = volumes.get(entry.volume as usize) else {
+        return Err(ReplicaError::NoSuchVolume {
+            seq: entry.seq,
+            volume: entry.volume,
+            volumes: volumes.len(),
+        });
+    };
+    match entry.op {
+        EntryOp::Write => v.image.write(entry.offset, &entry.data)?,
+        EntryOp::WriteZeroes => v
+            .image
+            .write_zeroes(entry.offset, entry.len, false, false)?,
+        EntryOp::Trim => v.image.punch_hole(entry.offset, entry.len)?,
+        EntryOp::Flush => {}
+    }
+    Ok(())
+}
