@@ -25,6 +25,8 @@ pub struct Record {
     /// Index of the volume in the group.
     pub volume: u32,
     pub op: Op,
+    /// When it was captured (for lag in seconds).
+    pub at: Instant,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +108,8 @@ struct Replica {
     /// Ranges handed out in a resync that is not yet acknowledged, and the
     /// sequence number whose acknowledgement completes it.
     resyncing: Option<(Vec<FineDirty>, u64)>,
+    /// Since when it has owed ranges outside the stream (for lag).
+    behind_since: Option<Instant>,
 }
 
 impl Replica {
@@ -149,6 +153,7 @@ impl State {
             r.owe(record.volume as usize, &record.op);
         }
         r.overflowed = true;
+        r.behind_since.get_or_insert_with(Instant::now);
         tracing::warn!(
             replica = %r.name,
             acked = r.acked,
@@ -175,6 +180,17 @@ impl State {
         }
         dropped
     }
+}
+
+/// How far a replica is behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lag {
+    pub bytes: u64,
+    /// Capture time of the oldest change the replica lacks.
+    pub oldest: Option<Instant>,
+    pub acked: u64,
+    /// Owes ranges outside the record stream (resync pending or running).
+    pub resyncing: bool,
 }
 
 /// Counters for status and metrics.
@@ -236,6 +252,7 @@ impl GroupCapture {
             })
             .collect();
         let start = seq.peek();
+        let owes = owed.iter().any(|d| !d.is_empty());
         let replicas = replicas
             .iter()
             .map(|r| Replica {
@@ -246,6 +263,7 @@ impl GroupCapture {
                 overflowed: false,
                 gap: owed.clone(),
                 resyncing: None,
+                behind_since: owes.then(Instant::now),
             })
             .collect();
         Ok(GroupCapture {
@@ -267,6 +285,11 @@ impl GroupCapture {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The sequence number the next change will get.
+    pub fn next_seq(&self) -> u64 {
+        self.state.lock().seq.peek()
     }
 
     pub fn volumes(&self) -> &[CaptureVolume] {
@@ -385,6 +408,7 @@ impl GroupCapture {
                 seq,
                 volume: volume as u32,
                 op,
+                at: Instant::now(),
             });
             st.queued_bytes += record.op.cost();
             st.queue.push_back(record);
@@ -462,6 +486,54 @@ impl GroupCapture {
         }
         st.trim();
         Ok(())
+    }
+
+    /// The replica holds nothing known (new) or was interrupted in a
+    /// resync: every region of every volume is owed, to be compared chunk
+    /// by chunk (only chunks that differ move).
+    pub fn owe_everything(&self, replica: &str) -> Result<(), CaptureError> {
+        let mut st = self.state.lock();
+        let r = replica_mut(&mut st.replicas, replica)?;
+        for (gap, v) in r.gap.iter_mut().zip(&self.volumes) {
+            for region in regions_of(0, v.image.size()) {
+                gap.add_region(region);
+            }
+        }
+        r.overflowed = true;
+        r.behind_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// How far `replica` is behind: bytes owed (queued records it has not
+    /// acknowledged plus dirty ranges) and the age of the oldest change it
+    /// lacks.
+    pub fn lag(&self, replica: &str) -> Result<Lag, CaptureError> {
+        let st = self.state.lock();
+        let r = st
+            .replicas
+            .iter()
+            .find(|r| r.name == replica)
+            .ok_or_else(|| CaptureError::UnknownReplica(replica.to_owned()))?;
+        let owed_ranges: u64 = r
+            .gap
+            .iter()
+            .chain(r.resyncing.iter().flat_map(|(p, _)| p.iter()))
+            .map(FineDirty::dirty_bytes)
+            .sum();
+        let mut bytes = owed_ranges;
+        let mut oldest = None;
+        if !r.overflowed {
+            for rec in st.queue.iter().filter(|rec| rec.seq > r.acked) {
+                bytes += rec.op.range().map_or(0, |(_, len)| len);
+                oldest = oldest.or(Some(rec.at));
+            }
+        }
+        Ok(Lag {
+            bytes,
+            oldest: oldest.or(r.behind_since),
+            acked: r.acked,
+            resyncing: r.resyncing.is_some() || owed_ranges > 0 || r.overflowed,
+        })
     }
 
     /// Makes the replica start again from its acknowledged position (after
