@@ -4,7 +4,9 @@
 
 mod error;
 pub mod journal;
+pub mod receiver;
 pub mod replica;
+pub mod shipper;
 pub mod state;
 
 pub use error::ReplicaError;

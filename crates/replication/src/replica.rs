@@ -45,6 +45,10 @@ pub struct ReplicaGroup {
     /// Applied to the images (maybe not yet synced).
     applied: u64,
     last_checkpoint: Instant,
+    /// The resync in progress resumes the stream here.
+    resume_at: Option<u64>,
+    /// Created by this run and never synced since.
+    new: bool,
 }
 
 impl ReplicaGroup {
@@ -62,7 +66,16 @@ impl ReplicaGroup {
             source,
         })?;
         let journal = Journal::open(&dir.join("journal"))?;
-        let state = StateFile::open(&dir.join("state"))?;
+        let mut state = StateFile::open(&dir.join("state"))?;
+        let new = state.created;
+        if new {
+            // Nothing is known of these images until a first full
+            // comparison completes: durably inconsistent from the start.
+            state.set(ReplicaState {
+                inconsistent: true,
+                ..ReplicaState::default()
+            })?;
+        }
         let applied = state.get().applied;
         let mut group = ReplicaGroup {
             name: name.to_owned(),
@@ -72,6 +85,8 @@ impl ReplicaGroup {
             batch: Vec::new(),
             applied,
             last_checkpoint: Instant::now(),
+            resume_at: None,
+            new,
         };
         let replayed = {
             let ReplicaGroup {
@@ -117,9 +132,8 @@ impl ReplicaGroup {
                 applied: self.applied,
                 ..s
             }
-            .is_consistent()
-                && !self.state.created,
-            new: self.state.created,
+            .is_consistent(),
+            new: self.new,
             resyncing: s.inconsistent,
         }
     }
@@ -127,7 +141,7 @@ impl ReplicaGroup {
     /// Adopts a newer epoch (from the primary's hello).
     pub fn set_epoch(&mut self, epoch: u64) -> Result<(), ReplicaError> {
         let s = self.state.get();
-        if epoch > s.epoch || self.state.created {
+        if epoch > s.epoch {
             self.state.set(ReplicaState { epoch, ..s })?;
         }
         Ok(())
@@ -199,10 +213,12 @@ impl ReplicaGroup {
         Ok(())
     }
 
-    /// A resync starts: from now on the images are not a prefix.
-    pub fn begin_resync(&mut self, epoch: u64) -> Result<(), ReplicaError> {
+    /// A resync starts: from now on the images are not a prefix. Records
+    /// below `resume_at` are replaced by the resync's chunks.
+    pub fn begin_resync(&mut self, epoch: u64, resume_at: u64) -> Result<(), ReplicaError> {
         self.commit()?;
         self.checkpoint()?;
+        self.resume_at = Some(resume_at);
         let s = self.state.get();
         self.state.set(ReplicaState {
             epoch: epoch.max(s.epoch),
@@ -258,6 +274,11 @@ impl ReplicaGroup {
         for v in &self.volumes {
             v.image.sync()?;
         }
+        // The chunks reflect every change below resume_at.
+        if let Some(resume_at) = self.resume_at.take() {
+            self.applied = self.applied.max(resume_at.saturating_sub(1));
+        }
+        self.new = false;
         let s = self.state.get();
         self.state.set(ReplicaState {
             inconsistent: false,

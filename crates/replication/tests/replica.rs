@@ -53,7 +53,7 @@ fn durable_records_survive_a_crash_and_undurable_ones_are_not_applied() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut g = open(dir.path());
-        assert!(g.position().new);
+        assert!(g.position().new && !g.position().consistent);
         g.set_epoch(1).unwrap();
         for seq in 1..=10 {
             g.receive(write(seq)).unwrap();
@@ -66,9 +66,10 @@ fn durable_records_survive_a_crash_and_undurable_ones_are_not_applied() {
     }
     let g = open(dir.path());
     let p = g.position();
+    // Never resynced: not known to be a prefix of anything.
     assert_eq!(
         (p.durable, p.applied, p.consistent, p.new),
-        (10, 10, true, false)
+        (10, 10, false, false)
     );
     assert!(std::fs::read(dir.path().join("v.img")).unwrap() == prefix(10));
 }
@@ -101,11 +102,17 @@ fn a_resync_is_inconsistent_until_the_stream_passes_its_end() {
     let dir = tempfile::tempdir().unwrap();
     let mut g = open(dir.path());
     g.set_epoch(1).unwrap();
+    g.begin_resync(1, 1).unwrap();
+    g.end_resync(1).unwrap();
+    assert!(
+        g.position().consistent,
+        "a completed first sync makes it consistent"
+    );
     for seq in 1..=4 {
         g.receive(write(seq)).unwrap();
     }
     g.commit().unwrap();
-    g.begin_resync(1).unwrap();
+    g.begin_resync(1, 5).unwrap();
     let p = g.position();
     assert!(p.resyncing && !p.consistent);
     g.write_chunk(0, 65536, &[7u8; 4096]).unwrap();

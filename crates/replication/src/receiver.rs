@@ -1,0 +1,322 @@
+//! The replica side of a replication session (docs/PEER.md): checks the
+//! primary's hello, then journals and applies its records, answers hash
+//! comparisons and writes resync chunks. One thread per session; the
+//! group's lock is held for the whole session, so one primary at a time.
+
+use std::io::{BufReader, Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tandem_peer::{
+    read_message, write_message, Ack, Hello, Message, PeerError, RecordOp, ReplicaState, Welcome,
+};
+
+use crate::error::ReplicaError;
+use crate::journal::{Entry, EntryOp};
+use crate::replica::ReplicaGroup;
+
+/// Journal syncs (and acks) at least this often while records arrive.
+const COMMIT_EVERY: Duration = Duration::from_millis(20);
+/// ...or after this many bytes.
+const COMMIT_BYTES: usize = 8 << 20;
+/// How long a new session waits for the previous one of the same group.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("protocol: {0}")]
+    Peer(#[from] PeerError),
+    #[error("{0}")]
+    Replica(#[from] ReplicaError),
+    #[error("unexpected {0} message")]
+    Unexpected(&'static str),
+}
+
+/// What this site knows of a group it replicates.
+pub struct GroupPlan {
+    pub name: String,
+    pub primary: String,
+    pub replicas: Vec<String>,
+    pub volumes: Vec<(String, u64)>,
+    pub group: Arc<Mutex<ReplicaGroup>>,
+}
+
+/// Everything groups this site replicates.
+pub struct ReceiverContext {
+    pub site: String,
+    pub groups: Vec<GroupPlan>,
+}
+
+/// Serves one connection from a primary. `peer_site` is the site name in
+/// the peer's TLS certificate (None without TLS).
+pub fn serve<R: Read, W: Write>(
+    ctx: &ReceiverContext,
+    reader: R,
+    mut writer: W,
+    peer_site: Option<&str>,
+) -> Result<(), SessionError> {
+    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let hello = match read_message(&mut reader, &mut buf)? {
+        Message::Hello(h) => h,
+        other => return Err(SessionError::Unexpected(other.kind())),
+    };
+    let plan = match check_hello(ctx, &hello, peer_site) {
+        Ok(plan) => plan,
+        Err(reason) => {
+            let _ = write_message(
+                &mut writer,
+                &Message::Refuse {
+                    reason: reason.clone(),
+                },
+                &mut out,
+            );
+            return Err(SessionError::Refused(reason));
+        }
+    };
+    let Some(mut group) = plan.group.try_lock_for(TAKEOVER_WAIT) else {
+        let reason = format!("group {} already has a replication session", plan.name);
+        let _ = write_message(
+            &mut writer,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+            &mut out,
+        );
+        return Err(SessionError::Refused(reason));
+    };
+    let held = group.position().epoch;
+    if hello.epoch < held {
+        let reason = format!(
+            "epoch {} is older than {held}, which this replica holds",
+            hello.epoch
+        );
+        let _ = write_message(
+            &mut writer,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+            &mut out,
+        );
+        return Err(SessionError::Refused(reason));
+    }
+    let p = group.position();
+    group.set_epoch(hello.epoch)?;
+    let state = if p.new {
+        ReplicaState::New
+    } else if p.consistent {
+        ReplicaState::Consistent
+    } else {
+        ReplicaState::Inconsistent
+    };
+    write_message(
+        &mut writer,
+        &Message::Welcome(Welcome {
+            replica: ctx.site.clone(),
+            epoch: p.epoch,
+            applied: p.applied,
+            durable: p.durable,
+            state,
+        }),
+        &mut out,
+    )?;
+    tracing::info!(group = %plan.name, primary = %hello.primary, epoch = hello.epoch, durable = p.durable, state = state.as_str(), "replication session started");
+    let epoch = hello.epoch;
+    let mut last_seq = p.received;
+    let mut since_commit = Instant::now();
+    let mut bytes_since_commit = 0usize;
+    let mut data = Vec::new();
+    loop {
+        let msg = read_message(&mut reader, &mut buf);
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                // Whatever arrived is kept: make it durable before leaving.
+                if group.has_uncommitted() {
+                    group.commit()?;
+                }
+                group.checkpoint()?;
+                return match e {
+                    PeerError::Closed => Ok(()),
+                    e => Err(e.into()),
+                };
+            }
+        };
+        let mut ack_now = false;
+        match msg {
+            Message::Record(r) => {
+                if r.epoch != epoch {
+                    return Err(SessionError::Refused(format!(
+                        "record {} carries epoch {}, the session's is {epoch}",
+                        r.seq, r.epoch
+                    )));
+                }
+                if r.seq <= last_seq {
+                    return Err(PeerError::Malformed(format!(
+                        "record {} after {last_seq}: sequence went backwards",
+                        r.seq
+                    ))
+                    .into());
+                }
+                last_seq = r.seq;
+                data.clear();
+                if r.op == RecordOp::Write {
+                    r.data.decode_into(&mut data)?;
+                    if data.len() as u64 != r.len {
+                        return Err(PeerError::Malformed(format!(
+                            "record {}: {} data bytes for length {}",
+                            r.seq,
+                            data.len(),
+                            r.len
+                        ))
+                        .into());
+                    }
+                }
+                bytes_since_commit += data.len();
+                ack_now = r.fua || r.op == RecordOp::Flush;
+                group.receive(Entry {
+                    epoch: r.epoch,
+                    seq: r.seq,
+                    volume: r.volume,
+                    op: match r.op {
+                        RecordOp::Write => EntryOp::Write,
+                        RecordOp::WriteZeroes => EntryOp::WriteZeroes,
+                        RecordOp::Trim => EntryOp::Trim,
+                        RecordOp::Flush => EntryOp::Flush,
+                    },
+                    fua: r.fua,
+                    offset: r.offset,
+                    len: r.len,
+                    data: std::mem::take(&mut data),
+                })?;
+            }
+            Message::ResyncBegin {
+                epoch: e,
+                resume_at,
+                bytes,
+            } => {
+                if e != epoch {
+                    return Err(SessionError::Refused(format!(
+                        "resync with epoch {e}, the session's is {epoch}"
+                    )));
+                }
+                tracing::info!(group = %plan.name, resume_at, bytes, "resync started: replica is inconsistent until it completes");
+                group.begin_resync(epoch, resume_at)?;
+                last_seq = last_seq.max(resume_at.saturating_sub(1));
+            }
+            Message::Hashes {
+                volume,
+                offset,
+                chunk,
+                hashes,
+            } => {
+                let mine = group.hashes(volume, offset, chunk, hashes.len())?;
+                let mut bitmap = vec![0u8; tandem_peer::diff_bitmap_len(hashes.len())];
+                for (i, theirs) in hashes.iter().enumerate() {
+                    if mine.get(i) != Some(theirs) {
+                        tandem_peer::set_diff_bit(&mut bitmap, i);
+                    }
+                }
+                write_message(
+                    &mut writer,
+                    &Message::Diff {
+                        volume,
+                        offset,
+                        chunk,
+                        bitmap,
+                    },
+                    &mut out,
+                )?;
+            }
+            Message::Chunk {
+                volume,
+                offset,
+                data: payload,
+            } => {
+                payload.decode_into(&mut data)?;
+                group.write_chunk(volume, offset, &data)?;
+            }
+            Message::ResyncEnd { consistent_at } => {
+                group.end_resync(consistent_at)?;
+                tracing::info!(group = %plan.name, consistent_at, "resync data complete");
+                ack_now = true;
+            }
+            Message::Ping(n) => write_message(&mut writer, &Message::Pong(n), &mut out)?,
+            Message::Pong(_) => {}
+            other => return Err(SessionError::Unexpected(other.kind())),
+        }
+        let idle = reader.buffer().is_empty();
+        let due = since_commit.elapsed() >= COMMIT_EVERY || bytes_since_commit >= COMMIT_BYTES;
+        if ack_now || (group.has_uncommitted() && (idle || due)) || (idle && due) {
+            let durable = group.commit()?;
+            let p = group.position();
+            write_message(
+                &mut writer,
+                &Message::Ack(Ack {
+                    received: last_seq,
+                    durable,
+                    applied: p.applied,
+                }),
+                &mut out,
+            )?;
+            writer.flush().map_err(PeerError::Io)?;
+            since_commit = Instant::now();
+            bytes_since_commit = 0;
+        }
+    }
+}
+
+/// Why this replica refuses the hello, if it does.
+fn check_hello<'a>(
+    ctx: &'a ReceiverContext,
+    hello: &Hello,
+    peer_site: Option<&str>,
+) -> Result<&'a GroupPlan, String> {
+    if hello.version != tandem_peer::VERSION {
+        return Err(format!(
+            "protocol version {} is not supported (this site speaks {})",
+            hello.version,
+            tandem_peer::VERSION
+        ));
+    }
+    if hello.replica != ctx.site {
+        return Err(format!("this is site {}, not {}", ctx.site, hello.replica));
+    }
+    if let Some(cert_site) = peer_site {
+        if cert_site != hello.primary {
+            return Err(format!(
+                "certificate is for site {cert_site} but the hello claims {}",
+                hello.primary
+            ));
+        }
+    }
+    let Some(plan) = ctx.groups.iter().find(|g| g.name == hello.group) else {
+        return Err(format!(
+            "group {} is not replicated to this site",
+            hello.group
+        ));
+    };
+    if !plan.replicas.contains(&ctx.site) {
+        return Err(format!(
+            "site {} is not a replica of group {}",
+            ctx.site, plan.name
+        ));
+    }
+    if hello.primary != plan.primary && !plan.replicas.contains(&hello.primary) {
+        return Err(format!(
+            "site {} is not part of group {}",
+            hello.primary, plan.name
+        ));
+    }
+    if hello.volumes != plan.volumes {
+        return Err(format!(
+            "volumes differ: primary has {:?}, this site is configured with {:?}",
+            hello.volumes, plan.volumes
+        ));
+    }
+    Ok(plan)
+}

@@ -1,0 +1,503 @@
+//! The primary side of replication to one replica site (docs/PEER.md):
+//! connects, says hello, resyncs what the replica lacks by chunk
+//! comparison, then streams the group's captured records in order while a
+//! second thread reads the replica's acknowledgements.
+
+use std::collections::VecDeque;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use parking_lot::Mutex;
+use tandem_capture::{Event, GroupCapture, Op};
+use tandem_peer::{
+    read_message, write_message, Compressor, Hello, Message, Payload, RecordOp, ReplicaState,
+};
+
+use crate::replica::chunk_hashes;
+
+/// Chunk size for comparing whole regions, and for small known-dirty ranges.
+const CHUNK_LARGE: u32 = 64 << 10;
+const CHUNK_SMALL: u32 = 4 << 10;
+/// Chunks per `Hashes` message, and `Hashes` messages in flight.
+const HASHES_PER_MESSAGE: usize = 256;
+const HASHES_IN_FLIGHT: usize = 8;
+const IDLE_PING: Duration = Duration::from_secs(1);
+/// A replica silent this long is considered gone.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How a replication link is doing, for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct LinkInfo {
+    pub state: LinkState,
+    pub connected_since: Option<Instant>,
+    /// Latest acknowledgement.
+    pub received: u64,
+    pub durable: u64,
+    pub applied: u64,
+    pub replica_state: Option<&'static str>,
+    pub rtt: Option<Duration>,
+    pub resync_total: u64,
+    pub resync_done: u64,
+    pub resync_sent: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub last_error: Option<String>,
+    pub connects: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinkState {
+    #[default]
+    Disconnected,
+    Resyncing,
+    Streaming,
+}
+
+/// Opens a connection to the replica: a reading half and a writing half.
+pub type Connect =
+    dyn Fn() -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>), String> + Send + Sync;
+
+pub struct Shipper {
+    pub capture: Arc<GroupCapture>,
+    pub local_site: String,
+    pub replica_site: String,
+    pub epoch: u64,
+    pub connect: Box<Connect>,
+    pub link: Arc<Mutex<LinkInfo>>,
+    pub stop: Arc<AtomicBool>,
+}
+
+enum Incoming {
+    Diff {
+        volume: u32,
+        offset: u64,
+        bitmap: Vec<u8>,
+    },
+}
+
+impl Shipper {
+    /// Runs until `stop`, reconnecting with backoff.
+    pub fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        while !self.stop.load(Ordering::Acquire) {
+            let started = Instant::now();
+            match self.session() {
+                Ok(()) => return,
+                Err(e) => {
+                    let mut link = self.link.lock();
+                    if link.last_error.as_deref() != Some(&e) {
+                        tracing::warn!(group = self.capture.name(), replica = %self.replica_site, "replication link down: {e}");
+                    }
+                    link.state = LinkState::Disconnected;
+                    link.connected_since = None;
+                    link.last_error = Some(e);
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(100);
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn session(&self) -> Result<(), String> {
+        let group = self.capture.name().to_owned();
+        let replica = self.replica_site.clone();
+        let (reader, writer) = (self.connect)()?;
+        let mut w = BufWriter::with_capacity(1 << 20, writer);
+        let mut r = BufReader::with_capacity(1 << 16, reader);
+        let mut scratch = Vec::new();
+        let volumes = self
+            .capture
+            .volumes()
+            .iter()
+            .map(|v| (v.name.clone(), v.image.size()))
+            .collect();
+        let hello = Message::Hello(Hello {
+            version: tandem_peer::VERSION,
+            primary: self.local_site.clone(),
+            replica: replica.clone(),
+            group: group.clone(),
+            epoch: self.epoch,
+            volumes,
+        });
+        write_message(&mut w, &hello, &mut scratch).map_err(|e| e.to_string())?;
+        w.flush().map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let welcome =
+            match read_message(&mut r, &mut buf).map_err(|e| format!("no welcome: {e}"))? {
+                Message::Welcome(w) => w,
+                Message::Refuse { reason } => return Err(format!("replica refused: {reason}")),
+                other => return Err(format!("expected welcome, got {}", other.kind())),
+            };
+        let cap = &self.capture;
+        let next = cap.next_seq();
+        if welcome.durable >= next {
+            // The replica holds records this primary never issued.
+            tracing::warn!(%group, %replica, durable = welcome.durable, next, "replica is ahead of this primary's sequence: full comparison");
+            cap.owe_everything(&replica).map_err(|e| e.to_string())?;
+        } else {
+            cap.ack(&replica, welcome.durable)
+                .map_err(|e| e.to_string())?;
+        }
+        cap.rewind(&replica).map_err(|e| e.to_string())?;
+        if welcome.state != ReplicaState::Consistent {
+            tracing::info!(%group, %replica, state = welcome.state.as_str(), "replica needs a full comparison");
+            cap.owe_everything(&replica).map_err(|e| e.to_string())?;
+        }
+        {
+            let mut link = self.link.lock();
+            link.connected_since = Some(Instant::now());
+            link.durable = welcome.durable;
+            link.applied = welcome.applied;
+            link.received = welcome.durable;
+            link.replica_state = Some(welcome.state.as_str());
+            link.connects += 1;
+            link.last_error = None;
+            link.state = LinkState::Streaming;
+        }
+        tracing::info!(%group, %replica, durable = welcome.durable, state = welcome.state.as_str(), "replication link up");
+
+        let alive = Arc::new(AtomicBool::new(true));
+        let heard = Arc::new(Mutex::new(Instant::now()));
+        let (diff_tx, diff_rx) = crossbeam_channel::bounded::<Incoming>(HASHES_IN_FLIGHT * 2);
+        let reader_thread = {
+            let (cap, link, alive, heard) = (
+                Arc::clone(cap),
+                Arc::clone(&self.link),
+                Arc::clone(&alive),
+                Arc::clone(&heard),
+            );
+            let replica = replica.clone();
+            thread::Builder::new()
+                .name(format!("acks-{group}-{replica}"))
+                .spawn(move || {
+                    let mut buf = Vec::new();
+                    let end = loop {
+                        match read_message(&mut r, &mut buf) {
+                            Ok(msg) => {
+                                *heard.lock() = Instant::now();
+                                match msg {
+                                    Message::Ack(a) => {
+                                        if let Err(e) = cap.ack(&replica, a.durable) {
+                                            break e.to_string();
+                                        }
+                                        let mut l = link.lock();
+                                        l.received = a.received;
+                                        l.durable = a.durable;
+                                        l.applied = a.applied;
+                                    }
+                                    Message::Diff {
+                                        volume,
+                                        offset,
+                                        bitmap,
+                                        ..
+                                    } => {
+                                        if diff_tx
+                                            .send(Incoming::Diff {
+                                                volume,
+                                                offset,
+                                                bitmap,
+                                            })
+                                            .is_err()
+                                        {
+                                            break "resync ended".into();
+                                        }
+                                    }
+                                    Message::Pong(sent) => {
+                                        let now = nanos_now();
+                                        link.lock().rtt =
+                                            Some(Duration::from_nanos(now.saturating_sub(sent)));
+                                    }
+                                    Message::Ping(_) => {}
+                                    Message::Refuse { reason } => {
+                                        break format!("replica refused: {reason}")
+                                    }
+                                    other => {
+                                        break format!("unexpected {} from replica", other.kind())
+                                    }
+                                }
+                            }
+                            Err(e) => break e.to_string(),
+                        }
+                        if !alive.load(Ordering::Acquire) {
+                            break "session closed".into();
+                        }
+                    };
+                    alive.store(false, Ordering::Release);
+                    end
+                })
+                .map_err(|e| e.to_string())?
+        };
+        let result = self.stream(&mut w, &diff_rx, &alive, &heard);
+        alive.store(false, Ordering::Release);
+        drop(w); // closes our half: the reader sees the end
+        let reader_end = reader_thread
+            .join()
+            .unwrap_or_else(|_| "ack reader panicked".into());
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e == "peer gone" => Err(reader_end),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends records and resyncs until stopped or the link fails.
+    fn stream<W: Write>(
+        &self,
+        w: &mut W,
+        diffs: &Receiver<Incoming>,
+        alive: &AtomicBool,
+        heard: &Mutex<Instant>,
+    ) -> Result<(), String> {
+        let cap = &self.capture;
+        let replica = &self.replica_site;
+        let mut compressor = Compressor::new(1);
+        let mut scratch = Vec::new();
+        let mut unflushed = false;
+        let mut last_sent = Instant::now();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                w.flush().map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+            if !alive.load(Ordering::Acquire) {
+                return Err("peer gone".into());
+            }
+            let wait = if unflushed {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(200)
+            };
+            match cap.next_event(replica, wait).map_err(|e| e.to_string())? {
+                Some(Event::Record(rec)) => {
+                    let msg = record_message(self.epoch, &rec, &mut compressor);
+                    write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
+                    unflushed = true;
+                    last_sent = Instant::now();
+                }
+                Some(Event::Resync { ranges, resume_at }) => {
+                    w.flush().map_err(|e| e.to_string())?;
+                    self.resync(w, diffs, alive, &ranges, resume_at, &mut compressor)?;
+                    unflushed = false;
+                    last_sent = Instant::now();
+                }
+                None => {
+                    if unflushed {
+                        w.flush().map_err(|e| e.to_string())?;
+                        unflushed = false;
+                    } else if last_sent.elapsed() >= IDLE_PING {
+                        write_message(w, &Message::Ping(nanos_now()), &mut scratch)
+                            .map_err(|e| e.to_string())?;
+                        w.flush().map_err(|e| e.to_string())?;
+                        last_sent = Instant::now();
+                    }
+                    if heard.lock().elapsed() > PEER_TIMEOUT {
+                        return Err(format!("replica silent for {PEER_TIMEOUT:?}"));
+                    }
+                }
+            }
+            let (raw, wire) = compressor.stats();
+            let mut link = self.link.lock();
+            link.raw_bytes = raw;
+            link.wire_bytes = wire;
+        }
+    }
+
+    fn resync<W: Write>(
+        &self,
+        w: &mut W,
+        diffs: &Receiver<Incoming>,
+        alive: &AtomicBool,
+        ranges: &[Vec<(u64, u64)>],
+        resume_at: u64,
+        compressor: &mut Compressor,
+    ) -> Result<(), String> {
+        let cap = &self.capture;
+        let total: u64 = ranges.iter().flatten().map(|r| r.1).sum();
+        {
+            let mut link = self.link.lock();
+            link.state = LinkState::Resyncing;
+            link.resync_total = total;
+            link.resync_done = 0;
+            link.resync_sent = 0;
+        }
+        tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, resume_at, "resync: comparing chunks");
+        let mut scratch = Vec::new();
+        let send = |w: &mut W, msg: &Message, scratch: &mut Vec<u8>| {
+            write_message(w, msg, scratch).map_err(|e| e.to_string())
+        };
+        send(
+            w,
+            &Message::ResyncBegin {
+                epoch: self.epoch,
+                resume_at,
+                bytes: total,
+            },
+            &mut scratch,
+        )?;
+        let mut pending: VecDeque<(u32, u64, u32, usize)> = VecDeque::new();
+        for (volume, list) in ranges.iter().enumerate() {
+            let image = cap.image(volume);
+            for &(offset, len) in list {
+                let chunk = if len >= 1 << 20 {
+                    CHUNK_LARGE
+                } else {
+                    CHUNK_SMALL
+                };
+                let end = offset + len;
+                let mut pos = offset - offset % u64::from(chunk);
+                while pos < end {
+                    let count =
+                        ((end - pos).div_ceil(u64::from(chunk)) as usize).min(HASHES_PER_MESSAGE);
+                    let hashes =
+                        chunk_hashes(image, pos, chunk, count).map_err(|e| e.to_string())?;
+                    let n = hashes.len();
+                    send(
+                        w,
+                        &Message::Hashes {
+                            volume: volume as u32,
+                            offset: pos,
+                            chunk,
+                            hashes,
+                        },
+                        &mut scratch,
+                    )?;
+                    pending.push_back((volume as u32, pos, chunk, n));
+                    pos += n as u64 * u64::from(chunk);
+                    if n == 0 {
+                        break;
+                    }
+                    while pending.len() >= HASHES_IN_FLIGHT {
+                        w.flush().map_err(|e| e.to_string())?;
+                        self.answer_diff(w, diffs, alive, &mut pending, compressor, &mut scratch)?;
+                    }
+                }
+            }
+        }
+        w.flush().map_err(|e| e.to_string())?;
+        while !pending.is_empty() {
+            self.answer_diff(w, diffs, alive, &mut pending, compressor, &mut scratch)?;
+            w.flush().map_err(|e| e.to_string())?;
+        }
+        // Every chunk was read before this point: once the replica has
+        // applied the records below it, it is a prefix again.
+        let consistent_at = cap.next_seq();
+        send(w, &Message::ResyncEnd { consistent_at }, &mut scratch)?;
+        w.flush().map_err(|e| e.to_string())?;
+        let mut link = self.link.lock();
+        tracing::info!(group = cap.name(), replica = %self.replica_site, compared = total, sent = link.resync_sent, "resync: data sent");
+        link.state = LinkState::Streaming;
+        Ok(())
+    }
+
+    /// Waits for the oldest outstanding `Diff` and sends the chunks that
+    /// differ, read fresh from the image.
+    fn answer_diff<W: Write>(
+        &self,
+        w: &mut W,
+        diffs: &Receiver<Incoming>,
+        alive: &AtomicBool,
+        pending: &mut VecDeque<(u32, u64, u32, usize)>,
+        compressor: &mut Compressor,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let Some((volume, offset, chunk, count)) = pending.pop_front() else {
+            return Ok(());
+        };
+        let Incoming::Diff {
+            volume: dv,
+            offset: doff,
+            bitmap,
+        } = loop {
+            match diffs.recv_timeout(Duration::from_millis(200)) {
+                Ok(d) => break d,
+                Err(RecvTimeoutError::Timeout) if alive.load(Ordering::Acquire) => {
+                    if self.stop.load(Ordering::Acquire) {
+                        return Err("stopping".into());
+                    }
+                }
+                Err(_) => return Err("peer gone".into()),
+            }
+        };
+        if (dv, doff) != (volume, offset) {
+            return Err(format!(
+                "diff for volume {dv} offset {doff}, expected volume {volume} offset {offset}"
+            ));
+        }
+        let image = self.capture.image(volume as usize);
+        let mut buf = vec![0u8; chunk as usize];
+        let mut sent = 0u64;
+        for i in 0..count {
+            if !tandem_peer::diff_bit(&bitmap, i) {
+                continue;
+            }
+            let at = offset + i as u64 * u64::from(chunk);
+            let n = u64::from(chunk).min(image.size().saturating_sub(at)) as usize;
+            image.read(at, &mut buf[..n]).map_err(|e| e.to_string())?;
+            let data = Payload::encode(&buf[..n], compressor);
+            sent += data.wire_len() as u64;
+            write_message(
+                w,
+                &Message::Chunk {
+                    volume,
+                    offset: at,
+                    data,
+                },
+                scratch,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        let mut link = self.link.lock();
+        link.resync_done += count as u64 * u64::from(chunk);
+        link.resync_sent += sent;
+        Ok(())
+    }
+}
+
+fn record_message(
+    epoch: u64,
+    rec: &tandem_capture::Record,
+    compressor: &mut Compressor,
+) -> Message {
+    let (op, fua, offset, len, data) = match &rec.op {
+        Op::Write { offset, data, fua } => (
+            RecordOp::Write,
+            *fua,
+            *offset,
+            data.len() as u64,
+            Payload::encode(data, compressor),
+        ),
+        Op::WriteZeroes { offset, len, fua } => {
+            (RecordOp::WriteZeroes, *fua, *offset, *len, Payload::empty())
+        }
+        Op::Trim { offset, len, fua } => (RecordOp::Trim, *fua, *offset, *len, Payload::empty()),
+        Op::Flush => (RecordOp::Flush, false, 0, 0, Payload::empty()),
+    };
+    Message::Record(tandem_peer::Record {
+        epoch,
+        seq: rec.seq,
+        volume: rec.volume,
+        op,
+        fua,
+        offset,
+        len,
+        data,
+    })
+}
+
+fn nanos_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
