@@ -1,0 +1,657 @@
+//! Frames on bytes: [`encode`] appends one, [`decode`] takes one off the
+//! front of a buffer (docs/PEER.md, "Framing").
+
+use crate::error::PeerError;
+use crate::message::{
+    message_type, type_name, Ack, Hello, Message, Record, RecordOp, ReplicaState, Welcome,
+};
+use crate::payload::{Encoding, Payload, PAYLOAD_OVERHEAD};
+use crate::{FRAME_HEADER_LEN, MAGIC, MAX_PAYLOAD};
+
+/// Record flag: forced unit access.
+const FLAG_FUA: u8 = 1;
+
+/// A validated frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The message type (known to this version).
+    pub ty: u8,
+    /// Payload length (at most [`MAX_PAYLOAD`]).
+    pub len: u32,
+    /// CRC-32C of the payload.
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// The name of the message type (`"record"`, …).
+    pub fn kind(&self) -> &'static str {
+        type_name(self.ty).unwrap_or("unknown")
+    }
+
+    /// The length of the whole frame.
+    pub fn frame_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.len as usize
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+/// Validates as much of a frame header as `buf` holds: magic, type,
+/// reserved bytes and length are each checked as soon as they have
+/// arrived, so garbage is refused early. `Ok(None)`: fewer than
+/// [`FRAME_HEADER_LEN`] bytes, all valid so far.
+pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, PeerError> {
+    if buf.len() >= 4 {
+        let magic = le_u32(buf);
+        if magic != MAGIC {
+            return Err(PeerError::BadMagic(magic));
+        }
+    } else {
+        // Check the bytes that are there against the magic's.
+        let want = MAGIC.to_le_bytes();
+        if buf != &want[..buf.len()] {
+            let mut got = [0u8; 4];
+            got[..buf.len()].copy_from_slice(buf);
+            return Err(PeerError::BadMagic(u32::from_le_bytes(got)));
+        }
+    }
+    if let Some(&ty) = buf.get(4) {
+        if type_name(ty).is_none() {
+            return Err(PeerError::UnknownType(ty));
+        }
+    }
+    if let Some(reserved) = buf.get(5..buf.len().min(8)) {
+        if reserved.iter().any(|&b| b != 0) {
+            return Err(PeerError::Malformed(format!(
+                "frame header: reserved bytes are {reserved:02x?}, not zero"
+            )));
+        }
+    }
+    if buf.len() >= 12 {
+        let len = le_u32(&buf[8..]);
+        if len as usize > MAX_PAYLOAD {
+            return Err(PeerError::TooLarge {
+                len: u64::from(len),
+                max: MAX_PAYLOAD as u64,
+            });
+        }
+    }
+    if buf.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    Ok(Some(FrameHeader {
+        ty: buf[4],
+        len: le_u32(&buf[8..]),
+        crc: le_u32(&buf[12..]),
+    }))
+}
+
+/// Decodes one frame from the front of `buf`. `Ok(None)`: `buf` is a valid
+/// beginning of a frame and more bytes are needed; `Ok(Some((msg, n)))`:
+/// the frame took the first `n` bytes. An error is a protocol error: the
+/// connection must be closed. Never allocates more than the frame's length.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, PeerError> {
+    let Some(header) = parse_header(buf)? else {
+        return Ok(None);
+    };
+    let total = header.frame_len();
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let msg = decode_payload(&header, &buf[FRAME_HEADER_LEN..total])?;
+    Ok(Some((msg, total)))
+}
+
+/// Checks the CRC of `payload` against `header` and decodes the message.
+pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, PeerError> {
+    let kind = header.kind();
+    if payload.len() != header.len as usize {
+        return Err(PeerError::malformed(
+            kind,
+            format_args!(
+                "payload of {} bytes, header says {}",
+                payload.len(),
+                header.len
+            ),
+        ));
+    }
+    let actual = crc32c::crc32c(payload);
+    if actual != header.crc {
+        return Err(PeerError::Checksum {
+            kind,
+            expected: header.crc,
+            actual,
+        });
+    }
+    let mut r = Reader { buf: payload, kind };
+    let msg = match header.ty {
+        1 => {
+            let version = r.u16("version")?;
+            let primary = r.str("primary")?;
+            let replica = r.str("replica")?;
+            let group = r.str("group")?;
+            let epoch = r.u64("epoch")?;
+            // An item is at least a 2-byte name length and a u64 size.
+            let n = r.count("volumes", 2 + 8)?;
+            let mut volumes = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = r.str("volume name")?;
+                let size = r.u64("volume size")?;
+                volumes.push((name, size));
+            }
+            Message::Hello(Hello {
+                version,
+                primary,
+                replica,
+                group,
+                epoch,
+                volumes,
+            })
+        }
+        2 => {
+            let replica = r.str("replica")?;
+            let epoch = r.u64("epoch")?;
+            let applied = r.u64("applied")?;
+            let durable = r.u64("durable")?;
+            let state = r.u8("state")?;
+            let state = ReplicaState::from_u8(state)
+                .ok_or_else(|| PeerError::malformed(kind, format_args!("unknown state {state}")))?;
+            Message::Welcome(Welcome {
+                replica,
+                epoch,
+                applied,
+                durable,
+                state,
+            })
+        }
+        3 => Message::Refuse {
+            reason: r.str("reason")?,
+        },
+        4 => {
+            let epoch = r.u64("epoch")?;
+            let seq = r.u64("seq")?;
+            let volume = r.u32("volume")?;
+            let op = r.u8("op")?;
+            let op = RecordOp::from_u8(op)
+                .ok_or_else(|| PeerError::malformed(kind, format_args!("unknown op {op}")))?;
+            let flags = r.u8("flags")?;
+            if flags & !FLAG_FUA != 0 {
+                return Err(PeerError::malformed(
+                    kind,
+                    format_args!("unknown flags {flags:#04x}"),
+                ));
+            }
+            let offset = r.u64("offset")?;
+            let len = r.u64("len")?;
+            let data = if op == RecordOp::Write {
+                let data = r.payload("data")?;
+                if u64::from(data.raw_len) != len {
+                    return Err(PeerError::malformed(
+                        kind,
+                        format_args!("write of {len} bytes carries {} bytes", data.raw_len),
+                    ));
+                }
+                data
+            } else {
+                Payload::empty()
+            };
+            Message::Record(Record {
+                epoch,
+                seq,
+                volume,
+                op,
+                fua: flags & FLAG_FUA != 0,
+                offset,
+                len,
+                data,
+            })
+        }
+        5 => Message::Ack(Ack {
+            received: r.u64("received")?,
+            durable: r.u64("durable")?,
+            applied: r.u64("applied")?,
+        }),
+        6 => Message::ResyncBegin {
+            epoch: r.u64("epoch")?,
+            resume_at: r.u64("resume_at")?,
+            bytes: r.u64("bytes")?,
+        },
+        7 => {
+            let volume = r.u32("volume")?;
+            let offset = r.u64("offset")?;
+            let chunk = r.u32("chunk")?;
+            let n = r.count("hashes", 32)?;
+            let mut hashes = Vec::with_capacity(n);
+            for _ in 0..n {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(r.take(32, "hash")?);
+                hashes.push(h);
+            }
+            Message::Hashes {
+                volume,
+                offset,
+                chunk,
+                hashes,
+            }
+        }
+        8 => Message::Diff {
+            volume: r.u32("volume")?,
+            offset: r.u64("offset")?,
+            chunk: r.u32("chunk")?,
+            bitmap: r.bytes("bitmap")?.to_vec(),
+        },
+        9 => Message::Chunk {
+            volume: r.u32("volume")?,
+            offset: r.u64("offset")?,
+            data: r.payload("data")?,
+        },
+        10 => Message::ResyncEnd {
+            consistent_at: r.u64("consistent_at")?,
+        },
+        11 => Message::File {
+            path: r.str("path")?,
+            mode: r.u32("mode")?,
+            data: r.payload("data")?,
+        },
+        12 => Message::Ping(r.u64("nanos")?),
+        13 => Message::Pong(r.u64("nanos")?),
+        ty => return Err(PeerError::UnknownType(ty)),
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+/// Reads the fields of one payload; every error names message and field.
+struct Reader<'a> {
+    buf: &'a [u8],
+    kind: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], PeerError> {
+        if self.buf.len() < n {
+            return Err(PeerError::malformed(
+                self.kind,
+                format_args!(
+                    "{field} truncated ({n} bytes needed, {} left)",
+                    self.buf.len()
+                ),
+            ));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], PeerError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, field)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self, field: &str) -> Result<u8, PeerError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &str) -> Result<u16, PeerError> {
+        self.array(field).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, field: &str) -> Result<u32, PeerError> {
+        self.array(field).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, field: &str) -> Result<u64, PeerError> {
+        self.array(field).map(u64::from_le_bytes)
+    }
+
+    /// `u16 length + UTF-8`.
+    fn str(&mut self, field: &str) -> Result<String, PeerError> {
+        let len = self.u16(field)?;
+        let bytes = self.take(usize::from(len), field)?;
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(e) => Err(PeerError::malformed(
+                self.kind,
+                format_args!("{field} is not UTF-8 ({e})"),
+            )),
+        }
+    }
+
+    /// `u32 length + bytes`.
+    fn bytes(&mut self, field: &str) -> Result<&'a [u8], PeerError> {
+        let len = self.u32(field)?;
+        // Checked by `take` before any copy.
+        self.take(len as usize, field)
+    }
+
+    /// A list's `u32 count`, checked against the bytes left (each item
+    /// takes at least `min_item` bytes) before anything is allocated.
+    fn count(&mut self, field: &str, min_item: usize) -> Result<usize, PeerError> {
+        let n = self.u32(field)?;
+        let need = u64::from(n) * min_item as u64;
+        if need > self.buf.len() as u64 {
+            return Err(PeerError::malformed(
+                self.kind,
+                format_args!(
+                    "{field}: {n} items need at least {need} bytes, {} left",
+                    self.buf.len()
+                ),
+            ));
+        }
+        Ok(n as usize)
+    }
+
+    /// Encoded bytes: `encoding u8, raw_len u32, u32 length + bytes`.
+    fn payload(&mut self, field: &str) -> Result<Payload, PeerError> {
+        let encoding = self.u8(field)?;
+        let encoding = Encoding::from_u8(encoding).ok_or_else(|| {
+            PeerError::malformed(
+                self.kind,
+                format_args!("{field}: unknown encoding {encoding}"),
+            )
+        })?;
+        let raw_len = self.u32(field)?;
+        let bytes = self.bytes(field)?;
+        let payload = Payload {
+            encoding,
+            raw_len,
+            bytes: bytes.to_vec(),
+        };
+        payload.check(self.kind)?;
+        Ok(payload)
+    }
+
+    fn finish(&self) -> Result<(), PeerError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(PeerError::malformed(
+                self.kind,
+                format_args!("{} trailing bytes", self.buf.len()),
+            ))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- encoding
+
+/// The longest prefix of `s` that fits a `u16` length, cut at a character
+/// boundary (what [`encode`] writes for an oversize string).
+fn wire_str(s: &str) -> &str {
+    let max = usize::from(u16::MAX);
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn str_len(s: &str) -> usize {
+    2 + wire_str(s).len()
+}
+
+/// The payload length of `msg`'s frame (without the 16-byte header), as
+/// [`encode`] writes it.
+pub fn payload_len(msg: &Message) -> usize {
+    match msg {
+        Message::Hello(h) => {
+            2 + str_len(&h.primary)
+                + str_len(&h.replica)
+                + str_len(&h.group)
+                + 8
+                + 4
+                + h.volumes
+                    .iter()
+                    .map(|(name, _)| str_len(name) + 8)
+                    .sum::<usize>()
+        }
+        Message::Welcome(w) => str_len(&w.replica) + 8 + 8 + 8 + 1,
+        Message::Refuse { reason } => str_len(reason),
+        Message::Record(rec) => {
+            8 + 8
+                + 4
+                + 1
+                + 1
+                + 8
+                + 8
+                + if rec.op == RecordOp::Write {
+                    rec.data.wire_len()
+                } else {
+                    0
+                }
+        }
+        Message::Ack(_) | Message::ResyncBegin { .. } => 24,
+        Message::Hashes { hashes, .. } => 4 + 8 + 4 + 4 + 32 * hashes.len(),
+        Message::Diff { bitmap, .. } => 4 + 8 + 4 + 4 + bitmap.len(),
+        Message::Chunk { data, .. } => 4 + 8 + data.wire_len(),
+        Message::ResyncEnd { .. } | Message::Ping(_) | Message::Pong(_) => 8,
+        Message::File { path, data, .. } => str_len(path) + 4 + data.wire_len(),
+    }
+}
+
+/// Appends one frame for `msg` to `out`.
+///
+/// Infallible for a valid message (see [`try_encode`]). For an invalid one
+/// it still writes a frame, which the receiver refuses or reads
+/// differently: a string over 65535 bytes is cut at a character boundary;
+/// a `Record` that is not a write carries no data; a frame over the limit
+/// gets its length, which the receiver refuses. Use [`try_encode`] (or
+/// [`crate::write_message`]) to be told instead.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.reserve(FRAME_HEADER_LEN + payload_len(msg));
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(message_type(msg));
+    out.extend_from_slice(&[0; 3]);
+    out.extend_from_slice(&[0; 8]); // length and CRC, patched below
+    let body = out.len();
+    let w = out;
+    match msg {
+        Message::Hello(h) => {
+            put_u16(w, h.version);
+            put_str(w, &h.primary);
+            put_str(w, &h.replica);
+            put_str(w, &h.group);
+            put_u64(w, h.epoch);
+            put_u32(w, len_u32(h.volumes.len()));
+            for (name, size) in &h.volumes {
+                put_str(w, name);
+                put_u64(w, *size);
+            }
+        }
+        Message::Welcome(wl) => {
+            put_str(w, &wl.replica);
+            put_u64(w, wl.epoch);
+            put_u64(w, wl.applied);
+            put_u64(w, wl.durable);
+            w.push(wl.state as u8);
+        }
+        Message::Refuse { reason } => put_str(w, reason),
+        Message::Record(rec) => {
+            put_u64(w, rec.epoch);
+            put_u64(w, rec.seq);
+            put_u32(w, rec.volume);
+            w.push(rec.op as u8);
+            w.push(if rec.fua { FLAG_FUA } else { 0 });
+            put_u64(w, rec.offset);
+            put_u64(w, rec.len);
+            if rec.op == RecordOp::Write {
+                put_payload(w, &rec.data);
+            }
+        }
+        Message::Ack(a) => {
+            put_u64(w, a.received);
+            put_u64(w, a.durable);
+            put_u64(w, a.applied);
+        }
+        Message::ResyncBegin {
+            epoch,
+            resume_at,
+            bytes,
+        } => {
+            put_u64(w, *epoch);
+            put_u64(w, *resume_at);
+            put_u64(w, *bytes);
+        }
+        Message::Hashes {
+            volume,
+            offset,
+            chunk,
+            hashes,
+        } => {
+            put_u32(w, *volume);
+            put_u64(w, *offset);
+            put_u32(w, *chunk);
+            put_u32(w, len_u32(hashes.len()));
+            for h in hashes {
+                w.extend_from_slice(h);
+            }
+        }
+        Message::Diff {
+            volume,
+            offset,
+            chunk,
+            bitmap,
+        } => {
+            put_u32(w, *volume);
+            put_u64(w, *offset);
+            put_u32(w, *chunk);
+            put_bytes(w, bitmap);
+        }
+        Message::Chunk {
+            volume,
+            offset,
+            data,
+        } => {
+            put_u32(w, *volume);
+            put_u64(w, *offset);
+            put_payload(w, data);
+        }
+        Message::ResyncEnd { consistent_at } => put_u64(w, *consistent_at),
+        Message::File { path, mode, data } => {
+            put_str(w, path);
+            put_u32(w, *mode);
+            put_payload(w, data);
+        }
+        Message::Ping(nanos) | Message::Pong(nanos) => put_u64(w, *nanos),
+    }
+    let len = len_u32(w.len() - body);
+    let crc = crc32c::crc32c(&w[body..]);
+    w[start + 8..start + 12].copy_from_slice(&len.to_le_bytes());
+    w[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends one frame for `msg` to `out` if the receiver will decode it to
+/// the same message; otherwise appends nothing and says what is wrong
+/// (`TooLarge` for a frame over [`MAX_PAYLOAD`], `DataTooLarge` for data
+/// over [`crate::MAX_DATA`], `Malformed` for the rest).
+pub fn try_encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), PeerError> {
+    validate(msg)?;
+    encode(msg, out);
+    Ok(())
+}
+
+/// Checks that `msg` can be encoded: what [`try_encode`] checks.
+pub fn validate(msg: &Message) -> Result<(), PeerError> {
+    let kind = crate::frame_kind(msg);
+    let check_str = |field: &str, s: &str| {
+        if s.len() > usize::from(u16::MAX) {
+            Err(PeerError::malformed(
+                kind,
+                format_args!("{field} of {} bytes exceeds 65535", s.len()),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match msg {
+        Message::Hello(h) => {
+            check_str("primary", &h.primary)?;
+            check_str("replica", &h.replica)?;
+            check_str("group", &h.group)?;
+            for (name, _) in &h.volumes {
+                check_str("volume name", name)?;
+            }
+        }
+        Message::Welcome(w) => check_str("replica", &w.replica)?,
+        Message::Refuse { reason } => check_str("reason", reason)?,
+        Message::Record(rec) => {
+            if rec.op == RecordOp::Write {
+                rec.data.check(kind)?;
+                if u64::from(rec.data.raw_len) != rec.len {
+                    return Err(PeerError::malformed(
+                        kind,
+                        format_args!(
+                            "write of {} bytes carries {} bytes",
+                            rec.len, rec.data.raw_len
+                        ),
+                    ));
+                }
+            } else if rec.data != Payload::empty() {
+                return Err(PeerError::malformed(
+                    kind,
+                    format_args!("{} record carries data", rec.op),
+                ));
+            }
+        }
+        Message::Chunk { data, .. } => data.check(kind)?,
+        Message::File { path, data, .. } => {
+            check_str("path", path)?;
+            data.check(kind)?;
+        }
+        _ => {}
+    }
+    let len = payload_len(msg);
+    if len > MAX_PAYLOAD {
+        return Err(PeerError::TooLarge {
+            len: len as u64,
+            max: MAX_PAYLOAD as u64,
+        });
+    }
+    Ok(())
+}
+
+/// A length as written on the wire; only a frame far over the limit (which
+/// the receiver refuses anyway) could saturate.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn put_u16(w: &mut Vec<u8>, v: u16) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(w: &mut Vec<u8>, v: u32) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(w: &mut Vec<u8>, v: u64) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    let s = wire_str(s);
+    put_u16(w, s.len() as u16);
+    w.extend_from_slice(s.as_bytes());
+}
+
+fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+    put_u32(w, len_u32(b.len()));
+    w.extend_from_slice(b);
+}
+
+fn put_payload(w: &mut Vec<u8>, p: &Payload) {
+    w.push(p.encoding as u8);
+    put_u32(w, p.raw_len);
+    put_bytes(w, &p.bytes);
+}
+
+const _: () = assert!(PAYLOAD_OVERHEAD == 9);

@@ -1,0 +1,83 @@
+//! The entry point of the `peer_decode` fuzz target
+//! (`fuzz/fuzz_targets/peer_decode.rs`) and of the codec's property tests.
+//! Panics only when the codec breaks one of its own properties, never
+//! because the bytes are bad.
+
+use std::io::Cursor;
+
+use crate::codec::{decode, encode, payload_len, validate};
+use crate::error::PeerError;
+use crate::message::Message;
+use crate::stream::read_message;
+use crate::FRAME_HEADER_LEN;
+
+/// Decodes frames off the front of `data` until it runs out or hits an
+/// error. Each decoded message must re-encode to exactly the bytes it came
+/// from and decode again to itself; its payloads are decoded (bounded by
+/// `MAX_DATA`). The blocking reader must agree with the slice decoder.
+pub fn fuzz_one(data: &[u8]) {
+    let mut pos = 0;
+    let mut reader = Cursor::new(data);
+    let mut buf = Vec::new();
+    loop {
+        let rest = &data[pos..];
+        let streamed = read_message(&mut reader, &mut buf);
+        match decode(rest) {
+            Ok(Some((msg, n))) => {
+                assert!(n >= FRAME_HEADER_LEN && n <= rest.len());
+                check_message(&msg, &rest[..n]);
+                match streamed {
+                    Ok(ref m) => assert_eq!(m, &msg, "read_message disagrees with decode"),
+                    Err(e) => panic!("read_message failed ({e}) where decode succeeded"),
+                }
+                pos += n;
+            }
+            Ok(None) => {
+                match streamed {
+                    Err(PeerError::Closed) => assert!(rest.is_empty()),
+                    Err(PeerError::Truncated) => assert!(!rest.is_empty()),
+                    other => panic!("decode needs more bytes but read_message gave {other:?}"),
+                }
+                return;
+            }
+            Err(e) => {
+                // Both refuse the frame; the reader may see a different
+                // first fault only if it failed earlier, on the header.
+                assert!(e.is_protocol_error(), "decode error {e:?}");
+                assert!(
+                    streamed.is_err(),
+                    "read_message accepted a frame decode refused ({e})"
+                );
+                let _ = e.to_string();
+                return;
+            }
+        }
+    }
+}
+
+fn check_message(msg: &Message, frame: &[u8]) {
+    validate(msg).unwrap_or_else(|e| panic!("decoded message does not validate: {e}"));
+    let mut again = Vec::new();
+    encode(msg, &mut again);
+    assert_eq!(again.len(), FRAME_HEADER_LEN + payload_len(msg));
+    assert_eq!(again, frame, "re-encoding changed the frame");
+    match decode(&again) {
+        Ok(Some((m, n))) => {
+            assert_eq!(&m, msg);
+            assert_eq!(n, again.len());
+        }
+        other => panic!("re-encoded frame does not decode: {other:?}"),
+    }
+    let _ = crate::frame_kind(msg);
+    let _ = format!("{msg:?}");
+    let payload = match msg {
+        Message::Record(r) => Some(&r.data),
+        Message::Chunk { data, .. } | Message::File { data, .. } => Some(data),
+        _ => None,
+    };
+    if let Some(p) = payload {
+        if let Ok(bytes) = p.decode() {
+            assert_eq!(bytes.len(), p.raw_len as usize);
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The peer protocol of Tandem (docs/PEER.md): the messages that replicate
+//! a group's volumes from its primary site to each replica site, and their
+//! codec. It works on bytes ([`encode`], [`decode`]), with thin blocking
+//! helpers over `std::io` ([`read_message`], [`write_message`]); sockets,
+//! TLS and sessions live elsewhere.
+//!
+//! Decoding never panics and never allocates more than a frame's length
+//! limit ([`MAX_PAYLOAD`]) or, for decoded data, [`MAX_DATA`]; every error
+//! says what is wrong (SPEC G8). Encoded data is raw, zstd or all-zero,
+//! chosen per payload by a [`Compressor`] that backs off on incompressible
+//! streams.
+
+pub mod codec;
+pub mod error;
+pub mod fuzzing;
+pub mod message;
+pub mod payload;
+pub mod stream;
+
+pub use codec::{
+    decode, decode_payload, encode, parse_header, payload_len, try_encode, validate, FrameHeader,
+};
+pub use error::PeerError;
+pub use message::{
+    frame_kind, message_type, type_name, Ack, Hello, Message, Record, RecordOp, ReplicaState,
+    Welcome,
+};
+pub use payload::{is_zero, Compressor, Encoding, Payload, PAYLOAD_OVERHEAD};
+pub use stream::{read_message, write_message};
+
+/// The protocol version sent in `Hello`.
+pub const VERSION: u16 = 1;
+/// The frame magic, `"TNDP"` as a little-endian `u32`.
+pub const MAGIC: u32 = 0x544E_4450;
+/// Bytes of a frame header.
+pub const FRAME_HEADER_LEN: usize = 16;
+/// The longest frame payload: 64 MiB + 4 KiB.
+pub const MAX_PAYLOAD: usize = (64 << 20) + 4096;
+/// The longest decoded data of one payload (`raw_len`): 64 MiB.
+pub const MAX_DATA: usize = 64 << 20;
+
+/// The BLAKE3 hash of a chunk, as carried by `Hashes`.
+pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Whether chunk `i` is marked as differing in a `Diff` bitmap (bit `i % 8`
+/// of byte `i / 8`, least significant bit first). Bits past the end are
+/// clear.
+pub fn diff_bit(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// Marks chunk `i` as differing in a `Diff` bitmap, growing it as needed.
+pub fn set_diff_bit(bitmap: &mut Vec<u8>, i: usize) {
+    if bitmap.len() <= i / 8 {
+        bitmap.resize(i / 8 + 1, 0);
+    }
+    bitmap[i / 8] |= 1 << (i % 8);
+}
+
+/// Bytes of a `Diff` bitmap for `chunks` chunks.
+pub fn diff_bitmap_len(chunks: usize) -> usize {
+    chunks.div_ceil(8)
+}

@@ -1,0 +1,237 @@
+//! The messages of the peer protocol (docs/PEER.md, "Messages").
+
+use crate::payload::Payload;
+
+/// One message of the peer protocol; each is sent as one frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// P→R: opens a session.
+    Hello(Hello),
+    /// R→P: accepts a session and says what the replica holds.
+    Welcome(Welcome),
+    /// R→P: refuses a session (or anything after it), with the reason.
+    Refuse { reason: String },
+    /// P→R: one captured write, zeroing, trim or flush.
+    Record(Record),
+    /// R→P: how far the replica got.
+    Ack(Ack),
+    /// P→R: a resync starts; `bytes` is how much will be compared.
+    ResyncBegin {
+        epoch: u64,
+        resume_at: u64,
+        bytes: u64,
+    },
+    /// P→R: the BLAKE3 hashes of consecutive `chunk`-byte chunks from `offset`.
+    Hashes {
+        volume: u32,
+        offset: u64,
+        chunk: u32,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// R→P: which of the chunks of a `Hashes` differ (bit i, LSB first, of
+    /// byte i / 8 set = chunk i differs).
+    Diff {
+        volume: u32,
+        offset: u64,
+        chunk: u32,
+        bitmap: Vec<u8>,
+    },
+    /// P→R: fresh contents of a range, read from the primary image.
+    Chunk {
+        volume: u32,
+        offset: u64,
+        data: Payload,
+    },
+    /// P→R: the resync is over; consistent once every record below
+    /// `consistent_at` is applied.
+    ResyncEnd { consistent_at: u64 },
+    /// P→R: a file to store beside the group (configuration and the like).
+    File {
+        path: String,
+        mode: u32,
+        data: Payload,
+    },
+    /// Either way: a keepalive carrying the sender's clock in nanoseconds.
+    Ping(u64),
+    /// Either way: answers a `Ping`, echoing its value.
+    Pong(u64),
+}
+
+/// P→R: opens a session (type 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub primary: String,
+    pub replica: String,
+    pub group: String,
+    pub epoch: u64,
+    /// Volume names and sizes in bytes.
+    pub volumes: Vec<(String, u64)>,
+}
+
+/// What a replica's images hold, as told in `Welcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReplicaState {
+    /// A consistent prefix of the primary's writes.
+    Consistent = 0,
+    /// Mid-resync: not a consistent image.
+    Inconsistent = 1,
+    /// Never synced.
+    New = 2,
+}
+
+impl ReplicaState {
+    /// `"consistent"`, `"inconsistent"` or `"new"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Consistent => "consistent",
+            ReplicaState::Inconsistent => "inconsistent",
+            ReplicaState::New => "new",
+        }
+    }
+
+    /// Parses the wire value.
+    pub fn from_u8(value: u8) -> Option<ReplicaState> {
+        Some(match value {
+            0 => ReplicaState::Consistent,
+            1 => ReplicaState::Inconsistent,
+            2 => ReplicaState::New,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// R→P: accepts a session (type 2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub replica: String,
+    pub epoch: u64,
+    /// Every record up to this sequence number is in the replica's images.
+    pub applied: u64,
+    /// Every record up to this sequence number is synced in its journal.
+    pub durable: u64,
+    pub state: ReplicaState,
+}
+
+/// The operation of a `Record`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordOp {
+    Write = 0,
+    WriteZeroes = 1,
+    Trim = 2,
+    Flush = 3,
+}
+
+impl RecordOp {
+    /// `"write"`, `"write_zeroes"`, `"trim"` or `"flush"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordOp::Write => "write",
+            RecordOp::WriteZeroes => "write_zeroes",
+            RecordOp::Trim => "trim",
+            RecordOp::Flush => "flush",
+        }
+    }
+
+    /// Parses the wire value.
+    pub fn from_u8(value: u8) -> Option<RecordOp> {
+        Some(match value {
+            0 => RecordOp::Write,
+            1 => RecordOp::WriteZeroes,
+            2 => RecordOp::Trim,
+            3 => RecordOp::Flush,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for RecordOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// P→R: one captured operation (type 4).
+///
+/// For `op == Write`, `data` holds the written bytes and `data.raw_len`
+/// equals `len`; for the other operations `data` is `Payload::empty()` and
+/// is not on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub epoch: u64,
+    pub seq: u64,
+    pub volume: u32,
+    pub op: RecordOp,
+    /// Forced unit access: acknowledge once durable on the replica.
+    pub fua: bool,
+    pub offset: u64,
+    pub len: u64,
+    pub data: Payload,
+}
+
+/// R→P: progress of the replica (type 5); each is a record sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ack {
+    pub received: u64,
+    pub durable: u64,
+    pub applied: u64,
+}
+
+/// The wire type of a message.
+pub fn message_type(msg: &Message) -> u8 {
+    match msg {
+        Message::Hello(_) => 1,
+        Message::Welcome(_) => 2,
+        Message::Refuse { .. } => 3,
+        Message::Record(_) => 4,
+        Message::Ack(_) => 5,
+        Message::ResyncBegin { .. } => 6,
+        Message::Hashes { .. } => 7,
+        Message::Diff { .. } => 8,
+        Message::Chunk { .. } => 9,
+        Message::ResyncEnd { .. } => 10,
+        Message::File { .. } => 11,
+        Message::Ping(_) => 12,
+        Message::Pong(_) => 13,
+    }
+}
+
+/// The name of a wire type (`"record"`, …), or `None` for an unknown one.
+pub fn type_name(ty: u8) -> Option<&'static str> {
+    Some(match ty {
+        1 => "hello",
+        2 => "welcome",
+        3 => "refuse",
+        4 => "record",
+        5 => "ack",
+        6 => "resync_begin",
+        7 => "hashes",
+        8 => "diff",
+        9 => "chunk",
+        10 => "resync_end",
+        11 => "file",
+        12 => "ping",
+        13 => "pong",
+        _ => return None,
+    })
+}
+
+/// The kind of a message for logs and metrics: `"hello"`, `"welcome"`,
+/// `"refuse"`, `"record"`, `"ack"`, `"resync_begin"`, `"hashes"`, `"diff"`,
+/// `"chunk"`, `"resync_end"`, `"file"`, `"ping"` or `"pong"`.
+pub fn frame_kind(msg: &Message) -> &'static str {
+    type_name(message_type(msg)).unwrap_or("unknown")
+}
+
+impl Message {
+    /// Same as [`frame_kind`].
+    pub fn kind(&self) -> &'static str {
+        frame_kind(self)
+    }
+}

@@ -1,0 +1,371 @@
+//! Encoded bytes (docs/PEER.md, "Encoded bytes"): raw, zstd or all zeroes,
+//! and the per-connection compression policy that picks among them.
+
+use std::fmt;
+
+use crate::error::PeerError;
+use crate::MAX_DATA;
+
+/// How the bytes of a [`Payload`] encode its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// The data itself.
+    Raw = 0,
+    /// One or more zstd frames.
+    Zstd = 1,
+    /// `raw_len` zero bytes; nothing on the wire.
+    Zeroes = 2,
+}
+
+impl Encoding {
+    /// `"raw"`, `"zstd"` or `"zeroes"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Raw => "raw",
+            Encoding::Zstd => "zstd",
+            Encoding::Zeroes => "zeroes",
+        }
+    }
+
+    /// Parses the wire value.
+    pub fn from_u8(value: u8) -> Option<Encoding> {
+        Some(match value {
+            0 => Encoding::Raw,
+            1 => Encoding::Zstd,
+            2 => Encoding::Zeroes,
+            _ => return None,
+        })
+    }
+}
+
+/// Encoded data as carried by `Record`, `Chunk` and `File`.
+///
+/// On the wire: `encoding u8, raw_len u32, u32 length + bytes`. A decoded
+/// frame guarantees `raw_len <= MAX_DATA`, `bytes.len() == raw_len` for
+/// `Raw` and empty `bytes` for `Zeroes`; `Zstd` bytes are only checked by
+/// [`Payload::decode`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload {
+    pub encoding: Encoding,
+    /// Length of the decoded data.
+    pub raw_len: u32,
+    /// The bytes on the wire.
+    pub bytes: Vec<u8>,
+}
+
+/// Bytes of a payload on the wire besides its bytes.
+pub const PAYLOAD_OVERHEAD: usize = 1 + 4 + 4;
+
+/// Data shorter than this is never compressed.
+const MIN_COMPRESS: usize = 128;
+
+impl fmt::Debug for Payload {
+    // The bytes may be megabytes: show their size only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Payload")
+            .field("encoding", &self.encoding)
+            .field("raw_len", &self.raw_len)
+            .field("bytes", &format_args!("[{} bytes]", self.bytes.len()))
+            .finish()
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Payload {
+        Payload::empty()
+    }
+}
+
+impl Payload {
+    /// No data (raw, zero length).
+    pub fn empty() -> Payload {
+        Payload {
+            encoding: Encoding::Raw,
+            raw_len: 0,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// `data` as it is. `data` must be at most [`MAX_DATA`] bytes (a larger
+    /// one gets a `raw_len` that the encoder refuses).
+    pub fn raw(data: Vec<u8>) -> Payload {
+        Payload {
+            encoding: Encoding::Raw,
+            raw_len: u32::try_from(data.len()).unwrap_or(u32::MAX),
+            bytes: data,
+        }
+    }
+
+    /// `len` zero bytes.
+    pub fn zeroes(len: u32) -> Payload {
+        Payload {
+            encoding: Encoding::Zeroes,
+            raw_len: len,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Encodes with the compressor's current policy: all-zero data ->
+    /// `Zeroes` (no bytes); zstd if it saves at least 1/8 and the compressor
+    /// is not backing off, else `Raw`. Empty data gives [`Payload::empty`].
+    /// `data` must be at most [`MAX_DATA`] bytes.
+    pub fn encode(data: &[u8], compressor: &mut Compressor) -> Payload {
+        compressor.encode(data)
+    }
+
+    /// Whether the data is empty.
+    pub fn is_empty(&self) -> bool {
+        self.raw_len == 0
+    }
+
+    /// Bytes on the wire for this payload (header and bytes).
+    pub fn wire_len(&self) -> usize {
+        PAYLOAD_OVERHEAD + self.bytes.len()
+    }
+
+    /// Checks what a decoder checks of a payload without decompressing it.
+    pub(crate) fn check(&self, kind: &str) -> Result<(), PeerError> {
+        if self.raw_len as usize > MAX_DATA {
+            return Err(PeerError::DataTooLarge {
+                len: u64::from(self.raw_len),
+                max: MAX_DATA as u64,
+            });
+        }
+        match self.encoding {
+            Encoding::Raw if self.bytes.len() != self.raw_len as usize => {
+                Err(PeerError::malformed(
+                    kind,
+                    format_args!(
+                        "raw data of {} bytes but raw_len {}",
+                        self.bytes.len(),
+                        self.raw_len
+                    ),
+                ))
+            }
+            Encoding::Zeroes if !self.bytes.is_empty() => Err(PeerError::malformed(
+                kind,
+                format_args!("zeroes encoding carries {} bytes", self.bytes.len()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The decoded data. Checks `raw_len <= MAX_DATA` and that the bytes
+    /// decode to exactly `raw_len` bytes; never allocates more than
+    /// `raw_len` bytes, whatever the compressed data claims.
+    pub fn decode(&self) -> Result<Vec<u8>, PeerError> {
+        let mut out = Vec::new();
+        self.decode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Payload::decode`], into `out` (cleared first), so that a
+    /// buffer can be reused.
+    pub fn decode_into(&self, out: &mut Vec<u8>) -> Result<(), PeerError> {
+        self.check("payload")?;
+        let want = self.raw_len as usize;
+        out.clear();
+        match self.encoding {
+            Encoding::Raw => out.extend_from_slice(&self.bytes),
+            Encoding::Zeroes => out.resize(want, 0),
+            Encoding::Zstd => {
+                out.reserve_exact(want);
+                let mut dctx = zstd::bulk::Decompressor::new()
+                    .map_err(|e| PeerError::Decompress(format!("zstd context: {e}")))?;
+                // The destination's capacity (`want`, unless `out` was bigger
+                // already) bounds the output: zstd fails rather than write
+                // past it, so no compressed data can make us allocate more.
+                let got = dctx.decompress_to_buffer(&self.bytes, out).map_err(|e| {
+                    PeerError::Decompress(format!(
+                        "zstd data ({} bytes, raw_len {want}): {e}",
+                        self.bytes.len()
+                    ))
+                })?;
+                if got != want {
+                    out.clear();
+                    return Err(PeerError::Decompress(format!(
+                        "zstd data decodes to {got} bytes but raw_len is {want}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether every byte of `data` is zero (fast: whole blocks at a time).
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Consecutive incompressible payloads before backing off.
+const BACKOFF_AFTER: u32 = 8;
+/// Payloads skipped at the first backoff; doubles at each failed probe.
+const BACKOFF_FIRST: u32 = 64;
+/// Scratch capacity kept between payloads.
+const SCRATCH_KEEP: usize = 4 << 20;
+/// The longest backoff, in payloads.
+const BACKOFF_MAX: u32 = 1024;
+
+/// Per-connection compression policy with backoff.
+///
+/// After [`BACKOFF_AFTER`] (8) consecutive incompressible payloads (zstd
+/// saves less than 1/8), compression is not attempted for the next 64
+/// payloads; then one payload is tried: incompressible again doubles the
+/// pause (up to 1024 payloads), compressible resumes compressing every
+/// payload. Incompressible streams thus cost about one attempt per thousand
+/// payloads. All-zero data is always sent as `Zeroes`, even when disabled.
+/// Data under 128 bytes is sent raw and does not count.
+pub struct Compressor {
+    ctx: Option<zstd::bulk::Compressor<'static>>,
+    level: i32,
+    misses: u32,
+    skip: u32,
+    next_backoff: u32,
+    raw_bytes: u64,
+    wire_bytes: u64,
+    attempts: u64,
+    skipped: u64,
+    scratch: Vec<u8>,
+}
+
+impl fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Compressor")
+            .field("enabled", &self.ctx.is_some())
+            .field("level", &self.level)
+            .field("misses", &self.misses)
+            .field("skip", &self.skip)
+            .field("raw_bytes", &self.raw_bytes)
+            .field("wire_bytes", &self.wire_bytes)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl Default for Compressor {
+    /// Level 1.
+    fn default() -> Compressor {
+        Compressor::new(1)
+    }
+}
+
+impl Compressor {
+    /// A compressor at zstd `level` (1 to 3 suit replication; other levels
+    /// are passed to zstd as they are). If zstd cannot set up a context,
+    /// the compressor is disabled.
+    pub fn new(level: i32) -> Compressor {
+        Compressor::with_context(zstd::bulk::Compressor::new(level).ok(), level)
+    }
+
+    /// A compressor that never compresses (zero data still becomes `Zeroes`).
+    pub fn disabled() -> Compressor {
+        Compressor::with_context(None, 0)
+    }
+
+    fn with_context(ctx: Option<zstd::bulk::Compressor<'static>>, level: i32) -> Compressor {
+        Compressor {
+            ctx,
+            level,
+            misses: 0,
+            skip: 0,
+            next_backoff: BACKOFF_FIRST,
+            raw_bytes: 0,
+            wire_bytes: 0,
+            attempts: 0,
+            skipped: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Whether this compressor ever compresses.
+    pub fn is_enabled(&self) -> bool {
+        self.ctx.is_some()
+    }
+
+    /// `(raw_bytes, wire_bytes)`: data given to [`Payload::encode`] and the
+    /// bytes its payloads take on the wire ([`Payload::wire_len`]).
+    pub fn stats(&self) -> (u64, u64) {
+        (self.raw_bytes, self.wire_bytes)
+    }
+
+    /// How many payloads zstd was run on.
+    pub fn attempts(&self) -> u64 {
+        self.attempts
+    }
+
+    /// How many payloads were sent raw without trying zstd (backoff).
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Whether the compressor is backing off now (the next compressible
+    /// payload would be sent raw).
+    pub fn backing_off(&self) -> bool {
+        self.skip > 0
+    }
+
+    fn encode(&mut self, data: &[u8]) -> Payload {
+        let payload = self.choose(data);
+        self.raw_bytes += data.len() as u64;
+        self.wire_bytes += payload.wire_len() as u64;
+        payload
+    }
+
+    fn choose(&mut self, data: &[u8]) -> Payload {
+        if data.is_empty() {
+            return Payload::empty();
+        }
+        let raw_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        if is_zero(data) {
+            return Payload::zeroes(raw_len);
+        }
+        let Some(ctx) = self.ctx.as_mut() else {
+            return Payload::raw(data.to_vec());
+        };
+        if data.len() < MIN_COMPRESS {
+            return Payload::raw(data.to_vec());
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            self.skipped += 1;
+            return Payload::raw(data.to_vec());
+        }
+        self.attempts += 1;
+        // Room for the largest output worth sending: saving at least 1/8.
+        // zstd fails when the output does not fit, which is a miss.
+        let limit = data.len() - data.len().div_ceil(8);
+        self.scratch.clear();
+        self.scratch.reserve_exact(limit);
+        match ctx.compress_to_buffer(data, &mut self.scratch) {
+            Ok(n) if n <= limit => {
+                self.misses = 0;
+                self.next_backoff = BACKOFF_FIRST;
+                let bytes = self.scratch[..n].to_vec();
+                self.trim_scratch();
+                Payload {
+                    encoding: Encoding::Zstd,
+                    raw_len,
+                    bytes,
+                }
+            }
+            _ => {
+                self.trim_scratch();
+                self.misses = self.misses.saturating_add(1);
+                if self.misses >= BACKOFF_AFTER {
+                    self.skip = self.next_backoff;
+                    self.next_backoff = (self.next_backoff * 2).min(BACKOFF_MAX);
+                }
+                Payload::raw(data.to_vec())
+            }
+        }
+    }
+
+    /// Keeps no more than a few MiB of scratch between payloads.
+    fn trim_scratch(&mut self) {
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = Vec::new();
+        }
+    }
+}

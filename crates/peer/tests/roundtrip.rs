@@ -1,0 +1,258 @@
+//! Property tests of the codec: every message kind round-trips, every
+//! strict prefix of a frame asks for more bytes, and no input panics.
+#![allow(clippy::unwrap_used)]
+
+use proptest::prelude::*;
+use tandem_peer::*;
+
+fn text() -> impl Strategy<Value = String> {
+    "\\PC{0,24}"
+}
+
+fn payload() -> impl Strategy<Value = Payload> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300).prop_map(Payload::raw),
+        (0u32..(1 << 20)).prop_map(Payload::zeroes),
+        // Real zstd data of a repetitive buffer.
+        (prop::collection::vec(any::<u8>(), 1..16), 1usize..400).prop_map(|(unit, n)| {
+            let data = unit.repeat(n);
+            let bytes = zstd::bulk::compress(&data, 1).unwrap();
+            Payload {
+                encoding: Encoding::Zstd,
+                raw_len: data.len() as u32,
+                bytes,
+            }
+        }),
+        // Whatever the policy picks.
+        (prop::collection::vec(0u8..4, 0..600))
+            .prop_map(|data| { Payload::encode(&data, &mut Compressor::new(1)) }),
+        // Garbage claimed to be zstd: the frame carries it all the same.
+        (
+            prop::collection::vec(any::<u8>(), 0..64),
+            0u32..=(MAX_DATA as u32)
+        )
+            .prop_map(|(bytes, raw_len)| Payload {
+                encoding: Encoding::Zstd,
+                raw_len,
+                bytes,
+            }),
+    ]
+}
+
+fn record() -> impl Strategy<Value = Record> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        any::<u32>(),
+        0u8..4,
+        any::<bool>(),
+        any::<u64>(),
+        any::<u64>(),
+        payload(),
+    )
+        .prop_map(|(epoch, seq, volume, op, fua, offset, len, data)| {
+            let op = RecordOp::from_u8(op).unwrap();
+            let (len, data) = if op == RecordOp::Write {
+                (u64::from(data.raw_len), data)
+            } else {
+                (len, Payload::empty())
+            };
+            Record {
+                epoch,
+                seq,
+                volume,
+                op,
+                fua,
+                offset,
+                len,
+                data,
+            }
+        })
+}
+
+pub fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (
+            any::<u16>(),
+            text(),
+            text(),
+            text(),
+            any::<u64>(),
+            prop::collection::vec((text(), any::<u64>()), 0..6)
+        )
+            .prop_map(|(version, primary, replica, group, epoch, volumes)| {
+                Message::Hello(Hello {
+                    version,
+                    primary,
+                    replica,
+                    group,
+                    epoch,
+                    volumes,
+                })
+            }),
+        (text(), any::<u64>(), any::<u64>(), any::<u64>(), 0u8..3).prop_map(
+            |(replica, epoch, applied, durable, state)| Message::Welcome(Welcome {
+                replica,
+                epoch,
+                applied,
+                durable,
+                state: ReplicaState::from_u8(state).unwrap(),
+            })
+        ),
+        text().prop_map(|reason| Message::Refuse { reason }),
+        record().prop_map(Message::Record),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(received, durable, applied)| {
+            Message::Ack(Ack {
+                received,
+                durable,
+                applied,
+            })
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, resume_at, bytes)| {
+            Message::ResyncBegin {
+                epoch,
+                resume_at,
+                bytes,
+            }
+        }),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(any::<[u8; 32]>(), 0..20)
+        )
+            .prop_map(|(volume, offset, chunk, hashes)| Message::Hashes {
+                volume,
+                offset,
+                chunk,
+                hashes,
+            }),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(any::<u8>(), 0..40)
+        )
+            .prop_map(|(volume, offset, chunk, bitmap)| Message::Diff {
+                volume,
+                offset,
+                chunk,
+                bitmap,
+            }),
+        (any::<u32>(), any::<u64>(), payload()).prop_map(|(volume, offset, data)| {
+            Message::Chunk {
+                volume,
+                offset,
+                data,
+            }
+        }),
+        any::<u64>().prop_map(|consistent_at| Message::ResyncEnd { consistent_at }),
+        (text(), any::<u32>(), payload()).prop_map(|(path, mode, data)| Message::File {
+            path,
+            mode,
+            data
+        }),
+        any::<u64>().prop_map(Message::Ping),
+        any::<u64>().prop_map(Message::Pong),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn round_trip(msg in message()) {
+        let mut frame = vec![0xAA; 3]; // encode appends
+        try_encode(&msg, &mut frame).unwrap();
+        let frame = &frame[3..];
+        prop_assert_eq!(frame.len(), FRAME_HEADER_LEN + payload_len(&msg));
+        let (back, n) = decode(frame).unwrap().unwrap();
+        prop_assert_eq!(n, frame.len());
+        prop_assert_eq!(&back, &msg);
+        prop_assert_eq!(frame_kind(&back), frame_kind(&msg));
+
+        // Followed by another frame, only the first is consumed.
+        let mut two = frame.to_vec();
+        encode(&Message::Ping(7), &mut two);
+        let (first, n) = decode(&two).unwrap().unwrap();
+        prop_assert_eq!(&first, &msg);
+        prop_assert_eq!(decode(&two[n..]).unwrap().unwrap(), (Message::Ping(7), two.len() - n));
+
+        // The fuzz property holds on valid frames too.
+        tandem_peer::fuzzing::fuzz_one(&two);
+    }
+
+    #[test]
+    fn every_strict_prefix_needs_more(msg in message()) {
+        let mut frame = Vec::new();
+        encode(&msg, &mut frame);
+        for end in 0..frame.len() {
+            prop_assert!(
+                matches!(decode(&frame[..end]), Ok(None)),
+                "prefix of {} of {} bytes", end, frame.len()
+            );
+        }
+    }
+
+    #[test]
+    fn payloads_decode_to_raw_len(p in payload()) {
+        if let Ok(data) = p.decode() {
+            prop_assert_eq!(data.len(), p.raw_len as usize);
+            if p.encoding == Encoding::Zeroes {
+                prop_assert!(is_zero(&data));
+            }
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_data(data in prop::collection::vec(prop_oneof![Just(0u8), any::<u8>(), 0u8..3], 0..5000)) {
+        let mut c = Compressor::new(3);
+        let p = Payload::encode(&data, &mut c);
+        prop_assert_eq!(p.raw_len as usize, data.len());
+        prop_assert!(p.wire_len() <= data.len() + PAYLOAD_OVERHEAD);
+        prop_assert_eq!(p.decode().unwrap(), data);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..4096)) {
+        tandem_peer::fuzzing::fuzz_one(&data);
+    }
+
+    /// Random payloads behind a valid header and CRC reach the message
+    /// parsers (random bytes almost never get past the magic).
+    #[test]
+    fn arbitrary_payloads_never_panic(
+        ty in 1u8..=13,
+        payload in prop::collection::vec(any::<u8>(), 0..512),
+        tail in prop::collection::vec(any::<u8>(), 0..32),
+    ) {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&MAGIC.to_le_bytes());
+        frame.extend_from_slice(&[ty, 0, 0, 0]);
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(&tail);
+        tandem_peer::fuzzing::fuzz_one(&frame);
+        match decode(&frame) {
+            Ok(Some(_)) | Ok(None) => {}
+            Err(e) => {
+                let ok = matches!(e, PeerError::Malformed(_) | PeerError::DataTooLarge { .. });
+                prop_assert!(ok, "{}", e);
+            }
+        }
+    }
+
+    /// A valid frame with one byte changed is refused or decodes to a
+    /// message (never panics); the CRC catches payload changes.
+    #[test]
+    fn corrupted_frames(msg in message(), at in any::<prop::sample::Index>(), xor in 1u8..) {
+        let mut frame = Vec::new();
+        encode(&msg, &mut frame);
+        let i = at.index(frame.len());
+        frame[i] ^= xor;
+        let result = decode(&frame);
+        if i >= FRAME_HEADER_LEN {
+            prop_assert!(matches!(result, Err(PeerError::Checksum { .. })), "{:?}", result);
+        }
+        tandem_peer::fuzzing::fuzz_one(&frame);
+    }
+}
