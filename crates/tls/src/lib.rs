@@ -15,10 +15,12 @@
 pub mod certs;
 mod error;
 mod identity;
+mod split;
 mod stream;
 
 pub use error::TlsError;
 pub use identity::TlsIdentity;
+pub use split::{PeerReader, PeerWriter};
 pub use stream::{PeerStream, HANDSHAKE_TIMEOUT};
 
 /// Re-exported so users need not depend on rustls themselves.
