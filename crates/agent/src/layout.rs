@@ -34,6 +34,10 @@ impl Layout {
         self.data_dir.join("capture").join(group)
     }
 
+    pub fn replica_dir(&self, group: &str) -> PathBuf {
+        self.data_dir.join("replica").join(group)
+    }
+
     pub fn dirty_map(&self, group: &str, volume: &str) -> PathBuf {
         self.capture_dir(group).join(format!("{volume}.dirty"))
     }

@@ -6,19 +6,32 @@
 mod catalog;
 mod export;
 pub mod layout;
+mod replication;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tandem_capture::{CaptureError, CaptureVolume, GroupCapture};
-use tandem_config::Config;
+use tandem_config::{Config, TlsMode};
 use tandem_nbd::{Export, Server};
+use tandem_replication::receiver::{GroupPlan, ReceiverContext};
+use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
+use tandem_replication::shipper::{LinkInfo, LinkState, Shipper};
+use tandem_replication::ReplicaError;
+use tandem_tls::TlsIdentity;
 use tandem_volume::{RawImage, VolumeError};
 use tracing::{info, warn};
+
+use status::{GroupStatus, ReplicaStatus, ResyncProgress, SiteStatus};
 
 pub use export::VolumeExport;
 pub use layout::Layout;
@@ -42,16 +55,53 @@ pub enum AgentError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot listen for peers on {addr} (site.listen): {source}")]
+    PeerListen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("group {group}: {source}")]
+    Replica { group: String, source: ReplicaError },
+    #[error("[tls]: {0}")]
+    Tls(#[from] tandem_tls::TlsError),
+    #[error("[tls]: mode is on but {0} is not set")]
+    TlsMissing(&'static str),
 }
+
+/// Until the coordinator decides ownership, every group is in epoch 1.
+const INITIAL_EPOCH: u64 = 1;
 
 /// How long a stopping agent waits for clients to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A running site agent.
 pub struct Agent {
+    site: String,
     server: Arc<Server>,
     groups: Vec<Arc<GroupCapture>>,
     sockets: Vec<PathBuf>,
+    /// (group, mode, primary) of every group, in configuration order.
+    plan: Vec<(String, String, String)>,
+    links: Vec<LinkHandle>,
+    replicas: Vec<ReplicaHandle>,
+    stop: Arc<AtomicBool>,
+    peer_listener: Option<(std::os::fd::RawFd, JoinHandle<()>)>,
+}
+
+/// A shipper streaming a primary group to one replica site.
+struct LinkHandle {
+    group: String,
+    replica: String,
+    info: Arc<Mutex<LinkInfo>>,
+    thread: JoinHandle<()>,
+}
+
+/// A group this site replicates.
+struct ReplicaHandle {
+    name: String,
+    group: Arc<Mutex<ReplicaGroup>>,
+    position: Arc<Mutex<Position>>,
+    connected: Arc<AtomicBool>,
 }
 
 impl Agent {
@@ -68,21 +118,47 @@ impl Agent {
                 source,
             })?;
         }
+        let tls = match config.tls.mode {
+            TlsMode::Off => None,
+            TlsMode::On => {
+                let need = |p: &Option<PathBuf>, key| p.clone().ok_or(AgentError::TlsMissing(key));
+                let (ca, cert, key) = (
+                    need(&config.tls.ca, "ca")?,
+                    need(&config.tls.cert, "cert")?,
+                    need(&config.tls.key, "key")?,
+                );
+                Some(Arc::new(TlsIdentity::load(&ca, &cert, &key)?))
+            }
+        };
         let server = Server::new();
         let mut agent = Agent {
+            site: config.site.name.clone(),
             server,
             groups: Vec::new(),
             sockets: Vec::new(),
+            plan: config
+                .groups
+                .iter()
+                .map(|g| {
+                    (
+                        g.name.clone(),
+                        g.mode.as_str().to_owned(),
+                        g.primary.clone(),
+                    )
+                })
+                .collect(),
+            links: Vec::new(),
+            replicas: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            peer_listener: None,
         };
         let mut all_exports: BTreeMap<String, Arc<dyn Export>> = BTreeMap::new();
+        let mut plans = Vec::new();
         for group in &config.groups {
             let here = &config.site.name;
             if group.primary != *here {
                 if group.replicas.iter().any(|r| &r.site == here) {
-                    for v in &group.volumes {
-                        RawImage::open_or_create(&layout.image(&v.name), v.size)?;
-                    }
-                    info!(group = %group.name, "replica site for this group: volumes are not served here");
+                    plans.push(agent.open_replica(&layout, group)?);
                 }
                 continue;
             }
@@ -123,8 +199,39 @@ impl Agent {
                 replicas = replicas.len(),
                 "serving group as primary"
             );
+            for r in &group.replicas {
+                let Some(peer) = config.peer(&r.site) else {
+                    continue;
+                };
+                agent.start_shipper(
+                    &capture,
+                    &config.site.name,
+                    &r.site,
+                    &peer.address,
+                    tls.clone(),
+                )?;
+            }
             agent.groups.push(capture);
         }
+        let listener =
+            TcpListener::bind(&config.site.listen).map_err(|source| AgentError::PeerListen {
+                addr: config.site.listen.clone(),
+                source,
+            })?;
+        let fd = listener.as_raw_fd();
+        let ctx = Arc::new(ReceiverContext {
+            site: config.site.name.clone(),
+            groups: plans,
+        });
+        let handle =
+            replication::listen(listener, ctx, tls, Arc::clone(&agent.stop)).map_err(|source| {
+                AgentError::PeerListen {
+                    addr: config.site.listen.clone(),
+                    source,
+                }
+            })?;
+        agent.peer_listener = Some((fd, handle));
+        info!(addr = %config.site.listen, "listening for replication peers");
         if let Some(addr) = &config.site.nbd_listen {
             let listener = TcpListener::bind(addr).map_err(|source| AgentError::Listen {
                 addr: addr.clone(),
@@ -140,6 +247,149 @@ impl Agent {
             info!(%addr, "NBD also on TCP");
         }
         Ok(agent)
+    }
+
+    /// Opens the images and replica state of a group this site replicates.
+    fn open_replica(
+        &mut self,
+        layout: &Layout,
+        group: &tandem_config::Group,
+    ) -> Result<GroupPlan, AgentError> {
+        let mut volumes = Vec::new();
+        for v in &group.volumes {
+            let image = RawImage::open_or_create(&layout.image(&v.name), v.size)?;
+            volumes.push(ReplicaVolume {
+                name: v.name.clone(),
+                image: Arc::new(image),
+            });
+        }
+        let replica = ReplicaGroup::open(&layout.replica_dir(&group.name), &group.name, volumes)
+            .map_err(|source| AgentError::Replica {
+                group: group.name.clone(),
+                source,
+            })?;
+        let position = replica.published();
+        let replica = Arc::new(Mutex::new(replica));
+        let connected = Arc::new(AtomicBool::new(false));
+        info!(group = %group.name, primary = %group.primary, "replica of this group: waiting for its primary");
+        self.replicas.push(ReplicaHandle {
+            name: group.name.clone(),
+            group: Arc::clone(&replica),
+            position,
+            connected: Arc::clone(&connected),
+        });
+        Ok(GroupPlan {
+            name: group.name.clone(),
+            primary: group.primary.clone(),
+            replicas: group.replicas.iter().map(|r| r.site.clone()).collect(),
+            volumes: group
+                .volumes
+                .iter()
+                .map(|v| (v.name.clone(), v.size))
+                .collect(),
+            group: replica,
+            connected,
+        })
+    }
+
+    fn start_shipper(
+        &mut self,
+        capture: &Arc<GroupCapture>,
+        local: &str,
+        replica: &str,
+        address: &str,
+        tls: Option<Arc<TlsIdentity>>,
+    ) -> Result<(), AgentError> {
+        let info = Arc::new(Mutex::new(LinkInfo::default()));
+        let (address, site) = (address.to_owned(), replica.to_owned());
+        let shipper = Shipper {
+            capture: Arc::clone(capture),
+            local_site: local.to_owned(),
+            replica_site: replica.to_owned(),
+            epoch: INITIAL_EPOCH,
+            connect: Box::new(move || replication::connect(&address, &site, tls.as_deref())),
+            link: Arc::clone(&info),
+            stop: Arc::clone(&self.stop),
+        };
+        let name = format!("ship-{}-{replica}", capture.name());
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || shipper.run())
+            .map_err(|source| AgentError::Io {
+                path: PathBuf::from(capture.name()),
+                what: "start replication thread",
+                source,
+            })?;
+        self.links.push(LinkHandle {
+            group: capture.name().to_owned(),
+            replica: replica.to_owned(),
+            info,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// The site's status (SPEC §4.4).
+    pub fn status(&self) -> SiteStatus {
+        let mut groups = Vec::new();
+        for (name, mode, primary) in &self.plan {
+            if let Some(capture) = self.groups.iter().find(|g| g.name() == name) {
+                let stats = capture.stats();
+                let replicas = self
+                    .links
+                    .iter()
+                    .filter(|l| &l.group == name)
+                    .map(|l| link_status(capture, l))
+                    .collect();
+                groups.push(GroupStatus {
+                    name: name.clone(),
+                    role: "primary".into(),
+                    epoch: INITIAL_EPOCH,
+                    primary: primary.clone(),
+                    mode: mode.clone(),
+                    replicas,
+                    next_seq: Some(stats.next_seq),
+                    queued_bytes: Some(stats.queued_bytes as u64),
+                });
+            } else if let Some(r) = self.replicas.iter().find(|r| &r.name == name) {
+                let p = *r.position.lock();
+                let connected = r.connected.load(Ordering::Acquire);
+                let state = if !p.consistent {
+                    "inconsistent"
+                } else if connected {
+                    "streaming"
+                } else {
+                    "disconnected"
+                };
+                groups.push(GroupStatus {
+                    name: name.clone(),
+                    role: "replica".into(),
+                    epoch: p.epoch,
+                    primary: primary.clone(),
+                    mode: mode.clone(),
+                    replicas: vec![ReplicaStatus {
+                        site: self.site.clone(),
+                        state: state.into(),
+                        lag_bytes: 0,
+                        lag_seconds: 0.0,
+                        durable_seq: p.durable,
+                        applied_seq: p.applied,
+                        resyncing: p.resyncing,
+                        resync: None,
+                        rtt_ms: None,
+                        wire_bytes: 0,
+                        raw_bytes: 0,
+                        last_error: None,
+                    }],
+                    next_seq: None,
+                    queued_bytes: None,
+                });
+            }
+        }
+        SiteStatus {
+            site: self.site.clone(),
+            groups,
+        }
     }
 
     fn listen_unix(&mut self, layout: &Layout, export: Arc<dyn Export>) -> Result<(), AgentError> {
@@ -179,6 +429,15 @@ impl Agent {
     /// Stops accepting, lets clients finish what they sent, makes every
     /// image durable and removes the sockets.
     pub fn shutdown(self) -> Result<(), AgentError> {
+        self.stop.store(true, Ordering::Release);
+        if let Some((fd, handle)) = self.peer_listener {
+            // SAFETY: shutdown(2) on the listening socket the accept thread
+            // owns; it only wakes accept() with an error.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+            let _ = handle.join();
+        }
         let left = self.server.shutdown(SHUTDOWN_GRACE);
         if left > 0 {
             warn!(
@@ -189,7 +448,20 @@ impl Agent {
         for path in &self.sockets {
             let _ = std::fs::remove_file(path);
         }
+        // Shippers send what they have queued and stop.
+        for link in self.links {
+            let _ = link.thread.join();
+        }
         let mut first_error = None;
+        for r in &self.replicas {
+            // A running session holds the group; it ends when its primary's
+            // connection does. Close what is free now.
+            if let Some(mut group) = r.group.try_lock_for(Duration::from_secs(2)) {
+                if let Err(e) = group.commit().and_then(|_| group.checkpoint()) {
+                    warn!(group = %r.name, "final replica checkpoint failed: {e}");
+                }
+            }
+        }
         for group in &self.groups {
             for v in group.volumes() {
                 if let Err(e) = v.image.sync() {
@@ -202,5 +474,41 @@ impl Agent {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+fn link_status(capture: &GroupCapture, link: &LinkHandle) -> ReplicaStatus {
+    let info = link.info.lock().clone();
+    let lag = capture.lag(&link.replica).ok();
+    let connected = info.state != LinkState::Disconnected;
+    let state = if !connected {
+        "disconnected"
+    } else if !info.replica_consistent {
+        "inconsistent"
+    } else if info.state == LinkState::Resyncing || lag.is_some_and(|l| l.resyncing) {
+        "resyncing"
+    } else {
+        "streaming"
+    };
+    let lag_seconds = lag
+        .and_then(|l| l.oldest)
+        .map_or(0.0, |t| Instant::now().duration_since(t).as_secs_f64());
+    ReplicaStatus {
+        site: link.replica.clone(),
+        state: state.into(),
+        lag_bytes: lag.map_or(0, |l| l.bytes),
+        lag_seconds,
+        durable_seq: info.durable,
+        applied_seq: info.applied,
+        resyncing: info.state == LinkState::Resyncing || lag.is_some_and(|l| l.resyncing),
+        resync: (info.resync_total > 0).then_some(ResyncProgress {
+            total_bytes: info.resync_total,
+            compared_bytes: info.resync_done.min(info.resync_total),
+            sent_bytes: info.resync_sent,
+        }),
+        rtt_ms: info.rtt.map(|d| d.as_secs_f64() * 1000.0),
+        wire_bytes: info.wire_bytes,
+        raw_bytes: info.raw_bytes,
+        last_error: info.last_error,
     }
 }

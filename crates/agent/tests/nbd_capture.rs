@@ -54,7 +54,7 @@ fn config(dir: &Path, queue_memory: &str) -> tandem_config::Config {
 [site]
 name = "ny"
 data_dir = "{}"
-listen = "127.0.0.1:1"
+listen = "127.0.0.1:0"
 api = "127.0.0.1:2"
 [tls]
 mode = "off"

@@ -655,3 +655,51 @@ fn put_payload(w: &mut Vec<u8>, p: &Payload) {
 }
 
 const _: () = assert!(PAYLOAD_OVERHEAD == 9);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_str_cuts_at_char_boundary() {
+        assert_eq!(wire_str("abc"), "abc");
+        let s = "€".repeat(30_000); // 3 bytes each
+        let w = wire_str(&s);
+        assert!(w.len() <= 65535 && w.chars().count() * 3 == w.len() && w.len() > 65530);
+        assert_eq!(str_len(&s), 2 + w.len());
+    }
+
+    #[test]
+    fn header_prefixes() {
+        let mut f = Vec::new();
+        encode(&Message::Pong(9), &mut f);
+        for n in 0..FRAME_HEADER_LEN {
+            assert!(matches!(parse_header(&f[..n]), Ok(None)), "{n}");
+        }
+        let h = parse_header(&f).unwrap().unwrap();
+        assert_eq!((h.ty, h.len, h.kind(), h.frame_len()), (13, 8, "pong", 24));
+        assert_eq!(h.crc, crc32c::crc32c(&f[16..]));
+        // A payload that is not the header's length.
+        assert!(matches!(
+            decode_payload(&h, &f[16..20]),
+            Err(PeerError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn record_without_data_is_short() {
+        let rec = Record {
+            epoch: 1,
+            seq: 2,
+            volume: 3,
+            op: RecordOp::Trim,
+            fua: false,
+            offset: 4096,
+            len: 1 << 20,
+            data: Payload::empty(),
+        };
+        let mut f = Vec::new();
+        try_encode(&Message::Record(rec), &mut f).unwrap();
+        assert_eq!(f.len(), FRAME_HEADER_LEN + 38);
+    }
+}

@@ -15,7 +15,40 @@ use crate::FRAME_HEADER_LEN;
 /// error. Each decoded message must re-encode to exactly the bytes it came
 /// from and decode again to itself; its payloads are decoded (bounded by
 /// `MAX_DATA`). The blocking reader must agree with the slice decoder.
+///
+/// Then does the same on a copy of `data` whose frames have their CRCs
+/// fixed up, so that mutated inputs reach the message parsers.
 pub fn fuzz_one(data: &[u8]) {
+    run(data);
+    let mut fixed = data.to_vec();
+    if fix_crcs(&mut fixed) {
+        run(&fixed);
+    }
+}
+
+/// Rewrites the CRC of each whole frame, following the length fields;
+/// whether anything changed.
+fn fix_crcs(data: &mut [u8]) -> bool {
+    let mut changed = false;
+    let mut pos = 0;
+    while let Some(header) = data.get(pos..pos + FRAME_HEADER_LEN) {
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&header[8..12]);
+        let end = (pos + FRAME_HEADER_LEN).saturating_add(u32::from_le_bytes(len) as usize);
+        let Some(payload) = data.get(pos + FRAME_HEADER_LEN..end) else {
+            break;
+        };
+        let crc = crc32c::crc32c(payload).to_le_bytes();
+        if data[pos + 12..pos + 16] != crc {
+            data[pos + 12..pos + 16].copy_from_slice(&crc);
+            changed = true;
+        }
+        pos = end;
+    }
+    changed
+}
+
+fn run(data: &[u8]) {
     let mut pos = 0;
     let mut reader = Cursor::new(data);
     let mut buf = Vec::new();

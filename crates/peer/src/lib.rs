@@ -9,6 +9,25 @@
 //! says what is wrong (SPEC G8). Encoded data is raw, zstd or all-zero,
 //! chosen per payload by a [`Compressor`] that backs off on incompressible
 //! streams.
+//!
+//! ```
+//! use tandem_peer::{decode, encode, Compressor, Message, Payload, Record, RecordOp};
+//!
+//! let mut compressor = Compressor::new(1);
+//! let data = b"hello hello hello hello ".repeat(100);
+//! let record = Message::Record(Record {
+//!     epoch: 3, seq: 41, volume: 0, op: RecordOp::Write, fua: false,
+//!     offset: 4096, len: data.len() as u64,
+//!     data: Payload::encode(&data, &mut compressor),
+//! });
+//! let mut wire = Vec::new();
+//! encode(&record, &mut wire);
+//! assert!(decode(&wire[..10]).unwrap().is_none()); // needs more bytes
+//! let (back, used) = decode(&wire).unwrap().unwrap();
+//! assert_eq!((&back, used), (&record, wire.len()));
+//! let Message::Record(rec) = back else { unreachable!() };
+//! assert_eq!(rec.data.decode().unwrap(), data);
+//! ```
 
 pub mod codec;
 pub mod error;

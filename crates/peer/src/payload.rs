@@ -369,3 +369,65 @@ impl Compressor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn backoff_schedule() {
+        let mut c = Compressor::new(1);
+        let mut tried = Vec::new();
+        for i in 0..1000u64 {
+            let before = c.attempts();
+            c.encode(&noise(512, i + 1));
+            if c.attempts() > before {
+                tried.push(i);
+            }
+        }
+        // 8 misses, then a probe after 64, 128, 256 and 512 skipped.
+        let probes = [8 + 64, 8 + 64 + 1 + 128, 8 + 64 + 1 + 128 + 1 + 256];
+        let mut want: Vec<u64> = (0..8).collect();
+        want.extend(probes);
+        want.push(probes[2] + 1 + 512);
+        assert_eq!(tried, want);
+        assert_eq!(c.next_backoff, BACKOFF_MAX);
+    }
+
+    #[test]
+    fn is_zero_blocks() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 10_000]));
+        let mut d = vec![0u8; 10_000];
+        d[9_999] = 1;
+        assert!(!is_zero(&d));
+    }
+
+    #[test]
+    fn scratch_is_trimmed() {
+        let mut c = Compressor::new(1);
+        c.encode(&noise(6 << 20, 3));
+        assert!(c.scratch.capacity() <= SCRATCH_KEEP);
+    }
+
+    #[test]
+    fn debug_hides_bytes() {
+        let p = Payload::raw(vec![7; 1000]);
+        assert_eq!(
+            format!("{p:?}"),
+            "Payload { encoding: Raw, raw_len: 1000, bytes: [1000 bytes] }"
+        );
+    }
+}

@@ -125,7 +125,7 @@ fn large_announced_frame_grows_with_the_bytes() {
     let mut header = Vec::new();
     header.extend_from_slice(&MAGIC.to_le_bytes());
     header.extend_from_slice(&[9, 0, 0, 0]);
-    header.extend_from_slice(&((64u32 << 20) as u32).to_le_bytes());
+    header.extend_from_slice(&(64u32 << 20).to_le_bytes());
     header.extend_from_slice(&0u32.to_le_bytes());
     header.extend_from_slice(&[0; 10]);
     let mut buf = Vec::new();

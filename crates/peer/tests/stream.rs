@@ -171,9 +171,18 @@ fn garbage_is_refused_before_the_header_is_whole() {
     assert!(matches!(e, PeerError::BadMagic(_)), "{e}");
 }
 
+/// A broken test fails with a timeout instead of hanging.
+fn guard(a: &UnixStream, b: &UnixStream) {
+    for s in [a, b] {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+    }
+}
+
 #[test]
 fn unix_socket_pair() {
     let (mut a, mut b) = UnixStream::pair().unwrap();
+    guard(&a, &b);
     let msgs = session();
     let expect = msgs.clone();
     let writer = std::thread::spawn(move || {
@@ -202,6 +211,7 @@ fn unix_socket_pair() {
 #[test]
 fn unix_socket_truncated_and_garbage() {
     let (mut a, mut b) = UnixStream::pair().unwrap();
+    guard(&a, &b);
     let mut f = Vec::new();
     encode(&Message::Ping(1), &mut f);
     a.write_all(&f[..20]).unwrap();
@@ -213,7 +223,8 @@ fn unix_socket_truncated_and_garbage() {
     ));
 
     let (mut a, mut b) = UnixStream::pair().unwrap();
-    f[10] = 0xFF; // length 0xFF0008 > limit
+    guard(&a, &b);
+    f[11] = 0xFF; // length 0xFF000008 > limit
     a.write_all(&f).unwrap();
     let e = read_message(&mut b, &mut buf).unwrap_err();
     assert!(matches!(e, PeerError::TooLarge { .. }), "{e}");

@@ -42,6 +42,8 @@ pub struct GroupPlan {
     pub replicas: Vec<String>,
     pub volumes: Vec<(String, u64)>,
     pub group: Arc<Mutex<ReplicaGroup>>,
+    /// A primary's session is running.
+    pub connected: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Everything groups this site replicates.
@@ -125,6 +127,15 @@ pub fn serve<R: Read, W: Write>(
         &mut out,
     )?;
     tracing::info!(group = %plan.name, primary = %hello.primary, epoch = hello.epoch, durable = p.durable, state = state.as_str(), "replication session started");
+    plan.connected
+        .store(true, std::sync::atomic::Ordering::Release);
+    struct Disconnect<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Disconnect<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let _connected = Disconnect(&plan.connected);
     let epoch = hello.epoch;
     let mut last_seq = p.received;
     let mut since_commit = Instant::now();

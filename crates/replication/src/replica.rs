@@ -49,6 +49,8 @@ pub struct ReplicaGroup {
     resume_at: Option<u64>,
     /// Created by this run and never synced since.
     new: bool,
+    /// The latest position, readable while a session holds the group.
+    published: Arc<parking_lot::Mutex<Position>>,
 }
 
 impl ReplicaGroup {
@@ -87,6 +89,15 @@ impl ReplicaGroup {
             last_checkpoint: Instant::now(),
             resume_at: None,
             new,
+            published: Arc::new(parking_lot::Mutex::new(Position {
+                received: 0,
+                durable: 0,
+                applied: 0,
+                epoch: 0,
+                consistent: false,
+                new,
+                resyncing: false,
+            })),
         };
         let replayed = {
             let ReplicaGroup {
@@ -117,6 +128,16 @@ impl ReplicaGroup {
         &self.name
     }
 
+    /// A handle on the latest published position (updated at every
+    /// commit and state change).
+    pub fn published(&self) -> Arc<parking_lot::Mutex<Position>> {
+        Arc::clone(&self.published)
+    }
+
+    fn publish(&self) {
+        *self.published.lock() = self.position();
+    }
+
     pub fn volumes(&self) -> &[ReplicaVolume] {
         &self.volumes
     }
@@ -144,6 +165,7 @@ impl ReplicaGroup {
         if epoch > s.epoch {
             self.state.set(ReplicaState { epoch, ..s })?;
         }
+        self.publish();
         Ok(())
     }
 
@@ -189,6 +211,7 @@ impl ReplicaGroup {
         if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
             self.checkpoint()?;
         }
+        self.publish();
         Ok(durable)
     }
 
@@ -210,6 +233,7 @@ impl ReplicaGroup {
         }
         self.journal.release(self.applied)?;
         self.last_checkpoint = Instant::now();
+        self.publish();
         Ok(())
     }
 
@@ -224,7 +248,9 @@ impl ReplicaGroup {
             epoch: epoch.max(s.epoch),
             inconsistent: true,
             ..s
-        })
+        })?;
+        self.publish();
+        Ok(())
     }
 
     /// BLAKE3 hashes of `count` chunks of `chunk` bytes from `offset`

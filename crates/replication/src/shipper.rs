@@ -48,6 +48,10 @@ pub struct LinkInfo {
     pub wire_bytes: u64,
     pub last_error: Option<String>,
     pub connects: u64,
+    /// The replica's images are a prefix of the stream (as last reported,
+    /// or once it has applied everything below the resync's end).
+    pub replica_consistent: bool,
+    pub consistent_at: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,9 +62,16 @@ pub enum LinkState {
     Streaming,
 }
 
-/// Opens a connection to the replica: a reading half and a writing half.
-pub type Connect =
-    dyn Fn() -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>), String> + Send + Sync;
+/// A connection to a replica: its halves, and a way to close it from
+/// another thread.
+pub struct Link {
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+    pub close: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Opens a connection to the replica.
+pub type Connect = dyn Fn() -> Result<Link, String> + Send + Sync;
 
 pub struct Shipper {
     pub capture: Arc<GroupCapture>,
@@ -112,7 +123,11 @@ impl Shipper {
     fn session(&self) -> Result<(), String> {
         let group = self.capture.name().to_owned();
         let replica = self.replica_site.clone();
-        let (reader, writer) = (self.connect)()?;
+        let Link {
+            reader,
+            writer,
+            close,
+        } = (self.connect)()?;
         let mut w = BufWriter::with_capacity(1 << 20, writer);
         let mut r = BufReader::with_capacity(1 << 16, reader);
         let mut scratch = Vec::new();
@@ -161,6 +176,8 @@ impl Shipper {
             link.applied = welcome.applied;
             link.received = welcome.durable;
             link.replica_state = Some(welcome.state.as_str());
+            link.replica_consistent = welcome.state == ReplicaState::Consistent;
+            link.consistent_at = 0;
             link.connects += 1;
             link.last_error = None;
             link.state = LinkState::Streaming;
@@ -195,6 +212,11 @@ impl Shipper {
                                         l.received = a.received;
                                         l.durable = a.durable;
                                         l.applied = a.applied;
+                                        if l.consistent_at != 0 && a.applied + 1 >= l.consistent_at
+                                        {
+                                            l.replica_consistent = true;
+                                            l.consistent_at = 0;
+                                        }
                                     }
                                     Message::Diff {
                                         volume,
@@ -240,7 +262,8 @@ impl Shipper {
         };
         let result = self.stream(&mut w, &diff_rx, &alive, &heard);
         alive.store(false, Ordering::Release);
-        drop(w); // closes our half: the reader sees the end
+        drop(w);
+        close(); // wakes the ack reader
         let reader_end = reader_thread
             .join()
             .unwrap_or_else(|_| "ack reader panicked".into());
@@ -327,6 +350,7 @@ impl Shipper {
         {
             let mut link = self.link.lock();
             link.state = LinkState::Resyncing;
+            link.replica_consistent = false;
             link.resync_total = total;
             link.resync_done = 0;
             link.resync_sent = 0;
@@ -397,6 +421,7 @@ impl Shipper {
         let mut link = self.link.lock();
         tracing::info!(group = cap.name(), replica = %self.replica_site, compared = total, sent = link.resync_sent, "resync: data sent");
         link.state = LinkState::Streaming;
+        link.consistent_at = consistent_at;
         Ok(())
     }
 

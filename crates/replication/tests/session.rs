@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_replication::receiver::{self, GroupPlan, ReceiverContext};
 use tandem_replication::replica::{ReplicaGroup, ReplicaVolume};
-use tandem_replication::shipper::{LinkInfo, Shipper};
+use tandem_replication::shipper::{Link, LinkInfo, Shipper};
 use tandem_volume::RawImage;
 
 const SIZE: u64 = 32 << 20;
@@ -74,6 +74,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
             replicas: vec!["dr".into()],
             volumes: vec![("v".into(), SIZE)],
             group: Arc::clone(&replica),
+            connected: Arc::new(AtomicBool::new(false)),
         }],
     });
     let (stop, cut, sessions) = (
@@ -97,9 +98,14 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
                 let r = b.try_clone().unwrap();
                 let _ = receiver::serve(&ctx, r, b, None);
             });
-            let r: Box<dyn std::io::Read + Send> = Box::new(a.try_clone().unwrap());
-            let w: Box<dyn std::io::Write + Send> = Box::new(a);
-            Ok((r, w))
+            let closer = a.try_clone().unwrap();
+            Ok(Link {
+                reader: Box::new(a.try_clone().unwrap()),
+                writer: Box::new(a),
+                close: Box::new(move || {
+                    let _ = closer.shutdown(std::net::Shutdown::Both);
+                }),
+            })
         })
     };
     let shipper = Shipper {

@@ -135,7 +135,7 @@ impl Site {
             r#"[site]
 name = "ny"
 data_dir = "{data}"
-listen = "127.0.0.1:1"
+listen = "127.0.0.1:0"
 api = "127.0.0.1:2"
 {site_extra}
 

@@ -1,0 +1,60 @@
+//! The site's status in the shape pinned by SPEC §4.4 (fields may be
+//! added, never changed): what `tandem status --json` and
+//! `GET /api/v1/status` return.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SiteStatus {
+    pub site: String,
+    pub groups: Vec<GroupStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GroupStatus {
+    pub name: String,
+    /// `primary` | `replica` | `fenced` | `down`
+    pub role: String,
+    pub epoch: u64,
+    pub primary: String,
+    /// `async` | `sync`
+    pub mode: String,
+    pub replicas: Vec<ReplicaStatus>,
+    /// Primary only: the sequence number the next change gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_seq: Option<u64>,
+    /// Primary only: bytes held in the memory queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaStatus {
+    pub site: String,
+    /// `streaming` | `resyncing` | `inconsistent` | `disconnected` | `paused`
+    pub state: String,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    /// Every change up to here is durable on the replica.
+    pub durable_seq: u64,
+    /// Every change up to here is applied to the replica's images.
+    pub applied_seq: u64,
+    /// A resync (chunk comparison) is running or owed.
+    pub resyncing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncProgress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Bytes sent on the link, after compression, and before.
+    pub wire_bytes: u64,
+    pub raw_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ResyncProgress {
+    pub total_bytes: u64,
+    pub compared_bytes: u64,
+    pub sent_bytes: u64,
+}
