@@ -3,9 +3,11 @@
 //! `<data_dir>/nbd/<volume>.sock` (and optionally TCP). See
 //! `docs/ARCHITECTURE.md`.
 
+mod api;
 mod catalog;
 mod export;
 pub mod layout;
+mod metrics;
 mod replication;
 pub mod status;
 
@@ -66,6 +68,8 @@ pub enum AgentError {
     Tls(#[from] tandem_tls::TlsError),
     #[error("[tls]: mode is on but {0} is not set")]
     TlsMissing(&'static str),
+    #[error("cannot serve the API on {addr} (site.api): {reason}")]
+    Api { addr: String, reason: String },
 }
 
 /// Until the coordinator decides ownership, every group is in epoch 1.
@@ -83,20 +87,33 @@ pub struct Agent {
     /// (group, mode, primary) of every group, in configuration order.
     plan: Vec<(String, String, String)>,
     links: Vec<LinkHandle>,
+    threads: Vec<JoinHandle<()>>,
     replicas: Vec<ReplicaHandle>,
     stop: Arc<AtomicBool>,
     peer_listener: Option<(std::os::fd::RawFd, JoinHandle<()>)>,
+    api: Option<JoinHandle<()>>,
 }
 
 /// A shipper streaming a primary group to one replica site.
+#[derive(Clone)]
 struct LinkHandle {
     group: String,
     replica: String,
     info: Arc<Mutex<LinkInfo>>,
-    thread: JoinHandle<()>,
+}
+
+/// What status needs, shared with the API thread.
+pub struct StatusView {
+    site: String,
+    plan: Vec<(String, String, String)>,
+    groups: Vec<Arc<GroupCapture>>,
+    links: Vec<LinkHandle>,
+    replicas: Vec<ReplicaHandle>,
+    nbd: Arc<tandem_nbd::stats::Stats>,
 }
 
 /// A group this site replicates.
+#[derive(Clone)]
 struct ReplicaHandle {
     name: String,
     group: Arc<Mutex<ReplicaGroup>>,
@@ -148,9 +165,11 @@ impl Agent {
                 })
                 .collect(),
             links: Vec::new(),
+            threads: Vec::new(),
             replicas: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             peer_listener: None,
+            api: None,
         };
         let mut all_exports: BTreeMap<String, Arc<dyn Export>> = BTreeMap::new();
         let mut plans = Vec::new();
@@ -232,6 +251,13 @@ impl Agent {
             })?;
         agent.peer_listener = Some((fd, handle));
         info!(addr = %config.site.listen, "listening for replication peers");
+        let view = Arc::new(agent.status_view());
+        agent.api = Some(api::start(
+            &config.site.api,
+            &layout,
+            view,
+            Arc::clone(&agent.stop),
+        )?);
         if let Some(addr) = &config.site.nbd_listen {
             let listener = TcpListener::bind(addr).map_err(|source| AgentError::Listen {
                 addr: addr.clone(),
@@ -324,11 +350,29 @@ impl Agent {
             group: capture.name().to_owned(),
             replica: replica.to_owned(),
             info,
-            thread,
         });
+        self.threads.push(thread);
         Ok(())
     }
 
+    fn status_view(&self) -> StatusView {
+        StatusView {
+            site: self.site.clone(),
+            plan: self.plan.clone(),
+            groups: self.groups.clone(),
+            links: self.links.clone(),
+            replicas: self.replicas.clone(),
+            nbd: Arc::clone(&self.server.stats),
+        }
+    }
+
+    /// The site's status (SPEC §4.4).
+    pub fn status(&self) -> SiteStatus {
+        self.status_view().status()
+    }
+}
+
+impl StatusView {
     /// The site's status (SPEC §4.4).
     pub fn status(&self) -> SiteStatus {
         let mut groups = Vec::new();
@@ -391,7 +435,9 @@ impl Agent {
             groups,
         }
     }
+}
 
+impl Agent {
     fn listen_unix(&mut self, layout: &Layout, export: Arc<dyn Export>) -> Result<(), AgentError> {
         let path = layout.socket(export.name());
         let io_err = |what| {
@@ -449,8 +495,11 @@ impl Agent {
             let _ = std::fs::remove_file(path);
         }
         // Shippers send what they have queued and stop.
-        for link in self.links {
-            let _ = link.thread.join();
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        if let Some(api) = self.api {
+            let _ = api.join();
         }
         let mut first_error = None;
         for r in &self.replicas {

@@ -48,19 +48,27 @@ fn run(cmd: &mut Command, timeout: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn config(dir: &Path, queue_memory: &str) -> tandem_config::Config {
     let text = format!(
         r#"
 [site]
 name = "ny"
 data_dir = "{}"
-listen = "127.0.0.1:0"
-api = "127.0.0.1:2"
+listen = "127.0.0.1:{listen}"
+api = "127.0.0.1:{api}"
 [tls]
 mode = "off"
 [[peer]]
 name = "ny"
-address = "127.0.0.1:1"
+address = "127.0.0.1:{listen}"
 [[peer]]
 name = "dr"
 address = "127.0.0.1:3"
@@ -71,7 +79,9 @@ replicas = [ {{ site = "dr" }} ]
 queue_memory = "{queue_memory}"
 volumes = [ {{ name = "a", size = "64MiB" }}, {{ name = "b", size = "32MiB" }} ]
 "#,
-        dir.join("d").display()
+        dir.join("d").display(),
+        listen = free_port(),
+        api = free_port(),
     );
     tandem_config::parse(&text, &dir.join("t.toml")).unwrap()
 }
@@ -104,7 +114,7 @@ fn replicate(capture: &GroupCapture, copies: &[File], stop: &AtomicBool) -> (u64
                         copies[v].write_all_at(&buf, offset).unwrap();
                     }
                 }
-                capture.ack("dr", resume_at - 1).unwrap();
+                capture.resync_done("dr", resume_at).unwrap();
                 resyncs += 1;
             }
             None if stop.load(Ordering::Acquire) => return (records, resyncs),

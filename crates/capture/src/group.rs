@@ -77,7 +77,7 @@ pub enum Event {
     /// Records were dropped before this replica acknowledged them (or the
     /// agent restarted): copy these ranges of each volume (indexed like the
     /// group's volumes) from the primary, then continue with the records
-    /// from `resume_at`. Acknowledging `resume_at - 1` says the copy is
+    /// from `resume_at`. [`GroupCapture::resync_done`] says the copy is
     /// complete.
     Resync {
         ranges: Vec<Vec<(u64, u64)>>,
@@ -478,11 +478,22 @@ impl GroupCapture {
         let r = replica_mut(&mut st.replicas, replica)?;
         r.acked = r.acked.max(seq);
         r.floor = r.floor.max(r.acked + 1);
-        if r.resyncing
-            .as_ref()
-            .is_some_and(|(_, done_at)| seq + 1 >= *done_at)
-        {
+        st.trim();
+        Ok(())
+    }
+
+    /// The replica says the resync that resumes at `resume_at` is complete
+    /// and durable: its ranges are no longer owed.
+    pub fn resync_done(&self, replica: &str, resume_at: u64) -> Result<(), CaptureError> {
+        let mut st = self.state.lock();
+        let r = replica_mut(&mut st.replicas, replica)?;
+        if r.resyncing.as_ref().is_some_and(|(_, at)| *at == resume_at) {
             r.resyncing = None;
+            r.acked = r.acked.max(resume_at.saturating_sub(1));
+            r.floor = r.floor.max(r.acked + 1);
+            if !r.overflowed && r.gap.iter().all(FineDirty::is_empty) {
+                r.behind_since = None;
+            }
         }
         st.trim();
         Ok(())

@@ -79,7 +79,7 @@ fn consume(group: &GroupCapture, replicas: &[File], done: &AtomicBool) -> (u64, 
                     }
                 }
                 last_seq = last_seq.max(resume_at - 1);
-                group.ack("dr", resume_at - 1).unwrap();
+                group.resync_done("dr", resume_at).unwrap();
                 resyncs += 1;
             }
             None if done.load(Ordering::Acquire) => return (records, resyncs),

@@ -259,6 +259,9 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         },
         12 => Message::Ping(r.u64("nanos")?),
         13 => Message::Pong(r.u64("nanos")?),
+        14 => Message::ResyncDone {
+            resume_at: r.u64("resume_at")?,
+        },
         ty => return Err(PeerError::UnknownType(ty)),
     };
     r.finish()?;
@@ -432,7 +435,10 @@ pub fn payload_len(msg: &Message) -> usize {
         Message::Hashes { hashes, .. } => 4 + 8 + 4 + 4 + 32 * hashes.len(),
         Message::Diff { bitmap, .. } => 4 + 8 + 4 + 4 + bitmap.len(),
         Message::Chunk { data, .. } => 4 + 8 + data.wire_len(),
-        Message::ResyncEnd { .. } | Message::Ping(_) | Message::Pong(_) => 8,
+        Message::ResyncEnd { .. }
+        | Message::ResyncDone { .. }
+        | Message::Ping(_)
+        | Message::Pong(_) => 8,
         Message::File { path, data, .. } => str_len(path) + 4 + data.wire_len(),
     }
 }
@@ -536,6 +542,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             put_payload(w, data);
         }
         Message::ResyncEnd { consistent_at } => put_u64(w, *consistent_at),
+        Message::ResyncDone { resume_at } => put_u64(w, *resume_at),
         Message::File { path, mode, data } => {
             put_str(w, path);
             put_u32(w, *mode);

@@ -45,6 +45,10 @@ pub enum Message {
     /// P→R: the resync is over; consistent once every record below
     /// `consistent_at` is applied.
     ResyncEnd { consistent_at: u64 },
+    /// R→P: everything of the resync that resumes at `resume_at` is durable
+    /// here (sent after processing `ResyncEnd`, so it cannot be confused
+    /// with an acknowledgement sent before the resync).
+    ResyncDone { resume_at: u64 },
     /// P→R: a file to store beside the group (configuration and the like).
     File {
         path: String,
@@ -199,6 +203,7 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::File { .. } => 11,
         Message::Ping(_) => 12,
         Message::Pong(_) => 13,
+        Message::ResyncDone { .. } => 14,
     }
 }
 
@@ -218,6 +223,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         11 => "file",
         12 => "ping",
         13 => "pong",
+        14 => "resync_done",
         _ => return None,
     })
 }

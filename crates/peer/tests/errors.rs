@@ -59,7 +59,7 @@ fn bad_magic() {
 
 #[test]
 fn unknown_type() {
-    for ty in [0u8, 14, 200, 255] {
+    for ty in [0u8, 15, 200, 255] {
         let mut f = frame(&Message::Ping(1));
         f[4] = ty;
         match decode(&f) {
@@ -415,7 +415,8 @@ fn kinds() {
     );
     assert_eq!(ReplicaState::Inconsistent.as_str(), "inconsistent");
     assert_eq!(type_name(4), Some("record"));
-    assert_eq!(type_name(14), None);
+    assert_eq!(type_name(14), Some("resync_done"));
+    assert_eq!(type_name(15), None);
 }
 
 #[test]

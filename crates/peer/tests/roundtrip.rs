@@ -147,6 +147,7 @@ pub fn message() -> impl Strategy<Value = Message> {
             }
         }),
         any::<u64>().prop_map(|consistent_at| Message::ResyncEnd { consistent_at }),
+        any::<u64>().prop_map(|resume_at| Message::ResyncDone { resume_at }),
         (text(), any::<u32>(), payload()).prop_map(|(path, mode, data)| Message::File {
             path,
             mode,

@@ -141,6 +141,7 @@ pub fn serve<R: Read, W: Write>(
     let mut since_commit = Instant::now();
     let mut bytes_since_commit = 0usize;
     let mut data = Vec::new();
+    let mut resync_from: Option<u64> = None;
     loop {
         let msg = read_message(&mut reader, &mut buf);
         let msg = match msg {
@@ -217,6 +218,7 @@ pub fn serve<R: Read, W: Write>(
                 }
                 tracing::info!(group = %plan.name, resume_at, bytes, "resync started: replica is inconsistent until it completes");
                 group.begin_resync(epoch, resume_at)?;
+                resync_from = Some(resume_at);
                 last_seq = last_seq.max(resume_at.saturating_sub(1));
             }
             Message::Hashes {
@@ -252,8 +254,12 @@ pub fn serve<R: Read, W: Write>(
                 group.write_chunk(volume, offset, &data)?;
             }
             Message::ResyncEnd { consistent_at } => {
+                let Some(resume_at) = resync_from.take() else {
+                    return Err(SessionError::Unexpected("resync_end without resync_begin"));
+                };
                 group.end_resync(consistent_at)?;
                 tracing::info!(group = %plan.name, consistent_at, "resync data complete");
+                write_message(&mut writer, &Message::ResyncDone { resume_at }, &mut out)?;
                 ack_now = true;
             }
             Message::Ping(n) => write_message(&mut writer, &Message::Pong(n), &mut out)?,

@@ -201,9 +201,10 @@ impl ReplicaGroup {
     }
 
     /// Syncs the journal, then applies what it made durable. Returns the
-    /// durable sequence number.
+    /// durable sequence number: everything up to it is in the journal or,
+    /// after a resync, reflected in the synced images.
     pub fn commit(&mut self) -> Result<u64, ReplicaError> {
-        let durable = self.journal.sync()?;
+        let durable = self.journal.sync()?.max(self.applied);
         for entry in std::mem::take(&mut self.batch) {
             apply(&self.volumes, &entry)?;
             self.applied = entry.seq;

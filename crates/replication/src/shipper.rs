@@ -83,6 +83,12 @@ pub struct Shipper {
     pub stop: Arc<AtomicBool>,
 }
 
+/// Per-link compression state, kept across reconnects so that the byte
+/// counters are cumulative.
+struct Codec {
+    compressor: Compressor,
+}
+
 enum Incoming {
     Diff {
         volume: u32,
@@ -95,9 +101,12 @@ impl Shipper {
     /// Runs until `stop`, reconnecting with backoff.
     pub fn run(self) {
         let mut backoff = Duration::from_millis(100);
+        let mut codec = Codec {
+            compressor: Compressor::new(1),
+        };
         while !self.stop.load(Ordering::Acquire) {
             let started = Instant::now();
-            match self.session() {
+            match self.session(&mut codec) {
                 Ok(()) => return,
                 Err(e) => {
                     let mut link = self.link.lock();
@@ -120,7 +129,7 @@ impl Shipper {
         }
     }
 
-    fn session(&self) -> Result<(), String> {
+    fn session(&self, codec: &mut Codec) -> Result<(), String> {
         let group = self.capture.name().to_owned();
         let replica = self.replica_site.clone();
         let Link {
@@ -235,6 +244,11 @@ impl Shipper {
                                             break "resync ended".into();
                                         }
                                     }
+                                    Message::ResyncDone { resume_at } => {
+                                        if let Err(e) = cap.resync_done(&replica, resume_at) {
+                                            break e.to_string();
+                                        }
+                                    }
                                     Message::Pong(sent) => {
                                         let now = nanos_now();
                                         link.lock().rtt =
@@ -260,7 +274,7 @@ impl Shipper {
                 })
                 .map_err(|e| e.to_string())?
         };
-        let result = self.stream(&mut w, &diff_rx, &alive, &heard);
+        let result = self.stream(&mut w, &diff_rx, &alive, &heard, &mut codec.compressor);
         alive.store(false, Ordering::Release);
         drop(w);
         close(); // wakes the ack reader
@@ -281,10 +295,10 @@ impl Shipper {
         diffs: &Receiver<Incoming>,
         alive: &AtomicBool,
         heard: &Mutex<Instant>,
+        compressor: &mut Compressor,
     ) -> Result<(), String> {
         let cap = &self.capture;
         let replica = &self.replica_site;
-        let mut compressor = Compressor::new(1);
         let mut scratch = Vec::new();
         let mut unflushed = false;
         let mut last_sent = Instant::now();
@@ -303,14 +317,14 @@ impl Shipper {
             };
             match cap.next_event(replica, wait).map_err(|e| e.to_string())? {
                 Some(Event::Record(rec)) => {
-                    let msg = record_message(self.epoch, &rec, &mut compressor);
+                    let msg = record_message(self.epoch, &rec, compressor);
                     write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
                     unflushed = true;
                     last_sent = Instant::now();
                 }
                 Some(Event::Resync { ranges, resume_at }) => {
                     w.flush().map_err(|e| e.to_string())?;
-                    self.resync(w, diffs, alive, &ranges, resume_at, &mut compressor)?;
+                    self.resync(w, diffs, alive, &ranges, resume_at, compressor)?;
                     unflushed = false;
                     last_sent = Instant::now();
                 }

@@ -42,12 +42,38 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Show this site's groups and how each replica is doing
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the JSON document (SPEC §4.4) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Certificates for mutual TLS between sites
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Show the regions of a volume that may differ from its replicas
     Dirty {
         #[command(flatten)]
         config: ConfigArg,
         /// Volume name
         volume: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create a CA and one certificate per site
+    Create {
+        /// Directory to write ca.pem, ca.key, SITE.pem and SITE.key into
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Site names (as in [[peer]] name)
+        #[arg(required = true)]
+        sites: Vec<String>,
     },
 }
 
@@ -67,6 +93,10 @@ fn main() -> ExitCode {
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
+        Command::Status { config, json } => cmd::status::run(&config.path(), json),
+        Command::Certs {
+            action: CertsAction::Create { out, sites },
+        } => cmd::certs::run(&out, &sites),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

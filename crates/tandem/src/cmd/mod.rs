@@ -1,2 +1,4 @@
 pub mod agent;
+pub mod certs;
 pub mod dirty;
+pub mod status;

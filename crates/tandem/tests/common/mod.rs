@@ -127,6 +127,7 @@ impl Site {
             .tempdir_in("/tmp")
             .expect("tempdir");
         let data_dir = dir.path().join("d");
+        let (listen, api) = (free_port(), free_port());
         let vols: Vec<String> = volumes
             .iter()
             .map(|v| format!("{{ name = \"{}\", size = \"{}\" }}", v.name, v.size))
@@ -135,8 +136,8 @@ impl Site {
             r#"[site]
 name = "ny"
 data_dir = "{data}"
-listen = "127.0.0.1:0"
-api = "127.0.0.1:2"
+listen = "127.0.0.1:{listen}"
+api = "127.0.0.1:{api}"
 {site_extra}
 
 [tls]
@@ -147,7 +148,7 @@ kind = "none"
 
 [[peer]]
 name = "ny"
-address = "127.0.0.1:1"
+address = "127.0.0.1:{listen}"
 
 [[peer]]
 name = "dr"
@@ -161,7 +162,7 @@ volumes = [ {vols} ]
 {group_extra}
 "#,
             data = data_dir.display(),
-            vols = vols.join(", ")
+            vols = vols.join(", "),
         );
         let config = dir.path().join("tandem.toml");
         std::fs::write(&config, text).expect("write config");
@@ -300,4 +301,263 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 pub fn files_equal(a: &Path, b: &Path) -> bool {
     std::fs::read(a).expect("read a") == std::fs::read(b).expect("read b")
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Several sites on loopback, each a real `tandem agent` process with its
+/// own data directory and configuration (the `[[peer]]` and `[[group]]`
+/// tables shared, as in production).
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub sites: Vec<ClusterSite>,
+    pub volumes: Vec<Vol>,
+    pub primary: String,
+}
+
+pub struct ClusterSite {
+    pub name: String,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Cluster {
+    /// Group "g": `primary`, then `replicas` in priority order; `extra`
+    /// is appended to the `[[group]]` table.
+    pub fn new(primary: &str, replicas: &[&str], volumes: &[Vol], extra: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("tc")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let names: Vec<&str> = std::iter::once(primary)
+            .chain(replicas.iter().copied())
+            .collect();
+        let ports: Vec<(u16, u16)> = names.iter().map(|_| (free_port(), free_port())).collect();
+        let peers: String = names
+            .iter()
+            .zip(&ports)
+            .map(|(n, (listen, _))| {
+                format!("[[peer]]\nname = \"{n}\"\naddress = \"127.0.0.1:{listen}\"\n\n")
+            })
+            .collect();
+        let reps: Vec<String> = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("{{ site = \"{r}\", priority = {} }}", i + 1))
+            .collect();
+        let vols: Vec<String> = volumes
+            .iter()
+            .map(|v| format!("{{ name = \"{}\", size = \"{}\" }}", v.name, v.size))
+            .collect();
+        let group = format!(
+            "[[group]]\nname = \"g\"\nprimary = \"{primary}\"\nreplicas = [ {} ]\nvolumes = [ {} ]\n{extra}\n",
+            reps.join(", "),
+            vols.join(", ")
+        );
+        let sites = names
+            .iter()
+            .zip(&ports)
+            .map(|(name, (listen, api))| {
+                let data_dir = dir.path().join(name);
+                let config = dir.path().join(format!("{name}.toml"));
+                let text = format!(
+                    "[site]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\napi = \"127.0.0.1:{api}\"\n\n[tls]\nmode = \"off\"\n\n[coordinator]\nkind = \"none\"\n\n{peers}{group}",
+                    data_dir.display()
+                );
+                std::fs::write(&config, text).expect("write config");
+                ClusterSite {
+                    name: name.to_string(),
+                    log: dir.path().join(format!("{name}.log")),
+                    config,
+                    data_dir,
+                    child: None,
+                }
+            })
+            .collect();
+        Cluster {
+            dir,
+            sites,
+            volumes: volumes.to_vec(),
+            primary: primary.to_string(),
+        }
+    }
+
+    pub fn site(&self, name: &str) -> &ClusterSite {
+        self.sites
+            .iter()
+            .find(|s| s.name == name)
+            .expect("no such site")
+    }
+
+    fn site_mut(&mut self, name: &str) -> &mut ClusterSite {
+        self.sites
+            .iter_mut()
+            .find(|s| s.name == name)
+            .expect("no such site")
+    }
+
+    pub fn socket(&self, site: &str, volume: &str) -> PathBuf {
+        self.site(site)
+            .data_dir
+            .join("nbd")
+            .join(format!("{volume}.sock"))
+    }
+
+    pub fn uri(&self, site: &str, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.socket(site, volume).display()
+        )
+    }
+
+    pub fn image(&self, site: &str, volume: &str) -> PathBuf {
+        self.site(site)
+            .data_dir
+            .join("volumes")
+            .join(format!("{volume}.img"))
+    }
+
+    /// Starts a site's agent and waits until its API answers (and, on the
+    /// primary, its NBD sockets).
+    pub fn start(&mut self, name: &str) {
+        let volumes = self.volumes.clone();
+        let is_primary = name == self.primary;
+        let site = self.site_mut(name);
+        assert!(site.child.is_none(), "{name} already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&site.log)
+            .expect("log file");
+        let child = Command::new(TANDEM)
+            .args(["agent", "--config"])
+            .arg(&site.config)
+            .env("TANDEM_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tandem agent");
+        site.child = Some(child);
+        let config = site.config.clone();
+        wait_until(Duration::from_secs(20), &format!("{name}'s API"), || {
+            if let Some(status) = self
+                .site_mut(name)
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{name} exited during start ({status}):\n{}",
+                    self.site(name).log()
+                );
+            }
+            status_json(&config).is_some()
+        });
+        if is_primary {
+            for v in volumes {
+                let socket = self.socket(name, v.name);
+                wait_until(
+                    Duration::from_secs(20),
+                    &format!("socket {}", socket.display()),
+                    || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+                );
+            }
+        }
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn stop(&mut self, name: &str) -> ExitStatus {
+        let mut child = self.site_mut(name).child.take().expect("running");
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        wait_child(&mut child, Duration::from_secs(40))
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.site_mut(name).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `tandem status --json` of a site.
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        status_json(&self.site(name).config)
+            .unwrap_or_else(|| panic!("no status from {name}:\n{}", self.site(name).log()))
+    }
+
+    /// Waits until every replica of the primary's group is streaming with
+    /// nothing owed and holds every change made so far.
+    pub fn wait_replicated(&self, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status(&self.primary);
+            let g = &s["groups"][0];
+            let next = g["next_seq"].as_u64().unwrap_or(0);
+            let done = g["replicas"].as_array().is_some_and(|rs| {
+                rs.iter().all(|r| {
+                    r["state"] == "streaming"
+                        && r["lag_bytes"] == 0
+                        && r["durable_seq"].as_u64().unwrap_or(0) + 1 >= next
+                        && r["applied_seq"].as_u64().unwrap_or(0) + 1 >= next
+                })
+            });
+            if done {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not replicated after {timeout:?}: {s:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl ClusterSite {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.sites.iter().map(|s| s.name.clone()).collect();
+        for n in &names {
+            self.kill(n);
+        }
+        if std::thread::panicking() {
+            for s in &self.sites {
+                eprintln!("--- {} log ---\n{}", s.name, s.log());
+            }
+        }
+    }
+}
+
+/// `tandem status --json --config FILE`, parsed; None if the agent does not
+/// answer.
+pub fn status_json(config: &Path) -> Option<serde_json::Value> {
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .args(["status", "--json", "--config"])
+            .arg(config),
+        Duration::from_secs(15),
+    );
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }

@@ -1,0 +1,111 @@
+//! `tandem status [--json]`: the local agent's view of its groups.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tandem_agent::status::SiteStatus;
+
+pub fn run(config_path: &Path, json: bool) -> Result<()> {
+    let config = crate::load_config(config_path)?;
+    let body = api_get(&config, "/api/v1/status")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: SiteStatus =
+        serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
+    print!("{}", table(&status));
+    Ok(())
+}
+
+/// GET `path` from the local agent's API with its bearer token.
+pub fn api_get(config: &tandem_config::Config, path: &str) -> Result<String> {
+    let token_path = config.api_token_path();
+    let token = std::fs::read_to_string(&token_path).with_context(|| {
+        format!(
+            "cannot read the API token {} (is the agent running on this site?)",
+            token_path.display()
+        )
+    })?;
+    let addr = &config.site.api;
+    let mut s = TcpStream::connect(addr).with_context(|| {
+        format!("cannot reach the agent's API at {addr} (site.api): is `tandem agent` running?")
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.trim()
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)
+        .context("reading the API response")?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head.split_whitespace().nth(1).unwrap_or("?");
+    if code != "200" {
+        bail!("the agent's API answered {code}: {}", body.trim());
+    }
+    // tiny_http may use chunked encoding for large bodies.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(dechunk(body));
+    }
+    Ok(body.to_owned())
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn table(s: &SiteStatus) -> String {
+    let mut out = format!("site {}\n", s.site);
+    for g in &s.groups {
+        out += &format!(
+            "\ngroup {}  role {}  epoch {}  primary {}  mode {}\n",
+            g.name, g.role, g.epoch, g.primary, g.mode
+        );
+        out += &format!(
+            "  {:<12} {:<13} {:>12} {:>9} {:>12}  {}\n",
+            "REPLICA", "STATE", "LAG", "LAG(s)", "DURABLE", "NOTE"
+        );
+        for r in &g.replicas {
+            let note = match (&r.resync, &r.last_error) {
+                (Some(p), _) if r.resyncing && p.total_bytes > 0 => {
+                    format!(
+                        "resync {:.0}% of {}",
+                        100.0 * p.compared_bytes as f64 / p.total_bytes as f64,
+                        tandem_config::format_size_approx(p.total_bytes)
+                    )
+                }
+                (_, Some(e)) if r.state == "disconnected" => e.clone(),
+                _ => String::new(),
+            };
+            out += &format!(
+                "  {:<12} {:<13} {:>12} {:>9.1} {:>12}  {}\n",
+                r.site,
+                r.state,
+                tandem_config::format_size_approx(r.lag_bytes),
+                r.lag_seconds,
+                r.durable_seq,
+                note
+            );
+        }
+    }
+    out
+}
