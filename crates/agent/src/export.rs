@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tandem_capture::{CaptureError, GroupCapture};
+use tandem_capture::{CaptureError, GroupCapture, SyncOutcome};
 use tandem_nbd::{Completion, ErrorCode, Export, ExportError, Extent, ZeroFlags};
 use tandem_volume::VolumeError;
 
@@ -15,10 +15,31 @@ pub struct VolumeExport {
     index: usize,
     name: String,
     size: u64,
+    sync: Option<SyncPolicy>,
 }
+
+/// Sync mode (SPEC G4): how many replicas must have each change before the
+/// client hears back, and what to do when too few are connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncPolicy {
+    pub replicas: usize,
+    /// `on_sync_loss = "degrade"`: carry on asynchronously, loudly.
+    pub degrade: bool,
+}
+
+/// Logged at most this often while a sync group waits or degrades.
+const SYNC_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl VolumeExport {
     pub fn new(capture: Arc<GroupCapture>, index: usize) -> VolumeExport {
+        VolumeExport::with_sync(capture, index, None)
+    }
+
+    pub fn with_sync(
+        capture: Arc<GroupCapture>,
+        index: usize,
+        sync: Option<SyncPolicy>,
+    ) -> VolumeExport {
         let volume = &capture.volumes()[index];
         let (name, size) = (volume.name.clone(), volume.image.size());
         VolumeExport {
@@ -26,13 +47,43 @@ impl VolumeExport {
             index,
             name,
             size,
+            sync,
         }
     }
 
-    /// Replies once the image is durable.
-    fn durable(&self) -> Completion {
+    /// How the reply to change `seq` completes: at once, after the image
+    /// is durable (`durable`: FLUSH or FUA), and in sync mode after enough
+    /// replicas have it (durably, for FLUSH and FUA).
+    fn completion(&self, seq: u64, durable: bool) -> Completion {
+        if !durable && self.sync.is_none() {
+            return Completion::Done;
+        }
         let image = Arc::clone(self.capture.image(self.index));
-        Completion::Deferred(Box::new(move || image.sync().map_err(volume_error)))
+        let capture = Arc::clone(&self.capture);
+        let sync = self.sync;
+        Completion::Deferred(Box::new(move || {
+            if durable {
+                image.sync().map_err(volume_error)?;
+            }
+            let Some(policy) = sync else { return Ok(()) };
+            match capture.wait_replicated(
+                seq,
+                policy.replicas,
+                durable,
+                policy.degrade,
+                SYNC_WARN_EVERY,
+            ) {
+                SyncOutcome::Replicated => Ok(()),
+                SyncOutcome::Degraded => {
+                    warn_degraded(&capture);
+                    Ok(())
+                }
+                SyncOutcome::Closing => Err(ExportError::new(
+                    ErrorCode::Shutdown,
+                    "agent stopping before the replicas confirmed this change",
+                )),
+            }
+        }))
     }
 
     fn changed(
@@ -40,12 +91,25 @@ impl VolumeExport {
         result: Result<u64, CaptureError>,
         fua: bool,
     ) -> Result<Completion, ExportError> {
-        result.map_err(capture_error)?;
-        Ok(if fua {
-            self.durable()
-        } else {
-            Completion::Done
-        })
+        let seq = result.map_err(capture_error)?;
+        Ok(self.completion(seq, fua))
+    }
+}
+
+/// Says loudly, at most every few seconds, that a sync group runs async.
+fn warn_degraded(capture: &GroupCapture) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now >= LAST.load(Ordering::Relaxed) + SYNC_WARN_EVERY.as_secs() {
+        LAST.store(now, Ordering::Relaxed);
+        tracing::error!(
+            group = capture.name(),
+            connected = capture.connected_replicas(),
+            "sync mode DEGRADED: too few replicas connected, writes are acknowledged without them (on_sync_loss = \"degrade\")"
+        );
     }
 }
 
@@ -111,8 +175,8 @@ impl Export for VolumeExport {
     }
 
     fn flush(&self) -> Result<Completion, ExportError> {
-        self.capture.flush(self.index).map_err(capture_error)?;
-        Ok(self.durable())
+        let seq = self.capture.flush(self.index).map_err(capture_error)?;
+        Ok(self.completion(seq, true))
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use status::{GroupStatus, ReplicaStatus, ResyncProgress, SiteStatus};
 
-pub use export::VolumeExport;
+pub use export::{SyncPolicy, VolumeExport};
 pub use layout::Layout;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +84,9 @@ pub struct Agent {
     server: Arc<Server>,
     groups: Vec<Arc<GroupCapture>>,
     sockets: Vec<PathBuf>,
-    /// (group, mode, primary) of every group, in configuration order.
-    plan: Vec<(String, String, String)>,
+    /// (group, mode, primary, sync replicas) of every group, in
+    /// configuration order.
+    plan: Vec<(String, String, String, usize)>,
     links: Vec<LinkHandle>,
     threads: Vec<JoinHandle<()>>,
     replicas: Vec<ReplicaHandle>,
@@ -105,7 +106,7 @@ struct LinkHandle {
 /// What status needs, shared with the API thread.
 pub struct StatusView {
     site: String,
-    plan: Vec<(String, String, String)>,
+    plan: Vec<(String, String, String, usize)>,
     groups: Vec<Arc<GroupCapture>>,
     links: Vec<LinkHandle>,
     replicas: Vec<ReplicaHandle>,
@@ -161,6 +162,7 @@ impl Agent {
                         g.name.clone(),
                         g.mode.as_str().to_owned(),
                         g.primary.clone(),
+                        g.sync_replicas as usize,
                     )
                 })
                 .collect(),
@@ -206,9 +208,13 @@ impl Agent {
                 source,
             })?;
             let capture = Arc::new(capture);
+            let sync = (group.mode == tandem_config::Mode::Sync).then_some(SyncPolicy {
+                replicas: group.sync_replicas as usize,
+                degrade: group.on_sync_loss == tandem_config::OnSyncLoss::Degrade,
+            });
             for index in 0..capture.volumes().len() {
                 let export: Arc<dyn Export> =
-                    Arc::new(VolumeExport::new(Arc::clone(&capture), index));
+                    Arc::new(VolumeExport::with_sync(Arc::clone(&capture), index, sync));
                 agent.listen_unix(&layout, Arc::clone(&export))?;
                 all_exports.insert(export.name().to_owned(), export);
             }
@@ -376,7 +382,7 @@ impl StatusView {
     /// The site's status (SPEC §4.4).
     pub fn status(&self) -> SiteStatus {
         let mut groups = Vec::new();
-        for (name, mode, primary) in &self.plan {
+        for (name, mode, primary, sync_needed) in &self.plan {
             if let Some(capture) = self.groups.iter().find(|g| g.name() == name) {
                 let stats = capture.stats();
                 let replicas = self
@@ -394,6 +400,8 @@ impl StatusView {
                     replicas,
                     next_seq: Some(stats.next_seq),
                     queued_bytes: Some(stats.queued_bytes as u64),
+                    sync_degraded: (mode == "sync")
+                        .then(|| capture.connected_replicas() < *sync_needed),
                 });
             } else if let Some(r) = self.replicas.iter().find(|r| &r.name == name) {
                 let p = *r.position.lock();
@@ -427,6 +435,7 @@ impl StatusView {
                     }],
                     next_seq: None,
                     queued_bytes: None,
+                    sync_degraded: None,
                 });
             }
         }
@@ -484,7 +493,15 @@ impl Agent {
             }
             let _ = handle.join();
         }
-        let left = self.server.shutdown(SHUTDOWN_GRACE);
+        // Requests already received finish; a sync-mode wait for replicas
+        // that cannot come is released after a short grace.
+        let mut left = self.server.shutdown(Duration::from_secs(5));
+        if left > 0 {
+            for group in &self.groups {
+                group.close();
+            }
+            left = self.server.shutdown(SHUTDOWN_GRACE);
+        }
         if left > 0 {
             warn!(
                 connections = left,

@@ -50,6 +50,18 @@ pub fn render(status: &SiteStatus, nbd: &Stats) -> String {
             .filter_map(|g| g.queued_bytes.map(|b| (group_labels(&g.name), b as f64)))
             .collect(),
     );
+    metric(
+        "tandem_sync_degraded",
+        "1 if a sync-mode group has fewer connected replicas than sync_replicas.",
+        "gauge",
+        groups
+            .iter()
+            .filter_map(|g| {
+                g.sync_degraded
+                    .map(|d| (group_labels(&g.name), f64::from(u8::from(d))))
+            })
+            .collect(),
+    );
     let replicas: Vec<_> = groups
         .iter()
         .flat_map(|g| g.replicas.iter().map(move |r| (g, r)))

@@ -26,6 +26,10 @@ pub struct GroupStatus {
     /// Primary only: bytes held in the memory queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_bytes: Option<u64>,
+    /// Sync mode only: fewer than `sync_replicas` replicas are connected
+    /// (writes wait, or with `on_sync_loss = "degrade"` go on without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_degraded: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -95,6 +95,10 @@ struct Replica {
     name: String,
     /// Every record up to here is durable on the replica.
     acked: u64,
+    /// Every record up to here has reached the replica (maybe not durable).
+    received: u64,
+    /// A replication session is up.
+    connected: bool,
     /// The next record to hand out.
     next: u64,
     /// Records below this are not needed any more (acknowledged, or
@@ -211,7 +215,21 @@ pub struct GroupCapture {
     volumes: Vec<CaptureVolume>,
     state: Mutex<State>,
     arrived: Condvar,
+    /// Signalled on every acknowledgement and connection change.
+    acknowledged: Condvar,
     queue_limit: usize,
+    closing: std::sync::atomic::AtomicBool,
+}
+
+/// How a synchronous wait for replicas ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// Enough replicas have the change.
+    Replicated,
+    /// Too few replicas are connected and the policy is to degrade.
+    Degraded,
+    /// The agent is stopping.
+    Closing,
 }
 
 impl GroupCapture {
@@ -258,6 +276,8 @@ impl GroupCapture {
             .map(|r| Replica {
                 name: r.clone(),
                 acked: start - 1,
+                received: start - 1,
+                connected: false,
                 next: start,
                 floor: start,
                 overflowed: false,
@@ -279,7 +299,9 @@ impl GroupCapture {
                 dropped_records: 0,
             }),
             arrived: Condvar::new(),
+            acknowledged: Condvar::new(),
             queue_limit: usize::try_from(queue_limit).unwrap_or(usize::MAX),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -474,12 +496,103 @@ impl GroupCapture {
 
     /// `replica` holds every change up to `seq` durably.
     pub fn ack(&self, replica: &str, seq: u64) -> Result<(), CaptureError> {
+        self.ack_received(replica, seq, seq)
+    }
+
+    /// `replica` has received every change up to `received`, and holds
+    /// every change up to `durable` durably.
+    pub fn ack_received(
+        &self,
+        replica: &str,
+        received: u64,
+        durable: u64,
+    ) -> Result<(), CaptureError> {
         let mut st = self.state.lock();
         let r = replica_mut(&mut st.replicas, replica)?;
-        r.acked = r.acked.max(seq);
+        r.acked = r.acked.max(durable);
+        r.received = r.received.max(received).max(r.acked);
         r.floor = r.floor.max(r.acked + 1);
         st.trim();
+        self.acknowledged.notify_all();
         Ok(())
+    }
+
+    /// A replication session to `replica` went up or down.
+    pub fn set_connected(&self, replica: &str, connected: bool) -> Result<(), CaptureError> {
+        let mut st = self.state.lock();
+        replica_mut(&mut st.replicas, replica)?.connected = connected;
+        self.acknowledged.notify_all();
+        Ok(())
+    }
+
+    /// Waits until `count` replicas have change `seq` — durably if
+    /// `durable`, else received. With `degrade`, gives up as soon as fewer
+    /// than `count` replicas are connected; otherwise waits for them to
+    /// come back (suspend), logging every `warn_every`.
+    pub fn wait_replicated(
+        &self,
+        seq: u64,
+        count: usize,
+        durable: bool,
+        degrade: bool,
+        warn_every: Duration,
+    ) -> SyncOutcome {
+        let mut st = self.state.lock();
+        let mut warned = Instant::now();
+        loop {
+            if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                return SyncOutcome::Closing;
+            }
+            let have = st
+                .replicas
+                .iter()
+                .filter(|r| {
+                    if durable {
+                        r.acked >= seq
+                    } else {
+                        r.received >= seq
+                    }
+                })
+                .count();
+            if have >= count {
+                return SyncOutcome::Replicated;
+            }
+            let connected = st.replicas.iter().filter(|r| r.connected).count();
+            if degrade && connected < count {
+                return SyncOutcome::Degraded;
+            }
+            if warned.elapsed() >= warn_every {
+                tracing::warn!(
+                    group = %self.name,
+                    seq,
+                    connected,
+                    needed = count,
+                    "sync mode: holding I/O until enough replicas have the change (on_sync_loss = \"suspend\")"
+                );
+                warned = Instant::now();
+            }
+            self.acknowledged
+                .wait_for(&mut st, Duration::from_millis(500));
+        }
+    }
+
+    /// Releases every synchronous wait (the agent is stopping).
+    pub fn close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _st = self.state.lock();
+        self.acknowledged.notify_all();
+        self.arrived.notify_all();
+    }
+
+    /// Replicas with a session up.
+    pub fn connected_replicas(&self) -> usize {
+        self.state
+            .lock()
+            .replicas
+            .iter()
+            .filter(|r| r.connected)
+            .count()
     }
 
     /// The replica says the resync that resumes at `resume_at` is complete

@@ -8,4 +8,4 @@ mod group;
 pub mod seq;
 
 pub use error::CaptureError;
-pub use group::{CaptureStats, CaptureVolume, Event, GroupCapture, Lag, Op, Record};
+pub use group::{CaptureStats, CaptureVolume, Event, GroupCapture, Lag, Op, Record, SyncOutcome};

@@ -269,6 +269,20 @@ pub fn serve<R: Read, W: Write>(
         let idle = reader.buffer().is_empty();
         let due = since_commit.elapsed() >= COMMIT_EVERY || bytes_since_commit >= COMMIT_BYTES;
         if ack_now || (group.has_uncommitted() && (idle || due)) || (idle && due) {
+            if group.has_uncommitted() {
+                // Received first (sync mode acknowledges writes on it), then
+                // durable once the journal is synced.
+                let p = group.position();
+                write_message(
+                    &mut writer,
+                    &Message::Ack(Ack {
+                        received: last_seq,
+                        durable: p.durable,
+                        applied: p.applied,
+                    }),
+                    &mut out,
+                )?;
+            }
             let durable = group.commit()?;
             let p = group.position();
             write_message(

@@ -192,6 +192,15 @@ impl Shipper {
             link.state = LinkState::Streaming;
         }
         tracing::info!(%group, %replica, durable = welcome.durable, state = welcome.state.as_str(), "replication link up");
+        cap.set_connected(&replica, true)
+            .map_err(|e| e.to_string())?;
+        struct Disconnected<'a>(&'a GroupCapture, &'a str);
+        impl Drop for Disconnected<'_> {
+            fn drop(&mut self) {
+                let _ = self.0.set_connected(self.1, false);
+            }
+        }
+        let _connected = Disconnected(cap, &replica);
 
         let alive = Arc::new(AtomicBool::new(true));
         let heard = Arc::new(Mutex::new(Instant::now()));
@@ -214,7 +223,9 @@ impl Shipper {
                                 *heard.lock() = Instant::now();
                                 match msg {
                                     Message::Ack(a) => {
-                                        if let Err(e) = cap.ack(&replica, a.durable) {
+                                        if let Err(e) =
+                                            cap.ack_received(&replica, a.received, a.durable)
+                                        {
                                             break e.to_string();
                                         }
                                         let mut l = link.lock();

@@ -179,3 +179,104 @@ fn a_primary_killed_and_restarted_still_converges() {
     assert!(c.stop("dr").success());
     assert_same(&c, "ny", "dr");
 }
+
+/// Bytes of a raw image at `offset`.
+fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+#[test]
+fn sync_mode_acknowledged_writes_survive_the_primary_dying() {
+    let mut c = Cluster::new(
+        "ny",
+        &["dr"],
+        &[vol("v0", "32MiB")],
+        "mode = \"sync\"\nsync_replicas = 1",
+    );
+    c.start("dr");
+    c.start("ny");
+    c.wait_replicated(Duration::from_secs(30));
+    // qemu-io returns only after its writes and the flush are acknowledged.
+    qemu_io(
+        &c.uri("ny", "v0"),
+        &[
+            "write -P 0x61 1M 1M".into(),
+            "write -P 0x62 20M 64k".into(),
+            "flush".into(),
+        ],
+    );
+    c.kill("ny");
+    assert!(c.stop("dr").success());
+    assert!(read_at(&c.image("dr", "v0"), 1 << 20, 1 << 20)
+        .iter()
+        .all(|b| *b == 0x61));
+    assert!(read_at(&c.image("dr", "v0"), 20 << 20, 64 << 10)
+        .iter()
+        .all(|b| *b == 0x62));
+}
+
+#[test]
+fn sync_mode_suspends_writes_until_a_replica_is_back() {
+    let mut c = Cluster::new(
+        "ny",
+        &["dr"],
+        &[vol("v0", "32MiB")],
+        "mode = \"sync\"\nsync_replicas = 1\non_sync_loss = \"suspend\"",
+    );
+    c.start("ny");
+    let mut writer = Command::new(tool("qemu-io"))
+        .args(["-f", "raw", "-c", "write -P 0x71 0 64k", "-c", "flush"])
+        .arg(c.uri("ny", "v0"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // No replica: the write must not be acknowledged.
+    std::thread::sleep(Duration::from_secs(2));
+    if let Some(status) = writer.try_wait().unwrap() {
+        let out = writer.wait_with_output().unwrap();
+        panic!(
+            "qemu-io finished ({status}) with no replica: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s = c.status("ny");
+    assert_eq!(s["groups"][0]["sync_degraded"], true, "{s:#}");
+    c.start("dr");
+    let status = wait_child(&mut writer, Duration::from_secs(60));
+    assert!(status.success());
+    c.wait_replicated(Duration::from_secs(30));
+    assert!(c.stop("ny").success());
+    assert!(c.stop("dr").success());
+    assert!(read_at(&c.image("dr", "v0"), 0, 64 << 10)
+        .iter()
+        .all(|b| *b == 0x71));
+}
+
+#[test]
+fn sync_mode_degrades_when_configured_and_says_so() {
+    let mut c = Cluster::new(
+        "ny",
+        &["dr"],
+        &[vol("v0", "32MiB")],
+        "mode = \"sync\"\nsync_replicas = 1\non_sync_loss = \"degrade\"",
+    );
+    c.start("ny");
+    qemu_io(
+        &c.uri("ny", "v0"),
+        &["write -P 0x72 0 64k".into(), "flush".into()],
+    );
+    let s = c.status("ny");
+    assert_eq!(s["groups"][0]["sync_degraded"], true, "{s:#}");
+    assert!(c.site("ny").log().contains("DEGRADED"));
+    c.start("dr");
+    c.wait_replicated(Duration::from_secs(30));
+    assert_eq!(c.status("ny")["groups"][0]["sync_degraded"], false);
+}
