@@ -224,6 +224,23 @@ impl Agent {
                 replicas = replicas.len(),
                 "serving group as primary"
             );
+            let files = if group.files.is_empty() {
+                None
+            } else {
+                let set = Arc::new(tandem_replication::files::FileSet::default());
+                let watcher = tandem_replication::files::watch(
+                    group.files.clone(),
+                    Arc::clone(&set),
+                    Arc::clone(&agent.stop),
+                )
+                .map_err(|source| AgentError::Io {
+                    path: PathBuf::from(&group.name),
+                    what: "start the files watcher",
+                    source,
+                })?;
+                agent.threads.push(watcher);
+                Some(set)
+            };
             for r in &group.replicas {
                 let Some(peer) = config.peer(&r.site) else {
                     continue;
@@ -234,6 +251,7 @@ impl Agent {
                     &r.site,
                     &peer.address,
                     tls.clone(),
+                    files.clone(),
                 )?;
             }
             agent.groups.push(capture);
@@ -321,6 +339,8 @@ impl Agent {
                 .collect(),
             group: replica,
             connected,
+            files_dir: layout.data_dir.join("files").join(&group.name),
+            files: group.files.clone(),
         })
     }
 
@@ -331,6 +351,7 @@ impl Agent {
         replica: &str,
         address: &str,
         tls: Option<Arc<TlsIdentity>>,
+        files: Option<Arc<tandem_replication::files::FileSet>>,
     ) -> Result<(), AgentError> {
         let info = Arc::new(Mutex::new(LinkInfo::default()));
         let (address, site) = (address.to_owned(), replica.to_owned());
@@ -342,6 +363,7 @@ impl Agent {
             connect: Box::new(move || replication::connect(&address, &site, tls.as_deref())),
             link: Arc::clone(&info),
             stop: Arc::clone(&self.stop),
+            files,
         };
         let name = format!("ship-{}-{replica}", capture.name());
         let thread = std::thread::Builder::new()

@@ -3,6 +3,7 @@
 //! changes over the peer protocol (docs/PEER.md).
 
 mod error;
+pub mod files;
 pub mod journal;
 pub mod receiver;
 pub mod replica;

@@ -44,6 +44,9 @@ pub struct GroupPlan {
     pub group: Arc<Mutex<ReplicaGroup>>,
     /// A primary's session is running.
     pub connected: Arc<std::sync::atomic::AtomicBool>,
+    /// `<data_dir>/files/<group>`, and the group's configured `files`.
+    pub files_dir: std::path::PathBuf,
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// Everything groups this site replicates.
@@ -261,6 +264,19 @@ pub fn serve<R: Read, W: Write>(
                 tracing::info!(group = %plan.name, consistent_at, "resync data complete");
                 write_message(&mut writer, &Message::ResyncDone { resume_at }, &mut out)?;
                 ack_now = true;
+            }
+            Message::File {
+                path,
+                mode,
+                data: payload,
+            } => {
+                payload.decode_into(&mut data)?;
+                match crate::files::store(&plan.files_dir, &plan.files, &path, mode, &data) {
+                    Ok(at) => {
+                        tracing::info!(group = %plan.name, file = %path, copy = %at.display(), "configuration file replicated")
+                    }
+                    Err(e) => tracing::warn!(group = %plan.name, "refused a replicated file: {e}"),
+                }
             }
             Message::Ping(n) => write_message(&mut writer, &Message::Pong(n), &mut out)?,
             Message::Pong(_) => {}

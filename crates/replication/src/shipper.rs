@@ -29,6 +29,8 @@ const IDLE_PING: Duration = Duration::from_secs(1);
 /// A replica silent this long is considered gone.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often changed configuration files are looked for.
+const FILES_EVERY: Duration = Duration::from_millis(250);
 
 /// How a replication link is doing, for status and metrics.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +83,8 @@ pub struct Shipper {
     pub connect: Box<Connect>,
     pub link: Arc<Mutex<LinkInfo>>,
     pub stop: Arc<AtomicBool>,
+    /// The group's configuration files, if it has any.
+    pub files: Option<Arc<crate::files::FileSet>>,
 }
 
 /// Per-link compression state, kept across reconnects so that the byte
@@ -313,7 +317,17 @@ impl Shipper {
         let mut scratch = Vec::new();
         let mut unflushed = false;
         let mut last_sent = Instant::now();
+        // Every file goes again on a new session: the replica may have
+        // missed changes.
+        let mut files_sent = std::collections::BTreeMap::new();
+        let mut files_checked = Instant::now() - FILES_EVERY;
         loop {
+            if files_checked.elapsed() >= FILES_EVERY {
+                files_checked = Instant::now();
+                if self.send_files(w, &mut files_sent, compressor, &mut scratch)? {
+                    unflushed = true;
+                }
+            }
             if self.stop.load(Ordering::Acquire) {
                 w.flush().map_err(|e| e.to_string())?;
                 return Ok(());
@@ -359,6 +373,31 @@ impl Shipper {
             link.raw_bytes = raw;
             link.wire_bytes = wire;
         }
+    }
+
+    /// Sends files that changed since they were last sent on this session.
+    fn send_files<W: Write>(
+        &self,
+        w: &mut W,
+        sent: &mut std::collections::BTreeMap<std::path::PathBuf, u64>,
+        compressor: &mut Compressor,
+        scratch: &mut Vec<u8>,
+    ) -> Result<bool, String> {
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        let changed = files.changed_since(sent);
+        for (path, version) in &changed {
+            let msg = Message::File {
+                path: path.to_string_lossy().into_owned(),
+                mode: version.mode,
+                data: Payload::encode(&version.content, compressor),
+            };
+            write_message(w, &msg, scratch).map_err(|e| e.to_string())?;
+            sent.insert(path.clone(), version.version);
+            tracing::debug!(group = self.capture.name(), replica = %self.replica_site, file = %path.display(), "file sent");
+        }
+        Ok(!changed.is_empty())
     }
 
     fn resync<W: Write>(

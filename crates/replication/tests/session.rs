@@ -75,6 +75,8 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
             volumes: vec![("v".into(), SIZE)],
             group: Arc::clone(&replica),
             connected: Arc::new(AtomicBool::new(false)),
+            files_dir: dir.join("files"),
+            files: Vec::new(),
         }],
     });
     let (stop, cut, sessions) = (
@@ -116,6 +118,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         connect,
         link: Arc::clone(&link),
         stop: Arc::clone(&stop),
+        files: None,
     };
     let handle = thread::spawn(move || shipper.run());
     Pair {

@@ -16,7 +16,10 @@ use common::*;
 
 fn certs(dir: &Path, sites: &[&str]) {
     run_ok(
-        Command::new(TANDEM).args(["certs", "create", "--out"]).arg(dir).args(sites),
+        Command::new(TANDEM)
+            .args(["certs", "create", "--out"])
+            .arg(dir)
+            .args(sites),
         Duration::from_secs(30),
     );
 }
@@ -63,11 +66,18 @@ fn tls_links_replicate_and_a_foreign_certificate_is_refused_with_the_reason() {
         let s = c.status("ny");
         let reps = s["groups"][0]["replicas"].as_array().unwrap().clone();
         let dr = reps.iter().find(|r| r["site"] == "dr").unwrap().clone();
-        let seattle = reps.iter().find(|r| r["site"] == "seattle").unwrap().clone();
+        let seattle = reps
+            .iter()
+            .find(|r| r["site"] == "seattle")
+            .unwrap()
+            .clone();
         let refused = seattle["last_error"].as_str().unwrap_or("");
         if dr["state"] == "streaming" && dr["lag_bytes"] == 0 && refused.contains("certificate") {
             assert_eq!(seattle["state"], "disconnected");
-            assert!(refused.contains("issuer") || refused.contains("CA"), "reason not given: {refused}");
+            assert!(
+                refused.contains("issuer") || refused.contains("CA"),
+                "reason not given: {refused}"
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{s:#}");
@@ -75,7 +85,10 @@ fn tls_links_replicate_and_a_foreign_certificate_is_refused_with_the_reason() {
     }
     // seattle logged why it refused ny.
     let log = c.site("seattle").log();
-    assert!(log.contains("refusing peer connection") && log.contains("certificate"), "{log}");
+    assert!(
+        log.contains("refusing peer connection") && log.contains("certificate"),
+        "{log}"
+    );
     assert!(c.stop("ny").success());
     assert!(c.stop("dr").success());
     assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));
@@ -91,14 +104,20 @@ fn garbage_on_the_peer_port_is_refused_and_replication_continues() {
     let text = std::fs::read_to_string(&c.site("dr").config).unwrap();
     let listen = text
         .lines()
-        .find_map(|l| l.strip_prefix("listen = \"").map(|v| v.trim_end_matches('"').to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("listen = \"")
+                .map(|v| v.trim_end_matches('"').to_owned())
+        })
         .unwrap();
     // Not the peer protocol at all, then a frame with a bad magic, then a
     // valid-looking header announcing 4 GiB.
     for junk in [
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         vec![0xAB; 64],
-        [0x50u8, 0x44, 0x4E, 0x54, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0].to_vec(),
+        [
+            0x50u8, 0x44, 0x4E, 0x54, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+        ]
+        .to_vec(),
     ] {
         let mut s = TcpStream::connect(&listen).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

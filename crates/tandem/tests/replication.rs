@@ -280,3 +280,44 @@ fn sync_mode_degrades_when_configured_and_says_so() {
     c.wait_replicated(Duration::from_secs(30));
     assert_eq!(c.status("ny")["groups"][0]["sync_degraded"], false);
 }
+
+#[test]
+fn configuration_files_reach_the_replica_within_about_a_second() {
+    let src_dir = tempfile::Builder::new()
+        .prefix("tf")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let xml = src_dir.path().join("web01.xml");
+    std::fs::write(&xml, "<domain>one</domain>").unwrap();
+    let extra = format!("files = [\"{}\"]", xml.display());
+    let mut c = Cluster::new("ny", &["dr"], &[vol("v0", "8MiB")], &extra);
+    c.start("dr");
+    c.start("ny");
+    let copy = c
+        .site("dr")
+        .data_dir
+        .join("files/g")
+        .join(xml.strip_prefix("/").unwrap());
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_until(Duration::from_secs(10), "the first copy", || {
+        read(&copy) == "<domain>one</domain>"
+    });
+    // An edit in place, then an editor's write-and-rename.
+    std::fs::write(&xml, "<domain>two</domain>").unwrap();
+    wait_until(Duration::from_secs(3), "the edit", || {
+        read(&copy) == "<domain>two</domain>"
+    });
+    let tmp = src_dir.path().join("web01.xml.new");
+    std::fs::write(&tmp, "<domain>three</domain>").unwrap();
+    std::fs::rename(&tmp, &xml).unwrap();
+    wait_until(Duration::from_secs(3), "the replaced file", || {
+        read(&copy) == "<domain>three</domain>"
+    });
+    // Written atomically: no temporary file left beside it.
+    let leftovers: Vec<_> = std::fs::read_dir(copy.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("tandem-tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
