@@ -75,6 +75,36 @@ fn handle(request: tiny_http::Request, view: &StatusView, token: &str) {
             Ok(body) => json(body, 200),
             Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
         },
+        (Method::Get, "/api/v1/peers") => {
+            match serde_json::to_string_pretty(&view.bandwidth.status()) {
+                Ok(body) => json(body, 200),
+                Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
+            }
+        }
+        (Method::Put, p) if p.starts_with("/api/v1/peers/") && p.ends_with("/bandwidth") => {
+            let site = p
+                .trim_start_matches("/api/v1/peers/")
+                .trim_end_matches("/bandwidth")
+                .to_owned();
+            let mut request = request;
+            let mut body = String::new();
+            let read = request.as_reader().take(4096).read_to_string(&mut body);
+            let result = read
+                .map_err(|e| e.to_string())
+                .and_then(|_| parse_bandwidth(&body))
+                .and_then(|bps| view.bandwidth.set_override(&site, bps));
+            let response = match result {
+                Ok(()) => json(
+                    serde_json::to_string(&view.bandwidth.status()).unwrap_or_default(),
+                    200,
+                ),
+                Err(e) => json(serde_json::json!({ "error": e }).to_string(), 400),
+            };
+            if let Err(e) = request.respond(response) {
+                tracing::debug!("API response failed: {e}");
+            }
+            return;
+        }
         (_, p) => json(
             format!(r#"{{"error":"no such endpoint: {}"}}"#, p.escape_default()),
             404,
@@ -89,6 +119,22 @@ fn with_type<R: Read>(response: Response<R>, content_type: &str) -> Response<R> 
     match Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
         Ok(h) => response.with_header(h),
         Err(()) => response,
+    }
+}
+
+/// `{"bandwidth": "50Mbit" | "unlimited" | "paused" | null}`: the override
+/// to set, `None` to go back to the configuration.
+fn parse_bandwidth(body: &str) -> Result<Option<u64>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    match &v["bandwidth"] {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) if s == "unlimited" => Ok(Some(tandem_replication::throttle::UNLIMITED)),
+        serde_json::Value::String(s) if s == "paused" => Ok(Some(0)),
+        serde_json::Value::String(s) => tandem_config::parse_rate(s)
+            .map(|r| Some(r.bits_per_sec()))
+            .map_err(|e| e.to_string()),
+        other => Err(format!("\"bandwidth\" must be a rate like \"50Mbit\", \"unlimited\", \"paused\" or null, not {other}")),
     }
 }
 

@@ -4,6 +4,7 @@
 //! `docs/ARCHITECTURE.md`.
 
 mod api;
+pub mod bandwidth;
 mod catalog;
 mod export;
 pub mod layout;
@@ -93,6 +94,7 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     peer_listener: Option<(std::os::fd::RawFd, JoinHandle<()>)>,
     api: Option<JoinHandle<()>>,
+    bandwidth: Arc<bandwidth::Bandwidth>,
 }
 
 /// A shipper streaming a primary group to one replica site.
@@ -111,6 +113,7 @@ pub struct StatusView {
     links: Vec<LinkHandle>,
     replicas: Vec<ReplicaHandle>,
     nbd: Arc<tandem_nbd::stats::Stats>,
+    pub(crate) bandwidth: Arc<bandwidth::Bandwidth>,
 }
 
 /// A group this site replicates.
@@ -172,7 +175,17 @@ impl Agent {
             stop: Arc::new(AtomicBool::new(false)),
             peer_listener: None,
             api: None,
+            bandwidth: bandwidth::Bandwidth::new(&config.peers, &config.site.name),
         };
+        let planner = agent
+            .bandwidth
+            .plan(Arc::clone(&agent.stop))
+            .map_err(|source| AgentError::Io {
+                path: PathBuf::from("bandwidth"),
+                what: "start the bandwidth planner",
+                source,
+            })?;
+        agent.threads.push(planner);
         let mut all_exports: BTreeMap<String, Arc<dyn Export>> = BTreeMap::new();
         let mut plans = Vec::new();
         for group in &config.groups {
@@ -355,12 +368,25 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let info = Arc::new(Mutex::new(LinkInfo::default()));
         let (address, site) = (address.to_owned(), replica.to_owned());
+        let limiter = self.bandwidth.limiter(replica);
         let shipper = Shipper {
             capture: Arc::clone(capture),
             local_site: local.to_owned(),
             replica_site: replica.to_owned(),
             epoch: INITIAL_EPOCH,
-            connect: Box::new(move || replication::connect(&address, &site, tls.as_deref())),
+            connect: Box::new(move || {
+                let link = replication::connect(&address, &site, tls.as_deref())?;
+                Ok(match &limiter {
+                    Some(limiter) => tandem_replication::shipper::Link {
+                        writer: Box::new(tandem_replication::throttle::Throttled {
+                            inner: link.writer,
+                            limiter: Arc::clone(limiter),
+                        }),
+                        ..link
+                    },
+                    None => link,
+                })
+            }),
             link: Arc::clone(&info),
             stop: Arc::clone(&self.stop),
             files,
@@ -391,6 +417,7 @@ impl Agent {
             links: self.links.clone(),
             replicas: self.replicas.clone(),
             nbd: Arc::clone(&self.server.stats),
+            bandwidth: Arc::clone(&self.bandwidth),
         }
     }
 
@@ -411,7 +438,7 @@ impl StatusView {
                     .links
                     .iter()
                     .filter(|l| &l.group == name)
-                    .map(|l| link_status(capture, l))
+                    .map(|l| link_status(capture, l, &self.bandwidth))
                     .collect();
                 groups.push(GroupStatus {
                     name: name.clone(),
@@ -565,12 +592,21 @@ impl Agent {
     }
 }
 
-fn link_status(capture: &GroupCapture, link: &LinkHandle) -> ReplicaStatus {
+fn link_status(
+    capture: &GroupCapture,
+    link: &LinkHandle,
+    bandwidth: &bandwidth::Bandwidth,
+) -> ReplicaStatus {
     let info = link.info.lock().clone();
     let lag = capture.lag(&link.replica).ok();
     let connected = info.state != LinkState::Disconnected;
+    let paused = bandwidth
+        .limiter(&link.replica)
+        .is_some_and(|l| l.rate_bps() == 0);
     let state = if !connected {
         "disconnected"
+    } else if paused {
+        "paused"
     } else if !info.replica_consistent {
         "inconsistent"
     } else if info.state == LinkState::Resyncing || lag.is_some_and(|l| l.resyncing) {

@@ -9,5 +9,6 @@ pub mod receiver;
 pub mod replica;
 pub mod shipper;
 pub mod state;
+pub mod throttle;
 
 pub use error::ReplicaError;

@@ -50,6 +50,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Change the bandwidth limit towards a peer site now (until restart)
+    Bandwidth {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Peer site name
+        site: String,
+        /// A rate (e.g. 50Mbit, 10MB), unlimited, paused, or auto (back to the configuration)
+        value: String,
+    },
     /// Certificates for mutual TLS between sites
     Certs {
         #[command(subcommand)]
@@ -94,6 +103,11 @@ fn main() -> ExitCode {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Status { config, json } => cmd::status::run(&config.path(), json),
+        Command::Bandwidth {
+            config,
+            site,
+            value,
+        } => cmd::bandwidth::run(&config.path(), &site, &value),
         Command::Certs {
             action: CertsAction::Create { out, sites },
         } => cmd::certs::run(&out, &sites),

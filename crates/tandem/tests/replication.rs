@@ -321,3 +321,49 @@ fn configuration_files_reach_the_replica_within_about_a_second() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn bandwidth_changes_at_runtime_pause_and_resume_replication() {
+    let mut c = Cluster::new("ny", &["dr"], &[vol("v0", "16MiB")], "");
+    c.start("dr");
+    c.start("ny");
+    c.wait_replicated(Duration::from_secs(30));
+    let bw = |value: &str| {
+        run_ok(
+            Command::new(TANDEM)
+                .args(["bandwidth", "--config"])
+                .arg(&c.site("ny").config)
+                .args(["dr", value]),
+            Duration::from_secs(15),
+        )
+    };
+    assert!(bw("paused").contains("paused"));
+    qemu_io(
+        &c.uri("ny", "v0"),
+        &["write -P 0x44 0 2M".into(), "flush".into()],
+    );
+    let s = c.status("ny");
+    let rep = &s["groups"][0]["replicas"][0];
+    assert_eq!(rep["state"], "paused", "{s:#}");
+    assert!(rep["lag_bytes"].as_u64().unwrap() > 0);
+    assert!(bw("20Mbit").contains("20Mbit"));
+    c.wait_replicated(Duration::from_secs(30));
+    assert!(bw("auto").contains("unlimited"));
+    // A bad value is refused with a clear error.
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .args(["bandwidth", "--config"])
+            .arg(&c.site("ny").config)
+            .args(["dr", "fast"]),
+        Duration::from_secs(15),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid rate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c.stop("ny").success());
+    assert!(c.stop("dr").success());
+    assert_same(&c, "ny", "dr");
+}

@@ -1,4 +1,5 @@
 pub mod agent;
+pub mod bandwidth;
 pub mod certs;
 pub mod dirty;
 pub mod status;

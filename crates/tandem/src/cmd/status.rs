@@ -23,6 +23,17 @@ pub fn run(config_path: &Path, json: bool) -> Result<()> {
 
 /// GET `path` from the local agent's API with its bearer token.
 pub fn api_get(config: &tandem_config::Config, path: &str) -> Result<String> {
+    api_request(config, "GET", path, None)
+}
+
+/// One request to the local agent's API with its bearer token; the body
+/// of a 200 answer.
+pub fn api_request(
+    config: &tandem_config::Config,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<String> {
     let token_path = config.api_token_path();
     let token = std::fs::read_to_string(&token_path).with_context(|| {
         format!(
@@ -35,10 +46,12 @@ pub fn api_get(config: &tandem_config::Config, path: &str) -> Result<String> {
         format!("cannot reach the agent's API at {addr} (site.api): is `tandem agent` running?")
     })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        token.trim()
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        token.trim(),
+        body.len()
     )?;
     let mut response = String::new();
     s.read_to_string(&mut response)

@@ -1,0 +1,137 @@
+//! Per-peer bandwidth: the configured `bandwidth`, the `schedule` windows
+//! (local time), and a runtime override set through the API; a planner
+//! thread applies the effective rate to each peer's limiter.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tandem_config::{Peer, Rate};
+use tandem_replication::throttle::{Limiter, UNLIMITED};
+
+const PLAN_EVERY: Duration = Duration::from_secs(2);
+
+pub struct PeerBandwidth {
+    pub peer: Peer,
+    pub limiter: Arc<Limiter>,
+    /// Set through the API ([`UNLIMITED`], or 0 to pause).
+    pub override_bps: Mutex<Option<u64>>,
+}
+
+#[derive(Serialize)]
+pub struct BandwidthStatus {
+    pub site: String,
+    /// Configured limit, bits per second.
+    pub bandwidth_bps: Option<u64>,
+    pub schedule: Vec<String>,
+    /// Set at runtime through the API (until the agent restarts).
+    pub override_bps: Option<u64>,
+    /// A schedule window or the override pauses replication to this site.
+    pub paused: bool,
+    /// What applies now; null = unlimited, 0 = paused.
+    pub effective_bps: Option<u64>,
+}
+
+pub struct Bandwidth {
+    pub peers: BTreeMap<String, PeerBandwidth>,
+}
+
+impl Bandwidth {
+    pub fn new(peers: &[Peer], local: &str) -> Arc<Bandwidth> {
+        let peers = peers
+            .iter()
+            .filter(|p| p.name != local)
+            .map(|p| {
+                let entry = PeerBandwidth {
+                    peer: p.clone(),
+                    limiter: Limiter::new(UNLIMITED),
+                    override_bps: Mutex::new(None),
+                };
+                (p.name.clone(), entry)
+            })
+            .collect();
+        let b = Arc::new(Bandwidth { peers });
+        b.apply();
+        b
+    }
+
+    pub fn limiter(&self, site: &str) -> Option<Arc<Limiter>> {
+        self.peers.get(site).map(|p| Arc::clone(&p.limiter))
+    }
+
+    /// The rate that applies to `p` now.
+    fn effective(p: &PeerBandwidth) -> u64 {
+        if let Some(o) = *p.override_bps.lock() {
+            return o;
+        }
+        let (weekday, minute) = local_weekday_minute();
+        p.peer
+            .rate_at(weekday, minute)
+            .map_or(UNLIMITED, |r: Rate| r.bits_per_sec())
+    }
+
+    pub fn apply(&self) {
+        for p in self.peers.values() {
+            p.limiter.set_rate(Self::effective(p));
+        }
+    }
+
+    /// Sets (Some) or clears (None) the runtime override of a peer.
+    pub fn set_override(&self, site: &str, bps: Option<u64>) -> Result<(), String> {
+        let p = self
+            .peers
+            .get(site)
+            .ok_or_else(|| format!("no peer site named {site:?}"))?;
+        *p.override_bps.lock() = bps;
+        p.limiter.set_rate(Self::effective(p));
+        tracing::info!(peer = site, override_bps = ?bps, "bandwidth override changed through the API");
+        Ok(())
+    }
+
+    pub fn status(&self) -> Vec<BandwidthStatus> {
+        self.peers
+            .values()
+            .map(|p| BandwidthStatus {
+                site: p.peer.name.clone(),
+                bandwidth_bps: p.peer.bandwidth.map(|r| r.bits_per_sec()),
+                schedule: p.peer.schedule.iter().map(ToString::to_string).collect(),
+                override_bps: *p.override_bps.lock(),
+                paused: p.limiter.rate_bps() == 0,
+                effective_bps: Some(p.limiter.rate_bps()).filter(|r| *r != UNLIMITED),
+            })
+            .collect()
+    }
+
+    /// Re-applies schedules until `stop`.
+    pub fn plan(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("bandwidth".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    me.apply();
+                    std::thread::sleep(PLAN_EVERY);
+                }
+            })
+    }
+}
+
+/// (weekday 0 = Monday, minute of the day) in local time.
+fn local_weekday_minute() -> (u8, u16) {
+    // SAFETY: time(NULL) and localtime_r into a zeroed struct we own.
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return (0, 0);
+        }
+        (
+            ((tm.tm_wday + 6) % 7) as u8,
+            (tm.tm_hour * 60 + tm.tm_min) as u16,
+        )
+    }
+}
