@@ -46,7 +46,7 @@ pub fn start(
         .map_err(|e| err(e.to_string()))
 }
 
-fn handle(request: tiny_http::Request, view: &StatusView, token: &str) {
+fn handle(request: tiny_http::Request, view: &Arc<StatusView>, token: &str) {
     let path = request.url().split('?').next().unwrap_or("").to_owned();
     let authorized = request.headers().iter().any(|h| {
         h.field.equiv("Authorization")
@@ -55,12 +55,12 @@ fn handle(request: tiny_http::Request, view: &StatusView, token: &str) {
                 .strip_prefix("Bearer ")
                 .is_some_and(|t| t.trim() == token)
     });
-    let json = |body: String, code: u16| {
+    fn json(body: String, code: u16) -> Response<std::io::Cursor<Vec<u8>>> {
         with_type(
             Response::from_string(body).with_status_code(code),
             "application/json",
         )
-    };
+    }
     let response = match (request.method(), path.as_str()) {
         (Method::Get, "/api/v1/openapi.json") => json(OPENAPI.to_owned(), 200),
         (Method::Get, "/metrics") => with_type(
@@ -75,6 +75,32 @@ fn handle(request: tiny_http::Request, view: &StatusView, token: &str) {
             Ok(body) => json(body, 200),
             Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
         },
+        (Method::Post, p) if p.starts_with("/api/v1/groups/") && p.ends_with("/verify") => {
+            // Long work: answered from its own thread.
+            let group = p
+                .trim_start_matches("/api/v1/groups/")
+                .trim_end_matches("/verify")
+                .to_owned();
+            let view = Arc::clone(view);
+            let spawned = std::thread::Builder::new()
+                .name("verify".into())
+                .spawn(move || {
+                    let response = match view.verify(&group) {
+                        Ok(result) => json(
+                            serde_json::to_string_pretty(&result).unwrap_or_default(),
+                            200,
+                        ),
+                        Err(e) => json(serde_json::json!({ "error": e }).to_string(), 404),
+                    };
+                    if let Err(e) = request.respond(response) {
+                        tracing::debug!("API response failed: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a verify thread: {e}");
+            }
+            return;
+        }
         (Method::Get, "/api/v1/peers") => {
             match serde_json::to_string_pretty(&view.bandwidth.status()) {
                 Ok(body) => json(body, 200),

@@ -103,6 +103,7 @@ struct LinkHandle {
     group: String,
     replica: String,
     info: Arc<Mutex<LinkInfo>>,
+    verify: crossbeam_channel::Sender<tandem_replication::shipper::VerifyJob>,
 }
 
 /// What status needs, shared with the API thread.
@@ -369,6 +370,7 @@ impl Agent {
         let info = Arc::new(Mutex::new(LinkInfo::default()));
         let (address, site) = (address.to_owned(), replica.to_owned());
         let limiter = self.bandwidth.limiter(replica);
+        let (verify_tx, verify_rx) = crossbeam_channel::unbounded();
         let shipper = Shipper {
             capture: Arc::clone(capture),
             local_site: local.to_owned(),
@@ -390,6 +392,7 @@ impl Agent {
             link: Arc::clone(&info),
             stop: Arc::clone(&self.stop),
             files,
+            verify: verify_rx,
         };
         let name = format!("ship-{}-{replica}", capture.name());
         let thread = std::thread::Builder::new()
@@ -404,6 +407,7 @@ impl Agent {
             group: capture.name().to_owned(),
             replica: replica.to_owned(),
             info,
+            verify: verify_tx,
         });
         self.threads.push(thread);
         Ok(())
@@ -428,6 +432,71 @@ impl Agent {
 }
 
 impl StatusView {
+    /// Compares every replica of `group` with this primary (`tandem
+    /// verify`).
+    pub fn verify(&self, group: &str) -> Result<status::VerifyResult, String> {
+        if !self.groups.iter().any(|g| g.name() == group) {
+            return Err(format!(
+                "this site is not the primary of a group named {group:?}"
+            ));
+        }
+        let mut replicas = Vec::new();
+        for link in self.links.iter().filter(|l| l.group == group) {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let outcome = if link.info.lock().state == LinkState::Disconnected {
+                Err("replica not connected".to_owned())
+            } else if link
+                .verify
+                .send(tandem_replication::shipper::VerifyJob { reply: tx })
+                .is_err()
+            {
+                Err("replication link stopped".to_owned())
+            } else {
+                rx.recv_timeout(Duration::from_secs(6 * 3600))
+                    .map_err(|_| "no answer from the replication link".to_owned())
+                    .and_then(|r| r)
+            };
+            let volumes: Vec<String> = self
+                .groups
+                .iter()
+                .find(|g| g.name() == group)
+                .map(|g| g.volumes().iter().map(|v| v.name.clone()).collect())
+                .unwrap_or_default();
+            replicas.push(match outcome {
+                Ok(report) => status::VerifyReplica {
+                    site: link.replica.clone(),
+                    compared_bytes: report.compared_bytes,
+                    passes: report.passes,
+                    differing: report
+                        .differing
+                        .iter()
+                        .map(|&(v, offset, length)| status::DifferingRange {
+                            volume: volumes.get(v as usize).cloned().unwrap_or_default(),
+                            offset,
+                            length,
+                        })
+                        .collect(),
+                    error: None,
+                },
+                Err(e) => status::VerifyReplica {
+                    site: link.replica.clone(),
+                    compared_bytes: 0,
+                    passes: 0,
+                    differing: Vec::new(),
+                    error: Some(e),
+                },
+            });
+        }
+        let identical = replicas
+            .iter()
+            .all(|r| r.error.is_none() && r.differing.is_empty());
+        Ok(status::VerifyResult {
+            group: group.to_owned(),
+            identical,
+            replicas,
+        })
+    }
+
     /// The site's status (SPEC §4.4).
     pub fn status(&self) -> SiteStatus {
         let mut groups = Vec::new();

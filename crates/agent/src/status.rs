@@ -62,3 +62,31 @@ pub struct ResyncProgress {
     pub compared_bytes: u64,
     pub sent_bytes: u64,
 }
+
+/// What `tandem verify GROUP` found.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VerifyResult {
+    pub group: String,
+    /// Every replica answered and none differs.
+    pub identical: bool,
+    pub replicas: Vec<VerifyReplica>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VerifyReplica {
+    pub site: String,
+    pub compared_bytes: u64,
+    /// Comparison passes (differing chunks are compared again after the
+    /// replica caught up with writes made meanwhile).
+    pub passes: u32,
+    pub differing: Vec<DifferingRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DifferingRange {
+    pub volume: String,
+    pub offset: u64,
+    pub length: u64,
+}

@@ -85,6 +85,31 @@ pub struct Shipper {
     pub stop: Arc<AtomicBool>,
     /// The group's configuration files, if it has any.
     pub files: Option<Arc<crate::files::FileSet>>,
+    /// Verification requests (`tandem verify`).
+    pub verify: Receiver<VerifyJob>,
+}
+
+/// A request to compare the replica with the primary, chunk by chunk.
+pub struct VerifyJob {
+    pub reply: crossbeam_channel::Sender<Result<VerifyReport, String>>,
+}
+
+/// What a verification found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub compared_bytes: u64,
+    /// Ranges that still differed after the replica had caught up:
+    /// (volume index, offset, length).
+    pub differing: Vec<(u32, u64, u64)>,
+    pub passes: u32,
+}
+
+/// What to do with chunks a `Diff` marks.
+enum OnDiff<'a> {
+    /// Send them (resync).
+    Send,
+    /// Note them (verify).
+    Collect(&'a mut Vec<(u32, u64, u64)>),
 }
 
 /// Per-link compression state, kept across reconnects so that the byte
@@ -322,6 +347,17 @@ impl Shipper {
         let mut files_sent = std::collections::BTreeMap::new();
         let mut files_checked = Instant::now() - FILES_EVERY;
         loop {
+            if let Ok(job) = self.verify.try_recv() {
+                w.flush().map_err(|e| e.to_string())?;
+                let report = self.verify_replica(w, diffs, alive, compressor);
+                let failed = report.as_ref().err().cloned();
+                let _ = job.reply.send(report);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                unflushed = false;
+                last_sent = Instant::now();
+            }
             if files_checked.elapsed() >= FILES_EVERY {
                 files_checked = Instant::now();
                 if self.send_files(w, &mut files_sent, compressor, &mut scratch)? {
@@ -467,14 +503,30 @@ impl Shipper {
                     }
                     while pending.len() >= HASHES_IN_FLIGHT {
                         w.flush().map_err(|e| e.to_string())?;
-                        self.answer_diff(w, diffs, alive, &mut pending, compressor, &mut scratch)?;
+                        self.answer_diff(
+                            w,
+                            diffs,
+                            alive,
+                            &mut pending,
+                            compressor,
+                            &mut scratch,
+                            OnDiff::Send,
+                        )?;
                     }
                 }
             }
         }
         w.flush().map_err(|e| e.to_string())?;
         while !pending.is_empty() {
-            self.answer_diff(w, diffs, alive, &mut pending, compressor, &mut scratch)?;
+            self.answer_diff(
+                w,
+                diffs,
+                alive,
+                &mut pending,
+                compressor,
+                &mut scratch,
+                OnDiff::Send,
+            )?;
             w.flush().map_err(|e| e.to_string())?;
         }
         // Every chunk was read before this point: once the replica has
@@ -499,6 +551,7 @@ impl Shipper {
         pending: &mut VecDeque<(u32, u64, u32, usize)>,
         compressor: &mut Compressor,
         scratch: &mut Vec<u8>,
+        mut on_diff: OnDiff<'_>,
     ) -> Result<(), String> {
         let Some((volume, offset, chunk, count)) = pending.pop_front() else {
             return Ok(());
@@ -532,6 +585,10 @@ impl Shipper {
             }
             let at = offset + i as u64 * u64::from(chunk);
             let n = u64::from(chunk).min(image.size().saturating_sub(at)) as usize;
+            if let OnDiff::Collect(found) = &mut on_diff {
+                found.push((volume, at, n as u64));
+                continue;
+            }
             image.read(at, &mut buf[..n]).map_err(|e| e.to_string())?;
             let data = Payload::encode(&buf[..n], compressor);
             sent += data.wire_len() as u64;
@@ -550,6 +607,132 @@ impl Shipper {
         link.resync_done += count as u64 * u64::from(chunk);
         link.resync_sent += sent;
         Ok(())
+    }
+}
+
+impl Shipper {
+    /// Compares every chunk of every volume with the replica; chunks that
+    /// differ are compared again once the replica has caught up with the
+    /// changes made meanwhile (the VM keeps writing), up to three passes.
+    fn verify_replica<W: Write>(
+        &self,
+        w: &mut W,
+        diffs: &Receiver<Incoming>,
+        alive: &AtomicBool,
+        compressor: &mut Compressor,
+    ) -> Result<VerifyReport, String> {
+        let cap = &self.capture;
+        let mut report = VerifyReport::default();
+        let mut suspects: Vec<(u32, u64, u64)> = cap
+            .volumes()
+            .iter()
+            .enumerate()
+            .map(|(v, vol)| (v as u32, 0, vol.image.size()))
+            .collect();
+        for pass in 1..=3 {
+            report.passes = pass;
+            self.catch_up(w, diffs, alive, compressor)?;
+            let mut found = Vec::new();
+            let mut scratch = Vec::new();
+            let mut pending: VecDeque<(u32, u64, u32, usize)> = VecDeque::new();
+            for &(volume, offset, len) in &suspects {
+                let image = self.capture.image(volume as usize);
+                let end = offset + len;
+                let mut pos = offset;
+                while pos < end {
+                    let count = ((end - pos).div_ceil(u64::from(CHUNK_LARGE)) as usize)
+                        .min(HASHES_PER_MESSAGE);
+                    let hashes =
+                        chunk_hashes(image, pos, CHUNK_LARGE, count).map_err(|e| e.to_string())?;
+                    let n = hashes.len();
+                    if n == 0 {
+                        break;
+                    }
+                    if pass == 1 {
+                        report.compared_bytes += (n as u64 * u64::from(CHUNK_LARGE)).min(end - pos);
+                    }
+                    let msg = Message::Hashes {
+                        volume,
+                        offset: pos,
+                        chunk: CHUNK_LARGE,
+                        hashes,
+                    };
+                    write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
+                    pending.push_back((volume, pos, CHUNK_LARGE, n));
+                    pos += n as u64 * u64::from(CHUNK_LARGE);
+                    while pending.len() >= HASHES_IN_FLIGHT {
+                        w.flush().map_err(|e| e.to_string())?;
+                        self.answer_diff(
+                            w,
+                            diffs,
+                            alive,
+                            &mut pending,
+                            compressor,
+                            &mut scratch,
+                            OnDiff::Collect(&mut found),
+                        )?;
+                    }
+                }
+            }
+            w.flush().map_err(|e| e.to_string())?;
+            while !pending.is_empty() {
+                self.answer_diff(
+                    w,
+                    diffs,
+                    alive,
+                    &mut pending,
+                    compressor,
+                    &mut scratch,
+                    OnDiff::Collect(&mut found),
+                )?;
+            }
+            suspects = found;
+            if suspects.is_empty() {
+                break;
+            }
+        }
+        report.differing = suspects;
+        Ok(report)
+    }
+
+    /// Streams queued changes (and any owed resync) until the replica holds
+    /// every change made so far.
+    fn catch_up<W: Write>(
+        &self,
+        w: &mut W,
+        diffs: &Receiver<Incoming>,
+        alive: &AtomicBool,
+        compressor: &mut Compressor,
+    ) -> Result<(), String> {
+        let cap = &self.capture;
+        let target = cap.next_seq().saturating_sub(1);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut scratch = Vec::new();
+        loop {
+            let lag = cap.lag(&self.replica_site).map_err(|e| e.to_string())?;
+            if lag.acked >= target && !lag.resyncing {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("the replica did not catch up within 60 s; verify again later".into());
+            }
+            if !alive.load(Ordering::Acquire) {
+                return Err("peer gone".into());
+            }
+            match cap
+                .next_event(&self.replica_site, Duration::from_millis(20))
+                .map_err(|e| e.to_string())?
+            {
+                Some(Event::Record(rec)) => {
+                    let msg = record_message(self.epoch, &rec, compressor);
+                    write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
+                }
+                Some(Event::Resync { ranges, resume_at }) => {
+                    self.resync(w, diffs, alive, &ranges, resume_at, compressor)?
+                }
+                None => w.flush().map_err(|e| e.to_string())?,
+            }
+        }
     }
 }
 

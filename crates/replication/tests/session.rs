@@ -119,6 +119,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         link: Arc::clone(&link),
         stop: Arc::clone(&stop),
         files: None,
+        verify: crossbeam_channel::never(),
     };
     let handle = thread::spawn(move || shipper.run());
     Pair {

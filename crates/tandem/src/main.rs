@@ -50,6 +50,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare every replica of a group with this primary (exit 1 if any differs)
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+    },
     /// Change the bandwidth limit towards a peer site now (until restart)
     Bandwidth {
         #[command(flatten)]
@@ -103,6 +110,11 @@ fn main() -> ExitCode {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Status { config, json } => cmd::status::run(&config.path(), json),
+        Command::Verify { config, group } => match cmd::verify::run(&config.path(), &group) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Bandwidth {
             config,
             site,

@@ -367,3 +367,47 @@ fn bandwidth_changes_at_runtime_pause_and_resume_replication() {
     assert!(c.stop("dr").success());
     assert_same(&c, "ny", "dr");
 }
+
+#[test]
+fn verify_finds_replicas_identical_and_reports_a_damaged_one() {
+    let mut c = Cluster::new("ny", &["dr"], &[vol("v0", "16MiB"), vol("v1", "8MiB")], "");
+    c.start("dr");
+    c.start("ny");
+    qemu_io(
+        &c.uri("ny", "v0"),
+        &["write -P 0x51 0 8M".into(), "flush".into()],
+    );
+    c.wait_replicated(Duration::from_secs(30));
+    let verify = || {
+        run_with_timeout(
+            Command::new(TANDEM)
+                .args(["verify", "--config"])
+                .arg(&c.site("ny").config)
+                .arg("g"),
+            Duration::from_secs(120),
+        )
+    };
+    let ok = verify();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("dr: identical"));
+    // Damage the replica's image behind Tandem's back (as a bad disk would).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.image("dr", "v1"))
+            .unwrap();
+        f.write_all_at(&[0xEE; 100], (3 << 20) + 7).unwrap();
+    }
+    let bad = verify();
+    let out = String::from_utf8_lossy(&bad.stdout).into_owned();
+    assert_eq!(bad.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("DIFFER") && out.contains("v1\toffset 3145728\tlength 65536"),
+        "{out}"
+    );
+}

@@ -3,3 +3,4 @@ pub mod bandwidth;
 pub mod certs;
 pub mod dirty;
 pub mod status;
+pub mod verify;
