@@ -543,6 +543,7 @@ impl Shipper {
 
     /// Waits for the oldest outstanding `Diff` and sends the chunks that
     /// differ, read fresh from the image.
+    #[allow(clippy::too_many_arguments)] // the session's plumbing, passed through
     fn answer_diff<W: Write>(
         &self,
         w: &mut W,

@@ -14,14 +14,15 @@ use parking_lot::Mutex;
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_replication::receiver::{self, GroupPlan, ReceiverContext};
 use tandem_replication::replica::{ReplicaGroup, ReplicaVolume};
-use tandem_replication::shipper::{Link, LinkInfo, Shipper};
+use tandem_replication::shipper::{Link, LinkInfo, LinkState, Shipper};
 use tandem_volume::RawImage;
 
 const SIZE: u64 = 32 << 20;
 
 struct Pair {
     capture: Arc<GroupCapture>,
-    replica: Arc<Mutex<ReplicaGroup>>,
+    /// The replica's own view of where it stands.
+    replica: Arc<Mutex<Position>>,
     link: Arc<Mutex<LinkInfo>>,
     stop: Arc<AtomicBool>,
     /// Set to cut the link: new connections fail while it is set.
@@ -142,34 +143,27 @@ impl Pair {
         }
     }
 
+    /// Waits until the link is up, the replica reports itself consistent,
+    /// and it holds every change made so far.
     fn wait_caught_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let target = self.capture.next_seq() - 1;
             let lag = self.capture.lag("dr").unwrap();
-            let p = self
-                .replica
-                .try_lock_for(Duration::from_millis(50))
-                .map(|g| g.position());
-            if let Some(p) = p {
-                if lag.bytes == 0
-                    && !lag.resyncing
-                    && p.applied >= target.min(lag.acked)
-                    && lag.acked + 1 >= self.capture.next_seq()
-                    && p.consistent
-                {
-                    return;
-                }
-            } else if lag.bytes == 0 && !lag.resyncing && lag.acked + 1 >= self.capture.next_seq() {
-                let l = self.link.lock();
-                if l.applied >= l.durable {
-                    return;
-                }
+            let link = self.link.lock().clone();
+            let next = self.capture.next_seq();
+            if link.connects >= 1
+                && link.state == LinkState::Streaming
+                && link.replica_consistent
+                && lag.bytes == 0
+                && !lag.resyncing
+                && lag.acked + 1 >= next
+                && link.applied + 1 >= next
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
-                "replica did not catch up: {lag:?} {:?}",
-                self.link.lock()
+                "replica did not catch up: {lag:?} {link:?}"
             );
             thread::sleep(Duration::from_millis(20));
         }
