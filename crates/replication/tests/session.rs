@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_replication::receiver::{self, GroupPlan, ReceiverContext};
-use tandem_replication::replica::{ReplicaGroup, ReplicaVolume};
+use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
 use tandem_replication::shipper::{Link, LinkInfo, LinkState, Shipper};
 use tandem_volume::RawImage;
 
@@ -123,9 +123,10 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         verify: crossbeam_channel::never(),
     };
     let handle = thread::spawn(move || shipper.run());
+    let position = replica.lock().published();
     Pair {
         capture,
-        replica,
+        replica: position,
         link,
         stop,
         cut,
@@ -158,6 +159,8 @@ impl Pair {
                 && !lag.resyncing
                 && lag.acked + 1 >= next
                 && link.applied + 1 >= next
+                && self.replica.lock().applied + 1 >= next
+                && self.replica.lock().consistent
             {
                 return;
             }
