@@ -104,6 +104,25 @@ pub struct VerifyReport {
     pub passes: u32,
 }
 
+/// The connection as the resync and verify pipelines use it.
+struct Wire<'a, W> {
+    w: &'a mut W,
+    diffs: &'a Receiver<Incoming>,
+    alive: &'a AtomicBool,
+    compressor: &'a mut Compressor,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> Wire<'_, W> {
+    fn send(&mut self, msg: &Message) -> Result<(), String> {
+        write_message(self.w, msg, &mut self.scratch).map_err(|e| e.to_string())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.w.flush().map_err(|e| e.to_string())
+    }
+}
+
 /// What to do with chunks a `Diff` marks.
 enum OnDiff<'a> {
     /// Send them (resync).
@@ -456,84 +475,42 @@ impl Shipper {
             link.resync_sent = 0;
         }
         tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, resume_at, "resync: comparing chunks");
-        let mut scratch = Vec::new();
-        let send = |w: &mut W, msg: &Message, scratch: &mut Vec<u8>| {
-            write_message(w, msg, scratch).map_err(|e| e.to_string())
-        };
-        send(
+        let mut wire = Wire {
             w,
-            &Message::ResyncBegin {
-                epoch: self.epoch,
-                resume_at,
-                bytes: total,
-            },
-            &mut scratch,
-        )?;
-        let mut pending: VecDeque<(u32, u64, u32, usize)> = VecDeque::new();
-        for (volume, list) in ranges.iter().enumerate() {
-            let image = cap.image(volume);
-            for &(offset, len) in list {
-                let chunk = if len >= 1 << 20 {
-                    CHUNK_LARGE
-                } else {
-                    CHUNK_SMALL
-                };
-                let end = offset + len;
-                let mut pos = offset - offset % u64::from(chunk);
-                while pos < end {
-                    let count =
-                        ((end - pos).div_ceil(u64::from(chunk)) as usize).min(HASHES_PER_MESSAGE);
-                    let hashes =
-                        chunk_hashes(image, pos, chunk, count).map_err(|e| e.to_string())?;
-                    let n = hashes.len();
-                    send(
-                        w,
-                        &Message::Hashes {
-                            volume: volume as u32,
-                            offset: pos,
-                            chunk,
-                            hashes,
-                        },
-                        &mut scratch,
-                    )?;
-                    pending.push_back((volume as u32, pos, chunk, n));
-                    pos += n as u64 * u64::from(chunk);
-                    if n == 0 {
-                        break;
-                    }
-                    while pending.len() >= HASHES_IN_FLIGHT {
-                        w.flush().map_err(|e| e.to_string())?;
-                        self.answer_diff(
-                            w,
-                            diffs,
-                            alive,
-                            &mut pending,
-                            compressor,
-                            &mut scratch,
-                            OnDiff::Send,
-                        )?;
-                    }
-                }
-            }
-        }
-        w.flush().map_err(|e| e.to_string())?;
-        while !pending.is_empty() {
-            self.answer_diff(
-                w,
-                diffs,
-                alive,
-                &mut pending,
-                compressor,
-                &mut scratch,
-                OnDiff::Send,
-            )?;
-            w.flush().map_err(|e| e.to_string())?;
-        }
+            diffs,
+            alive,
+            compressor,
+            scratch: Vec::new(),
+        };
+        let begin = Message::ResyncBegin {
+            epoch: self.epoch,
+            resume_at,
+            bytes: total,
+        };
+        wire.send(&begin)?;
+        // Whole regions compare in large chunks; small known-dirty ranges in
+        // 4 KiB chunks, so that only what changed travels.
+        let items: Vec<(u32, u64, u64, u32)> = ranges
+            .iter()
+            .enumerate()
+            .flat_map(|(volume, list)| {
+                list.iter().map(move |&(offset, len)| {
+                    let chunk = if len >= 1 << 20 {
+                        CHUNK_LARGE
+                    } else {
+                        CHUNK_SMALL
+                    };
+                    let start = offset - offset % u64::from(chunk);
+                    (volume as u32, start, offset + len - start, chunk)
+                })
+            })
+            .collect();
+        self.compare(&mut wire, &items, &mut OnDiff::Send)?;
         // Every chunk was read before this point: once the replica has
         // applied the records below it, it is a prefix again.
         let consistent_at = cap.next_seq();
-        send(w, &Message::ResyncEnd { consistent_at }, &mut scratch)?;
-        w.flush().map_err(|e| e.to_string())?;
+        wire.send(&Message::ResyncEnd { consistent_at })?;
+        wire.flush()?;
         let mut link = self.link.lock();
         tracing::info!(group = cap.name(), replica = %self.replica_site, compared = total, sent = link.resync_sent, "resync: data sent");
         link.state = LinkState::Streaming;
@@ -541,18 +518,60 @@ impl Shipper {
         Ok(())
     }
 
-    /// Waits for the oldest outstanding `Diff` and sends the chunks that
-    /// differ, read fresh from the image.
-    #[allow(clippy::too_many_arguments)] // the session's plumbing, passed through
+    /// Compares chunks with the replica: `items` are (volume, offset,
+    /// length, chunk size). `Hashes` go out in a pipeline of
+    /// [`HASHES_IN_FLIGHT`]; the chunks each `Diff` marks are sent (resync)
+    /// or noted (verify). Returns the bytes compared.
+    fn compare<W: Write>(
+        &self,
+        wire: &mut Wire<'_, W>,
+        items: &[(u32, u64, u64, u32)],
+        on_diff: &mut OnDiff<'_>,
+    ) -> Result<u64, String> {
+        let mut pending: VecDeque<(u32, u64, u32, usize)> = VecDeque::new();
+        let mut compared = 0;
+        for &(volume, offset, len, chunk) in items {
+            let image = self.capture.image(volume as usize);
+            let end = offset + len;
+            let mut pos = offset;
+            while pos < end {
+                let count =
+                    ((end - pos).div_ceil(u64::from(chunk)) as usize).min(HASHES_PER_MESSAGE);
+                let hashes = chunk_hashes(image, pos, chunk, count).map_err(|e| e.to_string())?;
+                let n = hashes.len();
+                if n == 0 {
+                    break; // past the end of the volume
+                }
+                compared += (n as u64 * u64::from(chunk)).min(end - pos);
+                wire.send(&Message::Hashes {
+                    volume,
+                    offset: pos,
+                    chunk,
+                    hashes,
+                })?;
+                pending.push_back((volume, pos, chunk, n));
+                pos += n as u64 * u64::from(chunk);
+                while pending.len() >= HASHES_IN_FLIGHT {
+                    wire.flush()?;
+                    self.answer_diff(wire, &mut pending, on_diff)?;
+                }
+            }
+        }
+        wire.flush()?;
+        while !pending.is_empty() {
+            self.answer_diff(wire, &mut pending, on_diff)?;
+            wire.flush()?;
+        }
+        Ok(compared)
+    }
+
+    /// Waits for the oldest outstanding `Diff` and handles the chunks that
+    /// differ: sent read fresh from the image, or noted.
     fn answer_diff<W: Write>(
         &self,
-        w: &mut W,
-        diffs: &Receiver<Incoming>,
-        alive: &AtomicBool,
+        wire: &mut Wire<'_, W>,
         pending: &mut VecDeque<(u32, u64, u32, usize)>,
-        compressor: &mut Compressor,
-        scratch: &mut Vec<u8>,
-        mut on_diff: OnDiff<'_>,
+        on_diff: &mut OnDiff<'_>,
     ) -> Result<(), String> {
         let Some((volume, offset, chunk, count)) = pending.pop_front() else {
             return Ok(());
@@ -562,9 +581,9 @@ impl Shipper {
             offset: doff,
             bitmap,
         } = loop {
-            match diffs.recv_timeout(Duration::from_millis(200)) {
+            match wire.diffs.recv_timeout(Duration::from_millis(200)) {
                 Ok(d) => break d,
-                Err(RecvTimeoutError::Timeout) if alive.load(Ordering::Acquire) => {
+                Err(RecvTimeoutError::Timeout) if wire.alive.load(Ordering::Acquire) => {
                     if self.stop.load(Ordering::Acquire) {
                         return Err("stopping".into());
                     }
@@ -580,38 +599,29 @@ impl Shipper {
         let image = self.capture.image(volume as usize);
         let mut buf = vec![0u8; chunk as usize];
         let mut sent = 0u64;
-        for i in 0..count {
-            if !tandem_peer::diff_bit(&bitmap, i) {
-                continue;
-            }
+        for i in (0..count).filter(|&i| tandem_peer::diff_bit(&bitmap, i)) {
             let at = offset + i as u64 * u64::from(chunk);
             let n = u64::from(chunk).min(image.size().saturating_sub(at)) as usize;
-            if let OnDiff::Collect(found) = &mut on_diff {
-                found.push((volume, at, n as u64));
-                continue;
+            match on_diff {
+                OnDiff::Collect(found) => found.push((volume, at, n as u64)),
+                OnDiff::Send => {
+                    image.read(at, &mut buf[..n]).map_err(|e| e.to_string())?;
+                    let data = Payload::encode(&buf[..n], wire.compressor);
+                    sent += data.wire_len() as u64;
+                    wire.send(&Message::Chunk {
+                        volume,
+                        offset: at,
+                        data,
+                    })?;
+                }
             }
-            image.read(at, &mut buf[..n]).map_err(|e| e.to_string())?;
-            let data = Payload::encode(&buf[..n], compressor);
-            sent += data.wire_len() as u64;
-            write_message(
-                w,
-                &Message::Chunk {
-                    volume,
-                    offset: at,
-                    data,
-                },
-                scratch,
-            )
-            .map_err(|e| e.to_string())?;
         }
         let mut link = self.link.lock();
         link.resync_done += count as u64 * u64::from(chunk);
         link.resync_sent += sent;
         Ok(())
     }
-}
 
-impl Shipper {
     /// Compares every chunk of every volume with the replica; chunks that
     /// differ are compared again once the replica has caught up with the
     /// changes made meanwhile (the VM keeps writing), up to three passes.
@@ -622,9 +632,9 @@ impl Shipper {
         alive: &AtomicBool,
         compressor: &mut Compressor,
     ) -> Result<VerifyReport, String> {
-        let cap = &self.capture;
         let mut report = VerifyReport::default();
-        let mut suspects: Vec<(u32, u64, u64)> = cap
+        let mut suspects: Vec<(u32, u64, u64)> = self
+            .capture
             .volumes()
             .iter()
             .enumerate()
@@ -633,59 +643,21 @@ impl Shipper {
         for pass in 1..=3 {
             report.passes = pass;
             self.catch_up(w, diffs, alive, compressor)?;
+            let items: Vec<_> = suspects
+                .iter()
+                .map(|&(v, off, len)| (v, off, len, CHUNK_LARGE))
+                .collect();
             let mut found = Vec::new();
-            let mut scratch = Vec::new();
-            let mut pending: VecDeque<(u32, u64, u32, usize)> = VecDeque::new();
-            for &(volume, offset, len) in &suspects {
-                let image = self.capture.image(volume as usize);
-                let end = offset + len;
-                let mut pos = offset;
-                while pos < end {
-                    let count = ((end - pos).div_ceil(u64::from(CHUNK_LARGE)) as usize)
-                        .min(HASHES_PER_MESSAGE);
-                    let hashes =
-                        chunk_hashes(image, pos, CHUNK_LARGE, count).map_err(|e| e.to_string())?;
-                    let n = hashes.len();
-                    if n == 0 {
-                        break;
-                    }
-                    if pass == 1 {
-                        report.compared_bytes += (n as u64 * u64::from(CHUNK_LARGE)).min(end - pos);
-                    }
-                    let msg = Message::Hashes {
-                        volume,
-                        offset: pos,
-                        chunk: CHUNK_LARGE,
-                        hashes,
-                    };
-                    write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
-                    pending.push_back((volume, pos, CHUNK_LARGE, n));
-                    pos += n as u64 * u64::from(CHUNK_LARGE);
-                    while pending.len() >= HASHES_IN_FLIGHT {
-                        w.flush().map_err(|e| e.to_string())?;
-                        self.answer_diff(
-                            w,
-                            diffs,
-                            alive,
-                            &mut pending,
-                            compressor,
-                            &mut scratch,
-                            OnDiff::Collect(&mut found),
-                        )?;
-                    }
-                }
-            }
-            w.flush().map_err(|e| e.to_string())?;
-            while !pending.is_empty() {
-                self.answer_diff(
-                    w,
-                    diffs,
-                    alive,
-                    &mut pending,
-                    compressor,
-                    &mut scratch,
-                    OnDiff::Collect(&mut found),
-                )?;
+            let mut wire = Wire {
+                w: &mut *w,
+                diffs,
+                alive,
+                compressor: &mut *compressor,
+                scratch: Vec::new(),
+            };
+            let compared = self.compare(&mut wire, &items, &mut OnDiff::Collect(&mut found))?;
+            if pass == 1 {
+                report.compared_bytes = compared;
             }
             suspects = found;
             if suspects.is_empty() {
