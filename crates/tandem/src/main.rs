@@ -49,6 +49,9 @@ enum Command {
         /// Print the JSON document (SPEC §4.4) instead of a table
         #[arg(long)]
         json: bool,
+        /// Follow running resyncs with a progress bar until they finish
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
     /// Compare every replica of a group with this primary (exit 1 if any differs)
     Verify {
@@ -109,7 +112,7 @@ fn main() -> ExitCode {
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
-        Command::Status { config, json } => cmd::status::run(&config.path(), json),
+        Command::Status { config, json, watch } => cmd::status::run(&config.path(), json, watch),
         Command::Verify { config, group } => match cmd::verify::run(&config.path(), &group) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

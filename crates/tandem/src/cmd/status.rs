@@ -8,8 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tandem_agent::status::SiteStatus;
 
-pub fn run(config_path: &Path, json: bool) -> Result<()> {
+pub fn run(config_path: &Path, json: bool, watch: bool) -> Result<()> {
     let config = crate::load_config(config_path)?;
+    if watch {
+        return watch_resyncs(&config);
+    }
     let body = api_get(&config, "/api/v1/status")?;
     if json {
         println!("{body}");
@@ -69,6 +72,44 @@ pub fn api_request(
         return Ok(dechunk(body));
     }
     Ok(body.to_owned())
+}
+
+/// Shows resync progress until no replica is resyncing: a redrawn bar on
+/// a terminal, plain lines otherwise.
+fn watch_resyncs(config: &tandem_config::Config) -> Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let body = api_get(config, "/api/v1/status")?;
+        let status: SiteStatus = serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
+        let mut lines = Vec::new();
+        for g in &status.groups {
+            for r in g.replicas.iter().filter(|r| r.resyncing) {
+                let (done, total) = r.resync.as_ref().map_or((0, 0), |p| (p.compared_bytes, p.total_bytes));
+                let pct = if total == 0 { 0.0 } else { 100.0 * done as f64 / total as f64 };
+                let bar: String = (0..30).map(|i| if (i as f64) < pct * 0.3 { '#' } else { '.' }).collect();
+                lines.push(format!(
+                    "{}/{} [{bar}] {pct:5.1}%  {} of {} compared, lag {}",
+                    g.name,
+                    r.site,
+                    tandem_config::format_size_approx(done),
+                    tandem_config::format_size_approx(total),
+                    tandem_config::format_size_approx(r.lag_bytes)
+                ));
+            }
+        }
+        if tty {
+            print!("\x1b[2J\x1b[H");
+        }
+        if lines.is_empty() {
+            println!("no resync running");
+            return Ok(());
+        }
+        for l in &lines {
+            println!("{l}");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 fn dechunk(mut body: &str) -> String {
