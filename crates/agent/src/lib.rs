@@ -633,6 +633,12 @@ impl Agent {
         for thread in self.threads {
             let _ = thread.join();
         }
+        // What every replica holds need not be compared after a restart.
+        for group in &self.groups {
+            if let Err(e) = group.clear_replicated() {
+                warn!(group = group.name(), "cannot clear the dirty map: {e}");
+            }
+        }
         if let Some(api) = self.api {
             let _ = api.join();
         }

@@ -31,6 +31,9 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often changed configuration files are looked for.
 const FILES_EVERY: Duration = Duration::from_millis(250);
+/// How often regions every replica holds are cleared from the persistent
+/// dirty map (docs/CAPTURE.md, D2), while the link is idle.
+const CLEAR_EVERY: Duration = Duration::from_secs(5);
 
 /// How a replication link is doing, for status and metrics.
 #[derive(Clone, Debug, Default)]
@@ -365,6 +368,7 @@ impl Shipper {
         // missed changes.
         let mut files_sent = std::collections::BTreeMap::new();
         let mut files_checked = Instant::now() - FILES_EVERY;
+        let mut cleared = Instant::now();
         loop {
             if let Ok(job) = self.verify.try_recv() {
                 w.flush().map_err(|e| e.to_string())?;
@@ -420,6 +424,21 @@ impl Shipper {
                     }
                     if heard.lock().elapsed() > PEER_TIMEOUT {
                         return Err(format!("replica silent for {PEER_TIMEOUT:?}"));
+                    }
+                    if cleared.elapsed() >= CLEAR_EVERY {
+                        cleared = Instant::now();
+                        match cap.clear_replicated() {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(
+                                group = cap.name(),
+                                regions = n,
+                                "dirty map: replicated regions cleared"
+                            ),
+                            Err(e) => tracing::warn!(
+                                group = cap.name(),
+                                "cannot clear the dirty map: {e}"
+                            ),
+                        }
                     }
                 }
             }

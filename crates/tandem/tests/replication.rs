@@ -83,13 +83,26 @@ fn nbd_writes_reach_the_replica_byte_identical() {
     assert_eq!(r["groups"][0]["replicas"][0]["state"], "streaming");
     // Nothing to resync: --watch says so and returns.
     let watch = run_ok(
-        Command::new(TANDEM).args(["status", "--watch", "--config"]).arg(&c.site("ny").config),
+        Command::new(TANDEM)
+            .args(["status", "--watch", "--config"])
+            .arg(&c.site("ny").config),
         Duration::from_secs(30),
     );
     assert!(watch.contains("no resync running"), "{watch}");
     assert!(c.stop("ny").success());
     assert!(c.stop("dr").success());
     assert_same(&c, "ny", "dr");
+    // Everything was replicated: nothing is left to compare after a restart.
+    for v in ["v0", "v1"] {
+        let dirty = run_ok(
+            Command::new(TANDEM)
+                .args(["dirty", "--config"])
+                .arg(&c.site("ny").config)
+                .arg(v),
+            Duration::from_secs(15),
+        );
+        assert!(dirty.contains(": 0 bytes in 0 range(s)"), "{dirty}");
+    }
 }
 
 #[test]

@@ -561,3 +561,42 @@ pub fn status_json(config: &Path) -> Option<serde_json::Value> {
     }
     serde_json::from_slice(&out.stdout).ok()
 }
+
+// ---------------------------------------------------------------------------
+// Appended for crash_prefix.rs: starting an agent without waiting for it.
+
+impl Cluster {
+    /// Starts a site's agent and returns at once, without waiting for its
+    /// API or sockets: for tests that must act in its first moments (for
+    /// example, kill it while the resync that its start triggers runs).
+    /// [`Cluster::kill`] and [`Cluster::stop`] work on it as after `start`.
+    pub fn spawn(&mut self, name: &str) {
+        let site = self.site_mut(name);
+        assert!(site.child.is_none(), "{name} already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&site.log)
+            .expect("log file");
+        let child = Command::new(TANDEM)
+            .args(["agent", "--config"])
+            .arg(&site.config)
+            .env("TANDEM_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tandem agent");
+        site.child = Some(child);
+    }
+
+    /// Whether a site's agent process is running (false if it was never
+    /// started, was stopped, or exited by itself).
+    pub fn is_running(&mut self, name: &str) -> bool {
+        matches!(
+            self.site_mut(name).child.as_mut().map(|c| c.try_wait()),
+            Some(Ok(None))
+        )
+    }
+}
