@@ -204,3 +204,242 @@ build_tandem() {
     fi
     printf '%s' "$bin"
 }
+
+# ---------------------------------------------------------------------------
+# fio helpers
+# ---------------------------------------------------------------------------
+
+# bench_fio OUTFILE ARGS...: one fio run with JSON output to OUTFILE (fio's
+# own messages to OUTFILE.stdout). fio runs in the background and is tracked,
+# so an interrupt ends it at once. Returns 1 (with the output's tail) if fio
+# fails.
+bench_fio() {
+    local out=$1
+    shift
+    fio --output-format=json --output="$out" "$@" </dev/null >"$out.stdout" 2>&1 &
+    local pid=$! rc=0
+    track_pid "$pid"
+    wait "$pid" || rc=$?
+    untrack_pid "$pid"
+    if ((rc != 0)); then
+        warn "fio failed (exit $rc): fio $*"
+        tail -n 20 "$out.stdout" "$out" >&2 2>/dev/null || true
+        return 1
+    fi
+}
+
+# fio_summary JSONFILE -> "iops bw_kib clat_p50_us clat_p99_us clat_mean_us
+# fio_cpu_pct" of the first job's write side (its read side if it only
+# read); fio_cpu_pct is fio's own usr+sys CPU, % of one core.
+fio_summary() {
+    "$(bench_python)" - "$1" <<'PYEOF'
+import json, sys
+with open(sys.argv[1]) as f:
+    text = f.read()
+data = json.loads(text[text.index("{"):])  # fio may print notes first
+j = data["jobs"][0]
+if j.get("error", 0):
+    sys.exit(f"fio reported error {j['error']} in {sys.argv[1]}")
+side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+clat = side.get("clat_ns", {})
+pct = clat.get("percentile", {})
+print("%.1f %d %.1f %.1f %.1f %.1f" % (side["iops"], side["bw"], pct.get("50.000000", 0) / 1e3,
+                                       pct.get("99.000000", 0) / 1e3, clat.get("mean", 0) / 1e3,
+                                       j.get("usr_cpu", 0) + j.get("sys_cpu", 0)))
+PYEOF
+}
+
+# ---------------------------------------------------------------------------
+# Tandem sites (replication benchmarks)
+# ---------------------------------------------------------------------------
+
+# tandem_site_config FILE KEY=VALUE...: writes one site's configuration with
+# one group. Keys (repeat peer= and volume=):
+#   site=NAME data=DIR listen=HOST:PORT api=HOST:PORT     required
+#   peer=NAME@HOST:PORT     every site of the cluster, this one included
+#   primary=NAME            the group's primary (required)
+#   replicas=A[,B...]       replica sites, priorities 1, 2, ... (default none)
+#   mode=async|sync  sync_replicas=N  queue_memory=SIZE  on_sync_loss=...
+#   volume=NAME:SIZE        at least one
+#   group=NAME              default "g"
+#   tls=DIR                 mutual TLS with DIR/ca.pem, DIR/SITE.pem,
+#                           DIR/SITE.key (`tandem certs create`); default off
+tandem_site_config() {
+    local file=$1 kv k v
+    shift
+    local site="" data="" listen="" api="" primary="" replicas="" mode=""
+    local sync_replicas="" queue_memory="" on_sync_loss="" group=g tls=""
+    local -a peers=() volumes=()
+    for kv in "$@"; do
+        k=${kv%%=*} v=${kv#*=}
+        case "$k" in
+        site) site=$v ;;
+        data) data=$v ;;
+        listen) listen=$v ;;
+        api) api=$v ;;
+        peer) peers+=("$v") ;;
+        primary) primary=$v ;;
+        replicas) replicas=$v ;;
+        mode) mode=$v ;;
+        sync_replicas) sync_replicas=$v ;;
+        queue_memory) queue_memory=$v ;;
+        on_sync_loss) on_sync_loss=$v ;;
+        volume) volumes+=("$v") ;;
+        group) group=$v ;;
+        tls) tls=$v ;;
+        *) die "tandem_site_config: unknown key '$k'" ;;
+        esac
+    done
+    [[ -n "$site" && -n "$data" && -n "$listen" && -n "$api" && -n "$primary" ]] ||
+        die "tandem_site_config: site, data, listen, api and primary are required"
+    ((${#volumes[@]} > 0)) || die "tandem_site_config: no volume"
+    local p r i=0 reps="" vols=""
+    if [[ -n "$replicas" ]]; then
+        local -a rl
+        IFS=, read -r -a rl <<<"$replicas"
+        for r in "${rl[@]}"; do
+            i=$((i + 1))
+            reps+="${reps:+, }{ site = \"$r\", priority = $i }"
+        done
+    fi
+    for v in "${volumes[@]}"; do
+        vols+="${vols:+, }{ name = \"${v%%:*}\", size = \"${v#*:}\" }"
+    done
+    {
+        printf '[site]\nname = "%s"\ndata_dir = "%s"\n' "$site" "$data"
+        printf 'listen = "%s"\napi = "%s"\n\n' "$listen" "$api"
+        if [[ -n "$tls" ]]; then
+            printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n\n' \
+                "$tls" "$tls" "$site" "$tls" "$site"
+        else
+            printf '[tls]\nmode = "off"\n\n'
+        fi
+        printf '[coordinator]\nkind = "none"\n\n'
+        for p in "${peers[@]+"${peers[@]}"}"; do
+            printf '[[peer]]\nname = "%s"\naddress = "%s"\n\n' "${p%%@*}" "${p#*@}"
+        done
+        printf '[[group]]\nname = "%s"\nprimary = "%s"\nreplicas = [%s]\n' \
+            "$group" "$primary" "${reps:+ $reps }"
+        [[ -z "$mode" ]] || printf 'mode = "%s"\n' "$mode"
+        [[ -z "$sync_replicas" ]] || printf 'sync_replicas = %d\n' "$sync_replicas"
+        [[ -z "$queue_memory" ]] || printf 'queue_memory = "%s"\n' "$queue_memory"
+        [[ -z "$on_sync_loss" ]] || printf 'on_sync_loss = "%s"\n' "$on_sync_loss"
+        printf 'volumes = [ %s ]\n' "$vols"
+    } >"$file"
+}
+
+# tandem_start_agent BIN CONFIG LOGFILE [NETNS]: starts `tandem agent` (inside
+# network namespace NETNS if given; `ip netns exec` execs, so the PID is the
+# agent's) and tracks it. Sets AGENT_PID.
+AGENT_PID=
+tandem_start_agent() {
+    local bin=$1 cfg=$2 logf=$3 ns=${4:-}
+    local -a pre=()
+    [[ -z "$ns" ]] || pre=(ip netns exec "$ns")
+    NO_COLOR=1 "${pre[@]+"${pre[@]}"}" "$bin" agent --config "$cfg" </dev/null >>"$logf" 2>&1 &
+    AGENT_PID=$!
+    track_pid "$AGENT_PID"
+}
+
+# tandem_wait_api TIMEOUT_S PID CMD...: polls the status command CMD (e.g.
+# `tandem status --json --config FILE`, prefixed with `ip netns exec NS`)
+# until it prints a document. Returns 1 if PID dies or on timeout.
+tandem_wait_api() {
+    local timeout=$1 pid=$2
+    shift 2
+    local deadline=$((SECONDS + timeout))
+    while :; do
+        kill -0 "$pid" 2>/dev/null || {
+            warn "agent (pid $pid) exited before its API answered"
+            return 1
+        }
+        if timeout 5 "$@" >/dev/null 2>&1; then return 0; fi
+        ((SECONDS < deadline)) || {
+            warn "agent (pid $pid): '$*' did not succeed within ${timeout}s"
+            return 1
+        }
+        sleep 0.1
+    done
+}
+
+# tandem_wait_replicated TIMEOUT_S PIDS CMD...: polls the primary's status
+# command CMD every 0.1 s until every group it is primary for is
+# replicated: each replica has state "streaming", lag_bytes 0 and
+# durable_seq + 1 >= next_seq. PIDS: comma-separated agent PIDs that must stay
+# alive ("-" for none). Prints the seconds waited (3 decimals). Returns 1 on
+# timeout or a dead agent, with the last status on stderr.
+tandem_wait_replicated() {
+    "$(bench_python)" - "$@" <<'PYEOF'
+import json, os, subprocess, sys, time
+timeout, pids, cmd = float(sys.argv[1]), sys.argv[2], sys.argv[3:]
+pids = [int(p) for p in pids.split(",") if p not in ("", "-")]
+t0 = time.monotonic()
+last = None
+def replicated(doc):
+    groups = [g for g in doc.get("groups", []) if g.get("role") == "primary"]
+    if not groups:
+        return False
+    for g in groups:
+        for r in g.get("replicas", []):
+            if r.get("state") != "streaming" or r.get("lag_bytes") != 0:
+                return False
+            if r.get("durable_seq", 0) + 1 < g.get("next_seq", 0):
+                return False
+    return True
+while True:
+    for p in pids:
+        try:
+            os.kill(p, 0)
+        except OSError:
+            print(f"agent pid {p} is gone; last status: {last}", file=sys.stderr)
+            sys.exit(1)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            last = out.stdout
+            if replicated(json.loads(out.stdout)):
+                print("%.3f" % (time.monotonic() - t0))
+                sys.exit(0)
+        else:
+            last = out.stderr.strip()
+    except (subprocess.TimeoutExpired, ValueError) as e:
+        last = repr(e)
+    if time.monotonic() - t0 > timeout:
+        print(f"not replicated within {timeout:.0f}s; last status:\n{last}", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.1)
+PYEOF
+}
+
+# tandem_sample_status PERIOD_S DURATION_S OUTFILE CMD...: starts, in the
+# background, a sampler that runs the status command CMD every PERIOD_S for
+# at most DURATION_S and appends one JSON line per sample to OUTFILE:
+# {"t": unix time before the call, "dt": call seconds, "doc": status} (or
+# "err"). Tracked; sets SAMPLER_PID (end it with stop_pid).
+SAMPLER_PID=
+tandem_sample_status() {
+    "$(bench_python)" - "$@" <<'PYEOF' &
+import json, subprocess, sys, time
+period, duration, outf, cmd = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+end = time.monotonic() + duration
+nxt = time.monotonic()
+with open(outf, "a", buffering=1) as f:
+    while time.monotonic() < end:
+        t, m = time.time(), time.monotonic()
+        rec = {"t": t}
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+            if out.returncode == 0:
+                rec["doc"] = json.loads(out.stdout)
+            else:
+                rec["err"] = out.stderr.strip()[-500:]
+        except (subprocess.TimeoutExpired, ValueError) as e:
+            rec["err"] = repr(e)
+        rec["dt"] = round(time.monotonic() - m, 4)
+        f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        nxt += period
+        time.sleep(max(0.0, nxt - time.monotonic()))
+PYEOF
+    SAMPLER_PID=$!
+    track_pid "$SAMPLER_PID"
+}

@@ -638,12 +638,14 @@ impl GroupCapture {
             .iter()
             .find(|r| r.name == replica)
             .ok_or_else(|| CaptureError::UnknownReplica(replica.to_owned()))?;
-        let owed_ranges: u64 = r
-            .gap
-            .iter()
-            .chain(r.resyncing.iter().flat_map(|(p, _)| p.iter()))
-            .map(FineDirty::dirty_bytes)
-            .sum();
+        // Owed and being resynced may overlap: count their union.
+        let mut owed = r.gap.clone();
+        if let Some((pending, _)) = &r.resyncing {
+            for (o, p) in owed.iter_mut().zip(pending) {
+                o.merge(p);
+            }
+        }
+        let owed_ranges: u64 = owed.iter().map(FineDirty::dirty_bytes).sum();
         let mut bytes = owed_ranges;
         let mut oldest = None;
         if !r.overflowed {

@@ -145,7 +145,9 @@ pub fn serve<R: Read, W: Write>(
     let mut bytes_since_commit = 0usize;
     let mut data = Vec::new();
     let mut resync_from: Option<u64> = None;
+    let mut acked_received = last_seq;
     loop {
+        let mut pinged = false;
         let msg = read_message(&mut reader, &mut buf);
         let msg = match msg {
             Ok(m) => m,
@@ -278,27 +280,17 @@ pub fn serve<R: Read, W: Write>(
                     Err(e) => tracing::warn!(group = %plan.name, "refused a replicated file: {e}"),
                 }
             }
-            Message::Ping(n) => write_message(&mut writer, &Message::Pong(n), &mut out)?,
+            Message::Ping(n) => {
+                pinged = true;
+                write_message(&mut writer, &Message::Pong(n), &mut out)?;
+            }
             Message::Pong(_) => {}
             other => return Err(SessionError::Unexpected(other.kind())),
         }
         let idle = reader.buffer().is_empty();
         let due = since_commit.elapsed() >= COMMIT_EVERY || bytes_since_commit >= COMMIT_BYTES;
-        if ack_now || (group.has_uncommitted() && (idle || due)) || (idle && due) {
-            if group.has_uncommitted() {
-                // Received first (sync mode acknowledges writes on it), then
-                // durable once the journal is synced.
-                let p = group.position();
-                write_message(
-                    &mut writer,
-                    &Message::Ack(Ack {
-                        received: last_seq,
-                        durable: p.durable,
-                        applied: p.applied,
-                    }),
-                    &mut out,
-                )?;
-            }
+        if ack_now || (group.has_uncommitted() && due) || (pinged && group.has_uncommitted()) {
+            // Journal sync, then apply; durable acknowledged.
             let durable = group.commit()?;
             let p = group.position();
             write_message(
@@ -313,6 +305,23 @@ pub fn serve<R: Read, W: Write>(
             writer.flush().map_err(PeerError::Io)?;
             since_commit = Instant::now();
             bytes_since_commit = 0;
+            acked_received = last_seq;
+        } else if idle && last_seq > acked_received {
+            // Received at once (sync mode acknowledges writes on it); the
+            // journal sync follows within COMMIT_EVERY, or at the primary's
+            // next FLUSH, FUA or idle ping, and is not waited for here.
+            let p = group.position();
+            write_message(
+                &mut writer,
+                &Message::Ack(Ack {
+                    received: last_seq,
+                    durable: p.durable,
+                    applied: p.applied,
+                }),
+                &mut out,
+            )?;
+            writer.flush().map_err(PeerError::Io)?;
+            acked_received = last_seq;
         }
     }
 }

@@ -24,8 +24,12 @@ const CHUNK_LARGE: u32 = 64 << 10;
 const CHUNK_SMALL: u32 = 4 << 10;
 /// Chunks per `Hashes` message, and `Hashes` messages in flight.
 const HASHES_PER_MESSAGE: usize = 256;
-const HASHES_IN_FLIGHT: usize = 8;
-const IDLE_PING: Duration = Duration::from_secs(1);
+/// Deep enough that scattered 4 KiB ranges (one message each) are not
+/// bound by round trips.
+const HASHES_IN_FLIGHT: usize = 256;
+/// An idle link pings this often; the replica also syncs its journal then,
+/// so durability follows the last write within about this long.
+const IDLE_PING: Duration = Duration::from_millis(100);
 /// A replica silent this long is considered gone.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);

@@ -112,7 +112,11 @@ fn main() -> ExitCode {
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
-        Command::Status { config, json, watch } => cmd::status::run(&config.path(), json, watch),
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => cmd::status::run(&config.path(), json, watch),
         Command::Verify { config, group } => match cmd::verify::run(&config.path(), &group) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -81,13 +81,23 @@ fn watch_resyncs(config: &tandem_config::Config) -> Result<()> {
     let tty = std::io::stdout().is_terminal();
     loop {
         let body = api_get(config, "/api/v1/status")?;
-        let status: SiteStatus = serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
+        let status: SiteStatus =
+            serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
         let mut lines = Vec::new();
         for g in &status.groups {
             for r in g.replicas.iter().filter(|r| r.resyncing) {
-                let (done, total) = r.resync.as_ref().map_or((0, 0), |p| (p.compared_bytes, p.total_bytes));
-                let pct = if total == 0 { 0.0 } else { 100.0 * done as f64 / total as f64 };
-                let bar: String = (0..30).map(|i| if (i as f64) < pct * 0.3 { '#' } else { '.' }).collect();
+                let (done, total) = r
+                    .resync
+                    .as_ref()
+                    .map_or((0, 0), |p| (p.compared_bytes, p.total_bytes));
+                let pct = if total == 0 {
+                    0.0
+                } else {
+                    100.0 * done as f64 / total as f64
+                };
+                let bar: String = (0..30)
+                    .map(|i| if (i as f64) < pct * 0.3 { '#' } else { '.' })
+                    .collect();
                 lines.push(format!(
                     "{}/{} [{bar}] {pct:5.1}%  {} of {} compared, lag {}",
                     g.name,

@@ -1,0 +1,1144 @@
+#!/usr/bin/env bash
+# bench/replication.sh — replication benchmarks (SPEC §6), side by side in
+# one run: Tandem with a live replica vs without, async lag, sync latency,
+# goodput over a shaped link, resync wire bytes, first sync vs rsync.
+# Not a test: run it by hand, as root.
+#
+#   bench/replication.sh                 # everything (~10 min with the defaults)
+#   bench/replication.sh --only a,c      # just some parts
+#   LAG_RUNTIME=120 bench/replication.sh --only b
+#
+# See bench/README.md for what it measures and the targets.
+set -euo pipefail
+
+BENCH_NAME=replication
+REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$REPO_ROOT/bench/lib.sh"
+
+usage() {
+    cat <<'EOF'
+usage: bench/replication.sh [--only LIST] [--skip LIST] [--keep] [-h]
+
+Parts (SPEC §6 replication targets), each against its peer figure:
+  a  fio through the primary with one live async replica (loopback) vs the
+     same agent with no replica: 4k randwrite QD16, 1M seq write QD8
+     (target >= 0.9x)
+  b  async lag under sustained 50 MiB/s random writes (4k-64k), lag_seconds
+     sampled every 100 ms (target p99 <= 1 s)
+  c  sync mode 4k write latency (QD1) vs no replica
+     (target p50 <= local p50 + RTT + 200 us)
+  d  goodput over a 100 Mbit/s tbf-shaped veth link between two network
+     namespaces, incompressible data (target >= 90% of the link)
+  e  resync after 1 GiB of 4 KiB random writes while the replica was down,
+     8 GiB volume: wire bytes vs changed bytes (target <= 1.1x)
+  f  first sync of a 4 GiB image whose replica copy differs in 10% of its
+     64 KiB chunks, vs rsync --inplace --no-whole-file (target >= 2x faster)
+
+Options:
+  --only LIST   comma-separated parts to run (default: a,b,c,d,e,f)
+  --skip LIST   comma-separated parts to leave out
+  --keep        keep the work directory (configs, agent logs, samples)
+  -h, --help    this text
+
+Environment (defaults give a ~10 minute run):
+  RUNTIME         a: seconds per fio job (20)        RAMP: fio ramp (2)
+  SIZE            a, b, c: volume size (2GiB)
+  LAG_RUNTIME     b: seconds of sustained writes (60)
+  LAG_RATE        b: fio --rate (50m = 50 MiB/s)
+  LAT_RUNTIME     c: seconds per fio job (20)
+  WAN_BYTES       d: random data written (400MiB)    WAN_SIZE: volume (1GiB)
+  WAN_RATE        d: tbf rate (100mbit)
+  WAN_QUEUE_MEMORY d: group queue_memory (default: Tandem's default)
+  RESYNC_SIZE     e: volume size (8GiB)   RESYNC_WRITES: changed data (1GiB)
+  FIRST_SIZE      f: image size (4GiB)    FIRST_DIFF_PCT: % chunks differing (10)
+  WAIT_TIMEOUT    limit for any wait for replication to catch up (300 s)
+  OUT             JSON result (default /tmp/tandem-bench-replication-<date>.json)
+  WORK_BASE       parent of the work dir (default /var/tmp; a real disk)
+  PORT_BASE       first TCP port (default 18450; parts use PORT_BASE..+119)
+  TANDEM_BIN      use this tandem binary instead of building one
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------
+ALL_PARTS=(a b c d e f)
+declare -A RUN=([a]=1 [b]=1 [c]=1 [d]=1 [e]=1 [f]=1)
+KEEP=0
+parts_list() { # parts_list LIST VALUE: sets RUN[x]=VALUE for each listed part
+    local -a l
+    local x
+    IFS=, read -r -a l <<<"$1"
+    for x in "${l[@]}"; do
+        [[ -n "${RUN[$x]+set}" ]] || die "unknown part '$x' (parts: ${ALL_PARTS[*]})"
+        RUN[$x]=$2
+    done
+}
+while (($# > 0)); do
+    case "$1" in
+    --only)
+        (($# >= 2)) || die "--only needs a list (e.g. a,b)"
+        for x in "${ALL_PARTS[@]}"; do RUN[$x]=0; done
+        parts_list "$2" 1
+        shift 2
+        ;;
+    --only=*) set -- --only "${1#--only=}" "${@:2}" ;;
+    --skip)
+        (($# >= 2)) || die "--skip needs a list (e.g. d,f)"
+        parts_list "$2" 0
+        shift 2
+        ;;
+    --skip=*) set -- --skip "${1#--skip=}" "${@:2}" ;;
+    --keep) KEEP=1 && shift ;;
+    -h | --help) usage && exit 0 ;;
+    *) usage >&2 && exit 2 ;;
+    esac
+done
+PARTS=()
+for x in "${ALL_PARTS[@]}"; do ((RUN[$x])) && PARTS+=("$x"); done
+((${#PARTS[@]} > 0)) || die "nothing left to run"
+want() { ((RUN[$1])); }
+
+posint() {
+    if ! [[ "$2" =~ ^[0-9]+$ ]] || (($2 == 0)); then die "$1 must be a positive integer (got '$2')"; fi
+}
+RUNTIME=${RUNTIME:-20}
+RAMP=${RAMP:-2}
+SIZE=${SIZE:-2GiB}
+LAG_RUNTIME=${LAG_RUNTIME:-60}
+LAG_RATE=${LAG_RATE:-50m}
+LAT_RUNTIME=${LAT_RUNTIME:-20}
+WAN_BYTES=${WAN_BYTES:-400MiB}
+WAN_SIZE=${WAN_SIZE:-1GiB}
+WAN_RATE=${WAN_RATE:-100mbit}
+WAN_QUEUE_MEMORY=${WAN_QUEUE_MEMORY:-}
+RESYNC_SIZE=${RESYNC_SIZE:-8GiB}
+RESYNC_WRITES=${RESYNC_WRITES:-1GiB}
+FIRST_SIZE=${FIRST_SIZE:-4GiB}
+FIRST_DIFF_PCT=${FIRST_DIFF_PCT:-10}
+WAIT_TIMEOUT=${WAIT_TIMEOUT:-300}
+WORK_BASE=${WORK_BASE:-/var/tmp}
+PORT_BASE=${PORT_BASE:-18450}
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT=${OUT:-/tmp/tandem-bench-replication-$STAMP.json}
+posint RUNTIME "$RUNTIME"
+[[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be an integer (seconds)"
+posint LAG_RUNTIME "$LAG_RUNTIME"
+posint LAT_RUNTIME "$LAT_RUNTIME"
+posint WAIT_TIMEOUT "$WAIT_TIMEOUT"
+posint PORT_BASE "$PORT_BASE"
+if ! [[ "$FIRST_DIFF_PCT" =~ ^[0-9]+$ ]] || ((FIRST_DIFF_PCT > 100)); then die "FIRST_DIFF_PCT must be 0..100"; fi
+[[ "$WAN_RATE" =~ ^[0-9]+mbit$ ]] || die "WAN_RATE must be like 100mbit"
+[[ "$LAG_RATE" =~ ^[0-9]+[km]?$ ]] || die "LAG_RATE must be a fio rate like 50m"
+SIZE_BYTES=$(parse_size "$SIZE")
+WAN_BYTES_N=$(parse_size "$WAN_BYTES")
+WAN_SIZE_BYTES=$(parse_size "$WAN_SIZE")
+RESYNC_SIZE_BYTES=$(parse_size "$RESYNC_SIZE")
+RESYNC_WRITES_BYTES=$(parse_size "$RESYNC_WRITES")
+FIRST_SIZE_BYTES=$(parse_size "$FIRST_SIZE")
+((WAN_BYTES_N <= WAN_SIZE_BYTES)) || die "WAN_BYTES ($WAN_BYTES) is larger than WAN_SIZE ($WAN_SIZE)"
+((RESYNC_WRITES_BYTES <= RESYNC_SIZE_BYTES)) || die "RESYNC_WRITES is larger than RESYNC_SIZE"
+((FIRST_SIZE_BYTES % 65536 == 0)) || die "FIRST_SIZE must be a multiple of 64 KiB"
+READY_TIMEOUT=30
+EXPORT=vol0
+
+# ---------------------------------------------------------------------------
+# tools
+# ---------------------------------------------------------------------------
+need_cmd timeout coreutils
+need_cmd nbdinfo libnbd-bin
+if want a || want b || want c || want e; then
+    need_cmd fio fio
+    fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine (fio --enghelp=nbd fails)"
+fi
+want d && need_cmd nbdcopy libnbd-bin
+want f && need_cmd rsync rsync
+want f && need_cmd cmp diffutils
+if want d; then
+    need_cmd ip iproute2
+    need_cmd tc iproute2
+fi
+PY=$(bench_python)
+[[ $(id -u) -eq 0 ]] || warn "not root: page cache cannot be dropped, and part d (network namespaces) will fail"
+
+if [[ -n "${TANDEM_BIN:-}" ]]; then
+    [[ -x "$TANDEM_BIN" ]] || die "TANDEM_BIN=$TANDEM_BIN is not executable"
+    "$TANDEM_BIN" agent --help >/dev/null 2>&1 || die "'$TANDEM_BIN agent --help' fails"
+else
+    TANDEM_BIN=$(build_tandem "$REPO_ROOT")
+fi
+"$TANDEM_BIN" status --help >/dev/null 2>&1 || die "'$TANDEM_BIN status --help' fails: no status command"
+log "tandem: $TANDEM_BIN"
+
+# ---------------------------------------------------------------------------
+# work dir, namespaces and cleanup
+# ---------------------------------------------------------------------------
+[[ -d "$WORK_BASE" ]] || die "WORK_BASE $WORK_BASE does not exist"
+WORK=$(mktemp -d "$WORK_BASE/tandem-bench-replication.XXXXXX")
+# Network namespaces of part d (named after this script's PID, so that only
+# ours are ever deleted).
+NS_A="tndb$$a"
+NS_B="tndb$$b"
+PART_PID=
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n "$PART_PID" ]] && kill -0 "$PART_PID" 2>/dev/null; then
+        # the running part is its own process group: end all of it
+        kill -TERM -- "-$PART_PID" 2>/dev/null || true
+        local deadline=$((SECONDS + 60))
+        while kill -0 "$PART_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+        kill -KILL -- "-$PART_PID" 2>/dev/null || true
+        wait "$PART_PID" 2>/dev/null || true
+    fi
+    stop_all_pids
+    local ns
+    for ns in "$NS_A" "$NS_B"; do
+        if [[ -e "/run/netns/$ns" ]]; then
+            # processes still inside (there should be none) would keep it alive
+            ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+            ip netns del "$ns" 2>/dev/null || warn "could not delete network namespace $ns"
+        fi
+    done
+    if ((KEEP)); then
+        log "work dir kept: $WORK"
+    else
+        rm -rf -- "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+fstype=$(stat -f -c %T "$WORK")
+case "$fstype" in
+tmpfs | ramfs) warn "$WORK is on $fstype, not a real disk: figures will not mean much (set WORK_BASE)" ;;
+esac
+need_kib=$((1024 * 1024))
+want a && need_kib=$((need_kib + 3 * SIZE_BYTES / 1024))
+want f && need_kib=$((need_kib + 3 * FIRST_SIZE_BYTES / 1024))
+want e && need_kib=$((need_kib + 3 * RESYNC_WRITES_BYTES / 1024))
+avail_kib=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
+((avail_kib >= need_kib)) ||
+    die "not enough free space in $WORK_BASE: need ~$((need_kib / 1024)) MiB, have $((avail_kib / 1024)) MiB"
+
+# ---------------------------------------------------------------------------
+# sites (inside a part: PDIR, PORT are set by run_part)
+# ---------------------------------------------------------------------------
+PDIR=
+PORT=
+declare -A SITE_CFG SITE_DATA SITE_LOG SITE_NS SITE_PID
+SITES=()
+
+# new_site KEY NETNS KEY=VALUE...: config $PDIR/KEY.toml, data dir
+# $PDIR/KEY, log $PDIR/KEY.log (see tandem_site_config for the keys).
+new_site() {
+    local key=$1 ns=$2
+    shift 2
+    SITE_CFG[$key]=$PDIR/$key.toml
+    SITE_DATA[$key]=$PDIR/$key
+    SITE_LOG[$key]=$PDIR/$key.log
+    SITE_NS[$key]=$ns
+    mkdir -p "${SITE_DATA[$key]}"
+    tandem_site_config "${SITE_CFG[$key]}" data="${SITE_DATA[$key]}" "$@"
+    SITES+=("$key")
+}
+
+# status_cmd KEY: sets STATUS_CMD to the status command of site KEY.
+STATUS_CMD=()
+status_cmd() {
+    STATUS_CMD=()
+    [[ -z "${SITE_NS[$1]}" ]] || STATUS_CMD=(ip netns exec "${SITE_NS[$1]}")
+    STATUS_CMD+=("$TANDEM_BIN" status --json --config "${SITE_CFG[$1]}")
+}
+
+status_json() { # status_json KEY -> the status document
+    status_cmd "$1"
+    timeout 10 "${STATUS_CMD[@]}"
+}
+
+# pfail MSG: the part fails: message, agent log tails, exit (the part only).
+pfail() {
+    local k
+    printf '%s\n' "$*" >"$PDIR/error"
+    warn "part failed: $*"
+    for k in "${SITES[@]+"${SITES[@]}"}"; do
+        [[ -s "${SITE_LOG[$k]}" ]] || continue
+        warn "last lines of $k's log (${SITE_LOG[$k]}):"
+        tail -n 15 "${SITE_LOG[$k]}" >&2 || true
+    done
+    exit 1
+}
+
+start_site() { # start_site KEY: start its agent, wait until its API answers
+    local k=$1
+    tandem_start_agent "$TANDEM_BIN" "${SITE_CFG[$k]}" "${SITE_LOG[$k]}" "${SITE_NS[$k]}"
+    SITE_PID[$k]=$AGENT_PID
+    status_cmd "$k"
+    tandem_wait_api "$READY_TIMEOUT" "$AGENT_PID" "${STATUS_CMD[@]}" ||
+        pfail "agent $k did not come up within ${READY_TIMEOUT}s"
+}
+
+# Deliberate stops: log warnings from these intervals (a peer going away) are
+# reported apart from the others. quiet_begin / quiet_end mark one.
+utc_now() { date -u +%Y-%m-%dT%H:%M:%S.%6NZ; }
+quiet_begin() { printf 'begin %s\n' "$(utc_now)" >>"$PDIR/quiet"; }
+quiet_end() { sleep 1 && printf 'end %s\n' "$(utc_now)" >>"$PDIR/quiet"; }
+
+stop_site() { # stop_site KEY: SIGTERM; a non-clean exit is noted as a problem
+    local k=$1
+    [[ -n "${SITE_PID[$k]:-}" ]] || return 0
+    quiet_begin
+    stop_pid "${SITE_PID[$k]}" 30
+    quiet_end
+    if [[ "$STOP_STATUS" != 0 ]]; then
+        warn "agent $k did not exit cleanly on SIGTERM (status $STOP_STATUS); log ${SITE_LOG[$k]}"
+        printf '%s: exit status %s on SIGTERM\n' "$k" "$STOP_STATUS" >>"$PDIR/stop-problems"
+    fi
+    SITE_PID[$k]=
+}
+
+nbd_sock() { printf '%s/nbd/%s.sock' "${SITE_DATA[$1]}" "$EXPORT"; }
+site_uri() { nbd_uri "$(nbd_sock "$1")" "$EXPORT"; }
+
+wait_nbd() { # wait_nbd KEY
+    wait_nbd_ready "${SITE_PID[$1]}" "$(nbd_sock "$1")" "$EXPORT" "$READY_TIMEOUT" "${SITE_LOG[$1]}" ||
+        pfail "agent $1 did not serve $EXPORT within ${READY_TIMEOUT}s"
+}
+
+# wait_repl PRIMARY_KEY TIMEOUT WHAT: waits until replicated; sets REPL_S to
+# the seconds waited.
+REPL_S=
+wait_repl() {
+    local k=$1 to=$2 what=$3 pids="" s
+    for s in "${SITES[@]}"; do
+        [[ -z "${SITE_PID[$s]:-}" ]] || pids+="${pids:+,}${SITE_PID[$s]}"
+    done
+    status_cmd "$k"
+    REPL_S=$(tandem_wait_replicated "$to" "${pids:--}" "${STATUS_CMD[@]}") ||
+        pfail "$what: not replicated within ${to}s (or an agent died)"
+}
+
+# pair_sites MODE VOLSIZE [NETNS_A NETNS_B ADDR_A ADDR_B TLSDIR] [KEY=VALUE...]:
+# sites "ny" (primary) and "dr" (its replica) on loopback, or in two network
+# namespaces; extra KEY=VALUEs go into both configs.
+pair_sites() {
+    local mode=$1 vsize=$2
+    shift 2
+    local nsa="" nsb="" ha=127.0.0.1 hb=127.0.0.1 tls=() pa=$PORT pb=$((PORT + 2))
+    if [[ "${1:-}" == netns ]]; then
+        nsa=$2 nsb=$3 ha=$4 hb=$5 tls=("tls=$6") pb=$PORT
+        shift 6
+    fi
+    PORT=$((PORT + 4))
+    local common=(peer="ny@$ha:$pa" peer="dr@$hb:$pb" primary=ny replicas=dr mode="$mode"
+        volume="$EXPORT:$vsize" "${tls[@]+"${tls[@]}"}" "$@")
+    new_site ny "$nsa" site=ny listen="$ha:$pa" api="127.0.0.1:$((pa + 1))" "${common[@]}"
+    new_site dr "$nsb" site=dr listen="$hb:$pb" api="127.0.0.1:$((pb + 1))" "${common[@]}"
+}
+
+# local_site KEY VOLSIZE: the same primary with no replica (replicas = []).
+local_site() {
+    local key=$1 vsize=$2
+    new_site "$key" "" site=ny listen="127.0.0.1:$PORT" api="127.0.0.1:$((PORT + 1))" \
+        peer="ny@127.0.0.1:$PORT" peer="dr@127.0.0.1:$((PORT + 2))" primary=ny \
+        volume="$EXPORT:$vsize"
+    PORT=$((PORT + 4))
+}
+
+stop_sites() { # stop every started site, replicas last
+    local k
+    quiet_begin
+    for k in "${SITES[@]+"${SITES[@]}"}"; do [[ "$k" == dr ]] || stop_site "$k"; done
+    for k in "${SITES[@]+"${SITES[@]}"}"; do [[ "$k" != dr ]] || stop_site "$k"; done
+    quiet_end
+}
+
+# cfg_size BYTES -> a Tandem config size
+cfg_size() { size_for_config "$1"; }
+
+# gen_random FILE BYTES: incompressible data (AES-CTR keystream if openssl is
+# there, else /dev/urandom).
+gen_random() {
+    local f=$1 n=$2
+    if command -v openssl >/dev/null 2>&1; then
+        { openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:tandem-bench-$RANDOM$RANDOM" </dev/zero 2>/dev/null || true; } |
+            head -c "$n" >"$f"
+    else
+        head -c "$n" /dev/urandom >"$f"
+    fi
+    [[ $(stat -c %s "$f") == "$n" ]] || die "could not write $n random bytes to $f"
+}
+
+# cmp_blocks A B BLOCK -> number of BLOCK-sized blocks that differ between
+# two files of the same size; only the data extents of either file are read
+# (SEEK_DATA/SEEK_HOLE), holes read as zeroes.
+cmp_blocks() {
+    "$PY" - "$@" <<'PYEOF'
+import os, sys
+a, b, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+size = os.fstat(fa).st_size
+if os.fstat(fb).st_size != size:
+    sys.exit(f"{a} and {b} differ in size")
+def extents(fd):
+    out, pos = [], 0
+    while pos < size:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        out.append((d - d % bs, min(size, -(-h // bs) * bs)))
+        pos = h
+    return out
+ranges = sorted(extents(fa) + extents(fb))
+merged = []
+for s, e in ranges:
+    if merged and s <= merged[-1][1]:
+        merged[-1][1] = max(merged[-1][1], e)
+    else:
+        merged.append([s, e])
+diff = 0
+step = 1 << 20
+for s, e in merged:
+    pos = s
+    while pos < e:
+        n = min(step, e - pos)
+        x, y = os.pread(fa, n, pos), os.pread(fb, n, pos)
+        if x != y:
+            for i in range(0, n, bs):
+                if x[i:i + bs] != y[i:i + bs]:
+                    diff += 1
+        pos += n
+print(diff)
+PYEOF
+}
+
+# cpu_pct TICKS0 TICKS1 T0 T1 -> % of one core used between two samples
+CLK_TCK=$(getconf CLK_TCK)
+cpu_pct() {
+    "$PY" -c 'import sys; a,b,t0,t1,hz=map(float,sys.argv[1:]); print("%.1f" % (100*(b-a)/hz/max(t1-t0,1e-9)))' \
+        "$1" "$2" "$3" "$4" "$CLK_TCK"
+}
+
+# snapshot KEY LABEL: status of site KEY into $PDIR/status-LABEL.json
+snapshot() { status_json "$1" >"$PDIR/status-$2.json" 2>/dev/null || true; }
+
+# ---------------------------------------------------------------------------
+# part a: fio with one live async replica vs no replica
+# ---------------------------------------------------------------------------
+part_a() {
+    local vs res="$PDIR/runs.tsv" j k order jname rw bs qd out t0 summ c0 d0 cpu_p cpu_r catch
+    local iops bw p50 p99
+    vs=$(cfg_size "$SIZE_BYTES")
+    : >"$res"
+    local_site local "$vs"
+    pair_sites async "$vs"
+    start_site local
+    start_site dr
+    start_site ny
+    wait_nbd local
+    wait_nbd ny
+    wait_repl ny "$WAIT_TIMEOUT" "initial sync"
+    log "a: initial comparison of the new $SIZE volume: ${REPL_S}s"
+    echo "initial_sync_s $REPL_S" >"$PDIR/extra.txt"
+    for k in local ny; do
+        log "a: prefill $k: $SIZE sequential 1M QD8"
+        t0=$SECONDS
+        bench_fio "$PDIR/prefill-$k.json" --name=prefill --ioengine=nbd --uri="$(site_uri "$k")" \
+            --rw=write --bs=1M --iodepth=8 --numjobs=1 --size="$SIZE_BYTES" ||
+            pfail "prefill of $k failed"
+        log "a: prefill $k: $((SECONDS - t0))s"
+    done
+    wait_repl ny "$WAIT_TIMEOUT" "catching up after prefill"
+    log "a: replica caught up with the prefill ${REPL_S}s after it ended"
+    echo "prefill_catchup_s $REPL_S" >>"$PDIR/extra.txt"
+    local jobs=("randwrite-4k-qd16 randwrite 4k 16" "write-1m-qd8 write 1M 8")
+    for ((j = 0; j < ${#jobs[@]}; j++)); do
+        read -r jname rw bs qd <<<"${jobs[$j]}"
+        if ((j % 2 == 0)); then order=(local ny); else order=(ny local); fi
+        for k in "${order[@]}"; do
+            [[ "$k" != ny ]] || wait_repl ny "$WAIT_TIMEOUT" "before $jname"
+            drop_caches
+            log "a: $jname on $([[ $k == ny ]] && echo 'tandem + live async replica' || echo 'tandem, no replica')"
+            out="$PDIR/$k-$jname.json"
+            c0=$(proc_cpu_ticks "${SITE_PID[$k]}")
+            d0=$(proc_cpu_ticks "${SITE_PID[dr]}")
+            t0=$(date +%s.%N)
+            bench_fio "$out" --name="$jname" --ioengine=nbd --uri="$(site_uri "$k")" \
+                --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
+                --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+                --size="$SIZE_BYTES" --norandommap || pfail "$jname on $k failed"
+            cpu_p=$(cpu_pct "$c0" "$(proc_cpu_ticks "${SITE_PID[$k]}")" "$t0" "$(date +%s.%N)")
+            cpu_r=$(cpu_pct "$d0" "$(proc_cpu_ticks "${SITE_PID[dr]}")" "$t0" "$(date +%s.%N)")
+            summ=$(fio_summary "$out") || pfail "cannot read $out"
+            if [[ "$k" == ny ]]; then
+                snapshot ny "after-$jname"
+                wait_repl ny "$WAIT_TIMEOUT" "catching up after $jname"
+                catch=$REPL_S
+            else
+                catch=-
+            fi
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$k" "$jname" "$summ" "$catch" "$cpu_p" "$cpu_r" >>"$res"
+            read -r iops bw p50 p99 _ <<<"$summ"
+            log "    $iops IOPS, $((bw / 1024)) MiB/s, p50 ${p50} us, p99 ${p99} us; CPU: primary ${cpu_p}%, replica agent ${cpu_r}%"
+            [[ "$catch" == - ]] || log "    replica caught up ${catch}s after fio ended"
+        done
+    done
+    stop_sites
+    "$PY" - "$res" "$PDIR" >"$PDIR/result.json" <<'PYEOF'
+import json, sys, os
+res, pdir = sys.argv[1:3]
+runs = {}
+for line in open(res):
+    k, job, summ, catch, cpu_p, cpu_r = line.rstrip("\n").split("\t")
+    iops, bw, p50, p99, mean, fio_cpu = map(float, summ.split())
+    runs.setdefault(job, {})[k] = {"iops": iops, "bw_mib_s": bw / 1024, "clat_p50_us": p50,
+                                   "clat_p99_us": p99, "catchup_s": None if catch == "-" else float(catch),
+                                   "cpu_primary_pct": float(cpu_p), "cpu_replica_agent_pct": float(cpu_r),
+                                   "cpu_fio_pct": fio_cpu,
+                                   "primary_cpu_us_per_io": float(cpu_p) * 1e4 / iops if iops else None}
+    if k == "ny":
+        try:
+            st = json.load(open(os.path.join(pdir, f"status-after-{job}.json")))
+            g = st["groups"][0]
+            r = g["replicas"][0]
+            runs[job][k]["at_end"] = {"lag_bytes": r.get("lag_bytes"), "lag_seconds": r.get("lag_seconds"),
+                                      "state": r.get("state"), "queued_bytes": g.get("queued_bytes")}
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+extra = dict(l.split() for l in open(os.path.join(pdir, "extra.txt")))
+rows = []
+for job, label in [("randwrite-4k-qd16", "4k randwrite QD16"), ("write-1m-qd8", "1M seq write QD8")]:
+    r = runs.get(job, {})
+    if "ny" not in r or "local" not in r:
+        continue
+    def f(x):
+        return f"{x['iops']/1000:.1f}k IOPS" if job.startswith("randwrite") else f"{x['bw_mib_s']:.0f} MiB/s"
+    ratio = r["ny"]["iops"] / r["local"]["iops"] if r["local"]["iops"] > 0 else None
+    n, l = r["ny"], r["local"]
+    note = (f"CPU (% of one core): primary {n['cpu_primary_pct']:.0f}% + replica agent "
+            f"{n['cpu_replica_agent_pct']:.0f}% + fio {n['cpu_fio_pct']:.0f}%, vs primary "
+            f"{l['cpu_primary_pct']:.0f}% + fio {l['cpu_fio_pct']:.0f}% without replica; primary CPU per I/O "
+            f"{n['primary_cpu_us_per_io']:.1f} vs {l['primary_cpu_us_per_io']:.1f} us")
+    if r["ny"].get("catchup_s") is not None:
+        note += f"; replica caught up {r['ny']['catchup_s']:.1f}s after fio ended"
+    ae = r["ny"].get("at_end")
+    if ae:
+        note += f"; at fio end: lag {ae['lag_bytes']/2**20:.0f} MiB, {ae['lag_seconds']:.1f}s, queued {ae['queued_bytes']/2**20:.0f} MiB"
+    rows.append({"what": f"a: +1 async replica, {label}", "tandem": f(r["ny"]), "peer": f(r["local"]) + " (no replica)",
+                 "ratio": ratio, "ratio_text": None if ratio is None else f"{ratio:.2f}x",
+                 "target": ">= 0.9x", "ok": ratio is not None and ratio >= 0.9, "note": note})
+json.dump({"part": "a", "rows": rows, "details": {"runs": runs, **{k: float(v) for k, v in extra.items()}}},
+          sys.stdout, indent=1)
+PYEOF
+}
+
+# ---------------------------------------------------------------------------
+# part b: async lag under sustained writes
+# ---------------------------------------------------------------------------
+part_b() {
+    local vs out t0 t1 catch
+    vs=$(cfg_size "$SIZE_BYTES")
+    pair_sites async "$vs"
+    start_site dr
+    start_site ny
+    wait_nbd ny
+    wait_repl ny "$WAIT_TIMEOUT" "initial sync"
+    status_cmd ny
+    tandem_sample_status 0.1 $((LAG_RUNTIME + 60)) "$PDIR/samples.jsonl" "${STATUS_CMD[@]}"
+    local sampler=$SAMPLER_PID
+    sleep 1
+    log "b: ${LAG_RUNTIME}s of random writes at $LAG_RATE/s (4k-64k), lag sampled every 100 ms"
+    out="$PDIR/fio.json"
+    t0=$(date +%s.%N)
+    bench_fio "$out" --name=lag --ioengine=nbd --uri="$(site_uri ny)" \
+        --rw=randwrite --bssplit=4k/20:8k/20:16k/20:32k/20:64k/20 --blockalign=4k \
+        --rate="$LAG_RATE" --iodepth=8 --numjobs=1 --time_based --runtime="$LAG_RUNTIME" \
+        --size="$SIZE_BYTES" --norandommap || pfail "fio failed"
+    t1=$(date +%s.%N)
+    wait_repl ny "$WAIT_TIMEOUT" "draining after the writes"
+    catch=$REPL_S
+    stop_pid "$sampler" 5
+    stop_sites
+    "$PY" - "$PDIR/samples.jsonl" "$t0" "$t1" "$out" "$catch" "$LAG_RATE" >"$PDIR/result.json" <<'PYEOF'
+import json, sys
+samples, t0, t1, fio_out, catch, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], float(sys.argv[5]), sys.argv[6]
+lag_s, lag_b, errs, dts, states = [], [], 0, [], {}
+for line in open(samples):
+    s = json.loads(line)
+    if not (t0 <= s["t"] <= t1):
+        continue
+    if "doc" not in s:
+        errs += 1
+        continue
+    dts.append(s["dt"])
+    r = s["doc"]["groups"][0]["replicas"][0]
+    lag_s.append(float(r.get("lag_seconds", 0.0)))
+    lag_b.append(int(r.get("lag_bytes", 0)))
+    states[r.get("state")] = states.get(r.get("state"), 0) + 1
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, max(0, int(round(p / 100.0 * len(xs) + 0.5)) - 1))]
+text = open(fio_out).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+p50, p99, mx = pct(lag_s, 50), pct(lag_s, 99), max(lag_s) if lag_s else None
+det = {"samples": len(lag_s), "sample_errors": errs,
+       "sample_call_ms_mean": 1000 * sum(dts) / len(dts) if dts else None,
+       "lag_seconds": {"p50": p50, "p99": p99, "max": mx},
+       "lag_bytes": {"p50": pct(lag_b, 50), "p99": pct(lag_b, 99), "max": max(lag_b) if lag_b else None},
+       "replica_states": states, "fio_write_mib_s": j["bw"] / 1024, "fio_iops": j["iops"],
+       "fio_rate": rate, "drain_after_writes_s": catch}
+ok = p99 is not None and p99 <= 1.0 and errs == 0
+row = {"what": f"b: async lag @ {rate}/s 4k-64k randwrite",
+       "tandem": "-" if p99 is None else f"p99 {p99:.3f}s (p50 {p50:.3f}, max {mx:.3f})",
+       "peer": "-", "ratio": None, "ratio_text": "-", "target": "p99 <= 1 s", "ok": ok,
+       "note": f"{len(lag_s)} samples, fio {j['bw']/1024:.1f} MiB/s, lag_bytes p99 {det['lag_bytes']['p99']}"
+               + (f", {errs} failed status calls" if errs else "")}
+json.dump({"part": "b", "rows": [row], "details": det}, sys.stdout, indent=1)
+PYEOF
+}
+
+# ---------------------------------------------------------------------------
+# part c: sync mode latency
+# ---------------------------------------------------------------------------
+part_c() {
+    local vs k out echo_us
+    vs=$(cfg_size "$SIZE_BYTES")
+    local_site local "$vs"
+    pair_sites sync "$vs" sync_replicas=1
+    start_site local
+    start_site dr
+    start_site ny
+    wait_nbd local
+    wait_nbd ny
+    wait_repl ny "$WAIT_TIMEOUT" "initial sync"
+    sleep 2.5 # idle links ping every second: lets rtt_ms be measured
+    snapshot ny before
+    echo_us=$("$PY" - <<'PYEOF'
+# loopback TCP round trip (16 bytes, TCP_NODELAY), median of 2000, in us
+import socket, threading, time, statistics
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+def echo():
+    c, _ = srv.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        d = c.recv(64)
+        if not d:
+            return
+        c.sendall(d)
+threading.Thread(target=echo, daemon=True).start()
+s = socket.create_connection(srv.getsockname()); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+xs = []
+for i in range(2200):
+    t = time.perf_counter(); s.sendall(b"x" * 16); n = 0
+    while n < 16:
+        n += len(s.recv(64))
+    if i >= 200:
+        xs.append((time.perf_counter() - t) * 1e6)
+print("%.1f" % statistics.median(xs))
+PYEOF
+)
+    for k in local ny; do
+        drop_caches
+        log "c: 4k randwrite QD1 on $([[ $k == ny ]] && echo 'tandem sync mode (1 replica)' || echo 'tandem, no replica')"
+        out="$PDIR/$k.json"
+        bench_fio "$out" --name=lat --ioengine=nbd --uri="$(site_uri "$k")" \
+            --rw=randwrite --bs=4k --iodepth=1 --numjobs=1 --time_based \
+            --runtime="$LAT_RUNTIME" --ramp_time="$RAMP" --size="$SIZE_BYTES" --norandommap ||
+            pfail "fio on $k failed"
+        fio_summary "$out" >"$PDIR/$k.summary" || pfail "cannot read $out"
+        read -r iops _ p50 p99 _ <"$PDIR/$k.summary"
+        log "    $iops IOPS, p50 ${p50} us, p99 ${p99} us"
+    done
+    snapshot ny after-write
+    sleep 2.5
+    snapshot ny after
+    stop_sites
+    "$PY" - "$PDIR" "$echo_us" >"$PDIR/result.json" <<'PYEOF'
+import json, sys, os
+pdir, echo_us = sys.argv[1], float(sys.argv[2])
+def summ(k):
+    iops, bw, p50, p99, mean, _ = map(float, open(os.path.join(pdir, k + ".summary")).read().split())
+    return {"iops": iops, "clat_p50_us": p50, "clat_p99_us": p99, "clat_mean_us": mean}
+loc, syn = summ("local"), summ("ny")
+rtts = {}
+sync_state = {}
+for lab in ("before", "after-write", "after"):
+    try:
+        g = json.load(open(os.path.join(pdir, f"status-{lab}.json")))["groups"][0]
+        r = g["replicas"][0]
+        if r.get("rtt_ms") is not None:
+            rtts[lab] = float(r["rtt_ms"]) * 1000
+        sync_state[lab] = {"mode": g.get("mode"), "sync_degraded": g.get("sync_degraded"), "state": r.get("state")}
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+tandem_rtt = min(rtts.values()) if rtts else None
+# the stricter (smaller) of Tandem's own RTT and a loopback TCP echo
+rtt = min(x for x in (tandem_rtt, echo_us) if x is not None)
+limit = loc["clat_p50_us"] + rtt + 200
+ok = syn["clat_p50_us"] <= limit
+row = {"what": "c: sync mode 4k write QD1, p50", "tandem": f"{syn['clat_p50_us']:.0f} us (sync)",
+       "peer": f"{loc['clat_p50_us']:.0f} us (no replica), RTT {rtt:.0f} us",
+       "ratio": syn["clat_p50_us"] - loc["clat_p50_us"],
+       "ratio_text": f"+{syn['clat_p50_us'] - loc['clat_p50_us']:.0f} us",
+       "target": f"<= local+RTT+200us = {limit:.0f} us", "ok": ok,
+       "note": f"p99 sync {syn['clat_p99_us']:.0f} us vs {loc['clat_p99_us']:.0f} us; "
+               f"{syn['iops']:.0f} vs {loc['iops']:.0f} IOPS; RTT: TCP echo {echo_us:.0f} us, "
+               + ("no rtt_ms in status" if tandem_rtt is None else
+                  f"Tandem rtt_ms {tandem_rtt:.0f} us (with it the limit would be "
+                  f"{loc['clat_p50_us'] + tandem_rtt + 200:.0f} us: "
+                  f"{'ok' if syn['clat_p50_us'] <= loc['clat_p50_us'] + tandem_rtt + 200 else 'BELOW'})")}
+json.dump({"part": "c", "rows": [row], "details": {"local": loc, "sync": syn, "rtt_tandem_us": rtts,
+           "rtt_tcp_echo_us": echo_us, "rtt_used_us": rtt, "limit_us": limit, "group": sync_state}},
+          sys.stdout, indent=1)
+PYEOF
+}
+
+# ---------------------------------------------------------------------------
+# part d: goodput over a shaped link between two network namespaces
+# ---------------------------------------------------------------------------
+part_d() {
+    local va="tndbv$$a" vb="tndbv$$b" vs data out t0 t1 catch
+    [[ $(id -u) -eq 0 ]] || pfail "network namespaces need root"
+    ip netns add "$NS_A" || pfail "cannot create network namespace $NS_A (ip netns add)"
+    ip netns add "$NS_B" || pfail "cannot create network namespace $NS_B"
+    ip link add "$va" netns "$NS_A" type veth peer name "$vb" netns "$NS_B" ||
+        pfail "cannot create a veth pair between $NS_A and $NS_B"
+    ip -n "$NS_A" addr add 10.77.0.1/24 dev "$va"
+    ip -n "$NS_B" addr add 10.77.0.2/24 dev "$vb"
+    ip -n "$NS_A" link set lo up
+    ip -n "$NS_B" link set lo up
+    ip -n "$NS_A" link set "$va" up
+    ip -n "$NS_B" link set "$vb" up
+    ip netns exec "$NS_A" tc qdisc add dev "$va" root tbf rate "$WAN_RATE" burst 32kbit latency 50ms ||
+        pfail "cannot shape $va with tc tbf"
+    # connectivity check: a TCP connection from A to B (there may be no ping)
+    ip netns exec "$NS_B" timeout 10 "$PY" -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.77.0.2", int(sys.argv[1]))); s.listen(1); c, _ = s.accept(); c.sendall(b"ok")' "$PORT" &
+    local lpid=$!
+    track_pid "$lpid"
+    local ok=0 try
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        if ip netns exec "$NS_A" "$PY" -c '
+import socket, sys
+c = socket.create_connection(("10.77.0.2", int(sys.argv[1])), timeout=2)
+sys.exit(0 if c.recv(2) == b"ok" else 1)' "$PORT" 2>/dev/null; then
+            ok=1
+            break
+        fi
+        sleep 0.3
+    done
+    stop_pid "$lpid" 2
+    ((ok)) || pfail "no TCP connectivity 10.77.0.1 -> 10.77.0.2 across the veth pair (tried $try times)"
+    ip netns exec "$NS_A" tc qdisc show dev "$va" >"$PDIR/tc.txt"
+    # TLS must be on: 10.77.0.x is not loopback
+    "$TANDEM_BIN" certs create --out "$PDIR/tls" ny dr >"$PDIR/certs.log" 2>&1 ||
+        pfail "tandem certs create failed: $(tail -n 3 "$PDIR/certs.log")"
+    vs=$(cfg_size "$WAN_SIZE_BYTES")
+    local extra=()
+    [[ -z "$WAN_QUEUE_MEMORY" ]] || extra=(queue_memory="$WAN_QUEUE_MEMORY")
+    pair_sites async "$vs" netns "$NS_A" "$NS_B" 10.77.0.1 10.77.0.2 "$PDIR/tls" "${extra[@]+"${extra[@]}"}"
+    data="$PDIR/random.bin"
+    log "d: $WAN_BYTES of random data"
+    gen_random "$data" "$WAN_BYTES_N"
+    start_site dr
+    start_site ny
+    wait_nbd ny
+    wait_repl ny "$WAIT_TIMEOUT" "initial sync over the shaped link"
+    log "d: initial comparison of the new $WAN_SIZE volume over the link: ${REPL_S}s"
+    snapshot ny before
+    status_cmd ny
+    local max_s=$((WAN_BYTES_N * 8 * 4 / (${WAN_RATE%mbit} * 1000000) + 120))
+    tandem_sample_status 0.2 "$max_s" "$PDIR/samples.jsonl" "${STATUS_CMD[@]}"
+    local sampler=$SAMPLER_PID
+    sleep 0.5
+    log "d: nbdcopy $WAN_BYTES -> primary (ns $NS_A), replica in ns $NS_B behind $WAN_RATE tbf"
+    t0=$(date +%s.%N)
+    timeout "$max_s" nbdcopy --flush "$data" "$(site_uri ny)" || pfail "nbdcopy failed"
+    t1=$(date +%s.%N)
+    wait_repl ny "$max_s" "replicating $WAN_BYTES over the link"
+    catch=$REPL_S
+    snapshot ny after
+    stop_pid "$sampler" 5
+    ip netns exec "$NS_A" tc -s qdisc show dev "$va" >"$PDIR/tc-stats.txt" 2>&1 || true
+    stop_sites
+    "$PY" - "$PDIR" "$t0" "$t1" "$catch" "$WAN_BYTES_N" "${WAN_RATE%mbit}" >"$PDIR/result.json" <<'PYEOF'
+import json, sys, os
+pdir, t0, t1, catch, nbytes, rate_mbit = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def rep(doc):
+    return doc["groups"][0]["replicas"][0]
+before = rep(json.load(open(os.path.join(pdir, "status-before.json"))))
+after = rep(json.load(open(os.path.join(pdir, "status-after.json"))))
+t_done = t1 + catch                      # replicated (durable on the replica)
+elapsed = t_done - t0                    # from the first write to replicated
+goodput = nbytes * 8 / elapsed / 1e6
+wire = after["wire_bytes"] - before["wire_bytes"]
+# progress curve: bytes on the wire (resync chunks are counted in wire_bytes
+# only once a resync ends, so add the running resync's sent_bytes)
+pts = []
+for line in open(os.path.join(pdir, "samples.jsonl")):
+    s = json.loads(line)
+    if "doc" not in s:
+        continue
+    r = rep(s["doc"])
+    p = r["wire_bytes"] - before["wire_bytes"]
+    if r.get("resyncing") and r.get("resync"):
+        p += r["resync"].get("sent_bytes", 0)
+    pts.append((s["t"], p, r.get("state"), r.get("lag_bytes")))
+steady = None
+if pts and wire > 0:
+    lo = next((t for t, p, *_ in pts if p >= 0.1 * wire), None)
+    hi = next((t for t, p, *_ in pts if p >= 0.9 * wire), None)
+    if lo is not None and hi is not None and hi > lo:
+        steady = 0.8 * wire * 8 / (hi - lo) / 1e6
+states = sorted({p[2] for p in pts if t0 <= p[0] <= t_done})
+pct = 100.0 * goodput / rate_mbit
+row = {"what": f"d: goodput over {rate_mbit} Mbit/s tbf, random data",
+       "tandem": f"{goodput:.1f} Mbit/s", "peer": f"{rate_mbit} Mbit/s link",
+       "ratio": pct / 100, "ratio_text": f"{pct:.0f}%", "target": ">= 90%", "ok": pct >= 90,
+       "note": f"{nbytes/2**20:.0f} MiB replicated in {elapsed:.1f}s (write took {t1-t0:.1f}s); "
+               f"wire {wire/2**20:.0f} MiB ({wire/nbytes:.3f}x payload)"
+               + (f"; steady wire rate {steady:.1f} Mbit/s" if steady else "")}
+json.dump({"part": "d", "rows": [row], "details": {
+    "payload_bytes": nbytes, "elapsed_s": elapsed, "write_s": t1 - t0, "drain_after_write_s": catch,
+    "goodput_mbit_s": goodput, "wire_bytes": wire, "steady_wire_mbit_s": steady,
+    "replica_states_seen": states, "link_rate_mbit": rate_mbit}}, sys.stdout, indent=1)
+PYEOF
+}
+
+# ---------------------------------------------------------------------------
+# part e: resync after writes while the replica was down
+# ---------------------------------------------------------------------------
+part_e() {
+    local vs out changed wire0 wire1 t0 t1 left
+    vs=$(cfg_size "$RESYNC_SIZE_BYTES")
+    pair_sites async "$vs"
+    start_site dr
+    start_site ny
+    wait_nbd ny
+    wait_repl ny "$WAIT_TIMEOUT" "initial sync"
+    log "e: initial comparison of the new $RESYNC_SIZE volume: ${REPL_S}s"
+    echo "initial_sync_s $REPL_S" >"$PDIR/extra.txt"
+    quiet_begin
+    stop_site dr
+    log "e: replica stopped; $RESYNC_WRITES of 4k random writes (each block at most once)"
+    out="$PDIR/fio.json"
+    bench_fio "$out" --name=offline --ioengine=nbd --uri="$(site_uri ny)" \
+        --rw=randwrite --bs=4k --iodepth=16 --numjobs=1 --size="$RESYNC_SIZE_BYTES" \
+        --io_size="$RESYNC_WRITES_BYTES" --refill_buffers || pfail "fio failed"
+    snapshot ny offline
+    log "e: counting changed 4 KiB blocks (primary image vs replica image)"
+    changed=$(cmp_blocks "${SITE_DATA[ny]}/volumes/$EXPORT.img" "${SITE_DATA[dr]}/volumes/$EXPORT.img" 4096) ||
+        pfail "block comparison failed"
+    log "e: $changed blocks changed ($((changed * 4096 / 1048576)) MiB)"
+    wire0=$(status_json ny | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["groups"][0]["replicas"][0]["wire_bytes"])')
+    status_cmd ny
+    tandem_sample_status 0.5 "$WAIT_TIMEOUT" "$PDIR/samples.jsonl" "${STATUS_CMD[@]}"
+    local sampler=$SAMPLER_PID
+    t0=$(date +%s.%N)
+    start_site dr
+    quiet_end
+    wait_repl ny "$WAIT_TIMEOUT" "resync after the replica restarted"
+    t1=$(date +%s.%N)
+    stop_pid "$sampler" 5
+    snapshot ny after
+    wire1=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["groups"][0]["replicas"][0]["wire_bytes"])' \
+        "$PDIR/status-after.json") || pfail "no status after the resync"
+    stop_sites
+    log "e: checking that the replica image equals the primary's"
+    left=$(cmp_blocks "${SITE_DATA[ny]}/volumes/$EXPORT.img" "${SITE_DATA[dr]}/volumes/$EXPORT.img" 4096) ||
+        pfail "block comparison failed"
+    "$PY" - "$PDIR" "$changed" "$wire0" "$wire1" "$t0" "$t1" "$left" >"$PDIR/result.json" <<'PYEOF'
+import json, sys, os
+pdir = sys.argv[1]
+changed_blocks, wire0, wire1 = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+t0, t1, left = float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+changed = changed_blocks * 4096
+wire = wire1 - wire0
+ratio = wire / changed if changed else None
+off = json.load(open(os.path.join(pdir, "status-offline.json")))["groups"][0]
+aft = json.load(open(os.path.join(pdir, "status-after.json")))["groups"][0]["replicas"][0]
+text = open(os.path.join(pdir, "fio.json")).read()
+fw = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+first_connected = None
+for line in open(os.path.join(pdir, "samples.jsonl")):
+    s = json.loads(line)
+    if "doc" in s and s["t"] >= t0:
+        st = s["doc"]["groups"][0]["replicas"][0].get("state")
+        if st not in (None, "disconnected", "offline") and first_connected is None:
+            first_connected = s["t"] - t0
+extra = dict(l.split() for l in open(os.path.join(pdir, "extra.txt")))
+ok = ratio is not None and ratio <= 1.1 and left == 0
+row = {"what": "e: resync wire bytes after 4k writes offline", "tandem": f"{wire/2**20:.1f} MiB on the wire",
+       "peer": f"{changed/2**20:.1f} MiB changed", "ratio": ratio,
+       "ratio_text": "-" if ratio is None else f"{ratio:.3f}x", "target": "<= 1.1x", "ok": ok,
+       "note": f"resync took {t1-t0:.1f}s from replica start"
+               + (f" (link up after ~{first_connected:.1f}s)" if first_connected is not None else "")
+               + (f"; REPLICA DIFFERS in {left} blocks after resync" if left else "; replica == primary")}
+json.dump({"part": "e", "rows": [row], "details": {
+    "changed_blocks": changed_blocks, "changed_bytes": changed, "wire_bytes": wire,
+    "fio_written_bytes": fw["io_bytes"], "resync_s": t1 - t0, "link_up_after_s": first_connected,
+    "status_while_offline": {"queued_bytes": off.get("queued_bytes"), "lag_bytes": off["replicas"][0].get("lag_bytes"),
+                             "state": off["replicas"][0].get("state")},
+    "resync_after": aft.get("resync"), "raw_bytes_total": aft.get("raw_bytes"),
+    "blocks_differing_after": left, **{k: float(v) for k, v in extra.items()}}}, sys.stdout, indent=1)
+PYEOF
+}
+
+# ---------------------------------------------------------------------------
+# part f: first sync with a mostly identical replica image, vs rsync
+# ---------------------------------------------------------------------------
+part_f() {
+    local vs src alt t0 t1 tandem_s rsync_s same_t same_r
+    vs=$(cfg_size "$FIRST_SIZE_BYTES")
+    pair_sites async "$vs"
+    mkdir -p "${SITE_DATA[ny]}/volumes" "${SITE_DATA[dr]}/volumes"
+    src="${SITE_DATA[ny]}/volumes/$EXPORT.img"
+    alt="$PDIR/rsync-dst.img"
+    log "f: $FIRST_SIZE of random data for the primary image"
+    gen_random "$src" "$FIRST_SIZE_BYTES"
+    log "f: replica copy with ${FIRST_DIFF_PCT}% of its 64 KiB chunks altered"
+    cp --sparse=never "$src" "$alt"
+    "$PY" - "$alt" "$FIRST_DIFF_PCT" >"$PDIR/altered.txt" <<'PYEOF'
+import os, random, sys
+path, pct = sys.argv[1], int(sys.argv[2])
+chunk = 64 * 1024
+n = os.path.getsize(path) // chunk
+rng = random.Random(20240607)
+picked = sorted(rng.sample(range(n), n * pct // 100))
+fd = os.open(path, os.O_WRONLY)
+for i in picked:
+    os.pwrite(fd, os.urandom(chunk), i * chunk)
+os.fsync(fd)
+os.close(fd)
+print(len(picked), n)
+PYEOF
+    cp --sparse=never "$alt" "${SITE_DATA[dr]}/volumes/$EXPORT.img"
+    log "f: $(cut -d' ' -f1 "$PDIR/altered.txt") of $(cut -d' ' -f2 "$PDIR/altered.txt") chunks differ"
+    drop_caches
+    log "f: tandem: start replica and primary, time until replicated"
+    status_cmd ny
+    tandem_sample_status 0.5 "$WAIT_TIMEOUT" "$PDIR/samples.jsonl" "${STATUS_CMD[@]}"
+    local sampler=$SAMPLER_PID
+    t0=$(date +%s.%N)
+    start_site dr
+    start_site ny
+    wait_repl ny "$WAIT_TIMEOUT" "first sync"
+    t1=$(date +%s.%N)
+    stop_pid "$sampler" 5
+    snapshot ny after
+    tandem_s=$("$PY" -c 'import sys; print("%.3f" % (float(sys.argv[2]) - float(sys.argv[1])))' "$t0" "$t1")
+    log "f: tandem: ${tandem_s}s"
+    stop_sites
+    same_t=yes
+    timeout 600 cmp -s "$src" "${SITE_DATA[dr]}/volumes/$EXPORT.img" || same_t=no
+    drop_caches
+    log "f: rsync --inplace --no-whole-file --ignore-times (same pair of files)"
+    t0=$(date +%s.%N)
+    timeout "$WAIT_TIMEOUT" rsync --inplace --no-whole-file --ignore-times --stats "$src" "$alt" \
+        >"$PDIR/rsync.txt" 2>&1 || pfail "rsync failed: $(tail -n 3 "$PDIR/rsync.txt")"
+    t1=$(date +%s.%N)
+    rsync_s=$("$PY" -c 'import sys; print("%.3f" % (float(sys.argv[2]) - float(sys.argv[1])))' "$t0" "$t1")
+    log "f: rsync: ${rsync_s}s"
+    same_r=yes
+    timeout 600 cmp -s "$src" "$alt" || same_r=no
+    "$PY" - "$PDIR" "$tandem_s" "$rsync_s" "$same_t" "$same_r" >"$PDIR/result.json" <<'PYEOF'
+import json, sys, os, re
+pdir, ts, rs, same_t, same_r = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+r = json.load(open(os.path.join(pdir, "status-after.json")))["groups"][0]["replicas"][0]
+alt_n, total_n = map(int, open(os.path.join(pdir, "altered.txt")).read().split())
+rsync_txt = open(os.path.join(pdir, "rsync.txt")).read()
+lit = re.search(r"Literal data: ([\d,]+)", rsync_txt)
+lit = int(lit.group(1).replace(",", "")) if lit else None
+ratio = rs / ts if ts > 0 else None
+ok = ratio is not None and ratio >= 2 and same_t == "yes"
+row = {"what": f"f: first sync, {alt_n}/{total_n} 64K chunks differ", "tandem": f"{ts:.1f} s",
+       "peer": f"{rs:.1f} s (rsync)", "ratio": ratio, "ratio_text": "-" if ratio is None else f"{ratio:.2f}x faster",
+       "target": ">= 2x faster", "ok": ok,
+       "note": f"tandem wire {r.get('wire_bytes', 0)/2**20:.0f} MiB"
+               + (f", rsync literal {lit/2**20:.0f} MiB" if lit is not None else "")
+               + ("" if same_t == "yes" else "; TANDEM REPLICA != PRIMARY")
+               + ("" if same_r == "yes" else "; rsync result differs")}
+json.dump({"part": "f", "rows": [row], "details": {
+    "tandem_s": ts, "rsync_s": rs, "chunks_altered": alt_n, "chunks": total_n,
+    "tandem_wire_bytes": r.get("wire_bytes"), "tandem_resync": r.get("resync"),
+    "rsync_literal_bytes": lit, "tandem_replica_identical": same_t == "yes",
+    "rsync_result_identical": same_r == "yes"}}, sys.stdout, indent=1)
+PYEOF
+}
+
+# ---------------------------------------------------------------------------
+# running the parts
+# ---------------------------------------------------------------------------
+# Each part runs in its own subshell and process group (so an interrupt ends
+# all of it, and a failing part does not stop the others); it ends its own
+# processes on exit.
+run_part() {
+    local p=$1 idx=$2 rc=0
+    mkdir -p "$WORK/$p"
+    log "=== part $p ==="
+    local t0=$SECONDS
+    set -m
+    (
+        set +m
+        set -e
+        PDIR=$WORK/$p
+        PORT=$((PORT_BASE + 20 * idx))
+        trap 'quiet_begin; stop_all_pids' EXIT
+        trap 'exit 143' TERM INT
+        "part_$p"
+    ) &
+    PART_PID=$!
+    set +m
+    wait "$PART_PID" || rc=$?
+    PART_PID=
+    printf '%s\n' "$((SECONDS - t0))" >"$WORK/$p/elapsed"
+    # WARN/ERROR lines in the agents' logs
+    "$PY" - "$WORK/$p" >"$WORK/$p/problems.json" <<'PYEOF'
+import glob, json, os, re, sys
+pdir = sys.argv[1]
+quiet = []  # [begin, end] of deliberate stops (UTC, as in the logs); may nest
+try:
+    depth, start = 0, None
+    for l in open(os.path.join(pdir, "quiet")):
+        kind, ts = l.split()
+        if kind == "begin":
+            if depth == 0:
+                start = ts
+            depth += 1
+        elif depth > 0:
+            depth -= 1
+            if depth == 0:
+                quiet.append((start, ts))
+    if depth > 0:
+        quiet.append((start, "9999"))
+except (OSError, ValueError):
+    pass
+out = {}
+for f in sorted(glob.glob(os.path.join(pdir, "*.log"))):
+    lines = [l.rstrip("\n") for l in open(f, errors="replace")
+             if re.search(r" (WARN|ERROR) |panicked", l)]
+    if not lines:
+        continue
+    def deliberate(l):
+        ts = l.split(" ", 1)[0]
+        return any(b <= ts <= e for b, e in quiet)
+    unexpected = [l for l in lines if not deliberate(l)]
+    out[os.path.basename(f)] = {"count": len(unexpected), "during_deliberate_stops": len(lines) - len(unexpected),
+                                "first": unexpected[:12],
+                                "first_during_stops": [l for l in lines if deliberate(l)][:4]}
+sp = os.path.join(pdir, "stop-problems")
+if os.path.exists(sp):
+    out["stop"] = {"count": 1, "first": open(sp).read().splitlines()}
+json.dump(out, sys.stdout, indent=1)
+PYEOF
+    if ((rc != 0)); then
+        [[ -s "$WORK/$p/error" ]] || printf 'exit status %d\n' "$rc" >"$WORK/$p/error"
+        warn "part $p failed: $(head -n 1 "$WORK/$p/error")"
+    fi
+    if ((!KEEP)); then # free the disk space of large images now
+        find "$WORK/$p" -name '*.img' -delete 2>/dev/null || true
+        rm -f "$WORK/$p/random.bin"
+    fi
+    log "part $p: $((SECONDS - t0))s"
+}
+
+log "parts: ${PARTS[*]}; work dir $WORK ($fstype)"
+i=0
+for p in "${ALL_PARTS[@]}"; do
+    i=$((i + 1))
+    want "$p" || continue
+    run_part "$p" "$i"
+done
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+if tandem_rev=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null); then
+    git -C "$REPO_ROOT" diff --quiet HEAD 2>/dev/null || tandem_rev="$tandem_rev+dirty"
+else
+    tandem_rev=none
+fi
+mkdir -p "$(dirname "$OUT")"
+params=()
+for v in RUNTIME RAMP SIZE LAG_RUNTIME LAG_RATE LAT_RUNTIME WAN_BYTES WAN_SIZE WAN_RATE \
+    WAN_QUEUE_MEMORY RESYNC_SIZE RESYNC_WRITES FIRST_SIZE FIRST_DIFF_PCT WAIT_TIMEOUT; do
+    params+=("$v=${!v}")
+done
+"$PY" - "$WORK" "$OUT" "$tandem_rev" "$(fio --version 2>/dev/null || echo none)" "$(uname -r)" "$(nproc)" \
+    "$fstype" "${PARTS[*]}" "$(rsync --version 2>/dev/null | head -n 1)" "${params[@]}" <<'PYEOF'
+import json, os, sys, datetime
+work, out_path, rev, fio_ver, kernel, ncpu, fstype, parts, rsync_ver = sys.argv[1:10]
+params = dict(a.split("=", 1) for a in sys.argv[10:])
+TITLES = {"a": "a: +1 async replica vs none", "b": "b: async lag", "c": "c: sync latency",
+          "d": "d: goodput over shaped link", "e": "e: resync wire bytes", "f": "f: first sync vs rsync"}
+results, rows = {}, []
+for p in parts.split():
+    d = os.path.join(work, p)
+    def rd(name):
+        try:
+            return open(os.path.join(d, name)).read()
+        except OSError:
+            return None
+    res = {"elapsed_s": int((rd("elapsed") or "0").strip() or 0)}
+    r = rd("result.json")
+    err = rd("error")
+    if r:
+        res.update(json.loads(r))
+        rows += [[x["what"], x["tandem"], x["peer"], x.get("ratio_text") or "-", x["target"],
+                  "ok" if x["ok"] else "BELOW", x.get("note", "")] for x in res["rows"]]
+    else:
+        res["error"] = (err or "no result").strip()
+        rows.append([TITLES[p], "FAILED", "-", "-", "-", "FAILED", res["error"].splitlines()[0]])
+    pr = rd("problems.json")
+    res["log_problems"] = json.loads(pr) if pr else {}
+    results[p] = res
+head = ["part", "Tandem", "peer", "ratio", "target", "ok?"]
+w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+line = lambda r: "  ".join(str(c).ljust(x) for c, x in zip(r, w)).rstrip()
+print()
+print(line(head))
+print(line(["-" * x for x in w]))
+for r in rows:
+    print(line(r[:6]))
+print()
+print("notes:")
+for r in rows:
+    if r[6]:
+        print(f"  {r[0]}: {r[6]}")
+probs = [(p, f, v) for p, res in results.items() for f, v in res["log_problems"].items()]
+if any(v["count"] for _, _, v in probs):
+    print()
+    print("warnings/errors in agent logs (outside deliberate agent stops):")
+    for p, f, v in probs:
+        if v["count"]:
+            print(f"  part {p}, {f}: {v['count']} line(s)")
+            for l in v["first"][:4]:
+                print(f"    {l[:220]}")
+quiet_n = sum(v.get("during_deliberate_stops", 0) for _, _, v in probs)
+if quiet_n:
+    print(f"  ({quiet_n} more warning line(s) while an agent was being stopped on purpose: see the JSON)")
+doc = {"benchmark": "replication",
+       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+       "tandem_rev": rev, "fio": fio_ver, "rsync": rsync_ver, "kernel": kernel, "cpus": int(ncpu),
+       "work_fs": fstype, "params": params, "parts": results,
+       "note": "figures from one run; machines are noisy"}
+with open(out_path, "w") as f:
+    json.dump(doc, f, indent=2)
+    f.write("\n")
+print()
+print(f"results: {out_path}")
+print("(figures from one run; machines are noisy)")
+PYEOF
+
+# A figure below target is a result; a part that could not run is a failure.
+failed=()
+for p in "${PARTS[@]}"; do [[ ! -s "$WORK/$p/error" ]] || failed+=("$p"); done
+((${#failed[@]} == 0)) || die "part(s) failed: ${failed[*]} (see above)"
