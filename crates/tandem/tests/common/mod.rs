@@ -430,25 +430,8 @@ impl Cluster {
     pub fn start(&mut self, name: &str) {
         let volumes = self.volumes.clone();
         let is_primary = name == self.primary;
-        let site = self.site_mut(name);
-        assert!(site.child.is_none(), "{name} already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&site.log)
-            .expect("log file");
-        let child = Command::new(TANDEM)
-            .args(["agent", "--config"])
-            .arg(&site.config)
-            .env("TANDEM_LOG", "debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn tandem agent");
-        site.child = Some(child);
-        let config = site.config.clone();
+        self.spawn(name);
+        let config = self.site(name).config.clone();
         wait_until(Duration::from_secs(20), &format!("{name}'s API"), || {
             if let Some(status) = self
                 .site_mut(name)
