@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs::File;
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -17,7 +16,8 @@ use std::time::{Duration, Instant};
 use tandem_agent::{Agent, VolumeExport};
 use tandem_capture::{CaptureVolume, Event, GroupCapture, Op};
 use tandem_nbd::Server;
-use tandem_volume::{BlockFile, OsFile, RawImage};
+use tandem_volume::fault::{Faults, FaultyFile};
+use tandem_volume::RawImage;
 
 fn tool(name: &str) -> String {
     let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
@@ -238,50 +238,6 @@ fn with_a_tiny_queue_dirty_ranges_take_over_and_the_copy_still_converges() {
     assert!(resyncs > 0, "the queue never overflowed");
 }
 
-/// A file whose fsync fails on demand.
-struct FailingSync {
-    inner: OsFile,
-    fail: Arc<AtomicBool>,
-}
-
-impl BlockFile for FailingSync {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_cached_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        self.inner.write_at(buf, offset)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        if self.fail.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc_eio()));
-        }
-        self.inner.sync_data()
-    }
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.fallocate(mode, offset, len)
-    }
-    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-        self.inner.seek(offset, whence)
-    }
-    fn advise_willneed(&self, offset: u64, len: u64) {
-        self.inner.advise_willneed(offset, len)
-    }
-    fn byte_len(&self) -> io::Result<u64> {
-        self.inner.byte_len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
-/// EIO, as the kernel reports a failed writeback.
-fn libc_eio() -> i32 {
-    5
-}
-
 #[test]
 fn after_a_failed_fsync_clients_get_eio_for_writes_and_flushes() {
     let dir = tempfile::Builder::new()
@@ -297,12 +253,9 @@ fn after_a_failed_fsync_clients_get_eio_for_writes_and_flushes() {
         .open(&path)
         .unwrap();
     file.set_len(8 << 20).unwrap();
-    let fail = Arc::new(AtomicBool::new(false));
+    let faults = Faults::default();
     let image = RawImage::with_file(
-        Box::new(FailingSync {
-            inner: OsFile(file),
-            fail: Arc::clone(&fail),
-        }),
+        Box::new(FaultyFile::new(file, faults.clone())),
         path,
         8 << 20,
     );
@@ -349,7 +302,7 @@ fn after_a_failed_fsync_clients_get_eio_for_writes_and_flushes() {
     };
     let ok = qemu_io(&["write -P 0x11 0 64k", "flush", "read -P 0x11 0 64k"]);
     assert!(!ok.contains("failed"), "{ok}");
-    fail.store(true, Ordering::Relaxed);
+    faults.set_fail_sync(true);
     // qemu-io is writethrough by default: its writes carry FUA, so the
     // write itself reports the failed fsync.
     let first = qemu_io(&["write -P 0x22 64k 64k"]);
@@ -358,7 +311,7 @@ fn after_a_failed_fsync_clients_get_eio_for_writes_and_flushes() {
         "{first}"
     );
     // The device "recovers"; the volume must stay latched.
-    fail.store(false, Ordering::Relaxed);
+    faults.set_fail_sync(false);
     // (qemu-io stops at the first failing command: one command per run.)
     let write = qemu_io(&["write -P 0x33 128k 4k"]);
     assert!(

@@ -3,62 +3,12 @@
 //! is reported as such.
 #![allow(clippy::unwrap_used)]
 
-use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use tandem_volume::{BlockFile, OsFile, RawImage, VolumeError};
+use tandem_volume::fault::{Faults, FaultyFile};
+use tandem_volume::{RawImage, VolumeError};
 
-/// A real file whose fsync and writes can be made to fail.
-struct Faulty {
-    inner: OsFile,
-    fail_sync: Arc<AtomicBool>,
-    full: Arc<AtomicBool>,
-}
-
-impl BlockFile for Faulty {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_cached_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        if self.full.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        if self.fail_sync.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.sync_data()
-    }
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.fallocate(mode, offset, len)
-    }
-    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-        self.inner.seek(offset, whence)
-    }
-    fn advise_willneed(&self, offset: u64, len: u64) {
-        self.inner.advise_willneed(offset, len)
-    }
-    fn byte_len(&self) -> io::Result<u64> {
-        self.inner.byte_len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
-fn faulty_image() -> (
-    tempfile::TempDir,
-    RawImage,
-    Arc<AtomicBool>,
-    Arc<AtomicBool>,
-) {
+fn faulty_image() -> (tempfile::TempDir, RawImage, Faults) {
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().join("v.img");
     let file = std::fs::OpenOptions::new()
@@ -69,34 +19,27 @@ fn faulty_image() -> (
         .open(&path)
         .unwrap();
     file.set_len(1 << 20).unwrap();
-    let (fail_sync, full) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let faults = Faults::default();
     let image = RawImage::with_file(
-        Box::new(Faulty {
-            inner: OsFile(file),
-            fail_sync: Arc::clone(&fail_sync),
-            full: Arc::clone(&full),
-        }),
+        Box::new(FaultyFile::new(file, faults.clone())),
         path,
         1 << 20,
     );
-    (dir, image, fail_sync, full)
+    (dir, image, faults)
 }
 
 #[test]
 fn a_failed_fsync_latches_the_volume_even_after_the_device_recovers() {
-    let (_dir, image, fail_sync, _) = faulty_image();
+    let (_dir, image, faults) = faulty_image();
     image.write(0, &[1; 4096]).unwrap();
     image.sync().unwrap();
-    fail_sync.store(true, Ordering::Relaxed);
+    faults.set_fail_sync(true);
     image.write(4096, &[2; 4096]).unwrap();
     let err = image.sync().unwrap_err();
     assert!(matches!(err, VolumeError::Io { op: "fsync", .. }), "{err}");
     // The device "recovers": the latch must still refuse, because the
     // kernel may have dropped the pages the failed fsync was writing.
-    fail_sync.store(false, Ordering::Relaxed);
+    faults.set_fail_sync(false);
     for result in [
         image.sync(),
         image.write(0, &[3; 512]),
@@ -115,12 +58,12 @@ fn a_failed_fsync_latches_the_volume_even_after_the_device_recovers() {
 
 #[test]
 fn a_full_disk_is_reported_as_no_space_and_does_not_latch() {
-    let (_dir, image, _, full) = faulty_image();
-    full.store(true, Ordering::Relaxed);
+    let (_dir, image, faults) = faulty_image();
+    faults.set_disk_full(true);
     let err = image.write(0, &[1; 4096]).unwrap_err();
     assert!(matches!(err, VolumeError::NoSpace { .. }), "{err}");
     assert!(err.to_string().contains("no space"), "{err}");
-    full.store(false, Ordering::Relaxed);
+    faults.set_disk_full(false);
     image.write(0, &[1; 4096]).unwrap();
     image.sync().unwrap();
 }
