@@ -1,0 +1,1 @@
+//! The failover logic (filled in next).

@@ -1,0 +1,1 @@
+//! Key layout (filled in with the failover logic).

@@ -1,0 +1,417 @@
+//! The store's semantics in memory: leases with deadlines, keys with
+//! revisions, transactions and waits. The witness serves one of these
+//! (persisted on every change); the failover simulation drives one with a
+//! simulated clock.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use crate::{Compare, KeyValue, LeaseId, Op, Snapshot, Store, StoreError};
+
+/// Monotonic time as the store sees it.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Duration;
+}
+
+/// The machine's monotonic clock.
+pub struct RealClock(Instant);
+
+impl RealClock {
+    pub fn new() -> RealClock {
+        RealClock(Instant::now())
+    }
+}
+
+impl Default for RealClock {
+    fn default() -> Self {
+        RealClock::new()
+    }
+}
+
+impl Clock for RealClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// A clock a test moves by hand.
+#[derive(Clone, Default)]
+pub struct SimClock(Arc<AtomicU64>);
+
+impl SimClock {
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// Everything the store holds, as persisted by the witness. Lease
+/// deadlines are not persisted: after a restart every lease gets its full
+/// TTL again (a holder that is gone lets it expire then).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub revision: i64,
+    pub next_lease: LeaseId,
+    /// Lease id -> TTL in milliseconds.
+    pub leases: BTreeMap<LeaseId, u64>,
+    pub keys: BTreeMap<String, StoredKey>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredKey {
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    pub create_revision: i64,
+    pub lease: LeaseId,
+}
+
+/// Called with the new state after every change, before the change is
+/// answered; an error fails the request (the change stays in memory).
+pub type Persist = Box<dyn Fn(&State) -> Result<(), String> + Send + Sync>;
+
+struct Inner {
+    state: State,
+    /// Lease id -> deadline on the store's clock.
+    deadlines: BTreeMap<LeaseId, Duration>,
+}
+
+pub struct MemStore {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    clock: Arc<dyn Clock>,
+    persist: Option<Persist>,
+}
+
+impl MemStore {
+    pub fn new(clock: Arc<dyn Clock>) -> MemStore {
+        MemStore::restore(
+            State {
+                revision: 1,
+                next_lease: 1,
+                ..State::default()
+            },
+            clock,
+            None,
+        )
+    }
+
+    /// A store holding `state` (as read back by the witness), each lease
+    /// with its full TTL from now.
+    pub fn restore(state: State, clock: Arc<dyn Clock>, persist: Option<Persist>) -> MemStore {
+        let now = clock.now();
+        let deadlines = state
+            .leases
+            .iter()
+            .map(|(&id, &ttl)| (id, now + Duration::from_millis(ttl)))
+            .collect();
+        MemStore {
+            inner: Mutex::new(Inner { state, deadlines }),
+            changed: Condvar::new(),
+            clock,
+            persist,
+        }
+    }
+
+    /// A copy of what the store holds.
+    pub fn state(&self) -> State {
+        let mut inner = self.inner.lock();
+        self.expire(&mut inner);
+        inner.state.clone()
+    }
+
+    /// Drops expired leases and their keys. Returns whether anything
+    /// changed.
+    fn expire(&self, inner: &mut Inner) -> bool {
+        let now = self.clock.now();
+        let expired: Vec<LeaseId> = inner
+            .deadlines
+            .iter()
+            .filter(|(_, &d)| d <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        if expired.is_empty() {
+            return false;
+        }
+        for id in &expired {
+            self.drop_lease(inner, *id);
+        }
+        true
+    }
+
+    fn drop_lease(&self, inner: &mut Inner, id: LeaseId) {
+        inner.deadlines.remove(&id);
+        inner.state.leases.remove(&id);
+        let before = inner.state.keys.len();
+        inner.state.keys.retain(|_, k| k.lease != id);
+        if inner.state.keys.len() != before {
+            inner.state.revision += 1;
+        }
+    }
+
+    fn commit(&self, inner: &Inner) -> Result<(), StoreError> {
+        self.changed.notify_all();
+        match &self.persist {
+            Some(persist) => persist(&inner.state)
+                .map_err(|e| StoreError::Unreachable(format!("cannot persist: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn holds(state: &State, c: &Compare) -> bool {
+        match c {
+            Compare::ModRevision(key, rev) => {
+                state.keys.get(key).map_or(0, |k| k.mod_revision) == *rev
+            }
+            Compare::Value(key, value) => state.keys.get(key).is_some_and(|k| &k.value == value),
+        }
+    }
+
+    /// When the next lease expires, if any.
+    fn next_deadline(inner: &Inner) -> Option<Duration> {
+        inner.deadlines.values().min().copied()
+    }
+}
+
+impl Store for MemStore {
+    fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let mut inner = self.inner.lock();
+        self.expire(&mut inner);
+        let id = inner.state.next_lease;
+        inner.state.next_lease += 1;
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        inner.state.leases.insert(id, ttl_ms);
+        let deadline = self.clock.now() + Duration::from_millis(ttl_ms);
+        inner.deadlines.insert(id, deadline);
+        self.commit(&inner)?;
+        Ok(id)
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let mut inner = self.inner.lock();
+        if self.expire(&mut inner) {
+            self.commit(&inner)?;
+        }
+        let Some(&ttl_ms) = inner.state.leases.get(&lease) else {
+            return Err(StoreError::LeaseNotFound(lease));
+        };
+        let ttl = Duration::from_millis(ttl_ms);
+        let deadline = self.clock.now() + ttl;
+        inner.deadlines.insert(lease, deadline);
+        Ok(ttl)
+    }
+
+    fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        self.expire(&mut inner);
+        if !inner.state.leases.contains_key(&lease) {
+            return Err(StoreError::LeaseNotFound(lease));
+        }
+        self.drop_lease(&mut inner, lease);
+        self.commit(&inner)
+    }
+
+    fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
+        let mut inner = self.inner.lock();
+        if self.expire(&mut inner) {
+            self.commit(&inner)?;
+        }
+        let kvs = inner
+            .state
+            .keys
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| KeyValue {
+                key: k.clone(),
+                value: v.value.clone(),
+                mod_revision: v.mod_revision,
+                create_revision: v.create_revision,
+                lease: v.lease,
+            })
+            .collect();
+        Ok(Snapshot {
+            revision: inner.state.revision,
+            kvs,
+        })
+    }
+
+    fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<(bool, i64), StoreError> {
+        let mut inner = self.inner.lock();
+        let expired = self.expire(&mut inner);
+        if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
+            if expired {
+                self.commit(&inner)?;
+            }
+            return Ok((false, inner.state.revision));
+        }
+        for op in ops {
+            if let Op::Put { lease, key, .. } = op {
+                if *lease != 0 && !inner.state.leases.contains_key(lease) {
+                    if expired {
+                        self.commit(&inner)?;
+                    }
+                    return Err(StoreError::Refused(format!(
+                        "put {key}: lease {lease:x} not found"
+                    )));
+                }
+            }
+        }
+        if ops.is_empty() {
+            return Ok((true, inner.state.revision));
+        }
+        let revision = inner.state.revision + 1;
+        for op in ops {
+            match op {
+                Op::Put { key, value, lease } => {
+                    let create_revision = inner
+                        .state
+                        .keys
+                        .get(key)
+                        .map_or(revision, |k| k.create_revision);
+                    inner.state.keys.insert(
+                        key.clone(),
+                        StoredKey {
+                            value: value.clone(),
+                            mod_revision: revision,
+                            create_revision,
+                            lease: *lease,
+                        },
+                    );
+                }
+                Op::Delete { key } => {
+                    inner.state.keys.remove(key);
+                }
+            }
+        }
+        inner.state.revision = revision;
+        self.commit(&inner)?;
+        Ok((true, revision))
+    }
+
+    fn wait(&self, prefix: &str, after_revision: i64, timeout: Duration) -> Result<(), StoreError> {
+        // Revisions are store-wide here; a change under another prefix
+        // wakes the waiter early, which only costs a read.
+        let _ = prefix;
+        let until = Instant::now() + timeout;
+        let mut inner = self.inner.lock();
+        loop {
+            if self.expire(&mut inner) {
+                self.commit(&inner)?;
+            }
+            if inner.state.revision > after_revision {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            let mut slice = until - now;
+            if let Some(d) = Self::next_deadline(&inner) {
+                slice = slice.min(d.saturating_sub(self.clock.now()) + Duration::from_millis(1));
+            }
+            self.changed.wait_for(&mut inner, slice);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (MemStore, SimClock) {
+        let clock = SimClock::default();
+        (MemStore::new(Arc::new(clock.clone())), clock)
+    }
+
+    fn put(key: &str, value: &str, lease: LeaseId) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+            lease,
+        }
+    }
+
+    #[test]
+    fn leased_keys_vanish_when_the_lease_expires() {
+        let (s, clock) = store();
+        let lease = s.grant(Duration::from_secs(3)).unwrap();
+        s.txn(&[], &[put("a/owner", "ny", lease)]).unwrap();
+        clock.advance(Duration::from_secs(2));
+        s.keep_alive(lease).unwrap();
+        clock.advance(Duration::from_secs(2));
+        assert!(s.range("a/").unwrap().get("a/owner").is_some());
+        clock.advance(Duration::from_millis(1001));
+        assert!(s.range("a/").unwrap().kvs.is_empty());
+        assert!(matches!(
+            s.keep_alive(lease),
+            Err(StoreError::LeaseNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn compare_and_swap_lets_exactly_one_claim_win() {
+        let (s, _) = store();
+        let claim = |who: &str| {
+            s.txn(
+                &[Compare::ModRevision("g/owner".into(), 0)],
+                &[put("g/owner", who, 0)],
+            )
+            .unwrap()
+            .0
+        };
+        assert!(claim("chicago"));
+        assert!(!claim("seattle"));
+        let snap = s.range("g/").unwrap();
+        assert_eq!(snap.get("g/owner").unwrap().value, b"chicago");
+    }
+
+    #[test]
+    fn revisions_grow_and_creation_is_remembered() {
+        let (s, _) = store();
+        let (_, r1) = s.txn(&[], &[put("k", "1", 0)]).unwrap();
+        let (_, r2) = s.txn(&[], &[put("k", "2", 0)]).unwrap();
+        assert!(r2 > r1);
+        let kv = s.range("k").unwrap().kvs[0].clone();
+        assert_eq!((kv.create_revision, kv.mod_revision), (r1, r2));
+        let (ok, _) = s
+            .txn(
+                &[Compare::ModRevision("k".into(), r1)],
+                &[Op::Delete { key: "k".into() }],
+            )
+            .unwrap();
+        assert!(!ok, "a stale revision must not match");
+    }
+
+    #[test]
+    fn a_put_on_a_missing_lease_is_refused() {
+        let (s, _) = store();
+        assert!(matches!(
+            s.txn(&[], &[put("k", "v", 42)]),
+            Err(StoreError::Refused(_))
+        ));
+        assert!(s.range("").unwrap().kvs.is_empty());
+    }
+
+    #[test]
+    fn restored_leases_get_their_full_ttl_again() {
+        let (s, clock) = store();
+        let lease = s.grant(Duration::from_secs(3)).unwrap();
+        s.txn(&[], &[put("k", "v", lease)]).unwrap();
+        clock.advance(Duration::from_millis(2900));
+        let state = s.state();
+        let s2 = MemStore::restore(state, Arc::new(clock.clone()), None);
+        clock.advance(Duration::from_millis(2900));
+        assert!(s2.range("k").unwrap().get("k").is_some());
+        clock.advance(Duration::from_millis(200));
+        assert!(s2.range("k").unwrap().get("k").is_none());
+    }
+}
