@@ -7,8 +7,10 @@
 //! and is tested with simulated time ([`memory::MemStore`]).
 
 pub mod decide;
+pub mod etcd;
 pub mod keys;
 pub mod memory;
+pub mod witness;
 
 use std::time::Duration;
 

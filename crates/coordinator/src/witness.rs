@@ -1,0 +1,1 @@
+//! The witness backend (being written).
