@@ -1,1 +1,270 @@
-//! The failover logic (filled in next).
+//! The failover logic: given what the store shows of a group and what
+//! this site holds, what should this site do? Pure: no I/O, no clock.
+//! The agent runs it after every change it sees in the store; the
+//! simulation in `tests/sim.rs` runs it for many sites under crashes and
+//! partitions. The timing half of fencing (stop acknowledging before the
+//! lease can expire) is [`crate::lease::Validity`].
+
+use crate::keys::{encode, GroupView, Keys, OwnerRecord, RequestKind};
+use crate::{Compare, LeaseId, Op};
+
+/// A group's failover settings, from the configuration.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub group: String,
+    /// Every site of the group with its priority: the configured primary
+    /// is 0, replicas carry their configured priority (lower goes first).
+    pub sites: Vec<(String, u32)>,
+    /// `failover = "automatic"`.
+    pub automatic: bool,
+    /// `max_lag_on_failover`, seconds.
+    pub max_lag: f64,
+}
+
+impl Policy {
+    pub fn priority(&self, site: &str) -> Option<u32> {
+        self.sites.iter().find(|(s, _)| s == site).map(|(_, p)| *p)
+    }
+}
+
+/// What this site holds for the group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Local {
+    pub site: String,
+    /// This agent's current lease.
+    pub lease: LeaseId,
+    pub primary: bool,
+    /// The epoch this site serves (primary) or last followed (replica).
+    pub epoch: u64,
+    /// Where the epoch it serves started (primary only).
+    pub fork: (u64, u64),
+    /// Its images hold the records up to here: (epoch, seq).
+    pub tip: (u64, u64),
+    pub consistent: bool,
+    pub fit: bool,
+}
+
+/// What to do now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Nothing.
+    Idle,
+    /// This site owns `epoch`: serve it, promoting itself first if it is
+    /// not yet primary. `fork` is where the epoch's sequence starts.
+    Serve { epoch: u64, fork: (u64, u64) },
+    /// Another site owns the group: be its replica, demoting first if
+    /// this site is primary.
+    Follow { owner: String, epoch: u64 },
+    /// A newer epoch exists and no owner is known: stop serving now.
+    Stale { epoch: u64 },
+    /// Try to take ownership with this transaction; on success, serve
+    /// `epoch` from `fork`.
+    Claim {
+        epoch: u64,
+        fork: (u64, u64),
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    },
+    /// The owner key still names this site under its previous lease
+    /// (it restarted in time): move the key to the current lease.
+    Reattach {
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    },
+    /// A migration to `to` is requested: stop writes, drain to `to`, then
+    /// apply the transaction that hands the next epoch over.
+    HandOver {
+        to: String,
+        epoch: u64,
+        request_id: String,
+        /// Built at drain time with the final fork: see [`handover_txn`].
+        to_lease: LeaseId,
+    },
+}
+
+/// Decides for one group.
+pub fn decide(keys: &Keys, policy: &Policy, view: &GroupView, local: &Local) -> Decision {
+    let g = &policy.group;
+    if let Some((owner, rev)) = &view.owner {
+        if owner.site != local.site {
+            return Decision::Follow {
+                owner: owner.site.clone(),
+                epoch: owner.epoch,
+            };
+        }
+        if owner.lease != local.lease {
+            let moved = OwnerRecord {
+                lease: local.lease,
+                ..owner.clone()
+            };
+            return Decision::Reattach {
+                compares: vec![Compare::ModRevision(keys.owner(g), *rev)],
+                ops: vec![Op::Put {
+                    key: keys.owner(g),
+                    value: encode(&moved),
+                    lease: local.lease,
+                }],
+            };
+        }
+        if let Some((req, _)) = &view.request {
+            if let (RequestKind::Migrate, Some(to)) = (req.kind, &req.to) {
+                if to != &local.site && local.primary && local.epoch == owner.epoch {
+                    if let Some(target) = view.member(to) {
+                        return Decision::HandOver {
+                            to: to.clone(),
+                            epoch: owner.epoch + 1,
+                            request_id: req.id.clone(),
+                            to_lease: target.lease,
+                        };
+                    }
+                }
+            }
+        }
+        return Decision::Serve {
+            epoch: owner.epoch,
+            fork: (owner.fork_epoch, owner.fork_seq),
+        };
+    }
+    // No owner. A forced failover names who may take over.
+    let request = view
+        .request
+        .as_ref()
+        .filter(|(r, _)| r.kind == RequestKind::Failover);
+    if local.primary {
+        if view.epoch > local.epoch {
+            return Decision::Stale { epoch: view.epoch };
+        }
+        let handed_away = request.is_some_and(|(r, _)| r.to.as_deref() != Some(&local.site));
+        if handed_away {
+            return Decision::Stale { epoch: view.epoch };
+        }
+        // This site owned the newest epoch and nobody took over since its
+        // lease lapsed: take it back without a new epoch (replicas keep
+        // streaming). Also the very first start.
+        return claim(keys, policy, view, local, local.epoch.max(1), local.fork);
+    }
+    if view.epoch == 0 && request.is_none() {
+        // Nobody ever owned the group: the configured primary starts it.
+        return Decision::Idle;
+    }
+    if !policy.automatic && request.is_none() {
+        return Decision::Idle;
+    }
+    let wanted = request.and_then(|(r, _)| r.to.clone());
+    let best = view
+        .members
+        .iter()
+        .filter(|m| policy.priority(&m.site).is_some())
+        .filter(|m| m.fit && m.consistent && m.role != "primary")
+        .filter(|m| wanted.as_ref().is_none_or(|w| w == &m.site))
+        .filter(|m| within_lag(policy, view, &m.site))
+        .min_by_key(|m| {
+            (
+                policy.priority(&m.site).unwrap_or(u32::MAX),
+                std::cmp::Reverse((m.tip_epoch, m.tip_seq)),
+                m.site.clone(),
+            )
+        });
+    match best {
+        Some(m) if m.site == local.site && local.consistent && local.fit => {
+            let epoch = view.epoch.max(local.epoch) + 1;
+            claim(keys, policy, view, local, epoch, local.tip)
+        }
+        _ => Decision::Idle,
+    }
+}
+
+fn within_lag(policy: &Policy, view: &GroupView, site: &str) -> bool {
+    let Some(lag) = &view.lag else { return true };
+    if lag.epoch != view.epoch {
+        return true;
+    }
+    lag.replicas
+        .iter()
+        .find(|(s, _, _)| s == site)
+        .is_none_or(|(_, secs, _)| *secs <= policy.max_lag)
+}
+
+fn claim(
+    keys: &Keys,
+    policy: &Policy,
+    view: &GroupView,
+    local: &Local,
+    epoch: u64,
+    fork: (u64, u64),
+) -> Decision {
+    let g = &policy.group;
+    let owner = OwnerRecord {
+        site: local.site.clone(),
+        epoch,
+        lease: local.lease,
+        fork_epoch: fork.0,
+        fork_seq: fork.1,
+    };
+    let mut ops = vec![
+        Op::Put {
+            key: keys.owner(g),
+            value: encode(&owner),
+            lease: local.lease,
+        },
+        Op::Put {
+            key: keys.epoch(g),
+            value: epoch.to_string().into_bytes(),
+            lease: 0,
+        },
+    ];
+    let mut compares = vec![
+        Compare::ModRevision(keys.owner(g), 0),
+        Compare::ModRevision(keys.epoch(g), view.epoch_revision),
+    ];
+    if let Some((_, rev)) = &view.request {
+        compares.push(Compare::ModRevision(keys.request(g), *rev));
+        ops.push(Op::Delete {
+            key: keys.request(g),
+        });
+    }
+    Decision::Claim {
+        epoch,
+        fork,
+        compares,
+        ops,
+    }
+}
+
+/// The transaction that ends a migration: if this site still owns
+/// `epoch - 1` under `owner_revision`, `to` owns `epoch` from `fork`.
+pub fn handover_txn(
+    keys: &Keys,
+    group: &str,
+    owner_revision: i64,
+    to: &str,
+    to_lease: LeaseId,
+    epoch: u64,
+    fork: (u64, u64),
+) -> (Vec<Compare>, Vec<Op>) {
+    let owner = OwnerRecord {
+        site: to.to_owned(),
+        epoch,
+        lease: to_lease,
+        fork_epoch: fork.0,
+        fork_seq: fork.1,
+    };
+    (
+        vec![Compare::ModRevision(keys.owner(group), owner_revision)],
+        vec![
+            Op::Put {
+                key: keys.owner(group),
+                value: encode(&owner),
+                lease: to_lease,
+            },
+            Op::Put {
+                key: keys.epoch(group),
+                value: epoch.to_string().into_bytes(),
+                lease: 0,
+            },
+            Op::Delete {
+                key: keys.request(group),
+            },
+        ],
+    )
+}

@@ -9,6 +9,7 @@
 pub mod decide;
 pub mod etcd;
 pub mod keys;
+pub mod lease;
 pub mod memory;
 pub mod witness;
 
