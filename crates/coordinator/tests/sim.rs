@@ -4,6 +4,8 @@
 //! an older epoch are never acknowledged once a newer epoch has begun, and
 //! one epoch is only ever served by one site.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
