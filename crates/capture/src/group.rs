@@ -2,7 +2,7 @@
 //! any of the group's volumes gets the next sequence number in the order it
 //! reaches the images, and is queued for each replica.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,9 @@ use tandem_volume::{RawImage, VolumeError};
 use crate::dirty::{regions_of, DirtyMap};
 use crate::error::CaptureError;
 use crate::fine::FineDirty;
+use crate::queue::{Pressure, Queue, QueueOptions};
 use crate::seq::SeqAllocator;
+use crate::spill::{self, Cursor};
 
 /// Fixed per-record overhead counted against `queue_memory`.
 const RECORD_OVERHEAD: usize = 96;
@@ -61,7 +63,8 @@ impl Op {
         }
     }
 
-    fn cost(&self) -> usize {
+    /// What the record costs against `queue_memory`.
+    pub(crate) fn cost(&self) -> usize {
         RECORD_OVERHEAD
             + match self {
                 Op::Write { data, .. } => data.len(),
@@ -114,6 +117,8 @@ struct Replica {
     resyncing: Option<(Vec<FineDirty>, u64)>,
     /// Since when it has owed ranges outside the stream (for lag).
     behind_since: Option<Instant>,
+    /// Its place in the spill, when it reads from there.
+    cursor: Option<Cursor>,
 }
 
 impl Replica {
@@ -126,21 +131,22 @@ impl Replica {
 
 struct State {
     seq: SeqAllocator,
-    queue: VecDeque<Arc<Record>>,
-    queued_bytes: usize,
+    queue: Queue,
     replicas: Vec<Replica>,
     /// Persistent dirty maps, one per volume; empty without replicas.
     maps: Vec<DirtyMap>,
+    /// Volume sizes, indexed like the maps.
+    sizes: Vec<u64>,
     /// Latest sequence number that touched each (volume, region).
     last_write: HashMap<(u32, u64), u64>,
     dropped_records: u64,
 }
 
 impl State {
-    /// The queue is over its memory limit: the streaming replica that is
-    /// furthest behind stops holding records in memory; what it still
-    /// needs becomes dirty ranges (docs/CAPTURE.md).
-    fn overflow_laggard(&mut self) {
+    /// The queue is over its limit: the streaming replica that is furthest
+    /// behind stops holding records; what it still needs becomes dirty
+    /// ranges (docs/CAPTURE.md). False if no replica was streaming.
+    fn overflow_laggard(&mut self) -> bool {
         let Some(i) = self
             .replicas
             .iter()
@@ -149,20 +155,54 @@ impl State {
             .min_by_key(|(_, r)| r.floor)
             .map(|(i, _)| i)
         else {
-            return;
+            self.dropped_records += self.trim();
+            return false;
         };
         let r = &mut self.replicas[i];
         let floor = r.floor;
-        for record in self.queue.iter().filter(|rec| rec.seq >= floor) {
-            r.owe(record.volume as usize, &record.op);
-        }
-        r.overflowed = true;
-        r.behind_since.get_or_insert_with(Instant::now);
+        let owed = self.queue.visit_from(floor, |volume, range| {
+            if let (Some(gap), Some((offset, len))) = (r.gap.get_mut(volume as usize), range) {
+                gap.add(offset, len);
+            }
+        });
         tracing::warn!(
             replica = %r.name,
             acked = r.acked,
-            "replica too far behind for the memory queue: tracking dirty regions instead"
+            "replica too far behind for the queue: tracking dirty regions instead"
         );
+        match owed {
+            Ok(()) => {
+                r.overflowed = true;
+                r.behind_since.get_or_insert_with(Instant::now);
+                self.dropped_records += self.trim();
+            }
+            Err(e) => self.fall_back(i, &e),
+        }
+        true
+    }
+
+    /// The spill failed the replica `i` (a damaged frame, an I/O error):
+    /// the records it lacks are unknown, so it owes every region of the
+    /// persistent map, which covers every change it has not acknowledged
+    /// (invariants D1, D2), and stops holding records.
+    fn fall_back(&mut self, i: usize, error: &spill::SpillError) {
+        let r = &mut self.replicas[i];
+        tracing::warn!(
+            replica = %r.name,
+            acked = r.acked,
+            %error,
+            "cannot read the queue's spill: the replica resyncs every marked region instead"
+        );
+        for ((gap, map), &size) in r.gap.iter_mut().zip(&self.maps).zip(&self.sizes) {
+            for (offset, len) in map.ranges(size) {
+                for region in regions_of(offset, len) {
+                    gap.add_region(region);
+                }
+            }
+        }
+        r.overflowed = true;
+        r.cursor = None;
+        r.behind_since.get_or_insert_with(Instant::now);
         self.dropped_records += self.trim();
     }
 
@@ -175,14 +215,33 @@ impl State {
             .map(|r| r.floor)
             .min()
             .unwrap_or(u64::MAX);
-        let mut dropped = 0;
-        while self.queue.front().is_some_and(|f| f.seq < floor) {
-            if let Some(old) = self.queue.pop_front() {
-                self.queued_bytes -= old.op.cost();
-                dropped += 1;
+        self.queue.trim_below(floor)
+    }
+
+    /// Brings the queue back within its limits after a record was added:
+    /// spills its oldest records, overflows the replicas furthest behind.
+    fn relieve(&mut self) {
+        loop {
+            match self.queue.pressure() {
+                Pressure::Fits => return,
+                Pressure::Spill => {
+                    if let Err(e) = self.queue.spill_oldest() {
+                        tracing::warn!(
+                            error = %e,
+                            "cannot spill the replication queue to disk: falling back to dirty regions"
+                        );
+                        if !self.overflow_laggard() {
+                            return;
+                        }
+                    }
+                }
+                Pressure::Overflow => {
+                    if !self.overflow_laggard() {
+                        return;
+                    }
+                }
             }
         }
-        dropped
     }
 }
 
@@ -201,8 +260,15 @@ pub struct Lag {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CaptureStats {
     pub next_seq: u64,
+    /// Records in memory.
     pub queued_records: usize,
+    /// Their cost against `queue_memory`.
     pub queued_bytes: usize,
+    /// Records in spill segments on disk.
+    pub spilled_records: u64,
+    /// Bytes of spill segments (counted with `queued_bytes` against
+    /// `max_queue`).
+    pub spilled_bytes: u64,
     pub dropped_records: u64,
     /// Per replica: (name, acked seq, bytes owed by dirty ranges).
     pub replicas: Vec<(String, u64, u64)>,
@@ -217,7 +283,6 @@ pub struct GroupCapture {
     arrived: Condvar,
     /// Signalled on every acknowledgement and connection change.
     acknowledged: Condvar,
-    queue_limit: usize,
     closing: std::sync::atomic::AtomicBool,
 }
 
@@ -234,8 +299,9 @@ pub enum SyncOutcome {
 
 impl GroupCapture {
     /// Opens the capture state of group `name` under `dir`
-    /// (`<data_dir>/capture/<group>`). `image_existed[i]` says whether
-    /// volume `i`'s image was there before this start.
+    /// (`<data_dir>/capture/<group>`), with a queue of `queue_limit` bytes
+    /// in memory and no spill. `image_existed[i]` says whether volume `i`'s
+    /// image was there before this start.
     pub fn open(
         dir: &Path,
         name: &str,
@@ -244,7 +310,26 @@ impl GroupCapture {
         replicas: &[String],
         queue_limit: u64,
     ) -> Result<GroupCapture, CaptureError> {
+        let options = QueueOptions::memory_only(queue_limit);
+        Self::open_with(dir, name, volumes, image_existed, replicas, options)
+    }
+
+    /// [`GroupCapture::open`] with the queue's limits, including its spill
+    /// to disk (`QueueOptions::with_spill(queue_memory, max_queue)`).
+    pub fn open_with(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<CaptureVolume>,
+        image_existed: &[bool],
+        replicas: &[String],
+        queue: QueueOptions,
+    ) -> Result<GroupCapture, CaptureError> {
         std::fs::create_dir_all(dir).map_err(CaptureError::io(dir, "create capture directory"))?;
+        // The spill of a previous run is stale: the dirty map covers it.
+        let spill_dir = dir.join("spill");
+        if let Err(e) = spill::remove_leftovers(&spill_dir) {
+            tracing::warn!(path = %spill_dir.display(), error = %e, "cannot delete the previous run's spill");
+        }
         let seq = SeqAllocator::open(&dir.join("seq"))?;
         let mut maps = Vec::new();
         if !replicas.is_empty() {
@@ -284,23 +369,24 @@ impl GroupCapture {
                 gap: owed.clone(),
                 resyncing: None,
                 behind_since: owes.then(Instant::now),
+                cursor: None,
             })
             .collect();
+        let sizes = volumes.iter().map(|v| v.image.size()).collect();
         Ok(GroupCapture {
             name: name.to_owned(),
             volumes,
             state: Mutex::new(State {
                 seq,
-                queue: VecDeque::new(),
-                queued_bytes: 0,
+                queue: Queue::new(spill_dir, queue, Instant::now()),
                 replicas,
                 maps,
+                sizes,
                 last_write: HashMap::new(),
                 dropped_records: 0,
             }),
             arrived: Condvar::new(),
             acknowledged: Condvar::new(),
-            queue_limit: usize::try_from(queue_limit).unwrap_or(usize::MAX),
             closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -432,11 +518,8 @@ impl GroupCapture {
                 op,
                 at: Instant::now(),
             });
-            st.queued_bytes += record.op.cost();
-            st.queue.push_back(record);
-            while st.queued_bytes > self.queue_limit {
-                st.overflow_laggard();
-            }
+            st.queue.push(record);
+            st.relieve();
         }
         self.arrived.notify_all();
         Ok(seq)
@@ -453,15 +536,21 @@ impl GroupCapture {
         loop {
             let st_ref = &mut *st;
             let upcoming = st_ref.seq.peek();
-            let r = replica_mut(&mut st_ref.replicas, replica)?;
+            let i = replica_index(&st_ref.replicas, replica)?;
+            let r = &mut st_ref.replicas[i];
             if r.overflowed || r.gap.iter().any(|g| !g.is_empty()) {
                 return Ok(Some(self.start_resync(r, upcoming)));
             }
-            let next = r.next;
-            let idx = st_ref.queue.partition_point(|x| x.seq < next);
-            if let Some(record) = st_ref.queue.get(idx).cloned() {
-                replica_mut(&mut st_ref.replicas, replica)?.next = record.seq + 1;
-                return Ok(Some(Event::Record(record)));
+            match st_ref.queue.next_from(r.next, &mut r.cursor) {
+                Ok(Some(record)) => {
+                    r.next = record.seq + 1;
+                    return Ok(Some(Event::Record(record)));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    st_ref.fall_back(i, &e);
+                    continue;
+                }
             }
             if self.arrived.wait_until(&mut st, deadline).timed_out() {
                 return Ok(None);
@@ -625,6 +714,8 @@ impl GroupCapture {
         }
         r.overflowed = true;
         r.behind_since.get_or_insert_with(Instant::now);
+        let dropped = st.trim();
+        st.dropped_records += dropped;
         Ok(())
     }
 
@@ -649,10 +740,9 @@ impl GroupCapture {
         let mut bytes = owed_ranges;
         let mut oldest = None;
         if !r.overflowed {
-            for rec in st.queue.iter().filter(|rec| rec.seq > r.acked) {
-                bytes += rec.op.range().map_or(0, |(_, len)| len);
-                oldest = oldest.or(Some(rec.at));
-            }
+            let (queued, queued_oldest) = st.queue.changes_after(r.acked);
+            bytes += queued;
+            oldest = queued_oldest;
         }
         Ok(Lag {
             bytes,
@@ -718,8 +808,10 @@ impl GroupCapture {
         let st = self.state.lock();
         CaptureStats {
             next_seq: st.seq.peek(),
-            queued_records: st.queue.len(),
-            queued_bytes: st.queued_bytes,
+            queued_records: st.queue.memory_records(),
+            queued_bytes: st.queue.memory_bytes(),
+            spilled_records: st.queue.spilled_records(),
+            spilled_bytes: st.queue.spilled_bytes(),
             dropped_records: st.dropped_records,
             replicas: st
                 .replicas
@@ -742,6 +834,13 @@ impl GroupCapture {
             .map(|(m, v)| m.ranges(v.image.size()))
             .collect()
     }
+}
+
+fn replica_index(replicas: &[Replica], name: &str) -> Result<usize, CaptureError> {
+    replicas
+        .iter()
+        .position(|r| r.name == name)
+        .ok_or_else(|| CaptureError::UnknownReplica(name.to_owned()))
 }
 
 fn replica_mut<'a>(

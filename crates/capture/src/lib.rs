@@ -4,8 +4,12 @@
 pub mod dirty;
 mod error;
 pub mod fine;
+mod frame;
 mod group;
+mod queue;
 pub mod seq;
+mod spill;
 
 pub use error::CaptureError;
 pub use group::{CaptureStats, CaptureVolume, Event, GroupCapture, Lag, Op, Record, SyncOutcome};
+pub use queue::QueueOptions;
