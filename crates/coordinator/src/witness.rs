@@ -1,1 +1,0 @@
-//! The witness backend (being written).

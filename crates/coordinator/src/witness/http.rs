@@ -1,0 +1,451 @@
+//! Just enough HTTP/1.1 for the witness: requests with a `Content-Length`
+//! body (no chunked bodies), keep-alive, `Expect: 100-continue`, and hard
+//! limits on everything a peer controls — head size, body size, the time a
+//! request may take to arrive, and how long a connection may idle.
+//!
+//! The witness does not use a general HTTP server library: the one at hand
+//! (tiny_http 0.12) allocates a buffer as large as any `Content-Length` a
+//! peer claims when it discards an unread body, so one request with a huge
+//! length aborts the process — and a dead witness fences every primary.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::wire::ErrorCode;
+
+/// How far a peer may go.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Request line plus headers.
+    pub max_head: usize,
+    /// Request body.
+    pub max_body: usize,
+    /// From the first byte of a request to its last.
+    pub request_time: Duration,
+    /// Between requests on one connection.
+    pub idle: Duration,
+    /// Writing one answer.
+    pub write_time: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: 16 * 1024,
+            max_body: 1024 * 1024,
+            request_time: Duration::from_secs(10),
+            idle: Duration::from_secs(120),
+            write_time: Duration::from_secs(10),
+            max_connections: 256,
+        }
+    }
+}
+
+/// How often a blocked read looks at the stop flag.
+const SLICE: Duration = Duration::from_millis(200);
+
+/// One request as the witness handles it.
+#[derive(Debug)]
+pub struct Request {
+    pub method: String,
+    /// The path, without any query string.
+    pub path: String,
+    pub body: Vec<u8>,
+    /// The peer asked to close the connection after the answer.
+    pub close: bool,
+}
+
+/// A request that cannot be handled; it is answered, then the connection
+/// is closed (the stream position is no longer trustworthy).
+#[derive(Debug)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+/// What reading the next request gave.
+#[derive(Debug)]
+pub enum Next {
+    Request(Request),
+    /// The peer closed the connection, idled too long, or the witness is
+    /// stopping: close without an answer.
+    Done,
+    /// Answer this, then close.
+    Refused(Refusal),
+}
+
+/// One accepted connection.
+pub struct Conn {
+    stream: TcpStream,
+    /// Bytes read past the end of the last request (pipelining).
+    buf: Vec<u8>,
+    limits: Limits,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, limits: Limits) -> io::Result<Conn> {
+        stream.set_nonblocking(false)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(limits.write_time))?;
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+            limits,
+        })
+    }
+
+    /// Reads the next request, giving up when `stop` is set.
+    pub fn next(&mut self, stop: &AtomicBool) -> Next {
+        match self.read_request(stop) {
+            Ok(Some(request)) => Next::Request(request),
+            Ok(None) => Next::Done,
+            Err(refusal) => Next::Refused(refusal),
+        }
+    }
+
+    fn read_request(&mut self, stop: &AtomicBool) -> Result<Option<Request>, Refusal> {
+        let Some((head_end, deadline)) = self.read_head(stop)? else {
+            return Ok(None);
+        };
+        let head = parse_head(&self.buf[..head_end])?;
+        self.buf.drain(..head_end);
+        if head.length > self.limits.max_body {
+            return Err(refuse(
+                ErrorCode::TooLarge,
+                format!(
+                    "a body of {} bytes is over the limit of {} bytes",
+                    head.length, self.limits.max_body
+                ),
+            ));
+        }
+        if head.expect_continue && self.buf.len() < head.length {
+            self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .map_err(|e| refuse(ErrorCode::BadRequest, format!("cannot answer: {e}")))?;
+        }
+        while self.buf.len() < head.length {
+            if !self.fill(deadline, stop)? {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    "the connection closed before the whole body arrived",
+                ));
+            }
+        }
+        let body = self.buf.drain(..head.length).collect();
+        Ok(Some(Request {
+            method: head.method,
+            path: head.path,
+            body,
+            close: head.close,
+        }))
+    }
+
+    /// Reads until the buffer holds a whole head; returns its length with
+    /// the blank line and the time by which the whole request must have
+    /// arrived, or `None` if the connection ended between requests.
+    fn read_head(&mut self, stop: &AtomicBool) -> Result<Option<(usize, Instant)>, Refusal> {
+        // Set by the first byte of the request: the whole request must
+        // arrive within `request_time` of it.
+        let mut deadline: Option<Instant> = None;
+        loop {
+            // Empty lines before a request line are allowed (RFC 9112 §2.2).
+            let blank = self
+                .buf
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+            self.buf.drain(..blank);
+            let end = find_head_end(&self.buf);
+            if end.unwrap_or(self.buf.len()) > self.limits.max_head {
+                return Err(refuse(
+                    ErrorCode::HeadTooLarge,
+                    format!(
+                        "the request head is over the limit of {} bytes",
+                        self.limits.max_head
+                    ),
+                ));
+            }
+            if let Some(end) = end {
+                let until = deadline.unwrap_or_else(|| Instant::now() + self.limits.request_time);
+                return Ok(Some((end, until)));
+            }
+            if deadline.is_none() && self.buf.is_empty() {
+                // Idle between requests: an idle timeout just closes.
+                match self.fill(Instant::now() + self.limits.idle, stop) {
+                    Ok(true) => continue,
+                    Ok(false) | Err(_) => return Ok(None),
+                }
+            }
+            let until = *deadline.get_or_insert_with(|| Instant::now() + self.limits.request_time);
+            if !self.fill(until, stop)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads more bytes into the buffer before `deadline`. Returns false at
+    /// end of stream; a refusal when the deadline passes or on an error.
+    fn fill(&mut self, deadline: Instant, stop: &AtomicBool) -> Result<bool, Refusal> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(false);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(refuse(
+                    ErrorCode::Timeout,
+                    "the request did not arrive in time",
+                ));
+            }
+            let slice = (deadline - now).min(SLICE);
+            self.stream
+                .set_read_timeout(Some(slice))
+                .map_err(|e| refuse(ErrorCode::BadRequest, e.to_string()))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(true);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return Ok(false),
+            }
+        }
+    }
+
+    /// Sends one answer.
+    pub fn answer(&mut self, answer: &Answer, witness_id: &str, close: bool) -> io::Result<()> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}: {}\r\n",
+            answer.status,
+            reason(answer.status),
+            answer.body.len(),
+            super::wire::WITNESS_HEADER,
+            witness_id,
+        );
+        if close {
+            out.push_str("Connection: close\r\n");
+        }
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(answer.body.as_bytes());
+        self.write_raw(&bytes)
+    }
+
+    fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+}
+
+/// An answer: a status and a JSON body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+struct Head {
+    method: String,
+    path: String,
+    length: usize,
+    close: bool,
+    expect_continue: bool,
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn parse_head(bytes: &[u8]) -> Result<Head, Refusal> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| refuse(ErrorCode::BadRequest, "the request head is not UTF-8"))?;
+    let mut lines = text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("bad request line \"{}\"", shorten(request_line)),
+        ));
+    };
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        other => {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("unsupported HTTP version \"{}\"", shorten(other)),
+            ))
+        }
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(refuse(ErrorCode::BadRequest, "bad request method"));
+    }
+    let mut head = Head {
+        method: method.to_owned(),
+        path: target.split('?').next().unwrap_or_default().to_owned(),
+        length: 0,
+        close: http10,
+        expect_continue: false,
+    };
+    let mut length = None;
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(refuse(ErrorCode::BadRequest, "a header line has no colon"));
+        };
+        let value = value.trim();
+        if name.is_empty() || name.contains([' ', '\t']) {
+            return Err(refuse(ErrorCode::BadRequest, "bad header name"));
+        }
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => {
+                let n = parse_length(value)?;
+                if length.is_some_and(|old| old != n) {
+                    return Err(refuse(ErrorCode::BadRequest, "conflicting Content-Length"));
+                }
+                length = Some(n);
+            }
+            "transfer-encoding" => {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    "Transfer-Encoding is not accepted: send the body with a Content-Length",
+                ))
+            }
+            "connection" => {
+                let v = value.to_ascii_lowercase();
+                if v.contains("close") {
+                    head.close = true;
+                } else if v.contains("keep-alive") {
+                    head.close = false;
+                }
+            }
+            "expect" => {
+                if !value.eq_ignore_ascii_case("100-continue") {
+                    return Err(refuse(ErrorCode::BadRequest, "unsupported Expect header"));
+                }
+                head.expect_continue = true;
+            }
+            _ => {}
+        }
+    }
+    head.length = length.unwrap_or(0);
+    Ok(head)
+}
+
+/// A Content-Length as digits; anything too large for memory is simply
+/// "too large" (413), never allocated.
+fn parse_length(value: &str) -> Result<usize, Refusal> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refuse(ErrorCode::BadRequest, "bad Content-Length"));
+    }
+    Ok(value.parse::<usize>().unwrap_or(usize::MAX))
+}
+
+/// A peer-supplied string, printable and short, for an error message.
+pub fn shorten(text: &str) -> String {
+    let mut shown: String = text.chars().take(80).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    shown.escape_default().to_string()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Head, Refusal> {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn a_plain_post_parses() {
+        let h = head("POST /v1/txn?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n")
+            .expect("valid");
+        assert_eq!(
+            (h.method.as_str(), h.path.as_str(), h.length),
+            ("POST", "/v1/txn", 12)
+        );
+        assert!(!h.close);
+    }
+
+    #[test]
+    fn http10_closes_unless_kept_alive() {
+        assert!(head("GET / HTTP/1.0\r\n\r\n").expect("valid").close);
+        let kept = head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").expect("valid");
+        assert!(!kept.close);
+    }
+
+    #[test]
+    fn a_huge_length_is_just_too_large() {
+        let h = head("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n")
+            .expect("parsed");
+        assert_eq!(h.length, usize::MAX);
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        for bad in [
+            "POST\r\n\r\n",
+            "POST / HTTP/2\r\n\r\n",
+            "post / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nno colon\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let refusal = head(bad)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {bad:?}"));
+            assert_eq!(refusal.code, ErrorCode::BadRequest, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_head_ends_at_the_first_blank_line() {
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\nbody"), Some(16));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+    }
+}

@@ -1,0 +1,496 @@
+//! The `tandem witness` server: one [`MemStore`] on the real clock, its
+//! state rewritten to the data directory after every change, served over
+//! HTTP/1.1 JSON to the sites' coordinator clients.
+//!
+//! Each connection has its own thread (at most [`Limits::max_connections`]), so a
+//! long poll (`/v1/wait`) never delays another site's lease renewal.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::http::{shorten, Answer, Conn, Limits, Next, Request};
+use super::persist::DataDir;
+use super::wire::{self, ErrorCode, ErrorReply};
+use super::WitnessError;
+use crate::memory::{MemStore, Persist, RealClock, State};
+use crate::{Compare, Op, Store, StoreError};
+
+/// The longest a `/v1/wait` is held before it is answered.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+/// The longest lease TTL granted (a day).
+pub const MAX_TTL_MS: u64 = 24 * 3600 * 1000;
+/// How long shutting down waits for connections to finish.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How often the accept loop looks at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+/// How often a held `/v1/wait` looks at the stop flag.
+const WAIT_SLICE: Duration = Duration::from_millis(250);
+
+/// What every connection thread shares.
+struct Shared {
+    store: MemStore,
+    stop: Arc<AtomicBool>,
+    witness_id: String,
+    /// Set when the witness must not answer any more: its state could not
+    /// be written (memory is ahead of the disk), or it is stopping.
+    failure: Arc<Mutex<Option<String>>>,
+    /// The data directory while this witness serves it; `None` once it
+    /// stopped, so a straggling thread can never write it again.
+    data: Arc<Mutex<Option<DataDir>>>,
+    connections: AtomicUsize,
+    limits: Limits,
+}
+
+impl Shared {
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+}
+
+/// A running witness. Dropping it (or [`WitnessHandle::shutdown`]) stops
+/// it and releases its data directory.
+pub struct WitnessHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+/// Starts a witness serving `data_dir` on `listen` (`host:port`; port 0
+/// picks a free one). It runs until `stop` is set or the handle is
+/// dropped.
+pub fn serve(
+    listen: &str,
+    data_dir: &Path,
+    stop: Arc<AtomicBool>,
+) -> Result<WitnessHandle, WitnessError> {
+    serve_with(listen, data_dir, stop, Limits::default())
+}
+
+/// [`serve`] with explicit limits on what peers may send.
+pub fn serve_with(
+    listen: &str,
+    data_dir: &Path,
+    stop: Arc<AtomicBool>,
+    limits: Limits,
+) -> Result<WitnessHandle, WitnessError> {
+    let (data, state) = DataDir::open(data_dir)?;
+    let witness_id = data.witness_id().to_owned();
+    let listen_err = |source| WitnessError::Listen {
+        addr: listen.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(listen).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    let addr = listener.local_addr().map_err(listen_err)?;
+    tracing::info!(
+        %addr,
+        data_dir = %data_dir.display(),
+        revision = state.revision,
+        leases = state.leases.len(),
+        keys = state.keys.len(),
+        witness_id,
+        "witness serving"
+    );
+    let failure = Arc::new(Mutex::new(None));
+    let data = Arc::new(Mutex::new(Some(data)));
+    let persist = persister(Arc::clone(&data), Arc::clone(&failure));
+    let shared = Arc::new(Shared {
+        store: MemStore::restore(state, Arc::new(RealClock::new()), Some(persist)),
+        stop,
+        witness_id,
+        failure,
+        data,
+        connections: AtomicUsize::new(0),
+        limits,
+    });
+    let accept = {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("witness-accept".into())
+            .spawn(move || accept_loop(listener, shared))
+            .map_err(|source| WitnessError::Io {
+                path: data_dir.to_owned(),
+                source,
+            })?
+    };
+    Ok(WitnessHandle {
+        addr,
+        shared,
+        accept: Some(accept),
+    })
+}
+
+impl WitnessHandle {
+    /// The address the witness listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The identity of the data directory served (`Tandem-Witness`).
+    pub fn witness_id(&self) -> &str {
+        &self.shared.witness_id
+    }
+
+    /// Why the witness stopped answering, if it did: its state could not
+    /// be written. It must then be restarted; it serves what is on disk.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure()
+    }
+
+    /// Whether the witness is still serving (not stopped, not failed).
+    pub fn is_serving(&self) -> bool {
+        !self.shared.stop.load(Ordering::Acquire) && self.failure().is_none()
+    }
+
+    /// Stops serving, waits (a bounded time) for connections to end, and
+    /// releases the data directory.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(accept) = self.accept.take() {
+            if accept.join().is_err() {
+                tracing::error!("witness accept thread panicked");
+            }
+        }
+        release(&self.shared);
+    }
+}
+
+impl Drop for WitnessHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Ends this witness's hold on its data directory: no write can happen
+/// after this returns, and every later request is answered 503.
+fn release(shared: &Shared) {
+    let mut failure = shared.failure.lock();
+    if failure.is_none() {
+        *failure = Some("the witness is stopping".into());
+    }
+    drop(failure);
+    if shared.data.lock().take().is_some() {
+        tracing::info!("witness stopped; data directory released");
+    }
+}
+
+/// The store's persist callback: writes the state file, or marks the
+/// witness failed (memory is then ahead of the disk, so nothing more may
+/// be answered until a restart reads the disk again).
+fn persister(data: Arc<Mutex<Option<DataDir>>>, failure: Arc<Mutex<Option<String>>>) -> Persist {
+    Box::new(move |state: &State| {
+        let data = data.lock();
+        let Some(dir) = data.as_ref() else {
+            return Err("the witness is stopping".into());
+        };
+        if let Some(reason) = failure.lock().clone() {
+            return Err(reason);
+        }
+        dir.save(state).map_err(|e| {
+            let reason = format!(
+                "cannot write {}: {e}; the witness answers nothing more until restarted",
+                dir.state_path().display()
+            );
+            tracing::error!("{reason}");
+            *failure.lock() = Some(reason.clone());
+            reason
+        })
+    })
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    while !shared.stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                threads.retain(|t| !t.is_finished());
+                if let Some(t) = start_connection(stream, peer, &shared) {
+                    threads.push(t);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => readable(&listener, POLL),
+            Err(e) => {
+                // E.g. out of descriptors: keep the listener, try again.
+                tracing::warn!("witness: accept failed: {e}");
+                std::thread::sleep(POLL * 4);
+            }
+        }
+    }
+    drop(listener);
+    drain(threads);
+}
+
+/// Sleeps until the listener has a connection waiting, or `timeout`.
+fn readable(listener: &TcpListener, timeout: Duration) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for a descriptor the listener owns; an
+    // error or EINTR only means the caller looks again sooner.
+    unsafe { libc::poll(&mut fd, 1, ms) };
+}
+
+/// Waits up to [`DRAIN`] for connection threads; any still blocked (a peer
+/// not reading its answer) is left behind, harmless once the data
+/// directory is released.
+fn drain(mut threads: Vec<JoinHandle<()>>) {
+    let until = Instant::now() + DRAIN;
+    while Instant::now() < until && threads.iter().any(|t| !t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (done, stuck): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
+    for t in done {
+        let _ = t.join();
+    }
+    if !stuck.is_empty() {
+        tracing::warn!(
+            connections = stuck.len(),
+            "witness: connections still busy at shutdown"
+        );
+    }
+}
+
+fn start_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<JoinHandle<()>> {
+    let limits = shared.limits;
+    let Ok(mut conn) = Conn::new(stream, limits) else {
+        return None;
+    };
+    if shared.connections.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+        shared.connections.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(%peer, "witness: too many connections; refusing one");
+        let answer = error(ErrorCode::Unavailable, "too many connections");
+        let _ = conn.answer(&answer, &shared.witness_id, true);
+        return None;
+    }
+    let shared_for_thread = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("witness-conn".into())
+        .stack_size(512 * 1024)
+        .spawn(move || {
+            let _slot = Slot(&shared_for_thread.connections);
+            serve_connection(&mut conn, peer, &shared_for_thread);
+        });
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(%peer, "witness: cannot start a connection thread: {e}");
+            None
+        }
+    }
+}
+
+/// A counted connection; the count goes down however its thread ends.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn serve_connection(conn: &mut Conn, peer: SocketAddr, shared: &Shared) {
+    loop {
+        match conn.next(&shared.stop) {
+            Next::Request(request) => {
+                let answer = route(shared, &request);
+                if answer.status >= 400 {
+                    tracing::debug!(%peer, path = %request.path, status = answer.status, body = %answer.body, "witness: refused");
+                }
+                let close = request.close || shared.stop.load(Ordering::Acquire);
+                if conn.answer(&answer, &shared.witness_id, close).is_err() || close {
+                    return;
+                }
+            }
+            Next::Refused(refusal) => {
+                tracing::info!(%peer, code = ?refusal.code, "witness: bad request: {}", refusal.message);
+                let answer = error(refusal.code, &refusal.message);
+                let _ = conn.answer(&answer, &shared.witness_id, true);
+                return;
+            }
+            Next::Done => return,
+        }
+    }
+}
+
+/// Answers one request.
+fn route(shared: &Shared, request: &Request) -> Answer {
+    let post = request.method == "POST";
+    let answer = match request.path.as_str() {
+        wire::GRANT if post => call(shared, request, grant),
+        wire::KEEPALIVE if post => call(shared, request, keep_alive),
+        wire::REVOKE if post => call(shared, request, revoke),
+        wire::RANGE if post => call(shared, request, range),
+        wire::TXN if post => call(shared, request, txn),
+        wire::WAIT if post => call(shared, request, wait),
+        wire::HEALTH if request.method == "GET" => call_health(shared),
+        wire::GRANT | wire::KEEPALIVE | wire::REVOKE | wire::RANGE | wire::TXN | wire::WAIT => {
+            error(
+                ErrorCode::MethodNotAllowed,
+                format!("{} takes POST", request.path),
+            )
+        }
+        wire::HEALTH => error(ErrorCode::MethodNotAllowed, "/v1/health takes GET"),
+        other => error(
+            ErrorCode::NotFound,
+            format!("no such endpoint: {}", shorten(other)),
+        ),
+    };
+    // A persist that failed while this request ran means memory may hold
+    // a change the disk does not: nothing read from it may be answered.
+    match (answer.status, shared.failure()) {
+        (200, Some(reason)) => error(ErrorCode::Unavailable, reason),
+        _ => answer,
+    }
+}
+
+type Handler<Q, A> = fn(&Shared, Q) -> Result<A, Answer>;
+
+/// Parses the body as `Q`, runs `handler`, and renders its answer.
+fn call<Q: DeserializeOwned, A: Serialize>(
+    shared: &Shared,
+    request: &Request,
+    handler: Handler<Q, A>,
+) -> Answer {
+    if let Some(reason) = shared.failure() {
+        return error(ErrorCode::Unavailable, reason);
+    }
+    let query: Q = match serde_json::from_slice(&request.body) {
+        Ok(q) => q,
+        Err(e) => {
+            return error(
+                ErrorCode::BadRequest,
+                format!("bad JSON body for {}: {e}", request.path),
+            )
+        }
+    };
+    match handler(shared, query) {
+        Ok(reply) => ok(&reply),
+        Err(answer) => answer,
+    }
+}
+
+fn call_health(shared: &Shared) -> Answer {
+    if let Some(reason) = shared.failure() {
+        return error(ErrorCode::Unavailable, reason);
+    }
+    match shared.store.range("") {
+        Ok(snapshot) => ok(&wire::HealthReply {
+            witness_id: shared.witness_id.clone(),
+            revision: snapshot.revision,
+            keys: snapshot.kvs.len(),
+        }),
+        Err(e) => store_error(e),
+    }
+}
+
+fn grant(shared: &Shared, q: wire::GrantRequest) -> Result<wire::GrantReply, Answer> {
+    if q.ttl_ms == 0 || q.ttl_ms > MAX_TTL_MS {
+        return Err(error(
+            ErrorCode::BadRequest,
+            format!("ttl_ms must be 1..={MAX_TTL_MS}, not {}", q.ttl_ms),
+        ));
+    }
+    let id = shared
+        .store
+        .grant(Duration::from_millis(q.ttl_ms))
+        .map_err(store_error)?;
+    Ok(wire::GrantReply {
+        id,
+        ttl_ms: q.ttl_ms,
+    })
+}
+
+fn keep_alive(shared: &Shared, q: wire::LeaseRequest) -> Result<wire::KeepAliveReply, Answer> {
+    let ttl = shared.store.keep_alive(q.id).map_err(store_error)?;
+    Ok(wire::KeepAliveReply {
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+fn revoke(shared: &Shared, q: wire::LeaseRequest) -> Result<wire::Empty, Answer> {
+    shared.store.revoke(q.id).map_err(store_error)?;
+    Ok(wire::Empty {})
+}
+
+fn range(shared: &Shared, q: wire::RangeRequest) -> Result<wire::RangeReply, Answer> {
+    let snapshot = shared.store.range(&q.prefix).map_err(store_error)?;
+    Ok(snapshot.into())
+}
+
+fn txn(shared: &Shared, q: wire::TxnRequest) -> Result<wire::TxnReply, Answer> {
+    let compares: Vec<Compare> = q.compares.into_iter().map(Compare::from).collect();
+    let ops: Vec<Op> = q.ops.into_iter().map(Op::from).collect();
+    let (succeeded, revision) = shared.store.txn(&compares, &ops).map_err(store_error)?;
+    Ok(wire::TxnReply {
+        succeeded,
+        revision,
+    })
+}
+
+/// Holds the request until the store's revision passes `after_revision`,
+/// the (capped) timeout runs out, or the witness stops.
+fn wait(shared: &Shared, q: wire::WaitRequest) -> Result<wire::WaitReply, Answer> {
+    let until = Instant::now() + Duration::from_millis(q.timeout_ms).min(MAX_WAIT);
+    loop {
+        let revision = shared.store.range(&q.prefix).map_err(store_error)?.revision;
+        let now = Instant::now();
+        if revision > q.after_revision || now >= until || shared.stop.load(Ordering::Acquire) {
+            return Ok(wire::WaitReply { revision });
+        }
+        let slice = (until - now).min(WAIT_SLICE);
+        shared
+            .store
+            .wait(&q.prefix, q.after_revision, slice)
+            .map_err(store_error)?;
+    }
+}
+
+fn store_error(e: StoreError) -> Answer {
+    match e {
+        StoreError::LeaseNotFound(_) => error(ErrorCode::LeaseNotFound, e.to_string()),
+        StoreError::Refused(reason) => error(ErrorCode::Refused, reason),
+        StoreError::Unreachable(reason) | StoreError::Protocol(reason) => {
+            error(ErrorCode::Unavailable, reason)
+        }
+    }
+}
+
+fn ok<T: Serialize>(reply: &T) -> Answer {
+    match serde_json::to_string(reply) {
+        Ok(body) => Answer { status: 200, body },
+        Err(e) => error(ErrorCode::Unavailable, format!("cannot encode answer: {e}")),
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Answer {
+    let reply = ErrorReply {
+        code,
+        error: message.into(),
+    };
+    Answer {
+        status: code.status(),
+        body: serde_json::to_string(&reply)
+            .unwrap_or_else(|_| r#"{"code":"other","error":"unencodable error"}"#.into()),
+    }
+}
