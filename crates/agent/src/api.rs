@@ -46,7 +46,7 @@ pub fn start(
         .map_err(|e| err(e.to_string()))
 }
 
-fn handle(request: tiny_http::Request, view: &Arc<StatusView>, token: &str) {
+fn handle(mut request: tiny_http::Request, view: &Arc<StatusView>, token: &str) {
     let path = request.url().split('?').next().unwrap_or("").to_owned();
     let authorized = request.headers().iter().any(|h| {
         h.field.equiv("Authorization")
@@ -98,6 +98,54 @@ fn handle(request: tiny_http::Request, view: &Arc<StatusView>, token: &str) {
                 });
             if let Err(e) = spawned {
                 tracing::warn!("cannot start a verify thread: {e}");
+            }
+            return;
+        }
+        (Method::Post, p)
+            if p.starts_with("/api/v1/groups/")
+                && (p.ends_with("/failover") || p.ends_with("/migrate")) =>
+        {
+            let migrate = p.ends_with("/migrate");
+            let group = p
+                .trim_start_matches("/api/v1/groups/")
+                .trim_end_matches("/failover")
+                .trim_end_matches("/migrate")
+                .to_owned();
+            let mut body = String::new();
+            let read = std::io::Read::read_to_string(
+                &mut std::io::Read::take(request.as_reader(), 64 << 10),
+                &mut body,
+            );
+            let parsed: Result<OwnerChange, String> =
+                read.map_err(|e| e.to_string()).and_then(|_| {
+                    if body.trim().is_empty() {
+                        Ok(OwnerChange::default())
+                    } else {
+                        serde_json::from_str(&body).map_err(|e| format!("bad request body: {e}"))
+                    }
+                });
+            let view = Arc::clone(view);
+            let spawned = std::thread::Builder::new()
+                .name("owner-change".into())
+                .spawn(move || {
+                    let response = match parsed {
+                        Err(e) => json(serde_json::json!({ "error": e }).to_string(), 400),
+                        Ok(change) => {
+                            match view.change_owner(&group, migrate, change.to, change.force) {
+                                Ok(done) => json(
+                                    serde_json::to_string_pretty(&done).unwrap_or_default(),
+                                    200,
+                                ),
+                                Err(e) => json(serde_json::json!({ "error": e }).to_string(), 409),
+                            }
+                        }
+                    };
+                    if let Err(e) = request.respond(response) {
+                        tracing::debug!("API response failed: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start an owner-change thread: {e}");
             }
             return;
         }
@@ -189,4 +237,14 @@ fn load_or_create_token(path: &std::path::Path) -> Result<String, String> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     writeln!(f, "{token}").map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(token)
+}
+
+/// Body of `POST /api/v1/groups/{group}/failover` and `/migrate`.
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnerChange {
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    force: bool,
 }

@@ -18,19 +18,19 @@ impl Catalog for SingleExport {
     }
 }
 
-/// The optional TCP listener: every volume this site serves, by name (the
-/// default export only when there is exactly one).
-pub struct AllExports(pub BTreeMap<String, Arc<dyn Export>>);
+/// The TCP listener's exports as promotions and demotions change them.
+pub struct LiveExports(pub Arc<parking_lot::RwLock<BTreeMap<String, Arc<dyn Export>>>>);
 
-impl Catalog for AllExports {
+impl Catalog for LiveExports {
     fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
-        if name.is_empty() && self.0.len() == 1 {
-            return self.0.values().next().cloned();
+        let exports = self.0.read();
+        if name.is_empty() && exports.len() == 1 {
+            return exports.values().next().cloned();
         }
-        self.0.get(name).cloned()
+        exports.get(name).cloned()
     }
 
     fn list(&self) -> Vec<Arc<dyn Export>> {
-        self.0.values().cloned().collect()
+        self.0.read().values().cloned().collect()
     }
 }

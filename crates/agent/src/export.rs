@@ -16,6 +16,7 @@ pub struct VolumeExport {
     name: String,
     size: u64,
     sync: Option<SyncPolicy>,
+    gate: Arc<crate::gate::Gate>,
 }
 
 /// Sync mode (SPEC G4): how many replicas must have each change before the
@@ -32,13 +33,14 @@ const SYNC_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl VolumeExport {
     pub fn new(capture: Arc<GroupCapture>, index: usize) -> VolumeExport {
-        VolumeExport::with_sync(capture, index, None)
+        VolumeExport::with_sync(capture, index, None, Arc::new(crate::gate::Gate::open()))
     }
 
     pub fn with_sync(
         capture: Arc<GroupCapture>,
         index: usize,
         sync: Option<SyncPolicy>,
+        gate: Arc<crate::gate::Gate>,
     ) -> VolumeExport {
         let volume = &capture.volumes()[index];
         let (name, size) = (volume.name.clone(), volume.image.size());
@@ -48,6 +50,7 @@ impl VolumeExport {
             name,
             size,
             sync,
+            gate,
         }
     }
 
@@ -61,11 +64,14 @@ impl VolumeExport {
         let image = Arc::clone(self.capture.image(self.index));
         let capture = Arc::clone(&self.capture);
         let sync = self.sync;
+        let gate = Arc::clone(&self.gate);
         Completion::Deferred(Box::new(move || {
             if durable {
                 image.sync().map_err(volume_error)?;
             }
-            let Some(policy) = sync else { return Ok(()) };
+            let Some(policy) = sync else {
+                return gate.admit();
+            };
             match capture.wait_replicated(
                 seq,
                 policy.replicas,
@@ -73,10 +79,10 @@ impl VolumeExport {
                 policy.degrade,
                 SYNC_WARN_EVERY,
             ) {
-                SyncOutcome::Replicated => Ok(()),
+                SyncOutcome::Replicated => gate.admit(),
                 SyncOutcome::Degraded => {
                     warn_degraded(&capture);
-                    Ok(())
+                    gate.admit()
                 }
                 SyncOutcome::Closing => Err(ExportError::new(
                     ErrorCode::Shutdown,
@@ -92,6 +98,9 @@ impl VolumeExport {
         fua: bool,
     ) -> Result<Completion, ExportError> {
         let seq = result.map_err(capture_error)?;
+        // Checked again after the change: the acknowledgement is what
+        // fencing must stop.
+        self.gate.admit()?;
         Ok(self.completion(seq, fua))
     }
 }
@@ -150,6 +159,7 @@ impl Export for VolumeExport {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Completion, ExportError> {
+        self.gate.admit()?;
         self.changed(self.capture.write(self.index, offset, data, fua), fua)
     }
 
@@ -159,6 +169,7 @@ impl Export for VolumeExport {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<Completion, ExportError> {
+        self.gate.admit()?;
         let result = self.capture.write_zeroes(
             self.index,
             offset,
@@ -171,10 +182,12 @@ impl Export for VolumeExport {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<Completion, ExportError> {
+        self.gate.admit()?;
         self.changed(self.capture.trim(self.index, offset, len, fua), fua)
     }
 
     fn flush(&self) -> Result<Completion, ExportError> {
+        self.gate.admit()?;
         let seq = self.capture.flush(self.index).map_err(capture_error)?;
         Ok(self.completion(seq, true))
     }

@@ -7,31 +7,34 @@ mod api;
 pub mod bandwidth;
 mod catalog;
 mod export;
+pub mod gate;
+mod group;
+mod hooks;
 pub mod layout;
 mod metrics;
+mod ownership;
 mod replication;
+mod rolefile;
 pub mod status;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-use tandem_capture::{CaptureError, CaptureVolume, GroupCapture};
+use group::{GroupRuntime, LinkHandle, Role, Shared};
+use tandem_capture::{CaptureError, GroupCapture};
 use tandem_config::{Config, TlsMode};
-use tandem_nbd::{Export, Server};
-use tandem_replication::receiver::{GroupPlan, ReceiverContext};
-use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
-use tandem_replication::shipper::{LinkInfo, LinkState, Shipper};
+use tandem_nbd::Server;
+use tandem_replication::receiver::ReceiverContext;
+use tandem_replication::shipper::LinkState;
 use tandem_replication::ReplicaError;
 use tandem_tls::TlsIdentity;
-use tandem_volume::{RawImage, VolumeError};
+use tandem_volume::VolumeError;
 use tracing::{info, warn};
 
 use status::{GroupStatus, ReplicaStatus, ResyncProgress, SiteStatus};
@@ -71,9 +74,13 @@ pub enum AgentError {
     TlsMissing(&'static str),
     #[error("cannot serve the API on {addr} (site.api): {reason}")]
     Api { addr: String, reason: String },
+    #[error("role change: {0}")]
+    Role(String),
+    #[error("coordinator: {0}")]
+    Coordinator(String),
 }
 
-/// Until the coordinator decides ownership, every group is in epoch 1.
+/// A group's first epoch.
 const INITIAL_EPOCH: u64 = 1;
 
 /// How long a stopping agent waits for clients to finish their requests.
@@ -81,55 +88,29 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A running site agent.
 pub struct Agent {
-    site: String,
+    shared: Arc<Shared>,
+    runtimes: Arc<Vec<Arc<GroupRuntime>>>,
+    /// The agent-wide NBD server (the TCP listener).
     server: Arc<Server>,
-    groups: Vec<Arc<GroupCapture>>,
-    sockets: Vec<PathBuf>,
-    /// (group, mode, primary, sync replicas) of every group, in
-    /// configuration order.
-    plan: Vec<(String, String, String, usize)>,
-    links: Vec<LinkHandle>,
     threads: Vec<JoinHandle<()>>,
-    replicas: Vec<ReplicaHandle>,
-    stop: Arc<AtomicBool>,
     peer_listener: Option<(std::os::fd::RawFd, JoinHandle<()>)>,
     api: Option<JoinHandle<()>>,
-    bandwidth: Arc<bandwidth::Bandwidth>,
+    ownership: Option<ownership::Ownership>,
 }
 
-/// A shipper streaming a primary group to one replica site.
-#[derive(Clone)]
-struct LinkHandle {
-    group: String,
-    replica: String,
-    info: Arc<Mutex<LinkInfo>>,
-    verify: crossbeam_channel::Sender<tandem_replication::shipper::VerifyJob>,
-}
-
-/// What status needs, shared with the API thread.
+/// What status and the API need, shared with the API thread.
 pub struct StatusView {
-    site: String,
-    plan: Vec<(String, String, String, usize)>,
-    groups: Vec<Arc<GroupCapture>>,
-    links: Vec<LinkHandle>,
-    replicas: Vec<ReplicaHandle>,
+    shared: Arc<Shared>,
+    runtimes: Arc<Vec<Arc<GroupRuntime>>>,
     nbd: Arc<tandem_nbd::stats::Stats>,
     pub(crate) bandwidth: Arc<bandwidth::Bandwidth>,
-}
-
-/// A group this site replicates.
-#[derive(Clone)]
-struct ReplicaHandle {
-    name: String,
-    group: Arc<Mutex<ReplicaGroup>>,
-    position: Arc<Mutex<Position>>,
-    connected: Arc<AtomicBool>,
+    pub(crate) ownership: Option<Arc<ownership::Handle>>,
 }
 
 impl Agent {
-    /// Opens every volume of the groups this site is primary for and starts
-    /// serving them. Images of groups it is a replica for are created (or
-    /// checked) but not served.
+    /// Opens every group of this site in the role it last had (or the
+    /// configured one at first start) and starts serving. With a
+    /// coordinator, ownership is then confirmed or changed by it.
     pub fn start(config: &Config) -> Result<Agent, AgentError> {
         config.check_data_dir()?;
         let layout = Layout::new(&config.site.data_dir);
@@ -152,149 +133,100 @@ impl Agent {
                 Some(Arc::new(TlsIdentity::load(&ca, &cert, &key)?))
             }
         };
-        let server = Server::new();
-        let mut agent = Agent {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bandwidth = bandwidth::Bandwidth::new(&config.peers, &config.site.name);
+        let coordinated = config.coordinator.kind != tandem_config::CoordinatorKind::None;
+        let shared = Arc::new(Shared {
             site: config.site.name.clone(),
-            server,
-            groups: Vec::new(),
-            sockets: Vec::new(),
-            plan: config
-                .groups
-                .iter()
-                .map(|g| {
-                    (
-                        g.name.clone(),
-                        g.mode.as_str().to_owned(),
-                        g.primary.clone(),
-                        g.sync_replicas as usize,
-                    )
-                })
-                .collect(),
-            links: Vec::new(),
+            layout: layout.clone(),
+            config: Arc::new(config.clone()),
+            tls: tls.clone(),
+            bandwidth: Arc::clone(&bandwidth),
+            receivers: Arc::new(ReceiverContext {
+                site: config.site.name.clone(),
+                groups: parking_lot::RwLock::new(Vec::new()),
+            }),
+            tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
+            coordinated,
+            stop: Arc::clone(&stop),
+        });
+        let mut agent = Agent {
+            shared: Arc::clone(&shared),
+            runtimes: Arc::new(Vec::new()),
+            server: Server::new(),
             threads: Vec::new(),
-            replicas: Vec::new(),
-            stop: Arc::new(AtomicBool::new(false)),
             peer_listener: None,
             api: None,
-            bandwidth: bandwidth::Bandwidth::new(&config.peers, &config.site.name),
+            ownership: None,
         };
-        let planner = agent
-            .bandwidth
-            .plan(Arc::clone(&agent.stop))
+        let planner = bandwidth
+            .plan(Arc::clone(&stop))
             .map_err(|source| AgentError::Io {
                 path: PathBuf::from("bandwidth"),
                 what: "start the bandwidth planner",
                 source,
             })?;
         agent.threads.push(planner);
-        let mut all_exports: BTreeMap<String, Arc<dyn Export>> = BTreeMap::new();
-        let mut plans = Vec::new();
+        let here = &config.site.name;
+        let mut runtimes = Vec::new();
         for group in &config.groups {
-            let here = &config.site.name;
-            if group.primary != *here {
-                if group.replicas.iter().any(|r| &r.site == here) {
-                    plans.push(agent.open_replica(&layout, group)?);
-                }
+            let member = group.primary == *here || group.replicas.iter().any(|r| &r.site == here);
+            if !member {
                 continue;
             }
-            let mut volumes = Vec::new();
-            let mut existed = Vec::new();
-            for v in &group.volumes {
-                let path = layout.image(&v.name);
-                existed.push(path.exists());
-                let image = RawImage::open_or_create(&path, v.size)?;
-                volumes.push(CaptureVolume {
-                    name: v.name.clone(),
-                    image: Arc::new(image),
-                });
-            }
-            let replicas: Vec<String> = group.replicas.iter().map(|r| r.site.clone()).collect();
-            let capture = GroupCapture::open(
-                &layout.capture_dir(&group.name),
-                &group.name,
-                volumes,
-                &existed,
-                &replicas,
-                group.queue_memory,
-            )
-            .map_err(|source| AgentError::Capture {
-                group: group.name.clone(),
-                source,
-            })?;
-            let capture = Arc::new(capture);
-            let sync = (group.mode == tandem_config::Mode::Sync).then_some(SyncPolicy {
-                replicas: group.sync_replicas as usize,
-                degrade: group.on_sync_loss == tandem_config::OnSyncLoss::Degrade,
+            let rt = Arc::new(GroupRuntime::new(group.clone()));
+            let last = rolefile::load(&layout.data_dir, &group.name).map_err(AgentError::Role)?;
+            let record = last.unwrap_or(rolefile::RoleRecord {
+                primary: group.primary == *here,
+                epoch: INITIAL_EPOCH,
+                fork_epoch: 0,
+                fork_seq: 0,
             });
-            for index in 0..capture.volumes().len() {
-                let export: Arc<dyn Export> =
-                    Arc::new(VolumeExport::with_sync(Arc::clone(&capture), index, sync));
-                agent.listen_unix(&layout, Arc::clone(&export))?;
-                all_exports.insert(export.name().to_owned(), export);
-            }
-            info!(
-                group = %group.name,
-                volumes = capture.volumes().len(),
-                replicas = replicas.len(),
-                "serving group as primary"
-            );
-            let files = if group.files.is_empty() {
-                None
-            } else {
-                let set = Arc::new(tandem_replication::files::FileSet::default());
-                let watcher = tandem_replication::files::watch(
-                    group.files.clone(),
-                    Arc::clone(&set),
-                    Arc::clone(&agent.stop),
-                )
-                .map_err(|source| AgentError::Io {
-                    path: PathBuf::from(&group.name),
-                    what: "start the files watcher",
-                    source,
-                })?;
-                agent.threads.push(watcher);
-                Some(set)
-            };
-            for r in &group.replicas {
-                let Some(peer) = config.peer(&r.site) else {
-                    continue;
-                };
-                agent.start_shipper(
-                    &capture,
-                    &config.site.name,
-                    &r.site,
-                    &peer.address,
-                    tls.clone(),
-                    files.clone(),
+            if record.primary {
+                rt.start_primary(
+                    &shared,
+                    record.epoch,
+                    (record.fork_epoch, record.fork_seq),
+                    None,
+                    false,
                 )?;
+            } else {
+                rt.epoch.fetch_max(record.epoch, Ordering::AcqRel);
+                rt.start_replica(&shared, None, None)?;
             }
-            agent.groups.push(capture);
+            runtimes.push(rt);
         }
+        agent.runtimes = Arc::new(runtimes);
         let listener =
             TcpListener::bind(&config.site.listen).map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),
                 source,
             })?;
         let fd = listener.as_raw_fd();
-        let ctx = Arc::new(ReceiverContext {
-            site: config.site.name.clone(),
-            groups: plans,
-        });
-        let handle =
-            replication::listen(listener, ctx, tls, Arc::clone(&agent.stop)).map_err(|source| {
-                AgentError::PeerListen {
-                    addr: config.site.listen.clone(),
-                    source,
-                }
-            })?;
+        let handle = replication::listen(
+            listener,
+            Arc::clone(&shared.receivers),
+            tls,
+            Arc::clone(&stop),
+        )
+        .map_err(|source| AgentError::PeerListen {
+            addr: config.site.listen.clone(),
+            source,
+        })?;
         agent.peer_listener = Some((fd, handle));
         info!(addr = %config.site.listen, "listening for replication peers");
+        if coordinated {
+            agent.ownership = Some(ownership::Ownership::start(
+                Arc::clone(&shared),
+                Arc::clone(&agent.runtimes),
+            )?);
+        }
         let view = Arc::new(agent.status_view());
         agent.api = Some(api::start(
             &config.site.api,
             &layout,
             view,
-            Arc::clone(&agent.stop),
+            Arc::clone(&stop),
         )?);
         if let Some(addr) = &config.site.nbd_listen {
             let listener = TcpListener::bind(addr).map_err(|source| AgentError::Listen {
@@ -303,7 +235,10 @@ impl Agent {
             })?;
             agent
                 .server
-                .serve_tcp(listener, Arc::new(catalog::AllExports(all_exports)))
+                .serve_tcp(
+                    listener,
+                    Arc::new(catalog::LiveExports(Arc::clone(&shared.tcp_exports))),
+                )
                 .map_err(|source| AgentError::Listen {
                     addr: addr.clone(),
                     source,
@@ -313,115 +248,13 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Opens the images and replica state of a group this site replicates.
-    fn open_replica(
-        &mut self,
-        layout: &Layout,
-        group: &tandem_config::Group,
-    ) -> Result<GroupPlan, AgentError> {
-        let mut volumes = Vec::new();
-        for v in &group.volumes {
-            let image = RawImage::open_or_create(&layout.image(&v.name), v.size)?;
-            volumes.push(ReplicaVolume {
-                name: v.name.clone(),
-                image: Arc::new(image),
-            });
-        }
-        let replica = ReplicaGroup::open(&layout.replica_dir(&group.name), &group.name, volumes)
-            .map_err(|source| AgentError::Replica {
-                group: group.name.clone(),
-                source,
-            })?;
-        let position = replica.published();
-        let replica = Arc::new(Mutex::new(replica));
-        let connected = Arc::new(AtomicBool::new(false));
-        info!(group = %group.name, primary = %group.primary, "replica of this group: waiting for its primary");
-        self.replicas.push(ReplicaHandle {
-            name: group.name.clone(),
-            group: Arc::clone(&replica),
-            position,
-            connected: Arc::clone(&connected),
-        });
-        Ok(GroupPlan {
-            name: group.name.clone(),
-            primary: group.primary.clone(),
-            replicas: group.replicas.iter().map(|r| r.site.clone()).collect(),
-            volumes: group
-                .volumes
-                .iter()
-                .map(|v| (v.name.clone(), v.size))
-                .collect(),
-            group: replica,
-            connected,
-            files_dir: layout.data_dir.join("files").join(&group.name),
-            files: group.files.clone(),
-        })
-    }
-
-    fn start_shipper(
-        &mut self,
-        capture: &Arc<GroupCapture>,
-        local: &str,
-        replica: &str,
-        address: &str,
-        tls: Option<Arc<TlsIdentity>>,
-        files: Option<Arc<tandem_replication::files::FileSet>>,
-    ) -> Result<(), AgentError> {
-        let info = Arc::new(Mutex::new(LinkInfo::default()));
-        let (address, site) = (address.to_owned(), replica.to_owned());
-        let limiter = self.bandwidth.limiter(replica);
-        let (verify_tx, verify_rx) = crossbeam_channel::unbounded();
-        let shipper = Shipper {
-            capture: Arc::clone(capture),
-            local_site: local.to_owned(),
-            replica_site: replica.to_owned(),
-            epoch: INITIAL_EPOCH,
-            connect: Box::new(move || {
-                let link = replication::connect(&address, &site, tls.as_deref())?;
-                Ok(match &limiter {
-                    Some(limiter) => tandem_replication::shipper::Link {
-                        writer: Box::new(tandem_replication::throttle::Throttled {
-                            inner: link.writer,
-                            limiter: Arc::clone(limiter),
-                        }),
-                        ..link
-                    },
-                    None => link,
-                })
-            }),
-            link: Arc::clone(&info),
-            stop: Arc::clone(&self.stop),
-            files,
-            verify: verify_rx,
-        };
-        let name = format!("ship-{}-{replica}", capture.name());
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || shipper.run())
-            .map_err(|source| AgentError::Io {
-                path: PathBuf::from(capture.name()),
-                what: "start replication thread",
-                source,
-            })?;
-        self.links.push(LinkHandle {
-            group: capture.name().to_owned(),
-            replica: replica.to_owned(),
-            info,
-            verify: verify_tx,
-        });
-        self.threads.push(thread);
-        Ok(())
-    }
-
     fn status_view(&self) -> StatusView {
         StatusView {
-            site: self.site.clone(),
-            plan: self.plan.clone(),
-            groups: self.groups.clone(),
-            links: self.links.clone(),
-            replicas: self.replicas.clone(),
+            shared: Arc::clone(&self.shared),
+            runtimes: Arc::clone(&self.runtimes),
             nbd: Arc::clone(&self.server.stats),
-            bandwidth: Arc::clone(&self.bandwidth),
+            bandwidth: Arc::clone(&self.shared.bandwidth),
+            ownership: self.ownership.as_ref().map(|o| o.handle()),
         }
     }
 
@@ -429,19 +262,132 @@ impl Agent {
     pub fn status(&self) -> SiteStatus {
         self.status_view().status()
     }
+
+    /// The change capture of a group this site serves.
+    pub fn capture(&self, group: &str) -> Option<Arc<GroupCapture>> {
+        self.runtimes
+            .iter()
+            .find(|r| r.name() == group)
+            .and_then(|r| match &*r.role.lock() {
+                Role::Primary(p) => Some(Arc::clone(&p.capture)),
+                _ => None,
+            })
+    }
+
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// Stops accepting, lets clients finish what they sent, makes every
+    /// image durable and removes the sockets.
+    pub fn shutdown(self) -> Result<(), AgentError> {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(o) = self.ownership {
+            o.stop();
+        }
+        if let Some((fd, handle)) = self.peer_listener {
+            // SAFETY: shutdown(2) on the listening socket the accept thread
+            // owns; it only wakes accept() with an error.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+            let _ = handle.join();
+        }
+        let left = self.server.shutdown(Duration::from_secs(5));
+        if left > 0 {
+            let _ = self.server.shutdown(SHUTDOWN_GRACE);
+        }
+        let mut first_error = None;
+        for rt in self.runtimes.iter() {
+            if let Err(e) = rt.stop_graceful(&self.shared, SHUTDOWN_GRACE) {
+                warn!(group = rt.name(), "final flush failed: {e}");
+                first_error.get_or_insert(e);
+            }
+        }
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        if let Some(api) = self.api {
+            let _ = api.join();
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The outcome of `tandem failover` / `tandem migrate`.
+#[derive(serde::Serialize)]
+pub struct OwnerChanged {
+    pub group: String,
+    pub owner: String,
+    pub epoch: u64,
+    pub elapsed_ms: u64,
 }
 
 impl StatusView {
+    /// Fails the group over (or migrates it) through the coordinator and
+    /// waits for the new owner.
+    pub fn change_owner(
+        &self,
+        group: &str,
+        migrate: bool,
+        to: Option<String>,
+        force: bool,
+    ) -> Result<OwnerChanged, String> {
+        let Some(o) = &self.ownership else {
+            return Err("no coordinator configured ([coordinator] kind = \"none\"): failover needs one on this version".into());
+        };
+        if migrate && to.is_none() {
+            return Err("migrate needs --to SITE".into());
+        }
+        let started = Instant::now();
+        let kind = if migrate {
+            tandem_coordinator::keys::RequestKind::Migrate
+        } else {
+            tandem_coordinator::keys::RequestKind::Failover
+        };
+        let (owner, epoch) = o.request(group, kind, to, force, Duration::from_secs(120))?;
+        Ok(OwnerChanged {
+            group: group.to_owned(),
+            owner,
+            epoch,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    fn runtime(&self, group: &str) -> Option<&Arc<GroupRuntime>> {
+        self.runtimes.iter().find(|r| r.name() == group)
+    }
+
     /// Compares every replica of `group` with this primary (`tandem
     /// verify`).
     pub fn verify(&self, group: &str) -> Result<status::VerifyResult, String> {
-        if !self.groups.iter().any(|g| g.name() == group) {
-            return Err(format!(
-                "this site is not the primary of a group named {group:?}"
-            ));
-        }
+        let (links, volumes) = match self.runtime(group).map(|r| r.role.lock()) {
+            Some(role) => match &*role {
+                Role::Primary(p) => (
+                    p.links.clone(),
+                    p.capture
+                        .volumes()
+                        .iter()
+                        .map(|v| v.name.clone())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => {
+                    return Err(format!(
+                        "this site is not the primary of a group named {group:?}"
+                    ))
+                }
+            },
+            None => {
+                return Err(format!(
+                    "this site is not the primary of a group named {group:?}"
+                ))
+            }
+        };
         let mut replicas = Vec::new();
-        for link in self.links.iter().filter(|l| l.group == group) {
+        for link in &links {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let outcome = if link.info.lock().state == LinkState::Disconnected {
                 Err("replica not connected".to_owned())
@@ -456,12 +402,6 @@ impl StatusView {
                     .map_err(|_| "no answer from the replication link".to_owned())
                     .and_then(|r| r)
             };
-            let volumes: Vec<String> = self
-                .groups
-                .iter()
-                .find(|g| g.name() == group)
-                .map(|g| g.volumes().iter().map(|v| v.name.clone()).collect())
-                .unwrap_or_default();
             replicas.push(match outcome {
                 Ok(report) => status::VerifyReplica {
                     site: link.replica.clone(),
@@ -499,170 +439,87 @@ impl StatusView {
 
     /// The site's status (SPEC §4.4).
     pub fn status(&self) -> SiteStatus {
+        let site = &self.shared.site;
         let mut groups = Vec::new();
-        for (name, mode, primary, sync_needed) in &self.plan {
-            if let Some(capture) = self.groups.iter().find(|g| g.name() == name) {
-                let stats = capture.stats();
-                let replicas = self
-                    .links
-                    .iter()
-                    .filter(|l| &l.group == name)
-                    .map(|l| link_status(capture, l, &self.bandwidth))
-                    .collect();
-                groups.push(GroupStatus {
-                    name: name.clone(),
-                    role: "primary".into(),
-                    epoch: INITIAL_EPOCH,
-                    primary: primary.clone(),
+        for rt in self.runtimes.iter() {
+            let cfg = &rt.cfg;
+            let mode = cfg.mode.as_str().to_owned();
+            let known_owner = rt.owner.lock().clone();
+            let role = rt.role.lock();
+            match &*role {
+                Role::Primary(p) => {
+                    let capture = &p.capture;
+                    let stats = capture.stats();
+                    let replicas = p
+                        .links
+                        .iter()
+                        .map(|l| link_status(capture, l, &self.bandwidth))
+                        .collect();
+                    let fenced = !p.gate.is_open();
+                    groups.push(GroupStatus {
+                        name: cfg.name.clone(),
+                        role: if fenced { "fenced" } else { "primary" }.into(),
+                        epoch: p.epoch,
+                        primary: site.clone(),
+                        mode: mode.clone(),
+                        replicas,
+                        next_seq: Some(stats.next_seq),
+                        queued_bytes: Some(stats.queued_bytes as u64),
+                        sync_degraded: (mode == "sync")
+                            .then(|| capture.connected_replicas() < cfg.sync_replicas as usize),
+                    });
+                }
+                Role::Replica(r) => {
+                    let p = *r.position.lock();
+                    let connected = r.connected.load(Ordering::Acquire);
+                    let state = if !p.consistent {
+                        "inconsistent"
+                    } else if connected {
+                        "streaming"
+                    } else {
+                        "disconnected"
+                    };
+                    groups.push(GroupStatus {
+                        name: cfg.name.clone(),
+                        role: "replica".into(),
+                        epoch: p.epoch.max(rt.epoch.load(Ordering::Acquire)),
+                        primary: known_owner.unwrap_or_else(|| cfg.primary.clone()),
+                        mode: mode.clone(),
+                        replicas: vec![ReplicaStatus {
+                            site: site.clone(),
+                            state: state.into(),
+                            lag_bytes: 0,
+                            lag_seconds: 0.0,
+                            durable_seq: p.durable,
+                            applied_seq: p.applied,
+                            resyncing: p.resyncing,
+                            resync: None,
+                            rtt_ms: None,
+                            wire_bytes: 0,
+                            raw_bytes: 0,
+                            last_error: None,
+                        }],
+                        next_seq: None,
+                        queued_bytes: None,
+                        sync_degraded: None,
+                    });
+                }
+                Role::Down => groups.push(GroupStatus {
+                    name: cfg.name.clone(),
+                    role: "down".into(),
+                    epoch: rt.epoch.load(Ordering::Acquire),
+                    primary: known_owner.unwrap_or_else(|| cfg.primary.clone()),
                     mode: mode.clone(),
-                    replicas,
-                    next_seq: Some(stats.next_seq),
-                    queued_bytes: Some(stats.queued_bytes as u64),
-                    sync_degraded: (mode == "sync")
-                        .then(|| capture.connected_replicas() < *sync_needed),
-                });
-            } else if let Some(r) = self.replicas.iter().find(|r| &r.name == name) {
-                let p = *r.position.lock();
-                let connected = r.connected.load(Ordering::Acquire);
-                let state = if !p.consistent {
-                    "inconsistent"
-                } else if connected {
-                    "streaming"
-                } else {
-                    "disconnected"
-                };
-                groups.push(GroupStatus {
-                    name: name.clone(),
-                    role: "replica".into(),
-                    epoch: p.epoch,
-                    primary: primary.clone(),
-                    mode: mode.clone(),
-                    replicas: vec![ReplicaStatus {
-                        site: self.site.clone(),
-                        state: state.into(),
-                        lag_bytes: 0,
-                        lag_seconds: 0.0,
-                        durable_seq: p.durable,
-                        applied_seq: p.applied,
-                        resyncing: p.resyncing,
-                        resync: None,
-                        rtt_ms: None,
-                        wire_bytes: 0,
-                        raw_bytes: 0,
-                        last_error: None,
-                    }],
+                    replicas: Vec::new(),
                     next_seq: None,
                     queued_bytes: None,
                     sync_degraded: None,
-                });
+                }),
             }
         }
         SiteStatus {
-            site: self.site.clone(),
+            site: site.clone(),
             groups,
-        }
-    }
-}
-
-impl Agent {
-    fn listen_unix(&mut self, layout: &Layout, export: Arc<dyn Export>) -> Result<(), AgentError> {
-        let path = layout.socket(export.name());
-        let io_err = |what| {
-            let path = path.clone();
-            move |source| AgentError::Io { path, what, source }
-        };
-        // A socket left by a killed agent; the image lock already proved
-        // that no other agent serves this volume.
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove stale socket")(e)),
-        }
-        let listener = UnixListener::bind(&path).map_err(io_err("listen"))?;
-        self.server
-            .serve_unix(
-                listener,
-                Arc::new(catalog::SingleExport(Arc::clone(&export))),
-            )
-            .map_err(io_err("start accept thread"))?;
-        info!(volume = export.name(), socket = %path.display(), size = export.size(), "NBD export ready");
-        self.sockets.push(path);
-        Ok(())
-    }
-
-    /// The change capture of a group this site serves.
-    pub fn capture(&self, group: &str) -> Option<Arc<GroupCapture>> {
-        self.groups.iter().find(|g| g.name() == group).cloned()
-    }
-
-    pub fn server(&self) -> &Arc<Server> {
-        &self.server
-    }
-
-    /// Stops accepting, lets clients finish what they sent, makes every
-    /// image durable and removes the sockets.
-    pub fn shutdown(self) -> Result<(), AgentError> {
-        self.stop.store(true, Ordering::Release);
-        if let Some((fd, handle)) = self.peer_listener {
-            // SAFETY: shutdown(2) on the listening socket the accept thread
-            // owns; it only wakes accept() with an error.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }
-            let _ = handle.join();
-        }
-        // Requests already received finish; a sync-mode wait for replicas
-        // that cannot come is released after a short grace.
-        let mut left = self.server.shutdown(Duration::from_secs(5));
-        if left > 0 {
-            for group in &self.groups {
-                group.close();
-            }
-            left = self.server.shutdown(SHUTDOWN_GRACE);
-        }
-        if left > 0 {
-            warn!(
-                connections = left,
-                "clients still connected after the grace period"
-            );
-        }
-        for path in &self.sockets {
-            let _ = std::fs::remove_file(path);
-        }
-        // Shippers send what they have queued and stop.
-        for thread in self.threads {
-            let _ = thread.join();
-        }
-        // What every replica holds need not be compared after a restart.
-        for group in &self.groups {
-            if let Err(e) = group.clear_replicated() {
-                warn!(group = group.name(), "cannot clear the dirty map: {e}");
-            }
-        }
-        if let Some(api) = self.api {
-            let _ = api.join();
-        }
-        let mut first_error = None;
-        for r in &self.replicas {
-            // A running session holds the group; it ends when its primary's
-            // connection does. Close what is free now.
-            if let Some(mut group) = r.group.try_lock_for(Duration::from_secs(2)) {
-                if let Err(e) = group.commit().and_then(|_| group.checkpoint()) {
-                    warn!(group = %r.name, "final replica checkpoint failed: {e}");
-                }
-            }
-        }
-        for group in &self.groups {
-            for v in group.volumes() {
-                if let Err(e) = v.image.sync() {
-                    warn!("final flush failed: {e}");
-                    first_error.get_or_insert(AgentError::Volume(e));
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
         }
     }
 }

@@ -67,6 +67,13 @@ fn serve_peer(tcp: TcpStream, ctx: &ReceiverContext, tls: Option<&TlsIdentity>) 
         None => PeerStream::Plain(tcp),
     };
     let _ = stream.tcp().set_read_timeout(Some(READ_TIMEOUT));
+    // A promotion ends this session at once rather than wait for a silent
+    // old primary to time out.
+    let closer: Option<receiver::SessionCloser> = stream.tcp().try_clone().ok().map(|tcp| {
+        Box::new(move || {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }) as receiver::SessionCloser
+    });
     let site = stream.peer_site();
     let (reader, writer) = match stream.split() {
         Ok(halves) => halves,
@@ -75,7 +82,7 @@ fn serve_peer(tcp: TcpStream, ctx: &ReceiverContext, tls: Option<&TlsIdentity>) 
             return;
         }
     };
-    match receiver::serve(ctx, reader, writer, site.as_deref()) {
+    match receiver::serve(ctx, reader, writer, site.as_deref(), closer) {
         Ok(()) => info!(%peer, "replication session ended"),
         Err(e) => {
             warn!(%peer, site = site.as_deref().unwrap_or("(no TLS)"), "replication session closed: {e}")

@@ -81,6 +81,21 @@ impl SeqAllocator {
         Ok(n)
     }
 
+    /// Makes the next number at least `floor`, durably (a new owner's
+    /// sequence continues after the records it took over with).
+    pub fn raise_to(&mut self, floor: u64) -> Result<(), CaptureError> {
+        if self.next < floor {
+            self.next = floor;
+            self.reserve()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the sequence file of a new owner: numbers from `floor` on.
+    pub fn create_from(path: &Path, floor: u64) -> Result<(), CaptureError> {
+        SeqAllocator::open(path)?.raise_to(floor)
+    }
+
     /// The number the next change will get.
     pub fn peek(&self) -> u64 {
         self.next

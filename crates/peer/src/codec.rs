@@ -135,6 +135,8 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
             let replica = r.str("replica")?;
             let group = r.str("group")?;
             let epoch = r.u64("epoch")?;
+            let fork_epoch = r.u64("fork epoch")?;
+            let fork_seq = r.u64("fork seq")?;
             // An item is at least a 2-byte name length and a u64 size.
             let n = r.count("volumes", 2 + 8)?;
             let mut volumes = Vec::with_capacity(n);
@@ -149,6 +151,8 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
                 replica,
                 group,
                 epoch,
+                fork_epoch,
+                fork_seq,
                 volumes,
             })
         }
@@ -409,7 +413,7 @@ pub fn payload_len(msg: &Message) -> usize {
             2 + str_len(&h.primary)
                 + str_len(&h.replica)
                 + str_len(&h.group)
-                + 8
+                + 8 * 3
                 + 4
                 + h.volumes
                     .iter()
@@ -467,6 +471,8 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             put_str(w, &h.replica);
             put_str(w, &h.group);
             put_u64(w, h.epoch);
+            put_u64(w, h.fork_epoch);
+            put_u64(w, h.fork_seq);
             put_u32(w, len_u32(h.volumes.len()));
             for (name, size) in &h.volumes {
                 put_str(w, name);

@@ -48,7 +48,7 @@ pub use payload::{is_zero, Compressor, Encoding, Payload, PAYLOAD_OVERHEAD};
 pub use stream::{read_message, write_message};
 
 /// The protocol version sent in `Hello`.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The frame magic, `"TNDP"` as a little-endian `u32`.
 pub const MAGIC: u32 = 0x544E_4450;
 /// Bytes of a frame header.

@@ -69,6 +69,10 @@ pub struct Hello {
     pub replica: String,
     pub group: String,
     pub epoch: u64,
+    /// Where the primary's epoch begins: it held exactly the records up to
+    /// `fork_seq` of epoch `fork_epoch` when it took the group over.
+    pub fork_epoch: u64,
+    pub fork_seq: u64,
     /// Volume names and sizes in bytes.
     pub volumes: Vec<(String, u64)>,
 }

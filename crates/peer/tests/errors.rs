@@ -197,7 +197,9 @@ fn list_count_is_checked_before_allocating() {
         p.extend_from_slice(&(s.len() as u16).to_le_bytes());
         p.extend_from_slice(s.as_bytes());
     }
-    p.extend_from_slice(&5u64.to_le_bytes());
+    for epoch_or_fork in [5u64, 4, 900] {
+        p.extend_from_slice(&epoch_or_fork.to_le_bytes());
+    }
     p.extend_from_slice(&1_000_000_000u32.to_le_bytes());
     assert!(malformed(&raw_frame(1, &p)).contains("volumes"));
 

@@ -78,15 +78,18 @@ pub fn message() -> impl Strategy<Value = Message> {
             text(),
             text(),
             any::<u64>(),
+            (any::<u64>(), any::<u64>()),
             prop::collection::vec((text(), any::<u64>()), 0..6)
         )
-            .prop_map(|(version, primary, replica, group, epoch, volumes)| {
+            .prop_map(|(version, primary, replica, group, epoch, fork, volumes)| {
                 Message::Hello(Hello {
                     version,
                     primary,
                     replica,
                     group,
                     epoch,
+                    fork_epoch: fork.0,
+                    fork_seq: fork.1,
                     volumes,
                 })
             }),

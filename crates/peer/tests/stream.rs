@@ -21,6 +21,8 @@ fn session() -> Vec<Message> {
             replica: "ldn".into(),
             group: "db".into(),
             epoch: 4,
+            fork_epoch: 3,
+            fork_seq: 900,
             volumes: vec![("data".into(), 1 << 30), ("log".into(), 1 << 26)],
         }),
         Message::Welcome(Welcome {

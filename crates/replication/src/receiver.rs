@@ -47,12 +47,28 @@ pub struct GroupPlan {
     /// `<data_dir>/files/<group>`, and the group's configured `files`.
     pub files_dir: std::path::PathBuf,
     pub files: Vec<std::path::PathBuf>,
+    /// Ends the running session's connection (set while one runs), so a
+    /// promotion need not wait for a silent old primary to time out.
+    pub session: Mutex<Option<SessionCloser>>,
 }
 
-/// Everything groups this site replicates.
+/// Shuts a session's connection down.
+pub type SessionCloser = Box<dyn Fn() + Send + Sync>;
+
+impl GroupPlan {
+    /// Ends the running session, if any.
+    pub fn end_session(&self) {
+        if let Some(close) = self.session.lock().as_ref() {
+            close();
+        }
+    }
+}
+
+/// Every group this site replicates now; groups come and go as this site
+/// is promoted or demoted.
 pub struct ReceiverContext {
     pub site: String,
-    pub groups: Vec<GroupPlan>,
+    pub groups: parking_lot::RwLock<Vec<Arc<GroupPlan>>>,
 }
 
 /// Serves one connection from a primary. `peer_site` is the site name in
@@ -62,6 +78,7 @@ pub fn serve<R: Read, W: Write>(
     reader: R,
     mut writer: W,
     peer_site: Option<&str>,
+    closer: Option<SessionCloser>,
 ) -> Result<(), SessionError> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut buf = Vec::new();
@@ -111,6 +128,14 @@ pub fn serve<R: Read, W: Write>(
     }
     let p = group.position();
     group.set_epoch(hello.epoch)?;
+    *plan.session.lock() = closer;
+    struct EndSession<'a>(&'a GroupPlan);
+    impl Drop for EndSession<'_> {
+        fn drop(&mut self) {
+            *self.0.session.lock() = None;
+        }
+    }
+    let _session = EndSession(&plan);
     let state = if p.new {
         ReplicaState::New
     } else if p.consistent {
@@ -122,7 +147,7 @@ pub fn serve<R: Read, W: Write>(
         &mut writer,
         &Message::Welcome(Welcome {
             replica: ctx.site.clone(),
-            epoch: p.epoch,
+            epoch: p.tip_epoch,
             applied: p.applied,
             durable: p.durable,
             state,
@@ -327,11 +352,11 @@ pub fn serve<R: Read, W: Write>(
 }
 
 /// Why this replica refuses the hello, if it does.
-fn check_hello<'a>(
-    ctx: &'a ReceiverContext,
+fn check_hello(
+    ctx: &ReceiverContext,
     hello: &Hello,
     peer_site: Option<&str>,
-) -> Result<&'a GroupPlan, String> {
+) -> Result<Arc<GroupPlan>, String> {
     if hello.version != tandem_peer::VERSION {
         return Err(format!(
             "protocol version {} is not supported (this site speaks {})",
@@ -350,7 +375,13 @@ fn check_hello<'a>(
             ));
         }
     }
-    let Some(plan) = ctx.groups.iter().find(|g| g.name == hello.group) else {
+    let Some(plan) = ctx
+        .groups
+        .read()
+        .iter()
+        .find(|g| g.name == hello.group)
+        .cloned()
+    else {
         return Err(format!(
             "group {} is not replicated to this site",
             hello.group

@@ -29,6 +29,8 @@ pub struct Position {
     pub durable: u64,
     pub applied: u64,
     pub epoch: u64,
+    /// Epoch of the records up to `applied` (see [`ReplicaGroup::tip`]).
+    pub tip_epoch: u64,
     pub consistent: bool,
     /// No state yet: the images hold nothing known.
     pub new: bool,
@@ -44,6 +46,10 @@ pub struct ReplicaGroup {
     batch: Vec<Entry>,
     /// Applied to the images (maybe not yet synced).
     applied: u64,
+    /// Epoch of the record at `applied`.
+    tip_epoch: u64,
+    /// Epoch of the resync in progress.
+    resync_epoch: u64,
     last_checkpoint: Instant,
     /// The resync in progress resumes the stream here.
     resume_at: Option<u64>,
@@ -79,6 +85,7 @@ impl ReplicaGroup {
             })?;
         }
         let applied = state.get().applied;
+        let tip_epoch = state.get().tip_epoch;
         let mut group = ReplicaGroup {
             name: name.to_owned(),
             volumes,
@@ -86,6 +93,8 @@ impl ReplicaGroup {
             state,
             batch: Vec::new(),
             applied,
+            tip_epoch,
+            resync_epoch: 0,
             last_checkpoint: Instant::now(),
             resume_at: None,
             new,
@@ -94,6 +103,7 @@ impl ReplicaGroup {
                 durable: 0,
                 applied: 0,
                 epoch: 0,
+                tip_epoch: 0,
                 consistent: false,
                 new,
                 resyncing: false,
@@ -104,11 +114,13 @@ impl ReplicaGroup {
                 journal,
                 volumes,
                 applied,
+                tip_epoch,
                 ..
             } = &mut group;
             journal.replay(*applied, |entry| {
                 apply(volumes, &entry)?;
                 *applied = entry.seq;
+                *tip_epoch = entry.epoch;
                 Ok(())
             })?
         };
@@ -126,6 +138,51 @@ impl ReplicaGroup {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets up the replica state of a site that served the group until
+    /// now (demotion): its images hold exactly the records up to `tip`
+    /// (epoch, seq) of its own history, and its journal is empty. A stale
+    /// state from an earlier time as replica is replaced.
+    pub fn adopt(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<ReplicaVolume>,
+        tip: (u64, u64),
+        epoch: u64,
+    ) -> Result<ReplicaGroup, ReplicaError> {
+        let journal = dir.join("journal");
+        match std::fs::remove_dir_all(&journal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ReplicaError::Io {
+                    path: journal,
+                    op: "remove the journal of an earlier replica life",
+                    source,
+                })
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|source| ReplicaError::Io {
+            path: dir.to_owned(),
+            op: "create replica directory",
+            source,
+        })?;
+        let mut state = StateFile::open(&dir.join("state"))?;
+        state.set(ReplicaState {
+            epoch: epoch.max(tip.0),
+            applied: tip.1,
+            consistent_at: 0,
+            inconsistent: false,
+            tip_epoch: tip.0,
+        })?;
+        drop(state);
+        ReplicaGroup::open(dir, name, volumes)
+    }
+
+    /// The records the images hold: (epoch, seq) of the last one applied.
+    pub fn tip(&self) -> (u64, u64) {
+        (self.tip_epoch, self.applied)
     }
 
     /// A handle on the latest published position (updated at every
@@ -149,6 +206,7 @@ impl ReplicaGroup {
             durable: self.journal.durable_seq().max(self.applied),
             applied: self.applied,
             epoch: s.epoch,
+            tip_epoch: self.tip_epoch,
             consistent: ReplicaState {
                 applied: self.applied,
                 ..s
@@ -208,6 +266,7 @@ impl ReplicaGroup {
         for entry in std::mem::take(&mut self.batch) {
             apply(&self.volumes, &entry)?;
             self.applied = entry.seq;
+            self.tip_epoch = entry.epoch;
         }
         if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
             self.checkpoint()?;
@@ -224,8 +283,9 @@ impl ReplicaGroup {
         }
         let mut s = self.state.get();
         let consistent_now = s.consistent_at != 0 && self.applied + 1 >= s.consistent_at;
-        if s.applied != self.applied || consistent_now {
+        if s.applied != self.applied || s.tip_epoch != self.tip_epoch || consistent_now {
             s.applied = self.applied;
+            s.tip_epoch = self.tip_epoch;
             if consistent_now {
                 s.consistent_at = 0;
                 tracing::info!(group = %self.name, applied = self.applied, "replica is a consistent prefix again");
@@ -244,6 +304,7 @@ impl ReplicaGroup {
         self.commit()?;
         self.checkpoint()?;
         self.resume_at = Some(resume_at);
+        self.resync_epoch = epoch;
         let s = self.state.get();
         self.state.set(ReplicaState {
             epoch: epoch.max(s.epoch),
@@ -305,6 +366,8 @@ impl ReplicaGroup {
         if let Some(resume_at) = self.resume_at.take() {
             self.applied = self.applied.max(resume_at.saturating_sub(1));
         }
+        // The images now hold the resyncing primary's history.
+        self.tip_epoch = self.resync_epoch;
         self.new = false;
         let s = self.state.get();
         self.state.set(ReplicaState {

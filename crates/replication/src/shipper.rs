@@ -87,6 +87,10 @@ pub struct Shipper {
     pub local_site: String,
     pub replica_site: String,
     pub epoch: u64,
+    /// Where this primary's epoch began (docs/FAILOVER.md): a replica whose
+    /// tip is exactly here, or in this epoch, can stream; any other needs
+    /// a comparison.
+    pub fork: (u64, u64),
     pub connect: Box<Connect>,
     pub link: Arc<Mutex<LinkInfo>>,
     pub stop: Arc<AtomicBool>,
@@ -207,6 +211,8 @@ impl Shipper {
             replica: replica.clone(),
             group: group.clone(),
             epoch: self.epoch,
+            fork_epoch: self.fork.0,
+            fork_seq: self.fork.1,
             volumes,
         });
         write_message(&mut w, &hello, &mut scratch).map_err(|e| e.to_string())?;
@@ -220,7 +226,12 @@ impl Shipper {
             };
         let cap = &self.capture;
         let next = cap.next_seq();
-        if welcome.durable >= next {
+        let tip = (welcome.epoch, welcome.durable);
+        let on_history = welcome.epoch == self.epoch || tip == self.fork;
+        if !on_history {
+            tracing::warn!(%group, %replica, tip_epoch = tip.0, tip_seq = tip.1, fork_epoch = self.fork.0, fork_seq = self.fork.1, "replica's records are not on this primary's history: full comparison, only differing chunks move");
+            cap.owe_everything(&replica).map_err(|e| e.to_string())?;
+        } else if welcome.durable >= next {
             // The replica holds records this primary never issued.
             tracing::warn!(%group, %replica, durable = welcome.durable, next, "replica is ahead of this primary's sequence: full comparison");
             cap.owe_everything(&replica).map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ReplicaError;
 
-const MAGIC: &[u8; 8] = b"TNDRST01";
+const MAGIC: &[u8; 8] = b"TNDRST02";
 const SLOT_LEN: usize = 64;
 const SLOT_STRIDE: u64 = 512;
 
@@ -24,6 +24,9 @@ pub struct ReplicaState {
     pub consistent_at: u64,
     /// A resync is writing chunks: the images are not a prefix.
     pub inconsistent: bool,
+    /// Epoch of the records up to `applied` (with `applied`, the replica's
+    /// *tip*, matched against a new owner's fork point).
+    pub tip_epoch: u64,
 }
 
 impl ReplicaState {
@@ -120,8 +123,9 @@ fn encode(generation: u64, s: &ReplicaState) -> [u8; SLOT_LEN] {
     buf[24..32].copy_from_slice(&s.applied.to_le_bytes());
     buf[32..40].copy_from_slice(&s.consistent_at.to_le_bytes());
     buf[40] = u8::from(s.inconsistent);
-    let crc = crc32c::crc32c(&buf[0..48]);
-    buf[48..52].copy_from_slice(&crc.to_le_bytes());
+    buf[48..56].copy_from_slice(&s.tip_epoch.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[0..56]);
+    buf[56..60].copy_from_slice(&crc.to_le_bytes());
     buf
 }
 
@@ -131,8 +135,8 @@ fn decode(buf: &[u8; SLOT_LEN]) -> Option<(u64, ReplicaState)> {
     }
     let word =
         |at: usize| -> Option<u64> { Some(u64::from_le_bytes(buf[at..at + 8].try_into().ok()?)) };
-    let crc = u32::from_le_bytes(buf[48..52].try_into().ok()?);
-    if crc != crc32c::crc32c(&buf[0..48]) || buf[40] > 1 {
+    let crc = u32::from_le_bytes(buf[56..60].try_into().ok()?);
+    if crc != crc32c::crc32c(&buf[0..56]) || buf[40] > 1 {
         return None;
     }
     Some((
@@ -142,6 +146,7 @@ fn decode(buf: &[u8; SLOT_LEN]) -> Option<(u64, ReplicaState)> {
             applied: word(24)?,
             consistent_at: word(32)?,
             inconsistent: buf[40] == 1,
+            tip_epoch: word(48)?,
         },
     ))
 }
@@ -161,12 +166,14 @@ mod tests {
             applied: 10,
             consistent_at: 0,
             inconsistent: false,
+            tip_epoch: 1,
         };
         let b = ReplicaState {
             epoch: 1,
             applied: 20,
             consistent_at: 30,
             inconsistent: true,
+            tip_epoch: 1,
         };
         f.set(a).unwrap();
         f.set(b).unwrap();
@@ -191,6 +198,7 @@ mod tests {
             applied: 5,
             consistent_at: 9,
             inconsistent: false,
+            tip_epoch: 1,
         };
         assert!(!s.is_consistent());
         assert!(ReplicaState { applied: 8, ..s }.is_consistent());

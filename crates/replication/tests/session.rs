@@ -69,7 +69,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
     ));
     let ctx = Arc::new(ReceiverContext {
         site: "dr".into(),
-        groups: vec![GroupPlan {
+        groups: parking_lot::RwLock::new(vec![Arc::new(GroupPlan {
             name: "g".into(),
             primary: "ny".into(),
             replicas: vec!["dr".into()],
@@ -78,7 +78,8 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
             connected: Arc::new(AtomicBool::new(false)),
             files_dir: dir.join("files"),
             files: Vec::new(),
-        }],
+            session: Mutex::new(None),
+        })]),
     });
     let (stop, cut, sessions) = (
         Arc::new(AtomicBool::new(false)),
@@ -99,7 +100,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
             sessions.fetch_add(1, Ordering::Relaxed);
             thread::spawn(move || {
                 let r = b.try_clone().unwrap();
-                let _ = receiver::serve(&ctx, r, b, None);
+                let _ = receiver::serve(&ctx, r, b, None, None);
             });
             let closer = a.try_clone().unwrap();
             Ok(Link {
@@ -116,6 +117,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         local_site: "ny".into(),
         replica_site: "dr".into(),
         epoch: 1,
+        fork: (0, 0),
         connect,
         link: Arc::clone(&link),
         stop: Arc::clone(&stop),

@@ -42,6 +42,15 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Run the witness: the small durable process that decides which site owns each group
+    Witness {
+        /// Address to listen on (host:port)
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Directory for the witness's state
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
     /// Show this site's groups and how each replica is doing
     Status {
         #[command(flatten)]
@@ -73,6 +82,29 @@ enum Command {
     Certs {
         #[command(subcommand)]
         action: CertsAction,
+    },
+    /// Promote a replica of a group now (refused while the owner is healthy unless --force)
+    Failover {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// The site to promote [default: the next in the failover order]
+        #[arg(long, value_name = "SITE")]
+        to: Option<String>,
+        /// Take the group from a live owner (its lease is revoked first)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Planned switchover of a group to another site, with zero data loss
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// The site to move the group to
+        #[arg(long, value_name = "SITE")]
+        to: String,
     },
     /// Show the regions of a volume that may differ from its replicas
     Dirty {
@@ -111,6 +143,7 @@ fn main() -> ExitCode {
     init_logging();
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
+        Command::Witness { listen, data_dir } => cmd::witness::run(&listen, &data_dir),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Status {
             config,
@@ -130,6 +163,15 @@ fn main() -> ExitCode {
         Command::Certs {
             action: CertsAction::Create { out, sites },
         } => cmd::certs::run(&out, &sites),
+        Command::Failover {
+            config,
+            group,
+            to,
+            force,
+        } => cmd::failover::run(&config.path(), &group, to.as_deref(), force, false),
+        Command::Migrate { config, group, to } => {
+            cmd::failover::run(&config.path(), &group, Some(&to), false, true)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -830,8 +830,8 @@ fn disk_state(c: &Cluster, site: &str) -> Option<(bool, u64, u64)> {
         let Some(s) = data.get(at..at + 64) else {
             continue;
         };
-        let crc = u32::from_le_bytes(s[48..52].try_into().unwrap());
-        if &s[0..8] != b"TNDRST01" || crc != crc32c(&s[0..48]) || s[40] > 1 {
+        let crc = u32::from_le_bytes(s[56..60].try_into().unwrap());
+        if &s[0..8] != b"TNDRST02" || crc != crc32c(&s[0..56]) || s[40] > 1 {
             continue;
         }
         let generation = word(s, 8);
@@ -851,7 +851,8 @@ fn disk_state(c: &Cluster, site: &str) -> Option<(bool, u64, u64)> {
 fn a_replica_killed_mid_resync_says_inconsistent_until_a_resync_completes() {
     const SEED: u64 = 0x5EED_0004;
     let mut rng = Rng::new(SEED);
-    let mut c = cluster("queue_memory = \"1MiB\"");
+    // No disk spill: an outage past 1 MiB of changes means a resync.
+    let mut c = cluster("queue_memory = \"1MiB\"\nmax_queue = \"1MiB\"");
     let history = Arc::new(Mutex::new(History::default()));
     for round in 1..=ROUNDS {
         let ctx = format!("seed {SEED:#x} round {round}");

@@ -48,7 +48,9 @@ pub fn api_request(
     let mut s = TcpStream::connect(addr).with_context(|| {
         format!("cannot reach the agent's API at {addr} (site.api): is `tandem agent` running?")
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Long work (verify, failover, migrate) answers when it is done.
+    let timeout = if method == "GET" { 10 } else { 6 * 3600 };
+    s.set_read_timeout(Some(Duration::from_secs(timeout)))?;
     let body = body.unwrap_or("");
     write!(
         s,
