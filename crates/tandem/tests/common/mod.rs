@@ -390,6 +390,40 @@ impl Cluster {
         }
     }
 
+    /// Replaces every site's `[coordinator]` section (`kind = "none"` by
+    /// default) with `section`, e.g. a witness's address.
+    pub fn set_coordinator(&mut self, section: &str) {
+        for s in &self.sites {
+            let text = std::fs::read_to_string(&s.config).expect("read config");
+            let text = text.replace(
+                "[coordinator]\nkind = \"none\"\n",
+                &format!("[coordinator]\n{section}\n"),
+            );
+            std::fs::write(&s.config, text).expect("write config");
+        }
+    }
+
+    /// Starts a site's agent and waits until its API answers (whatever
+    /// role it takes).
+    pub fn start_any(&mut self, name: &str) {
+        self.spawn(name);
+        let config = self.site(name).config.clone();
+        wait_until(Duration::from_secs(20), &format!("{name}'s API"), || {
+            if let Some(status) = self
+                .site_mut(name)
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{name} exited during start ({status}):\n{}",
+                    self.site(name).log()
+                );
+            }
+            status_json(&config).is_some()
+        });
+    }
+
     pub fn site(&self, name: &str) -> &ClusterSite {
         self.sites
             .iter()
@@ -581,5 +615,75 @@ impl Cluster {
             self.site_mut(name).child.as_mut().map(|c| c.try_wait()),
             Some(Ok(None))
         )
+    }
+}
+
+/// A `tandem witness` process on a free loopback port.
+pub struct Witness {
+    pub addr: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Witness {
+    pub fn start(dir: &Path) -> Witness {
+        let mut w = Witness {
+            addr: format!("127.0.0.1:{}", free_port()),
+            data_dir: dir.join("witness"),
+            child: None,
+            log: dir.join("witness.log"),
+        };
+        w.restart();
+        w
+    }
+
+    /// Starts the process again on the same address and data.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "witness already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(TANDEM)
+            .args(["witness", "--listen", &self.addr, "--data-dir"])
+            .arg(&self.data_dir)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tandem witness");
+        self.child = Some(child);
+        let addr = self.addr.clone();
+        wait_until(Duration::from_secs(10), "the witness to listen", || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The `[coordinator]` section for the sites.
+    pub fn section(&self, lease_ttl: &str) -> String {
+        format!(
+            "kind = \"witness\"\nendpoints = [\"{}\"]\nlease_ttl = \"{lease_ttl}\"",
+            self.addr
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
