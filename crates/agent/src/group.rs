@@ -95,6 +95,8 @@ pub(crate) struct GroupRuntime {
     pub epoch: std::sync::atomic::AtomicU64,
     /// The owner as the coordinator last named it.
     pub owner: Mutex<Option<String>>,
+    /// Since when this site has seen the group without an owner.
+    pub owner_missing_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl GroupRuntime {
@@ -105,6 +107,7 @@ impl GroupRuntime {
             hook_failed: AtomicBool::new(false),
             epoch: std::sync::atomic::AtomicU64::new(0),
             owner: Mutex::new(None),
+            owner_missing_since: Mutex::new(None),
         }
     }
 
@@ -352,10 +355,7 @@ impl GroupRuntime {
 
     /// Leaves the replica role: no more sessions, everything received
     /// applied and synced. Returns the images and their tip.
-    fn stop_replica(
-        &self,
-        shared: &Shared,
-    ) -> Result<(Images, Tip, bool), AgentError> {
+    fn stop_replica(&self, shared: &Shared) -> Result<(Images, Tip, bool), AgentError> {
         let role = std::mem::replace(&mut *self.role.lock(), Role::Down);
         let Role::Replica(r) = role else {
             *self.role.lock() = role;

@@ -282,9 +282,6 @@ impl Agent {
     /// image durable and removes the sockets.
     pub fn shutdown(self) -> Result<(), AgentError> {
         self.shared.stop.store(true, Ordering::Release);
-        if let Some(o) = self.ownership {
-            o.stop();
-        }
         if let Some((fd, handle)) = self.peer_listener {
             // SAFETY: shutdown(2) on the listening socket the accept thread
             // owns; it only wakes accept() with an error.
@@ -303,6 +300,11 @@ impl Agent {
                 warn!(group = rt.name(), "final flush failed: {e}");
                 first_error.get_or_insert(e);
             }
+        }
+        // The lease is renewed until the exports are closed: their last
+        // acknowledgements stay covered by it.
+        if let Some(o) = self.ownership {
+            o.stop();
         }
         for thread in self.threads {
             let _ = thread.join();

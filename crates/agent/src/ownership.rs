@@ -102,27 +102,33 @@ impl Ownership {
         Arc::clone(&self.handle)
     }
 
+    /// Stops renewing. The lease is left to expire rather than revoked:
+    /// an agent restarted within the TTL takes its groups back at once
+    /// (a QEMU client with `reconnect-delay` sees no error), and one that
+    /// does not come back is failed over after the TTL.
     pub fn stop(self) {
         self.handle.stop.store(true, Ordering::Release);
         for t in self.threads {
             let _ = t.join();
         }
-        // Let the others take over at once rather than after the TTL.
-        if let Some((id, _)) = self.handle.lease.lock().take() {
-            let _ = self.handle.store.revoke(id);
-        }
     }
 }
 
 impl Handle {
+    /// The lease is renewed until [`Ownership::stop`], after the exports
+    /// closed; decisions end as soon as the agent starts stopping.
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire) || self.shared.stop.load(Ordering::Acquire)
+    }
+
+    fn renewing(&self) -> bool {
+        !self.stop.load(Ordering::Acquire)
     }
 
     /// Grants and renews this agent's lease; extends the gates.
     fn keep_lease(&self) {
         let every = lease::renew_every(self.ttl);
-        while !self.stopping() {
+        while self.renewing() {
             let sent = Instant::now();
             let current = self.lease.lock().map(|(id, _)| id);
             let outcome = match current {
@@ -155,7 +161,7 @@ impl Handle {
                 Err(e) => warn!("cannot renew the coordinator lease: {e}"),
             }
             let next = sent + every;
-            while Instant::now() < next && !self.stopping() {
+            while Instant::now() < next && self.renewing() {
                 std::thread::sleep(
                     Duration::from_millis(20).min(next.saturating_duration_since(Instant::now())),
                 );
@@ -276,6 +282,15 @@ impl Handle {
         valid: Instant,
     ) -> Result<(), AgentError> {
         let local = self.local(rt, lease);
+        let missing_since = {
+            let mut since = rt.owner_missing_since.lock();
+            match (&view.owner, *since) {
+                (Some(_), _) => *since = None,
+                (None, None) => *since = Some(Instant::now()),
+                (None, Some(_)) => {}
+            }
+            *since
+        };
         let decision = decide(&self.keys, &Self::policy(rt), view, &local);
         let shared = &self.shared;
         match decision {
@@ -342,6 +357,16 @@ impl Handle {
                 compares,
                 ops,
             } => {
+                // An owner taken away by `failover --force` lost its key
+                // before its lease could lapse: give it the TTL to fence.
+                let forced = view
+                    .request
+                    .as_ref()
+                    .is_some_and(|(r, _)| r.kind == RequestKind::Failover);
+                if forced && !local.primary && missing_since.is_none_or(|t| t.elapsed() < self.ttl)
+                {
+                    return Ok(());
+                }
                 let (won, _) = self
                     .store
                     .txn(&compares, &ops)
@@ -588,21 +613,16 @@ impl Handle {
             (RequestKind::Migrate, Some((o, _))) if Some(&o.site) == to.as_ref() => {
                 return Ok((o.site.clone(), o.epoch))
             }
-            (RequestKind::Failover, Some((o, _))) => {
-                if !force {
-                    return Err(format!(
-                        "{} owns {group} (epoch {}) and holds its lease: use `tandem migrate` for a planned move, or --force to fail over anyway",
-                        o.site, o.epoch
-                    ));
-                }
-                // Take the lease away, then wait a full TTL: by then the
-                // owner has fenced itself (its renewals fail).
-                warn!(group, owner = %o.site, "forced failover: revoking the owner's lease");
-                let _ = self.store.revoke(o.lease);
-                std::thread::sleep(self.ttl);
+            (RequestKind::Failover, Some((o, _))) if !force => {
+                return Err(format!(
+                    "{} owns {group} (epoch {}) and holds its lease: use `tandem migrate` for a planned move, or --force to fail over anyway",
+                    o.site, o.epoch
+                ));
             }
             _ => {}
         }
+        // The request goes first: whoever sees the owner gone also sees
+        // it, and waits a full TTL before claiming (F2).
         let req = Request {
             id: format!("{}-{}", self.shared.site, std::process::id()),
             kind,
@@ -618,6 +638,12 @@ impl Handle {
                 }],
             )
             .map_err(|e| e.to_string())?;
+        if let (RequestKind::Failover, Some((o, _))) = (kind, &view.owner) {
+            // Take the lease away: the owner's renewals fail and it fences
+            // itself within the TTL.
+            warn!(group, owner = %o.site, "forced failover: revoking the owner's lease");
+            let _ = self.store.revoke(o.lease);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let snap = self

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../coordinator/tests/support/etcd.rs"]
+mod etcd_cluster;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -64,7 +66,16 @@ fn wait_caught_up(c: &Cluster, owner: &str, timeout: Duration) {
 
 #[test]
 fn losing_the_primary_promotes_by_priority_and_the_old_primary_rejoins_then_migrates_home() {
-    let mut c = Cluster::new("ny", &["chicago", "seattle"], &[vol(VOLUME, "32MiB")], "");
+    let hooks = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(
+        "ny",
+        &["chicago", "seattle"],
+        &[vol(VOLUME, "32MiB")],
+        &format!(
+            "on_promote = \"env | grep ^TANDEM_ | sort > {0}/promoted-$TANDEM_SITE-$TANDEM_EPOCH\"\non_demote = \"touch {0}/demoted-$TANDEM_SITE-$TANDEM_EPOCH\"",
+            hooks.path().display()
+        ),
+    );
     let witness = Witness::start(c.dir.path());
     c.set_coordinator(&witness.section("3s"));
     for s in ["ny", "chicago", "seattle"] {
@@ -113,6 +124,23 @@ fn losing_the_primary_promotes_by_priority_and_the_old_primary_rejoins_then_migr
         ],
     );
     wait_streaming(&c, "seattle", "chicago", Duration::from_secs(30));
+    // on_promote ran on chicago with the group's facts.
+    let env = std::fs::read_to_string(hooks.path().join("promoted-chicago-2")).unwrap();
+    for want in [
+        "TANDEM_GROUP=g".to_string(),
+        "TANDEM_SITE=chicago".into(),
+        "TANDEM_EPOCH=2".into(),
+        format!(
+            "TANDEM_NBD_SOCKETS={}",
+            c.socket("chicago", VOLUME).display()
+        ),
+        format!(
+            "TANDEM_FILES_DIR={}",
+            c.site("chicago").data_dir.join("files").join("g").display()
+        ),
+    ] {
+        assert!(env.lines().any(|l| l == want), "missing {want} in:\n{env}");
+    }
 
     // The old primary comes back as Chicago's replica, without a full copy.
     c.start_any("ny");
@@ -156,7 +184,153 @@ fn losing_the_primary_promotes_by_priority_and_the_old_primary_rejoins_then_migr
         );
     }
     // Chicago stepped down exactly at the hand-over point: nothing to
-    // roll back.
+    // roll back; on_demote ran there and on_promote on ny.
     assert!(!c.site("chicago").data_dir.join("rollback").exists());
+    assert!(hooks.path().join("demoted-chicago-2").exists());
+    assert!(hooks.path().join("promoted-ny-3").exists());
     drop(witness);
+}
+
+/// A write through qemu-io; whether it was acknowledged.
+fn try_write(uri: &str, cmd: &str) -> bool {
+    Command::new(tool("qemu-io"))
+        .args(["-f", "raw", "-c", cmd])
+        .arg(uri)
+        .output()
+        .is_ok_and(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed"))
+}
+
+#[test]
+fn with_etcd_one_lost_member_still_fails_over_and_two_lost_fence_the_owner() {
+    let mut etcd = etcd_cluster::EtcdCluster::three();
+    let mut c = Cluster::new(
+        "ny",
+        &["chicago", "seattle"],
+        &[vol(VOLUME, "16MiB")],
+        "on_lost_lease = \"error\"",
+    );
+    let endpoints: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    c.set_coordinator(&format!(
+        "kind = \"etcd\"\nendpoints = [{}]\nlease_ttl = \"3s\"\nprefix = \"/failover-test\"",
+        endpoints.join(", ")
+    ));
+    for s in ["ny", "chicago", "seattle"] {
+        c.start_any(s);
+    }
+    wait_primary(&c, "ny", 1, Duration::from_secs(20));
+    qemu_io(&c.uri("ny", VOLUME), &["write -P 0x61 0 1M", "flush"]);
+    wait_caught_up(&c, "ny", Duration::from_secs(60));
+
+    // One of three etcd members lost: failover still works.
+    etcd.kill(2);
+    c.kill("ny");
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "a write acknowledged by chicago",
+        || {
+            c.socket("chicago", VOLUME).exists()
+                && try_write(&c.uri("chicago", VOLUME), "write -P 0x62 1M 64k")
+        },
+    );
+    eprintln!("etcd failover: {:?}", killed.elapsed());
+    assert_eq!(group(&c, "chicago")["epoch"], 2);
+    qemu_io(&c.uri("chicago", VOLUME), &["read -P 0x61 0 1M"]);
+
+    // Two of three lost: no quorum. The owner fences itself within the
+    // lease and nobody is promoted.
+    etcd.kill(1);
+    let lost = Instant::now();
+    wait_until(Duration::from_secs(10), "chicago fenced", || {
+        group(&c, "chicago")["role"] == "fenced"
+    });
+    assert!(
+        lost.elapsed() < Duration::from_secs(4),
+        "fenced after {:?}",
+        lost.elapsed()
+    );
+    assert!(
+        !try_write(&c.uri("chicago", VOLUME), "write -P 0x63 2M 4k"),
+        "a fenced owner acknowledged a write"
+    );
+    std::thread::sleep(Duration::from_secs(4)); // longer than the lease: still no promotion
+    assert_eq!(group(&c, "seattle")["role"], "replica");
+
+    // Quorum back: chicago takes its epoch back; writes flow again.
+    etcd.restart(1);
+    wait_until(Duration::from_secs(30), "chicago serving again", || {
+        group(&c, "chicago")["role"] == "primary"
+    });
+    assert_eq!(
+        group(&c, "chicago")["epoch"],
+        2,
+        "a coordinator outage must not bump the epoch"
+    );
+    qemu_io(
+        &c.uri("chicago", VOLUME),
+        &["write -P 0x64 3M 64k", "flush"],
+    );
+}
+
+#[test]
+fn manual_failover_is_refused_while_the_owner_is_healthy_and_forced_otherwise() {
+    let mut c = Cluster::new("ny", &["chicago", "seattle"], &[vol(VOLUME, "16MiB")], "");
+    let mut witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("2s"));
+    for s in ["ny", "chicago", "seattle"] {
+        c.start_any(s);
+    }
+    wait_primary(&c, "ny", 1, Duration::from_secs(20));
+    qemu_io(&c.uri("ny", VOLUME), &["write -P 0x71 0 1M", "flush"]);
+    wait_caught_up(&c, "ny", Duration::from_secs(60));
+
+    let failover = |force: bool| {
+        let mut cmd = Command::new(TANDEM);
+        cmd.args(["failover", "g", "--to", "seattle", "--config"])
+            .arg(&c.site("seattle").config);
+        if force {
+            cmd.arg("--force");
+        }
+        run_with_timeout(&mut cmd, Duration::from_secs(60))
+    };
+    let refused = failover(false);
+    assert_eq!(refused.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        msg.contains("holds its lease") && msg.contains("--force"),
+        "{msg}"
+    );
+    assert_eq!(group(&c, "ny")["role"], "primary");
+
+    let forced = failover(true);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    wait_primary(&c, "seattle", 2, Duration::from_secs(20));
+    wait_until(Duration::from_secs(20), "ny demoted", || {
+        group(&c, "ny")["role"] == "replica"
+    });
+    assert!(!try_write(&c.uri("ny", VOLUME), "write -P 0x72 0 4k"));
+    qemu_io(
+        &c.uri("seattle", VOLUME),
+        &["read -P 0x71 0 1M", "write -P 0x73 1M 4k"],
+    );
+
+    // The witness restarted (SIGKILL) keeps the group where it is.
+    witness.kill();
+    witness.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(group(&c, "seattle")["epoch"], 2);
+    wait_until(
+        Duration::from_secs(20),
+        "seattle serving after the witness restart",
+        || group(&c, "seattle")["role"] == "primary",
+    );
+    qemu_io(&c.uri("seattle", VOLUME), &["write -P 0x74 2M 4k", "flush"]);
 }
