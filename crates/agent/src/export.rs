@@ -17,6 +17,10 @@ pub struct VolumeExport {
     size: u64,
     sync: Option<SyncPolicy>,
     gate: Arc<crate::gate::Gate>,
+    /// The ownership epoch this export serves (told to clients in the
+    /// export description, so a client can attribute every acknowledged
+    /// write to an epoch).
+    epoch: u64,
 }
 
 /// Sync mode (SPEC G4): how many replicas must have each change before the
@@ -51,7 +55,14 @@ impl VolumeExport {
             size,
             sync,
             gate,
+            epoch: 0,
         }
+    }
+
+    /// Names the epoch in the export description.
+    pub fn in_epoch(mut self, epoch: u64) -> VolumeExport {
+        self.epoch = epoch;
+        self
     }
 
     /// How the reply to change `seq` completes: at once, after the image
@@ -129,9 +140,10 @@ impl Export for VolumeExport {
 
     fn description(&self) -> String {
         format!(
-            "Tandem volume {} of group {}",
+            "Tandem volume {} of group {}, epoch {}",
             self.name,
-            self.capture.name()
+            self.capture.name(),
+            self.epoch
         )
     }
 

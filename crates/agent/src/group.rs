@@ -226,12 +226,10 @@ impl GroupRuntime {
             threads: Vec::new(),
         };
         for index in 0..capture.volumes().len() {
-            let export: Arc<dyn Export> = Arc::new(VolumeExport::with_sync(
-                Arc::clone(&capture),
-                index,
-                sync,
-                Arc::clone(&gate),
-            ));
+            let export: Arc<dyn Export> = Arc::new(
+                (VolumeExport::with_sync(Arc::clone(&capture), index, sync, Arc::clone(&gate)))
+                    .in_epoch(epoch),
+            );
             listen_unix(shared, &mut role, Arc::clone(&export))?;
             shared
                 .tcp_exports
