@@ -227,6 +227,7 @@ impl Handle {
             sites,
             automatic: cfg.failover == tandem_config::FailoverPolicy::Automatic,
             max_lag: cfg.max_lag_on_failover.as_secs_f64(),
+            freshest_first: cfg.mode == tandem_config::Mode::Sync,
         }
     }
 

@@ -19,6 +19,10 @@ pub struct Policy {
     pub automatic: bool,
     /// `max_lag_on_failover`, seconds.
     pub max_lag: f64,
+    /// Sync mode: the freshest candidate goes first (it holds every
+    /// acknowledged write when `sync_replicas` is the number of replicas),
+    /// then priority. Async: priority first, then freshness.
+    pub freshest_first: bool,
 }
 
 impl Policy {
@@ -159,11 +163,15 @@ pub fn decide(keys: &Keys, policy: &Policy, view: &GroupView, local: &Local) -> 
         .filter(|m| wanted.as_ref().is_none_or(|w| w == &m.site))
         .filter(|m| within_lag(policy, view, &m.site))
         .min_by_key(|m| {
-            (
-                policy.priority(&m.site).unwrap_or(u32::MAX),
-                std::cmp::Reverse((m.tip_epoch, m.tip_seq)),
-                m.site.clone(),
-            )
+            let priority = policy.priority(&m.site).unwrap_or(u32::MAX);
+            let fresh = std::cmp::Reverse((m.tip_epoch, m.tip_seq));
+            let none = std::cmp::Reverse((0, 0));
+            let (first, then) = if policy.freshest_first {
+                (fresh, none)
+            } else {
+                (none, fresh)
+            };
+            (first, priority, then, m.site.clone())
         });
     match best {
         Some(m) if m.site == local.site && local.consistent && local.fit => {
@@ -267,4 +275,70 @@ pub fn handover_txn(
             },
         ],
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::keys::MemberReport;
+
+    fn view(members: &[(&str, u64)]) -> GroupView {
+        GroupView {
+            epoch: 1,
+            epoch_revision: 5,
+            members: members
+                .iter()
+                .map(|(s, tip)| MemberReport {
+                    site: s.to_string(),
+                    lease: 7,
+                    role: "replica".into(),
+                    epoch: 1,
+                    tip_epoch: 1,
+                    tip_seq: *tip,
+                    consistent: true,
+                    fit: true,
+                })
+                .collect(),
+            ..GroupView::default()
+        }
+    }
+
+    fn winner(freshest_first: bool) -> Option<String> {
+        let policy = Policy {
+            group: "g".into(),
+            sites: vec![
+                ("ny".into(), 0),
+                ("chicago".into(), 1),
+                ("seattle".into(), 2),
+            ],
+            automatic: true,
+            max_lag: 30.0,
+            freshest_first,
+        };
+        let v = view(&[("chicago", 90), ("seattle", 100)]);
+        ["chicago", "seattle"].into_iter().find_map(|site| {
+            let local = Local {
+                site: site.into(),
+                lease: 7,
+                primary: false,
+                epoch: 1,
+                fork: (0, 0),
+                tip: (1, if site == "chicago" { 90 } else { 100 }),
+                consistent: true,
+                fit: true,
+            };
+            matches!(
+                decide(&Keys::new("/t"), &policy, &v, &local),
+                Decision::Claim { .. }
+            )
+            .then(|| site.to_string())
+        })
+    }
+
+    #[test]
+    fn async_goes_by_priority_sync_by_freshness() {
+        assert_eq!(winner(false).as_deref(), Some("chicago"));
+        assert_eq!(winner(true).as_deref(), Some("seattle"));
+    }
 }

@@ -78,6 +78,7 @@ impl World {
                     .collect(),
                 automatic,
                 max_lag: 30.0,
+                freshest_first: false,
             },
             sites: names
                 .iter()
