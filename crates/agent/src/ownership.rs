@@ -435,7 +435,13 @@ impl Handle {
         valid: Instant,
     ) -> Result<(), AgentError> {
         let started = Instant::now();
-        rt.promote(&self.shared, epoch)?;
+        if let Err(e) = rt.promote(&self.shared, epoch) {
+            // Nothing was acknowledged in this epoch (the gate never
+            // opened): give the group back so the next site can take it.
+            rt.hook_failed.store(true, Ordering::Release);
+            self.release(rt);
+            return Err(e);
+        }
         if let Some(gate) = rt.gate() {
             gate.extend(valid);
             gate.set_owner(true);
@@ -450,6 +456,25 @@ impl Handle {
             rt.hook_failed.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Deletes the owner key if it still names this site (a promotion
+    /// that failed before any write was acknowledged).
+    fn release(&self, rt: &GroupRuntime) {
+        let Ok(snap) = self.store.range(&self.keys.group(rt.name())) else {
+            return;
+        };
+        let view = GroupView::read(&self.keys, rt.name(), &snap);
+        if let Some((o, rev)) = view.owner {
+            if o.site == self.shared.site {
+                let key = self.keys.owner(rt.name());
+                let done = self.store.txn(
+                    &[tandem_coordinator::Compare::ModRevision(key.clone(), rev)],
+                    &[Op::Delete { key }],
+                );
+                error!(group = rt.name(), epoch = o.epoch, released = ?done.map(|d| d.0), "promotion failed: ownership given back, this site reports itself unfit");
+            }
+        }
     }
 
     /// Runs a hook if configured; true when it succeeded or is absent.
