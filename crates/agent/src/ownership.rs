@@ -454,6 +454,16 @@ impl Handle {
         );
         if !self.run_hook(rt, "on_promote", epoch) {
             rt.hook_failed.store(true, Ordering::Release);
+            if rt.cfg.on_promote_failure == tandem_config::OnPromoteFailure::Next {
+                // Stop serving first (no acknowledgement after this), then
+                // give the group to the next site.
+                warn!(
+                    group = rt.name(),
+                    epoch, "on_promote failed: handing the group to the next site"
+                );
+                rt.demote(&self.shared, epoch, (u64::MAX, u64::MAX))?;
+                self.release(rt);
+            }
         }
         Ok(())
     }

@@ -39,8 +39,8 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Location};
 pub use model::{
-    Coordinator, CoordinatorKind, FailoverPolicy, Group, Mode, OnLostLease, OnSyncLoss, Peer,
-    ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
+    Coordinator, CoordinatorKind, FailoverPolicy, Group, Mode, OnLostLease, OnPromoteFailure,
+    OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
 };
 pub use schedule::ScheduleWindow;
 pub use units::{

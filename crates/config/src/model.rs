@@ -110,6 +110,20 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// `[[group]] on_promote_failure`: what a newly promoted site does when
+    /// its `on_promote` hook fails.
+    pub enum OnPromoteFailure {
+        /// Keep serving, report the failure (status, logs) and count as
+        /// unfit for the next failover.
+        #[default]
+        Report = "report",
+        /// Stop serving and hand the group to the next site in the
+        /// failover order.
+        Next = "next",
+    }
+}
+
 /// `[site]`: this site.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Site {
@@ -252,6 +266,8 @@ pub struct Group {
     pub on_sync_loss: OnSyncLoss,
     /// What a primary does when it cannot renew its lease.
     pub on_lost_lease: OnLostLease,
+    /// What a promoted site does when `on_promote` fails.
+    pub on_promote_failure: OnPromoteFailure,
 }
 
 impl Group {

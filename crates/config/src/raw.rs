@@ -15,7 +15,9 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{CoordinatorKind, FailoverPolicy, Mode, OnLostLease, OnSyncLoss, TlsMode};
+use crate::model::{
+    CoordinatorKind, FailoverPolicy, Mode, OnLostLease, OnPromoteFailure, OnSyncLoss, TlsMode,
+};
 use crate::schedule::ScheduleWindow;
 use crate::units::{parse_duration, parse_rate, parse_size, Rate};
 
@@ -89,6 +91,7 @@ pub(crate) struct RawGroup {
     pub queue_memory: Option<Spanned<SizeValue>>,
     pub on_sync_loss: Option<Spanned<OnSyncLoss>>,
     pub on_lost_lease: Option<Spanned<OnLostLease>>,
+    pub on_promote_failure: Option<Spanned<OnPromoteFailure>>,
 }
 
 #[derive(Deserialize)]

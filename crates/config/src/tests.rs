@@ -182,6 +182,7 @@ fn spec_example_parses() {
             queue_memory: 64 << 20,
             on_sync_loss: OnSyncLoss::Suspend,
             on_lost_lease: OnLostLease::Suspend,
+            on_promote_failure: OnPromoteFailure::Report,
         }]
     );
     assert_eq!(
@@ -331,7 +332,7 @@ fn added_keys() {
         .replacen(
             "mode = \"async\"",
             "mode = \"sync\"\nmax_queue = \"4GiB\"\nqueue_memory = 134217728\n\
-             on_sync_loss = \"degrade\"\non_lost_lease = \"error\"",
+             on_sync_loss = \"degrade\"\non_lost_lease = \"error\"\non_promote_failure = \"next\"",
             1,
         )
         .replacen("failover = \"automatic\"", "failover = \"manual\"", 1)
@@ -355,6 +356,7 @@ fn added_keys() {
     assert_eq!(g.queue_memory, 128 << 20);
     assert_eq!(g.on_sync_loss, OnSyncLoss::Degrade);
     assert_eq!(g.on_lost_lease, OnLostLease::Error);
+    assert_eq!(g.on_promote_failure, OnPromoteFailure::Next);
     assert_eq!(g.mode.to_string(), "sync");
 }
 

@@ -495,6 +495,10 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
                 .on_lost_lease
                 .as_ref()
                 .map_or_else(Default::default, |x| *x.get_ref()),
+            on_promote_failure: g
+                .on_promote_failure
+                .as_ref()
+                .map_or_else(Default::default, |x| *x.get_ref()),
         });
     }
     Ok(out)

@@ -334,3 +334,33 @@ fn manual_failover_is_refused_while_the_owner_is_healthy_and_forced_otherwise() 
     );
     qemu_io(&c.uri("seattle", VOLUME), &["write -P 0x74 2M 4k", "flush"]);
 }
+
+#[test]
+fn a_failing_on_promote_hands_the_group_to_the_next_site_when_configured() {
+    let mut c = Cluster::new(
+        "ny",
+        &["chicago", "seattle"],
+        &[vol(VOLUME, "16MiB")],
+        "on_promote = \"test $TANDEM_SITE != chicago\"\non_promote_failure = \"next\"",
+    );
+    let witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("2s"));
+    for s in ["ny", "chicago", "seattle"] {
+        c.start_any(s);
+    }
+    wait_primary(&c, "ny", 1, Duration::from_secs(20));
+    qemu_io(&c.uri("ny", VOLUME), &["write -P 0x81 0 1M", "flush"]);
+    wait_caught_up(&c, "ny", Duration::from_secs(60));
+    c.kill("ny");
+    // Chicago is promoted (epoch 2), its hook fails, Seattle takes over.
+    wait_primary(&c, "seattle", 3, Duration::from_secs(30));
+    assert_eq!(group(&c, "chicago")["role"], "replica");
+    assert!(c
+        .site("chicago")
+        .log()
+        .contains("on_promote failed: handing the group to the next site"));
+    qemu_io(
+        &c.uri("seattle", VOLUME),
+        &["read -P 0x81 0 1M", "write -P 0x82 1M 4k"],
+    );
+}
