@@ -364,3 +364,40 @@ fn a_failing_on_promote_hands_the_group_to_the_next_site_when_configured() {
         &["read -P 0x81 0 1M", "write -P 0x82 1M 4k"],
     );
 }
+
+#[test]
+fn with_a_single_etcd_sigkill_fails_over_and_migration_brings_the_group_home() {
+    let etcd = etcd_cluster::EtcdCluster::single();
+    let mut c = Cluster::new("ny", &["chicago", "seattle"], &[vol(VOLUME, "16MiB")], "");
+    c.set_coordinator(&format!(
+        "kind = \"etcd\"\nendpoints = [\"{}\"]\nlease_ttl = \"3s\"",
+        etcd.endpoint(0)
+    ));
+    for s in ["ny", "chicago", "seattle"] {
+        c.start_any(s);
+    }
+    wait_primary(&c, "ny", 1, Duration::from_secs(20));
+    qemu_io(&c.uri("ny", VOLUME), &["write -P 0x91 0 2M", "flush"]);
+    wait_caught_up(&c, "ny", Duration::from_secs(60));
+    c.kill("ny");
+    wait_primary(&c, "chicago", 2, Duration::from_secs(20));
+    qemu_io(
+        &c.uri("chicago", VOLUME),
+        &["read -P 0x91 0 2M", "write -P 0x92 2M 1M", "flush"],
+    );
+    c.start_any("ny");
+    wait_streaming(&c, "ny", "chicago", Duration::from_secs(60));
+    wait_caught_up(&c, "chicago", Duration::from_secs(60));
+    let out = run_ok(
+        Command::new(TANDEM)
+            .args(["migrate", "g", "--to", "ny", "--config"])
+            .arg(&c.site("seattle").config),
+        Duration::from_secs(60),
+    );
+    assert!(out.contains("owned by ny in epoch 3"), "{out}");
+    wait_primary(&c, "ny", 3, Duration::from_secs(20));
+    qemu_io(
+        &c.uri("ny", VOLUME),
+        &["read -P 0x91 0 2M", "read -P 0x92 2M 1M"],
+    );
+}
