@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod demo;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +51,13 @@ enum Command {
         /// Directory for the witness's state
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+    },
+    /// Run the local multi-site demonstration: a witness and three sites on
+    /// loopback, failover after SIGKILL, resync, migration home, summary
+    Demo {
+        /// Leave everything running at the end and print how to reach it
+        #[arg(long)]
+        keep: bool,
     },
     /// Show this site's groups and how each replica is doing
     Status {
@@ -144,6 +152,7 @@ fn main() -> ExitCode {
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Witness { listen, data_dir } => cmd::witness::run(&listen, &data_dir),
+        Command::Demo { keep } => cmd::demo::run(keep),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Status {
             config,

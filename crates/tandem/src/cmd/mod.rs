@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod bandwidth;
 pub mod certs;
+pub mod demo;
 pub mod dirty;
 pub mod failover;
 pub mod status;

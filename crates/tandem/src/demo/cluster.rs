@@ -278,7 +278,10 @@ impl Cluster {
         let i = self.site_index(name);
         let config = self.sites[i].config_path.clone();
         let log = self.sites[i].proc.log.clone();
-        let mut cmd = self.command(&["agent".as_ref(), "--config".as_ref(), config.as_os_str()], &log)?;
+        let mut cmd = self.command(
+            &["agent".as_ref(), "--config".as_ref(), config.as_os_str()],
+            &log,
+        )?;
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {name}'s agent"))?;
@@ -316,7 +319,8 @@ impl Cluster {
         if self.interrupted() {
             bail!("interrupted");
         }
-        let procs = std::iter::once(&mut self.witness).chain(self.sites.iter_mut().map(|s| &mut s.proc));
+        let procs =
+            std::iter::once(&mut self.witness).chain(self.sites.iter_mut().map(|s| &mut s.proc));
         for p in procs {
             if !p.expected {
                 continue;
@@ -386,7 +390,9 @@ impl Cluster {
 
     /// Leaves the children running: forget them.
     pub fn detach(&mut self) {
-        for p in std::iter::once(&mut self.witness).chain(self.sites.iter_mut().map(|s| &mut s.proc)) {
+        for p in
+            std::iter::once(&mut self.witness).chain(self.sites.iter_mut().map(|s| &mut s.proc))
+        {
             p.expected = false;
             p.child = None;
         }

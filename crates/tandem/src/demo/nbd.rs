@@ -111,13 +111,14 @@ impl NbdClient {
         loop {
             let (reply_type, body) = self.read_option_reply(OPT_GO)?;
             match reply_type {
-                REP_INFO => {
-                    if body.len() >= 12 && u16::from_be_bytes([body[0], body[1]]) == INFO_EXPORT {
-                        self.size = u64::from_be_bytes(bytes8(&body[2..10]));
-                        let flags = u16::from_be_bytes([body[10], body[11]]);
-                        self.read_only = flags & TF_READ_ONLY != 0;
-                        got_export_info = true;
-                    }
+                REP_INFO
+                    if body.len() >= 12
+                        && u16::from_be_bytes([body[0], body[1]]) == INFO_EXPORT =>
+                {
+                    self.size = u64::from_be_bytes(bytes8(&body[2..10]));
+                    let flags = u16::from_be_bytes([body[10], body[11]]);
+                    self.read_only = flags & TF_READ_ONLY != 0;
+                    got_export_info = true;
                 }
                 REP_ACK => {
                     if !got_export_info {
@@ -219,7 +220,13 @@ impl NbdClient {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
-    fn send(&mut self, kind: u16, offset: u64, length: u32, payload: &[u8]) -> Result<u64, NbdError> {
+    fn send(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<u64, NbdError> {
         self.cookie += 1;
         let header = RequestHeader {
             flags: 0,

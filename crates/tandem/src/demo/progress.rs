@@ -1,5 +1,6 @@
-//! Progress output: a bar redrawn in place on a terminal, plain lines at
-//! most once a second otherwise (SPEC §4.3).
+//! Progress output: a bar redrawn in place on a terminal; otherwise plain
+//! lines, one when the state shown changes and at most one every few
+//! seconds while it does not (SPEC §4.3).
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -7,10 +8,12 @@ use std::time::{Duration, Instant};
 pub struct Progress {
     tty: bool,
     last: Option<Instant>,
+    key: String,
     drawn: bool,
 }
 
-const EVERY: Duration = Duration::from_secs(1);
+/// Without a terminal, an unchanged state is repeated this often.
+const EVERY: Duration = Duration::from_secs(3);
 const WIDTH: usize = 30;
 
 impl Progress {
@@ -18,20 +21,23 @@ impl Progress {
         Progress {
             tty: std::io::stdout().is_terminal(),
             last: None,
+            key: String::new(),
             drawn: false,
         }
     }
 
     /// Shows `text`, with a bar when `fraction` is known and stdout is a
-    /// terminal.
-    pub fn update(&mut self, fraction: Option<f64>, text: &str) {
+    /// terminal. `key` is the part of the state that matters: without a
+    /// terminal, a line is printed when it changes (or every few seconds).
+    pub fn update(&mut self, fraction: Option<f64>, key: &str, text: &str) {
         if self.tty {
             let bar = fraction.map(bar).unwrap_or_default();
             print!("\r  {bar}{text}\x1b[K");
             let _ = std::io::stdout().flush();
             self.drawn = true;
-        } else if self.last.is_none_or(|t| t.elapsed() >= EVERY) {
+        } else if key != self.key || self.last.is_none_or(|t| t.elapsed() >= EVERY) {
             println!("  {text}");
+            key.clone_into(&mut self.key);
             self.last = Some(Instant::now());
         }
     }
@@ -45,6 +51,7 @@ impl Progress {
         }
         self.drawn = false;
         self.last = None;
+        self.key.clear();
     }
 }
 

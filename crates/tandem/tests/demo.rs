@@ -1,0 +1,218 @@
+//! `tandem demo`: the README's first command runs the whole story (three
+//! sites and a witness, failover after SIGKILL, resync, migration home)
+//! with nothing but the binary, and cleans up after itself, also when
+//! interrupted.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// One demo at a time: each runs four processes and measures timings.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `tandem demo ARGS`, returning (exit code, stdout, stderr) or
+/// failing after `timeout`. `on_line` sees each stdout line as it comes
+/// and may return a signal to send to the demo.
+fn run_demo(
+    args: &[&str],
+    timeout: Duration,
+    mut on_line: impl FnMut(&str) -> Option<i32>,
+) -> (Option<i32>, String, String) {
+    let mut child = Command::new(TANDEM)
+        .arg("demo")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tandem demo");
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let mut out = String::new();
+    let status = loop {
+        while let Ok(line) = rx.try_recv() {
+            eprintln!("demo| {line}");
+            if let Some(signal) = on_line(&line) {
+                // SAFETY: signalling our own child process.
+                unsafe {
+                    libc::kill(child.id() as i32, signal);
+                }
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tandem demo did not finish within {timeout:?}; output so far:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The rest of stdout.
+    let reader_done = Instant::now() + Duration::from_secs(10);
+    while let Ok(line) = rx.recv_timeout(reader_done.saturating_duration_since(Instant::now())) {
+        eprintln!("demo| {line}");
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let err = err_reader.join().unwrap_or_default();
+    (status.code(), out, err)
+}
+
+/// The value column of a summary row: the text after the label.
+fn row<'a>(out: &'a str, label: &str) -> &'a str {
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no summary row {label:?} in:\n{out}"));
+    line.trim_start()[label.len()..].trim()
+}
+
+/// The directory the demo announced.
+fn demo_dir(out: &str) -> PathBuf {
+    let line = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("directory "))
+        .unwrap_or_else(|| panic!("the demo did not name its directory:\n{out}"));
+    PathBuf::from(line.trim())
+}
+
+/// The process ids the demo printed for its witness and agents.
+fn pids(out: &str) -> Vec<i32> {
+    out.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "pid" {
+                    return words.next().and_then(|p| p.parse().ok());
+                }
+            }
+            None
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is not alive; only our own children could be reaped by us,
+    // and the demo reaps its own.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn demo_runs_failover_resync_and_migration_and_cleans_up() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, out, err) = run_demo(&[], Duration::from_secs(180), |_| None);
+    assert_eq!(code, Some(0), "tandem demo failed:\n{out}\nstderr:\n{err}");
+
+    let rto = row(
+        &out,
+        "failover RTO (SIGKILL of ny -> first write acked by chicago)",
+    );
+    let seconds: f64 = rto
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the RTO from {rto:?}"));
+    eprintln!("RTO measured by the demo: {seconds} s");
+    assert!(
+        seconds > 0.0 && seconds < 10.0,
+        "RTO {seconds} s is out of bounds"
+    );
+
+    let rpo = row(
+        &out,
+        "failover RPO (writes acked by ny, missing on chicago)",
+    );
+    assert!(rpo.contains(" of "), "{rpo}");
+    let loss = row(
+        &out,
+        "migration data loss (writes acked by chicago, missing on ny)",
+    );
+    assert!(loss.starts_with("0 of "), "migration lost data: {loss}");
+    let acked: u64 = loss
+        .trim_start_matches("0 of ")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(acked > 0, "no write was acknowledged by chicago: {loss}");
+    for label in [
+        "checksum of the 64 MiB on chicago after failover",
+        "checksum of the 64 MiB on ny after migration",
+        "images identical on ny, chicago and seattle",
+    ] {
+        assert_eq!(row(&out, label), "ok", "{label}");
+    }
+    assert!(out.contains("chicago is primary in epoch 2"), "{out}");
+    assert!(out.contains("ny is primary in epoch 3"), "{out}");
+    row(
+        &out,
+        "migration pause (last write acked on chicago -> first on ny)",
+    );
+
+    // Everything stopped and removed.
+    let dir = demo_dir(&out);
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+    for pid in pids(&out) {
+        assert!(!alive(pid), "process {pid} is still running");
+    }
+}
+
+#[test]
+fn interrupted_demo_stops_its_processes_and_exits_1() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut sent = false;
+    let (code, out, err) = run_demo(&[], Duration::from_secs(120), |line| {
+        // Once the sites run and data flows, Ctrl-C.
+        if !sent && line.starts_with("[2/7]") {
+            sent = true;
+            return Some(libc::SIGINT);
+        }
+        None
+    });
+    assert!(
+        sent,
+        "the demo never reached its second step:\n{out}\n{err}"
+    );
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let pids = pids(&out);
+    assert_eq!(pids.len(), 4, "witness and three agents: {out}");
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} is still running");
+    }
+    // A failed demo keeps its logs for the user to read.
+    let dir = demo_dir(&out);
+    assert!(dir.join("ny.log").exists(), "{}", dir.display());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
