@@ -320,6 +320,7 @@ impl GroupRuntime {
                 .map(|v| (v.name.clone(), v.size))
                 .collect(),
             group: Arc::clone(&replica),
+            position: Arc::clone(&position),
             connected: Arc::clone(&connected),
             files_dir: shared.layout.data_dir.join("files").join(&group.name),
             files: group.files.clone(),
@@ -486,12 +487,21 @@ impl GroupRuntime {
         epoch: u64,
         owner_fork: (u64, u64),
     ) -> Result<(), AgentError> {
-        let (images, tip, capture) = self.stop_primary(shared, None)?;
+        let (images, mut tip, capture) = self.stop_primary(shared, None)?;
+        // Every region clean in the dirty map means every replica, the new
+        // owner included, acknowledged every write this site made: when
+        // the new owner forked from this site's own epoch, these images are
+        // exactly its fork (after a crash the sequence skips ahead, so the
+        // numbers alone cannot tell).
+        let clean = capture.dirty_ranges().iter().all(Vec::is_empty);
+        if clean && owner_fork.0 == tip.0 && owner_fork.1 != u64::MAX {
+            tip = owner_fork;
+        }
         let diverged = tip != owner_fork;
         if diverged {
             match save_rollback(shared, self.name(), &capture, tip) {
                 Ok(Some(path)) => {
-                    warn!(group = self.name(), file = %path.display(), ?tip, ?owner_fork, "this site acknowledged writes the new owner never got: saved before rollback")
+                    warn!(group = self.name(), file = %path.display(), ?tip, ?owner_fork, "this site may hold writes the new owner never got (regions its dirty map marks): saved before they are rolled back")
                 }
                 Ok(None) => {}
                 Err(e) => warn!(

@@ -42,6 +42,9 @@ pub struct GroupPlan {
     pub replicas: Vec<String>,
     pub volumes: Vec<(String, u64)>,
     pub group: Arc<Mutex<ReplicaGroup>>,
+    /// The group's published position, readable while a session holds
+    /// the group (so an older epoch is refused without waiting for it).
+    pub position: Arc<Mutex<crate::replica::Position>>,
     /// A primary's session is running.
     pub connected: Arc<std::sync::atomic::AtomicBool>,
     /// `<data_dir>/files/<group>`, and the group's configured `files`.
@@ -100,6 +103,21 @@ pub fn serve<R: Read, W: Write>(
             return Err(SessionError::Refused(reason));
         }
     };
+    let seen = plan.position.lock().epoch;
+    if hello.epoch < seen {
+        let reason = format!(
+            "epoch {} is older than {seen}, which this replica holds",
+            hello.epoch
+        );
+        let _ = write_message(
+            &mut writer,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+            &mut out,
+        );
+        return Err(SessionError::Refused(reason));
+    }
     let Some(mut group) = plan.group.try_lock_for(TAKEOVER_WAIT) else {
         let reason = format!("group {} already has a replication session", plan.name);
         let _ = write_message(

@@ -74,6 +74,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
             primary: "ny".into(),
             replicas: vec!["dr".into()],
             volumes: vec![("v".into(), SIZE)],
+            position: replica.lock().published(),
             group: Arc::clone(&replica),
             connected: Arc::new(AtomicBool::new(false)),
             files_dir: dir.join("files"),
