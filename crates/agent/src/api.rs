@@ -1,21 +1,50 @@
 //! The REST API on `site.api` (SPEC §4.5): `/api/v1/status` (bearer token
-//! from `<data_dir>/api.token`), `/api/v1/openapi.json`, and Prometheus
-//! text at `/metrics`.
+//! from `<data_dir>/api.token`), `/api/v1/openapi.json`, Prometheus text at
+//! `/metrics`, peers and bandwidth, verify, failover and migrate.
+//!
+//! Served by `tandem-http` (SPEC G8): bounded heads and bodies (an oversize
+//! `Content-Length` is answered 413 and never allocated), timeouts, at most
+//! 64 connections, each on its own thread.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tiny_http::{Header, Method, Response, Server};
+use tandem_http::{Handler, Limits, Options, Refusal, Request, Response};
 
 use crate::{AgentError, Layout, StatusView};
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// The largest request body taken: the API's bodies are a few bytes of
+/// JSON. A larger one is refused (413) before it is read.
+const MAX_BODY: usize = 64 << 10;
+/// The largest `PUT /api/v1/peers/{site}/bandwidth` body looked at.
+const MAX_BANDWIDTH_BODY: usize = 4096;
+
+/// What a client of the API may do (SPEC G8): bounded heads and bodies,
+/// requests that must arrive in time, and a bounded number of
+/// connections, each with its own thread (verify, failover and migrate
+/// hold theirs until the work is done).
+fn limits() -> Limits {
+    Limits {
+        max_head: 16 * 1024,
+        max_body: MAX_BODY,
+        request_time: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+        write_time: Duration::from_secs(10),
+        max_connections: 64,
+    }
+}
+
+/// Serves the API on `addr` until `stop` is set; the returned thread ends
+/// once the listener is closed and connections have drained (a request
+/// still running then is left to finish on its own).
 pub fn start(
     addr: &str,
     layout: &Layout,
@@ -27,172 +56,139 @@ pub fn start(
         reason,
     };
     let token = load_or_create_token(&layout.data_dir.join("api.token")).map_err(&err)?;
-    let server = Server::http(addr).map_err(|e| err(e.to_string()))?;
+    let listener = TcpListener::bind(addr).map_err(|e| err(e.to_string()))?;
     tracing::info!(%addr, "API listening");
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                match server.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Some(request)) => handle(request, &view, &token),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!("API: {e}");
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
-            }
-        })
-        .map_err(|e| err(e.to_string()))
+    let options = Options {
+        name: "api".into(),
+        limits: limits(),
+        stack_size: None,
+        drain: Duration::from_secs(2),
+    };
+    let handler: Arc<dyn Handler> = Arc::new(Api { view, token });
+    tandem_http::spawn(listener, options, stop, handler).map_err(|e| err(e.to_string()))
 }
 
-fn handle(mut request: tiny_http::Request, view: &Arc<StatusView>, token: &str) {
-    let path = request.url().split('?').next().unwrap_or("").to_owned();
-    let authorized = request.headers().iter().any(|h| {
-        h.field.equiv("Authorization")
-            && h.value
-                .as_str()
+struct Api {
+    view: Arc<StatusView>,
+    token: String,
+}
+
+impl Handler for Api {
+    fn handle(&self, request: Request, peer: SocketAddr) -> Response {
+        let response = handle(&request, &self.view, &self.token);
+        if response.status >= 400 {
+            tracing::debug!(%peer, method = %request.method, path = %request.path, status = response.status, "API: refused");
+        }
+        response
+    }
+
+    fn refused(&self, refusal: &Refusal) -> Response {
+        error(&refusal.message, refusal.problem.status())
+    }
+}
+
+fn json(body: String, code: u16) -> Response {
+    Response::json(code, body)
+}
+
+fn error(message: &str, code: u16) -> Response {
+    json(serde_json::json!({ "error": message }).to_string(), code)
+}
+
+/// The body as text, at most `max` bytes of it (as the API always read).
+fn body_text(request: &Request, max: usize) -> Result<String, String> {
+    let body = &request.body[..request.body.len().min(max)];
+    String::from_utf8(body.to_vec()).map_err(|_| "stream did not contain valid UTF-8".to_owned())
+}
+
+fn handle(request: &Request, view: &Arc<StatusView>, token: &str) -> Response {
+    let path = request.path.as_str();
+    let authorized = request
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("Authorization"))
+        .any(|(_, value)| {
+            value
                 .strip_prefix("Bearer ")
                 .is_some_and(|t| t.trim() == token)
-    });
-    fn json(body: String, code: u16) -> Response<std::io::Cursor<Vec<u8>>> {
-        with_type(
-            Response::from_string(body).with_status_code(code),
-            "application/json",
-        )
-    }
-    let response = match (request.method(), path.as_str()) {
-        (Method::Get, "/api/v1/openapi.json") => json(OPENAPI.to_owned(), 200),
-        (Method::Get, "/metrics") => with_type(
-            Response::from_string(crate::metrics::render(&view.status(), &view.nbd)),
+        });
+    match (request.method.as_str(), path) {
+        ("GET", "/api/v1/openapi.json") => json(OPENAPI.to_owned(), 200),
+        ("GET", "/metrics") => Response::new(
+            200,
             "text/plain; version=0.0.4",
+            crate::metrics::render(&view.status(), &view.nbd),
         ),
         (_, p) if p.starts_with("/api/v1/") && !authorized => json(
             r#"{"error":"missing or wrong bearer token (see <data_dir>/api.token)"}"#.to_owned(),
             401,
         ),
-        (Method::Get, "/api/v1/status") => match serde_json::to_string_pretty(&view.status()) {
+        ("GET", "/api/v1/status") => match serde_json::to_string_pretty(&view.status()) {
             Ok(body) => json(body, 200),
             Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
         },
-        (Method::Post, p) if p.starts_with("/api/v1/groups/") && p.ends_with("/verify") => {
-            // Long work: answered from its own thread.
+        ("POST", p) if p.starts_with("/api/v1/groups/") && p.ends_with("/verify") => {
+            // Long work: this connection's thread waits for it.
             let group = p
                 .trim_start_matches("/api/v1/groups/")
-                .trim_end_matches("/verify")
-                .to_owned();
-            let view = Arc::clone(view);
-            let spawned = std::thread::Builder::new()
-                .name("verify".into())
-                .spawn(move || {
-                    let response = match view.verify(&group) {
-                        Ok(result) => json(
-                            serde_json::to_string_pretty(&result).unwrap_or_default(),
-                            200,
-                        ),
-                        Err(e) => json(serde_json::json!({ "error": e }).to_string(), 404),
-                    };
-                    if let Err(e) = request.respond(response) {
-                        tracing::debug!("API response failed: {e}");
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("cannot start a verify thread: {e}");
+                .trim_end_matches("/verify");
+            match view.verify(group) {
+                Ok(result) => json(
+                    serde_json::to_string_pretty(&result).unwrap_or_default(),
+                    200,
+                ),
+                Err(e) => error(&e, 404),
             }
-            return;
         }
-        (Method::Post, p)
+        ("POST", p)
             if p.starts_with("/api/v1/groups/")
                 && (p.ends_with("/failover") || p.ends_with("/migrate")) =>
         {
+            // Long work too.
             let migrate = p.ends_with("/migrate");
             let group = p
                 .trim_start_matches("/api/v1/groups/")
                 .trim_end_matches("/failover")
-                .trim_end_matches("/migrate")
-                .to_owned();
-            let mut body = String::new();
-            let read = std::io::Read::read_to_string(
-                &mut std::io::Read::take(request.as_reader(), 64 << 10),
-                &mut body,
-            );
+                .trim_end_matches("/migrate");
             let parsed: Result<OwnerChange, String> =
-                read.map_err(|e| e.to_string()).and_then(|_| {
+                body_text(request, MAX_BODY).and_then(|body| {
                     if body.trim().is_empty() {
                         Ok(OwnerChange::default())
                     } else {
                         serde_json::from_str(&body).map_err(|e| format!("bad request body: {e}"))
                     }
                 });
-            let view = Arc::clone(view);
-            let spawned = std::thread::Builder::new()
-                .name("owner-change".into())
-                .spawn(move || {
-                    let response = match parsed {
-                        Err(e) => json(serde_json::json!({ "error": e }).to_string(), 400),
-                        Ok(change) => {
-                            match view.change_owner(&group, migrate, change.to, change.force) {
-                                Ok(done) => json(
-                                    serde_json::to_string_pretty(&done).unwrap_or_default(),
-                                    200,
-                                ),
-                                Err(e) => json(serde_json::json!({ "error": e }).to_string(), 409),
-                            }
-                        }
-                    };
-                    if let Err(e) = request.respond(response) {
-                        tracing::debug!("API response failed: {e}");
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("cannot start an owner-change thread: {e}");
-            }
-            return;
-        }
-        (Method::Get, "/api/v1/peers") => {
-            match serde_json::to_string_pretty(&view.bandwidth.status()) {
-                Ok(body) => json(body, 200),
-                Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
+            match parsed {
+                Err(e) => error(&e, 400),
+                Ok(change) => match view.change_owner(group, migrate, change.to, change.force) {
+                    Ok(done) => json(serde_json::to_string_pretty(&done).unwrap_or_default(), 200),
+                    Err(e) => error(&e, 409),
+                },
             }
         }
-        (Method::Put, p) if p.starts_with("/api/v1/peers/") && p.ends_with("/bandwidth") => {
+        ("GET", "/api/v1/peers") => match serde_json::to_string_pretty(&view.bandwidth.status()) {
+            Ok(body) => json(body, 200),
+            Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
+        },
+        ("PUT", p) if p.starts_with("/api/v1/peers/") && p.ends_with("/bandwidth") => {
             let site = p
                 .trim_start_matches("/api/v1/peers/")
-                .trim_end_matches("/bandwidth")
-                .to_owned();
-            let mut request = request;
-            let mut body = String::new();
-            let read = request.as_reader().take(4096).read_to_string(&mut body);
-            let result = read
-                .map_err(|e| e.to_string())
-                .and_then(|_| parse_bandwidth(&body))
-                .and_then(|bps| view.bandwidth.set_override(&site, bps));
-            let response = match result {
+                .trim_end_matches("/bandwidth");
+            let result = body_text(request, MAX_BANDWIDTH_BODY)
+                .and_then(|body| parse_bandwidth(&body))
+                .and_then(|bps| view.bandwidth.set_override(site, bps));
+            match result {
                 Ok(()) => json(
                     serde_json::to_string(&view.bandwidth.status()).unwrap_or_default(),
                     200,
                 ),
-                Err(e) => json(serde_json::json!({ "error": e }).to_string(), 400),
-            };
-            if let Err(e) = request.respond(response) {
-                tracing::debug!("API response failed: {e}");
+                Err(e) => error(&e, 400),
             }
-            return;
         }
         (_, p) => json(
             format!(r#"{{"error":"no such endpoint: {}"}}"#, p.escape_default()),
             404,
         ),
-    };
-    if let Err(e) = request.respond(response) {
-        tracing::debug!("API response failed: {e}");
-    }
-}
-
-fn with_type<R: Read>(response: Response<R>, content_type: &str) -> Response<R> {
-    match Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
-        Ok(h) => response.with_header(h),
-        Err(()) => response,
     }
 }
 

@@ -714,3 +714,141 @@ fn unknown_command_or_flag_gets_einval_and_the_connection_continues() {
     nbd.write_read_ok(50 * MIB, 15, 8192);
     finish(&mut site, &mut good);
 }
+
+// ---------------------------------------------------------------------------
+// The REST API on `site.api` (SPEC G8, §4.5).
+
+/// `site.api` of the site's configuration.
+fn api_addr(site: &Site) -> String {
+    let config = std::fs::read_to_string(&site.config).expect("read config");
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("api = "))
+        .expect("api line")
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn api_token(site: &Site) -> String {
+    std::fs::read_to_string(site.data_dir.join("api.token"))
+        .expect("read api.token")
+        .trim()
+        .to_owned()
+}
+
+/// Sends `head` then `body` (write errors ignored: the agent may refuse
+/// before reading it all) and returns the status and the whole answer.
+fn api_raw(site: &Site, head: &str, body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(api_addr(site)).expect("connect to the API");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+    s.set_write_timeout(Some(IO_TIMEOUT))
+        .expect("write timeout");
+    let _ = s
+        .write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body));
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading the API answer to {head:?}: {e}"),
+        }
+        assert!(answer.len() < 1 << 20, "the API keeps sending data");
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// `GET /api/v1/status` answers 200 with the site's status.
+fn api_status_ok(site: &Site) {
+    let head = format!(
+        "GET /api/v1/status HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        api_token(site)
+    );
+    let (status, text) = api_raw(site, &head, b"");
+    assert_eq!(status, 200, "status after bad API requests: {text}");
+    assert!(text.contains("\"site\": \"ny\""), "{text}");
+}
+
+#[test]
+fn api_requests_with_huge_or_oversize_bodies_get_4xx_and_the_agent_keeps_serving() {
+    let (mut site, mut good) = started();
+    let token = api_token(&site);
+
+    // A connection that sent half a request and stalls holds nobody up.
+    let mut stalled = std::net::TcpStream::connect(api_addr(&site)).expect("connect");
+    stalled
+        .write_all(b"PUT /api/v1/peers/dr/bandwidth HTTP/1.1\r\nContent-Length: 30\r\n\r\n{")
+        .expect("half a request");
+
+    // Claimed lengths far beyond memory, with no body sent: with or
+    // without the token, on routes that read a body and on one that
+    // does not.
+    let huge = 100_000_000_000_000u64;
+    for (method, path, auth) in [
+        ("POST", "/api/v1/groups/g/failover", true),
+        ("PUT", "/api/v1/peers/dr/bandwidth", true),
+        ("GET", "/api/v1/status", true),
+        ("GET", "/metrics", false),
+        ("POST", "/api/v1/groups/g/verify", false),
+    ] {
+        let auth = if auth {
+            format!("Authorization: Bearer {token}\r\n")
+        } else {
+            String::new()
+        };
+        let head =
+            format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {huge}\r\n\r\n");
+        let (status, text) = api_raw(&site, &head, b"");
+        assert_eq!(status, 413, "{method} {path} claiming {huge} bytes: {text}");
+        assert!(text.contains("limit"), "{text}");
+        assert!(site.is_running(), "agent died:\n{}", site.log());
+        api_status_ok(&site);
+    }
+    let line = wait_log_line(
+        &site,
+        &["API", &huge.to_string(), "peer="],
+        &["limit"],
+        "a refused API request",
+    );
+    eprintln!("log: {line}");
+
+    // A 2 MiB body that is really sent.
+    let body = pattern(3, 2 << 20);
+    let head = format!(
+        "PUT /api/v1/peers/dr/bandwidth HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (status, text) = api_raw(&site, &head, &body);
+    assert_eq!(status, 413, "2 MiB body: {text}");
+
+    // Malformed framing gets a 4xx as well.
+    for head in [
+        "HELLO\r\n\r\n".to_owned(),
+        "POST /api/v1/groups/g/failover HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+        "GET /api/v1/status HTTP/1.1\r\nContent-Length: -5\r\n\r\n".to_owned(),
+        format!("GET /{} HTTP/1.1\r\n\r\n", "x".repeat(20_000)),
+    ] {
+        let (status, text) = api_raw(&site, &head, b"");
+        assert!(
+            (400..500).contains(&status),
+            "{:?}: {text}",
+            &head[..head.len().min(60)]
+        );
+    }
+
+    // Still serving: the API (raw, and through `tandem status` with its
+    // `Connection: close`) and NBD.
+    api_status_ok(&site);
+    let status = status_json(&site.config).expect("tandem status --json answers");
+    assert_eq!(status["site"], "ny", "{status}");
+    drop(stalled);
+    finish(&mut site, &mut good);
+}

@@ -12,7 +12,6 @@
 //! docs/WITNESS.md.
 
 mod client;
-mod http;
 mod persist;
 mod server;
 pub mod wire;
@@ -20,9 +19,9 @@ pub mod wire;
 use std::path::PathBuf;
 
 pub use client::WitnessClient;
-pub use http::Limits;
 pub use persist::{LOCK_FILE, STATE_FILE};
 pub use server::{serve, serve_with, WitnessHandle, MAX_TTL_MS, MAX_WAIT};
+pub use tandem_http::Limits;
 
 /// Why a witness could not start, or a client could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -2,13 +2,13 @@
 //! state rewritten to the data directory after every change, served over
 //! HTTP/1.1 JSON to the sites' coordinator clients.
 //!
-//! Each connection has its own thread (at most [`Limits::max_connections`]), so a
-//! long poll (`/v1/wait`) never delays another site's lease renewal.
+//! HTTP comes from `tandem-http`: each connection has its own thread (at
+//! most [`Limits::max_connections`]), so a long poll (`/v1/wait`) never
+//! delays another site's lease renewal.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::io::AsRawFd;
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::http::{shorten, Answer, Conn, Limits, Next, Request};
+use tandem_http::{shorten, Handler, Limits, Options, Problem, Refusal, Request, Response};
+
 use super::persist::DataDir;
 use super::wire::{self, ErrorCode, ErrorReply};
 use super::WitnessError;
@@ -30,8 +31,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 pub const MAX_TTL_MS: u64 = 24 * 3600 * 1000;
 /// How long shutting down waits for connections to finish.
 const DRAIN: Duration = Duration::from_secs(5);
-/// How often the accept loop looks at the stop flag.
-const POLL: Duration = Duration::from_millis(100);
+/// Stack of a connection thread.
+const CONN_STACK: usize = 512 * 1024;
 /// How often a held `/v1/wait` looks at the stop flag.
 const WAIT_SLICE: Duration = Duration::from_millis(250);
 
@@ -46,8 +47,6 @@ struct Shared {
     /// The data directory while this witness serves it; `None` once it
     /// stopped, so a straggling thread can never write it again.
     data: Arc<Mutex<Option<DataDir>>>,
-    connections: AtomicUsize,
-    limits: Limits,
 }
 
 impl Shared {
@@ -89,7 +88,6 @@ pub fn serve_with(
         source,
     };
     let listener = TcpListener::bind(listen).map_err(listen_err)?;
-    listener.set_nonblocking(true).map_err(listen_err)?;
     let addr = listener.local_addr().map_err(listen_err)?;
     tracing::info!(
         %addr,
@@ -109,19 +107,20 @@ pub fn serve_with(
         witness_id,
         failure,
         data,
-        connections: AtomicUsize::new(0),
-        limits,
     });
-    let accept = {
-        let shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("witness-accept".into())
-            .spawn(move || accept_loop(listener, shared))
-            .map_err(|source| WitnessError::Io {
-                path: data_dir.to_owned(),
-                source,
-            })?
+    let options = Options {
+        name: "witness".into(),
+        limits,
+        stack_size: Some(CONN_STACK),
+        drain: DRAIN,
     };
+    let handler: Arc<dyn Handler> = Arc::<Shared>::clone(&shared);
+    let accept = tandem_http::spawn(listener, options, Arc::clone(&shared.stop), handler).map_err(
+        |source| WitnessError::Io {
+            path: data_dir.to_owned(),
+            source,
+        },
+    )?;
     Ok(WitnessHandle {
         addr,
         shared,
@@ -211,126 +210,40 @@ fn persister(data: Arc<Mutex<Option<DataDir>>>, failure: Arc<Mutex<Option<String
     })
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    while !shared.stop.load(Ordering::Acquire) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                threads.retain(|t| !t.is_finished());
-                if let Some(t) = start_connection(stream, peer, &shared) {
-                    threads.push(t);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => readable(&listener, POLL),
-            Err(e) => {
-                // E.g. out of descriptors: keep the listener, try again.
-                tracing::warn!("witness: accept failed: {e}");
-                std::thread::sleep(POLL * 4);
-            }
+impl Handler for Shared {
+    fn handle(&self, request: Request, peer: SocketAddr) -> Response {
+        let answer = route(self, &request);
+        if answer.status >= 400 {
+            tracing::debug!(%peer, path = %request.path, status = answer.status, body = %answer.body, "witness: refused");
         }
+        self.response(answer)
     }
-    drop(listener);
-    drain(threads);
-}
 
-/// Sleeps until the listener has a connection waiting, or `timeout`.
-fn readable(listener: &TcpListener, timeout: Duration) {
-    let mut fd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for a descriptor the listener owns; an
-    // error or EINTR only means the caller looks again sooner.
-    unsafe { libc::poll(&mut fd, 1, ms) };
-}
-
-/// Waits up to [`DRAIN`] for connection threads; any still blocked (a peer
-/// not reading its answer) is left behind, harmless once the data
-/// directory is released.
-fn drain(mut threads: Vec<JoinHandle<()>>) {
-    let until = Instant::now() + DRAIN;
-    while Instant::now() < until && threads.iter().any(|t| !t.is_finished()) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let (done, stuck): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
-    for t in done {
-        let _ = t.join();
-    }
-    if !stuck.is_empty() {
-        tracing::warn!(
-            connections = stuck.len(),
-            "witness: connections still busy at shutdown"
-        );
+    fn refused(&self, refusal: &Refusal) -> Response {
+        let code = match refusal.problem {
+            Problem::BadRequest => ErrorCode::BadRequest,
+            Problem::Timeout => ErrorCode::Timeout,
+            Problem::TooLarge => ErrorCode::TooLarge,
+            Problem::HeadTooLarge => ErrorCode::HeadTooLarge,
+            Problem::Unavailable => ErrorCode::Unavailable,
+        };
+        self.response(error(code, &refusal.message))
     }
 }
 
-fn start_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Arc<Shared>,
-) -> Option<JoinHandle<()>> {
-    let limits = shared.limits;
-    let Ok(mut conn) = Conn::new(stream, limits) else {
-        return None;
-    };
-    if shared.connections.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
-        shared.connections.fetch_sub(1, Ordering::AcqRel);
-        tracing::warn!(%peer, "witness: too many connections; refusing one");
-        let answer = error(ErrorCode::Unavailable, "too many connections");
-        let _ = conn.answer(&answer, &shared.witness_id, true);
-        return None;
-    }
-    let shared_for_thread = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name("witness-conn".into())
-        .stack_size(512 * 1024)
-        .spawn(move || {
-            let _slot = Slot(&shared_for_thread.connections);
-            serve_connection(&mut conn, peer, &shared_for_thread);
-        });
-    match spawned {
-        Ok(t) => Some(t),
-        Err(e) => {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!(%peer, "witness: cannot start a connection thread: {e}");
-            None
-        }
+impl Shared {
+    /// Every answer is JSON and names the witness.
+    fn response(&self, answer: Answer) -> Response {
+        Response::json(answer.status, answer.body)
+            .with_header(wire::WITNESS_HEADER, &self.witness_id)
     }
 }
 
-/// A counted connection; the count goes down however its thread ends.
-struct Slot<'a>(&'a AtomicUsize);
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-fn serve_connection(conn: &mut Conn, peer: SocketAddr, shared: &Shared) {
-    loop {
-        match conn.next(&shared.stop) {
-            Next::Request(request) => {
-                let answer = route(shared, &request);
-                if answer.status >= 400 {
-                    tracing::debug!(%peer, path = %request.path, status = answer.status, body = %answer.body, "witness: refused");
-                }
-                let close = request.close || shared.stop.load(Ordering::Acquire);
-                if conn.answer(&answer, &shared.witness_id, close).is_err() || close {
-                    return;
-                }
-            }
-            Next::Refused(refusal) => {
-                tracing::info!(%peer, code = ?refusal.code, "witness: bad request: {}", refusal.message);
-                let answer = error(refusal.code, &refusal.message);
-                let _ = conn.answer(&answer, &shared.witness_id, true);
-                return;
-            }
-            Next::Done => return,
-        }
-    }
+/// An answer: a status and a JSON body.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    body: String,
 }
 
 /// Answers one request.
@@ -364,13 +277,13 @@ fn route(shared: &Shared, request: &Request) -> Answer {
     }
 }
 
-type Handler<Q, A> = fn(&Shared, Q) -> Result<A, Answer>;
+type Endpoint<Q, A> = fn(&Shared, Q) -> Result<A, Answer>;
 
 /// Parses the body as `Q`, runs `handler`, and renders its answer.
 fn call<Q: DeserializeOwned, A: Serialize>(
     shared: &Shared,
     request: &Request,
-    handler: Handler<Q, A>,
+    handler: Endpoint<Q, A>,
 ) -> Answer {
     if let Some(reason) = shared.failure() {
         return error(ErrorCode::Unavailable, reason);

@@ -1,19 +1,9 @@
-//! Just enough HTTP/1.1 for the witness: requests with a `Content-Length`
-//! body (no chunked bodies), keep-alive, `Expect: 100-continue`, and hard
-//! limits on everything a peer controls — head size, body size, the time a
-//! request may take to arrive, and how long a connection may idle.
-//!
-//! The witness does not use a general HTTP server library: the one at hand
-//! (tiny_http 0.12) allocates a buffer as large as any `Content-Length` a
-//! peer claims when it discards an unread body, so one request with a huge
-//! length aborts the process — and a dead witness fences every primary.
+//! One connection: reading requests within [`Limits`], writing answers.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-use super::wire::ErrorCode;
 
 /// How far a peer may go.
 #[derive(Clone, Copy, Debug)]
@@ -47,29 +37,76 @@ impl Default for Limits {
 
 /// How often a blocked read looks at the stop flag.
 const SLICE: Duration = Duration::from_millis(200);
+/// After refusing a request, how long the rest of what the peer sends is
+/// read and discarded (so the refusal reaches it rather than a reset).
+const LINGER: Duration = Duration::from_secs(2);
+/// ... and how many bytes at most.
+const LINGER_BYTES: usize = 64 << 20;
 
-/// One request as the witness handles it.
+/// One request.
 #[derive(Debug)]
 pub struct Request {
     pub method: String,
-    /// The path, without any query string.
+    /// The path, without any query string (not percent-decoded).
     pub path: String,
+    /// The query string after `?`, if any (not decoded).
+    pub query: Option<String>,
+    /// Header names and values in arrival order, values trimmed.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// The peer asked to close the connection after the answer.
     pub close: bool,
+}
+
+impl Request {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What is wrong with a request that cannot be handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// 400: malformed HTTP, or the connection ended mid-request.
+    BadRequest,
+    /// 408: the request did not arrive in time.
+    Timeout,
+    /// 413: the body is over [`Limits::max_body`].
+    TooLarge,
+    /// 431: the head is over [`Limits::max_head`].
+    HeadTooLarge,
+    /// 503: too many connections.
+    Unavailable,
+}
+
+impl Problem {
+    /// The HTTP status that says it.
+    pub fn status(self) -> u16 {
+        match self {
+            Problem::BadRequest => 400,
+            Problem::Timeout => 408,
+            Problem::TooLarge => 413,
+            Problem::HeadTooLarge => 431,
+            Problem::Unavailable => 503,
+        }
+    }
 }
 
 /// A request that cannot be handled; it is answered, then the connection
 /// is closed (the stream position is no longer trustworthy).
 #[derive(Debug)]
 pub struct Refusal {
-    pub code: ErrorCode,
+    pub problem: Problem,
     pub message: String,
 }
 
-fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+pub(crate) fn refuse(problem: Problem, message: impl Into<String>) -> Refusal {
     Refusal {
-        code,
+        problem,
         message: message.into(),
     }
 }
@@ -78,11 +115,64 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
 #[derive(Debug)]
 pub enum Next {
     Request(Request),
-    /// The peer closed the connection, idled too long, or the witness is
+    /// The peer closed the connection, idled too long, or the server is
     /// stopping: close without an answer.
     Done,
     /// Answer this, then close.
     Refused(Refusal),
+}
+
+/// An answer: status, headers (`Content-Length` and `Connection` are
+/// added when it is sent) and body.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// An answer with a body of type `content_type`.
+    pub fn new(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Response {
+        Response {
+            status,
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body: body.into(),
+        }
+    }
+
+    /// An `application/json` answer.
+    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Response {
+        Response::new(status, "application/json", body)
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Response {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The head and body as sent.
+    fn encode(&self, close: bool) -> Vec<u8> {
+        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        for (name, value) in &self.headers {
+            // A value must not end the header early: control characters
+            // become blanks.
+            let value: String = value
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
 }
 
 /// One accepted connection.
@@ -122,7 +212,7 @@ impl Conn {
         self.buf.drain(..head_end);
         if head.length > self.limits.max_body {
             return Err(refuse(
-                ErrorCode::TooLarge,
+                Problem::TooLarge,
                 format!(
                     "a body of {} bytes is over the limit of {} bytes",
                     head.length, self.limits.max_body
@@ -131,12 +221,12 @@ impl Conn {
         }
         if head.expect_continue && self.buf.len() < head.length {
             self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .map_err(|e| refuse(ErrorCode::BadRequest, format!("cannot answer: {e}")))?;
+                .map_err(|e| refuse(Problem::BadRequest, format!("cannot answer: {e}")))?;
         }
         while self.buf.len() < head.length {
             if !self.fill(deadline, stop)? {
                 return Err(refuse(
-                    ErrorCode::BadRequest,
+                    Problem::BadRequest,
                     "the connection closed before the whole body arrived",
                 ));
             }
@@ -145,6 +235,8 @@ impl Conn {
         Ok(Some(Request {
             method: head.method,
             path: head.path,
+            query: head.query,
+            headers: head.headers,
             body,
             close: head.close,
         }))
@@ -168,7 +260,7 @@ impl Conn {
             let end = find_head_end(&self.buf);
             if end.unwrap_or(self.buf.len()) > self.limits.max_head {
                 return Err(refuse(
-                    ErrorCode::HeadTooLarge,
+                    Problem::HeadTooLarge,
                     format!(
                         "the request head is over the limit of {} bytes",
                         self.limits.max_head
@@ -204,14 +296,14 @@ impl Conn {
             let now = Instant::now();
             if now >= deadline {
                 return Err(refuse(
-                    ErrorCode::Timeout,
+                    Problem::Timeout,
                     "the request did not arrive in time",
                 ));
             }
             let slice = (deadline - now).min(SLICE);
             self.stream
                 .set_read_timeout(Some(slice))
-                .map_err(|e| refuse(ErrorCode::BadRequest, e.to_string()))?;
+                .map_err(|e| refuse(Problem::BadRequest, e.to_string()))?;
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
@@ -230,23 +322,35 @@ impl Conn {
         }
     }
 
-    /// Sends one answer.
-    pub fn answer(&mut self, answer: &Answer, witness_id: &str, close: bool) -> io::Result<()> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}: {}\r\n",
-            answer.status,
-            reason(answer.status),
-            answer.body.len(),
-            super::wire::WITNESS_HEADER,
-            witness_id,
-        );
-        if close {
-            out.push_str("Connection: close\r\n");
+    /// Sends one answer; with `close`, says the connection ends after it.
+    pub fn answer(&mut self, response: &Response, close: bool) -> io::Result<()> {
+        self.write_raw(&response.encode(close))
+    }
+
+    /// Sends the answer to a refused request and ends the connection:
+    /// what the peer still sends (the rest of a body too large to take)
+    /// is read and thrown away for a short, bounded while, so the peer
+    /// reads the refusal instead of a connection reset.
+    pub fn refuse(mut self, response: &Response) {
+        if self.answer(response, true).is_err() {
+            return;
         }
-        out.push_str("\r\n");
-        let mut bytes = out.into_bytes();
-        bytes.extend_from_slice(answer.body.as_bytes());
-        self.write_raw(&bytes)
+        let _ = self.stream.shutdown(Shutdown::Write);
+        let until = Instant::now() + LINGER;
+        let mut discarded = 0usize;
+        let mut chunk = [0u8; 8192];
+        while discarded < LINGER_BYTES {
+            let now = Instant::now();
+            if now >= until || self.stream.set_read_timeout(Some(until - now)).is_err() {
+                return;
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => discarded += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
     }
 
     fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -255,16 +359,11 @@ impl Conn {
     }
 }
 
-/// An answer: a status and a JSON body.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub body: String,
-}
-
 struct Head {
     method: String,
     path: String,
+    query: Option<String>,
+    headers: Vec<(String, String)>,
     length: usize,
     close: bool,
     expect_continue: bool,
@@ -281,7 +380,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 
 fn parse_head(bytes: &[u8]) -> Result<Head, Refusal> {
     let text = std::str::from_utf8(bytes)
-        .map_err(|_| refuse(ErrorCode::BadRequest, "the request head is not UTF-8"))?;
+        .map_err(|_| refuse(Problem::BadRequest, "the request head is not UTF-8"))?;
     let mut lines = text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l));
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
@@ -289,7 +388,7 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Refusal> {
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(refuse(
-            ErrorCode::BadRequest,
+            Problem::BadRequest,
             format!("bad request line \"{}\"", shorten(request_line)),
         ));
     };
@@ -298,17 +397,23 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Refusal> {
         "HTTP/1.0" => true,
         other => {
             return Err(refuse(
-                ErrorCode::BadRequest,
+                Problem::BadRequest,
                 format!("unsupported HTTP version \"{}\"", shorten(other)),
             ))
         }
     };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(refuse(ErrorCode::BadRequest, "bad request method"));
+        return Err(refuse(Problem::BadRequest, "bad request method"));
     }
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query.to_owned())),
+        None => (target, None),
+    };
     let mut head = Head {
         method: method.to_owned(),
-        path: target.split('?').next().unwrap_or_default().to_owned(),
+        path: path.to_owned(),
+        query,
+        headers: Vec::new(),
         length: 0,
         close: http10,
         expect_continue: false,
@@ -316,23 +421,23 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Refusal> {
     let mut length = None;
     for line in lines.take_while(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
-            return Err(refuse(ErrorCode::BadRequest, "a header line has no colon"));
+            return Err(refuse(Problem::BadRequest, "a header line has no colon"));
         };
         let value = value.trim();
         if name.is_empty() || name.contains([' ', '\t']) {
-            return Err(refuse(ErrorCode::BadRequest, "bad header name"));
+            return Err(refuse(Problem::BadRequest, "bad header name"));
         }
         match name.to_ascii_lowercase().as_str() {
             "content-length" => {
                 let n = parse_length(value)?;
                 if length.is_some_and(|old| old != n) {
-                    return Err(refuse(ErrorCode::BadRequest, "conflicting Content-Length"));
+                    return Err(refuse(Problem::BadRequest, "conflicting Content-Length"));
                 }
                 length = Some(n);
             }
             "transfer-encoding" => {
                 return Err(refuse(
-                    ErrorCode::BadRequest,
+                    Problem::BadRequest,
                     "Transfer-Encoding is not accepted: send the body with a Content-Length",
                 ))
             }
@@ -346,12 +451,13 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Refusal> {
             }
             "expect" => {
                 if !value.eq_ignore_ascii_case("100-continue") {
-                    return Err(refuse(ErrorCode::BadRequest, "unsupported Expect header"));
+                    return Err(refuse(Problem::BadRequest, "unsupported Expect header"));
                 }
                 head.expect_continue = true;
             }
             _ => {}
         }
+        head.headers.push((name.to_owned(), value.to_owned()));
     }
     head.length = length.unwrap_or(0);
     Ok(head)
@@ -361,7 +467,7 @@ fn parse_head(bytes: &[u8]) -> Result<Head, Refusal> {
 /// "too large" (413), never allocated.
 fn parse_length(value: &str) -> Result<usize, Refusal> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(refuse(ErrorCode::BadRequest, "bad Content-Length"));
+        return Err(refuse(Problem::BadRequest, "bad Content-Length"));
     }
     Ok(value.parse::<usize>().unwrap_or(usize::MAX))
 }
@@ -377,8 +483,13 @@ pub fn shorten(text: &str) -> String {
 
 fn reason(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         200 => "OK",
+        201 => "Created",
+        204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -406,6 +517,14 @@ mod tests {
         assert_eq!(
             (h.method.as_str(), h.path.as_str(), h.length),
             ("POST", "/v1/txn", 12)
+        );
+        assert_eq!(h.query.as_deref(), Some("x=1"));
+        assert_eq!(
+            h.headers,
+            vec![
+                ("Host".to_owned(), "a".to_owned()),
+                ("Content-Length".to_owned(), "12".to_owned())
+            ]
         );
         assert!(!h.close);
     }
@@ -438,7 +557,7 @@ mod tests {
             let refusal = head(bad)
                 .err()
                 .unwrap_or_else(|| panic!("accepted {bad:?}"));
-            assert_eq!(refusal.code, ErrorCode::BadRequest, "{bad:?}");
+            assert_eq!(refusal.problem, Problem::BadRequest, "{bad:?}");
         }
     }
 
@@ -447,5 +566,31 @@ mod tests {
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
         assert_eq!(find_head_end(b"GET / HTTP/1.1\n\nbody"), Some(16));
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+    }
+
+    #[test]
+    fn header_lookup_ignores_case() {
+        let h = head("GET / HTTP/1.1\r\nAuthorization: Bearer x\r\n\r\n").expect("valid");
+        let request = Request {
+            method: h.method,
+            path: h.path,
+            query: h.query,
+            headers: h.headers,
+            body: Vec::new(),
+            close: h.close,
+        };
+        assert_eq!(request.header("authorization"), Some("Bearer x"));
+        assert_eq!(request.header("host"), None);
+    }
+
+    #[test]
+    fn an_answer_has_its_length_and_no_injected_header() {
+        let r = Response::json(404, "{}").with_header("X-Id", "a\r\nEvil: 1");
+        let text = String::from_utf8(r.encode(true)).expect("utf-8");
+        assert_eq!(
+            text,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nX-Id: a  Evil: 1\r\n\
+             Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+        );
     }
 }

@@ -1,0 +1,159 @@
+//! The server over real sockets: limits, keep-alive, and one slow request
+//! not holding up others.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_http::{Handler, Limits, Options, Refusal, Request, Response};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `/echo` answers the body; `/sleep` takes a second.
+struct Echo;
+
+impl Handler for Echo {
+    fn handle(&self, request: Request, _peer: SocketAddr) -> Response {
+        match request.path.as_str() {
+            "/echo" => Response::new(200, "text/plain", request.body),
+            "/sleep" => {
+                std::thread::sleep(Duration::from_secs(1));
+                Response::new(200, "text/plain", "slept")
+            }
+            _ => Response::json(404, r#"{"error":"no such endpoint"}"#),
+        }
+    }
+
+    fn refused(&self, refusal: &Refusal) -> Response {
+        Response::json(refusal.problem.status(), refusal.message.clone())
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn start(limits: Limits) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let options = Options {
+        limits,
+        ..Options::new("test")
+    };
+    let thread = tandem_http::spawn(listener, options, Arc::clone(&stop), Arc::new(Echo)).unwrap();
+    Running {
+        addr,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Reads one answer with a Content-Length body; returns status and body.
+fn read_answer(s: &mut TcpStream) -> (u16, String) {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection ended in a head");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn pipelined_requests_on_one_connection_are_answered_in_order() {
+    let server = start(Limits::default());
+    let mut s = connect(server.addr);
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /echo?x HTTP/1.1\r\n\
+          Content-Length: 2\r\n\r\nde\r\nGET /none HTTP/1.1\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_answer(&mut s), (200, "abc".into()));
+    assert_eq!(read_answer(&mut s), (200, "de".into()));
+    assert_eq!(read_answer(&mut s).0, 404);
+}
+
+#[test]
+fn a_body_over_the_limit_that_is_really_sent_gets_413_not_a_reset() {
+    let server = start(Limits {
+        max_body: 1000,
+        ..Limits::default()
+    });
+    for _ in 0..5 {
+        let mut s = connect(server.addr);
+        let body = vec![b'x'; 4 << 20];
+        s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 4194304\r\n\r\n")
+            .unwrap();
+        // The server may refuse before all of it is sent.
+        let _ = s.write_all(&body);
+        let (status, message) = read_answer(&mut s);
+        assert_eq!(status, 413, "{message}");
+        assert!(message.contains("limit"), "{message}");
+    }
+    let mut s = connect(server.addr);
+    s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
+        .unwrap();
+    assert_eq!(read_answer(&mut s), (200, "ok".into()));
+}
+
+#[test]
+fn a_slow_request_does_not_hold_up_another_connection() {
+    let server = start(Limits::default());
+    let mut slow = connect(server.addr);
+    slow.write_all(b"GET /sleep HTTP/1.1\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let mut quick = connect(server.addr);
+    quick
+        .write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 1\r\n\r\nq")
+        .unwrap();
+    assert_eq!(read_answer(&mut quick), (200, "q".into()));
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(read_answer(&mut slow), (200, "slept".into()));
+}
+
+#[test]
+fn stopping_closes_idle_connections_promptly() {
+    let server = start(Limits::default());
+    let idle = connect(server.addr);
+    let t = Instant::now();
+    drop(server);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(idle);
+}
