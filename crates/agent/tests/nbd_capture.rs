@@ -77,6 +77,7 @@ name = "g"
 primary = "ny"
 replicas = [ {{ site = "dr" }} ]
 queue_memory = "{queue_memory}"
+max_queue = "{queue_memory}"
 volumes = [ {{ name = "a", size = "64MiB" }}, {{ name = "b", size = "32MiB" }} ]
 "#,
         dir.join("d").display(),
