@@ -97,6 +97,8 @@ pub(crate) struct GroupRuntime {
     pub owner: Mutex<Option<String>>,
     /// Since when this site has seen the group without an owner.
     pub owner_missing_since: Mutex<Option<std::time::Instant>>,
+    /// Held while the role changes (ownership decisions, agent stop).
+    pub transition: Mutex<()>,
 }
 
 impl GroupRuntime {
@@ -108,6 +110,7 @@ impl GroupRuntime {
             epoch: std::sync::atomic::AtomicU64::new(0),
             owner: Mutex::new(None),
             owner_missing_since: Mutex::new(None),
+            transition: Mutex::new(()),
         }
     }
 
@@ -517,6 +520,7 @@ impl GroupRuntime {
     /// Stops whatever role runs (agent stop): clients finish, queued
     /// changes are sent, everything is synced.
     pub fn stop_graceful(&self, shared: &Shared, grace: Duration) -> Result<(), AgentError> {
+        let _transition = self.transition.lock();
         let is_primary = matches!(&*self.role.lock(), Role::Primary(_));
         if is_primary {
             let (_, _, capture) = self.stop_primary(shared, Some(grace))?;

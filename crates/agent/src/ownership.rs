@@ -282,6 +282,13 @@ impl Handle {
         lease: LeaseId,
         valid: Instant,
     ) -> Result<(), AgentError> {
+        // One role change at a time, and none once the agent stops: the
+        // agent's stop takes the same lock. A stopping agent, or a group
+        // between roles (a failed transition), decides nothing.
+        let _transition = rt.transition.lock();
+        if self.stopping() || matches!(*rt.role.lock(), Role::Down) {
+            return Ok(());
+        }
         let local = self.local(rt, lease);
         let missing_since = {
             let mut since = rt.owner_missing_since.lock();
