@@ -347,6 +347,33 @@ impl Journal {
         Ok(())
     }
 
+    /// Drops every entry. The caller has applied and synced them all: a
+    /// resync is about to redefine the position, possibly below entries of
+    /// another history, which must never be replayed.
+    pub fn clear(&mut self) -> Result<(), ReplicaError> {
+        self.current = None;
+        for (_, seg) in std::mem::take(&mut self.segments) {
+            match std::fs::remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ReplicaError::Io {
+                        path: seg.path,
+                        op: "remove journal segment",
+                        source,
+                    })
+                }
+            }
+        }
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        self.pending.clear();
+        self.pending_last = 0;
+        self.last_seq = 0;
+        Ok(())
+    }
+
     /// Bytes on disk.
     pub fn bytes(&self) -> u64 {
         self.segments.values().map(|s| s.bytes).sum()

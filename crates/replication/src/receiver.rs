@@ -267,7 +267,10 @@ pub fn serve<R: Read, W: Write>(
                 tracing::info!(group = %plan.name, resume_at, bytes, "resync started: replica is inconsistent until it completes");
                 group.begin_resync(epoch, resume_at)?;
                 resync_from = Some(resume_at);
-                last_seq = last_seq.max(resume_at.saturating_sub(1));
+                // The resync redefines the position: records from
+                // resume_at on follow, whatever this replica held before.
+                last_seq = resume_at.saturating_sub(1);
+                acked_received = acked_received.min(last_seq);
             }
             Message::Hashes {
                 volume,

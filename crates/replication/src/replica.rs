@@ -303,6 +303,10 @@ impl ReplicaGroup {
     pub fn begin_resync(&mut self, epoch: u64, resume_at: u64) -> Result<(), ReplicaError> {
         self.commit()?;
         self.checkpoint()?;
+        // Everything journaled is in the synced images now; the resync
+        // redefines the position (maybe below records of another history).
+        self.journal.clear()?;
+        self.applied = resume_at.saturating_sub(1);
         self.resume_at = Some(resume_at);
         self.resync_epoch = epoch;
         let s = self.state.get();
@@ -363,6 +367,10 @@ impl ReplicaGroup {
             v.image.sync()?;
         }
         // The chunks reflect every change below resume_at.
+        // The images now reflect the primary's sequence up to
+        // resume_at - 1 (begin_resync reset the position there, also when
+        // this replica had applied higher numbers of another history), plus
+        // the records applied since.
         if let Some(resume_at) = self.resume_at.take() {
             self.applied = self.applied.max(resume_at.saturating_sub(1));
         }
