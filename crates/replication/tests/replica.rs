@@ -172,3 +172,32 @@ fn hashes_of_a_sparse_image_equal_hashes_of_its_bytes() {
     }
     assert_eq!(fast, slow);
 }
+
+/// A former owner's replica state may hold higher sequence numbers of its
+/// own history than the new owner's: a resync must reset the position, and
+/// nothing of the old journal may be replayed after a crash.
+#[test]
+fn a_resync_resets_the_position_below_numbers_of_another_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = open(dir.path());
+    for seq in 1..=1000 {
+        g.receive(write(seq)).unwrap();
+    }
+    g.commit().unwrap();
+    assert_eq!(g.position().durable, 1000);
+    // The new owner's history: epoch 2, resuming at 500.
+    g.set_epoch(2).unwrap();
+    g.begin_resync(2, 500).unwrap();
+    g.write_chunk(0, 0, &[0x5a; 4096]).unwrap();
+    g.end_resync(500).unwrap();
+    let p = g.position();
+    assert_eq!((p.durable, p.applied, p.tip_epoch), (499, 499, 2));
+    drop(g);
+    // After a crash and reopen nothing of the old history is replayed.
+    let g = open(dir.path());
+    let p = g.position();
+    assert_eq!((p.durable, p.applied, p.tip_epoch), (499, 499, 2));
+    let mut block = vec![0u8; 4096];
+    g.volumes()[0].image.read(0, &mut block).unwrap();
+    assert_eq!(block, vec![0x5a; 4096]);
+}
