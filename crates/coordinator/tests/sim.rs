@@ -397,6 +397,21 @@ impl World {
         v
     }
 
+    /// An operator's request, as `tandem failover/migrate` writes it.
+    fn request(&self, kind: RequestKind, to: &str) {
+        let req = Request {
+            id: format!("{kind:?}-{to}"),
+            kind,
+            to: Some(to.into()),
+        };
+        let put = Op::Put {
+            key: self.keys.request(GROUP),
+            value: encode(&req),
+            lease: 0,
+        };
+        self.store.txn(&[], &[put]).unwrap();
+    }
+
     /// G6 over everything acknowledged so far.
     fn check(&self) {
         let mut by_epoch: std::collections::BTreeMap<u64, (usize, Duration, Duration)> =
@@ -505,21 +520,7 @@ fn manual_groups_are_never_promoted_automatically_but_on_request() {
     w.crash(0);
     w.run(TTL * 3);
     assert_eq!(w.owner(), None);
-    let req = Request {
-        id: "r1".into(),
-        kind: RequestKind::Failover,
-        to: Some("seattle".into()),
-    };
-    w.store
-        .txn(
-            &[],
-            &[Op::Put {
-                key: w.keys.request(GROUP),
-                value: encode(&req),
-                lease: 0,
-            }],
-        )
-        .unwrap();
+    w.request(RequestKind::Failover, "seattle");
     w.run(Duration::from_secs(1));
     assert_eq!(w.owner().as_deref(), Some("seattle"));
     w.check();
@@ -541,21 +542,7 @@ fn an_inconsistent_replica_is_passed_over() {
 fn migration_hands_over_with_no_overlap() {
     let mut w = World::new(7, true);
     w.run(Duration::from_secs(3));
-    let req = Request {
-        id: "m1".into(),
-        kind: RequestKind::Migrate,
-        to: Some("seattle".into()),
-    };
-    w.store
-        .txn(
-            &[],
-            &[Op::Put {
-                key: w.keys.request(GROUP),
-                value: encode(&req),
-                lease: 0,
-            }],
-        )
-        .unwrap();
+    w.request(RequestKind::Migrate, "seattle");
     w.run(Duration::from_secs(1));
     assert_eq!(w.owner().as_deref(), Some("seattle"));
     assert_eq!(

@@ -92,57 +92,20 @@ pub fn serve<R: Read, W: Write>(
     };
     let plan = match check_hello(ctx, &hello, peer_site) {
         Ok(plan) => plan,
-        Err(reason) => {
-            let _ = write_message(
-                &mut writer,
-                &Message::Refuse {
-                    reason: reason.clone(),
-                },
-                &mut out,
-            );
-            return Err(SessionError::Refused(reason));
-        }
+        Err(reason) => return Err(refuse(&mut writer, reason)),
     };
+    // Checked before waiting for a running session (a stale primary is
+    // turned away at once) and again under the group's lock.
     let seen = plan.position.lock().epoch;
-    if hello.epoch < seen {
-        let reason = format!(
-            "epoch {} is older than {seen}, which this replica holds",
-            hello.epoch
-        );
-        let _ = write_message(
-            &mut writer,
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-            &mut out,
-        );
-        return Err(SessionError::Refused(reason));
+    if let Some(reason) = older_epoch(hello.epoch, seen) {
+        return Err(refuse(&mut writer, reason));
     }
     let Some(mut group) = plan.group.try_lock_for(TAKEOVER_WAIT) else {
         let reason = format!("group {} already has a replication session", plan.name);
-        let _ = write_message(
-            &mut writer,
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-            &mut out,
-        );
-        return Err(SessionError::Refused(reason));
+        return Err(refuse(&mut writer, reason));
     };
-    let held = group.position().epoch;
-    if hello.epoch < held {
-        let reason = format!(
-            "epoch {} is older than {held}, which this replica holds",
-            hello.epoch
-        );
-        let _ = write_message(
-            &mut writer,
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-            &mut out,
-        );
-        return Err(SessionError::Refused(reason));
+    if let Some(reason) = older_epoch(hello.epoch, group.position().epoch) {
+        return Err(refuse(&mut writer, reason));
     }
     let p = group.position();
     group.set_epoch(hello.epoch)?;
@@ -370,6 +333,25 @@ pub fn serve<R: Read, W: Write>(
             acked_received = last_seq;
         }
     }
+}
+
+/// Tells the primary why its session is refused (best effort) and returns
+/// the error to log.
+fn refuse<W: Write>(writer: &mut W, reason: String) -> SessionError {
+    let mut out = Vec::new();
+    let _ = write_message(
+        writer,
+        &Message::Refuse {
+            reason: reason.clone(),
+        },
+        &mut out,
+    );
+    SessionError::Refused(reason)
+}
+
+/// Why a hello of `epoch` is refused by a replica that holds `held`.
+fn older_epoch(epoch: u64, held: u64) -> Option<String> {
+    (epoch < held).then(|| format!("epoch {epoch} is older than {held}, which this replica holds"))
 }
 
 /// Why this replica refuses the hello, if it does.

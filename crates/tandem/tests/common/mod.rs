@@ -464,22 +464,7 @@ impl Cluster {
     pub fn start(&mut self, name: &str) {
         let volumes = self.volumes.clone();
         let is_primary = name == self.primary;
-        self.spawn(name);
-        let config = self.site(name).config.clone();
-        wait_until(Duration::from_secs(20), &format!("{name}'s API"), || {
-            if let Some(status) = self
-                .site_mut(name)
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "{name} exited during start ({status}):\n{}",
-                    self.site(name).log()
-                );
-            }
-            status_json(&config).is_some()
-        });
+        self.start_any(name);
         if is_primary {
             for v in volumes {
                 let socket = self.socket(name, v.name);
