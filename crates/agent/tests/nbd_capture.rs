@@ -49,11 +49,7 @@ fn run(cmd: &mut Command, timeout: Duration) -> Output {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    tandem_ports::loopback_port().expect("free loopback port")
 }
 
 fn config(dir: &Path, queue_memory: &str) -> tandem_config::Config {

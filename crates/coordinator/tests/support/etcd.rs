@@ -26,7 +26,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -403,22 +403,10 @@ impl Drop for EtcdCluster {
     }
 }
 
-/// `n` distinct free loopback ports (bound together, then released).
+/// `n` distinct free loopback ports, outside the ephemeral range so that a
+/// member restarted on its old ports gets them back.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .unwrap_or_else(|e| panic!("cannot bind a loopback port: {e}"))
-        })
-        .collect();
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("local_addr: {e}"))
-        })
-        .collect()
+    tandem_ports::loopback_ports(n).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A minimal HTTP/1.0 request; returns the status and body.

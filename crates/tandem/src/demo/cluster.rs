@@ -4,7 +4,6 @@
 //! names what did not happen, with the tail of the relevant logs.
 
 use std::fs::OpenOptions;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -100,16 +99,10 @@ pub struct Cluster {
     interrupted: Arc<AtomicBool>,
 }
 
-/// `n` distinct free loopback ports (all held until all are chosen).
+/// `n` distinct free loopback ports, outside the ephemeral range so that a
+/// site restarted after its SIGKILL gets its ports back.
 fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("cannot find free loopback ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    tandem_ports::loopback_ports(n).context("cannot find free loopback ports")
 }
 
 fn site_config(

@@ -303,12 +303,10 @@ pub fn files_equal(a: &Path, b: &Path) -> bool {
     std::fs::read(a).expect("read a") == std::fs::read(b).expect("read b")
 }
 
-/// A TCP port free on 127.0.0.1 right now.
+/// A TCP port free on 127.0.0.1 right now, outside the ephemeral range so
+/// that no outgoing connection takes it while its agent restarts.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    tandem_ports::loopback_port().expect("free loopback port")
 }
 
 /// Several sites on loopback, each a real `tandem agent` process with its
