@@ -30,6 +30,8 @@ use crate::{bandwidth, catalog, replication, AgentError, Layout, SyncPolicy, Vol
 const DEMOTE_GRACE: Duration = Duration::from_secs(2);
 /// How long a promotion waits for a replication session to let go.
 const SESSION_RELEASE: Duration = Duration::from_secs(15);
+/// How long an async shipper lets records gather after a send.
+const ASYNC_GATHER: Duration = Duration::from_millis(1);
 
 /// A group's open images, handed from one role to the next.
 type Images = Vec<Arc<RawImage>>;
@@ -260,7 +262,20 @@ impl GroupRuntime {
             let Some(peer) = shared.config.peer(site) else {
                 continue;
             };
-            start_shipper(shared, &mut role, site, &peer.address, files.clone())?;
+            // Async: records gather briefly into larger sends (fewer
+            // wake-ups and syscalls on both sides). Sync: sent at once.
+            let gather = match group.mode {
+                tandem_config::Mode::Sync => Duration::ZERO,
+                tandem_config::Mode::Async => ASYNC_GATHER,
+            };
+            start_shipper(
+                shared,
+                &mut role,
+                site,
+                &peer.address,
+                files.clone(),
+                gather,
+            )?;
         }
         info!(group = %group.name, epoch, fork_epoch = fork.0, fork_seq = fork.1, volumes = capture.volumes().len(), replicas = others.len(), "serving group as primary");
         self.epoch.fetch_max(epoch, Ordering::AcqRel);
@@ -633,6 +648,7 @@ fn start_shipper(
     replica: &str,
     address: &str,
     files: Option<Arc<tandem_replication::files::FileSet>>,
+    gather: Duration,
 ) -> Result<(), AgentError> {
     let capture = &role.capture;
     let info = Arc::new(Mutex::new(LinkInfo::default()));
@@ -663,6 +679,7 @@ fn start_shipper(
         stop: Arc::clone(&role.stop),
         files,
         verify: verify_rx,
+        gather,
     };
     let name = format!("ship-{}-{replica}", capture.name());
     let thread = std::thread::Builder::new()

@@ -280,6 +280,9 @@ pub struct GroupCapture {
     name: String,
     volumes: Vec<CaptureVolume>,
     state: Mutex<State>,
+    /// Replicas are configured (fixed for the capture's life): changes
+    /// are queued and dirty-tracked.
+    tracked: bool,
     arrived: Condvar,
     /// Signalled on every acknowledgement and connection change.
     acknowledged: Condvar,
@@ -356,7 +359,7 @@ impl GroupCapture {
             .collect();
         let start = seq.peek();
         let owes = owed.iter().any(|d| !d.is_empty());
-        let replicas = replicas
+        let replicas: Vec<Replica> = replicas
             .iter()
             .map(|r| Replica {
                 name: r.clone(),
@@ -376,6 +379,7 @@ impl GroupCapture {
         Ok(GroupCapture {
             name: name.to_owned(),
             volumes,
+            tracked: !replicas.is_empty(),
             state: Mutex::new(State {
                 seq,
                 queue: Queue::new(spill_dir, queue, Instant::now()),
@@ -476,10 +480,12 @@ impl GroupCapture {
         apply: impl FnOnce(&RawImage) -> Result<(), VolumeError>,
         op: impl FnOnce() -> Op,
     ) -> Result<u64, CaptureError> {
+        // The queued copy is made before the order lock is taken: the lock
+        // covers only what ordering needs.
+        let op = self.tracked.then(op);
         let mut st = self.state.lock();
         let st = &mut *st;
-        let tracked = !st.replicas.is_empty();
-        if let (true, Some((offset, len))) = (tracked, range) {
+        if let (true, Some((offset, len))) = (self.tracked, range) {
             st.maps[volume].mark(offset, len)?; // D1: durable before the write
         }
         let seq = st.seq.issue()?;
@@ -494,15 +500,14 @@ impl GroupCapture {
             }
             return Err(e.into());
         }
-        if !tracked {
+        let Some(op) = op else {
             return Ok(seq);
-        }
+        };
         if let Some((offset, len)) = range {
             for region in regions_of(offset, len) {
                 st.last_write.insert((volume as u32, region), seq);
             }
         }
-        let op = op();
         let mut streaming = false;
         for r in &mut st.replicas {
             if r.overflowed {
@@ -531,7 +536,24 @@ impl GroupCapture {
         replica: &str,
         timeout: Duration,
     ) -> Result<Option<Event>, CaptureError> {
+        let mut out = Vec::with_capacity(1);
+        self.next_events(replica, timeout, 1, &mut out)?;
+        Ok(out.pop())
+    }
+
+    /// Up to `max` next events for `replica` (records in order, or one
+    /// resync), appended to `out`, waiting up to `timeout` for the first.
+    /// One lock for the lot: the shipper does not contend with writers
+    /// record by record.
+    pub fn next_events(
+        &self,
+        replica: &str,
+        timeout: Duration,
+        max: usize,
+        out: &mut Vec<Event>,
+    ) -> Result<(), CaptureError> {
         let deadline = Instant::now() + timeout;
+        let start = out.len();
         let mut st = self.state.lock();
         loop {
             let st_ref = &mut *st;
@@ -539,21 +561,34 @@ impl GroupCapture {
             let i = replica_index(&st_ref.replicas, replica)?;
             let r = &mut st_ref.replicas[i];
             if r.overflowed || r.gap.iter().any(|g| !g.is_empty()) {
-                return Ok(Some(self.start_resync(r, upcoming)));
+                if out.len() == start {
+                    out.push(self.start_resync(r, upcoming));
+                }
+                return Ok(());
             }
-            match st_ref.queue.next_from(r.next, &mut r.cursor) {
-                Ok(Some(record)) => {
-                    r.next = record.seq + 1;
-                    return Ok(Some(Event::Record(record)));
+            let mut fell_back = false;
+            while out.len() - start < max {
+                match st_ref.queue.next_from(r.next, &mut r.cursor) {
+                    Ok(Some(record)) => {
+                        r.next = record.seq + 1;
+                        out.push(Event::Record(record));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        st_ref.fall_back(i, &e);
+                        fell_back = true;
+                        break;
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    st_ref.fall_back(i, &e);
-                    continue;
-                }
+            }
+            if out.len() > start {
+                return Ok(());
+            }
+            if fell_back {
+                continue;
             }
             if self.arrived.wait_until(&mut st, deadline).timed_out() {
-                return Ok(None);
+                return Ok(());
             }
         }
     }

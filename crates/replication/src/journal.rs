@@ -246,12 +246,26 @@ impl Journal {
         if self.pending.is_empty() {
             return Ok(self.last_seq);
         }
+        let mut pending = std::mem::take(&mut self.pending);
+        let result = self.write_encoded(&pending, self.pending_last);
+        pending.clear();
+        self.pending = pending;
+        result
+    }
+
+    /// Writes entries already encoded with [`Entry::encode`] (in sequence
+    /// order, the last one numbered `last`) and syncs them; returns the
+    /// last durable seq. Nothing may be pending from [`Journal::append`].
+    pub fn write_encoded(&mut self, encoded: &[u8], last: u64) -> Result<u64, ReplicaError> {
+        if encoded.is_empty() {
+            return Ok(self.last_seq);
+        }
         let needs_new = match self.segments.values().next_back() {
             Some(seg) => self.current.is_none() || seg.bytes >= SEGMENT_BYTES,
             None => true,
         };
         if needs_new {
-            let first = first_seq_of(&self.pending).unwrap_or(self.pending_last);
+            let first = first_seq_of(encoded).unwrap_or(last);
             let path = self.segment_path(first);
             let file = OpenOptions::new()
                 .create(true)
@@ -283,17 +297,16 @@ impl Journal {
             path: seg.path.clone(),
             reason: "journal segment not open".into(),
         })?;
-        file.write_all(&self.pending)
+        file.write_all(encoded)
             .and_then(|()| file.sync_data())
             .map_err(|source| ReplicaError::Io {
                 path: seg.path.clone(),
                 op: "write journal",
                 source,
             })?;
-        seg.bytes += self.pending.len() as u64;
-        seg.last_seq = self.pending_last;
-        self.last_seq = self.pending_last;
-        self.pending.clear();
+        seg.bytes += encoded.len() as u64;
+        seg.last_seq = last;
+        self.last_seq = last;
         Ok(self.last_seq)
     }
 
@@ -328,6 +341,15 @@ impl Journal {
     /// Removes segments whose entries are all applied (never the one being
     /// written).
     pub fn release(&mut self, applied: u64) -> Result<(), ReplicaError> {
+        remove_segments(self.detach_applied(applied))
+    }
+
+    /// Takes segments whose entries are all applied (never the one being
+    /// written) out of the journal and returns their files, for the caller
+    /// to remove with [`remove_segments`] (maybe without holding the
+    /// journal). Until then they are harmless: a replay skips applied
+    /// entries.
+    pub fn detach_applied(&mut self, applied: u64) -> Vec<PathBuf> {
         let newest = self.segments.keys().next_back().copied();
         let done: Vec<u64> = self
             .segments
@@ -335,16 +357,10 @@ impl Journal {
             .filter(|(first, seg)| Some(**first) != newest && seg.last_seq <= applied)
             .map(|(first, _)| *first)
             .collect();
-        for first in done {
-            if let Some(seg) = self.segments.remove(&first) {
-                std::fs::remove_file(&seg.path).map_err(|source| ReplicaError::Io {
-                    path: seg.path.clone(),
-                    op: "remove applied journal segment",
-                    source,
-                })?;
-            }
-        }
-        Ok(())
+        done.into_iter()
+            .filter_map(|first| self.segments.remove(&first))
+            .map(|seg| seg.path)
+            .collect()
     }
 
     /// Drops every entry. The caller has applied and synced them all: a
@@ -378,6 +394,24 @@ impl Journal {
     pub fn bytes(&self) -> u64 {
         self.segments.values().map(|s| s.bytes).sum()
     }
+}
+
+/// Removes journal segment files taken out with [`Journal::detach_applied`].
+pub fn remove_segments(paths: Vec<PathBuf>) -> Result<(), ReplicaError> {
+    for path in paths {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ReplicaError::Io {
+                    path,
+                    op: "remove applied journal segment",
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 fn first_seq_of(encoded: &[u8]) -> Option<u64> {

@@ -150,8 +150,20 @@ pub fn serve<R: Read, W: Write>(
     let mut since_commit = Instant::now();
     let mut bytes_since_commit = 0usize;
     let mut data = Vec::new();
+    // One record at a time, its data buffer reused.
+    let mut entry = Entry {
+        epoch: 0,
+        seq: 0,
+        volume: 0,
+        op: EntryOp::Flush,
+        fua: false,
+        offset: 0,
+        len: 0,
+        data: Vec::new(),
+    };
     let mut resync_from: Option<u64> = None;
-    let mut acked_received = last_seq;
+    // (received, durable) last acknowledged.
+    let mut acked = (last_seq, p.durable);
     loop {
         let mut pinged = false;
         let msg = read_message(&mut reader, &mut buf);
@@ -186,36 +198,34 @@ pub fn serve<R: Read, W: Write>(
                     .into());
                 }
                 last_seq = r.seq;
-                data.clear();
+                entry.data.clear();
                 if r.op == RecordOp::Write {
-                    r.data.decode_into(&mut data)?;
-                    if data.len() as u64 != r.len {
+                    r.data.decode_into(&mut entry.data)?;
+                    if entry.data.len() as u64 != r.len {
                         return Err(PeerError::Malformed(format!(
                             "record {}: {} data bytes for length {}",
                             r.seq,
-                            data.len(),
+                            entry.data.len(),
                             r.len
                         ))
                         .into());
                     }
                 }
-                bytes_since_commit += data.len();
+                bytes_since_commit += entry.data.len();
                 ack_now = r.fua || r.op == RecordOp::Flush;
-                group.receive(Entry {
-                    epoch: r.epoch,
-                    seq: r.seq,
-                    volume: r.volume,
-                    op: match r.op {
-                        RecordOp::Write => EntryOp::Write,
-                        RecordOp::WriteZeroes => EntryOp::WriteZeroes,
-                        RecordOp::Trim => EntryOp::Trim,
-                        RecordOp::Flush => EntryOp::Flush,
-                    },
-                    fua: r.fua,
-                    offset: r.offset,
-                    len: r.len,
-                    data: std::mem::take(&mut data),
-                })?;
+                entry.epoch = r.epoch;
+                entry.seq = r.seq;
+                entry.volume = r.volume;
+                entry.op = match r.op {
+                    RecordOp::Write => EntryOp::Write,
+                    RecordOp::WriteZeroes => EntryOp::WriteZeroes,
+                    RecordOp::Trim => EntryOp::Trim,
+                    RecordOp::Flush => EntryOp::Flush,
+                };
+                entry.fua = r.fua;
+                entry.offset = r.offset;
+                entry.len = r.len;
+                group.receive(&entry)?;
             }
             Message::ResyncBegin {
                 epoch: e,
@@ -233,7 +243,7 @@ pub fn serve<R: Read, W: Write>(
                 // The resync redefines the position: records from
                 // resume_at on follow, whatever this replica held before.
                 last_seq = resume_at.saturating_sub(1);
-                acked_received = acked_received.min(last_seq);
+                acked = (acked.0.min(last_seq), acked.1.min(last_seq));
             }
             Message::Hashes {
                 volume,
@@ -298,10 +308,11 @@ pub fn serve<R: Read, W: Write>(
         }
         let idle = reader.buffer().is_empty();
         let due = since_commit.elapsed() >= COMMIT_EVERY || bytes_since_commit >= COMMIT_BYTES;
-        if ack_now || (group.has_uncommitted() && due) || (pinged && group.has_uncommitted()) {
-            // Journal sync, then apply; durable acknowledged.
+        if ack_now || (pinged && group.has_uncommitted()) {
+            // A FLUSH or FUA (or an idle primary's ping): journal sync and
+            // apply now, durable acknowledged.
             let durable = group.commit()?;
-            let p = group.position();
+            let p = group.progress();
             write_message(
                 &mut writer,
                 &Message::Ack(Ack {
@@ -314,23 +325,33 @@ pub fn serve<R: Read, W: Write>(
             writer.flush().map_err(PeerError::Io)?;
             since_commit = Instant::now();
             bytes_since_commit = 0;
-            acked_received = last_seq;
-        } else if idle && last_seq > acked_received {
-            // Received at once (sync mode acknowledges writes on it); the
-            // journal sync follows within COMMIT_EVERY, or at the primary's
-            // next FLUSH, FUA or idle ping, and is not waited for here.
-            let p = group.position();
-            write_message(
-                &mut writer,
-                &Message::Ack(Ack {
-                    received: last_seq,
-                    durable: p.durable,
-                    applied: p.applied,
-                }),
-                &mut out,
-            )?;
-            writer.flush().map_err(PeerError::Io)?;
-            acked_received = last_seq;
+            acked = (last_seq, durable);
+            continue;
+        }
+        if due && bytes_since_commit > 0 {
+            // The committer syncs and applies while reading goes on.
+            group.commit_in_background()?;
+            since_commit = Instant::now();
+            bytes_since_commit = 0;
+        }
+        if idle {
+            // Received at once (sync mode acknowledges writes on it);
+            // durable as the committer gets there, reported with the next
+            // acknowledgement (at the latest, the primary's idle ping).
+            let p = group.progress();
+            if last_seq > acked.0 || p.durable > acked.1 {
+                write_message(
+                    &mut writer,
+                    &Message::Ack(Ack {
+                        received: last_seq,
+                        durable: p.durable,
+                        applied: p.applied,
+                    }),
+                    &mut out,
+                )?;
+                writer.flush().map_err(PeerError::Io)?;
+                acked = (last_seq, p.durable);
+            }
         }
     }
 }

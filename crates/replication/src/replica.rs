@@ -1,20 +1,36 @@
 //! One group on a replica site: records are journaled and synced, then
 //! applied in order to the images; resync chunks go straight to the images
 //! while the state says "inconsistent" (docs/REPLICA.md).
+//!
+//! Receiving and committing overlap: [`ReplicaGroup::receive`] only encodes
+//! a record into the batch being filled, and a commit hands whole batches to
+//! the group's committer thread, which writes and syncs them in the journal
+//! and then applies them, one batch after another in sequence order. So the
+//! session keeps reading from the network while the journal syncs. A
+//! checkpointer thread syncs the images in the background and then records
+//! the applied position, so applying goes on while the images are flushed.
 
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use parking_lot::{Condvar, Mutex};
 use tandem_volume::RawImage;
 
 use crate::error::ReplicaError;
-use crate::journal::{Entry, EntryOp, Journal};
+use crate::journal::{remove_segments, Entry, EntryOp, Journal, HEADER_LEN};
 use crate::state::{ReplicaState, StateFile};
 
 /// Images are synced and the applied position recorded at least this often
 /// while records are applied (bounds journal replay after a crash).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// Bytes of received records the committer may have waiting before
+/// [`ReplicaGroup::commit_in_background`] blocks the session (back-pressure).
+const COMMIT_QUEUE_BYTES: usize = 32 << 20;
 
 /// A volume of a replicated group.
 pub struct ReplicaVolume {
@@ -37,13 +53,44 @@ pub struct Position {
     pub resyncing: bool,
 }
 
-pub struct ReplicaGroup {
+/// Received records in journal encoding, with where each one's data lies.
+#[derive(Default)]
+struct Batch {
+    encoded: Vec<u8>,
+    records: Vec<Received>,
+}
+
+struct Received {
+    epoch: u64,
+    seq: u64,
+    volume: u32,
+    op: EntryOp,
+    offset: u64,
+    len: u64,
+    data: Range<usize>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn last(&self) -> Option<(u64, u64)> {
+        self.records.last().map(|r| (r.epoch, r.seq))
+    }
+
+    fn clear(&mut self) {
+        self.encoded.clear();
+        self.records.clear();
+    }
+}
+
+/// What the committer works on: everything but the batch being filled.
+struct Core {
     name: String,
-    volumes: Vec<ReplicaVolume>,
+    volumes: Arc<Vec<ReplicaVolume>>,
     journal: Journal,
     state: StateFile,
-    /// Received and appended, not yet synced in the journal.
-    batch: Vec<Entry>,
     /// Applied to the images (maybe not yet synced).
     applied: u64,
     /// Epoch of the record at `applied`.
@@ -55,8 +102,49 @@ pub struct ReplicaGroup {
     resume_at: Option<u64>,
     /// Created by this run and never synced since.
     new: bool,
+    /// Changes whenever the position is redefined (resync begin and end):
+    /// a background checkpoint taken across one is discarded.
+    generation: u64,
+    /// Last record received (shared with the receiving side).
+    received: Arc<AtomicU64>,
     /// The latest position, readable while a session holds the group.
-    published: Arc<parking_lot::Mutex<Position>>,
+    published: Arc<Mutex<Position>>,
+}
+
+/// Batches handed to the committer, and how it fares.
+#[derive(Default)]
+struct Handoff {
+    queue: VecDeque<Batch>,
+    queued_bytes: usize,
+    /// The committer holds a batch it has not finished.
+    busy: bool,
+    /// A background checkpoint is wanted / running.
+    checkpoint_due: bool,
+    checkpointing: bool,
+    /// A commit failed: nothing after it may be applied (order), and the
+    /// error is reported to the next caller.
+    failed: Option<ReplicaError>,
+    broken: bool,
+    stop: bool,
+    /// Emptied batches, for reuse (no allocation per batch).
+    spare: Vec<Batch>,
+}
+
+struct Committer {
+    handoff: Mutex<Handoff>,
+    changed: Condvar,
+}
+
+pub struct ReplicaGroup {
+    name: String,
+    volumes: Arc<Vec<ReplicaVolume>>,
+    core: Arc<Mutex<Core>>,
+    committer: Arc<Committer>,
+    threads: Vec<JoinHandle<()>>,
+    /// Received and not yet handed to the committer.
+    batch: Batch,
+    received: Arc<AtomicU64>,
+    published: Arc<Mutex<Position>>,
 }
 
 impl ReplicaGroup {
@@ -84,41 +172,51 @@ impl ReplicaGroup {
                 ..ReplicaState::default()
             })?;
         }
-        let applied = state.get().applied;
-        let tip_epoch = state.get().tip_epoch;
-        let mut group = ReplicaGroup {
+        let volumes = Arc::new(volumes);
+        let received = Arc::new(AtomicU64::new(0));
+        let published = Arc::new(Mutex::new(Position {
+            received: 0,
+            durable: 0,
+            applied: 0,
+            epoch: 0,
+            tip_epoch: 0,
+            consistent: false,
+            new,
+            resyncing: false,
+        }));
+        let mut core = Core {
             name: name.to_owned(),
-            volumes,
+            volumes: Arc::clone(&volumes),
+            applied: state.get().applied,
+            tip_epoch: state.get().tip_epoch,
             journal,
             state,
-            batch: Vec::new(),
-            applied,
-            tip_epoch,
             resync_epoch: 0,
             last_checkpoint: Instant::now(),
             resume_at: None,
             new,
-            published: Arc::new(parking_lot::Mutex::new(Position {
-                received: 0,
-                durable: 0,
-                applied: 0,
-                epoch: 0,
-                tip_epoch: 0,
-                consistent: false,
-                new,
-                resyncing: false,
-            })),
+            generation: 0,
+            received: Arc::clone(&received),
+            published: Arc::clone(&published),
         };
         let replayed = {
-            let ReplicaGroup {
+            let Core {
                 journal,
                 volumes,
                 applied,
                 tip_epoch,
                 ..
-            } = &mut group;
+            } = &mut core;
             journal.replay(*applied, |entry| {
-                apply(volumes, &entry)?;
+                apply(
+                    volumes,
+                    entry.volume,
+                    entry.seq,
+                    entry.op,
+                    entry.offset,
+                    entry.len,
+                    &entry.data,
+                )?;
                 *applied = entry.seq;
                 *tip_epoch = entry.epoch;
                 Ok(())
@@ -128,12 +226,43 @@ impl ReplicaGroup {
             tracing::info!(
                 group = name,
                 entries = replayed,
-                applied = group.applied,
+                applied = core.applied,
                 "replayed the journal after a restart"
             );
         }
-        group.checkpoint()?;
-        Ok(group)
+        core.received.store(core.applied, Ordering::Release);
+        core.checkpoint()?;
+        let core = Arc::new(Mutex::new(core));
+        let committer = Arc::new(Committer {
+            handoff: Mutex::new(Handoff::default()),
+            changed: Condvar::new(),
+        });
+        let spawn = |what: &str, job: fn(&Committer, &Mutex<Core>)| {
+            let core = Arc::clone(&core);
+            let committer = Arc::clone(&committer);
+            std::thread::Builder::new()
+                .name(format!("{what}-{name}"))
+                .spawn(move || job(&committer, &core))
+                .map_err(|source| ReplicaError::Io {
+                    path: dir.to_owned(),
+                    op: "start a replica thread",
+                    source,
+                })
+        };
+        let threads = vec![
+            spawn("commit", Committer::run)?,
+            spawn("checkpoint", Committer::run_checkpoints)?,
+        ];
+        Ok(ReplicaGroup {
+            name: name.to_owned(),
+            volumes,
+            core,
+            committer,
+            threads,
+            batch: Batch::default(),
+            received,
+            published,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -182,53 +311,47 @@ impl ReplicaGroup {
 
     /// The records the images hold: (epoch, seq) of the last one applied.
     pub fn tip(&self) -> (u64, u64) {
-        (self.tip_epoch, self.applied)
+        let core = self.core.lock();
+        (core.tip_epoch, core.applied)
     }
 
     /// A handle on the latest published position (updated at every
     /// commit and state change).
-    pub fn published(&self) -> Arc<parking_lot::Mutex<Position>> {
+    pub fn published(&self) -> Arc<Mutex<Position>> {
         Arc::clone(&self.published)
     }
 
-    fn publish(&self) {
-        *self.published.lock() = self.position();
+    /// The latest published position, without waiting for a commit in
+    /// progress (what a session acknowledges).
+    pub fn progress(&self) -> Position {
+        let mut p = *self.published.lock();
+        p.received = p.received.max(self.received.load(Ordering::Acquire));
+        p
     }
 
     pub fn volumes(&self) -> &[ReplicaVolume] {
         &self.volumes
     }
 
+    /// The exact position (waits for a commit in progress).
     pub fn position(&self) -> Position {
-        let s = self.state.get();
-        Position {
-            received: self.journal.last_seq().max(self.applied),
-            durable: self.journal.durable_seq().max(self.applied),
-            applied: self.applied,
-            epoch: s.epoch,
-            tip_epoch: self.tip_epoch,
-            consistent: ReplicaState {
-                applied: self.applied,
-                ..s
-            }
-            .is_consistent(),
-            new: self.new,
-            resyncing: s.inconsistent,
-        }
+        self.core.lock().position()
     }
 
     /// Adopts a newer epoch (from the primary's hello).
     pub fn set_epoch(&mut self, epoch: u64) -> Result<(), ReplicaError> {
-        let s = self.state.get();
+        let mut core = self.core.lock();
+        let s = core.state.get();
         if epoch > s.epoch {
-            self.state.set(ReplicaState { epoch, ..s })?;
+            core.state.set(ReplicaState { epoch, ..s })?;
         }
-        self.publish();
+        core.publish();
         Ok(())
     }
 
-    /// Checks and appends a record; it is durable after [`commit`].
-    pub fn receive(&mut self, entry: Entry) -> Result<(), ReplicaError> {
+    /// Checks a record and adds it to the batch being filled; it is durable
+    /// after the next commit.
+    pub fn receive(&mut self, entry: &Entry) -> Result<(), ReplicaError> {
         let Some(volume) = self.volumes.get(entry.volume as usize) else {
             return Err(ReplicaError::NoSuchVolume {
                 seq: entry.seq,
@@ -249,73 +372,91 @@ impl ReplicaGroup {
                 size,
             });
         }
-        self.journal.append(&entry);
-        self.batch.push(entry);
+        let start = self.batch.encoded.len();
+        entry.encode(&mut self.batch.encoded);
+        self.batch.records.push(Received {
+            epoch: entry.epoch,
+            seq: entry.seq,
+            volume: entry.volume,
+            op: entry.op,
+            offset: entry.offset,
+            len: entry.len,
+            data: start + HEADER_LEN..self.batch.encoded.len(),
+        });
+        self.received.store(entry.seq, Ordering::Release);
         Ok(())
     }
 
+    /// Records received and not yet committed (or being committed).
     pub fn has_uncommitted(&self) -> bool {
-        !self.batch.is_empty()
+        if !self.batch.is_empty() {
+            return true;
+        }
+        let h = self.committer.handoff.lock();
+        h.busy || !h.queue.is_empty()
+    }
+
+    /// Hands the records received so far to the committer without waiting
+    /// for them, unless it is already [`COMMIT_QUEUE_BYTES`] behind. Their
+    /// durability shows in [`ReplicaGroup::progress`] once synced.
+    pub fn commit_in_background(&mut self) -> Result<(), ReplicaError> {
+        if self.batch.is_empty() {
+            return self.committer.check();
+        }
+        let mut h = self.committer.handoff.lock();
+        while !h.broken && h.queued_bytes >= COMMIT_QUEUE_BYTES {
+            self.committer.changed.wait(&mut h);
+        }
+        if h.broken {
+            return Err(h.take_failure());
+        }
+        let spare = h.spare.pop().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.batch, spare);
+        h.queued_bytes += batch.encoded.len();
+        h.queue.push_back(batch);
+        self.committer.changed.notify_all();
+        Ok(())
     }
 
     /// Syncs the journal, then applies what it made durable. Returns the
     /// durable sequence number: everything up to it is in the journal or,
     /// after a resync, reflected in the synced images.
     pub fn commit(&mut self) -> Result<u64, ReplicaError> {
-        let durable = self.journal.sync()?.max(self.applied);
-        for entry in std::mem::take(&mut self.batch) {
-            apply(&self.volumes, &entry)?;
-            self.applied = entry.seq;
-            self.tip_epoch = entry.epoch;
-        }
-        if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-            self.checkpoint()?;
-        }
-        self.publish();
-        Ok(durable)
+        self.commit_in_background()?;
+        self.committer.wait_idle()?;
+        let core = self.core.lock();
+        Ok(core.journal.durable_seq().max(core.applied))
     }
 
     /// Syncs the images and records the applied position; releases
     /// journal segments that are no longer needed.
     pub fn checkpoint(&mut self) -> Result<(), ReplicaError> {
-        for v in &self.volumes {
-            v.image.sync()?;
-        }
-        let mut s = self.state.get();
-        let consistent_now = s.consistent_at != 0 && self.applied + 1 >= s.consistent_at;
-        if s.applied != self.applied || s.tip_epoch != self.tip_epoch || consistent_now {
-            s.applied = self.applied;
-            s.tip_epoch = self.tip_epoch;
-            if consistent_now {
-                s.consistent_at = 0;
-                tracing::info!(group = %self.name, applied = self.applied, "replica is a consistent prefix again");
-            }
-            self.state.set(s)?;
-        }
-        self.journal.release(self.applied)?;
-        self.last_checkpoint = Instant::now();
-        self.publish();
-        Ok(())
+        self.committer.wait_quiet()?;
+        self.core.lock().checkpoint()
     }
 
     /// A resync starts: from now on the images are not a prefix. Records
     /// below `resume_at` are replaced by the resync's chunks.
     pub fn begin_resync(&mut self, epoch: u64, resume_at: u64) -> Result<(), ReplicaError> {
         self.commit()?;
-        self.checkpoint()?;
+        self.committer.wait_quiet()?;
+        let mut core = self.core.lock();
+        core.checkpoint()?;
+        core.generation += 1;
         // Everything journaled is in the synced images now; the resync
         // redefines the position (maybe below records of another history).
-        self.journal.clear()?;
-        self.applied = resume_at.saturating_sub(1);
-        self.resume_at = Some(resume_at);
-        self.resync_epoch = epoch;
-        let s = self.state.get();
-        self.state.set(ReplicaState {
+        core.journal.clear()?;
+        core.applied = resume_at.saturating_sub(1);
+        self.received.store(core.applied, Ordering::Release);
+        core.resume_at = Some(resume_at);
+        core.resync_epoch = epoch;
+        let s = core.state.get();
+        core.state.set(ReplicaState {
             epoch: epoch.max(s.epoch),
             inconsistent: true,
             ..s
         })?;
-        self.publish();
+        core.publish();
         Ok(())
     }
 
@@ -328,6 +469,7 @@ impl ReplicaGroup {
         chunk: u32,
         count: usize,
     ) -> Result<Vec<[u8; 32]>, ReplicaError> {
+        self.committer.wait_idle()?;
         let image = &self.volume(volume)?.image;
         chunk_hashes(image, offset, chunk, count)
     }
@@ -339,6 +481,7 @@ impl ReplicaGroup {
         offset: u64,
         data: &[u8],
     ) -> Result<(), ReplicaError> {
+        self.committer.wait_idle()?;
         let v = self.volume(volume)?;
         let size = v.image.size();
         if offset
@@ -363,7 +506,10 @@ impl ReplicaGroup {
     /// The resync has sent everything: once every record below
     /// `consistent_at` is applied, the images are a prefix again.
     pub fn end_resync(&mut self, consistent_at: u64) -> Result<(), ReplicaError> {
-        for v in &self.volumes {
+        self.committer.wait_quiet()?;
+        let mut core = self.core.lock();
+        core.generation += 1;
+        for v in core.volumes.iter() {
             v.image.sync()?;
         }
         // The chunks reflect every change below resume_at.
@@ -371,19 +517,19 @@ impl ReplicaGroup {
         // resume_at - 1 (begin_resync reset the position there, also when
         // this replica had applied higher numbers of another history), plus
         // the records applied since.
-        if let Some(resume_at) = self.resume_at.take() {
-            self.applied = self.applied.max(resume_at.saturating_sub(1));
+        if let Some(resume_at) = core.resume_at.take() {
+            core.applied = core.applied.max(resume_at.saturating_sub(1));
         }
         // The images now hold the resyncing primary's history.
-        self.tip_epoch = self.resync_epoch;
-        self.new = false;
-        let s = self.state.get();
-        self.state.set(ReplicaState {
+        core.tip_epoch = core.resync_epoch;
+        core.new = false;
+        let s = core.state.get();
+        core.state.set(ReplicaState {
             inconsistent: false,
             consistent_at: consistent_at.max(1),
             ..s
         })?;
-        self.checkpoint()
+        core.checkpoint()
     }
 
     fn volume(&self, volume: u32) -> Result<&ReplicaVolume, ReplicaError> {
@@ -400,6 +546,230 @@ impl ReplicaGroup {
     pub fn close(mut self) -> Result<(), ReplicaError> {
         self.commit()?;
         self.checkpoint()
+    }
+}
+
+impl Drop for ReplicaGroup {
+    fn drop(&mut self) {
+        self.committer.handoff.lock().stop = true;
+        self.committer.changed.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Handoff {
+    fn fail(&mut self, e: ReplicaError) {
+        if self.failed.is_none() {
+            self.failed = Some(e);
+        }
+        self.broken = true;
+        self.queue.clear();
+        self.queued_bytes = 0;
+    }
+
+    fn take_failure(&mut self) -> ReplicaError {
+        self.failed.take().unwrap_or_else(|| ReplicaError::Corrupt {
+            path: std::path::PathBuf::from("(replica journal)"),
+            reason: "an earlier commit failed; nothing after it is applied".into(),
+        })
+    }
+}
+
+impl Committer {
+    /// The committer thread: journal, sync, apply, one batch at a time.
+    fn run(&self, core: &Mutex<Core>) {
+        loop {
+            let mut batch = {
+                let mut h = self.handoff.lock();
+                loop {
+                    if let Some(b) = h.queue.pop_front() {
+                        h.queued_bytes -= b.encoded.len();
+                        h.busy = true;
+                        break b;
+                    }
+                    if h.stop {
+                        return;
+                    }
+                    self.changed.wait(&mut h);
+                }
+            };
+            let result = core.lock().commit(&batch);
+            batch.clear();
+            let mut h = self.handoff.lock();
+            h.busy = false;
+            h.spare.push(batch);
+            if matches!(result, Ok(true)) && !h.checkpointing {
+                h.checkpoint_due = true;
+            }
+            if let Err(e) = result {
+                tracing::error!("replica commit failed: {e}");
+                h.fail(e);
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// The checkpointer thread: images synced while applying goes on, then
+    /// the position they hold recorded and applied journal segments removed.
+    fn run_checkpoints(&self, core: &Mutex<Core>) {
+        loop {
+            {
+                let mut h = self.handoff.lock();
+                while !h.checkpoint_due && !h.stop {
+                    self.changed.wait(&mut h);
+                }
+                if h.stop {
+                    return;
+                }
+                h.checkpoint_due = false;
+                h.checkpointing = true;
+            }
+            let result = Core::checkpoint_in_background(core);
+            let mut h = self.handoff.lock();
+            h.checkpointing = false;
+            if let Err(e) = result {
+                tracing::error!("replica checkpoint failed: {e}");
+                h.fail(e);
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until every handed batch is committed and no background
+    /// checkpoint runs.
+    fn wait_quiet(&self) -> Result<(), ReplicaError> {
+        let mut h = self.handoff.lock();
+        while !h.broken && (h.busy || !h.queue.is_empty() || h.checkpointing) {
+            self.changed.wait(&mut h);
+        }
+        if h.broken {
+            return Err(h.take_failure());
+        }
+        h.checkpoint_due = false;
+        Ok(())
+    }
+
+    /// Waits until every handed batch is committed.
+    fn wait_idle(&self) -> Result<(), ReplicaError> {
+        let mut h = self.handoff.lock();
+        while !h.broken && (h.busy || !h.queue.is_empty()) {
+            self.changed.wait(&mut h);
+        }
+        if h.broken {
+            return Err(h.take_failure());
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), ReplicaError> {
+        let mut h = self.handoff.lock();
+        if h.broken {
+            return Err(h.take_failure());
+        }
+        Ok(())
+    }
+}
+
+impl Core {
+    fn publish(&self) {
+        *self.published.lock() = self.position();
+    }
+
+    fn position(&self) -> Position {
+        let s = self.state.get();
+        Position {
+            received: self
+                .received
+                .load(Ordering::Acquire)
+                .max(self.journal.last_seq())
+                .max(self.applied),
+            durable: self.journal.durable_seq().max(self.applied),
+            applied: self.applied,
+            epoch: s.epoch,
+            tip_epoch: self.tip_epoch,
+            consistent: ReplicaState {
+                applied: self.applied,
+                ..s
+            }
+            .is_consistent(),
+            new: self.new,
+            resyncing: s.inconsistent,
+        }
+    }
+
+    /// Journals and syncs a batch, then applies it. True when a checkpoint
+    /// is due.
+    fn commit(&mut self, batch: &Batch) -> Result<bool, ReplicaError> {
+        let Some((last_epoch, last)) = batch.last() else {
+            return Ok(false);
+        };
+        self.journal.write_encoded(&batch.encoded, last)?;
+        self.publish();
+        for r in &batch.records {
+            let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
+            apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+        }
+        self.applied = last;
+        self.tip_epoch = last_epoch;
+        self.publish();
+        Ok(self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
+    }
+
+    /// Syncs the images and records what they hold (caller holds the lock
+    /// throughout: nothing is applied meanwhile).
+    fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        for v in self.volumes.iter() {
+            v.image.sync()?;
+        }
+        let done = self.record_checkpoint(self.applied, self.tip_epoch)?;
+        remove_segments(done)
+    }
+
+    /// [`Core::checkpoint`] without holding the lock while the images sync:
+    /// everything applied when it starts is durable once the syncs return.
+    fn checkpoint_in_background(core: &Mutex<Core>) -> Result<(), ReplicaError> {
+        let (volumes, applied, tip, generation) = {
+            let mut c = core.lock();
+            c.last_checkpoint = Instant::now();
+            (Arc::clone(&c.volumes), c.applied, c.tip_epoch, c.generation)
+        };
+        for v in volumes.iter() {
+            v.image.sync()?;
+        }
+        let done = {
+            let mut c = core.lock();
+            if c.generation != generation {
+                return Ok(()); // the position was redefined meanwhile
+            }
+            c.record_checkpoint(applied, tip)?
+        };
+        remove_segments(done)
+    }
+
+    /// Records that the images durably hold everything up to `applied`
+    /// (epoch `tip`); returns the journal segments no longer needed.
+    fn record_checkpoint(
+        &mut self,
+        applied: u64,
+        tip: u64,
+    ) -> Result<Vec<std::path::PathBuf>, ReplicaError> {
+        let mut s = self.state.get();
+        let consistent_now = s.consistent_at != 0 && applied + 1 >= s.consistent_at;
+        if s.applied != applied || s.tip_epoch != tip || consistent_now {
+            s.applied = applied;
+            s.tip_epoch = tip;
+            if consistent_now {
+                s.consistent_at = 0;
+                tracing::info!(group = %self.name, applied, "replica is a consistent prefix again");
+            }
+            self.state.set(s)?;
+        }
+        let done = self.journal.detach_applied(applied);
+        self.last_checkpoint = Instant::now();
+        self.publish();
+        Ok(done)
     }
 }
 
@@ -453,20 +823,26 @@ fn hole_runs(image: &RawImage, offset: u64, len: u64) -> Result<Vec<(u64, u64)>,
     Ok(holes)
 }
 
-fn apply(volumes: &[ReplicaVolume], entry: &Entry) -> Result<(), ReplicaError> {
-    let Some(v) = volumes.get(entry.volume as usize) else {
+fn apply(
+    volumes: &[ReplicaVolume],
+    volume: u32,
+    seq: u64,
+    op: EntryOp,
+    offset: u64,
+    len: u64,
+    data: &[u8],
+) -> Result<(), ReplicaError> {
+    let Some(v) = volumes.get(volume as usize) else {
         return Err(ReplicaError::NoSuchVolume {
-            seq: entry.seq,
-            volume: entry.volume,
+            seq,
+            volume,
             volumes: volumes.len(),
         });
     };
-    match entry.op {
-        EntryOp::Write => v.image.write(entry.offset, &entry.data)?,
-        EntryOp::WriteZeroes => v
-            .image
-            .write_zeroes(entry.offset, entry.len, false, false)?,
-        EntryOp::Trim => v.image.punch_hole(entry.offset, entry.len)?,
+    match op {
+        EntryOp::Write => v.image.write(offset, data)?,
+        EntryOp::WriteZeroes => v.image.write_zeroes(offset, len, false, false)?,
+        EntryOp::Trim => v.image.punch_hole(offset, len)?,
         EntryOp::Flush => {}
     }
     Ok(())

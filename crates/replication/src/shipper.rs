@@ -27,6 +27,8 @@ const HASHES_PER_MESSAGE: usize = 256;
 /// Deep enough that scattered 4 KiB ranges (one message each) are not
 /// bound by round trips.
 const HASHES_IN_FLIGHT: usize = 256;
+/// Records taken from the capture queue per lock.
+const EVENTS_PER_LOCK: usize = 256;
 /// An idle link pings this often; the replica also syncs its journal then,
 /// so durability follows the last write within about this long.
 const IDLE_PING: Duration = Duration::from_millis(100);
@@ -98,6 +100,10 @@ pub struct Shipper {
     pub files: Option<Arc<crate::files::FileSet>>,
     /// Verification requests (`tandem verify`).
     pub verify: Receiver<VerifyJob>,
+    /// After sending what was queued, wait this long for more before
+    /// looking again (async mode: records travel in larger batches, with
+    /// fewer wake-ups on both sides). Zero sends every record at once.
+    pub gather: Duration,
 }
 
 /// A request to compare the replica with the primary, chunk by chunk.
@@ -384,6 +390,9 @@ impl Shipper {
         let mut files_sent = std::collections::BTreeMap::new();
         let mut files_checked = Instant::now() - FILES_EVERY;
         let mut cleared = Instant::now();
+        // Events taken from the capture in one lock, sent one by one.
+        let mut events = std::collections::VecDeque::new();
+        let mut fetched = Vec::new();
         loop {
             if let Ok(job) = self.verify.try_recv() {
                 w.flush().map_err(|e| e.to_string())?;
@@ -414,7 +423,12 @@ impl Shipper {
             } else {
                 Duration::from_millis(200)
             };
-            match cap.next_event(replica, wait).map_err(|e| e.to_string())? {
+            if events.is_empty() {
+                cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut fetched)
+                    .map_err(|e| e.to_string())?;
+                events.extend(fetched.drain(..));
+            }
+            match events.pop_front() {
                 Some(Event::Record(rec)) => {
                     let msg = record_message(self.epoch, &rec, compressor);
                     write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
@@ -431,6 +445,9 @@ impl Shipper {
                     if unflushed {
                         w.flush().map_err(|e| e.to_string())?;
                         unflushed = false;
+                        if !self.gather.is_zero() {
+                            thread::sleep(self.gather);
+                        }
                     } else if last_sent.elapsed() >= IDLE_PING {
                         write_message(w, &Message::Ping(nanos_now()), &mut scratch)
                             .map_err(|e| e.to_string())?;

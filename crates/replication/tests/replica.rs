@@ -56,11 +56,11 @@ fn durable_records_survive_a_crash_and_undurable_ones_are_not_applied() {
         assert!(g.position().new && !g.position().consistent);
         g.set_epoch(1).unwrap();
         for seq in 1..=10 {
-            g.receive(write(seq)).unwrap();
+            g.receive(&write(seq)).unwrap();
         }
         assert_eq!(g.commit().unwrap(), 10);
         for seq in 11..=15 {
-            g.receive(write(seq)).unwrap();
+            g.receive(&write(seq)).unwrap();
         }
         // Crash: dropped without commit or close.
     }
@@ -81,7 +81,7 @@ fn journaled_records_are_replayed_into_the_image_after_a_crash() {
         let mut g = open(dir.path());
         g.set_epoch(1).unwrap();
         for seq in 1..=20 {
-            g.receive(write(seq)).unwrap();
+            g.receive(&write(seq)).unwrap();
         }
         g.commit().unwrap();
     }
@@ -109,7 +109,7 @@ fn a_resync_is_inconsistent_until_the_stream_passes_its_end() {
         "a completed first sync makes it consistent"
     );
     for seq in 1..=4 {
-        g.receive(write(seq)).unwrap();
+        g.receive(&write(seq)).unwrap();
     }
     g.commit().unwrap();
     g.begin_resync(1, 5).unwrap();
@@ -119,7 +119,7 @@ fn a_resync_is_inconsistent_until_the_stream_passes_its_end() {
     g.end_resync(8).unwrap();
     assert!(!g.position().consistent, "records below 8 still owed");
     for seq in 5..=7 {
-        g.receive(write(seq)).unwrap();
+        g.receive(&write(seq)).unwrap();
     }
     g.commit().unwrap();
     g.checkpoint().unwrap();
@@ -136,14 +136,14 @@ fn records_for_unknown_volumes_or_out_of_range_are_refused() {
     let mut e = write(1);
     e.volume = 3;
     assert!(g
-        .receive(e)
+        .receive(&e)
         .unwrap_err()
         .to_string()
         .contains("volume index 3"));
     let mut e = write(1);
     e.offset = SIZE - 100;
     assert!(g
-        .receive(e)
+        .receive(&e)
         .unwrap_err()
         .to_string()
         .contains("past the end"));
@@ -181,7 +181,7 @@ fn a_resync_resets_the_position_below_numbers_of_another_history() {
     let dir = tempfile::tempdir().unwrap();
     let mut g = open(dir.path());
     for seq in 1..=1000 {
-        g.receive(write(seq)).unwrap();
+        g.receive(&write(seq)).unwrap();
     }
     g.commit().unwrap();
     assert_eq!(g.position().durable, 1000);
