@@ -2,7 +2,7 @@
 //! any of the group's volumes gets the next sequence number in the order it
 //! reaches the images, and is queued for each replica.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -139,6 +139,8 @@ struct State {
     sizes: Vec<u64>,
     /// Latest sequence number that touched each (volume, region).
     last_write: HashMap<(u32, u64), u64>,
+    /// The lowest acknowledged seq at each of the last two periodic clears.
+    clear_passes: VecDeque<u64>,
     dropped_records: u64,
 }
 
@@ -276,6 +278,12 @@ pub struct CaptureStats {
     pub marked_regions: Vec<u64>,
 }
 
+/// Replicated regions (of 4 MiB) that stay marked in the dirty map while
+/// they are among the most recently written (4 GiB): clearing them would
+/// make the next write into each pay a synchronous map update. A crash
+/// costs at most their comparison.
+pub const HOT_REGIONS: usize = 1024;
+
 pub struct GroupCapture {
     name: String,
     volumes: Vec<CaptureVolume>,
@@ -387,6 +395,7 @@ impl GroupCapture {
                 maps,
                 sizes,
                 last_write: HashMap::new(),
+                clear_passes: VecDeque::new(),
                 dropped_records: 0,
             }),
             arrived: Condvar::new(),
@@ -804,20 +813,43 @@ impl GroupCapture {
     /// Clears the persistent mark of every region that all replicas hold
     /// (invariant D2). Returns the number of regions cleared.
     pub fn clear_replicated(&self) -> Result<u64, CaptureError> {
+        self.clear(false)
+    }
+
+    /// The periodic form of [`GroupCapture::clear_replicated`]: a replicated
+    /// region stays marked while it is among the [`HOT_REGIONS`] most
+    /// recently written and was written since the pass before last, so a
+    /// working set does not pay a synchronous map update after every pass.
+    /// Idle regions are cleared within two passes.
+    pub fn clear_cold(&self) -> Result<u64, CaptureError> {
+        self.clear(true)
+    }
+
+    fn clear(&self, keep_hot: bool) -> Result<u64, CaptureError> {
         let mut st = self.state.lock();
         let st = &mut *st;
         if st.replicas.is_empty() {
             return Ok(0);
         }
         let min_acked = st.replicas.iter().map(|r| r.acked).min().unwrap_or(0);
-        let mut cleared = 0;
-        for (v, map) in st.maps.iter_mut().enumerate() {
+        // Everything up to here was replicated two passes ago: a region
+        // not written since is idle.
+        let idle_below = match (keep_hot, st.clear_passes.len()) {
+            (true, 2) => st.clear_passes[0],
+            (true, _) => 0,
+            (false, _) => u64::MAX,
+        };
+        // (last write seq, volume, region) of every region that may be
+        // cleared; marked regions not written since the last clear (or this
+        // start) count as oldest.
+        let mut clearable = Vec::new();
+        let mut held = 0usize;
+        for (v, map) in st.maps.iter().enumerate() {
             let size = self.volumes[v].image.size();
-            let marked: Vec<u64> = map
+            let marked = map
                 .ranges(size)
                 .into_iter()
-                .flat_map(|(offset, len)| regions_of(offset, len))
-                .collect();
+                .flat_map(|(offset, len)| regions_of(offset, len));
             for region in marked {
                 let owed = st.replicas.iter().any(|r| {
                     r.gap[v].touches_region(region)
@@ -825,16 +857,31 @@ impl GroupCapture {
                             .as_ref()
                             .is_some_and(|(p, _)| p[v].touches_region(region))
                 });
-                let written_after = st
-                    .last_write
-                    .get(&(v as u32, region))
-                    .is_some_and(|&s| s > min_acked);
-                if !owed && !written_after {
-                    map.clear(region)?;
-                    st.last_write.remove(&(v as u32, region));
-                    cleared += 1;
+                let last = st.last_write.get(&(v as u32, region)).copied();
+                if owed || last.is_some_and(|s| s > min_acked) {
+                    held += 1;
+                } else {
+                    clearable.push((last.unwrap_or(0), v, region));
                 }
             }
+        }
+        // Newest first: hot ones (within the budget, written lately) kept.
+        clearable.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+        let budget = HOT_REGIONS.saturating_sub(held);
+        let mut cleared = 0;
+        for (i, &(last, v, region)) in clearable.iter().enumerate() {
+            if keep_hot && i < budget && last > idle_below {
+                continue;
+            }
+            st.maps[v].clear(region)?;
+            st.last_write.remove(&(v as u32, region));
+            cleared += 1;
+        }
+        if keep_hot {
+            if st.clear_passes.len() == 2 {
+                st.clear_passes.pop_front();
+            }
+            st.clear_passes.push_back(min_acked);
         }
         Ok(cleared)
     }

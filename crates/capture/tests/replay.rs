@@ -187,3 +187,40 @@ fn after_a_crash_every_marked_region_is_owed_again() {
         other => panic!("expected a resync of the marked regions, got {other:?}"),
     }
 }
+
+/// The periodic clear keeps a working set marked (its writes pay no map
+/// update after every pass) and clears what went idle within two passes;
+/// the explicit clear (clean stop) clears everything replicated.
+#[test]
+fn periodic_clears_keep_the_working_set_and_release_idle_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = open_group(dir.path(), 64 << 20);
+    let mib = 1u64 << 20;
+    let write_and_ack = |offset: u64| {
+        let seq = group.write(0, offset, &[7u8; 4096], false).unwrap();
+        group.ack("dr", seq).unwrap();
+    };
+    let marked = || group.dirty_ranges()[0].clone();
+    // Region 0 is written before every pass; region 2 only once.
+    write_and_ack(0);
+    write_and_ack(8 * mib);
+    for pass in 0..3 {
+        write_and_ack(mib);
+        group.clear_cold().unwrap();
+        let m = marked();
+        assert!(
+            m.contains(&(0, 4 * mib)),
+            "pass {pass}: the working set was cleared: {m:?}"
+        );
+        if pass == 2 {
+            assert!(
+                !m.iter().any(|&(o, l)| o <= 8 * mib && 8 * mib < o + l),
+                "pass {pass}: an idle region is still marked: {m:?}"
+            );
+        }
+    }
+    // Not acknowledged: never cleared, by either form.
+    group.write(0, 12 * mib, &[9u8; 4096], false).unwrap();
+    group.clear_replicated().unwrap();
+    assert_eq!(marked(), vec![(12 * mib, 4 * mib)]);
+}

@@ -26,8 +26,11 @@ use crate::journal::{remove_segments, Entry, EntryOp, Journal, HEADER_LEN};
 use crate::state::{ReplicaState, StateFile};
 
 /// Images are synced and the applied position recorded at least this often
-/// while records are applied (bounds journal replay after a crash).
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// while records are applied, or once the journal holds this much: this
+/// bounds journal replay after a crash and the journal's size. Rarer image
+/// syncs let overwritten pages be written back once.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+const CHECKPOINT_BYTES: u64 = 1 << 30;
 /// Bytes of received records the committer may have waiting before
 /// [`ReplicaGroup::commit_in_background`] blocks the session (back-pressure).
 const COMMIT_QUEUE_BYTES: usize = 32 << 20;
@@ -714,7 +717,8 @@ impl Core {
         self.applied = last;
         self.tip_epoch = last_epoch;
         self.publish();
-        Ok(self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
+        Ok(self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+            || self.journal.bytes() >= CHECKPOINT_BYTES)
     }
 
     /// Syncs the images and records what they hold (caller holds the lock

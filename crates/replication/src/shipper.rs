@@ -459,7 +459,7 @@ impl Shipper {
                     }
                     if cleared.elapsed() >= CLEAR_EVERY {
                         cleared = Instant::now();
-                        match cap.clear_replicated() {
+                        match cap.clear_cold() {
                             Ok(0) => {}
                             Ok(n) => tracing::debug!(
                                 group = cap.name(),
