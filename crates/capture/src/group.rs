@@ -210,6 +210,12 @@ impl State {
 
     /// Drops records no streaming replica needs; returns how many.
     fn trim(&mut self) -> u64 {
+        let mut released = Vec::new();
+        self.trim_into(&mut released)
+    }
+
+    /// [`State::trim`], handing the released records to the caller.
+    fn trim_into(&mut self, released: &mut Vec<Arc<Record>>) -> u64 {
         let floor = self
             .replicas
             .iter()
@@ -217,7 +223,7 @@ impl State {
             .map(|r| r.floor)
             .min()
             .unwrap_or(u64::MAX);
-        self.queue.trim_below(floor)
+        self.queue.trim_below_into(floor, released)
     }
 
     /// Brings the queue back within its limits after a record was added:
@@ -645,8 +651,13 @@ impl GroupCapture {
         r.acked = r.acked.max(durable);
         r.received = r.received.max(received).max(r.acked);
         r.floor = r.floor.max(r.acked + 1);
-        st.trim();
+        // Acknowledged records are freed after the order lock is let go:
+        // writers do not wait for the deallocation.
+        let mut released = Vec::new();
+        st.trim_into(&mut released);
+        drop(st);
         self.acknowledged.notify_all();
+        drop(released);
         Ok(())
     }
 

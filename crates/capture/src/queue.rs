@@ -137,14 +137,16 @@ impl Queue {
     }
 
     /// Drops every record below `floor` (whole spill segments); returns how
-    /// many went.
-    pub fn trim_below(&mut self, floor: u64) -> u64 {
+    /// many went. Released records from memory go to `released`, for the
+    /// caller to free after it lets go of the queue's lock.
+    pub fn trim_below_into(&mut self, floor: u64, released: &mut Vec<Arc<Record>>) -> u64 {
         let mut dropped = self.spill.trim_below(floor);
         if self.spill.is_empty() {
             self.spill_failed = false;
             while self.memory.front().is_some_and(|f| f.seq < floor) {
                 if let Some(old) = self.memory.pop_front() {
                     self.memory_bytes -= old.op.cost();
+                    released.push(old);
                     dropped += 1;
                 }
             }

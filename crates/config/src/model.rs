@@ -278,7 +278,7 @@ impl Group {
     /// Default `max_queue`.
     pub const DEFAULT_MAX_QUEUE: u64 = GIB;
     /// Default `queue_memory`.
-    pub const DEFAULT_QUEUE_MEMORY: u64 = 64 * MIB;
+    pub const DEFAULT_QUEUE_MEMORY: u64 = 256 * MIB;
 
     /// Replicas ordered by priority (lowest number first).
     pub fn replicas_by_priority(&self) -> Vec<&ReplicaSpec> {

@@ -179,7 +179,7 @@ fn spec_example_parses() {
             on_promote: Some("/etc/tandem/hooks/start-vm web01".into()),
             on_demote: Some("/etc/tandem/hooks/stop-vm web01".into()),
             max_queue: 1 << 30,
-            queue_memory: 64 << 20,
+            queue_memory: 256 << 20,
             on_sync_loss: OnSyncLoss::Suspend,
             on_lost_lease: OnLostLease::Suspend,
             on_promote_failure: OnPromoteFailure::Report,
@@ -305,7 +305,7 @@ volumes = [ { name = "v", size = "1M" } ]
     assert_eq!(g.failover, FailoverPolicy::Automatic);
     assert_eq!(g.max_lag_on_failover, Duration::from_secs(30));
     assert_eq!(g.max_queue, 1 << 30);
-    assert_eq!(g.queue_memory, 64 << 20);
+    assert_eq!(g.queue_memory, 256 << 20);
     assert_eq!(g.on_sync_loss, OnSyncLoss::Suspend);
     assert_eq!(g.on_lost_lease, OnLostLease::Suspend);
     assert!(g.files.is_empty() && g.on_promote.is_none() && g.on_demote.is_none());
