@@ -273,10 +273,15 @@ fn with_etcd_one_lost_member_still_fails_over_and_two_lost_fence_the_owner() {
         2,
         "a coordinator outage must not bump the epoch"
     );
-    qemu_io(
-        &c.uri("chicago", VOLUME),
-        &["write -P 0x64 3M 64k", "flush"],
+    // The restarted member may still be settling (an election): the lease
+    // can lapse once more, and with on_lost_lease = "error" a write then
+    // fails. Writes must flow again within a bound.
+    wait_until(
+        Duration::from_secs(30),
+        "a write acknowledged by chicago with quorum back",
+        || try_write(&c.uri("chicago", VOLUME), "write -P 0x64 3M 64k"),
     );
+    qemu_io(&c.uri("chicago", VOLUME), &["read -P 0x64 3M 64k"]);
 }
 
 #[test]
