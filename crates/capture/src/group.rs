@@ -551,9 +551,9 @@ impl GroupCapture {
         replica: &str,
         timeout: Duration,
     ) -> Result<Option<Event>, CaptureError> {
-        let mut out = Vec::with_capacity(1);
+        let mut out = VecDeque::with_capacity(1);
         self.next_events(replica, timeout, 1, &mut out)?;
-        Ok(out.pop())
+        Ok(out.pop_front())
     }
 
     /// Up to `max` next events for `replica` (records in order, or one
@@ -565,7 +565,7 @@ impl GroupCapture {
         replica: &str,
         timeout: Duration,
         max: usize,
-        out: &mut Vec<Event>,
+        out: &mut VecDeque<Event>,
     ) -> Result<(), CaptureError> {
         let deadline = Instant::now() + timeout;
         let start = out.len();
@@ -577,7 +577,7 @@ impl GroupCapture {
             let r = &mut st_ref.replicas[i];
             if r.overflowed || r.gap.iter().any(|g| !g.is_empty()) {
                 if out.len() == start {
-                    out.push(self.start_resync(r, upcoming));
+                    out.push_back(self.start_resync(r, upcoming));
                 }
                 return Ok(());
             }
@@ -586,7 +586,7 @@ impl GroupCapture {
                 match st_ref.queue.next_from(r.next, &mut r.cursor) {
                     Ok(Some(record)) => {
                         r.next = record.seq + 1;
-                        out.push(Event::Record(record));
+                        out.push_back(Event::Record(record));
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -845,10 +845,9 @@ impl GroupCapture {
         let min_acked = st.replicas.iter().map(|r| r.acked).min().unwrap_or(0);
         // Everything up to here was replicated two passes ago: a region
         // not written since is idle.
-        let idle_below = match (keep_hot, st.clear_passes.len()) {
-            (true, 2) => st.clear_passes[0],
-            (true, _) => 0,
-            (false, _) => u64::MAX,
+        let idle_below = match st.clear_passes.len() {
+            2 => st.clear_passes[0],
+            _ => 0,
         };
         // (last write seq, volume, region) of every region that may be
         // cleared; marked regions not written since the last clear (or this

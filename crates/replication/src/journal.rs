@@ -143,8 +143,6 @@ pub struct Journal {
     /// First seq of each segment -> segment.
     segments: BTreeMap<u64, Segment>,
     current: Option<File>,
-    pending: Vec<u8>,
-    pending_last: u64,
     last_seq: u64,
 }
 
@@ -175,8 +173,6 @@ impl Journal {
             dir: dir.to_owned(),
             segments: BTreeMap::new(),
             current: None,
-            pending: Vec::new(),
-            pending_last: 0,
             last_seq: 0,
         };
         let mut ended = false;
@@ -221,41 +217,14 @@ impl Journal {
         self.dir.join(format!("{first:020}.log"))
     }
 
-    /// Sequence number of the last entry appended (synced or not).
-    pub fn last_seq(&self) -> u64 {
-        self.last_seq.max(self.pending_last)
-    }
-
-    /// Queues an entry; it is durable after the next [`Journal::sync`].
-    pub fn append(&mut self, entry: &Entry) {
-        entry.encode(&mut self.pending);
-        self.pending_last = entry.seq;
-    }
-
     /// Sequence number of the last synced entry.
     pub fn durable_seq(&self) -> u64 {
         self.last_seq
     }
 
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    /// Writes and syncs everything appended; returns the last durable seq.
-    pub fn sync(&mut self) -> Result<u64, ReplicaError> {
-        if self.pending.is_empty() {
-            return Ok(self.last_seq);
-        }
-        let mut pending = std::mem::take(&mut self.pending);
-        let result = self.write_encoded(&pending, self.pending_last);
-        pending.clear();
-        self.pending = pending;
-        result
-    }
-
     /// Writes entries already encoded with [`Entry::encode`] (in sequence
     /// order, the last one numbered `last`) and syncs them; returns the
-    /// last durable seq. Nothing may be pending from [`Journal::append`].
+    /// last durable seq.
     pub fn write_encoded(&mut self, encoded: &[u8], last: u64) -> Result<u64, ReplicaError> {
         if encoded.is_empty() {
             return Ok(self.last_seq);
@@ -384,8 +353,6 @@ impl Journal {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        self.pending.clear();
-        self.pending_last = 0;
         self.last_seq = 0;
         Ok(())
     }
@@ -457,17 +424,25 @@ mod tests {
         }
     }
 
+    /// Writes and syncs `entries`; returns the last durable seq.
+    fn write(j: &mut Journal, entries: &[Entry]) -> u64 {
+        let mut encoded = Vec::new();
+        for e in entries {
+            e.encode(&mut encoded);
+        }
+        let last = entries.last().map_or(0, |e| e.seq);
+        j.write_encoded(&encoded, last).unwrap()
+    }
+
     #[test]
     fn entries_replay_in_order_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        for seq in 1..=5 {
-            j.append(&entry(seq, 100));
-        }
-        assert_eq!(j.sync().unwrap(), 5);
+        let entries: Vec<Entry> = (1..=5).map(|seq| entry(seq, 100)).collect();
+        assert_eq!(write(&mut j, &entries), 5);
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.last_seq(), 5);
+        assert_eq!(j.durable_seq(), 5);
         let mut seen = Vec::new();
         j.replay(2, |e| {
             seen.push(e.seq);
@@ -481,9 +456,7 @@ mod tests {
     fn a_torn_tail_is_cut_off_and_appending_continues() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        j.append(&entry(1, 10));
-        j.append(&entry(2, 10));
-        j.sync().unwrap();
+        write(&mut j, &[entry(1, 10), entry(2, 10)]);
         drop(j);
         // A torn third entry: its header and part of its data.
         let seg = std::fs::read_dir(dir.path())
@@ -498,9 +471,8 @@ mod tests {
         f.write_all(&torn[..3000]).unwrap();
         drop(f);
         let mut j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.last_seq(), 2);
-        j.append(&entry(3, 10));
-        j.sync().unwrap();
+        assert_eq!(j.durable_seq(), 2);
+        write(&mut j, &[entry(3, 10)]);
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
         let mut seen = Vec::new();
@@ -516,10 +488,8 @@ mod tests {
     fn a_flipped_bit_ends_the_journal_at_that_entry() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        for seq in 1..=3 {
-            j.append(&entry(seq, 64));
-        }
-        j.sync().unwrap();
+        let entries: Vec<Entry> = (1..=3).map(|seq| entry(seq, 64)).collect();
+        write(&mut j, &entries);
         drop(j);
         let seg = std::fs::read_dir(dir.path())
             .unwrap()
@@ -532,7 +502,7 @@ mod tests {
         bytes[second + HEADER_LEN + 7] ^= 1;
         std::fs::write(&seg, &bytes).unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.last_seq(), 1);
+        assert_eq!(j.durable_seq(), 1);
     }
 
     #[test]
@@ -540,10 +510,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
         // Two segments: force a roll by writing more than SEGMENT_BYTES.
-        j.append(&entry(1, (SEGMENT_BYTES as usize) + 1));
-        j.sync().unwrap();
-        j.append(&entry(2, 10));
-        j.sync().unwrap();
+        write(&mut j, &[entry(1, (SEGMENT_BYTES as usize) + 1)]);
+        write(&mut j, &[entry(2, 10)]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
         j.release(1).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);

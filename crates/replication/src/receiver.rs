@@ -308,49 +308,38 @@ pub fn serve<R: Read, W: Write>(
         }
         let idle = reader.buffer().is_empty();
         let due = since_commit.elapsed() >= COMMIT_EVERY || bytes_since_commit >= COMMIT_BYTES;
-        if ack_now || (pinged && group.has_uncommitted()) {
-            // A FLUSH or FUA (or an idle primary's ping): journal sync and
-            // apply now, durable acknowledged.
-            let durable = group.commit()?;
-            let p = group.progress();
-            write_message(
-                &mut writer,
-                &Message::Ack(Ack {
-                    received: last_seq,
-                    durable,
-                    applied: p.applied,
-                }),
-                &mut out,
-            )?;
-            writer.flush().map_err(PeerError::Io)?;
-            since_commit = Instant::now();
-            bytes_since_commit = 0;
-            acked = (last_seq, durable);
-            continue;
-        }
-        if due && bytes_since_commit > 0 {
-            // The committer syncs and applies while reading goes on.
-            group.commit_in_background()?;
+        // A FLUSH or FUA (or an idle primary's ping) is synced and applied
+        // now and acknowledged at once; otherwise the committer syncs and
+        // applies while reading goes on, and what it made durable is
+        // reported with the next acknowledgement when the link is idle
+        // (received at once: sync mode acknowledges writes on it).
+        let committed = if ack_now || (pinged && group.has_uncommitted()) {
+            Some(group.commit()?)
+        } else {
+            if due && group.has_batch() {
+                group.commit_in_background()?;
+            }
+            None
+        };
+        if committed.is_some() || due {
             since_commit = Instant::now();
             bytes_since_commit = 0;
         }
-        if idle {
-            // Received at once (sync mode acknowledges writes on it);
-            // durable as the committer gets there, reported with the next
-            // acknowledgement (at the latest, the primary's idle ping).
+        if committed.is_some() || idle {
             let p = group.progress();
-            if last_seq > acked.0 || p.durable > acked.1 {
+            let durable = committed.unwrap_or(p.durable);
+            if committed.is_some() || last_seq > acked.0 || durable > acked.1 {
                 write_message(
                     &mut writer,
                     &Message::Ack(Ack {
                         received: last_seq,
-                        durable: p.durable,
+                        durable,
                         applied: p.applied,
                     }),
                     &mut out,
                 )?;
                 writer.flush().map_err(PeerError::Io)?;
-                acked = (last_seq, p.durable);
+                acked = (last_seq, durable);
             }
         }
     }

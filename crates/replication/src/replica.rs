@@ -81,6 +81,21 @@ impl Batch {
         self.records.is_empty()
     }
 
+    /// Adds a record, in journal encoding.
+    fn push(&mut self, entry: &Entry) {
+        let start = self.encoded.len();
+        entry.encode(&mut self.encoded);
+        self.records.push(Received {
+            epoch: entry.epoch,
+            seq: entry.seq,
+            volume: entry.volume,
+            op: entry.op,
+            offset: entry.offset,
+            len: entry.len,
+            data: start + HEADER_LEN..self.encoded.len(),
+        });
+    }
+
     fn last(&self) -> Option<(u64, u64)> {
         self.records.last().map(|r| (r.epoch, r.seq))
     }
@@ -120,9 +135,6 @@ struct Core {
     resume_at: Option<u64>,
     /// Created by this run and never synced since.
     new: bool,
-    /// Changes whenever the position is redefined (resync begin and end):
-    /// a background checkpoint taken across one is discarded.
-    generation: u64,
     /// Last record received (shared with the receiving side).
     received: Arc<AtomicU64>,
     /// The latest position, readable while a session holds the group.
@@ -210,7 +222,6 @@ impl ReplicaGroup {
             last_checkpoint: Instant::now(),
             resume_at: None,
             new,
-            generation: 0,
             received: Arc::clone(&received),
             published: Arc::clone(&published),
         };
@@ -384,19 +395,14 @@ impl ReplicaGroup {
                 size,
             });
         }
-        let start = self.batch.encoded.len();
-        entry.encode(&mut self.batch.encoded);
-        self.batch.records.push(Received {
-            epoch: entry.epoch,
-            seq: entry.seq,
-            volume: entry.volume,
-            op: entry.op,
-            offset: entry.offset,
-            len: entry.len,
-            data: start + HEADER_LEN..self.batch.encoded.len(),
-        });
+        self.batch.push(entry);
         self.received.store(entry.seq, Ordering::Release);
         Ok(())
+    }
+
+    /// Records received and not yet handed to the committer.
+    pub fn has_batch(&self) -> bool {
+        !self.batch.is_empty()
     }
 
     /// Records received and not yet committed (or being committed).
@@ -454,7 +460,6 @@ impl ReplicaGroup {
         self.committer.wait_idle()?;
         let mut core = self.core.lock();
         core.checkpoint()?;
-        core.generation += 1;
         // Everything journaled is in the synced images now; the resync
         // redefines the position (maybe below records of another history).
         core.journal.clear()?;
@@ -520,7 +525,6 @@ impl ReplicaGroup {
     pub fn end_resync(&mut self, consistent_at: u64) -> Result<(), ReplicaError> {
         self.committer.wait_idle()?;
         let mut core = self.core.lock();
-        core.generation += 1;
         for v in core.volumes.iter() {
             v.image.sync()?;
         }
@@ -666,7 +670,7 @@ impl Core {
             received: self
                 .received
                 .load(Ordering::Acquire)
-                .max(self.journal.last_seq())
+                .max(self.journal.durable_seq())
                 .max(self.applied),
             durable: self.journal.durable_seq().max(self.applied),
             applied: self.applied,
@@ -712,24 +716,18 @@ impl Core {
     }
 
     /// [`Core::checkpoint`] without holding the lock while the images sync
-    /// (status and position readers do not wait): everything applied when
-    /// it starts is durable once the syncs return.
+    /// (status and position readers do not wait). Called by the committer
+    /// between batches, so nothing is applied meanwhile, and resync steps
+    /// wait for the committer: the position cannot change underneath.
     fn checkpoint_unlocked(core: &Mutex<Core>) -> Result<(), ReplicaError> {
-        let (volumes, applied, tip, generation) = {
-            let mut c = core.lock();
-            c.last_checkpoint = Instant::now();
-            (Arc::clone(&c.volumes), c.applied, c.tip_epoch, c.generation)
+        let (volumes, applied, tip) = {
+            let c = core.lock();
+            (Arc::clone(&c.volumes), c.applied, c.tip_epoch)
         };
         for v in volumes.iter() {
             v.image.sync()?;
         }
-        let done = {
-            let mut c = core.lock();
-            if c.generation != generation {
-                return Ok(()); // the position was redefined meanwhile
-            }
-            c.record_checkpoint(applied, tip)?
-        };
+        let done = core.lock().record_checkpoint(applied, tip)?;
         remove_segments(done)
     }
 
@@ -838,7 +836,7 @@ mod tests {
     use super::*;
 
     fn add(batch: &mut Batch, seq: u64, fill: u8) {
-        let entry = Entry {
+        batch.push(&Entry {
             epoch: 1,
             seq,
             volume: 0,
@@ -847,17 +845,6 @@ mod tests {
             offset: seq * 4096,
             len: 4096,
             data: vec![fill; 4096],
-        };
-        let start = batch.encoded.len();
-        entry.encode(&mut batch.encoded);
-        batch.records.push(Received {
-            epoch: 1,
-            seq,
-            volume: 0,
-            op: EntryOp::Write,
-            offset: entry.offset,
-            len: 4096,
-            data: start + HEADER_LEN..batch.encoded.len(),
         });
     }
 

@@ -392,7 +392,6 @@ impl Shipper {
         let mut cleared = Instant::now();
         // Events taken from the capture in one lock, sent one by one.
         let mut events = std::collections::VecDeque::new();
-        let mut fetched = Vec::new();
         loop {
             if let Ok(job) = self.verify.try_recv() {
                 w.flush().map_err(|e| e.to_string())?;
@@ -424,9 +423,8 @@ impl Shipper {
                 Duration::from_millis(200)
             };
             if events.is_empty() {
-                cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut fetched)
+                cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut events)
                     .map_err(|e| e.to_string())?;
-                events.extend(fetched.drain(..));
             }
             match events.pop_front() {
                 Some(Event::Record(rec)) => {
