@@ -583,7 +583,11 @@ impl Handle {
         let report = MemberReport {
             site: local.site.clone(),
             lease,
-            role: if local.primary { "primary" } else { "replica" }.into(),
+            role: if local.primary {
+                tandem_coordinator::keys::Role::Primary
+            } else {
+                tandem_coordinator::keys::Role::Replica
+            },
             epoch: local.epoch,
             tip_epoch: local.tip.0,
             tip_seq: local.tip.1,

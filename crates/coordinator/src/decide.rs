@@ -5,7 +5,7 @@
 //! partitions. The timing half of fencing (stop acknowledging before the
 //! lease can expire) is [`crate::lease::Validity`].
 
-use crate::keys::{encode, GroupView, Keys, OwnerRecord, RequestKind};
+use crate::keys::{encode, GroupView, Keys, OwnerRecord, RequestKind, Role};
 use crate::{Compare, LeaseId, Op};
 
 /// A group's failover settings, from the configuration.
@@ -159,7 +159,7 @@ pub fn decide(keys: &Keys, policy: &Policy, view: &GroupView, local: &Local) -> 
         .members
         .iter()
         .filter(|m| policy.priority(&m.site).is_some())
-        .filter(|m| m.fit && m.consistent && m.role != "primary")
+        .filter(|m| m.fit && m.consistent && m.role != Role::Primary)
         .filter(|m| wanted.as_ref().is_none_or(|w| w == &m.site))
         .filter(|m| within_lag(policy, view, &m.site))
         .min_by_key(|m| {
@@ -292,7 +292,7 @@ mod tests {
                 .map(|(s, tip)| MemberReport {
                     site: s.to_string(),
                     lease: 7,
-                    role: "replica".into(),
+                    role: Role::Replica,
                     epoch: 1,
                     tip_epoch: 1,
                     tip_seq: *tip,

@@ -31,8 +31,7 @@ pub struct OwnerRecord {
 pub struct MemberReport {
     pub site: String,
     pub lease: LeaseId,
-    /// `primary`, `replica` or `fenced`.
-    pub role: String,
+    pub role: Role,
     /// The newest epoch this site knows.
     pub epoch: u64,
     /// Its images hold exactly the records up to (`tip_epoch`, `tip_seq`).
@@ -43,6 +42,40 @@ pub struct MemberReport {
     /// It is willing to take over (e.g. its last `on_promote` did not
     /// fail).
     pub fit: bool,
+}
+
+/// What a site is for a group (SPEC §4.4 `role`): these words are pinned
+/// in `tandem status --json` and are the values of `role` in
+/// [`MemberReport`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serves the group and acknowledges writes.
+    Primary,
+    /// Receives the group's changes from its owner.
+    Replica,
+    /// Serves the group but may not acknowledge writes now (its lease is
+    /// not confirmed).
+    Fenced,
+    /// Neither: between roles, or a role change failed.
+    Down,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Fenced => "fenced",
+            Role::Down => "down",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The owner's view of its replicas' lag, kept after the owner dies so
@@ -110,7 +143,7 @@ impl Keys {
 }
 
 /// What the store shows of one group.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct GroupView {
     pub revision: i64,
     pub owner: Option<(OwnerRecord, i64)>,
