@@ -3,8 +3,9 @@
 # for both coordinator backends in one run: a `tandem witness` process and a
 # single-member etcd.
 #
-#   bench/failover.sh                    # both backends, TRIALS=20 (~6-7 min)
+#   bench/failover.sh                    # both backends, every part (~12 min)
 #   TRIALS=5 bench/failover.sh --only witness
+#   bench/failover.sh --what site-loss   # only the site-loss part, both backends
 #
 # Not a test: run it by hand. A figure that misses its target is a result;
 # only a run that cannot be carried out (a tool missing, an agent that does
@@ -18,12 +19,12 @@ REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 usage() {
     cat <<'EOF'
-usage: bench/failover.sh [--only LIST] [--skip LIST] [--keep] [-h]
+usage: bench/failover.sh [--only LIST] [--skip LIST] [--what LIST] [--keep] [-h]
 
 For each backend (witness, etcd): three sites on loopback (ny primary,
-chicago priority 1, seattle priority 2), one group "g" with one volume, a
-writer (bench/nbd_writer.py) writing 4 KiB FUA blocks continuously through
-whichever site serves the volume's NBD socket.
+chicago priority 1, seattle priority 2). The rto and migration parts use one
+group "g" with one volume, a writer (bench/nbd_writer.py) writing 4 KiB FUA
+blocks continuously through whichever site serves the volume's NBD socket.
 
   rto        TRIALS x: SIGKILL ny; time from the kill to the first write
              acknowledged by the new primary, chicago (target: median <= 3 s,
@@ -38,10 +39,19 @@ whichever site serves the volume's NBD socket.
              acknowledged by the old primary -> first acknowledged by the new
              one; every acknowledged write read back on the new primary
              (target: <= 1 s, zero loss).
+  site-loss  once, on its own cluster: SL_GROUPS groups g01, g02, ... (one
+             volume each, primary ny, async, on_promote = "sleep SL_HOOK_S"),
+             every one streaming to both replicas, one writer thread per
+             group (bench/nbd_multi_writer.py, a 4 KiB FUA write every
+             SL_INTERVAL_MS); SIGKILL ny; RTO of each group = kill -> first
+             write acknowledged by a site other than ny (target over the
+             groups: median <= 3 s, max <= 6 s).
 
 Options:
   --only LIST   backends to run, comma-separated (default: witness,etcd)
   --skip LIST   backends to leave out
+  --what LIST   parts to run for each backend, comma-separated
+                (default: rto,migration,site-loss)
   --keep        keep the work directory (configs, agent/etcd logs, writer log)
   -h, --help    this text
 
@@ -60,6 +70,18 @@ Environment (defaults in brackets):
   WORK_BASE     parent of the work dir [/var/tmp]
   TANDEM_BIN    tandem binary; default: `cargo build --release -p tandem`
                 and ${CARGO_TARGET_DIR:-target}/release/tandem
+ site-loss:
+  SL_GROUPS     groups on ny [50]
+  SL_VOLUME_SIZE  each group's volume [VOLUME_SIZE]
+  SL_HOOK_S     seconds of each group's on_promote hook (`sleep N`); 0: no
+                hook [2]
+  SL_INTERVAL_MS  writer pace per group: at most one write per N ms [50]
+  SL_RETRY_MS   writer: pause between connection attempts per group [10]
+  SL_WAIT_TIMEOUT  limit for every group to be written through its new
+                primary after the kill [60 + SL_GROUPS x (SL_HOOK_S + 2)]
+  SL_READY_TIMEOUT  limit for each step of the start: every group primary
+                on ny, written through ny, streaming to both replicas
+                [60 + 2 x SL_GROUPS]
 EOF
 }
 
@@ -78,6 +100,18 @@ parts_list() {
         RUN[$x]=$2
     done
 }
+ALL_WHAT=(rto migration site-loss)
+declare -A WHAT=([rto]=1 [migration]=1 [site-loss]=1)
+what_list() {
+    local -a l
+    local x
+    for x in "${ALL_WHAT[@]}"; do WHAT[$x]=0; done
+    IFS=, read -r -a l <<<"$1"
+    for x in "${l[@]}"; do
+        [[ -n "${WHAT[$x]+set}" ]] || die "unknown part '$x' (parts: ${ALL_WHAT[*]})"
+        WHAT[$x]=1
+    done
+}
 while (($# > 0)); do
     case "$1" in
     --only)
@@ -93,6 +127,12 @@ while (($# > 0)); do
         shift 2
         ;;
     --skip=*) set -- --skip "${1#--skip=}" "${@:2}" ;;
+    --what)
+        (($# >= 2)) || die "--what needs a list (e.g. site-loss)"
+        what_list "$2"
+        shift 2
+        ;;
+    --what=*) set -- --what "${1#--what=}" "${@:2}" ;;
     --keep) KEEP=1 && shift ;;
     -h | --help) usage && exit 0 ;;
     *) usage >&2 && exit 2 ;;
@@ -101,6 +141,9 @@ done
 PARTS=()
 for x in "${ALL_PARTS[@]}"; do ((RUN[$x])) && PARTS+=("$x"); done
 ((${#PARTS[@]} > 0)) || die "nothing left to run"
+WHAT_LIST=()
+for x in "${ALL_WHAT[@]}"; do ((WHAT[$x])) && WHAT_LIST+=("$x"); done
+((${#WHAT_LIST[@]} > 0)) || die "--what: no part to run"
 
 posint() {
     if ! [[ "$2" =~ ^[0-9]+$ ]] || (($2 == 0)); then die "$1 must be a positive integer (got '$2')"; fi
@@ -126,6 +169,23 @@ VOLUME_BYTES=$(parse_size "$VOLUME_SIZE")
 ((VOLUME_BYTES % 1048576 == 0)) || die "VOLUME_SIZE must be a multiple of 1 MiB"
 EXPORT=vol0
 READY_TIMEOUT=30
+SL_GROUPS=${SL_GROUPS:-50}
+SL_VOLUME_SIZE=${SL_VOLUME_SIZE:-$VOLUME_SIZE}
+SL_HOOK_S=${SL_HOOK_S:-2}
+SL_INTERVAL_MS=${SL_INTERVAL_MS:-50}
+SL_RETRY_MS=${SL_RETRY_MS:-10}
+posint SL_GROUPS "$SL_GROUPS"
+((SL_GROUPS <= 999)) || die "SL_GROUPS must be at most 999"
+[[ "$SL_HOOK_S" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "SL_HOOK_S must be a number of seconds (got '$SL_HOOK_S')"
+posint SL_INTERVAL_MS "$SL_INTERVAL_MS"
+posint SL_RETRY_MS "$SL_RETRY_MS"
+SL_WAIT_TIMEOUT=${SL_WAIT_TIMEOUT:-$((60 + SL_GROUPS * (${SL_HOOK_S%.*} + 2)))}
+SL_READY_TIMEOUT=${SL_READY_TIMEOUT:-$((60 + 2 * SL_GROUPS))}
+posint SL_WAIT_TIMEOUT "$SL_WAIT_TIMEOUT"
+posint SL_READY_TIMEOUT "$SL_READY_TIMEOUT"
+SL_VOLUME_BYTES=$(parse_size "$SL_VOLUME_SIZE")
+((SL_VOLUME_BYTES % 1048576 == 0)) || die "SL_VOLUME_SIZE must be a multiple of 1 MiB"
+SL_WIDTH=$((${#SL_GROUPS} < 2 ? 2 : ${#SL_GROUPS}))
 
 # ---------------------------------------------------------------------------
 # tools
@@ -138,6 +198,8 @@ PY=/usr/bin/python3 # Debian's: python3-libnbd lives there, not in a pyenv
     die "/usr/bin/python3 cannot import nbd: install the Debian package python3-libnbd"
 WRITER=$REPO_ROOT/bench/nbd_writer.py
 [[ -r "$WRITER" ]] || die "$WRITER not found"
+MULTI_WRITER=$REPO_ROOT/bench/nbd_multi_writer.py
+[[ -r "$MULTI_WRITER" ]] || die "$MULTI_WRITER not found"
 if ((RUN[etcd])); then
     [[ -x "$ETCD_BIN" ]] || die "etcd not found at $ETCD_BIN: apt-get install -y etcd-server (or set ETCD_BIN)"
 fi
@@ -222,10 +284,12 @@ PYEOF
 cfg() { printf '%s/%s.toml' "$CDIR" "$1"; }
 sock() { printf '%s/%s/nbd/%s.sock' "$CDIR" "$1" "$EXPORT"; }
 
-# write_configs COORDINATOR_SECTION: one TOML per site in $CDIR, as
-# crates/tandem/tests/common/mod.rs (Cluster::new) writes them.
+# write_configs COORDINATOR_SECTION [GROUPS]: one TOML per site in $CDIR, as
+# crates/tandem/tests/common/mod.rs (Cluster::new) writes them; GROUPS (the
+# [[group]] tables) defaults to the one group "g" of volume $EXPORT.
+# shellcheck disable=SC2128,SC2178,SC2179 # peers is a string here (an array in lib.sh)
 write_configs() {
-    local section=$1 ports s i=0 peers="" group
+    local section=$1 group=${2:-} ports s i=0 peers=""
     mkdir -p "$CDIR"
     read -r -a ports <<<"$(free_ports 6)"
     for s in "${SITES[@]}"; do
@@ -233,8 +297,9 @@ write_configs() {
         peers+=$'\n\n'
         i=$((i + 2))
     done
-    group=$(printf '[[group]]\nname = "g"\nprimary = "ny"\nreplicas = [ { site = "chicago", priority = 1 }, { site = "seattle", priority = 2 } ]\nvolumes = [ { name = "%s", size = "%s" } ]\n' \
-        "$EXPORT" "$(size_for_config "$VOLUME_BYTES")")
+    [[ -n "$group" ]] ||
+        group=$(printf '[[group]]\nname = "g"\nprimary = "ny"\nreplicas = [ { site = "chicago", priority = 1 }, { site = "seattle", priority = 2 } ]\nvolumes = [ { name = "%s", size = "%s" } ]\n' \
+            "$EXPORT" "$(size_for_config "$VOLUME_BYTES")")
     i=0
     for s in "${SITES[@]}"; do
         printf '[site]\nname = "%s"\ndata_dir = "%s"\nlisten = "127.0.0.1:%s"\napi = "127.0.0.1:%s"\n\n[tls]\nmode = "off"\n\n[coordinator]\n%s\n\n%s%s\n' \
@@ -350,6 +415,7 @@ stop_writer() {
     exec {CMD_FD}>&-
     CMD_FD=
     stop_pid "$WRITER_PID" 15
+    [[ "$STOP_STATUS" == 0 ]] || warn "$BACKEND: the writer ended with status $STOP_STATUS (see $PDIR)"
 }
 wlog_size() { stat -c %s "$WLOG"; }
 
@@ -382,7 +448,7 @@ verify() {
 # migrate TAG FROM TO: `tandem migrate g --to TO` (run with FROM's config);
 # waits for the first write acknowledged by TO, then the read-back.
 migrate() {
-    local tag=$1 from=$2 to=$3 off rc=0 t0 t1 ack s
+    local tag=$1 from=$2 to=$3 off rc=0 t0 t1 s
     wait_group "$to" replica "$from"
     for s in "${SITES[@]}"; do
         [[ "$s" == "$from" || "$s" == "$to" ]] || wait_group "$s" replica "$from"
@@ -395,7 +461,7 @@ migrate() {
         >>"$CDIR/migrate.out" 2>&1 </dev/null || rc=$?
     t1=$(date +%s%N)
     ((rc == 0)) || pfail "$tag: tandem migrate g --to $to failed (exit $rc; see $CDIR/migrate.out)"
-    ack=$(wait_wlog "$off" "^A [0-9]+ $to " "$WAIT_TIMEOUT") ||
+    wait_wlog "$off" "^A [0-9]+ $to " "$WAIT_TIMEOUT" >/dev/null ||
         pfail "$tag: no write acknowledged by $to within ${WAIT_TIMEOUT}s of the migration"
     verify "$tag"
     printf 'mig %s %s %s %d %s\n' "$tag" "$from" "$to" "$(((t1 - t0) / 1000000))" "$CDIR" >>"$PDIR/trials.txt"
@@ -468,22 +534,208 @@ rto_trial() {
     [[ "$site" == chicago ]] || pfail "rto-$i: $site took over, not chicago (priority 1)"
 }
 
+# ---------------------------------------------------------------------------
+# site-loss: SL_GROUPS groups on ny, ny SIGKILLed
+# ---------------------------------------------------------------------------
+sl_group() { printf 'g%0*d' "$SL_WIDTH" "$1"; }
+
+# sl_groups_toml: the [[group]] tables of the site-loss cluster.
+sl_groups_toml() {
+    local i hook="" size
+    [[ "$SL_HOOK_S" =~ ^0+(\.0*)?$ ]] || hook=$(printf 'on_promote = "sleep %s"' "$SL_HOOK_S")
+    size=$(size_for_config "$SL_VOLUME_BYTES")
+    for ((i = 1; i <= SL_GROUPS; i++)); do
+        printf '[[group]]\nname = "g%0*d"\nprimary = "ny"\nreplicas = [ { site = "chicago", priority = 1 }, { site = "seattle", priority = 2 } ]\nmode = "async"\n%s\nvolumes = [ { name = "g%0*d-vol0", size = "%s" } ]\n\n' \
+            "$SL_WIDTH" "$i" "$hook" "$SL_WIDTH" "$i" "$size"
+    done
+}
+
+# sl_wait_ready primary|streaming: waits (SL_READY_TIMEOUT) until ny's
+# status shows every site-loss group primary on ny (and, for "streaming",
+# with chicago and seattle both "streaming").
+sl_wait_ready() {
+    local t0=$SECONDS what="primary on ny"
+    [[ "$1" == primary ]] || what="primary on ny, streaming to chicago and seattle"
+    "$PY" - "$SL_READY_TIMEOUT" "$1" "$SL_GROUPS_CSV" "${SITE_PID[ny]}" "$TANDEM_BIN" status --json --config "$(cfg ny)" <<'PYEOF' ||
+import json, os, subprocess, sys, time
+timeout, mode, groups, pid, cmd = float(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), int(sys.argv[4]), sys.argv[5:]
+deadline = time.monotonic() + timeout
+last = "no status yet"
+while True:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        print("ny's agent is gone", file=sys.stderr)
+        sys.exit(1)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            doc = {g.get("name"): g for g in json.loads(out.stdout).get("groups", [])}
+            bad = []
+            for name in groups:
+                g = doc.get(name)
+                if g is None:
+                    bad.append(f"{name} absent")
+                elif g.get("role") != "primary":
+                    bad.append(f"{name} {g.get('role')}")
+                elif mode == "streaming":
+                    st = {r.get("site"): r.get("state") for r in g.get("replicas") or []}
+                    bad += [f"{name} {s} {st.get(s)}" for s in ("chicago", "seattle") if st.get(s) != "streaming"]
+            if not bad:
+                sys.exit(0)
+            last = f"{len(bad)} not ready: " + ", ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
+        else:
+            last = out.stderr.strip()[-300:]
+    except (subprocess.TimeoutExpired, ValueError, AttributeError) as e:
+        last = repr(e)
+    if time.monotonic() > deadline:
+        print(f"ny: not every group ready ({mode}) within {timeout:.0f}s; {last}", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.5)
+PYEOF
+        pfail "site-loss: not every group $what within ${SL_READY_TIMEOUT}s"
+    log "$BACKEND: site-loss: all $SL_GROUPS groups $what (waited $((SECONDS - t0)) s)"
+}
+
+# sl_start_writer: bench/nbd_multi_writer.py, one thread per group, commands
+# through a FIFO (wcmd, stop_writer and wlog_size work on it).
+sl_start_writer() {
+    WLOG=$PDIR/sl-writer.log
+    rm -f "$PDIR/sl-writer.cmd"
+    mkfifo "$PDIR/sl-writer.cmd"
+    : >"$WLOG"
+    local -a dirs=()
+    local s
+    for s in "${SITES[@]}"; do dirs+=("$s=$CDIR/$s/nbd"); done
+    "$PY" "$MULTI_WRITER" --log "$WLOG" --exports "$SL_EXPORTS_CSV" --interval-ms "$SL_INTERVAL_MS" \
+        --retry-ms "$SL_RETRY_MS" --timeout 10 "${dirs[@]}" <"$PDIR/sl-writer.cmd" >>"$PDIR/sl-writer.out" 2>&1 &
+    WRITER_PID=$!
+    track_pid "$WRITER_PID"
+    exec {CMD_FD}>"$PDIR/sl-writer.cmd"
+}
+
+# sl_wait_acks FROM_BYTE MODE TIMEOUT_S: follows the multi-writer's log from
+# FROM_BYTE. MODE "ny": until every group has a write acknowledged by ny.
+# MODE "takeover:TAG": from the kill line TAG on, until every group has a
+# write acknowledged by a site other than ny; logs each group as it comes
+# (its RTO). Returns 1 at the timeout (naming the groups left), 2 if the
+# writer exits.
+sl_wait_acks() {
+    "$PY" - "$WLOG" "$1" "$2" "$3" "$WRITER_PID" "$SL_EXPORTS_CSV" "$BENCH_NAME" "$BACKEND" <<'PYEOF'
+import os, sys, time
+logf, off, mode, timeout, wpid, exports, bench, backend = sys.argv[1:9]
+off, timeout, wpid = int(off), float(timeout), int(wpid)
+exports = exports.split(",")
+todo = set(exports)
+kill_tag = mode.split(":", 1)[1] if mode.startswith("takeover:") else None
+kill_t = None
+t0 = time.monotonic()
+deadline = t0 + timeout
+def say(msg):
+    print(f"[{bench} {time.strftime('%H:%M:%S')}] {backend}: site-loss: {msg}", file=sys.stderr, flush=True)
+with open(logf, "rb") as f:
+    f.seek(off)
+    part = b""
+    last_note = t0
+    while todo:
+        data = f.read()
+        if data:
+            part += data
+            *lines, part = part.split(b"\n")
+            for raw in lines:
+                w = raw.decode(errors="replace").split()
+                if kill_tag is not None and kill_t is None:
+                    if len(w) >= 5 and w[0] == "E" and w[3] == "kill" and w[4] == kill_tag:
+                        kill_t = int(w[1])
+                    continue
+                if len(w) < 7 or w[0] != "A" or w[6] not in todo:
+                    continue
+                if kill_tag is None:
+                    if w[2] == "ny":
+                        todo.discard(w[6])
+                elif w[2] != "ny" and int(w[1]) > kill_t:
+                    todo.discard(w[6])
+                    n = len(exports) - len(todo)
+                    say(f"{w[6].rsplit('-', 1)[0]} written through {w[2]} (epoch {w[3]}) "
+                        f"{(int(w[1]) - kill_t) / 1e9:.3f} s after the kill ({n}/{len(exports)})")
+            continue
+        try:
+            os.kill(wpid, 0)
+        except OSError:
+            say("the writer exited")
+            sys.exit(2)
+        now = time.monotonic()
+        if now > deadline:
+            left = sorted(todo)
+            what = "no kill line" if kill_tag and kill_t is None else f"{len(left)} group(s) left: {' '.join(left)}"
+            say(f"timeout after {timeout:.0f}s: {what}")
+            sys.exit(1)
+        if kill_tag is None and now - last_note > 15:
+            last_note = now
+            say(f"waiting for the first writes through ny: {len(todo)} group(s) left")
+        time.sleep(0.05)
+PYEOF
+}
+
+# site_loss: its own cluster, SL_GROUPS groups streaming to both replicas
+# and written continuously; ny SIGKILLed (by the writer: one clock); waits
+# until every group has a write acknowledged by its new primary.
+site_loss() {
+    CDIR=$PDIR/sl
+    local i g s off rc=0 tag=site-loss
+    SL_GROUPS_CSV=''
+    SL_EXPORTS_CSV=''
+    for ((i = 1; i <= SL_GROUPS; i++)); do
+        g=$(sl_group "$i")
+        SL_GROUPS_CSV+=${SL_GROUPS_CSV:+,}$g
+        SL_EXPORTS_CSV+=${SL_EXPORTS_CSV:+,}$g-vol0
+    done
+    write_configs "$COORD_SECTION"$'\n'"prefix = \"/tandem-bench/sl\"" "$(sl_groups_toml)"
+    log "$BACKEND: site-loss: $SL_GROUPS groups of $SL_VOLUME_SIZE on ny, on_promote sleep $SL_HOOK_S s; starting the sites"
+    for s in "${SITES[@]}"; do start_site "$s"; done
+    sl_wait_ready primary
+    sl_start_writer
+    sl_wait_acks 0 ny "$SL_READY_TIMEOUT" ||
+        pfail "site-loss: not every group written through ny within ${SL_READY_TIMEOUT}s (see $PDIR/sl-writer.out)"
+    log "$BACKEND: site-loss: every group written through ny"
+    sl_wait_ready streaming
+    # a random phase against the lease renewals (every TTL/3)
+    sleep "$((RANDOM % 2)).$((RANDOM % 10))"
+    off=$(wlog_size)
+    printf 'sl %s %s ny %s %s\n' "$tag" "$CDIR" "$SL_HOOK_S" "$SL_EXPORTS_CSV" >>"$PDIR/trials.txt"
+    wcmd kill "${SITE_PID[ny]}" "$tag"
+    log "$BACKEND: site-loss: ny SIGKILLed; waiting up to ${SL_WAIT_TIMEOUT}s for every group to be written through its new primary"
+    sl_wait_acks "$off" "takeover:$tag" "$SL_WAIT_TIMEOUT" || rc=$?
+    # the end of the measured window (agents' log lines after it are teardown)
+    ! kill -0 "$WRITER_PID" 2>/dev/null || wcmd mark "$tag-end"
+    wait "${SITE_PID[ny]}" 2>/dev/null || true
+    untrack_pid "${SITE_PID[ny]}"
+    SITE_PID[ny]=
+    for s in chicago seattle; do
+        timeout 15 "$TANDEM_BIN" status --json --config "$(cfg "$s")" >"$PDIR/sl-status-$s.json" 2>&1 </dev/null || true
+    done
+    ((rc != 2)) || pfail "site-loss: the writer exited (see $PDIR/sl-writer.out)"
+    ((rc == 0)) || pfail "site-loss: not every group written through a new primary within ${SL_WAIT_TIMEOUT}s of SIGKILL"
+    cluster_down
+    log "$BACKEND: site-loss: every group written through its new primary"
+}
+
 part() {
     : >"$PDIR/trials.txt"
     case "$BACKEND" in
     witness) start_witness ;;
     etcd) start_etcd ;;
     esac
-    local i j
-    if [[ "$RESTORE" == fresh ]]; then
+    local i j up=0
+    if ((WHAT[rto])) && [[ "$RESTORE" == fresh ]]; then
         for ((i = 1; i <= TRIALS; i++)); do
             cluster_up "t$i"
             rto_trial "$i"
             cluster_down
         done
-        cluster_up mig
-    else
+    elif ((WHAT[rto])); then
         cluster_up main
+        up=1
         log "$BACKEND: cluster up, writer writing to ny"
         for ((i = 1; i <= TRIALS; i++)); do
             rto_trial "$i"
@@ -493,11 +745,16 @@ part() {
             migrate "back-$i" chicago ny
         done
     fi
-    for ((j = 1; j <= MIG_TRIALS; j++)); do
-        migrate "mig-$j" ny chicago
-        migrate "migback-$j" chicago ny
-    done
-    cluster_down
+    if ((WHAT[migration])); then
+        ((up)) || cluster_up mig
+        up=1
+        for ((j = 1; j <= MIG_TRIALS; j++)); do
+            migrate "mig-$j" ny chicago
+            migrate "migback-$j" chicago ny
+        done
+    fi
+    ((up == 0)) || cluster_down
+    ((WHAT[site-loss] == 0)) || site_loss
     log "$BACKEND: done"
 }
 
@@ -709,8 +966,120 @@ for frm, to, what in (("ny", "chicago", "migration pause ny -> chicago"),
                            f"-> new's export open {b['handing_to_open_ms']} ms, -> first ack on new {b['open_to_ack_ms']} ms "
                            f"(migrate request -> 'handing over' {b['mark_to_handing_ms']} ms; 'handing over' -> old "
                            f"logs 'handed over' {b['handing_to_demoted_ms']} ms)"})
-json.dump({"backend": backend, "rows": rows, "rto_trials": rto, "migration_trials": mig,
-           "writes_acked": len(acks)}, sys.stdout, indent=1)
+# --- site-loss: one kill, many groups
+site_loss = None
+for t in trials:
+    if t[0] != "sl" or len(t) < 6:
+        continue
+    tag, cdir, old, hook_s, exports = t[1], t[2], t[3], float(t[4]), t[5].split(",")
+    sl_acks = {}      # export -> [(mono, site, epoch)]
+    sl_kill = None    # (mono, real)
+    sl_end = None     # real
+    for l in rd("sl-writer.log").splitlines():
+        f = l.split()
+        if not f:
+            continue
+        if f[0] == "A" and len(f) >= 7:
+            sl_acks.setdefault(f[6], []).append((int(f[1]), f[2], int(f[3])))
+        elif f[0] == "E" and len(f) >= 5 and f[3] == "kill" and f[4] == tag:
+            sl_kill = (int(f[1]), int(f[2]))
+        elif f[0] == "E" and len(f) >= 5 and f[3] == "mark" and f[4] == tag + "-end":
+            sl_end = int(f[2])
+    if sl_kill is None:
+        continue
+    kmono, kreal = sl_kill
+    # per-group agent log lines, by (site, group): [(real ns, line)]
+    GRP = re.compile(r'group="?([A-Za-z0-9._-]+)"?')
+    def group_times(site, needle):
+        out = {}
+        for t_, l in site_log(cdir, site):
+            if t_ >= kreal - 10**8 and needle in l:
+                m = GRP.search(l)
+                if m and m.group(1) not in out:
+                    out[m.group(1)] = t_
+        return out
+    marks = {}
+    for site in ("chicago", "seattle"):
+        marks[site] = {k: group_times(site, n) for k, n in (
+            ("claim", "failover: this site takes the group over"),
+            ("open", "promoted: NBD export open"),
+            ("hook", "hook succeeded"))}
+    groups = []
+    for e in exports:
+        g = e.rsplit("-", 1)[0]
+        a = next((x for x in sl_acks.get(e, []) if x[0] > kmono and x[1] != old), None)
+        row = {"group": g, "export": e, "site": a[1] if a else None, "epoch": a[2] if a else None,
+               "rto_s": round((a[0] - kmono) / 1e9, 4) if a else None}
+        if a:
+            m = marks.get(a[1], {})
+            claim, opened, hook = (m.get(k, {}).get(g) for k in ("claim", "open", "hook"))
+            areal = a[0] - kmono + kreal
+            row.update({"kill_to_claim_ms": ms(claim - kreal) if claim else None,
+                        "claim_to_open_ms": ms(opened - claim) if claim and opened else None,
+                        "open_to_ack_ms": ms(areal - opened) if opened else None,
+                        "kill_to_hook_done_ms": ms(hook - kreal) if hook else None})
+        groups.append(row)
+    got = sorted(r["rto_s"] for r in groups if r["rto_s"] is not None)
+    missing = [r["group"] for r in groups if r["rto_s"] is None]
+    def pct(p):
+        return got[min(len(got) - 1, int(round(p / 100 * (len(got) - 1))))] if got else None
+    spread = {"n": len(got), "min": got[0] if got else None, "p10": pct(10), "p25": pct(25),
+              "median": statistics.median(got) if got else None, "p75": pct(75), "p90": pct(90),
+              "max": got[-1] if got else None}
+    steps = [b - a for a, b in zip(got, got[1:])]
+    step = statistics.median(steps) if steps else None
+    sites = {}
+    for r in groups:
+        if r["site"]:
+            sites[r["site"]] = sites.get(r["site"], 0) + 1
+    # warnings and errors the agents logged from the kill to the end of the
+    # wait (later ones are the teardown's)
+    issues = {}
+    end = sl_end if sl_end is not None else kreal + 3600 * 10**9
+    for site in ("ny", "chicago", "seattle"):
+        for t_, l in site_log(cdir, site):
+            if t_ < kreal - 10**8 or t_ > end or not re.search(r"\b(WARN|ERROR)\b", l[:60]):
+                continue
+            msg = re.sub(r"^\S+\s+", "", l)
+            msg = GRP.sub('group=*', msg)
+            msg = re.sub(r"\d+", "N", msg)[:240]
+            k = (site, msg)
+            if k not in issues:
+                issues[k] = {"site": site, "message": msg, "count": 0, "first_after_kill_ms": ms(t_ - kreal)}
+            issues[k]["count"] += 1
+    issues = sorted(issues.values(), key=lambda x: -x["count"])
+    site_loss = {"tag": tag, "groups_total": len(exports), "groups_recovered": len(got), "missing": missing,
+                 "on_promote_s": hook_s, "new_primaries": sites, "rto_spread_s": spread,
+                 "median_step_between_groups_s": step, "groups": groups, "log_issues": issues}
+    if got:
+        b = med_breakdown([r for r in groups if r["rto_s"] is not None],
+                          ["kill_to_claim_ms", "claim_to_open_ms", "open_to_ack_ms"])
+        first = min((r for r in groups if r["rto_s"] is not None), key=lambda r: r["rto_s"])
+        note = (f"RTO spread over {len(got)} groups: min {spread['min']:.2f}, p10 {spread['p10']:.2f}, "
+                f"p25 {spread['p25']:.2f}, median {spread['median']:.2f}, p75 {spread['p75']:.2f}, "
+                f"p90 {spread['p90']:.2f}, max {spread['max']:.2f} s; sorted RTOs {step:.2f} s apart (median step); "
+                if step is not None else
+                f"RTO of the one group: {spread['min']:.2f} s; ")
+        note += (f"new primaries: {', '.join(f'{k} {v}' for k, v in sorted(sites.items()))}; "
+                 f"on_promote sleep {hook_s:g} s; first group ({first['group']}): kill->claim "
+                 f"{first.get('kill_to_claim_ms')} ms; median per group: kill->claim {b['kill_to_claim_ms']} ms, "
+                 f"claim->export open {b['claim_to_open_ms']} ms, open->first ack {b['open_to_ack_ms']} ms")
+        if missing:
+            note += f"; NOT written through a new primary: {' '.join(missing)}"
+        if issues:
+            note += (f"; agents logged {sum(i['count'] for i in issues)} warning/error line(s) between the kill "
+                     f"and the end of the wait (JSON: site_loss.log_issues)")
+        rows.append({"backend": backend,
+                     "metric": f"site-loss RTO, SIGKILL ny -> each group's first ack by its new primary ({len(got)}/{len(exports)} groups)",
+                     "median": spread["median"], "max": spread["max"],
+                     "target": "median <= 3 s, max <= 6 s",
+                     "ok": not missing and spread["median"] <= 3.0 and spread["max"] <= 6.0,
+                     "note": note})
+doc = {"backend": backend, "rows": rows, "rto_trials": rto, "migration_trials": mig,
+       "writes_acked": len(acks)}
+if site_loss is not None:
+    doc["site_loss"] = site_loss
+json.dump(doc, sys.stdout, indent=1)
 PYEOF
 }
 
@@ -720,7 +1089,11 @@ PYEOF
 run_part() {
     local b=$1 rc=0
     mkdir -p "$WORK/$b"
-    log "=== $b: $TRIALS failover trials, $MIG_TRIALS migrations to chicago (and back) ==="
+    local what=""
+    ((WHAT[rto] == 0)) || what+=", $TRIALS failover trials"
+    ((WHAT[migration] == 0)) || what+=", $MIG_TRIALS migrations to chicago (and back)"
+    ((WHAT[site-loss] == 0)) || what+=", site loss with $SL_GROUPS groups"
+    log "=== $b: ${what#, } ==="
     local t0=$SECONDS
     set -m
     (
@@ -745,7 +1118,7 @@ run_part() {
     log "$b: $((SECONDS - t0))s"
 }
 
-log "backends: ${PARTS[*]}; work dir $WORK"
+log "backends: ${PARTS[*]}; parts: ${WHAT_LIST[*]}; work dir $WORK"
 for b in "${PARTS[@]}"; do run_part "$b"; done
 
 # ---------------------------------------------------------------------------
@@ -761,7 +1134,10 @@ if ((RUN[etcd])); then etcd_ver=$("$ETCD_BIN" --version 2>/dev/null | sed -n 1p)
 mkdir -p "$(dirname "$OUT")"
 "$PY" - "$WORK" "$OUT" "$tandem_rev" "$etcd_ver" "$(nproc)" "${PARTS[*]}" \
     "TRIALS=$TRIALS" "MIG_TRIALS=$MIG_TRIALS" "VOLUME_SIZE=$VOLUME_SIZE" "LEASE_TTL=$LEASE_TTL" \
-    "INTERVAL_US=$INTERVAL_US" "WAIT_TIMEOUT=$WAIT_TIMEOUT" "RESTORE=$RESTORE" "TANDEM_BIN=$TANDEM_BIN" <<'PYEOF'
+    "INTERVAL_US=$INTERVAL_US" "WAIT_TIMEOUT=$WAIT_TIMEOUT" "RESTORE=$RESTORE" "TANDEM_BIN=$TANDEM_BIN" \
+    "WHAT=$(IFS=,; printf '%s' "${WHAT_LIST[*]}")" "SL_GROUPS=$SL_GROUPS" "SL_VOLUME_SIZE=$SL_VOLUME_SIZE" \
+    "SL_HOOK_S=$SL_HOOK_S" "SL_INTERVAL_MS=$SL_INTERVAL_MS" "SL_RETRY_MS=$SL_RETRY_MS" \
+    "SL_WAIT_TIMEOUT=$SL_WAIT_TIMEOUT" "SL_READY_TIMEOUT=$SL_READY_TIMEOUT" <<'PYEOF'
 import datetime, json, os, sys
 work, out_path, rev, etcd_ver, ncpu, parts = sys.argv[1:7]
 params = dict(a.split("=", 1) for a in sys.argv[7:])
@@ -797,6 +1173,17 @@ print("notes:")
 for r in rows:
     if r[6]:
         print(f"  {r[0]}, {r[1]}: {r[6]}")
+for b, res in results.items():
+    sl = res.get("site_loss")
+    if not sl:
+        continue
+    print()
+    print(f"site-loss RTO per group, {b} (s; '-': not written through a new primary):")
+    cells = [f"{g['group']} {g['rto_s']:.2f}" if g["rto_s"] is not None else f"{g['group']} -" for g in sl["groups"]]
+    for i in range(0, len(cells), 8):
+        print("  " + "  ".join(c.ljust(10) for c in cells[i:i + 8]).rstrip())
+    for i in sl["log_issues"][:8]:
+        print(f"  log: {i['site']} x{i['count']}: {i['message'][:150]}")
 doc = {"benchmark": "failover",
        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
        "tandem_rev": rev, "tandem_bin": params.pop("TANDEM_BIN"), "etcd": etcd_ver, "cpus": int(ncpu), "params": params, "backends": results,
