@@ -2,6 +2,13 @@
 //! from `<data_dir>/api.token`), `/api/v1/openapi.json`, Prometheus text at
 //! `/metrics`, peers and bandwidth, verify, failover and migrate.
 //!
+//! Each request is parsed once into an [`ApiRequest`]; whatever goes wrong
+//! is an [`ApiError`], and each error has one status code
+//! ([`ApiError::status`]): a bad request 400, no token 401, an unknown
+//! endpoint, group or peer 404, a transition the cluster refuses 409, the
+//! coordinator unreachable 503, no new owner in time 504. Every endpoint
+//! and code is in `openapi.json` (checked by a test).
+//!
 //! Served by `tandem-http` (SPEC G8): bounded heads and bodies (an oversize
 //! `Content-Length` is answered 413 and never allocated), timeouts, at most
 //! 64 connections, each on its own thread.
@@ -10,13 +17,18 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tandem_coordinator::StoreError;
 use tandem_http::{Handler, Limits, Options, Refusal, Request, Response};
 
+use crate::bandwidth::UnknownPeer;
+use crate::ownership::RequestError;
+use crate::view::{OwnerChangeError, VerifyGroupError};
 use crate::{AgentError, Layout, StatusView};
 
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -24,8 +36,6 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// The largest request body taken: the API's bodies are a few bytes of
 /// JSON. A larger one is refused (413) before it is read.
 const MAX_BODY: usize = 64 << 10;
-/// The largest `PUT /api/v1/peers/{site}/bandwidth` body looked at.
-const MAX_BANDWIDTH_BODY: usize = 4096;
 
 /// What a client of the API may do (SPEC G8): bounded heads and bodies,
 /// requests that must arrive in time, and a bounded number of
@@ -51,12 +61,16 @@ pub fn start(
     view: Arc<StatusView>,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, AgentError> {
-    let err = |reason: String| AgentError::Api {
+    let err = |source| AgentError::Api {
         addr: addr.to_owned(),
-        reason,
+        source,
     };
-    let token = load_or_create_token(&layout.data_dir.join("api.token")).map_err(&err)?;
-    let listener = TcpListener::bind(addr).map_err(|e| err(e.to_string()))?;
+    let token_path = layout.data_dir.join("api.token");
+    let token = load_or_create_token(&token_path).map_err(|source| AgentError::Token {
+        path: token_path,
+        source,
+    })?;
+    let listener = TcpListener::bind(addr).map_err(err)?;
     tracing::info!(%addr, "API listening");
     let options = Options {
         name: "api".into(),
@@ -65,175 +79,112 @@ pub fn start(
         drain: Duration::from_secs(2),
     };
     let handler: Arc<dyn Handler> = Arc::new(Api { view, token });
-    tandem_http::spawn(listener, options, stop, handler).map_err(|e| err(e.to_string()))
+    tandem_http::spawn(listener, options, stop, handler).map_err(err)
 }
 
-struct Api {
-    view: Arc<StatusView>,
-    token: String,
+/// One request of the API, parsed.
+#[derive(Debug, PartialEq)]
+enum ApiRequest {
+    OpenApi,
+    Metrics,
+    Status,
+    Peers,
+    SetBandwidth {
+        site: String,
+        bps: Option<u64>,
+    },
+    Verify {
+        group: String,
+    },
+    ChangeOwner {
+        group: String,
+        migrate: bool,
+        to: Option<String>,
+        force: bool,
+    },
 }
 
-impl Handler for Api {
-    fn handle(&self, request: Request, peer: SocketAddr) -> Response {
-        let response = handle(&request, &self.view, &self.token);
-        if response.status >= 400 {
-            tracing::debug!(%peer, method = %request.method, path = %request.path, status = response.status, "API: refused");
-        }
-        response
-    }
-
-    fn refused(&self, refusal: &Refusal) -> Response {
-        error(&refusal.message, refusal.problem.status())
-    }
+/// Why a request was not served. Each has one status code.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("missing or wrong bearer token (see <data_dir>/api.token)")]
+    Unauthorized,
+    #[error("no such endpoint: {method} {path}")]
+    NoEndpoint { method: String, path: String },
+    #[error("request body is not UTF-8")]
+    NotUtf8,
+    #[error("bad request body: {0}")]
+    BadBody(#[source] serde_json::Error),
+    #[error(
+        "\"bandwidth\" must be a rate like \"50Mbit\", \"unlimited\", \"paused\" or null, not {0}"
+    )]
+    BadBandwidth(serde_json::Value),
+    #[error(transparent)]
+    BadRate(#[from] tandem_config::UnitError),
+    #[error(transparent)]
+    UnknownPeer(#[from] UnknownPeer),
+    #[error(transparent)]
+    Verify(#[from] VerifyGroupError),
+    #[error(transparent)]
+    OwnerChange(#[from] OwnerChangeError),
+    #[error("cannot encode the answer: {0}")]
+    Encode(#[source] serde_json::Error),
 }
 
-fn json(body: String, code: u16) -> Response {
-    Response::json(code, body)
-}
-
-fn error(message: &str, code: u16) -> Response {
-    json(serde_json::json!({ "error": message }).to_string(), code)
-}
-
-/// The body as text, at most `max` bytes of it (as the API always read).
-fn body_text(request: &Request, max: usize) -> Result<String, String> {
-    let body = &request.body[..request.body.len().min(max)];
-    String::from_utf8(body.to_vec()).map_err(|_| "stream did not contain valid UTF-8".to_owned())
-}
-
-fn handle(request: &Request, view: &Arc<StatusView>, token: &str) -> Response {
-    let path = request.path.as_str();
-    let authorized = request
-        .headers
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("Authorization"))
-        .any(|(_, value)| {
-            value
-                .strip_prefix("Bearer ")
-                .is_some_and(|t| t.trim() == token)
-        });
-    match (request.method.as_str(), path) {
-        ("GET", "/api/v1/openapi.json") => json(OPENAPI.to_owned(), 200),
-        ("GET", "/metrics") => Response::new(
-            200,
-            "text/plain; version=0.0.4",
-            crate::metrics::render(&view.status(), &view.nbd),
-        ),
-        (_, p) if p.starts_with("/api/v1/") && !authorized => json(
-            r#"{"error":"missing or wrong bearer token (see <data_dir>/api.token)"}"#.to_owned(),
-            401,
-        ),
-        ("GET", "/api/v1/status") => match serde_json::to_string_pretty(&view.status()) {
-            Ok(body) => json(body, 200),
-            Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
-        },
-        ("POST", p) if p.starts_with("/api/v1/groups/") && p.ends_with("/verify") => {
-            // Long work: this connection's thread waits for it.
-            let group = p
-                .trim_start_matches("/api/v1/groups/")
-                .trim_end_matches("/verify");
-            match view.verify(group) {
-                Ok(result) => json(
-                    serde_json::to_string_pretty(&result).unwrap_or_default(),
-                    200,
-                ),
-                Err(e) => error(&e, 404),
-            }
-        }
-        ("POST", p)
-            if p.starts_with("/api/v1/groups/")
-                && (p.ends_with("/failover") || p.ends_with("/migrate")) =>
-        {
-            // Long work too.
-            let migrate = p.ends_with("/migrate");
-            let group = p
-                .trim_start_matches("/api/v1/groups/")
-                .trim_end_matches("/failover")
-                .trim_end_matches("/migrate");
-            let parsed: Result<OwnerChange, String> =
-                body_text(request, MAX_BODY).and_then(|body| {
-                    if body.trim().is_empty() {
-                        Ok(OwnerChange::default())
-                    } else {
-                        serde_json::from_str(&body).map_err(|e| format!("bad request body: {e}"))
-                    }
-                });
-            match parsed {
-                Err(e) => error(&e, 400),
-                Ok(change) => match view.change_owner(group, migrate, change.to, change.force) {
-                    Ok(done) => json(serde_json::to_string_pretty(&done).unwrap_or_default(), 200),
-                    Err(e) => error(&e, 409),
+impl ApiError {
+    /// The HTTP status code of this error.
+    fn status(&self) -> u16 {
+        match self {
+            ApiError::Unauthorized => 401,
+            ApiError::NoEndpoint { .. } => 404,
+            ApiError::NotUtf8
+            | ApiError::BadBody(_)
+            | ApiError::BadBandwidth(_)
+            | ApiError::BadRate(_) => 400,
+            ApiError::UnknownPeer(_) => 404,
+            ApiError::Verify(VerifyGroupError::NotPrimary(_)) => 404,
+            ApiError::OwnerChange(e) => match e {
+                OwnerChangeError::NoCoordinator => 409,
+                OwnerChangeError::NoTarget => 400,
+                OwnerChangeError::Request(r) => match r {
+                    RequestError::UnknownGroup(_) => 404,
+                    RequestError::NotMember { .. } => 400,
+                    RequestError::NoOwner(_) | RequestError::OwnerAlive { .. } => 409,
+                    RequestError::TimedOut { .. } => 504,
+                    RequestError::Store(StoreError::Unreachable(_)) => 503,
+                    RequestError::Store(_) => 502,
                 },
-            }
+            },
+            ApiError::Encode(_) => 500,
         }
-        ("GET", "/api/v1/peers") => match serde_json::to_string_pretty(&view.bandwidth.status()) {
-            Ok(body) => json(body, 200),
-            Err(e) => json(format!(r#"{{"error":"{e}"}}"#), 500),
-        },
-        ("PUT", p) if p.starts_with("/api/v1/peers/") && p.ends_with("/bandwidth") => {
-            let site = p
-                .trim_start_matches("/api/v1/peers/")
-                .trim_end_matches("/bandwidth");
-            let result = body_text(request, MAX_BANDWIDTH_BODY)
-                .and_then(|body| parse_bandwidth(&body))
-                .and_then(|bps| view.bandwidth.set_override(site, bps));
-            match result {
-                Ok(()) => json(
-                    serde_json::to_string(&view.bandwidth.status()).unwrap_or_default(),
-                    200,
-                ),
-                Err(e) => error(&e, 400),
-            }
-        }
-        (_, p) => json(
-            format!(r#"{{"error":"no such endpoint: {}"}}"#, p.escape_default()),
-            404,
-        ),
     }
 }
 
-/// `{"bandwidth": "50Mbit" | "unlimited" | "paused" | null}`: the override
-/// to set, `None` to go back to the configuration.
-fn parse_bandwidth(body: &str) -> Result<Option<u64>, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    match &v["bandwidth"] {
-        serde_json::Value::Null => Ok(None),
-        serde_json::Value::String(s) if s == "unlimited" => Ok(Some(tandem_replication::throttle::UNLIMITED)),
-        serde_json::Value::String(s) if s == "paused" => Ok(Some(0)),
-        serde_json::Value::String(s) => tandem_config::parse_rate(s)
-            .map(|r| Some(r.bits_per_sec()))
-            .map_err(|e| e.to_string()),
-        other => Err(format!("\"bandwidth\" must be a rate like \"50Mbit\", \"unlimited\", \"paused\" or null, not {other}")),
-    }
-}
-
-/// The API token: created once (mode 0600), then reused.
-fn load_or_create_token(path: &std::path::Path) -> Result<String, String> {
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let mut token = String::new();
-        f.read_to_string(&mut token)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let token = token.trim().to_owned();
-        if !token.is_empty() {
-            return Ok(token);
-        }
-    }
-    let mut raw = [0u8; 24];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
-    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    writeln!(f, "{token}").map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(token)
-}
+/// Every endpoint: method, path (as in `openapi.json`) and the status
+/// codes it answers with besides 200 (what the OpenAPI test checks).
+#[cfg(test)]
+const ENDPOINTS: &[(&str, &str, &[u16])] = &[
+    ("GET", "/api/v1/openapi.json", &[]),
+    ("GET", "/metrics", &[]),
+    ("GET", "/api/v1/status", &[401]),
+    ("GET", "/api/v1/peers", &[401]),
+    (
+        "PUT",
+        "/api/v1/peers/{site}/bandwidth",
+        &[400, 401, 404, 413],
+    ),
+    ("POST", "/api/v1/groups/{group}/verify", &[401, 404]),
+    (
+        "POST",
+        "/api/v1/groups/{group}/failover",
+        &[400, 401, 404, 409, 413, 502, 503, 504],
+    ),
+    (
+        "POST",
+        "/api/v1/groups/{group}/migrate",
+        &[400, 401, 404, 409, 413, 502, 503, 504],
+    ),
+];
 
 /// Body of `POST /api/v1/groups/{group}/failover` and `/migrate`.
 #[derive(Default, serde::Deserialize)]
@@ -243,4 +194,375 @@ struct OwnerChange {
     to: Option<String>,
     #[serde(default)]
     force: bool,
+}
+
+/// `/api/v1/groups/{group}/{action}` -> (group, action).
+fn group_action(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/api/v1/groups/")?;
+    let (group, action) = rest.split_once('/')?;
+    (!group.is_empty() && !action.contains('/')).then_some((group, action))
+}
+
+/// `/api/v1/peers/{site}/bandwidth` -> site.
+fn peer_bandwidth(path: &str) -> Option<&str> {
+    let site = path
+        .strip_prefix("/api/v1/peers/")?
+        .strip_suffix("/bandwidth")?;
+    (!site.is_empty() && !site.contains('/')).then_some(site)
+}
+
+fn body_text(request: &Request) -> Result<&str, ApiError> {
+    std::str::from_utf8(&request.body).map_err(|_| ApiError::NotUtf8)
+}
+
+/// `{"bandwidth": "50Mbit" | "unlimited" | "paused" | null}`: the override
+/// to set, `None` to go back to the configuration.
+fn parse_bandwidth(body: &str) -> Result<Option<u64>, ApiError> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(ApiError::BadBody)?;
+    match &v["bandwidth"] {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) if s == "unlimited" => {
+            Ok(Some(tandem_replication::throttle::UNLIMITED))
+        }
+        serde_json::Value::String(s) if s == "paused" => Ok(Some(0)),
+        serde_json::Value::String(s) => Ok(Some(tandem_config::parse_rate(s)?.bits_per_sec())),
+        other => Err(ApiError::BadBandwidth(other.clone())),
+    }
+}
+
+/// Parses a request: what it asks, or why it cannot be served.
+fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
+    let (method, path) = (request.method.as_str(), request.path.as_str());
+    let no_endpoint = || ApiError::NoEndpoint {
+        method: method.to_owned(),
+        path: path.escape_default().to_string(),
+    };
+    match (method, path) {
+        ("GET", "/api/v1/openapi.json") => return Ok(ApiRequest::OpenApi),
+        ("GET", "/metrics") => return Ok(ApiRequest::Metrics),
+        _ => {}
+    }
+    if !path.starts_with("/api/v1/") {
+        return Err(no_endpoint());
+    }
+    let authorized = request
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("Authorization"))
+        .any(|(_, value)| {
+            value
+                .strip_prefix("Bearer ")
+                .is_some_and(|t| t.trim() == token)
+        });
+    if !authorized {
+        return Err(ApiError::Unauthorized);
+    }
+    match method {
+        "GET" if path == "/api/v1/status" => Ok(ApiRequest::Status),
+        "GET" if path == "/api/v1/peers" => Ok(ApiRequest::Peers),
+        "PUT" => {
+            let site = peer_bandwidth(path).ok_or_else(no_endpoint)?;
+            Ok(ApiRequest::SetBandwidth {
+                site: site.to_owned(),
+                bps: parse_bandwidth(body_text(request)?)?,
+            })
+        }
+        "POST" => {
+            let (group, action) = group_action(path).ok_or_else(no_endpoint)?;
+            let group = group.to_owned();
+            match action {
+                "verify" => Ok(ApiRequest::Verify { group }),
+                "failover" | "migrate" => {
+                    let body = body_text(request)?;
+                    let change: OwnerChange = if body.trim().is_empty() {
+                        OwnerChange::default()
+                    } else {
+                        serde_json::from_str(body).map_err(ApiError::BadBody)?
+                    };
+                    Ok(ApiRequest::ChangeOwner {
+                        group,
+                        migrate: action == "migrate",
+                        to: change.to,
+                        force: change.force,
+                    })
+                }
+                _ => Err(no_endpoint()),
+            }
+        }
+        _ => Err(no_endpoint()),
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Response, ApiError> {
+    serde_json::to_string_pretty(value)
+        .map(|body| Response::json(200, body))
+        .map_err(ApiError::Encode)
+}
+
+/// Carries a request out (verify, failover and migrate hold this
+/// connection's thread until the work is done).
+fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
+    match request {
+        ApiRequest::OpenApi => Ok(Response::json(200, OPENAPI.to_owned())),
+        ApiRequest::Metrics => Ok(Response::new(
+            200,
+            "text/plain; version=0.0.4",
+            crate::metrics::render(&view.status(), &view.nbd),
+        )),
+        ApiRequest::Status => to_json(&view.status()),
+        ApiRequest::Peers => to_json(&view.bandwidth.status()),
+        ApiRequest::SetBandwidth { site, bps } => {
+            view.bandwidth.set_override(&site, bps)?;
+            to_json(&view.bandwidth.status())
+        }
+        ApiRequest::Verify { group } => to_json(&view.verify(&group)?),
+        ApiRequest::ChangeOwner {
+            group,
+            migrate,
+            to,
+            force,
+        } => to_json(&view.change_owner(&group, migrate, to, force)?),
+    }
+}
+
+fn error(message: &str, code: u16) -> Response {
+    Response::json(code, serde_json::json!({ "error": message }).to_string())
+}
+
+struct Api {
+    view: Arc<StatusView>,
+    token: String,
+}
+
+impl Handler for Api {
+    fn handle(&self, request: Request, peer: SocketAddr) -> Response {
+        match parse(&request, &self.token).and_then(|r| serve(r, &self.view)) {
+            Ok(response) => response,
+            Err(e) => {
+                let status = e.status();
+                tracing::debug!(%peer, method = %request.method, path = %request.path, status, "API: {e}");
+                error(&e.to_string(), status)
+            }
+        }
+    }
+
+    fn refused(&self, refusal: &Refusal) -> Response {
+        error(&refusal.message, refusal.problem.status())
+    }
+}
+
+/// The API token: created once (mode 0600), then reused.
+fn load_or_create_token(path: &Path) -> Result<String, std::io::Error> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut raw = [0u8; 24];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut raw))?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{token}")?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Request {
+        Request {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            query: None,
+            headers: token
+                .map(|t| vec![("Authorization".to_owned(), format!("Bearer {t}"))])
+                .unwrap_or_default(),
+            body: body.as_bytes().to_vec(),
+            close: false,
+        }
+    }
+
+    fn status_of(method: &str, path: &str, token: Option<&str>, body: &str) -> u16 {
+        match parse(&request(method, path, token, body), "secret") {
+            Ok(_) => 200,
+            Err(e) => e.status(),
+        }
+    }
+
+    #[test]
+    fn requests_parse_into_their_actions() {
+        let p = |m, path, body| parse(&request(m, path, Some("secret"), body), "secret").ok();
+        assert_eq!(p("GET", "/api/v1/status", ""), Some(ApiRequest::Status));
+        assert_eq!(
+            p(
+                "POST",
+                "/api/v1/groups/web01/migrate",
+                r#"{"to":"chicago"}"#
+            ),
+            Some(ApiRequest::ChangeOwner {
+                group: "web01".into(),
+                migrate: true,
+                to: Some("chicago".into()),
+                force: false
+            })
+        );
+        assert_eq!(
+            p("POST", "/api/v1/groups/web01/failover", ""),
+            Some(ApiRequest::ChangeOwner {
+                group: "web01".into(),
+                migrate: false,
+                to: None,
+                force: false
+            })
+        );
+        assert_eq!(
+            p(
+                "PUT",
+                "/api/v1/peers/chicago/bandwidth",
+                r#"{"bandwidth":"paused"}"#
+            ),
+            Some(ApiRequest::SetBandwidth {
+                site: "chicago".into(),
+                bps: Some(0)
+            })
+        );
+        assert_eq!(
+            p("POST", "/api/v1/groups/web01/verify", ""),
+            Some(ApiRequest::Verify {
+                group: "web01".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_their_status_codes() {
+        assert_eq!(status_of("GET", "/api/v1/status", None, ""), 401);
+        assert_eq!(status_of("GET", "/api/v1/status", Some("wrong"), ""), 401);
+        assert_eq!(status_of("GET", "/metrics", None, ""), 200);
+        assert_eq!(status_of("GET", "/nothing", None, ""), 404);
+        assert_eq!(
+            status_of("DELETE", "/api/v1/status", Some("secret"), ""),
+            404
+        );
+        assert_eq!(
+            status_of("POST", "/api/v1/groups/a/b/failover", Some("secret"), ""),
+            404
+        );
+        assert_eq!(
+            status_of("POST", "/api/v1/groups/g/failover", Some("secret"), "{"),
+            400
+        );
+        assert_eq!(
+            status_of(
+                "POST",
+                "/api/v1/groups/g/failover",
+                Some("secret"),
+                r#"{"to":1}"#
+            ),
+            400
+        );
+        assert_eq!(
+            status_of(
+                "POST",
+                "/api/v1/groups/g/migrate",
+                Some("secret"),
+                r#"{"bogus":1}"#
+            ),
+            400
+        );
+        assert_eq!(
+            status_of(
+                "PUT",
+                "/api/v1/peers/ny/bandwidth",
+                Some("secret"),
+                r#"{"bandwidth":7}"#
+            ),
+            400
+        );
+        assert_eq!(
+            status_of(
+                "PUT",
+                "/api/v1/peers/ny/bandwidth",
+                Some("secret"),
+                r#"{"bandwidth":"fast"}"#
+            ),
+            400
+        );
+    }
+
+    #[test]
+    fn every_error_maps_to_a_status_the_openapi_document_lists() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut listed = 0;
+        for (path, ops) in paths {
+            for method in ops.as_object().expect("operations").keys() {
+                listed += 1;
+                assert!(
+                    ENDPOINTS
+                        .iter()
+                        .any(|(m, p, _)| m.eq_ignore_ascii_case(method) && p == path),
+                    "openapi.json lists {method} {path}, which the API does not serve"
+                );
+            }
+        }
+        assert_eq!(listed, ENDPOINTS.len(), "every endpoint is in openapi.json");
+        for (method, path, codes) in ENDPOINTS {
+            let op = &doc["paths"][path][method.to_ascii_lowercase()];
+            assert!(op.is_object(), "openapi.json lacks {method} {path}");
+            for code in std::iter::once(&200).chain(codes.iter()) {
+                assert!(
+                    op["responses"][code.to_string()].is_object(),
+                    "openapi.json: {method} {path} lacks response {code}"
+                );
+            }
+        }
+        // Each error's code is one its endpoint declares.
+        let change = |e: RequestError| ApiError::OwnerChange(OwnerChangeError::Request(e));
+        let owner_errors = [
+            ApiError::OwnerChange(OwnerChangeError::NoCoordinator),
+            ApiError::OwnerChange(OwnerChangeError::NoTarget),
+            change(RequestError::UnknownGroup("g".into())),
+            change(RequestError::NotMember {
+                site: "x".into(),
+                group: "g".into(),
+            }),
+            change(RequestError::NoOwner("g".into())),
+            change(RequestError::OwnerAlive {
+                owner: "ny".into(),
+                group: "g".into(),
+                epoch: 1,
+            }),
+            change(RequestError::TimedOut {
+                group: "g".into(),
+                waited: Duration::from_secs(1),
+            }),
+            change(RequestError::Store(StoreError::Unreachable("down".into()))),
+            change(RequestError::Store(StoreError::Protocol("bad".into()))),
+            ApiError::Unauthorized,
+        ];
+        let failover = ENDPOINTS
+            .iter()
+            .find(|(_, p, _)| p.ends_with("/failover"))
+            .map(|(_, _, c)| *c)
+            .unwrap_or_default();
+        for e in &owner_errors {
+            assert!(
+                failover.contains(&e.status()),
+                "{e}: status {} is not declared for failover",
+                e.status()
+            );
+        }
+        let verify = ApiError::Verify(VerifyGroupError::NotPrimary("g".into()));
+        assert_eq!(verify.status(), 404);
+        assert_eq!(ApiError::UnknownPeer(UnknownPeer("x".into())).status(), 404);
+    }
 }

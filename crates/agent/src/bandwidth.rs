@@ -81,11 +81,11 @@ impl Bandwidth {
     }
 
     /// Sets (Some) or clears (None) the runtime override of a peer.
-    pub fn set_override(&self, site: &str, bps: Option<u64>) -> Result<(), String> {
+    pub fn set_override(&self, site: &str, bps: Option<u64>) -> Result<(), UnknownPeer> {
         let p = self
             .peers
             .get(site)
-            .ok_or_else(|| format!("no peer site named {site:?}"))?;
+            .ok_or_else(|| UnknownPeer(site.to_owned()))?;
         *p.override_bps.lock() = bps;
         p.limiter.set_rate(Self::effective(p));
         tracing::info!(peer = site, override_bps = ?bps, "bandwidth override changed through the API");
@@ -135,3 +135,8 @@ fn local_weekday_minute() -> (u8, u16) {
         )
     }
 }
+
+/// A bandwidth override named a site that is not a peer of this one.
+#[derive(Debug, thiserror::Error)]
+#[error("no peer site named {0:?}")]
+pub struct UnknownPeer(pub String);

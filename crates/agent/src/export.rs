@@ -81,7 +81,7 @@ impl VolumeExport {
                 image.sync().map_err(volume_error)?;
             }
             let Some(policy) = sync else {
-                return gate.admit();
+                return gate.pass();
             };
             match capture.wait_replicated(
                 seq,
@@ -90,10 +90,10 @@ impl VolumeExport {
                 policy.degrade,
                 SYNC_WARN_EVERY,
             ) {
-                SyncOutcome::Replicated => gate.admit(),
+                SyncOutcome::Replicated => gate.pass(),
                 SyncOutcome::Degraded => {
                     warn_degraded(&capture);
-                    gate.admit()
+                    gate.pass()
                 }
                 SyncOutcome::Closing => Err(ExportError::new(
                     ErrorCode::Shutdown,
@@ -111,7 +111,7 @@ impl VolumeExport {
         let seq = result.map_err(capture_error)?;
         // Checked again after the change: the acknowledgement is what
         // fencing must stop.
-        self.gate.admit()?;
+        self.gate.pass()?;
         Ok(self.completion(seq, fua))
     }
 }
@@ -171,7 +171,7 @@ impl Export for VolumeExport {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Completion, ExportError> {
-        self.gate.admit()?;
+        self.gate.pass()?;
         self.changed(self.capture.write(self.index, offset, data, fua), fua)
     }
 
@@ -181,7 +181,7 @@ impl Export for VolumeExport {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<Completion, ExportError> {
-        self.gate.admit()?;
+        self.gate.pass()?;
         let result = self.capture.write_zeroes(
             self.index,
             offset,
@@ -194,12 +194,12 @@ impl Export for VolumeExport {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<Completion, ExportError> {
-        self.gate.admit()?;
+        self.gate.pass()?;
         self.changed(self.capture.trim(self.index, offset, len, fua), fua)
     }
 
     fn flush(&self) -> Result<Completion, ExportError> {
-        self.gate.admit()?;
+        self.gate.pass()?;
         let seq = self.capture.flush(self.index).map_err(capture_error)?;
         Ok(self.completion(seq, true))
     }

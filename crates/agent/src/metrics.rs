@@ -36,7 +36,7 @@ pub fn render(status: &SiteStatus, nbd: &Stats) -> String {
             .map(|g| {
                 (
                     group_labels(&g.name),
-                    f64::from(u8::from(g.role == "primary")),
+                    f64::from(u8::from(g.role == crate::status::Role::Primary)),
                 )
             })
             .collect(),

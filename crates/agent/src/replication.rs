@@ -1,61 +1,125 @@
 //! Replication in the agent: the peer listener that serves primaries'
-//! sessions for the groups this site replicates, and the shippers that
-//! stream each group this site is primary for to its replicas.
+//! sessions for the groups this site replicates, and connecting the
+//! shippers of the groups this site is primary for to their replicas.
 
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use tandem_replication::receiver::{self, ReceiverContext};
-use tandem_replication::shipper::Link;
+use tandem_replication::shipper::{ConnectError, Connection};
 use tandem_tls::{PeerStream, TlsIdentity};
 use tracing::{info, warn};
 
-/// A peer silent this long is gone (the primary pings every second).
+/// A peer silent this long is gone (the primary pings every 100 ms when
+/// idle).
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// Accepts primaries' connections on `site.listen` until `stop`.
-pub fn listen(
-    listener: TcpListener,
-    ctx: Arc<ReceiverContext>,
-    tls: Option<Arc<TlsIdentity>>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new()
-        .name("peer-accept".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                if stop.load(Ordering::Acquire) {
-                    break;
-                }
-                let tcp = match conn {
-                    Ok(tcp) => tcp,
-                    Err(e) => {
-                        warn!("peer accept failed: {e}");
-                        thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                };
-                let (ctx, tls) = (Arc::clone(&ctx), tls.clone());
-                let spawned = thread::Builder::new()
-                    .name("peer-session".into())
-                    .spawn(move || serve_peer(tcp, &ctx, tls.as_deref()));
-                if let Err(e) = spawned {
-                    warn!("cannot start a peer session thread: {e}");
-                }
-            }
-        })
+/// Inbound sessions allowed at once: one per group and primary is normal
+/// (a group has one primary, but an old one may still knock while a new
+/// one streams), plus room for connections that are refused.
+pub fn session_cap(groups: usize) -> usize {
+    64 + 4 * groups
 }
 
-fn serve_peer(tcp: TcpStream, ctx: &ReceiverContext, tls: Option<&TlsIdentity>) {
-    let peer = tcp
-        .peer_addr()
+/// The listener on `site.listen`: one thread accepting, one thread per
+/// session, at most `cap` sessions (more are closed at once, with a log
+/// line naming the peer).
+pub struct PeerListener {
+    /// An owned duplicate of the listening socket: shutting it down wakes
+    /// the accept thread (the same socket), which owns the original.
+    waker: TcpListener,
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl PeerListener {
+    pub fn start(
+        listener: TcpListener,
+        ctx: Arc<ReceiverContext>,
+        tls: Option<Arc<TlsIdentity>>,
+        cap: usize,
+    ) -> std::io::Result<PeerListener> {
+        let waker = listener.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            thread::Builder::new()
+                .name("peer-accept".into())
+                .spawn(move || accept_loop(&listener, &ctx, tls.as_ref(), cap, &running, &stop))?
+        };
+        Ok(PeerListener {
+            waker,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops accepting; running sessions end with their connections.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = rustix::net::shutdown(&self.waker, rustix::net::Shutdown::Both) {
+            warn!("cannot wake the peer listener: {e}");
+        }
+        let _ = self.thread.join();
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    ctx: &Arc<ReceiverContext>,
+    tls: Option<&Arc<TlsIdentity>>,
+    cap: usize,
+    running: &Arc<AtomicUsize>,
+    stop: &AtomicBool,
+) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let tcp = match conn {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                warn!("peer accept failed: {e}");
+                thread::sleep(ACCEPT_RETRY);
+                continue;
+            }
+        };
+        let peer = peer_name(&tcp);
+        if running.fetch_add(1, Ordering::AcqRel) >= cap {
+            running.fetch_sub(1, Ordering::AcqRel);
+            warn!(%peer, cap, "refusing peer connection: too many replication sessions");
+            continue; // dropped: closed
+        }
+        let (ctx, tls, running) = (Arc::clone(ctx), tls.cloned(), Arc::clone(running));
+        let spawned = thread::Builder::new()
+            .name("peer-session".into())
+            .spawn(move || {
+                serve_peer(tcp, &peer, &ctx, tls.as_deref());
+                running.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a peer session thread: {e}");
+        }
+    }
+}
+
+fn peer_name(tcp: &TcpStream) -> String {
+    tcp.peer_addr()
         .map(|a| a.to_string())
-        .unwrap_or_else(|_| "unknown".into());
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn serve_peer(tcp: TcpStream, peer: &str, ctx: &ReceiverContext, tls: Option<&TlsIdentity>) {
     let _ = tcp.set_nodelay(true);
+    // Bounds the TLS handshake and every later read.
+    let _ = tcp.set_read_timeout(Some(READ_TIMEOUT));
     let stream = match tls {
         Some(identity) => match PeerStream::accept_tls(tcp, identity) {
             Ok(s) => s,
@@ -66,7 +130,6 @@ fn serve_peer(tcp: TcpStream, ctx: &ReceiverContext, tls: Option<&TlsIdentity>) 
         },
         None => PeerStream::Plain(tcp),
     };
-    let _ = stream.tcp().set_read_timeout(Some(READ_TIMEOUT));
     // A promotion ends this session at once rather than wait for a silent
     // old primary to time out.
     let closer: Option<receiver::SessionCloser> = stream.tcp().try_clone().ok().map(|tcp| {
@@ -92,36 +155,51 @@ fn serve_peer(tcp: TcpStream, ctx: &ReceiverContext, tls: Option<&TlsIdentity>) 
 
 /// Connects to a replica site at `address`; TLS checks that the server is
 /// `site`.
-pub fn connect(address: &str, site: &str, tls: Option<&TlsIdentity>) -> Result<Link, String> {
+pub fn connect(
+    address: &str,
+    site: &str,
+    tls: Option<&TlsIdentity>,
+) -> Result<Connection, ConnectError> {
     let addrs: Vec<SocketAddr> = address
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {address}: {e}"))?
+        .map_err(|source| ConnectError::Resolve {
+            address: address.to_owned(),
+            source,
+        })?
         .collect();
-    let mut last = format!("no address for {address}");
+    let mut last = None;
     let tcp = addrs
         .iter()
         .find_map(|a| match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
             Ok(s) => Some(s),
             Err(e) => {
-                last = format!("connect to {site} at {a}: {e}");
+                last = Some((*a, e));
                 None
             }
-        })
-        .ok_or(last)?;
+        });
+    let tcp = match (tcp, last) {
+        (Some(tcp), _) => tcp,
+        (None, Some((addr, source))) => {
+            return Err(ConnectError::Connect {
+                site: site.to_owned(),
+                addr,
+                source,
+            })
+        }
+        (None, None) => return Err(ConnectError::NoAddress(address.to_owned())),
+    };
     let _ = tcp.set_nodelay(true);
     let stream = match tls {
-        Some(identity) => {
-            PeerStream::connect_tls(tcp, identity, site).map_err(|e| e.to_string())?
-        }
+        Some(identity) => PeerStream::connect_tls(tcp, identity, site)?,
         None => PeerStream::Plain(tcp),
     };
     stream
         .tcp()
         .set_read_timeout(Some(READ_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let closer = stream.try_clone_tcp().map_err(|e| e.to_string())?;
-    let (reader, writer) = stream.split().map_err(|e| e.to_string())?;
-    Ok(Link {
+        .map_err(ConnectError::Socket)?;
+    let closer = stream.try_clone_tcp().map_err(ConnectError::Socket)?;
+    let (reader, writer) = stream.split().map_err(ConnectError::Socket)?;
+    Ok(Connection {
         reader: Box::new(reader),
         writer: Box::new(writer),
         close: Box::new(move || {

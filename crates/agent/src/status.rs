@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use tandem_config::Mode;
+pub use tandem_coordinator::keys::Role;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SiteStatus {
     pub site: String,
@@ -13,12 +16,10 @@ pub struct SiteStatus {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct GroupStatus {
     pub name: String,
-    /// `primary` | `replica` | `fenced` | `down`
-    pub role: String,
+    pub role: Role,
     pub epoch: u64,
     pub primary: String,
-    /// `async` | `sync`
-    pub mode: String,
+    pub mode: Mode,
     pub replicas: Vec<ReplicaStatus>,
     /// Primary only: the sequence number the next change gets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,8 +36,7 @@ pub struct GroupStatus {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ReplicaStatus {
     pub site: String,
-    /// `streaming` | `resyncing` | `inconsistent` | `disconnected` | `paused`
-    pub state: String,
+    pub state: ReplicaState,
     pub lag_bytes: u64,
     pub lag_seconds: f64,
     /// Every change up to here is durable on the replica.
@@ -54,6 +54,42 @@ pub struct ReplicaStatus {
     pub raw_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// How a replica is doing (SPEC §4.4 `state`; the words are pinned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Connected, and a consistent prefix of the primary's writes.
+    Streaming,
+    /// Being compared and brought up to date; consistent meanwhile (an
+    /// overflow resync of known-dirty ranges).
+    Resyncing,
+    /// Not a consistent prefix (mid-resync without an undo log, or new):
+    /// never promoted automatically (G3).
+    Inconsistent,
+    /// No session.
+    Disconnected,
+    /// Connected but its link's bandwidth is set to zero.
+    Paused,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Streaming => "streaming",
+            ReplicaState::Resyncing => "resyncing",
+            ReplicaState::Inconsistent => "inconsistent",
+            ReplicaState::Disconnected => "disconnected",
+            ReplicaState::Paused => "paused",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -720,6 +720,13 @@ impl GroupCapture {
         }
     }
 
+    /// Waits up to `timeout` for a replica's acknowledgement (or a change
+    /// of its connection), for callers that watch [`GroupCapture::lag`].
+    pub fn wait_acknowledged(&self, timeout: Duration) {
+        let mut st = self.state.lock();
+        self.acknowledged.wait_for(&mut st, timeout);
+    }
+
     /// Releases every synchronous wait (the agent is stopping).
     pub fn close(&self) {
         self.closing
@@ -753,6 +760,8 @@ impl GroupCapture {
             }
         }
         st.trim();
+        drop(st);
+        self.acknowledged.notify_all();
         Ok(())
     }
 

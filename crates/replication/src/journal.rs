@@ -17,25 +17,9 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Largest data of one entry (one NBD request).
 const MAX_DATA: u64 = 64 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryOp {
-    Write = 0,
-    WriteZeroes = 1,
-    Trim = 2,
-    Flush = 3,
-}
-
-impl EntryOp {
-    fn from_u8(v: u8) -> Option<EntryOp> {
-        Some(match v {
-            0 => EntryOp::Write,
-            1 => EntryOp::WriteZeroes,
-            2 => EntryOp::Trim,
-            3 => EntryOp::Flush,
-            _ => return None,
-        })
-    }
-}
+/// A journaled record's operation: the peer protocol's, with the same
+/// values on disk as on the wire (docs/REPLICA.md).
+pub use tandem_peer::RecordOp;
 
 /// One journaled record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +27,7 @@ pub struct Entry {
     pub epoch: u64,
     pub seq: u64,
     pub volume: u32,
-    pub op: EntryOp,
+    pub op: RecordOp,
     pub fua: bool,
     pub offset: u64,
     pub len: u64,
@@ -92,7 +76,7 @@ impl Entry {
         else {
             return Ok(None);
         };
-        let Some(op) = EntryOp::from_u8(h[28]) else {
+        let Some(op) = RecordOp::from_u8(h[28]) else {
             return Ok(None);
         };
         let mut data = vec![0u8; data_len as usize];
@@ -416,7 +400,7 @@ mod tests {
             epoch: 1,
             seq,
             volume: 0,
-            op: EntryOp::Write,
+            op: RecordOp::Write,
             fua: false,
             offset: seq * 4096,
             len: n as u64,

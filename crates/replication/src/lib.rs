@@ -7,6 +7,7 @@ pub mod files;
 pub mod journal;
 pub mod receiver;
 pub mod replica;
+pub mod session;
 pub mod shipper;
 pub mod state;
 pub mod throttle;

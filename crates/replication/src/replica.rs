@@ -22,7 +22,7 @@ use parking_lot::{Condvar, Mutex};
 use tandem_volume::RawImage;
 
 use crate::error::ReplicaError;
-use crate::journal::{remove_segments, Entry, EntryOp, Journal, HEADER_LEN};
+use crate::journal::{remove_segments, Entry, Journal, RecordOp, HEADER_LEN};
 use crate::state::{ReplicaState, StateFile};
 
 /// Images are synced and the applied position recorded at least this often
@@ -70,7 +70,7 @@ struct Received {
     epoch: u64,
     seq: u64,
     volume: u32,
-    op: EntryOp,
+    op: RecordOp,
     offset: u64,
     len: u64,
     data: Range<usize>,
@@ -383,7 +383,7 @@ impl ReplicaGroup {
             });
         };
         let size = volume.image.size();
-        if entry.op != EntryOp::Flush
+        if entry.op != RecordOp::Flush
             && entry
                 .offset
                 .checked_add(entry.len)
@@ -810,7 +810,7 @@ fn apply(
     volumes: &[ReplicaVolume],
     volume: u32,
     seq: u64,
-    op: EntryOp,
+    op: RecordOp,
     offset: u64,
     len: u64,
     data: &[u8],
@@ -823,10 +823,10 @@ fn apply(
         });
     };
     match op {
-        EntryOp::Write => v.image.write(offset, data)?,
-        EntryOp::WriteZeroes => v.image.write_zeroes(offset, len, false, false)?,
-        EntryOp::Trim => v.image.punch_hole(offset, len)?,
-        EntryOp::Flush => {}
+        RecordOp::Write => v.image.write(offset, data)?,
+        RecordOp::WriteZeroes => v.image.write_zeroes(offset, len, false, false)?,
+        RecordOp::Trim => v.image.punch_hole(offset, len)?,
+        RecordOp::Flush => {}
     }
     Ok(())
 }
@@ -840,7 +840,7 @@ mod tests {
             epoch: 1,
             seq,
             volume: 0,
-            op: EntryOp::Write,
+            op: RecordOp::Write,
             fua: false,
             offset: seq * 4096,
             len: 4096,

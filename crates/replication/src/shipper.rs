@@ -1,11 +1,11 @@
-//! The primary side of replication to one replica site (docs/PEER.md):
-//! connects, says hello, resyncs what the replica lacks by chunk
-//! comparison, then streams the group's captured records in order while a
-//! second thread reads the replica's acknowledgements.
+//! The primary side of replication to one replica site (docs/PEER.md), as
+//! a driver of [`ShipperSession`]: connects, says hello, resyncs what the
+//! replica lacks by chunk comparison, then streams the group's captured
+//! records in order while a second thread reads the replica's
+//! acknowledgements. Both threads step the link's one session machine.
 
-use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,10 +14,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 use tandem_capture::{Event, GroupCapture, Op};
 use tandem_peer::{
-    read_message, write_message, Compressor, Hello, Message, Payload, RecordOp, ReplicaState,
+    read_message, write_message, Compressor, Hello, Message, Payload, PeerError, RecordOp,
 };
 
 use crate::replica::chunk_hashes;
+pub use crate::session::shipper::{ConnectError, LinkInfo, LinkState, ShipError};
+use crate::session::shipper::{Incoming, Opening, ShipperSession};
+use crate::session::Tip;
 
 /// Chunk size for comparing whole regions, and for small known-dirty ranges.
 const CHUNK_LARGE: u32 = 64 << 10;
@@ -32,57 +35,62 @@ const EVENTS_PER_LOCK: usize = 256;
 /// An idle link pings this often; the replica also syncs its journal then,
 /// so durability follows the last write within about this long.
 const IDLE_PING: Duration = Duration::from_millis(100);
-/// A replica silent this long is considered gone.
-const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted this long resets the backoff.
+const BACKOFF_RESET: Duration = Duration::from_secs(30);
 /// How often changed configuration files are looked for.
 const FILES_EVERY: Duration = Duration::from_millis(250);
 /// How often regions every replica holds are cleared from the persistent
 /// dirty map (docs/CAPTURE.md, D2), while the link is idle.
 const CLEAR_EVERY: Duration = Duration::from_secs(5);
-
-/// How a replication link is doing, for status and metrics.
-#[derive(Clone, Debug, Default)]
-pub struct LinkInfo {
-    pub state: LinkState,
-    pub connected_since: Option<Instant>,
-    /// Latest acknowledgement.
-    pub received: u64,
-    pub durable: u64,
-    pub applied: u64,
-    pub replica_state: Option<&'static str>,
-    pub rtt: Option<Duration>,
-    pub resync_total: u64,
-    pub resync_done: u64,
-    pub resync_sent: u64,
-    pub raw_bytes: u64,
-    pub wire_bytes: u64,
-    pub last_error: Option<String>,
-    pub connects: u64,
-    /// The replica's images are a prefix of the stream (as last reported,
-    /// or once it has applied everything below the resync's end).
-    pub replica_consistent: bool,
-    pub consistent_at: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LinkState {
-    #[default]
-    Disconnected,
-    Resyncing,
-    Streaming,
-}
+/// How long a sender waits for a diff before looking at its flags.
+const DIFF_POLL: Duration = Duration::from_millis(200);
+/// How long `verify` lets the replica catch up before each pass.
+const CATCH_UP: Duration = Duration::from_secs(60);
 
 /// A connection to a replica: its halves, and a way to close it from
 /// another thread.
-pub struct Link {
+pub struct Connection {
     pub reader: Box<dyn Read + Send>,
     pub writer: Box<dyn Write + Send>,
     pub close: Box<dyn Fn() + Send + Sync>,
 }
 
 /// Opens a connection to the replica.
-pub type Connect = dyn Fn() -> Result<Link, String> + Send + Sync;
+pub type Connect = dyn Fn() -> Result<Connection, ConnectError> + Send + Sync;
+
+/// The link to one replica across reconnects: its session machine and
+/// byte counters, read by status.
+pub struct Link {
+    session: Mutex<ShipperSession>,
+    raw_bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+}
+
+impl Link {
+    pub fn new(epoch: u64, fork: Tip) -> Link {
+        Link {
+            session: Mutex::new(ShipperSession::new(epoch, fork, Instant::now())),
+            raw_bytes: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// What status shows of the link.
+    pub fn info(&self) -> LinkInfo {
+        self.session.lock().info((
+            self.raw_bytes.load(Ordering::Relaxed),
+            self.wire_bytes.load(Ordering::Relaxed),
+        ))
+    }
+
+    fn count(&self, compressor: &Compressor) {
+        let (raw, wire) = compressor.stats();
+        self.raw_bytes.store(raw, Ordering::Relaxed);
+        self.wire_bytes.store(wire, Ordering::Relaxed);
+    }
+}
 
 pub struct Shipper {
     pub capture: Arc<GroupCapture>,
@@ -92,9 +100,9 @@ pub struct Shipper {
     /// Where this primary's epoch began (docs/FAILOVER.md): a replica whose
     /// tip is exactly here, or in this epoch, can stream; any other needs
     /// a comparison.
-    pub fork: (u64, u64),
+    pub fork: Tip,
     pub connect: Box<Connect>,
-    pub link: Arc<Mutex<LinkInfo>>,
+    pub link: Arc<Link>,
     pub stop: Arc<AtomicBool>,
     /// The group's configuration files, if it has any.
     pub files: Option<Arc<crate::files::FileSet>>,
@@ -106,9 +114,22 @@ pub struct Shipper {
     pub gather: Duration,
 }
 
+/// Why a verification did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("replica not connected")]
+    NotConnected,
+    #[error("replication link stopped")]
+    LinkStopped,
+    #[error("no answer from the replication link")]
+    NoAnswer,
+    #[error("replication link failed: {0}")]
+    Link(Arc<ShipError>),
+}
+
 /// A request to compare the replica with the primary, chunk by chunk.
 pub struct VerifyJob {
-    pub reply: crossbeam_channel::Sender<Result<VerifyReport, String>>,
+    pub reply: crossbeam_channel::Sender<Result<VerifyReport, VerifyError>>,
 }
 
 /// What a verification found.
@@ -121,22 +142,29 @@ pub struct VerifyReport {
     pub passes: u32,
 }
 
+/// A diff handed from the reader to the sender, with the hashes it
+/// answers: (volume, offset, chunk, count).
+struct Diff {
+    asked: crate::session::shipper::Asked,
+    bitmap: Vec<u8>,
+}
+
 /// The connection as the resync and verify pipelines use it.
 struct Wire<'a, W> {
     w: &'a mut W,
-    diffs: &'a Receiver<Incoming>,
+    diffs: &'a Receiver<Diff>,
     alive: &'a AtomicBool,
     compressor: &'a mut Compressor,
     scratch: Vec<u8>,
 }
 
 impl<W: Write> Wire<'_, W> {
-    fn send(&mut self, msg: &Message) -> Result<(), String> {
-        write_message(self.w, msg, &mut self.scratch).map_err(|e| e.to_string())
+    fn send(&mut self, msg: &Message) -> Result<(), ShipError> {
+        Ok(write_message(self.w, msg, &mut self.scratch)?)
     }
 
-    fn flush(&mut self) -> Result<(), String> {
-        self.w.flush().map_err(|e| e.to_string())
+    fn flush(&mut self) -> Result<(), ShipError> {
+        Ok(self.w.flush().map_err(PeerError::Io)?)
     }
 }
 
@@ -148,56 +176,50 @@ enum OnDiff<'a> {
     Collect(&'a mut Vec<(u32, u64, u64)>),
 }
 
-/// Per-link compression state, kept across reconnects so that the byte
-/// counters are cumulative.
-struct Codec {
-    compressor: Compressor,
-}
-
-enum Incoming {
-    Diff {
-        volume: u32,
-        offset: u64,
-        bitmap: Vec<u8>,
-    },
+fn nanos_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl Shipper {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
     /// Runs until `stop`, reconnecting with backoff.
     pub fn run(self) {
-        let mut backoff = Duration::from_millis(100);
-        let mut codec = Codec {
-            compressor: Compressor::new(1),
-        };
-        while !self.stop.load(Ordering::Acquire) {
+        let mut backoff = BACKOFF_MIN;
+        // Kept across reconnects, so that the byte counters are cumulative.
+        let mut compressor = Compressor::new(1);
+        while !self.stopping() {
             let started = Instant::now();
-            match self.session(&mut codec) {
+            match self.session(&mut compressor) {
                 Ok(()) => return,
                 Err(e) => {
-                    let mut link = self.link.lock();
-                    if link.last_error.as_deref() != Some(&e) {
+                    let mut session = self.link.session.lock();
+                    if session.is_new_error(&e) {
                         tracing::warn!(group = self.capture.name(), replica = %self.replica_site, "replication link down: {e}");
                     }
-                    link.state = LinkState::Disconnected;
-                    link.connected_since = None;
-                    link.last_error = Some(e);
+                    session.disconnected(&e);
                 }
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = Duration::from_millis(100);
+            if started.elapsed() > BACKOFF_RESET {
+                backoff = BACKOFF_MIN;
             }
             let until = Instant::now() + backoff;
-            while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+            while Instant::now() < until && !self.stopping() {
                 thread::sleep(Duration::from_millis(20));
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    fn session(&self, codec: &mut Codec) -> Result<(), String> {
+    fn session(&self, compressor: &mut Compressor) -> Result<(), ShipError> {
         let group = self.capture.name().to_owned();
         let replica = self.replica_site.clone();
-        let Link {
+        let Connection {
             reader,
             writer,
             close,
@@ -221,51 +243,30 @@ impl Shipper {
             fork_seq: self.fork.1,
             volumes,
         });
-        write_message(&mut w, &hello, &mut scratch).map_err(|e| e.to_string())?;
-        w.flush().map_err(|e| e.to_string())?;
+        write_message(&mut w, &hello, &mut scratch)?;
+        w.flush().map_err(PeerError::Io)?;
         let mut buf = Vec::new();
-        let welcome =
-            match read_message(&mut r, &mut buf).map_err(|e| format!("no welcome: {e}"))? {
-                Message::Welcome(w) => w,
-                Message::Refuse { reason } => return Err(format!("replica refused: {reason}")),
-                other => return Err(format!("expected welcome, got {}", other.kind())),
-            };
+        let welcome = match read_message(&mut r, &mut buf).map_err(ShipError::NoWelcome)? {
+            Message::Welcome(w) => w,
+            Message::Refuse { reason } => return Err(ShipError::Refused(reason)),
+            other => return Err(ShipError::Unexpected(other.kind())),
+        };
         let cap = &self.capture;
-        let next = cap.next_seq();
-        let tip = (welcome.epoch, welcome.durable);
-        let on_history = welcome.epoch == self.epoch || tip == self.fork;
-        if !on_history {
-            tracing::warn!(%group, %replica, tip_epoch = tip.0, tip_seq = tip.1, fork_epoch = self.fork.0, fork_seq = self.fork.1, "replica's records are not on this primary's history: full comparison, only differing chunks move");
-            cap.owe_everything(&replica).map_err(|e| e.to_string())?;
-        } else if welcome.durable >= next {
-            // The replica holds records this primary never issued.
-            tracing::warn!(%group, %replica, durable = welcome.durable, next, "replica is ahead of this primary's sequence: full comparison");
-            cap.owe_everything(&replica).map_err(|e| e.to_string())?;
-        } else {
-            cap.ack(&replica, welcome.durable)
-                .map_err(|e| e.to_string())?;
+        let opening = self
+            .link
+            .session
+            .lock()
+            .welcome(&welcome, cap.next_seq(), Instant::now());
+        match opening {
+            Opening::Stream { durable } => cap.ack(&replica, durable)?,
+            Opening::CompareAll(why) => {
+                tracing::info!(%group, %replica, ?why, "replica needs a full comparison; only differing chunks move");
+                cap.owe_everything(&replica)?;
+            }
         }
-        cap.rewind(&replica).map_err(|e| e.to_string())?;
-        if welcome.state != ReplicaState::Consistent {
-            tracing::info!(%group, %replica, state = welcome.state.as_str(), "replica needs a full comparison");
-            cap.owe_everything(&replica).map_err(|e| e.to_string())?;
-        }
-        {
-            let mut link = self.link.lock();
-            link.connected_since = Some(Instant::now());
-            link.durable = welcome.durable;
-            link.applied = welcome.applied;
-            link.received = welcome.durable;
-            link.replica_state = Some(welcome.state.as_str());
-            link.replica_consistent = welcome.state == ReplicaState::Consistent;
-            link.consistent_at = 0;
-            link.connects += 1;
-            link.last_error = None;
-            link.state = LinkState::Streaming;
-        }
+        cap.rewind(&replica)?;
         tracing::info!(%group, %replica, durable = welcome.durable, state = welcome.state.as_str(), "replication link up");
-        cap.set_connected(&replica, true)
-            .map_err(|e| e.to_string())?;
+        cap.set_connected(&replica, true)?;
         struct Disconnected<'a>(&'a GroupCapture, &'a str);
         impl Drop for Disconnected<'_> {
             fn drop(&mut self) {
@@ -275,99 +276,27 @@ impl Shipper {
         let _connected = Disconnected(cap, &replica);
 
         let alive = Arc::new(AtomicBool::new(true));
-        let heard = Arc::new(Mutex::new(Instant::now()));
-        let (diff_tx, diff_rx) = crossbeam_channel::bounded::<Incoming>(HASHES_IN_FLIGHT * 2);
+        let (diff_tx, diff_rx) = crossbeam_channel::bounded::<Diff>(HASHES_IN_FLIGHT * 2);
         let reader_thread = {
-            let (cap, link, alive, heard) = (
-                Arc::clone(cap),
-                Arc::clone(&self.link),
-                Arc::clone(&alive),
-                Arc::clone(&heard),
-            );
+            let (cap, link, alive) = (Arc::clone(cap), Arc::clone(&self.link), Arc::clone(&alive));
             let replica = replica.clone();
             thread::Builder::new()
                 .name(format!("acks-{group}-{replica}"))
                 .spawn(move || {
-                    let mut buf = Vec::new();
-                    let end = loop {
-                        match read_message(&mut r, &mut buf) {
-                            Ok(msg) => {
-                                *heard.lock() = Instant::now();
-                                match msg {
-                                    Message::Ack(a) => {
-                                        if let Err(e) =
-                                            cap.ack_received(&replica, a.received, a.durable)
-                                        {
-                                            break e.to_string();
-                                        }
-                                        let mut l = link.lock();
-                                        l.received = a.received;
-                                        l.durable = a.durable;
-                                        l.applied = a.applied;
-                                        if l.consistent_at != 0 && a.applied + 1 >= l.consistent_at
-                                        {
-                                            l.replica_consistent = true;
-                                            l.consistent_at = 0;
-                                        }
-                                    }
-                                    Message::Diff {
-                                        volume,
-                                        offset,
-                                        bitmap,
-                                        ..
-                                    } => {
-                                        if diff_tx
-                                            .send(Incoming::Diff {
-                                                volume,
-                                                offset,
-                                                bitmap,
-                                            })
-                                            .is_err()
-                                        {
-                                            break "resync ended".into();
-                                        }
-                                    }
-                                    Message::ResyncDone { resume_at } => {
-                                        if let Err(e) = cap.resync_done(&replica, resume_at) {
-                                            break e.to_string();
-                                        }
-                                    }
-                                    Message::Pong(sent) => {
-                                        let now = nanos_now();
-                                        link.lock().rtt =
-                                            Some(Duration::from_nanos(now.saturating_sub(sent)));
-                                    }
-                                    Message::Ping(_) => {}
-                                    Message::Refuse { reason } => {
-                                        break format!("replica refused: {reason}")
-                                    }
-                                    other => {
-                                        break format!("unexpected {} from replica", other.kind())
-                                    }
-                                }
-                            }
-                            Err(e) => break e.to_string(),
-                        }
-                        if !alive.load(Ordering::Acquire) {
-                            break "session closed".into();
-                        }
-                    };
+                    let end = read_acks(&mut r, &cap, &link, &replica, &diff_tx, &alive);
                     alive.store(false, Ordering::Release);
                     end
                 })
-                .map_err(|e| e.to_string())?
+                .map_err(ShipError::Thread)?
         };
-        let result = self.stream(&mut w, &diff_rx, &alive, &heard, &mut codec.compressor);
+        let result = self.stream(&mut w, &diff_rx, &alive, compressor);
         alive.store(false, Ordering::Release);
         drop(w);
         close(); // wakes the ack reader
-        let reader_end = reader_thread
-            .join()
-            .unwrap_or_else(|_| "ack reader panicked".into());
+        let reader_end = reader_thread.join().unwrap_or(ShipError::ReaderPanicked);
         match result {
-            Ok(()) => Ok(()),
-            Err(e) if e == "peer gone" => Err(reader_end),
-            Err(e) => Err(e),
+            Err(ShipError::ReaderEnded) => Err(reader_end),
+            other => other,
         }
     }
 
@@ -375,11 +304,10 @@ impl Shipper {
     fn stream<W: Write>(
         &self,
         w: &mut W,
-        diffs: &Receiver<Incoming>,
+        diffs: &Receiver<Diff>,
         alive: &AtomicBool,
-        heard: &Mutex<Instant>,
         compressor: &mut Compressor,
-    ) -> Result<(), String> {
+    ) -> Result<(), ShipError> {
         let cap = &self.capture;
         let replica = &self.replica_site;
         let mut scratch = Vec::new();
@@ -388,34 +316,38 @@ impl Shipper {
         // Every file goes again on a new session: the replica may have
         // missed changes.
         let mut files_sent = std::collections::BTreeMap::new();
-        let mut files_checked = Instant::now() - FILES_EVERY;
+        let mut files_checked: Option<Instant> = None;
         let mut cleared = Instant::now();
         // Events taken from the capture in one lock, sent one by one.
         let mut events = std::collections::VecDeque::new();
         loop {
             if let Ok(job) = self.verify.try_recv() {
-                w.flush().map_err(|e| e.to_string())?;
-                let report = self.verify_replica(w, diffs, alive, compressor);
-                let failed = report.as_ref().err().cloned();
-                let _ = job.reply.send(report);
-                if let Some(e) = failed {
-                    return Err(e);
+                w.flush().map_err(PeerError::Io)?;
+                match self.verify_replica(w, diffs, alive, compressor) {
+                    Ok(report) => {
+                        let _ = job.reply.send(Ok(report));
+                    }
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        let _ = job.reply.send(Err(VerifyError::Link(Arc::clone(&e))));
+                        return Err(ShipError::Verify(e));
+                    }
                 }
                 unflushed = false;
                 last_sent = Instant::now();
             }
-            if files_checked.elapsed() >= FILES_EVERY {
-                files_checked = Instant::now();
+            if files_checked.is_none_or(|t| t.elapsed() >= FILES_EVERY) {
+                files_checked = Some(Instant::now());
                 if self.send_files(w, &mut files_sent, compressor, &mut scratch)? {
                     unflushed = true;
                 }
             }
-            if self.stop.load(Ordering::Acquire) {
-                w.flush().map_err(|e| e.to_string())?;
+            if self.stopping() {
+                w.flush().map_err(PeerError::Io)?;
                 return Ok(());
             }
             if !alive.load(Ordering::Acquire) {
-                return Err("peer gone".into());
+                return Err(ShipError::ReaderEnded);
             }
             let wait = if unflushed {
                 Duration::ZERO
@@ -423,37 +355,44 @@ impl Shipper {
                 Duration::from_millis(200)
             };
             if events.is_empty() {
-                cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut events)
-                    .map_err(|e| e.to_string())?;
+                cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut events)?;
+                // Registered before any is written: an acknowledgement
+                // cannot overtake the sender's bookkeeping.
+                let last = events.iter().rev().find_map(|e| match e {
+                    Event::Record(r) => Some(r.seq),
+                    Event::Resync { .. } => None,
+                });
+                if let Some(last) = last {
+                    self.link.session.lock().sending(last);
+                }
             }
             match events.pop_front() {
                 Some(Event::Record(rec)) => {
                     let msg = record_message(self.epoch, &rec, compressor);
-                    write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
+                    write_message(w, &msg, &mut scratch)?;
                     unflushed = true;
                     last_sent = Instant::now();
                 }
                 Some(Event::Resync { ranges, resume_at }) => {
-                    w.flush().map_err(|e| e.to_string())?;
+                    w.flush().map_err(PeerError::Io)?;
                     self.resync(w, diffs, alive, &ranges, resume_at, compressor)?;
                     unflushed = false;
                     last_sent = Instant::now();
                 }
                 None => {
                     if unflushed {
-                        w.flush().map_err(|e| e.to_string())?;
+                        w.flush().map_err(PeerError::Io)?;
                         unflushed = false;
                         if !self.gather.is_zero() {
                             thread::sleep(self.gather);
                         }
                     } else if last_sent.elapsed() >= IDLE_PING {
-                        write_message(w, &Message::Ping(nanos_now()), &mut scratch)
-                            .map_err(|e| e.to_string())?;
-                        w.flush().map_err(|e| e.to_string())?;
+                        write_message(w, &Message::Ping(nanos_now()), &mut scratch)?;
+                        w.flush().map_err(PeerError::Io)?;
                         last_sent = Instant::now();
                     }
-                    if heard.lock().elapsed() > PEER_TIMEOUT {
-                        return Err(format!("replica silent for {PEER_TIMEOUT:?}"));
+                    if let Some(e) = self.link.session.lock().silent(Instant::now()) {
+                        return Err(e);
                     }
                     if cleared.elapsed() >= CLEAR_EVERY {
                         cleared = Instant::now();
@@ -472,10 +411,7 @@ impl Shipper {
                     }
                 }
             }
-            let (raw, wire) = compressor.stats();
-            let mut link = self.link.lock();
-            link.raw_bytes = raw;
-            link.wire_bytes = wire;
+            self.link.count(compressor);
         }
     }
 
@@ -486,7 +422,7 @@ impl Shipper {
         sent: &mut std::collections::BTreeMap<std::path::PathBuf, u64>,
         compressor: &mut Compressor,
         scratch: &mut Vec<u8>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ShipError> {
         let Some(files) = &self.files else {
             return Ok(false);
         };
@@ -497,7 +433,7 @@ impl Shipper {
                 mode: version.mode,
                 data: Payload::encode(&version.content, compressor),
             };
-            write_message(w, &msg, scratch).map_err(|e| e.to_string())?;
+            write_message(w, &msg, scratch)?;
             sent.insert(path.clone(), version.version);
             tracing::debug!(group = self.capture.name(), replica = %self.replica_site, file = %path.display(), "file sent");
         }
@@ -507,22 +443,15 @@ impl Shipper {
     fn resync<W: Write>(
         &self,
         w: &mut W,
-        diffs: &Receiver<Incoming>,
+        diffs: &Receiver<Diff>,
         alive: &AtomicBool,
         ranges: &[Vec<(u64, u64)>],
         resume_at: u64,
         compressor: &mut Compressor,
-    ) -> Result<(), String> {
+    ) -> Result<(), ShipError> {
         let cap = &self.capture;
         let total: u64 = ranges.iter().flatten().map(|r| r.1).sum();
-        {
-            let mut link = self.link.lock();
-            link.state = LinkState::Resyncing;
-            link.replica_consistent = false;
-            link.resync_total = total;
-            link.resync_done = 0;
-            link.resync_sent = 0;
-        }
+        self.link.session.lock().resync_begins(resume_at, total);
         tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, resume_at, "resync: comparing chunks");
         let mut wire = Wire {
             w,
@@ -531,39 +460,36 @@ impl Shipper {
             compressor,
             scratch: Vec::new(),
         };
-        let begin = Message::ResyncBegin {
+        wire.send(&Message::ResyncBegin {
             epoch: self.epoch,
             resume_at,
             bytes: total,
-        };
-        wire.send(&begin)?;
-        // Whole regions compare in large chunks; small known-dirty ranges in
-        // 4 KiB chunks, so that only what changed travels.
-        let items: Vec<(u32, u64, u64, u32)> = ranges
-            .iter()
-            .enumerate()
-            .flat_map(|(volume, list)| {
-                list.iter().map(move |&(offset, len)| {
-                    let chunk = if len >= 1 << 20 {
-                        CHUNK_LARGE
-                    } else {
-                        CHUNK_SMALL
-                    };
-                    let start = offset - offset % u64::from(chunk);
-                    (volume as u32, start, offset + len - start, chunk)
-                })
-            })
-            .collect();
+        })?;
+        // Whole regions compare in large chunks; small known-dirty ranges
+        // in 4 KiB chunks, so that only what changed travels.
+        let mut items = Vec::new();
+        for (volume, list) in ranges.iter().enumerate() {
+            let volume =
+                u32::try_from(volume).map_err(|_| ShipError::Unexpected("volume index"))?;
+            for &(offset, len) in list {
+                let chunk = if len >= 1 << 20 {
+                    CHUNK_LARGE
+                } else {
+                    CHUNK_SMALL
+                };
+                let start = offset - offset % u64::from(chunk);
+                items.push((volume, start, offset + len - start, chunk));
+            }
+        }
         self.compare(&mut wire, &items, &mut OnDiff::Send)?;
         // Every chunk was read before this point: once the replica has
         // applied the records below it, it is a prefix again.
         let consistent_at = cap.next_seq();
+        self.link.session.lock().resync_ends(consistent_at);
         wire.send(&Message::ResyncEnd { consistent_at })?;
         wire.flush()?;
-        let mut link = self.link.lock();
-        tracing::info!(group = cap.name(), replica = %self.replica_site, compared = total, sent = link.resync_sent, "resync: data sent");
-        link.state = LinkState::Streaming;
-        link.consistent_at = consistent_at;
+        let sent = self.link.info().resync_sent;
+        tracing::info!(group = cap.name(), replica = %self.replica_site, compared = total, sent, "resync: data sent");
         Ok(())
     }
 
@@ -576,85 +502,79 @@ impl Shipper {
         wire: &mut Wire<'_, W>,
         items: &[(u32, u64, u64, u32)],
         on_diff: &mut OnDiff<'_>,
-    ) -> Result<u64, String> {
-        let mut pending: VecDeque<(u32, u64, u32, usize)> = VecDeque::new();
+    ) -> Result<u64, ShipError> {
         let mut compared = 0;
+        // Hashes sent whose diff this sender has not handled yet.
+        let mut in_flight = 0usize;
         for &(volume, offset, len, chunk) in items {
             let image = self.capture.image(volume as usize);
             let end = offset + len;
             let mut pos = offset;
             while pos < end {
-                let count =
-                    ((end - pos).div_ceil(u64::from(chunk)) as usize).min(HASHES_PER_MESSAGE);
-                let hashes = chunk_hashes(image, pos, chunk, count).map_err(|e| e.to_string())?;
+                let count = usize::try_from((end - pos).div_ceil(u64::from(chunk)))
+                    .unwrap_or(usize::MAX)
+                    .min(HASHES_PER_MESSAGE);
+                let hashes = chunk_hashes(image, pos, chunk, count)?;
                 let n = hashes.len();
                 if n == 0 {
                     break; // past the end of the volume
                 }
                 compared += (n as u64 * u64::from(chunk)).min(end - pos);
+                self.link.session.lock().asking((volume, pos, chunk, n));
                 wire.send(&Message::Hashes {
                     volume,
                     offset: pos,
                     chunk,
                     hashes,
                 })?;
-                pending.push_back((volume, pos, chunk, n));
                 pos += n as u64 * u64::from(chunk);
-                while pending.len() >= HASHES_IN_FLIGHT {
+                in_flight += 1;
+                while in_flight >= HASHES_IN_FLIGHT {
                     wire.flush()?;
-                    self.answer_diff(wire, &mut pending, on_diff)?;
+                    self.answer_diff(wire, on_diff)?;
+                    in_flight -= 1;
                 }
             }
         }
         wire.flush()?;
-        while !pending.is_empty() {
-            self.answer_diff(wire, &mut pending, on_diff)?;
+        while in_flight > 0 {
+            self.answer_diff(wire, on_diff)?;
+            in_flight -= 1;
             wire.flush()?;
         }
         Ok(compared)
     }
 
-    /// Waits for the oldest outstanding `Diff` and handles the chunks that
-    /// differ: sent read fresh from the image, or noted.
+    /// Waits for the next `Diff` and handles the chunks that differ: sent
+    /// read fresh from the image, or noted.
     fn answer_diff<W: Write>(
         &self,
         wire: &mut Wire<'_, W>,
-        pending: &mut VecDeque<(u32, u64, u32, usize)>,
         on_diff: &mut OnDiff<'_>,
-    ) -> Result<(), String> {
-        let Some((volume, offset, chunk, count)) = pending.pop_front() else {
-            return Ok(());
-        };
-        let Incoming::Diff {
-            volume: dv,
-            offset: doff,
-            bitmap,
-        } = loop {
-            match wire.diffs.recv_timeout(Duration::from_millis(200)) {
+    ) -> Result<(), ShipError> {
+        let diff = loop {
+            match wire.diffs.recv_timeout(DIFF_POLL) {
                 Ok(d) => break d,
                 Err(RecvTimeoutError::Timeout) if wire.alive.load(Ordering::Acquire) => {
-                    if self.stop.load(Ordering::Acquire) {
-                        return Err("stopping".into());
+                    if self.stopping() {
+                        return Err(ShipError::Stopping);
                     }
                 }
-                Err(_) => return Err("peer gone".into()),
+                Err(_) => return Err(ShipError::ReaderEnded),
             }
         };
-        if (dv, doff) != (volume, offset) {
-            return Err(format!(
-                "diff for volume {dv} offset {doff}, expected volume {volume} offset {offset}"
-            ));
-        }
+        let (volume, offset, chunk, count) = diff.asked;
         let image = self.capture.image(volume as usize);
         let mut buf = vec![0u8; chunk as usize];
         let mut sent = 0u64;
-        for i in (0..count).filter(|&i| tandem_peer::diff_bit(&bitmap, i)) {
+        for i in (0..count).filter(|&i| tandem_peer::diff_bit(&diff.bitmap, i)) {
             let at = offset + i as u64 * u64::from(chunk);
-            let n = u64::from(chunk).min(image.size().saturating_sub(at)) as usize;
+            let n =
+                usize::try_from(u64::from(chunk).min(image.size().saturating_sub(at))).unwrap_or(0);
             match on_diff {
                 OnDiff::Collect(found) => found.push((volume, at, n as u64)),
                 OnDiff::Send => {
-                    image.read(at, &mut buf[..n]).map_err(|e| e.to_string())?;
+                    image.read(at, &mut buf[..n])?;
                     let data = Payload::encode(&buf[..n], wire.compressor);
                     sent += data.wire_len() as u64;
                     wire.send(&Message::Chunk {
@@ -665,9 +585,10 @@ impl Shipper {
                 }
             }
         }
-        let mut link = self.link.lock();
-        link.resync_done += count as u64 * u64::from(chunk);
-        link.resync_sent += sent;
+        self.link
+            .session
+            .lock()
+            .compared(count as u64 * u64::from(chunk), sent);
         Ok(())
     }
 
@@ -677,18 +598,16 @@ impl Shipper {
     fn verify_replica<W: Write>(
         &self,
         w: &mut W,
-        diffs: &Receiver<Incoming>,
+        diffs: &Receiver<Diff>,
         alive: &AtomicBool,
         compressor: &mut Compressor,
-    ) -> Result<VerifyReport, String> {
+    ) -> Result<VerifyReport, ShipError> {
         let mut report = VerifyReport::default();
-        let mut suspects: Vec<(u32, u64, u64)> = self
-            .capture
-            .volumes()
-            .iter()
-            .enumerate()
-            .map(|(v, vol)| (v as u32, 0, vol.image.size()))
-            .collect();
+        let mut suspects = Vec::new();
+        for (v, vol) in self.capture.volumes().iter().enumerate() {
+            let v = u32::try_from(v).map_err(|_| ShipError::Unexpected("volume index"))?;
+            suspects.push((v, 0, vol.image.size()));
+        }
         for pass in 1..=3 {
             report.passes = pass;
             self.catch_up(w, diffs, alive, compressor)?;
@@ -722,42 +641,82 @@ impl Shipper {
     fn catch_up<W: Write>(
         &self,
         w: &mut W,
-        diffs: &Receiver<Incoming>,
+        diffs: &Receiver<Diff>,
         alive: &AtomicBool,
         compressor: &mut Compressor,
-    ) -> Result<(), String> {
+    ) -> Result<(), ShipError> {
         let cap = &self.capture;
         let target = cap.next_seq().saturating_sub(1);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + CATCH_UP;
         let mut scratch = Vec::new();
         loop {
-            let lag = cap.lag(&self.replica_site).map_err(|e| e.to_string())?;
+            let lag = cap.lag(&self.replica_site)?;
             if lag.acked >= target && !lag.resyncing {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err("the replica did not catch up within 60 s; verify again later".into());
+                return Err(ShipError::CatchUp(CATCH_UP));
             }
             if !alive.load(Ordering::Acquire) {
-                return Err("peer gone".into());
+                return Err(ShipError::ReaderEnded);
             }
-            match cap
-                .next_event(&self.replica_site, Duration::from_millis(20))
-                .map_err(|e| e.to_string())?
-            {
+            match cap.next_event(&self.replica_site, Duration::from_millis(20))? {
                 Some(Event::Record(rec)) => {
+                    self.link.session.lock().sending(rec.seq);
                     let msg = record_message(self.epoch, &rec, compressor);
-                    write_message(w, &msg, &mut scratch).map_err(|e| e.to_string())?;
+                    write_message(w, &msg, &mut scratch)?;
                 }
                 Some(Event::Resync { ranges, resume_at }) => {
                     self.resync(w, diffs, alive, &ranges, resume_at, compressor)?
                 }
-                None => w.flush().map_err(|e| e.to_string())?,
+                None => w.flush().map_err(PeerError::Io)?,
             }
         }
     }
 }
 
+/// Reads the replica's messages until the connection ends; returns why.
+fn read_acks<R: Read>(
+    r: &mut R,
+    cap: &GroupCapture,
+    link: &Link,
+    replica: &str,
+    diffs: &crossbeam_channel::Sender<Diff>,
+    alive: &AtomicBool,
+) -> ShipError {
+    let mut buf = Vec::new();
+    loop {
+        let msg = match read_message(r, &mut buf) {
+            Ok(msg) => msg,
+            Err(e) => return e.into(),
+        };
+        let incoming = link
+            .session
+            .lock()
+            .receive(msg, Instant::now(), nanos_now());
+        let done = match incoming {
+            Ok(Incoming::Nothing) => Ok(()),
+            Ok(Incoming::Acked { received, durable }) => cap
+                .ack_received(replica, received, durable)
+                .map_err(ShipError::from),
+            Ok(Incoming::Diff { asked, bitmap }) => diffs
+                .send(Diff { asked, bitmap })
+                .map_err(|_| ShipError::ReaderEnded),
+            Ok(Incoming::ResyncDone { resume_at }) => {
+                cap.resync_done(replica, resume_at).map_err(ShipError::from)
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            return e;
+        }
+        if !alive.load(Ordering::Acquire) {
+            return ShipError::ReaderEnded;
+        }
+    }
+}
+
+/// The one place a captured record becomes a peer-protocol record.
 fn record_message(
     epoch: u64,
     rec: &tandem_capture::Record,
@@ -787,11 +746,4 @@ fn record_message(
         len,
         data,
     })
-}
-
-fn nanos_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }

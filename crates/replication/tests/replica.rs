@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tandem_replication::journal::{Entry, EntryOp};
+use tandem_replication::journal::{Entry, RecordOp};
 use tandem_replication::replica::{ReplicaGroup, ReplicaVolume};
 use tandem_volume::RawImage;
 
@@ -30,7 +30,7 @@ fn write(seq: u64) -> Entry {
         epoch: 1,
         seq,
         volume: 0,
-        op: EntryOp::Write,
+        op: RecordOp::Write,
         fua: false,
         offset: (seq % 8) * 4096,
         len: 4096,

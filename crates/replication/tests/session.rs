@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tandem_capture::{CaptureVolume, GroupCapture};
-use tandem_replication::receiver::{self, GroupPlan, ReceiverContext};
+use tandem_replication::receiver::{self, GroupPlan, Membership, ReceiverContext};
 use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
-use tandem_replication::shipper::{Link, LinkInfo, LinkState, Shipper};
+use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper};
 use tandem_volume::RawImage;
 
 const SIZE: u64 = 32 << 20;
@@ -23,7 +23,7 @@ struct Pair {
     capture: Arc<GroupCapture>,
     /// The replica's own view of where it stands.
     replica: Arc<Mutex<Position>>,
-    link: Arc<Mutex<LinkInfo>>,
+    link: Arc<Link>,
     stop: Arc<AtomicBool>,
     /// Set to cut the link: new connections fail while it is set.
     cut: Arc<AtomicBool>,
@@ -70,10 +70,11 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
     let ctx = Arc::new(ReceiverContext {
         site: "dr".into(),
         groups: parking_lot::RwLock::new(vec![Arc::new(GroupPlan {
-            name: "g".into(),
-            primary: "ny".into(),
-            replicas: vec!["dr".into()],
-            volumes: vec![("v".into(), SIZE)],
+            membership: Membership {
+                group: "g".into(),
+                sites: vec!["ny".into(), "dr".into()],
+                volumes: vec![("v".into(), SIZE)],
+            },
             position: replica.lock().published(),
             group: Arc::clone(&replica),
             connected: Arc::new(AtomicBool::new(false)),
@@ -88,14 +89,14 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         Arc::new(AtomicU64::new(0)),
     );
     let live: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
-    let link = Arc::new(Mutex::new(LinkInfo::default()));
+    let link = Arc::new(Link::new(1, (0, 0)));
     let connect = {
         let (cut, sessions, live) = (Arc::clone(&cut), Arc::clone(&sessions), Arc::clone(&live));
         Box::new(move || {
             if cut.load(Ordering::Acquire) {
-                return Err("link cut".to_string());
+                return Err(ConnectError::NoAddress("link cut".into()));
             }
-            let (a, b) = UnixStream::pair().map_err(|e| e.to_string())?;
+            let (a, b) = UnixStream::pair().map_err(ConnectError::Socket)?;
             live.lock().push(a.try_clone().unwrap());
             let ctx = Arc::clone(&ctx);
             sessions.fetch_add(1, Ordering::Relaxed);
@@ -104,7 +105,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
                 let _ = receiver::serve(&ctx, r, b, None, None);
             });
             let closer = a.try_clone().unwrap();
-            Ok(Link {
+            Ok(Connection {
                 reader: Box::new(a.try_clone().unwrap()),
                 writer: Box::new(a),
                 close: Box::new(move || {
@@ -154,7 +155,7 @@ impl Pair {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let lag = self.capture.lag("dr").unwrap();
-            let link = self.link.lock().clone();
+            let link = self.link.info();
             let next = self.capture.next_seq();
             if link.connects >= 1
                 && link.state == LinkState::Streaming
@@ -241,7 +242,7 @@ fn a_new_replica_with_mostly_equal_data_gets_only_the_differing_chunks() {
     let pair = start(dir.path(), Some(&other));
     pair.wait_caught_up();
     assert!(same(dir.path()), "replica differs after first sync");
-    let link = pair.link.lock().clone();
+    let link = pair.link.info();
     // 10 differing 64 KiB chunks, plus hashes: far below a full copy.
     assert!(
         link.resync_sent <= 10 * (64 << 10) + 4096,
@@ -265,7 +266,7 @@ fn a_cut_link_resumes_without_a_full_copy() {
     pair.wait_caught_up();
     assert!(same(dir.path()));
     assert!(pair.sessions.load(Ordering::Relaxed) >= 2);
-    let link = pair.link.lock().clone();
+    let link = pair.link.info();
     assert!(
         link.wire_bytes < 2 * written + (8 << 20),
         "wire {} for {written} written",

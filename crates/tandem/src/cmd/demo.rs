@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tandem_agent::status::GroupStatus;
+use tandem_agent::status::{GroupStatus, ReplicaState, Role};
 use tandem_config::format_size_approx as size;
 
 use crate::demo::cluster::{Cluster, GROUP, SITES, VOLUME, VOLUME_SIZE};
@@ -127,12 +127,12 @@ fn flow(c: &mut Cluster) -> Result<Summary> {
         &["ny", "chicago", "seattle"],
         |c| {
             let g = c.site("ny").group()?;
-            let ready = g.role == "primary"
+            let ready = g.role == Role::Primary
                 && g.epoch == 1
                 && g.replicas.len() == 2
                 && g.replicas
                     .iter()
-                    .all(|r| r.state == "streaming" && !r.resyncing)
+                    .all(|r| r.state == ReplicaState::Streaming && !r.resyncing)
                 && NbdClient::connect(&c.site("ny").socket(), VOLUME, NBD_TIMEOUT).is_ok();
             if !ready {
                 progress.update(
@@ -210,7 +210,7 @@ fn flow(c: &mut Cluster) -> Result<Summary> {
         .site("chicago")
         .group()
         .ok_or_else(|| anyhow!("chicago's API does not answer after the failover"))?;
-    if g.role != "primary" || g.epoch != 2 {
+    if g.role != Role::Primary || g.epoch != 2 {
         bail!(
             "chicago acknowledged writes but reports role {} in epoch {} (expected primary in epoch 2)",
             g.role,
@@ -224,9 +224,11 @@ fn flow(c: &mut Cluster) -> Result<Summary> {
         &["seattle", "chicago"],
         |c| {
             let g = c.site("seattle").group()?;
-            (g.role == "replica"
+            (g.role == Role::Replica
                 && g.primary == "chicago"
-                && g.replicas.first().is_some_and(|r| r.state == "streaming"))
+                && g.replicas
+                    .first()
+                    .is_some_and(|r| r.state == ReplicaState::Streaming))
             .then_some(())
         },
     )?;
@@ -274,10 +276,12 @@ fn flow(c: &mut Cluster) -> Result<Summary> {
             let g = c.site("ny").group()?;
             let owner = c.site("chicago").group()?;
             let link = owner.replicas.iter().find(|r| r.site == "ny")?;
-            let ready = g.role == "replica"
+            let ready = g.role == Role::Replica
                 && g.primary == "chicago"
-                && g.replicas.first().is_some_and(|r| r.state == "streaming")
-                && link.state == "streaming"
+                && g.replicas
+                    .first()
+                    .is_some_and(|r| r.state == ReplicaState::Streaming)
+                && link.state == ReplicaState::Streaming
                 && !link.resyncing;
             if !ready {
                 let fraction = link
@@ -347,7 +351,7 @@ fn flow(c: &mut Cluster) -> Result<Summary> {
             g.replicas
                 .iter()
                 .find(|r| r.site == "ny")
-                .is_some_and(|r| r.state == "streaming" && r.lag_seconds < 1.0)
+                .is_some_and(|r| r.state == ReplicaState::Streaming && r.lag_seconds < 1.0)
                 .then_some(())
         },
     )?;
@@ -624,7 +628,7 @@ fn wait_caught_up(
             let next = g.next_seq.unwrap_or(0);
             let done = g.replicas.len() == 2
                 && g.replicas.iter().all(|r| {
-                    r.state == "streaming"
+                    r.state == ReplicaState::Streaming
                         && !r.resyncing
                         && r.lag_bytes == 0
                         && r.applied_seq + 1 >= next

@@ -159,7 +159,9 @@ fn table(s: &SiteStatus) -> String {
                         tandem_config::format_size_approx(p.total_bytes)
                     )
                 }
-                (_, Some(e)) if r.state == "disconnected" => e.clone(),
+                (_, Some(e)) if r.state == tandem_agent::status::ReplicaState::Disconnected => {
+                    e.clone()
+                }
                 _ => String::new(),
             };
             out += &format!(

@@ -1,0 +1,68 @@
+//! The lease keeper: grants this agent's lease and renews it every TTL/3,
+//! extending every primary gate's lease clock with each renewal the store
+//! grants (F2: until `sent + TTL - TTL/6`). A lease the store no longer
+//! knows fences every gate at once; a new one is granted.
+
+use std::time::{Duration, Instant};
+
+use tandem_coordinator::{lease, StoreError};
+use tracing::{info, warn};
+
+use super::{Handle, Lease};
+
+/// How often a waiting keeper looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+pub(super) fn run(h: &Handle) {
+    let every = lease::renew_every(h.ttl);
+    while h.running() {
+        let sent = Instant::now();
+        let current = h.lease().map(|l| l.id);
+        let outcome = match current {
+            None => h.store.grant(h.ttl).map(Some),
+            Some(id) => h.store.keep_alive(id).map(|_| None),
+        };
+        let valid = h.valid_from(sent);
+        match outcome {
+            Ok(granted) => {
+                {
+                    let mut l = h.lease.lock();
+                    match (granted, l.as_mut()) {
+                        (Some(id), _) => {
+                            info!(lease = format!("{id:x}"), "coordinator lease granted");
+                            *l = Some(Lease { id, valid });
+                        }
+                        (None, Some(held)) => held.valid = valid,
+                        (None, None) => {}
+                    }
+                }
+                for m in &h.members {
+                    if let Some(gate) = m.runtime.gate() {
+                        gate.extend(valid);
+                    }
+                }
+            }
+            Err(StoreError::LeaseNotFound(id)) => {
+                warn!(
+                    lease = format!("{id:x}"),
+                    "coordinator lease lost: writes are fenced until ownership is confirmed again"
+                );
+                *h.lease.lock() = None;
+                for m in &h.members {
+                    if let Some(gate) = m.runtime.gate() {
+                        gate.fence();
+                    }
+                }
+            }
+            Err(e) => warn!("cannot renew the coordinator lease: {e}"),
+        }
+        let next = sent + every;
+        while h.running() {
+            let left = next.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(STOP_POLL.min(left));
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The agent's side of the coordinator (docs/FAILOVER.md): the driver of
+//! the groups' ownership machines (`tandem_coordinator::machine`).
+//!
+//! Threads:
+//! * **lease-keeper** — grants and renews the agent's one lease every
+//!   TTL/3 and extends every primary gate's lease clock; a lost lease
+//!   fences every gate at once.
+//! * **store-watch** — reads the store, confirms (or fences) each
+//!   primary's gate by what the read shows, hands each group's view to its
+//!   actor (latest only: an actor busy with a transition skips views it
+//!   did not get to), and publishes this site's reports.
+//! * **own-<group>**, one per group — steps the group's machine and
+//!   carries out its effects: store transactions, role-change steps on the
+//!   group's data plane, hooks, migration drains. A transition blocks only
+//!   its own group: a hanging hook or a slow promotion of one group delays
+//!   no other group.
+
+mod actor;
+mod keeper;
+mod mailbox;
+mod request;
+mod watcher;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tandem_config::CoordinatorKind;
+use tandem_coordinator::decide::Policy;
+use tandem_coordinator::keys::Keys;
+use tandem_coordinator::machine::{GroupMachine, PromoteFailure, Settings};
+use tandem_coordinator::{lease, LeaseId, Store};
+use tracing::info;
+
+use crate::group::{GroupRuntime, Shared};
+use crate::rolefile::RoleRecord;
+use crate::AgentError;
+
+pub(crate) use request::RequestError;
+
+/// How long a migration waits for the target to hold everything.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent's lease: its id and until when it may be acted on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lease {
+    pub id: LeaseId,
+    pub valid: Instant,
+}
+
+/// One group as the ownership driver sees it.
+pub(crate) struct Member {
+    pub runtime: Arc<GroupRuntime>,
+    /// Stepped by the group's actor; read by the watcher for reports.
+    pub machine: Mutex<GroupMachine>,
+    inbox: mailbox::Mailbox,
+}
+
+/// What the driver's threads share; also what the API uses for requests.
+pub(crate) struct Handle {
+    pub store: Arc<dyn Store>,
+    pub keys: Keys,
+    pub ttl: Duration,
+    lease: Mutex<Option<Lease>>,
+    /// Decisions end (the agent stops); running hooks are killed.
+    deciding_stopped: AtomicBool,
+    /// The lease is no longer renewed, the store no longer watched.
+    stopped: AtomicBool,
+    shared: Arc<Shared>,
+    members: Vec<Arc<Member>>,
+}
+
+pub(crate) struct Ownership {
+    handle: Arc<Handle>,
+    actors: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The store of the configured coordinator (not `kind = "none"`, which
+/// runs no ownership driver).
+fn connect(shared: &Shared) -> Result<Arc<dyn Store>, AgentError> {
+    let c = &shared.config.coordinator;
+    let timeout = lease::renew_every(c.lease_ttl).max(Duration::from_millis(300));
+    Ok(match c.kind {
+        CoordinatorKind::Etcd => Arc::new(tandem_coordinator::etcd::EtcdStore::new(
+            &c.endpoints,
+            timeout,
+        )?),
+        CoordinatorKind::Witness => Arc::new(tandem_coordinator::witness::WitnessClient::new(
+            &c.endpoints,
+            timeout,
+        )?),
+        CoordinatorKind::None => return Err(AgentError::NoCoordinator),
+    })
+}
+
+/// The failover settings of a group, from its configuration.
+fn settings(shared: &Shared, keys: &Keys, cfg: &tandem_config::Group) -> Settings {
+    let mut sites = vec![(cfg.primary.clone(), 0)];
+    sites.extend(cfg.replicas.iter().map(|r| (r.site.clone(), r.priority)));
+    Settings {
+        site: shared.site.clone(),
+        keys: keys.clone(),
+        policy: Policy {
+            group: cfg.name.clone(),
+            sites,
+            automatic: cfg.failover == tandem_config::FailoverPolicy::Automatic,
+            max_lag: cfg.max_lag_on_failover.as_secs_f64(),
+            freshest_first: cfg.mode == tandem_config::Mode::Sync,
+        },
+        ttl: shared.config.coordinator.lease_ttl,
+        on_promote: cfg.on_promote.is_some(),
+        on_demote: cfg.on_demote.is_some(),
+        on_promote_failure: match cfg.on_promote_failure {
+            tandem_config::OnPromoteFailure::Next => PromoteFailure::Next,
+            tandem_config::OnPromoteFailure::Report => PromoteFailure::Stay,
+        },
+        drain_timeout: DRAIN_TIMEOUT,
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, AgentError> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|source| AgentError::Thread {
+            what: format!("start thread {name}"),
+            source,
+        })
+}
+
+impl Ownership {
+    /// Starts deciding for `groups` (each with the role record it was
+    /// opened from).
+    pub fn start(
+        shared: Arc<Shared>,
+        groups: Vec<(Arc<GroupRuntime>, RoleRecord)>,
+    ) -> Result<Ownership, AgentError> {
+        let store = connect(&shared)?;
+        let c = &shared.config.coordinator;
+        let keys = Keys::new(&c.prefix);
+        let members = groups
+            .into_iter()
+            .map(|(runtime, record)| {
+                let machine =
+                    GroupMachine::new(settings(&shared, &keys, &runtime.cfg), record.start());
+                Arc::new(Member {
+                    runtime,
+                    machine: Mutex::new(machine),
+                    inbox: mailbox::Mailbox::default(),
+                })
+            })
+            .collect();
+        let handle = Arc::new(Handle {
+            store,
+            keys,
+            ttl: c.lease_ttl,
+            lease: Mutex::new(None),
+            deciding_stopped: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            shared: Arc::clone(&shared),
+            members,
+        });
+        let mut actors = Vec::new();
+        for member in &handle.members {
+            let (h, m) = (Arc::clone(&handle), Arc::clone(member));
+            actors.push(spawn(
+                format!("own-{}", member.runtime.name()),
+                move || actor::run(&h, &m),
+            )?);
+        }
+        let keeper = {
+            let h = Arc::clone(&handle);
+            spawn("lease-keeper".into(), move || keeper::run(&h))?
+        };
+        let watcher = {
+            let h = Arc::clone(&handle);
+            spawn("store-watch".into(), move || watcher::run(&h))?
+        };
+        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = actors.len(), "coordinator decides ownership");
+        Ok(Ownership {
+            handle,
+            actors,
+            threads: vec![keeper, watcher],
+        })
+    }
+
+    pub fn handle(&self) -> Arc<Handle> {
+        Arc::clone(&self.handle)
+    }
+
+    /// Ends every decision: running hooks are killed, a transition in
+    /// progress stops after its current step (as a crash would leave it;
+    /// the next start carries on from the role files and the store).
+    pub fn stop_deciding(&mut self) {
+        self.handle.deciding_stopped.store(true, Ordering::Release);
+        for m in &self.handle.members {
+            m.inbox.close();
+        }
+        for a in self.actors.drain(..) {
+            let _ = a.join();
+        }
+    }
+
+    /// Stops renewing and watching. The lease is left to expire rather
+    /// than revoked: an agent restarted within the TTL takes its groups
+    /// back at once (a QEMU client with `reconnect-delay` sees no error),
+    /// and one that does not come back is failed over after the TTL.
+    pub fn stop(mut self) {
+        self.stop_deciding();
+        self.handle.stopped.store(true, Ordering::Release);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Handle {
+    fn deciding(&self) -> bool {
+        !self.deciding_stopped.load(Ordering::Acquire) && !self.shared.stop.load(Ordering::Acquire)
+    }
+
+    fn running(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
+
+    fn lease(&self) -> Option<Lease> {
+        *self.lease.lock()
+    }
+
+    /// Until when a store interaction sent at `sent` may be acted on (the
+    /// same arithmetic as the lease's, F2).
+    fn valid_from(&self, sent: Instant) -> Instant {
+        sent + self.ttl.saturating_sub(lease::margin(self.ttl))
+    }
+}

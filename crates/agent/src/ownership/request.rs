@@ -1,0 +1,135 @@
+//! Operator requests (`tandem failover`, `tandem migrate`, the API): a
+//! request key the group's sites act on, then a wait for the new owner.
+//!
+//! A forced failover deletes the group's owner key (only if it is still
+//! the one read) after writing the request. It does not revoke the
+//! owner's lease: that lease also carries the owner's other groups, which
+//! would lose their owner keys while their gates are still open. The
+//! owner's gate fences this group alone at its next read of the store, and
+//! at the latest when its last confirming read lapses (TTL - TTL/6); the
+//! candidate waits a full TTL from when it saw the key gone (F2).
+
+use std::time::{Duration, Instant};
+
+use tandem_coordinator::keys::{encode, GroupView, Request, RequestKind};
+use tandem_coordinator::{Compare, Op, StoreError};
+use tracing::warn;
+
+use super::Handle;
+
+/// Why a request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RequestError {
+    #[error("no group named {0:?} on this site")]
+    UnknownGroup(String),
+    #[error("{site} is not a site of group {group}")]
+    NotMember { site: String, group: String },
+    #[error("group {0} has no owner to migrate from")]
+    NoOwner(String),
+    #[error("{owner} owns {group} (epoch {epoch}) and holds its lease: use `tandem migrate` for a planned move, or --force to fail over anyway")]
+    OwnerAlive {
+        owner: String,
+        group: String,
+        epoch: u64,
+    },
+    #[error("{group}: no new owner within {waited:?}")]
+    TimedOut { group: String, waited: Duration },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Handle {
+    /// Asks for a failover or migration of `group` and waits until a site
+    /// other than the current owner owns it (the one named by `to`, if
+    /// any), or `timeout`. Returns the new owner and its epoch.
+    pub fn request(
+        &self,
+        group: &str,
+        kind: RequestKind,
+        to: Option<String>,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<(String, u64), RequestError> {
+        let member = self
+            .members
+            .iter()
+            .find(|m| m.runtime.name() == group)
+            .ok_or_else(|| RequestError::UnknownGroup(group.to_owned()))?;
+        if let Some(to) = &to {
+            if !member.runtime.members().contains(to) {
+                return Err(RequestError::NotMember {
+                    site: to.clone(),
+                    group: group.to_owned(),
+                });
+            }
+        }
+        let prefix = self.keys.group(group);
+        let view = GroupView::read(&self.keys, group, &self.store.range(&prefix)?);
+        let before = view.owner.as_ref().map(|(o, _)| (o.site.clone(), o.epoch));
+        match (kind, &view.owner) {
+            (RequestKind::Migrate, None) => return Err(RequestError::NoOwner(group.to_owned())),
+            (RequestKind::Migrate, Some((o, _))) if Some(&o.site) == to.as_ref() => {
+                return Ok((o.site.clone(), o.epoch))
+            }
+            (RequestKind::Failover, Some((o, _))) if !force => {
+                return Err(RequestError::OwnerAlive {
+                    owner: o.site.clone(),
+                    group: group.to_owned(),
+                    epoch: o.epoch,
+                });
+            }
+            _ => {}
+        }
+        // The request goes first: whoever sees the owner gone also sees
+        // it, and waits a full TTL before claiming (F2).
+        let req = Request {
+            id: format!(
+                "{}-{}-{}",
+                self.shared.site,
+                std::process::id(),
+                view.revision
+            ),
+            kind,
+            to: to.clone(),
+        };
+        self.store.txn(
+            &[],
+            &[Op::Put {
+                key: self.keys.request(group),
+                value: encode(&req),
+                lease: 0,
+            }],
+        )?;
+        if let (RequestKind::Failover, Some((o, rev))) = (kind, &view.owner) {
+            warn!(group, owner = %o.site, "forced failover: taking the group away from its owner");
+            let key = self.keys.owner(group);
+            self.store.txn(
+                &[Compare::ModRevision(key.clone(), *rev)],
+                &[Op::Delete { key }],
+            )?;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let snap = self.store.range(&prefix)?;
+            let view = GroupView::read(&self.keys, group, &snap);
+            if let Some((o, _)) = &view.owner {
+                let moved = before
+                    .as_ref()
+                    .is_none_or(|(s, e)| *s != o.site || *e != o.epoch);
+                let right = to.as_ref().is_none_or(|t| *t == o.site);
+                if moved && right {
+                    return Ok((o.site.clone(), o.epoch));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(RequestError::TimedOut {
+                    group: group.to_owned(),
+                    waited: timeout,
+                });
+            }
+            let _ = self
+                .store
+                .wait(&prefix, snap.revision, Duration::from_millis(500));
+        }
+    }
+}

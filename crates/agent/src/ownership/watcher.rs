@@ -1,0 +1,194 @@
+//! The store watcher: reads every group's keys, confirms each primary's
+//! gate by what the read shows (a read sent at `t` naming this site owner
+//! under its lease may be acted on until `t + TTL - TTL/6`; one showing
+//! anything else fences at once), hands each group's view to its actor,
+//! and publishes this site's reports — a group's report when it changed
+//! (its tip at most every TTL/3), the owner's lag record every TTL/3 —
+//! batched into few transactions. Then it waits for the next change in
+//! the store, or TTL/3.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tandem_coordinator::keys::{encode, GroupView, MemberReport};
+use tandem_coordinator::{lease, LeaseId, Op};
+use tandem_replication::shipper::LinkState;
+use tracing::warn;
+
+use super::mailbox::Seen;
+use super::Handle;
+use crate::group::Plane;
+
+/// Puts per transaction (etcd refuses more than 128 operations in one).
+const OPS_PER_TXN: usize = 64;
+/// How long to wait while the agent has no lease.
+const NO_LEASE_POLL: Duration = Duration::from_millis(50);
+/// How long to wait after a failed read.
+const READ_RETRY: Duration = Duration::from_millis(200);
+
+/// What was last published for a group.
+struct Published {
+    report: MemberReport,
+    at: Instant,
+    lag_at: Option<Instant>,
+}
+
+pub(super) fn run(h: &Handle) {
+    let prefix = h.keys.groups();
+    let every = lease::renew_every(h.ttl);
+    let mut published: HashMap<String, Published> = HashMap::new();
+    while h.running() {
+        let Some(lease) = h.lease() else {
+            std::thread::sleep(NO_LEASE_POLL);
+            continue;
+        };
+        let sent = Instant::now();
+        let snap = match h.store.range(&prefix) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot read the coordinator: {e}");
+                std::thread::sleep(READ_RETRY);
+                continue;
+            }
+        };
+        let confirmed = h.valid_from(sent);
+        for m in &h.members {
+            let view = GroupView::read(&h.keys, m.runtime.name(), &snap);
+            for (key, reason) in &view.unreadable {
+                warn!(%key, "unreadable coordinator value: {reason}");
+            }
+            if let Some(gate) = m.runtime.gate() {
+                match &view.owner {
+                    Some((o, _)) if o.site == h.shared.site && o.lease == lease.id => {
+                        gate.confirm(confirmed)
+                    }
+                    _ => gate.deny(view.revision),
+                }
+            }
+            if h.deciding() {
+                m.inbox.put(Seen {
+                    view,
+                    lease: lease.id,
+                    sent,
+                });
+            }
+        }
+        publish(h, lease.id, every, &mut published);
+        let _ = h.store.wait(&prefix, snap.revision, every);
+    }
+}
+
+/// Whether a new report must go out now.
+fn due(last: Option<&Published>, report: &MemberReport, now: Instant, every: Duration) -> bool {
+    let Some(last) = last else { return true };
+    let p = &last.report;
+    let settled = p.lease == report.lease
+        && p.role == report.role
+        && p.epoch == report.epoch
+        && p.consistent == report.consistent
+        && p.fit == report.fit;
+    if !settled {
+        return true;
+    }
+    let moved = (p.tip_epoch, p.tip_seq) != (report.tip_epoch, report.tip_seq);
+    moved && now >= last.at + every
+}
+
+fn publish(
+    h: &Handle,
+    lease: LeaseId,
+    every: Duration,
+    published: &mut HashMap<String, Published>,
+) {
+    let now = Instant::now();
+    let mut ops = Vec::new();
+    let mut sent = Vec::new();
+    for m in &h.members {
+        let name = m.runtime.name();
+        let holding = m.runtime.holding();
+        let report = m.machine.lock().report(lease, holding);
+        let last = published.get(name);
+        let report_due = due(last, &report, now, every);
+        let lag_due = last
+            .and_then(|l| l.lag_at)
+            .is_none_or(|at| now >= at + every);
+        let lag = if lag_due { lag_record(m) } else { None };
+        if !report_due && lag.is_none() {
+            continue;
+        }
+        if report_due {
+            ops.push(Op::Put {
+                key: h.keys.member(name, &h.shared.site),
+                value: encode(&report),
+                lease,
+            });
+        }
+        if let Some(lag) = &lag {
+            ops.push(Op::Put {
+                key: h.keys.lag(name),
+                value: encode(lag),
+                lease: 0,
+            });
+        }
+        sent.push((name.to_owned(), report_due.then_some(report), lag.is_some()));
+    }
+    let mut failed = false;
+    for chunk in ops.chunks(OPS_PER_TXN) {
+        if let Err(e) = h.store.txn(&[], chunk) {
+            warn!("cannot publish this site's reports: {e}");
+            failed = true;
+            break;
+        }
+    }
+    if failed {
+        return;
+    }
+    for (name, report, lag) in sent {
+        let entry = published.entry(name);
+        match (entry, report) {
+            (std::collections::hash_map::Entry::Occupied(mut e), report) => {
+                let p = e.get_mut();
+                if let Some(r) = report {
+                    p.report = r;
+                    p.at = now;
+                }
+                if lag {
+                    p.lag_at = Some(now);
+                }
+            }
+            (std::collections::hash_map::Entry::Vacant(e), Some(report)) => {
+                e.insert(Published {
+                    report,
+                    at: now,
+                    lag_at: lag.then_some(now),
+                });
+            }
+            (std::collections::hash_map::Entry::Vacant(_), None) => {}
+        }
+    }
+}
+
+/// The owner's view of its replicas' lag, while it acknowledges writes.
+fn lag_record(m: &super::Member) -> Option<tandem_coordinator::keys::LagRecord> {
+    let replicas = {
+        let plane = m.runtime.plane.lock();
+        let Plane::Primary(p) = &*plane else {
+            return None;
+        };
+        if !p.gate.is_open() {
+            return None;
+        }
+        p.links
+            .iter()
+            .map(|l| {
+                let lag = p.capture.lag(&l.replica).ok();
+                let secs = lag
+                    .and_then(|l| l.oldest)
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                let connected = l.link.info().state != LinkState::Disconnected;
+                (l.replica.clone(), secs, connected)
+            })
+            .collect()
+    };
+    m.machine.lock().lag_record(replicas)
+}

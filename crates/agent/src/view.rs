@@ -1,0 +1,290 @@
+//! What the API (and `Agent::status`) reads and asks of the agent: the
+//! site's status (SPEC §4.4), verification of replicas, and owner changes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_capture::GroupCapture;
+use tandem_coordinator::keys::{RequestKind, Role};
+use tandem_replication::shipper::{LinkState, VerifyError};
+
+use crate::bandwidth;
+use crate::group::{GroupRuntime, LinkHandle, Plane, Shared};
+use crate::ownership::{Handle, RequestError};
+use crate::status::{self, GroupStatus, ReplicaState, ReplicaStatus, ResyncProgress, SiteStatus};
+
+/// How long `tandem failover` / `migrate` wait for the new owner.
+const OWNER_CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `tandem verify` waits for a replica's comparison.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// What status and the API need, shared with the API thread.
+pub struct StatusView {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) runtimes: Arc<Vec<Arc<GroupRuntime>>>,
+    pub(crate) nbd: Arc<tandem_nbd::stats::Stats>,
+    pub(crate) bandwidth: Arc<bandwidth::Bandwidth>,
+    pub(crate) ownership: Option<Arc<Handle>>,
+}
+
+/// The outcome of `tandem failover` / `tandem migrate`.
+#[derive(serde::Serialize)]
+pub struct OwnerChanged {
+    pub group: String,
+    pub owner: String,
+    pub epoch: u64,
+    pub elapsed_ms: u64,
+}
+
+/// Why an owner change was not made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OwnerChangeError {
+    #[error("no coordinator configured ([coordinator] kind = \"none\"): failover needs one")]
+    NoCoordinator,
+    #[error("migrate needs a target site (--to SITE)")]
+    NoTarget,
+    #[error(transparent)]
+    Request(#[from] RequestError),
+}
+
+/// Why a verification was not made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum VerifyGroupError {
+    #[error("this site is not the primary of a group named {0:?}")]
+    NotPrimary(String),
+}
+
+impl StatusView {
+    /// Fails the group over (or migrates it) through the coordinator and
+    /// waits for the new owner.
+    pub(crate) fn change_owner(
+        &self,
+        group: &str,
+        migrate: bool,
+        to: Option<String>,
+        force: bool,
+    ) -> Result<OwnerChanged, OwnerChangeError> {
+        let Some(o) = &self.ownership else {
+            return Err(OwnerChangeError::NoCoordinator);
+        };
+        if migrate && to.is_none() {
+            return Err(OwnerChangeError::NoTarget);
+        }
+        let started = Instant::now();
+        let kind = if migrate {
+            RequestKind::Migrate
+        } else {
+            RequestKind::Failover
+        };
+        let (owner, epoch) = o.request(group, kind, to, force, OWNER_CHANGE_TIMEOUT)?;
+        Ok(OwnerChanged {
+            group: group.to_owned(),
+            owner,
+            epoch,
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    fn runtime(&self, group: &str) -> Option<&Arc<GroupRuntime>> {
+        self.runtimes.iter().find(|r| r.name() == group)
+    }
+
+    /// Compares every replica of `group` with this primary (`tandem
+    /// verify`).
+    pub(crate) fn verify(&self, group: &str) -> Result<status::VerifyResult, VerifyGroupError> {
+        let not_primary = || VerifyGroupError::NotPrimary(group.to_owned());
+        let (links, volumes) = {
+            let plane = self.runtime(group).ok_or_else(not_primary)?.plane.lock();
+            match &*plane {
+                Plane::Primary(p) => (
+                    p.links.clone(),
+                    p.capture
+                        .volumes()
+                        .iter()
+                        .map(|v| v.name.clone())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => return Err(not_primary()),
+            }
+        };
+        let mut replicas = Vec::new();
+        for link in &links {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let outcome = if link.link.info().state == LinkState::Disconnected {
+                Err(VerifyError::NotConnected)
+            } else if link
+                .verify
+                .send(tandem_replication::shipper::VerifyJob { reply: tx })
+                .is_err()
+            {
+                Err(VerifyError::LinkStopped)
+            } else {
+                rx.recv_timeout(VERIFY_TIMEOUT)
+                    .map_err(|_| VerifyError::NoAnswer)
+                    .and_then(|r| r)
+            };
+            replicas.push(match outcome {
+                Ok(report) => status::VerifyReplica {
+                    site: link.replica.clone(),
+                    compared_bytes: report.compared_bytes,
+                    passes: report.passes,
+                    differing: report
+                        .differing
+                        .iter()
+                        .map(|&(v, offset, length)| status::DifferingRange {
+                            volume: volumes.get(v as usize).cloned().unwrap_or_default(),
+                            offset,
+                            length,
+                        })
+                        .collect(),
+                    error: None,
+                },
+                Err(e) => status::VerifyReplica {
+                    site: link.replica.clone(),
+                    compared_bytes: 0,
+                    passes: 0,
+                    differing: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+        let identical = replicas
+            .iter()
+            .all(|r| r.error.is_none() && r.differing.is_empty());
+        Ok(status::VerifyResult {
+            group: group.to_owned(),
+            identical,
+            replicas,
+        })
+    }
+
+    /// The site's status (SPEC §4.4).
+    pub fn status(&self) -> SiteStatus {
+        let site = &self.shared.site;
+        let mut groups = Vec::new();
+        for rt in self.runtimes.iter() {
+            let cfg = &rt.cfg;
+            let known_owner = rt.owner.lock().clone();
+            let seen_epoch = rt.epoch.load(Ordering::Acquire);
+            let plane = rt.plane.lock();
+            let base = GroupStatus {
+                name: cfg.name.clone(),
+                role: Role::Down,
+                epoch: seen_epoch,
+                primary: known_owner.unwrap_or_else(|| cfg.primary.clone()),
+                mode: cfg.mode,
+                replicas: Vec::new(),
+                next_seq: None,
+                queued_bytes: None,
+                sync_degraded: None,
+            };
+            groups.push(match &*plane {
+                Plane::Primary(p) => {
+                    let capture = &p.capture;
+                    let stats = capture.stats();
+                    GroupStatus {
+                        role: if p.gate.is_open() {
+                            Role::Primary
+                        } else {
+                            Role::Fenced
+                        },
+                        epoch: p.epoch,
+                        primary: site.clone(),
+                        replicas: p
+                            .links
+                            .iter()
+                            .map(|l| link_status(capture, l, &self.bandwidth))
+                            .collect(),
+                        next_seq: Some(stats.next_seq),
+                        queued_bytes: Some(stats.queued_bytes as u64),
+                        sync_degraded: (cfg.mode == tandem_config::Mode::Sync)
+                            .then(|| capture.connected_replicas() < cfg.sync_replicas as usize),
+                        ..base
+                    }
+                }
+                Plane::Replica(r) => {
+                    let p = *r.position.lock();
+                    let connected = r.connected.load(Ordering::Acquire);
+                    let state = if !p.consistent {
+                        ReplicaState::Inconsistent
+                    } else if connected {
+                        ReplicaState::Streaming
+                    } else {
+                        ReplicaState::Disconnected
+                    };
+                    GroupStatus {
+                        role: Role::Replica,
+                        epoch: p.epoch.max(seen_epoch),
+                        replicas: vec![ReplicaStatus {
+                            site: site.clone(),
+                            state,
+                            lag_bytes: 0,
+                            lag_seconds: 0.0,
+                            durable_seq: p.durable,
+                            applied_seq: p.applied,
+                            resyncing: p.resyncing,
+                            resync: None,
+                            rtt_ms: None,
+                            wire_bytes: 0,
+                            raw_bytes: 0,
+                            last_error: None,
+                        }],
+                        ..base
+                    }
+                }
+                Plane::Down => base,
+            });
+        }
+        SiteStatus {
+            site: site.clone(),
+            groups,
+        }
+    }
+}
+
+fn link_status(
+    capture: &GroupCapture,
+    link: &LinkHandle,
+    bandwidth: &bandwidth::Bandwidth,
+) -> ReplicaStatus {
+    let info = link.link.info();
+    let lag = capture.lag(&link.replica).ok();
+    let connected = info.state != LinkState::Disconnected;
+    let paused = bandwidth
+        .limiter(&link.replica)
+        .is_some_and(|l| l.rate_bps() == 0);
+    let resyncing = info.state == LinkState::Resyncing || lag.is_some_and(|l| l.resyncing);
+    let state = if !connected {
+        ReplicaState::Disconnected
+    } else if paused {
+        ReplicaState::Paused
+    } else if !info.replica_consistent {
+        ReplicaState::Inconsistent
+    } else if resyncing {
+        ReplicaState::Resyncing
+    } else {
+        ReplicaState::Streaming
+    };
+    let lag_seconds = lag
+        .and_then(|l| l.oldest)
+        .map_or(0.0, |t| Instant::now().duration_since(t).as_secs_f64());
+    ReplicaStatus {
+        site: link.replica.clone(),
+        state,
+        lag_bytes: lag.map_or(0, |l| l.bytes),
+        lag_seconds,
+        durable_seq: info.durable,
+        applied_seq: info.applied,
+        resyncing,
+        resync: (info.resync_total > 0).then_some(ResyncProgress {
+            total_bytes: info.resync_total,
+            compared_bytes: info.resync_done.min(info.resync_total),
+            sent_bytes: info.resync_sent,
+        }),
+        rtt_ms: info.rtt.map(|d| d.as_secs_f64() * 1000.0),
+        wire_bytes: info.wire_bytes,
+        raw_bytes: info.raw_bytes,
+        last_error: info.last_error,
+    }
+}

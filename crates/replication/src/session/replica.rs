@@ -1,0 +1,398 @@
+//! The replica's side of a session, as a machine over decoded messages
+//! (docs/PEER.md): whether a primary's hello is accepted, what each
+//! message asks of the replica's journal and images, when to commit, and
+//! what to acknowledge. No I/O: the receiver (`crate::receiver`) reads
+//! frames, carries the actions out on the [`crate::replica::ReplicaGroup`]
+//! and writes the answers.
+//!
+//! Per message the driver calls [`ReplicaSession::step`] (what to do with
+//! it), carries the action out, then [`ReplicaSession::plan_commit`]
+//! (whether to commit now, in the background, or not yet) and
+//! [`ReplicaSession::acknowledge`] (what to acknowledge, if anything).
+
+use std::time::{Duration, Instant};
+
+use tandem_peer::{Ack, Hello, Message, Payload, Record, ReplicaState, Welcome};
+
+use crate::replica::Position;
+
+/// Journal syncs (and acks) at least this often while records arrive.
+pub const COMMIT_EVERY: Duration = Duration::from_millis(20);
+/// ...or after this many bytes.
+pub const COMMIT_BYTES: usize = 8 << 20;
+
+/// What this site knows of a group it replicates, for checking hellos.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub group: String,
+    /// Every site of the group.
+    pub sites: Vec<String>,
+    /// Volume names and sizes, in order.
+    pub volumes: Vec<(String, u64)>,
+}
+
+/// Why a replica turns a primary's session away (sent in `Refuse`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("protocol version {theirs} is not supported (this site speaks {ours})")]
+    Version { theirs: u16, ours: u16 },
+    #[error("this is site {this}, not {named}")]
+    WrongSite { this: String, named: String },
+    #[error("certificate is for site {cert} but the hello claims {claimed}")]
+    Certificate { cert: String, claimed: String },
+    #[error("group {0} is not replicated to this site")]
+    UnknownGroup(String),
+    #[error("site {site} is not part of group {group}")]
+    NotMember { site: String, group: String },
+    #[error("volumes differ: primary has {primary:?}, this site is configured with {here:?}")]
+    Volumes {
+        primary: Vec<(String, u64)>,
+        here: Vec<(String, u64)>,
+    },
+    #[error("epoch {epoch} is older than {held}, which this replica holds")]
+    OlderEpoch { epoch: u64, held: u64 },
+    #[error("group {0} already has a replication session")]
+    Busy(String),
+}
+
+/// Why a session ends (besides the primary closing it).
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("record {seq} carries epoch {epoch}, the session's is {session}")]
+    RecordEpoch { seq: u64, epoch: u64, session: u64 },
+    #[error("resync with epoch {epoch}, the session's is {session}")]
+    ResyncEpoch { epoch: u64, session: u64 },
+    #[error("record {seq} after {last}: sequence went backwards")]
+    Backwards { seq: u64, last: u64 },
+    #[error("record {seq}: {data} data bytes for length {len}")]
+    Length { seq: u64, data: u64, len: u64 },
+    #[error("resync_end without resync_begin")]
+    EndWithoutBegin,
+    #[error("unexpected {0} message from a primary")]
+    Unexpected(&'static str),
+}
+
+/// What the replica does with one message.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Journal the record (it joins the batch being filled).
+    Receive(Record),
+    /// A resync starts: the images stop being a prefix; records from
+    /// `resume_at` on follow.
+    BeginResync { resume_at: u64 },
+    /// Compare these hashes with the replica's chunks and answer a `Diff`.
+    Compare {
+        volume: u32,
+        offset: u64,
+        chunk: u32,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Write a resync chunk straight to the image.
+    WriteChunk {
+        volume: u32,
+        offset: u64,
+        data: Payload,
+    },
+    /// The resync is over: record `consistent_at`, then answer
+    /// `ResyncDone { resume_at }`.
+    EndResync { consistent_at: u64, resume_at: u64 },
+    /// Store a replicated configuration file.
+    StoreFile {
+        path: String,
+        mode: u32,
+        data: Payload,
+    },
+    /// Answer a ping.
+    Pong(u64),
+    /// Nothing to do.
+    None,
+}
+
+/// When to commit what was received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// Not yet.
+    Later,
+    /// Hand the batch to the committer without waiting.
+    Background,
+    /// Sync and apply now, then acknowledge (FLUSH, FUA, the end of a
+    /// resync, an idle primary's ping).
+    Now,
+}
+
+/// What the committer has done, as the driver sees it after the commit
+/// decision was carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Durable by the commit just made (`Commit::Now`), if one was made.
+    pub committed: Option<u64>,
+    /// Durable as last published by the committer.
+    pub durable: u64,
+    pub applied: u64,
+}
+
+/// Checks a primary's hello against what this site knows of the group;
+/// `cert_site` is the site named by the peer's TLS certificate.
+pub fn check_hello(
+    hello: &Hello,
+    site: &str,
+    cert_site: Option<&str>,
+    group: Option<&Membership>,
+) -> Result<(), Refusal> {
+    if hello.version != tandem_peer::VERSION {
+        return Err(Refusal::Version {
+            theirs: hello.version,
+            ours: tandem_peer::VERSION,
+        });
+    }
+    if hello.replica != site {
+        return Err(Refusal::WrongSite {
+            this: site.to_owned(),
+            named: hello.replica.clone(),
+        });
+    }
+    if let Some(cert) = cert_site {
+        if cert != hello.primary {
+            return Err(Refusal::Certificate {
+                cert: cert.to_owned(),
+                claimed: hello.primary.clone(),
+            });
+        }
+    }
+    let Some(group) = group else {
+        return Err(Refusal::UnknownGroup(hello.group.clone()));
+    };
+    for s in [site, hello.primary.as_str()] {
+        if !group.sites.iter().any(|m| m == s) {
+            return Err(Refusal::NotMember {
+                site: s.to_owned(),
+                group: group.group.clone(),
+            });
+        }
+    }
+    if hello.volumes != group.volumes {
+        return Err(Refusal::Volumes {
+            primary: hello.volumes.clone(),
+            here: group.volumes.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a hello of an epoch older than the replica holds (F3).
+pub fn check_epoch(epoch: u64, held: u64) -> Result<(), Refusal> {
+    if epoch < held {
+        return Err(Refusal::OlderEpoch { epoch, held });
+    }
+    Ok(())
+}
+
+/// The replica's side of one session.
+#[derive(Clone, Debug)]
+pub struct ReplicaSession {
+    epoch: u64,
+    /// The last record received in this session (or where a resync puts
+    /// the stream).
+    last_seq: u64,
+    /// (received, durable) last acknowledged.
+    acked: (u64, u64),
+    /// The resync in progress resumes the stream here.
+    resync: Option<u64>,
+    since_commit: Instant,
+    bytes_since_commit: u64,
+    /// The message just stepped asks for a commit and acknowledgement now.
+    ack_now: bool,
+    pinged: bool,
+}
+
+impl ReplicaSession {
+    /// Accepts a session of `epoch` on a replica at `held` (its position
+    /// under the group's lock, after [`check_hello`]); returns the session
+    /// and the welcome to send.
+    pub fn start(
+        site: &str,
+        epoch: u64,
+        held: &Position,
+        now: Instant,
+    ) -> Result<(ReplicaSession, Welcome), Refusal> {
+        check_epoch(epoch, held.epoch)?;
+        let state = if held.new {
+            ReplicaState::New
+        } else if held.consistent {
+            ReplicaState::Consistent
+        } else {
+            ReplicaState::Inconsistent
+        };
+        let welcome = Welcome {
+            replica: site.to_owned(),
+            epoch: held.tip_epoch,
+            applied: held.applied,
+            durable: held.durable,
+            state,
+        };
+        Ok((
+            ReplicaSession {
+                epoch,
+                last_seq: held.received,
+                acked: (held.received, held.durable),
+                resync: None,
+                since_commit: now,
+                bytes_since_commit: 0,
+                ack_now: false,
+                pinged: false,
+            },
+            welcome,
+        ))
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// What to do with one message from the primary.
+    pub fn step(&mut self, msg: Message) -> Result<Action, ProtocolError> {
+        self.ack_now = false;
+        self.pinged = false;
+        Ok(match msg {
+            Message::Record(r) => {
+                if r.epoch != self.epoch {
+                    return Err(ProtocolError::RecordEpoch {
+                        seq: r.seq,
+                        epoch: r.epoch,
+                        session: self.epoch,
+                    });
+                }
+                if r.seq <= self.last_seq {
+                    return Err(ProtocolError::Backwards {
+                        seq: r.seq,
+                        last: self.last_seq,
+                    });
+                }
+                let data = u64::from(r.data.raw_len);
+                let expected = if r.op == tandem_peer::RecordOp::Write {
+                    r.len
+                } else {
+                    0
+                };
+                if data != expected {
+                    return Err(ProtocolError::Length {
+                        seq: r.seq,
+                        data,
+                        len: r.len,
+                    });
+                }
+                self.last_seq = r.seq;
+                self.bytes_since_commit += data;
+                self.ack_now = r.fua || r.op == tandem_peer::RecordOp::Flush;
+                Action::Receive(r)
+            }
+            Message::ResyncBegin {
+                epoch, resume_at, ..
+            } => {
+                if epoch != self.epoch {
+                    return Err(ProtocolError::ResyncEpoch {
+                        epoch,
+                        session: self.epoch,
+                    });
+                }
+                self.resync = Some(resume_at);
+                // The resync redefines the position: records from
+                // resume_at on follow, whatever this replica held before.
+                self.last_seq = resume_at.saturating_sub(1);
+                self.acked = (
+                    self.acked.0.min(self.last_seq),
+                    self.acked.1.min(self.last_seq),
+                );
+                Action::BeginResync { resume_at }
+            }
+            Message::Hashes {
+                volume,
+                offset,
+                chunk,
+                hashes,
+            } => Action::Compare {
+                volume,
+                offset,
+                chunk,
+                hashes,
+            },
+            Message::Chunk {
+                volume,
+                offset,
+                data,
+            } => Action::WriteChunk {
+                volume,
+                offset,
+                data,
+            },
+            Message::ResyncEnd { consistent_at } => {
+                let Some(resume_at) = self.resync.take() else {
+                    return Err(ProtocolError::EndWithoutBegin);
+                };
+                self.ack_now = true;
+                Action::EndResync {
+                    consistent_at,
+                    resume_at,
+                }
+            }
+            Message::File { path, mode, data } => Action::StoreFile { path, mode, data },
+            Message::Ping(n) => {
+                self.pinged = true;
+                Action::Pong(n)
+            }
+            Message::Pong(_) => Action::None,
+            other => return Err(ProtocolError::Unexpected(other.kind())),
+        })
+    }
+
+    /// When to commit, after the action was carried out. `idle`: nothing
+    /// more is buffered from the primary; `uncommitted`: records were
+    /// received and not yet made durable; `batch`: some are not yet handed
+    /// to the committer.
+    pub fn plan_commit(&mut self, now: Instant, uncommitted: bool, batch: bool) -> Commit {
+        let due = now.saturating_duration_since(self.since_commit) >= COMMIT_EVERY
+            || self.bytes_since_commit >= COMMIT_BYTES as u64;
+        // A FLUSH or FUA (or an idle primary's ping) is synced and applied
+        // now and acknowledged at once; otherwise the committer syncs and
+        // applies while reading goes on.
+        let commit = if self.ack_now || (self.pinged && uncommitted) {
+            Commit::Now
+        } else if due && batch {
+            Commit::Background
+        } else {
+            Commit::Later
+        };
+        if commit == Commit::Now || due {
+            self.since_commit = now;
+            self.bytes_since_commit = 0;
+        }
+        commit
+    }
+
+    /// What to acknowledge after the commit decision was carried out:
+    /// after a commit at once; otherwise when the link is idle (what the
+    /// committer made durable meanwhile, and what was received — sync mode
+    /// acknowledges writes on it). Acknowledgements never go backwards.
+    pub fn acknowledge(&mut self, idle: bool, progress: Progress) -> Option<Ack> {
+        if progress.committed.is_none() && !idle {
+            return None;
+        }
+        let durable = progress
+            .committed
+            .unwrap_or(progress.durable)
+            .min(self.last_seq)
+            .max(self.acked.1);
+        let received = self.last_seq.max(self.acked.0);
+        if progress.committed.is_none() && received <= self.acked.0 && durable <= self.acked.1 {
+            return None;
+        }
+        self.acked = (received, durable);
+        Some(Ack {
+            received,
+            durable,
+            applied: progress.applied.min(durable),
+        })
+    }
+}

@@ -1,0 +1,469 @@
+//! The primary's side of replication to one replica site, as a machine
+//! over decoded messages and the shipper's own steps (docs/PEER.md): how
+//! a welcome is judged (stream on, or compare everything), what an
+//! acknowledgement advances, which `Diff` answers which `Hashes`, when a
+//! resynced replica is a consistent prefix again, and how the link is
+//! doing for status. No I/O: the shipper (`crate::shipper`) moves bytes
+//! and carries the outcomes out on the capture.
+//!
+//! The shipper's two threads (sending, and reading acknowledgements) step
+//! one machine under one lock, so whatever order their inputs arrive in,
+//! the outcome is the same: a replica whose `ResyncDone` and next `Ack`
+//! arrive before the sender has registered the resync's end is still
+//! judged consistent once both are known.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tandem_peer::{Ack, Message, ReplicaState, Welcome};
+
+use super::Tip;
+
+/// A replica silent this long is considered gone.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a replication link is doing, for status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinkState {
+    #[default]
+    Disconnected,
+    Resyncing,
+    Streaming,
+}
+
+/// Why a session with a replica ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Peer(#[from] tandem_peer::PeerError),
+    #[error("no welcome: {0}")]
+    NoWelcome(tandem_peer::PeerError),
+    #[error("replica refused: {0}")]
+    Refused(String),
+    #[error("unexpected {0} from the replica")]
+    Unexpected(&'static str),
+    #[error("diff for volume {got_volume} offset {got_offset}, expected volume {volume} offset {offset}")]
+    DiffMismatch {
+        got_volume: u32,
+        got_offset: u64,
+        volume: u32,
+        offset: u64,
+    },
+    #[error("a diff for volume {volume} offset {offset} that no hashes asked for")]
+    UnaskedDiff { volume: u32, offset: u64 },
+    #[error("replica acknowledged record {acked}, but only records up to {sent} were sent")]
+    AckBeyondSent { acked: u64, sent: u64 },
+    #[error("replica silent for {0:?}")]
+    Silent(Duration),
+    #[error(transparent)]
+    Capture(#[from] tandem_capture::CaptureError),
+    #[error(transparent)]
+    Volume(#[from] tandem_volume::VolumeError),
+    #[error(transparent)]
+    Replica(#[from] crate::ReplicaError),
+    #[error("the replica did not catch up within {0:?}; verify again later")]
+    CatchUp(Duration),
+    #[error("cannot start the acknowledgement reader: {0}")]
+    Thread(std::io::Error),
+    #[error("the acknowledgement reader ended")]
+    ReaderEnded,
+    #[error("the acknowledgement reader panicked")]
+    ReaderPanicked,
+    #[error("stopping")]
+    Stopping,
+    #[error("verify failed: {0}")]
+    Verify(std::sync::Arc<ShipError>),
+}
+
+/// Why a connection to a replica could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {address}: {source}")]
+    Resolve {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("no address for {0}")]
+    NoAddress(String),
+    #[error("connect to {site} at {addr}: {source}")]
+    Connect {
+        site: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tandem_tls::TlsError),
+    #[error("socket: {0}")]
+    Socket(std::io::Error),
+}
+
+/// How a welcome is followed up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// The replica is on this primary's history: it holds every record up
+    /// to `durable`; the stream goes on from there.
+    Stream { durable: u64 },
+    /// Every region must be compared (only differing chunks move).
+    CompareAll(Mismatch),
+}
+
+/// Why a replica is compared in full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mismatch {
+    /// Its records are of another history than this primary's.
+    OtherHistory { tip: Tip, fork: Tip },
+    /// It holds records this primary never issued.
+    Ahead { durable: u64, next: u64 },
+    /// It is new, or was interrupted in a resync.
+    NotConsistent(ReplicaState),
+}
+
+/// What an incoming message asks of the capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Nothing,
+    /// The replica has received up to `received`, holds up to `durable`.
+    Acked {
+        received: u64,
+        durable: u64,
+    },
+    /// Hand this diff, which answers `asked`, to the sender's comparison.
+    Diff {
+        asked: Asked,
+        bitmap: Vec<u8>,
+    },
+    /// The resync resuming at `resume_at` is durable on the replica.
+    ResyncDone {
+        resume_at: u64,
+    },
+}
+
+/// A resync in progress, as far as its end is known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Resync {
+    resume_at: u64,
+    /// Registered once every chunk was read: consistent once the replica
+    /// has applied every record below this.
+    consistent_at: Option<u64>,
+    /// The replica said it is done (`ResyncDone`): acknowledgements from
+    /// here on reflect the resynced images.
+    done: bool,
+    /// `applied` of the first acknowledgement after `done`.
+    applied_after: Option<u64>,
+}
+
+/// Hashes sent and not yet answered: (volume, offset, chunk, count).
+pub type Asked = (u32, u64, u32, usize);
+
+/// The primary's side of the link to one replica, across reconnects.
+#[derive(Clone, Debug)]
+pub struct ShipperSession {
+    epoch: u64,
+    fork: Tip,
+    state: LinkState,
+    connected_since: Option<Instant>,
+    heard: Instant,
+    /// Latest acknowledgement (monotone within a connection).
+    acked: Ack,
+    /// The highest record sent on this connection, or the welcome's
+    /// durable: nothing above may be acknowledged.
+    sent: u64,
+    replica_state: Option<ReplicaState>,
+    replica_consistent: bool,
+    resync: Option<Resync>,
+    asked: VecDeque<Asked>,
+    resync_total: u64,
+    resync_done: u64,
+    resync_sent: u64,
+    rtt: Option<Duration>,
+    connects: u64,
+    last_error: Option<String>,
+}
+
+/// What status shows of a link.
+#[derive(Clone, Debug, Default)]
+pub struct LinkInfo {
+    pub state: LinkState,
+    pub connected_since: Option<Instant>,
+    pub received: u64,
+    pub durable: u64,
+    pub applied: u64,
+    pub replica_state: Option<&'static str>,
+    pub rtt: Option<Duration>,
+    pub resync_total: u64,
+    pub resync_done: u64,
+    pub resync_sent: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub last_error: Option<String>,
+    pub connects: u64,
+    /// The replica's images are a prefix of the stream (as last reported,
+    /// or once it has applied everything below the resync's end).
+    pub replica_consistent: bool,
+}
+
+impl ShipperSession {
+    pub fn new(epoch: u64, fork: Tip, now: Instant) -> ShipperSession {
+        ShipperSession {
+            epoch,
+            fork,
+            state: LinkState::Disconnected,
+            connected_since: None,
+            heard: now,
+            acked: Ack {
+                received: 0,
+                durable: 0,
+                applied: 0,
+            },
+            sent: 0,
+            replica_state: None,
+            replica_consistent: false,
+            resync: None,
+            asked: VecDeque::new(),
+            resync_total: 0,
+            resync_done: 0,
+            resync_sent: 0,
+            rtt: None,
+            connects: 0,
+            last_error: None,
+        }
+    }
+
+    /// The replica's welcome, with the capture's next sequence number:
+    /// how the session goes on. Also the start of a connection.
+    pub fn welcome(&mut self, w: &Welcome, next: u64, now: Instant) -> Opening {
+        let tip = (w.epoch, w.durable);
+        let on_history = w.epoch == self.epoch || tip == self.fork;
+        let opening = if !on_history {
+            Opening::CompareAll(Mismatch::OtherHistory {
+                tip,
+                fork: self.fork,
+            })
+        } else if w.durable >= next {
+            Opening::CompareAll(Mismatch::Ahead {
+                durable: w.durable,
+                next,
+            })
+        } else if w.state != ReplicaState::Consistent {
+            Opening::CompareAll(Mismatch::NotConsistent(w.state))
+        } else {
+            Opening::Stream { durable: w.durable }
+        };
+        let durable = match opening {
+            Opening::Stream { durable } => durable,
+            Opening::CompareAll(_) => 0,
+        };
+        self.state = LinkState::Streaming;
+        self.connected_since = Some(now);
+        self.heard = now;
+        self.acked = Ack {
+            received: durable,
+            durable,
+            applied: w.applied.min(durable),
+        };
+        self.sent = durable;
+        self.replica_state = Some(w.state);
+        self.replica_consistent = w.state == ReplicaState::Consistent;
+        self.resync = None;
+        self.asked.clear();
+        self.connects += 1;
+        self.last_error = None;
+        opening
+    }
+
+    /// The connection ended.
+    pub fn disconnected(&mut self, error: &ShipError) {
+        self.state = LinkState::Disconnected;
+        self.connected_since = None;
+        self.resync = None;
+        self.asked.clear();
+        self.last_error = Some(error.to_string());
+    }
+
+    /// Whether `error` is news (the first of its kind in a row), for the
+    /// log.
+    pub fn is_new_error(&self, error: &ShipError) -> bool {
+        self.last_error.as_deref() != Some(&error.to_string())
+    }
+
+    /// Record `seq` is about to be sent (before it is written: an
+    /// acknowledgement cannot overtake this).
+    pub fn sending(&mut self, seq: u64) {
+        self.sent = self.sent.max(seq);
+    }
+
+    /// A message from the replica.
+    pub fn receive(
+        &mut self,
+        msg: Message,
+        now: Instant,
+        now_nanos: u64,
+    ) -> Result<Incoming, ShipError> {
+        self.heard = now;
+        Ok(match msg {
+            Message::Ack(a) => {
+                let limit = self.sent.max(self.acked.received);
+                if a.received > limit || a.durable > limit {
+                    return Err(ShipError::AckBeyondSent {
+                        acked: a.received.max(a.durable),
+                        sent: limit,
+                    });
+                }
+                let before = self.acked;
+                self.acked = Ack {
+                    received: before.received.max(a.received),
+                    durable: before.durable.max(a.durable),
+                    applied: before.applied.max(a.applied),
+                };
+                if let Some(r) = self.resync.as_mut() {
+                    if r.done {
+                        r.applied_after = Some(r.applied_after.unwrap_or(0).max(a.applied));
+                    }
+                }
+                self.judge_consistency();
+                if self.acked.received > before.received || self.acked.durable > before.durable {
+                    Incoming::Acked {
+                        received: self.acked.received,
+                        durable: self.acked.durable,
+                    }
+                } else {
+                    Incoming::Nothing
+                }
+            }
+            Message::Diff {
+                volume,
+                offset,
+                bitmap,
+                ..
+            } => Incoming::Diff {
+                asked: self.answer(volume, offset)?,
+                bitmap,
+            },
+            Message::ResyncDone { resume_at } => {
+                match self.resync.as_mut() {
+                    Some(r) if r.resume_at == resume_at => {
+                        r.done = true;
+                        r.applied_after = None;
+                    }
+                    _ => {}
+                }
+                // Everything below resume_at is durable there.
+                Incoming::ResyncDone { resume_at }
+            }
+            Message::Pong(sent) => {
+                self.rtt = Some(Duration::from_nanos(now_nanos.saturating_sub(sent)));
+                Incoming::Nothing
+            }
+            Message::Ping(_) => Incoming::Nothing,
+            Message::Refuse { reason } => return Err(ShipError::Refused(reason)),
+            other => return Err(ShipError::Unexpected(other.kind())),
+        })
+    }
+
+    /// A resync starts: `total` bytes to compare, records resume at
+    /// `resume_at`. The replica is not a prefix until it ends.
+    pub fn resync_begins(&mut self, resume_at: u64, total: u64) {
+        self.state = LinkState::Resyncing;
+        self.replica_consistent = false;
+        self.resync = Some(Resync {
+            resume_at,
+            ..Resync::default()
+        });
+        self.asked.clear();
+        self.resync_total = total;
+        self.resync_done = 0;
+        self.resync_sent = 0;
+        // The resync covers every record below resume_at (docs/PEER.md).
+        self.sent = self.sent.max(resume_at.saturating_sub(1));
+    }
+
+    /// Every chunk was read and sent: consistent once the replica has
+    /// applied every record below `consistent_at`.
+    pub fn resync_ends(&mut self, consistent_at: u64) {
+        if let Some(r) = self.resync.as_mut() {
+            r.consistent_at = Some(consistent_at);
+        }
+        self.state = LinkState::Streaming;
+        self.judge_consistency();
+    }
+
+    fn judge_consistency(&mut self) {
+        let Some(r) = self.resync else { return };
+        if let (Some(at), true, Some(applied)) = (r.consistent_at, r.done, r.applied_after) {
+            if applied + 1 >= at {
+                self.replica_consistent = true;
+                self.resync = None;
+            }
+        }
+    }
+
+    /// Hashes are about to be sent: their `Diff` is expected in order.
+    pub fn asking(&mut self, asked: Asked) {
+        self.asked.push_back(asked);
+    }
+
+    /// A diff arrived: it must answer the oldest hashes outstanding.
+    /// Returns what they asked about.
+    fn answer(&mut self, volume: u32, offset: u64) -> Result<Asked, ShipError> {
+        let Some(&asked) = self.asked.front() else {
+            return Err(ShipError::UnaskedDiff { volume, offset });
+        };
+        if (asked.0, asked.1) != (volume, offset) {
+            return Err(ShipError::DiffMismatch {
+                got_volume: volume,
+                got_offset: offset,
+                volume: asked.0,
+                offset: asked.1,
+            });
+        }
+        self.asked.pop_front();
+        Ok(asked)
+    }
+
+    /// Progress of the comparison.
+    pub fn compared(&mut self, bytes: u64, sent: u64) {
+        self.resync_done += bytes;
+        self.resync_sent += sent;
+    }
+
+    /// Whether the replica has been silent too long.
+    pub fn silent(&self, now: Instant) -> Option<ShipError> {
+        let quiet = now.saturating_duration_since(self.heard);
+        (quiet > PEER_TIMEOUT).then_some(ShipError::Silent(PEER_TIMEOUT))
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.state
+    }
+
+    pub fn acked(&self) -> Ack {
+        self.acked
+    }
+
+    pub fn replica_consistent(&self) -> bool {
+        self.replica_consistent
+    }
+
+    /// What status shows; `(raw, wire)` are the link's byte counters.
+    pub fn info(&self, bytes: (u64, u64)) -> LinkInfo {
+        LinkInfo {
+            state: self.state,
+            connected_since: self.connected_since,
+            received: self.acked.received,
+            durable: self.acked.durable,
+            applied: self.acked.applied,
+            replica_state: self.replica_state.map(ReplicaState::as_str),
+            rtt: self.rtt,
+            resync_total: self.resync_total,
+            resync_done: self.resync_done,
+            resync_sent: self.resync_sent,
+            raw_bytes: bytes.0,
+            wire_bytes: bytes.1,
+            last_error: self.last_error.clone(),
+            connects: self.connects,
+            replica_consistent: self.replica_consistent,
+        }
+    }
+}
