@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod cmd;
-mod demo;
 
 #[derive(Parser)]
 #[command(
@@ -137,6 +136,16 @@ enum CertsAction {
 }
 
 fn main() -> ExitCode {
+    // Before anything else (it changes the environment): a process the
+    // demo started dies with the demo.
+    match tandem_demo::bind_to_demo() {
+        Ok(true) => {}
+        Ok(false) => return ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: cannot arrange to end with the demo that started this process: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

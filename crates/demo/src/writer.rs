@@ -4,16 +4,16 @@
 //! loss and pauses can be measured afterwards. Each attempt uses a new
 //! slot, so a record that was never acknowledged cannot hide another.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
-
-use super::cluster::{VOLUME, VOLUME_SIZE};
-use super::nbd::NbdClient;
+use crate::cluster::{SiteName, VOLUME, VOLUME_SIZE};
+use crate::error::{chain, DemoError, NbdAction};
+use crate::nbd::{NbdClient, NbdError};
 
 /// Records live in the upper half of the volume, one per 4 KiB slot.
 pub const RECORD_BASE: u64 = 128 << 20;
@@ -29,7 +29,7 @@ const MAGIC: &[u8; 8] = b"TNDMREC1";
 #[derive(Clone, Debug)]
 pub struct Ack {
     pub seq: u64,
-    pub site: String,
+    pub site: SiteName,
     /// When the FLUSH's reply arrived.
     pub at: Instant,
     /// Wall-clock time written into the record (ns since the epoch).
@@ -43,7 +43,7 @@ impl Ack {
 
     /// The record's bytes, as written.
     pub fn content(&self) -> Vec<u8> {
-        record(self.seq, self.stamp, &self.site)
+        record(self.seq, self.stamp, self.site.as_str())
     }
 }
 
@@ -73,15 +73,31 @@ fn record(seq: u64, stamp: u64, site: &str) -> Vec<u8> {
     r
 }
 
+/// A failed attempt: where, and why.
+#[derive(Clone, Debug)]
+pub struct WriteFailure {
+    pub site: SiteName,
+    pub error: Arc<NbdError>,
+}
+
+impl fmt::Display for WriteFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.site, chain(&*self.error))
+    }
+}
+
+/// Sites to try, in order, with their NBD sockets.
+pub type Targets = Vec<(SiteName, PathBuf)>;
+
 struct Shared {
     stop: AtomicBool,
     /// Sites to try, in order, when there is no working connection.
-    targets: Mutex<Vec<(String, PathBuf)>>,
+    targets: Mutex<Targets>,
     acks: Mutex<Vec<Ack>>,
     /// The latest failure, for diagnostics.
-    last_error: Mutex<Option<String>>,
-    /// Why the writer gave up, if it did.
-    gave_up: Mutex<Option<String>>,
+    last_error: Mutex<Option<WriteFailure>>,
+    /// Every record slot is used: the writer stopped.
+    gave_up: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,19 +111,22 @@ pub struct Writer {
 
 impl Writer {
     /// Starts writing to the first of `targets` that answers.
-    pub fn start(targets: Vec<(String, PathBuf)>) -> Result<Writer> {
+    pub fn start(targets: Targets) -> Result<Writer, DemoError> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             targets: Mutex::new(targets),
             acks: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
-            gave_up: Mutex::new(None),
+            gave_up: AtomicBool::new(false),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("demo-writer".into())
             .spawn(move || run(&s))
-            .context("cannot start the writer thread")?;
+            .map_err(|source| DemoError::Thread {
+                name: "writer",
+                source,
+            })?;
         Ok(Writer {
             shared,
             thread: Some(thread),
@@ -115,7 +134,7 @@ impl Writer {
     }
 
     /// Where to reconnect from now on, once the current server fails.
-    pub fn set_targets(&self, targets: Vec<(String, PathBuf)>) {
+    pub fn set_targets(&self, targets: Targets) {
         *lock(&self.shared.targets) = targets;
     }
 
@@ -123,7 +142,7 @@ impl Writer {
         lock(&self.shared.acks).clone()
     }
 
-    pub fn count_on(&self, site: &str) -> usize {
+    pub fn count_on(&self, site: SiteName) -> usize {
         lock(&self.shared.acks)
             .iter()
             .filter(|a| a.site == site)
@@ -131,19 +150,21 @@ impl Writer {
     }
 
     /// The first record `site` acknowledged after `after`.
-    pub fn first_ack_on(&self, site: &str, after: Instant) -> Option<Ack> {
+    pub fn first_ack_on(&self, site: SiteName, after: Instant) -> Option<Ack> {
         lock(&self.shared.acks)
             .iter()
             .find(|a| a.site == site && a.at > after)
             .cloned()
     }
 
-    pub fn last_error(&self) -> Option<String> {
+    /// The latest failed attempt.
+    pub fn last_error(&self) -> Option<WriteFailure> {
         lock(&self.shared.last_error).clone()
     }
 
-    pub fn gave_up(&self) -> Option<String> {
-        lock(&self.shared.gave_up).clone()
+    /// Whether the writer stopped because every record slot is used.
+    pub fn gave_up(&self) -> bool {
+        self.shared.gave_up.load(Ordering::Acquire)
     }
 
     /// Stops the thread and returns every acknowledged record.
@@ -167,13 +188,13 @@ impl Drop for Writer {
 }
 
 fn run(shared: &Shared) {
-    let mut conn: Option<(String, NbdClient)> = None;
+    let mut conn: Option<(SiteName, NbdClient)> = None;
     let mut seq = 0u64;
     let mut next = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
         if seq >= MAX_RECORDS {
-            *lock(&shared.gave_up) = Some(format!("all {MAX_RECORDS} record slots are used"));
-            return;
+            shared.gave_up.store(true, Ordering::Release);
+            break;
         }
         let Some((site, client)) = conn.as_mut() else {
             let targets = lock(&shared.targets).clone();
@@ -183,7 +204,7 @@ fn run(shared: &Shared) {
                         conn = Some((site, c));
                         break;
                     }
-                    Err(e) => *lock(&shared.last_error) = Some(format!("{site}: {e}")),
+                    Err(e) => failed(shared, site, e),
                 }
             }
             if conn.is_none() {
@@ -194,19 +215,19 @@ fn run(shared: &Shared) {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let data = record(seq, stamp, site);
+        let data = record(seq, stamp, site.as_str());
         let result = client
             .write(slot_offset(seq), &data)
             .and_then(|()| client.flush());
         match result {
             Ok(()) => lock(&shared.acks).push(Ack {
                 seq,
-                site: site.clone(),
+                site: *site,
                 at: Instant::now(),
                 stamp,
             }),
             Err(e) => {
-                *lock(&shared.last_error) = Some(format!("{site}: {e}"));
+                failed(shared, *site, e);
                 conn = None;
             }
         }
@@ -227,15 +248,31 @@ fn run(shared: &Shared) {
     }
 }
 
-/// Reads back every record of `acks` through `client`; returns the
-/// sequence numbers of those that are not there, byte for byte.
-pub fn missing(client: &mut NbdClient, acks: &[Ack]) -> Result<Vec<u64>> {
+fn failed(shared: &Shared, site: SiteName, error: NbdError) {
+    *lock(&shared.last_error) = Some(WriteFailure {
+        site,
+        error: Arc::new(error),
+    });
+}
+
+/// Reads back every record of `acks` through `client`, connected to
+/// `site`; returns the sequence numbers of those that are not there, byte
+/// for byte.
+pub fn missing(
+    client: &mut NbdClient,
+    site: SiteName,
+    acks: &[Ack],
+) -> Result<Vec<u64>, DemoError> {
     let mut buf = vec![0u8; RECORD_SIZE];
     let mut out = Vec::new();
     for a in acks {
         client
             .read(a.offset(), &mut buf)
-            .with_context(|| format!("reading record {} back", a.seq))?;
+            .map_err(|source| DemoError::Nbd {
+                site,
+                action: NbdAction::ReadRecord(a.seq),
+                source,
+            })?;
         if buf != a.content() {
             out.push(a.seq);
         }
