@@ -8,6 +8,8 @@
 //! ephemeral range, where the kernel never assigns on its own, and are never
 //! handed out twice by one process.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, TcpListener};
