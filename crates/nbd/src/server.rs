@@ -775,7 +775,7 @@ impl<S: Stream> Transmission<S> {
                     extents.truncate(1);
                     extents[0].length = extents[0].length.min(len);
                 }
-                extents.truncate(1 << 20);
+                extents.truncate(tx::MAX_REPLY_EXTENTS);
                 tx::block_status_reply(&mut self.batch, cookie, &extents);
             }
             Ok(_) => {

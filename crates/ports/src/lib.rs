@@ -37,6 +37,7 @@ pub fn loopback_ports(n: usize) -> io::Result<Vec<u16>> {
         }
         // A stride coprime with most spans spreads concurrent processes apart.
         next = (next + 7_919) % span;
+        #[allow(clippy::cast_possible_truncation)] // next < span, a u16 difference
         let port = low + next as u16;
         if handed.contains(&port) {
             continue;
