@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use tandem_config::{Peer, Rate};
+use tandem_config::{local_weekday_minute, Peer, Rate};
 use tandem_replication::throttle::{Limiter, UNLIMITED};
 
 const PLAN_EVERY: Duration = Duration::from_secs(2);
@@ -117,22 +117,6 @@ impl Bandwidth {
                     std::thread::sleep(PLAN_EVERY);
                 }
             })
-    }
-}
-
-/// (weekday 0 = Monday, minute of the day) in local time.
-fn local_weekday_minute() -> (u8, u16) {
-    // SAFETY: time(NULL) and localtime_r into a zeroed struct we own.
-    unsafe {
-        let now = libc::time(std::ptr::null_mut());
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&now, &mut tm).is_null() {
-            return (0, 0);
-        }
-        (
-            ((tm.tm_wday + 6) % 7) as u8,
-            (tm.tm_hour * 60 + tm.tm_min) as u16,
-        )
     }
 }
 

@@ -4,7 +4,7 @@
 //! groups it replicates, and — with a coordinator — drives each group's
 //! ownership machine. See `docs/ARCHITECTURE.md`.
 
-#![allow(clippy::cast_possible_truncation)] // TODO(issue 8): being rewritten; fixed with the rewrite
+#![forbid(unsafe_code)]
 
 mod api;
 pub mod bandwidth;

@@ -31,9 +31,8 @@ pub fn session_cap(groups: usize) -> usize {
 /// session, at most `cap` sessions (more are closed at once, with a log
 /// line naming the peer).
 pub struct PeerListener {
-    /// An owned duplicate of the listening socket: shutting it down wakes
-    /// the accept thread (the same socket), which owns the original.
-    waker: TcpListener,
+    /// Wakes the accept thread, which owns the listener.
+    waker: tandem_nbd::AcceptWaker,
     stop: Arc<AtomicBool>,
     thread: thread::JoinHandle<()>,
 }
@@ -45,7 +44,7 @@ impl PeerListener {
         tls: Option<Arc<TlsIdentity>>,
         cap: usize,
     ) -> std::io::Result<PeerListener> {
-        let waker = listener.try_clone()?;
+        let waker = tandem_nbd::AcceptWaker::new(&listener)?;
         let stop = Arc::new(AtomicBool::new(false));
         let running = Arc::new(AtomicUsize::new(0));
         let thread = {
@@ -64,9 +63,7 @@ impl PeerListener {
     /// Stops accepting; running sessions end with their connections.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
-        if let Err(e) = rustix::net::shutdown(&self.waker, rustix::net::Shutdown::Both) {
-            warn!("cannot wake the peer listener: {e}");
-        }
+        self.waker.wake();
         let _ = self.thread.join();
     }
 }

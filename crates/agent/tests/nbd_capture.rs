@@ -2,6 +2,7 @@
 //! replays to an identical copy under concurrent clients (G1), and a failed
 //! fsync latches the volume as clients see it (EIO).
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // test write lengths of a few MiB
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

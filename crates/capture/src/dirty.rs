@@ -2,6 +2,7 @@
 //! per 4 MiB region, set durably before any write to a clean region.
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -39,7 +40,14 @@ impl DirtyMap {
         image_existed: bool,
     ) -> Result<DirtyMap, CaptureError> {
         let regions = volume_size.div_ceil(REGION_SIZE);
-        let words = regions.div_ceil(64) as usize;
+        let words = usize::try_from(regions.div_ceil(64)).map_err(|_| CaptureError::Io {
+            path: path.to_owned(),
+            op: "size dirty map",
+            source: io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "the volume is too large for this host's address space",
+            ),
+        })?;
         let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)

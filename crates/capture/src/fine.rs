@@ -8,6 +8,8 @@ use crate::dirty::{REGION_SHIFT, REGION_SIZE};
 
 pub const BLOCK_SHIFT: u32 = 12;
 pub const BLOCK_SIZE: u64 = 1 << BLOCK_SHIFT;
+/// Blocks in a region.
+const PER_REGION: u64 = REGION_SIZE >> BLOCK_SHIFT;
 const WORDS: usize = (REGION_SIZE >> BLOCK_SHIFT) as usize / 64;
 
 /// Past this many partly dirty regions (about 10 MiB of bitmaps), they are
@@ -51,11 +53,10 @@ impl FineDirty {
         }
         let first = offset >> BLOCK_SHIFT;
         let last = (offset + len - 1) >> BLOCK_SHIFT;
-        let per_region = REGION_SIZE >> BLOCK_SHIFT;
         let mut block = first;
         while block <= last {
-            let region = block / per_region;
-            let region_last = ((region + 1) * per_region - 1).min(last);
+            let region = block / PER_REGION;
+            let region_last = ((region + 1) * PER_REGION - 1).min(last);
             if self.is_whole(region) {
                 block = region_last + 1;
                 continue;
@@ -65,7 +66,7 @@ impl FineDirty {
                 .entry(region)
                 .or_insert_with(|| Box::new([0; WORDS]));
             for b in block..=region_last {
-                let i = (b % per_region) as usize;
+                let i = (b % PER_REGION) as usize;
                 words[i / 64] |= 1 << (i % 64);
             }
             block = region_last + 1;
@@ -198,20 +199,19 @@ mod tests {
         #[test]
         fn covers_exactly_the_touched_blocks(writes in proptest::collection::vec((0u64..(3 << 22), 1u64..300_000), 1..20)) {
             let size = 4u64 << 22;
+            let block = |offset: u64| usize::try_from(offset / BLOCK_SIZE).expect("a 16 MiB volume's block");
             let mut d = FineDirty::default();
-            let mut model = vec![false; (size / BLOCK_SIZE) as usize];
+            let mut model = vec![false; block(size)];
             for &(off, len) in &writes {
                 let len = len.min(size - off);
                 d.add(off, len);
-                for b in off / BLOCK_SIZE..=(off + len - 1) / BLOCK_SIZE {
-                    model[b as usize] = true;
-                }
+                model[block(off)..=block(off + len - 1)].fill(true);
             }
             let mut got = vec![false; model.len()];
             for (off, len) in d.ranges(size) {
-                for b in off / BLOCK_SIZE..(off + len) / BLOCK_SIZE {
-                    prop_assert!(!got[b as usize], "block listed twice");
-                    got[b as usize] = true;
+                for g in &mut got[block(off)..block(off + len)] {
+                    prop_assert!(!*g, "block listed twice");
+                    *g = true;
                 }
             }
             prop_assert_eq!(got, model);

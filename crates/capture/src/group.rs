@@ -138,7 +138,7 @@ struct State {
     /// Volume sizes, indexed like the maps.
     sizes: Vec<u64>,
     /// Latest sequence number that touched each (volume, region).
-    last_write: HashMap<(u32, u64), u64>,
+    last_write: HashMap<(usize, u64), u64>,
     /// The lowest acknowledged seq at each of the last two periodic clears.
     clear_passes: VecDeque<u64>,
     dropped_records: u64,
@@ -520,7 +520,7 @@ impl GroupCapture {
         };
         if let Some((offset, len)) = range {
             for region in regions_of(offset, len) {
-                st.last_write.insert((volume as u32, region), seq);
+                st.last_write.insert((volume, region), seq);
             }
         }
         let mut streaming = false;
@@ -532,9 +532,13 @@ impl GroupCapture {
             }
         }
         if streaming {
+            // `volume` indexes the group's open images, each holding file
+            // descriptors: there are far fewer than 2^32 of them.
+            #[allow(clippy::cast_possible_truncation)]
+            let volume = volume as u32;
             let record = Arc::new(Record {
                 seq,
-                volume: volume as u32,
+                volume,
                 op,
                 at: Instant::now(),
             });
@@ -876,7 +880,7 @@ impl GroupCapture {
                             .as_ref()
                             .is_some_and(|(p, _)| p[v].touches_region(region))
                 });
-                let last = st.last_write.get(&(v as u32, region)).copied();
+                let last = st.last_write.get(&(v, region)).copied();
                 if owed || last.is_some_and(|s| s > min_acked) {
                     held += 1;
                 } else {
@@ -893,7 +897,7 @@ impl GroupCapture {
                 continue;
             }
             st.maps[v].clear(region)?;
-            st.last_write.remove(&(v as u32, region));
+            st.last_write.remove(&(v, region));
             cleared += 1;
         }
         if keep_hot {

@@ -1,6 +1,8 @@
 //! Ordered change capture for a group's volumes, its replication queue and
 //! the persistent dirty-region map (docs/CAPTURE.md).
 
+#![forbid(unsafe_code)]
+
 pub mod dirty;
 mod error;
 pub mod fine;

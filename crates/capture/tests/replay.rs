@@ -2,6 +2,7 @@
 //! primary byte for byte — under concurrent writers on several volumes,
 //! with and without the queue overflowing into dirty ranges.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // test write lengths of a few MiB
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -4,6 +4,7 @@
 //! `max_queue`, or when the spill fails or is damaged, it falls back to
 //! dirty ranges and still converges; a restart deletes the spill.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // test lengths of a few MiB, a few volumes, bytes < 252
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -28,10 +28,15 @@
 //! `file:line:column: key.path[0].x: message`. The first error found is
 //! reported. See `docs/CONFIG.md` for the reference of every key.
 
+// `unsafe` only in `sys` (the local time zone, from the C library).
+#![deny(unsafe_code)]
+
 mod error;
 mod model;
 mod raw;
 mod schedule;
+#[allow(unsafe_code)]
+mod sys;
 mod units;
 mod validate;
 
@@ -42,7 +47,7 @@ pub use model::{
     Coordinator, CoordinatorKind, FailoverPolicy, Group, Mode, OnLostLease, OnPromoteFailure,
     OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
 };
-pub use schedule::ScheduleWindow;
+pub use schedule::{local_weekday_minute, ScheduleWindow};
 pub use units::{
     format_duration, format_rate, format_size, format_size_approx, parse_duration, parse_rate,
     parse_size, Rate, UnitError, UnitKind,

@@ -76,6 +76,20 @@ impl ScheduleWindow {
     }
 }
 
+/// Now, as schedule windows see it: (weekday, minute of the day) in the
+/// site's local time, Monday = 0. `(0, 0)` (Monday midnight) when the local
+/// time cannot be found.
+pub fn local_weekday_minute() -> (u8, u16) {
+    crate::sys::local_day_hour_minute()
+        .and_then(|(wday, hour, min)| {
+            // C counts weekdays from Sunday.
+            let weekday = u8::try_from((wday + 6) % 7).ok()?;
+            let minute = u16::try_from(hour * 60 + min).ok()?;
+            Some((weekday, minute))
+        })
+        .unwrap_or((0, 0))
+}
+
 fn err(input: &str, reason: impl Into<String>) -> UnitError {
     UnitError::new(UnitKind::Schedule, input, reason)
 }
@@ -231,6 +245,30 @@ impl fmt::Display for ScheduleWindow {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The local time agrees with `date` (same TZ, same zone database);
+    /// read twice around it in case a minute turns meanwhile.
+    #[test]
+    fn local_weekday_minute_agrees_with_date() {
+        let before = local_weekday_minute();
+        let out = std::process::Command::new("date")
+            .arg("+%u %H %M")
+            .output()
+            .unwrap();
+        let after = local_weekday_minute();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let f: Vec<u16> = text
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        // `date +%u`: Monday = 1 … Sunday = 7.
+        let date = (u8::try_from(f[0] - 1).unwrap(), f[1] * 60 + f[2]);
+        assert!(
+            date == before || date == after,
+            "{date:?} {before:?} {after:?}"
+        );
+        assert!(before.0 < 7 && before.1 < MINUTES_PER_DAY);
+    }
 
     fn w(s: &str) -> ScheduleWindow {
         match s.parse() {

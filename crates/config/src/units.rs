@@ -165,14 +165,9 @@ fn split_number(s: &str) -> Result<(Decimal, &str), NumError> {
         mantissa = mantissa * 10 + u128::from(d - b'0');
     }
     let rest = s[end..].trim_start();
-    Ok((
-        Decimal {
-            mantissa,
-            // frac_len <= 30 here.
-            scale: frac_len as u32,
-        },
-        rest,
-    ))
+    // frac_len <= 30 here.
+    let scale = u32::try_from(frac_len).map_err(|_| NumError::TooPrecise)?;
+    Ok((Decimal { mantissa, scale }, rest))
 }
 
 /// `number × multiplier`, which must be a whole number fitting in `u128`.

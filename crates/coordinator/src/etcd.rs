@@ -187,7 +187,7 @@ impl EtcdStore {
                 failures.push(format!("{}: not tried, time is up", self.endpoints[idx]));
                 continue;
             }
-            let left = (n - i) as u32;
+            let left = u32::try_from(n - i).unwrap_or(u32::MAX);
             let share = if left == 1 {
                 remaining
             } else if i == 0 {

@@ -6,6 +6,8 @@
 //! failover logic ([`decide`]) is written once over what a [`Store`] shows
 //! and is tested with simulated time ([`memory::MemStore`]).
 
+#![forbid(unsafe_code)]
+
 pub mod decide;
 pub mod etcd;
 pub mod keys;

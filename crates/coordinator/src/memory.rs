@@ -45,7 +45,8 @@ pub struct SimClock(Arc<AtomicU64>);
 
 impl SimClock {
     pub fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_add(nanos, Ordering::SeqCst);
     }
 }
 
@@ -188,7 +189,7 @@ impl Store for MemStore {
         self.expire(&mut inner);
         let id = inner.state.next_lease;
         inner.state.next_lease += 1;
-        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let ttl_ms = u64::try_from(ttl.as_millis().max(1)).unwrap_or(u64::MAX);
         inner.state.leases.insert(id, ttl_ms);
         let deadline = self.clock.now() + Duration::from_millis(ttl_ms);
         inner.deadlines.insert(id, deadline);

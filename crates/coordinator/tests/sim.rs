@@ -15,6 +15,7 @@
 //! freshness), which in truth held a consistent prefix.
 
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // three simulated sites: counts and indexes are tiny
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -136,7 +136,9 @@ impl Console {
 
 fn bar(fraction: f64) -> String {
     let f = fraction.clamp(0.0, 1.0);
-    let filled = (f * WIDTH as f64).round() as usize;
+    // f is in [0, 1]: at most WIDTH.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let filled = ((f * WIDTH as f64).round() as usize).min(WIDTH);
     format!(
         "[{}{}] {:3.0}%  ",
         "#".repeat(filled),

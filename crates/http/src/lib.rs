@@ -18,6 +18,8 @@
 //! - [`spawn`] serves a listener with a [`Handler`] until a stop flag is set.
 //! - [`Conn`] is one connection, for a caller that runs its own loop.
 
+#![forbid(unsafe_code)]
+
 mod conn;
 mod server;
 

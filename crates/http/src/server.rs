@@ -3,11 +3,12 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::conn::{refuse, Conn, Limits, Next, Problem, Refusal, Request, Response};
 
@@ -104,15 +105,13 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Sleeps until the listener has a connection waiting, or `timeout`.
 fn readable(listener: &TcpListener, timeout: Duration) {
-    let mut fd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for a descriptor the listener owns; an
-    // error or EINTR only means the caller looks again sooner.
-    unsafe { libc::poll(&mut fd, 1, ms) };
+    let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::MAX,
+        tv_nsec: 0,
+    });
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    // An error or EINTR only means the caller looks again sooner.
+    let _ = rustix::event::poll(&mut fds, Some(&timeout));
 }
 
 /// Waits up to `options.drain` for connection threads; any still busy (a

@@ -31,8 +31,11 @@ impl MemExport {
         self.data.lock().clone()
     }
 
+    /// The server checked the range against the size (a `usize`); a
+    /// range past it panics on slicing, never wraps.
     fn range(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
-        offset as usize..(offset + len) as usize
+        let at = |x: u64| usize::try_from(x).unwrap_or(usize::MAX);
+        at(offset)..at(offset + len)
     }
 }
 
@@ -75,7 +78,7 @@ impl Export for MemExport {
     }
     fn extents(&self, _offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
         Ok(vec![Extent {
-            length: len as u32,
+            length: u32::try_from(len).unwrap_or(u32::MAX),
             flags: 0,
         }])
     }

@@ -149,8 +149,11 @@ impl<'a> Negotiation<'a> {
                 } else {
                     for export in self.catalog.list() {
                         let name = export.name().as_bytes();
+                        let Ok(len) = u32::try_from(name.len()) else {
+                            continue; // not expressible on the wire
+                        };
                         let mut body = Vec::with_capacity(4 + name.len());
-                        body.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                        body.extend_from_slice(&len.to_be_bytes());
                         body.extend_from_slice(name);
                         reply(out, option, REP_SERVER, &body);
                     }
@@ -337,11 +340,14 @@ impl<'a> Negotiation<'a> {
     }
 }
 
-/// Appends one option reply.
+/// Appends one option reply. `data` is small: names, messages and info
+/// blocks built from strings of at most [`MAX_STRING`] bytes or from an
+/// option's data (at most [`MAX_OPTION_LEN`] bytes).
 pub fn reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) {
     put_u64(out, OPTION_REPLY_MAGIC);
     put_u32(out, option);
     put_u32(out, reply_type);
+    #[allow(clippy::cast_possible_truncation)] // well under 4 GiB (above)
     put_u32(out, data.len() as u32);
     out.extend_from_slice(data);
 }

@@ -2,10 +2,13 @@
 //! (bytes in, bytes out, no I/O) and a server that drives them over Unix
 //! and TCP sockets. Fixed newstyle only; see `docs/NBD.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod error;
 pub mod export;
 pub mod fuzzing;
 pub mod handshake;
+pub mod listener;
 pub mod proto;
 pub mod server;
 pub mod stats;
@@ -14,4 +17,5 @@ mod wire;
 
 pub use error::{ErrorCode, ExportError, ProtocolError};
 pub use export::{Catalog, Completion, Deferred, Export, Extent, ZeroFlags};
+pub use listener::AcceptWaker;
 pub use server::{Server, Stream};

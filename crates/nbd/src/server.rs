@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::error::{ErrorCode, ExportError, ProtocolError};
 use crate::export::{Catalog, Completion, Export};
 use crate::handshake::{self, Agreement, Negotiation, Step};
+use crate::listener::AcceptWaker;
 use crate::proto::*;
 use crate::stats::Stats;
 use crate::transmission::{self as tx, Command, RequestHeader, Session};
@@ -96,8 +96,9 @@ pub struct Server {
     /// Live connections: a handle to close each one's read side.
     connections: Mutex<HashMap<u64, Box<dyn Fn() + Send>>>,
     idle: Condvar,
-    /// Listener sockets, to wake their accept threads at shutdown.
-    listeners: Mutex<Vec<std::os::fd::RawFd>>,
+    /// Our own descriptors of the listening sockets, to wake their accept
+    /// threads at shutdown (see [`AcceptWaker`]).
+    listeners: Mutex<Vec<AcceptWaker>>,
     accept_threads: Mutex<Vec<thread::JoinHandle<()>>>,
     pub stats: Arc<Stats>,
 }
@@ -141,7 +142,7 @@ impl Server {
             .ok()
             .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
             .unwrap_or_else(|| "unix".into());
-        self.listeners.lock().push(listener.as_raw_fd());
+        self.listeners.lock().push(AcceptWaker::new(&listener)?);
         let server = Arc::clone(self);
         let handle = thread::Builder::new()
             .name("nbd-accept".into())
@@ -177,7 +178,7 @@ impl Server {
         listener: TcpListener,
         catalog: Arc<dyn Catalog>,
     ) -> io::Result<()> {
-        self.listeners.lock().push(listener.as_raw_fd());
+        self.listeners.lock().push(AcceptWaker::new(&listener)?);
         let server = Arc::clone(self);
         let handle = thread::Builder::new()
             .name("nbd-accept-tcp".into())
@@ -278,12 +279,9 @@ impl Server {
     /// number of connections still open after the wait.
     pub fn shutdown(&self, grace: Duration) -> usize {
         self.stopping.store(true, Ordering::Release);
-        for fd in self.listeners.lock().drain(..) {
-            // SAFETY: shutdown(2) on a listening socket the accept thread
-            // still owns; it only wakes accept() with an error.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }
+        // Each accept thread sees `stopping` when its accept() fails.
+        for waker in self.listeners.lock().drain(..) {
+            waker.wake();
         }
         for handle in self.accept_threads.lock().drain(..) {
             let _ = handle.join();
@@ -777,7 +775,7 @@ impl<S: Stream> Transmission<S> {
                     extents.truncate(1);
                     extents[0].length = extents[0].length.min(len);
                 }
-                extents.truncate(1 << 20);
+                extents.truncate(tx::MAX_REPLY_EXTENTS);
                 tx::block_status_reply(&mut self.batch, cookie, &extents);
             }
             Ok(_) => {
@@ -786,5 +784,55 @@ impl<S: Stream> Transmission<S> {
             }
             Err(err) => tx::error_reply(&mut self.batch, true, cookie, &err),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    struct NoExports;
+
+    impl Catalog for NoExports {
+        fn lookup(&self, _: &str) -> Option<Arc<dyn Export>> {
+            None
+        }
+        fn list(&self) -> Vec<Arc<dyn Export>> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn shutdown_wakes_the_accept_thread_of_every_listener() {
+        let server = Server::new();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let unix = UnixListener::bind(&path).unwrap();
+        server.serve_unix(unix, Arc::new(NoExports)).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        server.serve_tcp(tcp, Arc::new(NoExports)).unwrap();
+        // Both accept threads are running once a client gets its greeting;
+        // the client stays connected, mid-handshake, during the shutdown.
+        let mut greeting = [0u8; 18];
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.read_exact(&mut greeting).unwrap();
+        TcpStream::connect(addr)
+            .unwrap()
+            .read_exact(&mut greeting)
+            .unwrap();
+
+        let (done, left) = mpsc::channel();
+        let stopping = Arc::clone(&server);
+        thread::spawn(move || done.send(stopping.shutdown(Duration::from_secs(5))));
+        let left = left
+            .recv_timeout(Duration::from_secs(10))
+            .expect("shutdown still waiting for an accept thread");
+        assert_eq!(left, 0);
+        assert!(TcpStream::connect(addr).is_err());
+        assert!(UnixStream::connect(&path).is_err());
     }
 }

@@ -250,23 +250,32 @@ pub fn ok_reply(out: &mut Vec<u8>, cookie: u64) {
 pub fn error_reply(out: &mut Vec<u8>, structured: bool, cookie: u64, err: &ExportError) {
     if structured {
         let message = truncate(&err.message, MAX_STRING);
+        #[allow(clippy::cast_possible_truncation)] // at most MAX_STRING (4096) bytes
+        let message_len = message.len() as u16;
         chunk_header(
             out,
             REPLY_FLAG_DONE,
             REPLY_TYPE_ERROR,
             cookie,
-            6 + message.len() as u32,
+            6 + u32::from(message_len),
         );
         put_u32(out, err.code.wire());
-        put_u16(out, message.len() as u16);
+        put_u16(out, message_len);
         out.extend_from_slice(message);
     } else {
         simple_reply(out, cookie, err.code.wire());
     }
 }
 
-/// Appends a BLOCK_STATUS chunk for `base:allocation` (final chunk).
+/// Extents in one BLOCK_STATUS reply at most (more are left out: a reply
+/// may describe less than was asked). Keeps the chunk's length in a `u32`.
+pub const MAX_REPLY_EXTENTS: usize = 1 << 20;
+
+/// Appends a BLOCK_STATUS chunk for `base:allocation` (final chunk), with
+/// at most [`MAX_REPLY_EXTENTS`] of `extents`.
 pub fn block_status_reply(out: &mut Vec<u8>, cookie: u64, extents: &[Extent]) {
+    let extents = &extents[..extents.len().min(MAX_REPLY_EXTENTS)];
+    #[allow(clippy::cast_possible_truncation)] // at most MAX_REPLY_EXTENTS
     let len = 4 + 8 * extents.len() as u32;
     chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len);
     put_u32(out, META_ID_BASE_ALLOCATION);

@@ -652,7 +652,7 @@ fn put_u64(w: &mut Vec<u8>, v: u64) {
 
 fn put_str(w: &mut Vec<u8>, s: &str) {
     let s = wire_str(s);
-    put_u16(w, s.len() as u16);
+    put_u16(w, u16::try_from(s.len()).unwrap_or(u16::MAX)); // wire_str: fits
     w.extend_from_slice(s.as_bytes());
 }
 

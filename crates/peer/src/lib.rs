@@ -29,6 +29,8 @@
 //! assert_eq!(rec.data.decode().unwrap(), data);
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 pub mod error;
 pub mod fuzzing;

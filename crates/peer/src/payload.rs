@@ -381,7 +381,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                (x >> 32) as u8
+                ((x >> 32) & 0xff) as u8
             })
             .collect()
     }

@@ -1,5 +1,6 @@
 //! Bad frames get the right error, and the error says what is wrong.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // test payloads and frame limits fit the wire's u16/u32 fields
 
 use std::io::{Cursor, Read};
 

@@ -1,5 +1,6 @@
 //! The blocking helpers over an in-memory cursor and a real socket pair.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // pattern bytes keep the low bits on purpose
 
 use std::io::{Cursor, Read, Write};
 use std::os::unix::net::UnixStream;

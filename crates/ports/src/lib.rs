@@ -8,6 +8,8 @@
 //! ephemeral range, where the kernel never assigns on its own, and are never
 //! handed out twice by one process.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, TcpListener};
@@ -35,6 +37,7 @@ pub fn loopback_ports(n: usize) -> io::Result<Vec<u16>> {
         }
         // A stride coprime with most spans spreads concurrent processes apart.
         next = (next + 7_919) % span;
+        #[allow(clippy::cast_possible_truncation)] // next < span, a u16 difference
         let port = low + next as u16;
         if handed.contains(&port) {
             continue;

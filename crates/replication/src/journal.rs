@@ -39,7 +39,11 @@ impl Entry {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&((HEADER_LEN + self.data.len()) as u32).to_le_bytes());
+        // A record's data is at most one peer payload (32 MiB, checked by
+        // the codec), so the entry's length fits the u32 field.
+        #[allow(clippy::cast_possible_truncation)]
+        let total = (HEADER_LEN + self.data.len()) as u32;
+        out.extend_from_slice(&total.to_le_bytes());
         out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&self.seq.to_le_bytes());
         out.extend_from_slice(&self.volume.to_le_bytes());
@@ -73,13 +77,14 @@ impl Entry {
         let Some(data_len) = total
             .checked_sub(HEADER_LEN as u64)
             .filter(|n| *n <= MAX_DATA)
+            .and_then(|n| usize::try_from(n).ok())
         else {
             return Ok(None);
         };
         let Some(op) = RecordOp::from_u8(h[28]) else {
             return Ok(None);
         };
-        let mut data = vec![0u8; data_len as usize];
+        let mut data = vec![0u8; data_len];
         if !read_full(r, &mut data)? {
             return Ok(None);
         }
@@ -392,6 +397,8 @@ fn scan(path: &Path) -> Result<(u64, u64, bool), ReplicaError> {
 }
 
 #[cfg(test)]
+// Test data: small numbers.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -2,6 +2,8 @@
 //! (docs/REPLICA.md), and the sessions that ship and receive a group's
 //! changes over the peer protocol (docs/PEER.md).
 
+#![forbid(unsafe_code)]
+
 mod error;
 pub mod files;
 pub mod journal;

@@ -776,7 +776,8 @@ pub fn chunk_hashes(
         if at >= size {
             break;
         }
-        let n = (u64::from(chunk)).min(size - at) as usize;
+        // At most one chunk (a u32).
+        let n = u32::try_from(u64::from(chunk).min(size - at)).unwrap_or(chunk) as usize;
         let end = at + n as u64;
         if holes.iter().any(|&(s, e)| s <= at && end <= e) {
             out.push(if n == chunk as usize {

@@ -1,5 +1,7 @@
 //! `tandem`: the site agent and its command-line tools.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

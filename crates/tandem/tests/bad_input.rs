@@ -7,6 +7,7 @@
 //! well-behaved raw client connected throughout, and ends with a fresh
 //! `qemu-io` client.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // test requests of a few MiB: lengths fit NBD's u32 fields
 
 mod common;
 

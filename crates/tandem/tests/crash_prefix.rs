@@ -11,6 +11,7 @@
 //! (u64 LE), 8..16 the block's byte offset (u64 LE), the rest a pattern
 //! derived from i. Seeds are fixed; kill points are printed.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // a small test volume: block numbers, counts and lengths are tiny
 
 mod common;
 

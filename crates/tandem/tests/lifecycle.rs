@@ -5,6 +5,7 @@
 //! Not here: the latch after a failed fsync (NBD.md) needs fault injection
 //! the binary does not expose; the volume layer's unit tests cover it.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation)] // a 32 MiB test image
 
 mod common;
 

@@ -12,6 +12,8 @@
 //! connecting side checks that the server is the site it meant to reach, and
 //! the accepting side learns the client's site from [`PeerStream::peer_site`].
 
+#![forbid(unsafe_code)]
+
 pub mod certs;
 mod error;
 mod identity;

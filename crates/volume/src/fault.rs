@@ -7,7 +7,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::file::{BlockFile, OsFile};
+use rustix::io::Errno;
+
+use crate::file::{BlockFile, Fallocate, OsFile, Seek};
 
 /// Switches for a [`FaultyFile`], kept by the test.
 #[derive(Clone, Default)]
@@ -51,20 +53,20 @@ impl BlockFile for FaultyFile {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         if self.faults.disk_full.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            return Err(Errno::NOSPC.into());
         }
         self.inner.write_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
         if self.faults.fail_sync.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+            return Err(Errno::IO.into());
         }
         self.inner.sync_data()
     }
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    fn fallocate(&self, mode: Fallocate, offset: u64, len: u64) -> io::Result<()> {
         self.inner.fallocate(mode, offset, len)
     }
-    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+    fn seek(&self, offset: u64, whence: Seek) -> io::Result<Option<u64>> {
         self.inner.seek(offset, whence)
     }
     fn advise_willneed(&self, offset: u64, len: u64) {

@@ -1,10 +1,34 @@
 //! The system calls a raw image needs, behind a small trait so that tests
-//! can inject storage failures (a failing fsync, a full disk).
+//! can inject storage failures (a failing fsync, a full disk). The calls
+//! std lacks (`preadv2` with `RWF_NOWAIT`, `fallocate`, `SEEK_DATA`,
+//! `posix_fadvise`) go through `rustix`, so this crate has no `unsafe`.
 
 use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSliceMut};
+use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
+
+use rustix::fs::{Advice, FallocateFlags, SeekFrom};
+use rustix::io::{Errno, ReadWriteFlags};
+
+/// What [`BlockFile::fallocate`] does to a range. The file's size never
+/// changes (`FALLOC_FL_KEEP_SIZE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallocate {
+    /// `FALLOC_FL_PUNCH_HOLE`: deallocate; the range reads as zeroes.
+    PunchHole,
+    /// `FALLOC_FL_ZERO_RANGE`: zero the range, keeping it allocated.
+    ZeroRange,
+}
+
+/// Where [`BlockFile::seek`] looks from an offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seek {
+    /// `SEEK_DATA`: the next offset holding data.
+    Data,
+    /// `SEEK_HOLE`: the next offset in a hole (the end counts as one).
+    Hole,
+}
 
 /// Positioned I/O on one file.
 pub trait BlockFile: Send + Sync {
@@ -14,11 +38,11 @@ pub trait BlockFile: Send + Sync {
     fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize>;
     fn sync_data(&self) -> io::Result<()>;
-    /// `fallocate(2)` with the given mode bits.
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()>;
+    /// `fallocate(2)` on `[offset, offset + len)`.
+    fn fallocate(&self, mode: Fallocate, offset: u64, len: u64) -> io::Result<()>;
     /// `lseek(2)` with SEEK_DATA or SEEK_HOLE; `Ok(None)` past the last
     /// data (ENXIO).
-    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>>;
+    fn seek(&self, offset: u64, whence: Seek) -> io::Result<Option<u64>>;
     fn advise_willneed(&self, offset: u64, len: u64);
     fn byte_len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
@@ -33,25 +57,14 @@ impl BlockFile for OsFile {
     }
 
     fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: `iov` points into `buf`, which outlives the call; the fd
-        // is owned by `self.0`.
-        let n = unsafe {
-            libc::preadv2(
-                self.0.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        // EAGAIN (not cached) arrives as `io::ErrorKind::WouldBlock`.
+        let n = rustix::io::preadv2(
+            &self.0,
+            &mut [IoSliceMut::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        )?;
+        Ok(n)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
@@ -59,50 +72,37 @@ impl BlockFile for OsFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        // fdatasync(2).
         self.0.sync_data()
     }
 
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: plain syscall on an fd owned by `self.0`.
-        let rc = unsafe {
-            libc::fallocate(
-                self.0.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
+    fn fallocate(&self, mode: Fallocate, offset: u64, len: u64) -> io::Result<()> {
+        let mode = match mode {
+            Fallocate::PunchHole => FallocateFlags::PUNCH_HOLE,
+            Fallocate::ZeroRange => FallocateFlags::ZERO_RANGE,
         };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        rustix::fs::fallocate(&self.0, mode | FallocateFlags::KEEP_SIZE, offset, len)?;
         Ok(())
     }
 
-    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-        // SAFETY: plain syscall on an fd owned by `self.0`; lseek with
-        // SEEK_DATA/SEEK_HOLE only reads the file's extent map (the file
-        // offset it moves is never used: all I/O is positioned).
-        let pos = unsafe { libc::lseek(self.0.as_raw_fd(), offset as libc::off_t, whence) };
-        if pos < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                return Ok(None);
-            }
-            return Err(err);
+    fn seek(&self, offset: u64, whence: Seek) -> io::Result<Option<u64>> {
+        // Only reads the file's extent map: the file offset it moves is
+        // never used (all I/O is positioned).
+        let to = match whence {
+            Seek::Data => SeekFrom::Data(offset),
+            Seek::Hole => SeekFrom::Hole(offset),
+        };
+        match rustix::fs::seek(&self.0, to) {
+            Ok(pos) => Ok(Some(pos)),
+            Err(Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
         }
-        Ok(Some(pos as u64))
     }
 
     fn advise_willneed(&self, offset: u64, len: u64) {
-        // SAFETY: advisory syscall on an fd owned by `self.0`.
-        unsafe {
-            libc::posix_fadvise(
-                self.0.as_raw_fd(),
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
+        // A hint: failure changes nothing. A length of 0 means "to the end
+        // of the file", as in posix_fadvise(2).
+        let _ = rustix::fs::fadvise(&self.0, offset, NonZeroU64::new(len), Advice::WillNeed);
     }
 
     fn byte_len(&self) -> io::Result<u64> {

@@ -4,13 +4,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use crate::file::{BlockFile, OsFile};
+use rustix::fs::FlockOperation;
+use rustix::io::Errno;
+
+use crate::file::{BlockFile, Fallocate, OsFile, Seek};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -110,8 +112,8 @@ impl RawImage {
                 .map_err(open_err)?,
             Err(e) => return Err(open_err(e)),
         };
-        // SAFETY: flock on an fd we own; released when the file closes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        // Released when the file (and the clone kept in `_lock`) closes.
+        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
             return Err(VolumeError::Locked {
                 path: path.to_owned(),
             });
@@ -173,8 +175,8 @@ impl RawImage {
     }
 
     fn io_error(&self, op: &'static str, offset: u64, len: u64, source: io::Error) -> VolumeError {
-        match source.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => VolumeError::NoSpace {
+        match Errno::from_io_error(&source) {
+            Some(Errno::NOSPC | Errno::DQUOT | Errno::FBIG) => VolumeError::NoSpace {
                 path: self.path.clone(),
                 op,
                 offset,
@@ -219,8 +221,8 @@ impl RawImage {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e)
                 if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                    Errno::from_io_error(&e),
+                    Some(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS)
                 ) =>
             {
                 self.nowait.store(false, Ordering::Relaxed);
@@ -258,10 +260,9 @@ impl RawImage {
     /// Deallocates `[offset, offset + len)`; it reads back as zeroes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check_healthy()?;
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match self.file.fallocate(mode, offset, len) {
+        match self.file.fallocate(Fallocate::PunchHole, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            Err(e) if Errno::from_io_error(&e) == Some(Errno::OPNOTSUPP) => {
                 self.write_zero_buffers(offset, len)
             }
             Err(e) => Err(self.io_error("trim", offset, len, e)),
@@ -281,18 +282,16 @@ impl RawImage {
     ) -> Result<(), VolumeError> {
         self.check_healthy()?;
         if !keep_allocated {
-            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            match self.file.fallocate(mode, offset, len) {
+            match self.file.fallocate(Fallocate::PunchHole, offset, len) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if Errno::from_io_error(&e) == Some(Errno::OPNOTSUPP) => {}
                 Err(e) => return Err(self.io_error("write zeroes", offset, len, e)),
             }
         }
         if self.zero_range.load(Ordering::Relaxed) {
-            let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-            match self.file.fallocate(mode, offset, len) {
+            match self.file.fallocate(Fallocate::ZeroRange, offset, len) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(e) if Errno::from_io_error(&e) == Some(Errno::OPNOTSUPP) => {
                     self.zero_range.store(false, Ordering::Relaxed);
                 }
                 Err(e) => return Err(self.io_error("write zeroes", offset, len, e)),
@@ -307,13 +306,14 @@ impl RawImage {
     }
 
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        const CHUNK: usize = 1 << 20;
+        let chunk = |rest: u64| usize::try_from(rest).map_or(CHUNK, |rest| rest.min(CHUNK));
+        let zeroes = vec![0u8; chunk(len)];
         let mut done = 0;
         while done < len {
-            let n = CHUNK.min(len - done);
-            self.write(offset + done, &zeroes[..n as usize])?;
-            done += n;
+            let n = chunk(len - done);
+            self.write(offset + done, &zeroes[..n])?;
+            done += n as u64;
         }
         Ok(())
     }
@@ -354,16 +354,14 @@ impl RawImage {
                 .map_err(|e| self.io_error("extent map", at, len, e))
         };
         while pos < end && runs.len() < max.max(1) {
-            let data = seek(pos, libc::SEEK_DATA)?.unwrap_or(self.size);
+            let data = seek(pos, Seek::Data)?.unwrap_or(self.size);
             if data > pos {
                 let stop = data.min(end);
                 runs.push((stop - pos, true));
                 pos = stop;
                 continue;
             }
-            let hole = seek(pos, libc::SEEK_HOLE)?
-                .unwrap_or(self.size)
-                .max(pos + 1);
+            let hole = seek(pos, Seek::Hole)?.unwrap_or(self.size).max(pos + 1);
             let stop = hole.min(end);
             runs.push((stop - pos, false));
             pos = stop;
@@ -372,5 +370,135 @@ impl RawImage {
             runs.push((len.max(1), false));
         }
         Ok(runs)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The system calls behind a real image, and how their errors map.
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn image(size: u64) -> (tempfile::TempDir, RawImage) {
+        let dir = tempfile::tempdir().unwrap();
+        let image = RawImage::open_or_create(&dir.path().join("v.img"), size).unwrap();
+        (dir, image)
+    }
+
+    fn read(image: &RawImage, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xee; len];
+        image.read(offset, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_image_is_refused_as_locked() {
+        let (dir, _image) = image(MIB);
+        let err = RawImage::open_or_create(&dir.path().join("v.img"), MIB).unwrap_err();
+        assert!(matches!(err, VolumeError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn trimmed_and_zeroed_ranges_read_back_as_zeroes() {
+        let (_dir, image) = image(4 * MIB);
+        image.write(0, &vec![7; 4 << 20]).unwrap();
+        image.punch_hole(MIB, 4096).unwrap();
+        image.write_zeroes(2 * MIB, 8192, true, false).unwrap();
+        image.write_zeroes(3 * MIB, 8192, false, true).unwrap();
+        let data = read(&image, 0, 4 << 20);
+        let zero = |at: u64, len: u64| at..at + len;
+        let zeroed = [zero(MIB, 4096), zero(2 * MIB, 8192), zero(3 * MIB, 8192)];
+        for (i, byte) in data.iter().enumerate() {
+            let at = i as u64;
+            let want = if zeroed.iter().any(|r| r.contains(&at)) {
+                0
+            } else {
+                7
+            };
+            assert_eq!(*byte, want, "byte {at}");
+        }
+    }
+
+    #[test]
+    fn extents_see_a_punched_hole() {
+        let (_dir, image) = image(4 * MIB);
+        image.write(0, &vec![1; 4 << 20]).unwrap();
+        image.punch_hole(MIB, MIB).unwrap();
+        let runs = image.extents(0, 4 * MIB, 16).unwrap();
+        assert_eq!(runs, vec![(MIB, false), (MIB, true), (2 * MIB, false)]);
+        // Past the last data, SEEK_DATA fails with ENXIO: one hole to the end.
+        image.punch_hole(2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(
+            image.extents(2 * MIB, 2 * MIB, 16).unwrap(),
+            vec![(2 * MIB, true)]
+        );
+    }
+
+    #[test]
+    fn a_cached_read_returns_what_was_just_written() {
+        let (_dir, image) = image(MIB);
+        image.write(8192, &[9; 4096]).unwrap();
+        let mut buf = [0u8; 4096];
+        // Filesystems without RWF_NOWAIT answer "not cached".
+        if image.read_cached(8192, &mut buf).unwrap() {
+            assert_eq!(buf, [9; 4096]);
+        }
+    }
+
+    /// A file whose cached reads fail with one error.
+    struct CachedReadFails(Errno);
+
+    impl BlockFile for CachedReadFails {
+        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn read_cached_at(&self, _: &mut [u8], _: u64) -> io::Result<usize> {
+            Err(self.0.into())
+        }
+        fn write_at(&self, buf: &[u8], _: u64) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn fallocate(&self, _: Fallocate, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn seek(&self, _: u64, _: Seek) -> io::Result<Option<u64>> {
+            Ok(None)
+        }
+        fn advise_willneed(&self, _: u64, _: u64) {}
+        fn byte_len(&self) -> io::Result<u64> {
+            Ok(MIB)
+        }
+        fn set_len(&self, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn failing(errno: Errno) -> RawImage {
+        RawImage::with_file(Box::new(CachedReadFails(errno)), "t.img".into(), MIB)
+    }
+
+    #[test]
+    fn cached_read_errors_map_to_not_cached_or_io() {
+        let mut buf = [0u8; 512];
+        // EAGAIN: not in the page cache this time; try again next time.
+        let image = failing(Errno::AGAIN);
+        assert!(!image.read_cached(0, &mut buf).unwrap());
+        assert!(image.nowait.load(Ordering::Relaxed));
+        // EOPNOTSUPP, EINVAL, ENOSYS: no RWF_NOWAIT here; stop trying.
+        for errno in [Errno::OPNOTSUPP, Errno::INVAL, Errno::NOSYS] {
+            let image = failing(errno);
+            assert!(!image.read_cached(0, &mut buf).unwrap());
+            assert!(!image.nowait.load(Ordering::Relaxed), "{errno:?}");
+        }
+        // Anything else is a read error.
+        let image = failing(Errno::IO);
+        let err = image.read_cached(0, &mut buf).unwrap_err();
+        assert!(matches!(err, VolumeError::Io { op: "read", .. }), "{err}");
     }
 }

@@ -1,9 +1,11 @@
 //! Volume storage: the plain raw sparse image at
 //! `<data_dir>/volumes/<volume>.img` and the system calls it needs.
 
+#![forbid(unsafe_code)]
+
 pub mod fault;
 pub mod file;
 pub mod image;
 
-pub use file::{BlockFile, OsFile};
+pub use file::{BlockFile, Fallocate, OsFile, Seek};
 pub use image::{RawImage, VolumeError};

@@ -66,7 +66,8 @@ impl WitnessClient {
             .iter()
             .map(|e| base_url(e))
             .collect::<Result<Vec<_>, _>>()?;
-        let per_endpoint = request_timeout / endpoints.len().max(1) as u32;
+        let per_endpoint =
+            request_timeout / u32::try_from(endpoints.len().max(1)).unwrap_or(u32::MAX);
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(per_endpoint.max(MIN_CONNECT).min(request_timeout))
             .redirects(0)

@@ -7,9 +7,10 @@ use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FlockOperation;
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use super::WitnessError;
@@ -173,16 +174,12 @@ fn lock(dir: &Path) -> Result<File, WitnessError> {
         .truncate(false)
         .open(&path)
         .map_err(io_err(&path))?;
-    // SAFETY: flock on a descriptor this function owns; the lock goes
-    // away when the file is closed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Err(WitnessError::Locked { path });
-        }
-        return Err(io_err(&path)(e));
+    // The lock goes away when the file is closed.
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(Errno::WOULDBLOCK) => Err(WitnessError::Locked { path }),
+        Err(e) => Err(io_err(&path)(e.into())),
     }
-    Ok(file)
 }
 
 /// A temporary file left by a crash mid-write was never renamed, so no

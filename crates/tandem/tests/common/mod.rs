@@ -2,6 +2,7 @@
 //! directories, and real NBD clients against them. A missing tool fails the
 //! test (scripts/test installs them); every wait is bounded.
 #![allow(dead_code)]
+#![allow(clippy::cast_possible_truncation)] // pattern bytes keep the low bits on purpose
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
