@@ -467,3 +467,202 @@ impl ShipperSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn welcome(durable: u64) -> Welcome {
+        Welcome {
+            replica: "dr".into(),
+            epoch: 1,
+            applied: durable,
+            durable,
+            state: ReplicaState::Consistent,
+        }
+    }
+
+    fn ack(received: u64, durable: u64, applied: u64) -> Message {
+        Message::Ack(Ack {
+            received,
+            durable,
+            applied,
+        })
+    }
+
+    /// What can reach the session while a resync ends: the sender's own
+    /// registration of the end, and the replica's answers in their stream
+    /// order (`ResyncDone`, then acknowledgements), with stale
+    /// acknowledgements of before the resync mixed in.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Registered,
+        Done,
+        Ack { applied: u64 },
+        Stale { applied: u64 },
+    }
+
+    proptest! {
+        /// Whatever order the sender's bookkeeping and the replica's
+        /// answers arrive in, a replica that has applied everything below
+        /// the resync's end is judged consistent, and never before its
+        /// `ResyncDone` (acknowledgements from before say nothing about
+        /// the resynced images).
+        #[test]
+        fn a_caught_up_replica_is_never_left_inconsistent(
+            resume_at in 1u64..1000,
+            writes_meanwhile in 0u64..50,
+            registered_at in 0usize..4,
+            stale in proptest::collection::vec(0u64..5000, 0..4),
+            acks_after in 1usize..4,
+        ) {
+            let now = Instant::now();
+            let consistent_at = resume_at + writes_meanwhile;
+            let mut s = ShipperSession::new(1, (0, 0), now);
+            s.welcome(&welcome(resume_at - 1), consistent_at + 10, now);
+            s.resync_begins(resume_at, 1 << 20);
+            s.sending(consistent_at + 10);
+            // The replica's stream: stale acks, ResyncDone, then acks that
+            // climb to consistent_at - 1.
+            let mut stream: Vec<Step> = stale.iter().map(|&a| Step::Stale { applied: a }).collect();
+            stream.push(Step::Done);
+            for i in 1..=acks_after {
+                let applied = resume_at - 1 + writes_meanwhile * i as u64 / acks_after as u64;
+                stream.push(Step::Ack { applied });
+            }
+            let at = registered_at.min(stream.len());
+            stream.insert(at, Step::Registered);
+            let mut done = false;
+            for step in stream {
+                match step {
+                    Step::Registered => s.resync_ends(consistent_at),
+                    Step::Done => {
+                        done = true;
+                        s.receive(Message::ResyncDone { resume_at }, now, 0).unwrap();
+                    }
+                    Step::Ack { applied } | Step::Stale { applied } => {
+                        let applied = applied.min(consistent_at + 10);
+                        s.receive(ack(applied, applied, applied), now, 0).unwrap();
+                    }
+                }
+                prop_assert!(done || !s.replica_consistent(), "consistent before ResyncDone");
+            }
+            prop_assert!(s.replica_consistent(), "left inconsistent after catching up");
+        }
+
+        /// Acknowledgements duplicated, reordered or stale never move the
+        /// primary's view backwards, and one beyond what was sent is a
+        /// protocol error.
+        #[test]
+        fn acknowledgements_are_monotone_and_never_beyond_what_was_sent(
+            sent in 1u64..10_000,
+            acks in proptest::collection::vec((0u64..12_000, 0u64..12_000), 1..40),
+        ) {
+            let now = Instant::now();
+            let mut s = ShipperSession::new(1, (0, 0), now);
+            s.welcome(&welcome(0), sent + 1, now);
+            s.sending(sent);
+            let mut last = (0, 0);
+            for (received, durable) in acks {
+                let durable = durable.min(received);
+                match s.receive(ack(received, durable, durable), now, 0) {
+                    Ok(Incoming::Acked { received, durable }) => {
+                        prop_assert!(received >= last.0 && durable >= last.1);
+                        prop_assert!(received > last.0 || durable > last.1, "reported without advancing");
+                        last = (received, durable);
+                    }
+                    Ok(_) => {}
+                    Err(ShipError::AckBeyondSent { .. }) => {
+                        prop_assert!(received > sent || durable > sent);
+                        continue;
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("{e}"))),
+                }
+                prop_assert!(received <= sent && durable <= sent);
+                let a = s.acked();
+                prop_assert!(a.received >= last.0 && a.durable >= last.1);
+                prop_assert!(a.received <= sent && a.durable <= sent);
+            }
+        }
+
+        /// A diff must answer the oldest hashes outstanding.
+        #[test]
+        fn diffs_answer_hashes_in_order(asks in proptest::collection::vec((0u32..3, 0u64..1000), 1..20), skip in 0usize..20) {
+            let now = Instant::now();
+            let mut s = ShipperSession::new(1, (0, 0), now);
+            s.welcome(&welcome(0), 1, now);
+            for &(v, o) in &asks {
+                s.asking((v, o * 65536, 65536, 4));
+            }
+            let skip = skip % asks.len();
+            let (v, o) = asks[skip];
+            let got = s.receive(Message::Diff { volume: v, offset: o * 65536, chunk: 65536, bitmap: vec![0] }, now, 0);
+            if asks[0] == (v, o) {
+                let answered = matches!(got, Ok(Incoming::Diff { asked, .. }) if asked == (v, o * 65536, 65536, 4));
+                prop_assert!(answered);
+            } else {
+                let mismatch = matches!(got, Err(ShipError::DiffMismatch { .. }));
+                prop_assert!(mismatch);
+            }
+        }
+    }
+
+    #[test]
+    fn an_unasked_diff_is_a_protocol_error() {
+        let now = Instant::now();
+        let mut s = ShipperSession::new(1, (0, 0), now);
+        s.welcome(&welcome(0), 1, now);
+        let got = s.receive(
+            Message::Diff {
+                volume: 0,
+                offset: 0,
+                chunk: 4096,
+                bitmap: vec![],
+            },
+            now,
+            0,
+        );
+        assert!(matches!(got, Err(ShipError::UnaskedDiff { .. })));
+    }
+
+    #[test]
+    fn a_welcome_off_this_primarys_history_compares_everything() {
+        let now = Instant::now();
+        let mut s = ShipperSession::new(3, (2, 100), now);
+        let at_fork = Welcome {
+            epoch: 2,
+            durable: 100,
+            ..welcome(100)
+        };
+        assert_eq!(s.welcome(&at_fork, 150, now), Opening::Stream { durable: 100 });
+        let past_fork = Welcome {
+            epoch: 2,
+            durable: 101,
+            ..welcome(101)
+        };
+        assert!(matches!(
+            s.welcome(&past_fork, 150, now),
+            Opening::CompareAll(Mismatch::OtherHistory { .. })
+        ));
+        let ahead = Welcome {
+            epoch: 3,
+            durable: 200,
+            ..welcome(200)
+        };
+        assert!(matches!(
+            s.welcome(&ahead, 150, now),
+            Opening::CompareAll(Mismatch::Ahead { .. })
+        ));
+        let new = Welcome {
+            epoch: 3,
+            durable: 0,
+            state: ReplicaState::New,
+            ..welcome(0)
+        };
+        assert!(matches!(
+            s.welcome(&new, 150, now),
+            Opening::CompareAll(Mismatch::NotConsistent(ReplicaState::New))
+        ));
+    }
+}
