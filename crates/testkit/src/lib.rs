@@ -11,8 +11,11 @@
 //! - [`wait_for`]: until a value is there, or panic.
 //! - [`poll`], [`poll_every`]: the same without the panic, for callers that
 //!   fail in their own way (with a log tail, after killing a child).
+//! - [`wait_child`], [`run_with_timeout`]: a child process's exit, bounded.
 #![forbid(unsafe_code)]
 
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The first pause between two looks; it doubles up to [`MAX_PAUSE`].
@@ -77,6 +80,57 @@ fn poll_paced<T>(
     }
 }
 
+/// Waits for `child` to exit and returns its status; after `timeout` it
+/// is killed and the test fails.
+#[track_caller]
+pub fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
+    match poll(timeout, || child.try_wait().expect("wait for a child")) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} did not exit within {timeout:?}", child.id());
+        }
+    }
+}
+
+/// Runs `cmd` to completion within `timeout` (stdin empty; stdout and
+/// stderr collected as it runs, so a talkative command cannot block on a
+/// full pipe) and returns its output; after `timeout` it is killed and the
+/// test fails, naming the command.
+#[track_caller]
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let description = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {description}: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let Some(status) = poll(timeout, || child.try_wait().expect("wait for a child")) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{description} did not finish within {timeout:?}");
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +182,28 @@ mod tests {
         let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(msg.contains("the moon to turn blue"), "{msg}");
         assert!(msg.contains("20ms"), "{msg}");
+    }
+
+    #[test]
+    fn a_command_runs_to_its_end_with_its_output() {
+        let out = run_with_timeout(
+            Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+    }
+
+    #[test]
+    fn a_command_over_its_time_is_killed_and_named() {
+        let t = Instant::now();
+        let panic = std::panic::catch_unwind(|| {
+            run_with_timeout(Command::new("sleep").arg("30"), Duration::from_millis(200))
+        })
+        .expect_err("must panic");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("sleep") && msg.contains("200ms"), "{msg}");
     }
 }
