@@ -362,20 +362,12 @@ fn log_line(site: &Site, all: &[&str], any: &[&str]) -> Option<String> {
 }
 
 fn wait_log_line(site: &Site, all: &[&str], any: &[&str], what: &str) -> String {
-    let mut found = None;
-    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until(Duration::from_secs(10), what, || {
-            found = log_line(site, all, any);
-            found.is_some()
-        })
-    }));
-    if waited.is_err() {
+    poll(Duration::from_secs(10), || log_line(site, all, any)).unwrap_or_else(|| {
         panic!(
-            "no log line for {what}: wanted all of {all:?} and one of {any:?}; log:\n{}",
+            "no log line for {what} within 10 s: wanted all of {all:?} and one of {any:?}; log:\n{}",
             plain_log(site)
-        );
-    }
-    found.expect("line")
+        )
+    })
 }
 
 fn attached_lines(site: &Site) -> Vec<String> {
