@@ -721,7 +721,14 @@ fn api_addr(site: &Site) -> String {
         .to_owned()
 }
 
+/// The API's bearer token, once the API listens: `Site::start` waits for
+/// the NBD exports only, the API comes up after them, and its token file
+/// is written (not atomically) before it listens.
 fn api_token(site: &Site) -> String {
+    let addr = api_addr(site);
+    wait_until(Duration::from_secs(20), "the agent's API to listen", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
     std::fs::read_to_string(site.data_dir.join("api.token"))
         .expect("read api.token")
         .trim()
