@@ -8,15 +8,16 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tandem_agent::{Agent, VolumeExport};
 use tandem_capture::{CaptureVolume, Event, GroupCapture, Op};
 use tandem_nbd::Server;
+use tandem_testkit::{run_with_timeout, wait_child};
 use tandem_volume::fault::{Faults, FaultyFile};
 use tandem_volume::RawImage;
 
@@ -28,25 +29,6 @@ fn tool(name: &str) -> String {
         "required tool `{name}` is not installed; run scripts/test"
     );
     name.to_owned()
-}
-
-/// Runs a command with a deadline.
-fn run(cmd: &mut Command, timeout: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{cmd:?} did not finish within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 fn free_port() -> u16 {
@@ -183,7 +165,7 @@ fn replay_under_concurrent_clients(queue_memory: &str) -> (u64, u64) {
             format!("discard {off} 32k")
         });
     }
-    let out = run(
+    let out = run_with_timeout(
         Command::new(&qemu_io)
             .args(["-f", "raw"])
             .args(&args)
@@ -196,7 +178,10 @@ fn replay_under_concurrent_clients(queue_memory: &str) -> (u64, u64) {
         String::from_utf8_lossy(&out.stderr)
     );
     for mut c in clients {
-        assert!(c.wait().unwrap().success(), "fio failed");
+        assert!(
+            wait_child(&mut c, Duration::from_secs(120)).success(),
+            "fio failed"
+        );
     }
     stop.store(true, Ordering::Release);
     let counts = consumer.join().unwrap();
@@ -291,7 +276,7 @@ fn after_a_failed_fsync_clients_get_eio_for_writes_and_flushes() {
         for cmd in cmds {
             c.args(["-c", cmd]);
         }
-        let out = run(c.arg(&uri), Duration::from_secs(30));
+        let out = run_with_timeout(c.arg(&uri), Duration::from_secs(30));
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -322,7 +307,7 @@ fn after_a_failed_fsync_clients_get_eio_for_writes_and_flushes() {
     // python3 earlier in PATH would not have the module.)
     tool("nbdsh");
     let mut nbdsh = Command::new("/usr/bin/python3");
-    let out = run(
+    let out = run_with_timeout(
         nbdsh.args(["-m", "nbd", "-u", &uri, "-c", "h.flush()"]),
         Duration::from_secs(30),
     );

@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 use etcd_cluster::EtcdCluster;
 use tandem_coordinator::etcd::{EtcdConfigError, EtcdStore};
 use tandem_coordinator::{Compare, LeaseId, Op, Store, StoreError};
+use tandem_testkit::wait_until;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on etcd taking up or dropping a watch.
+const WATCH_WAIT: Duration = Duration::from_secs(10);
 
 fn store(etcd: &EtcdCluster) -> EtcdStore {
     EtcdStore::new(&etcd.endpoints(), TIMEOUT).unwrap()
@@ -25,20 +28,6 @@ fn put(key: &str, value: &str, lease: LeaseId) -> Op {
         key: key.into(),
         value: value.as_bytes().to_vec(),
         lease,
-    }
-}
-
-/// Polls `cond` every 50 ms until it holds or `limit` passes.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= until {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -69,13 +58,10 @@ fn a_leased_key_vanishes_when_its_lease_expires_and_the_lease_is_refused_after()
     let granted = Instant::now();
     s.txn(&[], &[put("x/owner", "ny", lease)]).unwrap();
     assert!(s.range("x/").unwrap().get("x/owner").is_some());
-    assert!(
-        eventually(Duration::from_secs(10), || s
-            .range("x/")
-            .unwrap()
-            .kvs
-            .is_empty()),
-        "the leased key outlived its lease by far"
+    wait_until(
+        Duration::from_secs(10),
+        "the leased key to vanish with its lease",
+        || s.range("x/").unwrap().kvs.is_empty(),
     );
     // etcd raised the 1 s TTL to its 2 s minimum.
     assert!(granted.elapsed() >= Duration::from_millis(1500));
@@ -225,18 +211,28 @@ fn wait_returns_on_a_change_and_times_out_otherwise() {
     assert!(waited >= Duration::from_millis(400), "{waited:?}");
     assert!(waited < Duration::from_secs(2), "{waited:?}");
 
-    // A change made while waiting ends the wait.
-    let writer = {
+    // A change made while etcd holds the wait (a watch) ends the wait.
+    wait_until(WATCH_WAIT, "etcd to drop the timed-out watch", || {
+        etcd.watchers(0) == Some(0)
+    });
+    let waiter = {
         let s = s.clone();
         thread::spawn(move || {
-            thread::sleep(Duration::from_millis(200));
-            s.txn(&[], &[put("w/b", "2", 0)]).unwrap()
+            s.wait("w/", rev, Duration::from_secs(10)).unwrap();
+            Instant::now()
         })
     };
-    let t = Instant::now();
-    s.wait("w/", rev, Duration::from_secs(10)).unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    let (_, rev_b) = writer.join().unwrap();
+    wait_until(WATCH_WAIT, "etcd to hold the wait as a watch", || {
+        etcd.watchers(0) == Some(1)
+    });
+    let changed = Instant::now();
+    let (_, rev_b) = s.txn(&[], &[put("w/b", "2", 0)]).unwrap();
+    let woke = waiter.join().unwrap();
+    let after = woke.saturating_duration_since(changed);
+    assert!(
+        after < Duration::from_secs(5),
+        "woke {after:?} after the change"
+    );
 
     // A change that already happened answers at once.
     let t = Instant::now();
@@ -541,14 +537,17 @@ fn without_quorum_calls_fail_within_the_request_timeout() {
             "{result:?}"
         );
         assert!(t.elapsed() <= bound, "wait took {:?}", t.elapsed());
+        // Pacing, not synchronisation: the calls are spread over the
+        // seconds after the kill, which is what is tested.
         thread::sleep(Duration::from_millis(100));
     }
 
     // Quorum is back with a second member: calls succeed again.
     etcd.restart(1);
-    assert!(
-        eventually(Duration::from_secs(15), || s.range("q/").is_ok()),
-        "no answer after quorum came back"
+    wait_until(
+        Duration::from_secs(15),
+        "an answer after quorum came back",
+        || s.range("q/").is_ok(),
     );
     s.keep_alive(lease).unwrap();
     assert_eq!(s.range("q/").unwrap().get("q/owner").unwrap().value, b"ny");

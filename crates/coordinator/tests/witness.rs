@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tandem_coordinator::witness::{self, WitnessClient, WitnessError, WitnessHandle};
 use tandem_coordinator::{Compare, LeaseId, Op, Store, StoreError};
+use tandem_testkit::wait_until;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -31,18 +32,6 @@ fn put(key: &str, value: &[u8], lease: LeaseId) -> Op {
         value: value.to_vec(),
         lease,
     }
-}
-
-/// Polls `cond` until it holds or `limit` passes; returns whether it held.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }
 
 fn has_key(store: &dyn Store, key: &str) -> bool {
@@ -66,13 +55,17 @@ fn leased_keys_live_while_kept_alive_and_vanish_after_expiry() {
             has_key(&c, "g/owner"),
             "the key vanished while its lease was renewed"
         );
+        // Renewal pacing: what is tested is time passing (three TTLs)
+        // with the lease renewed ten times a TTL.
         std::thread::sleep(ttl / 10);
     }
 
     // Without renewals it goes, not before the TTL.
     let last = Instant::now();
     c.keep_alive(lease).expect("keepalive");
-    assert!(eventually(TIMEOUT, || !has_key(&c, "g/owner")));
+    wait_until(TIMEOUT, "the unrenewed lease's key to vanish", || {
+        !has_key(&c, "g/owner")
+    });
     assert!(last.elapsed() >= ttl, "expired after {:?}", last.elapsed());
     assert!(matches!(
         c.keep_alive(lease),
@@ -211,19 +204,21 @@ fn wait_returns_on_a_change_and_times_out_otherwise() {
     assert!(t.elapsed() >= quiet, "returned after {:?}", t.elapsed());
 
     let writer = client_for(&w);
-    let t = Instant::now();
     std::thread::scope(|s| {
         let waiter = s.spawn(|| c.wait("g/", rev, Duration::from_secs(20)));
-        // The waiter is parked on the witness; a change wakes it.
-        std::thread::sleep(Duration::from_millis(100));
+        // Only a change made while the wait is held on the witness shows
+        // that a change wakes it (a change made before it arrived would
+        // answer it at once).
+        wait_until(TIMEOUT, "the witness to hold the wait", || w.waiting() == 1);
+        let t = Instant::now();
         writer.txn(&[], &[put("g/owner", b"ny", 0)]).expect("put");
         waiter.join().expect("waiter").expect("wait");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "woke {:?} after the change",
+            t.elapsed()
+        );
     });
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "woke after {:?}",
-        t.elapsed()
-    );
 
     // Already past: immediate.
     let t = Instant::now();
@@ -243,10 +238,12 @@ fn long_polls_do_not_hold_up_lease_renewals() {
         let waiters: Vec<_> = (0..16)
             .map(|_| {
                 let c = client_for(&w);
-                s.spawn(move || c.wait("quiet/", rev, Duration::from_secs(2)))
+                s.spawn(move || c.wait("quiet/", rev, Duration::from_secs(20)))
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(100));
+        wait_until(TIMEOUT, "the witness to hold 16 long polls", || {
+            w.waiting() == 16
+        });
         let t = Instant::now();
         c.keep_alive(lease).expect("keepalive");
         assert!(
@@ -254,6 +251,13 @@ fn long_polls_do_not_hold_up_lease_renewals() {
             "took {:?}",
             t.elapsed()
         );
+        assert_eq!(
+            w.waiting(),
+            16,
+            "the renewal was not served while every long poll was held"
+        );
+        // A change ends the long polls.
+        c.txn(&[], &[put("quiet/done", b"1", 0)]).expect("put");
         for waiter in waiters {
             waiter.join().expect("waiter").expect("wait");
         }
@@ -276,7 +280,8 @@ fn state_survives_a_restart_and_leases_get_a_full_ttl_again() {
         .expect("put");
         let revision = c.range("").expect("range").revision;
         // Most of the TTL is used up before the stop: without a fresh TTL
-        // at restart the key would vanish moments after it.
+        // at restart the key would vanish moments after it. Time passing
+        // is what is tested here (bounded by the TTL).
         std::thread::sleep((ttl * 9 / 10).saturating_sub(granted.elapsed()));
         w.shutdown();
         (lease, revision)
@@ -295,14 +300,14 @@ fn state_survives_a_restart_and_leases_get_a_full_ttl_again() {
     );
 
     let mut last_seen = restarted;
-    assert!(eventually(TIMEOUT, || {
+    wait_until(TIMEOUT, "the restored lease's key to vanish", || {
         let seen = Instant::now();
         let present = has_key(&c, "g/owner");
         if present {
             last_seen = seen;
         }
         !present
-    }));
+    });
     assert!(
         last_seen - restarted >= ttl / 2,
         "the restored lease expired {:?} after the restart, not a full TTL",
@@ -554,7 +559,9 @@ fn connections_over_the_limit_are_refused_and_others_still_served() {
     assert!(text.contains("too many connections"), "{text}");
     drop(idle);
     let c = client_for(&w);
-    assert!(eventually(TIMEOUT, || c.range("").is_ok()));
+    wait_until(TIMEOUT, "a connection slot to free up", || {
+        c.range("").is_ok()
+    });
 }
 
 #[test]

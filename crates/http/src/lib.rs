@@ -15,7 +15,8 @@
 //! length aborts the process — and a dead witness fences every primary, a
 //! dead agent stops serving its disks (SPEC G8).
 //!
-//! - [`spawn`] serves a listener with a [`Handler`] until a stop flag is set.
+//! - [`spawn`] serves a listener with a [`Handler`] until a stop flag is set
+//!   ([`spawn_counted`] also counts its open [`Connections`]).
 //! - [`Conn`] is one connection, for a caller that runs its own loop.
 
 #![forbid(unsafe_code)]
@@ -24,4 +25,4 @@ mod conn;
 mod server;
 
 pub use conn::{shorten, Conn, Limits, Next, Problem, Refusal, Request, Response};
-pub use server::{spawn, Handler, Options};
+pub use server::{spawn, spawn_counted, Connections, Handler, Options};

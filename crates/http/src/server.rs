@@ -51,11 +51,29 @@ impl Options {
     }
 }
 
+/// The number of connections a server is serving: counted when accepted
+/// (one over [`Limits::max_connections`] shows for the moment it takes to
+/// refuse it), uncounted when its thread ends. For observability: a test waits until the server holds a
+/// connection instead of sleeping and hoping it does.
+#[derive(Clone, Debug, Default)]
+pub struct Connections(Arc<AtomicUsize>);
+
+impl Connections {
+    pub fn new() -> Connections {
+        Connections::default()
+    }
+
+    /// Connections being served right now.
+    pub fn open(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 struct Shared {
     options: Options,
     stop: Arc<AtomicBool>,
     handler: Arc<dyn Handler>,
-    connections: AtomicUsize,
+    connections: Connections,
 }
 
 /// Serves `listener` on a new thread until `stop` is set; the thread ends
@@ -68,13 +86,25 @@ pub fn spawn(
     stop: Arc<AtomicBool>,
     handler: Arc<dyn Handler>,
 ) -> io::Result<JoinHandle<()>> {
+    spawn_counted(listener, options, stop, handler, Connections::new())
+}
+
+/// [`spawn`], keeping the count of open connections in `connections`
+/// (which the caller may read).
+pub fn spawn_counted(
+    listener: TcpListener,
+    options: Options,
+    stop: Arc<AtomicBool>,
+    handler: Arc<dyn Handler>,
+    connections: Connections,
+) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let name = options.name.clone();
     let shared = Arc::new(Shared {
         options,
         stop,
         handler,
-        connections: AtomicUsize::new(0),
+        connections,
     });
     std::thread::Builder::new()
         .name(name)
@@ -143,8 +173,9 @@ fn start_connection(
     let Ok(mut conn) = Conn::new(stream, options.limits) else {
         return None;
     };
-    if shared.connections.fetch_add(1, Ordering::AcqRel) >= options.limits.max_connections {
-        shared.connections.fetch_sub(1, Ordering::AcqRel);
+    let count = &shared.connections.0;
+    if count.fetch_add(1, Ordering::AcqRel) >= options.limits.max_connections {
+        count.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!(%peer, "{}: too many connections; refusing one", options.name);
         let answer = shared
             .handler
@@ -159,13 +190,13 @@ fn start_connection(
         builder = builder.stack_size(size);
     }
     let spawned = builder.spawn(move || {
-        let _slot = Slot(&shared_for_thread.connections);
+        let _slot = Slot(&shared_for_thread.connections.0);
         serve_connection(conn, peer, &shared_for_thread);
     });
     match spawned {
         Ok(t) => Some(t),
         Err(e) => {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            count.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(%peer, "{}: cannot start a connection thread: {e}", options.name);
             None
         }

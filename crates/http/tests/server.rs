@@ -5,23 +5,71 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_http::{Handler, Limits, Options, Refusal, Request, Response};
+use tandem_http::{Connections, Handler, Limits, Options, Refusal, Request, Response};
+use tandem_testkit::wait_until;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `/echo` answers the body; `/sleep` takes a second.
-struct Echo;
+/// `/echo` answers the body; `/hold` is answered only once the test
+/// releases it (or after [`TIMEOUT`], with 500).
+#[derive(Default)]
+struct Echo {
+    hold: Mutex<Hold>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Hold {
+    /// `/hold` requests inside the handler now.
+    held: usize,
+    released: bool,
+}
+
+impl Echo {
+    /// Waits (bounded) until `n` `/hold` requests are inside the handler.
+    fn wait_held(&self, n: usize) {
+        let hold = self.hold.lock().unwrap();
+        let (hold, timeout) = self
+            .changed
+            .wait_timeout_while(hold, TIMEOUT, |h| h.held < n)
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "{} of {n} /hold requests reached the handler within {TIMEOUT:?}",
+            hold.held
+        );
+    }
+
+    fn held(&self) -> usize {
+        self.hold.lock().unwrap().held
+    }
+
+    fn release(&self) {
+        self.hold.lock().unwrap().released = true;
+        self.changed.notify_all();
+    }
+}
 
 impl Handler for Echo {
     fn handle(&self, request: Request, _peer: SocketAddr) -> Response {
         match request.path.as_str() {
             "/echo" => Response::new(200, "text/plain", request.body),
-            "/sleep" => {
-                std::thread::sleep(Duration::from_secs(1));
-                Response::new(200, "text/plain", "slept")
+            "/hold" => {
+                let mut hold = self.hold.lock().unwrap();
+                hold.held += 1;
+                self.changed.notify_all();
+                let (mut hold, timeout) = self
+                    .changed
+                    .wait_timeout_while(hold, TIMEOUT, |h| !h.released)
+                    .unwrap();
+                hold.held -= 1;
+                if timeout.timed_out() {
+                    return Response::new(500, "text/plain", "never released");
+                }
+                Response::new(200, "text/plain", "released")
             }
             _ => Response::json(404, r#"{"error":"no such endpoint"}"#),
         }
@@ -34,6 +82,8 @@ impl Handler for Echo {
 
 struct Running {
     addr: SocketAddr,
+    echo: Arc<Echo>,
+    connections: Connections,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -41,6 +91,8 @@ struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // A test that failed while holding a request lets it go.
+        self.echo.release();
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
@@ -55,9 +107,20 @@ fn start(limits: Limits) -> Running {
         limits,
         ..Options::new("test")
     };
-    let thread = tandem_http::spawn(listener, options, Arc::clone(&stop), Arc::new(Echo)).unwrap();
+    let echo = Arc::new(Echo::default());
+    let connections = Connections::new();
+    let thread = tandem_http::spawn_counted(
+        listener,
+        options,
+        Arc::clone(&stop),
+        Arc::clone(&echo) as Arc<dyn Handler>,
+        connections.clone(),
+    )
+    .unwrap();
     Running {
         addr,
+        echo,
+        connections,
         stop,
         thread: Some(thread),
     }
@@ -132,28 +195,38 @@ fn a_body_over_the_limit_that_is_really_sent_gets_413_not_a_reset() {
 fn a_slow_request_does_not_hold_up_another_connection() {
     let server = start(Limits::default());
     let mut slow = connect(server.addr);
-    slow.write_all(b"GET /sleep HTTP/1.1\r\n\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let t = Instant::now();
+    slow.write_all(b"GET /hold HTTP/1.1\r\n\r\n").unwrap();
+    // The slow request is inside its handler, and stays there until
+    // released: the quick one can only be answered alongside it.
+    server.echo.wait_held(1);
     let mut quick = connect(server.addr);
     quick
         .write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 1\r\n\r\nq")
         .unwrap();
     assert_eq!(read_answer(&mut quick), (200, "q".into()));
-    assert!(
-        t.elapsed() < Duration::from_millis(800),
-        "{:?}",
-        t.elapsed()
-    );
-    assert_eq!(read_answer(&mut slow), (200, "slept".into()));
+    assert_eq!(server.echo.held(), 1, "the slow request was let go early");
+    server.echo.release();
+    assert_eq!(read_answer(&mut slow), (200, "released".into()));
 }
 
 #[test]
 fn stopping_closes_idle_connections_promptly() {
     let server = start(Limits::default());
-    let idle = connect(server.addr);
+    let mut idle = connect(server.addr);
+    // The server has taken the connection up: stopping has to close it,
+    // not merely stop accepting.
+    wait_until(TIMEOUT, "the server to hold the idle connection", || {
+        server.connections.open() == 1
+    });
+    let connections = server.connections.clone();
     let t = Instant::now();
     drop(server);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    drop(idle);
+    assert_eq!(connections.open(), 0, "a connection outlived the server");
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        idle.read(&mut byte).unwrap(),
+        0,
+        "the idle connection was not closed"
+    );
 }

@@ -69,13 +69,15 @@ fn session() -> impl Strategy<Value = Session> {
         prop::option::weighted(0.5, 0usize..30),
         prop::bool::weighted(0.1),
     )
-        .prop_map(|(older, force_resync, records, cut_after, duplicate)| Session {
-            older,
-            force_resync,
-            records,
-            cut_after,
-            duplicate,
-        })
+        .prop_map(
+            |(older, force_resync, records, cut_after, duplicate)| Session {
+                older,
+                force_resync,
+                records,
+                cut_after,
+                duplicate,
+            },
+        )
 }
 
 struct Replica {

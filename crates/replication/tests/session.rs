@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tandem_capture::{CaptureVolume, GroupCapture};
@@ -153,12 +153,12 @@ impl Pair {
     /// Waits until the link is up, the replica reports itself consistent,
     /// and it holds every change made so far.
     fn wait_caught_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let mut last = String::new();
+        let caught_up = tandem_testkit::poll(Duration::from_secs(60), || {
             let lag = self.capture.lag("dr").unwrap();
             let link = self.link.info();
             let next = self.capture.next_seq();
-            if link.connects >= 1
+            let done = link.connects >= 1
                 && link.state == LinkState::Streaming
                 && link.replica_consistent
                 && lag.bytes == 0
@@ -166,16 +166,14 @@ impl Pair {
                 && lag.acked + 1 >= next
                 && link.applied + 1 >= next
                 && self.replica.lock().applied + 1 >= next
-                && self.replica.lock().consistent
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica did not catch up: {lag:?} {link:?}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+                && self.replica.lock().consistent;
+            last = format!("{lag:?} {link:?}");
+            done.then_some(())
+        });
+        assert!(
+            caught_up.is_some(),
+            "replica did not catch up within 60 s: {last}"
+        );
     }
 
     fn stop(mut self) {

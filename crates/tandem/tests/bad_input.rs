@@ -363,20 +363,12 @@ fn log_line(site: &Site, all: &[&str], any: &[&str]) -> Option<String> {
 }
 
 fn wait_log_line(site: &Site, all: &[&str], any: &[&str], what: &str) -> String {
-    let mut found = None;
-    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until(Duration::from_secs(10), what, || {
-            found = log_line(site, all, any);
-            found.is_some()
-        })
-    }));
-    if waited.is_err() {
+    poll(Duration::from_secs(10), || log_line(site, all, any)).unwrap_or_else(|| {
         panic!(
-            "no log line for {what}: wanted all of {all:?} and one of {any:?}; log:\n{}",
+            "no log line for {what} within 10 s: wanted all of {all:?} and one of {any:?}; log:\n{}",
             plain_log(site)
-        );
-    }
-    found.expect("line")
+        )
+    })
 }
 
 fn attached_lines(site: &Site) -> Vec<String> {
@@ -730,7 +722,14 @@ fn api_addr(site: &Site) -> String {
         .to_owned()
 }
 
+/// The API's bearer token, once the API listens: `Site::start` waits for
+/// the NBD exports only, the API comes up after them, and its token file
+/// is written (not atomically) before it listens.
 fn api_token(site: &Site) -> String {
+    let addr = api_addr(site);
+    wait_until(Duration::from_secs(20), "the agent's API to listen", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
     std::fs::read_to_string(site.data_dir.join("api.token"))
         .expect("read api.token")
         .trim()

@@ -18,14 +18,14 @@ mod common;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use tandem_nbd::proto::*;
 use tandem_nbd::transmission::{decode_reply_header, ReplyHeader, RequestHeader};
+use tandem_testkit::poll_every;
 
 const BLOCK: usize = 4096;
 const VOLUME: &str = "v0";
@@ -238,12 +238,53 @@ enum End {
     Lost(String),
 }
 
+/// What the writer thread and the test share, under one lock with one
+/// condition variable: the test waits for acknowledgements and the writer
+/// for permission, neither by polling.
+struct Shared {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Writes 1..=acked were acknowledged.
+    acked: u64,
+    /// The writer issues writes up to this index, then waits for more.
+    limit: u64,
+    /// The test asks the writer to stop.
+    stop: bool,
+    /// The writer thread ended (stopped, lost its primary, or panicked).
+    ended: bool,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.progress.lock().unwrap());
+        self.changed.notify_all();
+    }
+}
+
+/// Marks the writer ended however its thread ends.
+struct Ended(Arc<Shared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        // Not `update`: the lock may be poisoned by a panic being unwound.
+        let mut p = self
+            .0
+            .progress
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        p.ended = true;
+        drop(p);
+        self.0.changed.notify_all();
+    }
+}
+
 struct Writer {
     history: Arc<Mutex<History>>,
-    acked: Arc<AtomicU64>,
-    /// The writer issues writes up to this index, then waits for more.
-    limit: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     handle: JoinHandle<End>,
 }
 
@@ -253,70 +294,78 @@ impl Writer {
     /// connection fails. Write indices continue `history`.
     fn start(socket: &Path, history: &Arc<Mutex<History>>, seed: u64, flush_every: u64) -> Writer {
         let mut nbd = Nbd::open(socket);
-        let acked = Arc::new(AtomicU64::new(history.lock().unwrap().acked));
-        let limit = Arc::new(AtomicU64::new(acked.load(Ordering::Acquire)));
-        let stop = Arc::new(AtomicBool::new(false));
+        let acked = history.lock().unwrap().acked;
+        let shared = Arc::new(Shared {
+            progress: Mutex::new(Progress {
+                acked,
+                limit: acked,
+                ..Progress::default()
+            }),
+            changed: Condvar::new(),
+        });
         let handle = {
-            let (history, acked, limit, stop) = (
-                Arc::clone(history),
-                Arc::clone(&acked),
-                Arc::clone(&limit),
-                Arc::clone(&stop),
-            );
-            std::thread::spawn(move || loop {
-                if stop.load(Ordering::Acquire) {
-                    nbd.disconnect();
-                    return End::Stopped;
-                }
-                if acked.load(Ordering::Acquire) >= limit.load(Ordering::Acquire) {
-                    // Idle until the test allows more.
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                let (i, block) = {
-                    let mut h = history.lock().unwrap();
-                    let i = h.blocks.len() as u64 + 1;
-                    let block = block_of(seed, i);
-                    h.blocks.push(block);
-                    (i, block)
-                };
-                match nbd.request(CMD_WRITE, block * BLOCK as u64, &stamp(i, block)) {
-                    Ok(0) => {
-                        history.lock().unwrap().acked = i;
-                        acked.store(i, Ordering::Release);
+            let (history, shared) = (Arc::clone(history), Arc::clone(&shared));
+            std::thread::spawn(move || {
+                let _ended = Ended(Arc::clone(&shared));
+                loop {
+                    // Idle until the test allows more or asks to stop.
+                    let progress = shared.progress.lock().unwrap();
+                    let progress = shared
+                        .changed
+                        .wait_while(progress, |p| !p.stop && p.acked >= p.limit)
+                        .unwrap();
+                    if progress.stop {
+                        drop(progress);
+                        nbd.disconnect();
+                        return End::Stopped;
                     }
-                    Ok(e) => return End::Lost(format!("write {i} failed: NBD error {e}")),
-                    Err(e) => return End::Lost(format!("write {i}: {e}")),
-                }
-                if flush_every > 0 && i % flush_every == 0 {
-                    match nbd.request(CMD_FLUSH, 0, &[]) {
-                        Ok(0) => history.lock().unwrap().flushed = i,
-                        Ok(e) => {
-                            return End::Lost(format!("flush after {i} failed: NBD error {e}"))
+                    drop(progress);
+                    let (i, block) = {
+                        let mut h = history.lock().unwrap();
+                        let i = h.blocks.len() as u64 + 1;
+                        let block = block_of(seed, i);
+                        h.blocks.push(block);
+                        (i, block)
+                    };
+                    match nbd.request(CMD_WRITE, block * BLOCK as u64, &stamp(i, block)) {
+                        Ok(0) => {
+                            history.lock().unwrap().acked = i;
+                            shared.update(|p| p.acked = i);
                         }
-                        Err(e) => return End::Lost(format!("flush after {i}: {e}")),
+                        Ok(e) => return End::Lost(format!("write {i} failed: NBD error {e}")),
+                        Err(e) => return End::Lost(format!("write {i}: {e}")),
+                    }
+                    if flush_every > 0 && i % flush_every == 0 {
+                        match nbd.request(CMD_FLUSH, 0, &[]) {
+                            Ok(0) => history.lock().unwrap().flushed = i,
+                            Ok(e) => {
+                                return End::Lost(format!("flush after {i} failed: NBD error {e}"))
+                            }
+                            Err(e) => return End::Lost(format!("flush after {i}: {e}")),
+                        }
                     }
                 }
             })
         };
         Writer {
             history: Arc::clone(history),
-            acked,
-            limit,
-            stop,
+            shared,
             handle,
         }
     }
 
     fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Acquire)
+        self.shared.progress.lock().unwrap().acked
     }
 
     /// Lets the writer go on until `more` writes past those acknowledged
     /// now; returns that write index.
     fn allow(&self, more: u64) -> u64 {
-        let limit = self.acked() + more;
-        self.limit.store(limit, Ordering::Release);
+        let mut limit = 0;
+        self.shared.update(|p| {
+            p.limit = p.acked + more;
+            limit = p.limit;
+        });
         limit
     }
 
@@ -338,25 +387,27 @@ impl Writer {
 
     /// Waits (bounded) until write `n` is acknowledged.
     fn wait_acked(&self, n: u64) {
-        let deadline = Instant::now() + WRITE_WAIT;
-        while self.acked() < n {
-            assert!(
-                !self.handle.is_finished(),
-                "the writer stopped at {} acknowledged writes, before {n}",
-                self.acked(),
-            );
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} writes acknowledged after {WRITE_WAIT:?}",
-                self.acked()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let progress = self.shared.progress.lock().unwrap();
+        let (progress, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(progress, WRITE_WAIT, |p| p.acked < n && !p.ended)
+            .unwrap();
+        assert!(
+            progress.acked >= n || !progress.ended,
+            "the writer stopped at {} acknowledged writes, before {n}",
+            progress.acked,
+        );
+        assert!(
+            progress.acked >= n,
+            "only {} of {n} writes acknowledged after {WRITE_WAIT:?}",
+            progress.acked
+        );
     }
 
     /// Stops the writer (if it still runs) and says how it ended.
     fn finish(self) -> End {
-        self.stop.store(true, Ordering::Release);
+        self.shared.update(|p| p.stop = true);
         let end = self.handle.join().expect("writer thread panicked");
         let h = self.history.lock().unwrap();
         eprintln!(
@@ -895,20 +946,21 @@ fn a_replica_killed_mid_resync_says_inconsistent_until_a_resync_completes() {
                 rng.range(1, 40) >> (attempt - 1)
             };
             c.spawn("dr");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !disk_state(&c, "dr").is_some_and(|s| s.0) {
+            // Looked at every 200 µs (a small file read): the kill is
+            // meant to land right after the resync begins.
+            let began = poll_every(Duration::from_micros(200), Duration::from_secs(30), || {
                 assert!(
                     c.is_running("dr"),
                     "{ctx}: dr exited during start:\n{}",
                     c.site("dr").log()
                 );
-                assert!(
-                    Instant::now() < deadline,
-                    "{ctx}: no resync of dr started within 30 s: {:#}",
-                    primary_view(&c)
-                );
-                std::thread::sleep(Duration::from_micros(200));
-            }
+                disk_state(&c, "dr").is_some_and(|s| s.0).then_some(())
+            });
+            assert!(
+                began.is_some(),
+                "{ctx}: no resync of dr started within 30 s: {:#}",
+                primary_view(&c)
+            );
             // A moment, not a condition: nothing to poll.
             std::thread::sleep(Duration::from_millis(into));
             c.kill("dr");

@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::process::{kill_process, Pid, Signal};
+
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 
 /// One demo at a time: each runs four processes and measures timings.
@@ -22,7 +24,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn run_demo(
     args: &[&str],
     timeout: Duration,
-    mut on_line: impl FnMut(&str) -> Option<i32>,
+    mut on_line: impl FnMut(&str) -> Option<Signal>,
 ) -> (Option<i32>, String, String) {
     let mut child = Command::new(TANDEM)
         .arg("demo")
@@ -48,29 +50,23 @@ fn run_demo(
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + timeout;
     let mut out = String::new();
-    let status = loop {
+    let status = tandem_testkit::poll(timeout, || {
         while let Ok(line) = rx.try_recv() {
             eprintln!("demo| {line}");
             if let Some(signal) = on_line(&line) {
-                // SAFETY: signalling our own child process.
-                unsafe {
-                    libc::kill(child.id() as i32, signal);
-                }
+                // Our own child; if it already exited, its status tells.
+                let _ = kill_process(Pid::from_child(&child), signal);
             }
             out.push_str(&line);
             out.push('\n');
         }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tandem demo did not finish within {timeout:?}; output so far:\n{out}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        child.try_wait().unwrap()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("tandem demo did not finish within {timeout:?}; output so far:\n{out}");
     };
     // The rest of stdout.
     let reader_done = Instant::now() + Duration::from_secs(10);
@@ -196,7 +192,7 @@ fn interrupted_demo_stops_its_processes_and_exits_1() {
         // Once the sites run and data flows, Ctrl-C.
         if !sent && line.starts_with("[2/7]") {
             sent = true;
-            return Some(libc::SIGINT);
+            return Some(Signal::INT);
         }
         None
     });

@@ -9,12 +9,15 @@ mod common;
 #[path = "../../coordinator/tests/support/etcd.rs"]
 mod etcd_cluster;
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const VOLUME: &str = "v";
+/// Bound on one qemu-io write of [`try_write`].
+const WRITE_WAIT: Duration = Duration::from_secs(30);
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     let mut c = Command::new(tool("qemu-io"));
@@ -96,13 +99,7 @@ fn losing_the_primary_promotes_by_priority_and_the_old_primary_rejoins_then_migr
         "a write acknowledged by chicago",
         || {
             std::os::unix::net::UnixStream::connect(c.socket("chicago", VOLUME)).is_ok()
-                && Command::new(tool("qemu-io"))
-                    .args(["-f", "raw", "-c", "write -P 0x33 12M 64k"])
-                    .arg(c.uri("chicago", VOLUME))
-                    .output()
-                    .is_ok_and(|o| {
-                        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed")
-                    })
+                && try_write(&c.uri("chicago", VOLUME), "write -P 0x33 12M 64k")
         },
     );
     let rto = killed.elapsed();
@@ -191,13 +188,31 @@ fn losing_the_primary_promotes_by_priority_and_the_old_primary_rejoins_then_migr
     drop(witness);
 }
 
-/// A write through qemu-io; whether it was acknowledged.
+/// A write through qemu-io; whether it was acknowledged within
+/// [`WRITE_WAIT`] (a write still held then is killed and counts as not
+/// acknowledged).
 fn try_write(uri: &str, cmd: &str) -> bool {
-    Command::new(tool("qemu-io"))
+    let Ok(mut child) = Command::new(tool("qemu-io"))
         .args(["-f", "raw", "-c", cmd])
         .arg(uri)
-        .output()
-        .is_ok_and(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let Some(status) = poll(WRITE_WAIT, || child.try_wait().expect("wait for qemu-io")) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return false;
+    };
+    // One command: a few lines of output, read once it exited.
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    status.success() && !out.contains("failed")
 }
 
 #[test]
@@ -260,7 +275,9 @@ fn with_etcd_one_lost_member_still_fails_over_and_two_lost_fence_the_owner() {
         !try_write(&c.uri("chicago", VOLUME), "write -P 0x63 2M 4k"),
         "a fenced owner acknowledged a write"
     );
-    std::thread::sleep(Duration::from_secs(4)); // longer than the lease: still no promotion
+    // A negative claim over time: longer than the 3 s lease, nobody is
+    // promoted without quorum. The wait is the point of the check.
+    std::thread::sleep(Duration::from_secs(4));
     assert_eq!(group(&c, "seattle")["role"], "replica");
 
     // Quorum back: chicago takes its epoch back; writes flow again.
@@ -333,6 +350,8 @@ fn manual_failover_is_refused_while_the_owner_is_healthy_and_forced_otherwise() 
     // The witness restarted (SIGKILL) keeps the group where it is.
     witness.kill();
     witness.restart();
+    // A negative claim over time: for longer than the 2 s lease after the
+    // restart, nobody takes the group. The wait is the point of the check.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(group(&c, "seattle")["epoch"], 2);
     wait_until(

@@ -45,7 +45,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+use rustix::time::{clock_gettime, ClockId};
 
 const SITES: [&str; 3] = ["ny", "chicago", "seattle"];
 const VOLUME: &str = "v";
@@ -237,13 +239,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 /// Seconds on CLOCK_MONOTONIC: the clock Python's `time.monotonic()`
 /// reads, so the test's times and the write log's compare.
 fn mono() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec it is given.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
+    let ts = clock_gettime(ClockId::Monotonic);
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
@@ -399,9 +395,9 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on this thread only, with a namespace file we opened.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        // setns(2) moves this thread only.
+        move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
         f()
     })
     .join()
@@ -450,10 +446,7 @@ impl Proc {
     /// SIGTERM, and the exit status within a bound.
     fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
+        sigterm(&child);
         wait_child(&mut child, Duration::from_secs(40))
     }
 
@@ -797,11 +790,12 @@ impl Harness {
         for t in ["ip", "tc", "nft", "qemu-img"] {
             tool(t);
         }
-        let probe = Command::new(PYTHON)
-            .args(["-c", "import nbd; nbd.NBD().set_full_info(True)"])
-            .output();
+        let probe = run_with_timeout(
+            Command::new(PYTHON).args(["-c", "import nbd; nbd.NBD().set_full_info(True)"]),
+            Duration::from_secs(30),
+        );
         assert!(
-            probe.as_ref().is_ok_and(|o| o.status.success()),
+            probe.status.success(),
             "{PYTHON} cannot import libnbd's Python bindings (Debian package python3-libnbd; run scripts/test, which installs it): {probe:?}"
         );
         let dir = tempfile::Builder::new()
@@ -914,7 +908,7 @@ impl Harness {
             self.witness.ns.clone(),
             format!("{}:7460", Net::addr(WITNESS)),
         );
-        let ok = wait_for(Duration::from_secs(15), || {
+        let ok = holds_within(Duration::from_secs(15), || {
             let (ns, addr) = (ns.clone(), addr.clone());
             in_netns(&ns, move || {
                 std::net::TcpStream::connect_timeout(
@@ -934,7 +928,7 @@ impl Harness {
 
     fn start_agent(&mut self, i: usize) {
         self.agents[i].proc.spawn();
-        let ok = wait_for(Duration::from_secs(30), || {
+        let ok = holds_within(Duration::from_secs(30), || {
             self.agents[i].proc.exited().is_some() || self.agents[i].status().is_some()
         });
         if let Some(status) = self.agents[i].proc.exited() {
@@ -1020,19 +1014,19 @@ impl Harness {
 
     /// Waits (bounded) until a write is acknowledged after `since`.
     fn wait_available(&mut self, since: f64, what: &str) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if self.writer().last_ack() > since {
-                return self.writer().last_ack() - since;
+        let recovery = poll(Duration::from_secs(60), || {
+            let last = self.writer().last_ack();
+            if last > since {
+                return Some(last - since);
             }
             self.check_alive();
-            if Instant::now() > deadline {
-                self.fail(format!(
-                    "no write acknowledged within 60 s after {what} (liveness)"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            None
+        });
+        recovery.unwrap_or_else(|| {
+            self.fail(format!(
+                "no write acknowledged within 60 s after {what} (liveness)"
+            ))
+        })
     }
 
     /// Check 1 on everything logged so far; the closest hand-over.
@@ -1146,20 +1140,10 @@ impl Drop for Harness {
     }
 }
 
-/// Polls `cond` until it holds or `timeout` passes; whether it held.
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
+/// Whether `cond` comes to hold within `timeout` (the harness then fails
+/// with its own report of every site).
+fn holds_within(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    poll(timeout, || cond().then_some(())).is_some()
 }
 
 // ---------------------------------------------------------------------------
@@ -1192,7 +1176,7 @@ fn run(mode: Mode, rounds: usize, tag: char) {
     for i in 0..3 {
         h.start_agent(i);
     }
-    let ok = wait_for(Duration::from_secs(30), || {
+    let ok = holds_within(Duration::from_secs(30), || {
         h.agents[0]
             .group()
             .is_some_and(|g| g["role"] == "primary" && g["epoch"] == 1)
@@ -1204,7 +1188,7 @@ fn run(mode: Mode, rounds: usize, tag: char) {
     h.writer = Some(Writer::start(h.dir(), &sockets, seed));
     let t0 = mono();
     h.wait_available(t0, "the writer started");
-    if !wait_for(Duration::from_secs(60), || h.settled().is_some()) {
+    if !holds_within(Duration::from_secs(60), || h.settled().is_some()) {
         h.fail("the replicas never caught up before the first fault".into());
     }
 
@@ -1227,6 +1211,9 @@ fn run(mode: Mode, rounds: usize, tag: char) {
             hold.as_secs_f64()
         );
         h.rounds.push((mono(), what.clone()));
+        // The fault schedule: these sleeps are the faults' durations and
+        // gaps drawn from the seed (bounded by the draws' ranges), which
+        // is what the round tests; nothing is synchronised by them.
         h.inject(faults[0]);
         if faults.len() > 1 {
             std::thread::sleep(gap);
@@ -1249,6 +1236,7 @@ fn run(mode: Mode, rounds: usize, tag: char) {
             max_recovery = (recovery, round);
         }
         h.check_epochs(&format!("round {round}"));
+        // Fault-free time before the next round, also from the schedule.
         std::thread::sleep(steady);
     }
 
@@ -1259,7 +1247,7 @@ fn run(mode: Mode, rounds: usize, tag: char) {
     h.writer.as_mut().unwrap().stop();
     let closest = h.check_epochs("the writer stopped");
     let mut settled = None;
-    let ok = wait_for(Duration::from_secs(120), || {
+    let ok = holds_within(Duration::from_secs(120), || {
         settled = h.settled();
         settled.is_some()
     });

@@ -126,10 +126,8 @@ impl NsSite {
 
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child (ip netns exec execs the agent).
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
+            // ip netns exec execs the agent: the child is the agent.
+            sigterm(&child);
             assert!(wait_child(&mut child, Duration::from_secs(40)).success());
         }
     }

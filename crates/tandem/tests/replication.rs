@@ -112,8 +112,8 @@ fn one_primary_feeds_two_replicas_and_a_dead_one_holds_back_nobody() {
     c.start("ny");
     // seattle is down: chicago still gets everything.
     fio_randwrite(&c.uri("ny", "v0"), "32M", 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let mut last = serde_json::Value::Null;
+    let caught_up = poll(Duration::from_secs(60), || {
         let s = c.status("ny");
         let reps = s["groups"][0]["replicas"].as_array().unwrap().clone();
         let chicago = reps.iter().find(|r| r["site"] == "chicago").unwrap();
@@ -121,14 +121,12 @@ fn one_primary_feeds_two_replicas_and_a_dead_one_holds_back_nobody() {
         if chicago["state"] == "streaming" && chicago["lag_bytes"] == 0 {
             assert_eq!(seattle["state"], "disconnected");
             assert!(seattle["lag_bytes"].as_u64().unwrap() > 0, "{seattle}");
-            break;
+            return Some(());
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "chicago did not catch up: {s:#}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        last = s;
+        None
+    });
+    assert!(caught_up.is_some(), "chicago did not catch up: {last:#}");
     c.start("seattle");
     c.wait_replicated(Duration::from_secs(90));
     for s in ["ny", "chicago", "seattle"] {
@@ -249,6 +247,7 @@ fn sync_mode_suspends_writes_until_a_replica_is_back() {
         "mode = \"sync\"\nsync_replicas = 1\non_sync_loss = \"suspend\"",
     );
     c.start("ny");
+    let before = c.status("ny")["groups"][0]["next_seq"].as_u64().unwrap();
     let mut writer = Command::new(tool("qemu-io"))
         .args(["-f", "raw", "-c", "write -P 0x71 0 64k", "-c", "flush"])
         .arg(c.uri("ny", "v0"))
@@ -256,8 +255,15 @@ fn sync_mode_suspends_writes_until_a_replica_is_back() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // No replica: the write must not be acknowledged.
-    std::thread::sleep(Duration::from_secs(2));
+    // The write reached the primary and was captured (it has a sequence
+    // number): from here on it waits for a replica.
+    wait_until(Duration::from_secs(20), "ny to capture the write", || {
+        c.status("ny")["groups"][0]["next_seq"].as_u64().unwrap() > before
+    });
+    // No replica: the write must not be acknowledged. A negative claim
+    // needs a window of time; it starts once the write is held, not when
+    // qemu-io was started.
+    std::thread::sleep(Duration::from_secs(1));
     if let Some(status) = writer.try_wait().unwrap() {
         let out = writer.wait_with_output().unwrap();
         panic!(

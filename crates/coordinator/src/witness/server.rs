@@ -8,7 +8,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,6 +47,8 @@ struct Shared {
     /// The data directory while this witness serves it; `None` once it
     /// stopped, so a straggling thread can never write it again.
     data: Arc<Mutex<Option<DataDir>>>,
+    /// `/v1/wait` requests being held now (observability).
+    waiting: AtomicUsize,
 }
 
 impl Shared {
@@ -107,6 +109,7 @@ pub fn serve_with(
         witness_id,
         failure,
         data,
+        waiting: AtomicUsize::new(0),
     });
     let options = Options {
         name: "witness".into(),
@@ -143,6 +146,13 @@ impl WitnessHandle {
     /// be written. It must then be restarted; it serves what is on disk.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure()
+    }
+
+    /// How many `/v1/wait` long polls the witness holds right now. For
+    /// observability: a test waits until a poll is parked before making
+    /// the change that must wake it, instead of sleeping.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting.load(Ordering::Acquire)
     }
 
     /// Whether the witness is still serving (not stopped, not failed).
@@ -364,6 +374,8 @@ fn txn(shared: &Shared, q: wire::TxnRequest) -> Result<wire::TxnReply, Answer> {
 /// Holds the request until the store's revision passes `after_revision`,
 /// the (capped) timeout runs out, or the witness stops.
 fn wait(shared: &Shared, q: wire::WaitRequest) -> Result<wire::WaitReply, Answer> {
+    shared.waiting.fetch_add(1, Ordering::AcqRel);
+    let _held = Held(&shared.waiting);
     let until = Instant::now() + Duration::from_millis(q.timeout_ms).min(MAX_WAIT);
     loop {
         let revision = shared.store.range(&q.prefix).map_err(store_error)?.revision;
@@ -376,6 +388,15 @@ fn wait(shared: &Shared, q: wire::WaitRequest) -> Result<wire::WaitReply, Answer
             .store
             .wait(&q.prefix, q.after_revision, slice)
             .map_err(store_error)?;
+    }
+}
+
+/// A held `/v1/wait`, uncounted however it ends.
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -3,8 +3,9 @@
 //! ports with temporary data directories, members killed (SIGKILL) and
 //! restarted one by one, everything killed on drop.
 //!
-//! Standard library only, so any test crate of the workspace can include
-//! it:
+//! Standard library, `tandem-ports` and `tandem-testkit` only, so any
+//! test crate of the workspace can include it (with those two as
+//! dev-dependencies):
 //!
 //! ```ignore
 //! #[path = "../../coordinator/tests/support/etcd.rs"]
@@ -316,26 +317,25 @@ impl EtcdCluster {
 
     fn wait_healthy_until(&mut self, i: usize, deadline: Instant) -> Result<(), String> {
         let addr = self.addr(i);
-        loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let answer = tandem_testkit::poll(left, || {
             if !self.is_running(i) {
-                return Err(format!(
+                return Some(Err(format!(
                     "etcd member {i} exited; log tail:\n{}",
                     self.log_tail(i)
-                ));
+                )));
             }
-            if let Ok((200, body)) = http(addr, "GET", "/health", "", Duration::from_secs(2)) {
-                if body.contains("\"health\":\"true\"") {
-                    return Ok(());
-                }
+            match http(addr, "GET", "/health", "", Duration::from_secs(2)) {
+                Ok((200, body)) if body.contains("\"health\":\"true\"") => Some(Ok(())),
+                _ => None,
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "etcd member {i} not healthy in time; log tail:\n{}",
-                    self.log_tail(i)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
+        answer.unwrap_or_else(|| {
+            Err(format!(
+                "etcd member {i} not healthy in time; log tail:\n{}",
+                self.log_tail(i)
+            ))
+        })
     }
 
     fn addr(&self, i: usize) -> SocketAddr {
@@ -367,16 +367,29 @@ impl EtcdCluster {
 
     /// Waits until some member reports itself leader.
     pub fn wait_leader(&mut self, timeout: Duration) -> Option<usize> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self.leader() {
-                return Some(l);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        tandem_testkit::poll(timeout, || self.leader())
+    }
+
+    /// How many watches member `i` holds now (its
+    /// `etcd_debugging_mvcc_watcher_total` gauge); `None` if it does not
+    /// answer. A test waits for a watch to be in place before making the
+    /// change that must end it.
+    pub fn watchers(&self, i: usize) -> Option<u64> {
+        let (status, body) =
+            http(self.addr(i), "GET", "/metrics", "", Duration::from_secs(5)).ok()?;
+        if status != 200 {
+            return None;
         }
+        body.lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            // A gauge printed as a float ("1" or "1e+00"): a small count.
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0 && *v < 1e15)
+            .map(|v| {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let n = v.round() as u64;
+                n
+            })
     }
 
     /// A raw call of the v3 JSON gateway on member `i` (for what the

@@ -635,7 +635,10 @@ mod tests {
             durable: 100,
             ..welcome(100)
         };
-        assert_eq!(s.welcome(&at_fork, 150, now), Opening::Stream { durable: 100 });
+        assert_eq!(
+            s.welcome(&at_fork, 150, now),
+            Opening::Stream { durable: 100 }
+        );
         let past_fork = Welcome {
             epoch: 2,
             durable: 101,

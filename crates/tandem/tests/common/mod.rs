@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 #![allow(clippy::cast_possible_truncation)] // pattern bytes keep the low bits on purpose
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use rustix::process::{kill_process, Pid, Signal};
+pub use tandem_testkit::{poll, run_with_timeout, wait_child, wait_until};
 
 pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 
@@ -21,60 +23,6 @@ pub fn tool(name: &str) -> PathBuf {
         }
     }
     panic!("required tool `{name}` is not installed; run scripts/test, which installs every test dependency");
-}
-
-/// Waits until `cond` holds, polling; panics naming `what` after `timeout`.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-}
-
-/// Runs a command to completion within `timeout`; returns its output.
-pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    let description = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {description}: {e}"));
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stderr.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{description} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    }
 }
 
 /// Runs a command and asserts it succeeded; returns stdout.
@@ -244,10 +192,7 @@ volumes = [ {vols} ]
     /// SIGTERM, then waits (bounded) for the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
+        sigterm(&child);
         wait_child(&mut child, Duration::from_secs(40))
     }
 
@@ -273,18 +218,10 @@ impl Drop for Site {
     }
 }
 
-pub fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process {} did not exit within {timeout:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Sends SIGTERM to our own child. A child that already exited is left
+/// alone (the error is ignored): the caller collects its status.
+pub fn sigterm(child: &Child) {
+    let _ = kill_process(Pid::from_child(child), Signal::TERM);
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
@@ -479,10 +416,7 @@ impl Cluster {
     /// SIGTERM; returns the exit status.
     pub fn stop(&mut self, name: &str) -> ExitStatus {
         let mut child = self.site_mut(name).child.take().expect("running");
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
+        sigterm(&child);
         wait_child(&mut child, Duration::from_secs(40))
     }
 
@@ -503,8 +437,8 @@ impl Cluster {
     /// Waits until every replica of the primary's group is streaming with
     /// nothing owed and holds every change made so far.
     pub fn wait_replicated(&self, timeout: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let mut last = serde_json::Value::Null;
+        let replicated = poll(timeout, || {
             let s = self.status(&self.primary);
             let g = &s["groups"][0];
             let next = g["next_seq"].as_u64().unwrap_or(0);
@@ -517,14 +451,12 @@ impl Cluster {
                 })
             });
             if done {
-                return s;
+                return Some(s);
             }
-            assert!(
-                Instant::now() < deadline,
-                "not replicated after {timeout:?}: {s:#}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            last = s;
+            None
+        });
+        replicated.unwrap_or_else(|| panic!("not replicated after {timeout:?}: {last:#}"))
     }
 }
 
