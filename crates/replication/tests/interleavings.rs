@@ -10,6 +10,8 @@
 //! must leave it consistent and identical.
 
 #![allow(clippy::unwrap_used)]
+// Test constants (a 4 KiB block, 32 of them) fit every integer type.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
