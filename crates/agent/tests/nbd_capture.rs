@@ -17,7 +17,7 @@ use std::time::Duration;
 use tandem_agent::{Agent, VolumeExport};
 use tandem_capture::{CaptureVolume, Event, GroupCapture, Op};
 use tandem_nbd::Server;
-use tandem_testkit::{run_with_timeout, wait_child};
+use tandem_testkit::{poll, run_with_timeout, wait_child};
 use tandem_volume::fault::{Faults, FaultyFile};
 use tandem_volume::RawImage;
 
@@ -67,7 +67,20 @@ volumes = [ {{ name = "a", size = "64MiB" }}, {{ name = "b", size = "32MiB" }} ]
 }
 
 /// Applies the "dr" stream to copies until `stop` and idle.
-fn replicate(capture: &GroupCapture, copies: &[File], stop: &AtomicBool) -> (u64, u64) {
+/// Consumes the capture's events for replica "dr" into `copies` until
+/// `stop`. With `hold`, it first waits until the queue has overflowed
+/// (the capture tracks dirty ranges for "dr"), so that a slow replica is
+/// what the test sees however fast this thread would be.
+fn replicate(capture: &GroupCapture, copies: &[File], stop: &AtomicBool, hold: bool) -> (u64, u64) {
+    if hold {
+        let overflowed = poll(Duration::from_secs(120), || {
+            (capture.lag("dr").unwrap().resyncing || stop.load(Ordering::Acquire)).then_some(())
+        });
+        assert!(
+            overflowed.is_some(),
+            "neither an overflow nor the end of the writes"
+        );
+    }
     let (mut records, mut resyncs) = (0, 0);
     loop {
         match capture
@@ -103,7 +116,7 @@ fn replicate(capture: &GroupCapture, copies: &[File], stop: &AtomicBool) -> (u64
     }
 }
 
-fn replay_under_concurrent_clients(queue_memory: &str) -> (u64, u64) {
+fn replay_under_concurrent_clients(queue_memory: &str, hold: bool) -> (u64, u64) {
     let dir = tempfile::Builder::new()
         .prefix("tr")
         .tempdir_in("/tmp")
@@ -122,7 +135,7 @@ fn replay_under_concurrent_clients(queue_memory: &str) -> (u64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = {
         let (capture, stop) = (Arc::clone(&capture), Arc::clone(&stop));
-        thread::spawn(move || replicate(&capture, &copies, &stop))
+        thread::spawn(move || replicate(&capture, &copies, &stop, hold))
     };
     let sock = |v: &str| config.site.data_dir.join("nbd").join(format!("{v}.sock"));
     let fio = tool("fio");
@@ -210,14 +223,14 @@ fn replay_under_concurrent_clients(queue_memory: &str) -> (u64, u64) {
 
 #[test]
 fn captured_stream_replays_to_identical_copy_under_concurrent_nbd_clients() {
-    let (records, resyncs) = replay_under_concurrent_clients("256MiB");
+    let (records, resyncs) = replay_under_concurrent_clients("256MiB", false);
     assert!(records > 1000, "only {records} records");
     assert_eq!(resyncs, 0);
 }
 
 #[test]
 fn with_a_tiny_queue_dirty_ranges_take_over_and_the_copy_still_converges() {
-    let (_, resyncs) = replay_under_concurrent_clients("1MiB");
+    let (_, resyncs) = replay_under_concurrent_clients("1MiB", true);
     assert!(resyncs > 0, "the queue never overflowed");
 }
 
