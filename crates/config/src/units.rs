@@ -171,11 +171,14 @@ fn split_number(s: &str) -> Result<(Decimal, &str), NumError> {
 }
 
 /// `number × multiplier`, which must be a whole number fitting in `u128`.
-fn scale_exact(d: &Decimal, multiplier: u128) -> Result<u128, &'static str> {
-    let product = d.mantissa.checked_mul(multiplier).ok_or("too large")?;
+fn scale_exact(d: &Decimal, multiplier: u128) -> Result<u128, NumError> {
+    let product = d
+        .mantissa
+        .checked_mul(multiplier)
+        .ok_or(NumError::TooLarge)?;
     let div = 10u128.pow(d.scale);
     if product % div != 0 {
-        return Err("too many decimal places");
+        return Err(NumError::TooPrecise);
     }
     Ok(product / div)
 }
@@ -198,10 +201,10 @@ fn parse_with_units(
         return Err(UnitError::new(kind, input, expected));
     };
     scale_exact(&num, mult).map_err(|e| {
-        let reason = if e == "too many decimal places" {
-            fraction_msg
-        } else {
-            e
+        let reason = match e {
+            NumError::TooPrecise => fraction_msg,
+            NumError::TooLarge => "too large",
+            NumError::Missing => expected,
         };
         UnitError::new(kind, input, reason)
     })

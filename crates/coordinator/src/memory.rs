@@ -78,7 +78,19 @@ pub struct StoredKey {
 
 /// Called with the new state after every change, before the change is
 /// answered; an error fails the request (the change stays in memory).
-pub type Persist = Box<dyn Fn(&State) -> Result<(), String> + Send + Sync>;
+pub type Persist = Box<dyn Fn(&State) -> Result<(), PersistError> + Send + Sync>;
+
+/// Why the store's state could not be made durable.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("the witness is stopping")]
+    Stopping,
+    #[error("cannot write {path}: {source}; the witness answers nothing more until restarted")]
+    Write {
+        path: std::path::PathBuf,
+        source: Arc<std::io::Error>,
+    },
+}
 
 struct Inner {
     state: State,

@@ -12,7 +12,7 @@
 //! docs/WITNESS.md.
 
 mod client;
-mod persist;
+pub mod persist;
 mod server;
 pub mod wire;
 
@@ -39,7 +39,10 @@ pub enum WitnessError {
         "witness: state file {path} cannot be read ({reason}); refusing to start rather than \
          forget ownership epochs: repair or restore it (see docs/WITNESS.md)"
     )]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        path: PathBuf,
+        reason: persist::StateError,
+    },
     #[error("witness: cannot listen on {addr}: {source}")]
     Listen {
         addr: String,

@@ -111,17 +111,40 @@ fn fresh() -> State {
     }
 }
 
+/// What is wrong with a state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("not a witness state file: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("format {0} is not the one this witness reads ({FORMAT})")]
+    Format(u32),
+    #[error("empty witness_id")]
+    NoWitnessId,
+    #[error("revision {0} is below 1")]
+    Revision(i64),
+    #[error("lease {id} is not below next_lease {next}")]
+    LeaseAhead { id: i64, next: i64 },
+    #[error("lease {0} has a bad id or a zero TTL")]
+    BadLease(i64),
+    #[error("key {key:?}: revisions {create}..{modified} do not fit the store's revision {store}")]
+    KeyRevisions {
+        key: String,
+        create: i64,
+        modified: i64,
+        store: i64,
+    },
+    #[error("key {key:?} names lease {lease} which is absent")]
+    KeyLease { key: String, lease: i64 },
+}
+
 /// Reads a state file, checking what the store relies on.
-fn parse(bytes: &[u8]) -> Result<StateFile, String> {
-    let file: StateFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+fn parse(bytes: &[u8]) -> Result<StateFile, StateError> {
+    let file: StateFile = serde_json::from_slice(bytes)?;
     if file.format != FORMAT {
-        return Err(format!(
-            "format {} is not the one this witness reads ({FORMAT})",
-            file.format
-        ));
+        return Err(StateError::Format(file.format));
     }
     if file.witness_id.is_empty() {
-        return Err("empty witness_id".into());
+        return Err(StateError::NoWitnessId);
     }
     check(&file.state)?;
     Ok(file)
@@ -129,36 +152,38 @@ fn parse(bytes: &[u8]) -> Result<StateFile, String> {
 
 /// The invariants of a store's state: revisions never ahead of the store,
 /// lease ids never handed out twice, every leased key's lease present.
-fn check(state: &State) -> Result<(), String> {
+fn check(state: &State) -> Result<(), StateError> {
     if state.revision < 1 {
-        return Err(format!("revision {} is below 1", state.revision));
+        return Err(StateError::Revision(state.revision));
     }
     if let Some((&id, _)) = state.leases.iter().next_back() {
         if id >= state.next_lease {
-            return Err(format!(
-                "lease {id} is not below next_lease {}",
-                state.next_lease
-            ));
+            return Err(StateError::LeaseAhead {
+                id,
+                next: state.next_lease,
+            });
         }
     }
     if let Some((&id, _)) = state.leases.iter().find(|(&id, &ttl)| id < 1 || ttl == 0) {
-        return Err(format!("lease {id} has a bad id or a zero TTL"));
+        return Err(StateError::BadLease(id));
     }
     for (key, k) in &state.keys {
         if k.create_revision < 1
             || k.create_revision > k.mod_revision
             || k.mod_revision > state.revision
         {
-            return Err(format!(
-                "key {key:?}: revisions {}..{} do not fit the store's revision {}",
-                k.create_revision, k.mod_revision, state.revision
-            ));
+            return Err(StateError::KeyRevisions {
+                key: key.clone(),
+                create: k.create_revision,
+                modified: k.mod_revision,
+                store: state.revision,
+            });
         }
         if k.lease != 0 && !state.leases.contains_key(&k.lease) {
-            return Err(format!(
-                "key {key:?} names lease {} which is absent",
-                k.lease
-            ));
+            return Err(StateError::KeyLease {
+                key: key.clone(),
+                lease: k.lease,
+            });
         }
     }
     Ok(())
@@ -249,7 +274,10 @@ mod tests {
     #[test]
     fn a_key_on_a_missing_lease_is_caught() {
         let err = check(&state_with_key(5)).expect_err("lease 5 absent");
-        assert!(err.contains("lease 5"), "{err}");
+        assert!(
+            matches!(err, StateError::KeyLease { lease: 5, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tandem_http::{shorten, Handler, Limits, Options, Problem, Refusal, Request, 
 use super::persist::DataDir;
 use super::wire::{self, ErrorCode, ErrorReply};
 use super::WitnessError;
-use crate::memory::{MemStore, Persist, RealClock, State};
+use crate::memory::{MemStore, Persist, PersistError, RealClock, State};
 use crate::{Compare, Op, Store, StoreError};
 
 /// The longest a `/v1/wait` is held before it is answered.
@@ -43,7 +43,7 @@ struct Shared {
     witness_id: String,
     /// Set when the witness must not answer any more: its state could not
     /// be written (memory is ahead of the disk), or it is stopping.
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Mutex<Option<PersistError>>>,
     /// The data directory while this witness serves it; `None` once it
     /// stopped, so a straggling thread can never write it again.
     data: Arc<Mutex<Option<DataDir>>>,
@@ -52,7 +52,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<PersistError> {
         self.failure.lock().clone()
     }
 }
@@ -144,7 +144,7 @@ impl WitnessHandle {
 
     /// Why the witness stopped answering, if it did: its state could not
     /// be written. It must then be restarted; it serves what is on disk.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<PersistError> {
         self.shared.failure()
     }
 
@@ -188,7 +188,7 @@ impl Drop for WitnessHandle {
 fn release(shared: &Shared) {
     let mut failure = shared.failure.lock();
     if failure.is_none() {
-        *failure = Some("the witness is stopping".into());
+        *failure = Some(PersistError::Stopping);
     }
     drop(failure);
     if shared.data.lock().take().is_some() {
@@ -199,23 +199,26 @@ fn release(shared: &Shared) {
 /// The store's persist callback: writes the state file, or marks the
 /// witness failed (memory is then ahead of the disk, so nothing more may
 /// be answered until a restart reads the disk again).
-fn persister(data: Arc<Mutex<Option<DataDir>>>, failure: Arc<Mutex<Option<String>>>) -> Persist {
+fn persister(
+    data: Arc<Mutex<Option<DataDir>>>,
+    failure: Arc<Mutex<Option<PersistError>>>,
+) -> Persist {
     Box::new(move |state: &State| {
         let data = data.lock();
         let Some(dir) = data.as_ref() else {
-            return Err("the witness is stopping".into());
+            return Err(PersistError::Stopping);
         };
-        if let Some(reason) = failure.lock().clone() {
-            return Err(reason);
+        if let Some(failed) = failure.lock().clone() {
+            return Err(failed);
         }
         dir.save(state).map_err(|e| {
-            let reason = format!(
-                "cannot write {}: {e}; the witness answers nothing more until restarted",
-                dir.state_path().display()
-            );
-            tracing::error!("{reason}");
-            *failure.lock() = Some(reason.clone());
-            reason
+            let failed = PersistError::Write {
+                path: dir.state_path(),
+                source: Arc::new(e),
+            };
+            tracing::error!("{failed}");
+            *failure.lock() = Some(failed.clone());
+            failed
         })
     })
 }
@@ -282,7 +285,7 @@ fn route(shared: &Shared, request: &Request) -> Answer {
     // A persist that failed while this request ran means memory may hold
     // a change the disk does not: nothing read from it may be answered.
     match (answer.status, shared.failure()) {
-        (200, Some(reason)) => error(ErrorCode::Unavailable, reason),
+        (200, Some(reason)) => error(ErrorCode::Unavailable, reason.to_string()),
         _ => answer,
     }
 }
@@ -296,7 +299,7 @@ fn call<Q: DeserializeOwned, A: Serialize>(
     handler: Endpoint<Q, A>,
 ) -> Answer {
     if let Some(reason) = shared.failure() {
-        return error(ErrorCode::Unavailable, reason);
+        return error(ErrorCode::Unavailable, reason.to_string());
     }
     let query: Q = match serde_json::from_slice(&request.body) {
         Ok(q) => q,
@@ -315,7 +318,7 @@ fn call<Q: DeserializeOwned, A: Serialize>(
 
 fn call_health(shared: &Shared) -> Answer {
     if let Some(reason) = shared.failure() {
-        return error(ErrorCode::Unavailable, reason);
+        return error(ErrorCode::Unavailable, reason.to_string());
     }
     match shared.store.range("") {
         Ok(snapshot) => ok(&wire::HealthReply {
