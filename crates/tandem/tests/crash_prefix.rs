@@ -405,6 +405,22 @@ impl Writer {
         );
     }
 
+    /// After a kill of its primary: waits (bounded) for the writer to run
+    /// into the dead connection by itself — it is allowed well past the
+    /// kill point — then says how it ended. (Stopping it at once could
+    /// catch it between two writes, before it tried the dead primary.)
+    fn lose(self) -> End {
+        {
+            let progress = self.shared.progress.lock().unwrap();
+            let _ = self
+                .shared
+                .changed
+                .wait_timeout_while(progress, WRITE_WAIT, |p| !p.ended && p.acked < p.limit)
+                .unwrap();
+        }
+        self.finish()
+    }
+
     /// Stops the writer (if it still runs) and says how it ended.
     fn finish(self) -> End {
         self.shared.update(|p| p.stop = true);
@@ -715,7 +731,7 @@ fn async_primary_killed_mid_stream_leaves_a_prefix_on_the_replica() {
         let w = Writer::start(&c.socket("ny", VOLUME), &history, SEED, FLUSH_EVERY);
         w.run_past(rng.range(50, 400));
         c.kill("ny");
-        expect_lost(w.finish(), &ctx);
+        expect_lost(w.lose(), &ctx);
         let p = stop_replica_and_check(&mut c, &history, &ctx);
         let (acked, issued, held) = settle_primary(&c, &history, &ctx);
         eprintln!(
@@ -811,7 +827,7 @@ fn async_both_killed_at_random_points_converge() {
             c.kill("dr");
             format!("ny, then dr {ms} ms later")
         };
-        expect_lost(w.finish(), &ctx);
+        expect_lost(w.lose(), &ctx);
         let (acked, issued, held) = settle_primary(&c, &history, &ctx);
         let ny_ms = crash_during_start(&mut c, "ny", &mut rng);
         let dr_ms = crash_during_start(&mut c, "dr", &mut rng);
@@ -1057,7 +1073,7 @@ fn sync_primary_killed_mid_stream_replica_holds_every_acknowledged_write() {
             std::thread::sleep(Duration::from_millis(ms));
             c.kill("dr");
         }
-        expect_lost(w.finish(), &ctx);
+        expect_lost(w.lose(), &ctx);
         let (acked, flushed) = {
             let h = history.lock().unwrap();
             (h.acked, h.flushed)
