@@ -140,3 +140,50 @@ fn garbage_on_the_peer_port_is_refused_and_replication_continues() {
     assert!(c.stop("dr").success());
     assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));
 }
+
+#[test]
+fn silent_peer_connections_beyond_the_cap_are_closed_at_once_and_replication_continues() {
+    let mut c = Cluster::new("ny", &["dr"], &[vol("v0", "16MiB")], "");
+    c.start("dr");
+    c.start("ny");
+    qemu_io(&c.uri("ny", "v0"), &["write -P 0x41 0 1M", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
+    let text = std::fs::read_to_string(&c.site("dr").config).unwrap();
+    let listen = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("listen = \"")
+                .map(|v| v.trim_end_matches('"').to_owned())
+        })
+        .unwrap();
+    // dr replicates one group: 64 + 4 sessions at once, one of them ny's.
+    // Connections that say nothing hold the others; past the cap, dr
+    // closes each new connection at once.
+    let cap = 68;
+    let held: Vec<TcpStream> = (0..cap + 5)
+        .map(|_| {
+            let s = TcpStream::connect(&listen).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), "the cap's log line", || {
+        c.site("dr").log().contains("too many replication sessions")
+    });
+    let mut s = TcpStream::connect(&listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1];
+    let started = std::time::Instant::now();
+    assert!(
+        matches!(s.read(&mut buf), Ok(0)),
+        "a connection past the cap is closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4), "closed at once");
+    // ny's session goes on meanwhile.
+    qemu_io(&c.uri("ny", "v0"), &["write -P 0x42 2M 1M", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
+    drop(held);
+    assert!(c.stop("ny").success());
+    assert!(c.stop("dr").success());
+    assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));
+}

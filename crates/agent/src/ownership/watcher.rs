@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tandem_coordinator::keys::{encode, GroupView, MemberReport};
-use tandem_coordinator::{lease, LeaseId, Op};
+use tandem_coordinator::{lease, LeaseId, Op, Snapshot};
 use tandem_replication::shipper::LinkState;
 use tracing::warn;
 
@@ -53,7 +53,19 @@ pub(super) fn run(h: &Handle) {
         };
         let confirmed = h.valid_from(sent);
         for m in &h.members {
-            let view = GroupView::read(&h.keys, m.runtime.name(), &snap);
+            // Only this group's keys: reading a view of one group out of
+            // every group's keys would cost groups x keys.
+            let prefix = h.keys.group(m.runtime.name());
+            let own = Snapshot {
+                revision: snap.revision,
+                kvs: snap
+                    .kvs
+                    .iter()
+                    .filter(|kv| kv.key.starts_with(&prefix))
+                    .cloned()
+                    .collect(),
+            };
+            let view = GroupView::read(&h.keys, m.runtime.name(), &own);
             for (key, reason) in &view.unreadable {
                 warn!(%key, "unreadable coordinator value: {reason}");
             }
