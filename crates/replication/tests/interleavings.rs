@@ -13,18 +13,20 @@
 // Test constants (a 4 KiB block, 32 of them) fit every integer type.
 #![allow(clippy::cast_possible_truncation)]
 
+mod support;
+
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
+use support::replica::replica_site;
 use tandem_peer::{read_message, write_message, Ack, Hello, Message, Payload, Record, RecordOp};
-use tandem_replication::receiver::{self, GroupPlan, Membership, ReceiverContext};
-use tandem_replication::replica::{ReplicaGroup, ReplicaVolume};
+use tandem_replication::receiver::{self, ReceiverContext};
+use tandem_replication::replica::ReplicaGroup;
 use tandem_volume::RawImage;
 
 const BLOCK: usize = 4096;
@@ -91,39 +93,18 @@ struct Replica {
 
 fn replica() -> Replica {
     let dir = tempfile::tempdir().unwrap();
-    let image = Arc::new(RawImage::open_or_create(&dir.path().join("r.img"), SIZE).unwrap());
-    let group = Arc::new(Mutex::new(
-        ReplicaGroup::open(
-            &dir.path().join("replica"),
-            "g",
-            vec![ReplicaVolume {
-                name: "v".into(),
-                image: Arc::clone(&image),
-            }],
-        )
-        .unwrap(),
-    ));
-    let ctx = Arc::new(ReceiverContext {
-        site: "dr".into(),
-        groups: parking_lot::RwLock::new(vec![Arc::new(GroupPlan {
-            membership: Membership {
-                group: "g".into(),
-                sites: vec!["ny".into(), "dr".into()],
-                volumes: vec![("v".into(), SIZE)],
-            },
-            position: group.lock().published(),
-            group: Arc::clone(&group),
-            connected: Arc::new(AtomicBool::new(false)),
-            files_dir: dir.path().join("files"),
-            files: Vec::new(),
-            session: Mutex::new(None),
-        })]),
-    });
+    let site = replica_site(
+        &dir.path().join("replica"),
+        "dr",
+        &["ny", "dr"],
+        &dir.path().join("r.img"),
+        SIZE,
+    );
     Replica {
         _dir: dir,
-        ctx,
-        group,
-        image,
+        ctx: site.ctx,
+        group: site.group,
+        image: site.image,
     }
 }
 

@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used)]
 #![allow(clippy::cast_possible_truncation)] // small test images; pattern bytes keep the low bits on purpose
 
+mod support;
+
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,9 +14,10 @@ use std::thread;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use support::replica::replica_site;
 use tandem_capture::{CaptureVolume, GroupCapture};
-use tandem_replication::receiver::{self, GroupPlan, Membership, ReceiverContext};
-use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
+use tandem_replication::receiver;
+use tandem_replication::replica::Position;
 use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper};
 use tandem_volume::RawImage;
 
@@ -56,34 +59,14 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
     if let Some(data) = prefill_replica {
         std::fs::write(dir.join("r.img"), data).unwrap();
     }
-    let replica_img = image(&dir.join("r.img"));
-    let replica = Arc::new(Mutex::new(
-        ReplicaGroup::open(
-            &dir.join("replica"),
-            "g",
-            vec![ReplicaVolume {
-                name: "v".into(),
-                image: replica_img,
-            }],
-        )
-        .unwrap(),
-    ));
-    let ctx = Arc::new(ReceiverContext {
-        site: "dr".into(),
-        groups: parking_lot::RwLock::new(vec![Arc::new(GroupPlan {
-            membership: Membership {
-                group: "g".into(),
-                sites: vec!["ny".into(), "dr".into()],
-                volumes: vec![("v".into(), SIZE)],
-            },
-            position: replica.lock().published(),
-            group: Arc::clone(&replica),
-            connected: Arc::new(AtomicBool::new(false)),
-            files_dir: dir.join("files"),
-            files: Vec::new(),
-            session: Mutex::new(None),
-        })]),
-    });
+    let site = replica_site(
+        &dir.join("replica"),
+        "dr",
+        &["ny", "dr"],
+        &dir.join("r.img"),
+        SIZE,
+    );
+    let (ctx, replica) = (site.ctx, site.group);
     let (stop, cut, sessions) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),

@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use support::link::{Filter, Network};
+use support::replica::replica_site;
 use tandem_capture::{CaptureVolume, GroupCapture};
-use tandem_replication::receiver::{self, GroupPlan, Membership, ReceiverContext};
-use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
+use tandem_replication::receiver;
+use tandem_replication::replica::Position;
 use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper};
 use tandem_testkit::poll;
 use tandem_volume::RawImage;
@@ -72,34 +73,8 @@ fn start(dir: &Path) -> Cluster {
     let mut shippers = Vec::new();
     for site in REPLICAS {
         let img_path = dir.join(format!("{site}.img"));
-        let group = Arc::new(Mutex::new(
-            ReplicaGroup::open(
-                &dir.join(site),
-                "g",
-                vec![ReplicaVolume {
-                    name: "v".into(),
-                    image: image(&img_path),
-                }],
-            )
-            .unwrap(),
-        ));
-        let position = group.lock().published();
-        let ctx = Arc::new(ReceiverContext {
-            site: site.into(),
-            groups: parking_lot::RwLock::new(vec![Arc::new(GroupPlan {
-                membership: Membership {
-                    group: "g".into(),
-                    sites: vec!["ny".into(), "r1".into(), "r2".into()],
-                    volumes: vec![("v".into(), SIZE)],
-                },
-                position: Arc::clone(&position),
-                group,
-                connected: Arc::new(AtomicBool::new(false)),
-                files_dir: dir.join(format!("{site}-files")),
-                files: Vec::new(),
-                session: Mutex::new(None),
-            })]),
-        });
+        let replica = replica_site(&dir.join(site), site, &["ny", "r1", "r2"], &img_path, SIZE);
+        let (ctx, position) = (replica.ctx, replica.position);
         let link = Arc::new(Link::new(1, (0, 0)));
         let connect = {
             let net = Arc::clone(&net);

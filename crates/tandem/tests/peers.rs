@@ -35,6 +35,17 @@ fn use_tls(config: &Path, dir: &Path, site: &str) {
     std::fs::write(config, text.replace("[tls]\nmode = \"off\"", &tls)).unwrap();
 }
 
+/// A site's peer listener address (`site.listen`).
+fn peer_listen(c: &Cluster, site: &str) -> String {
+    let text = std::fs::read_to_string(&c.site(site).config).unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("listen = \"")
+                .map(|v| v.trim_end_matches('"').to_owned())
+        })
+        .unwrap()
+}
+
 fn qemu_io(uri: &str, cmds: &[&str]) {
     let mut c = Command::new(tool("qemu-io"));
     c.args(["-f", "raw"]);
@@ -105,14 +116,7 @@ fn garbage_on_the_peer_port_is_refused_and_replication_continues() {
     c.start("ny");
     qemu_io(&c.uri("ny", "v0"), &["write -P 0x31 0 1M", "flush"]);
     c.wait_replicated(Duration::from_secs(30));
-    let text = std::fs::read_to_string(&c.site("dr").config).unwrap();
-    let listen = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("listen = \"")
-                .map(|v| v.trim_end_matches('"').to_owned())
-        })
-        .unwrap();
+    let listen = peer_listen(&c, "dr");
     // Not the peer protocol at all, then a frame with a bad magic, then a
     // valid-looking header announcing 4 GiB.
     for junk in [
@@ -148,14 +152,7 @@ fn silent_peer_connections_beyond_the_cap_are_closed_at_once_and_replication_con
     c.start("ny");
     qemu_io(&c.uri("ny", "v0"), &["write -P 0x41 0 1M", "flush"]);
     c.wait_replicated(Duration::from_secs(30));
-    let text = std::fs::read_to_string(&c.site("dr").config).unwrap();
-    let listen = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("listen = \"")
-                .map(|v| v.trim_end_matches('"').to_owned())
-        })
-        .unwrap();
+    let listen = peer_listen(&c, "dr");
     // dr replicates one group: 64 + 4 sessions at once, one of them ny's.
     // Connections that say nothing hold the others; past the cap, dr
     // closes each new connection at once.

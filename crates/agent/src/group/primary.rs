@@ -187,32 +187,21 @@ impl PrimaryRole {
         group: &tandem_config::Group,
         grace: Option<Duration>,
     ) -> Result<(Images, Tip, Arc<GroupCapture>), AgentError> {
-        let name = &group.name;
-        match grace {
-            Some(grace) => {
-                if self.server.shutdown(Duration::from_secs(5)) > 0 {
+        let left = match grace {
+            Some(grace) => match self.server.shutdown(Duration::from_secs(5)) {
+                0 => 0,
+                _ => {
                     self.capture.close();
-                    let left = self.server.shutdown(grace);
-                    if left > 0 {
-                        warn!(
-                            group = %name,
-                            connections = left,
-                            "clients still connected after the grace period"
-                        );
-                    }
+                    self.server.shutdown(grace)
                 }
-            }
+            },
             None => {
                 self.gate.close();
-                let left = self.server.shutdown(DEMOTE_GRACE);
-                if left > 0 {
-                    warn!(
-                        group = %name,
-                        connections = left,
-                        "NBD clients still connected after demotion"
-                    );
-                }
+                self.server.shutdown(DEMOTE_GRACE)
             }
+        };
+        if left > 0 {
+            warn!(group = %group.name, connections = left, "NBD clients still connected after the grace period");
         }
         for path in &self.sockets {
             let _ = std::fs::remove_file(path);

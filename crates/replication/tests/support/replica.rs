@@ -1,0 +1,68 @@
+//! A replica site of the one-volume test group "g" (volume "v"): its
+//! journal and image, and the receiver context a primary's session finds
+//! it through.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tandem_replication::receiver::{GroupPlan, Membership, ReceiverContext};
+use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
+use tandem_volume::RawImage;
+
+pub struct ReplicaSite {
+    pub ctx: Arc<ReceiverContext>,
+    pub group: Arc<Mutex<ReplicaGroup>>,
+    pub position: Arc<Mutex<Position>>,
+    pub image: Arc<RawImage>,
+}
+
+/// Site `site` of a group of `sites`, its state (journal, state file,
+/// replicated files) under `state`, its image at `image` (created if
+/// absent) of `size` bytes.
+pub fn replica_site(
+    state: &Path,
+    site: &str,
+    sites: &[&str],
+    image: &Path,
+    size: u64,
+) -> ReplicaSite {
+    let image = Arc::new(RawImage::open_or_create(image, size).expect("replica image"));
+    let group = Arc::new(Mutex::new(
+        ReplicaGroup::open(
+            state,
+            "g",
+            vec![ReplicaVolume {
+                name: "v".into(),
+                image: Arc::clone(&image),
+            }],
+        )
+        .expect("replica state"),
+    ));
+    let position = group.lock().published();
+    let ctx = Arc::new(ReceiverContext {
+        site: site.into(),
+        groups: parking_lot::RwLock::new(vec![Arc::new(GroupPlan {
+            membership: Membership {
+                group: "g".into(),
+                sites: sites.iter().map(|s| s.to_string()).collect(),
+                volumes: vec![("v".into(), size)],
+            },
+            position: Arc::clone(&position),
+            group: Arc::clone(&group),
+            connected: Arc::new(AtomicBool::new(false)),
+            files_dir: state.join("files"),
+            files: Vec::new(),
+            session: Mutex::new(None),
+        })]),
+    });
+    ReplicaSite {
+        ctx,
+        group,
+        position,
+        image,
+    }
+}
