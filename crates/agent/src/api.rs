@@ -149,7 +149,9 @@ impl ApiError {
                 OwnerChangeError::Request(r) => match r {
                     RequestError::UnknownGroup(_) => 404,
                     RequestError::NotMember { .. } => 400,
-                    RequestError::NoOwner(_) | RequestError::OwnerAlive { .. } => 409,
+                    RequestError::NoOwner(_)
+                    | RequestError::OwnerAlive { .. }
+                    | RequestError::TargetUnable { .. } => 409,
                     RequestError::TimedOut { .. } => 504,
                     RequestError::Store(StoreError::Unreachable(_)) => 503,
                     RequestError::Store(_) => 502,
@@ -540,6 +542,11 @@ mod tests {
                 owner: "ny".into(),
                 group: "g".into(),
                 epoch: 1,
+            }),
+            change(RequestError::TargetUnable {
+                site: "seattle".into(),
+                group: "g".into(),
+                why: crate::ownership::Unable::Inconsistent,
             }),
             change(RequestError::TimedOut {
                 group: "g".into(),

@@ -117,9 +117,9 @@ pub enum Input {
         lease: LeaseId,
         holding: Holding,
     },
-    /// A [`Effect::Claim`] or [`Effect::HandOver`] transaction ran: whether
-    /// it applied, and the store's revision after it (the owner key's
-    /// revision when it applied).
+    /// A [`Effect::Claim`], [`Effect::HandOver`] or [`Effect::Write`]
+    /// transaction ran: whether it applied, and the store's revision after
+    /// it (the owner key's revision when a claim applied).
     Txn(Result<(bool, i64), Failed>),
     /// [`Effect::StopReceiving`] done: the images hold `tip`, and are a
     /// prefix of the stream if `consistent`.
@@ -179,7 +179,8 @@ pub enum Effect {
         compares: Vec<Compare>,
         ops: Vec<Op>,
     },
-    /// A transaction whose outcome the machine does not wait for.
+    /// A transaction that changes no role; answer [`Input::Txn`] (its
+    /// revision tells the machine which views are older than it).
     Write {
         why: Write,
         compares: Vec<Compare>,
@@ -293,6 +294,8 @@ enum Pending {
         fork: Tip,
         to: String,
     },
+    /// A transaction that changes no role runs.
+    Write,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -330,6 +333,14 @@ pub struct GroupMachine {
     owner_missing_since: Option<Instant>,
     fit: bool,
     pending: Option<Pending>,
+    /// The store's revision after this machine's latest transaction: a
+    /// view older than that does not show it yet and is not acted on
+    /// (the driver may hand over a view read before the transaction).
+    written: i64,
+    /// The owner key's revision this site gave away (released): a view
+    /// still naming this site owner at that revision is answered with the
+    /// release again, never with a promotion.
+    released: Option<i64>,
 }
 
 impl GroupMachine {
@@ -346,6 +357,8 @@ impl GroupMachine {
             owner_missing_since: None,
             fit: true,
             pending: None,
+            written: 0,
+            released: None,
         }
     }
 
@@ -477,9 +490,21 @@ impl GroupMachine {
             (None, Some(_)) => {}
         }
         // One role change at a time; a site between roles (a failed
-        // transition) decides nothing.
-        if self.pending.is_some() || self.held == Held::Down {
+        // transition) decides nothing; a view from before this machine's
+        // own latest change is stale.
+        if self.pending.is_some() || self.held == Held::Down || view.revision < self.written {
             return;
+        }
+        match (&view.owner, self.released) {
+            (Some((o, rev)), Some(released))
+                if o.site == self.settings.site && *rev == released =>
+            {
+                // The release did not take (or this view predates it).
+                self.release(released, out);
+                return;
+            }
+            (_, Some(_)) => self.released = None,
+            _ => {}
         }
         let local = self.local(lease, holding);
         let group = self.settings.policy.group.clone();
@@ -574,11 +599,14 @@ impl GroupMachine {
                     ops,
                 });
             }
-            Decision::Reattach { compares, ops } => out.push(Effect::Write {
-                why: Write::Reattach,
-                compares,
-                ops,
-            }),
+            Decision::Reattach { compares, ops } => {
+                self.pending = Some(Pending::Write);
+                out.push(Effect::Write {
+                    why: Write::Reattach,
+                    compares,
+                    ops,
+                });
+            }
             Decision::HandOver {
                 to,
                 epoch,
@@ -625,8 +653,10 @@ impl GroupMachine {
 
     /// Gives the group back: the owner key goes if it is still at
     /// `owner_rev` (this site's claim or handover).
-    fn release(&self, owner_rev: i64, out: &mut Vec<Effect>) {
+    fn release(&mut self, owner_rev: i64, out: &mut Vec<Effect>) {
         let key = self.settings.keys.owner(self.group());
+        self.released = Some(owner_rev);
+        self.pending = Some(Pending::Write);
         out.push(Effect::Write {
             why: Write::Release,
             compares: vec![Compare::ModRevision(key.clone(), owner_rev)],
@@ -636,6 +666,9 @@ impl GroupMachine {
 
     fn on_answer(&mut self, answer: Input, now: Instant, out: &mut Vec<Effect>) {
         let group = self.settings.policy.group.clone();
+        if let Input::Txn(Ok((_, revision))) = &answer {
+            self.written = self.written.max(*revision);
+        }
         let Some(pending) = self.pending.take() else {
             tracing::debug!(%group, ?answer, "an answer with no transition running: ignored");
             return;
@@ -751,8 +784,7 @@ impl GroupMachine {
                     self.held = Held::Replica;
                     if let Some(rev) = after.release {
                         self.release(rev, out);
-                    }
-                    if after.hook && self.settings.on_demote {
+                    } else if after.hook && self.settings.on_demote {
                         self.pending = Some(Pending::DemoteHook);
                         out.push(Effect::RunHook {
                             hook: Hook::OnDemote,
@@ -768,6 +800,7 @@ impl GroupMachine {
                 }
             },
             (Pending::DemoteHook, Input::HookDone { .. }) => {}
+            (Pending::Write, Input::Txn(_)) => {}
             (Pending::HandOverHook(h), Input::HookDone { .. }) => {
                 self.pending = Some(Pending::Hold(h));
                 out.push(Effect::Hold);
@@ -790,6 +823,7 @@ impl GroupMachine {
                 if !caught_up {
                     tracing::error!(%group, to = %h.to, timeout = ?self.settings.drain_timeout, "migration: the target did not catch up in time; writes resume here");
                     out.push(Effect::Resume);
+                    self.pending = Some(Pending::Write);
                     out.push(Effect::Write {
                         why: Write::Withdraw,
                         compares: Vec::new(),

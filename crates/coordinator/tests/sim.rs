@@ -75,6 +75,15 @@ struct GroupAtSite {
     data: Data,
     /// What the disk holds while `data` is `Between`.
     saved: Data,
+    /// The driver's mailbox: the latest view the watcher read, taken by
+    /// the actor once it is idle (and maybe stale by then).
+    mailbox: Option<GroupView>,
+    /// The store revision of the interaction the machine last acted on
+    /// (a view, or its own transaction): what an admission is at.
+    contact_rev: i64,
+    /// The revision at which the gate was last admitted: older reads do
+    /// not fence it.
+    admitted_rev: i64,
     /// The role file: where a restart starts.
     role_file: Start,
     gate_owner: bool,
@@ -202,6 +211,9 @@ impl World {
                             machine: None,
                             data,
                             saved: data,
+                            mailbox: None,
+                            contact_rev: 0,
+                            admitted_rev: 0,
                             role_file: if primary {
                                 Start::Primary {
                                     epoch: 1,
@@ -315,6 +327,7 @@ impl World {
             gs.machine = None;
             gs.busy = None;
             gs.queue.clear();
+            gs.mailbox = None;
             gs.gate_owner = false;
             gs.held = false;
             // What the disk holds: a role being left is still on disk
@@ -373,35 +386,53 @@ impl World {
         if !self.sites[i].alive {
             return;
         }
+        let lease = if self.sites[i].reach_store {
+            self.renew(i, now);
+            self.sites[i].lease
+        } else {
+            None
+        };
+        // The driver's watcher: reads the store, confirms or fences each
+        // gate, and leaves each group's view in its actor's mailbox.
+        if let Some(lease) = lease {
+            if let Ok(snap) = self.store.range(&self.keys.groups()) {
+                for g in 0..self.policies.len() {
+                    let view = GroupView::read(&self.keys, &self.policies[g].group, &snap);
+                    // A read that shows this site owner confirms the gate
+                    // for a lease's worth of time from when it was sent;
+                    // one that shows otherwise (newer than the admission)
+                    // fences it at once.
+                    let me = self.sites[i].name.clone();
+                    let gs = &mut self.sites[i].groups[g];
+                    match &view.owner {
+                        Some((o, _)) if o.site == me && o.lease == lease => {
+                            gs.confirmed_until = lease::valid_until(now, TTL);
+                        }
+                        _ if view.revision >= gs.admitted_rev => gs.gate_owner = false,
+                        _ => {}
+                    }
+                    gs.mailbox = Some(view);
+                }
+            }
+        }
+        // The actors: effects that finished answer their machines (they
+        // may change the store after the watcher read it), then idle
+        // actors take the view waiting for them, stale or not.
         for g in 0..self.policies.len() {
             self.progress(i, g);
         }
-        if !self.sites[i].reach_store {
-            return;
-        }
-        self.renew(i, now);
-        let Some(lease) = self.sites[i].lease else {
-            return;
-        };
-        let Ok(snap) = self.store.range(&self.keys.groups()) else {
+        let Some(lease) = lease else {
             return;
         };
         for g in 0..self.policies.len() {
-            let view = GroupView::read(&self.keys, &self.policies[g].group, &snap);
-            // The driver's watcher: a read that shows this site owner
-            // confirms the gate for a lease's worth of time from when it
-            // was sent; one that shows otherwise fences it at once.
-            let me = self.sites[i].name.clone();
             let gs = &mut self.sites[i].groups[g];
-            match &view.owner {
-                Some((o, _)) if o.site == me && o.lease == lease => {
-                    gs.confirmed_until = lease::valid_until(now, TTL);
-                }
-                _ => gs.gate_owner = false,
-            }
             if gs.busy.is_some() || !gs.queue.is_empty() {
                 continue;
             }
+            let Some(view) = gs.mailbox.take() else {
+                continue;
+            };
+            gs.contact_rev = view.revision;
             let input = Input::Store {
                 view: Box::new(view),
                 lease,
@@ -504,12 +535,23 @@ impl World {
         }
     }
 
-    fn txn(&mut self, i: usize, compares: &[tandem_coordinator::Compare], ops: &[Op]) -> Input {
+    fn txn(
+        &mut self,
+        i: usize,
+        g: usize,
+        compares: &[tandem_coordinator::Compare],
+        ops: &[Op],
+    ) -> Input {
         if !self.sites[i].reach_store {
             return Input::Txn(Err(Failed));
         }
         match self.store.txn(compares, ops) {
-            Ok(r) => Input::Txn(Ok(r)),
+            Ok(r) => {
+                if r.0 {
+                    self.sites[i].groups[g].contact_rev = r.1;
+                }
+                Input::Txn(Ok(r))
+            }
             Err(_) => Input::Txn(Err(Failed)),
         }
     }
@@ -533,7 +575,7 @@ impl World {
             } => {
                 let was_primary = matches!(self.sites[i].groups[g].data, Data::Primary { .. });
                 let before = self.view(g);
-                let answer = self.txn(i, &compares, &ops);
+                let answer = self.txn(i, g, &compares, &ops);
                 if let Input::Txn(Ok((true, _))) = answer {
                     if !was_primary {
                         self.promotions += 1;
@@ -542,17 +584,15 @@ impl World {
                 }
                 Some(answer)
             }
-            Effect::HandOver { compares, ops, .. } => Some(self.txn(i, &compares, &ops)),
-            Effect::Write { compares, ops, .. } => {
-                let _ = self.txn(i, &compares, &ops);
-                None
-            }
+            Effect::HandOver { compares, ops, .. } => Some(self.txn(i, g, &compares, &ops)),
+            Effect::Write { compares, ops, .. } => Some(self.txn(i, g, &compares, &ops)),
             Effect::Admit => {
                 // After a won claim or a read naming this site owner, both
                 // just sent.
                 let gs = &mut self.sites[i].groups[g];
                 gs.gate_owner = true;
                 gs.confirmed_until = lease::valid_until(now, TTL);
+                gs.admitted_rev = gs.admitted_rev.max(gs.contact_rev);
                 None
             }
             Effect::Hold => {

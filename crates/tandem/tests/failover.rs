@@ -363,6 +363,36 @@ fn manual_failover_is_refused_while_the_owner_is_healthy_and_forced_otherwise() 
 }
 
 #[test]
+fn a_forced_failover_to_a_site_that_cannot_take_over_is_refused_and_the_owner_keeps_serving() {
+    let mut c = Cluster::new("ny", &["chicago", "seattle"], &[vol(VOLUME, "16MiB")], "");
+    let witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("2s"));
+    // seattle is configured but its agent never runs: no report.
+    for s in ["ny", "chicago"] {
+        c.start_any(s);
+    }
+    wait_primary(&c, "ny", 1, Duration::from_secs(20));
+    qemu_io(&c.uri("ny", VOLUME), &["write -P 0x81 0 1M", "flush"]);
+    let mut cmd = Command::new(TANDEM);
+    cmd.args(["failover", "g", "--to", "seattle", "--force", "--config"])
+        .arg(&c.site("chicago").config);
+    let refused = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    assert_eq!(refused.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        msg.contains("seattle cannot take g over") && msg.contains("no report"),
+        "{msg}"
+    );
+    // Nothing changed: ny still owns epoch 1 and acknowledges writes.
+    let g = group(&c, "ny");
+    assert_eq!(
+        (g["role"].as_str(), g["epoch"].as_u64()),
+        (Some("primary"), Some(1))
+    );
+    qemu_io(&c.uri("ny", VOLUME), &["write -P 0x82 1M 4k", "flush"]);
+}
+
+#[test]
 fn a_failing_on_promote_hands_the_group_to_the_next_site_when_configured() {
     let mut c = Cluster::new(
         "ny",

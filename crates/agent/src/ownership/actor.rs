@@ -131,7 +131,7 @@ impl Actor<'_> {
                         debug!(%group, withdrawn = ?outcome.map(|o| o.0).ok(), "migration request withdrawn")
                     }
                 }
-                None
+                Some(Input::Txn(outcome))
             }
             Effect::Admit => {
                 if let Some(gate) = rt.gate() {

@@ -39,6 +39,8 @@ use crate::rolefile::RoleRecord;
 use crate::AgentError;
 
 pub(crate) use request::RequestError;
+#[cfg(test)]
+pub(crate) use request::Unable;
 
 /// How long a migration waits for the target to hold everything.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -32,13 +32,61 @@ pub(crate) enum RequestError {
         group: String,
         epoch: u64,
     },
+    #[error("{site} cannot take {group} over: {why}; it would be left without an owner (choose another site, or none to let the failover order choose)")]
+    TargetUnable {
+        site: String,
+        group: String,
+        why: Unable,
+    },
     #[error("{group}: no new owner within {waited:?}")]
     TimedOut { group: String, waited: Duration },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
+/// Why a named site cannot take a group over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Unable {
+    #[error("it has no report in the coordinator (is its agent running?)")]
+    Absent,
+    #[error("its images are not a consistent prefix (new, or in the middle of a resync)")]
+    Inconsistent,
+    #[error("it reports itself unfit (its last on_promote failed; restart its agent once fixed)")]
+    Unfit,
+}
+
 impl Handle {
+    /// Whether `site` could claim `group` now, as its report in the store
+    /// says. A site that is merely behind in reporting (its resync just
+    /// ended) gets a lease's time to say so.
+    fn able_to_take_over(&self, group: &str, site: &str, prefix: &str) -> Result<(), RequestError> {
+        let deadline = Instant::now() + self.ttl;
+        loop {
+            let snap = self.store.range(prefix)?;
+            let view = GroupView::read(&self.keys, group, &snap);
+            let is_owner = view.owner.as_ref().is_some_and(|(o, _)| o.site == site);
+            let why = match view.member(site) {
+                _ if is_owner => return Ok(()),
+                None => Unable::Absent,
+                Some(m) if !m.consistent => Unable::Inconsistent,
+                Some(m) if !m.fit => Unable::Unfit,
+                Some(_) => return Ok(()),
+            };
+            if Instant::now() >= deadline {
+                return Err(RequestError::TargetUnable {
+                    site: site.to_owned(),
+                    group: group.to_owned(),
+                    why,
+                });
+            }
+            let _ = self.store.wait(
+                prefix,
+                snap.revision,
+                deadline.saturating_duration_since(Instant::now()),
+            );
+        }
+    }
+
     /// Asks for a failover or migration of `group` and waits until a site
     /// other than the current owner owns it (the one named by `to`, if
     /// any), or `timeout`. Returns the new owner and its epoch.
@@ -79,6 +127,11 @@ impl Handle {
                 });
             }
             _ => {}
+        }
+        // A forced failover to a site that cannot claim would take the
+        // group away from its owner and leave it with none.
+        if let (RequestKind::Failover, Some(site)) = (kind, &to) {
+            self.able_to_take_over(group, site, &prefix)?;
         }
         // The request goes first: whoever sees the owner gone also sees
         // it, and waits a full TTL before claiming (F2).
