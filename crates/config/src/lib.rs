@@ -44,8 +44,8 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Location};
 pub use model::{
-    Coordinator, CoordinatorKind, FailoverPolicy, Group, Mode, OnLostLease, OnPromoteFailure,
-    OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
+    Coordinator, CoordinatorKind, FailoverPolicy, Group, Libvirt, Mode, OnLostLease,
+    OnPromoteFailure, OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
 };
 pub use schedule::{local_weekday_minute, ScheduleWindow};
 pub use units::{
@@ -68,6 +68,8 @@ pub struct Config {
     pub tls: Tls,
     /// `[coordinator]`.
     pub coordinator: Coordinator,
+    /// `[libvirt]`.
+    pub libvirt: Libvirt,
     /// `[[peer]]`, in file order; names are unique and include `site.name`.
     pub peers: Vec<Peer>,
     /// `[[group]]`, in file order; group names and volume names are unique.

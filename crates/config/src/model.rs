@@ -154,6 +154,30 @@ pub struct Tls {
     pub key: Option<PathBuf>,
 }
 
+/// `[libvirt]`: where protected VMs live on this site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Libvirt {
+    /// libvirt connection URI (default `qemu:///system`).
+    pub uri: String,
+    /// Networks and bridges renamed when a VM is defined on this site:
+    /// (name at the VM's source, name here).
+    pub network_map: Vec<(String, String)>,
+}
+
+impl Libvirt {
+    /// Default `uri`.
+    pub const DEFAULT_URI: &'static str = "qemu:///system";
+}
+
+impl Default for Libvirt {
+    fn default() -> Libvirt {
+        Libvirt {
+            uri: Libvirt::DEFAULT_URI.to_owned(),
+            network_map: Vec::new(),
+        }
+    }
+}
+
 /// `[coordinator]`: who decides which site owns a group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Coordinator {
@@ -268,6 +292,8 @@ pub struct Group {
     pub on_lost_lease: OnLostLease,
     /// What a promoted site does when `on_promote` fails.
     pub on_promote_failure: OnPromoteFailure,
+    /// `vm = "libvirt:NAME"`: the libvirt domain the group protects.
+    pub vm: Option<String>,
 }
 
 impl Group {

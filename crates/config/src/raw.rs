@@ -27,6 +27,7 @@ pub(crate) struct RawConfig {
     pub site: RawSite,
     pub tls: Option<RawTls>,
     pub coordinator: Option<RawCoordinator>,
+    pub libvirt: Option<RawLibvirt>,
     #[serde(default)]
     pub peer: Vec<RawPeer>,
     #[serde(default)]
@@ -62,6 +63,14 @@ pub(crate) struct RawCoordinator {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [libvirt] table")]
+pub(crate) struct RawLibvirt {
+    pub uri: Option<Spanned<NonEmpty>>,
+    #[serde(default)]
+    pub network_map: std::collections::BTreeMap<String, Spanned<NonEmpty>>,
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [[peer]] table")]
 pub(crate) struct RawPeer {
     pub name: Spanned<Name>,
@@ -92,6 +101,7 @@ pub(crate) struct RawGroup {
     pub on_sync_loss: Option<Spanned<OnSyncLoss>>,
     pub on_lost_lease: Option<Spanned<OnLostLease>>,
     pub on_promote_failure: Option<Spanned<OnPromoteFailure>>,
+    pub vm: Option<Spanned<VmName>>,
 }
 
 #[derive(Deserialize)]
@@ -191,7 +201,8 @@ text_deserialize!(
     SizeValue,
     RateValue,
     DurationValue,
-    Window
+    Window,
+    VmName
 );
 
 /// A site, group or volume name: 1-64 characters of `[A-Za-z0-9._-]`, not
@@ -231,6 +242,22 @@ impl FromText for NonEmpty {
             Err("must not be empty".to_string())
         } else {
             Ok(NonEmpty(s.to_string()))
+        }
+    }
+}
+
+/// `vm = "libvirt:NAME"`: the protected libvirt domain.
+pub(crate) struct VmName(pub String);
+
+impl FromText for VmName {
+    const EXPECTING: &'static str = "a VM like \"libvirt:web01\"";
+    fn from_text(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("libvirt", name)) if !name.trim().is_empty() && name.trim() == name => {
+                Ok(VmName(name.to_owned()))
+            }
+            Some(("libvirt", _)) => Err("the domain name after \"libvirt:\" must not be empty or start or end with spaces".into()),
+            _ => Err("must be \"libvirt:NAME\" (libvirt is the only hypervisor)".into()),
         }
     }
 }

@@ -183,6 +183,7 @@ fn spec_example_parses() {
             on_sync_loss: OnSyncLoss::Suspend,
             on_lost_lease: OnLostLease::Suspend,
             on_promote_failure: OnPromoteFailure::Report,
+            vm: None,
         }]
     );
     assert_eq!(
@@ -1456,4 +1457,63 @@ fn docs_examples_parse() {
     for b in blocks {
         ok(b);
     }
+}
+
+// ---------------------------------------------------------------------------
+// VMs: [libvirt] and vm (SPEC §4.1 additions).
+
+#[test]
+fn libvirt_section_and_vm_key_parse() {
+    let text = spec_with(
+        "[[peer]]                       # every site, this one included",
+        "[libvirt]\nuri = \"qemu+ssh://root@h/system\"\nnetwork_map = { default = \"dr-net\", br0 = \"br9\" }\n\n[[peer]]",
+    )
+    .replace(
+        "on_demote = \"/etc/tandem/hooks/stop-vm web01\"",
+        "on_demote = \"/etc/tandem/hooks/stop-vm web01\"\nvm = \"libvirt:web01\"",
+    );
+    let c = ok(&text);
+    assert_eq!(c.libvirt.uri, "qemu+ssh://root@h/system");
+    assert_eq!(
+        c.libvirt.network_map,
+        vec![
+            ("br0".to_owned(), "br9".to_owned()),
+            ("default".to_owned(), "dr-net".to_owned())
+        ]
+    );
+    assert_eq!(c.groups[0].vm.as_deref(), Some("web01"));
+    // Defaults: qemu:///system, no map, no VM.
+    let plain = ok(SPEC_EXAMPLE);
+    assert_eq!(plain.libvirt, crate::Libvirt::default());
+    assert_eq!(plain.libvirt.uri, "qemu:///system");
+    assert_eq!(plain.groups[0].vm, None);
+}
+
+#[test]
+fn a_vm_must_be_a_libvirt_domain_protected_once() {
+    let text = spec_with(
+        "on_demote = \"/etc/tandem/hooks/stop-vm web01\"",
+        "vm = \"xen:web01\"",
+    );
+    check(&text, "vm = ", "group[0].vm", "libvirt:NAME");
+    let text = spec_with(
+        "on_demote = \"/etc/tandem/hooks/stop-vm web01\"",
+        "vm = \"libvirt:\"",
+    );
+    check(&text, "vm = ", "group[0].vm", "must not be empty");
+    let twice = format!(
+        "{}\nvm = \"libvirt:web01\"\n\n[[group]]\nname = \"web02\"\nprimary = \"ny\"\nvolumes = [ {{ name = \"web02-root\", size = \"1GiB\" }} ]\nvm = \"libvirt:web01\" # again\n",
+        SPEC_EXAMPLE.trim_end()
+    );
+    check(&twice, "# again", "group[1].vm", "already protected");
+}
+
+#[test]
+fn unknown_libvirt_keys_are_refused() {
+    let text = spec_with(
+        "[[peer]]                       # every site, this one included",
+        "[libvirt]\nurl = \"qemu:///system\"\n\n[[peer]]",
+    );
+    let e = fails(&text);
+    assert!(e.to_string().contains("url"), "{e}");
 }

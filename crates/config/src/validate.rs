@@ -9,7 +9,8 @@ use toml::Spanned;
 
 use crate::error::{ConfigError, Location};
 use crate::model::{
-    Coordinator, CoordinatorKind, Group, Mode, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
+    Coordinator, CoordinatorKind, Group, Libvirt, Mode, Peer, ReplicaSpec, Site, Tls, TlsMode,
+    VolumeSpec,
 };
 use crate::raw::{
     endpoint_host_port, is_loopback_host, span_of_path, split_host_port, Entry, RawConfig,
@@ -77,6 +78,17 @@ pub(crate) fn build(
         .and_then(|t| t.mode.as_ref().map(Spanned::span));
     let tls = tls(&cx, raw.tls.as_ref())?;
     let coordinator = coordinator(&cx, raw.coordinator.as_ref())?;
+    let libvirt = raw.libvirt.as_ref().map_or_else(Libvirt::default, |l| Libvirt {
+        uri: l
+            .uri
+            .as_ref()
+            .map_or_else(|| Libvirt::DEFAULT_URI.to_owned(), |u| u.get_ref().0.clone()),
+        network_map: l
+            .network_map
+            .iter()
+            .map(|(from, to)| (from.clone(), to.get_ref().0.clone()))
+            .collect(),
+    });
     let peers = peers(&cx, &raw.peer)?;
 
     let site_name = raw.site.name.get_ref().0.as_str();
@@ -102,6 +114,7 @@ pub(crate) fn build(
         site,
         tls,
         coordinator,
+        libvirt,
         peers,
         groups,
         data_dir_location,
@@ -295,6 +308,7 @@ fn peers(cx: &Ctx<'_>, raw: &[RawPeer]) -> Result<Vec<Peer>, ConfigError> {
 
 fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, ConfigError> {
     let mut group_names: HashMap<&str, Span> = HashMap::new();
+    let mut vm_names: HashMap<&str, Span> = HashMap::new();
     // Volume names are global: they name image files and sockets.
     let mut volume_names: HashMap<&str, (&str, Span)> = HashMap::new();
     let known = |site: &str| peers.iter().any(|p| p.name == site);
@@ -464,6 +478,23 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
             }
         }
 
+        let vm = match &g.vm {
+            Some(v) => {
+                let name = v.get_ref().0.as_str();
+                if let Some(first) = vm_names.insert(name, v.span()) {
+                    return Err(cx.err(
+                        &v.span(),
+                        key("vm"),
+                        format!(
+                            "VM {name:?} is already protected by another group (line {})",
+                            cx.line(&first)
+                        ),
+                    ));
+                }
+                Some(name.to_owned())
+            }
+            None => None,
+        };
         out.push(Group {
             name: name.to_string(),
             primary: primary.to_string(),
@@ -499,6 +530,7 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
                 .on_promote_failure
                 .as_ref()
                 .map_or_else(Default::default, |x| *x.get_ref()),
+            vm,
         });
     }
     Ok(out)
