@@ -88,6 +88,7 @@ enum ApiRequest {
     OpenApi,
     Metrics,
     Status,
+    Vms,
     Peers,
     SetBandwidth {
         site: String,
@@ -127,6 +128,8 @@ enum ApiError {
     Verify(#[from] VerifyGroupError),
     #[error(transparent)]
     OwnerChange(#[from] OwnerChangeError),
+    #[error("the hypervisor is not available: {0}")]
+    Hypervisor(#[from] tandem_hypervisor::HypervisorError),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
 }
@@ -157,6 +160,7 @@ impl ApiError {
                     RequestError::Store(_) => 502,
                 },
             },
+            ApiError::Hypervisor(_) => 503,
             ApiError::Encode(_) => 500,
         }
     }
@@ -170,6 +174,7 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
     ("GET", "/metrics", &[]),
     ("GET", "/api/v1/status", &[401]),
     ("GET", "/api/v1/peers", &[401]),
+    ("GET", "/api/v1/vms", &[401, 503]),
     (
         "PUT",
         "/api/v1/peers/{site}/bandwidth",
@@ -262,6 +267,7 @@ fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
     match method {
         "GET" if path == "/api/v1/status" => Ok(ApiRequest::Status),
         "GET" if path == "/api/v1/peers" => Ok(ApiRequest::Peers),
+        "GET" if path == "/api/v1/vms" => Ok(ApiRequest::Vms),
         "PUT" => {
             let site = peer_bandwidth(path).ok_or_else(no_endpoint)?;
             Ok(ApiRequest::SetBandwidth {
@@ -313,6 +319,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
         )),
         ApiRequest::Status => to_json(&view.status()),
         ApiRequest::Peers => to_json(&view.bandwidth.status()),
+        ApiRequest::Vms => to_json(&view.vms()?),
         ApiRequest::SetBandwidth { site, bps } => {
             view.bandwidth.set_override(&site, bps)?;
             to_json(&view.bandwidth.status())

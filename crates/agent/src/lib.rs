@@ -21,6 +21,7 @@ mod replication;
 mod rolefile;
 pub mod status;
 mod view;
+pub mod vms;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -192,6 +193,9 @@ impl Agent {
 
     fn status_view(&self) -> StatusView {
         StatusView {
+            hypervisor: Arc::new(tandem_hypervisor::virsh::Virsh::new(
+                &self.shared.config.libvirt.uri,
+            )),
             shared: Arc::clone(&self.shared),
             runtimes: Arc::clone(&self.runtimes),
             nbd: Arc::clone(&self.server.stats),

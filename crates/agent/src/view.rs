@@ -26,6 +26,8 @@ pub struct StatusView {
     pub(crate) nbd: Arc<tandem_nbd::stats::Stats>,
     pub(crate) bandwidth: Arc<bandwidth::Bandwidth>,
     pub(crate) ownership: Option<Arc<Handle>>,
+    /// This site's hypervisor (`[libvirt] uri`).
+    pub(crate) hypervisor: Arc<dyn tandem_hypervisor::Hypervisor>,
 }
 
 /// The outcome of `tandem failover` / `tandem migrate`.
@@ -156,6 +158,14 @@ impl StatusView {
             group: group.to_owned(),
             identical,
             replicas,
+        })
+    }
+
+    /// This host's domains and the groups protecting them (`tandem vms`).
+    pub(crate) fn vms(&self) -> Result<crate::vms::VmList, tandem_hypervisor::HypervisorError> {
+        Ok(crate::vms::VmList {
+            site: self.shared.site.clone(),
+            vms: crate::vms::list(&*self.hypervisor, &self.shared.config.groups)?,
         })
     }
 

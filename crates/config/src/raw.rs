@@ -256,7 +256,10 @@ impl FromText for VmName {
             Some(("libvirt", name)) if !name.trim().is_empty() && name.trim() == name => {
                 Ok(VmName(name.to_owned()))
             }
-            Some(("libvirt", _)) => Err("the domain name after \"libvirt:\" must not be empty or start or end with spaces".into()),
+            Some(("libvirt", _)) => Err(
+                "the domain name after \"libvirt:\" must not be empty or start or end with spaces"
+                    .into(),
+            ),
             _ => Err("must be \"libvirt:NAME\" (libvirt is the only hypervisor)".into()),
         }
     }

@@ -78,17 +78,20 @@ pub(crate) fn build(
         .and_then(|t| t.mode.as_ref().map(Spanned::span));
     let tls = tls(&cx, raw.tls.as_ref())?;
     let coordinator = coordinator(&cx, raw.coordinator.as_ref())?;
-    let libvirt = raw.libvirt.as_ref().map_or_else(Libvirt::default, |l| Libvirt {
-        uri: l
-            .uri
-            .as_ref()
-            .map_or_else(|| Libvirt::DEFAULT_URI.to_owned(), |u| u.get_ref().0.clone()),
-        network_map: l
-            .network_map
-            .iter()
-            .map(|(from, to)| (from.clone(), to.get_ref().0.clone()))
-            .collect(),
-    });
+    let libvirt = raw
+        .libvirt
+        .as_ref()
+        .map_or_else(Libvirt::default, |l| Libvirt {
+            uri: l.uri.as_ref().map_or_else(
+                || Libvirt::DEFAULT_URI.to_owned(),
+                |u| u.get_ref().0.clone(),
+            ),
+            network_map: l
+                .network_map
+                .iter()
+                .map(|(from, to)| (from.clone(), to.get_ref().0.clone()))
+                .collect(),
+        });
     let peers = peers(&cx, &raw.peer)?;
 
     let site_name = raw.site.name.get_ref().0.as_str();

@@ -101,7 +101,7 @@ enum Command {
         /// The site to promote [default: the next in the failover order]
         #[arg(long, value_name = "SITE")]
         to: Option<String>,
-        /// Take the group from a live owner (its lease is revoked first)
+        /// Take the group from a live owner (its owner key is deleted first)
         #[arg(long)]
         force: bool,
     },
@@ -114,6 +114,14 @@ enum Command {
         /// The site to move the group to
         #[arg(long, value_name = "SITE")]
         to: String,
+    },
+    /// This host's libvirt domains, their disks and state, and the groups protecting them
+    Vms {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the JSON document instead of a table
+        #[arg(long)]
+        json: bool,
     },
     /// Show the regions of a volume that may differ from its replicas
     Dirty {
@@ -165,6 +173,7 @@ fn main() -> ExitCode {
         Command::Witness { listen, data_dir } => cmd::witness::run(&listen, &data_dir),
         Command::Demo { keep } => cmd::demo::run(keep),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
+        Command::Vms { config, json } => cmd::vms::run(&config.path(), json),
         Command::Status {
             config,
             json,

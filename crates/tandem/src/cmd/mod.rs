@@ -6,4 +6,5 @@ pub mod dirty;
 pub mod failover;
 pub mod status;
 pub mod verify;
+pub mod vms;
 pub mod witness;
