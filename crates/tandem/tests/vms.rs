@@ -26,7 +26,11 @@ fn vms_with_libvirt_unreachable_is_a_clear_error_and_the_agent_goes_on() {
         )
     };
     assert!(
-        poll(Duration::from_secs(30), || status().status.success().then_some(())).is_some(),
+        poll(Duration::from_secs(30), || status()
+            .status
+            .success()
+            .then_some(()))
+        .is_some(),
         "the agent's API did not come up"
     );
     let out = run_with_timeout(
