@@ -34,6 +34,7 @@
 mod error;
 mod model;
 mod raw;
+mod runtime;
 mod schedule;
 #[allow(unsafe_code)]
 mod sys;

@@ -1517,3 +1517,47 @@ fn unknown_libvirt_keys_are_refused() {
     let e = fails(&text);
     assert!(e.to_string().contains("url"), "{e}");
 }
+
+// ---------------------------------------------------------------------------
+// Groups defined at runtime.
+
+#[test]
+fn a_group_written_out_reads_back_the_same() {
+    let mut c = ok(&spec_with(
+        "on_demote = \"/etc/tandem/hooks/stop-vm web01\"",
+        "on_demote = \"echo \\\"bye\\\" \\\\ done\"\nvm = \"libvirt:web01\"\nmax_queue = \"1.5GiB\"",
+    )
+    .replace("max_lag_on_failover = \"30s\"", "max_lag_on_failover = \"1500ms\""));
+    let mut g = c.remove_group("web01").unwrap();
+    assert!(c.groups.is_empty());
+    g.name = "web01".into();
+    let text = g.to_toml();
+    let back = c
+        .add_group(&text, Path::new("/var/lib/tandem/groups/web01.toml"))
+        .unwrap()
+        .clone();
+    assert_eq!(back, g, "{text}");
+}
+
+#[test]
+fn a_runtime_group_is_checked_against_the_sites_peers_and_groups() {
+    let mut c = ok(SPEC_EXAMPLE);
+    let path = Path::new("/var/lib/tandem/groups/x.toml");
+    let same_name = "[[group]]\nname = \"web01\"\nprimary = \"ny\"\nvolumes = [ { name = \"x\", size = \"1M\" } ]\n";
+    let e = c.add_group(same_name, path).unwrap_err();
+    assert!(e.to_string().contains("exists on this site already"), "{e}");
+    assert_eq!(e.file(), path);
+    let same_volume = "[[group]]\nname = \"db\"\nprimary = \"ny\"\nvolumes = [ { name = \"web01-root\", size = \"1M\" } ]\n";
+    let e = c.add_group(same_volume, path).unwrap_err();
+    assert!(e.to_string().contains("belongs to group \"web01\""), "{e}");
+    let unknown_site = "[[group]]\nname = \"db\"\nprimary = \"boston\"\nvolumes = [ { name = \"db\", size = \"1M\" } ]\n";
+    let e = c.add_group(unknown_site, path).unwrap_err();
+    assert!(e.to_string().contains("unknown site"), "{e}");
+    assert_eq!(e.location().map(|l| l.line), Some(3));
+    let two = format!("{same_volume}\n[[group]]\nname = \"db2\"\nprimary = \"ny\"\nvolumes = [ {{ name = \"db2\", size = \"1M\" }} ]\n");
+    assert!(c.add_group(&two, path).is_err());
+    assert!(c.add_group("[site]\nname = \"x\"\n", path).is_err());
+    let fine = "[[group]]\nname = \"db\"\nprimary = \"ny\"\nreplicas = [ { site = \"chicago\" } ]\nvolumes = [ { name = \"db\", size = \"1M\" } ]\n";
+    assert_eq!(c.add_group(fine, path).unwrap().name, "db");
+    assert_eq!(c.groups.len(), 2);
+}

@@ -309,6 +309,68 @@ fn peers(cx: &Ctx<'_>, raw: &[RawPeer]) -> Result<Vec<Peer>, ConfigError> {
     Ok(out)
 }
 
+/// Groups defined at runtime (one file each): checked like the file's
+/// groups, then for names this site's `existing` groups already use.
+pub(crate) fn runtime_groups(
+    raw: &[RawGroup],
+    entries: &[Entry],
+    file: &Path,
+    text: &str,
+    peers: &[Peer],
+    existing: &[Group],
+) -> Result<Vec<Group>, ConfigError> {
+    let cx = Ctx {
+        file,
+        text,
+        base: file
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        entries,
+    };
+    if raw.len() != 1 {
+        return Err(cx.err(
+            &(0..0),
+            "group",
+            format!(
+                "a runtime group file holds exactly one [[group]] table, not {}",
+                raw.len()
+            ),
+        ));
+    }
+    let groups = groups(&cx, raw, peers)?;
+    for (g, r) in groups.iter().zip(raw) {
+        if existing.iter().any(|e| e.name == g.name) {
+            return Err(cx.err(
+                &r.name.span(),
+                "group[0].name",
+                format!("a group named {:?} exists on this site already", g.name),
+            ));
+        }
+        for (vi, v) in g.volumes.iter().enumerate() {
+            if let Some(other) = existing.iter().find(|e| e.volume(&v.name).is_some()) {
+                return Err(cx.err(
+                    &r.volumes.span(),
+                    format!("group[0].volumes[{vi}].name"),
+                    format!(
+                        "volume {:?} belongs to group {:?} already",
+                        v.name, other.name
+                    ),
+                ));
+            }
+        }
+        if let (Some(vm), Some(span)) = (&g.vm, r.vm.as_ref().map(|v| v.span())) {
+            if let Some(other) = existing.iter().find(|e| e.vm.as_ref() == Some(vm)) {
+                return Err(cx.err(
+                    &span,
+                    "group[0].vm",
+                    format!("VM {vm:?} is already protected by group {:?}", other.name),
+                ));
+            }
+        }
+    }
+    Ok(groups)
+}
+
 fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, ConfigError> {
     let mut group_names: HashMap<&str, Span> = HashMap::new();
     let mut vm_names: HashMap<&str, Span> = HashMap::new();

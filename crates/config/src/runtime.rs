@@ -1,0 +1,151 @@
+//! Groups defined at runtime (`tandem protect`, docs/VMS.md): one
+//! `[[group]]` table in a file of its own, written by [`Group::to_toml`]
+//! and read back by [`Config::add_group`] with the same checks as the
+//! configuration file's groups, against this site's peers and the groups it
+//! has already (errors name that file, its line and the key).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{ConfigError, Location};
+use crate::model::Group;
+use crate::raw::{self, RawGroup};
+use crate::units::{format_duration, format_size};
+use crate::{one_line, serde_error, Config};
+
+/// A runtime group's file: exactly one `[[group]]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroupFile {
+    group: Vec<RawGroup>,
+}
+
+/// A TOML basic string.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl Group {
+    /// This group as one `[[group]]` table, every value written out, so
+    /// that [`Config::add_group`] reads back exactly this group.
+    pub fn to_toml(&self) -> String {
+        let mut t = String::from("[[group]]\n");
+        let _ = writeln!(t, "name = {}", quoted(&self.name));
+        let _ = writeln!(t, "primary = {}", quoted(&self.primary));
+        let replicas: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{ site = {}, priority = {} }}",
+                    quoted(&r.site),
+                    r.priority
+                )
+            })
+            .collect();
+        let _ = writeln!(t, "replicas = [ {} ]", replicas.join(", "));
+        let _ = writeln!(t, "mode = {}", quoted(self.mode.as_str()));
+        let _ = writeln!(t, "sync_replicas = {}", self.sync_replicas);
+        let _ = writeln!(t, "failover = {}", quoted(self.failover.as_str()));
+        let _ = writeln!(
+            t,
+            "max_lag_on_failover = {}",
+            quoted(&format_duration(self.max_lag_on_failover))
+        );
+        let volumes: Vec<String> = self
+            .volumes
+            .iter()
+            .map(|v| {
+                format!(
+                    "{{ name = {}, size = {} }}",
+                    quoted(&v.name),
+                    quoted(&format_size(v.size))
+                )
+            })
+            .collect();
+        let _ = writeln!(t, "volumes = [ {} ]", volumes.join(", "));
+        let files: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| quoted(&f.display().to_string()))
+            .collect();
+        let _ = writeln!(t, "files = [ {} ]", files.join(", "));
+        if let Some(h) = &self.on_promote {
+            let _ = writeln!(t, "on_promote = {}", quoted(h));
+        }
+        if let Some(h) = &self.on_demote {
+            let _ = writeln!(t, "on_demote = {}", quoted(h));
+        }
+        let _ = writeln!(t, "max_queue = {}", quoted(&format_size(self.max_queue)));
+        let _ = writeln!(
+            t,
+            "queue_memory = {}",
+            quoted(&format_size(self.queue_memory))
+        );
+        let _ = writeln!(t, "on_sync_loss = {}", quoted(self.on_sync_loss.as_str()));
+        let _ = writeln!(t, "on_lost_lease = {}", quoted(self.on_lost_lease.as_str()));
+        let _ = writeln!(
+            t,
+            "on_promote_failure = {}",
+            quoted(self.on_promote_failure.as_str())
+        );
+        if let Some(vm) = &self.vm {
+            let _ = writeln!(t, "vm = {}", quoted(&format!("libvirt:{vm}")));
+        }
+        t
+    }
+}
+
+impl Config {
+    /// Adds a group defined at runtime from `text` (one `[[group]]`
+    /// table), read from `path`: checked like the file's groups, against
+    /// this site's peers, and for names (group, volumes, VM) that no group
+    /// of this site has yet.
+    pub fn add_group(&mut self, text: &str, path: &Path) -> Result<&Group, ConfigError> {
+        let entries = raw::index(text).map_err(|e| ConfigError::Syntax {
+            file: path.to_path_buf(),
+            location: e
+                .span()
+                .map_or(Location::START, |s| Location::of_offset(text, s.start)),
+            message: one_line(e.message()),
+        })?;
+        let file: RawGroupFile =
+            toml::from_str(text).map_err(|e| serde_error(&e, &entries, text, path))?;
+        let groups = crate::validate::runtime_groups(
+            &file.group,
+            &entries,
+            path,
+            text,
+            &self.peers,
+            &self.groups,
+        )?;
+        let before = self.groups.len();
+        self.groups.extend(groups);
+        self.groups
+            .get(before)
+            .ok_or_else(|| ConfigError::invalid(path, text, &(0..0), "group", "no [[group]] table"))
+    }
+
+    /// Removes a group (`tandem unprotect`).
+    pub fn remove_group(&mut self, name: &str) -> Option<Group> {
+        let i = self.groups.iter().position(|g| g.name == name)?;
+        Some(self.groups.remove(i))
+    }
+}
