@@ -19,6 +19,7 @@ mod metrics;
 mod ownership;
 mod replication;
 mod rolefile;
+mod runtime_groups;
 pub mod status;
 mod view;
 pub mod vms;
@@ -71,6 +72,9 @@ impl Agent {
     pub fn start(config: &Config) -> Result<Agent, AgentError> {
         config.check_data_dir()?;
         let layout = Layout::new(&config.site.data_dir);
+        let mut with_runtime = config.clone();
+        runtime_groups::load(&layout, &mut with_runtime)?;
+        let config = &with_runtime;
         for dir in [layout.volumes_dir(), layout.nbd_dir()] {
             std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
                 path: dir.clone(),

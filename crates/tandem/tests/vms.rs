@@ -51,3 +51,58 @@ fn vms_with_libvirt_unreachable_is_a_clear_error_and_the_agent_goes_on() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\"role\": \"primary\""), "{text}");
 }
+
+#[test]
+fn groups_defined_at_runtime_are_served_after_a_start_and_bad_ones_are_named() {
+    let mut site = Site::new(&[vol("v0", "16MiB")]);
+    let groups = site.data_dir.join("groups");
+    std::fs::create_dir_all(&groups).unwrap();
+    let bad = groups.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[group]]\nname = \"extra\"\nprimary = \"ny\"\nvolumes = [ { name = \"v0\", size = \"16MiB\" } ]\n",
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .args(["agent", "--config"])
+            .arg(&site.config),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:4:", bad.display())) && err.contains("belongs to group \"g\""),
+        "{err}"
+    );
+    std::fs::remove_file(&bad).unwrap();
+    std::fs::write(
+        groups.join("extra.toml"),
+        "[[group]]\nname = \"extra\"\nprimary = \"ny\"\nreplicas = [ { site = \"dr\" } ]\nvolumes = [ { name = \"x0\", size = \"8MiB\" } ]\n",
+    )
+    .unwrap();
+    site.start();
+    wait_until(
+        Duration::from_secs(30),
+        "the runtime group's export",
+        || site.socket("x0").exists(),
+    );
+    let out = run_with_timeout(
+        Command::new(tool("qemu-io"))
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 0 64k",
+                "-c",
+                "read -P 0x5a 0 64k",
+            ])
+            .arg(site.uri("x0")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
