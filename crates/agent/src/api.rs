@@ -89,6 +89,9 @@ enum ApiRequest {
     Metrics,
     Status,
     Vms,
+    DefineGroup {
+        text: String,
+    },
     Peers,
     SetBandwidth {
         site: String,
@@ -128,6 +131,8 @@ enum ApiError {
     Verify(#[from] VerifyGroupError),
     #[error(transparent)]
     OwnerChange(#[from] OwnerChangeError),
+    #[error(transparent)]
+    Define(#[from] crate::runtime_groups::DefineError),
     #[error("the hypervisor is not available: {0}")]
     Hypervisor(#[from] tandem_hypervisor::HypervisorError),
     #[error("cannot encode the answer: {0}")]
@@ -160,6 +165,11 @@ impl ApiError {
                     RequestError::Store(_) => 502,
                 },
             },
+            ApiError::Define(e) => match e {
+                crate::runtime_groups::DefineError::Config(_)
+                | crate::runtime_groups::DefineError::NotMember { .. } => 400,
+                crate::runtime_groups::DefineError::Agent(_) => 500,
+            },
             ApiError::Hypervisor(_) => 503,
             ApiError::Encode(_) => 500,
         }
@@ -175,6 +185,7 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
     ("GET", "/api/v1/status", &[401]),
     ("GET", "/api/v1/peers", &[401]),
     ("GET", "/api/v1/vms", &[401, 503]),
+    ("POST", "/api/v1/groups", &[400, 401, 413, 500]),
     (
         "PUT",
         "/api/v1/peers/{site}/bandwidth",
@@ -275,6 +286,9 @@ fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
                 bps: parse_bandwidth(body_text(request)?)?,
             })
         }
+        "POST" if path == "/api/v1/groups" => Ok(ApiRequest::DefineGroup {
+            text: body_text(request)?.to_owned(),
+        }),
         "POST" => {
             let (group, action) = group_action(path).ok_or_else(no_endpoint)?;
             let group = group.to_owned();
@@ -320,6 +334,10 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
         ApiRequest::Status => to_json(&view.status()),
         ApiRequest::Peers => to_json(&view.bandwidth.status()),
         ApiRequest::Vms => to_json(&view.vms()?),
+        ApiRequest::DefineGroup { text } => {
+            let group = view.define_group(&text)?;
+            to_json(&serde_json::json!({ "group": group }))
+        }
         ApiRequest::SetBandwidth { site, bps } => {
             view.bandwidth.set_override(&site, bps)?;
             to_json(&view.bandwidth.status())

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use group::{GroupRuntime, Plane, Shared};
+use group::{GroupRuntime, Groups, Plane, Shared};
 use tandem_capture::GroupCapture;
 use tandem_config::{Config, TlsMode};
 use tandem_nbd::Server;
@@ -48,7 +48,7 @@ pub use layout::Layout;
 pub use view::{OwnerChanged, StatusView};
 
 /// A group's first epoch.
-const INITIAL_EPOCH: u64 = 1;
+pub(crate) const INITIAL_EPOCH: u64 = 1;
 
 /// How long a stopping agent waits for clients to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -56,7 +56,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// A running site agent.
 pub struct Agent {
     shared: Arc<Shared>,
-    runtimes: Arc<Vec<Arc<GroupRuntime>>>,
+    groups: Arc<Groups>,
     /// The agent-wide NBD server (the TCP listener).
     server: Arc<Server>,
     threads: Vec<JoinHandle<()>>,
@@ -113,7 +113,7 @@ impl Agent {
         });
         let mut agent = Agent {
             shared: Arc::clone(&shared),
-            runtimes: Arc::new(Vec::new()),
+            groups: Arc::new(Groups::default()),
             server: Server::new(),
             threads: Vec::new(),
             peers: None,
@@ -145,13 +145,15 @@ impl Agent {
             rt.open(&shared, &record)?;
             opened.push((rt, record));
         }
-        agent.runtimes = Arc::new(opened.iter().map(|(rt, _)| Arc::clone(rt)).collect());
+        for (rt, _) in &opened {
+            agent.groups.push(Arc::clone(rt));
+        }
         let listener =
             TcpListener::bind(&config.site.listen).map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),
                 source,
             })?;
-        let sessions_cap = replication::session_cap(agent.runtimes.len());
+        let sessions_cap = replication::session_cap(agent.groups.len());
         agent.peers = Some(
             replication::PeerListener::start(
                 listener,
@@ -201,7 +203,8 @@ impl Agent {
                 &self.shared.config.libvirt.uri,
             )),
             shared: Arc::clone(&self.shared),
-            runtimes: Arc::clone(&self.runtimes),
+            groups: Arc::clone(&self.groups),
+            defining: parking_lot::Mutex::new(()),
             nbd: Arc::clone(&self.server.stats),
             bandwidth: Arc::clone(&self.shared.bandwidth),
             ownership: self.ownership.as_ref().map(|o| o.handle()),
@@ -215,9 +218,8 @@ impl Agent {
 
     /// The change capture of a group this site serves.
     pub fn capture(&self, group: &str) -> Option<Arc<GroupCapture>> {
-        self.runtimes
-            .iter()
-            .find(|r| r.name() == group)
+        self.groups
+            .find(group)
             .and_then(|r| match &*r.plane.lock() {
                 Plane::Primary(p) => Some(Arc::clone(&p.capture)),
                 _ => None,
@@ -245,7 +247,7 @@ impl Agent {
             let _ = self.server.shutdown(SHUTDOWN_GRACE);
         }
         let mut first_error = None;
-        for rt in self.runtimes.iter() {
+        for rt in self.groups.all() {
             if let Err(e) = rt.stop_graceful(&self.shared, SHUTDOWN_GRACE) {
                 warn!(group = rt.name(), "final flush failed: {e}");
                 first_error.get_or_insert(e);

@@ -2,11 +2,92 @@
 //! `<data_dir>/groups/<group>.toml`, one `[[group]]` table, loaded at
 //! start beside the configuration file's groups and checked the same way.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tandem_config::Config;
+use tandem_config::{Config, ConfigError};
 
-use crate::{AgentError, Layout};
+use crate::group::GroupRuntime;
+use crate::rolefile::RoleRecord;
+use crate::view::StatusView;
+use crate::{AgentError, Layout, INITIAL_EPOCH};
+
+/// Why a group could not be defined at runtime.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DefineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("site {site} is not part of group {group} (neither its primary nor a replica)")]
+    NotMember { site: String, group: String },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// Where a runtime group's definition lives.
+pub fn path(layout: &Layout, group: &str) -> PathBuf {
+    layout.data_dir.join("groups").join(format!("{group}.toml"))
+}
+
+/// Writes a runtime group's definition durably: temporary file, sync,
+/// rename, directory sync (a crash leaves the old file or the new one).
+pub fn store(layout: &Layout, group: &tandem_config::Group) -> Result<PathBuf, AgentError> {
+    let path = path(layout, &group.name);
+    let dir = layout.data_dir.join("groups");
+    let io = |what: &'static str| {
+        let path = path.clone();
+        move |source| AgentError::Io { path, what, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io("create directory"))?;
+    let tmp = path.with_extension("toml.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io("create"))?;
+    f.write_all(group.to_toml().as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io("write"))?;
+    std::fs::rename(&tmp, &path).map_err(io("rename"))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory"))?;
+    Ok(path)
+}
+
+impl StatusView {
+    /// Defines a group at runtime from `text` (one `[[group]]` table):
+    /// checked against this site's peers and groups, written under
+    /// `<data_dir>/groups/`, opened in its role and, with a coordinator,
+    /// decided for like every other group. Returns its name.
+    pub(crate) fn define_group(&self, text: &str) -> Result<String, DefineError> {
+        let _one_at_a_time = self.defining.lock();
+        let shared = &self.shared;
+        let mut config = (*shared.config).clone();
+        config.groups = self.groups.all().iter().map(|g| g.cfg.clone()).collect();
+        let group = config
+            .add_group(text, Path::new("(group definition)"))?
+            .clone();
+        if !group.involves(&shared.site) {
+            return Err(DefineError::NotMember {
+                site: shared.site.clone(),
+                group: group.name,
+            });
+        }
+        let file = store(&shared.layout, &group)?;
+        let record = RoleRecord {
+            primary: group.primary == shared.site,
+            epoch: INITIAL_EPOCH,
+            fork_epoch: 0,
+            fork_seq: 0,
+        };
+        let name = group.name.clone();
+        let rt = Arc::new(GroupRuntime::new(group));
+        rt.open(shared, &record)?;
+        self.groups.push(Arc::clone(&rt));
+        if let Some(o) = &self.ownership {
+            o.add(rt, &record)?;
+        }
+        tracing::info!(group = %name, file = %file.display(), "group defined at runtime");
+        Ok(name)
+    }
+}
 
 /// Adds every runtime group under `<data_dir>/groups/` to `config`, in
 /// name order; a file that does not check out stops the agent with its

@@ -10,7 +10,7 @@ use tandem_coordinator::keys::{RequestKind, Role};
 use tandem_replication::shipper::{LinkState, VerifyError};
 
 use crate::bandwidth;
-use crate::group::{GroupRuntime, LinkHandle, Plane, Shared};
+use crate::group::{GroupRuntime, Groups, LinkHandle, Plane, Shared};
 use crate::ownership::{Handle, RequestError};
 use crate::status::{self, GroupStatus, ReplicaState, ReplicaStatus, ResyncProgress, SiteStatus};
 
@@ -22,12 +22,14 @@ const VERIFY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// What status and the API need, shared with the API thread.
 pub struct StatusView {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) runtimes: Arc<Vec<Arc<GroupRuntime>>>,
+    pub(crate) groups: Arc<Groups>,
     pub(crate) nbd: Arc<tandem_nbd::stats::Stats>,
     pub(crate) bandwidth: Arc<bandwidth::Bandwidth>,
     pub(crate) ownership: Option<Arc<Handle>>,
     /// This site's hypervisor (`[libvirt] uri`).
     pub(crate) hypervisor: Arc<dyn tandem_hypervisor::Hypervisor>,
+    /// Held while a group is defined at runtime.
+    pub(crate) defining: parking_lot::Mutex<()>,
 }
 
 /// The outcome of `tandem failover` / `tandem migrate`.
@@ -88,8 +90,8 @@ impl StatusView {
         })
     }
 
-    fn runtime(&self, group: &str) -> Option<&Arc<GroupRuntime>> {
-        self.runtimes.iter().find(|r| r.name() == group)
+    fn runtime(&self, group: &str) -> Option<Arc<GroupRuntime>> {
+        self.groups.find(group)
     }
 
     /// Compares every replica of `group` with this primary (`tandem
@@ -97,7 +99,8 @@ impl StatusView {
     pub(crate) fn verify(&self, group: &str) -> Result<status::VerifyResult, VerifyGroupError> {
         let not_primary = || VerifyGroupError::NotPrimary(group.to_owned());
         let (links, volumes) = {
-            let plane = self.runtime(group).ok_or_else(not_primary)?.plane.lock();
+            let rt = self.runtime(group).ok_or_else(not_primary)?;
+            let plane = rt.plane.lock();
             match &*plane {
                 Plane::Primary(p) => (
                     p.links.clone(),
@@ -165,7 +168,15 @@ impl StatusView {
     pub(crate) fn vms(&self) -> Result<crate::vms::VmList, tandem_hypervisor::HypervisorError> {
         Ok(crate::vms::VmList {
             site: self.shared.site.clone(),
-            vms: crate::vms::list(&*self.hypervisor, &self.shared.config.groups)?,
+            vms: crate::vms::list(
+                &*self.hypervisor,
+                &self
+                    .groups
+                    .all()
+                    .iter()
+                    .map(|g| g.cfg.clone())
+                    .collect::<Vec<_>>(),
+            )?,
         })
     }
 
@@ -173,7 +184,7 @@ impl StatusView {
     pub fn status(&self) -> SiteStatus {
         let site = &self.shared.site;
         let mut groups = Vec::new();
-        for rt in self.runtimes.iter() {
+        for rt in self.groups.all() {
             let cfg = &rt.cfg;
             let known_owner = rt.owner.lock().clone();
             let seen_epoch = rt.epoch.load(Ordering::Acquire);

@@ -711,61 +711,6 @@ fn unknown_command_or_flag_gets_einval_and_the_connection_continues() {
 // ---------------------------------------------------------------------------
 // The REST API on `site.api` (SPEC G8, §4.5).
 
-/// `site.api` of the site's configuration.
-fn api_addr(site: &Site) -> String {
-    let config = std::fs::read_to_string(&site.config).expect("read config");
-    config
-        .lines()
-        .find_map(|l| l.strip_prefix("api = "))
-        .expect("api line")
-        .trim_matches('"')
-        .to_owned()
-}
-
-/// The API's bearer token, once the API listens: `Site::start` waits for
-/// the NBD exports only, the API comes up after them, and its token file
-/// is written (not atomically) before it listens.
-fn api_token(site: &Site) -> String {
-    let addr = api_addr(site);
-    wait_until(Duration::from_secs(20), "the agent's API to listen", || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
-    std::fs::read_to_string(site.data_dir.join("api.token"))
-        .expect("read api.token")
-        .trim()
-        .to_owned()
-}
-
-/// Sends `head` then `body` (write errors ignored: the agent may refuse
-/// before reading it all) and returns the status and the whole answer.
-fn api_raw(site: &Site, head: &str, body: &[u8]) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(api_addr(site)).expect("connect to the API");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
-    s.set_write_timeout(Some(IO_TIMEOUT))
-        .expect("write timeout");
-    let _ = s
-        .write_all(head.as_bytes())
-        .and_then(|()| s.write_all(body));
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("reading the API answer to {head:?}: {e}"),
-        }
-        assert!(answer.len() < 1 << 20, "the API keeps sending data");
-    }
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
-
 /// `GET /api/v1/status` answers 200 with the site's status.
 fn api_status_ok(site: &Site) {
     let head = format!(

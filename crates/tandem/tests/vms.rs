@@ -106,3 +106,52 @@ fn groups_defined_at_runtime_are_served_after_a_start_and_bad_ones_are_named() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_group_defined_through_the_api_is_served_at_once_and_after_a_restart() {
+    let mut site = Site::new(&[vol("v0", "16MiB")]);
+    site.start();
+    let bad = "[[group]]\nname = \"extra\"\nprimary = \"ny\"\nreplicas = [ { site = \"boston\" } ]\nvolumes = [ { name = \"x0\", size = \"8MiB\" } ]\n";
+    let (status, body) = api_call(&site, "POST", "/api/v1/groups", bad);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains(":4:") && body.contains("replicas[0].site") && body.contains("boston"),
+        "{body}"
+    );
+    let good = "[[group]]\nname = \"extra\"\nprimary = \"ny\"\nreplicas = [ { site = \"dr\" } ]\nvolumes = [ { name = \"x0\", size = \"8MiB\" } ]\n";
+    let (status, body) = api_call(&site, "POST", "/api/v1/groups", good);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"group\": \"extra\""), "{body}");
+    let write = |pattern: &str| {
+        run_with_timeout(
+            Command::new(tool("qemu-io"))
+                .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 64k")])
+                .arg(site.uri("x0")),
+            Duration::from_secs(30),
+        )
+    };
+    assert!(write("0x61").status.success(), "served without a restart");
+    let (status, body) = api_call(&site, "POST", "/api/v1/groups", good);
+    assert_eq!(status, 400, "defined twice: {body}");
+    assert!(body.contains("exists on this site already"), "{body}");
+    let (_, status_body) = api_call(&site, "GET", "/api/v1/status", "");
+    assert!(status_body.contains("\"name\": \"extra\""), "{status_body}");
+    assert!(site.stop().success());
+    site.start();
+    wait_until(
+        Duration::from_secs(30),
+        "the runtime group's export after a restart",
+        || site.socket("x0").exists(),
+    );
+    let out = run_with_timeout(
+        Command::new(tool("qemu-io"))
+            .args(["-f", "raw", "-c", "read -P 0x61 0 64k"])
+            .arg(site.uri("x0")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -35,6 +35,32 @@ pub(crate) use replica::ReplicaRole;
 /// A group's open images, handed from one role to the next.
 type Images = Vec<Arc<RawImage>>;
 
+/// The groups this agent runs: those of the configuration file, and those
+/// defined at runtime as they come and go.
+#[derive(Default)]
+pub(crate) struct Groups {
+    list: RwLock<Vec<Arc<GroupRuntime>>>,
+}
+
+impl Groups {
+    /// Every group now.
+    pub fn all(&self) -> Vec<Arc<GroupRuntime>> {
+        self.list.read().clone()
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<GroupRuntime>> {
+        self.list.read().iter().find(|r| r.name() == name).cloned()
+    }
+
+    pub fn push(&self, rt: Arc<GroupRuntime>) {
+        self.list.write().push(rt);
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.read().len()
+    }
+}
+
 /// What every group of this agent shares.
 pub(crate) struct Shared {
     pub site: String,

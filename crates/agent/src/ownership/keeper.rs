@@ -36,7 +36,7 @@ pub(super) fn run(h: &Handle) {
                         (None, None) => {}
                     }
                 }
-                for m in &h.members {
+                for m in h.members() {
                     if let Some(gate) = m.runtime.gate() {
                         gate.extend(valid);
                     }
@@ -48,7 +48,7 @@ pub(super) fn run(h: &Handle) {
                     "coordinator lease lost: writes are fenced until ownership is confirmed again"
                 );
                 *h.lease.lock() = None;
-                for m in &h.members {
+                for m in h.members() {
                     if let Some(gate) = m.runtime.gate() {
                         gate.fence();
                     }

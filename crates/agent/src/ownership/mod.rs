@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tandem_config::CoordinatorKind;
 use tandem_coordinator::decide::Policy;
 use tandem_coordinator::keys::Keys;
@@ -71,12 +71,13 @@ pub(crate) struct Handle {
     /// The lease is no longer renewed, the store no longer watched.
     stopped: AtomicBool,
     shared: Arc<Shared>,
-    members: Vec<Arc<Member>>,
+    members: RwLock<Vec<Arc<Member>>>,
+    /// The groups' actor threads.
+    actors: Mutex<Vec<JoinHandle<()>>>,
 }
 
 pub(crate) struct Ownership {
     handle: Arc<Handle>,
-    actors: Vec<JoinHandle<()>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -143,18 +144,6 @@ impl Ownership {
         let store = connect(&shared)?;
         let c = &shared.config.coordinator;
         let keys = Keys::new(&c.prefix);
-        let members = groups
-            .into_iter()
-            .map(|(runtime, record)| {
-                let machine =
-                    GroupMachine::new(settings(&shared, &keys, &runtime.cfg), record.start());
-                Arc::new(Member {
-                    runtime,
-                    machine: Mutex::new(machine),
-                    inbox: mailbox::Mailbox::default(),
-                })
-            })
-            .collect();
         let handle = Arc::new(Handle {
             store,
             keys,
@@ -163,15 +152,12 @@ impl Ownership {
             deciding_stopped: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             shared: Arc::clone(&shared),
-            members,
+            members: RwLock::new(Vec::new()),
+            actors: Mutex::new(Vec::new()),
         });
-        let mut actors = Vec::new();
-        for member in &handle.members {
-            let (h, m) = (Arc::clone(&handle), Arc::clone(member));
-            actors.push(spawn(
-                format!("own-{}", member.runtime.name()),
-                move || actor::run(&h, &m),
-            )?);
+        let count = groups.len();
+        for (runtime, record) in groups {
+            handle.add(runtime, &record)?;
         }
         let keeper = {
             let h = Arc::clone(&handle);
@@ -181,10 +167,9 @@ impl Ownership {
             let h = Arc::clone(&handle);
             spawn("store-watch".into(), move || watcher::run(&h))?
         };
-        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = actors.len(), "coordinator decides ownership");
+        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count, "coordinator decides ownership");
         Ok(Ownership {
             handle,
-            actors,
             threads: vec![keeper, watcher],
         })
     }
@@ -198,10 +183,11 @@ impl Ownership {
     /// the next start carries on from the role files and the store).
     pub fn stop_deciding(&mut self) {
         self.handle.deciding_stopped.store(true, Ordering::Release);
-        for m in &self.handle.members {
+        for m in self.handle.members() {
             m.inbox.close();
         }
-        for a in self.actors.drain(..) {
+        let actors = std::mem::take(&mut *self.handle.actors.lock());
+        for a in actors {
             let _ = a.join();
         }
     }
@@ -220,6 +206,35 @@ impl Ownership {
 }
 
 impl Handle {
+    /// Every group's member now.
+    fn members(&self) -> Vec<Arc<Member>> {
+        self.members.read().clone()
+    }
+
+    /// Starts deciding for a group (at start, or defined at runtime).
+    pub fn add(
+        self: &Arc<Self>,
+        runtime: Arc<GroupRuntime>,
+        record: &RoleRecord,
+    ) -> Result<(), AgentError> {
+        let machine = GroupMachine::new(
+            settings(&self.shared, &self.keys, &runtime.cfg),
+            record.start(),
+        );
+        let member = Arc::new(Member {
+            runtime,
+            machine: Mutex::new(machine),
+            inbox: mailbox::Mailbox::default(),
+        });
+        let (h, m) = (Arc::clone(self), Arc::clone(&member));
+        let actor = spawn(format!("own-{}", member.runtime.name()), move || {
+            actor::run(&h, &m)
+        })?;
+        self.members.write().push(member);
+        self.actors.lock().push(actor);
+        Ok(())
+    }
+
     fn deciding(&self) -> bool {
         !self.deciding_stopped.load(Ordering::Acquire) && !self.shared.stop.load(Ordering::Acquire)
     }

@@ -99,8 +99,8 @@ impl Handle {
         timeout: Duration,
     ) -> Result<(String, u64), RequestError> {
         let member = self
-            .members
-            .iter()
+            .members()
+            .into_iter()
             .find(|m| m.runtime.name() == group)
             .ok_or_else(|| RequestError::UnknownGroup(group.to_owned()))?;
         if let Some(to) = &to {

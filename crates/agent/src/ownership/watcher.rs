@@ -52,7 +52,7 @@ pub(super) fn run(h: &Handle) {
             }
         };
         let confirmed = h.valid_from(sent);
-        for m in &h.members {
+        for m in h.members() {
             // Only this group's keys: reading a view of one group out of
             // every group's keys would cost groups x keys.
             let prefix = h.keys.group(m.runtime.name());
@@ -115,7 +115,7 @@ fn publish(
     let now = Instant::now();
     let mut ops = Vec::new();
     let mut sent = Vec::new();
-    for m in &h.members {
+    for m in h.members() {
         let name = m.runtime.name();
         let holding = m.runtime.holding();
         let report = m.machine.lock().report(lease, holding);
@@ -124,7 +124,7 @@ fn publish(
         let lag_due = last
             .and_then(|l| l.lag_at)
             .is_none_or(|at| now >= at + every);
-        let lag = if lag_due { lag_record(m) } else { None };
+        let lag = if lag_due { lag_record(&m) } else { None };
         if !report_due && lag.is_none() {
             continue;
         }

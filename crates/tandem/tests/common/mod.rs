@@ -603,3 +603,79 @@ impl Drop for Witness {
         self.kill();
     }
 }
+
+// ---------------------------------------------------------------------------
+// The agent's REST API.
+
+/// How long a test waits on one API connection.
+pub const API_IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `site.api` of the site's configuration.
+pub fn api_addr(site: &Site) -> String {
+    let config = std::fs::read_to_string(&site.config).expect("read config");
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("api = "))
+        .expect("api line")
+        .trim_matches('"')
+        .to_owned()
+}
+
+/// The API's bearer token, once the API listens: `Site::start` waits for
+/// the NBD exports only, the API comes up after them, and its token file
+/// is written (not atomically) before it listens.
+pub fn api_token(site: &Site) -> String {
+    let addr = api_addr(site);
+    wait_until(Duration::from_secs(20), "the agent's API to listen", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    std::fs::read_to_string(site.data_dir.join("api.token"))
+        .expect("read api.token")
+        .trim()
+        .to_owned()
+}
+
+/// Sends `head` then `body` (write errors ignored: the agent may refuse
+/// before reading it all) and returns the status and the whole answer.
+pub fn api_raw(site: &Site, head: &str, body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(api_addr(site)).expect("connect to the API");
+    s.set_read_timeout(Some(API_IO_TIMEOUT))
+        .expect("read timeout");
+    s.set_write_timeout(Some(API_IO_TIMEOUT))
+        .expect("write timeout");
+    let _ = std::io::Write::write_all(&mut s, head.as_bytes())
+        .and_then(|()| std::io::Write::write_all(&mut s, body));
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match std::io::Read::read(&mut s, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading the API answer to {head:?}: {e}"),
+        }
+        assert!(answer.len() < 1 << 20, "the API keeps sending data");
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// One API request with the bearer token: (status, body).
+pub fn api_call(site: &Site, method: &str, path: &str, body: &str) -> (u16, String) {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        api_token(site),
+        body.len()
+    );
+    let (status, text) = api_raw(site, &head, body.as_bytes());
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
