@@ -57,6 +57,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub struct Agent {
     shared: Arc<Shared>,
     groups: Arc<Groups>,
+    /// One group definition at a time (API or peer).
+    defining: Arc<parking_lot::Mutex<()>>,
     /// The agent-wide NBD server (the TCP listener).
     server: Arc<Server>,
     threads: Vec<JoinHandle<()>>,
@@ -106,6 +108,7 @@ impl Agent {
             receivers: Arc::new(ReceiverContext {
                 site: config.site.name.clone(),
                 groups: parking_lot::RwLock::new(Vec::new()),
+                definer: parking_lot::RwLock::new(None),
             }),
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
             coordinated,
@@ -114,6 +117,7 @@ impl Agent {
         let mut agent = Agent {
             shared: Arc::clone(&shared),
             groups: Arc::new(Groups::default()),
+            defining: Arc::new(parking_lot::Mutex::new(())),
             server: Server::new(),
             threads: Vec::new(),
             peers: None,
@@ -171,6 +175,8 @@ impl Agent {
             agent.ownership = Some(ownership::Ownership::start(Arc::clone(&shared), opened)?);
         }
         let view = Arc::new(agent.status_view());
+        *shared.receivers.definer.write() =
+            Some(Arc::new(runtime_groups::PeerDefiner(Arc::clone(&view))));
         agent.api = Some(api::start(
             &config.site.api,
             &layout,
@@ -204,7 +210,7 @@ impl Agent {
             )),
             shared: Arc::clone(&self.shared),
             groups: Arc::clone(&self.groups),
-            defining: parking_lot::Mutex::new(()),
+            defining: Arc::clone(&self.defining),
             nbd: Arc::clone(&self.server.stats),
             bandwidth: Arc::clone(&self.shared.bandwidth),
             ownership: self.ownership.as_ref().map(|o| o.handle()),

@@ -122,3 +122,59 @@ pub fn load(layout: &Layout, config: &mut Config) -> Result<(), AgentError> {
     }
     Ok(())
 }
+
+/// Defines the groups primaries send in the peer protocol (`Define`).
+pub(crate) struct PeerDefiner(pub Arc<StatusView>);
+
+/// Why a primary's definition was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PeerDefineError {
+    #[error(transparent)]
+    Define(#[from] DefineError),
+    #[error("group {0} exists on this site with another definition")]
+    Differs(String),
+    #[error("site {site} (its certificate) is not a site of group {group}")]
+    Stranger { site: String, group: String },
+}
+
+impl tandem_replication::receiver::GroupDefiner for PeerDefiner {
+    fn define(
+        &self,
+        group: &str,
+        definition: &str,
+        peer_site: Option<&str>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let view = &self.0;
+        // The definition as this site reads it, checked against its other
+        // groups.
+        let mut config = (*view.shared.config).clone();
+        config.groups = view
+            .groups
+            .all()
+            .iter()
+            .filter(|g| g.name() != group)
+            .map(|g| g.cfg.clone())
+            .collect();
+        let parsed = config
+            .add_group(definition, Path::new("(group definition)"))
+            .map_err(DefineError::from)?
+            .clone();
+        if let Some(site) = peer_site {
+            if !parsed.involves(site) {
+                return Err(Box::new(PeerDefineError::Stranger {
+                    site: site.to_owned(),
+                    group: parsed.name,
+                }));
+            }
+        }
+        if let Some(existing) = view.groups.find(group) {
+            if existing.cfg.to_toml() == parsed.to_toml() {
+                return Ok(());
+            }
+            return Err(Box::new(PeerDefineError::Differs(group.to_owned())));
+        }
+        view.define_group(definition)
+            .map(|_| ())
+            .map_err(|e| Box::new(PeerDefineError::from(e)) as _)
+    }
+}

@@ -29,7 +29,7 @@ pub struct StatusView {
     /// This site's hypervisor (`[libvirt] uri`).
     pub(crate) hypervisor: Arc<dyn tandem_hypervisor::Hypervisor>,
     /// Held while a group is defined at runtime.
-    pub(crate) defining: parking_lot::Mutex<()>,
+    pub(crate) defining: Arc<parking_lot::Mutex<()>>,
 }
 
 /// The outcome of `tandem failover` / `tandem migrate`.

@@ -266,6 +266,13 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         14 => Message::ResyncDone {
             resume_at: r.u64("resume_at")?,
         },
+        15 => Message::Define {
+            group: r.str("group")?,
+            definition: r.str("definition")?,
+        },
+        16 => Message::Defined {
+            group: r.str("group")?,
+        },
         ty => return Err(PeerError::UnknownType(ty)),
     };
     r.finish()?;
@@ -444,6 +451,8 @@ pub fn payload_len(msg: &Message) -> usize {
         | Message::Ping(_)
         | Message::Pong(_) => 8,
         Message::File { path, data, .. } => str_len(path) + 4 + data.wire_len(),
+        Message::Define { group, definition } => str_len(group) + str_len(definition),
+        Message::Defined { group } => str_len(group),
     }
 }
 
@@ -555,6 +564,11 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             put_payload(w, data);
         }
         Message::Ping(nanos) | Message::Pong(nanos) => put_u64(w, *nanos),
+        Message::Define { group, definition } => {
+            put_str(w, group);
+            put_str(w, definition);
+        }
+        Message::Defined { group } => put_str(w, group),
     }
     let len = len_u32(w.len() - body);
     let crc = crc32c::crc32c(&w[body..]);
@@ -620,6 +634,11 @@ pub fn validate(msg: &Message) -> Result<(), PeerError> {
             check_str("path", path)?;
             data.check(kind)?;
         }
+        Message::Define { group, definition } => {
+            check_str("group", group)?;
+            check_str("definition", definition)?;
+        }
+        Message::Defined { group } => check_str("group", group)?,
         _ => {}
     }
     let len = payload_len(msg);

@@ -55,6 +55,11 @@ pub enum Message {
         mode: u32,
         data: Payload,
     },
+    /// P→R, before `Hello`: the definition of a group defined at runtime
+    /// (one `[[group]]` table), for a replica site that may not have it.
+    Define { group: String, definition: String },
+    /// R→P: the replica has the group `Define` named (now or already).
+    Defined { group: String },
     /// Either way: a keepalive carrying the sender's clock in nanoseconds.
     Ping(u64),
     /// Either way: answers a `Ping`, echoing its value.
@@ -208,6 +213,8 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::Ping(_) => 12,
         Message::Pong(_) => 13,
         Message::ResyncDone { .. } => 14,
+        Message::Define { .. } => 15,
+        Message::Defined { .. } => 16,
     }
 }
 
@@ -228,6 +235,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         12 => "ping",
         13 => "pong",
         14 => "resync_done",
+        15 => "define",
+        16 => "defined",
         _ => return None,
     })
 }

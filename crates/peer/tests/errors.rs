@@ -60,7 +60,7 @@ fn bad_magic() {
 
 #[test]
 fn unknown_type() {
-    for ty in [0u8, 15, 200, 255] {
+    for ty in [0u8, 17, 200, 255] {
         let mut f = frame(&Message::Ping(1));
         f[4] = ty;
         match decode(&f) {
@@ -419,7 +419,9 @@ fn kinds() {
     assert_eq!(ReplicaState::Inconsistent.as_str(), "inconsistent");
     assert_eq!(type_name(4), Some("record"));
     assert_eq!(type_name(14), Some("resync_done"));
-    assert_eq!(type_name(15), None);
+    assert_eq!(type_name(15), Some("define"));
+    assert_eq!(type_name(16), Some("defined"));
+    assert_eq!(type_name(17), None);
 }
 
 #[test]

@@ -159,6 +159,8 @@ pub fn message() -> impl Strategy<Value = Message> {
         }),
         any::<u64>().prop_map(Message::Ping),
         any::<u64>().prop_map(Message::Pong),
+        (text(), text()).prop_map(|(group, definition)| Message::Define { group, definition }),
+        text().prop_map(|group| Message::Defined { group }),
     ]
 }
 

@@ -26,6 +26,11 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
 pub enum SessionError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error("definition of group {group} refused: {source}")]
+    Define {
+        group: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("protocol: {0}")]
     Peer(#[from] PeerError),
     #[error("{0}")]
@@ -71,11 +76,27 @@ impl GroupPlan {
     }
 }
 
+/// Defines groups that primaries send (`Define`, groups defined at
+/// runtime), on behalf of the agent.
+pub trait GroupDefiner: Send + Sync {
+    /// Has `group` defined from `definition` (sent by `peer_site`, the
+    /// site its TLS certificate names, if any): Ok once this site has the
+    /// group with this definition, now or already.
+    fn define(
+        &self,
+        group: &str,
+        definition: &str,
+        peer_site: Option<&str>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
 /// Every group this site replicates now; groups come and go as this site
 /// is promoted or demoted.
 pub struct ReceiverContext {
     pub site: String,
     pub groups: parking_lot::RwLock<Vec<Arc<GroupPlan>>>,
+    /// Defines groups that primaries send; None refuses them.
+    pub definer: parking_lot::RwLock<Option<Arc<dyn GroupDefiner>>>,
 }
 
 /// Serves one connection from a primary. `peer_site` is the site name in
@@ -90,7 +111,33 @@ pub fn serve<R: Read, W: Write>(
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut buf = Vec::new();
     let mut out = Vec::new();
-    let hello = match read_message(&mut reader, &mut buf)? {
+    let mut first = read_message(&mut reader, &mut buf)?;
+    if let Message::Define { group, definition } = first {
+        let definer = ctx.definer.read().clone();
+        let defined = match definer {
+            Some(d) => d.define(&group, &definition, peer_site),
+            None => Err(Box::new(Refusal::UnknownGroup(group.clone())) as _),
+        };
+        match defined {
+            Ok(()) => {
+                write_message(&mut writer, &Message::Defined { group }, &mut out)?;
+                writer.flush().map_err(PeerError::Io)?;
+            }
+            Err(source) => {
+                let _ = write_message(
+                    &mut writer,
+                    &Message::Refuse {
+                        reason: source.to_string(),
+                    },
+                    &mut out,
+                );
+                let _ = writer.flush();
+                return Err(SessionError::Define { group, source });
+            }
+        }
+        first = read_message(&mut reader, &mut buf)?;
+    }
+    let hello = match first {
         Message::Hello(h) => h,
         other => return Err(ProtocolError::Unexpected(other.kind()).into()),
     };

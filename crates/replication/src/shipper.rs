@@ -112,6 +112,8 @@ pub struct Shipper {
     /// looking again (async mode: records travel in larger batches, with
     /// fewer wake-ups on both sides). Zero sends every record at once.
     pub gather: Duration,
+    /// A group defined at runtime: its definition, sent before the hello.
+    pub definition: Option<String>,
 }
 
 /// Why a verification did not complete.
@@ -243,9 +245,22 @@ impl Shipper {
             fork_seq: self.fork.1,
             volumes,
         });
+        let mut buf = Vec::new();
+        if let Some(definition) = &self.definition {
+            let define = Message::Define {
+                group: group.clone(),
+                definition: definition.clone(),
+            };
+            write_message(&mut w, &define, &mut scratch)?;
+            w.flush().map_err(PeerError::Io)?;
+            match read_message(&mut r, &mut buf).map_err(ShipError::NoWelcome)? {
+                Message::Defined { .. } => {}
+                Message::Refuse { reason } => return Err(ShipError::Refused(reason)),
+                other => return Err(ShipError::Unexpected(other.kind())),
+            }
+        }
         write_message(&mut w, &hello, &mut scratch)?;
         w.flush().map_err(PeerError::Io)?;
-        let mut buf = Vec::new();
         let welcome = match read_message(&mut r, &mut buf).map_err(ShipError::NoWelcome)? {
             Message::Welcome(w) => w,
             Message::Refuse { reason } => return Err(ShipError::Refused(reason)),

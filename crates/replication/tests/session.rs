@@ -109,6 +109,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         stop: Arc::clone(&stop),
         files: None,
         verify: crossbeam_channel::never(),
+        definition: None,
         gather: Duration::ZERO,
     };
     let handle = thread::spawn(move || shipper.run());

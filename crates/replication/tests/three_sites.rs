@@ -105,6 +105,7 @@ fn start(dir: &Path) -> Cluster {
             stop: Arc::clone(&stop),
             files: None,
             verify: crossbeam_channel::never(),
+            definition: None,
             gather: Duration::from_millis(1),
         };
         shippers.push(thread::spawn(move || shipper.run()));

@@ -155,3 +155,44 @@ fn a_group_defined_through_the_api_is_served_at_once_and_after_a_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_group_defined_at_runtime_reaches_its_replica_site_with_its_stream() {
+    let mut c = Cluster::new("ny", &["dr"], &[vol("v0", "16MiB")], "");
+    c.start("dr");
+    c.start("ny");
+    let def = "[[group]]\nname = \"extra\"\nprimary = \"ny\"\nreplicas = [ { site = \"dr\" } ]\nvolumes = [ { name = \"x0\", size = \"8MiB\" } ]\n";
+    let (status, body) = api_call(c.site("ny"), "POST", "/api/v1/groups", def);
+    assert_eq!(status, 200, "{body}");
+    let out = run_with_timeout(
+        Command::new(tool("qemu-io"))
+            .args(["-f", "raw", "-c", "write -P 0x71 0 1M", "-c", "flush"])
+            .arg(c.uri("ny", "x0")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // dr learns the group from ny's stream, keeps it and holds its data.
+    wait_until(
+        Duration::from_secs(60),
+        "dr to hold the runtime group's data",
+        || {
+            c.site("dr")
+                .data_dir
+                .join("groups")
+                .join("extra.toml")
+                .exists()
+                && files_equal(&c.image("ny", "x0"), &c.image("dr", "x0"))
+        },
+    );
+    let (_, dr_status) = api_call(c.site("dr"), "GET", "/api/v1/status", "");
+    assert!(dr_status.contains("\"name\": \"extra\""), "{dr_status}");
+    // A restarted dr still has it.
+    assert!(c.stop("dr").success());
+    c.start("dr");
+    let (_, dr_status) = api_call(c.site("dr"), "GET", "/api/v1/status", "");
+    assert!(dr_status.contains("\"name\": \"extra\""), "{dr_status}");
+}

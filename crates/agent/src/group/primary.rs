@@ -165,11 +165,22 @@ impl PrimaryRole {
             tandem_config::Mode::Sync => Duration::ZERO,
             tandem_config::Mode::Async => ASYNC_GATHER,
         };
+        // A group defined at runtime travels to its sites with its stream.
+        let definition = crate::runtime_groups::path(&shared.layout, &group.name)
+            .exists()
+            .then(|| group.to_toml());
         for site in &others {
             let Some(peer) = shared.config.peer(site) else {
                 continue;
             };
-            role.start_shipper(shared, site, &peer.address, files.clone(), gather)?;
+            role.start_shipper(
+                shared,
+                site,
+                &peer.address,
+                files.clone(),
+                gather,
+                definition.clone(),
+            )?;
         }
         info!(group = %group.name, epoch, fork_epoch = fork.0, fork_seq = fork.1, volumes = capture.volumes().len(), replicas = others.len(), "serving group as primary");
         Ok(role)
@@ -265,6 +276,7 @@ impl PrimaryRole {
         address: &str,
         files: Option<Arc<tandem_replication::files::FileSet>>,
         gather: Duration,
+        definition: Option<String>,
     ) -> Result<(), AgentError> {
         let capture = &self.capture;
         let link = Arc::new(Link::new(self.epoch, self.fork));
@@ -296,6 +308,7 @@ impl PrimaryRole {
             files,
             verify: verify_rx,
             gather,
+            definition,
         };
         let name = format!("ship-{}-{replica}", capture.name());
         let thread = std::thread::Builder::new()

@@ -58,6 +58,7 @@ pub fn replica_site(
             files: Vec::new(),
             session: Mutex::new(None),
         })]),
+        definer: parking_lot::RwLock::new(None),
     });
     ReplicaSite {
         ctx,

@@ -610,9 +610,33 @@ impl Drop for Witness {
 /// How long a test waits on one API connection.
 pub const API_IO_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A site whose agent's API a test calls.
+pub trait ApiSite {
+    fn config_path(&self) -> &Path;
+    fn data_path(&self) -> &Path;
+}
+
+impl ApiSite for Site {
+    fn config_path(&self) -> &Path {
+        &self.config
+    }
+    fn data_path(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl ApiSite for ClusterSite {
+    fn config_path(&self) -> &Path {
+        &self.config
+    }
+    fn data_path(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
 /// `site.api` of the site's configuration.
-pub fn api_addr(site: &Site) -> String {
-    let config = std::fs::read_to_string(&site.config).expect("read config");
+pub fn api_addr(site: &impl ApiSite) -> String {
+    let config = std::fs::read_to_string(site.config_path()).expect("read config");
     config
         .lines()
         .find_map(|l| l.strip_prefix("api = "))
@@ -624,12 +648,12 @@ pub fn api_addr(site: &Site) -> String {
 /// The API's bearer token, once the API listens: `Site::start` waits for
 /// the NBD exports only, the API comes up after them, and its token file
 /// is written (not atomically) before it listens.
-pub fn api_token(site: &Site) -> String {
+pub fn api_token(site: &impl ApiSite) -> String {
     let addr = api_addr(site);
     wait_until(Duration::from_secs(20), "the agent's API to listen", || {
         std::net::TcpStream::connect(&addr).is_ok()
     });
-    std::fs::read_to_string(site.data_dir.join("api.token"))
+    std::fs::read_to_string(site.data_path().join("api.token"))
         .expect("read api.token")
         .trim()
         .to_owned()
@@ -637,7 +661,7 @@ pub fn api_token(site: &Site) -> String {
 
 /// Sends `head` then `body` (write errors ignored: the agent may refuse
 /// before reading it all) and returns the status and the whole answer.
-pub fn api_raw(site: &Site, head: &str, body: &[u8]) -> (u16, String) {
+pub fn api_raw(site: &impl ApiSite, head: &str, body: &[u8]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(api_addr(site)).expect("connect to the API");
     s.set_read_timeout(Some(API_IO_TIMEOUT))
         .expect("read timeout");
@@ -666,7 +690,7 @@ pub fn api_raw(site: &Site, head: &str, body: &[u8]) -> (u16, String) {
 }
 
 /// One API request with the bearer token: (status, body).
-pub fn api_call(site: &Site, method: &str, path: &str, body: &str) -> (u16, String) {
+pub fn api_call(site: &impl ApiSite, method: &str, path: &str, body: &str) -> (u16, String) {
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         api_token(site),
