@@ -11,7 +11,9 @@ use crate::{Error, DOMAIN_PREFIX};
 /// The guest's one data disk, `vda` (virtio, raw, `cache='none'`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disk {
-    /// A raw image file on this host.
+    /// A raw image file on this host. `cache='none'` makes QEMU open it
+    /// with O_DIRECT, which tmpfs refuses: keep it on a disk file system
+    /// (the tests use `/var/tmp`).
     File(PathBuf),
     /// An NBD export on a Unix socket (Tandem's `<data_dir>/nbd/<volume>.sock`,
     /// or [`crate::QemuNbd`]).
@@ -62,7 +64,9 @@ pub enum Workload {
     WriteCount(u64),
     /// Mounts `/data` (replaying its journal), verifies every `/data/f<N>`
     /// (`CHECK f<N> ok|BAD`), prints `CHECKED <files> <bad>`, unmounts and
-    /// powers off. (fsck itself is done outside: [`crate::ext4::fsck`].)
+    /// powers off. After a crash the one file being written then (never
+    /// ACKed) may count as bad. (fsck itself is done outside:
+    /// [`crate::ext4::fsck`].)
     Check,
 }
 
