@@ -129,6 +129,19 @@ impl Gate {
         self.changed.notify_all();
     }
 
+    /// The coordinator no longer lets this site act as owner: a read
+    /// showed another owner, or the lease or the last confirmation lapsed
+    /// (not a migration's hold, not a role that closed).
+    pub fn lapsed(&self) -> bool {
+        let now = self.nanos(Instant::now());
+        let owner = self.owner.load(Ordering::Acquire)
+            && now < self.lease_until.load(Ordering::Acquire)
+            && now < self.confirmed_until.load(Ordering::Acquire);
+        let closed_or_held =
+            self.closed.load(Ordering::Acquire) || self.held.load(Ordering::Acquire);
+        !closed_or_held && !owner
+    }
+
     /// Whether a change may be acknowledged now.
     pub fn is_open(&self) -> bool {
         let now = self.nanos(Instant::now());

@@ -38,6 +38,11 @@ impl Layout {
         self.data_dir.join("replica").join(group)
     }
 
+    /// A protected VM's definition, as the group keeps it (docs/VMS.md).
+    pub fn vm_definition(&self, group: &str) -> PathBuf {
+        self.data_dir.join("vms").join(format!("{group}.xml"))
+    }
+
     pub fn dirty_map(&self, group: &str, volume: &str) -> PathBuf {
         self.capture_dir(group).join(format!("{volume}.dirty"))
     }

@@ -22,6 +22,7 @@ mod rolefile;
 mod runtime_groups;
 pub mod status;
 mod view;
+pub mod vm;
 pub mod vms;
 
 use std::collections::BTreeMap;
@@ -113,6 +114,11 @@ impl Agent {
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
             coordinated,
             stop: Arc::clone(&stop),
+            vms: Arc::new(vm::Vms::new(
+                Arc::new(tandem_hypervisor::virsh::Virsh::new(&config.libvirt.uri)),
+                layout.clone(),
+                config.libvirt.network_map.clone(),
+            )),
         });
         let mut agent = Agent {
             shared: Arc::clone(&shared),
@@ -131,6 +137,14 @@ impl Agent {
                 source,
             })?;
         agent.threads.push(planner);
+        let keeper =
+            vm::keep(Arc::clone(&shared), Arc::clone(&agent.groups)).map_err(|source| {
+                AgentError::Thread {
+                    what: "start the VM keeper".into(),
+                    source,
+                }
+            })?;
+        agent.threads.push(keeper);
         let here = &config.site.name;
         let mut opened = Vec::new();
         for group in &config.groups {
@@ -205,9 +219,7 @@ impl Agent {
 
     fn status_view(&self) -> StatusView {
         StatusView {
-            hypervisor: Arc::new(tandem_hypervisor::virsh::Virsh::new(
-                &self.shared.config.libvirt.uri,
-            )),
+            hypervisor: Arc::clone(self.shared.vms.hypervisor()),
             shared: Arc::clone(&self.shared),
             groups: Arc::clone(&self.groups),
             defining: Arc::clone(&self.defining),

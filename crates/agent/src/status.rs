@@ -31,6 +31,20 @@ pub struct GroupStatus {
     /// (writes wait, or with `on_sync_loss = "degrade"` go on without them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_degraded: Option<bool>,
+    /// The group's VM on this site (`vm = "libvirt:NAME"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmStatus>,
+}
+
+/// A protected VM as this site sees it (SPEC §4.4).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmStatus {
+    pub name: String,
+    /// libvirt's state word, `absent` where the domain is not defined.
+    pub state: tandem_hypervisor::DomainState,
+    /// Why the state could not be read just now (it is the last known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -12,7 +12,9 @@ use tandem_replication::shipper::{LinkState, VerifyError};
 use crate::bandwidth;
 use crate::group::{GroupRuntime, Groups, LinkHandle, Plane, Shared};
 use crate::ownership::{Handle, RequestError};
-use crate::status::{self, GroupStatus, ReplicaState, ReplicaStatus, ResyncProgress, SiteStatus};
+use crate::status::{
+    self, GroupStatus, ReplicaState, ReplicaStatus, ResyncProgress, SiteStatus, VmStatus,
+};
 
 /// How long `tandem failover` / `migrate` wait for the new owner.
 const OWNER_CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -199,6 +201,16 @@ impl StatusView {
                 next_seq: None,
                 queued_bytes: None,
                 sync_degraded: None,
+                vm: cfg.vm.as_ref().map(|name| {
+                    let seen = self.shared.vms.seen(&cfg.name);
+                    VmStatus {
+                        name: name.clone(),
+                        state: seen
+                            .as_ref()
+                            .map_or(tandem_hypervisor::DomainState::Absent, |s| s.state),
+                        error: seen.and_then(|s| s.error),
+                    }
+                }),
             };
             groups.push(match &*plane {
                 Plane::Primary(p) => {

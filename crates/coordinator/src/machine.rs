@@ -16,6 +16,15 @@
 //! receiving -> `on_demote`; hand over: `on_demote` -> hold writes -> drain
 //! -> transaction -> demote). While one runs, what the store shows is not
 //! acted on: the next store input after it ends is.
+//!
+//! A group that protects a VM (`vm = "libvirt:NAME"`, G9) adds two steps:
+//! the VM starts after the primary role does and before `on_promote` (a VM
+//! that does not start is a failed promotion), and it is stopped before
+//! anything else when the site leaves the primary role (destroyed on a
+//! demotion; shut down cleanly before a migration's handover). A replica
+//! makes sure it does not run the VM. The machine starts the VM only while
+//! the coordinator names this site owner, and starts it again after a
+//! fence once ownership is confirmed ([`Input::Fenced`]).
 
 use std::time::{Duration, Instant};
 
@@ -73,6 +82,8 @@ pub struct Settings {
     pub on_promote_failure: PromoteFailure,
     /// How long a migration waits for the target to hold every write.
     pub drain_timeout: Duration,
+    /// The group protects a VM: it runs on the owner only (G9).
+    pub vm: bool,
 }
 
 /// What this site was for the group when the agent started (its role
@@ -138,6 +149,15 @@ pub enum Input {
     Held(Result<u64, Failed>),
     /// [`Effect::AwaitDrain`] done: whether the target caught up in time.
     Drained(bool),
+    /// [`Effect::StartVm`] done: the VM runs here.
+    VmStarted(Result<(), Failed>),
+    /// [`Effect::StopVm`] done: the VM does not run here (an error: it
+    /// may).
+    VmStopped(Result<(), Failed>),
+    /// The site's gate fenced itself (its lease or its last confirmation
+    /// of ownership lapsed) and the driver destroyed the VM at once: the
+    /// VM no longer runs here.
+    Fenced,
 }
 
 /// How a primary's serving ended.
@@ -220,6 +240,24 @@ pub enum Effect {
         through: u64,
         deadline: Instant,
     },
+    /// Define the VM from the group's definition (for this site) and start
+    /// it, unless it runs already; answer [`Input::VmStarted`].
+    StartVm { epoch: u64 },
+    /// Make sure the VM does not run here: shut it down cleanly within a
+    /// bound (`graceful`, a migration) or destroy it at once, then remove
+    /// its definition from this host; answer [`Input::VmStopped`].
+    StopVm { graceful: bool },
+}
+
+/// What the machine believes of the group's VM on this site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Not known (the agent started): neither started nor stopped yet.
+    Unknown,
+    /// Started by this machine (or found running at start on the owner).
+    Up,
+    /// Stopped (or never started) by this machine or the fencer.
+    Down,
 }
 
 /// The role the data plane has, as the machine set it.
@@ -283,6 +321,14 @@ enum Pending {
     HandOverHook(HandingOver),
     /// Migration: writes are being held.
     Hold(HandingOver),
+    /// The VM is being started (after a promotion when `promotion`).
+    StartVm {
+        epoch: u64,
+        owner_rev: i64,
+        promotion: bool,
+    },
+    /// The VM is being stopped; then `then`.
+    StopVm(AfterStopVm),
     /// Migration: waiting for the target to hold every write.
     Drain {
         to: HandingOver,
@@ -296,6 +342,20 @@ enum Pending {
     },
     /// A transaction that changes no role runs.
     Write,
+}
+
+/// What follows a stop of the VM.
+#[derive(Clone, Debug, PartialEq)]
+enum AfterStopVm {
+    Nothing,
+    /// Leave the primary role.
+    Demote {
+        epoch: u64,
+        owner_fork: Tip,
+        after: AfterDemote,
+    },
+    /// Go on with a migration's handover.
+    HandOver(HandingOver),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -341,6 +401,7 @@ pub struct GroupMachine {
     /// still naming this site owner at that revision is answered with the
     /// release again, never with a promotion.
     released: Option<i64>,
+    vm: VmState,
 }
 
 impl GroupMachine {
@@ -359,6 +420,7 @@ impl GroupMachine {
             pending: None,
             written: 0,
             released: None,
+            vm: VmState::Unknown,
         }
     }
 
@@ -382,6 +444,12 @@ impl GroupMachine {
             fit: self.fit,
             changing: self.pending.is_some(),
         }
+    }
+
+    /// What the machine believes of the VM here (`Unknown` for a group
+    /// without one).
+    pub fn vm(&self) -> VmState {
+        self.vm
     }
 
     /// The epoch served and where it began, if this site is primary.
@@ -471,6 +539,12 @@ impl GroupMachine {
                 lease,
                 holding,
             } => self.on_store(&view, lease, holding, now, &mut out),
+            Input::Fenced => {
+                if self.settings.vm {
+                    tracing::warn!(group = %self.group(), "fenced: the VM was destroyed here");
+                    self.vm = VmState::Down;
+                }
+            }
             answer => self.on_answer(answer, now, &mut out),
         }
         out
@@ -506,6 +580,13 @@ impl GroupMachine {
             (_, Some(_)) => self.released = None,
             _ => {}
         }
+        if self.settings.vm && self.held == Held::Replica && self.vm != VmState::Down {
+            // A replica never runs the VM (an agent that starts as a
+            // replica, or one whose demotion left it unsure).
+            self.pending = Some(Pending::StopVm(AfterStopVm::Nothing));
+            out.push(Effect::StopVm { graceful: false });
+            return;
+        }
         let local = self.local(lease, holding);
         let group = self.settings.policy.group.clone();
         match decide(&self.settings.keys, &self.settings.policy, view, &local) {
@@ -516,6 +597,7 @@ impl GroupMachine {
                 let owner_rev = view.owner.as_ref().map_or(0, |(_, rev)| *rev);
                 if local.primary && local.epoch == epoch {
                     out.push(Effect::Admit);
+                    self.ensure_vm(epoch, owner_rev, false, out);
                 } else if !local.primary {
                     // Handed over to this site (migration): the old owner
                     // drained every write to it, but the stream may not
@@ -620,18 +702,45 @@ impl GroupMachine {
                     to_lease,
                     owner_rev: view.owner.as_ref().map_or(0, |(_, rev)| *rev),
                 };
-                if self.settings.on_demote {
-                    out.push(Effect::RunHook {
-                        hook: Hook::OnDemote,
-                        epoch: epoch - 1,
-                    });
-                    self.pending = Some(Pending::HandOverHook(h));
+                if self.settings.vm && self.vm != VmState::Down {
+                    // Cold migration: the VM shuts down before the hand
+                    // over and starts at the target after it.
+                    self.pending = Some(Pending::StopVm(AfterStopVm::HandOver(h)));
+                    out.push(Effect::StopVm { graceful: true });
                 } else {
-                    out.push(Effect::Hold);
-                    self.pending = Some(Pending::Hold(h));
+                    self.hand_over(h, out);
                 }
             }
         }
+    }
+
+    /// A migration goes on once the VM is down: `on_demote`, then writes
+    /// are held.
+    fn hand_over(&mut self, h: HandingOver, out: &mut Vec<Effect>) {
+        if self.settings.on_demote {
+            out.push(Effect::RunHook {
+                hook: Hook::OnDemote,
+                epoch: h.epoch - 1,
+            });
+            self.pending = Some(Pending::HandOverHook(h));
+        } else {
+            out.push(Effect::Hold);
+            self.pending = Some(Pending::Hold(h));
+        }
+    }
+
+    /// The owner runs the VM: start it unless this machine started it
+    /// already (or it failed here before: the site is unfit).
+    fn ensure_vm(&mut self, epoch: u64, owner_rev: i64, promotion: bool, out: &mut Vec<Effect>) {
+        if !self.settings.vm || self.vm == VmState::Up || (!promotion && !self.fit) {
+            return;
+        }
+        self.pending = Some(Pending::StartVm {
+            epoch,
+            owner_rev,
+            promotion,
+        });
+        out.push(Effect::StartVm { epoch });
     }
 
     /// Replica -> primary of `epoch` (owner key at `owner_rev`).
@@ -643,6 +752,16 @@ impl GroupMachine {
     /// Primary -> replica of `epoch`, whose owner's history forked at
     /// `owner_fork`.
     fn demote(&mut self, epoch: u64, owner_fork: Tip, after: AfterDemote, out: &mut Vec<Effect>) {
+        if self.settings.vm && self.vm != VmState::Down {
+            // G9: the VM goes first, before the data plane changes role.
+            self.pending = Some(Pending::StopVm(AfterStopVm::Demote {
+                epoch,
+                owner_fork,
+                after,
+            }));
+            out.push(Effect::StopVm { graceful: false });
+            return;
+        }
         self.pending = Some(Pending::StopServing {
             epoch,
             owner_fork,
@@ -681,6 +800,7 @@ impl GroupMachine {
                     if self.serving().is_some() {
                         tracing::info!(%group, epoch, "ownership claimed");
                         out.push(Effect::Admit);
+                        self.ensure_vm(epoch, revision, false, out);
                     } else {
                         tracing::info!(%group, epoch, fork_epoch = fork.0, fork_seq = fork.1, "failover: this site takes the group over");
                         self.promote(epoch, revision, out);
@@ -718,33 +838,76 @@ impl GroupMachine {
                     self.held = Held::Primary { epoch, fork };
                     self.epoch = self.epoch.max(epoch);
                     out.push(Effect::Admit);
-                    if self.settings.on_promote {
-                        self.pending = Some(Pending::PromoteHook { epoch, owner_rev });
-                        out.push(Effect::RunHook {
-                            hook: Hook::OnPromote,
-                            epoch,
-                        });
+                    if self.settings.vm {
+                        self.ensure_vm(epoch, owner_rev, true, out);
+                    } else {
+                        self.promote_hook(epoch, owner_rev, out);
                     }
                 }
                 Err(Failed) => self.promotion_failed(owner_rev, out),
             },
+            (
+                Pending::StartVm {
+                    epoch,
+                    owner_rev,
+                    promotion,
+                },
+                Input::VmStarted(result),
+            ) => match result {
+                Ok(()) => {
+                    self.vm = VmState::Up;
+                    if promotion {
+                        self.promote_hook(epoch, owner_rev, out);
+                    }
+                }
+                Err(Failed) => {
+                    // A failed start may leave a process behind: a
+                    // demotion that follows destroys whatever is there.
+                    self.vm = VmState::Unknown;
+                    tracing::error!(%group, epoch, "the VM did not start here");
+                    self.failed_as_owner(epoch, owner_rev, "the VM did not start", out);
+                }
+            },
+            (Pending::StopVm(then), Input::VmStopped(result)) => {
+                match result {
+                    Ok(()) => self.vm = VmState::Down,
+                    Err(Failed) => {
+                        // The data path is fenced or closing whatever
+                        // happens; the VM is tried again at the next
+                        // decision (and by the fencer while fenced).
+                        tracing::error!(%group, "the VM could not be stopped here");
+                        self.vm = VmState::Unknown;
+                    }
+                }
+                match then {
+                    AfterStopVm::Nothing => {}
+                    AfterStopVm::Demote {
+                        epoch,
+                        owner_fork,
+                        after,
+                    } => {
+                        // Demoting with the VM down (or unknown after an
+                        // error: the stop is not tried twice).
+                        self.pending = Some(Pending::StopServing {
+                            epoch,
+                            owner_fork,
+                            after,
+                        });
+                        out.push(Effect::StopServing);
+                    }
+                    AfterStopVm::HandOver(h) => {
+                        if self.vm == VmState::Down {
+                            self.hand_over(h, out);
+                        } else {
+                            tracing::error!(%group, to = %h.to, "migration: the VM did not stop; the group stays here");
+                            self.withdraw(out);
+                        }
+                    }
+                }
+            }
             (Pending::PromoteHook { epoch, owner_rev }, Input::HookDone { ok, .. }) => {
                 if !ok {
-                    self.fit = false;
-                    if self.settings.on_promote_failure == PromoteFailure::Next {
-                        // Stop serving first (no acknowledgement after
-                        // this), then give the group to the next site.
-                        tracing::warn!(%group, epoch, "on_promote failed: handing the group to the next site");
-                        self.demote(
-                            epoch,
-                            UNKNOWN_FORK,
-                            AfterDemote {
-                                hook: false,
-                                release: Some(owner_rev),
-                            },
-                            out,
-                        );
-                    }
+                    self.failed_as_owner(epoch, owner_rev, "on_promote failed", out);
                 }
             }
             (
@@ -823,14 +986,7 @@ impl GroupMachine {
                 if !caught_up {
                     tracing::error!(%group, to = %h.to, timeout = ?self.settings.drain_timeout, "migration: the target did not catch up in time; writes resume here");
                     out.push(Effect::Resume);
-                    self.pending = Some(Pending::Write);
-                    out.push(Effect::Write {
-                        why: Write::Withdraw,
-                        compares: Vec::new(),
-                        ops: vec![Op::Delete {
-                            key: self.settings.keys.request(&group),
-                        }],
-                    });
+                    self.withdraw(out);
                     return;
                 }
                 let fork = (serving, last.max(fork.1));
@@ -883,6 +1039,48 @@ impl GroupMachine {
                 self.pending = Some(pending);
             }
         }
+    }
+
+    /// Runs `on_promote` if configured (the promotion's last step).
+    fn promote_hook(&mut self, epoch: u64, owner_rev: i64, out: &mut Vec<Effect>) {
+        if self.settings.on_promote {
+            self.pending = Some(Pending::PromoteHook { epoch, owner_rev });
+            out.push(Effect::RunHook {
+                hook: Hook::OnPromote,
+                epoch,
+            });
+        }
+    }
+
+    /// The owner cannot do its job here (`on_promote` failed, or the VM
+    /// did not start): the site reports itself unfit and, with
+    /// `on_promote_failure = "next"`, stops serving (no acknowledgement
+    /// after this) and gives the group to the next site.
+    fn failed_as_owner(&mut self, epoch: u64, owner_rev: i64, why: &str, out: &mut Vec<Effect>) {
+        self.fit = false;
+        if self.settings.on_promote_failure == PromoteFailure::Next {
+            tracing::warn!(group = %self.group(), epoch, "{why}: handing the group to the next site");
+            self.demote(
+                epoch,
+                UNKNOWN_FORK,
+                AfterDemote {
+                    hook: false,
+                    release: Some(owner_rev),
+                },
+                out,
+            );
+        }
+    }
+
+    /// A migration that cannot complete withdraws its request.
+    fn withdraw(&mut self, out: &mut Vec<Effect>) {
+        let key = self.settings.keys.request(self.group());
+        self.pending = Some(Pending::Write);
+        out.push(Effect::Write {
+            why: Write::Withdraw,
+            compares: Vec::new(),
+            ops: vec![Op::Delete { key }],
+        });
     }
 
     /// A promotion failed before anything was acknowledged in its epoch

@@ -13,6 +13,13 @@
 //! older epoch is acknowledged once a newer one began) and that every
 //! failover promotes the best candidate the store showed (priority, then
 //! freshness), which in truth held a consistent prefix.
+//!
+//! Group 0 protects a VM. The simulated hypervisor starts and destroys it
+//! as the machines ask, fails some starts, and the driver's fencer
+//! destroys it the moment a primary's gate lapses. A crash is a host loss
+//! (the VM dies) or an agent's alone (the VM is orphaned: it runs without
+//! its disk until the agent returns). The checker asserts G9 at every
+//! tick: at most one site runs the VM, orphans aside.
 
 #![allow(clippy::unwrap_used)]
 #![allow(clippy::cast_possible_truncation)] // three simulated sites: counts and indexes are tiny
@@ -97,6 +104,16 @@ struct GroupAtSite {
     queue: Vec<Effect>,
     last_synced: Duration,
     rollbacks: u32,
+    /// The VM's QEMU runs on this site.
+    vm_running: bool,
+    /// It runs although its agent crashed (it has no disk until the agent
+    /// is back and decides).
+    vm_orphan: bool,
+    /// What the driver's fencer knows: the actor started the VM (or is
+    /// starting it) and has not stopped it since.
+    vm_flag: bool,
+    /// The fencer destroyed the VM; the machine is told when idle.
+    fenced: bool,
 }
 
 struct Site {
@@ -135,6 +152,8 @@ struct World {
     /// How long hooks take, and the chance (per mille) that one fails.
     hook_time: Duration,
     hook_failures: u64,
+    /// Sites whose hypervisor starts no VM (libvirt down there).
+    vm_broken: [bool; 3],
     on_promote_failure: PromoteFailure,
     hooks: bool,
     /// Print every effect and fault (TANDEM_SIM_TRACE=<seed>).
@@ -229,6 +248,10 @@ impl World {
                             queue: Vec::new(),
                             last_synced: Duration::ZERO,
                             rollbacks: 0,
+                            vm_running: false,
+                            vm_orphan: false,
+                            vm_flag: false,
+                            fenced: false,
                         }
                     })
                     .collect(),
@@ -254,6 +277,7 @@ impl World {
             rng,
             hook_time,
             hook_failures: 0,
+            vm_broken: [false; 3],
             on_promote_failure,
             hooks: true,
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == seed.to_string()),
@@ -302,6 +326,7 @@ impl World {
             on_demote: self.hooks,
             on_promote_failure: self.on_promote_failure,
             drain_timeout: Duration::from_secs(30),
+            vm: group == 0,
         }
     }
 
@@ -318,6 +343,7 @@ impl World {
         if self.trace {
             eprintln!("{:?} {} CRASH", self.now(), self.sites[i].name);
         }
+        let host_lost = self.random().is_multiple_of(2);
         let s = &mut self.sites[i];
         s.alive = false;
         s.lease = None;
@@ -330,6 +356,17 @@ impl World {
             gs.mailbox = None;
             gs.gate_owner = false;
             gs.held = false;
+            gs.vm_flag = false;
+            gs.fenced = false;
+            if gs.vm_running {
+                // Half the crashes lose the host; the others the agent
+                // alone, orphaning its VM.
+                if host_lost {
+                    gs.vm_running = false;
+                } else {
+                    gs.vm_orphan = true;
+                }
+            }
             // What the disk holds: a role being left is still on disk
             // until the next one's role file is written.
             if gs.data == Data::Between {
@@ -386,6 +423,27 @@ impl World {
         if !self.sites[i].alive {
             return;
         }
+        // The fencer: a primary whose gate lapsed (lease or confirmation)
+        // or was fenced destroys the VM its actor started, at once,
+        // whatever the actor is doing.
+        for g in 0..self.policies.len() {
+            let valid_until = self.sites[i].valid_until;
+            let gs = &mut self.sites[i].groups[g];
+            let gate_fenced = !gs.gate_owner || now >= valid_until || now >= gs.confirmed_until;
+            if matches!(gs.data, Data::Primary { .. }) && gs.vm_flag && gate_fenced {
+                if self.trace {
+                    eprintln!(
+                        "{now:?} {} g{g}: FENCER destroys the VM",
+                        self.sites[i].name
+                    );
+                }
+                let gs = &mut self.sites[i].groups[g];
+                gs.vm_running = false;
+                gs.vm_orphan = false;
+                gs.vm_flag = false;
+                gs.fenced = true;
+            }
+        }
         let lease = if self.sites[i].reach_store {
             self.renew(i, now);
             self.sites[i].lease
@@ -429,6 +487,14 @@ impl World {
             if gs.busy.is_some() || !gs.queue.is_empty() {
                 continue;
             }
+            if std::mem::take(&mut gs.fenced) {
+                self.feed(i, g, Input::Fenced);
+                let gs = &self.sites[i].groups[g];
+                if gs.busy.is_some() || !gs.queue.is_empty() {
+                    continue;
+                }
+            }
+            let gs = &mut self.sites[i].groups[g];
             let Some(view) = gs.mailbox.take() else {
                 continue;
             };
@@ -505,7 +571,15 @@ impl World {
         let now = self.now();
         let answer = match &self.sites[i].groups[g].busy {
             Some(Busy::Until(at, _)) if *at <= now => match self.sites[i].groups[g].busy.take() {
-                Some(Busy::Until(_, input)) => Some(input),
+                Some(Busy::Until(_, input)) => {
+                    let gs = &mut self.sites[i].groups[g];
+                    if input == Input::VmStopped(Ok(())) {
+                        gs.vm_running = false;
+                        gs.vm_orphan = false;
+                        gs.vm_flag = false;
+                    }
+                    Some(input)
+                }
                 _ => None,
             },
             Some(Busy::Drain {
@@ -593,6 +667,12 @@ impl World {
                 gs.gate_owner = true;
                 gs.confirmed_until = lease::valid_until(now, TTL);
                 gs.admitted_rev = gs.admitted_rev.max(gs.contact_rev);
+                if gs.vm_orphan {
+                    // Its agent is back and owns the group: the VM is its
+                    // again (StartVm follows and finds it running).
+                    gs.vm_orphan = false;
+                    gs.vm_flag = true;
+                }
                 None
             }
             Effect::Hold => {
@@ -692,6 +772,32 @@ impl World {
                 let ok = !self.chance(failures);
                 let at = now + self.hook_time;
                 self.sites[i].groups[g].busy = Some(Busy::Until(at, Input::HookDone { hook, ok }));
+                None
+            }
+            Effect::StartVm { .. } => {
+                // The process runs from the start of `virsh start`; one
+                // start in twenty fails (while faults are on).
+                let ok = !self.chance(self.hook_failures * 5 / 2) && !self.vm_broken[i];
+                let took = Duration::from_millis(200 + self.random() % 1500);
+                let gs = &mut self.sites[i].groups[g];
+                gs.vm_flag = true;
+                if ok {
+                    gs.vm_running = true;
+                }
+                gs.busy = Some(Busy::Until(
+                    now + took,
+                    Input::VmStarted(ok.then_some(()).ok_or(Failed)),
+                ));
+                None
+            }
+            Effect::StopVm { graceful } => {
+                let took = if graceful {
+                    Duration::from_millis(self.random() % 3000)
+                } else {
+                    Duration::from_millis(self.random() % 300)
+                };
+                self.sites[i].groups[g].busy =
+                    Some(Busy::Until(now + took, Input::VmStopped(Ok(()))));
                 None
             }
             Effect::AwaitDrain {
@@ -915,7 +1021,36 @@ impl World {
             self.write(k);
         }
         self.replicate();
+        self.check_one_vm();
         self.clock.advance(TICK);
+    }
+
+    /// G9: at most one site runs a group's VM (an orphan, whose agent is
+    /// down or has not decided since it came back, aside).
+    fn check_one_vm(&mut self) {
+        for g in 0..self.policies.len() {
+            let running: Vec<&str> = self
+                .sites
+                .iter()
+                .filter(|s| s.groups[g].vm_running && !s.groups[g].vm_orphan)
+                .map(|s| s.name.as_str())
+                .collect();
+            if running.len() > 1 {
+                let msg = format!("{:?} g{g}: the VM runs on {running:?}", self.now());
+                if !self.violations.contains(&msg) {
+                    self.violations.push(msg);
+                }
+            }
+        }
+    }
+
+    /// The sites running a group's VM.
+    fn vm_sites(&self, g: usize) -> Vec<String> {
+        self.sites
+            .iter()
+            .filter(|s| s.groups[g].vm_running)
+            .map(|s| s.name.clone())
+            .collect()
     }
 
     fn run(&mut self, d: Duration) {
@@ -1171,6 +1306,76 @@ fn a_forced_failover_waits_for_the_revoked_owner_to_fence_itself() {
 }
 
 #[test]
+fn a_vm_that_cannot_start_at_the_next_site_passes_the_group_on() {
+    let mut w = World::new(11, 1, true).without_hooks();
+    w.on_promote_failure = PromoteFailure::Next;
+    for i in 0..w.sites.len() {
+        w.boot(i);
+    }
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.vm_sites(0), vec!["ny".to_string()]);
+    w.vm_broken[1] = true; // libvirt is down at chicago
+                           // ny's host is lost with its VM.
+    while !w.sites[0].groups[0].vm_running {
+        w.tick();
+    }
+    loop {
+        w.crash(0);
+        if !w.sites[0].groups[0].vm_running {
+            break;
+        }
+        w.restart(0);
+        w.run(Duration::from_secs(1));
+    }
+    w.run(TTL + Duration::from_secs(8));
+    assert_eq!(w.owner(0).as_deref(), Some("seattle"));
+    assert_eq!(w.vm_sites(0), vec!["seattle".to_string()]);
+    assert!(
+        !w.sites[1].groups[0].machine.as_ref().unwrap().shown().fit,
+        "chicago reports itself unfit"
+    );
+    w.check(11);
+}
+
+#[test]
+fn a_fenced_owner_destroys_its_vm_before_another_site_starts_one() {
+    let mut w = World::new(12, 1, true).without_hooks();
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.vm_sites(0), vec!["ny".to_string()]);
+    // ny loses the store and its peers but runs on: its gate lapses and
+    // the fencer destroys the VM; chicago starts it only after that.
+    w.sites[0].reach_store = false;
+    w.sites[0].reach_peers = false;
+    let cut = w.now();
+    let mut ny_stopped = None;
+    let mut chicago_started = None;
+    while w.now() < cut + TTL * 4 {
+        w.tick();
+        if ny_stopped.is_none() && !w.sites[0].groups[0].vm_running {
+            ny_stopped = Some(w.now());
+        }
+        if chicago_started.is_none() && w.sites[1].groups[0].vm_running {
+            chicago_started = Some(w.now());
+        }
+    }
+    let (stopped, started) = (ny_stopped.unwrap(), chicago_started.unwrap());
+    assert!(
+        stopped < started,
+        "ny's VM stopped at {stopped:?}, chicago's started at {started:?}"
+    );
+    assert!(
+        stopped <= cut + TTL,
+        "ny fenced within the lease ({stopped:?})"
+    );
+    // Back: ny follows chicago and does not start the VM again.
+    w.sites[0].reach_store = true;
+    w.sites[0].reach_peers = true;
+    w.run(Duration::from_secs(5));
+    assert_eq!(w.vm_sites(0), vec!["chicago".to_string()]);
+    w.check(12);
+}
+
+#[test]
 fn an_inconsistent_replica_is_passed_over() {
     let mut w = World::new(6, 1, true);
     w.run(Duration::from_secs(3));
@@ -1195,8 +1400,10 @@ fn migration_hands_over_with_no_overlap_and_no_resync() {
     let mut w = World::new(7, 1, true).without_hooks();
     w.run(Duration::from_secs(3));
     w.request(0, RequestKind::Migrate, Some("seattle"));
-    w.run(Duration::from_secs(1));
+    // The VM shuts down cleanly (up to 3 s here) before the hand over.
+    w.run(Duration::from_secs(5));
     assert_eq!(w.owner(0).as_deref(), Some("seattle"));
+    assert_eq!(w.vm_sites(0), vec!["seattle".to_string()]);
     assert_eq!(
         w.acking(0, Duration::from_millis(300)),
         vec![("seattle".into(), 2)]
@@ -1334,5 +1541,11 @@ fn chaos(seed: u64) -> u64 {
             "seed {seed}: g{g} after healing, acking {acking:?}"
         );
     }
+    let owner = w.owner(0);
+    assert_eq!(
+        w.vm_sites(0),
+        owner.into_iter().collect::<Vec<_>>(),
+        "seed {seed}: after healing the VM runs on its owner alone"
+    );
     w.promotions
 }

@@ -1,6 +1,11 @@
 //! Configuration files of a group (its `files`), replicated beside its
 //! volumes: watched on the primary, written atomically on replicas under
 //! `<data_dir>/files/<group>/<absolute path>` (SPEC §4.2).
+//!
+//! A group that protects a VM also ships the VM's definition
+//! (`<data_dir>/vms/<group>.xml` on every site) the same way, under the
+//! reserved name [`VM_DEFINITION`] (not an absolute path, so no configured
+//! file can take it).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -18,6 +23,34 @@ use parking_lot::Mutex;
 pub const MAX_FILE: u64 = 16 << 20;
 /// How often the primary looks at its files.
 pub const POLL: Duration = Duration::from_millis(250);
+/// The name a VM's definition travels under (docs/PEER.md, `File`).
+pub const VM_DEFINITION: &str = "tandem:vm-definition";
+
+/// A file the primary watches: where it is here, and the name it is sent
+/// under (its absolute path, or [`VM_DEFINITION`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watched {
+    pub local: PathBuf,
+    pub name: PathBuf,
+}
+
+impl Watched {
+    /// A configured file: sent under its own path.
+    pub fn file(path: &Path) -> Watched {
+        Watched {
+            local: path.to_owned(),
+            name: path.to_owned(),
+        }
+    }
+
+    /// A VM's definition kept at `local`.
+    pub fn vm_definition(local: &Path) -> Watched {
+        Watched {
+            local: local.to_owned(),
+            name: PathBuf::from(VM_DEFINITION),
+        }
+    }
+}
 
 /// The latest content of each watched file, with a version that grows on
 /// every change.
@@ -47,9 +80,9 @@ impl FileSet {
     }
 
     /// Reads each file whose metadata changed. Returns how many changed.
-    pub fn poll(&self, paths: &[PathBuf]) -> usize {
+    pub fn poll(&self, files: &[Watched]) -> usize {
         let mut changed = 0;
-        for path in paths {
+        for Watched { local: path, name } in files {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue; // gone: the replicas keep the last copy
             };
@@ -61,7 +94,7 @@ impl FileSet {
             if self
                 .inner
                 .lock()
-                .get(path)
+                .get(name)
                 .is_some_and(|v| v.stamp == stamp)
             {
                 continue;
@@ -76,9 +109,9 @@ impl FileSet {
                 continue;
             }
             let mut inner = self.inner.lock();
-            let version = inner.get(path).map_or(1, |v| v.version + 1);
+            let version = inner.get(name).map_or(1, |v| v.version + 1);
             inner.insert(
-                path.clone(),
+                name.clone(),
                 FileVersion {
                     version,
                     mode: meta.mode() & 0o7777,
@@ -94,7 +127,7 @@ impl FileSet {
 
 /// Polls `paths` into `set` until `stop`.
 pub fn watch(
-    paths: Vec<PathBuf>,
+    paths: Vec<Watched>,
     set: Arc<FileSet>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
@@ -145,11 +178,18 @@ pub fn store(
     }
     let target =
         copy_path(files_dir, &source).ok_or_else(|| FileError::NotConfigured(path.to_owned()))?;
+    store_at(&target, mode, data)?;
+    Ok(target)
+}
+
+/// Writes `data` to `target` atomically (temporary file, fsync, rename,
+/// fsync of the directory), creating its directory.
+pub fn store_at(target: &Path, mode: u32, data: &[u8]) -> Result<(), FileError> {
     let io = |p: &Path| {
         let p = p.to_owned();
         move |source| FileError::Io { path: p, source }
     };
-    let dir = target.parent().unwrap_or(files_dir).to_owned();
+    let dir = target.parent().unwrap_or(Path::new("/")).to_owned();
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let tmp = dir.join(format!(
         ".{}.tandem-tmp",
@@ -169,11 +209,11 @@ pub fn store(
         .and_then(|()| f.sync_all())
         .map_err(io(&tmp))?;
     drop(f);
-    std::fs::rename(&tmp, &target).map_err(io(&target))?;
+    std::fs::rename(&tmp, target).map_err(io(target))?;
     File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(io(&dir))?;
-    Ok(target)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -214,8 +254,8 @@ mod tests {
         let f = dir.path().join("vm.xml");
         std::fs::write(&f, "one").unwrap();
         let set = FileSet::default();
-        assert_eq!(set.poll(std::slice::from_ref(&f)), 1);
-        assert_eq!(set.poll(std::slice::from_ref(&f)), 0);
+        assert_eq!(set.poll(&[Watched::file(&f)]), 1);
+        assert_eq!(set.poll(&[Watched::file(&f)]), 0);
         let sent: BTreeMap<PathBuf, u64> = set
             .changed_since(&BTreeMap::new())
             .into_iter()
@@ -225,7 +265,7 @@ mod tests {
         // An editor's rename-replace: new inode.
         std::fs::write(dir.path().join("tmp"), "two!").unwrap();
         std::fs::rename(dir.path().join("tmp"), &f).unwrap();
-        assert_eq!(set.poll(std::slice::from_ref(&f)), 1);
+        assert_eq!(set.poll(&[Watched::file(&f)]), 1);
         let changed = set.changed_since(&sent);
         assert_eq!(changed.len(), 1);
         assert_eq!(changed[0].1.content.as_slice(), b"two!");

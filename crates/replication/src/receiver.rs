@@ -55,6 +55,9 @@ pub struct GroupPlan {
     /// `<data_dir>/files/<group>`, and the group's configured `files`.
     pub files_dir: std::path::PathBuf,
     pub files: Vec<std::path::PathBuf>,
+    /// Where the group's VM definition is kept (`<data_dir>/vms/<group>.xml`)
+    /// when the group protects a VM.
+    pub vm_definition: Option<std::path::PathBuf>,
     /// Ends the running session's connection (set while one runs), so a
     /// promotion need not wait for a silent old primary to time out.
     pub session: Mutex<Option<SessionCloser>>,
@@ -276,7 +279,15 @@ pub fn serve<R: Read, W: Write>(
                 data: payload,
             } => {
                 payload.decode_into(&mut data)?;
-                match crate::files::store(&plan.files_dir, &plan.files, &path, mode, &data) {
+                let stored = if path == crate::files::VM_DEFINITION {
+                    match &plan.vm_definition {
+                        Some(at) => crate::files::store_at(at, mode, &data).map(|()| at.clone()),
+                        None => Err(crate::files::FileError::NotConfigured(path.clone())),
+                    }
+                } else {
+                    crate::files::store(&plan.files_dir, &plan.files, &path, mode, &data)
+                };
+                match stored {
                     Ok(at) => {
                         tracing::info!(group = %plan.name(), file = %path, copy = %at.display(), "configuration file replicated")
                     }

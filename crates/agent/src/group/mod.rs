@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub coordinated: bool,
     /// The agent is stopping.
     pub stop: Arc<AtomicBool>,
+    /// This site's hypervisor, for the groups' VMs.
+    pub vms: Arc<crate::vm::Vms>,
 }
 
 /// The role the group's data plane has now.
@@ -100,6 +102,9 @@ pub(crate) struct GroupRuntime {
     pub epoch: AtomicU64,
     /// The owner as the coordinator last named it (status).
     pub owner: Mutex<Option<String>>,
+    /// The group's actor started the VM here (or is starting it) and has
+    /// not stopped it since: the fencer destroys it if the gate lapses.
+    pub vm_started: AtomicBool,
 }
 
 impl GroupRuntime {
@@ -110,6 +115,7 @@ impl GroupRuntime {
             leaving: Mutex::new(None),
             epoch: AtomicU64::new(0),
             owner: Mutex::new(None),
+            vm_started: AtomicBool::new(false),
         }
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_coordinator::machine::Tip;
 use tandem_nbd::{Export, Server};
+use tandem_replication::files::Watched;
 use tandem_replication::shipper::{Link, Shipper};
 use tandem_volume::RawImage;
 use tracing::{info, warn};
@@ -143,19 +144,22 @@ impl PrimaryRole {
                 .write()
                 .insert(export.name().to_owned(), export);
         }
-        let files = if group.files.is_empty() {
+        let mut watched: Vec<Watched> = group.files.iter().map(|f| Watched::file(f)).collect();
+        if group.vm.is_some() {
+            watched.push(Watched::vm_definition(
+                &shared.layout.vm_definition(&group.name),
+            ));
+        }
+        let files = if watched.is_empty() {
             None
         } else {
             let set = Arc::new(tandem_replication::files::FileSet::default());
-            let watcher = tandem_replication::files::watch(
-                group.files.clone(),
-                Arc::clone(&set),
-                Arc::clone(&role.stop),
-            )
-            .map_err(|source| AgentError::Thread {
-                what: format!("start the files watcher of group {}", group.name),
-                source,
-            })?;
+            let watcher =
+                tandem_replication::files::watch(watched, Arc::clone(&set), Arc::clone(&role.stop))
+                    .map_err(|source| AgentError::Thread {
+                        what: format!("start the files watcher of group {}", group.name),
+                        source,
+                    })?;
             role.threads.push(watcher);
             Some(set)
         };

@@ -77,6 +77,10 @@ impl ReplicaRole {
             connected: Arc::clone(&connected),
             files_dir: shared.layout.data_dir.join("files").join(&group.name),
             files: group.files.clone(),
+            vm_definition: group
+                .vm
+                .as_ref()
+                .map(|_| shared.layout.vm_definition(&group.name)),
             session: Mutex::new(None),
         });
         {

@@ -12,6 +12,7 @@ use tandem_coordinator::machine::{Effect, Failed, Hook, Input, ServingStopped, W
 use tandem_coordinator::{Compare, Op};
 use tracing::{debug, error, info, warn};
 
+use super::mailbox::Taken;
 use super::{Handle, Member};
 use crate::hooks::{self, HookEnv};
 
@@ -33,15 +34,21 @@ pub(super) fn run(h: &Handle, m: &Arc<Member>) {
         },
         promoting_since: None,
     };
-    while let Some(seen) = m.inbox.take() {
-        actor.contact = Contact {
-            sent: seen.sent,
-            revision: seen.view.revision,
-        };
-        let input = Input::Store {
-            view: Box::new(seen.view),
-            lease: seen.lease,
-            holding: m.runtime.holding(),
+    while let Some(taken) = m.inbox.take() {
+        let input = match taken {
+            Taken::Fenced => Input::Fenced,
+            Taken::View(seen) => {
+                actor.contact = Contact {
+                    sent: seen.sent,
+                    revision: seen.view.revision,
+                };
+                let seen = *seen;
+                Input::Store {
+                    view: Box::new(seen.view),
+                    lease: seen.lease,
+                    holding: m.runtime.holding(),
+                }
+            }
         };
         actor.drive(input);
     }
@@ -197,6 +204,34 @@ impl Actor<'_> {
             Effect::AdoptEpoch { epoch, end_session } => {
                 rt.adopt_epoch(epoch, end_session);
                 None
+            }
+            Effect::StartVm { epoch } => {
+                rt.vm_started.store(true, Ordering::Release);
+                let result = shared.vms.start(&rt.cfg);
+                Some(Input::VmStarted(match result {
+                    Ok(how) => {
+                        info!(%group, epoch, vm = rt.cfg.vm.as_deref().unwrap_or_default(), ?how, "the VM runs here");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        error!(%group, epoch, "the VM did not start: {e}");
+                        Err(Failed)
+                    }
+                }))
+            }
+            Effect::StopVm { graceful } => {
+                let result = shared.vms.stop(&rt.cfg, graceful);
+                Some(Input::VmStopped(match result {
+                    Ok(()) => {
+                        rt.vm_started.store(false, Ordering::Release);
+                        info!(%group, graceful, "the VM is stopped here");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        error!(%group, "the VM could not be stopped: {e}");
+                        Err(Failed)
+                    }
+                }))
             }
             Effect::RunHook { hook, epoch } => Some(Input::HookDone {
                 hook,

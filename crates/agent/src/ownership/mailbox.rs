@@ -1,7 +1,9 @@
 //! A group actor's inbox: holds the latest view the store watcher handed
 //! over, not a queue. An actor busy with a transition (a hook may take
 //! minutes) picks up the newest view when it is done; older ones are
-//! worthless, so the watcher never waits and memory stays bounded.
+//! worthless, so the watcher never waits and memory stays bounded. Beside
+//! it, a flag: the fencer destroyed the group's VM (the machine must
+//! know before it acts on any view).
 
 use std::time::Instant;
 
@@ -22,7 +24,16 @@ pub(crate) struct Seen {
 #[derive(Default)]
 struct Slot {
     latest: Option<Seen>,
+    fenced: bool,
     closed: bool,
+}
+
+/// What an actor takes from its mailbox.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// The fencer destroyed the VM.
+    Fenced,
+    View(Box<Seen>),
 }
 
 #[derive(Default)]
@@ -41,15 +52,28 @@ impl Mailbox {
         }
     }
 
-    /// The latest view, waiting for one; None once closed.
-    pub fn take(&self) -> Option<Seen> {
+    /// The fencer destroyed the VM.
+    pub fn fenced(&self) {
+        let mut slot = self.slot.lock();
+        if !slot.closed {
+            slot.fenced = true;
+            self.arrived.notify_one();
+        }
+    }
+
+    /// A fence first, else the latest view, waiting for one; None once
+    /// closed.
+    pub fn take(&self) -> Option<Taken> {
         let mut slot = self.slot.lock();
         loop {
             if slot.closed {
                 return None;
             }
+            if std::mem::take(&mut slot.fenced) {
+                return Some(Taken::Fenced);
+            }
             if let Some(seen) = slot.latest.take() {
-                return Some(seen);
+                return Some(Taken::View(Box::new(seen)));
             }
             self.arrived.wait(&mut slot);
         }
@@ -83,13 +107,23 @@ mod tests {
         mailbox.put(seen(1));
         mailbox.put(seen(2));
         mailbox.put(seen(3));
-        assert_eq!(mailbox.take().map(|s| s.view.revision), Some(3));
+        assert!(matches!(mailbox.take(), Some(Taken::View(s)) if s.view.revision == 3));
         mailbox.put(seen(4));
         mailbox.close();
         assert!(
             mailbox.take().is_none(),
             "closed: nothing more, not even a waiting view"
         );
+    }
+
+    #[test]
+    fn a_fence_comes_before_any_view() {
+        let mailbox = Mailbox::default();
+        mailbox.put(seen(1));
+        mailbox.fenced();
+        mailbox.fenced();
+        assert!(matches!(mailbox.take(), Some(Taken::Fenced)));
+        assert!(matches!(mailbox.take(), Some(Taken::View(s)) if s.view.revision == 1));
     }
 
     #[test]

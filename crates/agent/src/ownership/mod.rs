@@ -9,6 +9,8 @@
 //!   primary's gate by what the read shows, hands each group's view to its
 //!   actor (latest only: an actor busy with a transition skips views it
 //!   did not get to), and publishes this site's reports.
+//! * **fencer** — destroys the VM of a group whose gate lapsed, at once
+//!   (G9), and tells the group's actor.
 //! * **own-<group>**, one per group — steps the group's machine and
 //!   carries out its effects: store transactions, role-change steps on the
 //!   group's data plane, hooks, migration drains. A transition blocks only
@@ -16,6 +18,7 @@
 //!   no other group.
 
 mod actor;
+mod fencer;
 mod keeper;
 mod mailbox;
 mod request;
@@ -121,6 +124,7 @@ fn settings(shared: &Shared, keys: &Keys, cfg: &tandem_config::Group) -> Setting
             tandem_config::OnPromoteFailure::Report => PromoteFailure::Stay,
         },
         drain_timeout: DRAIN_TIMEOUT,
+        vm: cfg.vm.is_some(),
     }
 }
 
@@ -167,10 +171,14 @@ impl Ownership {
             let h = Arc::clone(&handle);
             spawn("store-watch".into(), move || watcher::run(&h))?
         };
+        let fencer = {
+            let h = Arc::clone(&handle);
+            spawn("fencer".into(), move || fencer::run(&h))?
+        };
         info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count, "coordinator decides ownership");
         Ok(Ownership {
             handle,
-            threads: vec![keeper, watcher],
+            threads: vec![keeper, watcher, fencer],
         })
     }
 

@@ -56,6 +56,7 @@ pub fn replica_site(
             connected: Arc::new(AtomicBool::new(false)),
             files_dir: state.join("files"),
             files: Vec::new(),
+            vm_definition: None,
             session: Mutex::new(None),
         })]),
         definer: parking_lot::RwLock::new(None),
