@@ -146,6 +146,13 @@ fn table(s: &SiteStatus) -> String {
             "\ngroup {}  role {}  epoch {}  primary {}  mode {}\n",
             g.name, g.role, g.epoch, g.primary, g.mode
         );
+        if let Some(vm) = &g.vm {
+            out += &format!("  vm {}  {} here", vm.name, vm.state);
+            if let Some(e) = &vm.error {
+                out += &format!("  (libvirt: {e})");
+            }
+            out += "\n";
+        }
         out += &format!(
             "  {:<12} {:<13} {:>12} {:>9} {:>12}  {}\n",
             "REPLICA", "STATE", "LAG", "LAG(s)", "DURABLE", "NOTE"
