@@ -102,14 +102,18 @@ pub mod image;
 mod libvirt;
 mod lock;
 mod nbd;
+mod site;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use guest::{domain_xml, parse_ack, Disk, Guest, GuestConfig, Workload};
+pub use guest::{
+    domain_xml, parse_ack, tandem_nbd_commandline, Disk, Guest, GuestConfig, Workload, QEMU_XMLNS,
+};
 pub use image::GuestImage;
 pub use libvirt::{Libvirt, LIBVIRTD_LOG, QEMU_CONF, URI};
 pub use nbd::QemuNbd;
+pub use site::{SiteLibvirt, SITES_DIR};
 
 /// Every domain this crate defines has a name starting with this.
 pub const DOMAIN_PREFIX: &str = "tandem-test-";
@@ -181,6 +185,14 @@ pub enum Error {
         status: String,
         /// What it printed.
         output: String,
+    },
+    /// A libvirt daemon did not start, died, or could not be stopped.
+    #[error("libvirt daemon {uri}: {message}")]
+    Daemon {
+        /// Its connection URI.
+        uri: String,
+        /// What happened (with its log's tail where it helps).
+        message: String,
     },
     /// qemu-nbd did not start.
     #[error("qemu-nbd: {message}")]
