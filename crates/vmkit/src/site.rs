@@ -152,7 +152,7 @@ impl SiteLibvirt {
             create_dir(&root.join(dir))?;
         }
         let run_id = dir_id(&root.join("run"))?;
-        let mut site = SiteLibvirt {
+        let site = SiteLibvirt {
             root: root.to_path_buf(),
             libvirt: Libvirt::with_uri(&uri),
             run_id,
@@ -289,11 +289,37 @@ impl SiteLibvirt {
     }
 
     /// "The host lost power": SIGKILLs every process of this site, the
-    /// daemons first (so libvirtd records nothing), then its QEMUs, and
-    /// waits until they are gone. Guests stop at once, mid-write. The
-    /// daemons stay down; after [`SiteLibvirt::restart_daemon`] the
-    /// site's defined domains are shut off.
+    /// daemons first (so libvirtd records nothing), then its QEMUs, waits
+    /// until they are gone, and empties `<root>/run` (on a real host a
+    /// tmpfs: pid files, domain status, sockets are gone after a reboot).
+    /// Guests stop at once, mid-write. The daemons stay down; after
+    /// [`SiteLibvirt::restart_daemon`] ("the host came back") the site's
+    /// defined domains are shut off, and those marked autostart start.
     pub fn crash_host(&self) -> Result<(), Error> {
+        self.kill_everything()?;
+        let run = self.root.join("run");
+        let entries = fs::read_dir(&run).map_err(|source| Error::Io {
+            what: format!("cannot read {}", run.display()),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(|source| Error::Io {
+                what: format!("cannot remove {}", path.display()),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs every process of this site, daemons first, until none is
+    /// left (bounded).
+    fn kill_everything(&self) -> Result<(), Error> {
         let mut last = Vec::new();
         let mut error = None;
         let gone = tandem_testkit::poll(KILL_WAIT, || {
@@ -326,7 +352,7 @@ impl SiteLibvirt {
         })
     }
 
-    /// Kills everything of this site ([`SiteLibvirt::crash_host`]) and
+    /// Kills every process of this site (as [`SiteLibvirt::crash_host`]) and
     /// removes its root: what dropping it does, with errors reported.
     pub fn remove(mut self) -> Result<(), Error> {
         self.removed = true;
@@ -354,7 +380,7 @@ impl SiteLibvirt {
     }
 
     fn teardown(&mut self) -> Result<(), Error> {
-        self.crash_host()?;
+        self.kill_everything()?;
         fs::remove_dir_all(&self.root).map_err(|source| Error::Io {
             what: format!("cannot remove {}", self.root.display()),
             source,

@@ -173,6 +173,8 @@ fn a_crashed_site_host_takes_its_guest_down_and_its_acked_files_survive() {
     eprintln!("host crashed in {:?}", t.elapsed());
     assert!(ok(site.qemu_pids(), "QEMUs").is_empty());
     assert!(!ok(site.daemon_running(), "daemon running?"));
+    let run = std::fs::read_dir(site.root().join("run")).expect("run dir");
+    assert_eq!(run.count(), 0, "run/ survived the power loss");
     let acks = ok(guest.acks(), "console");
 
     ok(site.restart_daemon(), "restart the daemon");
