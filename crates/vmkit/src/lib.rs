@@ -79,7 +79,7 @@
 //!   the server is gone and reconnects when it is back on the same socket:
 //!   qemu-nbd killed with SIGKILL and restarted 3 s later, the writing
 //!   guest printed no ACK during the outage, no I/O error at all, and 10
-//!   more ACKs 0.3-0.4 s after the restart.
+//!   more ACKs 0.3-0.6 s after the restart.
 //! - [`QemuNbd`]: `qemu-nbd` serving a raw image on a Unix socket, so the
 //!   harness can run a guest on an NBD disk without Tandem; [`QemuNbd::stop`]
 //!   is a SIGKILL, and serving again on the same socket a restart.
@@ -183,14 +183,14 @@
 //!   on the two cores. Then ~13 fsync()ed files per second, on a local
 //!   file and on qemu-nbd alike.
 //! - Site daemons (with the capabilities cache copied): start to
-//!   answering 0.13-0.33 s (8.3 s without the cache); `stop_daemon`
+//!   answering 0.13-0.49 s (8.3 s without the cache); `stop_daemon`
 //!   40-150 ms; `restart_daemon` with a guest running 0.3-0.6 s;
-//!   `crash_host` 8 ms; a sweep of a stale site with one QEMU 10-80 ms.
+//!   `crash_host` 8-18 ms; a sweep of a stale site with one QEMU 10-80 ms.
 //! - Boot on site daemons, two or three guests at once on the two cores:
-//!   7.4-13.1 s to `MOUNTED`.
+//!   6.5-13 s to `MOUNTED`, up to 17 s while other builds load the machine.
 //! - `cargo test -p tandem-vmkit`: `guests` (three tests, four boots, two
-//!   at once) 33-37 s; `sites` (five tests, six boots, two or three at
-//!   once) 33-39 s.
+//!   at once) 30-42 s; `sites` (five tests, six boots, two or three at
+//!   once) 33-51 s; 75-93 s in all.
 #![forbid(unsafe_code)]
 
 mod cmd;

@@ -108,8 +108,9 @@ impl SiteLibvirt {
     }
 
     /// Starts a site daemon whose state lives under `root` (which must not
-    /// exist, or be empty; its path must be short enough for the socket
-    /// `<root>/run/libvirt-sock`, 107 bytes). Creates `run`, `etc`, `lib`,
+    /// exist, or be empty; made absolute; its path must be short enough
+    /// for the socket `<root>/run/libvirt-sock`, 107 bytes, and spelt with
+    /// letters, digits and `/._-+` only, as it goes into the URI). Creates `run`, `etc`, `lib`,
     /// `log`, `cache` there; copies the top-level files of `/etc/libvirt`
     /// (the `*.conf`; no domain, network or hook definitions) into `etc`,
     /// with `qemu.conf` brought to the settings [`Libvirt::ensure`] needs
@@ -120,8 +121,23 @@ impl SiteLibvirt {
     ///
     /// A root outside [`SITES_DIR`] is not swept after a killed test run.
     pub fn start_at(root: &Path) -> Result<SiteLibvirt, Error> {
+        let root = &std::path::absolute(root).map_err(|source| Error::Io {
+            what: format!("cannot make {} absolute", root.display()),
+            source,
+        })?;
         let uri = uri_of(root);
         let socket = socket_of(root);
+        let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+".contains(c);
+        if !root.to_string_lossy().chars().all(plain) {
+            return Err(Error::Daemon {
+                uri,
+                message: format!(
+                    "the root {} has characters a URI would need escaped: \
+                     use letters, digits and / . _ - + only",
+                    root.display()
+                ),
+            });
+        }
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Error::Daemon {
                 uri,
@@ -692,6 +708,19 @@ mod tests {
         }
         assert!(s.contains("virtlogd -d -p \"$R/virtlogd.pid\""), "{s}");
         assert!(s.contains("exec libvirtd -d -p \"$R/libvirtd.pid\""), "{s}");
+    }
+
+    #[test]
+    fn roots_that_cannot_make_a_uri_or_socket_are_refused() {
+        let long = format!("/var/tmp/{}", "x".repeat(100));
+        for root in ["/var/tmp/a b", "/var/tmp/a?b", long.as_str()] {
+            match SiteLibvirt::start_at(Path::new(root)) {
+                Err(Error::Daemon { message, .. }) => {
+                    assert!(!Path::new(root).exists(), "{root} was created: {message}")
+                }
+                other => panic!("{root}: {other:?}"),
+            }
+        }
     }
 
     #[test]
