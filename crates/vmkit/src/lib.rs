@@ -184,8 +184,9 @@
 //!   file and on qemu-nbd alike.
 //! - Site daemons (with the capabilities cache copied): start to
 //!   answering 0.13-0.49 s (8.3 s without the cache); `stop_daemon`
-//!   40-150 ms; `restart_daemon` with a guest running 0.3-0.6 s;
-//!   `crash_host` 8-18 ms; a sweep of a stale site with one QEMU 10-80 ms.
+//!   30-150 ms; `restart_daemon` with a guest running 0.3-0.85 s;
+//!   `crash_host` 8-28 ms; a sweep of a stale site with one QEMU 10-95 ms
+//!   (the higher figures while other builds load the machine).
 //! - Boot on site daemons, two or three guests at once on the two cores:
 //!   6.5-13 s to `MOUNTED`, up to 17 s while other builds load the machine.
 //! - `cargo test -p tandem-vmkit`: `guests` (three tests, four boots, two
