@@ -23,12 +23,30 @@ pub enum Disk {
         /// The export name.
         export: String,
     },
+    /// An NBD export on a Unix socket attached the way Tandem attaches its
+    /// volumes, so that QEMU rides out a restart of the NBD server: no
+    /// `<disk>` element, but a `-blockdev` (raw over nbd, with
+    /// `reconnect-delay`) and a `-device virtio-blk-pci` in
+    /// `<qemu:commandline>` (see [`tandem_nbd_commandline`]); libvirt does
+    /// not know this disk.
+    TandemNbd {
+        /// The server's Unix socket.
+        socket: PathBuf,
+        /// The export name.
+        export: String,
+        /// How long QEMU holds guest I/O while it reconnects before
+        /// failing it (`reconnect-delay`), in seconds.
+        reconnect_delay_secs: u32,
+    },
 }
 
 impl Disk {
-    /// The `<disk>` element for this disk as `vda`.
+    /// The `<disk>` element for this disk as `vda` (empty for
+    /// [`Disk::TandemNbd`], which is on the QEMU command line instead:
+    /// [`Disk::qemu_commandline`]).
     pub fn xml(&self) -> String {
         match self {
+            Disk::TandemNbd { .. } => String::new(),
             Disk::File(path) => format!(
                 "<disk type='file' device='disk'>\
                  <driver name='qemu' type='raw' cache='none'/>\
@@ -47,6 +65,76 @@ impl Disk {
             ),
         }
     }
+
+    /// The `<qemu:commandline>` element this disk needs, if any (only
+    /// [`Disk::TandemNbd`]'s). A domain using it must declare
+    /// `xmlns:qemu='`[`QEMU_XMLNS`]`'`.
+    pub fn qemu_commandline(&self) -> Option<String> {
+        match self {
+            Disk::TandemNbd {
+                socket,
+                export,
+                reconnect_delay_secs,
+            } => Some(tandem_nbd_commandline(
+                socket,
+                export,
+                *reconnect_delay_secs,
+            )),
+            Disk::File(_) | Disk::Nbd { .. } => None,
+        }
+    }
+}
+
+/// The XML namespace of libvirt's QEMU extensions (`<qemu:commandline>`).
+pub const QEMU_XMLNS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+
+/// The `<qemu:commandline>` element giving a guest the disk `vda` on an
+/// NBD export at a Unix socket, the way Tandem attaches volumes:
+///
+/// ```text
+/// -blockdev {"driver":"raw","node-name":"tandem-vda","file":{"driver":"nbd",
+///            "node-name":"tandem-vda-nbd","server":{"type":"unix","path":SOCKET},
+///            "export":EXPORT,"reconnect-delay":N}}
+/// -device virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev
+/// ```
+///
+/// With `reconnect-delay`, QEMU holds the guest's I/O while the server is
+/// gone (killed and restarted on the same socket) and reconnects, for up
+/// to N seconds, instead of failing it. The guest sees `/dev/vda` (the
+/// only virtio disk).
+pub fn tandem_nbd_commandline(socket: &Path, export: &str, reconnect_delay_secs: u32) -> String {
+    let blockdev = format!(
+        "{{\"driver\":\"raw\",\"node-name\":\"tandem-vda\",\"file\":{{\"driver\":\"nbd\",\
+         \"node-name\":\"tandem-vda-nbd\",\"server\":{{\"type\":\"unix\",\"path\":{}}},\
+         \"export\":{},\"reconnect-delay\":{reconnect_delay_secs}}}}}",
+        json_string(&socket.to_string_lossy()),
+        json_string(export),
+    );
+    format!(
+        "<qemu:commandline>\n\
+         \x20   <qemu:arg value='-blockdev'/>\n\
+         \x20   <qemu:arg value='{}'/>\n\
+         \x20   <qemu:arg value='-device'/>\n\
+         \x20   <qemu:arg value='virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev'/>\n\
+         \x20 </qemu:commandline>",
+        escape(&blockdev)
+    )
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// What the guest's `/init` does once `/data` (the ext4 data disk) is
@@ -96,6 +184,14 @@ pub struct GuestConfig {
     pub work_dir: PathBuf,
     /// Added to the kernel command line.
     pub extra_cmdline: String,
+    /// The domain's name; `None` (the default): `tandem-test-<pid>-<n>-<label>`,
+    /// unique per test process. A site daemon ([`crate::SiteLibvirt`]) may
+    /// use fixed names like `web01`; on the shared system daemon a fixed
+    /// name is not swept after a killed test run.
+    pub name: Option<String>,
+    /// The serial console's log file; `None` (the default):
+    /// `<work_dir>/<name>.console`.
+    pub console: Option<PathBuf>,
 }
 
 impl GuestConfig {
@@ -109,12 +205,29 @@ impl GuestConfig {
             memory_mib: 256,
             work_dir: work_dir.to_path_buf(),
             extra_cmdline: String::new(),
+            name: None,
+            console: None,
         }
+    }
+
+    /// This config with the domain named `name` (see [`GuestConfig::name`]).
+    pub fn with_name(mut self, name: &str) -> GuestConfig {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// This config with the console going to `console`.
+    pub fn with_console(mut self, console: &Path) -> GuestConfig {
+        self.console = Some(console.to_path_buf());
+        self
     }
 }
 
-/// A running (or stopped) TCG guest: a persistent libvirt domain named
-/// `tandem-test-<pid>-<n>-<label>`. Dropping it destroys and undefines it.
+/// A running (or stopped) TCG guest: a persistent libvirt domain (by
+/// default named `tandem-test-<pid>-<n>-<label>`) on the system daemon or
+/// a site's ([`crate::SiteLibvirt::libvirt`]). Dropping one this crate
+/// started destroys and undefines it; one [`Guest::attach`]ed to is left
+/// alone.
 #[derive(Debug)]
 pub struct Guest {
     libvirt: Libvirt,
@@ -122,6 +235,8 @@ pub struct Guest {
     console: PathBuf,
     xml: String,
     started: Instant,
+    /// Destroyed and undefined when dropped (false: attached to).
+    owned: bool,
     removed: bool,
 }
 
@@ -138,26 +253,85 @@ impl Guest {
         config: &GuestConfig,
     ) -> Result<Guest, Error> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let label: String = config
-            .label
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .take(40)
-            .collect();
-        let name = format!("{DOMAIN_PREFIX}{}-{seq}-{label}", std::process::id());
-        std::fs::create_dir_all(&config.work_dir).map_err(|source| Error::Io {
-            what: format!("cannot create {}", config.work_dir.display()),
-            source,
-        })?;
-        let console = config.work_dir.join(format!("{name}.console"));
-        match std::fs::remove_file(&console) {
+        let name = match &config.name {
+            Some(name) => name.clone(),
+            None => {
+                let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+                let label: String = config
+                    .label
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '-'
+                        }
+                    })
+                    .take(40)
+                    .collect();
+                format!("{DOMAIN_PREFIX}{}-{seq}-{label}", std::process::id())
+            }
+        };
+        create_dir(&config.work_dir)?;
+        let console = config
+            .console
+            .clone()
+            .unwrap_or_else(|| config.work_dir.join(format!("{name}.console")));
+        let xml = domain_xml(&name, image, config, &console);
+        let xml_path = config.work_dir.join(format!("{name}.xml"));
+        Guest::define_and_start(libvirt, &name, xml, &xml_path, &console)
+    }
+
+    /// Defines the domain `name` from the caller's `xml` and starts it (a
+    /// leftover domain of that name is destroyed and undefined first);
+    /// `console` is the file the XML sends the serial console to (it is
+    /// removed first, so waits see only this boot's lines). The XML is
+    /// written beside it as `<name>.domain.xml`. Use this for domains
+    /// made elsewhere (say by Tandem's rewrite of a domain), with
+    /// [`domain_xml`] as a base or not; the console helpers need the
+    /// guest image's `/init` on a serial console going to `console`.
+    /// Dropping the guest destroys and undefines it.
+    pub fn start_xml(
+        libvirt: &Libvirt,
+        name: &str,
+        xml: &str,
+        console: &Path,
+    ) -> Result<Guest, Error> {
+        let dir = console.parent().unwrap_or(Path::new("."));
+        create_dir(dir)?;
+        let xml_path = dir.join(format!("{name}.domain.xml"));
+        Guest::define_and_start(libvirt, name, xml.to_string(), &xml_path, console)
+    }
+
+    /// A guest that something else (Tandem's agent, say) defines and
+    /// starts as domain `name` on `libvirt`'s daemon, its serial console
+    /// going to `console`: the wait and console helpers work on it;
+    /// dropping it leaves the domain alone ([`Guest::remove`] still
+    /// destroys and undefines it). Nothing is checked: the domain may not
+    /// exist yet ([`Guest::wait_running`] waits for it). The console file
+    /// is left as it is: remove an old one before the domain starts, or
+    /// waits may see an earlier boot's lines. [`Guest::domain_xml`] is
+    /// empty and [`Guest::started_at`] is now.
+    pub fn attach(libvirt: &Libvirt, name: &str, console: &Path) -> Guest {
+        Guest {
+            libvirt: libvirt.clone(),
+            name: name.to_string(),
+            console: console.to_path_buf(),
+            xml: String::new(),
+            started: Instant::now(),
+            owned: false,
+            removed: false,
+        }
+    }
+
+    fn define_and_start(
+        libvirt: &Libvirt,
+        name: &str,
+        xml: String,
+        xml_path: &Path,
+        console: &Path,
+    ) -> Result<Guest, Error> {
+        match std::fs::remove_file(console) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
@@ -167,19 +341,18 @@ impl Guest {
                 })
             }
         }
-        let xml = domain_xml(&name, image, config, &console);
-        let xml_path = config.work_dir.join(format!("{name}.xml"));
-        std::fs::write(&xml_path, &xml).map_err(|source| Error::Io {
+        std::fs::write(xml_path, &xml).map_err(|source| Error::Io {
             what: format!("cannot write {}", xml_path.display()),
             source,
         })?;
-        libvirt.destroy_and_undefine(&name)?;
+        libvirt.destroy_and_undefine(name)?;
         let mut guest = Guest {
             libvirt: libvirt.clone(),
-            name,
-            console,
+            name: name.to_string(),
+            console: console.to_path_buf(),
             xml,
             started: Instant::now(),
+            owned: true,
             removed: false,
         };
         let xml_arg = xml_path.to_string_lossy().into_owned();
@@ -189,12 +362,17 @@ impl Guest {
         Ok(guest)
     }
 
+    /// The daemon the domain is on.
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.libvirt
+    }
+
     /// The domain's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// The domain XML it was defined with.
+    /// The domain XML it was defined with (empty for a guest attached to).
     pub fn domain_xml(&self) -> &str {
         &self.xml
     }
@@ -204,7 +382,8 @@ impl Guest {
         &self.console
     }
 
-    /// When `virsh start` was issued.
+    /// When `virsh start` was issued (for a guest attached to: when
+    /// [`Guest::attach`] was called).
     pub fn started_at(&self) -> Instant {
         self.started
     }
@@ -260,7 +439,10 @@ impl Guest {
 
     /// Waits until `f`, given the console's complete lines, returns a
     /// value. Fails early if the guest prints `TANDEM-ERROR`, panics or
-    /// stops, and after `timeout`; the error carries the console's tail.
+    /// stops (libvirt says it is neither running nor paused), and after
+    /// `timeout`; the error carries the console's tail. While libvirt
+    /// does not answer (a site daemon stopped) the wait goes on reading
+    /// the console.
     pub fn wait_for_console<T>(
         &self,
         what: &str,
@@ -270,6 +452,7 @@ impl Guest {
         let mut last_state_check = Instant::now();
         let mut failure: Option<String> = None;
         let mut io_error: Option<Error> = None;
+        let mut state_error: Option<Error> = None;
         let found = tandem_testkit::poll(timeout, || {
             let lines = match self.console_lines() {
                 Ok(l) => l,
@@ -304,10 +487,9 @@ impl Guest {
                         ));
                         return Some(None);
                     }
-                    Err(e) => {
-                        io_error = Some(e);
-                        return Some(None);
-                    }
+                    // libvirt is down (a stopped site daemon): go on with
+                    // the console alone.
+                    Err(e) => state_error = Some(e),
                 }
             }
             None
@@ -328,9 +510,38 @@ impl Guest {
             None => Err(Error::Timeout {
                 what: format!("{what} on {}'s console", self.name),
                 timeout,
-                detail: format!("; console tail:\n{}", self.console_tail()),
+                detail: format!(
+                    "{}; console tail:\n{}",
+                    state_error
+                        .map_or_else(String::new, |e| format!("; libvirt did not answer: {e}")),
+                    self.console_tail()
+                ),
             }),
         }
+    }
+
+    /// Waits until libvirt lists the domain as running (it may not be
+    /// defined yet, and the daemon may not answer yet, meanwhile).
+    pub fn wait_running(&self, timeout: Duration) -> Result<(), Error> {
+        let mut last = String::from("not asked");
+        let got = tandem_testkit::poll(timeout, || match self.libvirt.domain_state(&self.name) {
+            Ok(Some(s)) if s == "running" => Some(()),
+            Ok(s) => {
+                last = s.unwrap_or_else(|| "undefined".into());
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            }
+            Err(e) => {
+                last = e.to_string();
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            }
+        });
+        got.ok_or_else(|| Error::Timeout {
+            what: format!("{} to run (last: {last})", self.name),
+            timeout,
+            detail: format!("; console tail:\n{}", self.console_tail()),
+        })
     }
 
     /// The domain's state in libvirt's words (`running`, `shut off`, ...).
@@ -390,7 +601,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        if !self.removed {
+        if self.owned && !self.removed {
             let _ = self.libvirt.destroy_and_undefine(&self.name);
         }
     }
@@ -402,7 +613,10 @@ pub fn parse_ack(line: &str) -> Option<u64> {
 }
 
 /// The domain XML for a TCG guest booting `image` directly (no firmware
-/// disk, no graphics), its serial console going to `console`.
+/// disk, no graphics), its serial console going to `console` (named
+/// `name`; `config.name` and `config.console` are not looked at here).
+/// With a [`Disk::TandemNbd`] the disk is in `<qemu:commandline>` and the
+/// domain declares the `qemu` XML namespace.
 pub fn domain_xml(name: &str, image: &GuestImage, config: &GuestConfig, console: &Path) -> String {
     let mut cmdline = format!(
         "console=ttyS0 panic=-1 loglevel=4 {}",
@@ -412,8 +626,12 @@ pub fn domain_xml(name: &str, image: &GuestImage, config: &GuestConfig, console:
         cmdline.push(' ');
         cmdline.push_str(&config.extra_cmdline);
     }
+    let (xmlns, commandline) = match config.disk.qemu_commandline() {
+        Some(c) => (format!(" xmlns:qemu='{QEMU_XMLNS}'"), format!("\n  {c}")),
+        None => (String::new(), String::new()),
+    };
     format!(
-        "<domain type='qemu'>\n\
+        "<domain type='qemu'{xmlns}>\n\
          \x20 <name>{name}</name>\n\
          \x20 <memory unit='MiB'>{mem}</memory>\n\
          \x20 <vcpu>1</vcpu>\n\
@@ -433,7 +651,7 @@ pub fn domain_xml(name: &str, image: &GuestImage, config: &GuestConfig, console:
          \x20   <serial type='file'><source path='{console}'/><target port='0'/></serial>\n\
          \x20   <controller type='usb' model='none'/>\n\
          \x20   <memballoon model='none'/>\n\
-         \x20 </devices>\n\
+         \x20 </devices>{commandline}\n\
          </domain>\n",
         name = escape(name),
         mem = config.memory_mib,
@@ -443,6 +661,13 @@ pub fn domain_xml(name: &str, image: &GuestImage, config: &GuestConfig, console:
         disk = config.disk.xml(),
         console = escape(&console.to_string_lossy()),
     )
+}
+
+fn create_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        what: format!("cannot create {}", dir.display()),
+        source,
+    })
 }
 
 /// `s` escaped for XML text and attribute values.
@@ -486,5 +711,43 @@ mod tests {
             "{xml}"
         );
         assert!(xml.contains("cache='none'"), "{xml}");
+    }
+
+    #[test]
+    fn a_tandem_nbd_disk_is_a_blockdev_with_reconnect_delay_on_the_command_line() {
+        let d = Disk::TandemNbd {
+            socket: "/var/tmp/t/nbd/vda.sock".into(),
+            export: "web01-vda".into(),
+            reconnect_delay_secs: 30,
+        };
+        assert_eq!(d.xml(), "");
+        let c = d.qemu_commandline().expect("a command line");
+        let unescaped = c.replace("&quot;", "\"");
+        let expected = [
+            "<qemu:arg value='-blockdev'/>",
+            "<qemu:arg value='{\"driver\":\"raw\",\"node-name\":\"tandem-vda\",\
+             \"file\":{\"driver\":\"nbd\",\"node-name\":\"tandem-vda-nbd\",\
+             \"server\":{\"type\":\"unix\",\"path\":\"/var/tmp/t/nbd/vda.sock\"},\
+             \"export\":\"web01-vda\",\"reconnect-delay\":30}}'/>",
+            "<qemu:arg value='-device'/>",
+            "<qemu:arg value='virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev'/>",
+        ];
+        let mut at = 0;
+        for e in expected {
+            let i = unescaped[at..]
+                .find(e)
+                .unwrap_or_else(|| panic!("{e} after {at} in {unescaped}"));
+            at += i + e.len();
+        }
+        assert!(c.starts_with("<qemu:commandline>"), "{c}");
+        assert!(c.ends_with("</qemu:commandline>"), "{c}");
+    }
+
+    #[test]
+    fn json_strings_are_escaped_inside_the_blockdev() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        let c = tandem_nbd_commandline(Path::new("/x'y.sock"), "e<1>", 5);
+        assert!(c.contains("/x&apos;y.sock"), "{c}");
+        assert!(c.contains("e&lt;1&gt;"), "{c}");
     }
 }

@@ -26,7 +26,7 @@ const LOCK: &str = "/run/tandem-vmkit-libvirt.lock";
 /// root (so it can open root-owned NBD sockets and files anywhere), with
 /// no security driver, no cgroups (else libvirt moves QEMU out of the
 /// machine's memory cgroup) and no private namespaces.
-const QEMU_SETTINGS: [(&str, &str); 5] = [
+pub(crate) const QEMU_SETTINGS: [(&str, &str); 5] = [
     ("user", "\"root\""),
     ("group", "\"root\""),
     ("security_driver", "\"none\""),
@@ -76,14 +76,23 @@ impl Libvirt {
             if !running("libvirtd") {
                 start_daemon("libvirtd")?;
             }
-            libvirt.wait_answering(START_TIMEOUT)?;
+            libvirt.wait_answering(START_TIMEOUT, || format!("; see {LIBVIRTD_LOG}"))?;
         }
         static SWEEP: Once = Once::new();
         SWEEP.call_once(|| libvirt.remove_stale_domains());
         Ok(libvirt)
     }
 
-    /// The connection URI (`qemu:///system`).
+    /// A handle on the daemon at `uri` (for example a
+    /// [`crate::SiteLibvirt`]'s, `qemu+unix:///system?socket=...`), without
+    /// starting or checking anything.
+    pub fn with_uri(uri: &str) -> Libvirt {
+        Libvirt {
+            uri: uri.to_string(),
+        }
+    }
+
+    /// The connection URI (`qemu:///system` for [`Libvirt::ensure`]'s).
     pub fn uri(&self) -> &str {
         &self.uri
     }
@@ -159,12 +168,34 @@ impl Libvirt {
         }
     }
 
-    fn wait_answering(&self, timeout: Duration) -> Result<(), Error> {
+    /// Waits until `virsh -c URI version` answers; after `timeout` the
+    /// error names the last answer and what `detail` says (where to look).
+    pub(crate) fn wait_answering(
+        &self,
+        timeout: Duration,
+        detail: impl FnOnce() -> String,
+    ) -> Result<(), Error> {
+        self.wait_answering_while(timeout, || None, detail)
+    }
+
+    /// [`Libvirt::wait_answering`] that gives up as soon as `gave_up`
+    /// returns a reason (the daemon died, say).
+    pub(crate) fn wait_answering_while(
+        &self,
+        timeout: Duration,
+        mut gave_up: impl FnMut() -> Option<String>,
+        detail: impl FnOnce() -> String,
+    ) -> Result<(), Error> {
         let mut last = String::new();
+        let mut reason = None;
         let answered = tandem_testkit::poll(timeout, || {
+            if let Some(r) = gave_up() {
+                reason = Some(r);
+                return Some(false);
+            }
             let mut c = self.virsh_command(&["version"]);
             match run(&mut c, Duration::from_secs(10)) {
-                Ok(out) if out.status.success() => Some(()),
+                Ok(out) if out.status.success() => Some(true),
                 Ok(out) => {
                     last = String::from_utf8_lossy(&out.stderr).trim().to_string();
                     std::thread::sleep(Duration::from_millis(200));
@@ -176,11 +207,22 @@ impl Libvirt {
                 }
             }
         });
-        answered.ok_or_else(|| Error::Timeout {
-            what: format!("`virsh -c {} version` to answer", self.uri),
-            timeout,
-            detail: format!("; last answer: {last}; see {LIBVIRTD_LOG}"),
-        })
+        match answered {
+            Some(true) => Ok(()),
+            Some(false) => Err(Error::Daemon {
+                uri: self.uri.clone(),
+                message: format!(
+                    "{}; last answer of `virsh version`: {last}{}",
+                    reason.unwrap_or_default(),
+                    detail()
+                ),
+            }),
+            None => Err(Error::Timeout {
+                what: format!("`virsh -c {} version` to answer", self.uri),
+                timeout,
+                detail: format!("; last answer: {last}{}", detail()),
+            }),
+        }
     }
 
     /// Destroys and undefines `tandem-test-PID-...` domains whose process
@@ -214,16 +256,21 @@ fn configure_qemu_conf() -> Result<bool, Error> {
     if !changed {
         return Ok(false);
     }
+    write_replacing(path, &new)?;
+    Ok(true)
+}
+
+/// Writes `text` to `path` through a temporary file renamed over it.
+pub(crate) fn write_replacing(path: &Path, text: &str) -> Result<(), Error> {
     let tmp = path.with_extension("conf.tandem-vmkit.tmp");
-    std::fs::write(&tmp, new).map_err(|source| Error::Io {
+    std::fs::write(&tmp, text).map_err(|source| Error::Io {
         what: format!("cannot write {}", tmp.display()),
         source,
     })?;
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        what: format!("cannot replace {QEMU_CONF}"),
+        what: format!("cannot replace {}", path.display()),
         source,
-    })?;
-    Ok(true)
+    })
 }
 
 /// The key and (whitespace-free) value an uncommented `key = value` line sets.
@@ -239,12 +286,14 @@ fn setting(line: &str) -> Option<(&str, String)> {
 
 /// `text` with [`QEMU_SETTINGS`] in force, and whether that changed it.
 fn rewrite_qemu_conf(text: &str) -> (String, bool) {
-    let wanted = |key: &str| {
-        QEMU_SETTINGS
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
-    };
+    rewrite_qemu_conf_with(text, &QEMU_SETTINGS)
+}
+
+/// `text` with `settings` (key, value) in force, and whether that changed
+/// it: lines setting one of those keys otherwise are commented out and the
+/// settings appended in one marked block.
+pub(crate) fn rewrite_qemu_conf_with(text: &str, settings: &[(&str, &str)]) -> (String, bool) {
+    let wanted = |key: &str| settings.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
     let squash = |v: &str| v.chars().filter(|c| !c.is_whitespace()).collect::<String>();
     // The last setting of a key wins; check what is in force now.
     let mut current: Vec<(&str, String)> = Vec::new();
@@ -256,7 +305,7 @@ fn rewrite_qemu_conf(text: &str) -> (String, bool) {
             }
         }
     }
-    let all_good = QEMU_SETTINGS
+    let all_good = settings
         .iter()
         .all(|(key, value)| current.iter().any(|(k, v)| k == key && *v == squash(value)))
         && current
@@ -278,7 +327,7 @@ fn rewrite_qemu_conf(text: &str) -> (String, bool) {
     }
     out.push_str(MARK);
     out.push_str(": QEMU as root, no security driver, cgroups or namespaces (crates/vmkit)\n");
-    for (key, value) in QEMU_SETTINGS {
+    for (key, value) in settings {
         out.push_str(&format!("{key} = {value}\n"));
     }
     (out, true)
@@ -300,10 +349,37 @@ fn running(name: &str) -> bool {
 }
 
 /// Starts `NAME -d` in its own session, with stdin/stdout/stderr on
-/// /dev/null and every other inherited file descriptor closed: a daemon
-/// that kept, say, the test runner's pipe open would make it wait forever.
-/// (`Command::pre_exec` would need `unsafe`; a shell does the closing.)
+/// /dev/null and every other inherited file descriptor closed (see
+/// [`spawn_detached`]).
 fn start_daemon(name: &str) -> Result<(), Error> {
+    spawn_detached(
+        &[name, "-d"],
+        &[("LIBVIRT_LOG_OUTPUTS", &format!("3:file:{LIBVIRTD_LOG}"))],
+        START_TIMEOUT,
+    )?;
+    let started = tandem_testkit::poll(START_TIMEOUT, || daemon_pid(name));
+    match started {
+        Some(_) => Ok(()),
+        None => Err(Error::Timeout {
+            what: format!("{name} to write /run/{name}.pid"),
+            timeout: START_TIMEOUT,
+            detail: format!("; see {LIBVIRTD_LOG}"),
+        }),
+    }
+}
+
+/// Runs `args` (a daemon that forks into the background, or a script
+/// `exec`ing one) through `setsid` in a new session, from `/`, with
+/// stdin/stdout/stderr on /dev/null and every other inherited file
+/// descriptor closed, and waits (at most `timeout`) for that foreground
+/// process to exit, successfully. A daemon that kept, say, the test
+/// runner's pipe open would make it wait forever. (`Command::pre_exec`
+/// would need `unsafe`; a shell does the closing.)
+pub(crate) fn spawn_detached(
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(), Error> {
     const CLOSE_FDS_AND_EXEC: &str = r#"
 cd / || exit 1
 for p in /proc/$$/fd/*; do
@@ -316,19 +392,9 @@ exec setsid "$@" </dev/null >/dev/null 2>&1
     c.arg("-c")
         .arg(CLOSE_FDS_AND_EXEC)
         .arg("tandem-vmkit")
-        .arg(name)
-        .arg("-d")
-        .env("LIBVIRT_LOG_OUTPUTS", format!("3:file:{LIBVIRTD_LOG}"));
-    run_ok(&mut c, START_TIMEOUT)?;
-    let started = tandem_testkit::poll(START_TIMEOUT, || daemon_pid(name));
-    match started {
-        Some(_) => Ok(()),
-        None => Err(Error::Timeout {
-            what: format!("{name} to write /run/{name}.pid"),
-            timeout: START_TIMEOUT,
-            detail: format!("; see {LIBVIRTD_LOG}"),
-        }),
-    }
+        .args(args)
+        .envs(env.iter().copied());
+    run_ok(&mut c, timeout).map(|_| ())
 }
 
 /// Stops the running libvirtd (SIGTERM; running guests keep running and

@@ -90,12 +90,29 @@ impl QemuNbd {
         &self.socket
     }
 
+    /// The export name.
+    pub fn export(&self) -> &str {
+        &self.export
+    }
+
+    /// The disk for this export attached the way Tandem attaches volumes
+    /// ([`Disk::TandemNbd`]: `-blockdev` with `reconnect-delay`).
+    pub fn tandem_disk(&self, reconnect_delay_secs: u32) -> Disk {
+        Disk::TandemNbd {
+            socket: self.socket.clone(),
+            export: self.export.clone(),
+            reconnect_delay_secs,
+        }
+    }
+
     /// What qemu-nbd wrote to stderr so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Kills qemu-nbd and waits for it.
+    /// Kills qemu-nbd (SIGKILL, as a crash would), waits for it and
+    /// removes its socket file; [`QemuNbd::serve`] on the same socket is
+    /// then a restarted server.
     pub fn stop(mut self) -> Result<(), Error> {
         self.kill()
     }
