@@ -310,8 +310,10 @@ proptest! {
             let e = if s.older { epoch - 1 } else { epoch };
             let was = r.group.lock().position();
             let out = play(&r, e, &history, known, s);
+            // A session cut before its hello was sent never asked.
+            let asked = s.cut_after != Some(0);
             if s.older && was.epoch >= epoch {
-                prop_assert!(out.refused, "an older epoch was accepted");
+                prop_assert!(out.refused || !asked, "an older epoch was accepted");
                 prop_assert!(out.acks.is_empty());
                 let now = r.group.lock().position();
                 prop_assert_eq!(now.applied, was.applied, "an older epoch was applied");
