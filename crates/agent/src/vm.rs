@@ -23,9 +23,6 @@ use tracing::{info, warn};
 
 use crate::Layout;
 
-/// How long a migration lets the guest shut down before destroying it.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Why a VM step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -146,8 +143,8 @@ impl Vms {
         Ok(how)
     }
 
-    /// Makes sure the group's VM does not run here: shut down within
-    /// [`SHUTDOWN_TIMEOUT`] (`graceful`) or destroyed at once. Its
+    /// Makes sure the group's VM does not run here: shut down within the
+    /// group's `vm_shutdown_timeout` (`graceful`) or destroyed at once. Its
     /// definition then leaves this host (nothing, autostart or an
     /// operator, can start it here by mistake) when the group keeps a copy
     /// to define it from again.
@@ -157,7 +154,7 @@ impl Vms {
         };
         let hv = &self.hypervisor;
         if graceful && hv.state(name)?.is_active() {
-            if let Err(e) = hv.shutdown(name, SHUTDOWN_TIMEOUT) {
+            if let Err(e) = hv.shutdown(name, group.vm_shutdown_timeout) {
                 warn!(group = %group.name, vm = name, "the guest did not shut down cleanly ({e}): destroying it");
                 hv.destroy(name)?;
             }

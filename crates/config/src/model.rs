@@ -294,6 +294,9 @@ pub struct Group {
     pub on_promote_failure: OnPromoteFailure,
     /// `vm = "libvirt:NAME"`: the libvirt domain the group protects.
     pub vm: Option<String>,
+    /// How long a migration lets the guest shut down cleanly before the VM
+    /// is destroyed (default 60 s).
+    pub vm_shutdown_timeout: Duration,
 }
 
 impl Group {
@@ -305,6 +308,8 @@ impl Group {
     pub const DEFAULT_MAX_QUEUE: u64 = GIB;
     /// Default `queue_memory`.
     pub const DEFAULT_QUEUE_MEMORY: u64 = 256 * MIB;
+    /// Default `vm_shutdown_timeout`.
+    pub const DEFAULT_VM_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
     /// Replicas ordered by priority (lowest number first).
     pub fn replicas_by_priority(&self) -> Vec<&ReplicaSpec> {

@@ -102,6 +102,7 @@ pub(crate) struct RawGroup {
     pub on_lost_lease: Option<Spanned<OnLostLease>>,
     pub on_promote_failure: Option<Spanned<OnPromoteFailure>>,
     pub vm: Option<Spanned<VmName>>,
+    pub vm_shutdown_timeout: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Deserialize)]

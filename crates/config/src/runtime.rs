@@ -108,6 +108,11 @@ impl Group {
         );
         if let Some(vm) = &self.vm {
             let _ = writeln!(t, "vm = {}", quoted(&format!("libvirt:{vm}")));
+            let _ = writeln!(
+                t,
+                "vm_shutdown_timeout = {}",
+                quoted(&format_duration(self.vm_shutdown_timeout))
+            );
         }
         t
     }

@@ -184,6 +184,7 @@ fn spec_example_parses() {
             on_lost_lease: OnLostLease::Suspend,
             on_promote_failure: OnPromoteFailure::Report,
             vm: None,
+            vm_shutdown_timeout: Group::DEFAULT_VM_SHUTDOWN_TIMEOUT,
         }]
     );
     assert_eq!(

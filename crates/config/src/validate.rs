@@ -596,6 +596,10 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
                 .as_ref()
                 .map_or_else(Default::default, |x| *x.get_ref()),
             vm,
+            vm_shutdown_timeout: g
+                .vm_shutdown_timeout
+                .as_ref()
+                .map_or(Group::DEFAULT_VM_SHUTDOWN_TIMEOUT, |d| d.get_ref().0),
         });
     }
     Ok(out)
