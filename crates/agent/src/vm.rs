@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tandem_hypervisor::{xml, DiskSource, DomainState, Hypervisor, HypervisorError, XmlError};
+use tandem_hypervisor::{xml, DomainState, Hypervisor, HypervisorError, XmlError};
 use tracing::{info, warn};
 
 use crate::Layout;
@@ -118,7 +118,7 @@ impl Vms {
         let path = self.definition_path(&group.name);
         let how = match read_optional(&path)? {
             Some(definition) => {
-                let here = self.for_this_site(group, &definition)?;
+                let here = self.for_this_site(&definition)?;
                 let found = xml::read(&here)?.name;
                 if found != name {
                     return Err(VmError::WrongDomain {
@@ -237,32 +237,15 @@ impl Vms {
         );
     }
 
-    /// The definition rewritten for this site: the group's disks on this
-    /// site's sockets, networks renamed by `network_map`.
-    fn for_this_site(
-        &self,
-        group: &tandem_config::Group,
-        definition: &str,
-    ) -> Result<String, VmError> {
-        let parsed = xml::read(definition)?;
-        let replacements: Vec<(String, String)> = parsed
-            .disks
-            .iter()
-            .filter_map(|d| match &d.source {
-                DiskSource::Nbd { export, .. }
-                    if group.volumes.iter().any(|v| &v.name == export) =>
-                {
-                    let socket = self.layout.socket(export).display().to_string();
-                    Some((
-                        d.target.clone(),
-                        xml::nbd_disk(&d.target, d.bus.as_deref(), export, &socket),
-                    ))
-                }
-                _ => None,
-            })
-            .collect();
-        let disks = xml::replace_disks(definition, &replacements)?;
-        Ok(xml::map_networks(&disks, &self.network_map)?)
+    /// The definition rewritten for this site (docs/VMS.md): each disk in
+    /// Tandem's form on this site's socket of its volume, networks renamed
+    /// by `network_map`. Other disks are kept as they are.
+    fn for_this_site(&self, definition: &str) -> Result<String, VmError> {
+        Ok(xml::for_site(
+            definition,
+            |volume| self.layout.socket(volume).display().to_string(),
+            &self.network_map,
+        )?)
     }
 }
 
@@ -323,12 +306,20 @@ mod tests {
         volumes = [ { name = \"web-vda\", size = \"1M\" } ]\nvm = \"libvirt:web01\"\n";
 
     /// The definition as the primary (ny, data_dir /ny) kept it.
-    const AT_NY: &str = "<domain type='qemu'><name>web01</name><devices>\
-        <disk type='network' device='disk'><driver name='qemu' type='raw'/>\
-        <source protocol='nbd' name='web-vda'><host transport='unix' socket='/ny/nbd/web-vda.sock'/></source>\
-        <target dev='vda' bus='virtio'/></disk>\
-        <interface type='network'><source network='ny-lan'/></interface>\
-        </devices></domain>";
+    /// web01 as protected at ny: its disk in Tandem's form on ny's socket.
+    fn at_ny() -> String {
+        let plain = "<domain type='qemu'><name>web01</name><devices>\
+            <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+            <source file='/images/web01.raw'/><target dev='vda' bus='virtio'/></disk>\
+            <interface type='network'><source network='ny-lan'/></interface>\
+            </devices></domain>";
+        let disk = tandem_hypervisor::ProtectedDisk {
+            target: "vda".into(),
+            volume: "web-vda".into(),
+            socket: "/ny/nbd/web-vda.sock".into(),
+        };
+        xml::protect(plain, &[disk], 30).unwrap()
+    }
 
     struct Setup {
         _dir: tempfile::TempDir,
@@ -362,7 +353,7 @@ mod tests {
         let s = setup();
         let path = s.vms.definition_path("web");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, AT_NY).unwrap();
+        std::fs::write(&path, at_ny()).unwrap();
         assert_eq!(s.vms.start(&s.group).unwrap(), Started::FromDefinition);
         assert_eq!(s.fake.state("web01").unwrap(), DomainState::Running);
         let here = s.fake.xml("web01", true).unwrap();
@@ -382,7 +373,7 @@ mod tests {
     #[test]
     fn a_running_vm_is_adopted_and_nothing_is_redefined() {
         let s = setup();
-        s.fake.define(AT_NY).unwrap();
+        s.fake.define(&at_ny()).unwrap();
         s.fake.start("web01").unwrap();
         let before = s.fake.calls().len();
         assert_eq!(s.vms.start(&s.group).unwrap(), Started::AlreadyRunning);
@@ -396,14 +387,14 @@ mod tests {
         assert!(matches!(e, VmError::NoDefinition { .. }), "{e}");
         assert!(e.to_string().contains("web01"), "{e}");
         // Defined by hand in libvirt (a group configured by hand): used.
-        s.fake.define(AT_NY).unwrap();
+        s.fake.define(&at_ny()).unwrap();
         assert_eq!(s.vms.start(&s.group).unwrap(), Started::AsDefined);
     }
 
     #[test]
     fn a_failing_hypervisor_fails_the_start() {
         let s = setup();
-        s.fake.define(AT_NY).unwrap();
+        s.fake.define(&at_ny()).unwrap();
         s.fake.fail(Op::Start, true);
         assert!(matches!(s.vms.start(&s.group), Err(VmError::Hypervisor(_))));
     }
@@ -411,7 +402,7 @@ mod tests {
     #[test]
     fn stop_destroys_and_removes_the_definition_only_when_the_group_keeps_one() {
         let s = setup();
-        s.fake.define(AT_NY).unwrap();
+        s.fake.define(&at_ny()).unwrap();
         s.fake.start("web01").unwrap();
         s.vms.stop(&s.group, false).unwrap();
         assert_eq!(s.fake.state("web01").unwrap(), DomainState::ShutOff);
@@ -430,7 +421,7 @@ mod tests {
         let s = setup();
         let path = s.vms.definition_path("web");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, AT_NY.replace("web01", "db01")).unwrap();
+        std::fs::write(&path, at_ny().replace("web01", "db01")).unwrap();
         assert!(matches!(
             s.vms.start(&s.group),
             Err(VmError::WrongDomain { .. })

@@ -1,19 +1,28 @@
 //! An in-memory hypervisor for unit tests of what drives one: domains are
-//! XML and a state; starting, stopping and copying disks change them at
+//! XML and a state; starting, stopping and moving disks change them at
 //! once. Failures can be switched on per operation.
+//!
+//! A live move ([`Hypervisor::move_disk`]) does what the real one does to
+//! the domain: the running disk's place changes ([`Fake::live_disk`]), the
+//! definition does not; it lasts until the domain stops.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::xml;
-use crate::{CopyOutcome, DiskInfo, DomainInfo, DomainState, Hypervisor, HypervisorError};
+use crate::{qemu, xml};
+use crate::{
+    Destination, DiskInfo, DomainInfo, DomainState, Hypervisor, HypervisorError, MoveError,
+    MoveOutcome, Progress,
+};
 
 struct Domain {
     xml: String,
     state: DomainState,
     defined: bool,
+    /// Where running disks were moved (target → destination).
+    moved: BTreeMap<String, Destination>,
 }
 
 /// Operations a test can make fail.
@@ -22,7 +31,9 @@ pub enum Op {
     Define,
     Start,
     Destroy,
-    CopyDisk,
+    /// [`Hypervisor::move_disk`] fails as a failed mirror job does
+    /// ([`MoveError::JobFailed`]); the disk stays where it was.
+    MoveDisk,
 }
 
 #[derive(Default)]
@@ -60,6 +71,15 @@ impl Fake {
             return Err(refused(what));
         }
         Ok(())
+    }
+
+    /// Where a running domain's disk `target` was moved by
+    /// [`Hypervisor::move_disk`] (`None`: where its definition says).
+    pub fn live_disk(&self, name: &str, target: &str) -> Option<Destination> {
+        self.domains
+            .lock()
+            .get(name)
+            .and_then(|d| d.moved.get(target).cloned())
     }
 
     /// The calls made so far ("define web01", "start web01", ...).
@@ -112,6 +132,7 @@ impl Hypervisor for Fake {
             xml: String::new(),
             state: DomainState::ShutOff,
             defined: false,
+            moved: BTreeMap::new(),
         });
         d.xml = xml.to_owned();
         d.defined = true;
@@ -153,6 +174,7 @@ impl Hypervisor for Fake {
             return Err(HypervisorError::NoSuchDomain(name.to_owned()));
         };
         d.state = DomainState::ShutOff;
+        d.moved.clear();
         if !d.defined {
             domains.remove(name);
         }
@@ -163,20 +185,61 @@ impl Hypervisor for Fake {
         self.destroy(name)
     }
 
-    fn copy_disk(
+    fn move_disk(
         &self,
         name: &str,
         target: &str,
-        disk_xml: &str,
-    ) -> Result<CopyOutcome, HypervisorError> {
-        self.check(Op::CopyDisk, &format!("copy {name} {target}"))?;
+        to: &Destination,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<MoveOutcome, HypervisorError> {
+        let names = qemu::names(target)?;
+        let failed = |error| HypervisorError::moving(name, target, error);
+        if self
+            .check(Op::MoveDisk, &format!("move {name} {target}"))
+            .is_err()
+        {
+            return Err(failed(MoveError::JobFailed(
+                "refused by the fake hypervisor".into(),
+            )));
+        }
         let mut domains = self.domains.lock();
         let d = domains
             .get_mut(name)
             .ok_or_else(|| HypervisorError::NoSuchDomain(name.to_owned()))?;
-        d.xml = xml::replace_disks(&d.xml, &[(target.to_owned(), disk_xml.to_owned())])?;
-        Ok(CopyOutcome {
+        if !d.state.is_active() {
+            return Err(failed(MoveError::NotRunning(d.state)));
+        }
+        let disk = xml::read(&d.xml)?
+            .disks
+            .into_iter()
+            .find(|disk| disk.target == target)
+            .ok_or_else(|| failed(MoveError::NoSuchDisk(target.to_owned())))?;
+        let node = |dest: Option<&Destination>| match dest {
+            Some(Destination::Nbd { .. }) => names.nbd_format.clone(),
+            Some(Destination::File { .. }) => names.file_format.clone(),
+            None if disk.tandem => names.nbd_format.clone(),
+            None => format!("libvirt-{target}-format"),
+        };
+        let previous = node(d.moved.get(target));
+        let new = node(Some(to));
+        if previous == new {
+            return Err(failed(MoveError::AlreadyThere(new)));
+        }
+        const SIZE: u64 = 1 << 20;
+        for (copied, ready) in [(0, false), (SIZE, true)] {
+            progress(Progress {
+                copied,
+                total: SIZE,
+                ready,
+            });
+        }
+        d.moved.insert(target.to_owned(), to.clone());
+        Ok(MoveOutcome {
             elapsed: Duration::ZERO,
+            pivot: Duration::ZERO,
+            node: new,
+            previous,
+            size: SIZE,
         })
     }
 
@@ -199,21 +262,60 @@ mod tests {
         </devices></domain>";
 
     #[test]
-    fn the_fake_defines_starts_copies_and_destroys() {
+    fn the_fake_defines_starts_moves_and_destroys() {
         let h = Fake::new();
         assert_eq!(h.state("vm1").unwrap(), DomainState::Absent);
         h.define(XML).unwrap();
+        let to = Destination::Nbd {
+            volume: "v".into(),
+            socket: "/s.sock".into(),
+            reconnect_delay_secs: 30,
+        };
+        let mut seen = Vec::new();
+        // Not running: refused, typed.
+        assert!(matches!(
+            h.move_disk("vm1", "vda", &to, &mut |p| seen.push(p)),
+            Err(HypervisorError::Move(f)) if matches!(f.error, MoveError::NotRunning(DomainState::ShutOff))
+        ));
         h.start("vm1").unwrap();
         assert_eq!(h.state("vm1").unwrap(), DomainState::Running);
-        let nbd = xml::nbd_disk("vda", None, "v", "/s.sock");
-        h.copy_disk("vm1", "vda", &nbd).unwrap();
-        let d = &h.domains().unwrap()[0];
+        let out = h
+            .move_disk("vm1", "vda", &to, &mut |p| seen.push(p))
+            .unwrap();
+        assert_eq!(out.node, "tandem-vda");
+        assert!(seen.last().unwrap().ready);
+        assert_eq!(h.live_disk("vm1", "vda"), Some(to.clone()));
+        // The definition is not changed by a live move.
         assert!(matches!(
-            d.disks[0].disk.source,
-            crate::DiskSource::Nbd { .. }
+            h.domains().unwrap()[0].disks[0].disk.source,
+            crate::DiskSource::File { .. }
         ));
+        assert!(matches!(
+            h.move_disk("vm1", "vda", &to, &mut |_| {}),
+            Err(HypervisorError::Move(f)) if matches!(f.error, MoveError::AlreadyThere(_))
+        ));
+        assert!(matches!(
+            h.move_disk("vm1", "vdz", &to, &mut |_| {}),
+            Err(HypervisorError::Move(f)) if matches!(f.error, MoveError::NoSuchDisk(_))
+        ));
+        h.fail(Op::MoveDisk, true);
+        let back = Destination::File {
+            path: "/b.img".into(),
+        };
+        assert!(matches!(
+            h.move_disk("vm1", "vda", &back, &mut |_| {}),
+            Err(HypervisorError::Move(f)) if matches!(f.error, MoveError::JobFailed(_))
+        ));
+        assert_eq!(h.live_disk("vm1", "vda"), Some(to));
+        h.fail(Op::MoveDisk, false);
+        let out = h.move_disk("vm1", "vda", &back, &mut |_| {}).unwrap();
+        assert_eq!(
+            (out.previous.as_str(), out.node.as_str()),
+            ("tandem-vda", "tandem-vda-local")
+        );
         h.fail(Op::Start, true);
         h.destroy("vm1").unwrap();
+        assert_eq!(h.live_disk("vm1", "vda"), None);
         assert!(h.start("vm1").is_err());
         assert_eq!(h.calls()[0], "define vm1");
     }

@@ -6,12 +6,14 @@
 #![forbid(unsafe_code)]
 
 pub mod fake;
+pub mod qemu;
 pub mod virsh;
 pub mod xml;
 
 use std::time::Duration;
 
-pub use xml::{Disk, DiskSource, XmlError};
+pub use qemu::{InvalidTarget, PciAddress};
+pub use xml::{Disk, DiskSource, ProtectedDisk, XmlError};
 
 /// A domain's state, in libvirt's words (SPEC §4.4 `vm.state`), and
 /// `absent` where the domain is not defined.
@@ -100,11 +102,128 @@ pub struct DomainInfo {
     pub disks: Vec<DiskInfo>,
 }
 
-/// How a live disk copy went.
+/// Where [`Hypervisor::move_disk`] puts a running guest's disk.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Destination {
+    /// Tandem's form: the volume's NBD export on the agent's Unix socket,
+    /// as the raw node `tandem-<target>` with QEMU's `reconnect-delay`
+    /// ([`qemu::nbd_blockdev`]). The export must be exactly the disk's size.
+    Nbd {
+        volume: String,
+        socket: String,
+        reconnect_delay_secs: u32,
+    },
+    /// A local raw file (`tandem unprotect`), as the node
+    /// `tandem-<target>-local`. Created at the disk's size if absent (QEMU
+    /// must be able to open it: same host, and QEMU's user); if present it
+    /// must be exactly the disk's size.
+    File { path: String },
+}
+
+/// How far a live move has copied (the mirror job's `offset` and `len`:
+/// `total` grows while the guest writes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CopyOutcome {
-    /// How long the copy and its pivot took in all.
+pub struct Progress {
+    pub copied: u64,
+    pub total: u64,
+    /// Source and destination are in sync; the pivot comes next.
+    pub ready: bool,
+}
+
+/// How a live move went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveOutcome {
+    /// From the first QMP command to the check after the pivot.
     pub elapsed: Duration,
+    /// The pause at the pivot: from `block-job-complete` until QEMU shows
+    /// the job concluded (an upper bound: each look costs a `virsh` call of
+    /// some tens of ms).
+    pub pivot: Duration,
+    /// The node the device reads from now (`tandem-<target>` or
+    /// `tandem-<target>-local`).
+    pub node: String,
+    /// The node it read from before.
+    pub previous: String,
+    /// The disk's size in bytes.
+    pub size: u64,
+}
+
+/// Why a live move failed. The guest still reads from its old disk unless
+/// [`HypervisorError::Move`]'s `guest_on` says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("the domain is not running ({0})")]
+    NotRunning(DomainState),
+    #[error("the domain has no disk {0}")]
+    NoSuchDisk(String),
+    #[error("QEMU has no block device {device} with a medium (looked for disk {target})")]
+    NoBlockDevice { target: String, device: String },
+    #[error("the disk reads from {0} already")]
+    AlreadyThere(String),
+    #[error("the destination is {destination} bytes but the disk is {disk}")]
+    SizeMismatch { disk: u64, destination: u64 },
+    #[error("cannot prepare {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the mirror job failed: {0}")]
+    JobFailed(String),
+    #[error("the mirror job vanished before it was ready")]
+    JobVanished,
+    #[error("{stage} did not finish within {timeout:?}")]
+    Timeout {
+        stage: &'static str,
+        timeout: Duration,
+    },
+    #[error("after the pivot the device reads from {actual:?}, not {expected}")]
+    NotPivoted {
+        expected: String,
+        actual: Option<String>,
+    },
+    #[error("{0}")]
+    Call(Box<HypervisorError>),
+}
+
+/// A live move that failed ([`HypervisorError::Move`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "moving disk {target} of {name}: {error}{}{}",
+    match guest_on { Some(n) => format!(" (the disk reads from {n})"), None => String::new() },
+    match cleanup { Some(e) => format!("; cleaning up also failed: {e}"), None => String::new() }
+)]
+pub struct MoveFailure {
+    pub name: String,
+    pub target: String,
+    pub error: MoveError,
+    /// The node the disk reads from after the cleanup, if it could be
+    /// asked.
+    pub guest_on: Option<String>,
+    /// What went wrong cleaning up (cancelling the job, deleting the new
+    /// node), if anything did.
+    pub cleanup: Option<Box<HypervisorError>>,
+}
+
+impl HypervisorError {
+    /// A failed move of disk `target` of `name`, nothing else known.
+    pub fn moving(name: &str, target: &str, error: MoveError) -> HypervisorError {
+        HypervisorError::Move(Box::new(MoveFailure {
+            name: name.to_owned(),
+            target: target.to_owned(),
+            error,
+            guest_on: None,
+            cleanup: None,
+        }))
+    }
+
+    /// The reason of a failed move, if this is one.
+    pub fn move_error(&self) -> Option<&MoveError> {
+        match self {
+            HypervisorError::Move(f) => Some(&f.error),
+            _ => None,
+        }
+    }
 }
 
 /// Why the hypervisor did not do what was asked.
@@ -129,8 +248,50 @@ pub enum HypervisorError {
     Output { what: String, output: String },
     #[error(transparent)]
     Xml(#[from] XmlError),
+    #[error(transparent)]
+    InvalidTarget(#[from] InvalidTarget),
     #[error("the domain's QEMU monitor answered something that is not JSON: {0}")]
     Monitor(String),
+    #[error("QEMU refused {command}: {class}: {desc}")]
+    Qmp {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error(transparent)]
+    Move(Box<MoveFailure>),
+    #[error("destroying {name}: libvirt failed ({libvirt}), and killing its QEMU failed: {error}")]
+    Kill {
+        name: String,
+        error: Box<KillError>,
+        /// Why `virsh destroy` did not do it.
+        libvirt: Box<HypervisorError>,
+    },
+}
+
+/// Why [`virsh::Virsh`]'s destroy could not kill a domain's QEMU itself.
+#[derive(Debug, thiserror::Error)]
+pub enum KillError {
+    #[error("the connection {0} names no local QEMU pid files (remote, or not the QEMU driver)")]
+    NoPidDir(String),
+    #[error("{0:?} cannot be a libvirt domain name")]
+    InvalidName(String),
+    #[error("cannot read {path}: {source}")]
+    PidFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no process id: {content:?}")]
+    BadPid {
+        path: std::path::PathBuf,
+        content: String,
+    },
+    #[error("process {pid} is not this domain's QEMU (its command line has no -name guest=...)")]
+    NotItsQemu { pid: i32 },
+    #[error("cannot signal process {pid}: {source}")]
+    Signal { pid: i32, source: std::io::Error },
+    #[error("process {pid} still runs {timeout:?} after SIGKILL")]
+    StillAlive { pid: i32, timeout: Duration },
 }
 
 /// What Tandem needs of a hypervisor. Every call is bounded in time.
@@ -152,15 +313,22 @@ pub trait Hypervisor: Send + Sync {
     fn destroy(&self, name: &str) -> Result<(), HypervisorError>;
     /// Asks the guest to shut down and waits up to `timeout`.
     fn shutdown(&self, name: &str, timeout: Duration) -> Result<(), HypervisorError>;
-    /// Moves a running domain's disk `target` onto the disk described by
-    /// `disk_xml` (a `<disk>` element) while the guest runs: copy, then
-    /// pivot.
-    fn copy_disk(
+    /// Moves a running domain's disk `target` onto `to` while the guest
+    /// runs, over QMP: `blockdev-add` of the destination node,
+    /// `blockdev-mirror` (`sync: full`, `copy-mode: write-blocking`) from
+    /// the node the disk reads from now, `progress` reported until the job
+    /// is ready, `block-job-complete`, and a check that the device reads
+    /// from the new node. On failure the job is cancelled and the new node
+    /// deleted: the guest goes on with its old disk
+    /// ([`HypervisorError::Move`]). The persistent definition is not
+    /// changed ([`xml::protect`], [`xml::unprotect`] do that).
+    fn move_disk(
         &self,
         name: &str,
         target: &str,
-        disk_xml: &str,
-    ) -> Result<CopyOutcome, HypervisorError>;
+        to: &Destination,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<MoveOutcome, HypervisorError>;
     /// A QMP command to the domain's QEMU; its answer.
     fn monitor(
         &self,
