@@ -100,6 +100,7 @@ enum ApiRequest {
     Verify {
         group: String,
     },
+    Protect(crate::onboard::ProtectRequest),
     ChangeOwner {
         group: String,
         migrate: bool,
@@ -135,6 +136,8 @@ enum ApiError {
     Define(#[from] crate::runtime_groups::DefineError),
     #[error("the hypervisor is not available: {0}")]
     Hypervisor(#[from] tandem_hypervisor::HypervisorError),
+    #[error(transparent)]
+    Protect(#[from] crate::onboard::ProtectError),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
 }
@@ -171,6 +174,7 @@ impl ApiError {
                 crate::runtime_groups::DefineError::Agent(_) => 500,
             },
             ApiError::Hypervisor(_) => 503,
+            ApiError::Protect(e) => e.status(),
             ApiError::Encode(_) => 500,
         }
     }
@@ -186,6 +190,11 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
     ("GET", "/api/v1/peers", &[401]),
     ("GET", "/api/v1/vms", &[401, 503]),
     ("POST", "/api/v1/groups", &[400, 401, 413, 500]),
+    (
+        "POST",
+        "/api/v1/protect",
+        &[400, 401, 404, 409, 413, 500, 503],
+    ),
     (
         "PUT",
         "/api/v1/peers/{site}/bandwidth",
@@ -289,6 +298,9 @@ fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
         "POST" if path == "/api/v1/groups" => Ok(ApiRequest::DefineGroup {
             text: body_text(request)?.to_owned(),
         }),
+        "POST" if path == "/api/v1/protect" => Ok(ApiRequest::Protect(
+            serde_json::from_str(body_text(request)?).map_err(ApiError::BadBody)?,
+        )),
         "POST" => {
             let (group, action) = group_action(path).ok_or_else(no_endpoint)?;
             let group = group.to_owned();
@@ -343,6 +355,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
             to_json(&view.bandwidth.status())
         }
         ApiRequest::Verify { group } => to_json(&view.verify(&group)?),
+        ApiRequest::Protect(request) => to_json(&view.protect(&request)?),
         ApiRequest::ChangeOwner {
             group,
             migrate,

@@ -16,6 +16,7 @@ mod group;
 mod hooks;
 pub mod layout;
 mod metrics;
+pub mod onboard;
 mod ownership;
 mod replication;
 mod rolefile;

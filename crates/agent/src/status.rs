@@ -37,7 +37,7 @@ pub struct GroupStatus {
 }
 
 /// A protected VM as this site sees it (SPEC §4.4).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct VmStatus {
     pub name: String,
     /// libvirt's state word, `absent` where the domain is not defined.
@@ -45,6 +45,52 @@ pub struct VmStatus {
     /// Why the state could not be read just now (it is the last known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `tandem protect` of this VM, on the site doing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onboarding: Option<Onboarding>,
+}
+
+/// How `tandem protect` is getting on (docs/VMS.md, "Onboarding").
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Onboarding {
+    pub stage: OnboardingStage,
+    /// `true`: moved live; `false`: a shut-off VM, copied.
+    pub live: bool,
+    pub disks: Vec<OnboardingDisk>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Where onboarding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnboardingStage {
+    /// Waiting for the group's exports to take writes.
+    Preparing,
+    /// Copying the disks (live: mirroring, then the pivot).
+    Copying,
+    /// Rewriting the persistent definition and keeping it with the group.
+    Defining,
+    /// The VM is protected.
+    Done,
+    /// It stopped; `error` says why. `tandem protect` again resumes.
+    Failed,
+    /// The agent stopped before it finished. `tandem protect` again resumes.
+    Interrupted,
+}
+
+/// One disk of an onboarding VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OnboardingDisk {
+    pub target: String,
+    pub volume: String,
+    pub copied_bytes: u64,
+    pub total_bytes: u64,
+    /// The disk reads from its volume now.
+    pub done: bool,
+    /// Live: the guest's pause at the pivot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pivot_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -209,6 +209,7 @@ impl StatusView {
                             .as_ref()
                             .map_or(tandem_hypervisor::DomainState::Absent, |s| s.state),
                         error: seen.and_then(|s| s.error),
+                        onboarding: self.shared.vms.onboarding(&cfg.name),
                     }
                 }),
             };

@@ -60,6 +60,9 @@ pub enum Started {
     FromDefinition,
     /// Started from libvirt's own definition (the group has none yet).
     AsDefined,
+    /// `tandem protect` is moving it onto the group's volumes: it is left
+    /// as it is (docs/VMS.md, "Onboarding").
+    Onboarding,
 }
 
 /// What status shows of a VM on this site.
@@ -78,6 +81,8 @@ pub struct Vms {
     layout: Layout,
     network_map: Vec<(String, String)>,
     seen: Mutex<BTreeMap<String, Seen>>,
+    /// `tandem protect` of a group's VM, by group, while this agent runs.
+    onboarding: Mutex<BTreeMap<String, crate::status::Onboarding>>,
 }
 
 impl Vms {
@@ -91,6 +96,7 @@ impl Vms {
             layout,
             network_map,
             seen: Mutex::new(BTreeMap::new()),
+            onboarding: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -103,12 +109,62 @@ impl Vms {
         self.layout.vm_definition(group)
     }
 
+    /// The marker of an unfinished `tandem protect` of the group's VM
+    /// (docs/VMS.md, "Onboarding").
+    pub fn onboarding_marker(&self, group: &str) -> PathBuf {
+        self.layout
+            .data_dir
+            .join("vms")
+            .join(format!("{group}.onboarding"))
+    }
+
+    /// `tandem protect` of the group's VM has not finished: the VM is not
+    /// started, stopped by ownership or kept with the group.
+    pub fn is_onboarding(&self, group: &str) -> bool {
+        self.onboarding_marker(group).exists()
+    }
+
+    /// How `tandem protect` of the group's VM is getting on.
+    pub fn onboarding(&self, group: &str) -> Option<crate::status::Onboarding> {
+        use crate::status::{Onboarding, OnboardingStage};
+        let known = self.onboarding.lock().get(group).cloned();
+        match known {
+            Some(o) => Some(o),
+            None if self.is_onboarding(group) => Some(Onboarding {
+                stage: OnboardingStage::Interrupted,
+                live: false,
+                disks: Vec::new(),
+                error: Some(
+                    "the agent stopped before onboarding finished: run tandem protect again to \
+                     resume"
+                        .into(),
+                ),
+            }),
+            None => None,
+        }
+    }
+
+    /// Records how `tandem protect` of the group's VM is getting on.
+    pub fn set_onboarding(&self, group: &str, onboarding: crate::status::Onboarding) {
+        self.onboarding.lock().insert(group.to_owned(), onboarding);
+    }
+
+    /// Changes the recorded onboarding of the group's VM, if any.
+    pub fn update_onboarding(&self, group: &str, f: impl FnOnce(&mut crate::status::Onboarding)) {
+        if let Some(o) = self.onboarding.lock().get_mut(group) {
+            f(o);
+        }
+    }
+
     /// Makes the group's VM run here: adopted if it runs, else defined
     /// from the group's definition (for this site) and started.
     pub fn start(&self, group: &tandem_config::Group) -> Result<Started, VmError> {
         let Some(name) = group.vm.as_deref() else {
             return Ok(Started::AlreadyRunning);
         };
+        if self.is_onboarding(&group.name) {
+            return Ok(Started::Onboarding);
+        }
         let hv = &self.hypervisor;
         let state = hv.state(name)?;
         if state.is_active() {
@@ -191,6 +247,9 @@ impl Vms {
         let Some(name) = group.vm.as_deref() else {
             return Ok(false);
         };
+        if self.is_onboarding(&group.name) {
+            return Ok(false);
+        }
         let definition = self.hypervisor.xml(name, true)?;
         xml::read(&definition)?;
         let path = self.definition_path(&group.name);

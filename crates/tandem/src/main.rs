@@ -123,6 +123,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Protect a libvirt domain of this host: move its disks onto new volumes
+    /// (live when it runs) and replicate it to the given sites
+    Protect {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The libvirt domain
+        domain: String,
+        /// A site to replicate to, with its failover priority (lower first;
+        /// default: the order given)
+        #[arg(long = "replica", value_name = "SITE[:PRIORITY]", required = true,
+              value_parser = cmd::protect::parse_replica)]
+        replicas: Vec<tandem_agent::onboard::ReplicaRequest>,
+        /// Replication mode [default: async]
+        #[arg(long, value_parser = ["async", "sync"])]
+        mode: Option<String>,
+        /// The group's name [default: the domain's]
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+    },
     /// Show the regions of a volume that may differ from its replicas
     Dirty {
         #[command(flatten)]
@@ -174,6 +193,13 @@ fn main() -> ExitCode {
         Command::Demo { keep } => cmd::demo::run(keep),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Vms { config, json } => cmd::vms::run(&config.path(), json),
+        Command::Protect {
+            config,
+            domain,
+            replicas,
+            mode,
+            group,
+        } => cmd::protect::run(&config.path(), &domain, replicas, mode, group),
         Command::Status {
             config,
             json,

@@ -4,6 +4,8 @@ pub mod certs;
 pub mod demo;
 pub mod dirty;
 pub mod failover;
+pub mod progress;
+pub mod protect;
 pub mod status;
 pub mod verify;
 pub mod vms;
