@@ -434,6 +434,7 @@ fn run(
     }
     rt.vm_started
         .store(true, std::sync::atomic::Ordering::Release);
+    vms.refresh(&rt.cfg);
     Ok(())
 }
 

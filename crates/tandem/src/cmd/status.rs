@@ -64,7 +64,12 @@ pub fn api_request(
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let code = head.split_whitespace().nth(1).unwrap_or("?");
     if code != "200" {
-        bail!("the agent's API answered {code}: {}", body.trim());
+        // The API's errors are {"error": MESSAGE}: show the message.
+        let message = serde_json::from_str::<serde_json::Value>(body.trim())
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| body.trim().to_owned());
+        bail!("the agent's API answered {code}: {message}");
     }
     // tiny_http may use chunked encoding for large bodies.
     if head
