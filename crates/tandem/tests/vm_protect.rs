@@ -121,7 +121,7 @@ fn a_running_guest_is_protected_without_stopping_and_its_replica_matches() {
         "the guest was restarted"
     );
     let now = ok(guest.acks(), "console").len() as u64;
-    assert!(now as usize > acks_before, "no write during the protect");
+    assert!(now > acks_before as u64, "no write during the protect");
     ok(
         guest.wait_for_acks(now + 3, BOOT),
         "writes after the protect",
