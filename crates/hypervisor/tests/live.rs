@@ -416,7 +416,60 @@ fn a_writing_guest_moves_from_its_file_onto_nbd_without_noticing_and_a_failed_mo
     );
     assert!(io_errors(&guest).is_empty(), "{:?}", io_errors(&guest));
 
-    // Everything the guest ACKed, before and after the move, is in the
+    // The node added live has the reconnect-delay: the export gone for 3 s
+    // (an agent restart) holds the guest's writes instead of failing them.
+    ok(server.stop(), "kill qemu-nbd");
+    let at_kill = ok(guest.acks(), "console").len();
+    std::thread::sleep(Duration::from_secs(3)); // the outage, not a wait
+    let during = ok(guest.acks(), "console").len();
+    let server = ok(QemuNbd::serve(&volume, &socket, VOLUME), "restart qemu-nbd");
+    eprintln!("export down 3 s: ACKs {at_kill} at the kill, {during} at the restart");
+    more_acks(&guest, 10);
+    assert!(io_errors(&guest).is_empty(), "{:?}", io_errors(&guest));
+
+    // Back onto a file and onto the export again, while the guest writes:
+    // each move leaves no node of the one before.
+    let back = dir.path().join("back.img");
+    let (result, _) = move_disk(
+        &virsh,
+        "web01",
+        &Destination::File {
+            path: back.to_string_lossy().into_owned(),
+        },
+    );
+    let outcome = ok(result, "move back onto a file");
+    eprintln!("moved back onto a file: pivot pause {:?}", outcome.pivot);
+    assert_eq!(
+        (outcome.previous.as_str(), outcome.node.as_str()),
+        ("tandem-vda", "tandem-vda-local")
+    );
+    more_acks(&guest, 3);
+    let (result, _) = move_disk(
+        &virsh,
+        "web01",
+        &Destination::Nbd {
+            volume: VOLUME.into(),
+            socket: socket.to_string_lossy().into_owned(),
+            reconnect_delay_secs: 30,
+        },
+    );
+    let outcome = ok(result, "move onto NBD again");
+    eprintln!("moved onto NBD again: pivot pause {:?}", outcome.pivot);
+    assert_eq!(
+        (outcome.previous.as_str(), outcome.node.as_str()),
+        ("tandem-vda-local", "tandem-vda")
+    );
+    let nodes = node_names(&virsh, "web01");
+    assert!(
+        !nodes
+            .iter()
+            .any(|n| n.starts_with("tandem-vda-l") || n == "tandem-vda-file"),
+        "the file node was not deleted: {nodes:?}"
+    );
+    more_acks(&guest, 3);
+    assert!(io_errors(&guest).is_empty(), "{:?}", io_errors(&guest));
+
+    // Everything the guest ACKed, before and after the moves, is in the
     // volume.
     ok(guest.destroy(), "destroy");
     let acks = ok(guest.acks(), "console");
