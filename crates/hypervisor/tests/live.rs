@@ -363,6 +363,60 @@ fn a_writing_guest_moves_from_its_file_onto_nbd_without_noticing_and_a_failed_mo
     ok(small_server.stop(), "stop qemu-nbd");
     more_acks(&guest, 3);
 
+    // The export dies during the move (the agent crashed): the move fails
+    // once QEMU gives up reconnecting (reconnect-delay, 2 s here), and the
+    // guest goes on with its own disk, without an I/O error.
+    let dying = dir.path().join("dying.img");
+    blank_image(&dying, DISK_SIZE);
+    let dying_socket = dir.path().join("dying.sock");
+    let mut dying_server = Some(ok(
+        QemuNbd::serve(&dying, &dying_socket, VOLUME),
+        "qemu-nbd",
+    ));
+    let mut reports = Vec::new();
+    let clock = AckClock::start(&console);
+    more_acks(&guest, 1);
+    let started = Instant::now();
+    let result = virsh.move_disk(
+        "web01",
+        "vda",
+        &Destination::Nbd {
+            volume: VOLUME.into(),
+            socket: dying_socket.to_string_lossy().into_owned(),
+            reconnect_delay_secs: 2,
+        },
+        &mut |p| {
+            reports.push(p);
+            if let Some(server) = dying_server.take() {
+                ok(server.stop(), "kill qemu-nbd");
+            }
+        },
+    );
+    let error = result.expect_err("a move whose export died");
+    let failed = Instant::now();
+    more_acks(&guest, 1);
+    let (_, stall) = clock.stop(started, failed);
+    eprintln!(
+        "move whose export died at the first progress report {:?}: failed after {:?} \
+         (longest time without an ACK {stall:?}): {error}",
+        reports.first(),
+        failed - started
+    );
+    let HypervisorError::Move(failure) = &error else {
+        panic!("not a Move error: {error:?}");
+    };
+    assert_eq!(failure.guest_on.as_deref(), Some(libvirt_node.as_str()));
+    assert!(failure.cleanup.is_none(), "{error}");
+    assert_eq!(device_node(&virsh, "web01", "virtio-disk0"), libvirt_node);
+    let nodes = node_names(&virsh, "web01");
+    assert!(
+        !nodes.iter().any(|n| n.starts_with("tandem-")),
+        "left behind: {nodes:?}"
+    );
+    assert!(jobs(&virsh, "web01").is_empty());
+    more_acks(&guest, 3);
+    assert!(io_errors(&guest).is_empty(), "{:?}", io_errors(&guest));
+
     // The real move, onto an export of the same size, while the guest
     // writes.
     let volume = dir.path().join("volume.img");
