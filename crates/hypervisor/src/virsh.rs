@@ -130,6 +130,8 @@ pub struct Virsh {
     uri: String,
     program: String,
     pid_dir: Option<PathBuf>,
+    /// [`DESTROY_TIMEOUT`] (shorter in unit tests).
+    destroy_timeout: Duration,
 }
 
 /// A block job as `query-block-jobs` shows it.
@@ -187,6 +189,7 @@ impl Virsh {
             uri: uri.to_owned(),
             program: "virsh".to_owned(),
             pid_dir: qemu_pid_dir(uri),
+            destroy_timeout: DESTROY_TIMEOUT,
         }
     }
 
@@ -820,14 +823,18 @@ impl Hypervisor for Virsh {
     /// process named by libvirt's pid file is killed directly (G9: a demoted
     /// site's VM must stop even when libvirt is down; see [`qemu_pid_dir`]).
     fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
-        let libvirt = match self.run(&["destroy", name], None, DESTROY_TIMEOUT) {
+        let libvirt = match self.run(&["destroy", name], None, self.destroy_timeout) {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
-        if let Ok(s) = self.state_within(name, DESTROY_TIMEOUT) {
-            if !s.is_active() {
-                // Not running (or not defined): nothing to stop.
-                return Ok(());
+        // A libvirtd that let destroy time out would let this time out
+        // too: then straight to the kill (fencing waits on it).
+        if !matches!(libvirt, HypervisorError::Timeout { .. }) {
+            if let Ok(s) = self.state_within(name, self.destroy_timeout) {
+                if !s.is_active() {
+                    // Not running (or not defined): nothing to stop.
+                    return Ok(());
+                }
             }
         }
         self.kill_qemu(name).map_err(|error| HypervisorError::Kill {
@@ -1031,6 +1038,7 @@ mod tests {
             uri: "qemu:///system".into(),
             program: "/nonexistent/virsh".into(),
             pid_dir: None,
+            destroy_timeout: DESTROY_TIMEOUT,
         };
         assert!(matches!(v.names(), Err(HypervisorError::Spawn { .. })));
         // destroy: virsh cannot run, and without a pid directory there is
@@ -1042,6 +1050,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_hung_libvirt_is_asked_once_before_the_kill() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        // A virsh that never answers, counting its calls.
+        let calls = dir.path().join("calls");
+        let program = dir.path().join("virsh");
+        std::fs::write(
+            &program,
+            format!(
+                "#!/bin/sh\necho x >> '{}'\nexec sleep 30\n",
+                calls.display()
+            ),
+        )
+        .expect("write the fake virsh");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let v = Virsh {
+            uri: "qemu:///system".into(),
+            program: program.display().to_string(),
+            // No pid file there: no QEMU runs.
+            pid_dir: Some(dir.path().to_path_buf()),
+            destroy_timeout: Duration::from_secs(1),
+        };
+        let started = Instant::now();
+        v.destroy("web01").expect("no pid file: nothing to kill");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let calls = std::fs::read_to_string(&calls).unwrap_or_default();
+        assert_eq!(calls.lines().count(), 1, "virsh ran {calls:?}");
     }
 
     #[test]
