@@ -59,6 +59,15 @@ pub fn copy_timeout(size: u64) -> Duration {
 ///   on Debian).
 /// * `qemu:///session`: `$XDG_RUNTIME_DIR/libvirt/qemu/run`, or
 ///   `$HOME/.cache/libvirt/qemu/run` without `XDG_RUNTIME_DIR`.
+/// * With a `socket=PATH` parameter (a daemon listening elsewhere than
+///   the default, e.g. one with its own state directories): the directory
+///   of the socket stands for libvirt's run directory, which holds both
+///   the daemon's socket (`/run/libvirt/libvirt-sock`) and the QEMU
+///   driver's state (`/run/libvirt/qemu`): `DIR/qemu` for `system`,
+///   `DIR/qemu/run` for `session`. (Mapping such a URI to the default
+///   directory would read another daemon's pid files: a missing pid file
+///   there means "no QEMU runs", and destroy would report success while
+///   the guest lives on.)
 /// * Anything else (a host in the URI, `+ssh`/`+tls`/`+tcp`, another
 ///   driver, `qemu:///embed`): `None` — there is no local pid file to
 ///   read; [`Virsh::with_pid_dir`] can name one.
@@ -69,11 +78,27 @@ pub fn qemu_pid_dir(uri: &str) -> Option<PathBuf> {
         return None;
     }
     // No host: "qemu:///system" leaves "/system".
-    let path = rest.strip_prefix('/')?;
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    match path.trim_end_matches('/') {
-        "system" => Some(PathBuf::from("/run/libvirt/qemu")),
-        "session" => match std::env::var_os("XDG_RUNTIME_DIR") {
+    let rest = rest.strip_prefix('/')?;
+    let rest = rest.split('#').next().unwrap_or_default();
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let socket_dir = match query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "socket")
+    {
+        Some((_, v)) => Some(
+            PathBuf::from(percent_decode(v)?)
+                .parent()
+                .filter(|d| d.is_absolute())?
+                .to_path_buf(),
+        ),
+        None => None,
+    };
+    match (path.trim_end_matches('/'), socket_dir) {
+        ("system", Some(dir)) => Some(dir.join("qemu")),
+        ("session", Some(dir)) => Some(dir.join("qemu/run")),
+        ("system", None) => Some(PathBuf::from("/run/libvirt/qemu")),
+        ("session", None) => match std::env::var_os("XDG_RUNTIME_DIR") {
             Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir).join("libvirt/qemu/run")),
             _ => std::env::var_os("HOME")
                 .map(|home| PathBuf::from(home).join(".cache/libvirt/qemu/run")),
@@ -82,10 +107,31 @@ pub fn qemu_pid_dir(uri: &str) -> Option<PathBuf> {
     }
 }
 
+/// A URI query value with its `%XX` escapes decoded (`None` if one is
+/// malformed or the result is not UTF-8).
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 pub struct Virsh {
     uri: String,
     program: String,
     pid_dir: Option<PathBuf>,
+    /// [`DESTROY_TIMEOUT`] (shorter in unit tests).
+    destroy_timeout: Duration,
 }
 
 /// A block job as `query-block-jobs` shows it.
@@ -143,6 +189,7 @@ impl Virsh {
             uri: uri.to_owned(),
             program: "virsh".to_owned(),
             pid_dir: qemu_pid_dir(uri),
+            destroy_timeout: DESTROY_TIMEOUT,
         }
     }
 
@@ -776,14 +823,18 @@ impl Hypervisor for Virsh {
     /// process named by libvirt's pid file is killed directly (G9: a demoted
     /// site's VM must stop even when libvirt is down; see [`qemu_pid_dir`]).
     fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
-        let libvirt = match self.run(&["destroy", name], None, DESTROY_TIMEOUT) {
+        let libvirt = match self.run(&["destroy", name], None, self.destroy_timeout) {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
-        if let Ok(s) = self.state_within(name, DESTROY_TIMEOUT) {
-            if !s.is_active() {
-                // Not running (or not defined): nothing to stop.
-                return Ok(());
+        // A libvirtd that let destroy time out would let this time out
+        // too: then straight to the kill (fencing waits on it).
+        if !matches!(libvirt, HypervisorError::Timeout { .. }) {
+            if let Ok(s) = self.state_within(name, self.destroy_timeout) {
+                if !s.is_active() {
+                    // Not running (or not defined): nothing to stop.
+                    return Ok(());
+                }
             }
         }
         self.kill_qemu(name).map_err(|error| HypervisorError::Kill {
@@ -857,13 +908,23 @@ impl Hypervisor for Virsh {
                 Some(path.as_str()),
             ),
         };
+        // Before the mirror job starts the disk reads from where it did.
+        let unchanged = |error: MoveError| {
+            HypervisorError::Move(Box::new(MoveFailure {
+                name: name.to_owned(),
+                target: target.to_owned(),
+                error,
+                guest_on: Some(current.node.clone()),
+                cleanup: None,
+            }))
+        };
         if current.node == new {
-            return Err(failed(MoveError::AlreadyThere(new)));
+            return Err(unchanged(MoveError::AlreadyThere(new)));
         }
         if let Some(path) = created {
             // Keep the path only when this call made the file.
             created = Self::prepare_file(path, size)
-                .map_err(&failed)?
+                .map_err(&unchanged)?
                 .then_some(path);
         }
         let remove_created = || {
@@ -878,7 +939,7 @@ impl Hypervisor for Virsh {
             })?;
         if let Err(e) = self.qmp(name, "blockdev-add", Some(arguments)) {
             remove_created();
-            return Err(failed(MoveError::Call(Box::new(e))));
+            return Err(unchanged(MoveError::Call(Box::new(e))));
         }
         let mut job_started = false;
         match self.mirror(
@@ -977,6 +1038,7 @@ mod tests {
             uri: "qemu:///system".into(),
             program: "/nonexistent/virsh".into(),
             pid_dir: None,
+            destroy_timeout: DESTROY_TIMEOUT,
         };
         assert!(matches!(v.names(), Err(HypervisorError::Spawn { .. })));
         // destroy: virsh cannot run, and without a pid directory there is
@@ -991,14 +1053,65 @@ mod tests {
     }
 
     #[test]
+    fn a_hung_libvirt_is_asked_once_before_the_kill() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        // A virsh that never answers, counting its calls.
+        let calls = dir.path().join("calls");
+        let program = dir.path().join("virsh");
+        std::fs::write(
+            &program,
+            format!(
+                "#!/bin/sh\necho x >> '{}'\nexec sleep 30\n",
+                calls.display()
+            ),
+        )
+        .expect("write the fake virsh");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let v = Virsh {
+            uri: "qemu:///system".into(),
+            program: program.display().to_string(),
+            // No pid file there: no QEMU runs.
+            pid_dir: Some(dir.path().to_path_buf()),
+            destroy_timeout: Duration::from_secs(1),
+        };
+        let started = Instant::now();
+        v.destroy("web01").expect("no pid file: nothing to kill");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let calls = std::fs::read_to_string(&calls).unwrap_or_default();
+        assert_eq!(calls.lines().count(), 1, "virsh ran {calls:?}");
+    }
+
+    #[test]
     fn pid_files_are_found_for_local_qemu_connections_only() {
         let system = Some(PathBuf::from("/run/libvirt/qemu"));
         assert_eq!(qemu_pid_dir("qemu:///system"), system);
         assert_eq!(qemu_pid_dir("qemu+unix:///system"), system);
+        // A daemon on its own socket keeps its state beside it (a
+        // tandem-vmkit site daemon: <root>/run/libvirt-sock and
+        // <root>/run/qemu/NAME.pid).
         assert_eq!(
-            qemu_pid_dir("qemu+unix:///system?socket=/tmp/libvirt-sock"),
+            qemu_pid_dir("qemu+unix:///system?socket=/run/sites/a/run/libvirt-sock"),
+            Some(PathBuf::from("/run/sites/a/run/qemu"))
+        );
+        assert_eq!(
+            qemu_pid_dir("qemu:///system?socket=/run/libvirt/libvirt-sock"),
             system
         );
+        assert_eq!(
+            qemu_pid_dir("qemu+unix:///system?mode=legacy&socket=/x%20y/libvirt-sock"),
+            Some(PathBuf::from("/x y/qemu"))
+        );
+        assert_eq!(
+            qemu_pid_dir("qemu+unix:///session?socket=/run/user/0/libvirt/libvirt-sock"),
+            Some(PathBuf::from("/run/user/0/libvirt/qemu/run"))
+        );
+        assert_eq!(qemu_pid_dir("qemu+unix:///system?socket=%zz"), None);
+        assert_eq!(qemu_pid_dir("qemu+unix:///system?socket="), None);
         assert!(qemu_pid_dir("qemu:///session").is_some_and(|p| p.ends_with("libvirt/qemu/run")));
         assert_eq!(qemu_pid_dir("qemu+ssh://host/system"), None);
         assert_eq!(qemu_pid_dir("qemu://host/system"), None);
