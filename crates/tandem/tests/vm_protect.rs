@@ -43,7 +43,7 @@ fn console_errors(guest: &Guest) -> Vec<String> {
 }
 
 #[test]
-fn a_running_guest_is_protected_without_stopping_and_its_replica_matches() {
+fn a_running_guest_is_protected_and_unprotected_without_stopping() {
     let image = ok(GuestImage::ensure(), "guest image");
     let ny_lv = ok(SiteLibvirt::start("p-ny"), "ny's libvirt");
     let chicago_lv = ok(SiteLibvirt::start("p-chi"), "chicago's libvirt");
@@ -215,5 +215,72 @@ fn a_running_guest_is_protected_without_stopping_and_its_replica_matches() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Unprotect: the VM keeps running, now on a plain local raw file, and
+    // the group is gone from both sites with its volumes.
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .args(["unprotect", "web01", "--to"])
+            .arg(&home)
+            .arg("--config")
+            .arg(&cluster.site("ny").config),
+        Duration::from_secs(600),
+    );
+    assert!(
+        out.status.success(),
+        "unprotect: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.site("ny").log()
+    );
+    let file = home.join("web01-vda.raw");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&file.display().to_string()));
+    assert_eq!(
+        ny_lv.qemu_pid("web01"),
+        Some(pid),
+        "the guest was restarted"
+    );
+    let now = ok(guest.acks(), "console").len() as u64;
+    ok(
+        guest.wait_for_acks(now + 3, BOOT),
+        "writes after the unprotect",
+    );
+    assert!(
+        console_errors(&guest).is_empty(),
+        "{:?}",
+        console_errors(&guest)
+    );
+    let persistent = ok(
+        ny_lv.libvirt().virsh(&["dumpxml", "--inactive", "web01"]),
+        "dumpxml",
+    );
+    assert!(!persistent.contains("tandem-vda"), "{persistent}");
+    assert!(
+        persistent.contains(&format!("file='{}'", file.display())),
+        "{persistent}"
+    );
+    for site in ["ny", "chicago"] {
+        let site_dir = &cluster.site(site).data_dir;
+        wait_until(Duration::from_secs(30), "the group gone", || {
+            group(&cluster.status(site), "web01").is_null()
+                && !site_dir.join("volumes/web01-vda.img").exists()
+        });
+        assert!(!site_dir.join("groups/web01.toml").exists());
+    }
+    // The local file holds the file system the guest goes on writing.
+    ok(ny_lv.libvirt().virsh(&["suspend", "web01"]), "suspend");
+    let acks = ok(guest.acks(), "console");
+    let copy = dir.path().join("local-copy.img");
+    std::fs::copy(&file, &copy).unwrap();
+    ok(ext4::replay_journal(&copy), "journal replay");
+    ok(ext4::fsck(&copy), "e2fsck -n");
+    let files = ok(ext4::verify_numbered_files(&copy), "files");
+    for n in &acks {
+        assert!(
+            matches!(files.get(n), Some(Ok(()))),
+            "f{n} is not intact in the local file"
+        );
+    }
     drop(guest);
 }
