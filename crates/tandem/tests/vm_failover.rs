@@ -342,6 +342,11 @@ fn a_protected_vm_follows_its_group_through_host_loss_return_migration_restarts_
         "G9 monitor: {} samples, web01 never at two sites",
         monitor.samples.lock().unwrap()
     );
+    if let Some(dir) = std::env::var_os("VM_FAILOVER_LOGS") {
+        for s in SITES {
+            std::fs::write(Path::new(&dir).join(format!("{s}.log")), c.site(s).log()).unwrap();
+        }
+    }
     drop(witness);
     eprintln!("the whole test took {:?}", started.elapsed());
 }
@@ -515,6 +520,13 @@ fn libvirt_down_at_the_next_site(c: &mut Cluster, hosts: &Hosts, console: &Conso
     wait_vm_state(c, "seattle", Some("primary"), "running", Duration::from_secs(20));
     let chicago = group(c, "chicago");
     assert_ne!(chicago["role"], "primary", "{chicago:#}");
+    // chicago did take the group and failed to start the VM (rather than
+    // being passed over).
+    let log = c.site("chicago").log();
+    assert!(
+        log.contains("the VM did not start") && log.contains("handing the group to the next site"),
+        "chicago never tried to start web01:\n{log}"
+    );
 
     // libvirt back at chicago: web01 is not running there.
     ok(hosts.get("chicago").restart_daemon(), "restart chicago's libvirt");
