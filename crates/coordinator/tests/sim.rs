@@ -1353,11 +1353,17 @@ fn a_vm_that_cannot_start_at_the_next_site_passes_the_group_on() {
         "{tries} attempts to stop the VM in {:?}",
         w.now() - since
     );
-    assert_ne!(w.sites[1].groups[0].machine.as_ref().unwrap().vm(), VmState::Down);
+    assert_ne!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().vm(),
+        VmState::Down
+    );
     // libvirt back: the next attempt succeeds and the tries stop.
     w.vm_broken[1] = false;
     w.run(VM_RETRY + Duration::from_secs(2));
-    assert_eq!(w.sites[1].groups[0].machine.as_ref().unwrap().vm(), VmState::Down);
+    assert_eq!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().vm(),
+        VmState::Down
+    );
     let stops = w.vm_stops[1];
     w.run(Duration::from_secs(10));
     assert_eq!(w.vm_stops[1], stops, "stopped again although it is down");

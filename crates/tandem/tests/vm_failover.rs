@@ -82,7 +82,9 @@ impl Hosts {
         poll(timeout, || {
             last = self.running();
             std::thread::sleep(Duration::from_millis(20));
-            (last == [site]).then(|| self.get(site).qemu_pid(VM)).flatten()
+            (last == [site])
+                .then(|| self.get(site).qemu_pid(VM))
+                .flatten()
         })
         .unwrap_or_else(|| {
             panic!("web01 not running at {site} alone after {timeout:?} (running at {last:?})")
@@ -163,7 +165,10 @@ impl Console {
             let lines = self.lines();
             let new = lines.get(from..).unwrap_or_default();
             if let Some(bad) = new.iter().find(|l| is_error(l)) {
-                panic!("the guest failed while waiting for {what}: {bad}\n{}", new.join("\n"));
+                panic!(
+                    "the guest failed while waiting for {what}: {bad}\n{}",
+                    new.join("\n")
+                );
             }
             if let Some(v) = f(new) {
                 return Some(v);
@@ -229,8 +234,7 @@ struct Monitor {
 }
 
 #[test]
-fn a_protected_vm_follows_its_group_through_host_loss_return_migration_restarts_and_libvirt_down(
-) {
+fn a_protected_vm_follows_its_group_through_host_loss_return_migration_restarts_and_libvirt_down() {
     let started = Instant::now();
     let image = ok(GuestImage::ensure(), "guest image");
     let hosts = Hosts {
@@ -248,10 +252,7 @@ fn a_protected_vm_follows_its_group_through_host_loss_return_migration_restarts_
     for s in SITES {
         let config = c.site(s).config.clone();
         let mut text = std::fs::read_to_string(&config).unwrap();
-        text.push_str(&format!(
-            "\n[libvirt]\nuri = \"{}\"\n",
-            hosts.get(s).uri()
-        ));
+        text.push_str(&format!("\n[libvirt]\nuri = \"{}\"\n", hosts.get(s).uri()));
         std::fs::write(&config, text).unwrap();
     }
     let witness = Witness::start(c.dir.path());
@@ -357,8 +358,13 @@ fn scenario(c: &mut Cluster, hosts: &Hosts, console: &Console) {
         c.start_any(s);
     }
     let ny_pid = hosts.wait_running_at("ny", FAILOVER);
-    eprintln!("[{:?}] ny's agent started web01 (QEMU {ny_pid})", t.elapsed());
-    console.wait(0, "MOUNTED", BOOT, |l| l.iter().any(|l| l == "MOUNTED").then_some(()));
+    eprintln!(
+        "[{:?}] ny's agent started web01 (QEMU {ny_pid})",
+        t.elapsed()
+    );
+    console.wait(0, "MOUNTED", BOOT, |l| {
+        l.iter().any(|l| l == "MOUNTED").then_some(())
+    });
     console.wait_acks(0, 5, BOOT);
     wait_vm_state(c, "ny", Some("primary"), "running", Duration::from_secs(20));
     // The definition reaches both replicas (the keeper every 2 s, then the
@@ -368,13 +374,13 @@ fn scenario(c: &mut Cluster, hosts: &Hosts, console: &Console) {
         wait_until(
             Duration::from_secs(30),
             &format!("web01's definition at {s}"),
-            || {
-                std::fs::read_to_string(&path)
-                    .is_ok_and(|x| x.contains("<name>web01</name>"))
-            },
+            || std::fs::read_to_string(&path).is_ok_and(|x| x.contains("<name>web01</name>")),
         );
     }
-    eprintln!("[{:?}] web01 writing at ny; definition at every replica", t.elapsed());
+    eprintln!(
+        "[{:?}] web01 writing at ny; definition at every replica",
+        t.elapsed()
+    );
 
     host_loss(c, hosts, console);
     return_and_migrate_home(c, hosts, console);
@@ -408,7 +414,13 @@ fn host_loss(c: &mut Cluster, hosts: &Hosts, console: &Console) {
         "host loss: kill -> web01's QEMU running at chicago {vm_running:?}; -> first new write \
          (ACK {first}) {first_write:?}; the guest resumed after f{resumed}"
     );
-    wait_vm_state(c, "chicago", Some("primary"), "running", Duration::from_secs(20));
+    wait_vm_state(
+        c,
+        "chicago",
+        Some("primary"),
+        "running",
+        Duration::from_secs(20),
+    );
     let g = group(c, "chicago");
     assert_eq!(g["epoch"], 2, "{g:#}");
     assert_eq!(hosts.get("chicago").qemu_pid(VM), Some(pid));
@@ -444,7 +456,10 @@ fn return_and_migrate_home(c: &mut Cluster, hosts: &Hosts, console: &Console) {
     assert!(out.contains("owned by ny in epoch 3"), "{out}");
     hosts.wait_running_at("ny", BOOT);
     let resumed = console.wait_resume(from, BOOT);
-    assert!(resumed >= before, "resumed after f{resumed}, chicago acknowledged f{before}");
+    assert!(
+        resumed >= before,
+        "resumed after f{resumed}, chicago acknowledged f{before}"
+    );
     let first = console.wait_ack_after(from, resumed, BOOT);
     eprintln!(
         "migration home: web01 writes at ny again (ACK {first}) {:?} after `tandem migrate`",
@@ -452,7 +467,13 @@ fn return_and_migrate_home(c: &mut Cluster, hosts: &Hosts, console: &Console) {
     );
     wait_vm_state(c, "ny", Some("primary"), "running", Duration::from_secs(20));
     wait_streaming(c, "chicago", "ny", Duration::from_secs(60));
-    wait_vm_state(c, "chicago", Some("replica"), "absent", Duration::from_secs(20));
+    wait_vm_state(
+        c,
+        "chicago",
+        Some("replica"),
+        "absent",
+        Duration::from_secs(20),
+    );
     assert_eq!(hosts.running(), ["ny"]);
 }
 
@@ -461,6 +482,8 @@ fn return_and_migrate_home(c: &mut Cluster, hosts: &Hosts, console: &Console) {
 fn agent_restarts(c: &mut Cluster, hosts: &Hosts, console: &Console) {
     let pid = hosts.get("ny").qemu_pid(VM).expect("web01 at ny");
     for how in ["SIGTERM", "SIGKILL"] {
+        // The guest is writing when the signal comes.
+        console.wait_acks(console.len(), 2, Duration::from_secs(60));
         let from = console.len();
         let t = Instant::now();
         if how == "SIGTERM" {
@@ -471,16 +494,23 @@ fn agent_restarts(c: &mut Cluster, hosts: &Hosts, console: &Console) {
         }
         c.start_any("ny");
         let up = t.elapsed();
-        console.wait_acks(from, 5, Duration::from_secs(60));
+        // It goes on writing through the new agent.
+        let restarted = console.len();
+        let first = console.wait_ack_after(from, 0, Duration::from_secs(60));
+        let first_at = t.elapsed();
+        console.wait_acks(restarted, 5, Duration::from_secs(60));
         eprintln!(
-            "{how} + restart of ny's agent: back in {up:?}, 5 more ACKs {:?} after the signal",
+            "{how} + restart of ny's agent: back in {up:?}; first ACK (f{first}) {first_at:?} \
+             and 5 more after the restart {:?} after the signal",
             t.elapsed()
         );
         let lines = console.lines();
         let bad: Vec<&String> = lines[from..].iter().filter(|l| is_error(l)).collect();
         assert!(bad.is_empty(), "errors in the guest after {how}: {bad:?}");
         assert!(
-            !lines[from..].iter().any(|l| l == "MOUNTED" || l.starts_with("TANDEM-INIT")),
+            !lines[from..]
+                .iter()
+                .any(|l| l == "MOUNTED" || l.starts_with("TANDEM-INIT")),
             "the guest was restarted by the agent's {how} restart"
         );
         assert_eq!(
@@ -500,6 +530,7 @@ fn libvirt_down_at_the_next_site(c: &mut Cluster, hosts: &Hosts, console: &Conso
     wait_streaming(c, "chicago", "ny", Duration::from_secs(60));
     wait_streaming(c, "seattle", "ny", Duration::from_secs(60));
     ok(hosts.get("chicago").stop_daemon(), "stop chicago's libvirt");
+    let libvirt_down = Instant::now();
     c.kill("ny");
     let killed = Instant::now();
     ok(hosts.get("ny").crash_host(), "crash ny's host");
@@ -510,14 +541,23 @@ fn libvirt_down_at_the_next_site(c: &mut Cluster, hosts: &Hosts, console: &Conso
     hosts.wait_running_at("seattle", FAILOVER);
     let vm_running = killed.elapsed();
     let resumed = console.wait_resume(from, BOOT);
-    assert!(resumed >= last, "seattle resumed after f{resumed}, ny acknowledged f{last}");
+    assert!(
+        resumed >= last,
+        "seattle resumed after f{resumed}, ny acknowledged f{last}"
+    );
     let first = console.wait_ack_after(from, last, BOOT);
     eprintln!(
         "libvirt down at chicago: kill -> web01 running at seattle {vm_running:?}; -> first new \
          write (ACK {first}) {:?}",
         killed.elapsed()
     );
-    wait_vm_state(c, "seattle", Some("primary"), "running", Duration::from_secs(20));
+    wait_vm_state(
+        c,
+        "seattle",
+        Some("primary"),
+        "running",
+        Duration::from_secs(20),
+    );
     let chicago = group(c, "chicago");
     assert_ne!(chicago["role"], "primary", "{chicago:#}");
     // chicago did take the group and failed to start the VM (rather than
@@ -528,12 +568,44 @@ fn libvirt_down_at_the_next_site(c: &mut Cluster, hosts: &Hosts, console: &Conso
         "chicago never tried to start web01:\n{log}"
     );
 
+    // Status says libvirt cannot be asked there.
+    let vm = &group(c, "chicago")["vm"];
+    assert!(vm["error"].is_string(), "chicago's VM status: {vm:#}");
+    // As a replica it keeps trying to make sure it does not run web01,
+    // every 5 s (VM_RETRY), not at every view of the store.
+    let tries = c
+        .site("chicago")
+        .log()
+        .matches("the VM could not be stopped here")
+        .count();
+    let most = libvirt_down.elapsed().as_secs() / 5 + 2;
+    assert!(
+        tries as u64 <= most,
+        "{tries} attempts to stop web01 at chicago in {:?}",
+        libvirt_down.elapsed()
+    );
+
     // libvirt back at chicago: web01 is not running there.
-    ok(hosts.get("chicago").restart_daemon(), "restart chicago's libvirt");
-    let state = ok(hosts.get("chicago").libvirt().domain_state(VM), "web01 at chicago");
-    assert!(state.as_deref() != Some("running"), "web01 at chicago: {state:?}");
+    ok(
+        hosts.get("chicago").restart_daemon(),
+        "restart chicago's libvirt",
+    );
+    let state = ok(
+        hosts.get("chicago").libvirt().domain_state(VM),
+        "web01 at chicago",
+    );
+    assert!(
+        state.as_deref() != Some("running"),
+        "web01 at chicago: {state:?}"
+    );
     wait_streaming(c, "chicago", "seattle", Duration::from_secs(60));
-    wait_vm_state(c, "chicago", Some("replica"), "absent", Duration::from_secs(30));
+    wait_vm_state(
+        c,
+        "chicago",
+        Some("replica"),
+        "absent",
+        Duration::from_secs(30),
+    );
     assert_eq!(hosts.running(), ["seattle"]);
 }
 
@@ -549,7 +621,10 @@ fn final_check(c: &mut Cluster, hosts: &Hosts, console: &Console) {
     }
     let lines = console.lines();
     let errors: Vec<&String> = lines.iter().filter(|l| is_error(l)).collect();
-    assert!(errors.is_empty(), "errors on the guest's console: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "errors on the guest's console: {errors:?}"
+    );
     let acks = console.acks();
     assert!(
         acks.windows(2).all(|w| w[0] < w[1]),
@@ -574,7 +649,11 @@ fn check_image(image: &Path, acked: &BTreeSet<u64>) {
     // Files never acknowledged: the one being written at each crash or
     // destroy (ny twice, chicago's guest at the migration, seattle's at the
     // end).
-    let unacked: Vec<u64> = files.keys().filter(|n| !acked.contains(n)).copied().collect();
+    let unacked: Vec<u64> = files
+        .keys()
+        .filter(|n| !acked.contains(n))
+        .copied()
+        .collect();
     assert!(unacked.len() <= 4, "files never acknowledged: {unacked:?}");
     eprintln!(
         "{}: {} files, {} acknowledged and intact, clean file system",
