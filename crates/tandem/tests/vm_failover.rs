@@ -492,6 +492,20 @@ fn agent_restarts(c: &mut Cluster, hosts: &Hosts, console: &Console) {
         } else {
             c.kill("ny");
         }
+        // No agent, no disk: the guest's fsync()s wait (reconnect-delay).
+        // At most the one whose fsync returned before the signal may still
+        // print its ACK. (The wait is the point of the check.)
+        let stopped = console.len();
+        std::thread::sleep(Duration::from_millis(500));
+        let lines = console.lines();
+        let during: Vec<&String> = lines[stopped..]
+            .iter()
+            .filter(|l| tandem_vmkit::parse_ack(l).is_some())
+            .collect();
+        assert!(
+            during.len() <= 1,
+            "the guest acknowledged writes with no agent running ({how}): {during:?}"
+        );
         c.start_any("ny");
         let up = t.elapsed();
         // It goes on writing through the new agent.
