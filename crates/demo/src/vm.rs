@@ -127,15 +127,20 @@ pub fn preflight() -> Result<(), DemoError> {
         .args(["-W", "-f=${db:Status-Status}", "busybox-static"])
         .output()
         .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"installed"));
-    missing_tools(&dirs, busybox_static)?;
+    missing_tools(&dirs, &["/usr/sbin", "/sbin"], busybox_static)?;
     if !rustix::process::geteuid().is_root() {
         return Err(DemoError::VmNotRoot);
     }
     Ok(())
 }
 
-/// The error naming what is missing from `dirs` (PATH), if anything.
-fn missing_tools(dirs: &[PathBuf], busybox_static: bool) -> Result<(), DemoError> {
+/// The error naming what is missing from `dirs` (PATH), if anything; a
+/// command found in one of `elsewhere` only is named with that place.
+fn missing_tools(
+    dirs: &[PathBuf],
+    elsewhere: &[&str],
+    busybox_static: bool,
+) -> Result<(), DemoError> {
     let mut missing = Vec::new();
     let mut packages: Vec<&'static str> = Vec::new();
     for (command, package) in TOOLS {
@@ -143,7 +148,7 @@ fn missing_tools(dirs: &[PathBuf], busybox_static: bool) -> Result<(), DemoError
             continue;
         }
         // libvirtd and virtlogd live in /usr/sbin, not on every PATH.
-        match ["/usr/sbin", "/sbin"]
+        match elsewhere
             .iter()
             .find(|d| Path::new(d).join(command).is_file())
         {
@@ -1069,7 +1074,8 @@ mod tests {
     #[test]
     fn missing_tools_name_their_debian_packages() {
         let empty = tempfile::tempdir().expect("tempdir");
-        let e = missing_tools(&[empty.path().to_path_buf()], false).expect_err("nothing there");
+        let e =
+            missing_tools(&[empty.path().to_path_buf()], &[], false).expect_err("nothing there");
         let text = e.to_string();
         for package in [
             "qemu-system-x86",
@@ -1093,9 +1099,9 @@ mod tests {
         for (command, _) in TOOLS {
             std::fs::write(dir.path().join(command), "").expect("write");
         }
-        assert!(missing_tools(&[dir.path().to_path_buf()], true).is_ok());
+        assert!(missing_tools(&[dir.path().to_path_buf()], &[], true).is_ok());
         std::fs::remove_file(dir.path().join("cpio")).expect("remove");
-        match missing_tools(&[dir.path().to_path_buf()], true) {
+        match missing_tools(&[dir.path().to_path_buf()], &[], true) {
             Err(DemoError::VmTools { packages, .. }) => assert_eq!(packages, ["cpio"]),
             other => panic!("{other:?}"),
         }
