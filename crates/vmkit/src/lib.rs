@@ -163,6 +163,8 @@
 //!   [`SiteLibvirt::remove_stale_sites`]: roots under [`SITES_DIR`] whose
 //!   owner (pid and start time, or the pid the name begins with) is gone
 //!   are cleaned the same way. Roots given to `start_at` are not swept.
+//!   [`SiteLibvirt::leave_running`] (`tandem demo --vm --keep`) lets a
+//!   site outlive its handle; the sweep takes it once its process is gone.
 //! - **Shared with the system and the other sites:** the kernel and one
 //!   pid namespace (every site's QEMUs show in `ps`), the network (guests
 //!   have no NICs), every file outside the five directories (guest image,
