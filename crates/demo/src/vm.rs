@@ -1023,6 +1023,15 @@ fn print_kept(out: &mut Console, c: &Cluster, hosts: &Hosts) {
         c.witness().log.display()
     );
     for s in c.sites() {
+        if s.proc.pid().is_none() {
+            say!(
+                out,
+                "  {:<8} down (its host was lost)  config {}",
+                s.name,
+                s.config_path.display()
+            );
+            continue;
+        }
         say!(
             out,
             "  {:<8} API http://{}/api/v1/status  config {}",
@@ -1043,8 +1052,12 @@ fn print_kept(out: &mut Console, c: &Cluster, hosts: &Hosts) {
     for site in &hosts.sites {
         for daemon in ["libvirtd", "virtlogd"] {
             if let Ok(text) = std::fs::read_to_string(site.root().join(format!("{daemon}.pid"))) {
+                // ny's daemons died with its host; their pid files stay.
                 let pid = text.trim();
-                if !pid.is_empty() && pid.chars().all(|ch| ch.is_ascii_digit()) {
+                if !pid.is_empty()
+                    && pid.chars().all(|ch| ch.is_ascii_digit())
+                    && Path::new("/proc").join(pid).exists()
+                {
                     pids.push(pid.to_owned());
                 }
             }
