@@ -40,6 +40,12 @@ pub type Tip = (u64, u64);
 /// so what this site wrote is saved and compared.
 pub const UNKNOWN_FORK: Tip = (u64::MAX, u64::MAX);
 
+/// How long a replica waits before it tries again to make sure it does
+/// not run the VM, after an attempt failed (libvirt down): the store's
+/// views come several times a second, and each attempt would otherwise
+/// be another hypervisor call and another error in the log.
+pub const VM_RETRY: Duration = Duration::from_secs(5);
+
 /// An operator's command run at a role change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
@@ -402,6 +408,8 @@ pub struct GroupMachine {
     /// release again, never with a promotion.
     released: Option<i64>,
     vm: VmState,
+    /// After a failed [`Effect::StopVm`]: not tried again before then.
+    vm_retry_at: Option<Instant>,
 }
 
 impl GroupMachine {
@@ -421,6 +429,7 @@ impl GroupMachine {
             written: 0,
             released: None,
             vm: VmState::Unknown,
+            vm_retry_at: None,
         }
     }
 
@@ -582,7 +591,12 @@ impl GroupMachine {
         }
         if self.settings.vm && self.held == Held::Replica && self.vm != VmState::Down {
             // A replica never runs the VM (an agent that starts as a
-            // replica, or one whose demotion left it unsure).
+            // replica, or one whose demotion left it unsure). It decides
+            // nothing else until it is sure; after a failed attempt it
+            // waits VM_RETRY before the next one.
+            if self.vm_retry_at.is_some_and(|at| now < at) {
+                return;
+            }
             self.pending = Some(Pending::StopVm(AfterStopVm::Nothing));
             out.push(Effect::StopVm { graceful: false });
             return;
@@ -870,13 +884,18 @@ impl GroupMachine {
             },
             (Pending::StopVm(then), Input::VmStopped(result)) => {
                 match result {
-                    Ok(()) => self.vm = VmState::Down,
+                    Ok(()) => {
+                        self.vm = VmState::Down;
+                        self.vm_retry_at = None;
+                    }
                     Err(Failed) => {
                         // The data path is fenced or closing whatever
-                        // happens; the VM is tried again at the next
-                        // decision (and by the fencer while fenced).
-                        tracing::error!(%group, "the VM could not be stopped here");
+                        // happens; the VM is tried again at a decision
+                        // VM_RETRY from now (and by the fencer while
+                        // fenced).
+                        tracing::error!(%group, retry_in = ?VM_RETRY, "the VM could not be stopped here");
                         self.vm = VmState::Unknown;
+                        self.vm_retry_at = Some(now + VM_RETRY);
                     }
                 }
                 match then {

@@ -33,7 +33,7 @@ use tandem_coordinator::keys::{encode, GroupView, Keys, Request, RequestKind, Ro
 use tandem_coordinator::lease;
 use tandem_coordinator::machine::{
     Effect, Failed, GroupMachine, Holding, Hook, Input, PromoteFailure, ServingStopped, Settings,
-    Start, Tip,
+    Start, Tip, VmState, VM_RETRY,
 };
 use tandem_coordinator::memory::{Clock, MemStore, SimClock};
 use tandem_coordinator::{LeaseId, Op, Store, StoreError};
@@ -154,6 +154,8 @@ struct World {
     hook_failures: u64,
     /// Sites whose hypervisor starts no VM (libvirt down there).
     vm_broken: [bool; 3],
+    /// How many times each site was asked to stop its VM.
+    vm_stops: [u32; 3],
     on_promote_failure: PromoteFailure,
     hooks: bool,
     /// Print every effect and fault (TANDEM_SIM_TRACE=<seed>).
@@ -278,6 +280,7 @@ impl World {
             hook_time,
             hook_failures: 0,
             vm_broken: [false; 3],
+            vm_stops: [0; 3],
             on_promote_failure,
             hooks: true,
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == seed.to_string()),
@@ -791,6 +794,11 @@ impl World {
                 None
             }
             Effect::StopVm { graceful } => {
+                self.vm_stops[i] += 1;
+                if self.vm_broken[i] {
+                    // libvirt down: the call fails at once, nothing changes.
+                    return Some(Input::VmStopped(Err(Failed)));
+                }
                 let took = if graceful {
                     Duration::from_millis(self.random() % 3000)
                 } else {
@@ -1334,6 +1342,32 @@ fn a_vm_that_cannot_start_at_the_next_site_passes_the_group_on() {
         !w.sites[1].groups[0].machine.as_ref().unwrap().shown().fit,
         "chicago reports itself unfit"
     );
+    // While libvirt stays down there, chicago tries to make sure it does
+    // not run the VM every VM_RETRY, not at every view of the store.
+    let (stops, since) = (w.vm_stops[1], w.now());
+    w.run(Duration::from_secs(30));
+    let tries = w.vm_stops[1] - stops;
+    let most = u32::try_from((w.now() - since).as_secs() / VM_RETRY.as_secs()).unwrap() + 1;
+    assert!(
+        (1..=most).contains(&tries),
+        "{tries} attempts to stop the VM in {:?}",
+        w.now() - since
+    );
+    assert_ne!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().vm(),
+        VmState::Down
+    );
+    // libvirt back: the next attempt succeeds and the tries stop.
+    w.vm_broken[1] = false;
+    w.run(VM_RETRY + Duration::from_secs(2));
+    assert_eq!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().vm(),
+        VmState::Down
+    );
+    let stops = w.vm_stops[1];
+    w.run(Duration::from_secs(10));
+    assert_eq!(w.vm_stops[1], stops, "stopped again although it is down");
+    assert_eq!(w.vm_sites(0), vec!["seattle".to_string()]);
     w.check(11);
 }
 

@@ -50,7 +50,8 @@
 //!   [`Disk::TandemNbd`], see below), running a [`Workload`] chosen by
 //!   `tandem.workload=` on the kernel command line: `write` (numbered,
 //!   fsync()ed files, `ACK <N>` on the console only after the fsync
-//!   returned), `check`, `idle`. Names are `tandem-test-<pid>-<n>-<label>`,
+//!   returned; on a disk with such files already, as after a failover,
+//!   `RESUME <M>` and on from `f<M+1>`), `check`, `idle`. Names are `tandem-test-<pid>-<n>-<label>`,
 //!   unique per test process, unless [`GuestConfig::name`] fixes one (a
 //!   site daemon's `web01`); the console file is `<work_dir>/<name>.console`
 //!   unless [`GuestConfig::console`] says where. Dropping a `Guest`
