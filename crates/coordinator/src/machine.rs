@@ -481,6 +481,7 @@ impl GroupMachine {
             tip_seq: local.tip.1,
             consistent: local.consistent,
             fit: local.fit,
+            vm: None,
         }
     }
 
