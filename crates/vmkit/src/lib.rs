@@ -50,8 +50,8 @@
 //!   [`Disk::TandemNbd`], see below), running a [`Workload`] chosen by
 //!   `tandem.workload=` on the kernel command line: `write` (numbered,
 //!   fsync()ed files, `ACK <N>` on the console only after the fsync
-//!   returned), `check`, `idle`. Names are `tandem-test-<pid>-<n>-<label>`,
-//!   unique per test process, unless [`GuestConfig::name`] fixes one (a
+//!   returned), `check`, `idle`, `dd` (timed direct writes, `RATE`
+//!   lines). Names are `tandem-test-<pid>-<n>-<label>`, unique per test process, unless [`GuestConfig::name`] fixes one (a
 //!   site daemon's `web01`); the console file is `<work_dir>/<name>.console`
 //!   unless [`GuestConfig::console`] says where. Dropping a `Guest`
 //!   destroys and undefines it, and the first [`Libvirt::ensure`] of a
@@ -207,7 +207,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use guest::{
-    domain_xml, parse_ack, tandem_nbd_commandline, Disk, Guest, GuestConfig, Workload, QEMU_XMLNS,
+    domain_xml, parse_ack, parse_rate, tandem_nbd_commandline, Disk, Guest, GuestConfig, Workload,
+    QEMU_XMLNS,
 };
 pub use image::GuestImage;
 pub use libvirt::{Libvirt, LIBVIRTD_LOG, QEMU_CONF, URI};
