@@ -382,7 +382,9 @@ impl Cluster {
         let peers: String = sites
             .iter()
             .zip(&ports)
-            .map(|((n, _), (l, _))| format!("[[peer]]\nname = \"{n}\"\naddress = \"127.0.0.1:{l}\"\n\n"))
+            .map(|((n, _), (l, _))| {
+                format!("[[peer]]\nname = \"{n}\"\naddress = \"127.0.0.1:{l}\"\n\n")
+            })
             .collect();
         let mut agents = Vec::new();
         for ((name, uri), (listen, api)) in sites.iter().zip(&ports) {
@@ -676,7 +678,10 @@ fn pivot_trial(o: &Opts, image: &GuestImage, mode: &str, n: usize) -> R<Value> {
     sleep(Duration::from_secs(4))?;
     let pid = ny_lv.qemu_pid("web01");
     let t0 = Instant::now();
-    let (took, stderr) = protect(c.site("ny"), &["web01", "--replica", "chicago", "--mode", mode])?;
+    let (took, stderr) = protect(
+        c.site("ny"),
+        &["web01", "--replica", "chicago", "--mode", mode],
+    )?;
     let t1 = t0 + took;
     sleep(Duration::from_secs(2))?;
     let acks = tail.acks();
@@ -757,7 +762,9 @@ fn dd_guest(
     let tail = Tail::start(&console);
     let guest = Guest::start(lv.libvirt(), image, &config).map_err(err("start dd01"))?;
     let limit = BOOT + Duration::from_secs(u64::from(o.dd_rounds) * u64::from(o.dd_mib) * 2 + 60);
-    tail.wait_line("DONE", guest.started_at(), limit, |l| l.starts_with("DONE "))?;
+    tail.wait_line("DONE", guest.started_at(), limit, |l| {
+        l.starts_with("DONE ")
+    })?;
     let lines = tail.lines();
     let rates: Vec<f64> = lines
         .iter()
@@ -827,8 +834,8 @@ fn throughput_case(o: &Opts, image: &GuestImage, case: &str) -> R<Value> {
         (r, e, replica)
     };
     say(format!(
-        "throughput {case}: {} MB/s (rounds: {})",
-        fmt(median(&rates), ""),
+        "throughput {case}: {} (rounds, MB/s: {})",
+        fmt(median(&rates), "MB/s"),
         rates
             .iter()
             .map(|r| format!("{r:.1}"))
@@ -864,7 +871,14 @@ fn failover_trial(o: &Opts, image: &GuestImage, n: usize) -> R<Value> {
         witness.addr, o.lease_ttl
     );
     let sites: Vec<(&str, &str)> = FO_SITES.iter().map(|s| (*s, host(s).uri())).collect();
-    let mut c = Cluster::new(&o.tandem, &dir.join("c"), &sites, &section, "", Some(witness))?;
+    let mut c = Cluster::new(
+        &o.tandem,
+        &dir.join("c"),
+        &sites,
+        &section,
+        "",
+        Some(witness),
+    )?;
     for s in FO_SITES.iter().rev() {
         c.site_mut(s).start()?;
     }
@@ -878,8 +892,8 @@ fn failover_trial(o: &Opts, image: &GuestImage, n: usize) -> R<Value> {
         .with_console(&console);
     let xml = xml_appending("web01", image, &config, &console);
     let tail = Tail::start(&console);
-    let guest =
-        Guest::start_xml(host("ny").libvirt(), "web01", &xml, &console).map_err(err("start web01"))?;
+    let guest = Guest::start_xml(host("ny").libvirt(), "web01", &xml, &console)
+        .map_err(err("start web01"))?;
     let running = Instant::now(); // `virsh start` returned: QEMU runs
     let first = tail.wait_line("the first ACK", guest.started_at(), BOOT, |l| {
         parse_ack(l).is_some()
@@ -942,13 +956,11 @@ fn failover_trial(o: &Opts, image: &GuestImage, n: usize) -> R<Value> {
         for s in ["chicago", "seattle"] {
             last_seen.push(format!("{s}: {}", c.site(s).group("web01")));
         }
-        format!(
-            "{e}\nstatus: {}\n{}",
-            last_seen.join("\n"),
-            c.log_tails(25)
-        )
+        format!("{e}\nstatus: {}\n{}", last_seen.join("\n"), c.log_tails(25))
     })?;
-    let t_init = tail.wait_line("the new boot", t0, FAILOVER, |l| l.starts_with("TANDEM-INIT"));
+    let t_init = tail.wait_line("the new boot", t0, FAILOVER, |l| {
+        l.starts_with("TANDEM-INIT")
+    });
     let t_write = t_init.and_then(|ti| {
         tail.wait_line("the first write at the new site", ti, FAILOVER, |l| {
             parse_ack(l).is_some()

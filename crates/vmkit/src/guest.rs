@@ -724,7 +724,10 @@ mod tests {
 
     #[test]
     fn rate_lines_parse() {
-        assert_eq!(parse_rate("RATE 1048576 250000000"), Some((1 << 20, 250_000_000)));
+        assert_eq!(
+            parse_rate("RATE 1048576 250000000"),
+            Some((1 << 20, 250_000_000))
+        );
         assert_eq!(parse_rate("RATE 1 2 3"), None);
         assert_eq!(parse_rate("RATE x 2"), None);
     }
