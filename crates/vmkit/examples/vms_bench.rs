@@ -617,6 +617,7 @@ fn fmt(v: Option<f64>, unit: &str) -> String {
     match v {
         Some(x) if unit == "s" => format!("{:.2} s", x / 1e3),
         Some(x) if unit == "ms" => format!("{x:.0} ms"),
+        Some(x) if unit.is_empty() => format!("{x:.1}"),
         Some(x) => format!("{x:.1} {unit}"),
         None => "-".into(),
     }
@@ -1027,6 +1028,16 @@ fn failover_trial(o: &Opts, image: &GuestImage, n: usize) -> R<Value> {
 // ---------------------------------------------------------------------------
 // report
 
+/// The 1-minute load average.
+fn loadavg() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn col(v: &[Value], key: &str) -> Vec<f64> {
     v.iter().filter_map(|t| t[key].as_f64()).collect()
 }
@@ -1061,6 +1072,13 @@ fn main() {
 fn run() -> R<bool> {
     let o = Opts::from_env()?;
     let image = GuestImage::ensure().map_err(err("guest image"))?;
+    let load_start = loadavg();
+    if load_start.is_some_and(|l| l > 1.0) {
+        say(format!(
+            "warning: load average {:.1} at the start: other work on this machine skews the figures",
+            load_start.unwrap_or_default()
+        ));
+    }
     let mut failed = false;
     let mut result = json!({
         "bench": "vms",
@@ -1199,6 +1217,7 @@ fn run() -> R<bool> {
     }
 
     result["errors"] = json!(errors);
+    result["loadavg_1m"] = json!({"start": load_start, "end": loadavg()});
     println!("\n==== bench/vms.sh results ====");
     for r in &report {
         println!("\n{r}");
@@ -1212,6 +1231,11 @@ fn run() -> R<bool> {
     }
     let text = serde_json::to_string_pretty(&result).map_err(err("JSON"))?;
     fs::write(&o.out, text).map_err(err(o.out.display()))?;
+    println!(
+        "\nload average (1 min) at the start {}, at the end {}",
+        fmt(load_start, ""),
+        fmt(loadavg(), "")
+    );
     println!("\nJSON: {}", o.out.display());
     Ok(failed)
 }
