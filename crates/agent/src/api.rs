@@ -101,6 +101,10 @@ enum ApiRequest {
         group: String,
     },
     Protect(crate::onboard::ProtectRequest),
+    Unprotect {
+        group: String,
+        request: crate::onboard::UnprotectRequest,
+    },
     ChangeOwner {
         group: String,
         migrate: bool,
@@ -138,6 +142,8 @@ enum ApiError {
     Hypervisor(#[from] tandem_hypervisor::HypervisorError),
     #[error(transparent)]
     Protect(#[from] crate::onboard::ProtectError),
+    #[error(transparent)]
+    Unprotect(#[from] crate::onboard::UnprotectError),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
 }
@@ -175,6 +181,7 @@ impl ApiError {
             },
             ApiError::Hypervisor(_) => 503,
             ApiError::Protect(e) => e.status(),
+            ApiError::Unprotect(e) => e.status(),
             ApiError::Encode(_) => 500,
         }
     }
@@ -201,6 +208,11 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
         &[400, 401, 404, 413],
     ),
     ("POST", "/api/v1/groups/{group}/verify", &[401, 404]),
+    (
+        "POST",
+        "/api/v1/groups/{group}/unprotect",
+        &[400, 401, 404, 409, 413, 500, 503],
+    ),
     (
         "POST",
         "/api/v1/groups/{group}/failover",
@@ -306,6 +318,17 @@ fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
             let group = group.to_owned();
             match action {
                 "verify" => Ok(ApiRequest::Verify { group }),
+                "unprotect" => {
+                    let body = body_text(request)?;
+                    Ok(ApiRequest::Unprotect {
+                        group,
+                        request: if body.trim().is_empty() {
+                            crate::onboard::UnprotectRequest::default()
+                        } else {
+                            serde_json::from_str(body).map_err(ApiError::BadBody)?
+                        },
+                    })
+                }
                 "failover" | "migrate" => {
                     let body = body_text(request)?;
                     let change: OwnerChange = if body.trim().is_empty() {
@@ -356,6 +379,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
         }
         ApiRequest::Verify { group } => to_json(&view.verify(&group)?),
         ApiRequest::Protect(request) => to_json(&view.protect(&request)?),
+        ApiRequest::Unprotect { group, request } => to_json(&view.unprotect(&group, &request)?),
         ApiRequest::ChangeOwner {
             group,
             migrate,

@@ -89,6 +89,89 @@ impl StatusView {
     }
 }
 
+/// Why a group could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RemoveError {
+    #[error("no group named {0:?} on this site")]
+    NoSuchGroup(String),
+    #[error(
+        "group {0} is defined in the configuration file: remove it there (only groups defined \
+         at runtime, by tandem protect or POST /api/v1/groups, are removed here)"
+    )]
+    InFile(String),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// How long a removed group's role has to stop.
+const REMOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl StatusView {
+    /// Removes a runtime group from this site: its ownership actor ends,
+    /// its role stops (exports close, replication ends), and its
+    /// definition, role record, journal, volume images and replicated
+    /// files are deleted. The VM, if any, is left alone.
+    pub(crate) fn remove_group(&self, name: &str) -> Result<(), RemoveError> {
+        let _one_at_a_time = self.defining.lock();
+        let shared = &self.shared;
+        let layout = &shared.layout;
+        let Some(rt) = self.groups.find(name) else {
+            return Err(RemoveError::NoSuchGroup(name.to_owned()));
+        };
+        let file = path(layout, name);
+        if !file.exists() {
+            return Err(RemoveError::InFile(name.to_owned()));
+        }
+        if let Some(o) = &self.ownership {
+            o.remove(name);
+        }
+        self.groups.remove(name);
+        rt.stop_graceful(shared, REMOVE_GRACE)?;
+        let mut doomed = vec![
+            file,
+            crate::rolefile::path(&layout.data_dir, name),
+            layout.vm_definition(name),
+            shared.vms.onboarding_marker(name),
+        ];
+        doomed.extend(rt.cfg.volumes.iter().map(|v| layout.image(&v.name)));
+        for f in doomed {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(AgentError::Io {
+                        path: f,
+                        what: "remove",
+                        source,
+                    }
+                    .into())
+                }
+            }
+        }
+        for d in [
+            layout.capture_dir(name),
+            layout.replica_dir(name),
+            shared.config.group_files_dir(name),
+        ] {
+            match std::fs::remove_dir_all(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(AgentError::Io {
+                        path: d,
+                        what: "remove",
+                        source,
+                    }
+                    .into())
+                }
+            }
+        }
+        shared.vms.forget(name);
+        tracing::info!(group = %name, "group removed from this site");
+        Ok(())
+    }
+}
+
 /// Adds every runtime group under `<data_dir>/groups/` to `config`, in
 /// name order; a file that does not check out stops the agent with its
 /// name, line and key.
@@ -133,6 +216,8 @@ pub(crate) enum PeerDefineError {
     Define(#[from] DefineError),
     #[error("group {0} exists on this site with another definition")]
     Differs(String),
+    #[error("this site serves group {0} as its primary: it is not removed from here")]
+    Serving(String),
     #[error("site {site} (its certificate) is not a site of group {group}")]
     Stranger { site: String, group: String },
 }
@@ -176,5 +261,31 @@ impl tandem_replication::receiver::GroupDefiner for PeerDefiner {
         view.define_group(definition)
             .map(|_| ())
             .map_err(|e| Box::new(PeerDefineError::from(e)) as _)
+    }
+
+    fn retire(
+        &self,
+        group: &str,
+        peer_site: Option<&str>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let view = &self.0;
+        let Some(rt) = view.groups.find(group) else {
+            return Ok(());
+        };
+        if let Some(site) = peer_site {
+            if !rt.cfg.involves(site) {
+                return Err(Box::new(PeerDefineError::Stranger {
+                    site: site.to_owned(),
+                    group: group.to_owned(),
+                }));
+            }
+        }
+        if rt.gate().is_some() {
+            return Err(Box::new(PeerDefineError::Serving(group.to_owned())));
+        }
+        match view.remove_group(group) {
+            Ok(()) | Err(RemoveError::NoSuchGroup(_)) => Ok(()),
+            Err(e) => Err(Box::new(e)),
+        }
     }
 }

@@ -118,10 +118,23 @@ impl Vms {
             .join(format!("{group}.onboarding"))
     }
 
-    /// `tandem protect` of the group's VM has not finished: the VM is not
-    /// started, stopped by ownership or kept with the group.
+    /// The marker of an unfinished `tandem unprotect` of the group's VM.
+    pub fn unprotect_marker(&self, group: &str) -> PathBuf {
+        self.layout
+            .data_dir
+            .join("vms")
+            .join(format!("{group}.unprotecting"))
+    }
+
+    /// `tandem protect` of the group's VM has not finished.
     pub fn is_onboarding(&self, group: &str) -> bool {
         self.onboarding_marker(group).exists()
+    }
+
+    /// `tandem protect` or `tandem unprotect` moves the VM's disks: the VM
+    /// is neither started by ownership nor kept with the group.
+    pub fn is_moving(&self, group: &str) -> bool {
+        self.is_onboarding(group) || self.unprotect_marker(group).exists()
     }
 
     /// How `tandem protect` of the group's VM is getting on.
@@ -144,6 +157,12 @@ impl Vms {
         }
     }
 
+    /// Forgets a removed group.
+    pub fn forget(&self, group: &str) {
+        self.onboarding.lock().remove(group);
+        self.seen.lock().remove(group);
+    }
+
     /// Records how `tandem protect` of the group's VM is getting on.
     pub fn set_onboarding(&self, group: &str, onboarding: crate::status::Onboarding) {
         self.onboarding.lock().insert(group.to_owned(), onboarding);
@@ -162,7 +181,7 @@ impl Vms {
         let Some(name) = group.vm.as_deref() else {
             return Ok(Started::AlreadyRunning);
         };
-        if self.is_onboarding(&group.name) {
+        if self.is_moving(&group.name) {
             return Ok(Started::Onboarding);
         }
         let hv = &self.hypervisor;
@@ -247,7 +266,7 @@ impl Vms {
         let Some(name) = group.vm.as_deref() else {
             return Ok(false);
         };
-        if self.is_onboarding(&group.name) {
+        if self.is_moving(&group.name) {
             return Ok(false);
         }
         let definition = self.hypervisor.xml(name, true)?;

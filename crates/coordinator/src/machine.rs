@@ -40,6 +40,12 @@ pub type Tip = (u64, u64);
 /// so what this site wrote is saved and compared.
 pub const UNKNOWN_FORK: Tip = (u64::MAX, u64::MAX);
 
+/// How long a replica waits before it tries again to make sure it does
+/// not run the VM, after an attempt failed (libvirt down): the store's
+/// views come several times a second, and each attempt would otherwise
+/// be another hypervisor call and another error in the log.
+pub const VM_RETRY: Duration = Duration::from_secs(5);
+
 /// An operator's command run at a role change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
@@ -402,6 +408,8 @@ pub struct GroupMachine {
     /// release again, never with a promotion.
     released: Option<i64>,
     vm: VmState,
+    /// After a failed [`Effect::StopVm`]: not tried again before then.
+    vm_retry_at: Option<Instant>,
 }
 
 impl GroupMachine {
@@ -421,6 +429,7 @@ impl GroupMachine {
             written: 0,
             released: None,
             vm: VmState::Unknown,
+            vm_retry_at: None,
         }
     }
 
@@ -515,7 +524,10 @@ impl GroupMachine {
                 fork: (0, 0),
                 tip,
                 consistent,
-                fit: self.fit,
+                // A replica not yet sure that it does not run the VM
+                // decides nothing (libvirt down): no other site may wait
+                // for it to take over.
+                fit: self.fit && !(self.settings.vm && self.vm != VmState::Down),
             },
             _ => Local {
                 site,
@@ -582,7 +594,12 @@ impl GroupMachine {
         }
         if self.settings.vm && self.held == Held::Replica && self.vm != VmState::Down {
             // A replica never runs the VM (an agent that starts as a
-            // replica, or one whose demotion left it unsure).
+            // replica, or one whose demotion left it unsure). It decides
+            // nothing else until it is sure; after a failed attempt it
+            // waits VM_RETRY before the next one.
+            if self.vm_retry_at.is_some_and(|at| now < at) {
+                return;
+            }
             self.pending = Some(Pending::StopVm(AfterStopVm::Nothing));
             out.push(Effect::StopVm { graceful: false });
             return;
@@ -597,7 +614,7 @@ impl GroupMachine {
                 let owner_rev = view.owner.as_ref().map_or(0, |(_, rev)| *rev);
                 if local.primary && local.epoch == epoch {
                     out.push(Effect::Admit);
-                    self.ensure_vm(epoch, owner_rev, false, out);
+                    self.ensure_vm(epoch, owner_rev, false, now, out);
                 } else if !local.primary {
                     // Handed over to this site (migration): the old owner
                     // drained every write to it, but the stream may not
@@ -731,8 +748,21 @@ impl GroupMachine {
 
     /// The owner runs the VM: start it unless this machine started it
     /// already (or it failed here before: the site is unfit).
-    fn ensure_vm(&mut self, epoch: u64, owner_rev: i64, promotion: bool, out: &mut Vec<Effect>) {
-        if !self.settings.vm || self.vm == VmState::Up || (!promotion && !self.fit) {
+    /// Starts the VM unless it runs. An owner whose start failed (and who
+    /// stays owner: `on_promote_failure = "report"`) tries again every
+    /// [`VM_RETRY`]: serving the group without its VM is an outage.
+    fn ensure_vm(
+        &mut self,
+        epoch: u64,
+        owner_rev: i64,
+        promotion: bool,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        if !self.settings.vm || self.vm == VmState::Up {
+            return;
+        }
+        if !promotion && self.vm_retry_at.is_some_and(|at| now < at) {
             return;
         }
         self.pending = Some(Pending::StartVm {
@@ -800,7 +830,7 @@ impl GroupMachine {
                     if self.serving().is_some() {
                         tracing::info!(%group, epoch, "ownership claimed");
                         out.push(Effect::Admit);
-                        self.ensure_vm(epoch, revision, false, out);
+                        self.ensure_vm(epoch, revision, false, now, out);
                     } else {
                         tracing::info!(%group, epoch, fork_epoch = fork.0, fork_seq = fork.1, "failover: this site takes the group over");
                         self.promote(epoch, revision, out);
@@ -839,7 +869,7 @@ impl GroupMachine {
                     self.epoch = self.epoch.max(epoch);
                     out.push(Effect::Admit);
                     if self.settings.vm {
-                        self.ensure_vm(epoch, owner_rev, true, out);
+                        self.ensure_vm(epoch, owner_rev, true, now, out);
                     } else {
                         self.promote_hook(epoch, owner_rev, out);
                     }
@@ -856,6 +886,7 @@ impl GroupMachine {
             ) => match result {
                 Ok(()) => {
                     self.vm = VmState::Up;
+                    self.vm_retry_at = None;
                     if promotion {
                         self.promote_hook(epoch, owner_rev, out);
                     }
@@ -864,19 +895,25 @@ impl GroupMachine {
                     // A failed start may leave a process behind: a
                     // demotion that follows destroys whatever is there.
                     self.vm = VmState::Unknown;
+                    self.vm_retry_at = Some(now + VM_RETRY);
                     tracing::error!(%group, epoch, "the VM did not start here");
                     self.failed_as_owner(epoch, owner_rev, "the VM did not start", out);
                 }
             },
             (Pending::StopVm(then), Input::VmStopped(result)) => {
                 match result {
-                    Ok(()) => self.vm = VmState::Down,
+                    Ok(()) => {
+                        self.vm = VmState::Down;
+                        self.vm_retry_at = None;
+                    }
                     Err(Failed) => {
                         // The data path is fenced or closing whatever
-                        // happens; the VM is tried again at the next
-                        // decision (and by the fencer while fenced).
-                        tracing::error!(%group, "the VM could not be stopped here");
+                        // happens; the VM is tried again at a decision
+                        // VM_RETRY from now (and by the fencer while
+                        // fenced).
+                        tracing::error!(%group, retry_in = ?VM_RETRY, "the VM could not be stopped here");
                         self.vm = VmState::Unknown;
+                        self.vm_retry_at = Some(now + VM_RETRY);
                     }
                 }
                 match then {

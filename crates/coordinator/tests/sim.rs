@@ -33,7 +33,7 @@ use tandem_coordinator::keys::{encode, GroupView, Keys, Request, RequestKind, Ro
 use tandem_coordinator::lease;
 use tandem_coordinator::machine::{
     Effect, Failed, GroupMachine, Holding, Hook, Input, PromoteFailure, ServingStopped, Settings,
-    Start, Tip,
+    Start, Tip, VmState, VM_RETRY,
 };
 use tandem_coordinator::memory::{Clock, MemStore, SimClock};
 use tandem_coordinator::{LeaseId, Op, Store, StoreError};
@@ -154,6 +154,8 @@ struct World {
     hook_failures: u64,
     /// Sites whose hypervisor starts no VM (libvirt down there).
     vm_broken: [bool; 3],
+    /// How many times each site was asked to stop its VM.
+    vm_stops: [u32; 3],
     on_promote_failure: PromoteFailure,
     hooks: bool,
     /// Print every effect and fault (TANDEM_SIM_TRACE=<seed>).
@@ -278,6 +280,7 @@ impl World {
             hook_time,
             hook_failures: 0,
             vm_broken: [false; 3],
+            vm_stops: [0; 3],
             on_promote_failure,
             hooks: true,
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == seed.to_string()),
@@ -791,6 +794,11 @@ impl World {
                 None
             }
             Effect::StopVm { graceful } => {
+                self.vm_stops[i] += 1;
+                if self.vm_broken[i] {
+                    // libvirt down: the call fails at once, nothing changes.
+                    return Some(Input::VmStopped(Err(Failed)));
+                }
                 let took = if graceful {
                     Duration::from_millis(self.random() % 3000)
                 } else {
@@ -1334,7 +1342,91 @@ fn a_vm_that_cannot_start_at_the_next_site_passes_the_group_on() {
         !w.sites[1].groups[0].machine.as_ref().unwrap().shown().fit,
         "chicago reports itself unfit"
     );
+    // While libvirt stays down there, chicago tries to make sure it does
+    // not run the VM every VM_RETRY, not at every view of the store.
+    let (stops, since) = (w.vm_stops[1], w.now());
+    w.run(Duration::from_secs(30));
+    let tries = w.vm_stops[1] - stops;
+    let most = u32::try_from((w.now() - since).as_secs() / VM_RETRY.as_secs()).unwrap() + 1;
+    assert!(
+        (1..=most).contains(&tries),
+        "{tries} attempts to stop the VM in {:?}",
+        w.now() - since
+    );
+    assert_ne!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().vm(),
+        VmState::Down
+    );
+    // libvirt back: the next attempt succeeds and the tries stop.
+    w.vm_broken[1] = false;
+    w.run(VM_RETRY + Duration::from_secs(2));
+    assert_eq!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().vm(),
+        VmState::Down
+    );
+    let stops = w.vm_stops[1];
+    w.run(Duration::from_secs(10));
+    assert_eq!(w.vm_stops[1], stops, "stopped again although it is down");
+    assert_eq!(w.vm_sites(0), vec!["seattle".to_string()]);
     w.check(11);
+}
+
+/// Loses ny's host with its VM (the loop catches the VM running there).
+fn lose_ny_with_its_vm(w: &mut World) {
+    while !w.sites[0].groups[0].vm_running {
+        w.tick();
+    }
+    loop {
+        w.crash(0);
+        if !w.sites[0].groups[0].vm_running {
+            break;
+        }
+        w.restart(0);
+        w.run(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn an_owner_that_stays_retries_its_vm_until_it_runs() {
+    let mut w = World::new(13, 1, true).without_hooks();
+    w.on_promote_failure = PromoteFailure::Stay;
+    for i in 0..w.sites.len() {
+        w.boot(i);
+    }
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.vm_sites(0), vec!["ny".to_string()]);
+    // chicago takes over, its VM start fails (libvirt down), and it stays
+    // owner (on_promote_failure = "report").
+    w.vm_broken[1] = true;
+    lose_ny_with_its_vm(&mut w);
+    w.run(TTL + Duration::from_secs(8));
+    assert_eq!(w.owner(0).as_deref(), Some("chicago"));
+    assert!(w.vm_sites(0).is_empty(), "{:?}", w.vm_sites(0));
+    // libvirt back: within a retry the VM runs at the owner.
+    w.vm_broken[1] = false;
+    w.run(VM_RETRY + Duration::from_secs(2));
+    assert_eq!(w.vm_sites(0), vec!["chicago".to_string()]);
+    w.check(13);
+}
+
+#[test]
+fn a_replica_unsure_of_its_vm_is_not_waited_for() {
+    // libvirt is down at chicago from the start: chicago cannot make sure
+    // it does not run the VM, so it decides nothing and reports itself
+    // unfit; when ny is lost, seattle takes over instead of waiting.
+    let mut w = World::new(14, 1, true).without_hooks();
+    w.on_promote_failure = PromoteFailure::Next;
+    w.vm_broken[1] = true;
+    for i in 0..w.sites.len() {
+        w.boot(i);
+    }
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.vm_sites(0), vec!["ny".to_string()]);
+    lose_ny_with_its_vm(&mut w);
+    w.run(TTL + Duration::from_secs(8));
+    assert_eq!(w.owner(0).as_deref(), Some("seattle"));
+    assert_eq!(w.vm_sites(0), vec!["seattle".to_string()]);
+    w.check(14);
 }
 
 #[test]

@@ -273,6 +273,12 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         16 => Message::Defined {
             group: r.str("group")?,
         },
+        17 => Message::Retire {
+            group: r.str("group")?,
+        },
+        18 => Message::Retired {
+            group: r.str("group")?,
+        },
         ty => return Err(PeerError::UnknownType(ty)),
     };
     r.finish()?;
@@ -452,7 +458,9 @@ pub fn payload_len(msg: &Message) -> usize {
         | Message::Pong(_) => 8,
         Message::File { path, data, .. } => str_len(path) + 4 + data.wire_len(),
         Message::Define { group, definition } => str_len(group) + str_len(definition),
-        Message::Defined { group } => str_len(group),
+        Message::Defined { group } | Message::Retire { group } | Message::Retired { group } => {
+            str_len(group)
+        }
     }
 }
 
@@ -568,7 +576,9 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             put_str(w, group);
             put_str(w, definition);
         }
-        Message::Defined { group } => put_str(w, group),
+        Message::Defined { group } | Message::Retire { group } | Message::Retired { group } => {
+            put_str(w, group)
+        }
     }
     let len = len_u32(w.len() - body);
     let crc = crc32c::crc32c(&w[body..]);
@@ -638,7 +648,9 @@ pub fn validate(msg: &Message) -> Result<(), PeerError> {
             check_str("group", group)?;
             check_str("definition", definition)?;
         }
-        Message::Defined { group } => check_str("group", group)?,
+        Message::Defined { group } | Message::Retire { group } | Message::Retired { group } => {
+            check_str("group", group)?
+        }
         _ => {}
     }
     let len = payload_len(msg);

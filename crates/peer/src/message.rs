@@ -60,6 +60,11 @@ pub enum Message {
     Define { group: String, definition: String },
     /// R→P: the replica has the group `Define` named (now or already).
     Defined { group: String },
+    /// P→R, alone on a connection: the group is removed (`tandem
+    /// unprotect`); the replica drops it and its images.
+    Retire { group: String },
+    /// R→P: the replica no longer has the group `Retire` named.
+    Retired { group: String },
     /// Either way: a keepalive carrying the sender's clock in nanoseconds.
     Ping(u64),
     /// Either way: answers a `Ping`, echoing its value.
@@ -215,6 +220,8 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::ResyncDone { .. } => 14,
         Message::Define { .. } => 15,
         Message::Defined { .. } => 16,
+        Message::Retire { .. } => 17,
+        Message::Retired { .. } => 18,
     }
 }
 
@@ -237,6 +244,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         14 => "resync_done",
         15 => "define",
         16 => "defined",
+        17 => "retire",
+        18 => "retired",
         _ => return None,
     })
 }

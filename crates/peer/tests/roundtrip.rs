@@ -161,6 +161,8 @@ pub fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(Message::Pong),
         (text(), text()).prop_map(|(group, definition)| Message::Define { group, definition }),
         text().prop_map(|group| Message::Defined { group }),
+        text().prop_map(|group| Message::Retire { group }),
+        text().prop_map(|group| Message::Retired { group }),
     ]
 }
 

@@ -31,6 +31,11 @@ pub enum SessionError {
         group: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("removal of group {group} refused: {source}")]
+    Retire {
+        group: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("protocol: {0}")]
     Peer(#[from] PeerError),
     #[error("{0}")]
@@ -91,6 +96,14 @@ pub trait GroupDefiner: Send + Sync {
         definition: &str,
         peer_site: Option<&str>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Removes `group` (`Retire`, sent by `peer_site`): Ok once this site
+    /// does not have it, now or already.
+    fn retire(
+        &self,
+        group: &str,
+        peer_site: Option<&str>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// Every group this site replicates now; groups come and go as this site
@@ -115,6 +128,31 @@ pub fn serve<R: Read, W: Write>(
     let mut buf = Vec::new();
     let mut out = Vec::new();
     let mut first = read_message(&mut reader, &mut buf)?;
+    if let Message::Retire { group } = first {
+        let definer = ctx.definer.read().clone();
+        let retired = match definer {
+            Some(d) => d.retire(&group, peer_site),
+            None => Err(Box::new(Refusal::UnknownGroup(group.clone())) as _),
+        };
+        return match retired {
+            Ok(()) => {
+                write_message(&mut writer, &Message::Retired { group }, &mut out)?;
+                writer.flush().map_err(PeerError::Io)?;
+                Ok(())
+            }
+            Err(source) => {
+                let _ = write_message(
+                    &mut writer,
+                    &Message::Refuse {
+                        reason: source.to_string(),
+                    },
+                    &mut out,
+                );
+                let _ = writer.flush();
+                Err(SessionError::Retire { group, source })
+            }
+        };
+    }
     if let Message::Define { group, definition } = first {
         let definer = ctx.definer.read().clone();
         let defined = match definer {

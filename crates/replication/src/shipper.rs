@@ -762,3 +762,31 @@ fn record_message(
         data,
     })
 }
+
+/// Tells the replica on `conn` that `group` is removed (`Retire`, alone on
+/// the connection) and waits for its `Retired`.
+pub fn retire(conn: Connection, group: &str) -> Result<(), ShipError> {
+    let Connection {
+        reader,
+        writer,
+        close,
+    } = conn;
+    let mut w = BufWriter::new(writer);
+    let mut r = BufReader::new(reader);
+    let mut scratch = Vec::new();
+    let result = (|| {
+        let retire = Message::Retire {
+            group: group.to_owned(),
+        };
+        write_message(&mut w, &retire, &mut scratch)?;
+        w.flush().map_err(PeerError::Io)?;
+        let mut buf = Vec::new();
+        match read_message(&mut r, &mut buf).map_err(ShipError::NoWelcome)? {
+            Message::Retired { .. } => Ok(()),
+            Message::Refuse { reason } => Err(ShipError::Refused(reason)),
+            other => Err(ShipError::Unexpected(other.kind())),
+        }
+    })();
+    close();
+    result
+}

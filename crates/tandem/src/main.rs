@@ -142,6 +142,17 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         group: Option<String>,
     },
+    /// Stop protecting a group's VM: it keeps running on plain local raw
+    /// files, and the group is removed from every site
+    Unprotect {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// Directory for the VM's raw files [default: /var/lib/libvirt/images]
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+    },
     /// Show the regions of a volume that may differ from its replicas
     Dirty {
         #[command(flatten)]
@@ -193,6 +204,7 @@ fn main() -> ExitCode {
         Command::Demo { keep } => cmd::demo::run(keep),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Vms { config, json } => cmd::vms::run(&config.path(), json),
+        Command::Unprotect { config, group, to } => cmd::unprotect::run(&config.path(), &group, to),
         Command::Protect {
             config,
             domain,

@@ -43,7 +43,7 @@ fn console_errors(guest: &Guest) -> Vec<String> {
 }
 
 #[test]
-fn a_running_guest_is_protected_without_stopping_and_its_replica_matches() {
+fn a_running_guest_is_protected_and_unprotected_without_stopping() {
     let image = ok(GuestImage::ensure(), "guest image");
     let ny_lv = ok(SiteLibvirt::start("p-ny"), "ny's libvirt");
     let chicago_lv = ok(SiteLibvirt::start("p-chi"), "chicago's libvirt");
@@ -215,5 +215,156 @@ fn a_running_guest_is_protected_without_stopping_and_its_replica_matches() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Unprotect: the VM keeps running, now on a plain local raw file, and
+    // the group is gone from both sites with its volumes.
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .args(["unprotect", "web01", "--to"])
+            .arg(&home)
+            .arg("--config")
+            .arg(&cluster.site("ny").config),
+        Duration::from_secs(600),
+    );
+    assert!(
+        out.status.success(),
+        "unprotect: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.site("ny").log()
+    );
+    let file = home.join("web01-vda.raw");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&file.display().to_string()));
+    assert_eq!(
+        ny_lv.qemu_pid("web01"),
+        Some(pid),
+        "the guest was restarted"
+    );
+    let now = ok(guest.acks(), "console").len() as u64;
+    ok(
+        guest.wait_for_acks(now + 3, BOOT),
+        "writes after the unprotect",
+    );
+    assert!(
+        console_errors(&guest).is_empty(),
+        "{:?}",
+        console_errors(&guest)
+    );
+    let persistent = ok(
+        ny_lv.libvirt().virsh(&["dumpxml", "--inactive", "web01"]),
+        "dumpxml",
+    );
+    assert!(!persistent.contains("tandem-vda"), "{persistent}");
+    assert!(
+        persistent.contains(&format!("file='{}'", file.display())),
+        "{persistent}"
+    );
+    for site in ["ny", "chicago"] {
+        let site_dir = &cluster.site(site).data_dir;
+        wait_until(Duration::from_secs(30), "the group gone", || {
+            group(&cluster.status(site), "web01").is_null()
+                && !site_dir.join("volumes/web01-vda.img").exists()
+        });
+        assert!(!site_dir.join("groups/web01.toml").exists());
+    }
+    // The local file holds the file system the guest goes on writing.
+    ok(ny_lv.libvirt().virsh(&["suspend", "web01"]), "suspend");
+    let acks = ok(guest.acks(), "console");
+    let copy = dir.path().join("local-copy.img");
+    std::fs::copy(&file, &copy).unwrap();
+    ok(ext4::replay_journal(&copy), "journal replay");
+    ok(ext4::fsck(&copy), "e2fsck -n");
+    let files = ok(ext4::verify_numbered_files(&copy), "files");
+    for n in &acks {
+        assert!(
+            matches!(files.get(n), Some(Ok(()))),
+            "f{n} is not intact in the local file"
+        );
+    }
+    drop(guest);
+}
+
+#[test]
+fn a_shut_off_guest_is_imported_with_its_holes_and_starts_on_its_volume() {
+    let image = ok(GuestImage::ensure(), "guest image");
+    let ny_lv = ok(SiteLibvirt::start("i-ny"), "ny's libvirt");
+    let mut cluster = Cluster::new("ny", &["chicago"], &[vol("seed", "1MiB")], "");
+    use_libvirt(&cluster.site("ny").config.clone(), &ny_lv);
+    cluster.start("chicago");
+    cluster.start("ny");
+
+    // web02 writes five files, unmounts and powers off: shut off, defined.
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-import-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let disk = dir.path().join("web02.img");
+    ok(ext4::make_ext4(&disk, DISK), "mkfs");
+    let console = dir.path().join("web02.console");
+    let config = GuestConfig::new(
+        "import",
+        Disk::File(disk.clone()),
+        Workload::WriteCount(5),
+        dir.path(),
+    )
+    .with_name("web02")
+    .with_console(&console);
+    let guest = ok(
+        Guest::start(ny_lv.libvirt(), &image, &config),
+        "start web02",
+    );
+    ok(
+        guest.wait_for_line("DONE", BOOT, |l| l.starts_with("DONE")),
+        "DONE",
+    );
+    ok(guest.wait_shut_off(BOOT), "web02 shuts off");
+    let original = ok(ext4::numbered_files(&disk), "files on the original");
+    assert_eq!(original.len(), 5);
+
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .args(["protect", "web02", "--replica", "chicago", "--config"])
+            .arg(&cluster.site("ny").config),
+        Duration::from_secs(600),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "protect: {err}");
+    assert!(err.contains("copying vda"), "{err}");
+
+    // The volume holds the disk's data, its holes kept.
+    let volume = cluster.image("ny", "web02-vda");
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&volume).unwrap().blocks() * 512
+    };
+    assert!(
+        allocated < DISK / 2,
+        "the volume has {allocated} bytes allocated of {DISK}: holes were filled"
+    );
+    // Protected means running at the owner: it starts on its volume.
+    wait_until(BOOT, "web02 running again", || {
+        ny_lv
+            .libvirt()
+            .domain_state("web02")
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some("running")
+    });
+    ok(
+        guest.wait_for_line("MOUNTED", BOOT, |l| l == "MOUNTED"),
+        "web02 mounts its volume",
+    );
+    let persistent = ok(
+        ny_lv.libvirt().virsh(&["dumpxml", "--inactive", "web02"]),
+        "dumpxml",
+    );
+    assert!(persistent.contains("tandem-vda"), "{persistent}");
+    ok(guest.wait_shut_off(BOOT), "web02 done again");
+    let files = ok(ext4::verify_numbered_files(&volume), "files on the volume");
+    assert_eq!(files.len(), 5, "{files:?}");
+    assert!(files.values().all(Result::is_ok), "{files:?}");
+    ok(ext4::fsck(&volume), "e2fsck -n");
     drop(guest);
 }

@@ -145,9 +145,12 @@ pub enum Workload {
     Idle,
     /// Writes `/data/f1`, `/data/f2`, ... (1-4 KiB each, a header line
     /// `TANDEM-FILE <N> <crc32> <len>` then random bytes), fsync()s each
-    /// file and `/data`, and only then prints `ACK <N>`; forever.
+    /// file and `/data`, and only then prints `ACK <N>`; forever. On a disk
+    /// that has numbered files already (a guest started again after a
+    /// crash, or at another site), it prints `RESUME <M>` for the highest
+    /// `/data/f<M>` there and goes on with `f<M+1>`.
     Write,
-    /// [`Workload::Write`] for this many files, then unmounts `/data`,
+    /// [`Workload::Write`] for this many (more) files, then unmounts `/data`,
     /// prints `DONE <N>` and powers off (the domain then shuts off).
     WriteCount(u64),
     /// Mounts `/data` (replaying its journal), verifies every `/data/f<N>`

@@ -7,6 +7,8 @@
 # Everything it says goes to the console (ttyS0), one line per event:
 #   TANDEM-INIT <kernel release>      init started
 #   MOUNTED                           /data is mounted
+#   RESUME <N>                        (write) /data/f<N> is the highest file
+#                                     there already: writing goes on at N+1
 #   ACK <N>                           /data/f<N> and /data are fsync()ed
 #   READY                             (idle) waiting
 #   CHECK f<N> ok|BAD                 (check) one file verified
@@ -62,9 +64,25 @@ mkdir -p /data
 mount -t ext4 /dev/vda /data || fail "mount /dev/vda"
 echo "MOUNTED"
 
+# The highest N of the files /data/f<N> (0: none). A guest started again
+# on the same disk (after a crash, or at another site) goes on numbering
+# from there instead of overwriting what an earlier boot wrote.
+highest_file() {
+    top=0
+    for f in /data/f*; do
+        [ -f "$f" ] || continue
+        k=${f#/data/f}
+        case "$k" in '' | *[!0-9]*) continue ;; esac
+        [ "$k" -gt "$top" ] && top=$k
+    done
+    echo "$top"
+}
+
 write_files() {
-    n=0
-    while [ "$count" -eq 0 ] || [ "$n" -lt "$count" ]; do
+    n=$(highest_file)
+    [ "$n" -gt 0 ] && echo "RESUME $n"
+    end=$((n + count))
+    while [ "$count" -eq 0 ] || [ "$n" -lt "$end" ]; do
         n=$((n + 1))
         kib=$((n % 4 + 1))
         dd if=/dev/urandom of=/tmp/body bs=1024 count=$kib 2>/dev/null || fail "dd for f$n"

@@ -50,8 +50,11 @@
 //!   [`Disk::TandemNbd`], see below), running a [`Workload`] chosen by
 //!   `tandem.workload=` on the kernel command line: `write` (numbered,
 //!   fsync()ed files, `ACK <N>` on the console only after the fsync
-//!   returned), `check`, `idle`, `dd` (timed direct writes, `RATE`
-//!   lines). Names are `tandem-test-<pid>-<n>-<label>`, unique per test process, unless [`GuestConfig::name`] fixes one (a
+//!   returned; on a disk with such files already, as after a failover,
+//!   `RESUME <M>` and on from `f<M+1>`), `check`, `idle`, `dd` (timed
+//!   direct writes, `RATE` lines). Names are
+//!   `tandem-test-<pid>-<n>-<label>`, unique per test process, unless
+//!   [`GuestConfig::name`] fixes one (a
 //!   site daemon's `web01`); the console file is `<work_dir>/<name>.console`
 //!   unless [`GuestConfig::console`] says where. Dropping a `Guest`
 //!   destroys and undefines it, and the first [`Libvirt::ensure`] of a

@@ -56,6 +56,13 @@ impl Groups {
         self.list.write().push(rt);
     }
 
+    /// Takes a group out (it is being removed).
+    pub fn remove(&self, name: &str) -> Option<Arc<GroupRuntime>> {
+        let mut list = self.list.write();
+        let i = list.iter().position(|r| r.name() == name)?;
+        Some(list.remove(i))
+    }
+
     pub fn len(&self) -> usize {
         self.list.read().len()
     }

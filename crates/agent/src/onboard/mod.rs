@@ -13,6 +13,7 @@
 
 mod import;
 mod plan;
+mod unprotect;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,8 @@ use crate::status::{Onboarding, OnboardingDisk, OnboardingStage};
 use crate::view::StatusView;
 
 pub use plan::{PlanError, PlannedDisk, ProtectRequest, ReplicaRequest};
+pub(crate) use unprotect::UnprotectError;
+pub use unprotect::{UnprotectRequest, Unprotected, UnprotectedDisk, DEFAULT_DIR};
 
 /// QEMU's `reconnect-delay` on a protected disk: an agent restart within
 /// this many seconds is not seen by the guest (its requests wait).

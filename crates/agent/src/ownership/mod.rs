@@ -243,6 +243,31 @@ impl Handle {
         Ok(())
     }
 
+    /// Stops deciding for a group (it is being removed): its actor ends
+    /// after the step it is in.
+    pub fn remove(&self, group: &str) {
+        let member = {
+            let mut members = self.members.write();
+            let i = members.iter().position(|m| m.runtime.name() == group);
+            i.map(|i| members.remove(i))
+        };
+        let Some(member) = member else {
+            return;
+        };
+        member.inbox.close();
+        let name = format!("own-{group}");
+        let actor = {
+            let mut actors = self.actors.lock();
+            let i = actors
+                .iter()
+                .position(|a| a.thread().name() == Some(name.as_str()));
+            i.map(|i| actors.remove(i))
+        };
+        if let Some(actor) = actor {
+            let _ = actor.join();
+        }
+    }
+
     fn deciding(&self) -> bool {
         !self.deciding_stopped.load(Ordering::Acquire) && !self.shared.stop.load(Ordering::Acquire)
     }

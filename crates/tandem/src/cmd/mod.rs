@@ -7,6 +7,7 @@ pub mod failover;
 pub mod progress;
 pub mod protect;
 pub mod status;
+pub mod unprotect;
 pub mod verify;
 pub mod vms;
 pub mod witness;
