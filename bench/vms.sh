@@ -55,8 +55,8 @@ Environment (defaults in brackets):
   TRIALS        pivot trials per mode [5]
   PIVOT_MODES   [async,sync]
   DISK_MIB      the guest's disk in the pivot and failover parts [64]
-  DD_MIB        MiB written per dd round [64]
-  DD_ROUNDS     dd rounds per case (the median is reported) [3]
+  DD_MIB        MiB written per dd round [128]
+  DD_ROUNDS     dd rounds per case (the median is reported) [5]
   FO_TRIALS     failover trials [5]
   FO_MODE       the failover group's mode [sync]
   LEASE_TTL     [coordinator] lease_ttl [3s]
@@ -108,7 +108,7 @@ for x in "${ALL_PARTS[@]}"; do ((RUN[$x])) && SEL+=("$x"); done
 posint() {
     if ! [[ "$2" =~ ^[0-9]+$ ]] || (($2 == 0)); then die "$1 must be a positive integer (got '$2')"; fi
 }
-export TRIALS=${TRIALS:-5} FO_TRIALS=${FO_TRIALS:-5} DD_MIB=${DD_MIB:-64} DD_ROUNDS=${DD_ROUNDS:-3}
+export TRIALS=${TRIALS:-5} FO_TRIALS=${FO_TRIALS:-5} DD_MIB=${DD_MIB:-128} DD_ROUNDS=${DD_ROUNDS:-5}
 export DISK_MIB=${DISK_MIB:-64} PIVOT_MODES=${PIVOT_MODES:-async,sync} FO_MODE=${FO_MODE:-sync}
 export LEASE_TTL=${LEASE_TTL:-3s}
 for v in TRIALS FO_TRIALS DD_MIB DD_ROUNDS DISK_MIB; do posint "$v" "${!v}"; done

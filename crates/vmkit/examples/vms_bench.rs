@@ -171,8 +171,8 @@ impl Opts {
             parts,
             trials: env_num("TRIALS", "5")?,
             pivot_modes,
-            dd_mib: env_num("DD_MIB", "64")?,
-            dd_rounds: env_num("DD_ROUNDS", "3")?,
+            dd_mib: env_num("DD_MIB", "128")?,
+            dd_rounds: env_num("DD_ROUNDS", "5")?,
             fo_trials: env_num("FO_TRIALS", "5")?,
             fo_mode,
             lease_ttl: env_or("LEASE_TTL", "3s"),
@@ -978,6 +978,24 @@ fn failover_trial(o: &Opts, image: &GuestImage, n: usize) -> R<Value> {
         .filter(|(t, l)| *t > t0 && is_io_error(l))
         .map(|(_, l)| l)
         .collect();
+    // Files acknowledged at ny and missing after the failover: the new
+    // boot's `RESUME <M>` names the highest file it found.
+    let last_ack = tail
+        .lines()
+        .iter()
+        .filter(|(t, _)| *t < t0)
+        .filter_map(|(_, l)| parse_ack(l))
+        .max();
+    let resume = tail
+        .lines()
+        .iter()
+        .filter(|(t, _)| *t > t0)
+        .find_map(|(_, l)| l.strip_prefix("RESUME ")?.trim().parse::<u64>().ok());
+    let lost = match (last_ack, resume) {
+        (Some(a), Some(r)) => Some(a.saturating_sub(r)),
+        (Some(a), None) if t_write.is_ok() => Some(a), // started from f1
+        _ => None,
+    };
     let others: Vec<&str> = ["chicago", "seattle"]
         .into_iter()
         .filter(|s| host(s).qemu_pid("web01").is_some())
@@ -989,7 +1007,7 @@ fn failover_trial(o: &Opts, image: &GuestImage, n: usize) -> R<Value> {
         Err(e) => (None, json!(e)),
     };
     say(format!(
-        "failover #{n}: kill -> QEMU at {site} {} -> first write {} (QEMU running -> write {}; plain boot QEMU running -> write {})",
+        "failover #{n}: kill -> QEMU at {site} {} -> first write {} (QEMU running -> write {}; plain boot QEMU running -> write {}); last ACK before the kill {last_ack:?}, RESUME {resume:?}",
         fmt(Some(kill_to_qemu), "s"),
         fmt(kill_to_write, "s"),
         fmt(kill_to_write.map(|w| w - kill_to_qemu), "s"),
@@ -1009,6 +1027,9 @@ fn failover_trial(o: &Opts, image: &GuestImage, n: usize) -> R<Value> {
         "running_at": others,
         "new_primary": {"role": g["role"], "epoch": g["epoch"], "vm": g["vm"]},
         "acks_before_kill": acks_before,
+        "last_ack_before_kill": last_ack,
+        "resume_after": resume,
+        "acked_files_lost": lost,
         "io_errors_after_kill": io_errors,
         "protect_s": took.as_secs_f64(),
         "pivot_ms": pivot,
@@ -1194,18 +1215,24 @@ fn run() -> R<bool> {
             .iter()
             .filter_map(|t| t["plain_boot"]["running_to_first_write_ms"].as_f64())
             .collect();
+        let lost: Vec<u64> = trials
+            .iter()
+            .filter_map(|t| t["acked_files_lost"].as_u64())
+            .collect();
         let no_write = trials
             .iter()
             .filter(|t| t["kill_to_first_write_ms"].is_null())
             .count();
         report.push(format!(
-            "protected VM failover (SIGKILL of ny's agent + ny's host lost; witness, lease {}; --mode {}; {} trials)\n  kill -> QEMU running at the new site    median {:>8}  max {:>8}   (target: median <= 5 s)\n  kill -> first guest write there        median {:>8}  max {:>8}{}\n    of which QEMU running -> first write  median {:>8}  max {:>8}\n  plain boot, QEMU running -> first write median {:>8}  max {:>8}   (TCG boot; the same guest's first boot at ny, local file)",
+            "protected VM failover (SIGKILL of ny's agent + ny's host lost; witness, lease {}; --mode {}; {} trials)\n  kill -> QEMU running at the new site    median {:>8}  max {:>8}   (target: median <= 5 s)\n  kill -> first guest write there        median {:>8}  max {:>8}{}\n    of which QEMU running -> first write  median {:>8}  max {:>8}\n  plain boot, QEMU running -> first write median {:>8}  max {:>8}   (TCG boot; the same guest's first boot at ny, local file)\n  acknowledged files missing after the failover: {} (of {} trials checked)\n  new site: {}",
             o.lease_ttl, o.fo_mode, trials.len(),
             fmt(median(&q), "s"), fmt(max(&q), "s"),
             fmt(median(&w), "s"), fmt(max(&w), "s"),
             if no_write > 0 { format!("   ({no_write} trials without a write)") } else { String::new() },
             fmt(median(&qw), "s"), fmt(max(&qw), "s"),
             fmt(median(&plain), "s"), fmt(max(&plain), "s"),
+            lost.iter().sum::<u64>(), lost.len(),
+            trials.iter().filter_map(|t| t["new_site"].as_str()).collect::<Vec<_>>().join(", "),
         ));
         result["failover"] = json!({
             "trials": trials,
