@@ -45,9 +45,22 @@ pub struct VmStatus {
     /// Why the state could not be read just now (it is the last known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The VM's state at each site of the group, as their reports to the
+    /// coordinator say (this site's from libvirt just now); empty without
+    /// a coordinator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<VmAtSite>,
     /// `tandem protect` of this VM, on the site doing it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onboarding: Option<Onboarding>,
+}
+
+/// The VM's state at one site.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmAtSite {
+    pub site: String,
+    /// libvirt's state word there (`absent`: not defined).
+    pub state: String,
 }
 
 /// How `tandem protect` is getting on (docs/VMS.md, "Onboarding").

@@ -203,12 +203,31 @@ impl StatusView {
                 sync_degraded: None,
                 vm: cfg.vm.as_ref().map(|name| {
                     let seen = self.shared.vms.seen(&cfg.name);
+                    let state = seen
+                        .as_ref()
+                        .map_or(tandem_hypervisor::DomainState::Absent, |s| s.state);
+                    let mut sites: Vec<status::VmAtSite> = rt
+                        .vm_sites
+                        .lock()
+                        .iter()
+                        .filter(|(s, _)| s != site)
+                        .map(|(site, state)| status::VmAtSite {
+                            site: site.clone(),
+                            state: state.clone(),
+                        })
+                        .collect();
+                    if !sites.is_empty() {
+                        sites.push(status::VmAtSite {
+                            site: site.clone(),
+                            state: state.as_str().to_owned(),
+                        });
+                        sites.sort_by(|a, b| a.site.cmp(&b.site));
+                    }
                     VmStatus {
                         name: name.clone(),
-                        state: seen
-                            .as_ref()
-                            .map_or(tandem_hypervisor::DomainState::Absent, |s| s.state),
+                        state,
                         error: seen.and_then(|s| s.error),
+                        sites,
                         onboarding: self.shared.vms.onboarding(&cfg.name),
                     }
                 }),

@@ -298,6 +298,7 @@ mod tests {
                     tip_seq: *tip,
                     consistent: true,
                     fit: true,
+                    vm: None,
                 })
                 .collect(),
             ..GroupView::default()

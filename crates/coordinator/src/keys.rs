@@ -42,6 +42,10 @@ pub struct MemberReport {
     /// It is willing to take over (e.g. its last `on_promote` did not
     /// fail).
     pub fit: bool,
+    /// The group's VM on this site, in libvirt's words (`running`,
+    /// `absent`, ...), for status; absent from a group without a VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 /// What a site is for a group (SPEC §4.4 `role`): these words are pinned

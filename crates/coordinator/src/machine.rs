@@ -481,6 +481,7 @@ impl GroupMachine {
             tip_seq: local.tip.1,
             consistent: local.consistent,
             fit: local.fit,
+            vm: None,
         }
     }
 
@@ -524,7 +525,10 @@ impl GroupMachine {
                 fork: (0, 0),
                 tip,
                 consistent,
-                fit: self.fit,
+                // A replica not yet sure that it does not run the VM
+                // decides nothing (libvirt down): no other site may wait
+                // for it to take over.
+                fit: self.fit && !(self.settings.vm && self.vm != VmState::Down),
             },
             _ => Local {
                 site,
@@ -611,7 +615,7 @@ impl GroupMachine {
                 let owner_rev = view.owner.as_ref().map_or(0, |(_, rev)| *rev);
                 if local.primary && local.epoch == epoch {
                     out.push(Effect::Admit);
-                    self.ensure_vm(epoch, owner_rev, false, out);
+                    self.ensure_vm(epoch, owner_rev, false, now, out);
                 } else if !local.primary {
                     // Handed over to this site (migration): the old owner
                     // drained every write to it, but the stream may not
@@ -745,8 +749,21 @@ impl GroupMachine {
 
     /// The owner runs the VM: start it unless this machine started it
     /// already (or it failed here before: the site is unfit).
-    fn ensure_vm(&mut self, epoch: u64, owner_rev: i64, promotion: bool, out: &mut Vec<Effect>) {
-        if !self.settings.vm || self.vm == VmState::Up || (!promotion && !self.fit) {
+    /// Starts the VM unless it runs. An owner whose start failed (and who
+    /// stays owner: `on_promote_failure = "report"`) tries again every
+    /// [`VM_RETRY`]: serving the group without its VM is an outage.
+    fn ensure_vm(
+        &mut self,
+        epoch: u64,
+        owner_rev: i64,
+        promotion: bool,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        if !self.settings.vm || self.vm == VmState::Up {
+            return;
+        }
+        if !promotion && self.vm_retry_at.is_some_and(|at| now < at) {
             return;
         }
         self.pending = Some(Pending::StartVm {
@@ -814,7 +831,7 @@ impl GroupMachine {
                     if self.serving().is_some() {
                         tracing::info!(%group, epoch, "ownership claimed");
                         out.push(Effect::Admit);
-                        self.ensure_vm(epoch, revision, false, out);
+                        self.ensure_vm(epoch, revision, false, now, out);
                     } else {
                         tracing::info!(%group, epoch, fork_epoch = fork.0, fork_seq = fork.1, "failover: this site takes the group over");
                         self.promote(epoch, revision, out);
@@ -853,7 +870,7 @@ impl GroupMachine {
                     self.epoch = self.epoch.max(epoch);
                     out.push(Effect::Admit);
                     if self.settings.vm {
-                        self.ensure_vm(epoch, owner_rev, true, out);
+                        self.ensure_vm(epoch, owner_rev, true, now, out);
                     } else {
                         self.promote_hook(epoch, owner_rev, out);
                     }
@@ -870,6 +887,7 @@ impl GroupMachine {
             ) => match result {
                 Ok(()) => {
                     self.vm = VmState::Up;
+                    self.vm_retry_at = None;
                     if promotion {
                         self.promote_hook(epoch, owner_rev, out);
                     }
@@ -878,6 +896,7 @@ impl GroupMachine {
                     // A failed start may leave a process behind: a
                     // demotion that follows destroys whatever is there.
                     self.vm = VmState::Unknown;
+                    self.vm_retry_at = Some(now + VM_RETRY);
                     tracing::error!(%group, epoch, "the VM did not start here");
                     self.failed_as_owner(epoch, owner_rev, "the VM did not start", out);
                 }

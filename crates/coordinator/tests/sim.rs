@@ -1371,6 +1371,64 @@ fn a_vm_that_cannot_start_at_the_next_site_passes_the_group_on() {
     w.check(11);
 }
 
+/// Loses ny's host with its VM (the loop catches the VM running there).
+fn lose_ny_with_its_vm(w: &mut World) {
+    while !w.sites[0].groups[0].vm_running {
+        w.tick();
+    }
+    loop {
+        w.crash(0);
+        if !w.sites[0].groups[0].vm_running {
+            break;
+        }
+        w.restart(0);
+        w.run(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn an_owner_that_stays_retries_its_vm_until_it_runs() {
+    let mut w = World::new(13, 1, true).without_hooks();
+    w.on_promote_failure = PromoteFailure::Stay;
+    for i in 0..w.sites.len() {
+        w.boot(i);
+    }
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.vm_sites(0), vec!["ny".to_string()]);
+    // chicago takes over, its VM start fails (libvirt down), and it stays
+    // owner (on_promote_failure = "report").
+    w.vm_broken[1] = true;
+    lose_ny_with_its_vm(&mut w);
+    w.run(TTL + Duration::from_secs(8));
+    assert_eq!(w.owner(0).as_deref(), Some("chicago"));
+    assert!(w.vm_sites(0).is_empty(), "{:?}", w.vm_sites(0));
+    // libvirt back: within a retry the VM runs at the owner.
+    w.vm_broken[1] = false;
+    w.run(VM_RETRY + Duration::from_secs(2));
+    assert_eq!(w.vm_sites(0), vec!["chicago".to_string()]);
+    w.check(13);
+}
+
+#[test]
+fn a_replica_unsure_of_its_vm_is_not_waited_for() {
+    // libvirt is down at chicago from the start: chicago cannot make sure
+    // it does not run the VM, so it decides nothing and reports itself
+    // unfit; when ny is lost, seattle takes over instead of waiting.
+    let mut w = World::new(14, 1, true).without_hooks();
+    w.on_promote_failure = PromoteFailure::Next;
+    w.vm_broken[1] = true;
+    for i in 0..w.sites.len() {
+        w.boot(i);
+    }
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.vm_sites(0), vec!["ny".to_string()]);
+    lose_ny_with_its_vm(&mut w);
+    w.run(TTL + Duration::from_secs(8));
+    assert_eq!(w.owner(0).as_deref(), Some("seattle"));
+    assert_eq!(w.vm_sites(0), vec!["seattle".to_string()]);
+    w.check(14);
+}
+
 #[test]
 fn a_fenced_owner_destroys_its_vm_before_another_site_starts_one() {
     let mut w = World::new(12, 1, true).without_hooks();

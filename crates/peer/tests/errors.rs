@@ -60,7 +60,7 @@ fn bad_magic() {
 
 #[test]
 fn unknown_type() {
-    for ty in [0u8, 17, 200, 255] {
+    for ty in [0u8, 19, 200, 255] {
         let mut f = frame(&Message::Ping(1));
         f[4] = ty;
         match decode(&f) {
@@ -421,7 +421,9 @@ fn kinds() {
     assert_eq!(type_name(14), Some("resync_done"));
     assert_eq!(type_name(15), Some("define"));
     assert_eq!(type_name(16), Some("defined"));
-    assert_eq!(type_name(17), None);
+    assert_eq!(type_name(17), Some("retire"));
+    assert_eq!(type_name(18), Some("retired"));
+    assert_eq!(type_name(19), None);
 }
 
 #[test]

@@ -443,6 +443,21 @@ fn return_and_migrate_home(c: &mut Cluster, hosts: &Hosts, console: &Console) {
     );
     assert_eq!(hosts.running(), ["chicago"]);
     wait_vm_state(c, "ny", Some("replica"), "absent", Duration::from_secs(20));
+    // Each site's status shows the VM at every site (their reports).
+    let mut last = serde_json::Value::Null;
+    poll(Duration::from_secs(20), || {
+        last = group(c, "ny");
+        let sites = last["vm"]["sites"].as_array()?;
+        let at = |s: &str| {
+            sites
+                .iter()
+                .find(|v| v["site"] == s)
+                .map(|v| v["state"].clone())
+        };
+        (at("chicago")? == "running" && at("ny")? == "absent" && at("seattle")? == "absent")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("ny's status does not show web01 per site: {last:#}"));
 
     let from = console.len();
     let before = console.last_ack();

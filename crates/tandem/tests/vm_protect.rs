@@ -286,7 +286,7 @@ fn a_running_guest_is_protected_and_unprotected_without_stopping() {
 }
 
 #[test]
-fn a_shut_off_guest_is_imported_with_its_holes_and_starts_on_its_volume() {
+fn a_shut_off_qcow2_guest_is_imported_with_its_holes_and_starts_on_its_volume() {
     let image = ok(GuestImage::ensure(), "guest image");
     let ny_lv = ok(SiteLibvirt::start("i-ny"), "ny's libvirt");
     let mut cluster = Cluster::new("ny", &["chicago"], &[vol("seed", "1MiB")], "");
@@ -321,6 +321,36 @@ fn a_shut_off_guest_is_imported_with_its_holes_and_starts_on_its_volume() {
     ok(guest.wait_shut_off(BOOT), "web02 shuts off");
     let original = ok(ext4::numbered_files(&disk), "files on the original");
     assert_eq!(original.len(), 5);
+    // Its disk becomes a qcow2 image: what is imported is the guest's
+    // view of it, not the qcow2 file.
+    let qcow2 = dir.path().join("web02.qcow2");
+    let out = run_with_timeout(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&disk)
+            .arg(&qcow2),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let xml = ok(
+        ny_lv.libvirt().virsh(&["dumpxml", "--inactive", "web02"]),
+        "dumpxml",
+    )
+    .replace("type='raw'", "type='qcow2'")
+    .replace(&disk.display().to_string(), &qcow2.display().to_string());
+    let xml_path = dir.path().join("web02-qcow2.xml");
+    std::fs::write(&xml_path, &xml).unwrap();
+    ok(
+        ny_lv
+            .libvirt()
+            .virsh(&["define", &xml_path.display().to_string()]),
+        "define on qcow2",
+    );
+    std::fs::remove_file(&disk).unwrap();
 
     let out = run_with_timeout(
         Command::new(TANDEM)
@@ -362,9 +392,19 @@ fn a_shut_off_guest_is_imported_with_its_holes_and_starts_on_its_volume() {
     );
     assert!(persistent.contains("tandem-vda"), "{persistent}");
     ok(guest.wait_shut_off(BOOT), "web02 done again");
+    // The five imported files, and five more written on the volume (the
+    // workload goes on from the highest file).
     let files = ok(ext4::verify_numbered_files(&volume), "files on the volume");
-    assert_eq!(files.len(), 5, "{files:?}");
+    assert_eq!(
+        files.keys().copied().collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<u64>>(),
+        "{files:?}"
+    );
     assert!(files.values().all(Result::is_ok), "{files:?}");
+    let imported = ok(ext4::numbered_files(&volume), "sizes on the volume");
+    for (n, len) in &original {
+        assert_eq!(imported.get(n), Some(len), "f{n} changed in the import");
+    }
     ok(ext4::fsck(&volume), "e2fsck -n");
     drop(guest);
 }

@@ -159,6 +159,18 @@ pub enum Workload {
     /// ACKed) may count as bad. (fsck itself is done outside:
     /// [`crate::ext4::fsck`].)
     Check,
+    /// Throughput: makes `mib` MiB of random data in RAM (prints
+    /// `DD-READY <mib>`), then `rounds` times writes it to a fresh
+    /// `/data/dd` with `dd bs=1M oflag=direct conv=fsync`, printing `RATE
+    /// <bytes> <ns>` after each (guest clock, 10 ms steps: [`parse_rate`]);
+    /// then `DONE <rounds>`, and powers off. Give the guest memory for the
+    /// data ([`GuestConfig::memory_mib`]) and a disk with room for it.
+    Dd {
+        /// Size of each round's write, MiB.
+        mib: u32,
+        /// Rounds.
+        rounds: u32,
+    },
 }
 
 impl Workload {
@@ -168,6 +180,9 @@ impl Workload {
             Workload::Write => "tandem.workload=write".into(),
             Workload::WriteCount(n) => format!("tandem.workload=write tandem.count={n}"),
             Workload::Check => "tandem.workload=check".into(),
+            Workload::Dd { mib, rounds } => {
+                format!("tandem.workload=dd tandem.dd_mib={mib} tandem.dd_rounds={rounds}")
+            }
         }
     }
 }
@@ -628,6 +643,15 @@ pub fn parse_ack(line: &str) -> Option<u64> {
     line.trim().strip_prefix("ACK ")?.trim().parse().ok()
 }
 
+/// `(bytes, nanoseconds)` from a console line `RATE <bytes> <ns>`
+/// ([`Workload::Dd`]).
+pub fn parse_rate(line: &str) -> Option<(u64, u64)> {
+    let mut w = line.trim().strip_prefix("RATE ")?.split_whitespace();
+    let bytes = w.next()?.parse().ok()?;
+    let ns = w.next()?.parse().ok()?;
+    w.next().is_none().then_some((bytes, ns))
+}
+
 /// The domain XML for a TCG guest booting `image` directly (no firmware
 /// disk, no graphics), its serial console going to `console` (named
 /// `name`; `config.name` and `config.console` are not looked at here).
@@ -717,6 +741,16 @@ mod tests {
         assert_eq!(parse_ack("ACK 12 "), Some(12));
         assert_eq!(parse_ack("BACK 12"), None);
         assert_eq!(parse_ack("ACK x"), None);
+    }
+
+    #[test]
+    fn rate_lines_parse() {
+        assert_eq!(
+            parse_rate("RATE 1048576 250000000"),
+            Some((1 << 20, 250_000_000))
+        );
+        assert_eq!(parse_rate("RATE 1 2 3"), None);
+        assert_eq!(parse_rate("RATE x 2"), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 #   CHECK f<N> ok|BAD                 (check) one file verified
 #   CHECKED <files> <bad>             (check) all files verified
 #   DONE <N>                          (write with tandem.count) unmounted
+#   DD-READY <MiB>                    (dd) the source data is in RAM
+#   RATE <bytes> <ns>                 (dd) one round written and fsync()ed
 #   TANDEM-ERROR <what>               something failed; powers off
 # A file /data/f<N> is one header line "TANDEM-FILE <N> <crc32> <len>"
 # followed by <len> random bytes whose CRC-32 (IEEE, busybox crc32) is <crc32>.
@@ -119,8 +121,41 @@ check_files() {
     off
 }
 
+# dd (tandem.dd_mib=M, default 64; tandem.dd_rounds=R, default 3): M MiB
+# of random data made in RAM first, then R rounds of `dd bs=1M oflag=direct
+# conv=fsync` of it to a fresh /data/dd, each timed with /proc/uptime (10
+# ms steps) and printed as RATE; then DONE <R> and power off.
+dd_rounds() {
+    mib=64
+    rounds=3
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in
+        tandem.dd_mib=*) mib=${arg#*=} ;;
+        tandem.dd_rounds=*) rounds=${arg#*=} ;;
+        esac
+    done
+    dd if=/dev/urandom of=/tmp/dd.src bs=1048576 count="$mib" 2>/dev/null || fail "dd source"
+    echo "DD-READY $mib"
+    r=0
+    while [ "$r" -lt "$rounds" ]; do
+        r=$((r + 1))
+        rm -f /data/dd
+        sync /data
+        read -r t0 _ </proc/uptime
+        dd if=/tmp/dd.src of=/data/dd bs=1048576 oflag=direct conv=fsync 2>/dev/null ||
+            fail "dd round $r"
+        read -r t1 _ </proc/uptime
+        cs=$((${t1%.*}${t1#*.} - ${t0%.*}${t0#*.}))
+        echo "RATE $((mib * 1048576)) $((cs * 10000000))"
+    done
+    umount /data || fail "umount /data"
+    echo "DONE $r"
+    off
+}
+
 case "$workload" in
 write) write_files ;;
+dd) dd_rounds ;;
 check) check_files ;;
 idle)
     echo "READY"

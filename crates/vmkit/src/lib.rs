@@ -56,8 +56,10 @@
 //!   `tandem.workload=` on the kernel command line: `write` (numbered,
 //!   fsync()ed files, `ACK <N>` on the console only after the fsync
 //!   returned; on a disk with such files already, as after a failover,
-//!   `RESUME <M>` and on from `f<M+1>`), `check`, `idle`. Names are `tandem-test-<pid>-<n>-<label>`,
-//!   unique per test process, unless [`GuestConfig::name`] fixes one (a
+//!   `RESUME <M>` and on from `f<M+1>`), `check`, `idle`, `dd` (timed
+//!   direct writes, `RATE` lines). Names are
+//!   `tandem-test-<pid>-<n>-<label>`, unique per test process, unless
+//!   [`GuestConfig::name`] fixes one (a
 //!   site daemon's `web01`); the console file is `<work_dir>/<name>.console`
 //!   unless [`GuestConfig::console`] says where (QEMU truncates it at each
 //!   start unless [`GuestConfig::console_append`]). Dropping a `Guest`
@@ -216,7 +218,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use guest::{
-    domain_xml, parse_ack, tandem_nbd_commandline, Disk, Guest, GuestConfig, Workload, QEMU_XMLNS,
+    domain_xml, parse_ack, parse_rate, tandem_nbd_commandline, Disk, Guest, GuestConfig, Workload,
+    QEMU_XMLNS,
 };
 pub use image::GuestImage;
 pub use libvirt::{Libvirt, LIBVIRTD_LOG, QEMU_CONF, URI};

@@ -112,6 +112,9 @@ pub(crate) struct GroupRuntime {
     /// The group's actor started the VM here (or is starting it) and has
     /// not stopped it since: the fencer destroys it if the gate lapses.
     pub vm_started: AtomicBool,
+    /// The VM's state at each site, as their reports in the coordinator
+    /// last said (status).
+    pub vm_sites: Mutex<Vec<(String, String)>>,
 }
 
 impl GroupRuntime {
@@ -123,6 +126,7 @@ impl GroupRuntime {
             epoch: AtomicU64::new(0),
             owner: Mutex::new(None),
             vm_started: AtomicBool::new(false),
+            vm_sites: Mutex::new(Vec::new()),
         }
     }
 

@@ -38,6 +38,14 @@ pub(super) fn run(h: &Handle, m: &Arc<Member>) {
         let input = match taken {
             Taken::Fenced => Input::Fenced,
             Taken::View(seen) => {
+                if m.runtime.cfg.vm.is_some() {
+                    *m.runtime.vm_sites.lock() = seen
+                        .view
+                        .members
+                        .iter()
+                        .filter_map(|r| r.vm.clone().map(|state| (r.site.clone(), state)))
+                        .collect();
+                }
                 actor.contact = Contact {
                     sent: seen.sent,
                     revision: seen.view.revision,

@@ -98,7 +98,8 @@ fn due(last: Option<&Published>, report: &MemberReport, now: Instant, every: Dur
         && p.role == report.role
         && p.epoch == report.epoch
         && p.consistent == report.consistent
-        && p.fit == report.fit;
+        && p.fit == report.fit
+        && p.vm == report.vm;
     if !settled {
         return true;
     }
@@ -118,7 +119,16 @@ fn publish(
     for m in h.members() {
         let name = m.runtime.name();
         let holding = m.runtime.holding();
-        let report = m.machine.lock().report(lease, holding);
+        let mut report = m.machine.lock().report(lease, holding);
+        if m.runtime.cfg.vm.is_some() {
+            report.vm = Some(
+                h.shared
+                    .vms
+                    .seen(name)
+                    .map_or("absent", |s| s.state.as_str())
+                    .to_owned(),
+            );
+        }
         let last = published.get(name);
         let report_due = due(last, &report, now, every);
         let lag_due = last

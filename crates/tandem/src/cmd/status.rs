@@ -156,6 +156,15 @@ fn table(s: &SiteStatus) -> String {
             if let Some(e) = &vm.error {
                 out += &format!("  (libvirt: {e})");
             }
+            let elsewhere: Vec<String> = vm
+                .sites
+                .iter()
+                .filter(|v| v.site != s.site)
+                .map(|v| format!("{} at {}", v.state, v.site))
+                .collect();
+            if !elsewhere.is_empty() {
+                out += &format!("; {}", elsewhere.join(", "));
+            }
             out += "\n";
         }
         out += &format!(
