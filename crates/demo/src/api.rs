@@ -1,5 +1,5 @@
-//! The two calls the demo makes to an agent's API (SPEC §4.4): its status,
-//! and the migration of the group. One request per connection, the bearer
+//! The calls the demo makes to an agent's API (SPEC §4.4): its status,
+//! the migration of the group, and (`--vm`) `tandem protect`. One request per connection, the bearer
 //! token from the site's data directory, a bounded answer.
 
 use std::io::{self, Read, Write};
@@ -17,6 +17,9 @@ const MAX_RESPONSE: u64 = 4 << 20;
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent gives up on a migration after 120 s.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(150);
+/// `tandem protect` answers once it has checked the domain and defined the
+/// group (a few libvirt calls).
+const PROTECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -73,6 +76,17 @@ pub(crate) fn migrate(
     let path = format!("/api/v1/groups/{group}/migrate");
     let body = format!(r#"{{"to":"{to}"}}"#);
     let answer = request(config, "POST", &path, &body, MIGRATE_TIMEOUT)?;
+    serde_json::from_slice(&answer).map_err(ApiError::Json)
+}
+
+/// `POST /api/v1/protect`: answers once the group is defined; the disks
+/// move afterwards (the group's `vm.onboarding` in the status).
+pub(crate) fn protect(
+    config: &tandem_config::Config,
+    protect: &tandem_agent::onboard::ProtectRequest,
+) -> Result<tandem_agent::onboard::Accepted, ApiError> {
+    let body = serde_json::to_string(protect).map_err(ApiError::Json)?;
+    let answer = request(config, "POST", "/api/v1/protect", &body, PROTECT_TIMEOUT)?;
     serde_json::from_slice(&answer).map_err(ApiError::Json)
 }
 

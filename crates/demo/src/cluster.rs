@@ -194,8 +194,9 @@ fn site_config(
     api: u16,
     witness: &str,
     peers: &str,
+    libvirt: Option<&str>,
 ) -> String {
-    format!(
+    let mut text = format!(
         r#"# Written by `tandem demo`.
 [site]
 name = "{name}"
@@ -211,17 +212,27 @@ kind = "witness"
 endpoints = ["{witness}"]
 lease_ttl = "3s"
 
-{peers}
-[[group]]
+{peers}"#,
+        data = data_dir.display(),
+    );
+    match libvirt {
+        // `tandem demo --vm`: no group yet (`tandem protect` makes one),
+        // and this site's own libvirt daemon.
+        Some(uri) => text.push_str(&format!(
+            "[libvirt]\nuri = \"{uri}\"   # this site's own libvirt daemon\n"
+        )),
+        None => text.push_str(&format!(
+            r#"[[group]]
 name = "{GROUP}"
 primary = "ny"
 replicas = [ {{ site = "chicago", priority = 1 }}, {{ site = "seattle", priority = 2 }} ]
 mode = "async"
 failover = "automatic"
 volumes = [ {{ name = "{VOLUME}", size = "256MiB" }} ]
-"#,
-        data = data_dir.display(),
-    )
+"#
+        )),
+    }
+    text
 }
 
 impl Cluster {
@@ -234,6 +245,29 @@ impl Cluster {
         exe: PathBuf,
         keep: bool,
         interrupted: Arc<AtomicBool>,
+    ) -> Result<Cluster, DemoError> {
+        Cluster::build(dir, exe, keep, interrupted, None)
+    }
+
+    /// [`Cluster::new`] for `tandem demo --vm`: no group (the demo's
+    /// `tandem protect` defines one), and each site's `[libvirt] uri` the
+    /// one given for it, in the order of [`SiteName::ALL`].
+    pub fn with_libvirt(
+        dir: &Path,
+        exe: PathBuf,
+        keep: bool,
+        interrupted: Arc<AtomicBool>,
+        uris: [&str; 3],
+    ) -> Result<Cluster, DemoError> {
+        Cluster::build(dir, exe, keep, interrupted, Some(uris))
+    }
+
+    fn build(
+        dir: &Path,
+        exe: PathBuf,
+        keep: bool,
+        interrupted: Arc<AtomicBool>,
+        uris: Option<[&str; 3]>,
     ) -> Result<Cluster, DemoError> {
         // Outside the ephemeral range, so that a site restarted after its
         // SIGKILL gets its ports back.
@@ -255,7 +289,8 @@ impl Cluster {
             let (listen, api) = (ports[1 + 2 * i], ports[2 + 2 * i]);
             let data_dir = dir.join(name.as_str());
             let config_path = dir.join(format!("{name}.toml"));
-            let text = site_config(name, &data_dir, listen, api, &witness_addr, &peers);
+            let libvirt = uris.map(|u| u[i]);
+            let text = site_config(name, &data_dir, listen, api, &witness_addr, &peers, libvirt);
             std::fs::write(&config_path, text).map_err(|source| DemoError::WriteConfig {
                 path: config_path.clone(),
                 source,

@@ -8,8 +8,9 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use crate::api::ApiError;
-use crate::cluster::{ProcName, SiteName, VOLUME};
+use crate::cluster::{ProcName, SiteName, GROUP, VOLUME};
 use crate::nbd::NbdError;
+use crate::vm::VM;
 use crate::writer::WriteFailure;
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +162,69 @@ pub enum DemoError {
         hashes.iter().map(|(s, h)| format!("{s} {}", short(h))).collect::<Vec<_>>().join(", ")
     )]
     ImagesDiffer { hashes: Vec<(SiteName, String)> },
+    /// `tandem demo --vm` without what it runs.
+    #[error(
+        "tandem demo --vm needs a hypervisor and the tools that build its guest, and this \
+         machine lacks {}: install the Debian packages {} (scripts/test installs all of \
+         them; on machines with a qemu-utils backport, pin it to qemu-system-x86's version in \
+         the same line: apt-get install --allow-downgrades qemu-system-x86 \
+         qemu-utils=VERSION ...)",
+        missing.join(", "),
+        packages.join(" ")
+    )]
+    VmTools {
+        /// Commands not found on PATH (with a hint where one is elsewhere).
+        missing: Vec<String>,
+        /// The Debian packages that bring them.
+        packages: Vec<&'static str>,
+    },
+    #[error(
+        "tandem demo --vm must run as root: it starts a libvirt daemon per site in \
+         private mount namespaces, and QEMU opens root-owned NBD sockets"
+    )]
+    VmNotRoot,
+    #[error("{action}")]
+    Vm {
+        action: VmAction,
+        #[source]
+        source: tandem_vmkit::Error,
+    },
+    #[error("tandem protect {VM} on {site} failed")]
+    Protect {
+        site: SiteName,
+        #[source]
+        source: ApiError,
+    },
+    #[error("tandem protect {VM} stopped at ny in stage {stage}: {reason}")]
+    Onboarding { stage: String, reason: String },
+    #[error(
+        "{} ran at ny ({pid_before}), but a different process ({}) after tandem protect: \
+         the guest was restarted",
+        VM,
+        pid_after.map_or_else(|| "none".to_owned(), |p| p.to_string())
+    )]
+    GuestRestarted {
+        pid_before: u32,
+        pid_after: Option<u32>,
+    },
+    #[error(
+        "{VM} reports an error on its console: {line}\n--- its console's last lines ---\n{tail}"
+    )]
+    GuestFailed { line: String, tail: String },
+    #[error("cannot copy {} to {}", from.display(), to.display())]
+    CopyImage {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} of the files {VM} acknowledged at ny before the host loss are not intact at \
+         chicago (sync mode must lose none): {}",
+        files.len(),
+        files.iter().map(|(n, why)| format!("f{n} {why}")).collect::<Vec<_>>().join(", ")
+    )]
+    LostAcked { files: Vec<(u64, String)> },
     /// A wait that failed, with each site's view and the application's
     /// last error.
     #[error(
@@ -183,13 +247,36 @@ pub enum Wait {
     ApiAnswers(SiteName),
     FirstPrimary,
     Failover,
-    Follows { replica: SiteName, owner: SiteName },
+    Follows {
+        replica: SiteName,
+        owner: SiteName,
+    },
     CaughtUp(SiteName),
-    Records { site: SiteName, count: usize },
+    Records {
+        site: SiteName,
+        count: usize,
+    },
     Rejoined,
-    SentEverything { from: SiteName, to: SiteName },
+    SentEverything {
+        from: SiteName,
+        to: SiteName,
+    },
     Migration,
     WriteAfterMigration,
+    /// `--vm`: the guest's console shows this many `ACK` lines in all.
+    GuestAcks {
+        site: SiteName,
+        count: usize,
+    },
+    Onboarded,
+    ReplicasStreaming,
+    Definition(SiteName),
+    VmRunning(SiteName),
+    VmPrimary(SiteName),
+    GuestWritesAgain {
+        site: SiteName,
+        after: u64,
+    },
 }
 
 impl fmt::Display for Wait {
@@ -213,6 +300,68 @@ impl fmt::Display for Wait {
             ),
             Wait::WriteAfterMigration => {
                 write!(f, "a write acknowledged by ny after the migration")
+            }
+            Wait::GuestAcks { site, count } => write!(
+                f,
+                "{VM} at {site} to acknowledge {count} files in all (ACK lines on its console)"
+            ),
+            Wait::Onboarded => write!(
+                f,
+                "tandem protect to move {VM}'s disk onto its volume (vm.onboarding.stage \"done\" at ny)"
+            ),
+            Wait::ReplicasStreaming => write!(f, "chicago and seattle to stream {GROUP} from ny"),
+            Wait::Definition(site) => write!(f, "{VM}'s definition at {site} (vms/{GROUP}.xml)"),
+            Wait::VmRunning(site) => write!(f, "{VM}'s QEMU to run at {site}"),
+            Wait::VmPrimary(site) => {
+                write!(f, "{site} to report itself primary with {VM} running")
+            }
+            Wait::GuestWritesAgain { site, after } => write!(
+                f,
+                "{VM} at {site} to acknowledge a file after f{after}, the last one ny acknowledged"
+            ),
+        }
+    }
+}
+
+/// What `tandem demo --vm` was doing with libvirt, the guest or its disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmAction {
+    StartLibvirt(SiteName),
+    GuestImage,
+    MakeDisk,
+    StartGuest,
+    CrashHost(SiteName),
+    Suspend(SiteName),
+    Resume(SiteName),
+    ReplayJournal,
+    Fsck,
+    ReadFiles,
+}
+
+impl fmt::Display for VmAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmAction::StartLibvirt(site) => write!(f, "cannot start {site}'s libvirt daemon"),
+            VmAction::GuestImage => write!(
+                f,
+                "cannot build the guest image (a Debian kernel and a busybox initramfs, \
+                 cached in /var/cache/tandem-guest; the first build downloads the kernel \
+                 package with apt-get)"
+            ),
+            VmAction::MakeDisk => write!(f, "cannot make {VM}'s ext4 disk"),
+            VmAction::StartGuest => write!(f, "cannot start {VM} at ny"),
+            VmAction::CrashHost(site) => write!(f, "cannot crash {site}'s host"),
+            VmAction::Suspend(site) => write!(f, "cannot suspend {VM} at {site}"),
+            VmAction::Resume(site) => write!(f, "cannot resume {VM} at {site}"),
+            VmAction::ReplayJournal => {
+                write!(
+                    f,
+                    "cannot replay the journal on the copy of chicago's volume"
+                )
+            }
+            VmAction::Fsck => write!(f, "the copy of chicago's volume is not a clean file system"),
+            VmAction::ReadFiles => {
+                write!(f, "cannot read the files on the copy of chicago's volume")
             }
         }
     }

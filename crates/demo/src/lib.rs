@@ -10,14 +10,18 @@
 //! handlers, hands over its own executable (which the demo runs as
 //! `tandem witness` and `tandem agent`) and prints the error. The parts:
 //!
-//! * [`run`] — the scenario, seven steps, returning a [`Summary`];
+//! * [`run`] — the scenario, seven steps, returning a [`Summary`] (or,
+//!   with [`Options::vm`], six steps and a [`VmSummary`]);
 //! * [`cluster`] — the processes: start, SIGKILL, restart, stop, each
 //!   site's status, bounded waits that name what did not happen;
 //! * [`nbd`] — a minimal NBD client whose decoding of server replies
 //!   never panics;
 //! * [`writer`] — the application: a thread appending acknowledged records;
 //! * [`Console`] — where the story is told, with progress redrawn in place
-//!   on a terminal.
+//!   on a terminal;
+//! * [`vm`] — `tandem demo --vm`: the story with a real guest, a libvirt
+//!   daemon per site (tandem-vmkit), `tandem protect`, host loss, the VM
+//!   up at chicago with every acknowledged file.
 
 #![forbid(unsafe_code)]
 
@@ -27,10 +31,12 @@ mod console;
 mod error;
 pub mod nbd;
 mod scenario;
+pub mod vm;
 pub mod writer;
 
 pub use api::ApiError;
 pub use cluster::{bind_to_demo, Cluster, ProcName, SiteName, GROUP, VOLUME, VOLUME_SIZE};
 pub use console::Console;
-pub use error::{DemoError, NbdAction, Wait};
-pub use scenario::{run, Options, Summary};
+pub use error::{DemoError, NbdAction, VmAction, Wait};
+pub use scenario::{run, Options, Report, Summary};
+pub use vm::VmSummary;

@@ -17,6 +17,7 @@ use crate::cluster::{Cluster, SiteName, GROUP, VOLUME, VOLUME_SIZE};
 use crate::console::{say, Console};
 use crate::error::{chain, short, DemoError, NbdAction, Wait};
 use crate::nbd::NbdClient;
+use crate::vm::VmSummary;
 use crate::writer::{self, Ack, Writer};
 
 use SiteName::{Chicago, Ny, Seattle};
@@ -41,6 +42,10 @@ pub struct Options {
     pub interrupted: Arc<AtomicBool>,
     /// Where the story is told.
     pub console: Console,
+    /// `tandem demo --vm`: the story with a real guest (a libvirt daemon
+    /// per site, `tandem protect`, host loss, the VM up at chicago); see
+    /// [`crate::vm`].
+    pub vm: bool,
 }
 
 impl Options {
@@ -51,6 +56,7 @@ impl Options {
             keep: false,
             interrupted: Arc::default(),
             console: Console::stdio(),
+            vm: false,
         }
     }
 }
@@ -82,29 +88,51 @@ pub struct Summary {
     pub total: Duration,
 }
 
-/// Runs the demo in a new directory under /tmp: every step on the
-/// console, then the summary; cleans up unless `keep`. When it fails, its
-/// processes are stopped and the directory is kept for its logs.
-pub fn run(options: Options) -> Result<Summary, DemoError> {
-    let Options {
-        exe,
-        keep,
-        interrupted,
-        mut console,
-    } = options;
-    // Short paths: Unix socket paths are limited to 107 bytes.
-    let base = if Path::new("/tmp").is_dir() {
-        PathBuf::from("/tmp")
+/// What a demo measured: the disks' story, or (`--vm`) the guest's.
+#[derive(Clone, Debug)]
+pub enum Report {
+    Disks(Summary),
+    Vm(VmSummary),
+}
+
+/// Runs the demo in a new directory under /tmp (`--vm`: /var/tmp): every
+/// step on the console, then the summary; cleans up unless `keep`. When
+/// it fails, its processes are stopped and the directory is kept for its
+/// logs.
+pub fn run(options: Options) -> Result<Report, DemoError> {
+    if options.vm {
+        return crate::vm::run(options).map(Report::Vm);
+    }
+    run_disks(options).map(Report::Disks)
+}
+
+/// A new directory `tandem-demo-*` under `base`, or else the system's
+/// temporary directory. Keep paths short: Unix socket paths are limited
+/// to 107 bytes.
+pub(crate) fn demo_dir(base: &str) -> Result<tempfile::TempDir, DemoError> {
+    let base = if Path::new(base).is_dir() {
+        PathBuf::from(base)
     } else {
         std::env::temp_dir()
     };
-    let tmp = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix("tandem-demo-")
         .tempdir_in(&base)
         .map_err(|source| DemoError::CreateDir {
             base: base.clone(),
             source,
-        })?;
+        })
+}
+
+fn run_disks(options: Options) -> Result<Summary, DemoError> {
+    let Options {
+        exe,
+        keep,
+        interrupted,
+        mut console,
+        vm: _,
+    } = options;
+    let tmp = demo_dir("/tmp")?;
     let dir = tmp.path().to_path_buf();
     let mut cluster = Cluster::new(&dir, exe, keep, interrupted)?;
     let started = Instant::now();
@@ -548,7 +576,12 @@ fn flow(c: &mut Cluster, out: &mut Console) -> Result<Summary, DemoError> {
 
 /// Announces step `n`; stops the demo if its output is gone.
 fn step(out: &mut Console, n: u32, what: &str) -> Result<(), DemoError> {
-    say!(out, "\n[{n}/{STEPS}] {what}");
+    step_of(out, n, STEPS, what)
+}
+
+/// Announces step `n` of `steps`; stops the demo if its output is gone.
+pub(crate) fn step_of(out: &mut Console, n: u32, steps: u32, what: &str) -> Result<(), DemoError> {
+    say!(out, "\n[{n}/{steps}] {what}");
     out.check()
 }
 
@@ -560,7 +593,7 @@ fn group(c: &Cluster, site: SiteName) -> Result<GroupStatus, DemoError> {
 }
 
 /// A group's state in a few words.
-fn describe(g: &GroupStatus) -> String {
+pub(crate) fn describe(g: &GroupStatus) -> String {
     let links: Vec<String> = g
         .replicas
         .iter()
@@ -589,7 +622,7 @@ fn describe(g: &GroupStatus) -> String {
 
 /// A group's role and its replicas' states, without numbers that change
 /// all the time.
-fn roles(g: &GroupStatus) -> String {
+pub(crate) fn roles(g: &GroupStatus) -> String {
     let states: Vec<String> = g
         .replicas
         .iter()

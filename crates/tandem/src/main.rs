@@ -59,6 +59,11 @@ enum Command {
         /// Leave everything running at the end and print how to reach it
         #[arg(long)]
         keep: bool,
+        /// With a real VM: a libvirt daemon per site, a guest protected with
+        /// `tandem protect`, the loss of its host, the VM up at chicago with
+        /// its data checked (needs root, qemu-system-x86 and libvirt)
+        #[arg(long)]
+        vm: bool,
     },
     /// Show this site's groups and how each replica is doing
     Status {
@@ -201,7 +206,7 @@ fn main() -> ExitCode {
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Witness { listen, data_dir } => cmd::witness::run(&listen, &data_dir),
-        Command::Demo { keep } => cmd::demo::run(keep),
+        Command::Demo { keep, vm } => cmd::demo::run(keep, vm),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Vms { config, json } => cmd::vms::run(&config.path(), json),
         Command::Unprotect { config, group, to } => cmd::unprotect::run(&config.path(), &group, to),

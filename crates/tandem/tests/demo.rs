@@ -1,7 +1,9 @@
 //! `tandem demo`: the README's first command runs the whole story (three
 //! sites and a witness, failover after SIGKILL, resync, migration home)
 //! with nothing but the binary, and cleans up after itself, also when
-//! interrupted.
+//! interrupted. `tandem demo --vm` runs it with a real guest (libvirt and
+//! QEMU, installed by scripts/test), and without them says what to
+//! install.
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,11 +26,22 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn run_demo(
     args: &[&str],
     timeout: Duration,
+    on_line: impl FnMut(&str) -> Option<Signal>,
+) -> (Option<i32>, String, String) {
+    run_demo_with(
+        Command::new(TANDEM).arg("demo").args(args),
+        timeout,
+        on_line,
+    )
+}
+
+/// [`run_demo`] of a command made by the caller (its environment, say).
+fn run_demo_with(
+    command: &mut Command,
+    timeout: Duration,
     mut on_line: impl FnMut(&str) -> Option<Signal>,
 ) -> (Option<i32>, String, String) {
-    let mut child = Command::new(TANDEM)
-        .arg("demo")
-        .args(args)
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -211,4 +224,106 @@ fn interrupted_demo_stops_its_processes_and_exits_1() {
     let dir = demo_dir(&out);
     assert!(dir.join("ny.log").exists(), "{}", dir.display());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn demo_vm_loses_a_host_and_brings_the_guest_up_at_chicago_with_every_acknowledged_file() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let (code, out, err) = run_demo(&["--vm"], Duration::from_secs(600), |_| None);
+    assert_eq!(
+        code,
+        Some(0),
+        "tandem demo --vm failed:\n{out}\nstderr:\n{err}"
+    );
+    eprintln!("tandem demo --vm took {:?}", started.elapsed());
+
+    // The story's lines say some of the same words: read the table.
+    let summary = out
+        .find("\nSummary\n")
+        .map(|at| &out[at..])
+        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
+    let seconds = |label: &str| -> f64 {
+        let value = row(summary, label);
+        value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read seconds from {value:?} ({label})"))
+    };
+    let running = seconds("RTO: host loss at ny -> web01 running at chicago");
+    let first_write = seconds("RTO: host loss at ny -> first write by web01 at chicago");
+    assert!(
+        running > 0.0 && running < 60.0,
+        "web01 running at chicago {running} s after the host loss"
+    );
+    assert!(first_write >= running, "{first_write} < {running}");
+    assert!(
+        row(summary, "tandem protect: the guest's pause at the pivot").ends_with(" ms"),
+        "{out}"
+    );
+    let acked: u64 = row(summary, "files acknowledged at ny before the host loss")
+        .parse()
+        .unwrap();
+    assert!(acked >= 15, "only {acked} files acknowledged at ny");
+    let intact: u64 = row(
+        summary,
+        "of those, intact at chicago (journal replayed, e2fsck clean)",
+    )
+    .parse()
+    .unwrap();
+    assert_eq!(intact, acked, "{out}");
+    assert_eq!(
+        row(summary, "acknowledged files lost (sync mode: 0 expected)"),
+        "0"
+    );
+    assert!(out.contains("chicago owns web01 in epoch 2"), "{out}");
+    assert!(out.contains("web01 never stopped: the same QEMU"), "{out}");
+
+    // Everything stopped and removed: the demo's directory, its
+    // processes, each site's libvirt daemon root (and so its QEMUs).
+    let dir = demo_dir(&out);
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+    for pid in pids(&out) {
+        assert!(!alive(pid), "process {pid} is still running");
+    }
+    let roots: Vec<PathBuf> = out
+        .lines()
+        .filter_map(|l| l.split_once("socket=")?.1.strip_suffix("/run/libvirt-sock"))
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(roots.len(), 3, "three site daemons: {out}");
+    for root in roots {
+        assert!(!root.exists(), "{} was not removed", root.display());
+    }
+}
+
+#[test]
+fn demo_vm_without_a_hypervisor_says_which_packages_to_install() {
+    let empty = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (code, out, err) = run_demo_with(
+        Command::new(TANDEM)
+            .args(["demo", "--vm"])
+            .env("PATH", empty.path()),
+        Duration::from_secs(30),
+        |_| None,
+    );
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    for word in [
+        "qemu-system-x86_64",
+        "qemu-system-x86",
+        "libvirt-clients",
+        "busybox-static",
+        "scripts/test",
+    ] {
+        assert!(err.contains(word), "{word} not named:\n{err}");
+    }
+    // Nothing started.
+    assert!(!out.contains("directory "), "{out}");
 }

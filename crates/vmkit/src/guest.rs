@@ -210,6 +210,11 @@ pub struct GuestConfig {
     /// The serial console's log file; `None` (the default):
     /// `<work_dir>/<name>.console`.
     pub console: Option<PathBuf>,
+    /// QEMU appends to the console file (`append='on'`) instead of
+    /// truncating it when it starts: a domain started again, or at another
+    /// site with the same file, adds its lines after the earlier boots'
+    /// (default: truncated at each start).
+    pub console_append: bool,
 }
 
 impl GuestConfig {
@@ -225,6 +230,7 @@ impl GuestConfig {
             extra_cmdline: String::new(),
             name: None,
             console: None,
+            console_append: false,
         }
     }
 
@@ -237,6 +243,13 @@ impl GuestConfig {
     /// This config with the console going to `console`.
     pub fn with_console(mut self, console: &Path) -> GuestConfig {
         self.console = Some(console.to_path_buf());
+        self
+    }
+
+    /// This config with QEMU appending to the console file at each start
+    /// (see [`GuestConfig::console_append`]).
+    pub fn with_console_appended(mut self) -> GuestConfig {
+        self.console_append = true;
         self
     }
 }
@@ -653,6 +666,11 @@ pub fn domain_xml(name: &str, image: &GuestImage, config: &GuestConfig, console:
         cmdline.push(' ');
         cmdline.push_str(&config.extra_cmdline);
     }
+    let append = if config.console_append {
+        " append='on'"
+    } else {
+        ""
+    };
     let (xmlns, commandline) = match config.disk.qemu_commandline() {
         Some(c) => (format!(" xmlns:qemu='{QEMU_XMLNS}'"), format!("\n  {c}")),
         None => (String::new(), String::new()),
@@ -675,7 +693,7 @@ pub fn domain_xml(name: &str, image: &GuestImage, config: &GuestConfig, console:
          \x20 <on_crash>destroy</on_crash>\n\
          \x20 <devices>\n\
          \x20   {disk}\n\
-         \x20   <serial type='file'><source path='{console}'/><target port='0'/></serial>\n\
+         \x20   <serial type='file'><source path='{console}'{append}/><target port='0'/></serial>\n\
          \x20   <controller type='usb' model='none'/>\n\
          \x20   <memballoon model='none'/>\n\
          \x20 </devices>{commandline}\n\

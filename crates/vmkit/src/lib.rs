@@ -1,9 +1,14 @@
-//! Real libvirt and real guests for Tandem's VM tests (dev-dependency only).
+//! Real libvirt and real guests for Tandem's VM tests, and for `tandem
+//! demo --vm` (a normal dependency of `tandem-demo`, hence of the `tandem`
+//! binary: it adds no crate beyond `thiserror`, `rustix` and
+//! `tandem-testkit`, and runs only system tools, never at an agent's run
+//! time).
 //!
 //! Facts this crate relies on were measured on the project's machines
 //! (Debian 12, 2 cores, no systemd as PID 1, KVM unusable): see
 //! `VMS-ON-THESE-MACHINES.md` in the shared docs. `scripts/test` installs
-//! every package used here; a missing tool makes a test fail, not skip.
+//! every package used here; a missing tool makes a test fail, not skip
+//! (and `tandem demo --vm` stop at once, naming the packages).
 //!
 //! # What it provides
 //!
@@ -56,7 +61,8 @@
 //!   `tandem-test-<pid>-<n>-<label>`, unique per test process, unless
 //!   [`GuestConfig::name`] fixes one (a
 //!   site daemon's `web01`); the console file is `<work_dir>/<name>.console`
-//!   unless [`GuestConfig::console`] says where. Dropping a `Guest`
+//!   unless [`GuestConfig::console`] says where (QEMU truncates it at each
+//!   start unless [`GuestConfig::console_append`]). Dropping a `Guest`
 //!   destroys and undefines it, and the first [`Libvirt::ensure`] of a
 //!   process removes `tandem-test-*` domains whose process is gone. Waits
 //!   read the console file and fail early when the guest prints
@@ -159,6 +165,8 @@
 //!   [`SiteLibvirt::remove_stale_sites`]: roots under [`SITES_DIR`] whose
 //!   owner (pid and start time, or the pid the name begins with) is gone
 //!   are cleaned the same way. Roots given to `start_at` are not swept.
+//!   [`SiteLibvirt::leave_running`] (`tandem demo --vm --keep`) lets a
+//!   site outlive its handle; the sweep takes it once its process is gone.
 //! - **Shared with the system and the other sites:** the kernel and one
 //!   pid namespace (every site's QEMUs show in `ps`), the network (guests
 //!   have no NICs), every file outside the five directories (guest image,

@@ -375,6 +375,16 @@ impl SiteLibvirt {
         self.teardown()
     }
 
+    /// Leaves the site running when this handle goes (`tandem demo --vm
+    /// --keep`): its daemons and QEMUs go on, and its root stays, until
+    /// someone kills them, or until the first [`SiteLibvirt::start`] of
+    /// another process sweeps the root once this process is gone
+    /// ([`SiteLibvirt::remove_stale_sites`]). Returns the root.
+    pub fn leave_running(mut self) -> PathBuf {
+        self.removed = true;
+        std::mem::take(&mut self.root)
+    }
+
     /// Removes the roots under [`SITES_DIR`] whose test process is gone,
     /// after killing what still runs of them (daemons, QEMUs). Done once
     /// per process by the first [`SiteLibvirt::start`]; errors are ignored
