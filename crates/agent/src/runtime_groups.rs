@@ -135,40 +135,34 @@ impl StatusView {
         ];
         doomed.extend(rt.cfg.volumes.iter().map(|v| layout.image(&v.name)));
         for f in doomed {
-            match std::fs::remove_file(&f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(AgentError::Io {
-                        path: f,
-                        what: "remove",
-                        source,
-                    }
-                    .into())
-                }
-            }
+            remove_if_there(&f, |p| std::fs::remove_file(p))?;
         }
         for d in [
             layout.capture_dir(name),
             layout.replica_dir(name),
             shared.config.group_files_dir(name),
         ] {
-            match std::fs::remove_dir_all(&d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(AgentError::Io {
-                        path: d,
-                        what: "remove",
-                        source,
-                    }
-                    .into())
-                }
-            }
+            remove_if_there(&d, |p| std::fs::remove_dir_all(p))?;
         }
         shared.vms.forget(name);
         tracing::info!(group = %name, "group removed from this site");
         Ok(())
+    }
+}
+
+/// Removes `path` with `remove`; one that is not there is fine.
+fn remove_if_there(
+    path: &Path,
+    remove: fn(&Path) -> std::io::Result<()>,
+) -> Result<(), AgentError> {
+    match remove(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(AgentError::Io {
+            path: path.to_owned(),
+            what: "remove",
+            source,
+        }),
     }
 }
 

@@ -35,6 +35,7 @@ mod error;
 mod model;
 mod raw;
 mod runtime;
+pub use runtime::toml_string;
 mod schedule;
 #[allow(unsafe_code)]
 mod sys;

@@ -22,8 +22,9 @@ struct RawGroupFile {
     group: Vec<RawGroup>,
 }
 
-/// A TOML basic string.
-fn quoted(s: &str) -> String {
+/// `s` as a TOML basic string (quoted and escaped), for writing group
+/// tables.
+pub fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -47,27 +48,27 @@ impl Group {
     /// that [`Config::add_group`] reads back exactly this group.
     pub fn to_toml(&self) -> String {
         let mut t = String::from("[[group]]\n");
-        let _ = writeln!(t, "name = {}", quoted(&self.name));
-        let _ = writeln!(t, "primary = {}", quoted(&self.primary));
+        let _ = writeln!(t, "name = {}", toml_string(&self.name));
+        let _ = writeln!(t, "primary = {}", toml_string(&self.primary));
         let replicas: Vec<String> = self
             .replicas
             .iter()
             .map(|r| {
                 format!(
                     "{{ site = {}, priority = {} }}",
-                    quoted(&r.site),
+                    toml_string(&r.site),
                     r.priority
                 )
             })
             .collect();
         let _ = writeln!(t, "replicas = [ {} ]", replicas.join(", "));
-        let _ = writeln!(t, "mode = {}", quoted(self.mode.as_str()));
+        let _ = writeln!(t, "mode = {}", toml_string(self.mode.as_str()));
         let _ = writeln!(t, "sync_replicas = {}", self.sync_replicas);
-        let _ = writeln!(t, "failover = {}", quoted(self.failover.as_str()));
+        let _ = writeln!(t, "failover = {}", toml_string(self.failover.as_str()));
         let _ = writeln!(
             t,
             "max_lag_on_failover = {}",
-            quoted(&format_duration(self.max_lag_on_failover))
+            toml_string(&format_duration(self.max_lag_on_failover))
         );
         let volumes: Vec<String> = self
             .volumes
@@ -75,8 +76,8 @@ impl Group {
             .map(|v| {
                 format!(
                     "{{ name = {}, size = {} }}",
-                    quoted(&v.name),
-                    quoted(&format_size(v.size))
+                    toml_string(&v.name),
+                    toml_string(&format_size(v.size))
                 )
             })
             .collect();
@@ -84,34 +85,46 @@ impl Group {
         let files: Vec<String> = self
             .files
             .iter()
-            .map(|f| quoted(&f.display().to_string()))
+            .map(|f| toml_string(&f.display().to_string()))
             .collect();
         let _ = writeln!(t, "files = [ {} ]", files.join(", "));
         if let Some(h) = &self.on_promote {
-            let _ = writeln!(t, "on_promote = {}", quoted(h));
+            let _ = writeln!(t, "on_promote = {}", toml_string(h));
         }
         if let Some(h) = &self.on_demote {
-            let _ = writeln!(t, "on_demote = {}", quoted(h));
+            let _ = writeln!(t, "on_demote = {}", toml_string(h));
         }
-        let _ = writeln!(t, "max_queue = {}", quoted(&format_size(self.max_queue)));
+        let _ = writeln!(
+            t,
+            "max_queue = {}",
+            toml_string(&format_size(self.max_queue))
+        );
         let _ = writeln!(
             t,
             "queue_memory = {}",
-            quoted(&format_size(self.queue_memory))
+            toml_string(&format_size(self.queue_memory))
         );
-        let _ = writeln!(t, "on_sync_loss = {}", quoted(self.on_sync_loss.as_str()));
-        let _ = writeln!(t, "on_lost_lease = {}", quoted(self.on_lost_lease.as_str()));
+        let _ = writeln!(
+            t,
+            "on_sync_loss = {}",
+            toml_string(self.on_sync_loss.as_str())
+        );
+        let _ = writeln!(
+            t,
+            "on_lost_lease = {}",
+            toml_string(self.on_lost_lease.as_str())
+        );
         let _ = writeln!(
             t,
             "on_promote_failure = {}",
-            quoted(self.on_promote_failure.as_str())
+            toml_string(self.on_promote_failure.as_str())
         );
         if let Some(vm) = &self.vm {
-            let _ = writeln!(t, "vm = {}", quoted(&format!("libvirt:{vm}")));
+            let _ = writeln!(t, "vm = {}", toml_string(&format!("libvirt:{vm}")));
             let _ = writeln!(
                 t,
                 "vm_shutdown_timeout = {}",
-                quoted(&format_duration(self.vm_shutdown_timeout))
+                toml_string(&format_duration(self.vm_shutdown_timeout))
             );
         }
         t

@@ -115,6 +115,15 @@ pub struct ReceiverContext {
     pub definer: parking_lot::RwLock<Option<Arc<dyn GroupDefiner>>>,
 }
 
+/// Tells the primary why, best effort: the session ends either way.
+fn send_refusal<W: Write>(writer: &mut W, reason: &str, out: &mut Vec<u8>) {
+    let refusal = Message::Refuse {
+        reason: reason.to_owned(),
+    };
+    let _ = write_message(writer, &refusal, out);
+    let _ = writer.flush();
+}
+
 /// Serves one connection from a primary. `peer_site` is the site name in
 /// the peer's TLS certificate (None without TLS).
 pub fn serve<R: Read, W: Write>(
@@ -141,14 +150,7 @@ pub fn serve<R: Read, W: Write>(
                 Ok(())
             }
             Err(source) => {
-                let _ = write_message(
-                    &mut writer,
-                    &Message::Refuse {
-                        reason: source.to_string(),
-                    },
-                    &mut out,
-                );
-                let _ = writer.flush();
+                send_refusal(&mut writer, &source.to_string(), &mut out);
                 Err(SessionError::Retire { group, source })
             }
         };
@@ -165,14 +167,7 @@ pub fn serve<R: Read, W: Write>(
                 writer.flush().map_err(PeerError::Io)?;
             }
             Err(source) => {
-                let _ = write_message(
-                    &mut writer,
-                    &Message::Refuse {
-                        reason: source.to_string(),
-                    },
-                    &mut out,
-                );
-                let _ = writer.flush();
+                send_refusal(&mut writer, &source.to_string(), &mut out);
                 return Err(SessionError::Define { group, source });
             }
         }
@@ -365,14 +360,6 @@ pub fn serve<R: Read, W: Write>(
 /// Tells the primary why its session is refused (best effort) and returns
 /// the error to log.
 fn refuse<W: Write>(writer: &mut W, refusal: Refusal) -> SessionError {
-    let mut out = Vec::new();
-    let _ = write_message(
-        writer,
-        &Message::Refuse {
-            reason: refusal.to_string(),
-        },
-        &mut out,
-    );
-    let _ = writer.flush();
+    send_refusal(writer, &refusal.to_string(), &mut Vec::new());
     refusal.into()
 }

@@ -1,9 +1,8 @@
 //! What `tandem protect` does with a domain, decided without I/O from the
 //! request and the domain as libvirt shows it (docs/VMS.md, "Onboarding").
 
-use std::fmt::Write as _;
-
 use serde::{Deserialize, Serialize};
+use tandem_config::toml_string;
 use tandem_hypervisor::{xml, DiskSource, DomainState, XmlError};
 
 /// `POST /api/v1/protect`: protect a domain of this host.
@@ -235,23 +234,6 @@ fn writable_disks(
     Ok(out)
 }
 
-/// A TOML basic string.
-fn quoted(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn group_table(
     request: &ProtectRequest,
     site: &str,
@@ -268,21 +250,30 @@ fn group_table(
             let priority = r
                 .priority
                 .unwrap_or_else(|| u32::try_from(i + 1).unwrap_or(u32::MAX));
-            format!("{{ site = {}, priority = {priority} }}", quoted(&r.site))
+            format!(
+                "{{ site = {}, priority = {priority} }}",
+                toml_string(&r.site)
+            )
         })
         .collect();
     let volumes: Vec<String> = disks
         .iter()
-        .map(|d| format!("{{ name = {}, size = \"{}\" }}", quoted(&d.volume), d.size))
+        .map(|d| {
+            format!(
+                "{{ name = {}, size = \"{}\" }}",
+                toml_string(&d.volume),
+                d.size
+            )
+        })
         .collect();
     format!(
         "[[group]]\nname = {}\nprimary = {}\nreplicas = [ {} ]\nmode = {}\n\
          vm = {}\nvolumes = [ {} ]\n",
-        quoted(group),
-        quoted(site),
+        toml_string(group),
+        toml_string(site),
         replicas.join(", "),
-        quoted(mode),
-        quoted(&format!("libvirt:{domain}")),
+        toml_string(mode),
+        toml_string(&format!("libvirt:{domain}")),
         volumes.join(", ")
     )
 }
@@ -447,10 +438,5 @@ mod tests {
             plan(&request(), "ny", &d),
             Err(PlanError::Differs { .. })
         ));
-    }
-
-    #[test]
-    fn names_are_quoted_for_toml() {
-        assert_eq!(quoted("a\"b\\c"), "\"a\\\"b\\\\c\"");
     }
 }
