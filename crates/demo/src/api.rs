@@ -90,6 +90,24 @@ pub(crate) fn protect(
     serde_json::from_slice(&answer).map_err(ApiError::Json)
 }
 
+/// `PUT /api/v1/peers/{site}/bandwidth`: `rate` is a rate like
+/// `"50Mbit"`, `"unlimited"` or `"paused"`.
+pub(crate) fn set_bandwidth(
+    config: &tandem_config::Config,
+    site: &str,
+    rate: &str,
+) -> Result<(), ApiError> {
+    let body = serde_json::json!({ "bandwidth": rate }).to_string();
+    request(
+        config,
+        "PUT",
+        &format!("/api/v1/peers/{site}/bandwidth"),
+        &body,
+        STATUS_TIMEOUT,
+    )
+    .map(|_| ())
+}
+
 /// One request to the site's agent; the body of a 200 answer.
 fn request(
     config: &tandem_config::Config,

@@ -84,6 +84,13 @@ pub enum DemoError {
         #[source]
         source: ApiError,
     },
+    #[error("pausing {site}'s link to {peer} through its API failed")]
+    Bandwidth {
+        site: SiteName,
+        peer: SiteName,
+        #[source]
+        source: ApiError,
+    },
     #[error("the migration through {site}'s API failed")]
     Migrate {
         site: SiteName,

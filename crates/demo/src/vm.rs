@@ -550,6 +550,20 @@ fn flow(
         STEPS,
         &format!("{VM} writes on; sync mode: a file is acknowledged only once a replica has it"),
     )?;
+    // Sync mode promotes the replica that holds the most of the stream
+    // (priority breaks ties): with seattle's link paused, that is chicago.
+    api::set_bandwidth(&c.site(Ny).config, Seattle.as_str(), "paused").map_err(|source| {
+        DemoError::Bandwidth {
+            site: Ny,
+            peer: Seattle,
+            source,
+        }
+    })?;
+    say!(
+        out,
+        "  ny's link to seattle is paused (as if that WAN were down): chicago alone holds the \
+         newest writes, so it is the one to take over"
+    );
     let so_far = GuestConsole::acks(&console.lines()).len();
     wait_acks(
         c,

@@ -393,6 +393,18 @@ fn scenario(c: &mut Cluster, hosts: &Hosts, console: &Console) {
 /// file.
 fn host_loss(c: &mut Cluster, hosts: &Hosts, console: &Console) {
     console.wait_acks(0, 10, BOOT);
+    // Sync mode promotes the replica holding the most of the stream
+    // (priority breaks ties). With ny's link to seattle paused, chicago
+    // holds at least as much as seattle: it is the one to take over.
+    let (code, body) = api_call(
+        c.site("ny"),
+        "PUT",
+        "/api/v1/peers/seattle/bandwidth",
+        r#"{"bandwidth":"paused"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let now = console.acks().len();
+    console.wait_acks(0, now + 2, BOOT);
     c.kill("ny");
     let killed = Instant::now();
     ok(hosts.get("ny").crash_host(), "crash ny's host");
@@ -558,6 +570,25 @@ fn agent_restarts(c: &mut Cluster, hosts: &Hosts, console: &Console) {
 fn libvirt_down_at_the_next_site(c: &mut Cluster, hosts: &Hosts, console: &Console) {
     wait_streaming(c, "chicago", "ny", Duration::from_secs(60));
     wait_streaming(c, "seattle", "ny", Duration::from_secs(60));
+    // Both replicas hold the whole stream (the guest paused), so chicago,
+    // priority 1, is the one to take the group and try to start web01.
+    ok(
+        hosts.get("ny").libvirt().virsh(&["suspend", VM]),
+        "suspend web01 at ny",
+    );
+    let mut last_status = serde_json::Value::Null;
+    poll(Duration::from_secs(60), || {
+        last_status = group(c, "ny");
+        let next = last_status["next_seq"].as_u64()?;
+        let replicas = last_status["replicas"].as_array()?;
+        (replicas.len() == 2
+            && replicas.iter().all(|r| {
+                r["state"] == "streaming"
+                    && r["durable_seq"].as_u64().is_some_and(|d| d + 1 >= next)
+            }))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the replicas did not catch up with ny: {last_status:#}"));
     ok(hosts.get("chicago").stop_daemon(), "stop chicago's libvirt");
     let libvirt_down = Instant::now();
     c.kill("ny");
