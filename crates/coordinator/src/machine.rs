@@ -410,6 +410,21 @@ pub struct GroupMachine {
     vm: VmState,
     /// After a failed [`Effect::StopVm`]: not tried again before then.
     vm_retry_at: Option<Instant>,
+    /// Why the site is unfit, when the VM is (`fit` is false).
+    unfit: Option<Unfit>,
+    /// The last [`Effect::StopVm`] failed (the hypervisor did not answer).
+    stop_failed: bool,
+}
+
+/// What made a site unfit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unfit {
+    /// `on_promote` failed, or the VM failed to start while the
+    /// hypervisor answered: until the agent restarts.
+    Lasting,
+    /// The VM did not start and the hypervisor has not answered since
+    /// (libvirt down): fit again once a stop of the VM succeeds.
+    HypervisorDown,
 }
 
 impl GroupMachine {
@@ -430,6 +445,8 @@ impl GroupMachine {
             released: None,
             vm: VmState::Unknown,
             vm_retry_at: None,
+            unfit: None,
+            stop_failed: false,
         }
     }
 
@@ -888,6 +905,11 @@ impl GroupMachine {
                 Ok(()) => {
                     self.vm = VmState::Up;
                     self.vm_retry_at = None;
+                    if self.unfit == Some(Unfit::HypervisorDown) {
+                        // A retried start worked (the owner stayed).
+                        self.fit = true;
+                        self.unfit = None;
+                    }
                     if promotion {
                         self.promote_hook(epoch, owner_rev, out);
                     }
@@ -899,12 +921,27 @@ impl GroupMachine {
                     self.vm_retry_at = Some(now + VM_RETRY);
                     tracing::error!(%group, epoch, "the VM did not start here");
                     self.failed_as_owner(epoch, owner_rev, "the VM did not start", out);
+                    self.unfit = Some(Unfit::HypervisorDown);
                 }
             },
             (Pending::StopVm(then), Input::VmStopped(result)) => {
                 match result {
                     Ok(()) => {
                         self.vm = VmState::Down;
+                        // A start that failed while the hypervisor did not
+                        // answer stops counting against this site once it
+                        // answers again; one that failed although it
+                        // answered lasts.
+                        if self.unfit == Some(Unfit::HypervisorDown) {
+                            if self.stop_failed {
+                                tracing::info!(%group, "the hypervisor answers again: this site is fit to take the group over");
+                                self.fit = true;
+                                self.unfit = None;
+                            } else {
+                                self.unfit = Some(Unfit::Lasting);
+                            }
+                        }
+                        self.stop_failed = false;
                         self.vm_retry_at = None;
                     }
                     Err(Failed) => {
@@ -913,6 +950,7 @@ impl GroupMachine {
                         // VM_RETRY from now (and by the fencer while
                         // fenced).
                         tracing::error!(%group, retry_in = ?VM_RETRY, "the VM could not be stopped here");
+                        self.stop_failed = true;
                         self.vm = VmState::Unknown;
                         self.vm_retry_at = Some(now + VM_RETRY);
                     }
@@ -1096,6 +1134,7 @@ impl GroupMachine {
     /// after this) and gives the group to the next site.
     fn failed_as_owner(&mut self, epoch: u64, owner_rev: i64, why: &str, out: &mut Vec<Effect>) {
         self.fit = false;
+        self.unfit = Some(Unfit::Lasting);
         if self.settings.on_promote_failure == PromoteFailure::Next {
             tracing::warn!(group = %self.group(), epoch, "{why}: handing the group to the next site");
             self.demote(
@@ -1126,6 +1165,7 @@ impl GroupMachine {
     /// the group back so the next site can take it.
     fn promotion_failed(&mut self, owner_rev: i64, out: &mut Vec<Effect>) {
         self.fit = false;
+        self.unfit = Some(Unfit::Lasting);
         self.held = Held::Down;
         tracing::error!(group = %self.group(), "promotion failed: ownership given back, this site reports itself unfit");
         self.release(owner_rev, out);

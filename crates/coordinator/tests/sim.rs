@@ -1368,6 +1368,12 @@ fn a_vm_that_cannot_start_at_the_next_site_passes_the_group_on() {
     w.run(Duration::from_secs(10));
     assert_eq!(w.vm_stops[1], stops, "stopped again although it is down");
     assert_eq!(w.vm_sites(0), vec!["seattle".to_string()]);
+    // Its start failed for want of libvirt: with libvirt back, chicago is
+    // fit to take the group over again.
+    assert!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().shown().fit,
+        "chicago is still unfit with libvirt back"
+    );
     w.check(11);
 }
 
@@ -1406,6 +1412,10 @@ fn an_owner_that_stays_retries_its_vm_until_it_runs() {
     w.vm_broken[1] = false;
     w.run(VM_RETRY + Duration::from_secs(2));
     assert_eq!(w.vm_sites(0), vec!["chicago".to_string()]);
+    assert!(
+        w.sites[1].groups[0].machine.as_ref().unwrap().shown().fit,
+        "the VM runs at chicago, which still says it is unfit"
+    );
     w.check(13);
 }
 
