@@ -128,6 +128,11 @@ enum ApiError {
         "\"bandwidth\" must be a rate like \"50Mbit\", \"unlimited\", \"paused\" or null, not {0}"
     )]
     BadBandwidth(serde_json::Value),
+    #[error(
+        "the body has no \"bandwidth\": give a rate like \"50Mbit\", \"unlimited\", \"paused\", \
+         or null to clear the override"
+    )]
+    NoBandwidth,
     #[error(transparent)]
     BadRate(#[from] tandem_config::UnitError),
     #[error(transparent)]
@@ -157,6 +162,7 @@ impl ApiError {
             ApiError::NotUtf8
             | ApiError::BadBody(_)
             | ApiError::BadBandwidth(_)
+            | ApiError::NoBandwidth
             | ApiError::BadRate(_) => 400,
             ApiError::UnknownPeer(_) => 404,
             ApiError::Verify(VerifyGroupError::NotPrimary(_)) => 404,
@@ -258,7 +264,10 @@ fn body_text(request: &Request) -> Result<&str, ApiError> {
 /// to set, `None` to go back to the configuration.
 fn parse_bandwidth(body: &str) -> Result<Option<u64>, ApiError> {
     let v: serde_json::Value = serde_json::from_str(body).map_err(ApiError::BadBody)?;
-    match &v["bandwidth"] {
+    let Some(rate) = v.get("bandwidth") else {
+        return Err(ApiError::NoBandwidth);
+    };
+    match rate {
         serde_json::Value::Null => Ok(None),
         serde_json::Value::String(s) if s == "unlimited" => {
             Ok(Some(tandem_replication::throttle::UNLIMITED))
@@ -560,6 +569,14 @@ mod tests {
             ),
             400
         );
+        // No rate at all is not "clear the override".
+        for body in ["{}", r#"{"bandwith":"paused"}"#] {
+            assert_eq!(
+                status_of("PUT", "/api/v1/peers/ny/bandwidth", Some("secret"), body),
+                400,
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -195,6 +195,12 @@ pub struct Coordinator {
 impl Coordinator {
     /// Default `lease_ttl`.
     pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+    /// The shortest `lease_ttl`: renewals come every third of it and the
+    /// fencing margin is a sixth, which must stay above store round trips
+    /// and scheduling hiccups of a busy host.
+    pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+    /// The longest `lease_ttl`: a dead site keeps its groups this long.
+    pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
     /// Default etcd `prefix`.
     pub const DEFAULT_PREFIX: &'static str = "/tandem";
 }

@@ -714,6 +714,22 @@ fn bad_values() {
         "coordinator.lease_ttl",
         "greater than zero",
     );
+    for bad in ["1ns", "50ms", "999ms", "61m", "48h"] {
+        let text = spec_with("lease_ttl = \"3s\"", &format!("lease_ttl = \"{bad}\""));
+        check(
+            &text,
+            "lease_ttl",
+            "coordinator.lease_ttl",
+            "must be from 1s to 1h",
+        );
+    }
+    for good in ["1s", "1h"] {
+        let text = spec_with("lease_ttl = \"3s\"", &format!("lease_ttl = \"{good}\""));
+        assert!(
+            crate::parse(&text, std::path::Path::new(FILE)).is_ok(),
+            "{good}"
+        );
+    }
 
     let text = spec_with(
         "max_lag_on_failover = \"30s\"",

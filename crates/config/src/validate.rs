@@ -253,6 +253,21 @@ fn coordinator(cx: &Ctx<'_>, raw: Option<&RawCoordinator>) -> Result<Coordinator
                 "lease_ttl must be greater than zero",
             ))
         }
+        Some(d)
+            if d.get_ref().0 < Coordinator::MIN_LEASE_TTL
+                || d.get_ref().0 > Coordinator::MAX_LEASE_TTL =>
+        {
+            return Err(cx.err(
+                &d.span(),
+                "coordinator.lease_ttl",
+                format!(
+                    "lease_ttl must be from 1s to 1h, not {:?}: shorter leases are renewed \
+                     and fenced faster than a busy host can keep up with; longer ones keep a \
+                     dead site's groups that long",
+                    d.get_ref().0
+                ),
+            ))
+        }
         Some(d) => d.get_ref().0,
         None => Coordinator::DEFAULT_LEASE_TTL,
     };

@@ -403,7 +403,16 @@ impl<S: Stream> ReplySink<S> {
         }
         let mut stream = self.stream.lock();
         if let Err(e) = stream.write_all(bytes) {
-            debug!("reply write failed: {e}");
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                // The client has not read its replies for REPLY_TIMEOUT:
+                // it is dropped (an operator wants to know).
+                warn!("NBD client did not read its replies within {REPLY_TIMEOUT:?}: disconnecting it");
+            } else {
+                debug!("reply write failed: {e}");
+            }
             self.broken.store(true, Ordering::Relaxed);
             let _ = stream.shutdown(Shutdown::Both);
         }
