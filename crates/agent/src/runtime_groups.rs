@@ -132,6 +132,7 @@ impl StatusView {
             crate::rolefile::path(&layout.data_dir, name),
             layout.vm_definition(name),
             shared.vms.onboarding_marker(name),
+            shared.vms.unprotect_marker(name),
         ];
         doomed.extend(rt.cfg.volumes.iter().map(|v| layout.image(&v.name)));
         for f in doomed {

@@ -267,6 +267,14 @@ fn a_running_guest_is_protected_and_unprotected_without_stopping() {
                 && !site_dir.join("volumes/web01-vda.img").exists()
         });
         assert!(!site_dir.join("groups/web01.toml").exists());
+        // Nothing of the group is left to hinder protecting it again.
+        for leftover in [
+            "vms/web01.xml",
+            "vms/web01.onboarding",
+            "vms/web01.unprotecting",
+        ] {
+            assert!(!site_dir.join(leftover).exists(), "{site}: {leftover} left");
+        }
     }
     // The local file holds the file system the guest goes on writing.
     ok(ny_lv.libvirt().virsh(&["suspend", "web01"]), "suspend");
