@@ -60,9 +60,9 @@ pub enum Started {
     FromDefinition,
     /// Started from libvirt's own definition (the group has none yet).
     AsDefined,
-    /// `tandem protect` is moving it onto the group's volumes: it is left
-    /// as it is (docs/VMS.md, "Onboarding").
-    Onboarding,
+    /// `tandem protect` or `tandem unprotect` is moving its disks: it is
+    /// left as it is (docs/VMS.md, "Onboarding", "Unprotect").
+    DisksMoving,
 }
 
 /// What status shows of a VM on this site.
@@ -163,9 +163,19 @@ impl Vms {
         self.seen.lock().remove(group);
     }
 
-    /// Records how `tandem protect` of the group's VM is getting on.
-    pub fn set_onboarding(&self, group: &str, onboarding: crate::status::Onboarding) {
-        self.onboarding.lock().insert(group.to_owned(), onboarding);
+    /// Records that `tandem protect` of the group's VM starts: false (and
+    /// nothing recorded) when one is at work on it already.
+    pub fn begin_onboarding(&self, group: &str, onboarding: crate::status::Onboarding) -> bool {
+        use crate::status::OnboardingStage::{Copying, Defining, Preparing};
+        let mut all = self.onboarding.lock();
+        if all
+            .get(group)
+            .is_some_and(|o| matches!(o.stage, Preparing | Copying | Defining))
+        {
+            return false;
+        }
+        all.insert(group.to_owned(), onboarding);
+        true
     }
 
     /// Changes the recorded onboarding of the group's VM, if any.
@@ -175,6 +185,20 @@ impl Vms {
         }
     }
 
+    /// Changes the recorded progress of one disk of an onboarding VM.
+    pub fn update_onboarding_disk(
+        &self,
+        group: &str,
+        target: &str,
+        f: impl FnOnce(&mut crate::status::OnboardingDisk),
+    ) {
+        self.update_onboarding(group, |o| {
+            if let Some(d) = o.disks.iter_mut().find(|d| d.target == target) {
+                f(d);
+            }
+        });
+    }
+
     /// Makes the group's VM run here: adopted if it runs, else defined
     /// from the group's definition (for this site) and started.
     pub fn start(&self, group: &tandem_config::Group) -> Result<Started, VmError> {
@@ -182,7 +206,7 @@ impl Vms {
             return Ok(Started::AlreadyRunning);
         };
         if self.is_moving(&group.name) {
-            return Ok(Started::Onboarding);
+            return Ok(Started::DisksMoving);
         }
         let hv = &self.hypervisor;
         let state = hv.state(name)?;

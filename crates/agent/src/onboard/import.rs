@@ -1,6 +1,7 @@
-//! A shut-off domain's disk copied into its volume with `qemu-img`: the
-//! guest-visible data (a qcow2 image is read through its format), zeros
-//! skipped so holes stay holes, progress read from `qemu-img -p`.
+//! A shut-off domain's disks copied with `qemu-img`: into a volume (the
+//! guest-visible data, a qcow2 image read through its format; zeros
+//! skipped so holes stay holes; progress from `qemu-img -p`), and back out
+//! to a sparse raw file (`tandem unprotect`).
 
 use std::io::Read;
 use std::path::Path;
@@ -101,6 +102,27 @@ pub fn copy(
         });
     }
     progress(10_000);
+    Ok(())
+}
+
+/// A shut-off VM's volume (`volume` on `socket`) copied out to a new
+/// sparse raw file (`tandem unprotect`).
+pub fn copy_out(socket: &Path, volume: &str, file: &Path) -> Result<(), ImportError> {
+    let source = format!("nbd+unix:///{volume}?socket={}", socket.display());
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", "-S", "4k", &source])
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(ImportError::Spawn)?;
+    if !out.status.success() {
+        return Err(ImportError::Failed {
+            what: "convert",
+            path: source,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
     Ok(())
 }
 

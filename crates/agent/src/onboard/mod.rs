@@ -113,13 +113,6 @@ impl StatusView {
         if let Some(group) = &protected_by {
             if vms.is_onboarding(group) {
                 let marker = read_marker(&vms.onboarding_marker(group))?;
-                let running = onboarding_now(vms, group);
-                if running {
-                    return Err(ProtectError::Busy {
-                        domain: domain.to_owned(),
-                        group: group.clone(),
-                    });
-                }
                 let state = hv.state(domain)?;
                 spawn(
                     Arc::clone(shared),
@@ -185,16 +178,6 @@ impl StatusView {
     }
 }
 
-/// An onboarding thread of this agent is at work on the group.
-fn onboarding_now(vms: &crate::vm::Vms, group: &str) -> bool {
-    vms.onboarding(group).is_some_and(|o| {
-        matches!(
-            o.stage,
-            OnboardingStage::Preparing | OnboardingStage::Copying | OnboardingStage::Defining
-        )
-    })
-}
-
 /// Each writable disk's guest-visible size: QEMU's for a running domain,
 /// the image's for one that is shut off.
 fn disk_sizes(
@@ -215,22 +198,11 @@ fn disk_sizes(
             .filter_map(|d| d.size.map(|s| (d.disk.target, s)))
             .collect());
     }
-    let mut out = Vec::new();
-    for d in xml::read(persistent).map_err(PlanError::from)?.disks {
-        let path = match &d.source {
-            tandem_hypervisor::DiskSource::File { path } => path,
-            tandem_hypervisor::DiskSource::Block { dev } => dev,
-            _ => continue,
-        };
-        if d.device != "disk" || d.readonly {
-            continue;
-        }
-        let format = d.format.as_deref().unwrap_or("raw");
-        if format == "raw" || format == "qcow2" {
-            out.push((d.target.clone(), import::virtual_size(path, format)?));
-        }
-    }
-    Ok(out)
+    let parsed = xml::read(persistent).map_err(PlanError::from)?;
+    plan::writable_disks(domain, &parsed)?
+        .into_iter()
+        .map(|(target, source, format)| Ok((target, import::virtual_size(&source, &format)?)))
+        .collect()
 }
 
 fn write_marker(path: &std::path::Path, marker: &Marker) -> Result<(), ProtectError> {
@@ -262,7 +234,7 @@ fn spawn(
     state: DomainState,
 ) -> Result<(), ProtectError> {
     let live = state == DomainState::Running;
-    shared.vms.set_onboarding(
+    let began = shared.vms.begin_onboarding(
         &group,
         Onboarding {
             stage: OnboardingStage::Preparing,
@@ -282,6 +254,12 @@ fn spawn(
             error: None,
         },
     );
+    if !began {
+        return Err(ProtectError::Busy {
+            domain: marker.domain,
+            group,
+        });
+    }
     std::thread::Builder::new()
         .name(format!("onboard-{group}"))
         .spawn(move || {
@@ -385,10 +363,8 @@ fn run(
         for d in &marker.disks {
             let socket = shared.layout.socket(&d.volume);
             import::copy(&d.source, &d.format, &d.volume, &socket, &mut |bp| {
-                vms.update_onboarding(group, |o| {
-                    if let Some(x) = o.disks.iter_mut().find(|x| x.target == d.target) {
-                        x.copied_bytes = d.size / 10_000 * bp;
-                    }
+                vms.update_onboarding_disk(group, &d.target, |x| {
+                    x.copied_bytes = d.size / 10_000 * bp;
                 });
             })
             .map_err(|e| OnboardError::Copy {
@@ -396,11 +372,9 @@ fn run(
                 moved_back: Vec::new(),
                 left: Vec::new(),
             })?;
-            vms.update_onboarding(group, |o| {
-                if let Some(x) = o.disks.iter_mut().find(|x| x.target == d.target) {
-                    x.copied_bytes = d.size;
-                    x.done = true;
-                }
+            vms.update_onboarding_disk(group, &d.target, |x| {
+                x.copied_bytes = d.size;
+                x.done = true;
             });
         }
     }
@@ -455,33 +429,27 @@ fn move_live(shared: &Shared, group: &str, marker: &Marker) -> Result<(), Onboar
             reconnect_delay_secs: RECONNECT_DELAY_SECS,
         };
         let outcome = hv.move_disk(domain, &d.target, &to, &mut |p| {
-            vms.update_onboarding(group, |o| {
-                if let Some(x) = o.disks.iter_mut().find(|x| x.target == d.target) {
-                    x.copied_bytes = p.copied;
-                    x.total_bytes = p.total.max(d.size);
-                }
+            vms.update_onboarding_disk(group, &d.target, |x| {
+                x.copied_bytes = p.copied;
+                x.total_bytes = p.total.max(d.size);
             });
         });
         match outcome {
             Ok(out) => {
                 info!(%group, vm = domain, disk = %d.target, pivot_ms = out.pivot.as_secs_f64() * 1e3,
                       elapsed_s = out.elapsed.as_secs_f64(), "disk moved onto its volume");
-                vms.update_onboarding(group, |o| {
-                    if let Some(x) = o.disks.iter_mut().find(|x| x.target == d.target) {
-                        x.copied_bytes = x.total_bytes;
-                        x.done = true;
-                        x.pivot_ms = Some(out.pivot.as_secs_f64() * 1e3);
-                    }
+                vms.update_onboarding_disk(group, &d.target, |x| {
+                    x.copied_bytes = x.total_bytes;
+                    x.done = true;
+                    x.pivot_ms = Some(out.pivot.as_secs_f64() * 1e3);
                 });
                 moved.push(d);
             }
             Err(e) if matches!(e.move_error(), Some(MoveError::AlreadyThere(_))) => {
                 // An earlier attempt moved it.
-                vms.update_onboarding(group, |o| {
-                    if let Some(x) = o.disks.iter_mut().find(|x| x.target == d.target) {
-                        x.copied_bytes = x.total_bytes;
-                        x.done = true;
-                    }
+                vms.update_onboarding_disk(group, &d.target, |x| {
+                    x.copied_bytes = x.total_bytes;
+                    x.done = true;
                 });
             }
             Err(e) => {

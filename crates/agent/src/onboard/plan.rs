@@ -192,7 +192,7 @@ pub fn plan(request: &ProtectRequest, site: &str, domain: &Domain<'_>) -> Result
 
 /// Every writable disk as (target, source path, format); an error for one
 /// Tandem cannot take.
-fn writable_disks(
+pub(crate) fn writable_disks(
     domain: &str,
     parsed: &xml::DomainXml,
 ) -> Result<Vec<(String, String, String)>, PlanError> {

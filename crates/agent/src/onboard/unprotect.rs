@@ -4,7 +4,7 @@
 //! and the group is removed from every site (docs/VMS.md, "Unprotect").
 //! Nothing locks the VM to Tandem afterwards.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tandem_hypervisor::{xml, Destination, DiskSource, DomainState, HypervisorError, XmlError};
 use tracing::{info, warn};
@@ -226,7 +226,7 @@ impl StatusView {
                 let out = hv.move_disk(vm, target, &to, &mut |_| {})?;
                 info!(%vm, disk = %target, file = %file.display(), pivot_ms = out.pivot.as_secs_f64() * 1e3, "disk moved to a local file");
             } else {
-                copy_out(&shared.layout.socket(volume), volume, file)?;
+                super::import::copy_out(&shared.layout.socket(volume), volume, file)?;
             }
         }
         let pairs: Vec<(String, String)> = disks
@@ -248,24 +248,4 @@ impl StatusView {
         tandem_replication::shipper::retire(conn, group)?;
         Ok(())
     }
-}
-
-/// A shut-off VM's volume copied to a new sparse raw file.
-fn copy_out(socket: &Path, volume: &str, file: &Path) -> Result<(), UnprotectError> {
-    let source = format!("nbd+unix:///{volume}?socket={}", socket.display());
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", "-S", "4k", &source])
-        .arg(file)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| UnprotectError::Copy(super::import::ImportError::Spawn(e)))?;
-    if !out.status.success() {
-        return Err(UnprotectError::Copy(super::import::ImportError::Failed {
-            what: "convert",
-            path: source,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        }));
-    }
-    Ok(())
 }
