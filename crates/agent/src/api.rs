@@ -1,6 +1,7 @@
 //! The REST API on `site.api` (SPEC §4.5): `/api/v1/status` (bearer token
 //! from `<data_dir>/api.token`), `/api/v1/openapi.json`, Prometheus text at
-//! `/metrics`, peers and bandwidth, verify, failover and migrate.
+//! `/metrics` (token too, unless `[api] metrics_auth = "none"`), peers and
+//! bandwidth, verify, failover and migrate.
 //!
 //! Each request is parsed once into an [`ApiRequest`]; whatever goes wrong
 //! is an [`ApiError`], and each error has one status code
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tandem_config::MetricsAuth;
 use tandem_coordinator::StoreError;
 use tandem_http::{Handler, Limits, Options, Refusal, Request, Response};
 
@@ -59,6 +61,7 @@ pub fn start(
     addr: &str,
     layout: &Layout,
     view: Arc<StatusView>,
+    metrics_auth: MetricsAuth,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, AgentError> {
     let err = |source| AgentError::Api {
@@ -78,7 +81,16 @@ pub fn start(
         stack_size: None,
         drain: Duration::from_secs(2),
     };
-    let handler: Arc<dyn Handler> = Arc::new(Api { view, token });
+    if metrics_auth == MetricsAuth::None {
+        tracing::info!(%addr, "/metrics answers without the API token ([api] metrics_auth = \"none\")");
+    }
+    let handler: Arc<dyn Handler> = Arc::new(Api {
+        view,
+        guard: Guard {
+            token,
+            metrics_auth,
+        },
+    });
     tandem_http::spawn(listener, options, stop, handler).map_err(err)
 }
 
@@ -278,8 +290,31 @@ fn parse_bandwidth(body: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// What a request must show to be served.
+struct Guard {
+    /// The bearer token (`<data_dir>/api.token`).
+    token: String,
+    /// Whether `/metrics` needs it too (`[api] metrics_auth`).
+    metrics_auth: MetricsAuth,
+}
+
+impl Guard {
+    /// Whether `request` carries the token.
+    fn authorized(&self, request: &Request) -> bool {
+        request
+            .headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("Authorization"))
+            .any(|(_, value)| {
+                value
+                    .strip_prefix("Bearer ")
+                    .is_some_and(|t| t.trim() == self.token)
+            })
+    }
+}
+
 /// Parses a request: what it asks, or why it cannot be served.
-fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
+fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
     let (method, path) = (request.method.as_str(), request.path.as_str());
     let no_endpoint = || ApiError::NoEndpoint {
         method: method.to_owned(),
@@ -287,22 +322,19 @@ fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
     };
     match (method, path) {
         ("GET", "/api/v1/openapi.json") => return Ok(ApiRequest::OpenApi),
-        ("GET", "/metrics") => return Ok(ApiRequest::Metrics),
+        ("GET", "/metrics") => {
+            return match guard.metrics_auth {
+                MetricsAuth::None => Ok(ApiRequest::Metrics),
+                MetricsAuth::Token if guard.authorized(request) => Ok(ApiRequest::Metrics),
+                MetricsAuth::Token => Err(ApiError::Unauthorized),
+            }
+        }
         _ => {}
     }
     if !path.starts_with("/api/v1/") {
         return Err(no_endpoint());
     }
-    let authorized = request
-        .headers
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("Authorization"))
-        .any(|(_, value)| {
-            value
-                .strip_prefix("Bearer ")
-                .is_some_and(|t| t.trim() == token)
-        });
-    if !authorized {
+    if !guard.authorized(request) {
         return Err(ApiError::Unauthorized);
     }
     match method {
@@ -404,12 +436,12 @@ fn error(message: &str, code: u16) -> Response {
 
 struct Api {
     view: Arc<StatusView>,
-    token: String,
+    guard: Guard,
 }
 
 impl Handler for Api {
     fn handle(&self, request: Request, peer: SocketAddr) -> Response {
-        match parse(&request, &self.token).and_then(|r| serve(r, &self.view)) {
+        match parse(&request, &self.guard).and_then(|r| serve(r, &self.view)) {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
@@ -463,8 +495,18 @@ mod tests {
         }
     }
 
+    fn guard(metrics_auth: MetricsAuth) -> Guard {
+        Guard {
+            token: "secret".into(),
+            metrics_auth,
+        }
+    }
+
     fn status_of(method: &str, path: &str, token: Option<&str>, body: &str) -> u16 {
-        match parse(&request(method, path, token, body), "secret") {
+        match parse(
+            &request(method, path, token, body),
+            &guard(MetricsAuth::Token),
+        ) {
             Ok(_) => 200,
             Err(e) => e.status(),
         }
@@ -472,7 +514,13 @@ mod tests {
 
     #[test]
     fn requests_parse_into_their_actions() {
-        let p = |m, path, body| parse(&request(m, path, Some("secret"), body), "secret").ok();
+        let p = |m, path, body| {
+            parse(
+                &request(m, path, Some("secret"), body),
+                &guard(MetricsAuth::Token),
+            )
+            .ok()
+        };
         assert_eq!(p("GET", "/api/v1/status", ""), Some(ApiRequest::Status));
         assert_eq!(
             p(
@@ -519,7 +567,18 @@ mod tests {
     fn bad_requests_get_their_status_codes() {
         assert_eq!(status_of("GET", "/api/v1/status", None, ""), 401);
         assert_eq!(status_of("GET", "/api/v1/status", Some("wrong"), ""), 401);
-        assert_eq!(status_of("GET", "/metrics", None, ""), 200);
+        assert_eq!(status_of("GET", "/metrics", None, ""), 401);
+        assert_eq!(status_of("GET", "/metrics", Some("wrong"), ""), 401);
+        assert_eq!(status_of("GET", "/metrics", Some("secret"), ""), 200);
+        let open = |token| {
+            parse(
+                &request("GET", "/metrics", token, ""),
+                &guard(MetricsAuth::None),
+            )
+            .ok()
+        };
+        assert_eq!(open(None), Some(ApiRequest::Metrics));
+        assert_eq!(open(Some("wrong")), Some(ApiRequest::Metrics));
         assert_eq!(status_of("GET", "/nothing", None, ""), 404);
         assert_eq!(
             status_of("DELETE", "/api/v1/status", Some("secret"), ""),

@@ -196,6 +196,7 @@ impl Agent {
             &config.site.api,
             &layout,
             view,
+            config.api.metrics_auth,
             Arc::clone(&stop),
         )?);
         if let Some(addr) = &config.site.nbd_listen {

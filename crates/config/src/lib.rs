@@ -46,8 +46,8 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Location};
 pub use model::{
-    Coordinator, CoordinatorKind, FailoverPolicy, Group, Libvirt, Mode, OnLostLease,
-    OnPromoteFailure, OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
+    Api, Coordinator, CoordinatorKind, FailoverPolicy, Group, Libvirt, MetricsAuth, Mode,
+    OnLostLease, OnPromoteFailure, OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
 };
 pub use schedule::{local_weekday_minute, ScheduleWindow};
 pub use units::{
@@ -72,6 +72,8 @@ pub struct Config {
     pub coordinator: Coordinator,
     /// `[libvirt]`.
     pub libvirt: Libvirt,
+    /// `[api]`.
+    pub api: Api,
     /// `[[peer]]`, in file order; names are unique and include `site.name`.
     pub peers: Vec<Peer>,
     /// `[[group]]`, in file order; group names and volume names are unique.

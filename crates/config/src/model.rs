@@ -52,6 +52,18 @@ string_enum! {
 }
 
 string_enum! {
+    /// `[api] metrics_auth`: whether `GET /metrics` needs the API token.
+    pub enum MetricsAuth {
+        /// The bearer token from `<data_dir>/api.token`, like every other
+        /// endpoint (the default: every port authenticated, SPEC G11).
+        #[default]
+        Token = "token",
+        /// No token: for a Prometheus that cannot send one.
+        None = "none",
+    }
+}
+
+string_enum! {
     /// `[coordinator] kind`.
     pub enum CoordinatorKind {
         /// A `tandem witness` process at a third place.
@@ -152,6 +164,13 @@ pub struct Tls {
     pub cert: Option<PathBuf>,
     /// This site's private key (PEM). Required when `mode` is on.
     pub key: Option<PathBuf>,
+}
+
+/// `[api]`: how the REST API on `site.api` is guarded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Api {
+    /// Whether `/metrics` needs the token (default: it does).
+    pub metrics_auth: MetricsAuth,
 }
 
 /// `[libvirt]`: where protected VMs live on this site.

@@ -28,6 +28,7 @@ pub(crate) struct RawConfig {
     pub tls: Option<RawTls>,
     pub coordinator: Option<RawCoordinator>,
     pub libvirt: Option<RawLibvirt>,
+    pub api: Option<RawApi>,
     #[serde(default)]
     pub peer: Vec<RawPeer>,
     #[serde(default)]
@@ -60,6 +61,12 @@ pub(crate) struct RawCoordinator {
     pub endpoints: Option<Spanned<Vec<Spanned<Endpoint>>>>,
     pub lease_ttl: Option<Spanned<DurationValue>>,
     pub prefix: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [api] table")]
+pub(crate) struct RawApi {
+    pub metrics_auth: Option<Spanned<crate::model::MetricsAuth>>,
 }
 
 #[derive(Deserialize)]

@@ -1578,3 +1578,26 @@ fn a_runtime_group_is_checked_against_the_sites_peers_and_groups() {
     assert_eq!(c.add_group(fine, path).unwrap().name, "db");
     assert_eq!(c.groups.len(), 2);
 }
+
+// ---------------------------------------------------------------------------
+// [api] metrics_auth (issue 10).
+
+#[test]
+fn metrics_need_the_token_unless_the_file_says_none() {
+    assert_eq!(ok(SPEC_EXAMPLE).api.metrics_auth, crate::MetricsAuth::Token);
+    for (value, expected) in [
+        ("token", crate::MetricsAuth::Token),
+        ("none", crate::MetricsAuth::None),
+    ] {
+        let text = spec_with(
+            "[[peer]]                       # every site, this one included",
+            &format!("[api]\nmetrics_auth = \"{value}\"\n\n[[peer]]"),
+        );
+        assert_eq!(ok(&text).api.metrics_auth, expected, "{value}");
+    }
+    let text = spec_with(
+        "[[peer]]                       # every site, this one included",
+        "[api]\nmetrics_auth = \"open\"\n\n[[peer]]",
+    );
+    check(&text, "metrics_auth = ", "api.metrics_auth", "token");
+}

@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use crate::error::{ConfigError, Location};
 use crate::model::{
-    Coordinator, CoordinatorKind, Group, Libvirt, Mode, Peer, ReplicaSpec, Site, Tls, TlsMode,
+    Api, Coordinator, CoordinatorKind, Group, Libvirt, Mode, Peer, ReplicaSpec, Site, Tls, TlsMode,
     VolumeSpec,
 };
 use crate::raw::{
@@ -92,6 +92,14 @@ pub(crate) fn build(
                 .map(|(from, to)| (from.clone(), to.get_ref().0.clone()))
                 .collect(),
         });
+    let api = Api {
+        metrics_auth: raw
+            .api
+            .as_ref()
+            .and_then(|a| a.metrics_auth.as_ref())
+            .map(|m| *m.get_ref())
+            .unwrap_or_default(),
+    };
     let peers = peers(&cx, &raw.peer)?;
 
     let site_name = raw.site.name.get_ref().0.as_str();
@@ -118,6 +126,7 @@ pub(crate) fn build(
         tls,
         coordinator,
         libvirt,
+        api,
         peers,
         groups,
         data_dir_location,

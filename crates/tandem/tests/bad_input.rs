@@ -723,6 +723,27 @@ fn api_status_ok(site: &Site) {
 }
 
 #[test]
+fn metrics_need_the_api_token_by_default() {
+    let (mut site, mut good) = started();
+    let get = |auth: &str| {
+        let head = format!("GET /metrics HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n");
+        api_raw(&site, &head, b"")
+    };
+    let (status, text) = get("");
+    assert_eq!(status, 401, "/metrics without the token: {text}");
+    assert!(
+        !text.contains("tandem_"),
+        "metrics leaked without the token: {text}"
+    );
+    let (status, text) = get("Authorization: Bearer wrong\r\n");
+    assert_eq!(status, 401, "/metrics with a wrong token: {text}");
+    let (status, text) = get(&format!("Authorization: Bearer {}\r\n", api_token(&site)));
+    assert_eq!(status, 200, "/metrics with the token: {text}");
+    assert!(text.contains("tandem_"), "{text}");
+    finish(&mut site, &mut good);
+}
+
+#[test]
 fn api_requests_with_huge_or_oversize_bodies_get_4xx_and_the_agent_keeps_serving() {
     let (mut site, mut good) = started();
     let token = api_token(&site);
