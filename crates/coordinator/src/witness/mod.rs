@@ -13,6 +13,7 @@
 
 mod client;
 pub mod persist;
+pub mod policy;
 mod server;
 pub mod wire;
 
