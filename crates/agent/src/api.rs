@@ -48,7 +48,13 @@ fn limits() -> Limits {
         request_time: Duration::from_secs(10),
         idle: Duration::from_secs(60),
         write_time: Duration::from_secs(10),
-        max_connections: 64,
+        // Strangers (no token yet) share their own slots, the oldest
+        // closed for a newcomer; a connection that sent the token keeps
+        // one of the token's slots (tandem-http, docs/WITNESS.md).
+        max_connections: 96,
+        max_unauthenticated: 32,
+        max_per_identity: 48,
+        ..Limits::default()
     }
 }
 
@@ -77,6 +83,7 @@ pub fn start(
         limits: limits(),
         stack_size: None,
         drain: Duration::from_secs(2),
+        secure: None,
     };
     let handler: Arc<dyn Handler> = Arc::new(Api { view, token });
     tandem_http::spawn(listener, options, stop, handler).map_err(err)
@@ -279,6 +286,19 @@ fn parse_bandwidth(body: &str) -> Result<Option<u64>, ApiError> {
 }
 
 /// Parses a request: what it asks, or why it cannot be served.
+/// Whether the request carries the API token.
+fn bearer(request: &Request, token: &str) -> bool {
+    request
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("Authorization"))
+        .any(|(_, value)| {
+            value
+                .strip_prefix("Bearer ")
+                .is_some_and(|t| t.trim() == token)
+        })
+}
+
 fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
     let (method, path) = (request.method.as_str(), request.path.as_str());
     let no_endpoint = || ApiError::NoEndpoint {
@@ -293,16 +313,7 @@ fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
     if !path.starts_with("/api/v1/") {
         return Err(no_endpoint());
     }
-    let authorized = request
-        .headers
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("Authorization"))
-        .any(|(_, value)| {
-            value
-                .strip_prefix("Bearer ")
-                .is_some_and(|t| t.trim() == token)
-        });
-    if !authorized {
+    if !bearer(request, token) {
         return Err(ApiError::Unauthorized);
     }
     match method {
@@ -409,13 +420,19 @@ struct Api {
 
 impl Handler for Api {
     fn handle(&self, request: Request, peer: SocketAddr) -> Response {
-        match parse(&request, &self.token).and_then(|r| serve(r, &self.view)) {
+        let response = match parse(&request, &self.token).and_then(|r| serve(r, &self.view)) {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
                 tracing::debug!(%peer, method = %request.method, path = %request.path, status, "API: {e}");
                 error(&e.to_string(), status)
             }
+        };
+        // A client that showed the token keeps its connection slot.
+        if bearer(&request, &self.token) {
+            response.authenticated_as("token")
+        } else {
+            response
         }
     }
 
@@ -460,6 +477,7 @@ mod tests {
                 .unwrap_or_default(),
             body: body.as_bytes().to_vec(),
             close: false,
+            identity: None,
         }
     }
 

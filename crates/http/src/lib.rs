@@ -23,6 +23,7 @@
 
 mod conn;
 mod server;
+mod slots;
 
-pub use conn::{shorten, Conn, Limits, Next, Problem, Refusal, Request, Response};
-pub use server::{spawn, spawn_counted, Connections, Handler, Options};
+pub use conn::{shorten, Conn, Limits, Next, Problem, Refusal, Request, Response, Transport};
+pub use server::{spawn, spawn_counted, Connections, Handler, Options, Secure};

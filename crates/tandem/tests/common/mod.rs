@@ -565,6 +565,8 @@ impl Witness {
         let child = Command::new(TANDEM)
             .args(["witness", "--listen", &self.addr, "--data-dir"])
             .arg(&self.data_dir)
+            // The sites run with `[tls] mode = "off"` on loopback.
+            .args(["--tls", "off"])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
