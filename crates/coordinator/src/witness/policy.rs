@@ -549,6 +549,8 @@ fn owner_put(
         }
     };
     let lease_of = |holder_site: &str| match holder(state, lease) {
+        // A lease the store does not know: the store refuses the put.
+        _ if !state.leases.contains_key(&lease) => Ok(()),
         h if h == holder_site => Ok(()),
         h => Err(Refusal::NotYourLease {
             site: holder_site.to_owned(),
