@@ -353,7 +353,7 @@ impl Handler for Shared {
             tracing::debug!(%site, %peer, path = %request.path, status = answer.status, body = %answer.body, "witness: refused");
         }
         let response = self.response(answer);
-        if self.tls {
+        if self.tls || site.is_empty() {
             response
         } else {
             // Plain HTTP (loopback): a request naming its site keeps its
