@@ -85,7 +85,7 @@ fn the_witness_speaks_tls_with_the_sites_certificates_and_refuses_strangers() {
         &pki.join("ny.key"),
     )
     .expect("identity");
-    let client = WitnessClient::tls(&[addr.clone()], &ny, TIMEOUT).expect("client");
+    let client = WitnessClient::tls(std::slice::from_ref(&addr), &ny, TIMEOUT).expect("client");
     let lease = client.grant(Duration::from_secs(5)).expect("grant");
     client.keep_alive(lease).expect("keepalive");
 
@@ -114,7 +114,7 @@ fn the_witness_speaks_tls_with_the_sites_certificates_and_refuses_strangers() {
         &pki.join("chicago.key"),
     )
     .expect("identity");
-    let other = WitnessClient::tls(&[addr.clone()], &chicago, TIMEOUT).expect("client");
+    let other = WitnessClient::tls(std::slice::from_ref(&addr), &chicago, TIMEOUT).expect("client");
     assert!(matches!(other.revoke(lease), Err(StoreError::Refused(_))));
     client.keep_alive(lease).expect("the lease survived");
     wait_until(TIMEOUT, "the policy refusal to be logged", || {
