@@ -120,8 +120,96 @@ fn the_witness_speaks_tls_with_the_sites_certificates_and_refuses_strangers() {
     wait_until(TIMEOUT, "the policy refusal to be logged", || {
         w.log()
             .lines()
-            .any(|l| l.contains("witness: refused") && l.contains("site=chicago"))
+            .any(|l| l.contains("witness: refused:") && l.contains("site=chicago"))
     });
+}
+
+#[test]
+fn an_agent_with_tls_on_claims_its_group_through_the_https_witness() {
+    let mut site = Site::new(&[vol("v0", "16MiB")]);
+    let dir = site.dir.path().to_owned();
+    let pki = dir.join("pki");
+    run_ok(
+        Command::new(TANDEM)
+            .args(["certs", "create", "--out"])
+            .arg(&pki)
+            .args(["ny", "dr"]),
+        TIMEOUT,
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = dir.join("witness.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let p = |f: &str| pki.join(f).display().to_string();
+    let child = witness(
+        &dir,
+        &[
+            "--listen",
+            &addr,
+            "--ca",
+            &p("ca.pem"),
+            "--cert",
+            &p("witness.pem"),
+            "--key",
+            &p("witness.key"),
+        ],
+    )
+    .stdout(file.try_clone().expect("log"))
+    .stderr(file)
+    .spawn()
+    .expect("spawn tandem witness");
+    let w = Running { child, log };
+    wait_until(TIMEOUT, "the witness to listen", || {
+        TcpStream::connect(&addr).is_ok()
+    });
+    // The site's own [tls] identity, and the witness as coordinator.
+    let text = std::fs::read_to_string(&site.config).expect("config");
+    let text = text
+        .replace(
+            "[tls]\nmode = \"off\"\n",
+            &format!(
+                "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                p("ca.pem"),
+                p("ny.pem"),
+                p("ny.key")
+            ),
+        )
+        .replace(
+            "[coordinator]\nkind = \"none\"\n",
+            &format!(
+                "[coordinator]\nkind = \"witness\"\nendpoints = [\"{addr}\"]\nlease_ttl = \"3s\"\n"
+            ),
+        );
+    std::fs::write(&site.config, text).expect("config");
+    site.start();
+
+    // The agent claimed the group and reports itself, over HTTPS with
+    // its certificate: what the witness holds says so.
+    let ny = TlsIdentity::load(
+        &pki.join("ca.pem"),
+        &pki.join("ny.pem"),
+        &pki.join("ny.key"),
+    )
+    .expect("identity");
+    let client = WitnessClient::tls(std::slice::from_ref(&addr), &ny, TIMEOUT).expect("client");
+    let keys = tandem_coordinator::keys::Keys::new("/tandem");
+    wait_until(
+        Duration::from_secs(20),
+        "ny to own g and report itself",
+        || {
+            let snap = client.range(&keys.group("g")).expect("range");
+            let owner = snap.get(&keys.owner("g")).and_then(|kv| {
+                serde_json::from_slice::<tandem_coordinator::keys::OwnerRecord>(&kv.value).ok()
+            });
+            owner.is_some_and(|o| o.site == "ny" && o.epoch == 1)
+                && snap.get(&keys.member("g", "ny")).is_some()
+        },
+    );
+    assert!(
+        !w.log().contains("witness: refused:"),
+        "the witness refused the agent:\n{}",
+        w.log()
+    );
+    site.stop();
 }
 
 #[test]

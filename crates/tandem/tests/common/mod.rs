@@ -605,7 +605,7 @@ impl Witness {
         let log = self.log();
         let refused: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("witness: refused"))
+            .filter(|l| l.contains("witness: refused:"))
             .collect();
         assert!(
             refused.is_empty(),
