@@ -266,8 +266,9 @@ impl MemStore {
         self.revoke_locked(&mut inner, lease, expired).map(Ok)
     }
 
-    /// A transaction written by `by`; `check` also says which epoch
-    /// holders to record if it applies.
+    /// A transaction written by `by`; `check` (run only when every
+    /// compare holds) also says which epoch holders to record if it
+    /// applies.
     pub fn txn_checked<R>(
         &self,
         compares: &[Compare],
@@ -277,6 +278,14 @@ impl MemStore {
     ) -> Result<Result<(bool, i64), R>, StoreError> {
         let mut inner = self.inner.lock();
         let expired = self.expire(&mut inner);
+        // A transaction whose compares fail changes nothing: it is
+        // answered `false` as usual, whatever it would have written.
+        if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
+            if expired {
+                self.commit(&inner)?;
+            }
+            return Ok(Ok((false, inner.state.revision)));
+        }
         match check(&inner.state) {
             Err(refusal) => {
                 if expired {
