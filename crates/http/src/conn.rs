@@ -56,9 +56,11 @@ impl Default for Limits {
             request_time: Duration::from_secs(10),
             idle: Duration::from_secs(120),
             write_time: Duration::from_secs(10),
-            max_connections: 512,
+            max_connections: 1024,
             max_unauthenticated: 64,
-            max_per_identity: 64,
+            // An agent with many groups may claim many of them at once
+            // (one request per group's actor).
+            max_per_identity: 256,
             unauthenticated_idle: Duration::from_secs(5),
             handshake_time: Duration::from_secs(3),
         }
