@@ -45,7 +45,7 @@ impl Default for Limits {
             max_txn: 256,
             site_keys: 20_000,
             site_bytes: 4 << 20,
-            site_leases: 64,
+            site_leases: 1024,
             total_keys: 100_000,
             total_bytes: 16 << 20,
         }

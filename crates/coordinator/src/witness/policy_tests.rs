@@ -431,6 +431,7 @@ fn quotas_bound_what_a_site_stores() {
         site_keys: 3,
         site_bytes: 10_000,
         total_keys: 5,
+        site_leases: 64,
         ..Limits::default()
     };
     let put = |i: usize, size: usize| Op::Put {
