@@ -413,6 +413,15 @@ fn strangers_are_refused_and_logged_with_their_address() {
         stranger.range(""),
         Err(StoreError::Unreachable(_))
     ));
+    // ... and one that trusts the witness but shows the other CA's
+    // certificate is refused by the witness.
+    let read = |f: &str| std::fs::read(other.join(f)).expect("read");
+    let (local, got) = tls_exchange(
+        addr,
+        tls_client(&s.pki, Some((read("ny.pem"), read("ny.key")))),
+    );
+    assert!(!String::from_utf8_lossy(&got).contains("HTTP/1.1 200"));
+    wait_logged(&["refused an unauthenticated connection", &local]);
 
     // The sites are served all along.
     s.client("ny").range("").expect("a site is served");

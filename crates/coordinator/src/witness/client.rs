@@ -367,30 +367,12 @@ impl WitnessClient {
                 Err(e) => return Err(Attempt::Failed(format!("reading the answer: {e}"))),
             }
         };
-        let text = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut lines = text.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| Attempt::Failed("not an HTTP answer".into()))?;
-        let (mut length, mut witness, mut keep) = (None, None, true);
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.parse::<usize>().ok();
-            } else if name.eq_ignore_ascii_case(wire::WITNESS_HEADER) {
-                witness = Some(value.to_owned());
-            } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close")
-            {
-                keep = false;
-            }
-        }
-        let length =
-            length.ok_or_else(|| Attempt::Failed("an answer without Content-Length".into()))?;
+        let Head {
+            status,
+            length,
+            witness,
+            close,
+        } = parse_head(&buf[..head_end]).map_err(Attempt::Failed)?;
         if length > MAX_ANSWER {
             return Err(Attempt::Failed(format!(
                 "an answer of {length} bytes is over {MAX_ANSWER}"
@@ -405,7 +387,7 @@ impl WitnessClient {
                 Err(e) => return Err(Attempt::Failed(format!("reading the answer: {e}"))),
             }
         }
-        let keep = keep && body.len() == length;
+        let keep = !close && body.len() == length;
         body.truncate(length);
         if keep {
             let mut pool = self.pool.lock();
@@ -467,6 +449,59 @@ impl WitnessClient {
             .into()),
         }
     }
+}
+
+/// What an answer's head says.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    status: u16,
+    length: usize,
+    witness: Option<String>,
+    close: bool,
+}
+
+/// Parses an answer's head (status line and headers, up to the blank
+/// line). Pure: the witness's bytes, whatever they are, give a head or a
+/// reason.
+fn parse_head(bytes: &[u8]) -> Result<Head, String> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| "an answer head that is not UTF-8".to_owned())?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let status = match (parts.next(), parts.next()) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/1.") && code.len() == 3 => code
+            .parse::<u16>()
+            .map_err(|_| "not an HTTP answer".to_owned())?,
+        _ => return Err("not an HTTP answer".to_owned()),
+    };
+    let (mut length, mut witness, mut close) = (None, None, false);
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err("a header line without a colon".to_owned());
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = value
+                .parse::<usize>()
+                .map_err(|_| "a bad Content-Length".to_owned())?;
+            if length.is_some_and(|l| l != n) {
+                return Err("two different Content-Lengths".to_owned());
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(wire::WITNESS_HEADER) {
+            witness = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
+            close = true;
+        }
+    }
+    let length = length.ok_or_else(|| "an answer without Content-Length".to_owned())?;
+    Ok(Head {
+        status,
+        length,
+        witness,
+        close,
+    })
 }
 
 fn is_reset(e: &std::io::Error) -> bool {
@@ -645,5 +680,66 @@ mod tests {
             assert!(host_port(bad, false).is_err(), "{bad:?} accepted");
         }
         assert!(host_port("http://w:7460", true).is_err());
+    }
+
+    #[test]
+    fn an_answer_head_reads_as_sent() {
+        let head = parse_head(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n\
+              Tandem-Witness: abc\r\nContent-Length: 12\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(
+            head,
+            Ok(Head {
+                status: 403,
+                length: 12,
+                witness: Some("abc".into()),
+                close: true
+            })
+        );
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 20 OK\r\nContent-Length: 1\r\n\r\n",
+            b"\xff\xfe\r\n\r\n",
+        ] {
+            assert!(
+                parse_head(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Any bytes give a head or a reason, never a panic.
+        #[test]
+        fn any_bytes_give_a_head_or_a_reason(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_head(&bytes);
+        }
+
+        /// A head written by a server reads back as written.
+        #[test]
+        fn written_heads_read_back(
+            status in 100u16..600,
+            length in 0usize..(1 << 40),
+            witness in proptest::option::of("[0-9a-f]{1,32}"),
+            close in proptest::bool::ANY,
+        ) {
+            let mut text = format!("HTTP/1.1 {status} Whatever\r\nContent-Length: {length}\r\n");
+            if let Some(w) = &witness {
+                text.push_str(&format!("Tandem-Witness: {w}\r\n"));
+            }
+            if close {
+                text.push_str("Connection: close\r\n");
+            }
+            text.push_str("\r\n");
+            proptest::prop_assert_eq!(
+                parse_head(text.as_bytes()),
+                Ok(Head { status, length, witness, close })
+            );
+        }
     }
 }
