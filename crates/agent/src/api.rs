@@ -285,7 +285,6 @@ fn parse_bandwidth(body: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
-/// Parses a request: what it asks, or why it cannot be served.
 /// Whether the request carries the API token.
 fn bearer(request: &Request, token: &str) -> bool {
     request
@@ -299,6 +298,7 @@ fn bearer(request: &Request, token: &str) -> bool {
         })
 }
 
+/// Parses a request: what it asks, or why it cannot be served.
 fn parse(request: &Request, token: &str) -> Result<ApiRequest, ApiError> {
     let (method, path) = (request.method.as_str(), request.path.as_str());
     let no_endpoint = || ApiError::NoEndpoint {
