@@ -288,6 +288,9 @@ fn state_bloat_is_refused_and_a_normal_txn_stays_fast() {
             .expect("txn");
         slowest = slowest.max(t.elapsed());
     }
+    eprintln!(
+        "after the bloat attempts: slowest keepalive+txn {slowest:?}, state file {state} bytes"
+    );
     assert!(
         slowest < Duration::from_millis(500),
         "slowest keepalive+txn: {slowest:?}"
@@ -466,6 +469,11 @@ fn idle_strangers_do_not_lock_a_site_out() {
         let other = fresh.grant(Duration::from_secs(10)).expect("grant");
         fresh.keep_alive(other).expect("keepalive");
         ny.keep_alive(lease).expect("keepalive");
+        eprintln!(
+            "behind 300 idle strangers ({} bytes sent each): a new site connection, a grant and two renewals in {:?}",
+            partial.len(),
+            t.elapsed()
+        );
         assert!(
             t.elapsed() < Duration::from_secs(2),
             "took {:?}",
