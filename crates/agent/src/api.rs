@@ -50,7 +50,13 @@ fn limits() -> Limits {
         request_time: Duration::from_secs(10),
         idle: Duration::from_secs(60),
         write_time: Duration::from_secs(10),
-        max_connections: 64,
+        // Strangers (no token yet) share their own slots, the oldest
+        // closed for a newcomer; a connection that sent the token keeps
+        // one of the token's slots (tandem-http, docs/WITNESS.md).
+        max_connections: 96,
+        max_unauthenticated: 32,
+        max_per_identity: 48,
+        ..Limits::default()
     }
 }
 
@@ -80,6 +86,7 @@ pub fn start(
         limits: limits(),
         stack_size: None,
         drain: Duration::from_secs(2),
+        secure: None,
     };
     if metrics_auth == MetricsAuth::None {
         tracing::info!(%addr, "/metrics answers without the API token ([api] metrics_auth = \"none\")");
@@ -441,13 +448,19 @@ struct Api {
 
 impl Handler for Api {
     fn handle(&self, request: Request, peer: SocketAddr) -> Response {
-        match parse(&request, &self.guard).and_then(|r| serve(r, &self.view)) {
+        let response = match parse(&request, &self.guard).and_then(|r| serve(r, &self.view)) {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
                 tracing::debug!(%peer, method = %request.method, path = %request.path, status, "API: {e}");
                 error(&e.to_string(), status)
             }
+        };
+        // A client that showed the token keeps its connection slot.
+        if self.guard.authorized(&request) {
+            response.authenticated_as("token")
+        } else {
+            response
         }
     }
 
@@ -492,6 +505,7 @@ mod tests {
                 .unwrap_or_default(),
             body: body.as_bytes().to_vec(),
             close: false,
+            identity: None,
         }
     }
 

@@ -84,6 +84,16 @@ pub enum Decision {
         /// Built at drain time with the final fork: see [`handover_txn`].
         to_lease: LeaseId,
     },
+    /// The group's epochs are used up (`epoch` is `u64::MAX`): no site
+    /// can take it over or be handed it, ever. A refusal, never a wrap to
+    /// 0 (which every replica would take for the oldest epoch). The owner,
+    /// if any, keeps serving `epoch`.
+    Exhausted { epoch: u64 },
+}
+
+/// The epoch after `epoch`, or `None` when there is none (`u64::MAX`).
+pub fn next_epoch(epoch: u64) -> Option<u64> {
+    epoch.checked_add(1)
 }
 
 /// Decides for one group.
@@ -114,9 +124,12 @@ pub fn decide(keys: &Keys, policy: &Policy, view: &GroupView, local: &Local) -> 
             if let (RequestKind::Migrate, Some(to)) = (req.kind, &req.to) {
                 if to != &local.site && local.primary && local.epoch == owner.epoch {
                     if let Some(target) = view.member(to) {
+                        let Some(epoch) = next_epoch(owner.epoch) else {
+                            return Decision::Exhausted { epoch: owner.epoch };
+                        };
                         return Decision::HandOver {
                             to: to.clone(),
-                            epoch: owner.epoch + 1,
+                            epoch,
                             request_id: req.id.clone(),
                             to_lease: target.lease,
                         };
@@ -175,8 +188,11 @@ pub fn decide(keys: &Keys, policy: &Policy, view: &GroupView, local: &Local) -> 
         });
     match best {
         Some(m) if m.site == local.site && local.consistent && local.fit => {
-            let epoch = view.epoch.max(local.epoch) + 1;
-            claim(keys, policy, view, local, epoch, local.tip)
+            let newest = view.epoch.max(local.epoch);
+            match next_epoch(newest) {
+                Some(epoch) => claim(keys, policy, view, local, epoch, local.tip),
+                None => Decision::Exhausted { epoch: newest },
+            }
         }
         _ => Decision::Idle,
     }
@@ -335,6 +351,133 @@ mod tests {
             )
             .then(|| site.to_string())
         })
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            group: "g".into(),
+            sites: vec![("ny".into(), 0), ("chicago".into(), 1)],
+            automatic: true,
+            max_lag: 30.0,
+            freshest_first: false,
+        }
+    }
+
+    fn replica(site: &str, epoch: u64) -> Local {
+        Local {
+            site: site.into(),
+            lease: 7,
+            primary: false,
+            epoch,
+            fork: (0, 0),
+            tip: (epoch, 10),
+            consistent: true,
+            fit: true,
+        }
+    }
+
+    #[test]
+    fn an_exhausted_epoch_is_refused_never_wrapped() {
+        let keys = Keys::new("/t");
+        // A failover after the last epoch.
+        let mut v = view(&[("chicago", 10)]);
+        v.epoch = u64::MAX;
+        assert_eq!(
+            decide(&keys, &policy(), &v, &replica("chicago", u64::MAX)),
+            Decision::Exhausted { epoch: u64::MAX }
+        );
+        // A replica that knows of the last epoch, in a store that does not.
+        v.epoch = 3;
+        assert_eq!(
+            decide(&keys, &policy(), &v, &replica("chicago", u64::MAX)),
+            Decision::Exhausted { epoch: u64::MAX }
+        );
+        // A migration away from the owner of the last epoch.
+        let mut v = view(&[("chicago", 10)]);
+        v.epoch = u64::MAX;
+        v.owner = Some((
+            OwnerRecord {
+                site: "ny".into(),
+                epoch: u64::MAX,
+                lease: 7,
+                fork_epoch: 1,
+                fork_seq: 0,
+            },
+            9,
+        ));
+        v.request = Some((
+            crate::keys::Request {
+                id: "r".into(),
+                kind: RequestKind::Migrate,
+                to: Some("chicago".into()),
+            },
+            10,
+        ));
+        let owner = Local {
+            primary: true,
+            fork: (1, 0),
+            ..replica("ny", u64::MAX)
+        };
+        assert_eq!(
+            decide(&keys, &policy(), &v, &owner),
+            Decision::Exhausted { epoch: u64::MAX }
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the store and the site hold, a claim or a handover
+        /// never names an epoch older than one already seen, and a new
+        /// epoch is exactly one past the newest (no wrap, no jump).
+        #[test]
+        fn epochs_never_go_back_or_wrap(
+            store_epoch in proptest::prop_oneof![0..4u64, (u64::MAX - 3)..=u64::MAX],
+            local_epoch in proptest::prop_oneof![0..4u64, (u64::MAX - 3)..=u64::MAX],
+            primary in proptest::bool::ANY,
+            owned_by in 0..3u8,
+            migrate in proptest::bool::ANY,
+        ) {
+            let keys = Keys::new("/t");
+            let mut v = view(&[("chicago", 10), ("ny", 10)]);
+            v.epoch = store_epoch;
+            let owner_site = ["ny", "chicago", ""][usize::from(owned_by)];
+            if !owner_site.is_empty() {
+                v.owner = Some((
+                    OwnerRecord {
+                        site: owner_site.into(),
+                        epoch: store_epoch,
+                        lease: 7,
+                        fork_epoch: 0,
+                        fork_seq: 0,
+                    },
+                    9,
+                ));
+            }
+            if migrate {
+                v.request = Some((
+                    crate::keys::Request {
+                        id: "r".into(),
+                        kind: RequestKind::Migrate,
+                        to: Some("chicago".into()),
+                    },
+                    10,
+                ));
+            }
+            let local = Local { primary, ..replica("ny", local_epoch) };
+            match decide(&keys, &policy(), &v, &local) {
+                Decision::Claim { epoch, .. } => {
+                    proptest::prop_assert!(epoch >= 1);
+                    proptest::prop_assert!(epoch >= store_epoch);
+                    if !primary {
+                        proptest::prop_assert_eq!(Some(epoch), store_epoch.max(local_epoch).checked_add(1));
+                    }
+                }
+                Decision::HandOver { epoch, .. } => {
+                    proptest::prop_assert_eq!(Some(epoch), store_epoch.checked_add(1));
+                }
+                Decision::Exhausted { epoch } => proptest::prop_assert_eq!(epoch, u64::MAX),
+                _ => {}
+            }
+        }
     }
 
     #[test]

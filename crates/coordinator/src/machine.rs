@@ -414,6 +414,8 @@ pub struct GroupMachine {
     unfit: Option<Unfit>,
     /// The last [`Effect::StopVm`] failed (the hypervisor did not answer).
     stop_failed: bool,
+    /// [`Decision::Exhausted`] was logged already.
+    exhausted: bool,
 }
 
 /// What made a site unfit.
@@ -447,6 +449,7 @@ impl GroupMachine {
             vm_retry_at: None,
             unfit: None,
             stop_failed: false,
+            exhausted: false,
         }
     }
 
@@ -626,6 +629,12 @@ impl GroupMachine {
         let group = self.settings.policy.group.clone();
         match decide(&self.settings.keys, &self.settings.policy, view, &local) {
             Decision::Idle => {}
+            Decision::Exhausted { epoch } => {
+                if !self.exhausted {
+                    self.exhausted = true;
+                    tracing::error!(%group, epoch, "the group's epochs are used up: no site can take it over or be handed it (the owner, if any, keeps serving)");
+                }
+            }
             Decision::Serve { epoch, fork } => {
                 self.owner = Some(self.settings.site.clone());
                 self.epoch = self.epoch.max(epoch);
@@ -755,7 +764,8 @@ impl GroupMachine {
         if self.settings.on_demote {
             out.push(Effect::RunHook {
                 hook: Hook::OnDemote,
-                epoch: h.epoch - 1,
+                // The epoch handed away (h.epoch came from a checked +1).
+                epoch: h.epoch.saturating_sub(1),
             });
             self.pending = Some(Pending::HandOverHook(h));
         } else {

@@ -66,6 +66,22 @@ pub struct State {
     /// Lease id -> TTL in milliseconds.
     pub leases: BTreeMap<LeaseId, u64>,
     pub keys: BTreeMap<String, StoredKey>,
+    /// Witness: lease id -> the site it was granted to (the name in the
+    /// site's certificate). A lease acts only for its holder.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub holders: BTreeMap<LeaseId, String>,
+    /// Witness: a group's epoch key -> the site that owns, or last owned,
+    /// the epoch stored there (it alone may claim that epoch again).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epoch_holders: BTreeMap<String, String>,
+}
+
+/// What a guarded transaction records besides its ops: the holder of the
+/// epoch stored in an epoch key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochHolder {
+    pub epoch_key: String,
+    pub site: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -74,6 +90,9 @@ pub struct StoredKey {
     pub mod_revision: i64,
     pub create_revision: i64,
     pub lease: LeaseId,
+    /// Witness: the site that wrote it last (what its quotas count).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
 }
 
 /// Called with the new state after every change, before the change is
@@ -164,6 +183,7 @@ impl MemStore {
     fn drop_lease(&self, inner: &mut Inner, id: LeaseId) {
         inner.deadlines.remove(&id);
         inner.state.leases.remove(&id);
+        inner.state.holders.remove(&id);
         let before = inner.state.keys.len();
         inner.state.keys.retain(|_, k| k.lease != id);
         if inner.state.keys.len() != before {
@@ -195,25 +215,110 @@ impl MemStore {
     }
 }
 
-impl Store for MemStore {
-    fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+/// The witness's guarded calls: `check` sees the state (expired leases
+/// dropped) inside the store's lock and may refuse before anything
+/// changes; `Ok(Err(refusal))` is its refusal.
+impl MemStore {
+    /// Grants a lease held by `holder`.
+    pub fn grant_to<R>(
+        &self,
+        ttl: Duration,
+        holder: &str,
+        check: impl FnOnce(&State) -> Result<(), R>,
+    ) -> Result<Result<LeaseId, R>, StoreError> {
         let mut inner = self.inner.lock();
         self.expire(&mut inner);
-        let id = inner.state.next_lease;
-        inner.state.next_lease += 1;
-        let ttl_ms = u64::try_from(ttl.as_millis().max(1)).unwrap_or(u64::MAX);
-        inner.state.leases.insert(id, ttl_ms);
-        let deadline = self.clock.now() + Duration::from_millis(ttl_ms);
-        inner.deadlines.insert(id, deadline);
-        self.commit(&inner)?;
-        Ok(id)
+        if let Err(refusal) = check(&inner.state) {
+            self.commit(&inner)?;
+            return Ok(Err(refusal));
+        }
+        self.grant_locked(&mut inner, ttl, holder).map(Ok)
     }
 
-    fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+    pub fn keep_alive_checked<R>(
+        &self,
+        lease: LeaseId,
+        check: impl FnOnce(&State) -> Result<(), R>,
+    ) -> Result<Result<Duration, R>, StoreError> {
         let mut inner = self.inner.lock();
         if self.expire(&mut inner) {
             self.commit(&inner)?;
         }
+        if let Err(refusal) = check(&inner.state) {
+            return Ok(Err(refusal));
+        }
+        self.keep_alive_locked(&mut inner, lease).map(Ok)
+    }
+
+    pub fn revoke_checked<R>(
+        &self,
+        lease: LeaseId,
+        check: impl FnOnce(&State) -> Result<(), R>,
+    ) -> Result<Result<(), R>, StoreError> {
+        let mut inner = self.inner.lock();
+        let expired = self.expire(&mut inner);
+        if let Err(refusal) = check(&inner.state) {
+            if expired {
+                self.commit(&inner)?;
+            }
+            return Ok(Err(refusal));
+        }
+        self.revoke_locked(&mut inner, lease, expired).map(Ok)
+    }
+
+    /// A transaction written by `by`; `check` (run only when every
+    /// compare holds) also says which epoch holders to record if it
+    /// applies.
+    pub fn txn_checked<R>(
+        &self,
+        compares: &[Compare],
+        ops: &[Op],
+        by: &str,
+        check: impl FnOnce(&State) -> Result<Vec<EpochHolder>, R>,
+    ) -> Result<Result<(bool, i64), R>, StoreError> {
+        let mut inner = self.inner.lock();
+        let expired = self.expire(&mut inner);
+        // A transaction whose compares fail changes nothing: it is
+        // answered `false` as usual, whatever it would have written.
+        if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
+            if expired {
+                self.commit(&inner)?;
+            }
+            return Ok(Ok((false, inner.state.revision)));
+        }
+        match check(&inner.state) {
+            Err(refusal) => {
+                if expired {
+                    self.commit(&inner)?;
+                }
+                Ok(Err(refusal))
+            }
+            Ok(marks) => self
+                .txn_locked(&mut inner, expired, compares, ops, by, &marks)
+                .map(Ok),
+        }
+    }
+
+    fn grant_locked(
+        &self,
+        inner: &mut Inner,
+        ttl: Duration,
+        holder: &str,
+    ) -> Result<LeaseId, StoreError> {
+        let id = inner.state.next_lease;
+        inner.state.next_lease += 1;
+        let ttl_ms = u64::try_from(ttl.as_millis().max(1)).unwrap_or(u64::MAX);
+        inner.state.leases.insert(id, ttl_ms);
+        if !holder.is_empty() {
+            inner.state.holders.insert(id, holder.to_owned());
+        }
+        let deadline = self.clock.now() + Duration::from_millis(ttl_ms);
+        inner.deadlines.insert(id, deadline);
+        self.commit(inner)?;
+        Ok(id)
+    }
+
+    fn keep_alive_locked(&self, inner: &mut Inner, lease: LeaseId) -> Result<Duration, StoreError> {
         let Some(&ttl_ms) = inner.state.leases.get(&lease) else {
             return Err(StoreError::LeaseNotFound(lease));
         };
@@ -223,14 +328,111 @@ impl Store for MemStore {
         Ok(ttl)
     }
 
-    fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock();
-        self.expire(&mut inner);
+    fn revoke_locked(
+        &self,
+        inner: &mut Inner,
+        lease: LeaseId,
+        expired: bool,
+    ) -> Result<(), StoreError> {
         if !inner.state.leases.contains_key(&lease) {
+            if expired {
+                self.commit(inner)?;
+            }
             return Err(StoreError::LeaseNotFound(lease));
         }
-        self.drop_lease(&mut inner, lease);
-        self.commit(&inner)
+        self.drop_lease(inner, lease);
+        self.commit(inner)
+    }
+
+    fn txn_locked(
+        &self,
+        inner: &mut Inner,
+        expired: bool,
+        compares: &[Compare],
+        ops: &[Op],
+        by: &str,
+        marks: &[EpochHolder],
+    ) -> Result<(bool, i64), StoreError> {
+        if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
+            if expired {
+                self.commit(inner)?;
+            }
+            return Ok((false, inner.state.revision));
+        }
+        for op in ops {
+            if let Op::Put { lease, key, .. } = op {
+                if *lease != 0 && !inner.state.leases.contains_key(lease) {
+                    if expired {
+                        self.commit(inner)?;
+                    }
+                    return Err(StoreError::Refused(format!(
+                        "put {key}: lease {lease:x} not found"
+                    )));
+                }
+            }
+        }
+        if ops.is_empty() {
+            if expired {
+                self.commit(inner)?;
+            }
+            return Ok((true, inner.state.revision));
+        }
+        let revision = inner.state.revision + 1;
+        for op in ops {
+            match op {
+                Op::Put { key, value, lease } => {
+                    let create_revision = inner
+                        .state
+                        .keys
+                        .get(key)
+                        .map_or(revision, |k| k.create_revision);
+                    inner.state.keys.insert(
+                        key.clone(),
+                        StoredKey {
+                            value: value.clone(),
+                            mod_revision: revision,
+                            create_revision,
+                            lease: *lease,
+                            by: by.to_owned(),
+                        },
+                    );
+                }
+                Op::Delete { key } => {
+                    inner.state.keys.remove(key);
+                }
+            }
+        }
+        for mark in marks {
+            inner
+                .state
+                .epoch_holders
+                .insert(mark.epoch_key.clone(), mark.site.clone());
+        }
+        inner.state.revision = revision;
+        self.commit(inner)?;
+        Ok((true, revision))
+    }
+}
+
+impl Store for MemStore {
+    fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let mut inner = self.inner.lock();
+        self.expire(&mut inner);
+        self.grant_locked(&mut inner, ttl, "")
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let mut inner = self.inner.lock();
+        if self.expire(&mut inner) {
+            self.commit(&inner)?;
+        }
+        self.keep_alive_locked(&mut inner, lease)
+    }
+
+    fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        let expired = self.expire(&mut inner);
+        self.revoke_locked(&mut inner, lease, expired)
     }
 
     fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
@@ -260,54 +462,7 @@ impl Store for MemStore {
     fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<(bool, i64), StoreError> {
         let mut inner = self.inner.lock();
         let expired = self.expire(&mut inner);
-        if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
-            if expired {
-                self.commit(&inner)?;
-            }
-            return Ok((false, inner.state.revision));
-        }
-        for op in ops {
-            if let Op::Put { lease, key, .. } = op {
-                if *lease != 0 && !inner.state.leases.contains_key(lease) {
-                    if expired {
-                        self.commit(&inner)?;
-                    }
-                    return Err(StoreError::Refused(format!(
-                        "put {key}: lease {lease:x} not found"
-                    )));
-                }
-            }
-        }
-        if ops.is_empty() {
-            return Ok((true, inner.state.revision));
-        }
-        let revision = inner.state.revision + 1;
-        for op in ops {
-            match op {
-                Op::Put { key, value, lease } => {
-                    let create_revision = inner
-                        .state
-                        .keys
-                        .get(key)
-                        .map_or(revision, |k| k.create_revision);
-                    inner.state.keys.insert(
-                        key.clone(),
-                        StoredKey {
-                            value: value.clone(),
-                            mod_revision: revision,
-                            create_revision,
-                            lease: *lease,
-                        },
-                    );
-                }
-                Op::Delete { key } => {
-                    inner.state.keys.remove(key);
-                }
-            }
-        }
-        inner.state.revision = revision;
-        self.commit(&inner)?;
-        Ok((true, revision))
+        self.txn_locked(&mut inner, expired, compares, ops, "", &[])
     }
 
     fn wait(&self, prefix: &str, after_revision: i64, timeout: Duration) -> Result<(), StoreError> {

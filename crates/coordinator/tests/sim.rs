@@ -36,6 +36,7 @@ use tandem_coordinator::machine::{
     Start, Tip, VmState, VM_RETRY,
 };
 use tandem_coordinator::memory::{Clock, MemStore, SimClock};
+use tandem_coordinator::witness::policy;
 use tandem_coordinator::{LeaseId, Op, Store, StoreError};
 
 const TTL: Duration = Duration::from_secs(3);
@@ -148,6 +149,9 @@ struct World {
     /// Won claims of a new epoch by a site that was not serving.
     promotions: u64,
     violations: Vec<String>,
+    /// Requests the witness's policy refused: the failover logic must
+    /// never be refused (each site acts through its own identity).
+    refusals: std::cell::RefCell<Vec<String>>,
     rng: u64,
     /// How long hooks take, and the chance (per mille) that one fails.
     hook_time: Duration,
@@ -276,6 +280,7 @@ impl World {
             acks: Vec::new(),
             promotions: 0,
             violations: Vec::new(),
+            refusals: std::cell::RefCell::default(),
             rng,
             hook_time,
             hook_failures: 0,
@@ -516,7 +521,7 @@ impl World {
         let s = &mut self.sites[i];
         match s.lease {
             None => {
-                if let Ok(id) = self.store.grant(TTL) {
+                if let Ok(id) = Self::policed_grant(&self.store, &s.name) {
                     s.lease = Some(id);
                     s.last_renew = Some(now);
                     s.valid_until = lease::valid_until(now, TTL);
@@ -527,7 +532,7 @@ impl World {
                     .last_renew
                     .is_none_or(|t| now >= t + lease::renew_every(TTL));
                 if due {
-                    match self.store.keep_alive(id) {
+                    match Self::policed_keep_alive(&self.store, &self.refusals, &s.name, id) {
                         Ok(_) => {
                             s.last_renew = Some(now);
                             s.valid_until = lease::valid_until(now, TTL);
@@ -622,7 +627,8 @@ impl World {
         if !self.sites[i].reach_store {
             return Input::Txn(Err(Failed));
         }
-        match self.store.txn(compares, ops) {
+        let site = self.sites[i].name.clone();
+        match self.policed_txn(&site, compares, ops) {
             Ok(r) => {
                 if r.0 {
                     self.sites[i].groups[g].contact_rev = r.1;
@@ -939,7 +945,56 @@ impl World {
             }
         }
         if !ops.is_empty() {
-            let _ = self.store.txn(&[], &ops);
+            let site = self.sites[i].name.clone();
+            let _ = self.policed_txn(&site, &[], &ops);
+        }
+    }
+
+    /// The witness's policy, as the witness applies it, for `site`.
+    fn policed_txn(
+        &self,
+        site: &str,
+        compares: &[tandem_coordinator::Compare],
+        ops: &[Op],
+    ) -> Result<(bool, i64), StoreError> {
+        let action = policy::Action::Txn { compares, ops };
+        let limits = policy::Limits::default();
+        match self.store.txn_checked(compares, ops, site, |s| {
+            policy::check(site, s, &action, &limits)
+        })? {
+            Ok(r) => Ok(r),
+            Err(refusal) => {
+                let why = format!("{:?} {site}: {refusal}", self.now());
+                self.refusals.borrow_mut().push(why.clone());
+                Err(StoreError::Refused(why))
+            }
+        }
+    }
+
+    fn policed_grant(store: &MemStore, site: &str) -> Result<LeaseId, StoreError> {
+        let limits = policy::Limits::default();
+        store
+            .grant_to(TTL, site, |s| {
+                policy::check(site, s, &policy::Action::Grant, &limits).map(|_| ())
+            })?
+            .map_err(|r| StoreError::Refused(r.to_string()))
+    }
+
+    fn policed_keep_alive(
+        store: &MemStore,
+        refusals: &std::cell::RefCell<Vec<String>>,
+        site: &str,
+        id: LeaseId,
+    ) -> Result<Duration, StoreError> {
+        let limits = policy::Limits::default();
+        match store.keep_alive_checked(id, |s| {
+            policy::check(site, s, &policy::Action::KeepAlive(id), &limits).map(|_| ())
+        })? {
+            Ok(ttl) => Ok(ttl),
+            Err(refusal) => {
+                refusals.borrow_mut().push(format!("{site}: {refusal}"));
+                Err(StoreError::Refused(refusal.to_string()))
+            }
         }
     }
 
@@ -1106,11 +1161,14 @@ impl World {
             value: encode(&req),
             lease: 0,
         };
-        self.store.txn(&[], &[put]).unwrap();
+        // An operator acts through some site's agent (its identity).
+        let site = self.sites[0].name.clone();
+        self.policed_txn(&site, &[], &[put]).unwrap();
         if kind == RequestKind::Failover {
             if let Some((_, rev)) = self.view(g).owner {
                 let key = self.keys.owner(&self.policies[g].group);
-                let _ = self.store.txn(
+                let _ = self.policed_txn(
+                    &site,
                     &[tandem_coordinator::Compare::ModRevision(key.clone(), rev)],
                     &[Op::Delete { key }],
                 );
@@ -1125,6 +1183,11 @@ impl World {
             self.violations.is_empty(),
             "seed {seed}: {:#?}",
             self.violations
+        );
+        assert!(
+            self.refusals.borrow().is_empty(),
+            "seed {seed}: the witness's policy refused the failover logic: {:#?}",
+            self.refusals.borrow()
         );
         for g in 0..self.policies.len() {
             let mut by_epoch: BTreeMap<u64, (usize, Duration, Duration)> = BTreeMap::new();
@@ -1158,7 +1221,8 @@ impl World {
         self.hook_failures = 0;
         for g in 0..self.policies.len() {
             let key = self.keys.request(&self.policies[g].group);
-            self.store.txn(&[], &[Op::Delete { key }]).unwrap();
+            let site = self.sites[0].name.clone();
+            self.policed_txn(&site, &[], &[Op::Delete { key }]).unwrap();
         }
         for i in 0..self.sites.len() {
             let unfit = self.sites[i]

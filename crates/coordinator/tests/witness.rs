@@ -23,7 +23,12 @@ fn start(dir: &Path) -> WitnessHandle {
 }
 
 fn client_for(handle: &WitnessHandle) -> WitnessClient {
-    WitnessClient::new(&[handle.local_addr().to_string()], TIMEOUT).expect("client")
+    WitnessClient::plain(&[handle.local_addr().to_string()], "ny", TIMEOUT).expect("client")
+}
+
+/// A key of site ny's own (the witness's policy takes any value there).
+fn k(name: &str) -> String {
+    format!("t/sites/ny/{name}")
 }
 
 fn put(key: &str, value: &[u8], lease: LeaseId) -> Op {
@@ -45,14 +50,15 @@ fn leased_keys_live_while_kept_alive_and_vanish_after_expiry() {
     let c = client_for(&w);
     let ttl = Duration::from_millis(600);
     let lease = c.grant(ttl).expect("grant");
-    c.txn(&[], &[put("g/owner", b"ny", lease)]).expect("put");
+    c.txn(&[], &[put(&k("g/owner"), b"ny", lease)])
+        .expect("put");
 
     // Renewed well past one TTL, the key stays.
     let kept_until = Instant::now() + ttl * 3;
     while Instant::now() < kept_until {
         assert_eq!(c.keep_alive(lease).expect("keepalive"), ttl);
         assert!(
-            has_key(&c, "g/owner"),
+            has_key(&c, &k("g/owner")),
             "the key vanished while its lease was renewed"
         );
         // Renewal pacing: what is tested is time passing (three TTLs)
@@ -64,7 +70,7 @@ fn leased_keys_live_while_kept_alive_and_vanish_after_expiry() {
     let last = Instant::now();
     c.keep_alive(lease).expect("keepalive");
     wait_until(TIMEOUT, "the unrenewed lease's key to vanish", || {
-        !has_key(&c, "g/owner")
+        !has_key(&c, &k("g/owner"))
     });
     assert!(last.elapsed() >= ttl, "expired after {:?}", last.elapsed());
     assert!(matches!(
@@ -81,13 +87,19 @@ fn revoking_a_lease_removes_its_keys_at_once() {
     let lease = c.grant(Duration::from_secs(60)).expect("grant");
     c.txn(
         &[],
-        &[put("g/owner", b"ny", lease), put("g/epoch", b"3", 0)],
+        &[
+            put(&k("g/owner"), b"ny", lease),
+            put(&k("g/epoch"), b"3", 0),
+        ],
     )
     .expect("put");
     c.revoke(lease).expect("revoke");
-    let snap = c.range("g/").expect("range");
-    assert!(snap.get("g/owner").is_none());
-    assert_eq!(snap.get("g/epoch").expect("unleased key stays").value, b"3");
+    let snap = c.range(&k("g/")).expect("range");
+    assert!(snap.get(&k("g/owner")).is_none());
+    assert_eq!(
+        snap.get(&k("g/epoch")).expect("unleased key stays").value,
+        b"3"
+    );
     assert!(matches!(c.revoke(lease), Err(StoreError::LeaseNotFound(_))));
 }
 
@@ -95,9 +107,14 @@ fn revoking_a_lease_removes_its_keys_at_once() {
 fn exactly_one_of_two_concurrent_claims_wins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = start(dir.path());
-    let clients = [client_for(&w), client_for(&w)];
+    let addr = [w.local_addr().to_string()];
+    let clients = [
+        WitnessClient::plain(&addr, "ny", TIMEOUT).expect("client"),
+        WitnessClient::plain(&addr, "chicago", TIMEOUT).expect("client"),
+    ];
     for round in 0..20 {
-        let key = format!("g{round}/owner");
+        // Any site may write a group's request key: both race for it.
+        let key = format!("t/groups/g{round}/request");
         let barrier = Barrier::new(2);
         let wins: Vec<bool> = std::thread::scope(|s| {
             let claims: Vec<_> = clients
@@ -109,7 +126,7 @@ fn exactly_one_of_two_concurrent_claims_wins() {
                         barrier.wait();
                         c.txn(
                             &[Compare::ModRevision(key.clone(), 0)],
-                            &[put(key, site.as_bytes(), 0)],
+                            &[put(key, &request(site), 0)],
                         )
                         .expect("txn")
                         .0
@@ -127,9 +144,14 @@ fn exactly_one_of_two_concurrent_claims_wins() {
             "round {round}: {wins:?}"
         );
         let owner = clients[0].range(&key).expect("range");
-        let expected: &[u8] = if wins[0] { b"ny" } else { b"chicago" };
+        let expected = request(if wins[0] { "ny" } else { "chicago" });
         assert_eq!(owner.get(&key).expect("owner").value, expected);
     }
+}
+
+/// A request record whose id names `site`.
+fn request(site: &str) -> Vec<u8> {
+    format!(r#"{{"id":"{site}","kind":"migrate","to":null}}"#).into_bytes()
 }
 
 #[test]
@@ -142,37 +164,37 @@ fn ranges_revisions_and_values_round_trip() {
         .txn(
             &[],
             &[
-                put("a/2", &every_byte, 0),
-                put("a/1", b"", 0),
-                put("b", b"x", 0),
+                put(&k("a/2"), &every_byte, 0),
+                put(&k("a/1"), b"", 0),
+                put(&k("b"), b"x", 0),
             ],
         )
         .expect("txn");
     assert!(ok);
-    let (_, r2) = c.txn(&[], &[put("a/2", b"v2", 0)]).expect("txn");
+    let (_, r2) = c.txn(&[], &[put(&k("a/2"), b"v2", 0)]).expect("txn");
     assert!(r2 > r1);
 
-    let snap = c.range("a/").expect("range");
+    let snap = c.range(&k("a/")).expect("range");
     assert_eq!(snap.revision, r2);
     let keys: Vec<&str> = snap.kvs.iter().map(|kv| kv.key.as_str()).collect();
-    assert_eq!(keys, ["a/1", "a/2"]);
-    let a2 = snap.get("a/2").expect("a/2");
+    assert_eq!(keys, [k("a/1"), k("a/2")]);
+    let a2 = snap.get(&k("a/2")).expect("a/2");
     assert_eq!((a2.create_revision, a2.mod_revision), (r1, r2));
 
     // Binary values, and compares on values.
-    c.txn(&[], &[put("a/2", &every_byte, 0)]).expect("txn");
-    assert_eq!(c.range("a/2").expect("range").kvs[0].value, every_byte);
+    c.txn(&[], &[put(&k("a/2"), &every_byte, 0)]).expect("txn");
+    assert_eq!(c.range(&k("a/2")).expect("range").kvs[0].value, every_byte);
     let (held, _) = c
         .txn(
-            &[Compare::Value("a/2".into(), every_byte.clone())],
-            &[Op::Delete { key: "a/2".into() }],
+            &[Compare::Value(k("a/2"), every_byte.clone())],
+            &[Op::Delete { key: k("a/2") }],
         )
         .expect("txn");
     assert!(held);
     let (stale, _) = c
         .txn(
-            &[Compare::ModRevision("a/1".into(), r2)],
-            &[put("a/1", b"no", 0)],
+            &[Compare::ModRevision(k("a/1"), r2)],
+            &[put(&k("a/1"), b"no", 0)],
         )
         .expect("txn");
     assert!(!stale, "a stale revision must not match");
@@ -185,7 +207,7 @@ fn a_put_on_a_missing_lease_is_refused() {
     let w = start(dir.path());
     let c = client_for(&w);
     assert!(matches!(
-        c.txn(&[], &[put("k", b"v", 4242)]),
+        c.txn(&[], &[put(&k("k"), b"v", 4242)]),
         Err(StoreError::Refused(_))
     ));
     assert!(c.range("").expect("range").kvs.is_empty());
@@ -196,22 +218,24 @@ fn wait_returns_on_a_change_and_times_out_otherwise() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = start(dir.path());
     let c = client_for(&w);
-    let rev = c.range("g/").expect("range").revision;
+    let rev = c.range(&k("g/")).expect("range").revision;
 
     let quiet = Duration::from_millis(300);
     let t = Instant::now();
-    c.wait("g/", rev, quiet).expect("wait");
+    c.wait(&k("g/"), rev, quiet).expect("wait");
     assert!(t.elapsed() >= quiet, "returned after {:?}", t.elapsed());
 
     let writer = client_for(&w);
     std::thread::scope(|s| {
-        let waiter = s.spawn(|| c.wait("g/", rev, Duration::from_secs(20)));
+        let waiter = s.spawn(|| c.wait(&k("g/"), rev, Duration::from_secs(20)));
         // Only a change made while the wait is held on the witness shows
         // that a change wakes it (a change made before it arrived would
         // answer it at once).
         wait_until(TIMEOUT, "the witness to hold the wait", || w.waiting() == 1);
         let t = Instant::now();
-        writer.txn(&[], &[put("g/owner", b"ny", 0)]).expect("put");
+        writer
+            .txn(&[], &[put(&k("g/owner"), b"ny", 0)])
+            .expect("put");
         waiter.join().expect("waiter").expect("wait");
         assert!(
             t.elapsed() < Duration::from_secs(5),
@@ -222,7 +246,8 @@ fn wait_returns_on_a_change_and_times_out_otherwise() {
 
     // Already past: immediate.
     let t = Instant::now();
-    c.wait("g/", rev, Duration::from_secs(20)).expect("wait");
+    c.wait(&k("g/"), rev, Duration::from_secs(20))
+        .expect("wait");
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
@@ -238,7 +263,7 @@ fn long_polls_do_not_hold_up_lease_renewals() {
         let waiters: Vec<_> = (0..16)
             .map(|_| {
                 let c = client_for(&w);
-                s.spawn(move || c.wait("quiet/", rev, Duration::from_secs(20)))
+                s.spawn(move || c.wait(&k("quiet/"), rev, Duration::from_secs(20)))
             })
             .collect();
         wait_until(TIMEOUT, "the witness to hold 16 long polls", || {
@@ -257,7 +282,7 @@ fn long_polls_do_not_hold_up_lease_renewals() {
             "the renewal was not served while every long poll was held"
         );
         // A change ends the long polls.
-        c.txn(&[], &[put("quiet/done", b"1", 0)]).expect("put");
+        c.txn(&[], &[put(&k("quiet/done"), b"1", 0)]).expect("put");
         for waiter in waiters {
             waiter.join().expect("waiter").expect("wait");
         }
@@ -275,7 +300,10 @@ fn state_survives_a_restart_and_leases_get_a_full_ttl_again() {
         let lease = c.grant(ttl).expect("grant");
         c.txn(
             &[],
-            &[put("g/epoch", b"7", 0), put("g/owner", b"ny", lease)],
+            &[
+                put(&k("g/epoch"), b"7", 0),
+                put(&k("g/owner"), b"ny", lease),
+            ],
         )
         .expect("put");
         let revision = c.range("").expect("range").revision;
@@ -290,10 +318,10 @@ fn state_survives_a_restart_and_leases_get_a_full_ttl_again() {
     let w = start(dir.path());
     let restarted = Instant::now();
     let c = client_for(&w);
-    let snap = c.range("g/").expect("range");
+    let snap = c.range(&k("g/")).expect("range");
     assert_eq!(snap.revision, revision);
-    assert_eq!(snap.get("g/epoch").expect("epoch").value, b"7");
-    assert_eq!(snap.get("g/owner").expect("leased key").lease, lease);
+    assert_eq!(snap.get(&k("g/epoch")).expect("epoch").value, b"7");
+    assert_eq!(snap.get(&k("g/owner")).expect("leased key").lease, lease);
     assert!(
         c.grant(ttl).expect("grant") > lease,
         "a lease id was handed out twice"
@@ -302,7 +330,7 @@ fn state_survives_a_restart_and_leases_get_a_full_ttl_again() {
     let mut last_seen = restarted;
     wait_until(TIMEOUT, "the restored lease's key to vanish", || {
         let seen = Instant::now();
-        let present = has_key(&c, "g/owner");
+        let present = has_key(&c, &k("g/owner"));
         if present {
             last_seen = seen;
         }
@@ -313,7 +341,7 @@ fn state_survives_a_restart_and_leases_get_a_full_ttl_again() {
         "the restored lease expired {:?} after the restart, not a full TTL",
         last_seen - restarted
     );
-    assert!(has_key(&c, "g/epoch"));
+    assert!(has_key(&c, &k("g/epoch")));
 }
 
 #[test]
@@ -321,12 +349,12 @@ fn every_answered_change_is_on_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = start(dir.path());
     let c = client_for(&w);
-    let (_, revision) = c.txn(&[], &[put("g/epoch", b"9", 0)]).expect("put");
+    let (_, revision) = c.txn(&[], &[put(&k("g/epoch"), b"9", 0)]).expect("put");
     let text = std::fs::read_to_string(dir.path().join(witness::STATE_FILE)).expect("state file");
     let file: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(file["state"]["revision"], revision);
     assert_eq!(
-        file["state"]["keys"]["g/epoch"]["value"],
+        file["state"]["keys"][k("g/epoch").as_str()]["value"],
         serde_json::json!([57])
     );
     assert_eq!(file["witness_id"], w.witness_id());
@@ -337,16 +365,16 @@ fn a_witness_that_cannot_write_its_state_answers_nothing_more() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = start(dir.path());
     let c = client_for(&w);
-    let (_, kept) = c.txn(&[], &[put("g/epoch", b"1", 0)]).expect("put");
+    let (_, kept) = c.txn(&[], &[put(&k("g/epoch"), b"1", 0)]).expect("put");
     // The next write's temporary file cannot be created.
     let temp = dir.path().join("witness.json.tmp");
     std::fs::create_dir(&temp).expect("mkdir");
     assert!(matches!(
-        c.txn(&[], &[put("g/epoch", b"2", 0)]),
+        c.txn(&[], &[put(&k("g/epoch"), b"2", 0)]),
         Err(StoreError::Unreachable(_))
     ));
     // Memory is now ahead of the disk: not even reads are answered.
-    assert!(matches!(c.range("g/"), Err(StoreError::Unreachable(_))));
+    assert!(matches!(c.range(&k("g/")), Err(StoreError::Unreachable(_))));
     let failure = w.failure().expect("failed");
     assert!(
         matches!(&failure, tandem_coordinator::memory::PersistError::Write { path, .. } if path.ends_with("witness.json")),
@@ -356,9 +384,9 @@ fn a_witness_that_cannot_write_its_state_answers_nothing_more() {
 
     std::fs::remove_dir(&temp).expect("rmdir");
     let w = start(dir.path());
-    let snap = client_for(&w).range("g/").expect("range");
+    let snap = client_for(&w).range(&k("g/")).expect("range");
     assert_eq!(snap.revision, kept);
-    assert_eq!(snap.get("g/epoch").expect("epoch").value, b"1");
+    assert_eq!(snap.get(&k("g/epoch")).expect("epoch").value, b"1");
 }
 
 #[test]
@@ -443,7 +471,7 @@ fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
 
 fn post(path: &str, body: &str) -> Vec<u8> {
     format!(
-        "POST {path} HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: w\r\nTandem-Site: ny\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -461,16 +489,27 @@ fn bad_requests_get_4xx_and_the_witness_keeps_serving() {
         (
             post(
                 "/v1/txn",
-                r#"{"ops":[{"kind":"put","key":"k","value":"!!"}]}"#,
+                r#"{"ops":[{"kind":"put","key":"t/sites/ny/k","value":"!!"}]}"#,
             ),
             400,
             "base64",
         ),
         (post("/v1/nope", "{}"), 404, "no such endpoint"),
         (
-            b"GET /v1/txn HTTP/1.1\r\nHost: w\r\n\r\n".to_vec(),
+            b"GET /v1/txn HTTP/1.1\r\nHost: w\r\nTandem-Site: ny\r\n\r\n".to_vec(),
             405,
             "POST",
+        ),
+        // With TLS off a request names its site; without, it is refused.
+        (
+            b"POST /v1/range HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
+            403,
+            "no_identity",
+        ),
+        (
+            b"POST /v1/range HTTP/1.1\r\nTandem-Site: a/b\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
+            403,
+            "no_identity",
         ),
         (
             post("/v1/keepalive", r#"{"id":777}"#),
@@ -511,8 +550,8 @@ fn bad_requests_get_4xx_and_the_witness_keeps_serving() {
     assert_eq!(ok, 200, "{text}");
     assert!(text.contains(witness::wire::WITNESS_HEADER), "{text}");
     let c = client_for(&w);
-    c.txn(&[], &[put("still", b"here", 0)]).expect("txn");
-    assert!(has_key(&c, "still"));
+    c.txn(&[], &[put(&k("still"), b"here", 0)]).expect("txn");
+    assert!(has_key(&c, &k("still")));
 }
 
 #[test]
@@ -541,10 +580,10 @@ fn a_slow_request_times_out_without_holding_others_up() {
 }
 
 #[test]
-fn connections_over_the_limit_are_refused_and_others_still_served() {
+fn idle_strangers_make_room_and_sites_are_still_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let limits = witness::Limits {
-        max_connections: 2,
+        max_unauthenticated: 2,
         ..witness::Limits::default()
     };
     let w = witness::serve_with(
@@ -554,17 +593,33 @@ fn connections_over_the_limit_are_refused_and_others_still_served() {
         limits,
     )
     .expect("witness starts");
-    let idle: Vec<TcpStream> = (0..2)
+    let mut idle: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(w.local_addr()).expect("connect"))
         .collect();
-    let (status, text) = raw(w.local_addr(), &post("/v1/range", r#"{"prefix":""}"#));
-    assert_eq!(status, 503, "{text}");
-    assert!(text.contains("too many connections"), "{text}");
-    drop(idle);
+    // A site is served although every stranger's slot is taken: the
+    // oldest stranger is closed for it.
     let c = client_for(&w);
-    wait_until(TIMEOUT, "a connection slot to free up", || {
-        c.range("").is_ok()
-    });
+    c.range("").expect("served");
+    let oldest = &mut idle[0];
+    oldest.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        oldest.read(&mut byte).expect("closed"),
+        0,
+        "the oldest idle stranger was kept"
+    );
+    // The site's connection keeps its slot while strangers keep coming.
+    let more: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(w.local_addr()).expect("connect"))
+        .collect();
+    let t = Instant::now();
+    c.range("").expect("still served");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    drop(more);
 }
 
 #[test]
@@ -575,8 +630,9 @@ fn the_client_moves_to_the_next_endpoint_only_when_it_cannot_connect() {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").to_string()
     };
-    let c = WitnessClient::new(&[closed, w.local_addr().to_string()], TIMEOUT).expect("client");
-    c.txn(&[], &[put("k", b"v", 0)])
+    let c =
+        WitnessClient::plain(&[closed, w.local_addr().to_string()], "ny", TIMEOUT).expect("client");
+    c.txn(&[], &[put(&k("k"), b"v", 0)])
         .expect("second endpoint answers");
     assert_eq!(c.witness_id().as_deref(), Some(w.witness_id()));
 }
@@ -590,7 +646,7 @@ fn the_client_refuses_a_different_witness() {
     let a = start(dir_a.path());
     let b = start(dir_b.path());
     let endpoints = [a.local_addr().to_string(), b.local_addr().to_string()];
-    let c = WitnessClient::new(&endpoints, TIMEOUT).expect("client");
+    let c = WitnessClient::plain(&endpoints, "ny", TIMEOUT).expect("client");
     c.range("").expect("a answers");
     a.shutdown();
     match c.range("") {
@@ -604,8 +660,12 @@ fn an_unresponsive_witness_is_unreachable_within_the_timeout() {
     // Accepts connections (the kernel does) but never answers.
     let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
     let timeout = Duration::from_millis(400);
-    let c = WitnessClient::new(&[silent.local_addr().expect("addr").to_string()], timeout)
-        .expect("client");
+    let c = WitnessClient::plain(
+        &[silent.local_addr().expect("addr").to_string()],
+        "ny",
+        timeout,
+    )
+    .expect("client");
     let t = Instant::now();
     assert!(matches!(c.range(""), Err(StoreError::Unreachable(_))));
     assert!(matches!(
@@ -622,7 +682,7 @@ fn an_unresponsive_witness_is_unreachable_within_the_timeout() {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").to_string()
     };
-    let c = WitnessClient::new(&[gone], timeout).expect("client");
+    let c = WitnessClient::plain(&[gone], "ny", timeout).expect("client");
     assert!(matches!(c.grant(timeout), Err(StoreError::Unreachable(_))));
 }
 
@@ -649,7 +709,7 @@ fn a_stopped_witness_answers_nothing_and_frees_its_port_and_dir() {
 
 #[test]
 fn bad_endpoints_are_refused_up_front() {
-    assert!(WitnessClient::new(&[], TIMEOUT).is_err());
-    assert!(WitnessClient::new(&["https://w:7460".into()], TIMEOUT).is_err());
-    assert!(WitnessClient::new(&["w".into()], TIMEOUT).is_err());
+    assert!(WitnessClient::plain(&[], "ny", TIMEOUT).is_err());
+    assert!(WitnessClient::plain(&["https://w:7460".into()], "ny", TIMEOUT).is_err());
+    assert!(WitnessClient::plain(&["w".into()], "ny", TIMEOUT).is_err());
 }

@@ -385,12 +385,15 @@ impl Cluster {
     /// Starts the witness and waits until it listens.
     pub fn start_witness(&mut self) -> Result<(), DemoError> {
         let data = self.dir.join("witness");
-        let args: [&OsStr; 5] = [
+        // Every address is loopback and the sites run with TLS off.
+        let args: [&OsStr; 7] = [
             "witness".as_ref(),
             "--listen".as_ref(),
             self.witness_addr.as_ref(),
             "--data-dir".as_ref(),
             data.as_os_str(),
+            "--tls".as_ref(),
+            "off".as_ref(),
         ];
         let child = self.spawn(ProcName::Witness, &args, &self.witness.log)?;
         self.witness.child = Some(child);

@@ -2,6 +2,19 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+
+/// A connection's byte stream: plain TCP, or TLS over it.
+pub trait Transport: Read + Write + Send + 'static {
+    /// The socket underneath (for timeouts and shutdown; never read or
+    /// write it directly under TLS).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,8 +31,21 @@ pub struct Limits {
     pub idle: Duration,
     /// Writing one answer.
     pub write_time: Duration,
-    /// Connections served at once; more are answered 503 and closed.
+    /// Connections served at once, all kinds; more are answered 503 and
+    /// closed.
     pub max_connections: usize,
+    /// Connections not (yet) authenticated: when this many are open, the
+    /// oldest one not inside a request is closed to make room for a new
+    /// one (so idle strangers can never lock everyone out).
+    pub max_unauthenticated: usize,
+    /// Connections of one authenticated identity (a site, a token): over
+    /// it, that identity's oldest idle connection is closed.
+    pub max_per_identity: usize,
+    /// How long a connection not authenticated may idle (before its first
+    /// request and between requests).
+    pub unauthenticated_idle: Duration,
+    /// A TLS handshake, from accept to done.
+    pub handshake_time: Duration,
 }
 
 impl Default for Limits {
@@ -30,7 +56,13 @@ impl Default for Limits {
             request_time: Duration::from_secs(10),
             idle: Duration::from_secs(120),
             write_time: Duration::from_secs(10),
-            max_connections: 256,
+            max_connections: 1024,
+            max_unauthenticated: 64,
+            // An agent with many groups may claim many of them at once
+            // (one request per group's actor).
+            max_per_identity: 256,
+            unauthenticated_idle: Duration::from_secs(5),
+            handshake_time: Duration::from_secs(3),
         }
     }
 }
@@ -56,6 +88,9 @@ pub struct Request {
     pub body: Vec<u8>,
     /// The peer asked to close the connection after the answer.
     pub close: bool,
+    /// Who the connection proved to be: the name in its verified client
+    /// certificate (TLS), else `None`.
+    pub identity: Option<String>,
 }
 
 impl Request {
@@ -129,6 +164,10 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Set by a handler that found the request authenticated (a valid
+    /// token): the connection then keeps a slot of this identity's own
+    /// (see [`Limits::max_unauthenticated`]). Not sent.
+    pub authenticated: Option<String>,
 }
 
 impl Response {
@@ -138,7 +177,14 @@ impl Response {
             status,
             headers: vec![("Content-Type".into(), content_type.into())],
             body: body.into(),
+            authenticated: None,
         }
+    }
+
+    /// Says the request was authenticated as `identity`.
+    pub fn authenticated_as(mut self, identity: &str) -> Response {
+        self.authenticated = Some(identity.to_owned());
+        self
     }
 
     /// An `application/json` answer.
@@ -177,22 +223,47 @@ impl Response {
 
 /// One accepted connection.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Transport>,
     /// Bytes read past the end of the last request (pipelining).
     buf: Vec<u8>,
     limits: Limits,
+    /// How long it may idle between requests.
+    idle: Duration,
+    identity: Option<String>,
 }
 
 impl Conn {
     pub fn new(stream: TcpStream, limits: Limits) -> io::Result<Conn> {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(limits.write_time))?;
+        Conn::over(Box::new(stream), limits, None)
+    }
+
+    /// A connection over `stream` (e.g. TLS) of a peer known as
+    /// `identity`.
+    pub fn over(
+        stream: Box<dyn Transport>,
+        limits: Limits,
+        identity: Option<String>,
+    ) -> io::Result<Conn> {
+        stream.tcp().set_write_timeout(Some(limits.write_time))?;
         Ok(Conn {
             stream,
             buf: Vec::new(),
             limits,
+            idle: limits.idle,
+            identity,
         })
+    }
+
+    /// Sets how long the connection may idle between requests.
+    pub fn set_idle(&mut self, idle: Duration) {
+        self.idle = idle;
+    }
+
+    /// The identity its requests carry.
+    pub fn set_identity(&mut self, identity: Option<String>) {
+        self.identity = identity;
     }
 
     /// Reads the next request, giving up when `stop` is set.
@@ -239,6 +310,7 @@ impl Conn {
             headers: head.headers,
             body,
             close: head.close,
+            identity: self.identity.clone(),
         }))
     }
 
@@ -273,7 +345,7 @@ impl Conn {
             }
             if deadline.is_none() && self.buf.is_empty() {
                 // Idle between requests: an idle timeout just closes.
-                match self.fill(Instant::now() + self.limits.idle, stop) {
+                match self.fill(Instant::now() + self.idle, stop) {
                     Ok(true) => continue,
                     Ok(false) | Err(_) => return Ok(None),
                 }
@@ -302,6 +374,7 @@ impl Conn {
             }
             let slice = (deadline - now).min(SLICE);
             self.stream
+                .tcp()
                 .set_read_timeout(Some(slice))
                 .map_err(|e| refuse(Problem::BadRequest, e.to_string()))?;
             match self.stream.read(&mut chunk) {
@@ -335,13 +408,19 @@ impl Conn {
         if self.answer(response, true).is_err() {
             return;
         }
-        let _ = self.stream.shutdown(Shutdown::Write);
+        let _ = self.stream.tcp().shutdown(Shutdown::Write);
         let until = Instant::now() + LINGER;
         let mut discarded = 0usize;
         let mut chunk = [0u8; 8192];
         while discarded < LINGER_BYTES {
             let now = Instant::now();
-            if now >= until || self.stream.set_read_timeout(Some(until - now)).is_err() {
+            if now >= until
+                || self
+                    .stream
+                    .tcp()
+                    .set_read_timeout(Some(until - now))
+                    .is_err()
+            {
                 return;
             }
             match self.stream.read(&mut chunk) {
@@ -578,6 +657,7 @@ mod tests {
             headers: h.headers,
             body: Vec::new(),
             close: h.close,
+            identity: None,
         };
         assert_eq!(request.header("authorization"), Some("Bearer x"));
         assert_eq!(request.header("host"), None);

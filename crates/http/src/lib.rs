@@ -6,6 +6,12 @@
 //! everything a peer controls — head size, body size (refused before a byte
 //! of it is read or allocated), the time a request may take to arrive, how
 //! long a connection may idle, and how many connections are served at once.
+//! Connection slots (`slots`): connections not yet authenticated share a
+//! small pool whose oldest idle member is closed for a newcomer, so idle
+//! strangers cannot lock anyone out; a connection that proves who it is (a
+//! verified client certificate through [`Secure`], or a handler marking an
+//! answer [`Response::authenticated_as`]) keeps a slot of its identity's
+//! own.
 //! Each connection has its own thread, so one long request (a witness long
 //! poll, an agent's verify or failover) never delays another.
 //!
@@ -23,6 +29,7 @@
 
 mod conn;
 mod server;
+mod slots;
 
-pub use conn::{shorten, Conn, Limits, Next, Problem, Refusal, Request, Response};
-pub use server::{spawn, spawn_counted, Connections, Handler, Options};
+pub use conn::{shorten, Conn, Limits, Next, Problem, Refusal, Request, Response, Transport};
+pub use server::{spawn, spawn_counted, Connections, Handler, Options, Secure};

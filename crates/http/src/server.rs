@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
-use crate::conn::{refuse, Conn, Limits, Next, Problem, Refusal, Request, Response};
+use crate::conn::{refuse, Conn, Limits, Next, Problem, Refusal, Request, Response, Transport};
+use crate::slots::{Admitted, SlotId, Slots};
 
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
@@ -28,6 +29,18 @@ pub trait Handler: Send + Sync + 'static {
     fn refused(&self, refusal: &Refusal) -> Response;
 }
 
+/// A server's TLS: completes the handshake of an accepted connection and
+/// says who the peer is (the name its verified certificate carries).
+pub trait Secure: Send + Sync + std::fmt::Debug + 'static {
+    /// The handshake on `tcp`, done by `deadline`; an error says why the
+    /// peer is refused (no certificate, wrong CA, no name, not TLS...).
+    fn accept(
+        &self,
+        tcp: TcpStream,
+        deadline: Instant,
+    ) -> Result<(Box<dyn Transport>, String), String>;
+}
+
 /// How a server runs.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -38,6 +51,8 @@ pub struct Options {
     pub stack_size: Option<usize>,
     /// How long stopping waits for busy connections before leaving them.
     pub drain: Duration,
+    /// TLS with client certificates; `None` serves plain HTTP.
+    pub secure: Option<Arc<dyn Secure>>,
 }
 
 impl Options {
@@ -47,6 +62,7 @@ impl Options {
             limits: Limits::default(),
             stack_size: None,
             drain: Duration::from_secs(5),
+            secure: None,
         }
     }
 }
@@ -74,6 +90,7 @@ struct Shared {
     stop: Arc<AtomicBool>,
     handler: Arc<dyn Handler>,
     connections: Connections,
+    slots: Slots,
 }
 
 /// Serves `listener` on a new thread until `stop` is set; the thread ends
@@ -100,11 +117,13 @@ pub fn spawn_counted(
 ) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let name = options.name.clone();
+    let slots = Slots::new(options.limits);
     let shared = Arc::new(Shared {
         options,
         stop,
         handler,
         connections,
+        slots,
     });
     std::thread::Builder::new()
         .name(name)
@@ -170,55 +189,117 @@ fn start_connection(
     shared: &Arc<Shared>,
 ) -> Option<JoinHandle<()>> {
     let options = &shared.options;
-    let Ok(mut conn) = Conn::new(stream, options.limits) else {
-        return None;
-    };
-    let count = &shared.connections.0;
-    if count.fetch_add(1, Ordering::AcqRel) >= options.limits.max_connections {
-        count.fetch_sub(1, Ordering::AcqRel);
-        tracing::warn!(%peer, "{}: too many connections; refusing one", options.name);
-        let answer = shared
-            .handler
-            .refused(&refuse(Problem::Unavailable, "too many connections"));
-        // Answered from the accept thread: no lingering here.
-        let _ = conn.answer(&answer, true);
+    if stream.set_nonblocking(false).is_err() || stream.set_nodelay(true).is_err() {
         return None;
     }
+    let count = &shared.connections.0;
+    let slot = match stream.try_clone() {
+        Ok(clone) => shared.slots.admit(clone),
+        Err(_) => return None,
+    };
+    let slot = match slot {
+        Admitted::Slot(slot) => slot,
+        Admitted::Full => {
+            tracing::warn!(%peer, "{}: too many connections; refusing one", options.name);
+            if let Ok(mut conn) = Conn::new(stream, options.limits) {
+                let answer = shared
+                    .handler
+                    .refused(&refuse(Problem::Unavailable, "too many connections"));
+                // Answered from the accept thread: no lingering here.
+                let _ = conn.answer(&answer, true);
+            }
+            return None;
+        }
+    };
+    count.fetch_add(1, Ordering::AcqRel);
     let shared_for_thread = Arc::clone(shared);
     let mut builder = std::thread::Builder::new().name(format!("{}-conn", options.name));
     if let Some(size) = options.stack_size {
         builder = builder.stack_size(size);
     }
     let spawned = builder.spawn(move || {
-        let _slot = Slot(&shared_for_thread.connections.0);
-        serve_connection(conn, peer, &shared_for_thread);
+        let _slot = Slot {
+            count: &shared_for_thread.connections.0,
+            slots: &shared_for_thread.slots,
+            id: slot,
+        };
+        serve_connection(stream, peer, slot, &shared_for_thread);
     });
     match spawned {
         Ok(t) => Some(t),
         Err(e) => {
             count.fetch_sub(1, Ordering::AcqRel);
+            shared.slots.release(slot);
             tracing::warn!(%peer, "{}: cannot start a connection thread: {e}", options.name);
             None
         }
     }
 }
 
-/// A counted connection; the count goes down however its thread ends.
-struct Slot<'a>(&'a AtomicUsize);
+/// A counted connection; the count goes down and its slot is freed
+/// however its thread ends.
+struct Slot<'a> {
+    count: &'a AtomicUsize,
+    slots: &'a Slots,
+    id: SlotId,
+}
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.slots.release(self.id);
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-fn serve_connection(mut conn: Conn, peer: SocketAddr, shared: &Shared) {
+/// Sets up the connection (TLS handshake and identity, if any), then
+/// serves its requests.
+fn serve_connection(stream: TcpStream, peer: SocketAddr, slot: SlotId, shared: &Shared) {
+    let options = &shared.options;
+    let limits = options.limits;
+    let conn = match &options.secure {
+        None => Conn::new(stream, limits).map(|mut c| {
+            c.set_idle(limits.unauthenticated_idle);
+            c
+        }),
+        Some(secure) => {
+            let deadline = Instant::now() + limits.handshake_time;
+            match secure.accept(stream, deadline) {
+                Ok((transport, identity)) => {
+                    if !shared.slots.authenticate(slot, &identity) {
+                        tracing::warn!(%peer, %identity, "{}: too many connections of {identity}; refusing one", options.name);
+                        return;
+                    }
+                    Conn::over(transport, limits, Some(identity))
+                }
+                Err(reason) => {
+                    tracing::warn!(%peer, "{}: refused an unauthenticated connection: {reason}", options.name);
+                    return;
+                }
+            }
+        }
+    };
+    match conn {
+        Ok(conn) => serve_requests(conn, peer, slot, shared),
+        Err(e) => tracing::debug!(%peer, "{}: cannot set up the connection: {e}", options.name),
+    }
+}
+
+fn serve_requests(mut conn: Conn, peer: SocketAddr, slot: SlotId, shared: &Shared) {
     loop {
         match conn.next(&shared.stop) {
             Next::Request(request) => {
                 let close = request.close;
+                shared.slots.busy(slot, true);
                 let answer = shared.handler.handle(request, peer);
-                let close = close || shared.stop.load(Ordering::Acquire);
+                shared.slots.busy(slot, false);
+                let mut close = close || shared.stop.load(Ordering::Acquire);
+                if let Some(identity) = &answer.authenticated {
+                    if shared.slots.authenticate(slot, identity) {
+                        conn.set_idle(shared.options.limits.idle);
+                    } else {
+                        close = true;
+                    }
+                }
                 if conn.answer(&answer, close).is_err() || close {
                     return;
                 }

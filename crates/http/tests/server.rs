@@ -57,6 +57,16 @@ impl Handler for Echo {
     fn handle(&self, request: Request, _peer: SocketAddr) -> Response {
         match request.path.as_str() {
             "/echo" => Response::new(200, "text/plain", request.body),
+            // Answered to anyone; a request with the token marks its
+            // connection authenticated (as the agent's API does).
+            "/token" => {
+                let answer = Response::new(200, "text/plain", "ok");
+                if request.header("Authorization") == Some("Bearer secret") {
+                    answer.authenticated_as("token")
+                } else {
+                    answer
+                }
+            }
             "/hold" => {
                 let mut hold = self.hold.lock().unwrap();
                 hold.held += 1;
@@ -229,4 +239,67 @@ fn stopping_closes_idle_connections_promptly() {
         0,
         "the idle connection was not closed"
     );
+}
+
+fn token_request(s: &mut TcpStream) -> (u16, String) {
+    s.write_all(b"GET /token HTTP/1.1\r\nAuthorization: Bearer secret\r\n\r\n")
+        .unwrap();
+    read_answer(s)
+}
+
+#[test]
+fn idle_strangers_cannot_lock_out_a_client_with_the_token() {
+    let server = start(Limits {
+        max_unauthenticated: 8,
+        max_connections: 32,
+        ..Limits::default()
+    });
+    let mut known = connect(server.addr);
+    assert_eq!(token_request(&mut known).0, 200);
+    // 100 idle connections that never send a byte.
+    let idle: Vec<TcpStream> = (0..100).map(|_| connect(server.addr)).collect();
+    wait_until(
+        TIMEOUT,
+        "the server to hold the strangers it has room for",
+        || server.connections.open() <= 8 + 1,
+    );
+    // The authenticated connection kept its slot...
+    assert_eq!(token_request(&mut known).0, 200);
+    // ...and a new client with the token is answered at once.
+    let t = Instant::now();
+    let mut fresh = connect(server.addr);
+    assert_eq!(token_request(&mut fresh).0, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The oldest strangers were closed to make room.
+    let mut first = idle.into_iter().next().unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(first.read(&mut byte).unwrap_or(0), 0);
+}
+
+#[test]
+fn a_stranger_idles_briefly_a_token_holder_long() {
+    let server = start(Limits {
+        unauthenticated_idle: Duration::from_millis(300),
+        idle: Duration::from_secs(60),
+        ..Limits::default()
+    });
+    let mut stranger = connect(server.addr);
+    let mut known = connect(server.addr);
+    assert_eq!(token_request(&mut known).0, 200);
+    let t = Instant::now();
+    let mut byte = [0u8; 1];
+    assert_eq!(stranger.read(&mut byte).unwrap_or(0), 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    // Well past the strangers' idle time, the token holder's connection
+    // still serves (the wait is what is tested: idling).
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(token_request(&mut known).0, 200);
 }

@@ -52,6 +52,8 @@ enum Command {
         /// Directory for the witness's state
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        tls: cmd::witness::TlsArgs,
     },
     /// Run the local multi-site demonstration: a witness and three sites on
     /// loopback, failover after SIGKILL, resync, migration home, summary
@@ -205,7 +207,11 @@ fn main() -> ExitCode {
     init_logging();
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
-        Command::Witness { listen, data_dir } => cmd::witness::run(&listen, &data_dir),
+        Command::Witness {
+            listen,
+            data_dir,
+            tls,
+        } => cmd::witness::run(&listen, &data_dir, &tls),
         Command::Demo { keep, vm } => cmd::demo::run(keep, vm),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
         Command::Vms { config, json } => cmd::vms::run(&config.path(), json),

@@ -744,6 +744,25 @@ fn metrics_need_the_api_token_by_default() {
 }
 
 #[test]
+fn idle_connections_do_not_lock_the_api_out() {
+    let (mut site, mut good) = started();
+    api_token(&site);
+    // 100 connections that never send a byte (no token either).
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(api_addr(&site)).expect("connect"))
+        .collect();
+    let t = std::time::Instant::now();
+    api_status_ok(&site);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "status took {:?} behind 100 idle connections",
+        t.elapsed()
+    );
+    drop(idle);
+    finish(&mut site, &mut good);
+}
+
+#[test]
 fn api_requests_with_huge_or_oversize_bodies_get_4xx_and_the_agent_keeps_serving() {
     let (mut site, mut good) = started();
     let token = api_token(&site);

@@ -185,6 +185,7 @@ fn losing_the_primary_promotes_by_priority_and_the_old_primary_rejoins_then_migr
     assert!(!c.site("chicago").data_dir.join("rollback").exists());
     assert!(hooks.path().join("demoted-chicago-2").exists());
     assert!(hooks.path().join("promoted-ny-3").exists());
+    witness.assert_no_refusals();
     drop(witness);
 }
 
@@ -360,6 +361,7 @@ fn manual_failover_is_refused_while_the_owner_is_healthy_and_forced_otherwise() 
         || group(&c, "seattle")["role"] == "primary",
     );
     qemu_io(&c.uri("seattle", VOLUME), &["write -P 0x74 2M 4k", "flush"]);
+    witness.assert_no_refusals();
 }
 
 #[test]
@@ -390,6 +392,7 @@ fn a_forced_failover_to_a_site_that_cannot_take_over_is_refused_and_the_owner_ke
         (Some("primary"), Some(1))
     );
     qemu_io(&c.uri("ny", VOLUME), &["write -P 0x82 1M 4k", "flush"]);
+    witness.assert_no_refusals();
 }
 
 #[test]
@@ -420,6 +423,7 @@ fn a_failing_on_promote_hands_the_group_to_the_next_site_when_configured() {
         &c.uri("seattle", VOLUME),
         &["read -P 0x81 0 1M", "write -P 0x82 1M 4k"],
     );
+    witness.assert_no_refusals();
 }
 
 #[test]
@@ -483,4 +487,5 @@ fn an_owner_restarted_within_its_lease_keeps_the_group_and_its_epoch() {
     );
     assert_eq!(group(&c, "chicago")["role"], "replica");
     assert!(c.site("ny").log().matches("ownership claimed").count() <= 1);
+    witness.assert_no_refusals();
 }

@@ -874,6 +874,14 @@ impl Harness {
                 format!("{}:7460", Net::addr(WITNESS)),
                 "--data-dir".into(),
                 dir.path().join("witness").display().to_string(),
+                // HTTPS with the witness's certificate from the same
+                // `certs create`: the sites prove their names to it.
+                "--ca".into(),
+                pki.join("ca.pem").display().to_string(),
+                "--cert".into(),
+                pki.join("witness.pem").display().to_string(),
+                "--key".into(),
+                pki.join("witness.key").display().to_string(),
             ],
             log: dir.path().join("witness.log"),
             child: None,

@@ -18,10 +18,14 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 /// Common name of a generated CA, followed by an id from its key.
 pub const CA_NAME: &str = "Tandem CA";
+/// File name of the witness's certificate in the output directory.
+pub const WITNESS_CERT: &str = "witness.pem";
+/// File name of the witness's private key in the output directory.
+pub const WITNESS_KEY: &str = "witness.key";
 
 const DAY: u64 = 24 * 3600;
 /// Site certificates are valid for 10 years.
-const SITE_VALIDITY: Duration = Duration::from_secs(10 * 365 * DAY + 3 * DAY);
+pub(crate) const SITE_VALIDITY: Duration = Duration::from_secs(10 * 365 * DAY + 3 * DAY);
 /// The CA is valid for 20 years.
 const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * DAY + 5 * DAY);
 /// Certificates are valid from an hour before their creation, so a peer
@@ -60,8 +64,10 @@ pub fn check_site_name(name: &str) -> Result<(), TlsError> {
     }
 }
 
-/// Creates `DIR/ca.pem`, `DIR/ca.key`, and for each site `DIR/<site>.pem`,
-/// `DIR/<site>.key`.
+/// Creates `DIR/ca.pem`, `DIR/ca.key`, for each site `DIR/<site>.pem`,
+/// `DIR/<site>.key`, and the witness's `DIR/witness.pem`, `DIR/witness.key`
+/// (SAN `DNS:witness`, for TLS server authentication only: it cannot act
+/// as a site).
 ///
 /// Keys are written with mode 0600; an existing file is never overwritten
 /// (the error names it, and nothing is written). Site certificates are
@@ -90,6 +96,12 @@ pub fn create(out: &Path, sites: &[String]) -> Result<Vec<PathBuf>, TlsError> {
                 reason: "\"ca\" is reserved for the CA's own files".to_owned(),
             });
         }
+        if site == crate::https::WITNESS_NAME {
+            return Err(TlsError::InvalidSiteName {
+                name: site.clone(),
+                reason: "\"witness\" is reserved for the witness's certificate".to_owned(),
+            });
+        }
     }
 
     // Plan every file, and refuse before generating or writing anything.
@@ -99,6 +111,8 @@ pub fn create(out: &Path, sites: &[String]) -> Result<Vec<PathBuf>, TlsError> {
         files.push((out.join(format!("{site}.pem")), false));
         files.push((out.join(format!("{site}.key")), true));
     }
+    files.push((out.join(WITNESS_CERT), false));
+    files.push((out.join(WITNESS_KEY), true));
     for (path, _) in &files {
         if fs::symlink_metadata(path).is_ok() {
             return Err(TlsError::Exists { path: path.clone() });
@@ -120,6 +134,9 @@ pub fn create(out: &Path, sites: &[String]) -> Result<Vec<PathBuf>, TlsError> {
         contents.push(cert);
         contents.push(key);
     }
+    let (cert, key) = crate::https::witness_cert(now, &issuer)?;
+    contents.push(cert);
+    contents.push(key);
 
     fs::create_dir_all(out).map_err(|source| TlsError::Write {
         path: out.to_path_buf(),
@@ -149,13 +166,13 @@ fn now() -> Duration {
 /// Sets the validity of `params` to `[now - BACKDATE, now + validity]`
 /// (rcgen's date type is built from the epoch, so the `time` crate need not
 /// be named here).
-fn set_validity(params: &mut CertificateParams, now: Duration, validity: Duration) {
+pub(crate) fn set_validity(params: &mut CertificateParams, now: Duration, validity: Duration) {
     let epoch = rcgen::date_time_ymd(1970, 1, 1);
     params.not_before = epoch + now.saturating_sub(BACKDATE);
     params.not_after = epoch + now + validity;
 }
 
-fn new_key(what: &str) -> Result<KeyPair, TlsError> {
+pub(crate) fn new_key(what: &str) -> Result<KeyPair, TlsError> {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| TlsError::Generate {
         what: what.to_owned(),
         reason: e.to_string(),

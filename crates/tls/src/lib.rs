@@ -16,6 +16,7 @@
 
 pub mod certs;
 mod error;
+pub mod https;
 mod identity;
 mod split;
 mod stream;

@@ -75,7 +75,9 @@ fn create_writes_files_that_load() {
             "chicago.pem",
             "chicago.key",
             "seattle.pem",
-            "seattle.key"
+            "seattle.key",
+            "witness.pem",
+            "witness.key"
         ]
     );
     #[cfg(unix)]
@@ -136,6 +138,7 @@ fn create_checks_site_names() {
         "10.0.0.1",
         "a/b",
         "ca",
+        "witness",
         &"x".repeat(65),
     ] {
         let err = certs::create(dir.path(), &sites(&[bad])).unwrap_err();
@@ -476,4 +479,31 @@ fn keys_readable_by_others_still_load() {
         .unwrap();
     }
     assert_eq!(load(dir.path(), "ny").site(), "ny");
+}
+
+#[test]
+fn the_witness_certificate_serves_the_witness_and_cannot_act_as_a_site() {
+    let dir = pki(&["ny"]);
+    let p = dir.path();
+    tandem_tls::https::WitnessTls::load(
+        &p.join("ca.pem"),
+        &p.join("witness.pem"),
+        &p.join("witness.key"),
+    )
+    .unwrap();
+    // Server authentication only: not a client (site) certificate.
+    assert!(TlsIdentity::load(
+        &p.join("ca.pem"),
+        &p.join("witness.pem"),
+        &p.join("witness.key")
+    )
+    .is_err());
+    // A site's certificate does not name the witness.
+    let err = tandem_tls::https::WitnessTls::load(
+        &p.join("ca.pem"),
+        &p.join("ny.pem"),
+        &p.join("ny.key"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("witness"), "{err}");
 }

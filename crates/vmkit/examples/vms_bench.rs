@@ -331,6 +331,7 @@ impl Witness {
         let child = Command::new(tandem)
             .args(["witness", "--listen", &addr, "--data-dir"])
             .arg(dir.join("witness"))
+            .args(["--tls", "off"])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(err("log"))?)

@@ -94,10 +94,18 @@ fn connect(shared: &Shared) -> Result<Arc<dyn Store>, AgentError> {
             &c.endpoints,
             timeout,
         )?),
-        CoordinatorKind::Witness => Arc::new(tandem_coordinator::witness::WitnessClient::new(
-            &c.endpoints,
-            timeout,
-        )?),
+        // The site's own certificate proves who it is to the witness;
+        // with TLS off (loopback only) it names itself in a header.
+        CoordinatorKind::Witness => Arc::new(match &shared.tls {
+            Some(identity) => {
+                tandem_coordinator::witness::WitnessClient::tls(&c.endpoints, identity, timeout)?
+            }
+            None => tandem_coordinator::witness::WitnessClient::plain(
+                &c.endpoints,
+                &shared.site,
+                timeout,
+            )?,
+        }),
         CoordinatorKind::None => return Err(AgentError::NoCoordinator),
     })
 }

@@ -13,6 +13,7 @@
 
 mod client;
 pub mod persist;
+pub mod policy;
 mod server;
 pub mod wire;
 
@@ -20,7 +21,10 @@ use std::path::PathBuf;
 
 pub use client::WitnessClient;
 pub use persist::{LOCK_FILE, STATE_FILE};
-pub use server::{serve, serve_with, WitnessHandle, MAX_TTL_MS, MAX_WAIT};
+pub use server::{
+    serve, serve_options, serve_with, ServeOptions, WitnessHandle, MAX_TTL_MS, MAX_WAIT,
+    SITE_HEADER,
+};
 pub use tandem_http::Limits;
 
 /// Why a witness could not start, or a client could not be set up.
@@ -48,6 +52,13 @@ pub enum WitnessError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(
+        "witness: plain HTTP (--tls off) is accepted only on a loopback address, not {addr}: \
+         give the witness its certificate (see docs/WITNESS.md)"
+    )]
+    PlainNotLoopback { addr: String },
+    #[error("witness: {0}")]
+    Tls(#[from] tandem_tls::TlsError),
     #[error("witness endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
 }

@@ -258,6 +258,7 @@ mod tests {
                 mod_revision: 3,
                 create_revision: 2,
                 lease,
+                by: String::new(),
             },
         );
         state

@@ -17,13 +17,22 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use tandem_http::{shorten, Handler, Limits, Options, Problem, Refusal, Request, Response};
+use tandem_http::{
+    shorten, Handler, Limits, Options, Problem, Refusal, Request, Response, Secure, Transport,
+};
+use tandem_tls::https::{ServerStream, WitnessTls};
 
 use super::persist::DataDir;
+use super::policy::{self, Action};
 use super::wire::{self, ErrorCode, ErrorReply};
 use super::WitnessError;
+use crate::keys::OwnerRecord;
 use crate::memory::{MemStore, Persist, PersistError, RealClock, State};
 use crate::{Compare, Op, Store, StoreError};
+
+/// The header naming the site of a plain-HTTP request (TLS off, loopback
+/// only); with TLS the site is the one in the client certificate.
+pub const SITE_HEADER: &str = "Tandem-Site";
 
 /// The longest a `/v1/wait` is held before it is answered.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
@@ -49,6 +58,19 @@ struct Shared {
     data: Arc<Mutex<Option<DataDir>>>,
     /// `/v1/wait` requests being held now (observability).
     waiting: AtomicUsize,
+    /// Sites are known by their certificates (else by [`SITE_HEADER`]).
+    tls: bool,
+    policy: policy::Limits,
+}
+
+/// How a witness serves.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// HTTPS with the sites' client certificates; `None` is plain HTTP,
+    /// accepted only on a loopback address.
+    pub tls: Option<WitnessTls>,
+    pub limits: Limits,
+    pub policy: policy::Limits,
 }
 
 impl Shared {
@@ -83,7 +105,32 @@ pub fn serve_with(
     stop: Arc<AtomicBool>,
     limits: Limits,
 ) -> Result<WitnessHandle, WitnessError> {
-    let (data, state) = DataDir::open(data_dir)?;
+    serve_options(
+        listen,
+        data_dir,
+        stop,
+        ServeOptions {
+            limits,
+            ..ServeOptions::default()
+        },
+    )
+}
+
+/// A witness with every option: TLS, connection limits, the policy's
+/// limits. Plain HTTP is refused on an address that is not loopback.
+pub fn serve_options(
+    listen: &str,
+    data_dir: &Path,
+    stop: Arc<AtomicBool>,
+    options: ServeOptions,
+) -> Result<WitnessHandle, WitnessError> {
+    let ServeOptions {
+        tls,
+        limits,
+        policy,
+    } = options;
+    let (data, mut state) = DataDir::open(data_dir)?;
+    remember_epoch_holders(&mut state);
     let witness_id = data.witness_id().to_owned();
     let listen_err = |source| WitnessError::Listen {
         addr: listen.to_owned(),
@@ -91,8 +138,14 @@ pub fn serve_with(
     };
     let listener = TcpListener::bind(listen).map_err(listen_err)?;
     let addr = listener.local_addr().map_err(listen_err)?;
+    if tls.is_none() && !addr.ip().is_loopback() {
+        return Err(WitnessError::PlainNotLoopback {
+            addr: listen.to_owned(),
+        });
+    }
     tracing::info!(
         %addr,
+        tls = tls.is_some(),
         data_dir = %data_dir.display(),
         revision = state.revision,
         leases = state.leases.len(),
@@ -110,12 +163,15 @@ pub fn serve_with(
         failure,
         data,
         waiting: AtomicUsize::new(0),
+        tls: tls.is_some(),
+        policy,
     });
     let options = Options {
         name: "witness".into(),
         limits,
         stack_size: Some(CONN_STACK),
         drain: DRAIN,
+        secure: tls.map(|t| Arc::new(Https(t)) as Arc<dyn Secure>),
     };
     let handler: Arc<dyn Handler> = Arc::<Shared>::clone(&shared);
     let accept = tandem_http::spawn(listener, options, Arc::clone(&shared.stop), handler).map_err(
@@ -223,13 +279,87 @@ fn persister(
     })
 }
 
+/// A witness started before sites had identities kept no epoch holders:
+/// the site named in each group's owner record holds its epoch.
+fn remember_epoch_holders(state: &mut State) {
+    let owners: Vec<(String, String)> = state
+        .keys
+        .iter()
+        .filter_map(|(key, k)| {
+            let policy::KeyKind::Owner { group } = policy::parse_key(key)? else {
+                return None;
+            };
+            let owner: OwnerRecord = serde_json::from_slice(&k.value).ok()?;
+            Some((format!("{group}epoch"), owner.site))
+        })
+        .collect();
+    for (epoch_key, site) in owners {
+        state.epoch_holders.entry(epoch_key).or_insert(site);
+    }
+}
+
+/// The witness's TLS for the HTTP server.
+#[derive(Debug)]
+struct Https(WitnessTls);
+
+/// An accepted HTTPS connection.
+struct TlsConn(ServerStream);
+
+impl std::io::Read for TlsConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for TlsConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Transport for TlsConn {
+    fn tcp(&self) -> &std::net::TcpStream {
+        &self.0.sock
+    }
+}
+
+impl Secure for Https {
+    fn accept(
+        &self,
+        tcp: std::net::TcpStream,
+        deadline: Instant,
+    ) -> Result<(Box<dyn Transport>, String), String> {
+        let (stream, site) = self.0.accept(tcp, deadline).map_err(|e| e.to_string())?;
+        Ok((Box::new(TlsConn(stream)), site))
+    }
+}
+
 impl Handler for Shared {
     fn handle(&self, request: Request, peer: SocketAddr) -> Response {
-        let answer = route(self, &request);
-        if answer.status >= 400 {
-            tracing::debug!(%peer, path = %request.path, status = answer.status, body = %answer.body, "witness: refused");
+        let site = match self.site(&request) {
+            Ok(site) => site,
+            Err(answer) => {
+                tracing::warn!(%peer, path = %request.path, "witness: refused: {}", answer.body);
+                return self.response(answer);
+            }
+        };
+        let answer = route(self, &request, &site);
+        if matches!(answer.status, 403 | 409 | 413) {
+            tracing::warn!(%site, %peer, path = %request.path, status = answer.status, "witness: refused: {}", answer.body);
+        } else if answer.status >= 400 {
+            tracing::debug!(%site, %peer, path = %request.path, status = answer.status, body = %answer.body, "witness: refused");
         }
-        self.response(answer)
+        let response = self.response(answer);
+        if self.tls || site.is_empty() {
+            response
+        } else {
+            // Plain HTTP (loopback): a request naming its site keeps its
+            // connection slot.
+            response.authenticated_as(&site)
+        }
     }
 
     fn refused(&self, refusal: &Refusal) -> Response {
@@ -245,6 +375,29 @@ impl Handler for Shared {
 }
 
 impl Shared {
+    /// The site a request acts for: its certificate's name, or with TLS
+    /// off its [`SITE_HEADER`]. Health needs none.
+    fn site(&self, request: &Request) -> Result<String, Answer> {
+        if let Some(site) = &request.identity {
+            return Ok(site.clone());
+        }
+        if self.tls {
+            return Err(error(ErrorCode::NoIdentity, "no client certificate"));
+        }
+        match request.header(SITE_HEADER) {
+            Some(site) if tandem_tls::certs::check_site_name(site).is_ok() => Ok(site.to_owned()),
+            Some(site) => Err(error(
+                ErrorCode::NoIdentity,
+                format!("{SITE_HEADER}: {} is not a site name", shorten(site)),
+            )),
+            None if request.path == wire::HEALTH => Ok(String::new()),
+            None => Err(error(
+                ErrorCode::NoIdentity,
+                format!("a request names its site in the {SITE_HEADER} header"),
+            )),
+        }
+    }
+
     /// Every answer is JSON and names the witness.
     fn response(&self, answer: Answer) -> Response {
         Response::json(answer.status, answer.body)
@@ -260,15 +413,15 @@ struct Answer {
 }
 
 /// Answers one request.
-fn route(shared: &Shared, request: &Request) -> Answer {
+fn route(shared: &Shared, request: &Request, site: &str) -> Answer {
     let post = request.method == "POST";
     let answer = match request.path.as_str() {
-        wire::GRANT if post => call(shared, request, grant),
-        wire::KEEPALIVE if post => call(shared, request, keep_alive),
-        wire::REVOKE if post => call(shared, request, revoke),
-        wire::RANGE if post => call(shared, request, range),
-        wire::TXN if post => call(shared, request, txn),
-        wire::WAIT if post => call(shared, request, wait),
+        wire::GRANT if post => call(shared, request, site, grant),
+        wire::KEEPALIVE if post => call(shared, request, site, keep_alive),
+        wire::REVOKE if post => call(shared, request, site, revoke),
+        wire::RANGE if post => call(shared, request, site, range),
+        wire::TXN if post => call(shared, request, site, txn),
+        wire::WAIT if post => call(shared, request, site, wait),
         wire::HEALTH if request.method == "GET" => call_health(shared),
         wire::GRANT | wire::KEEPALIVE | wire::REVOKE | wire::RANGE | wire::TXN | wire::WAIT => {
             error(
@@ -290,12 +443,14 @@ fn route(shared: &Shared, request: &Request) -> Answer {
     }
 }
 
-type Endpoint<Q, A> = fn(&Shared, Q) -> Result<A, Answer>;
+type Endpoint<Q, A> = fn(&Shared, &str, Q) -> Result<A, Answer>;
 
-/// Parses the body as `Q`, runs `handler`, and renders its answer.
+/// Parses the body as `Q`, runs `handler` for `site`, and renders its
+/// answer.
 fn call<Q: DeserializeOwned, A: Serialize>(
     shared: &Shared,
     request: &Request,
+    site: &str,
     handler: Endpoint<Q, A>,
 ) -> Answer {
     if let Some(reason) = shared.failure() {
@@ -310,7 +465,7 @@ fn call<Q: DeserializeOwned, A: Serialize>(
             )
         }
     };
-    match handler(shared, query) {
+    match handler(shared, site, query) {
         Ok(reply) => ok(&reply),
         Err(answer) => answer,
     }
@@ -330,7 +485,7 @@ fn call_health(shared: &Shared) -> Answer {
     }
 }
 
-fn grant(shared: &Shared, q: wire::GrantRequest) -> Result<wire::GrantReply, Answer> {
+fn grant(shared: &Shared, site: &str, q: wire::GrantRequest) -> Result<wire::GrantReply, Answer> {
     if q.ttl_ms == 0 || q.ttl_ms > MAX_TTL_MS {
         return Err(error(
             ErrorCode::BadRequest,
@@ -339,35 +494,64 @@ fn grant(shared: &Shared, q: wire::GrantRequest) -> Result<wire::GrantReply, Ans
     }
     let id = shared
         .store
-        .grant(Duration::from_millis(q.ttl_ms))
-        .map_err(store_error)?;
+        .grant_to(Duration::from_millis(q.ttl_ms), site, |s| {
+            policy::check(site, s, &Action::Grant, &shared.policy).map(|_| ())
+        })
+        .map_err(store_error)?
+        .map_err(refused)?;
     Ok(wire::GrantReply {
         id,
         ttl_ms: q.ttl_ms,
     })
 }
 
-fn keep_alive(shared: &Shared, q: wire::LeaseRequest) -> Result<wire::KeepAliveReply, Answer> {
-    let ttl = shared.store.keep_alive(q.id).map_err(store_error)?;
+fn keep_alive(
+    shared: &Shared,
+    site: &str,
+    q: wire::LeaseRequest,
+) -> Result<wire::KeepAliveReply, Answer> {
+    let ttl = shared
+        .store
+        .keep_alive_checked(q.id, |s| {
+            policy::check(site, s, &Action::KeepAlive(q.id), &shared.policy).map(|_| ())
+        })
+        .map_err(store_error)?
+        .map_err(refused)?;
     Ok(wire::KeepAliveReply {
         ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
     })
 }
 
-fn revoke(shared: &Shared, q: wire::LeaseRequest) -> Result<wire::Empty, Answer> {
-    shared.store.revoke(q.id).map_err(store_error)?;
+fn revoke(shared: &Shared, site: &str, q: wire::LeaseRequest) -> Result<wire::Empty, Answer> {
+    shared
+        .store
+        .revoke_checked(q.id, |s| {
+            policy::check(site, s, &Action::Revoke(q.id), &shared.policy).map(|_| ())
+        })
+        .map_err(store_error)?
+        .map_err(refused)?;
     Ok(wire::Empty {})
 }
 
-fn range(shared: &Shared, q: wire::RangeRequest) -> Result<wire::RangeReply, Answer> {
+fn range(shared: &Shared, _site: &str, q: wire::RangeRequest) -> Result<wire::RangeReply, Answer> {
     let snapshot = shared.store.range(&q.prefix).map_err(store_error)?;
     Ok(snapshot.into())
 }
 
-fn txn(shared: &Shared, q: wire::TxnRequest) -> Result<wire::TxnReply, Answer> {
+fn txn(shared: &Shared, site: &str, q: wire::TxnRequest) -> Result<wire::TxnReply, Answer> {
     let compares: Vec<Compare> = q.compares.into_iter().map(Compare::from).collect();
     let ops: Vec<Op> = q.ops.into_iter().map(Op::from).collect();
-    let (succeeded, revision) = shared.store.txn(&compares, &ops).map_err(store_error)?;
+    let action = Action::Txn {
+        compares: &compares,
+        ops: &ops,
+    };
+    let (succeeded, revision) = shared
+        .store
+        .txn_checked(&compares, &ops, site, |s| {
+            policy::check(site, s, &action, &shared.policy)
+        })
+        .map_err(store_error)?
+        .map_err(refused)?;
     Ok(wire::TxnReply {
         succeeded,
         revision,
@@ -376,7 +560,7 @@ fn txn(shared: &Shared, q: wire::TxnRequest) -> Result<wire::TxnReply, Answer> {
 
 /// Holds the request until the store's revision passes `after_revision`,
 /// the (capped) timeout runs out, or the witness stops.
-fn wait(shared: &Shared, q: wire::WaitRequest) -> Result<wire::WaitReply, Answer> {
+fn wait(shared: &Shared, _site: &str, q: wire::WaitRequest) -> Result<wire::WaitReply, Answer> {
     shared.waiting.fetch_add(1, Ordering::AcqRel);
     let _held = Held(&shared.waiting);
     let until = Instant::now() + Duration::from_millis(q.timeout_ms).min(MAX_WAIT);
@@ -401,6 +585,27 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The policy's refusal as an answer (403, 409 or 413 with its code).
+fn refused(r: policy::Refusal) -> Answer {
+    use policy::Refusal as R;
+    let code = match &r {
+        R::NotYourLease { .. } => ErrorCode::NotYourLease,
+        R::UnknownKey { .. } => ErrorCode::UnknownKey,
+        R::NotYourKey { .. } => ErrorCode::NotYourKey,
+        R::BadValue { .. } => ErrorCode::BadValue,
+        R::OwnerNotCaller { .. } => ErrorCode::OwnerNotCaller,
+        R::NotOwner { .. } => ErrorCode::NotOwner,
+        R::EpochNotNext { .. } => ErrorCode::EpochNotNext,
+        R::EpochExhausted { .. } => ErrorCode::EpochExhausted,
+        R::EpochKey { .. } => ErrorCode::EpochKey,
+        R::Duplicate { .. } => ErrorCode::DuplicateKey,
+        R::TooLarge { .. } => ErrorCode::ValueTooLarge,
+        R::SiteQuota { .. } => ErrorCode::SiteQuota,
+        R::StoreFull { .. } => ErrorCode::StoreFull,
+    };
+    error(code, r.to_string())
 }
 
 fn store_error(e: StoreError) -> Answer {

@@ -172,6 +172,25 @@ pub enum ErrorCode {
     /// 503: the witness cannot serve now (stopping, too many connections,
     /// or its state could not be written and it must be restarted).
     Unavailable,
+    /// 403: a plain-HTTP request without a `Tandem-Site` header (TLS off).
+    NoIdentity,
+    /// 403: the witness's policy refuses (docs/WITNESS.md): another
+    /// site's lease, key or owner record, an epoch not the next one...
+    NotYourLease,
+    UnknownKey,
+    NotYourKey,
+    BadValue,
+    OwnerNotCaller,
+    NotOwner,
+    EpochNotNext,
+    EpochExhausted,
+    EpochKey,
+    DuplicateKey,
+    /// 413: a value, key or transaction over its limit.
+    ValueTooLarge,
+    /// 409: a site's or the whole store's quota would be exceeded.
+    SiteQuota,
+    StoreFull,
     /// Any code this client does not know.
     #[serde(other)]
     Other,
@@ -188,7 +207,26 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::HeadTooLarge => 431,
             ErrorCode::Unavailable => 503,
+            ErrorCode::ValueTooLarge => 413,
+            ErrorCode::SiteQuota | ErrorCode::StoreFull => 409,
+            ErrorCode::NoIdentity
+            | ErrorCode::NotYourLease
+            | ErrorCode::UnknownKey
+            | ErrorCode::NotYourKey
+            | ErrorCode::BadValue
+            | ErrorCode::OwnerNotCaller
+            | ErrorCode::NotOwner
+            | ErrorCode::EpochNotNext
+            | ErrorCode::EpochExhausted
+            | ErrorCode::EpochKey
+            | ErrorCode::DuplicateKey => 403,
         }
+    }
+
+    /// Whether the witness's policy refused the request (a site acting
+    /// beyond itself, or over a limit).
+    pub fn is_policy(self) -> bool {
+        matches!(self.status(), 403 | 409 | 413) && !matches!(self, ErrorCode::TooLarge)
     }
 }
 

@@ -4,8 +4,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
-/// Creates `DIR/ca.pem`, `DIR/ca.key` and `DIR/<site>.pem`, `DIR/<site>.key`
-/// for each site (never overwriting a file), then says what to copy where.
+/// Creates `DIR/ca.pem`, `DIR/ca.key`, `DIR/<site>.pem`, `DIR/<site>.key`
+/// for each site and the witness's `DIR/witness.pem`, `DIR/witness.key`
+/// (never overwriting a file), then says what to copy where.
 pub fn run(out: &Path, sites: &[String]) -> Result<()> {
     // The error names the file or site at fault.
     let written = tandem_tls::certs::create(out, sites)?;
@@ -23,6 +24,9 @@ pub fn run(out: &Path, sites: &[String]) -> Result<()> {
         println!("  cert = \"/etc/tandem/tls/{site}.pem\"");
         println!("  key = \"/etc/tandem/tls/{site}.key\"");
     }
+    println!();
+    println!("Copy to the witness ca.pem, witness.pem and witness.key (mode 0600), for");
+    println!("example into its --data-dir, where `tandem witness` looks for them.");
     println!();
     println!(
         "Keep {dir}/ca.key offline: it is only needed to issue certificates, \

@@ -565,6 +565,8 @@ impl Witness {
         let child = Command::new(TANDEM)
             .args(["witness", "--listen", &self.addr, "--data-dir"])
             .arg(&self.data_dir)
+            // The sites run with `[tls] mode = "off"` on loopback.
+            .args(["--tls", "off"])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -595,6 +597,21 @@ impl Witness {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The failover logic's own requests are never refused by the
+    /// witness's policy (docs/WITNESS.md): asserts its log has no refusal.
+    pub fn assert_no_refusals(&self) {
+        let log = self.log();
+        let refused: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("witness: refused:"))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "the witness refused a site:\n{}",
+            refused.join("\n")
+        );
     }
 }
 
