@@ -61,8 +61,10 @@ pub struct Agent {
     groups: Arc<Groups>,
     /// One group definition at a time (API or peer).
     defining: Arc<parking_lot::Mutex<()>>,
-    /// The agent-wide NBD server (the TCP listener).
+    /// The agent-wide NBD server.
     server: Arc<Server>,
+    /// The TCP listener's clients.
+    tcp: Arc<tandem_nbd::Scope>,
     threads: Vec<JoinHandle<()>>,
     peers: Option<replication::PeerListener>,
     api: Option<JoinHandle<()>>,
@@ -99,6 +101,10 @@ impl Agent {
             }
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let nbd = Server::new().map_err(|source| AgentError::Thread {
+            what: "start the NBD server".into(),
+            source,
+        })?;
         let bandwidth = bandwidth::Bandwidth::new(&config.peers, &config.site.name);
         let coordinated = config.coordinator.kind != tandem_config::CoordinatorKind::None;
         let shared = Arc::new(Shared {
@@ -112,6 +118,7 @@ impl Agent {
                 groups: parking_lot::RwLock::new(Vec::new()),
                 definer: parking_lot::RwLock::new(None),
             }),
+            nbd: Arc::clone(&nbd),
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
             coordinated,
             stop: Arc::clone(&stop),
@@ -125,7 +132,8 @@ impl Agent {
             shared: Arc::clone(&shared),
             groups: Arc::new(Groups::default()),
             defining: Arc::new(parking_lot::Mutex::new(())),
-            server: Server::new(),
+            tcp: nbd.scope(),
+            server: nbd,
             threads: Vec::new(),
             peers: None,
             api: None,
@@ -204,10 +212,11 @@ impl Agent {
                 source,
             })?;
             agent
-                .server
+                .tcp
                 .serve_tcp(
                     listener,
                     Arc::new(catalog::LiveExports(Arc::clone(&shared.tcp_exports))),
+                    tandem_nbd::ListenOptions::default(),
                 )
                 .map_err(|source| AgentError::Listen {
                     addr: addr.clone(),
@@ -261,9 +270,9 @@ impl Agent {
         if let Some(peers) = self.peers.take() {
             peers.stop();
         }
-        let left = self.server.shutdown(Duration::from_secs(5));
+        let left = self.tcp.shutdown(Duration::from_secs(5));
         if left > 0 {
-            let _ = self.server.shutdown(SHUTDOWN_GRACE);
+            let _ = self.tcp.shutdown(SHUTDOWN_GRACE);
         }
         let mut first_error = None;
         for rt in self.groups.all() {
@@ -275,6 +284,7 @@ impl Agent {
         if let Some(o) = self.ownership.take() {
             o.stop();
         }
+        self.server.stop();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
