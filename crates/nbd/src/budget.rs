@@ -2,7 +2,8 @@
 //!
 //! Every request is charged when its header is read: [`REQUEST_OVERHEAD`]
 //! bytes for any request (flushes and other zero-length requests
-//! included), plus its write payload while that is in memory, plus its
+//! included), plus twice its write payload while that is being applied
+//! (the payload, and the copy the change capture takes of it), plus its
 //! read reply until that reply has been written to the socket. A
 //! connection starts a new request only if [`admits`] says so, and only
 //! once the agent-wide [`Budget`] grants the bytes; until then its thread

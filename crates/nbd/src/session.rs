@@ -240,7 +240,9 @@ impl Transmission {
             let checked = tx::validate(&header, &self.session);
             let cost = REQUEST_OVERHEAD
                 + match &checked {
-                    Ok(Command::Write { len, .. }) => *len as usize,
+                    // The payload, and the copy the export may keep of
+                    // it while applying it (the change capture's record).
+                    Ok(Command::Write { len, .. }) => 2 * *len as usize,
                     Ok(Command::Read { len, .. }) => {
                         tx::read_reply_header_len(self.session.structured) + *len as usize
                     }
@@ -377,8 +379,9 @@ impl Transmission {
                     let payload = self.read_large_payload(len)?;
                     self.export.write(offset, &payload, fua)
                 };
-                // The payload is no longer held.
-                self.give_back(&mut charge, len);
+                // The payload (and any copy made while applying it) is no
+                // longer held by this request.
+                self.give_back(&mut charge, 2 * len);
                 self.complete(cookie, result, charge);
                 stats.record_write(len as u64, started);
             }
