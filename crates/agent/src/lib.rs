@@ -100,6 +100,7 @@ impl Agent {
                 Some(Arc::new(TlsIdentity::load(&ca, &cert, &key)?))
             }
         };
+        let tls_for_nbd = tls.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let nbd = Server::new().map_err(|source| AgentError::Thread {
             what: "start the NBD server".into(),
@@ -216,13 +217,19 @@ impl Agent {
                 .serve_tcp(
                     listener,
                     Arc::new(catalog::LiveExports(Arc::clone(&shared.tcp_exports))),
-                    tandem_nbd::ListenOptions::default(),
+                    nbd_listen_options(config, tls_for_nbd.as_deref()),
                 )
                 .map_err(|source| AgentError::Listen {
                     addr: addr.clone(),
                     source,
                 })?;
-            info!(%addr, "NBD also on TCP");
+            if config.site.nbd_tls {
+                info!(%addr, "NBD also on TCP, TLS required (STARTTLS, client certificates of the site CA)");
+            } else if config.site.nbd_insecure {
+                warn!(%addr, "NBD also on TCP WITHOUT TLS (site.nbd_insecure = true): anyone who reaches this address can read and write the disks");
+            } else {
+                info!(%addr, "NBD also on TCP");
+            }
         }
         Ok(agent)
     }
@@ -295,5 +302,16 @@ impl Agent {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// How the TCP NBD listener talks to clients: with `site.nbd_tls`, TLS is
+/// required (NBD_OPT_STARTTLS) and the client's certificate must be signed
+/// by the site CA.
+fn nbd_listen_options(config: &Config, tls: Option<&TlsIdentity>) -> tandem_nbd::ListenOptions {
+    tandem_nbd::ListenOptions {
+        tls: tls
+            .filter(|_| config.site.nbd_tls)
+            .map(TlsIdentity::server_config),
     }
 }

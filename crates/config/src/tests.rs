@@ -118,6 +118,8 @@ fn spec_example_parses() {
             listen: "0.0.0.0:7450".into(),
             api: "127.0.0.1:7451".into(),
             nbd_listen: None,
+            nbd_tls: false,
+            nbd_insecure: false,
         }
     );
     assert_eq!(c.tls.mode, TlsMode::On);
@@ -1577,4 +1579,51 @@ fn a_runtime_group_is_checked_against_the_sites_peers_and_groups() {
     let fine = "[[group]]\nname = \"db\"\nprimary = \"ny\"\nreplicas = [ { site = \"chicago\" } ]\nvolumes = [ { name = \"db\", size = \"1M\" } ]\n";
     assert_eq!(c.add_group(fine, path).unwrap().name, "db");
     assert_eq!(c.groups.len(), 2);
+}
+
+#[test]
+fn a_non_loopback_nbd_listener_needs_nbd_tls_or_nbd_insecure() {
+    let api = "api = \"127.0.0.1:7451\"";
+    let open = spec_with(api, &format!("{api}\nnbd_listen = \"0.0.0.0:10809\""));
+    check(
+        &open,
+        "nbd_listen",
+        "site.nbd_listen",
+        "Set nbd_tls = true (clients then need NBD STARTTLS",
+    );
+    let c = ok(&spec_with(
+        api,
+        &format!("{api}\nnbd_listen = \"0.0.0.0:10809\"\nnbd_tls = true"),
+    ));
+    assert!(c.site.nbd_tls && !c.site.nbd_insecure);
+    let c = ok(&spec_with(
+        api,
+        &format!("{api}\nnbd_listen = \"0.0.0.0:10809\"\nnbd_insecure = true"),
+    ));
+    assert!(c.site.nbd_insecure && !c.site.nbd_tls);
+    // Loopback needs neither.
+    let c = ok(&spec_with(
+        api,
+        &format!("{api}\nnbd_listen = \"127.0.0.1:10809\""),
+    ));
+    assert!(!c.site.nbd_tls && !c.site.nbd_insecure);
+    check(
+        &spec_with(
+            api,
+            &format!("{api}\nnbd_listen = \"0.0.0.0:10809\"\nnbd_tls = true\nnbd_insecure = true"),
+        ),
+        "nbd_tls",
+        "site.nbd_tls",
+        "contradict",
+    );
+    check(
+        &LOOPBACK.replacen(
+            "nbd_listen = \"[::1]:10809\"",
+            "nbd_listen = \"[::1]:10809\"\nnbd_tls = true",
+            1,
+        ),
+        "nbd_tls",
+        "site.nbd_tls",
+        "needs [tls] mode = \"on\"",
+    );
 }
