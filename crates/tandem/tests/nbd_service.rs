@@ -343,3 +343,146 @@ fn nbd_threads_do_not_grow_with_the_number_of_volumes() {
         "the agent runs {many} threads with 24 volumes, {few} with 2\n{log}"
     );
 }
+
+fn certs(dir: &Path, sites: &[&str]) {
+    run_ok(
+        std::process::Command::new(TANDEM)
+            .args(["certs", "create", "--out"])
+            .arg(dir)
+            .args(sites),
+        Duration::from_secs(30),
+    );
+}
+
+/// A qemu TLS credentials directory: the CA the client trusts and, if
+/// given, its certificate and key.
+fn qemu_creds(dir: &Path, ca: &Path, cert: Option<(&Path, &Path)>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(ca, dir.join("ca-cert.pem")).unwrap();
+    if let Some((cert, key)) = cert {
+        std::fs::copy(cert, dir.join("client-cert.pem")).unwrap();
+        std::fs::copy(key, dir.join("client-key.pem")).unwrap();
+    }
+}
+
+/// Runs qemu-io against the TCP listener with TLS credentials from `creds`
+/// (or none): (success, output).
+fn qemu_io_tls(port: u16, creds: Option<(&Path, bool)>, cmds: &[&str]) -> (bool, String) {
+    let mut c = std::process::Command::new(tool("qemu-io"));
+    match creds {
+        Some((dir, verify_server)) => {
+            c.arg("--object").arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client,verify-peer={}",
+                dir.display(),
+                if verify_server { "on" } else { "off" }
+            ));
+            c.arg("--image-opts").arg(format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},\
+                 export=a,tls-creds=tls0,tls-hostname=ny"
+            ));
+        }
+        None => {
+            c.args(["-f", "raw"]).arg(format!("nbd://127.0.0.1:{port}/a"));
+        }
+    }
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run_with_timeout(&mut c, Duration::from_secs(60));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("failed"), text)
+}
+
+#[test]
+fn nbd_tls_serves_only_clients_with_a_certificate_of_the_site_ca() {
+    let port = free_port();
+    let mut site = Site::with_extra(
+        &[vol("a", "16MiB")],
+        &format!("nbd_listen = \"127.0.0.1:{port}\"\nnbd_tls = true"),
+        "",
+    );
+    let pki = site.dir.path().join("pki");
+    let other = site.dir.path().join("other");
+    certs(&pki, &["ny", "client"]);
+    certs(&other, &["ny", "mallory"]);
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let tls = format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/ny.pem\"\nkey = \"{0}/ny.key\"",
+        pki.display()
+    );
+    std::fs::write(&site.config, text.replace("[tls]\nmode = \"off\"", &tls)).unwrap();
+    site.start();
+    wait_until(Duration::from_secs(20), "the TCP NBD listener", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+
+    // A client with a certificate of the site CA, checking the agent's.
+    let good = site.dir.path().join("q-good");
+    qemu_creds(
+        &good,
+        &pki.join("ca.pem"),
+        Some((&pki.join("client.pem"), &pki.join("client.key"))),
+    );
+    let (ok, out) = qemu_io_tls(
+        port,
+        Some((&good, true)),
+        &["write -P 0x3c 1M 64k", "flush", "read -P 0x3c 1M 64k"],
+    );
+    assert!(ok, "{out}");
+    let image = std::fs::read(site.image("a")).unwrap();
+    assert!(
+        image[1 << 20..(1 << 20) + (64 << 10)].iter().all(|b| *b == 0x3c),
+        "the write reached the volume"
+    );
+    let (ok, out) = qemu_io_tls(port, Some((&good, true)), &["read -P 0x3c 1M 64k"]);
+    assert!(ok, "a new TLS session reads the data back: {out}");
+
+    // Refused: no TLS at all, TLS without a certificate, and a
+    // certificate from another CA. None of them reads anything.
+    let (ok, out) = qemu_io_tls(port, None, &["read -P 0x3c 1M 64k"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("TLS is required"), "{out}");
+    let none = site.dir.path().join("q-none");
+    qemu_creds(&none, &pki.join("ca.pem"), None);
+    let (ok, out) = qemu_io_tls(port, Some((&none, false)), &["read -P 0x3c 1M 64k"]);
+    assert!(!ok, "{out}");
+    let stranger = site.dir.path().join("q-stranger");
+    qemu_creds(
+        &stranger,
+        &other.join("ca.pem"),
+        Some((&other.join("mallory.pem"), &other.join("mallory.key"))),
+    );
+    let (ok, out) = qemu_io_tls(port, Some((&stranger, false)), &["read -P 0x3c 1M 64k"]);
+    assert!(!ok, "{out}");
+    let log = site.log();
+    assert!(
+        log.matches("closing NBD connection: TLS handshake failed").count() >= 2,
+        "{log}"
+    );
+    assert!(log.contains("TLS required (STARTTLS"), "{log}");
+    assert!(site.is_running());
+}
+
+#[test]
+fn an_insecure_nbd_listener_is_announced_at_every_start() {
+    let port = free_port();
+    let mut site = Site::with_extra(
+        &[vol("a", "16MiB")],
+        &format!("nbd_listen = \"127.0.0.1:{port}\"\nnbd_insecure = true"),
+        "",
+    );
+    for start in 1..=2 {
+        site.start();
+        wait_until(Duration::from_secs(20), "the insecure listener's warning", || {
+            site.log()
+                .matches("NBD also on TCP WITHOUT TLS (site.nbd_insecure = true)")
+                .count()
+                == start
+        });
+        assert!(site.stop().success());
+    }
+}
