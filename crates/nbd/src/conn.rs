@@ -353,7 +353,11 @@ impl Conn {
     }
 
     /// Fills `buf`; `UnexpectedEof` if the stream ends first.
-    pub fn read_exact(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> Result<(), WaitError> {
+    pub fn read_exact(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), WaitError> {
         let mut at = 0;
         while at < buf.len() {
             match self.read(&mut buf[at..], deadline)? {

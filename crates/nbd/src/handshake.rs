@@ -171,7 +171,12 @@ impl<'a> Negotiation<'a> {
                 Tls::Off => reply(out, option, REP_ERR_UNSUP, b"TLS is not offered here"),
                 Tls::Started => reply(out, option, REP_ERR_INVALID, b"TLS is already running"),
                 Tls::Required if !data.is_empty() => {
-                    reply(out, option, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+                    reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STARTTLS takes no data",
+                    );
                 }
                 Tls::Required => {
                     reply(out, option, REP_ACK, &[]);

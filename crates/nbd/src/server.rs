@@ -383,9 +383,25 @@ impl Scope {
         let spawned = thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                scope.server.stats.connections.fetch_add(1, Ordering::Relaxed);
-                crate::session::serve(&scope, id, socket, mailbox, &peer, catalog.as_ref(), &options);
-                scope.server.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                scope
+                    .server
+                    .stats
+                    .connections
+                    .fetch_add(1, Ordering::Relaxed);
+                crate::session::serve(
+                    &scope,
+                    id,
+                    socket,
+                    mailbox,
+                    &peer,
+                    catalog.as_ref(),
+                    &options,
+                );
+                scope
+                    .server
+                    .stats
+                    .connections
+                    .fetch_sub(1, Ordering::Relaxed);
                 scope.forget(id);
             });
         if let Err(e) = spawned {

@@ -16,9 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tandem_testkit::wait_for;
 use tandem_nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
 use tandem_nbd::transmission::RequestHeader;
+use tandem_testkit::wait_for;
 
 /// The agent-wide NBD payload budget (docs/ARCHITECTURE.md).
 const AGENT_BUDGET: u64 = tandem_nbd::budget::AGENT_BUDGET as u64;
@@ -132,7 +132,10 @@ fn flood(socket: &Path, export: &str, stop: Arc<AtomicBool>) -> Arc<AtomicU64> {
     let mut client = Client::connect(socket, export);
     let counter = Arc::clone(&sent);
     thread::spawn(move || {
-        client.s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+        client
+            .s
+            .set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let payload = vec![0x5a; 4096];
         let mut i = 0u64;
         let mut pending: Vec<u8> = Vec::new();
@@ -169,14 +172,18 @@ fn flood(socket: &Path, export: &str, stop: Arc<AtomicBool>) -> Arc<AtomicU64> {
 /// (nothing more sent for a second).
 fn wait_stuck(sent: &AtomicU64) -> u64 {
     let mut last = (sent.load(Ordering::Relaxed), Instant::now());
-    wait_for(Duration::from_secs(60), "the agent to stop reading the flooding client", || {
-        let now = sent.load(Ordering::Relaxed);
-        if now != last.0 {
-            last = (now, Instant::now());
-            return None;
-        }
-        (last.1.elapsed() >= Duration::from_secs(1)).then_some(now)
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the agent to stop reading the flooding client",
+        || {
+            let now = sent.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, Instant::now());
+                return None;
+            }
+            (last.1.elapsed() >= Duration::from_secs(1)).then_some(now)
+        },
+    )
 }
 
 fn flush_count(site: &Site) -> u64 {
@@ -275,7 +282,10 @@ fn twelve_connections_of_32mib_writes_stay_under_the_memory_bound() {
             let socket = socket.clone();
             thread::spawn(move || {
                 let mut client = Client::connect(&socket, "a");
-                client.s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                client
+                    .s
+                    .set_read_timeout(Some(Duration::from_secs(120)))
+                    .unwrap();
                 let payload = pattern(c, 32 << 20);
                 for round in 0..3u64 {
                     let offset = ((c + round * 12) % 15) * (32 << 20);
@@ -382,7 +392,8 @@ fn qemu_io_tls(port: u16, creds: Option<(&Path, bool)>, cmds: &[&str]) -> (bool,
             ));
         }
         None => {
-            c.args(["-f", "raw"]).arg(format!("nbd://127.0.0.1:{port}/a"));
+            c.args(["-f", "raw"])
+                .arg(format!("nbd://127.0.0.1:{port}/a"));
         }
     }
     for cmd in cmds {
@@ -435,7 +446,9 @@ fn nbd_tls_serves_only_clients_with_a_certificate_of_the_site_ca() {
     assert!(ok, "{out}");
     let image = std::fs::read(site.image("a")).unwrap();
     assert!(
-        image[1 << 20..(1 << 20) + (64 << 10)].iter().all(|b| *b == 0x3c),
+        image[1 << 20..(1 << 20) + (64 << 10)]
+            .iter()
+            .all(|b| *b == 0x3c),
         "the write reached the volume"
     );
     let (ok, out) = qemu_io_tls(port, Some((&good, true)), &["read -P 0x3c 1M 64k"]);
@@ -460,7 +473,9 @@ fn nbd_tls_serves_only_clients_with_a_certificate_of_the_site_ca() {
     assert!(!ok, "{out}");
     let log = site.log();
     assert!(
-        log.matches("closing NBD connection: TLS handshake failed").count() >= 2,
+        log.matches("closing NBD connection: TLS handshake failed")
+            .count()
+            >= 2,
         "{log}"
     );
     assert!(log.contains("TLS required (STARTTLS"), "{log}");
@@ -477,12 +492,16 @@ fn an_insecure_nbd_listener_is_announced_at_every_start() {
     );
     for start in 1..=2 {
         site.start();
-        wait_until(Duration::from_secs(20), "the insecure listener's warning", || {
-            site.log()
-                .matches("NBD also on TCP WITHOUT TLS (site.nbd_insecure = true)")
-                .count()
-                == start
-        });
+        wait_until(
+            Duration::from_secs(20),
+            "the insecure listener's warning",
+            || {
+                site.log()
+                    .matches("NBD also on TCP WITHOUT TLS (site.nbd_insecure = true)")
+                    .count()
+                    == start
+            },
+        );
         assert!(site.stop().success());
     }
 }
