@@ -113,7 +113,8 @@ fn negotiate(
     catalog: &dyn Catalog,
     options: &ListenOptions,
 ) -> Result<Option<Agreement>, Ended> {
-    let deadline = Some(Instant::now() + HANDSHAKE_TIMEOUT);
+    let until = Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Some(until);
     conn.write_all(&handshake::greeting(), deadline)?;
     let mut flags = [0u8; 4];
     conn.read_exact(&mut flags, deadline)?;
@@ -149,7 +150,6 @@ fn negotiate(
                     .fd()
                     .try_clone_to_owned()
                     .map_err(|e| Ended::Wait(WaitError::Io(e)))?;
-                let until = deadline.unwrap_or_else(Instant::now);
                 let tls = TlsStream::accept(socket, config, until)
                     .map_err(|e| Ended::Protocol(ProtocolError::Tls(e)))?;
                 conn.transport = Transport::Tls(Box::new(tls));

@@ -4,6 +4,9 @@
 //! the agent's memory, it stops being read; large writes from many
 //! connections keep the agent under its documented memory bound; and the
 //! agent's thread count does not depend on how many volumes it serves.
+//! A TCP listener with `nbd_tls` serves only clients with a certificate of
+//! the site CA (qemu over STARTTLS).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -141,7 +144,7 @@ fn flood(socket: &Path, export: &str, stop: Arc<AtomicBool>) -> Arc<AtomicU64> {
         let mut pending: Vec<u8> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             if pending.is_empty() {
-                pending = if i % 2 == 0 {
+                pending = if i.is_multiple_of(2) {
                     let mut r = client.request(CMD_WRITE, (i % 512) * 4096, 4096);
                     r.extend_from_slice(&payload);
                     r
@@ -191,8 +194,7 @@ fn flush_count(site: &Site) -> u64 {
     assert_eq!(status, 200, "{body}");
     body.lines()
         .find_map(|l| l.strip_prefix("tandem_nbd_ops_total{op=\"flush\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
+        .and_then(|v| v.trim().parse::<u64>().ok())
         .expect("flush counter in /metrics")
 }
 
