@@ -297,6 +297,14 @@ impl Conn {
     /// longer than the reply timeout.
     pub fn wait(&mut self, read: bool, deadline: Option<Instant>) -> Result<(), WaitError> {
         self.send()?;
+        self.poll(read, deadline)
+    }
+
+    /// [`Conn::wait`] without sending first: for a caller that has just
+    /// sent (and so cleared the mailbox's signal) and then looked at
+    /// something a signal would announce (the budget), so that a signal
+    /// given since is not lost.
+    pub fn poll(&mut self, read: bool, deadline: Option<Instant>) -> Result<(), WaitError> {
         let writing = !self.broken && (!self.out.is_empty() || self.transport.pending());
         let mut until = deadline;
         if let (true, Some(since)) = (writing, self.stalled) {

@@ -263,22 +263,35 @@ impl Transmission {
     /// request of `cost` bytes, writing replies meanwhile.
     fn admit(&mut self, cost: usize) -> Result<Charge, Ended> {
         let budget = Arc::clone(&self.scope.server.budget);
+        if budget::admits(self.conn.charged, self.conn.requests, cost)
+            && budget.try_acquire(cost, &self.waker)
+        {
+            return Ok(self.charged(&budget, cost));
+        }
         loop {
-            if budget::admits(self.conn.charged, self.conn.requests, cost)
-                && budget.try_acquire(cost, &self.waker)
-            {
-                self.conn.charged += cost;
-                self.conn.requests += 1;
-                let mut charge = Charge::none(&budget);
-                charge.add(cost);
-                return Ok(charge);
-            }
+            // Sends (which collects finished replies and clears the
+            // mailbox's signal), then looks at the budgets: a release
+            // after this point signals the mailbox, and the poll below
+            // returns at once.
             self.flush_batch();
             if self.conn.broken {
                 return Err(WaitError::Io(std::io::ErrorKind::BrokenPipe.into()).into());
             }
-            self.conn.wait(false, None)?;
+            if budget::admits(self.conn.charged, self.conn.requests, cost)
+                && budget.try_acquire(cost, &self.waker)
+            {
+                return Ok(self.charged(&budget, cost));
+            }
+            self.conn.poll(false, None)?;
         }
+    }
+
+    fn charged(&mut self, budget: &Arc<crate::budget::Budget>, cost: usize) -> Charge {
+        self.conn.charged += cost;
+        self.conn.requests += 1;
+        let mut charge = Charge::none(budget);
+        charge.add(cost);
+        charge
     }
 
     /// Gives back the part of a request's charge no longer held.

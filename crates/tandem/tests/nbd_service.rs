@@ -37,6 +37,7 @@ impl Client {
     fn connect(socket: &Path, export: &str) -> Client {
         let mut s = UnixStream::connect(socket).expect("connect to the volume's socket");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut greeting = [0u8; 18];
         s.read_exact(&mut greeting).expect("greeting");
         assert_eq!(&greeting[..8], b"NBDMAGIC");
