@@ -342,9 +342,20 @@ impl Conn {
             PollFd::new(&self.mailbox.event, PollFlags::IN),
         ];
         match poll(&mut fds, timeout.as_ref()) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
-            Err(e) => Err(WaitError::Io(e.into())),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(WaitError::Io(e.into())),
         }
+        // Hung up or failed: reported even when not asked for, so a caller
+        // not reading would wake again at once; the replies cannot be
+        // delivered any more.
+        if !read && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR) {
+            self.broken = true;
+            while let Some(reply) = self.out.pop_front() {
+                self.finish(&reply);
+            }
+            self.written = 0;
+        }
+        Ok(())
     }
 
     /// Reads some bytes, waiting (and sending replies) until there are

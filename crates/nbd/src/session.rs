@@ -204,16 +204,20 @@ impl Transmission {
 
     fn run(mut self) -> Result<(), Ended> {
         let result = self.serve();
-        // Whatever ended the loop, answer everything already received.
         self.flush_batch();
+        if result.is_err() {
+            // The stream failed or is out of step with the client: the
+            // replies still due cannot be delivered (the pool's jobs finish
+            // on their own and give their budget back).
+            let _ = rustix::net::shutdown(self.conn.transport.fd(), rustix::net::Shutdown::Both);
+            return result;
+        }
+        // The client left between requests, disconnected or the scope
+        // stops: answer everything already received.
         while self.conn.requests > 0 && !self.conn.broken {
             if let Err(e) = self.conn.wait(false, None) {
                 return Err(e.into());
             }
-        }
-        if let Err(Ended::Protocol(_)) = &result {
-            // The stream is out of step with the client; stop here.
-            let _ = rustix::net::shutdown(self.conn.transport.fd(), rustix::net::Shutdown::Both);
         }
         result
     }
