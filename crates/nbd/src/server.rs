@@ -181,17 +181,21 @@ pub struct Server {
     acceptor: Arc<Acceptor>,
     connections: AtomicUsize,
     next_id: AtomicU64,
+    /// A client that reads none of its waiting replies for this long is
+    /// disconnected.
+    pub(crate) reply_timeout: Duration,
     pub stats: Arc<Stats>,
 }
 
 impl Server {
     /// Starts the accept thread and the worker pool.
     pub fn new() -> io::Result<Arc<Server>> {
-        Server::with_budget(AGENT_BUDGET)
+        Server::with_limits(AGENT_BUDGET, crate::session::REPLY_TIMEOUT)
     }
 
-    /// With an agent-wide budget of `budget` bytes (see [`crate::budget`]).
-    pub fn with_budget(budget: usize) -> io::Result<Arc<Server>> {
+    /// With an agent-wide budget of `budget` bytes (see [`crate::budget`])
+    /// and clients dropped after `reply_timeout` without reading replies.
+    pub fn with_limits(budget: usize, reply_timeout: Duration) -> io::Result<Arc<Server>> {
         let acceptor = Arc::new(Acceptor {
             entries: Mutex::new(Vec::new()),
             event: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
@@ -209,6 +213,7 @@ impl Server {
             acceptor,
             connections: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            reply_timeout,
             stats: Arc::new(Stats::default()),
         }))
     }
@@ -260,6 +265,14 @@ impl Server {
         // As with `AcceptWaker`: the socket refuses queued and new clients
         // from now on, whoever still holds a descriptor of it.
         let _ = rustix::net::shutdown(entry.socket.fd(), rustix::net::Shutdown::Both);
+    }
+}
+
+impl Drop for Scope {
+    /// A scope dropped without [`Scope::shutdown`] (a role that failed to
+    /// start) still closes its listeners.
+    fn drop(&mut self) {
+        self.close_listeners();
     }
 }
 

@@ -44,7 +44,11 @@ pub(crate) fn serve(
     options: &ListenOptions,
 ) {
     debug!(peer = %peer, "NBD client connected");
-    let mut conn = Conn::new(Transport::Plain(socket), mailbox, REPLY_TIMEOUT);
+    let mut conn = Conn::new(
+        Transport::Plain(socket),
+        mailbox,
+        scope.server.reply_timeout,
+    );
     let result = match negotiate(scope, &mut conn, catalog, options) {
         Ok(Some(agreement)) => {
             info!(
