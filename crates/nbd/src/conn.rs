@@ -94,30 +94,36 @@ impl Mailbox {
     pub fn post(&self, reply: Outgoing) {
         let mut finished = self.finished.lock();
         finished.0.push(reply);
-        if !finished.1 {
-            finished.1 = true;
-            self.signal();
+        Mailbox::signal(&self.event, &mut finished.1);
+    }
+
+    /// Makes the eventfd readable, once until the next collect.
+    fn signal(event: &OwnedFd, signalled: &mut bool) {
+        if !*signalled {
+            *signalled = true;
+            // Fails only if the counter would overflow: it is set anyway.
+            let _ = rustix::io::write(event, &1u64.to_ne_bytes());
         }
     }
 
-    fn signal(&self) {
-        // Fails only if the counter would overflow, i.e. it is already set.
-        let _ = rustix::io::write(&self.event, &1u64.to_ne_bytes());
-    }
-
-    /// Moves posted replies to `into` and clears the signal.
+    /// Moves posted replies to `into` and clears the signal (the
+    /// eventfd is read only when it was signalled: no system call on the
+    /// fast path).
     fn collect(&self, into: &mut VecDeque<Outgoing>) {
         let mut finished = self.finished.lock();
-        let mut counter = [0u8; 8];
-        let _ = rustix::io::read(&self.event, &mut counter);
-        finished.1 = false;
+        if finished.1 {
+            let mut counter = [0u8; 8];
+            let _ = rustix::io::read(&self.event, &mut counter);
+            finished.1 = false;
+        }
         into.extend(finished.0.drain(..));
     }
 }
 
 impl Wake for Mailbox {
     fn wake(&self) {
-        self.signal();
+        let mut finished = self.finished.lock();
+        Mailbox::signal(&self.event, &mut finished.1);
     }
 }
 
