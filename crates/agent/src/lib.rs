@@ -61,8 +61,10 @@ pub struct Agent {
     groups: Arc<Groups>,
     /// One group definition at a time (API or peer).
     defining: Arc<parking_lot::Mutex<()>>,
-    /// The agent-wide NBD server (the TCP listener).
+    /// The agent-wide NBD server.
     server: Arc<Server>,
+    /// The TCP listener's clients.
+    tcp: Arc<tandem_nbd::Scope>,
     threads: Vec<JoinHandle<()>>,
     peers: Option<replication::PeerListener>,
     api: Option<JoinHandle<()>>,
@@ -98,7 +100,12 @@ impl Agent {
                 Some(Arc::new(TlsIdentity::load(&ca, &cert, &key)?))
             }
         };
+        let tls_for_nbd = tls.clone();
         let stop = Arc::new(AtomicBool::new(false));
+        let nbd = Server::new().map_err(|source| AgentError::Thread {
+            what: "start the NBD server".into(),
+            source,
+        })?;
         let bandwidth = bandwidth::Bandwidth::new(&config.peers, &config.site.name);
         let coordinated = config.coordinator.kind != tandem_config::CoordinatorKind::None;
         let shared = Arc::new(Shared {
@@ -112,6 +119,7 @@ impl Agent {
                 groups: parking_lot::RwLock::new(Vec::new()),
                 definer: parking_lot::RwLock::new(None),
             }),
+            nbd: Arc::clone(&nbd),
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
             coordinated,
             stop: Arc::clone(&stop),
@@ -125,7 +133,8 @@ impl Agent {
             shared: Arc::clone(&shared),
             groups: Arc::new(Groups::default()),
             defining: Arc::new(parking_lot::Mutex::new(())),
-            server: Server::new(),
+            tcp: nbd.scope(),
+            server: nbd,
             threads: Vec::new(),
             peers: None,
             api: None,
@@ -205,16 +214,23 @@ impl Agent {
                 source,
             })?;
             agent
-                .server
+                .tcp
                 .serve_tcp(
                     listener,
                     Arc::new(catalog::LiveExports(Arc::clone(&shared.tcp_exports))),
+                    nbd_listen_options(config, tls_for_nbd.as_deref()),
                 )
                 .map_err(|source| AgentError::Listen {
                     addr: addr.clone(),
                     source,
                 })?;
-            info!(%addr, "NBD also on TCP");
+            if config.site.nbd_tls {
+                info!(%addr, "NBD also on TCP, TLS required (STARTTLS, client certificates of the site CA)");
+            } else if config.site.nbd_insecure {
+                warn!(%addr, "NBD also on TCP WITHOUT TLS (site.nbd_insecure = true): anyone who reaches this address can read and write the disks");
+            } else {
+                info!(%addr, "NBD also on TCP");
+            }
         }
         Ok(agent)
     }
@@ -262,9 +278,9 @@ impl Agent {
         if let Some(peers) = self.peers.take() {
             peers.stop();
         }
-        let left = self.server.shutdown(Duration::from_secs(5));
+        let left = self.tcp.shutdown(Duration::from_secs(5));
         if left > 0 {
-            let _ = self.server.shutdown(SHUTDOWN_GRACE);
+            let _ = self.tcp.shutdown(SHUTDOWN_GRACE);
         }
         let mut first_error = None;
         for rt in self.groups.all() {
@@ -276,6 +292,7 @@ impl Agent {
         if let Some(o) = self.ownership.take() {
             o.stop();
         }
+        self.server.stop();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -286,5 +303,16 @@ impl Agent {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// How the TCP NBD listener talks to clients: with `site.nbd_tls`, TLS is
+/// required (NBD_OPT_STARTTLS) and the client's certificate must be signed
+/// by the site CA.
+fn nbd_listen_options(config: &Config, tls: Option<&TlsIdentity>) -> tandem_nbd::ListenOptions {
+    tandem_nbd::ListenOptions {
+        tls: tls
+            .filter(|_| config.site.nbd_tls)
+            .map(TlsIdentity::server_config),
     }
 }

@@ -268,7 +268,7 @@ fn after_a_failed_fsync_clients_get_eio_for_writes_and_flushes() {
     )
     .unwrap();
     let export = Arc::new(VolumeExport::new(Arc::new(capture), 0));
-    let server = Server::new();
+    let server = Server::new().unwrap().scope();
     let sock = dir.path().join("v.sock");
     struct One(Arc<VolumeExport>);
     impl tandem_nbd::Catalog for One {

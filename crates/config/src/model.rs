@@ -151,6 +151,12 @@ pub struct Site {
     /// Optional extra TCP NBD listener, `host:port` (exports are always
     /// served on Unix sockets under `<data_dir>/nbd/`).
     pub nbd_listen: Option<String>,
+    /// `nbd_listen` requires TLS (NBD_OPT_STARTTLS) with a client
+    /// certificate signed by the site CA (needs `[tls] mode = "on"`).
+    pub nbd_tls: bool,
+    /// `nbd_listen` serves plain NBD on a non-loopback address although
+    /// TLS is on: allowed only when set, and logged at every start.
+    pub nbd_insecure: bool,
 }
 
 /// `[tls]`: mutual TLS between sites.

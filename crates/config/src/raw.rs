@@ -43,6 +43,8 @@ pub(crate) struct RawSite {
     pub listen: Spanned<ListenAddr>,
     pub api: Spanned<ListenAddr>,
     pub nbd_listen: Option<Spanned<ListenAddr>>,
+    pub nbd_tls: Option<Spanned<bool>>,
+    pub nbd_insecure: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

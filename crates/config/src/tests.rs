@@ -118,6 +118,8 @@ fn spec_example_parses() {
             listen: "0.0.0.0:7450".into(),
             api: "127.0.0.1:7451".into(),
             nbd_listen: None,
+            nbd_tls: false,
+            nbd_insecure: false,
         }
     );
     assert_eq!(c.tls.mode, TlsMode::On);
@@ -1600,4 +1602,51 @@ fn metrics_need_the_token_unless_the_file_says_none() {
         "[api]\nmetrics_auth = \"open\"\n\n[[peer]]",
     );
     check(&text, "metrics_auth = ", "api.metrics_auth", "token");
+}
+
+#[test]
+fn a_non_loopback_nbd_listener_needs_nbd_tls_or_nbd_insecure() {
+    let api = "api = \"127.0.0.1:7451\"";
+    let open = spec_with(api, &format!("{api}\nnbd_listen = \"0.0.0.0:10809\""));
+    check(
+        &open,
+        "nbd_listen",
+        "site.nbd_listen",
+        "Set nbd_tls = true (clients then need NBD STARTTLS",
+    );
+    let c = ok(&spec_with(
+        api,
+        &format!("{api}\nnbd_listen = \"0.0.0.0:10809\"\nnbd_tls = true"),
+    ));
+    assert!(c.site.nbd_tls && !c.site.nbd_insecure);
+    let c = ok(&spec_with(
+        api,
+        &format!("{api}\nnbd_listen = \"0.0.0.0:10809\"\nnbd_insecure = true"),
+    ));
+    assert!(c.site.nbd_insecure && !c.site.nbd_tls);
+    // Loopback needs neither.
+    let c = ok(&spec_with(
+        api,
+        &format!("{api}\nnbd_listen = \"127.0.0.1:10809\""),
+    ));
+    assert!(!c.site.nbd_tls && !c.site.nbd_insecure);
+    check(
+        &spec_with(
+            api,
+            &format!("{api}\nnbd_listen = \"0.0.0.0:10809\"\nnbd_tls = true\nnbd_insecure = true"),
+        ),
+        "nbd_tls",
+        "site.nbd_tls",
+        "contradict",
+    );
+    check(
+        &LOOPBACK.replacen(
+            "nbd_listen = \"[::1]:10809\"",
+            "nbd_listen = \"[::1]:10809\"\nnbd_tls = true",
+            1,
+        ),
+        "nbd_tls",
+        "site.nbd_tls",
+        "needs [tls] mode = \"on\"",
+    );
 }

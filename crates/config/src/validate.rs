@@ -119,6 +119,7 @@ pub(crate) fn build(
     if tls.mode == TlsMode::Off {
         check_loopback(&cx, &raw, tls_mode_span)?;
     }
+    check_nbd_tls(&cx, &raw.site, tls.mode)?;
 
     Ok(Config {
         path: file.to_path_buf(),
@@ -163,6 +164,8 @@ fn site(cx: &Ctx<'_>, raw: &RawSite) -> Result<Site, ConfigError> {
         listen: raw.listen.get_ref().0.clone(),
         api: raw.api.get_ref().0.clone(),
         nbd_listen: raw.nbd_listen.as_ref().map(|a| a.get_ref().0.clone()),
+        nbd_tls: raw.nbd_tls.as_ref().is_some_and(|b| *b.get_ref()),
+        nbd_insecure: raw.nbd_insecure.as_ref().is_some_and(|b| *b.get_ref()),
     })
 }
 
@@ -627,6 +630,50 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
         });
     }
     Ok(out)
+}
+
+/// A TCP NBD listener reachable from other hosts serves the disks to
+/// whoever reaches it: with TLS on, it must require NBD TLS (`nbd_tls`) or
+/// be declared insecure (`nbd_insecure`), not both.
+fn check_nbd_tls(cx: &Ctx<'_>, s: &RawSite, mode: TlsMode) -> Result<(), ConfigError> {
+    let set = |v: &Option<Spanned<bool>>| v.as_ref().filter(|b| *b.get_ref()).map(Spanned::span);
+    let (nbd_tls, insecure) = (set(&s.nbd_tls), set(&s.nbd_insecure));
+    if let (Some(span), Some(_)) = (&nbd_tls, &insecure) {
+        return Err(cx.err(
+            span,
+            "site.nbd_tls",
+            "nbd_tls = true and nbd_insecure = true contradict each other; set one".to_owned(),
+        ));
+    }
+    if let (Some(span), TlsMode::Off) = (&nbd_tls, mode) {
+        return Err(cx.err(
+            span,
+            "site.nbd_tls",
+            "nbd_tls = true needs [tls] mode = \"on\" (clients are checked against the \
+             site CA and the listener presents the site's certificate)"
+                .to_owned(),
+        ));
+    }
+    let Some(listen) = &s.nbd_listen else {
+        return Ok(());
+    };
+    let addr = &listen.get_ref().0;
+    let loopback = split_host_port(addr).is_ok_and(|(host, _)| {
+        is_loopback_host(host.trim_start_matches('[').trim_end_matches(']'))
+    });
+    if mode == TlsMode::On && !loopback && nbd_tls.is_none() && insecure.is_none() {
+        return Err(cx.err(
+            &listen.span(),
+            "site.nbd_listen",
+            format!(
+                "{addr:?} is not loopback: it would serve the disks unauthenticated and \
+                 unencrypted to anyone who reaches it. Set nbd_tls = true (clients then need \
+                 NBD STARTTLS and a certificate signed by the site CA), or nbd_insecure = true \
+                 to accept that (logged at every start)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// With `tls.mode = "off"`, every address must be loopback; names the first

@@ -97,6 +97,10 @@ pub enum ProtocolError {
     UnknownExport(String),
     #[error("handshake not finished within {0:?} (client silent): timed out")]
     HandshakeTimeout(std::time::Duration),
+    #[error("client asked for an export without TLS, which this listener requires")]
+    TlsRequired,
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("client aborted the handshake")]
     Aborted,
     #[error("connection closed mid-message ({0})")]

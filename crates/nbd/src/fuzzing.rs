@@ -146,6 +146,7 @@ pub fn run_session(export: Arc<MemExport>, input: &[u8]) -> Transcript {
             Ok(Step::Continue) => {}
             Ok(Step::Close) => return t,
             Ok(Step::Transmit(agreement)) => break agreement,
+            Ok(Step::StartTls) => {}
             Err(e) => {
                 t.closed_because = Some(e.to_string());
                 return t;

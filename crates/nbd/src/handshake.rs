@@ -79,6 +79,22 @@ pub enum Step {
     Transmit(Agreement),
     /// The client ended the session (NBD_OPT_ABORT).
     Close,
+    /// Start TLS on the connection now (NBD_OPT_STARTTLS was
+    /// acknowledged), then call [`Negotiation::tls_started`] and go on
+    /// reading options over TLS.
+    StartTls,
+}
+
+/// Whether the connection must use TLS (NBD_OPT_STARTTLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tls {
+    /// Not offered: STARTTLS is unsupported.
+    Off,
+    /// Required: every option but STARTTLS and ABORT is refused until TLS
+    /// is running.
+    Required,
+    /// Running.
+    Started,
 }
 
 /// Server side of option haggling for one connection.
@@ -90,6 +106,7 @@ pub struct Negotiation<'a> {
     /// NBD_OPT_SET_META_CONTEXT.
     meta: Option<(String, bool)>,
     shutting_down: bool,
+    tls: Tls,
 }
 
 impl<'a> Negotiation<'a> {
@@ -100,7 +117,19 @@ impl<'a> Negotiation<'a> {
             structured: false,
             meta: None,
             shutting_down: false,
+            tls: Tls::Off,
         }
+    }
+
+    /// TLS is required on this connection (the server's TLS-only mode of
+    /// the NBD protocol).
+    pub fn require_tls(&mut self) {
+        self.tls = Tls::Required;
+    }
+
+    /// The TLS handshake after [`Step::StartTls`] succeeded.
+    pub fn tls_started(&mut self) {
+        self.tls = Tls::Started;
     }
 
     /// From now on, options other than ABORT are refused with
@@ -135,6 +164,37 @@ impl<'a> Negotiation<'a> {
                 ));
             }
             reply(out, option, REP_ERR_SHUTDOWN, b"server is shutting down");
+            return Ok(Step::Continue);
+        }
+        if option == OPT_STARTTLS {
+            match self.tls {
+                Tls::Off => reply(out, option, REP_ERR_UNSUP, b"TLS is not offered here"),
+                Tls::Started => reply(out, option, REP_ERR_INVALID, b"TLS is already running"),
+                Tls::Required if !data.is_empty() => {
+                    reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STARTTLS takes no data",
+                    );
+                }
+                Tls::Required => {
+                    reply(out, option, REP_ACK, &[]);
+                    return Ok(Step::StartTls);
+                }
+            }
+            return Ok(Step::Continue);
+        }
+        if self.tls == Tls::Required && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Err(ProtocolError::TlsRequired);
+            }
+            reply(
+                out,
+                option,
+                REP_ERR_TLS_REQD,
+                b"TLS is required: send NBD_OPT_STARTTLS first",
+            );
             return Ok(Step::Continue);
         }
         match option {

@@ -313,3 +313,78 @@ proptest! {
         prop_assert_eq!(export.contents(), model);
     }
 }
+
+/// Where TLS is required, nothing but STARTTLS (and ABORT) gets anywhere
+/// before TLS runs; STARTTLS is acknowledged once; after it the usual
+/// options work.
+#[test]
+fn tls_required_refuses_everything_before_starttls() {
+    use tandem_nbd::handshake::{Negotiation, Step};
+    use tandem_nbd::Catalog;
+    struct One(Arc<MemExport>);
+    impl Catalog for One {
+        fn lookup(&self, _: &str) -> Option<Arc<dyn tandem_nbd::Export>> {
+            Some(Arc::clone(&self.0) as Arc<dyn tandem_nbd::Export>)
+        }
+        fn list(&self) -> Vec<Arc<dyn tandem_nbd::Export>> {
+            vec![Arc::clone(&self.0) as Arc<dyn tandem_nbd::Export>]
+        }
+    }
+    let catalog = One(Arc::new(MemExport::new("disk", 1 << 20)));
+    let mut n = Negotiation::new(&catalog);
+    n.require_tls();
+    n.client_flags(FLAG_C_FIXED_NEWSTYLE).unwrap();
+    let go = name_and_infos("disk", &[]);
+    for opt in [OPT_GO, OPT_INFO, OPT_LIST, OPT_STRUCTURED_REPLY] {
+        let mut out = Vec::new();
+        let data: &[u8] = if matches!(opt, OPT_GO | OPT_INFO) {
+            &go
+        } else {
+            &[]
+        };
+        assert!(matches!(n.option(opt, data, &mut out), Ok(Step::Continue)));
+        assert_eq!(
+            option_replies(&out),
+            vec![(
+                opt,
+                REP_ERR_TLS_REQD,
+                b"TLS is required: send NBD_OPT_STARTTLS first".to_vec()
+            )]
+        );
+    }
+    let mut out = Vec::new();
+    assert!(n.option(OPT_EXPORT_NAME, b"disk", &mut out).is_err());
+    let mut out = Vec::new();
+    assert!(matches!(
+        n.option(OPT_STARTTLS, b"x", &mut out),
+        Ok(Step::Continue)
+    ));
+    assert_eq!(option_replies(&out)[0].1, REP_ERR_INVALID);
+    let mut out = Vec::new();
+    assert!(matches!(
+        n.option(OPT_STARTTLS, &[], &mut out),
+        Ok(Step::StartTls)
+    ));
+    assert_eq!(option_replies(&out)[0].1, REP_ACK);
+    n.tls_started();
+    let mut out = Vec::new();
+    assert!(matches!(
+        n.option(OPT_STARTTLS, &[], &mut out),
+        Ok(Step::Continue)
+    ));
+    assert_eq!(option_replies(&out)[0].1, REP_ERR_INVALID);
+    let mut out = Vec::new();
+    assert!(matches!(
+        n.option(OPT_GO, &go, &mut out),
+        Ok(Step::Transmit(_))
+    ));
+    // Without TLS offered, STARTTLS is unsupported.
+    let mut plain = Negotiation::new(&catalog);
+    plain.client_flags(FLAG_C_FIXED_NEWSTYLE).unwrap();
+    let mut out = Vec::new();
+    assert!(matches!(
+        plain.option(OPT_STARTTLS, &[], &mut out),
+        Ok(Step::Continue)
+    ));
+    assert_eq!(option_replies(&out)[0].1, REP_ERR_UNSUP);
+}

@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     pub tls: Option<Arc<TlsIdentity>>,
     pub bandwidth: Arc<bandwidth::Bandwidth>,
     pub receivers: Arc<ReceiverContext>,
+    /// The agent's NBD server (accept thread, worker pool, memory budget).
+    pub nbd: Arc<tandem_nbd::Server>,
     /// Exports offered on `site.nbd_listen`, as roles come and go.
     pub tcp_exports: Arc<RwLock<BTreeMap<String, Arc<dyn Export>>>>,
     /// A coordinator decides ownership (not `kind = "none"`).

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_coordinator::machine::Tip;
-use tandem_nbd::{Export, Server};
+use tandem_nbd::{Export, Scope};
 use tandem_replication::files::Watched;
 use tandem_replication::shipper::{Link, Shipper};
 use tandem_volume::RawImage;
@@ -40,7 +40,8 @@ pub(crate) struct PrimaryRole {
     pub fork: Tip,
     pub gate: Arc<Gate>,
     pub links: Vec<LinkHandle>,
-    server: Arc<Server>,
+    /// The NBD listeners and clients of this group's volumes.
+    server: Arc<Scope>,
     sockets: Vec<PathBuf>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -128,7 +129,7 @@ impl PrimaryRole {
             fork,
             gate: Arc::clone(&gate),
             links: Vec::new(),
-            server: Server::new(),
+            server: shared.nbd.scope(),
             sockets: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
@@ -267,7 +268,7 @@ impl PrimaryRole {
                 listener,
                 Arc::new(catalog::SingleExport(Arc::clone(&export))),
             )
-            .map_err(io_err("start accept thread"))?;
+            .map_err(io_err("listen"))?;
         info!(volume = export.name(), socket = %path.display(), size = export.size(), "NBD export ready");
         self.sockets.push(path);
         Ok(())
