@@ -24,10 +24,12 @@ groups of VOLUMES (5) sparse volumes of VOLUME_SIZE (1GiB) each. For each:
   idle       after IDLE_SETTLE s: RSS, threads (/proc/PID/task, by name),
              fds (/proc/PID/fd) of both agents; CPU of both over IDLE_S s
              (utime+stime, % of one core)
-  sigterm    SIGTERM of ny: time until it exited (and its status)
-  restart    ny started again: time until every group streams again
   failover   SIGKILL of ny: per group, time until dr shows it primary
              (polled every POLL_MS); median / max RTO over the groups
+  restart    ny started again (a replica now): time until every group
+             streams to it again
+  sigterm    SIGTERM of the primary (dr now), then of the replica (ny):
+             time until each exited (and its exit status)
 
 Figures are from one run; nothing fails on a figure (only on a wait that
 runs out or an agent that exits). Every wait is bounded.
@@ -327,21 +329,6 @@ run_size() { # run_size N
     log "  idle: RSS ny ${rss_ny} KiB, dr ${rss_dr} KiB; threads ny $thr_ny, dr $thr_dr; fds ny $fd_ny, dr $fd_dr; CPU ny ${cpu_ny}%, dr ${cpu_dr}%"
     log "  threads ny: $names_ny"
     log "  threads dr: $names_dr"
-    # clean stop
-    local ts te term_s term_rc restart_s
-    ts=$(date +%s.%N)
-    stop_pid "$ny" 300
-    te=$(date +%s.%N)
-    term_rc=$STOP_STATUS
-    term_s=$("$PY" -c "print('%.3f' % ($te - $ts))")
-    log "  SIGTERM of ny: exited after ${term_s}s (status $term_rc)"
-    # restart
-    ts=$(date +%s.%N)
-    tandem_start_agent "$TANDEM_BIN" "$(cfg ny)" "$CDIR/ny.log"
-    ny=$AGENT_PID
-    poll streaming "$WAIT_TIMEOUT" "$ny,$dr" "$(cfg ny)" "$n" >/dev/null || fail "not all streaming after the restart"
-    restart_s=$("$PY" -c "import time; print('%.3f' % (time.time() - $ts))")
-    log "  restart of ny: all streaming again after ${restart_s}s"
     # failover
     local kill_t rtos
     kill_t=$(date +%s.%N)
@@ -357,8 +344,28 @@ print('%.3f %.3f %.3f' % (statistics.median(r), max(r), min(r)))")
     local rto_med rto_max rto_min
     read -r rto_med rto_max rto_min <<<"$summary"
     log "  SIGKILL of ny: every group primary at dr; RTO median ${rto_med}s, max ${rto_max}s, min ${rto_min}s"
+    # the old primary comes back as a replica
+    local ts te restart_s
+    ts=$(date +%s.%N)
+    tandem_start_agent "$TANDEM_BIN" "$(cfg ny)" "$CDIR/ny.log"
+    ny=$AGENT_PID
+    poll streaming "$WAIT_TIMEOUT" "$ny,$dr" "$(cfg dr)" "$n" >/dev/null || fail "not all streaming to ny after its restart"
+    restart_s=$("$PY" -c "import time; print('%.3f' % (time.time() - $ts))")
+    log "  restart of ny (a replica now): all streaming again after ${restart_s}s"
+    # clean stop of the primary (dr now), then of the replica
+    local term_s term_rc rterm_s rterm_rc
+    ts=$(date +%s.%N)
     stop_pid "$dr" 300
-    local dr_term=$STOP_STATUS
+    te=$(date +%s.%N)
+    term_rc=$STOP_STATUS
+    term_s=$("$PY" -c "print('%.3f' % ($te - $ts))")
+    log "  SIGTERM of the primary (dr): exited after ${term_s}s (status $term_rc)"
+    ts=$(date +%s.%N)
+    stop_pid "$ny" 300
+    te=$(date +%s.%N)
+    rterm_rc=$STOP_STATUS
+    rterm_s=$("$PY" -c "print('%.3f' % ($te - $ts))")
+    log "  SIGTERM of the replica (ny): exited after ${rterm_s}s (status $rterm_rc)"
     stop_all_pids
     RESULTS+=("$("$PY" - <<PYEOF
 import json
@@ -371,9 +378,9 @@ print(json.dumps({
     "fds": {"ny": $fd_ny, "dr": $fd_dr},
     "idle_cpu_pct": {"ny": $cpu_ny, "dr": $cpu_dr},
     "sigterm_s": $term_s, "sigterm_status": "$term_rc",
+    "replica_sigterm_s": $rterm_s, "replica_sigterm_status": "$rterm_rc",
     "restart_to_streaming_s": $restart_s,
     "rto_s": {"median": $rto_med, "max": $rto_max, "min": $rto_min, "all": json.loads('$rtos')},
-    "dr_sigterm_status": "$dr_term",
 }))
 PYEOF
 )")
@@ -403,9 +410,10 @@ rows = [
     ("threads ny / dr", lambda r: "%d / %d" % (r["threads"]["ny"], r["threads"]["dr"]), "report"),
     ("fds ny / dr", lambda r: "%d / %d" % (r["fds"]["ny"], r["fds"]["dr"]), "report"),
     ("idle CPU ny / dr (% core)", lambda r: "%.2f / %.2f" % (r["idle_cpu_pct"]["ny"], r["idle_cpu_pct"]["dr"]), "< 1"),
-    ("SIGTERM of ny (s, status)", lambda r: "%.2f (%s)" % (r["sigterm_s"], r["sigterm_status"]), "<= 5"),
-    ("restart ny -> all streaming (s)", lambda r: "%.1f" % r["restart_to_streaming_s"], "<= 60"),
     ("SIGKILL ny -> primary at dr: RTO median / max (s)", lambda r: "%.2f / %.2f" % (r["rto_s"]["median"], r["rto_s"]["max"]), "report"),
+    ("restart ny (replica) -> all streaming (s)", lambda r: "%.1f" % r["restart_to_streaming_s"], "<= 60"),
+    ("SIGTERM of the primary, dr (s, status)", lambda r: "%.2f (%s)" % (r["sigterm_s"], r["sigterm_status"]), "<= 5"),
+    ("SIGTERM of the replica, ny (s, status)", lambda r: "%.2f (%s)" % (r["replica_sigterm_s"], r["replica_sigterm_status"]), "<= 5"),
 ]
 w0 = max(len(r[0]) for r in rows)
 ws = [max(len(c), 16) for c in cols]
