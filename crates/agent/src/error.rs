@@ -66,6 +66,9 @@ pub enum AgentError {
         group: String,
         waited: std::time::Duration,
     },
+    /// The agent was told to stop while it was starting.
+    #[error("the agent is stopping")]
+    Stopping,
     #[error("no coordinator configured ([coordinator] kind = \"none\")")]
     NoCoordinator,
     #[error("[coordinator] witness: {0}")]
