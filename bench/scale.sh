@@ -292,6 +292,36 @@ print(json.dumps(dict(c.most_common())))
 PYEOF
 }
 
+# thread_ticks PID -> JSON object {name prefix: utime+stime ticks} over the
+# process's threads (names shortened as threads_by_name).
+thread_ticks() {
+    "$PY" - "$1" <<'PYEOF'
+import collections, json, os, re, sys
+pid = sys.argv[1]
+c = collections.Counter()
+for t in os.listdir(f"/proc/{pid}/task"):
+    try:
+        with open(f"/proc/{pid}/task/{t}/comm") as f:
+            name = f.read().strip()
+        with open(f"/proc/{pid}/task/{t}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    c[re.sub(r"-(g\d+.*|\d+)$", "", name)] += int(rest[11]) + int(rest[12])
+print(json.dumps(c))
+PYEOF
+}
+
+# tick_delta BEFORE AFTER SECONDS -> JSON {name: % of a core}, busiest first
+tick_delta() {
+    "$PY" - "$1" "$2" "$3" "$CLK_TCK" <<'PYEOF'
+import json, sys
+a, b, secs, hz = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+d = {k: round(100 * (v - a.get(k, 0)) / hz / secs, 2) for k, v in b.items()}
+print(json.dumps(dict(sorted(((k, v) for k, v in d.items() if v > 0), key=lambda kv: -kv[1]))))
+PYEOF
+}
+
 count_dir() { find "$1" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 
 RESULTS=()
@@ -321,14 +351,20 @@ run_size() { # run_size N
     thr_ny=$(count_dir "/proc/$ny/task") thr_dr=$(count_dir "/proc/$dr/task")
     fd_ny=$(count_dir "/proc/$ny/fd") fd_dr=$(count_dir "/proc/$dr/fd")
     names_ny=$(threads_by_name "$ny") names_dr=$(threads_by_name "$dr")
+    local t0_ny t0_dr cpu_names_ny cpu_names_dr
+    t0_ny=$(thread_ticks "$ny") t0_dr=$(thread_ticks "$dr")
     c0_ny=$(proc_cpu_ticks "$ny") c0_dr=$(proc_cpu_ticks "$dr")
     sleep "$IDLE_S"
     c1_ny=$(proc_cpu_ticks "$ny") c1_dr=$(proc_cpu_ticks "$dr")
+    cpu_names_ny=$(tick_delta "$t0_ny" "$(thread_ticks "$ny")" "$IDLE_S")
+    cpu_names_dr=$(tick_delta "$t0_dr" "$(thread_ticks "$dr")" "$IDLE_S")
     cpu_ny=$("$PY" -c "print('%.2f' % (100 * ($c1_ny - $c0_ny) / $CLK_TCK / $IDLE_S))")
     cpu_dr=$("$PY" -c "print('%.2f' % (100 * ($c1_dr - $c0_dr) / $CLK_TCK / $IDLE_S))")
     log "  idle: RSS ny ${rss_ny} KiB, dr ${rss_dr} KiB; threads ny $thr_ny, dr $thr_dr; fds ny $fd_ny, dr $fd_dr; CPU ny ${cpu_ny}%, dr ${cpu_dr}%"
     log "  threads ny: $names_ny"
     log "  threads dr: $names_dr"
+    log "  idle CPU by thread name (% of a core): ny $cpu_names_ny"
+    log "  idle CPU by thread name (% of a core): dr $cpu_names_dr"
     # failover
     local kill_t rtos
     kill_t=$(date +%s.%N)
@@ -377,6 +413,7 @@ print(json.dumps({
     "threads_by_name": {"ny": $names_ny, "dr": $names_dr},
     "fds": {"ny": $fd_ny, "dr": $fd_dr},
     "idle_cpu_pct": {"ny": $cpu_ny, "dr": $cpu_dr},
+    "idle_cpu_pct_by_thread": {"ny": $cpu_names_ny, "dr": $cpu_names_dr},
     "sigterm_s": $term_s, "sigterm_status": "$term_rc",
     "replica_sigterm_s": $rterm_s, "replica_sigterm_status": "$rterm_rc",
     "restart_to_streaming_s": $restart_s,
@@ -425,5 +462,8 @@ print()
 for r in runs:
     print(f"threads by name at {r['groups']} groups: ny {r['threads_by_name']['ny']}")
     print(f"{' ' * len('threads by name at ')}{' ' * len(str(r['groups']))} groups: dr {r['threads_by_name']['dr']}")
+for r in runs:
+    print(f"idle CPU by thread at {r['groups']} groups (% of a core): ny {r['idle_cpu_pct_by_thread']['ny']}")
+    print(f"{' ' * len('idle CPU by thread at ')}{' ' * len(str(r['groups']))} groups (% of a core): dr {r['idle_cpu_pct_by_thread']['dr']}")
 print(f"\nJSON: {out}")
 PYEOF
