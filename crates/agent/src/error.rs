@@ -66,6 +66,8 @@ pub enum AgentError {
         group: String,
         waited: std::time::Duration,
     },
+    #[error("{path}: the data directory is in use by another agent (is another agent running on this data_dir?)")]
+    DataDirInUse { path: PathBuf },
     /// The agent was told to stop while it was starting.
     #[error("the agent is stopping")]
     Stopping,

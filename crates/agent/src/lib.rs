@@ -70,6 +70,8 @@ pub struct Agent {
     peers: Option<replication::PeerListener>,
     api: Option<JoinHandle<()>>,
     ownership: Option<ownership::Ownership>,
+    /// The data directory's lock, held while the agent runs.
+    _dir_lock: std::fs::File,
 }
 
 impl Agent {
@@ -79,6 +81,7 @@ impl Agent {
     pub fn start(config: &Config) -> Result<Agent, AgentError> {
         config.check_data_dir()?;
         let layout = Layout::new(&config.site.data_dir);
+        let dir_lock = startup::lock_data_dir(&layout)?;
         let mut with_runtime = config.clone();
         runtime_groups::load(&layout, &mut with_runtime)?;
         let config = &with_runtime;
@@ -135,6 +138,7 @@ impl Agent {
             peers: None,
             api: None,
             ownership: None,
+            _dir_lock: dir_lock,
         };
         let planner =
             bandwidth

@@ -24,6 +24,35 @@ pub(crate) const OPENERS: usize = 8;
 /// Groups stopping at once.
 pub(crate) const STOPPERS: usize = 64;
 
+/// Takes the data directory for this agent (an exclusive flock on
+/// `<data_dir>/agent.lock`, held while the returned file is open): a second
+/// agent on the same directory is refused before it listens or opens
+/// anything.
+pub(crate) fn lock_data_dir(layout: &crate::Layout) -> Result<std::fs::File, AgentError> {
+    let path = layout.agent_lock();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| AgentError::Io {
+            path: path.clone(),
+            what: "open",
+            source,
+        })?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::DataDirInUse {
+            path: layout.data_dir.clone(),
+        }),
+        Err(e) => Err(AgentError::Io {
+            path,
+            what: "lock",
+            source: e.into(),
+        }),
+    }
+}
+
 /// Runs `each` for every item on at most `threads` scoped threads, each
 /// taking the next item; stops taking items once `each` returned an error
 /// and returns the first one.
@@ -110,6 +139,22 @@ pub(crate) fn stop_groups(
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn a_second_agent_on_a_data_dir_is_refused_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = crate::Layout::new(dir.path());
+        let first = lock_data_dir(&layout).expect("first agent");
+        match lock_data_dir(&layout) {
+            Err(AgentError::DataDirInUse { path }) => assert_eq!(path, dir.path()),
+            other => panic!("second agent: {other:?}"),
+        }
+        drop(first);
+        assert!(
+            lock_data_dir(&layout).is_ok(),
+            "free again once the first ends"
+        );
+    }
 
     #[test]
     fn bounded_runs_every_item_at_most_n_at_once() {
