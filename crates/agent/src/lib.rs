@@ -163,9 +163,9 @@ impl Agent {
             .filter(|g| g.primary == *here || g.replicas.iter().any(|r| &r.site == here))
             .collect();
         fdlimit::raise(members.len(), members.iter().map(|g| g.volumes.len()).sum());
-        // The listeners come up before any group opens: peers and the API
-        // answer at once (a session for a group not open yet is refused and
-        // retried by its primary; status shows the groups opened so far).
+        // The peer listener comes up before any group opens: a primary's
+        // session for a group not open here yet is refused and retried
+        // with backoff, not refused at connect.
         let listener =
             TcpListener::bind(&config.site.listen).map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),
@@ -191,30 +191,6 @@ impl Agent {
                 Vec::new(),
             )?);
         }
-        let view = Arc::new(agent.status_view());
-        agent.api = Some(api::start(
-            &config.site.api,
-            &layout,
-            Arc::clone(&view),
-            Arc::clone(&stop),
-        )?);
-        if let Some(addr) = &config.site.nbd_listen {
-            let listener = TcpListener::bind(addr).map_err(|source| AgentError::Listen {
-                addr: addr.clone(),
-                source,
-            })?;
-            agent
-                .server
-                .serve_tcp(
-                    listener,
-                    Arc::new(catalog::LiveExports(Arc::clone(&shared.tcp_exports))),
-                )
-                .map_err(|source| AgentError::Listen {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            info!(%addr, "NBD also on TCP");
-        }
         // No group is defined at runtime (API or peer) while the
         // configured ones open: a definition is checked against them all.
         let opening = Instant::now();
@@ -239,9 +215,46 @@ impl Agent {
             elapsed_ms = u64::try_from(opening.elapsed().as_millis()).unwrap_or(u64::MAX),
             "every group open"
         );
+        let view = Arc::new(agent.status_view());
         *shared.receivers.definer.write() =
             Some(Arc::new(runtime_groups::PeerDefiner(Arc::clone(&view))));
+        // The API comes up with every group open: a status that answers
+        // lists them all (clients and scripts wait for the API to mean
+        // that the agent is up).
+        if let Err(e) = agent.serve(config, &view) {
+            if let Err(stop_error) = agent.shutdown() {
+                warn!("stopping after a failed start: {stop_error}");
+            }
+            return Err(e);
+        }
         Ok(agent)
+    }
+
+    /// The API, and NBD on TCP if configured.
+    fn serve(&mut self, config: &Config, view: &Arc<StatusView>) -> Result<(), AgentError> {
+        self.api = Some(api::start(
+            &config.site.api,
+            &self.shared.layout,
+            Arc::clone(view),
+            Arc::clone(&self.shared.stop),
+        )?);
+        if let Some(addr) = &config.site.nbd_listen {
+            let listener = TcpListener::bind(addr).map_err(|source| AgentError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+            self.server
+                .serve_tcp(
+                    listener,
+                    Arc::new(catalog::LiveExports(Arc::clone(&self.shared.tcp_exports))),
+                )
+                .map_err(|source| AgentError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            info!(%addr, "NBD also on TCP");
+        }
+        Ok(())
     }
 
     fn status_view(&self) -> StatusView {

@@ -5,7 +5,7 @@
 //! and publishes this site's reports — a group's report when it changed
 //! (its tip at most every TTL/3), the owner's lag record every TTL/3 —
 //! batched into few transactions. Then it waits for the next change in
-//! the store, or TTL/3.
+//! the store, or TTL/3 (at most a second, so that a stop is quick).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,6 +25,10 @@ const OPS_PER_TXN: usize = 64;
 const NO_LEASE_POLL: Duration = Duration::from_millis(50);
 /// How long to wait after a failed read.
 const READ_RETRY: Duration = Duration::from_millis(200);
+/// The longest wait for a change: a stopping agent waits for the watcher
+/// at most this long, whatever the lease TTL (the wait cannot be woken,
+/// and a TTL of an hour would otherwise make it 20 minutes).
+const WAIT_AT_MOST: Duration = Duration::from_secs(1);
 
 /// What was last published for a group.
 struct Published {
@@ -85,7 +89,7 @@ pub(super) fn run(h: &std::sync::Arc<Handle>) {
             }
         }
         publish(h, lease.id, every, &mut published);
-        let _ = h.store.wait(&prefix, revision, every);
+        let _ = h.store.wait(&prefix, revision, every.min(WAIT_AT_MOST));
     }
 }
 
