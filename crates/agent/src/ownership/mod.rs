@@ -250,11 +250,11 @@ impl Handle {
         Ok(())
     }
 
-    /// Hands a view of the store to a group's actor.
-    fn deliver(self: &Arc<Self>, m: &Arc<Member>, seen: mailbox::Seen) {
-        if m.inbox.put(seen) {
-            self.pool.schedule(self, Arc::clone(m));
-        }
+    /// Hands a view of the store to a group's actor; true when the group
+    /// must be scheduled ([`pool::Pool::schedule_all`]).
+    #[must_use]
+    fn deliver(&self, m: &Member, seen: mailbox::Seen) -> bool {
+        m.inbox.put(seen)
     }
 
     /// Tells a group's actor that the fencer destroyed its VM.

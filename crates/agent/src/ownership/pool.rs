@@ -67,16 +67,32 @@ impl Pool {
     /// Queues `m` (its inbox just asked for it: it is in no queue and on no
     /// worker).
     pub fn schedule(&self, h: &Arc<Handle>, m: Arc<Member>) {
+        self.schedule_all(h, vec![m]);
+    }
+
+    /// Queues every group of `ms` (each inbox just asked for it), waking
+    /// each idle worker at most once for the lot: the store watcher hands
+    /// over every group's view in one round, and a wake-up per group would
+    /// cost more than the groups' turns.
+    pub fn schedule_all(&self, h: &Arc<Handle>, ms: Vec<Arc<Member>>) {
+        if ms.is_empty() {
+            return;
+        }
         let mut st = self.state.lock();
         if st.closed {
             return;
         }
-        st.queue.push_back(m);
-        if st.idle > 0 {
+        let n = ms.len();
+        st.queue.extend(ms);
+        for _ in 0..n.min(st.idle) {
             self.ready.notify_one();
         }
-        if st.wants_worker() {
+        while st.wants_worker() {
+            let before = st.workers;
             Self::spawn(&mut st, h);
+            if st.workers == before {
+                break;
+            }
         }
     }
 

@@ -58,6 +58,7 @@ pub(super) fn run(h: &std::sync::Arc<Handle>) {
         let confirmed = h.valid_from(sent);
         let revision = snap.revision;
         let mut by_group = by_group(&prefix, snap.kvs);
+        let mut scheduled = Vec::new();
         for m in h.members() {
             // Only this group's keys: reading a view of one group out of
             // every group's keys would cost groups x keys.
@@ -77,17 +78,20 @@ pub(super) fn run(h: &std::sync::Arc<Handle>) {
                     _ => gate.deny(view.revision),
                 }
             }
-            if h.deciding() {
-                h.deliver(
+            if h.deciding()
+                && h.deliver(
                     &m,
                     Seen {
                         view,
                         lease: lease.id,
                         sent,
                     },
-                );
+                )
+            {
+                scheduled.push(m);
             }
         }
+        h.pool.schedule_all(h, scheduled);
         publish(h, lease.id, every, &mut published);
         let _ = h.store.wait(&prefix, revision, every.min(WAIT_AT_MOST));
     }
