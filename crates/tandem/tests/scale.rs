@@ -9,7 +9,9 @@
 //! * open files stay under the per-volume figure the agent's open-file
 //!   warning uses (`tandem_agent::fdlimit`);
 //! * a clean stop (SIGTERM) of the primary and of the replica ends within
-//!   5 s, with exit status 0.
+//!   5 s, with exit status 0;
+//! * groups whose `on_promote` hooks take long (more of them than the
+//!   agent has actor workers) do not hold up another group's failover.
 
 mod common;
 
@@ -70,22 +72,48 @@ fn fds(pid: u32) -> usize {
 /// `groups` groups `s000`..., one sparse volume each, primary ny, replica
 /// dr, decided by a witness.
 fn cluster(groups: usize) -> (Cluster, Witness) {
-    let mut c = Cluster::new("ny", &["dr"], &[vol("s000-v", "16MiB")], "");
+    let c = Cluster::new("ny", &["dr"], &[vol("s000-v", "16MiB")], "");
+    let tables: String = (0..groups)
+        .map(|i| group_table(&format!("s{i:03}"), "ny", "dr", ""))
+        .collect();
+    with_witness(c, &tables)
+}
+
+/// A `[[group]]` table: one sparse volume `<name>-v`.
+fn group_table(name: &str, primary: &str, replica: &str, extra: &str) -> String {
+    format!(
+        "[[group]]\nname = \"{name}\"\nprimary = \"{primary}\"\nreplicas = [ {{ site = \"{replica}\", priority = 1 }} ]\nvolumes = [ {{ name = \"{name}-v\", size = \"16MiB\" }} ]\n{extra}\n"
+    )
+}
+
+/// The cluster's sites with `tables` as their groups, decided by a new
+/// witness (TTL 3 s).
+fn with_witness(mut c: Cluster, tables: &str) -> (Cluster, Witness) {
     let witness = Witness::start(c.dir.path());
     c.set_coordinator(&witness.section("3s"));
-    let tables: String = (0..groups)
-        .map(|i| {
-            format!(
-                "[[group]]\nname = \"s{i:03}\"\nprimary = \"ny\"\nreplicas = [ {{ site = \"dr\", priority = 1 }} ]\nvolumes = [ {{ name = \"s{i:03}-v\", size = \"16MiB\" }} ]\n\n"
-            )
-        })
-        .collect();
     for s in &c.sites {
         let text = std::fs::read_to_string(&s.config).expect("read config");
         let at = text.find("[[group]]").expect("a group table");
         std::fs::write(&s.config, format!("{}{tables}", &text[..at])).expect("write config");
     }
     (c, witness)
+}
+
+/// The roles of `site`'s groups, by name.
+fn roles(c: &Cluster, site: &str) -> Option<BTreeMap<String, String>> {
+    let s = status_json(&c.site(site).config)?;
+    Some(
+        s["groups"]
+            .as_array()?
+            .iter()
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap_or_default().to_owned(),
+                    g["role"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect(),
+    )
 }
 
 fn measure(groups: usize) -> Figures {
@@ -185,4 +213,75 @@ fn threads_and_files_do_not_grow_per_group_and_a_stop_is_quick() {
             b.saturating_sub(a)
         );
     }
+}
+
+/// Groups `s000..s007` (primary ny) have an `on_promote` hook that runs
+/// for a minute — more such groups than the agent's actor pool has
+/// workers; group `fast` (primary sea) has none; dr replicates them all.
+/// ny is killed: its groups are promoted at dr and their hooks run. Then
+/// sea is killed: `fast` is primary at dr within the lease's time and a
+/// few seconds — the running hooks hold only their own groups, not the
+/// workers every group needs.
+#[test]
+fn slow_hooks_of_many_groups_do_not_hold_up_another_groups_failover() {
+    const SLOW: usize = 8;
+    let c = Cluster::new("ny", &["dr", "sea"], &[vol("s000-v", "16MiB")], "");
+    let mut tables: String = (0..SLOW)
+        .map(|i| group_table(&format!("s{i:03}"), "ny", "dr", "on_promote = \"sleep 60\""))
+        .collect();
+    tables.push_str(&group_table("fast", "sea", "dr", ""));
+    let (mut c, _witness) = with_witness(c, &tables);
+    for site in ["dr", "ny", "sea"] {
+        c.spawn(site);
+    }
+    let streaming = |c: &Cluster, site: &str| {
+        status_json(&c.site(site).config).map_or(0, |s| {
+            s["groups"].as_array().map_or(0, |gs| {
+                gs.iter()
+                    .filter(|g| {
+                        g["role"] == "primary"
+                            && g["replicas"]
+                                .as_array()
+                                .is_some_and(|rs| rs.iter().any(|r| r["state"] == "streaming"))
+                    })
+                    .count()
+            })
+        })
+    };
+    let ready = poll(Duration::from_secs(60), || {
+        (streaming(&c, "ny") == SLOW && streaming(&c, "sea") == 1).then_some(())
+    });
+    assert!(ready.is_some(), "not every group streaming at the start");
+    c.kill("ny");
+    let hooked = poll(Duration::from_secs(30), || {
+        let r = roles(&c, "dr")?;
+        let promoted = r.values().filter(|role| *role == "primary").count();
+        (promoted == SLOW).then_some(())
+    });
+    assert!(
+        hooked.is_some(),
+        "ny's groups not primary at dr (their hooks running) within 30 s: {:?}",
+        roles(&c, "dr")
+    );
+    let killed = Instant::now();
+    c.kill("sea");
+    let bound = Duration::from_secs(3 + 8);
+    let promoted = poll(bound, || {
+        (roles(&c, "dr")?.get("fast").map(String::as_str) == Some("primary")).then_some(())
+    });
+    assert!(
+        promoted.is_some(),
+        "fast (no hook) not primary at dr within {bound:?} of sea's kill while {SLOW} groups run \
+         their on_promote hooks there: {:?}",
+        roles(&c, "dr")
+    );
+    eprintln!("fast primary at dr {:?} after sea's kill", killed.elapsed());
+    let t = Instant::now();
+    let status = c.stop("dr");
+    assert!(status.success(), "dr exited with {status} on SIGTERM");
+    assert!(
+        t.elapsed() <= Duration::from_secs(10),
+        "stopping dr with its hooks running took {:?}",
+        t.elapsed()
+    );
 }
