@@ -3,7 +3,6 @@
 //! thread applies the effective rate to each peer's limiter.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -107,14 +106,17 @@ impl Bandwidth {
     }
 
     /// Re-applies schedules until `stop`.
-    pub fn plan(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
+    pub(crate) fn plan(
+        self: &Arc<Self>,
+        stop: Arc<crate::signal::Signal>,
+    ) -> std::io::Result<JoinHandle<()>> {
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("bandwidth".into())
             .spawn(move || {
-                while !stop.load(Ordering::Acquire) {
+                while !stop.is_raised() {
                     me.apply();
-                    std::thread::sleep(PLAN_EVERY);
+                    stop.wait(PLAN_EVERY);
                 }
             })
     }

@@ -66,6 +66,11 @@ pub enum AgentError {
         group: String,
         waited: std::time::Duration,
     },
+    #[error("{path}: the data directory is in use by another agent (is another agent running on this data_dir?)")]
+    DataDirInUse { path: PathBuf },
+    /// The agent was told to stop while it was starting.
+    #[error("the agent is stopping")]
+    Stopping,
     #[error("no coordinator configured ([coordinator] kind = \"none\")")]
     NoCoordinator,
     #[error("[coordinator] witness: {0}")]

@@ -14,6 +14,11 @@ impl Layout {
         }
     }
 
+    /// Held (flock) by the running agent, from before its listeners.
+    pub fn agent_lock(&self) -> PathBuf {
+        self.data_dir.join("agent.lock")
+    }
+
     pub fn volumes_dir(&self) -> PathBuf {
         self.data_dir.join("volumes")
     }

@@ -11,6 +11,7 @@ pub mod bandwidth;
 mod catalog;
 mod error;
 mod export;
+pub mod fdlimit;
 pub mod gate;
 mod group;
 mod hooks;
@@ -21,6 +22,8 @@ mod ownership;
 mod replication;
 mod rolefile;
 mod runtime_groups;
+mod signal;
+mod startup;
 pub mod status;
 mod view;
 pub mod vm;
@@ -32,9 +35,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use group::{GroupRuntime, Groups, Plane, Shared};
+use group::{Groups, Plane, Shared};
 use tandem_capture::GroupCapture;
 use tandem_config::{Config, TlsMode};
 use tandem_nbd::Server;
@@ -69,6 +72,8 @@ pub struct Agent {
     peers: Option<replication::PeerListener>,
     api: Option<JoinHandle<()>>,
     ownership: Option<ownership::Ownership>,
+    /// The data directory's lock, held while the agent runs.
+    _dir_lock: std::fs::File,
 }
 
 impl Agent {
@@ -78,6 +83,7 @@ impl Agent {
     pub fn start(config: &Config) -> Result<Agent, AgentError> {
         config.check_data_dir()?;
         let layout = Layout::new(&config.site.data_dir);
+        let dir_lock = startup::lock_data_dir(&layout)?;
         let mut with_runtime = config.clone();
         runtime_groups::load(&layout, &mut with_runtime)?;
         let config = &with_runtime;
@@ -100,12 +106,12 @@ impl Agent {
                 Some(Arc::new(TlsIdentity::load(&ca, &cert, &key)?))
             }
         };
-        let tls_for_nbd = tls.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let nbd = Server::new().map_err(|source| AgentError::Thread {
             what: "start the NBD server".into(),
             source,
         })?;
+        let stopping = Arc::new(signal::Signal::default());
         let bandwidth = bandwidth::Bandwidth::new(&config.peers, &config.site.name);
         let coordinated = config.coordinator.kind != tandem_config::CoordinatorKind::None;
         let shared = Arc::new(Shared {
@@ -123,6 +129,7 @@ impl Agent {
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
             coordinated,
             stop: Arc::clone(&stop),
+            stopping: Arc::clone(&stopping),
             vms: Arc::new(vm::Vms::new(
                 Arc::new(tandem_hypervisor::virsh::Virsh::new(&config.libvirt.uri)),
                 layout.clone(),
@@ -139,13 +146,15 @@ impl Agent {
             peers: None,
             api: None,
             ownership: None,
+            _dir_lock: dir_lock,
         };
-        let planner = bandwidth
-            .plan(Arc::clone(&stop))
-            .map_err(|source| AgentError::Thread {
-                what: "start the bandwidth planner".into(),
-                source,
-            })?;
+        let planner =
+            bandwidth
+                .plan(Arc::clone(&stopping))
+                .map_err(|source| AgentError::Thread {
+                    what: "start the bandwidth planner".into(),
+                    source,
+                })?;
         agent.threads.push(planner);
         let keeper =
             vm::keep(Arc::clone(&shared), Arc::clone(&agent.groups)).map_err(|source| {
@@ -156,32 +165,21 @@ impl Agent {
             })?;
         agent.threads.push(keeper);
         let here = &config.site.name;
-        let mut opened = Vec::new();
-        for group in &config.groups {
-            let member = group.primary == *here || group.replicas.iter().any(|r| &r.site == here);
-            if !member {
-                continue;
-            }
-            let rt = Arc::new(GroupRuntime::new(group.clone()));
-            let record =
-                rolefile::load(&layout.data_dir, &group.name)?.unwrap_or(rolefile::RoleRecord {
-                    primary: group.primary == *here,
-                    epoch: INITIAL_EPOCH,
-                    fork_epoch: 0,
-                    fork_seq: 0,
-                });
-            rt.open(&shared, &record)?;
-            opened.push((rt, record));
-        }
-        for (rt, _) in &opened {
-            agent.groups.push(Arc::clone(rt));
-        }
+        let members: Vec<&tandem_config::Group> = config
+            .groups
+            .iter()
+            .filter(|g| g.primary == *here || g.replicas.iter().any(|r| &r.site == here))
+            .collect();
+        fdlimit::raise(members.len(), members.iter().map(|g| g.volumes.len()).sum());
+        // The peer listener comes up before any group opens: a primary's
+        // session for a group not open here yet is refused and retried
+        // with backoff, not refused at connect.
         let listener =
             TcpListener::bind(&config.site.listen).map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),
                 source,
             })?;
-        let sessions_cap = replication::session_cap(agent.groups.len());
+        let sessions_cap = replication::session_cap(members.len());
         agent.peers = Some(
             replication::PeerListener::start(
                 listener,
@@ -196,29 +194,69 @@ impl Agent {
         );
         info!(addr = %config.site.listen, sessions = sessions_cap, "listening for replication peers");
         if coordinated {
-            agent.ownership = Some(ownership::Ownership::start(Arc::clone(&shared), opened)?);
+            agent.ownership = Some(ownership::Ownership::start(
+                Arc::clone(&shared),
+                Vec::new(),
+            )?);
         }
+        // No group is defined at runtime (API or peer) while the
+        // configured ones open: a definition is checked against them all.
+        let opening = Instant::now();
+        let opened = {
+            let _one_at_a_time = agent.defining.lock();
+            startup::open_groups(
+                &shared,
+                &agent.groups,
+                agent.ownership.as_ref().map(ownership::Ownership::handle),
+                &members,
+            )
+        };
+        if let Err(e) = opened {
+            // What opened is stopped again, as at a clean stop.
+            if let Err(stop_error) = agent.shutdown() {
+                warn!("stopping after a failed start: {stop_error}");
+            }
+            return Err(e);
+        }
+        info!(
+            groups = members.len(),
+            elapsed_ms = u64::try_from(opening.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "every group open"
+        );
         let view = Arc::new(agent.status_view());
         *shared.receivers.definer.write() =
             Some(Arc::new(runtime_groups::PeerDefiner(Arc::clone(&view))));
-        agent.api = Some(api::start(
+        // The API comes up with every group open: a status that answers
+        // lists them all (clients and scripts wait for the API to mean
+        // that the agent is up).
+        if let Err(e) = agent.serve(config, &view) {
+            if let Err(stop_error) = agent.shutdown() {
+                warn!("stopping after a failed start: {stop_error}");
+            }
+            return Err(e);
+        }
+        Ok(agent)
+    }
+
+    /// The API, and NBD on TCP if configured.
+    fn serve(&mut self, config: &Config, view: &Arc<StatusView>) -> Result<(), AgentError> {
+        self.api = Some(api::start(
             &config.site.api,
-            &layout,
-            view,
+            &self.shared.layout,
+            Arc::clone(view),
             config.api.metrics_auth,
-            Arc::clone(&stop),
+            Arc::clone(&self.shared.stop),
         )?);
         if let Some(addr) = &config.site.nbd_listen {
             let listener = TcpListener::bind(addr).map_err(|source| AgentError::Listen {
                 addr: addr.clone(),
                 source,
             })?;
-            agent
-                .tcp
+            self.tcp
                 .serve_tcp(
                     listener,
-                    Arc::new(catalog::LiveExports(Arc::clone(&shared.tcp_exports))),
-                    nbd_listen_options(config, tls_for_nbd.as_deref()),
+                    Arc::new(catalog::LiveExports(Arc::clone(&self.shared.tcp_exports))),
+                    nbd_listen_options(config, self.shared.tls.as_deref()),
                 )
                 .map_err(|source| AgentError::Listen {
                     addr: addr.clone(),
@@ -232,7 +270,7 @@ impl Agent {
                 info!(%addr, "NBD also on TCP");
             }
         }
-        Ok(agent)
+        Ok(())
     }
 
     fn status_view(&self) -> StatusView {
@@ -272,6 +310,7 @@ impl Agent {
     /// acknowledgements stay covered by it), then left to expire.
     pub fn shutdown(mut self) -> Result<(), AgentError> {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.stopping.raise();
         if let Some(o) = self.ownership.as_mut() {
             o.stop_deciding();
         }
@@ -282,13 +321,7 @@ impl Agent {
         if left > 0 {
             let _ = self.tcp.shutdown(SHUTDOWN_GRACE);
         }
-        let mut first_error = None;
-        for rt in self.groups.all() {
-            if let Err(e) = rt.stop_graceful(&self.shared, SHUTDOWN_GRACE) {
-                warn!(group = rt.name(), "final flush failed: {e}");
-                first_error.get_or_insert(e);
-            }
-        }
+        let first_error = startup::stop_groups(&self.shared, &self.groups.all(), SHUTDOWN_GRACE);
         if let Some(o) = self.ownership.take() {
             o.stop();
         }

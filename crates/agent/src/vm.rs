@@ -389,10 +389,7 @@ pub(crate) fn keep(
                         }
                     }
                 }
-                let until = std::time::Instant::now() + KEEP_EVERY;
-                while !shared.stop.load(Ordering::Acquire) && std::time::Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                shared.stopping.wait(KEEP_EVERY);
             }
         })
 }

@@ -232,9 +232,11 @@ fn two_agents_on_one_data_dir_the_second_is_refused() {
         Some(1),
         "second agent; stderr:\n{stderr}"
     );
+    // Refused before it listens or opens anything: by the data
+    // directory's lock (the images' own locks stand behind it).
     assert!(
-        stderr.contains("in use") && stderr.contains(&site.image("v0").display().to_string()),
-        "the second agent should say the image is in use:\n{stderr}"
+        stderr.contains("in use") && stderr.contains(&site.data_dir.display().to_string()),
+        "the second agent should say the data directory is in use:\n{stderr}"
     );
     // The first agent is unharmed, its socket included.
     assert!(site.is_running(), "first agent died:\n{}", site.log());

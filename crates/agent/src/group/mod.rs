@@ -62,10 +62,6 @@ impl Groups {
         let i = list.iter().position(|r| r.name() == name)?;
         Some(list.remove(i))
     }
-
-    pub fn len(&self) -> usize {
-        self.list.read().len()
-    }
 }
 
 /// What every group of this agent shares.
@@ -84,6 +80,8 @@ pub(crate) struct Shared {
     pub coordinated: bool,
     /// The agent is stopping.
     pub stop: Arc<AtomicBool>,
+    /// The same, for threads that sleep between rounds.
+    pub stopping: Arc<crate::signal::Signal>,
     /// This site's hypervisor, for the groups' VMs.
     pub vms: Arc<crate::vm::Vms>,
 }

@@ -229,10 +229,13 @@ impl PrimaryRole {
             }
         }
         self.stop.store(true, Ordering::Release);
+        // Wakes the shippers out of their wait for records (no more come:
+        // the exports are closed), so they see `stop` now, not after their
+        // wait.
+        self.capture.close();
         for t in self.threads {
             let _ = t.join();
         }
-        self.capture.close();
         let images: Vec<Arc<RawImage>> = self
             .capture
             .volumes()

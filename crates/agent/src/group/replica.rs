@@ -149,13 +149,15 @@ impl ReplicaRole {
         }
     }
 
-    /// Agent stop: everything received is applied and synced.
+    /// Agent stop: the session ends, everything received is applied and
+    /// synced.
     pub fn close(self, shared: &Shared, name: &str) {
         shared
             .receivers
             .groups
             .write()
             .retain(|p| !Arc::ptr_eq(p, &self.plan));
+        self.plan.end_session();
         if let Some(mut group) = self.group.try_lock_for(STOP_RELEASE) {
             if let Err(e) = group.commit().and_then(|_| group.checkpoint()) {
                 warn!(group = name, "final replica checkpoint failed: {e}");

@@ -1,8 +1,9 @@
-//! A group's actor: the one thread that steps the group's ownership
-//! machine and carries out its effects, in order, feeding each effect's
-//! outcome back as the next input. Only this thread changes the group's
-//! role, so role changes are serialized per group; other groups' actors
-//! run theirs at the same time.
+//! A group's actor: steps the group's ownership machine and carries out
+//! its effects, in order, feeding each effect's outcome back as the next
+//! input. It runs in turns on the actor pool ([`super::pool`]), one worker
+//! at a time per group: only it changes the group's role, so role changes
+//! are serialized per group; other groups' actors run theirs at the same
+//! time (long effects inside [`super::pool::Pool::blocking`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,17 +25,34 @@ struct Contact {
     revision: i64,
 }
 
-pub(super) fn run(h: &Handle, m: &Arc<Member>) {
+/// What a group's actor keeps between its turns.
+pub(super) struct ActorState {
+    contact: Contact,
+    promoting_since: Option<Instant>,
+}
+
+impl Default for ActorState {
+    fn default() -> Self {
+        ActorState {
+            contact: Contact {
+                sent: Instant::now(),
+                revision: 0,
+            },
+            promoting_since: None,
+        }
+    }
+}
+
+/// One turn of the group's actor: every input in its inbox, until it is
+/// empty (which unschedules the group).
+pub(super) fn turn(h: &Arc<Handle>, m: &Arc<Member>) {
+    let mut state = m.actor.lock();
     let mut actor = Actor {
         h,
         m,
-        contact: Contact {
-            sent: Instant::now(),
-            revision: 0,
-        },
-        promoting_since: None,
+        state: &mut state,
     };
-    while let Some(taken) = m.inbox.take() {
+    while let Some(taken) = m.inbox.try_take() {
         let input = match taken {
             Taken::Fenced => Input::Fenced,
             Taken::View(seen) => {
@@ -46,7 +64,7 @@ pub(super) fn run(h: &Handle, m: &Arc<Member>) {
                         .filter_map(|r| r.vm.clone().map(|state| (r.site.clone(), state)))
                         .collect();
                 }
-                actor.contact = Contact {
+                actor.state.contact = Contact {
                     sent: seen.sent,
                     revision: seen.view.revision,
                 };
@@ -63,10 +81,9 @@ pub(super) fn run(h: &Handle, m: &Arc<Member>) {
 }
 
 struct Actor<'a> {
-    h: &'a Handle,
+    h: &'a Arc<Handle>,
     m: &'a Arc<Member>,
-    contact: Contact,
-    promoting_since: Option<Instant>,
+    state: &'a mut ActorState,
 }
 
 impl Actor<'_> {
@@ -113,7 +130,7 @@ impl Actor<'_> {
         match self.h.store.txn(compares, ops) {
             Ok((applied, revision)) => {
                 if applied {
-                    self.contact = Contact { sent, revision };
+                    self.state.contact = Contact { sent, revision };
                 }
                 Ok((applied, revision))
             }
@@ -125,7 +142,18 @@ impl Actor<'_> {
     }
 
     /// Carries out one effect; its answer, if the machine waits for one.
+    /// Effects that may take long (role changes, hooks, the VM, drains)
+    /// run as the pool's blocking work.
     fn carry_out(&mut self, effect: Effect) -> Option<Input> {
+        if is_long(&effect) {
+            let h = Arc::clone(self.h);
+            h.pool.blocking(&h, || self.carry_out_now(effect))
+        } else {
+            self.carry_out_now(effect)
+        }
+    }
+
+    fn carry_out_now(&mut self, effect: Effect) -> Option<Input> {
         let shared = &self.h.shared;
         let rt = Arc::clone(&self.m.runtime);
         let group = rt.name().to_owned();
@@ -154,7 +182,10 @@ impl Actor<'_> {
                         gate.extend(lease.valid);
                     }
                     let was_open = gate.is_open();
-                    gate.admit(self.contact.revision, self.h.valid_from(self.contact.sent));
+                    gate.admit(
+                        self.state.contact.revision,
+                        self.h.valid_from(self.state.contact.sent),
+                    );
                     if !was_open && gate.is_open() {
                         info!(%group, "ownership confirmed: acknowledging writes");
                     }
@@ -167,7 +198,7 @@ impl Actor<'_> {
                 None
             }
             Effect::StopReceiving => {
-                self.promoting_since = Some(Instant::now());
+                self.state.promoting_since = Some(Instant::now());
                 Some(Input::ReceivingStopped(rt.stop_receiving(shared).map_err(
                     |e| {
                         error!(%group, "promotion: leaving the replica role failed: {e}");
@@ -181,7 +212,7 @@ impl Actor<'_> {
                     Failed
                 });
                 if result.is_ok() {
-                    let elapsed = self.promoting_since.take().map(|t| t.elapsed());
+                    let elapsed = self.state.promoting_since.take().map(|t| t.elapsed());
                     info!(
                         %group,
                         epoch,
@@ -283,5 +314,29 @@ impl Actor<'_> {
             &self.h.deciding_stopped,
         )
         .is_ok()
+    }
+}
+
+/// Whether an effect may block its worker for long: anything but a store
+/// transaction (bounded by the client's timeout) or a bookkeeping step.
+fn is_long(effect: &Effect) -> bool {
+    match effect {
+        Effect::Claim { .. }
+        | Effect::HandOver { .. }
+        | Effect::Write { .. }
+        | Effect::Admit
+        | Effect::Hold
+        | Effect::Resume => false,
+        // Waits up to 200 ms for a running session to let go.
+        Effect::AdoptEpoch { .. }
+        | Effect::StopReceiving
+        | Effect::StartServing { .. }
+        | Effect::StopServing
+        | Effect::SaveRollback { .. }
+        | Effect::StartReceiving { .. }
+        | Effect::StartVm { .. }
+        | Effect::StopVm { .. }
+        | Effect::RunHook { .. }
+        | Effect::AwaitDrain { .. } => true,
     }
 }

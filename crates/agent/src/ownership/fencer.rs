@@ -21,7 +21,7 @@ use super::Handle;
 /// How often the gates are looked at.
 const EVERY: Duration = Duration::from_millis(50);
 
-pub(super) fn run(h: &Handle) {
+pub(super) fn run(h: &std::sync::Arc<Handle>) {
     while h.running() && h.deciding() {
         let started = Instant::now();
         for m in h.members() {
@@ -37,7 +37,7 @@ pub(super) fn run(h: &Handle) {
             match h.shared.vms.destroy(&rt.cfg) {
                 Ok(()) => {
                     rt.vm_started.store(false, Ordering::Release);
-                    m.inbox.fenced();
+                    h.deliver_fence(&m);
                 }
                 Err(e) => error!(
                     group = rt.name(),
@@ -45,6 +45,6 @@ pub(super) fn run(h: &Handle) {
                 ),
             }
         }
-        std::thread::sleep(EVERY.saturating_sub(started.elapsed()));
+        h.deciding_ended.wait_until(started + EVERY);
     }
 }

@@ -3,15 +3,12 @@
 //! grants (F2: until `sent + TTL - TTL/6`). A lease the store no longer
 //! knows fences every gate at once; a new one is granted.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tandem_coordinator::{lease, StoreError};
 use tracing::{info, warn};
 
 use super::{Handle, Lease};
-
-/// How often a waiting keeper looks at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(20);
 
 pub(super) fn run(h: &Handle) {
     let every = lease::renew_every(h.ttl);
@@ -56,13 +53,6 @@ pub(super) fn run(h: &Handle) {
             }
             Err(e) => warn!("cannot renew the coordinator lease: {e}"),
         }
-        let next = sent + every;
-        while h.running() {
-            let left = next.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            std::thread::sleep(STOP_POLL.min(left));
-        }
+        h.ended.wait_until(sent + every);
     }
 }

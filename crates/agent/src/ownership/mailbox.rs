@@ -4,8 +4,15 @@
 //! worthless, so the watcher never waits and memory stays bounded. Beside
 //! it, a flag: the fencer destroyed the group's VM (the machine must
 //! know before it acts on any view).
+//!
+//! The inbox also says whether the group is *scheduled*: handed to the
+//! actor pool (`super::pool`) and not yet found empty by the worker
+//! running it. Whoever puts the first input into an unscheduled inbox is
+//! told to schedule it; a worker that finds it empty unschedules it in
+//! the same step. So a group is in the pool's queue or on one worker at
+//! most once, and no input is left without a worker coming for it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use tandem_coordinator::keys::GroupView;
@@ -26,6 +33,16 @@ struct Slot {
     latest: Option<Seen>,
     fenced: bool,
     closed: bool,
+    /// In the pool's queue or on a worker.
+    scheduled: bool,
+}
+
+impl Slot {
+    /// Marks the slot scheduled; whether it was not (the caller must hand
+    /// the group to the pool).
+    fn schedule(&mut self) -> bool {
+        !std::mem::replace(&mut self.scheduled, true)
+    }
 }
 
 /// What an actor takes from its mailbox.
@@ -39,50 +56,72 @@ pub(crate) enum Taken {
 #[derive(Default)]
 pub(crate) struct Mailbox {
     slot: Mutex<Slot>,
-    arrived: Condvar,
+    /// The group became unscheduled (for [`Mailbox::wait_unscheduled`]).
+    unscheduled: Condvar,
 }
 
 impl Mailbox {
-    /// Replaces what is waiting with `seen`.
-    pub fn put(&self, seen: Seen) {
+    /// Replaces what is waiting with `seen`. True when the group must be
+    /// handed to the pool (it was not scheduled).
+    #[must_use]
+    pub fn put(&self, seen: Seen) -> bool {
         let mut slot = self.slot.lock();
-        if !slot.closed {
-            slot.latest = Some(seen);
-            self.arrived.notify_one();
+        if slot.closed {
+            return false;
         }
+        slot.latest = Some(seen);
+        slot.schedule()
     }
 
-    /// The fencer destroyed the VM.
-    pub fn fenced(&self) {
+    /// The fencer destroyed the VM. True when the group must be handed to
+    /// the pool.
+    #[must_use]
+    pub fn fenced(&self) -> bool {
         let mut slot = self.slot.lock();
-        if !slot.closed {
-            slot.fenced = true;
-            self.arrived.notify_one();
+        if slot.closed {
+            return false;
         }
+        slot.fenced = true;
+        slot.schedule()
     }
 
-    /// A fence first, else the latest view, waiting for one; None once
-    /// closed.
-    pub fn take(&self) -> Option<Taken> {
+    /// A fence first, else the latest view. None when there is nothing
+    /// (or the inbox is closed): the group is unscheduled in the same
+    /// step, so the next `put` schedules it again.
+    pub fn try_take(&self) -> Option<Taken> {
         let mut slot = self.slot.lock();
-        loop {
-            if slot.closed {
-                return None;
-            }
+        if !slot.closed {
             if std::mem::take(&mut slot.fenced) {
                 return Some(Taken::Fenced);
             }
             if let Some(seen) = slot.latest.take() {
                 return Some(Taken::View(Box::new(seen)));
             }
-            self.arrived.wait(&mut slot);
         }
+        slot.scheduled = false;
+        self.unscheduled.notify_all();
+        None
     }
 
-    /// No more views: `take` returns None from now on.
+    /// No more inputs: `try_take` returns None from now on.
     pub fn close(&self) {
-        self.slot.lock().closed = true;
-        self.arrived.notify_all();
+        let mut slot = self.slot.lock();
+        slot.closed = true;
+        slot.latest = None;
+    }
+
+    /// Waits until no worker runs the group and it is in no queue (after
+    /// [`Mailbox::close`]: until its actor finished the step it was in);
+    /// false after `timeout`.
+    pub fn wait_unscheduled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut slot = self.slot.lock();
+        while slot.scheduled {
+            if self.unscheduled.wait_until(&mut slot, deadline).timed_out() {
+                return !slot.scheduled;
+            }
+        }
+        true
     }
 }
 
@@ -104,36 +143,57 @@ mod tests {
     #[test]
     fn a_busy_actor_gets_only_the_latest_view() {
         let mailbox = Mailbox::default();
-        mailbox.put(seen(1));
-        mailbox.put(seen(2));
-        mailbox.put(seen(3));
-        assert!(matches!(mailbox.take(), Some(Taken::View(s)) if s.view.revision == 3));
-        mailbox.put(seen(4));
+        assert!(mailbox.put(seen(1)), "the first input schedules the group");
+        assert!(!mailbox.put(seen(2)), "scheduled already");
+        assert!(!mailbox.put(seen(3)));
+        assert!(matches!(mailbox.try_take(), Some(Taken::View(s)) if s.view.revision == 3));
+        assert!(!mailbox.put(seen(4)), "still on its worker");
         mailbox.close();
         assert!(
-            mailbox.take().is_none(),
+            mailbox.try_take().is_none(),
             "closed: nothing more, not even a waiting view"
         );
+        assert!(mailbox.wait_unscheduled(Duration::ZERO));
+        assert!(!mailbox.put(seen(5)), "closed: never scheduled again");
     }
 
     #[test]
     fn a_fence_comes_before_any_view() {
         let mailbox = Mailbox::default();
-        mailbox.put(seen(1));
-        mailbox.fenced();
-        mailbox.fenced();
-        assert!(matches!(mailbox.take(), Some(Taken::Fenced)));
-        assert!(matches!(mailbox.take(), Some(Taken::View(s)) if s.view.revision == 1));
+        assert!(mailbox.put(seen(1)));
+        assert!(!mailbox.fenced());
+        assert!(!mailbox.fenced());
+        assert!(matches!(mailbox.try_take(), Some(Taken::Fenced)));
+        assert!(matches!(mailbox.try_take(), Some(Taken::View(s)) if s.view.revision == 1));
     }
 
     #[test]
-    fn close_wakes_a_waiting_actor() {
+    fn an_empty_inbox_is_unscheduled_and_the_next_input_schedules_it() {
+        let mailbox = Mailbox::default();
+        assert!(mailbox.fenced());
+        assert!(matches!(mailbox.try_take(), Some(Taken::Fenced)));
+        assert!(
+            !mailbox.wait_unscheduled(Duration::from_millis(10)),
+            "its worker has not found it empty yet"
+        );
+        assert!(mailbox.try_take().is_none());
+        assert!(mailbox.wait_unscheduled(Duration::ZERO));
+        assert!(
+            mailbox.put(seen(7)),
+            "unscheduled: the next input schedules it"
+        );
+    }
+
+    #[test]
+    fn unscheduling_wakes_a_waiter() {
         let mailbox = std::sync::Arc::new(Mailbox::default());
-        let actor = {
-            let mailbox = std::sync::Arc::clone(&mailbox);
-            std::thread::spawn(move || mailbox.take().is_none())
-        };
+        assert!(mailbox.put(seen(1)));
         mailbox.close();
-        assert!(actor.join().unwrap_or(false));
+        let waiter = {
+            let mailbox = std::sync::Arc::clone(&mailbox);
+            std::thread::spawn(move || mailbox.wait_unscheduled(Duration::from_secs(10)))
+        };
+        assert!(mailbox.try_take().is_none());
+        assert!(waiter.join().unwrap_or(false));
     }
 }

@@ -11,16 +11,18 @@
 //!   did not get to), and publishes this site's reports.
 //! * **fencer** — destroys the VM of a group whose gate lapsed, at once
 //!   (G9), and tells the group's actor.
-//! * **own-<group>**, one per group — steps the group's machine and
-//!   carries out its effects: store transactions, role-change steps on the
-//!   group's data plane, hooks, migration drains. A transition blocks only
-//!   its own group: a hanging hook or a slow promotion of one group delays
-//!   no other group.
+//! * **own-<n>**, the actor pool (`pool`): a few workers run the groups'
+//!   actors, each stepping its group's machine and carrying out its
+//!   effects: store transactions, role-change steps on the group's data
+//!   plane, hooks, migration drains. A transition blocks only its own
+//!   group: long effects get a worker of their own while they run, so a
+//!   hanging hook or a slow promotion of one group delays no other group.
 
 mod actor;
 mod fencer;
 mod keeper;
 mod mailbox;
+mod pool;
 mod request;
 mod watcher;
 
@@ -35,10 +37,11 @@ use tandem_coordinator::decide::Policy;
 use tandem_coordinator::keys::Keys;
 use tandem_coordinator::machine::{GroupMachine, PromoteFailure, Settings};
 use tandem_coordinator::{lease, LeaseId, Store};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::group::{GroupRuntime, Shared};
 use crate::rolefile::RoleRecord;
+use crate::signal::Signal;
 use crate::AgentError;
 
 pub(crate) use request::RequestError;
@@ -61,6 +64,9 @@ pub(crate) struct Member {
     /// Stepped by the group's actor; read by the watcher for reports.
     pub machine: Mutex<GroupMachine>,
     inbox: mailbox::Mailbox,
+    /// What the actor keeps between its turns (taken by the worker
+    /// running the group).
+    actor: Mutex<actor::ActorState>,
 }
 
 /// What the driver's threads share; also what the API uses for requests.
@@ -73,10 +79,14 @@ pub(crate) struct Handle {
     deciding_stopped: AtomicBool,
     /// The lease is no longer renewed, the store no longer watched.
     stopped: AtomicBool,
+    /// Raised with `deciding_stopped` (wakes the fencer).
+    deciding_ended: Signal,
+    /// Raised with `stopped` (wakes the lease keeper).
+    ended: Signal,
     shared: Arc<Shared>,
     members: RwLock<Vec<Arc<Member>>>,
-    /// The groups' actor threads.
-    actors: Mutex<Vec<JoinHandle<()>>>,
+    /// Runs the groups' actors.
+    pool: pool::Pool,
 }
 
 pub(crate) struct Ownership {
@@ -163,9 +173,11 @@ impl Ownership {
             lease: Mutex::new(None),
             deciding_stopped: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            deciding_ended: Signal::default(),
+            ended: Signal::default(),
             shared: Arc::clone(&shared),
             members: RwLock::new(Vec::new()),
-            actors: Mutex::new(Vec::new()),
+            pool: pool::Pool::default(),
         });
         let count = groups.len();
         for (runtime, record) in groups {
@@ -199,13 +211,11 @@ impl Ownership {
     /// the next start carries on from the role files and the store).
     pub fn stop_deciding(&mut self) {
         self.handle.deciding_stopped.store(true, Ordering::Release);
+        self.handle.deciding_ended.raise();
         for m in self.handle.members() {
             m.inbox.close();
         }
-        let actors = std::mem::take(&mut *self.handle.actors.lock());
-        for a in actors {
-            let _ = a.join();
-        }
+        self.handle.pool.close();
     }
 
     /// Stops renewing and watching. The lease is left to expire rather
@@ -215,6 +225,7 @@ impl Ownership {
     pub fn stop(mut self) {
         self.stop_deciding();
         self.handle.stopped.store(true, Ordering::Release);
+        self.handle.ended.raise();
         for t in self.threads {
             let _ = t.join();
         }
@@ -241,14 +252,24 @@ impl Handle {
             runtime,
             machine: Mutex::new(machine),
             inbox: mailbox::Mailbox::default(),
+            actor: Mutex::new(actor::ActorState::default()),
         });
-        let (h, m) = (Arc::clone(self), Arc::clone(&member));
-        let actor = spawn(format!("own-{}", member.runtime.name()), move || {
-            actor::run(&h, &m)
-        })?;
         self.members.write().push(member);
-        self.actors.lock().push(actor);
         Ok(())
+    }
+
+    /// Hands a view of the store to a group's actor; true when the group
+    /// must be scheduled ([`pool::Pool::schedule_all`]).
+    #[must_use]
+    fn deliver(&self, m: &Member, seen: mailbox::Seen) -> bool {
+        m.inbox.put(seen)
+    }
+
+    /// Tells a group's actor that the fencer destroyed its VM.
+    fn deliver_fence(self: &Arc<Self>, m: &Arc<Member>) {
+        if m.inbox.fenced() {
+            self.pool.schedule(self, Arc::clone(m));
+        }
     }
 
     /// Stops deciding for a group (it is being removed): its actor ends
@@ -263,16 +284,14 @@ impl Handle {
             return;
         };
         member.inbox.close();
-        let name = format!("own-{group}");
-        let actor = {
-            let mut actors = self.actors.lock();
-            let i = actors
-                .iter()
-                .position(|a| a.thread().name() == Some(name.as_str()));
-            i.map(|i| actors.remove(i))
-        };
-        if let Some(actor) = actor {
-            let _ = actor.join();
+        // A hook is killed after HOOK_TIMEOUT; a role change step ends
+        // sooner.
+        let bound = crate::hooks::HOOK_TIMEOUT + Duration::from_secs(60);
+        if !member.inbox.wait_unscheduled(bound) {
+            warn!(
+                group,
+                "removed while its actor still runs a step (waited {bound:?})"
+            );
         }
     }
 

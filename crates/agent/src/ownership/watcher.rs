@@ -5,13 +5,13 @@
 //! and publishes this site's reports — a group's report when it changed
 //! (its tip at most every TTL/3), the owner's lag record every TTL/3 —
 //! batched into few transactions. Then it waits for the next change in
-//! the store, or TTL/3.
+//! the store, or TTL/3 (at most a second, so that a stop is quick).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tandem_coordinator::keys::{encode, GroupView, MemberReport};
-use tandem_coordinator::{lease, LeaseId, Op, Snapshot};
+use tandem_coordinator::{lease, KeyValue, LeaseId, Op, Snapshot};
 use tandem_replication::shipper::LinkState;
 use tracing::warn;
 
@@ -25,6 +25,10 @@ const OPS_PER_TXN: usize = 64;
 const NO_LEASE_POLL: Duration = Duration::from_millis(50);
 /// How long to wait after a failed read.
 const READ_RETRY: Duration = Duration::from_millis(200);
+/// The longest wait for a change: a stopping agent waits for the watcher
+/// at most this long, whatever the lease TTL (the wait cannot be woken,
+/// and a TTL of an hour would otherwise make it 20 minutes).
+const WAIT_AT_MOST: Duration = Duration::from_secs(1);
 
 /// What was last published for a group.
 struct Published {
@@ -33,7 +37,7 @@ struct Published {
     lag_at: Option<Instant>,
 }
 
-pub(super) fn run(h: &Handle) {
+pub(super) fn run(h: &std::sync::Arc<Handle>) {
     let prefix = h.keys.groups();
     let every = lease::renew_every(h.ttl);
     let mut published: HashMap<String, Published> = HashMap::new();
@@ -52,18 +56,15 @@ pub(super) fn run(h: &Handle) {
             }
         };
         let confirmed = h.valid_from(sent);
+        let revision = snap.revision;
+        let mut by_group = by_group(&prefix, snap.kvs);
+        let mut scheduled = Vec::new();
         for m in h.members() {
             // Only this group's keys: reading a view of one group out of
             // every group's keys would cost groups x keys.
-            let prefix = h.keys.group(m.runtime.name());
             let own = Snapshot {
-                revision: snap.revision,
-                kvs: snap
-                    .kvs
-                    .iter()
-                    .filter(|kv| kv.key.starts_with(&prefix))
-                    .cloned()
-                    .collect(),
+                revision,
+                kvs: by_group.remove(m.runtime.name()).unwrap_or_default(),
             };
             let view = GroupView::read(&h.keys, m.runtime.name(), &own);
             for (key, reason) in &view.unreadable {
@@ -77,17 +78,45 @@ pub(super) fn run(h: &Handle) {
                     _ => gate.deny(view.revision),
                 }
             }
-            if h.deciding() {
-                m.inbox.put(Seen {
-                    view,
-                    lease: lease.id,
-                    sent,
-                });
+            if h.deciding()
+                && h.deliver(
+                    &m,
+                    Seen {
+                        view,
+                        lease: lease.id,
+                        sent,
+                    },
+                )
+            {
+                scheduled.push(m);
             }
         }
+        h.pool.schedule_all(h, scheduled);
         publish(h, lease.id, every, &mut published);
-        let _ = h.store.wait(&prefix, snap.revision, every);
+        let _ = h.store.wait(&prefix, revision, every.min(WAIT_AT_MOST));
     }
+}
+
+/// The keys under `prefix` (`<prefix><group>/...`) by group, in one pass.
+fn by_group(prefix: &str, kvs: Vec<KeyValue>) -> HashMap<String, Vec<KeyValue>> {
+    let mut out: HashMap<String, Vec<KeyValue>> = HashMap::new();
+    for kv in kvs {
+        let Some(group) = kv
+            .key
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(group, _)| group)
+        else {
+            continue;
+        };
+        match out.get_mut(group) {
+            Some(v) => v.push(kv),
+            None => {
+                out.insert(group.to_owned(), vec![kv]);
+            }
+        }
+    }
+    out
 }
 
 /// Whether a new report must go out now.
@@ -213,4 +242,44 @@ fn lag_record(m: &super::Member) -> Option<tandem_coordinator::keys::LagRecord> 
             .collect()
     };
     m.machine.lock().lag_record(replicas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_coordinator::keys::Keys;
+
+    fn kv(key: String) -> KeyValue {
+        KeyValue {
+            key,
+            value: Vec::new(),
+            mod_revision: 1,
+            create_revision: 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn keys_are_split_by_group_name_not_by_name_prefix() {
+        let keys = Keys::new("/tandem");
+        let kvs = vec![
+            kv(keys.owner("a")),
+            kv(keys.member("ab", "ny")),
+            kv(keys.member("a", "ny")),
+            kv(keys.epoch("ab")),
+            kv("/tandem/leases/7".into()),
+            kv(format!("{}no-slash", keys.groups())),
+        ];
+        let mut by = by_group(&keys.groups(), kvs);
+        let names = |v: Vec<KeyValue>| v.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
+        assert_eq!(
+            names(by.remove("a").unwrap_or_default()),
+            [keys.owner("a"), keys.member("a", "ny")]
+        );
+        assert_eq!(
+            names(by.remove("ab").unwrap_or_default()),
+            [keys.member("ab", "ny"), keys.epoch("ab")]
+        );
+        assert!(by.is_empty(), "keys outside any group's prefix: {by:?}");
+    }
 }

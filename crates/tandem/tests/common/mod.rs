@@ -720,3 +720,13 @@ pub fn api_call(site: &impl ApiSite, method: &str, path: &str, body: &str) -> (u
         .to_owned();
     (status, body)
 }
+
+// ---------------------------------------------------------------------------
+// Appended for scale.rs.
+
+impl Cluster {
+    /// The process id of a site's running agent.
+    pub fn pid(&self, name: &str) -> u32 {
+        self.site(name).child.as_ref().expect("running").id()
+    }
+}
