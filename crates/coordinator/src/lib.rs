@@ -10,6 +10,7 @@
 
 pub mod decide;
 pub mod etcd;
+pub mod instance;
 pub mod keys;
 pub mod lease;
 pub mod machine;
