@@ -53,6 +53,32 @@ pub struct Instance {
     pub cert_sha256: Option<String>,
     /// Its lease TTL: how long its key outlives it after a crash.
     pub lease_ttl_ms: u64,
+    /// Which running kernel and process it is: the host's boot id, its
+    /// pid namespace and its start time (clock ticks since boot). A later
+    /// run on the same kernel and pid namespace can tell for sure that
+    /// this process is gone ([`Process::same_host`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<Process>,
+}
+
+/// A process as the kernel names it, unique while the host runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+    /// `readlink /proc/self/ns/pid`.
+    pub pid_ns: String,
+    /// Field 22 of `/proc/self/stat`.
+    pub start_ticks: u64,
+}
+
+impl Process {
+    /// Whether `other` ran on this very kernel and pid namespace, where
+    /// its pid can be looked up (not a cloned host, another container or
+    /// an earlier boot).
+    pub fn same_host(&self, other: &Process) -> bool {
+        self.boot_id == other.boot_id && self.pid_ns == other.pid_ns
+    }
 }
 
 impl Instance {
@@ -73,6 +99,10 @@ impl Instance {
         i.host = clip(&i.host);
         i.cert_sha256 = i.cert_sha256.map(|c| clip(&c));
         i.lease_ttl_ms = i.lease_ttl_ms.min(MAX_TTL_MS);
+        if let Some(p) = &mut i.process {
+            p.boot_id = clip(&p.boot_id);
+            p.pid_ns = clip(&p.pid_ns);
+        }
         Ok(i)
     }
 
@@ -147,6 +177,27 @@ impl Holder {
     }
 }
 
+impl Holder {
+    /// The holder's process, when its record names one that ran on the
+    /// same kernel and pid namespace as `me` (so the driver can look its
+    /// pid up).
+    pub fn process<'a>(&'a self, me: &Instance) -> Option<(u32, &'a Process)> {
+        match (self, &me.process) {
+            (
+                Holder::Other {
+                    record: Some(r), ..
+                },
+                Some(mine),
+            ) => r
+                .process
+                .as_ref()
+                .filter(|p| p.same_host(mine))
+                .map(|p| (r.pid, p)),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -174,6 +225,18 @@ pub fn patience(own_ttl: Duration, holder_ttl: Option<Duration>) -> Duration {
     let ttl = own_ttl.max(holder_ttl.unwrap_or_default());
     let whole = Duration::from_secs(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0));
     whole.max(Duration::from_secs(2)) + (ttl / 2).max(Duration::from_secs(2))
+}
+
+/// What the driver knows of the process named by another holder's
+/// record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// It ran on this kernel and pid namespace, and no process with its
+    /// pid and start time exists any more: a crashed run of this agent.
+    Gone,
+    /// Alive, or elsewhere (cannot be looked up): only its lease ending
+    /// tells.
+    Unknown,
 }
 
 /// What a starting agent does next.
@@ -222,10 +285,24 @@ impl Claim {
     }
 
     /// The next step after a read of the key (`kv`, `None`: absent) at
-    /// `now`, for an agent holding `lease`.
-    pub fn next(&mut self, kv: Option<&KeyValue>, lease: LeaseId, now: Instant) -> Next {
+    /// `now`, for an agent holding `lease`; `liveness` is what the driver
+    /// found of the holder's process (see [`Holder::process`]).
+    pub fn next(
+        &mut self,
+        kv: Option<&KeyValue>,
+        lease: LeaseId,
+        liveness: Liveness,
+        now: Instant,
+    ) -> Next {
         let holder = Holder::of(kv, &self.me);
         match holder {
+            // A crashed run on this host: nothing acts on its lease any
+            // more, so its key may be replaced now.
+            Holder::Other {
+                record: Some(_),
+                revision,
+                ..
+            } if liveness == Liveness::Gone => self.take(revision, lease),
             Holder::Absent => self.take(0, lease),
             Holder::Me { lease: l, .. } if l == lease => Next::Held,
             // Ours under a lease that is not the current one (a retried
@@ -329,6 +406,11 @@ mod tests {
             since_ms: 1_700_000_000_000,
             cert_sha256: None,
             lease_ttl_ms: 3000,
+            process: Some(Process {
+                boot_id: "b1".into(),
+                pid_ns: "pid:[1]".into(),
+                start_ticks: 100,
+            }),
         }
     }
 
@@ -350,7 +432,7 @@ mod tests {
     fn an_absent_key_is_taken_with_a_key_absent_compare() {
         let mut c = claim();
         let now = Instant::now();
-        let Next::Take { compares, ops } = c.next(None, 7, now) else {
+        let Next::Take { compares, ops } = c.next(None, 7, Liveness::Unknown, now) else {
             panic!("not a take")
         };
         assert_eq!(
@@ -359,13 +441,13 @@ mod tests {
         );
         assert!(matches!(&ops[..], [Op::Put { key, lease: 7, value }]
             if key == "/t/sites/ny/instance" && Instance::decode(value).ok() == Some(me("aa"))));
-        assert_eq!(c.next(Some(&kv(&me("aa"), 7, 5)), 7, now), Next::Held);
+        assert_eq!(c.next(Some(&kv(&me("aa"), 7, 5)), 7, Liveness::Unknown, now), Next::Held);
     }
 
     #[test]
     fn our_record_under_an_old_lease_is_moved_with_a_revision_compare() {
         let mut c = claim();
-        let next = c.next(Some(&kv(&me("aa"), 6, 9)), 7, Instant::now());
+        let next = c.next(Some(&kv(&me("aa"), 6, 9)), 7, Liveness::Unknown, Instant::now());
         let Next::Take { compares, ops } = next else {
             panic!("not a take: {next:?}")
         };
@@ -381,22 +463,22 @@ mod tests {
         let mut c = claim();
         let t0 = Instant::now();
         let other = kv(&me("bb"), 3, 4);
-        let Next::Wait { holder, until } = c.next(Some(&other), 7, t0) else {
+        let Next::Wait { holder, until } = c.next(Some(&other), 7, Liveness::Unknown, t0) else {
             panic!("not a wait")
         };
         assert!(matches!(holder, Holder::Other { record: Some(ref r), .. } if r.id == "bb"));
         // 3 s TTL: 3 s plus a 2 s margin.
         assert_eq!(until, t0 + Duration::from_secs(5));
         assert!(matches!(
-            c.next(Some(&other), 7, t0 + Duration::from_secs(4)),
+            c.next(Some(&other), 7, Liveness::Unknown, t0 + Duration::from_secs(4)),
             Next::Wait { until: u, .. } if u == until
         ));
         // The key went (the old run's lease ended): take it.
         assert!(matches!(
-            c.next(None, 7, t0 + Duration::from_secs(4)),
+            c.next(None, 7, Liveness::Unknown, t0 + Duration::from_secs(4)),
             Next::Take { .. }
         ));
-        let refused = c.next(Some(&other), 7, t0 + Duration::from_secs(5));
+        let refused = c.next(Some(&other), 7, Liveness::Unknown, t0 + Duration::from_secs(5));
         assert!(
             matches!(refused, Next::Refuse { waited, .. } if waited == Duration::from_secs(5)),
             "{refused:?}"
@@ -409,17 +491,54 @@ mod tests {
         let t0 = Instant::now();
         let mut long = me("bb");
         long.lease_ttl_ms = 20_000;
-        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, t0) else {
+        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, Liveness::Unknown, t0) else {
             panic!("not a wait")
         };
         assert_eq!(until, t0 + Duration::from_secs(30));
         // A wild TTL is clipped to the configuration's hour.
         long.lease_ttl_ms = u64::MAX;
         let mut c = claim();
-        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, t0) else {
+        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, Liveness::Unknown, t0) else {
             panic!("not a wait")
         };
         assert_eq!(until, t0 + Duration::from_secs(3600 + 1800));
+    }
+
+    #[test]
+    fn a_crashed_run_on_this_host_is_replaced_at_once() {
+        let mut c = claim();
+        let old = kv(&me("bb"), 3, 4);
+        let next = c.next(Some(&old), 7, Liveness::Gone, Instant::now());
+        let Next::Take { compares, ops } = next else {
+            panic!("not a take: {next:?}")
+        };
+        assert_eq!(
+            compares,
+            vec![Compare::ModRevision("/t/sites/ny/instance".into(), 4)]
+        );
+        assert!(matches!(&ops[..], [Op::Put { lease: 7, .. }]));
+        // Only a record naming this kernel and pid namespace can be
+        // looked up.
+        let me_ = me("aa");
+        assert_eq!(
+            Holder::of(Some(&old), &me_).process(&me_).map(|(pid, _)| pid),
+            Some(42)
+        );
+        for (boot, ns) in [("b2", "pid:[1]"), ("b1", "pid:[2]")] {
+            let mut elsewhere = me("bb");
+            elsewhere.process = Some(Process {
+                boot_id: boot.into(),
+                pid_ns: ns.into(),
+                start_ticks: 100,
+            });
+            let h = Holder::of(Some(&kv(&elsewhere, 3, 4)), &me_);
+            assert!(h.process(&me_).is_none(), "{boot} {ns}");
+        }
+        let mut unnamed = me("bb");
+        unnamed.process = None;
+        assert!(Holder::of(Some(&kv(&unnamed, 3, 4)), &me_)
+            .process(&me_)
+            .is_none());
     }
 
     #[test]
@@ -429,7 +548,7 @@ mod tests {
         bad.value = b"mallory".to_vec();
         let t0 = Instant::now();
         assert!(matches!(
-            c.next(Some(&bad), 7, t0),
+            c.next(Some(&bad), 7, Liveness::Gone, t0),
             Next::Wait { holder: Holder::Other { record: None, unreadable: Some(_), .. }, .. }
         ));
         bad.value = vec![b' '; MAX_VALUE + 1];
@@ -537,7 +656,7 @@ mod tests {
             let first = Duration::from_millis(sorted[0]);
             for ms in sorted {
                 let at = Duration::from_millis(ms);
-                match c.next(Some(&other), 7, t0 + at) {
+                match c.next(Some(&other), 7, Liveness::Unknown, t0 + at) {
                     Next::Refuse { .. } => prop_assert!(at >= first + Duration::from_secs(5)),
                     Next::Wait { .. } => prop_assert!(at < first + Duration::from_secs(5)),
                     n => prop_assert!(false, "unexpected {:?}", n),

@@ -19,6 +19,7 @@
 
 mod actor;
 mod fencer;
+mod instance;
 mod keeper;
 mod mailbox;
 mod request;
@@ -77,6 +78,8 @@ pub(crate) struct Handle {
     members: RwLock<Vec<Arc<Member>>>,
     /// The groups' actor threads.
     actors: Mutex<Vec<JoinHandle<()>>>,
+    /// This agent's claim of its site name (one running agent per name).
+    pub instance: instance::Instances,
 }
 
 pub(crate) struct Ownership {
@@ -148,6 +151,7 @@ impl Ownership {
         let store = connect(&shared)?;
         let c = &shared.config.coordinator;
         let keys = Keys::new(&c.prefix);
+        let me = instance::identify(&shared);
         let handle = Arc::new(Handle {
             store,
             keys,
@@ -158,6 +162,7 @@ impl Ownership {
             shared: Arc::clone(&shared),
             members: RwLock::new(Vec::new()),
             actors: Mutex::new(Vec::new()),
+            instance: instance::Instances::new(me),
         });
         let count = groups.len();
         for (runtime, record) in groups {
@@ -175,10 +180,14 @@ impl Ownership {
             let h = Arc::clone(&handle);
             spawn("fencer".into(), move || fencer::run(&h))?
         };
+        let instance_watch = {
+            let h = Arc::clone(&handle);
+            spawn("instance-watch".into(), move || instance::watch(&h))?
+        };
         info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count, "coordinator decides ownership");
         Ok(Ownership {
             handle,
-            threads: vec![keeper, watcher, fencer],
+            threads: vec![keeper, watcher, fencer, instance_watch],
         })
     }
 
@@ -210,6 +219,18 @@ impl Ownership {
         for t in self.threads {
             let _ = t.join();
         }
+        instance::release(&self.handle);
+    }
+
+    /// Why the agent must exit (another agent has its site name), once
+    /// it must.
+    pub fn fatal(&self) -> Option<String> {
+        self.handle.instance.fatal()
+    }
+
+    /// Runs `f` once the agent must exit (at once if it must already).
+    pub fn on_fatal(&self, f: Box<dyn FnOnce() + Send>) {
+        self.handle.instance.on_fatal(f);
     }
 }
 
