@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Location};
 pub use model::{
-    Coordinator, CoordinatorKind, FailoverPolicy, Group, Libvirt, Mode, OnLostLease,
+    Coordinator, CoordinatorKind, EtcdAccess, FailoverPolicy, Group, Libvirt, Mode, OnLostLease,
     OnPromoteFailure, OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
 };
 pub use schedule::{local_weekday_minute, ScheduleWindow};
