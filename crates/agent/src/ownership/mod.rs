@@ -93,9 +93,10 @@ fn connect(shared: &Shared) -> Result<Arc<dyn Store>, AgentError> {
     let c = &shared.config.coordinator;
     let timeout = lease::renew_every(c.lease_ttl).max(Duration::from_millis(300));
     Ok(match c.kind {
-        CoordinatorKind::Etcd => Arc::new(tandem_coordinator::etcd::EtcdStore::new(
+        CoordinatorKind::Etcd => Arc::new(tandem_coordinator::etcd::EtcdStore::secure(
             &c.endpoints,
             timeout,
+            etcd_security(&c.etcd)?,
         )?),
         CoordinatorKind::Witness => Arc::new(tandem_coordinator::witness::WitnessClient::new(
             &c.endpoints,
@@ -103,6 +104,26 @@ fn connect(shared: &Shared) -> Result<Arc<dyn Store>, AgentError> {
         )?),
         CoordinatorKind::None => return Err(AgentError::NoCoordinator),
     })
+}
+
+/// TLS and login towards etcd, from the `[coordinator] etcd_*` keys
+/// (resolved by the configuration).
+fn etcd_security(
+    e: &tandem_config::EtcdAccess,
+) -> Result<tandem_coordinator::etcd::Security, AgentError> {
+    use tandem_coordinator::etcd::{EtcdConfigError, Login, Security};
+    let tls = match &e.ca {
+        Some(ca) => {
+            let client = e.cert.as_deref().zip(e.key.as_deref());
+            Some(tandem_coordinator::etcd_tls::EtcdTls::load(ca, client).map_err(EtcdConfigError::from)?)
+        }
+        None => None,
+    };
+    let login = match (&e.user, &e.password_file) {
+        (Some(user), Some(file)) => Some(Login::from_file(user, file)?),
+        _ => None,
+    };
+    Ok(Security { tls, login })
 }
 
 /// The failover settings of a group, from its configuration.
@@ -184,7 +205,9 @@ impl Ownership {
             let h = Arc::clone(&handle);
             spawn("instance-watch".into(), move || instance::watch(&h))?
         };
-        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count, "coordinator decides ownership");
+        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count,
+            tls = c.etcd.ca.is_some(), client_cert = c.etcd.cert.is_some(), user = ?c.etcd.user,
+            "coordinator decides ownership");
         Ok(Ownership {
             handle,
             threads: vec![keeper, watcher, fencer, instance_watch],
