@@ -235,7 +235,9 @@ impl Agent {
     /// its site name (it refused ownership at start, or the name was
     /// taken from it); every group is fenced already.
     pub fn fatal(&self) -> Option<String> {
-        self.ownership.as_ref().and_then(ownership::Ownership::fatal)
+        self.ownership
+            .as_ref()
+            .and_then(ownership::Ownership::fatal)
     }
 
     /// Runs `f` once the agent must exit (at once if it must already;

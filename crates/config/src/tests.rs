@@ -1614,7 +1614,10 @@ fn etcd_tls_keys_resolve() {
     assert_eq!(e.cert.as_deref(), Some(Path::new("/etc/tandem/tls/ny.pem")));
     // etcd_ca alone: a server-authenticated link without a client
     // certificate (e.g. with a password).
-    let c = ok(&etcd("\"https://10.0.3.1:2379\"", "etcd_ca = \"/etc/etcd/ca.pem\""));
+    let c = ok(&etcd(
+        "\"https://10.0.3.1:2379\"",
+        "etcd_ca = \"/etc/etcd/ca.pem\"",
+    ));
     assert_eq!(c.coordinator.etcd.cert, None);
     // Plain HTTP on loopback.
     let c = ok(&etcd("\"127.0.0.1:2379\", \"http://localhost:2380\"", ""));
@@ -1659,7 +1662,10 @@ fn etcd_links_must_be_authenticated_off_loopback() {
         "no endpoint uses https://",
     );
     check(
-        &etcd("\"https://10.0.3.1:2379\"", "etcd_cert = \"/etc/etcd/ny.pem\""),
+        &etcd(
+            "\"https://10.0.3.1:2379\"",
+            "etcd_cert = \"/etc/etcd/ny.pem\"",
+        ),
         "etcd_cert",
         "coordinator.etcd_cert",
         "without etcd_key",
@@ -1671,7 +1677,10 @@ fn etcd_links_must_be_authenticated_off_loopback() {
         "without etcd_user",
     );
     check(
-        &spec_with("lease_ttl = \"3s\"", "lease_ttl = \"3s\"\netcd_user = \"x\""),
+        &spec_with(
+            "lease_ttl = \"3s\"",
+            "lease_ttl = \"3s\"\netcd_user = \"x\"",
+        ),
         "etcd_user",
         "coordinator.etcd_user",
         "is for kind = \"etcd\"",

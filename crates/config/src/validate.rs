@@ -698,7 +698,10 @@ fn etcd_access(
             return Err(cx.err(
                 &v.span(),
                 format!("coordinator.{name}"),
-                format!("{name} is for kind = \"etcd\" (this coordinator is \"{}\")", c.kind),
+                format!(
+                    "{name} is for kind = \"etcd\" (this coordinator is \"{}\")",
+                    c.kind
+                ),
             ));
         }
         return Ok(crate::model::EtcdAccess::default());
@@ -722,7 +725,11 @@ fn etcd_access(
         ("etcd_user", &raw.etcd_user),
         ("etcd_password_file", &raw.etcd_password_file),
     )?;
-    let list = raw.endpoints.as_ref().map(|l| l.get_ref().as_slice()).unwrap_or_default();
+    let list = raw
+        .endpoints
+        .as_ref()
+        .map(|l| l.get_ref().as_slice())
+        .unwrap_or_default();
     let is_https = |e: &str| e.trim().to_ascii_lowercase().starts_with("https://");
     let https = list.first().is_some_and(|e| is_https(&e.get_ref().0));
     for (i, e) in list.iter().enumerate() {
@@ -756,7 +763,8 @@ fn etcd_access(
             }
         }
     }
-    let path = |v: &Option<Spanned<crate::raw::NonEmpty>>| v.as_ref().map(|p| cx.resolve(&p.get_ref().0));
+    let path =
+        |v: &Option<Spanned<crate::raw::NonEmpty>>| v.as_ref().map(|p| cx.resolve(&p.get_ref().0));
     if !https {
         if let Some((name, Some(v))) = keys[..3].iter().find(|(_, v)| v.is_some()) {
             return Err(cx.err(
@@ -770,13 +778,19 @@ fn etcd_access(
     let (ca, cert, key) = if !https {
         (None, None, None)
     } else if raw.etcd_ca.is_some() {
-        (path(&raw.etcd_ca), path(&raw.etcd_cert), path(&raw.etcd_key))
+        (
+            path(&raw.etcd_ca),
+            path(&raw.etcd_cert),
+            path(&raw.etcd_key),
+        )
     } else if tls_on && tls.ca.is_some() {
         let cert = path(&raw.etcd_cert).or_else(|| tls.cert.clone());
         let key = path(&raw.etcd_key).or_else(|| tls.key.clone());
         (tls.ca.clone(), cert, key)
     } else {
-        let span = list.first().map_or_else(|| cx.span_of("coordinator"), Spanned::span);
+        let span = list
+            .first()
+            .map_or_else(|| cx.span_of("coordinator"), Spanned::span);
         return Err(cx.err(
             &span,
             "coordinator.etcd_ca",

@@ -4,8 +4,11 @@
 //!
 //! It speaks the etcd v3 API through etcd's JSON gateway on the client
 //! URL (`/v3/kv/range`, `/v3/kv/txn`, `/v3/lease/grant`,
-//! `/v3/lease/keepalive`, `/v3/lease/revoke`, `/v3/watch`) over plain
-//! HTTP, so Tandem needs no gRPC stack. Keys and values travel base64
+//! `/v3/lease/keepalive`, `/v3/lease/revoke`, `/v3/watch`) over HTTP or
+//! HTTPS ([`crate::etcd_tls`]: etcd's CA and an optional client
+//! certificate), so Tandem needs no gRPC stack. With a [`Login`] every
+//! request carries the token of `/v3/auth/authenticate`; a token etcd no
+//! longer accepts is replaced by a new login and the call retried once. Keys and values travel base64
 //! encoded and 64-bit integers as JSON strings; both are decoded
 //! defensively: an answer this client does not understand is
 //! [`StoreError::Protocol`], never a panic.
@@ -56,8 +59,8 @@
 //!   and returns at the first event, when etcd cancels the watch (for
 //!   instance because that revision was compacted away: the caller
 //!   re-reads), or at the timeout.
-//! - TLS (`https://` endpoints) is not supported by this build: such an
-//!   endpoint is rejected by [`EtcdStore::new`].
+//! - `https://` endpoints need TLS material ([`EtcdStore::secure`]); all
+//!   endpoints of one store use the same scheme.
 
 use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,7 +82,9 @@ pub enum EtcdConfigError {
     NoEndpoints,
     #[error("etcd endpoint {0:?} is https:// but no TLS material was given (etcd_ca)")]
     TlsUnsupported(String),
-    #[error("etcd endpoint {0:?} is plain HTTP while TLS material was given: write it as https://")]
+    #[error(
+        "etcd endpoint {0:?} is plain HTTP while TLS material was given: write it as https://"
+    )]
     PlainWithTls(String),
     #[error(transparent)]
     Tls(#[from] crate::etcd_tls::EtcdTlsError),
@@ -138,10 +143,11 @@ impl Login {
     /// The user and the password in `path` (its first line, without
     /// the line end).
     pub fn from_file(user: &str, path: &std::path::Path) -> Result<Login, EtcdConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| EtcdConfigError::PasswordFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| EtcdConfigError::PasswordFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let password = text.lines().next().unwrap_or_default().to_owned();
         Ok(Login {
             user: user.to_owned(),
@@ -579,7 +585,13 @@ enum WatchEnd {
 }
 
 impl EtcdStore {
-    fn watch_once(&self, url: &str, body: &str, token: Option<&str>, timeout: Duration) -> WatchEnd {
+    fn watch_once(
+        &self,
+        url: &str,
+        body: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> WatchEnd {
         let (status, reader) = match self.post(url, body, token, timeout) {
             Ok(answer) => answer,
             Err(e) if e.timed_out => return WatchEnd::Done,

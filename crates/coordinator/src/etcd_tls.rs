@@ -120,7 +120,9 @@ pub(crate) fn explain(e: &rustls::Error) -> String {
         }
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        ) => "etcd's certificate does not name the host of the endpoint (its subjectAltName)".into(),
+        ) => {
+            "etcd's certificate does not name the host of the endpoint (its subjectAltName)".into()
+        }
         rustls::Error::InvalidCertificate(c) => format!("etcd's certificate is not valid: {c:?}"),
         rustls::Error::AlertReceived(
             a @ (AlertDescription::CertificateRequired

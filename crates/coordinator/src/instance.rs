@@ -243,7 +243,10 @@ pub enum Liveness {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
     /// Take the key with this transaction, then read again.
-    Take { compares: Vec<Compare>, ops: Vec<Op> },
+    Take {
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    },
     /// Another instance holds the key: read again after a change or at
     /// `until` at the latest.
     Wait { holder: Holder, until: Instant },
@@ -355,7 +358,7 @@ pub enum Verdict {
     /// Gone: deleted, or its lease ended.
     Gone,
     /// Another instance (or something else) holds it now.
-    Replaced(Holder),
+    Replaced(Box<Holder>),
 }
 
 /// Judges a read of the instance key by an agent `me` holding `lease`.
@@ -365,7 +368,7 @@ pub fn check(kv: Option<&KeyValue>, me: &Instance, lease: LeaseId) -> Verdict {
         Holder::Me { lease: l, .. } if l == lease => Verdict::Held,
         // Ours, but under another lease: this agent's own record moved
         // to a lease it does not hold is not something it did.
-        other => Verdict::Replaced(other),
+        other => Verdict::Replaced(Box::new(other)),
     }
 }
 
@@ -441,13 +444,21 @@ mod tests {
         );
         assert!(matches!(&ops[..], [Op::Put { key, lease: 7, value }]
             if key == "/t/sites/ny/instance" && Instance::decode(value).ok() == Some(me("aa"))));
-        assert_eq!(c.next(Some(&kv(&me("aa"), 7, 5)), 7, Liveness::Unknown, now), Next::Held);
+        assert_eq!(
+            c.next(Some(&kv(&me("aa"), 7, 5)), 7, Liveness::Unknown, now),
+            Next::Held
+        );
     }
 
     #[test]
     fn our_record_under_an_old_lease_is_moved_with_a_revision_compare() {
         let mut c = claim();
-        let next = c.next(Some(&kv(&me("aa"), 6, 9)), 7, Liveness::Unknown, Instant::now());
+        let next = c.next(
+            Some(&kv(&me("aa"), 6, 9)),
+            7,
+            Liveness::Unknown,
+            Instant::now(),
+        );
         let Next::Take { compares, ops } = next else {
             panic!("not a take: {next:?}")
         };
@@ -478,7 +489,12 @@ mod tests {
             c.next(None, 7, Liveness::Unknown, t0 + Duration::from_secs(4)),
             Next::Take { .. }
         ));
-        let refused = c.next(Some(&other), 7, Liveness::Unknown, t0 + Duration::from_secs(5));
+        let refused = c.next(
+            Some(&other),
+            7,
+            Liveness::Unknown,
+            t0 + Duration::from_secs(5),
+        );
         assert!(
             matches!(refused, Next::Refuse { waited, .. } if waited == Duration::from_secs(5)),
             "{refused:?}"
@@ -491,14 +507,16 @@ mod tests {
         let t0 = Instant::now();
         let mut long = me("bb");
         long.lease_ttl_ms = 20_000;
-        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, Liveness::Unknown, t0) else {
+        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, Liveness::Unknown, t0)
+        else {
             panic!("not a wait")
         };
         assert_eq!(until, t0 + Duration::from_secs(30));
         // A wild TTL is clipped to the configuration's hour.
         long.lease_ttl_ms = u64::MAX;
         let mut c = claim();
-        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, Liveness::Unknown, t0) else {
+        let Next::Wait { until, .. } = c.next(Some(&kv(&long, 3, 4)), 7, Liveness::Unknown, t0)
+        else {
             panic!("not a wait")
         };
         assert_eq!(until, t0 + Duration::from_secs(3600 + 1800));
@@ -521,7 +539,9 @@ mod tests {
         // looked up.
         let me_ = me("aa");
         assert_eq!(
-            Holder::of(Some(&old), &me_).process(&me_).map(|(pid, _)| pid),
+            Holder::of(Some(&old), &me_)
+                .process(&me_)
+                .map(|(pid, _)| pid),
             Some(42)
         );
         for (boot, ns) in [("b2", "pid:[1]"), ("b1", "pid:[2]")] {
@@ -549,12 +569,19 @@ mod tests {
         let t0 = Instant::now();
         assert!(matches!(
             c.next(Some(&bad), 7, Liveness::Gone, t0),
-            Next::Wait { holder: Holder::Other { record: None, unreadable: Some(_), .. }, .. }
+            Next::Wait {
+                holder: Holder::Other {
+                    record: None,
+                    unreadable: Some(_),
+                    ..
+                },
+                ..
+            }
         ));
         bad.value = vec![b' '; MAX_VALUE + 1];
         assert!(matches!(
             check(Some(&bad), &me("aa"), 7),
-            Verdict::Replaced(Holder::Other { record: None, .. })
+            Verdict::Replaced(h) if matches!(*h, Holder::Other { record: None, .. })
         ));
     }
 
@@ -565,11 +592,11 @@ mod tests {
         assert_eq!(check(None, &mine, 7), Verdict::Gone);
         assert!(matches!(
             check(Some(&kv(&me("bb"), 8, 6)), &mine, 7),
-            Verdict::Replaced(Holder::Other { record: Some(r), lease: 8, .. }) if r.id == "bb"
+            Verdict::Replaced(h) if matches!(&*h, Holder::Other { record: Some(r), lease: 8, .. } if r.id == "bb")
         ));
         assert!(matches!(
             check(Some(&kv(&mine, 8, 6)), &mine, 7),
-            Verdict::Replaced(Holder::Me { lease: 8, .. })
+            Verdict::Replaced(h) if matches!(*h, Holder::Me { lease: 8, .. })
         ));
     }
 

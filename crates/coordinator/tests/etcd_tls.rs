@@ -105,8 +105,12 @@ fn the_store_works_over_tls_with_a_client_certificate() {
             .unwrap()
     });
     let started = Instant::now();
-    s.wait("t/", snap.revision, Duration::from_secs(10)).unwrap();
-    assert!(started.elapsed() < Duration::from_secs(9), "the watch saw no change");
+    s.wait("t/", snap.revision, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the watch saw no change"
+    );
     writer.join().unwrap();
     assert!(s.range("t/").unwrap().get("t/other").is_some());
     s.revoke(lease).unwrap();

@@ -78,10 +78,17 @@ fn agents_with_an_etcd_coordinator_over_tls_own_and_fail_over() {
     qemu_io(&c.uri("ny", VOLUME), &["write -P 0x71 0 1M", "flush"]);
     let s = c.status("ny");
     assert_eq!(s["instance"]["state"], "held", "{s:#}");
-    assert!(c.site("ny").log().contains("tls=true"), "{}", c.site("ny").log());
+    assert!(
+        c.site("ny").log().contains("tls=true"),
+        "{}",
+        c.site("ny").log()
+    );
     c.wait_replicated(Duration::from_secs(30));
 
     c.kill("ny");
     wait_primary(&c, "chicago", 2, Duration::from_secs(30));
-    qemu_io(&c.uri("chicago", VOLUME), &["read -P 0x71 0 1M", "write -P 0x72 1M 4k", "flush"]);
+    qemu_io(
+        &c.uri("chicago", VOLUME),
+        &["read -P 0x71 0 1M", "write -P 0x72 1M 4k", "flush"],
+    );
 }

@@ -267,7 +267,12 @@ fn one_agent_per_site_name(section: &str, take_over: Option<&dyn Fn()>) {
     assert!(c.site("ny").log().contains("taking the name over at once"));
     qemu_io(
         &c.uri("ny", VOLUME),
-        &["read -P 0xa1 0 1M", "read -P 0x5b 2M 4k", "write -P 0xa2 3M 4k", "flush"],
+        &[
+            "read -P 0xa1 0 1M",
+            "read -P 0x5b 2M 4k",
+            "write -P 0xa2 3M 4k",
+            "flush",
+        ],
     );
     assert_eq!(group(&c.status("chicago"))["role"], "replica");
 

@@ -125,14 +125,15 @@ pub(super) fn identify(shared: &Shared) -> Instance {
     let cert_sha256 = shared.config.tls.cert.as_ref().and_then(|path| {
         use tandem_tls::rustls::pki_types::pem::PemObject;
         use tandem_tls::rustls::pki_types::CertificateDer;
-        if shared.tls.is_none() {
-            return None;
-        }
+        // TLS off: no certificate is in use.
+        shared.tls.as_ref()?;
         let first = CertificateDer::pem_file_iter(path)
             .ok()
             .and_then(|mut certs| certs.next())
             .and_then(Result::ok)?;
-        Some(hex(ring::digest::digest(&ring::digest::SHA256, &first).as_ref()))
+        Some(hex(
+            ring::digest::digest(&ring::digest::SHA256, &first).as_ref()
+        ))
     });
     Instance {
         id: hex(&id),
@@ -264,7 +265,12 @@ pub(super) fn acquire(h: &Handle, lease: LeaseId, mut renewed: Instant, first: b
                 return Acquired::Held { renewed };
             }
             Next::Wait { holder, .. } if !first => {
-                refuse(h, &holder, started.elapsed(), "while this agent had lost its lease");
+                refuse(
+                    h,
+                    &holder,
+                    started.elapsed(),
+                    "while this agent had lost its lease",
+                );
                 return Acquired::Refused;
             }
             Next::Wait { holder, until } => {
@@ -351,8 +357,7 @@ pub(super) fn watch(h: &Handle) {
                          acknowledging writes and exits",
                         h.shared.site, h.instance.me
                     );
-                    h.instance
-                        .set(InstanceState::Lost, None, Some(why.clone()));
+                    h.instance.set(InstanceState::Lost, None, Some(why.clone()));
                     fatal(h, why);
                     return;
                 }
@@ -369,7 +374,7 @@ pub(super) fn watch(h: &Handle) {
                     h.shared.site, h.instance.me
                 );
                 h.instance
-                    .set(InstanceState::Lost, Some(&holder), Some(why.clone()));
+                    .set(InstanceState::Lost, Some(&*holder), Some(why.clone()));
                 fatal(h, why);
                 return;
             }
@@ -406,7 +411,10 @@ pub(super) fn fatal(h: &Handle, why: String) {
     for m in h.members() {
         let rt = &m.runtime;
         if rt.cfg.vm.is_some() && rt.vm_started.load(Ordering::Acquire) {
-            warn!(group = rt.name(), "destroying the VM here: this agent exits");
+            warn!(
+                group = rt.name(),
+                "destroying the VM here: this agent exits"
+            );
             match h.shared.vms.destroy(&rt.cfg) {
                 Ok(()) => rt.vm_started.store(false, Ordering::Release),
                 Err(e) => error!(group = rt.name(), "the VM could not be destroyed: {e}"),
@@ -436,7 +444,9 @@ pub(super) fn release(h: &Handle) {
     match h.store.txn(&compares, &ops) {
         Ok((true, _)) => info!("site name given back: the next start need not wait"),
         Ok((false, _)) => {}
-        Err(e) => warn!("cannot give the site name back (the next start waits for the lease to end): {e}"),
+        Err(e) => {
+            warn!("cannot give the site name back (the next start waits for the lease to end): {e}")
+        }
     }
 }
 

@@ -115,7 +115,10 @@ fn etcd_security(
     let tls = match &e.ca {
         Some(ca) => {
             let client = e.cert.as_deref().zip(e.key.as_deref());
-            Some(tandem_coordinator::etcd_tls::EtcdTls::load(ca, client).map_err(EtcdConfigError::from)?)
+            Some(
+                tandem_coordinator::etcd_tls::EtcdTls::load(ca, client)
+                    .map_err(EtcdConfigError::from)?,
+            )
         }
         None => None,
     };
