@@ -23,7 +23,7 @@ use tandem_coordinator::instance::{
     check, utc, Claim, Holder, Instance, Liveness, Next, Process, Verdict,
 };
 use tandem_coordinator::{lease, LeaseId, StoreError};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Handle;
 use crate::group::Shared;
@@ -217,6 +217,7 @@ pub(super) fn acquire(h: &Handle, lease: LeaseId, mut renewed: Instant, first: b
     let key = claim.key().to_owned();
     let started = Instant::now();
     let mut told: Option<Instant> = None;
+    let mut complained: Option<Instant> = None;
     h.instance.set(InstanceState::Claiming, None, None);
     loop {
         if !h.running() {
@@ -233,7 +234,10 @@ pub(super) fn acquire(h: &Handle, lease: LeaseId, mut renewed: Instant, first: b
         let snap = match h.store.range(&key) {
             Ok(s) => s,
             Err(e) => {
-                warn!("cannot read this site's instance key {key}: {e}");
+                if complained.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+                    warn!("cannot read this site's instance key {key} (retrying): {e}");
+                    complained = Some(Instant::now());
+                }
                 std::thread::sleep(RETRY);
                 continue;
             }
@@ -253,7 +257,10 @@ pub(super) fn acquire(h: &Handle, lease: LeaseId, mut renewed: Instant, first: b
                     return Acquired::LeaseLost
                 }
                 Err(e) => {
-                    warn!("cannot take this site's instance key {key}: {e}");
+                    if complained.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+                        warn!("cannot take this site's instance key {key} (retrying): {e}");
+                        complained = Some(Instant::now());
+                    }
                     std::thread::sleep(RETRY);
                 }
             },
@@ -331,7 +338,8 @@ pub(super) fn watch(h: &Handle) {
         let snap = match h.store.range(&key) {
             Ok(s) => s,
             Err(e) => {
-                warn!("cannot read this site's instance key {key}: {e}");
+                // The store watcher warns of an unreachable coordinator.
+                debug!("cannot read this site's instance key {key}: {e}");
                 std::thread::sleep(RETRY);
                 continue;
             }
@@ -362,7 +370,7 @@ pub(super) fn watch(h: &Handle) {
                     return;
                 }
                 Err(e) => {
-                    warn!("cannot check the coordinator lease: {e}");
+                    debug!("cannot check the coordinator lease: {e}");
                     std::thread::sleep(RETRY);
                     continue;
                 }
