@@ -9,7 +9,9 @@
 //!   acknowledging writes as the group's only primary;
 //! * the first, SIGKILLed and restarted on its host, is primary again at
 //!   once, in the same epoch (a crashed run on the same host is known to
-//!   be gone);
+//!   be gone); started again in another pid namespace (as on another
+//!   host, where the old run cannot be looked up) it waits for the old
+//!   run's lease to end, then holds the name (witness run);
 //! * a running agent whose name is taken over fences and exits non-zero.
 
 #![allow(clippy::unwrap_used)]
@@ -243,6 +245,56 @@ impl OutputRef for Child {
     }
 }
 
+/// ny SIGKILLed and started again in another pid namespace (as on
+/// another host: the old run cannot be looked up): it waits for the old
+/// run's lease to end, says so, then holds the name; the group has one
+/// primary (chicago, if it failed over meanwhile).
+fn moved_host_waits_for_the_old_lease(c: &mut Cluster) {
+    c.kill("ny");
+    let ny = c.site("ny");
+    let log = c.dir.path().join("ny-moved.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "--"])
+        .arg(TANDEM)
+        .args(["agent", "--config"])
+        .arg(&ny.config)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    struct Guard(Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Guard(child);
+    let started = Instant::now();
+    let config = ny.config.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "the moved ny to hold its name",
+        || status_json(&config).is_some_and(|s| s["instance"]["state"] == "held"),
+    );
+    eprintln!("moved ny held its name after {:?}", started.elapsed());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("waiting up to"), "{text}");
+    assert!(!text.contains("taking the name over at once"), "{text}");
+    // One primary: ny again, or chicago after a failover.
+    wait_until(Duration::from_secs(30), "one primary", || {
+        let (n, ch) = (
+            group(&status_json(&config).unwrap_or_default()),
+            group(&c.status("chicago")),
+        );
+        (n["role"] == "primary") != (ch["role"] == "primary")
+            && (n["role"] == "replica" || ch["role"] == "replica")
+    });
+}
+
 /// The whole story on one coordinator (`section`).
 fn one_agent_per_site_name(section: &str, take_over: Option<&dyn Fn()>) {
     let mut c = Cluster::new("ny", &["chicago"], &[vol(VOLUME, "16MiB")], "");
@@ -276,6 +328,9 @@ fn one_agent_per_site_name(section: &str, take_over: Option<&dyn Fn()>) {
     );
     assert_eq!(group(&c.status("chicago"))["role"], "replica");
 
+    if take_over.is_none() {
+        moved_host_waits_for_the_old_lease(&mut c);
+    }
     if let Some(take_over) = take_over {
         // Someone else's record replaces ny's: ny fences and exits.
         take_over();
