@@ -218,6 +218,8 @@ pub(super) fn acquire(h: &Handle, lease: LeaseId, mut renewed: Instant, first: b
     let started = Instant::now();
     let mut told: Option<Instant> = None;
     let mut complained: Option<Instant> = None;
+    // Not held under this lease yet: no primary role connects meanwhile.
+    h.shared.name_held.store(false, Ordering::Release);
     h.instance.set(InstanceState::Claiming, None, None);
     loop {
         if !h.running() {
