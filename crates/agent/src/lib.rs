@@ -128,6 +128,7 @@ impl Agent {
             nbd: Arc::clone(&nbd),
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
             coordinated,
+            name_held: Arc::new(AtomicBool::new(!coordinated)),
             stop: Arc::clone(&stop),
             stopping: Arc::clone(&stopping),
             vms: Arc::new(vm::Vms::new(
@@ -282,6 +283,23 @@ impl Agent {
             nbd: Arc::clone(&self.server.stats),
             bandwidth: Arc::clone(&self.shared.bandwidth),
             ownership: self.ownership.as_ref().map(|o| o.handle()),
+        }
+    }
+
+    /// Why this agent must exit, once it must: another agent runs with
+    /// its site name (it refused ownership at start, or the name was
+    /// taken from it); every group is fenced already.
+    pub fn fatal(&self) -> Option<String> {
+        self.ownership
+            .as_ref()
+            .and_then(ownership::Ownership::fatal)
+    }
+
+    /// Runs `f` once the agent must exit (at once if it must already;
+    /// never without a coordinator).
+    pub fn on_fatal(&self, f: Box<dyn FnOnce() + Send>) {
+        if let Some(o) = &self.ownership {
+            o.on_fatal(f);
         }
     }
 

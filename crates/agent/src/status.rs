@@ -11,6 +11,62 @@ pub use tandem_coordinator::keys::Role;
 pub struct SiteStatus {
     pub site: String,
     pub groups: Vec<GroupStatus>,
+    /// This agent as the coordinator knows it (one running agent per site
+    /// name); absent without a coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceStatus>,
+}
+
+/// This running agent and its claim of the site name (docs/FAILOVER.md,
+/// "One agent per site name").
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Random, new at each start.
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// When this agent started (UTC).
+    pub since: String,
+    pub state: InstanceState,
+    /// The other agent holding the site name (`waiting`, `refused`,
+    /// `lost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other: Option<OtherInstance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where this agent's claim of its site name is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Taking the site's instance key (nothing is acted on yet).
+    Claiming,
+    /// Another instance holds it: waiting for its lease to end (a crashed
+    /// run's does).
+    Waiting,
+    /// This agent is the site's one running instance.
+    Held,
+    /// A live agent holds the site name: this one refused and exits.
+    Refused,
+    /// The site name was taken from this agent: it fenced and exits.
+    Lost,
+}
+
+/// Another agent with this site name, as its record in the coordinator
+/// says (fields absent when the record is unreadable).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OtherInstance {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Its lease (hex).
+    pub lease: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -292,6 +292,7 @@ impl StatusView {
         SiteStatus {
             site: site.clone(),
             groups,
+            instance: self.ownership.as_ref().map(|o| o.instance.status()),
         }
     }
 }

@@ -46,8 +46,9 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Location};
 pub use model::{
-    Api, Coordinator, CoordinatorKind, FailoverPolicy, Group, Libvirt, MetricsAuth, Mode,
-    OnLostLease, OnPromoteFailure, OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode, VolumeSpec,
+    Api, Coordinator, CoordinatorKind, EtcdAccess, FailoverPolicy, Group, Libvirt, MetricsAuth,
+    Mode, OnLostLease, OnPromoteFailure, OnSyncLoss, Peer, ReplicaSpec, Site, Tls, TlsMode,
+    VolumeSpec,
 };
 pub use schedule::{local_weekday_minute, ScheduleWindow};
 pub use units::{

@@ -215,6 +215,26 @@ pub struct Coordinator {
     pub lease_ttl: Duration,
     /// Key prefix in etcd (default `/tandem`).
     pub prefix: String,
+    /// How to reach etcd over TLS and log in (`etcd_*` keys).
+    pub etcd: EtcdAccess,
+}
+
+/// `[coordinator] etcd_*`: TLS and authentication towards etcd
+/// (docs/FAILOVER.md, "etcd backend"), resolved at load: with `https://`
+/// endpoints `ca` is `etcd_ca`, else `[tls] ca`; `cert`/`key` are
+/// `etcd_cert`/`etcd_key`, else (when `etcd_ca` is not given either)
+/// `[tls] cert`/`key`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// The endpoints are `https://`: the CA that signed etcd's server
+    /// certificates. `None` with plain HTTP (loopback only).
+    pub ca: Option<PathBuf>,
+    /// The client certificate and key presented to etcd.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd user (v3 authentication) and the file holding its password.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
 impl Coordinator {
@@ -237,6 +257,7 @@ impl Default for Coordinator {
             endpoints: Vec::new(),
             lease_ttl: Coordinator::DEFAULT_LEASE_TTL,
             prefix: Coordinator::DEFAULT_PREFIX.to_string(),
+            etcd: EtcdAccess::default(),
         }
     }
 }

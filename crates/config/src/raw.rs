@@ -63,6 +63,11 @@ pub(crate) struct RawCoordinator {
     pub endpoints: Option<Spanned<Vec<Spanned<Endpoint>>>>,
     pub lease_ttl: Option<Spanned<DurationValue>>,
     pub prefix: Option<Spanned<String>>,
+    pub etcd_ca: Option<Spanned<NonEmpty>>,
+    pub etcd_cert: Option<Spanned<NonEmpty>>,
+    pub etcd_key: Option<Spanned<NonEmpty>>,
+    pub etcd_user: Option<Spanned<NonEmpty>>,
+    pub etcd_password_file: Option<Spanned<NonEmpty>>,
 }
 
 #[derive(Deserialize)]

@@ -142,6 +142,7 @@ fn spec_example_parses() {
             endpoints: vec!["10.0.3.1:7460".into()],
             lease_ttl: Duration::from_secs(3),
             prefix: "/tandem".into(),
+            etcd: EtcdAccess::default(),
         }
     );
     assert_eq!(c.peers.len(), 3);
@@ -330,7 +331,7 @@ fn added_keys() {
         )
         .replacen(
             "[\"10.0.3.1:7460\"]",
-            "[\"http://10.0.3.1:2379\", \"https://10.0.3.2:2379/\"]",
+            "[\"https://10.0.3.1:2379\", \"https://10.0.3.2:2379/\"]",
             1,
         )
         .replacen(
@@ -1648,5 +1649,112 @@ fn a_non_loopback_nbd_listener_needs_nbd_tls_or_nbd_insecure() {
         "nbd_tls",
         "site.nbd_tls",
         "needs [tls] mode = \"on\"",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// etcd over TLS, with authentication (`[coordinator] etcd_*`).
+
+fn etcd(endpoints: &str, extra: &str) -> String {
+    spec_with(
+        "kind = \"witness\"               # \"witness\" | \"etcd\" | \"none\"\nendpoints = [\"10.0.3.1:7460\"]",
+        &format!("kind = \"etcd\"\nendpoints = [{endpoints}]\n{extra}"),
+    )
+}
+
+#[test]
+fn etcd_tls_keys_resolve() {
+    // Everything given.
+    let c = ok(&etcd(
+        "\"https://10.0.3.1:2379\", \"https://10.0.3.2:2379\"",
+        "etcd_ca = \"/etc/etcd/ca.pem\"\netcd_cert = \"/etc/etcd/ny.pem\"\netcd_key = \"/etc/etcd/ny.key\"\n\
+         etcd_user = \"tandem\"\netcd_password_file = \"etcd.pass\"",
+    ));
+    let e = &c.coordinator.etcd;
+    assert_eq!(e.ca.as_deref(), Some(Path::new("/etc/etcd/ca.pem")));
+    assert_eq!(e.cert.as_deref(), Some(Path::new("/etc/etcd/ny.pem")));
+    assert_eq!(e.key.as_deref(), Some(Path::new("/etc/etcd/ny.key")));
+    assert_eq!(e.user.as_deref(), Some("tandem"));
+    assert_eq!(
+        e.password_file.as_deref(),
+        Some(Path::new("/etc/tandem/etcd.pass"))
+    );
+    // No etcd_ca: the [tls] material serves.
+    let c = ok(&etcd("\"https://10.0.3.1:2379\"", ""));
+    let e = &c.coordinator.etcd;
+    assert_eq!(e.ca.as_deref(), Some(Path::new("/etc/tandem/tls/ca.pem")));
+    assert_eq!(e.cert.as_deref(), Some(Path::new("/etc/tandem/tls/ny.pem")));
+    // etcd_ca alone: a server-authenticated link without a client
+    // certificate (e.g. with a password).
+    let c = ok(&etcd(
+        "\"https://10.0.3.1:2379\"",
+        "etcd_ca = \"/etc/etcd/ca.pem\"",
+    ));
+    assert_eq!(c.coordinator.etcd.cert, None);
+    // Plain HTTP on loopback.
+    let c = ok(&etcd("\"127.0.0.1:2379\", \"http://localhost:2380\"", ""));
+    assert_eq!(c.coordinator.etcd, EtcdAccess::default());
+}
+
+#[test]
+fn etcd_links_must_be_authenticated_off_loopback() {
+    check(
+        &etcd("\"127.0.0.1:2379\", \"10.0.3.1:2379\"", ""),
+        "endpoints = [",
+        "coordinator.endpoints[1]",
+        "is plain HTTP to an address that is not loopback",
+    );
+    check(
+        &etcd("\"https://10.0.3.1:2379\", \"http://127.0.0.1:2379\"", ""),
+        "endpoints = [",
+        "coordinator.endpoints[1]",
+        "mixes plain and TLS endpoints",
+    );
+    // https without any CA.
+    let text = etcd("\"https://10.0.3.1:2379\"", "").replace(
+        "ca = \"/etc/tandem/tls/ca.pem\"\ncert = \"/etc/tandem/tls/ny.pem\"\nkey = \"/etc/tandem/tls/ny.key\"\n# mode = \"off\"",
+        "mode = \"off\"",
+    );
+    let text = text
+        .replace("0.0.0.0:7450", "127.0.0.1:7450")
+        .replace("10.0.0.1:", "127.0.0.1:")
+        .replace("10.0.1.1:", "127.0.0.2:")
+        .replace("10.0.2.1:", "127.0.0.3:")
+        .replace("https://10.0.3.1:", "https://127.0.0.1:");
+    check(
+        &text,
+        "endpoints = [",
+        "coordinator.etcd_ca",
+        "need the CA that signed etcd's certificates",
+    );
+    check(
+        &etcd("\"127.0.0.1:2379\"", "etcd_ca = \"/etc/etcd/ca.pem\""),
+        "etcd_ca",
+        "coordinator.etcd_ca",
+        "no endpoint uses https://",
+    );
+    check(
+        &etcd(
+            "\"https://10.0.3.1:2379\"",
+            "etcd_cert = \"/etc/etcd/ny.pem\"",
+        ),
+        "etcd_cert",
+        "coordinator.etcd_cert",
+        "without etcd_key",
+    );
+    check(
+        &etcd("\"https://10.0.3.1:2379\"", "etcd_password_file = \"/p\""),
+        "etcd_password_file",
+        "coordinator.etcd_password_file",
+        "without etcd_user",
+    );
+    check(
+        &spec_with(
+            "lease_ttl = \"3s\"",
+            "lease_ttl = \"3s\"\netcd_user = \"x\"",
+        ),
+        "etcd_user",
+        "coordinator.etcd_user",
+        "is for kind = \"etcd\"",
     );
 }

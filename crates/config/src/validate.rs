@@ -120,6 +120,10 @@ pub(crate) fn build(
         check_loopback(&cx, &raw, tls_mode_span)?;
     }
     check_nbd_tls(&cx, &raw.site, tls.mode)?;
+    let mut coordinator = coordinator;
+    if let Some(rc) = &raw.coordinator {
+        coordinator.etcd = etcd_access(&cx, rc, &coordinator, &tls)?;
+    }
 
     Ok(Config {
         path: file.to_path_buf(),
@@ -299,6 +303,7 @@ fn coordinator(cx: &Ctx<'_>, raw: Option<&RawCoordinator>) -> Result<Coordinator
         endpoints,
         lease_ttl,
         prefix,
+        etcd: crate::model::EtcdAccess::default(),
     })
 }
 
@@ -727,4 +732,133 @@ fn check_loopback(
         }
     }
     Ok(())
+}
+
+/// The `etcd_*` keys of `[coordinator]`, checked against the endpoints
+/// (SPEC G11: the etcd link is authenticated unless it is loopback).
+fn etcd_access(
+    cx: &Ctx<'_>,
+    raw: &RawCoordinator,
+    c: &Coordinator,
+    tls: &Tls,
+) -> Result<crate::model::EtcdAccess, ConfigError> {
+    let keys = [
+        ("etcd_ca", &raw.etcd_ca),
+        ("etcd_cert", &raw.etcd_cert),
+        ("etcd_key", &raw.etcd_key),
+        ("etcd_user", &raw.etcd_user),
+        ("etcd_password_file", &raw.etcd_password_file),
+    ];
+    if c.kind != CoordinatorKind::Etcd {
+        if let Some((name, Some(v))) = keys.iter().find(|(_, v)| v.is_some()) {
+            return Err(cx.err(
+                &v.span(),
+                format!("coordinator.{name}"),
+                format!(
+                    "{name} is for kind = \"etcd\" (this coordinator is \"{}\")",
+                    c.kind
+                ),
+            ));
+        }
+        return Ok(crate::model::EtcdAccess::default());
+    }
+    let pair = |a: (&str, &Option<Spanned<crate::raw::NonEmpty>>),
+                b: (&str, &Option<Spanned<crate::raw::NonEmpty>>)|
+     -> Result<(), ConfigError> {
+        for ((name, v), (other, w)) in [(a, b), (b, a)] {
+            if let (Some(v), None) = (v, w) {
+                return Err(cx.err(
+                    &v.span(),
+                    format!("coordinator.{name}"),
+                    format!("{name} is given without {other}: give both, or neither"),
+                ));
+            }
+        }
+        Ok(())
+    };
+    pair(("etcd_cert", &raw.etcd_cert), ("etcd_key", &raw.etcd_key))?;
+    pair(
+        ("etcd_user", &raw.etcd_user),
+        ("etcd_password_file", &raw.etcd_password_file),
+    )?;
+    let list = raw
+        .endpoints
+        .as_ref()
+        .map(|l| l.get_ref().as_slice())
+        .unwrap_or_default();
+    let is_https = |e: &str| e.trim().to_ascii_lowercase().starts_with("https://");
+    let https = list.first().is_some_and(|e| is_https(&e.get_ref().0));
+    for (i, e) in list.iter().enumerate() {
+        let text = &e.get_ref().0;
+        if is_https(text) != https {
+            return Err(cx.err(
+                &e.span(),
+                format!("coordinator.endpoints[{i}]"),
+                format!(
+                    "endpoint {text:?} mixes plain and TLS endpoints: write every etcd endpoint \
+                     as https://host:port (TLS) or every one as host:port (plain HTTP, loopback only)"
+                ),
+            ));
+        }
+        if !https {
+            let loopback = split_host_port(endpoint_host_port(text)).is_ok_and(|(host, _)| {
+                is_loopback_host(host.trim_start_matches('[').trim_end_matches(']'))
+            });
+            if !loopback {
+                return Err(cx.err(
+                    &e.span(),
+                    format!("coordinator.endpoints[{i}]"),
+                    format!(
+                        "etcd endpoint {text:?} is plain HTTP to an address that is not loopback: \
+                         the etcd link must be authenticated (SPEC G11); write it as \
+                         \"https://{}\" and set etcd_ca (and etcd_cert/etcd_key if etcd asks for \
+                         client certificates)",
+                        endpoint_host_port(text)
+                    ),
+                ));
+            }
+        }
+    }
+    let path =
+        |v: &Option<Spanned<crate::raw::NonEmpty>>| v.as_ref().map(|p| cx.resolve(&p.get_ref().0));
+    if !https {
+        if let Some((name, Some(v))) = keys[..3].iter().find(|(_, v)| v.is_some()) {
+            return Err(cx.err(
+                &v.span(),
+                format!("coordinator.{name}"),
+                format!("{name} is set but no endpoint uses https://: write the endpoints as https://host:port"),
+            ));
+        }
+    }
+    let tls_on = tls.mode == TlsMode::On;
+    let (ca, cert, key) = if !https {
+        (None, None, None)
+    } else if raw.etcd_ca.is_some() {
+        (
+            path(&raw.etcd_ca),
+            path(&raw.etcd_cert),
+            path(&raw.etcd_key),
+        )
+    } else if tls_on && tls.ca.is_some() {
+        let cert = path(&raw.etcd_cert).or_else(|| tls.cert.clone());
+        let key = path(&raw.etcd_key).or_else(|| tls.key.clone());
+        (tls.ca.clone(), cert, key)
+    } else {
+        let span = list
+            .first()
+            .map_or_else(|| cx.span_of("coordinator"), Spanned::span);
+        return Err(cx.err(
+            &span,
+            "coordinator.etcd_ca",
+            "https:// etcd endpoints need the CA that signed etcd's certificates: set etcd_ca \
+             (or [tls] ca, with TLS on)",
+        ));
+    };
+    Ok(crate::model::EtcdAccess {
+        ca,
+        cert,
+        key,
+        user: raw.etcd_user.as_ref().map(|u| u.get_ref().0.clone()),
+        password_file: path(&raw.etcd_password_file),
+    })
 }

@@ -4,8 +4,11 @@
 //!
 //! It speaks the etcd v3 API through etcd's JSON gateway on the client
 //! URL (`/v3/kv/range`, `/v3/kv/txn`, `/v3/lease/grant`,
-//! `/v3/lease/keepalive`, `/v3/lease/revoke`, `/v3/watch`) over plain
-//! HTTP, so Tandem needs no gRPC stack. Keys and values travel base64
+//! `/v3/lease/keepalive`, `/v3/lease/revoke`, `/v3/watch`) over HTTP or
+//! HTTPS ([`crate::etcd_tls`]: etcd's CA and an optional client
+//! certificate), so Tandem needs no gRPC stack. With a [`Login`] every
+//! request carries the token of `/v3/auth/authenticate`; a token etcd no
+//! longer accepts is replaced by a new login and the call retried once. Keys and values travel base64
 //! encoded and 64-bit integers as JSON strings; both are decoded
 //! defensively: an answer this client does not understand is
 //! [`StoreError::Protocol`], never a panic.
@@ -56,11 +59,12 @@
 //!   and returns at the first event, when etcd cancels the watch (for
 //!   instance because that revision was compacted away: the caller
 //!   re-reads), or at the timeout.
-//! - TLS (`https://` endpoints) is not supported by this build: such an
-//!   endpoint is rejected by [`EtcdStore::new`].
+//! - `https://` endpoints need TLS material ([`EtcdStore::secure`]); all
+//!   endpoints of one store use the same scheme.
 
 use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -76,13 +80,28 @@ use crate::{Compare, KeyValue, LeaseId, Op, Snapshot, Store, StoreError};
 pub enum EtcdConfigError {
     #[error("no etcd endpoint given")]
     NoEndpoints,
-    #[error("etcd endpoint {0:?}: TLS (https://) is not supported; use an http:// client URL")]
+    #[error("etcd endpoint {0:?} is https:// but no TLS material was given (etcd_ca)")]
     TlsUnsupported(String),
+    #[error(
+        "etcd endpoint {0:?} is plain HTTP while TLS material was given: write it as https://"
+    )]
+    PlainWithTls(String),
+    #[error(transparent)]
+    Tls(#[from] crate::etcd_tls::EtcdTlsError),
+    #[error("{}: cannot read the etcd password (etcd_password_file): {source}", path.display())]
+    PasswordFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("etcd endpoint {0:?}: expected host:port or http://host:port")]
     BadEndpoint(String),
     #[error("etcd request timeout must be greater than zero")]
     ZeroTimeout,
 }
+
+/// How a [`StoreError::Refused`] for a token etcd did not accept starts
+/// (the call logs in again and retries once).
+const AUTH_MARK: &str = "authentication: ";
 
 /// The gateway header that becomes etcd's `hasleader` gRPC metadata: a
 /// member without a leader then fails requests at once ("no leader").
@@ -96,15 +115,59 @@ const MAX_WATCH_BYTES: u64 = 16 << 20;
 /// string is 10 MiB).
 const MAX_ANSWER_BYTES: u64 = 64 << 20;
 
+/// How an [`EtcdStore`] proves who it is (docs/FAILOVER.md, "etcd
+/// backend"): TLS for `https://` endpoints (etcd's CA, optionally a
+/// client certificate), and etcd v3 user/password authentication.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub tls: Option<crate::etcd_tls::EtcdTls>,
+    pub login: Option<Login>,
+}
+
+/// An etcd user and its password.
+#[derive(Clone)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Login {
+    /// The user and the password in `path` (its first line, without
+    /// the line end).
+    pub fn from_file(user: &str, path: &std::path::Path) -> Result<Login, EtcdConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| EtcdConfigError::PasswordFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let password = text.lines().next().unwrap_or_default().to_owned();
+        Ok(Login {
+            user: user.to_owned(),
+            password,
+        })
+    }
+}
+
 /// A [`Store`] backed by an etcd cluster, reached through the JSON
 /// gateway of its members' client URLs.
 pub struct EtcdStore {
-    /// Base URLs, `http://host:port`.
+    /// Base URLs, `http://host:port` or `https://host:port`.
     endpoints: Vec<String>,
     request_timeout: Duration,
     agent: ureq::Agent,
     /// Index of the endpoint that answered last; tried first.
     preferred: AtomicUsize,
+    login: Option<Login>,
+    /// The token of the last authentication (with a login).
+    token: parking_lot::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -120,6 +183,9 @@ impl std::fmt::Debug for EtcdStore {
 enum Failure {
     /// This endpoint did not answer usefully; try the next.
     Endpoint(String),
+    /// etcd did not accept the authentication token (none, expired or
+    /// revoked): log in again.
+    Auth(String),
     /// The cluster answered; no other endpoint would answer differently.
     Final(StoreError),
 }
@@ -132,26 +198,48 @@ impl EtcdStore {
         endpoints: &[String],
         request_timeout: Duration,
     ) -> Result<EtcdStore, EtcdConfigError> {
+        EtcdStore::secure(endpoints, request_timeout, Security::default())
+    }
+
+    /// As [`EtcdStore::new`], with TLS (every endpoint `https://`) and/or
+    /// a login. Nothing is contacted yet.
+    pub fn secure(
+        endpoints: &[String],
+        request_timeout: Duration,
+        security: Security,
+    ) -> Result<EtcdStore, EtcdConfigError> {
         if endpoints.is_empty() {
             return Err(EtcdConfigError::NoEndpoints);
         }
         if request_timeout.is_zero() {
             return Err(EtcdConfigError::ZeroTimeout);
         }
+        let tls = security.tls.is_some();
         let endpoints = endpoints
             .iter()
-            .map(|e| normalize_endpoint(e))
+            .map(|e| {
+                let url = normalize_endpoint(e)?;
+                match (url.starts_with("https://"), tls) {
+                    (true, false) => Err(EtcdConfigError::TlsUnsupported(e.clone())),
+                    (false, true) => Err(EtcdConfigError::PlainWithTls(e.clone())),
+                    _ => Ok(url),
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let agent = ureq::AgentBuilder::new()
+        let mut builder = ureq::AgentBuilder::new()
             .max_idle_connections(0)
             .max_idle_connections_per_host(0)
-            .redirects(0)
-            .build();
+            .redirects(0);
+        if let Some(t) = security.tls {
+            builder = builder.tls_connector(Arc::new(t));
+        }
         Ok(EtcdStore {
             endpoints,
             request_timeout,
-            agent,
+            agent: builder.build(),
             preferred: AtomicUsize::new(0),
+            login: security.login,
+            token: parking_lot::Mutex::new(None),
         })
     }
 
@@ -165,9 +253,54 @@ impl EtcdStore {
         self.request_timeout
     }
 
+    /// The token to send, logging in first if there is none (with a
+    /// login; `None` without).
+    fn token(&self, deadline: Instant) -> Result<Option<String>, StoreError> {
+        let Some(login) = &self.login else {
+            return Ok(None);
+        };
+        if let Some(t) = self.token.lock().clone() {
+            return Ok(Some(t));
+        }
+        let body = json!({ "name": login.user, "password": login.password }).to_string();
+        let token = self.call_with(
+            "/v3/auth/authenticate",
+            &body,
+            None,
+            deadline,
+            |status, reader| {
+                let text = read_answer(reader)?;
+                let refused = |why: String| {
+                    Failure::Final(StoreError::Refused(format!(
+                        "etcd did not accept the login of user {:?} (etcd_user, \
+                         etcd_password_file): {why}",
+                        login.user
+                    )))
+                };
+                let value = parse_answer(status, &text).map_err(|f| match f {
+                    Failure::Final(StoreError::Refused(m) | StoreError::Protocol(m))
+                    | Failure::Auth(m) => refused(m),
+                    Failure::Final(e) => refused(e.to_string()),
+                    other @ Failure::Endpoint(_) => other,
+                })?;
+                match value.get("token").and_then(Value::as_str) {
+                    Some(t) if !t.is_empty() => Ok(t.to_owned()),
+                    _ => Err(protocol(format!(
+                        "etcd answered a login without a token: {}",
+                        excerpt(&value)
+                    ))),
+                }
+            },
+        )?;
+        *self.token.lock() = Some(token.clone());
+        Ok(Some(token))
+    }
+
     /// Runs one request against the endpoints in turn until one answers
     /// or the request timeout is spent. `answer` turns an HTTP answer
     /// (status, body reader) into the result, or says to try elsewhere.
+    /// With a login, the request carries its token; a token etcd no
+    /// longer accepts (expired) is replaced by a new login, once.
     fn call<T>(
         &self,
         path: &str,
@@ -175,9 +308,29 @@ impl EtcdStore {
         mut answer: impl FnMut(u16, &mut dyn Read) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         let body = body.to_string();
+        let deadline = Instant::now() + self.request_timeout;
+        let token = self.token(deadline)?;
+        match self.call_with(path, &body, token.as_deref(), deadline, &mut answer) {
+            Err(StoreError::Refused(why)) if token.is_some() && why.starts_with(AUTH_MARK) => {
+                tracing::debug!(path, %why, "etcd token not accepted: logging in again");
+                *self.token.lock() = None;
+                let token = self.token(deadline)?;
+                self.call_with(path, &body, token.as_deref(), deadline, &mut answer)
+            }
+            other => other,
+        }
+    }
+
+    fn call_with<T>(
+        &self,
+        path: &str,
+        body: &str,
+        token: Option<&str>,
+        deadline: Instant,
+        mut answer: impl FnMut(u16, &mut dyn Read) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
         let n = self.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
-        let deadline = Instant::now() + self.request_timeout;
         let mut failures = Vec::new();
         for i in 0..n {
             let idx = (start + i) % n;
@@ -196,7 +349,7 @@ impl EtcdStore {
                 remaining / left
             };
             let url = format!("{}{}", self.endpoints[idx], path);
-            let outcome = match self.post(&url, &body, share) {
+            let outcome = match self.post(&url, body, token, share) {
                 Ok((status, mut reader)) => answer(status, &mut reader),
                 Err(e) => Err(Failure::Endpoint(e.what)),
             };
@@ -208,6 +361,10 @@ impl EtcdStore {
                 Err(Failure::Final(e)) => {
                     self.preferred.store(idx, Ordering::Relaxed);
                     return Err(e);
+                }
+                Err(Failure::Auth(why)) => {
+                    self.preferred.store(idx, Ordering::Relaxed);
+                    return Err(StoreError::Refused(format!("{AUTH_MARK}{why}")));
                 }
                 Err(Failure::Endpoint(why)) => {
                     tracing::debug!(endpoint = %self.endpoints[idx], path, %why, "etcd endpoint failed");
@@ -230,15 +387,19 @@ impl EtcdStore {
         &self,
         url: &str,
         body: &str,
+        token: Option<&str>,
         timeout: Duration,
     ) -> Result<(u16, Box<dyn Read + Send + Sync>), TransportError> {
-        let result = self
+        let mut request = self
             .agent
             .post(url)
             .timeout(timeout)
             .set("Content-Type", "application/json")
-            .set(REQUIRE_LEADER_HEADER, "true")
-            .send_string(body);
+            .set(REQUIRE_LEADER_HEADER, "true");
+        if let Some(t) = token {
+            request = request.set("Authorization", t);
+        }
+        let result = request.send_string(body);
         match result {
             Ok(resp) => Ok((resp.status(), resp.into_reader())),
             Err(ureq::Error::Status(status, resp)) => Ok((status, resp.into_reader())),
@@ -372,6 +533,7 @@ impl Store for EtcdStore {
         let n = self.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();
+        let token = self.token((Instant::now() + self.request_timeout).min(until))?;
         for i in 0..n {
             let idx = (start + i) % n;
             let now = Instant::now();
@@ -380,7 +542,7 @@ impl Store for EtcdStore {
             }
             let url = format!("{}/v3/watch", self.endpoints[idx]);
             let stream_timeout = until - now;
-            match self.watch_once(&url, &body, stream_timeout) {
+            match self.watch_once(&url, &body, token.as_deref(), stream_timeout) {
                 WatchEnd::Done => {
                     self.preferred.store(idx, Ordering::Relaxed);
                     return Ok(());
@@ -390,6 +552,12 @@ impl Store for EtcdStore {
                     failures.push(format!("{}: {why}", self.endpoints[idx]));
                 }
                 WatchEnd::Bad(e) => return Err(e),
+                WatchEnd::Auth(why) => {
+                    // The caller re-reads, which logs in again.
+                    tracing::debug!(%why, "etcd token not accepted by a watch");
+                    *self.token.lock() = None;
+                    return Ok(());
+                }
             }
         }
         if Instant::now() >= until {
@@ -412,11 +580,19 @@ enum WatchEnd {
     Failed(String),
     /// etcd refused the watch request itself.
     Bad(StoreError),
+    /// etcd did not accept the token.
+    Auth(String),
 }
 
 impl EtcdStore {
-    fn watch_once(&self, url: &str, body: &str, timeout: Duration) -> WatchEnd {
-        let (status, reader) = match self.post(url, body, timeout) {
+    fn watch_once(
+        &self,
+        url: &str,
+        body: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> WatchEnd {
+        let (status, reader) = match self.post(url, body, token, timeout) {
             Ok(answer) => answer,
             Err(e) if e.timed_out => return WatchEnd::Done,
             Err(e) => return WatchEnd::Failed(e.what),
@@ -443,11 +619,12 @@ impl EtcdStore {
                 Err(Failure::Endpoint(why)) if !created => return WatchEnd::Failed(why),
                 Err(Failure::Endpoint(_)) => return WatchEnd::Done,
                 Err(Failure::Final(e)) => return WatchEnd::Bad(e),
+                Err(Failure::Auth(why)) => return WatchEnd::Auth(why),
             };
             let r: WatchAnswer = match decode(value) {
                 Ok(r) => r,
                 Err(Failure::Final(e)) => return WatchEnd::Bad(e),
-                Err(Failure::Endpoint(why)) => return WatchEnd::Failed(why),
+                Err(Failure::Endpoint(why) | Failure::Auth(why)) => return WatchEnd::Failed(why),
             };
             if !r.events.is_empty() || r.canceled {
                 if r.canceled && !r.cancel_reason.is_empty() {
@@ -460,17 +637,16 @@ impl EtcdStore {
     }
 }
 
-/// `host:port` or `http://host:port[/]` -> `http://host:port`.
+/// `host:port` or `http(s)://host:port[/]` -> `http(s)://host:port`.
 fn normalize_endpoint(e: &str) -> Result<String, EtcdConfigError> {
     let t = e.trim();
     let lower = t.to_ascii_lowercase();
-    if lower.starts_with("https://") {
-        return Err(EtcdConfigError::TlsUnsupported(e.to_string()));
-    }
-    let rest = if lower.starts_with("http://") {
-        &t["http://".len()..]
+    let (scheme, rest) = if lower.starts_with("https://") {
+        ("https", &t["https://".len()..])
+    } else if lower.starts_with("http://") {
+        ("http", &t["http://".len()..])
     } else {
-        t
+        ("http", t)
     };
     let rest = rest.trim_end_matches('/');
     let ok = !rest.is_empty()
@@ -481,7 +657,7 @@ fn normalize_endpoint(e: &str) -> Result<String, EtcdConfigError> {
     if !ok {
         return Err(EtcdConfigError::BadEndpoint(e.to_string()));
     }
-    Ok(format!("http://{rest}"))
+    Ok(format!("{scheme}://{rest}"))
 }
 
 /// The TTL sent to etcd: whole seconds, rounded up, at least one.
@@ -726,6 +902,9 @@ fn etcd_error(status: u16, whole: &Value, err: &Value) -> Failure {
         other => (other.to_string(), None),
     };
     let lower = message.to_ascii_lowercase();
+    if lower.contains("invalid auth token") || lower.contains("user name is empty") {
+        return Failure::Auth(format!("etcd: {message}"));
+    }
     if lower.contains("requested lease not found") || lower.contains("lease not found") {
         // The lease id is filled in by the caller.
         return Failure::Final(StoreError::LeaseNotFound(0));
@@ -904,8 +1083,12 @@ mod tests {
             normalize_endpoint("[::1]:2379").ok(),
             Some("http://[::1]:2379".into())
         );
+        assert_eq!(
+            normalize_endpoint("HTTPS://etcd:2379/").ok(),
+            Some("https://etcd:2379".into())
+        );
         assert!(matches!(
-            normalize_endpoint("https://etcd:2379"),
+            EtcdStore::new(&["https://etcd:2379".into()], Duration::from_secs(1)),
             Err(EtcdConfigError::TlsUnsupported(_))
         ));
         for bad in [

@@ -8,6 +8,12 @@
 //! | `<prefix>/groups/<g>/members/<site>` | [`MemberReport`] | that site's |
 //! | `<prefix>/groups/<g>/lag` | [`LagRecord`], written by the owner | none |
 //! | `<prefix>/groups/<g>/request` | [`Request`] (migrate, failover) | none |
+//!
+//! and per site `s`:
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `<prefix>/sites/<s>/instance` | [`crate::instance::Instance`]: the one running agent of that site name | that agent's |
 
 use serde::{Deserialize, Serialize};
 
@@ -143,6 +149,10 @@ impl Keys {
     }
     pub fn request(&self, g: &str) -> String {
         format!("{}request", self.group(g))
+    }
+    /// The running instance of site `site` (one agent per site name).
+    pub fn instance(&self, site: &str) -> String {
+        format!("{}/sites/{site}/instance", self.prefix)
     }
 }
 

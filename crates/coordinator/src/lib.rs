@@ -10,6 +10,8 @@
 
 pub mod decide;
 pub mod etcd;
+pub mod etcd_tls;
+pub mod instance;
 pub mod keys;
 pub mod lease;
 pub mod machine;

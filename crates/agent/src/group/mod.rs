@@ -78,6 +78,10 @@ pub(crate) struct Shared {
     pub tcp_exports: Arc<RwLock<BTreeMap<String, Arc<dyn Export>>>>,
     /// A coordinator decides ownership (not `kind = "none"`).
     pub coordinated: bool,
+    /// This agent holds its site name in the coordinator (always, without
+    /// one): until then no primary role connects to a replica
+    /// (docs/FAILOVER.md, "One agent per site name").
+    pub name_held: Arc<AtomicBool>,
     /// The agent is stopping.
     pub stop: Arc<AtomicBool>,
     /// The same, for threads that sleep between rounds.

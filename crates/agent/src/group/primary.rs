@@ -291,6 +291,7 @@ impl PrimaryRole {
         let (address, site) = (address.to_owned(), replica.to_owned());
         let limiter = shared.bandwidth.limiter(replica);
         let tls = shared.tls.clone();
+        let name_held = Arc::clone(&shared.name_held);
         let (verify_tx, verify_rx) = crossbeam_channel::unbounded();
         let shipper = Shipper {
             capture: Arc::clone(capture),
@@ -299,6 +300,13 @@ impl PrimaryRole {
             epoch: self.epoch,
             fork: self.fork,
             connect: Box::new(move || {
+                if !name_held.load(Ordering::Acquire) {
+                    return Err(tandem_replication::shipper::ConnectError::Socket(
+                        std::io::Error::other(
+                            "not connecting yet: this agent does not hold its site name",
+                        ),
+                    ));
+                }
                 let link = replication::connect(&address, &site, tls.as_deref())?;
                 Ok(match &limiter {
                     Some(limiter) => tandem_replication::shipper::Connection {

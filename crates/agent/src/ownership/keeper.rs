@@ -1,17 +1,20 @@
 //! The lease keeper: grants this agent's lease and renews it every TTL/3,
 //! extending every primary gate's lease clock with each renewal the store
 //! grants (F2: until `sent + TTL - TTL/6`). A lease the store no longer
-//! knows fences every gate at once; a new one is granted.
+//! knows fences every gate at once; a new one is granted. No lease is
+//! acted on before the site's instance key is held under it
+//! ([`instance::acquire`]).
 
 use std::time::Instant;
 
 use tandem_coordinator::{lease, StoreError};
 use tracing::{info, warn};
 
-use super::{Handle, Lease};
+use super::{instance, Handle, Lease};
 
 pub(super) fn run(h: &Handle) {
     let every = lease::renew_every(h.ttl);
+    let mut first = true;
     while h.running() {
         let sent = Instant::now();
         let current = h.lease().map(|l| l.id);
@@ -19,7 +22,19 @@ pub(super) fn run(h: &Handle) {
             None => h.store.grant(h.ttl).map(Some),
             Some(id) => h.store.keep_alive(id).map(|_| None),
         };
-        let valid = h.valid_from(sent);
+        let mut valid = h.valid_from(sent);
+        // A new lease is acted on only once this site's instance key is
+        // held under it (one running agent per site name).
+        if let Ok(Some(id)) = outcome {
+            match instance::acquire(h, id, sent, first) {
+                instance::Acquired::Held { renewed } => {
+                    first = false;
+                    valid = h.valid_from(renewed);
+                }
+                instance::Acquired::LeaseLost => continue,
+                instance::Acquired::Refused | instance::Acquired::Stopped => return,
+            }
+        }
         match outcome {
             Ok(granted) => {
                 {

@@ -20,6 +20,7 @@
 
 mod actor;
 mod fencer;
+mod instance;
 mod keeper;
 mod mailbox;
 mod pool;
@@ -87,6 +88,8 @@ pub(crate) struct Handle {
     members: RwLock<Vec<Arc<Member>>>,
     /// Runs the groups' actors.
     pool: pool::Pool,
+    /// This agent's claim of its site name (one running agent per name).
+    pub instance: instance::Instances,
 }
 
 pub(crate) struct Ownership {
@@ -100,9 +103,10 @@ fn connect(shared: &Shared) -> Result<Arc<dyn Store>, AgentError> {
     let c = &shared.config.coordinator;
     let timeout = lease::renew_every(c.lease_ttl).max(Duration::from_millis(300));
     Ok(match c.kind {
-        CoordinatorKind::Etcd => Arc::new(tandem_coordinator::etcd::EtcdStore::new(
+        CoordinatorKind::Etcd => Arc::new(tandem_coordinator::etcd::EtcdStore::secure(
             &c.endpoints,
             timeout,
+            etcd_security(&c.etcd)?,
         )?),
         // The site's own certificate proves who it is to the witness;
         // with TLS off (loopback only) it names itself in a header.
@@ -118,6 +122,29 @@ fn connect(shared: &Shared) -> Result<Arc<dyn Store>, AgentError> {
         }),
         CoordinatorKind::None => return Err(AgentError::NoCoordinator),
     })
+}
+
+/// TLS and login towards etcd, from the `[coordinator] etcd_*` keys
+/// (resolved by the configuration).
+fn etcd_security(
+    e: &tandem_config::EtcdAccess,
+) -> Result<tandem_coordinator::etcd::Security, AgentError> {
+    use tandem_coordinator::etcd::{EtcdConfigError, Login, Security};
+    let tls = match &e.ca {
+        Some(ca) => {
+            let client = e.cert.as_deref().zip(e.key.as_deref());
+            Some(
+                tandem_coordinator::etcd_tls::EtcdTls::load(ca, client)
+                    .map_err(EtcdConfigError::from)?,
+            )
+        }
+        None => None,
+    };
+    let login = match (&e.user, &e.password_file) {
+        (Some(user), Some(file)) => Some(Login::from_file(user, file)?),
+        _ => None,
+    };
+    Ok(Security { tls, login })
 }
 
 /// The failover settings of a group, from its configuration.
@@ -166,6 +193,7 @@ impl Ownership {
         let store = connect(&shared)?;
         let c = &shared.config.coordinator;
         let keys = Keys::new(&c.prefix);
+        let me = instance::identify(&shared);
         let handle = Arc::new(Handle {
             store,
             keys,
@@ -178,6 +206,7 @@ impl Ownership {
             shared: Arc::clone(&shared),
             members: RwLock::new(Vec::new()),
             pool: pool::Pool::default(),
+            instance: instance::Instances::new(me),
         });
         let count = groups.len();
         for (runtime, record) in groups {
@@ -195,10 +224,16 @@ impl Ownership {
             let h = Arc::clone(&handle);
             spawn("fencer".into(), move || fencer::run(&h))?
         };
-        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count, "coordinator decides ownership");
+        let instance_watch = {
+            let h = Arc::clone(&handle);
+            spawn("instance-watch".into(), move || instance::watch(&h))?
+        };
+        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count,
+            tls = c.etcd.ca.is_some(), client_cert = c.etcd.cert.is_some(), user = ?c.etcd.user,
+            "coordinator decides ownership");
         Ok(Ownership {
             handle,
-            threads: vec![keeper, watcher, fencer],
+            threads: vec![keeper, watcher, fencer, instance_watch],
         })
     }
 
@@ -229,6 +264,18 @@ impl Ownership {
         for t in self.threads {
             let _ = t.join();
         }
+        instance::release(&self.handle);
+    }
+
+    /// Why the agent must exit (another agent has its site name), once
+    /// it must.
+    pub fn fatal(&self) -> Option<String> {
+        self.handle.instance.fatal()
+    }
+
+    /// Runs `f` once the agent must exit (at once if it must already).
+    pub fn on_fatal(&self, f: Box<dyn FnOnce() + Send>) {
+        self.handle.instance.on_fatal(f);
     }
 }
 

@@ -37,13 +37,27 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Raft timing of the members; etcd's defaults unless changed.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EtcdOptions {
     /// `--heartbeat-interval`, milliseconds.
     pub heartbeat_ms: u64,
     /// `--election-timeout`, milliseconds. etcd's smallest lease TTL is
     /// 1.5 times this, rounded up to whole seconds.
     pub election_ms: u64,
+    /// Client URLs over TLS (`https://`), requiring client certificates
+    /// signed by `ca`; health is then read from a plain metrics URL.
+    pub tls: Option<EtcdTlsFiles>,
+    /// `--auth-token-ttl`, seconds (etcd's default 300).
+    pub auth_token_ttl: Option<u64>,
+}
+
+/// The server side of TLS: etcd's certificate and key, and the CA its
+/// clients' certificates must chain to (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for EtcdOptions {
@@ -51,6 +65,8 @@ impl Default for EtcdOptions {
         EtcdOptions {
             heartbeat_ms: 100,
             election_ms: 1000,
+            tls: None,
+            auth_token_ttl: None,
         }
     }
 }
@@ -60,6 +76,8 @@ pub struct Member {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Plain `/health` and `/metrics` (with TLS on the client URL).
+    pub metrics_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -127,7 +145,7 @@ impl EtcdCluster {
         // test may grab one in between, so a start that fails on a port
         // already in use is tried again with new ports.
         for _ in 0..3 {
-            let mut cluster = EtcdCluster::prepare(size, options, binary.clone());
+            let mut cluster = EtcdCluster::prepare(size, options.clone(), binary.clone());
             match cluster.launch_all() {
                 Ok(()) => return cluster,
                 Err(e) => {
@@ -160,12 +178,13 @@ impl EtcdCluster {
         let root = base.join(&token);
         fs::create_dir_all(&root)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-        let ports = free_ports(2 * size);
+        let ports = free_ports(3 * size);
         let members = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[3 * i],
+                peer_port: ports[3 * i + 1],
+                metrics_port: ports[3 * i + 2],
                 data_dir: root.join(format!("m{i}")),
                 log: root.join(format!("m{i}.log")),
                 child: None,
@@ -210,7 +229,12 @@ impl EtcdCluster {
         let log2 = log
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", m.log.display()))?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let mut cmd = Command::new(&self.binary);
         for (k, _) in std::env::vars_os() {
@@ -243,6 +267,8 @@ impl EtcdCluster {
             .arg(self.options.heartbeat_ms.to_string())
             .arg("--election-timeout")
             .arg(self.options.election_ms.to_string())
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", m.metrics_port))
             .arg("--logger")
             .arg("zap")
             .arg("--log-outputs")
@@ -250,6 +276,18 @@ impl EtcdCluster {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        if let Some(tls) = &self.options.tls {
+            cmd.arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key);
+        }
+        if let Some(ttl) = self.options.auth_token_ttl {
+            cmd.arg("--auth-token-ttl").arg(ttl.to_string());
+        }
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
@@ -276,9 +314,15 @@ impl EtcdCluster {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
-    /// Member `i`'s client URL, `http://127.0.0.1:port`.
+    /// Member `i`'s client URL, `http://127.0.0.1:port` (`https://` with
+    /// TLS).
     pub fn client_url(&self, i: usize) -> String {
-        format!("http://{}", self.endpoint(i))
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.endpoint(i))
     }
 
     /// Whether member `i`'s process is alive.
@@ -316,7 +360,7 @@ impl EtcdCluster {
     }
 
     fn wait_healthy_until(&mut self, i: usize, deadline: Instant) -> Result<(), String> {
-        let addr = self.addr(i);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.members[i].metrics_port));
         let left = deadline.saturating_duration_since(Instant::now());
         let answer = tandem_testkit::poll(left, || {
             if !self.is_running(i) {

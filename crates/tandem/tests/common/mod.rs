@@ -730,3 +730,23 @@ impl Cluster {
         self.site(name).child.as_ref().expect("running").id()
     }
 }
+
+// ---------------------------------------------------------------------------
+// Appended for instance.rs: an agent that exits by itself.
+
+impl Cluster {
+    /// Waits (bounded) until a site's agent exits by itself; its exit
+    /// status. Panics with its log if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> ExitStatus {
+        let site = self.site_mut(name);
+        let child = site.child.as_mut().expect("running");
+        let status = poll(timeout, || child.try_wait().ok().flatten());
+        match status {
+            Some(s) => {
+                site.child = None;
+                s
+            }
+            None => panic!("{name} still running after {timeout:?}:\n{}", site.log()),
+        }
+    }
+}
