@@ -199,8 +199,20 @@ fn flush_count(site: &Site) -> u64 {
         .expect("flush counter in /metrics")
 }
 
+/// The tests of this file run one at a time: the fairness test compares
+/// latencies (flushes, so the disk's) and must not share the disk with
+/// another test's gigabyte of writes.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn a_client_that_does_not_read_its_replies_does_not_slow_the_others() {
+    let _serial = one_at_a_time();
     let mut site = Site::with_extra(
         &[vol("a", "64MiB"), vol("b", "64MiB")],
         "",
@@ -275,6 +287,7 @@ fn a_client_that_does_not_read_its_replies_does_not_slow_the_others() {
 
 #[test]
 fn twelve_connections_of_32mib_writes_stay_under_the_memory_bound() {
+    let _serial = one_at_a_time();
     let mut site = Site::with_extra(&[vol("a", "512MiB")], "", "queue_memory = \"16MiB\"");
     site.start();
     let pid = site.pid();
@@ -321,6 +334,7 @@ fn twelve_connections_of_32mib_writes_stay_under_the_memory_bound() {
 
 #[test]
 fn nbd_threads_do_not_grow_with_the_number_of_volumes() {
+    let _serial = one_at_a_time();
     let count = |n: usize| {
         let names: Vec<&'static str> = (0..n)
             .map(|i| &*Box::leak(format!("v{i}").into_boxed_str()))
@@ -413,6 +427,7 @@ fn qemu_io_tls(port: u16, creds: Option<(&Path, bool)>, cmds: &[&str]) -> (bool,
 
 #[test]
 fn nbd_tls_serves_only_clients_with_a_certificate_of_the_site_ca() {
+    let _serial = one_at_a_time();
     let port = free_port();
     let mut site = Site::with_extra(
         &[vol("a", "16MiB")],
@@ -487,6 +502,7 @@ fn nbd_tls_serves_only_clients_with_a_certificate_of_the_site_ca() {
 
 #[test]
 fn an_insecure_nbd_listener_is_announced_at_every_start() {
+    let _serial = one_at_a_time();
     let port = free_port();
     let mut site = Site::with_extra(
         &[vol("a", "16MiB")],
