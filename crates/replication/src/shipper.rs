@@ -32,9 +32,18 @@ const HASHES_PER_MESSAGE: usize = 256;
 const HASHES_IN_FLIGHT: usize = 256;
 /// Records taken from the capture queue per lock.
 const EVENTS_PER_LOCK: usize = 256;
-/// An idle link pings this often; the replica also syncs its journal then,
-/// so durability follows the last write within about this long.
+/// A link with records the replica does not yet hold durably and applied
+/// pings this often; the replica also syncs its journal then, so
+/// durability follows the last write within about this long.
 const IDLE_PING: Duration = Duration::from_millis(100);
+/// A settled link (the replica holds everything sent) only shows it is
+/// alive, this often: well inside `PEER_TIMEOUT` and the replica's read
+/// timeout, and cheap with a thousand groups.
+const SETTLED_PING: Duration = Duration::from_secs(2);
+/// How long an idle sender waits for records before it looks at its
+/// flags, pings and files: while records are in flight, and when settled.
+const BUSY_WAIT: Duration = Duration::from_millis(200);
+const SETTLED_WAIT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A session that lasted this long resets the backoff.
@@ -364,10 +373,13 @@ impl Shipper {
             if !alive.load(Ordering::Acquire) {
                 return Err(ShipError::ReaderEnded);
             }
+            let settled = self.link.session.lock().settled();
             let wait = if unflushed {
                 Duration::ZERO
+            } else if settled {
+                SETTLED_WAIT
             } else {
-                Duration::from_millis(200)
+                BUSY_WAIT
             };
             if events.is_empty() {
                 cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut events)?;
@@ -401,7 +413,8 @@ impl Shipper {
                         if !self.gather.is_zero() {
                             thread::sleep(self.gather);
                         }
-                    } else if last_sent.elapsed() >= IDLE_PING {
+                    } else if last_sent.elapsed() >= if settled { SETTLED_PING } else { IDLE_PING }
+                    {
                         write_message(w, &Message::Ping(nanos_now()), &mut scratch)?;
                         w.flush().map_err(PeerError::Io)?;
                         last_sent = Instant::now();

@@ -294,6 +294,12 @@ impl ShipperSession {
         self.sent = self.sent.max(seq);
     }
 
+    /// Whether the replica holds, durably and applied, everything sent,
+    /// with no resync in progress: the link has nothing left to hurry.
+    pub fn settled(&self) -> bool {
+        self.resync.is_none() && self.acked.durable >= self.sent && self.acked.applied >= self.sent
+    }
+
     /// A message from the replica.
     pub fn receive(
         &mut self,
@@ -606,6 +612,24 @@ mod tests {
                 prop_assert!(mismatch);
             }
         }
+    }
+
+    #[test]
+    fn a_link_settles_once_everything_sent_is_durable_and_applied() {
+        let now = Instant::now();
+        let mut s = ShipperSession::new(1, (0, 0), now);
+        s.welcome(&welcome(10), 11, now);
+        assert!(s.settled(), "nothing sent yet");
+        s.sending(12);
+        assert!(!s.settled(), "12 in flight");
+        s.receive(ack(12, 11, 11), now, 0).expect("ack");
+        assert!(!s.settled(), "12 received, not durable");
+        s.receive(ack(12, 12, 11), now, 0).expect("ack");
+        assert!(!s.settled(), "12 durable, not applied");
+        s.receive(ack(12, 12, 12), now, 0).expect("ack");
+        assert!(s.settled());
+        s.resync_begins(13, 4096);
+        assert!(!s.settled(), "a resync is in progress");
     }
 
     #[test]
