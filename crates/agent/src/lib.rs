@@ -18,6 +18,7 @@ pub mod layout;
 mod metrics;
 pub mod onboard;
 mod ownership;
+mod preauth;
 mod replication;
 mod rolefile;
 mod runtime_groups;
@@ -38,6 +39,7 @@ use group::{GroupRuntime, Groups, Plane, Shared};
 use tandem_capture::GroupCapture;
 use tandem_config::{Config, TlsMode};
 use tandem_nbd::Server;
+use tandem_replication::owners::Owners;
 use tandem_replication::receiver::ReceiverContext;
 use tandem_tls::TlsIdentity;
 use tracing::{info, warn};
@@ -111,6 +113,11 @@ impl Agent {
                 site: config.site.name.clone(),
                 groups: parking_lot::RwLock::new(Vec::new()),
                 definer: parking_lot::RwLock::new(None),
+                owners: Arc::new(if coordinated {
+                    Owners::coordinated()
+                } else {
+                    Owners::configured()
+                }),
             }),
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
             coordinated,
@@ -178,7 +185,7 @@ impl Agent {
                 listener,
                 Arc::clone(&shared.receivers),
                 tls,
-                sessions_cap,
+                agent.groups.len(),
             )
             .map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),
