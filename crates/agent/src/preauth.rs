@@ -88,7 +88,9 @@ impl<T> Waiting<T> {
 pub(crate) enum Full {
     #[error("{running} replication sessions are running, the most this site allows")]
     Total { running: usize },
-    #[error("site {site} already has {running} replication sessions here, the most one site may have")]
+    #[error(
+        "site {site} already has {running} replication sessions here, the most one site may have"
+    )]
     Site { site: String, running: usize },
 }
 

@@ -55,7 +55,11 @@ pub(crate) fn out_of_bounds(
 pub(crate) const NAME_RULE: &str = "at most 64 bytes";
 pub(crate) const CHUNK_RULE: &str = "a power of two from 4096 to 1048576";
 
-pub(crate) fn check_name(kind: &'static str, field: &'static str, len: usize) -> Result<(), PeerError> {
+pub(crate) fn check_name(
+    kind: &'static str,
+    field: &'static str,
+    len: usize,
+) -> Result<(), PeerError> {
     if len > MAX_NAME {
         return Err(out_of_bounds(kind, field, len as u64, NAME_RULE));
     }
@@ -76,7 +80,7 @@ pub(crate) fn max_data(kind: &str) -> u32 {
     match kind {
         "chunk" => MAX_CHUNK,
         "file" => MAX_FILE,
-        _ => MAX_DATA as u32,
+        _ => u32::try_from(MAX_DATA).unwrap_or(u32::MAX),
     }
 }
 
@@ -159,7 +163,12 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
                 ));
             }
             if *mode > MAX_MODE {
-                return Err(out_of_bounds(kind, "mode", u64::from(*mode), "at most 0o7777"));
+                return Err(out_of_bounds(
+                    kind,
+                    "mode",
+                    u64::from(*mode),
+                    "at most 0o7777",
+                ));
             }
             check_data(kind, data.raw_len)?;
         }

@@ -387,7 +387,12 @@ impl<'a> Reader<'a> {
     ) -> Result<String, PeerError> {
         let len = self.u16(field)?;
         if usize::from(len) > max {
-            return Err(bounds::out_of_bounds(self.kind, field, u64::from(len), rule));
+            return Err(bounds::out_of_bounds(
+                self.kind,
+                field,
+                u64::from(len),
+                rule,
+            ));
         }
         let bytes = self.take(usize::from(len), field)?;
         match std::str::from_utf8(bytes) {

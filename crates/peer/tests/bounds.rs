@@ -179,7 +179,10 @@ fn the_60_byte_hashes_probe_is_refused_without_allocating() {
     assert!(f.len() <= 68, "{}", f.len());
     assert_eq!(out_of_bounds(decode_bounded(&f)), "chunk");
     let e = decode(&f).unwrap_err().to_string();
-    assert!(e.contains("4294967295") && e.contains("power of two"), "{e}");
+    assert!(
+        e.contains("4294967295") && e.contains("power of two"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -366,7 +369,10 @@ fn file_path_mode_and_size() {
     assert!(decode_bounded(&file(0, 0, 0, 0)).is_ok());
     assert!(decode_bounded(&file(max_path, MAX_PATH, MAX_MODE, MAX_FILE)).is_ok());
     for (len, have) in [(max_path + 1, MAX_PATH + 1), (u16::MAX, 0)] {
-        assert_eq!(out_of_bounds(decode_bounded(&file(len, have, 0, 0))), "path");
+        assert_eq!(
+            out_of_bounds(decode_bounded(&file(len, have, 0, 0))),
+            "path"
+        );
     }
     for mode in [MAX_MODE + 1, u32::MAX] {
         assert_eq!(out_of_bounds(decode_bounded(&file(1, 1, mode, 0))), "mode");
@@ -425,11 +431,15 @@ fn before_authentication_a_large_frame_is_refused_from_its_header() {
         matches!(r, Err(PeerError::TooLarge { len, max }) if len == 60 << 20 && max == MAX_PREAUTH_PAYLOAD as u64),
         "{r:?}"
     );
-    assert_eq!(read, FRAME_HEADER_LEN as u64, "nothing past the header read");
+    assert_eq!(
+        read, FRAME_HEADER_LEN as u64,
+        "nothing past the header read"
+    );
     assert!(largest < 4096, "{largest}");
     // The same frame after authentication is read as it arrives (and here
     // ends truncated), growing the buffer only with the bytes.
-    let (r, largest) = largest_allocation(|| read_message(&mut Cursor::new(&f[..]), &mut Vec::new()));
+    let (r, largest) =
+        largest_allocation(|| read_message(&mut Cursor::new(&f[..]), &mut Vec::new()));
     assert!(matches!(r, Err(PeerError::Truncated)), "{r:?}");
     assert!(largest <= 2 << 20, "{largest}");
 }

@@ -39,15 +39,13 @@ fn payload_within(max: u32) -> impl Strategy<Value = Payload> {
         (prop::collection::vec(0u8..4, 0..600))
             .prop_map(|data| { Payload::encode(&data, &mut Compressor::new(1)) }),
         // Garbage claimed to be zstd: the frame carries it all the same.
-        (
-            prop::collection::vec(any::<u8>(), 0..64),
-            0u32..=max
-        )
-            .prop_map(|(bytes, raw_len)| Payload {
+        (prop::collection::vec(any::<u8>(), 0..64), 0u32..=max).prop_map(|(bytes, raw_len)| {
+            Payload {
                 encoding: Encoding::Zstd,
                 raw_len,
                 bytes,
-            }),
+            }
+        }),
     ]
 }
 
@@ -156,20 +154,19 @@ pub fn message() -> impl Strategy<Value = Message> {
                 chunk,
                 bitmap,
             }),
-        (any::<u32>(), any::<u64>(), payload_within(MAX_CHUNK)).prop_map(|(volume, offset, data)| {
-            Message::Chunk {
-                volume,
-                offset,
-                data,
+        (any::<u32>(), any::<u64>(), payload_within(MAX_CHUNK)).prop_map(
+            |(volume, offset, data)| {
+                Message::Chunk {
+                    volume,
+                    offset,
+                    data,
+                }
             }
-        }),
+        ),
         any::<u64>().prop_map(|consistent_at| Message::ResyncEnd { consistent_at }),
         any::<u64>().prop_map(|resume_at| Message::ResyncDone { resume_at }),
-        (text(), 0..=MAX_MODE, payload_within(MAX_FILE)).prop_map(|(path, mode, data)| Message::File {
-            path,
-            mode,
-            data
-        }),
+        (text(), 0..=MAX_MODE, payload_within(MAX_FILE))
+            .prop_map(|(path, mode, data)| Message::File { path, mode, data }),
         any::<u64>().prop_map(Message::Ping),
         any::<u64>().prop_map(Message::Pong),
         (text(), text()).prop_map(|(group, definition)| Message::Define { group, definition }),

@@ -15,8 +15,8 @@ use tandem_peer::{read_message, read_message_within, write_message, Message, Pee
 
 use crate::error::ReplicaError;
 use crate::journal::Entry;
-use crate::replica::ReplicaGroup;
 use crate::owners::Owners;
+use crate::replica::ReplicaGroup;
 use crate::session::replica::{self as rs, Action, Commit, OwnerVerdict, Progress, ReplicaSession};
 pub use crate::session::replica::{Membership, Owner, ProtocolError, Refusal};
 

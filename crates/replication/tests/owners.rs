@@ -164,9 +164,7 @@ fn messages_must_stay_within_the_volumes() {
     for (v, offset, len) in [(0, SIZE - 4095, 4096), (0, u64::MAX, 1), (u32::MAX, 0, 1)] {
         assert!(s.step(chunk(v, offset, len)).is_err());
     }
-    let e = s
-        .step(chunk(0, 0, tandem_peer::MAX_CHUNK + 1))
-        .unwrap_err();
+    let e = s.step(chunk(0, 0, tandem_peer::MAX_CHUNK + 1)).unwrap_err();
     assert!(matches!(e, ProtocolError::Chunks { .. }), "{e}");
     let record = |seq, volume, op, offset, len| {
         Message::Record(Record {

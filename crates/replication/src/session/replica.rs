@@ -83,8 +83,13 @@ pub enum Owner {
 impl std::fmt::Display for Owner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Owner::Configured(site) => write!(f, "without a coordinator only the configured primary {site} is"),
-            Owner::Recorded { site, epoch } => write!(f, "the coordinator names {site} owner in epoch {epoch}"),
+            Owner::Configured(site) => write!(
+                f,
+                "without a coordinator only the configured primary {site} is"
+            ),
+            Owner::Recorded { site, epoch } => {
+                write!(f, "the coordinator names {site} owner in epoch {epoch}")
+            }
             Owner::Unknown => f.write_str("the coordinator names no owner of it"),
         }
     }
@@ -119,9 +124,7 @@ pub fn judge_owner(hello: &Hello, owner: &Owner) -> OwnerVerdict {
         Owner::Recorded { site, epoch } if *epoch == hello.epoch && *site == hello.primary => {
             OwnerVerdict::Confirmed
         }
-        Owner::Recorded { epoch, .. } if *epoch >= hello.epoch => {
-            OwnerVerdict::Refused(refusal())
-        }
+        Owner::Recorded { epoch, .. } if *epoch >= hello.epoch => OwnerVerdict::Refused(refusal()),
         Owner::Recorded { .. } | Owner::Unknown => OwnerVerdict::Unconfirmed(refusal()),
     }
 }
