@@ -19,6 +19,7 @@ pub mod layout;
 mod metrics;
 pub mod onboard;
 mod ownership;
+mod preauth;
 mod replication;
 mod rolefile;
 mod runtime_groups;
@@ -41,6 +42,7 @@ use group::{Groups, Plane, Shared};
 use tandem_capture::GroupCapture;
 use tandem_config::{Config, TlsMode};
 use tandem_nbd::Server;
+use tandem_replication::owners::Owners;
 use tandem_replication::receiver::ReceiverContext;
 use tandem_tls::TlsIdentity;
 use tracing::{info, warn};
@@ -124,6 +126,11 @@ impl Agent {
                 site: config.site.name.clone(),
                 groups: parking_lot::RwLock::new(Vec::new()),
                 definer: parking_lot::RwLock::new(None),
+                owners: Arc::new(if coordinated {
+                    Owners::coordinated()
+                } else {
+                    Owners::configured()
+                }),
             }),
             nbd: Arc::clone(&nbd),
             tcp_exports: Arc::new(parking_lot::RwLock::new(BTreeMap::new())),
@@ -186,7 +193,7 @@ impl Agent {
                 listener,
                 Arc::clone(&shared.receivers),
                 tls,
-                sessions_cap,
+                members.len(),
             )
             .map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),

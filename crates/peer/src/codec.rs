@@ -1,6 +1,7 @@
 //! Frames on bytes: [`encode`] appends one, [`decode`] takes one off the
 //! front of a buffer (docs/PEER.md, "Framing").
 
+use crate::bounds::{self, MAX_BITMAP, MAX_HASHES, MAX_NAME, MAX_PATH, MAX_VOLUMES};
 use crate::error::PeerError;
 use crate::message::{
     message_type, type_name, Ack, Hello, Message, Record, RecordOp, ReplicaState, Welcome,
@@ -131,17 +132,17 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
     let msg = match header.ty {
         1 => {
             let version = r.u16("version")?;
-            let primary = r.str("primary")?;
-            let replica = r.str("replica")?;
-            let group = r.str("group")?;
+            let primary = r.name("primary")?;
+            let replica = r.name("replica")?;
+            let group = r.name("group")?;
             let epoch = r.u64("epoch")?;
             let fork_epoch = r.u64("fork epoch")?;
             let fork_seq = r.u64("fork seq")?;
             // An item is at least a 2-byte name length and a u64 size.
-            let n = r.count("volumes", 2 + 8)?;
+            let n = r.count("volumes", 2 + 8, (MAX_VOLUMES, "at most 1024"))?;
             let mut volumes = Vec::with_capacity(n);
             for _ in 0..n {
-                let name = r.str("volume name")?;
+                let name = r.name("volume name")?;
                 let size = r.u64("volume size")?;
                 volumes.push((name, size));
             }
@@ -157,7 +158,7 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
             })
         }
         2 => {
-            let replica = r.str("replica")?;
+            let replica = r.name("replica")?;
             let epoch = r.u64("epoch")?;
             let applied = r.u64("applied")?;
             let durable = r.u64("durable")?;
@@ -191,6 +192,14 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
             }
             let offset = r.u64("offset")?;
             let len = r.u64("len")?;
+            if offset.checked_add(len).is_none() {
+                return Err(bounds::out_of_bounds(
+                    kind,
+                    "len",
+                    len,
+                    "offset + len must not pass 2^64",
+                ));
+            }
             let data = if op == RecordOp::Write {
                 let data = r.payload("data")?;
                 if u64::from(data.raw_len) != len {
@@ -228,7 +237,8 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
             let volume = r.u32("volume")?;
             let offset = r.u64("offset")?;
             let chunk = r.u32("chunk")?;
-            let n = r.count("hashes", 32)?;
+            bounds::check_chunk(kind, chunk)?;
+            let n = r.count("hashes", 32, (MAX_HASHES, "at most 1024"))?;
             let mut hashes = Vec::with_capacity(n);
             for _ in 0..n {
                 let mut h = [0u8; 32];
@@ -242,12 +252,27 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
                 hashes,
             }
         }
-        8 => Message::Diff {
-            volume: r.u32("volume")?,
-            offset: r.u64("offset")?,
-            chunk: r.u32("chunk")?,
-            bitmap: r.bytes("bitmap")?.to_vec(),
-        },
+        8 => {
+            let volume = r.u32("volume")?;
+            let offset = r.u64("offset")?;
+            let chunk = r.u32("chunk")?;
+            bounds::check_chunk(kind, chunk)?;
+            let len = r.u32("bitmap")?;
+            if len as usize > MAX_BITMAP {
+                return Err(bounds::out_of_bounds(
+                    kind,
+                    "bitmap",
+                    u64::from(len),
+                    "at most 128 bytes",
+                ));
+            }
+            Message::Diff {
+                volume,
+                offset,
+                chunk,
+                bitmap: r.take(len as usize, "bitmap")?.to_vec(),
+            }
+        }
         9 => Message::Chunk {
             volume: r.u32("volume")?,
             offset: r.u64("offset")?,
@@ -256,28 +281,40 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         10 => Message::ResyncEnd {
             consistent_at: r.u64("consistent_at")?,
         },
-        11 => Message::File {
-            path: r.str("path")?,
-            mode: r.u32("mode")?,
-            data: r.payload("data")?,
-        },
+        11 => {
+            let path = r.str_within("path", MAX_PATH, "at most 4096 bytes")?;
+            let mode = r.u32("mode")?;
+            if mode > bounds::MAX_MODE {
+                return Err(bounds::out_of_bounds(
+                    kind,
+                    "mode",
+                    u64::from(mode),
+                    "at most 0o7777",
+                ));
+            }
+            Message::File {
+                path,
+                mode,
+                data: r.payload("data")?,
+            }
+        }
         12 => Message::Ping(r.u64("nanos")?),
         13 => Message::Pong(r.u64("nanos")?),
         14 => Message::ResyncDone {
             resume_at: r.u64("resume_at")?,
         },
         15 => Message::Define {
-            group: r.str("group")?,
+            group: r.name("group")?,
             definition: r.str("definition")?,
         },
         16 => Message::Defined {
-            group: r.str("group")?,
+            group: r.name("group")?,
         },
         17 => Message::Retire {
-            group: r.str("group")?,
+            group: r.name("group")?,
         },
         18 => Message::Retired {
-            group: r.str("group")?,
+            group: r.name("group")?,
         },
         ty => return Err(PeerError::UnknownType(ty)),
     };
@@ -330,8 +367,33 @@ impl<'a> Reader<'a> {
     }
 
     /// `u16 length + UTF-8`.
-    fn str(&mut self, field: &str) -> Result<String, PeerError> {
+    fn str(&mut self, field: &'static str) -> Result<String, PeerError> {
+        self.str_within(field, usize::from(u16::MAX), "")
+    }
+
+    /// A site, group or volume name: a string of at most [`MAX_NAME`]
+    /// bytes.
+    fn name(&mut self, field: &'static str) -> Result<String, PeerError> {
+        self.str_within(field, MAX_NAME, bounds::NAME_RULE)
+    }
+
+    /// A string of at most `max` bytes (`rule` says so), its length
+    /// checked before anything is copied.
+    fn str_within(
+        &mut self,
+        field: &'static str,
+        max: usize,
+        rule: &'static str,
+    ) -> Result<String, PeerError> {
         let len = self.u16(field)?;
+        if usize::from(len) > max {
+            return Err(bounds::out_of_bounds(
+                self.kind,
+                field,
+                u64::from(len),
+                rule,
+            ));
+        }
         let bytes = self.take(usize::from(len), field)?;
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(s.to_owned()),
@@ -343,16 +405,25 @@ impl<'a> Reader<'a> {
     }
 
     /// `u32 length + bytes`.
-    fn bytes(&mut self, field: &str) -> Result<&'a [u8], PeerError> {
+    fn bytes(&mut self, field: &'static str) -> Result<&'a [u8], PeerError> {
         let len = self.u32(field)?;
         // Checked by `take` before any copy.
         self.take(len as usize, field)
     }
 
-    /// A list's `u32 count`, checked against the bytes left (each item
-    /// takes at least `min_item` bytes) before anything is allocated.
-    fn count(&mut self, field: &str, min_item: usize) -> Result<usize, PeerError> {
+    /// A list's `u32 count`, checked against its bound `max` and against
+    /// the bytes left (each item takes at least `min_item` bytes) before
+    /// anything is allocated.
+    fn count(
+        &mut self,
+        field: &'static str,
+        min_item: usize,
+        (max, rule): (usize, &'static str),
+    ) -> Result<usize, PeerError> {
         let n = self.u32(field)?;
+        if n as usize > max {
+            return Err(bounds::out_of_bounds(self.kind, field, u64::from(n), rule));
+        }
         let need = u64::from(n) * min_item as u64;
         if need > self.buf.len() as u64 {
             return Err(PeerError::malformed(
@@ -366,8 +437,11 @@ impl<'a> Reader<'a> {
         Ok(n as usize)
     }
 
-    /// Encoded bytes: `encoding u8, raw_len u32, u32 length + bytes`.
-    fn payload(&mut self, field: &str) -> Result<Payload, PeerError> {
+    /// Encoded bytes: `encoding u8, raw_len u32, u32 length + bytes`; the
+    /// decoded length is checked against the message's bound (e.g. a
+    /// `Chunk` holds at most [`bounds::MAX_CHUNK`]) before anything is
+    /// copied.
+    fn payload(&mut self, field: &'static str) -> Result<Payload, PeerError> {
         let encoding = self.u8(field)?;
         let encoding = Encoding::from_u8(encoding).ok_or_else(|| {
             PeerError::malformed(
@@ -376,6 +450,7 @@ impl<'a> Reader<'a> {
             )
         })?;
         let raw_len = self.u32(field)?;
+        bounds::check_data(self.kind, raw_len)?;
         let bytes = self.bytes(field)?;
         let payload = Payload {
             encoding,
@@ -653,6 +728,7 @@ pub fn validate(msg: &Message) -> Result<(), PeerError> {
         }
         _ => {}
     }
+    bounds::check(msg)?;
     let len = payload_len(msg);
     if len > MAX_PAYLOAD {
         return Err(PeerError::TooLarge {

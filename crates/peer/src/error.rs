@@ -19,6 +19,15 @@ pub enum PeerError {
     /// Encoded bytes announce decoded data over the limit.
     #[error("data of {len} bytes exceeds the limit of {max} bytes")]
     DataTooLarge { len: u64, max: u64 },
+    /// A field is outside its bound (docs/PEER.md, "Bounds"); nothing was
+    /// allocated for it.
+    #[error("{kind}: {field} of {value} is out of bounds ({rule})")]
+    OutOfBounds {
+        kind: &'static str,
+        field: &'static str,
+        value: u64,
+        rule: &'static str,
+    },
     /// The payload does not match the CRC-32C in the header.
     #[error(
         "{kind} frame checksum mismatch: header says {expected:#010x}, payload has {actual:#010x}"

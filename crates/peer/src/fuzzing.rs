@@ -8,8 +8,8 @@ use std::io::Cursor;
 use crate::codec::{decode, encode, payload_len, validate};
 use crate::error::PeerError;
 use crate::message::Message;
-use crate::stream::read_message;
-use crate::FRAME_HEADER_LEN;
+use crate::stream::{read_message, read_message_within};
+use crate::{FRAME_HEADER_LEN, MAX_PREAUTH_PAYLOAD};
 
 /// Decodes frames off the front of `data` until it runs out or hits an
 /// error. Each decoded message must re-encode to exactly the bytes it came
@@ -48,7 +48,23 @@ fn fix_crcs(data: &mut [u8]) -> bool {
     changed
 }
 
+/// The reader with the pre-authentication limit agrees with the plain one
+/// on the first frame, or refuses it from its header as too large.
+fn first_frame_before_authentication(data: &[u8]) {
+    let limited = read_message_within(&mut Cursor::new(data), &mut Vec::new(), MAX_PREAUTH_PAYLOAD);
+    let plain = read_message(&mut Cursor::new(data), &mut Vec::new());
+    match (limited, plain) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b),
+        (Err(PeerError::TooLarge { len, .. }), _) => {
+            assert!(len > MAX_PREAUTH_PAYLOAD as u64);
+        }
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("the limited reader gave {a:?}, the plain one {b:?}"),
+    }
+}
+
 fn run(data: &[u8]) {
+    first_frame_before_authentication(data);
     let mut pos = 0;
     let mut reader = Cursor::new(data);
     let mut buf = Vec::new();

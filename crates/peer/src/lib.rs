@@ -5,8 +5,10 @@
 //! TLS and sessions live elsewhere.
 //!
 //! Decoding never panics and never allocates more than a frame's length
-//! limit ([`MAX_PAYLOAD`]) or, for decoded data, [`MAX_DATA`]; every error
-//! says what is wrong (SPEC G8). Encoded data is raw, zstd or all-zero,
+//! limit ([`MAX_PAYLOAD`]) or, for decoded data, [`MAX_DATA`]; every
+//! length, count and size in a message has a bound ([`bounds`]) checked
+//! before anything is allocated for it; every error says what is wrong
+//! (SPEC G8). Encoded data is raw, zstd or all-zero,
 //! chosen per payload by a [`Compressor`] that backs off on incompressible
 //! streams.
 //!
@@ -31,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bounds;
 pub mod codec;
 pub mod error;
 pub mod fuzzing;
@@ -38,6 +41,10 @@ pub mod message;
 pub mod payload;
 pub mod stream;
 
+pub use bounds::{
+    chunk_ok, MAX_BITMAP, MAX_CHUNK, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME, MAX_PATH,
+    MAX_PREAUTH_PAYLOAD, MAX_VOLUMES, MIN_CHUNK,
+};
 pub use codec::{
     decode, decode_payload, encode, parse_header, payload_len, try_encode, validate, FrameHeader,
 };
@@ -47,7 +54,7 @@ pub use message::{
     Welcome,
 };
 pub use payload::{is_zero, Compressor, Encoding, Payload, PAYLOAD_OVERHEAD};
-pub use stream::{read_message, write_message};
+pub use stream::{read_message, read_message_within, write_message};
 
 /// The protocol version sent in `Hello`.
 pub const VERSION: u16 = 2;

@@ -6,7 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use crate::codec::{decode_payload, parse_header, try_encode};
 use crate::error::PeerError;
 use crate::message::Message;
-use crate::FRAME_HEADER_LEN;
+use crate::{FRAME_HEADER_LEN, MAX_PAYLOAD};
 
 /// The payload buffer grows by at most this much before the bytes that
 /// fill it have arrived, so that a peer announcing a large frame and
@@ -22,6 +22,18 @@ const READ_STEP: usize = 1 << 20;
 /// [`PeerError::Truncated`]. Any error leaves the stream mid-frame: close the
 /// connection (a read timeout, in particular, is fatal).
 pub fn read_message<R: Read + ?Sized>(r: &mut R, buf: &mut Vec<u8>) -> Result<Message, PeerError> {
+    read_message_within(r, buf, MAX_PAYLOAD)
+}
+
+/// [`read_message`] with a lower frame limit `max` (e.g.
+/// [`crate::MAX_PREAUTH_PAYLOAD`] before the peer is authenticated): a
+/// frame announcing more is refused from its header
+/// ([`PeerError::TooLarge`]), before any of its payload is read.
+pub fn read_message_within<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Message, PeerError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     let mut filled = 0;
     while filled < FRAME_HEADER_LEN {
@@ -41,6 +53,12 @@ pub fn read_message<R: Read + ?Sized>(r: &mut R, buf: &mut Vec<u8>) -> Result<Me
         return Err(PeerError::Truncated); // unreachable: the header is whole
     };
     let len = header.len as usize;
+    if len > max {
+        return Err(PeerError::TooLarge {
+            len: u64::from(header.len),
+            max: max as u64,
+        });
+    }
     buf.clear();
     let mut got = 0;
     while got < len {

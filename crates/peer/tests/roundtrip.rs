@@ -6,14 +6,25 @@
 use proptest::prelude::*;
 use tandem_peer::*;
 
+/// Any text that fits a name (at most 64 bytes: 16 characters of up to 4).
 fn text() -> impl Strategy<Value = String> {
-    "\\PC{0,24}"
+    "\\PC{0,16}"
+}
+
+/// A chunk size within the bounds: a power of two from 4 KiB to 1 MiB.
+fn chunk() -> impl Strategy<Value = u32> {
+    (12u32..=20).prop_map(|shift| 1 << shift)
 }
 
 fn payload() -> impl Strategy<Value = Payload> {
+    payload_within(MAX_DATA as u32)
+}
+
+/// A payload whose decoded length is at most `max`.
+fn payload_within(max: u32) -> impl Strategy<Value = Payload> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..300).prop_map(Payload::raw),
-        (0u32..(1 << 20)).prop_map(Payload::zeroes),
+        (0u32..=max.min(1 << 20)).prop_map(Payload::zeroes),
         // Real zstd data of a repetitive buffer.
         (prop::collection::vec(any::<u8>(), 1..16), 1usize..400).prop_map(|(unit, n)| {
             let data = unit.repeat(n);
@@ -28,15 +39,13 @@ fn payload() -> impl Strategy<Value = Payload> {
         (prop::collection::vec(0u8..4, 0..600))
             .prop_map(|data| { Payload::encode(&data, &mut Compressor::new(1)) }),
         // Garbage claimed to be zstd: the frame carries it all the same.
-        (
-            prop::collection::vec(any::<u8>(), 0..64),
-            0u32..=(MAX_DATA as u32)
-        )
-            .prop_map(|(bytes, raw_len)| Payload {
+        (prop::collection::vec(any::<u8>(), 0..64), 0u32..=max).prop_map(|(bytes, raw_len)| {
+            Payload {
                 encoding: Encoding::Zstd,
                 raw_len,
                 bytes,
-            }),
+            }
+        }),
     ]
 }
 
@@ -58,6 +67,8 @@ fn record() -> impl Strategy<Value = Record> {
             } else {
                 (len, Payload::empty())
             };
+            // offset + len fits a u64 (a bound).
+            let offset = offset.min(u64::MAX - len);
             Record {
                 epoch,
                 seq,
@@ -122,7 +133,7 @@ pub fn message() -> impl Strategy<Value = Message> {
         (
             any::<u32>(),
             any::<u64>(),
-            any::<u32>(),
+            chunk(),
             prop::collection::vec(any::<[u8; 32]>(), 0..20)
         )
             .prop_map(|(volume, offset, chunk, hashes)| Message::Hashes {
@@ -134,8 +145,8 @@ pub fn message() -> impl Strategy<Value = Message> {
         (
             any::<u32>(),
             any::<u64>(),
-            any::<u32>(),
-            prop::collection::vec(any::<u8>(), 0..40)
+            chunk(),
+            prop::collection::vec(any::<u8>(), 0..=MAX_BITMAP)
         )
             .prop_map(|(volume, offset, chunk, bitmap)| Message::Diff {
                 volume,
@@ -143,20 +154,19 @@ pub fn message() -> impl Strategy<Value = Message> {
                 chunk,
                 bitmap,
             }),
-        (any::<u32>(), any::<u64>(), payload()).prop_map(|(volume, offset, data)| {
-            Message::Chunk {
-                volume,
-                offset,
-                data,
+        (any::<u32>(), any::<u64>(), payload_within(MAX_CHUNK)).prop_map(
+            |(volume, offset, data)| {
+                Message::Chunk {
+                    volume,
+                    offset,
+                    data,
+                }
             }
-        }),
+        ),
         any::<u64>().prop_map(|consistent_at| Message::ResyncEnd { consistent_at }),
         any::<u64>().prop_map(|resume_at| Message::ResyncDone { resume_at }),
-        (text(), any::<u32>(), payload()).prop_map(|(path, mode, data)| Message::File {
-            path,
-            mode,
-            data
-        }),
+        (text(), 0..=MAX_MODE, payload_within(MAX_FILE))
+            .prop_map(|(path, mode, data)| Message::File { path, mode, data }),
         any::<u64>().prop_map(Message::Ping),
         any::<u64>().prop_map(Message::Pong),
         (text(), text()).prop_map(|(group, definition)| Message::Define { group, definition }),
@@ -229,7 +239,7 @@ proptest! {
     /// parsers (random bytes almost never get past the magic).
     #[test]
     fn arbitrary_payloads_never_panic(
-        ty in 1u8..=13,
+        ty in 1u8..=18,
         payload in prop::collection::vec(any::<u8>(), 0..512),
         tail in prop::collection::vec(any::<u8>(), 0..32),
     ) {
@@ -244,7 +254,10 @@ proptest! {
         match decode(&frame) {
             Ok(Some(_)) | Ok(None) => {}
             Err(e) => {
-                let ok = matches!(e, PeerError::Malformed(_) | PeerError::DataTooLarge { .. });
+                let ok = matches!(
+                    e,
+                    PeerError::Malformed(_) | PeerError::DataTooLarge { .. } | PeerError::OutOfBounds { .. }
+                );
                 prop_assert!(ok, "{}", e);
             }
         }

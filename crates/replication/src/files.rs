@@ -19,8 +19,9 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
-/// Files larger than this are not replicated (they are configuration).
-pub const MAX_FILE: u64 = 16 << 20;
+/// Files larger than this are not replicated (they are configuration):
+/// the peer protocol's bound on a `File` (docs/PEER.md, "Bounds").
+pub const MAX_FILE: u64 = tandem_peer::MAX_FILE as u64;
 /// How often the primary looks at its files.
 pub const POLL: Duration = Duration::from_millis(250);
 /// The name a VM's definition travels under (docs/PEER.md, `File`).

@@ -7,6 +7,7 @@
 mod error;
 pub mod files;
 pub mod journal;
+pub mod owners;
 pub mod receiver;
 pub mod replica;
 pub mod session;

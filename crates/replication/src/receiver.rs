@@ -11,16 +11,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tandem_peer::{read_message, write_message, Message, PeerError};
+use tandem_peer::{read_message, read_message_within, write_message, Message, PeerError};
 
 use crate::error::ReplicaError;
 use crate::journal::Entry;
+use crate::owners::Owners;
 use crate::replica::ReplicaGroup;
-use crate::session::replica::{self as rs, Action, Commit, Progress, ReplicaSession};
-pub use crate::session::replica::{Membership, ProtocolError, Refusal};
+use crate::session::replica::{self as rs, Action, Commit, OwnerVerdict, Progress, ReplicaSession};
+pub use crate::session::replica::{Membership, Owner, ProtocolError, Refusal};
 
 /// How long a new session waits for the previous one of the same group.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
+/// How long a hello for an epoch newer than the coordinator's last
+/// reading waits for a reading that confirms it (the new owner claimed
+/// before it connected: the store watcher sees it within a round trip).
+pub const OWNER_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -113,6 +118,9 @@ pub struct ReceiverContext {
     pub groups: parking_lot::RwLock<Vec<Arc<GroupPlan>>>,
     /// Defines groups that primaries send; None refuses them.
     pub definer: parking_lot::RwLock<Option<Arc<dyn GroupDefiner>>>,
+    /// Who owns each group: only a group's owner in an epoch may open a
+    /// session in it.
+    pub owners: Arc<Owners>,
 }
 
 /// Tells the primary why, best effort: the session ends either way.
@@ -124,10 +132,31 @@ fn send_refusal<W: Write>(writer: &mut W, reason: &str, out: &mut Vec<u8>) {
     let _ = writer.flush();
 }
 
+/// Reads the first message of a connection: what it may send before it
+/// is authenticated, so at most [`tandem_peer::MAX_PREAUTH_PAYLOAD`] bytes
+/// (a larger frame is refused from its header).
+pub fn read_opening<R: Read + ?Sized>(reader: &mut R) -> Result<Message, PeerError> {
+    read_message_within(reader, &mut Vec::new(), tandem_peer::MAX_PREAUTH_PAYLOAD)
+}
+
 /// Serves one connection from a primary. `peer_site` is the site name in
 /// the peer's TLS certificate (None without TLS).
 pub fn serve<R: Read, W: Write>(
     ctx: &ReceiverContext,
+    mut reader: R,
+    writer: W,
+    peer_site: Option<&str>,
+    closer: Option<SessionCloser>,
+) -> Result<(), SessionError> {
+    let first = read_opening(&mut reader)?;
+    serve_from(ctx, first, reader, writer, peer_site, closer)
+}
+
+/// [`serve`] for a connection whose first message was read already
+/// ([`read_opening`]).
+pub fn serve_from<R: Read, W: Write>(
+    ctx: &ReceiverContext,
+    mut first: Message,
     reader: R,
     mut writer: W,
     peer_site: Option<&str>,
@@ -136,7 +165,6 @@ pub fn serve<R: Read, W: Write>(
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut buf = Vec::new();
     let mut out = Vec::new();
-    let mut first = read_message(&mut reader, &mut buf)?;
     if let Message::Retire { group } = first {
         let definer = ctx.definer.read().clone();
         let retired = match definer {
@@ -171,7 +199,8 @@ pub fn serve<R: Read, W: Write>(
                 return Err(SessionError::Define { group, source });
             }
         }
-        first = read_message(&mut reader, &mut buf)?;
+        // The hello, still before the session is authenticated.
+        first = read_message_within(&mut reader, &mut buf, tandem_peer::MAX_PREAUTH_PAYLOAD)?;
     }
     let hello = match first {
         Message::Hello(h) => h,
@@ -194,19 +223,31 @@ pub fn serve<R: Read, W: Write>(
     let Some(plan) = plan else {
         return Err(refuse(&mut writer, Refusal::UnknownGroup(hello.group)));
     };
-    // Checked before waiting for a running session (a stale primary is
-    // turned away at once) and again under the group's lock.
+    // Checked before waiting for a running session (a stale primary, or
+    // one the coordinator does not name owner, is turned away without
+    // disturbing it) and again under the group's lock.
     if let Err(refusal) = rs::check_epoch(hello.epoch, plan.position.lock().epoch) {
+        return Err(refuse(&mut writer, refusal));
+    }
+    let owner = ctx.owners.settle(&hello, &plan.membership, OWNER_WAIT);
+    if let OwnerVerdict::Refused(refusal) | OwnerVerdict::Unconfirmed(refusal) =
+        rs::judge_owner(&hello, &owner)
+    {
         return Err(refuse(&mut writer, refusal));
     }
     let Some(mut group) = plan.group.try_lock_for(TAKEOVER_WAIT) else {
         return Err(refuse(&mut writer, Refusal::Busy(plan.name().to_owned())));
     };
-    let (mut session, welcome) =
-        match ReplicaSession::start(&ctx.site, hello.epoch, &group.position(), Instant::now()) {
-            Ok(started) => started,
-            Err(refusal) => return Err(refuse(&mut writer, refusal)),
-        };
+    let (mut session, welcome) = match ReplicaSession::start(
+        &ctx.site,
+        &hello,
+        &ctx.owners.owner(&plan.membership),
+        &group.position(),
+        Instant::now(),
+    ) {
+        Ok(started) => started,
+        Err(refusal) => return Err(refuse(&mut writer, refusal)),
+    };
     group.set_epoch(hello.epoch)?;
     *plan.session.lock() = closer;
     struct EndSession<'a>(&'a GroupPlan);

@@ -486,6 +486,9 @@ impl ReplicaGroup {
         chunk: u32,
         count: usize,
     ) -> Result<Vec<[u8; 32]>, ReplicaError> {
+        if !tandem_peer::chunk_ok(chunk) || count > tandem_peer::MAX_HASHES {
+            return Err(ReplicaError::BadChunks { chunk, count });
+        }
         self.committer.wait_idle()?;
         let image = &self.volume(volume)?.image;
         chunk_hashes(image, offset, chunk, count)

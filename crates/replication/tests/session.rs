@@ -112,8 +112,10 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         definition: None,
         gather: Duration::ZERO,
     };
-    let handle = thread::spawn(move || shipper.run());
+    // Before the shipper starts: a session holds the group's lock while
+    // it runs.
     let position = replica.lock().published();
+    let handle = thread::spawn(move || shipper.run());
     Pair {
         capture,
         replica: position,

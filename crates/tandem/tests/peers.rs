@@ -1,18 +1,28 @@
 //! Between sites: mutual TLS with certificates from `tandem certs create`,
 //! a peer with a certificate from another CA refused with the reason while
 //! the others replicate, and malformed peer input refused without
-//! disturbing replication (SPEC G8).
+//! disturbing replication (SPEC G8). A certificate of the cluster's CA
+//! without a site name is refused; a member site's certificate cannot open
+//! a session as a forged primary of a newer epoch; and before
+//! authentication the peer port spends bounded memory and threads
+//! (docs/PEER.md, "Bounds").
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
+use tandem_peer::{read_message, write_message, Hello, Message, Payload, Record, RecordOp};
+use tandem_tls::rustls;
+use tandem_tls::{PeerStream, TlsIdentity};
 
 fn certs(dir: &Path, sites: &[&str]) {
     run_ok(
@@ -145,41 +155,350 @@ fn garbage_on_the_peer_port_is_refused_and_replication_continues() {
     assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));
 }
 
+/// A certificate signed by the CA in `pki` (from `tandem certs create`)
+/// with no subjectAltName at all: its common name says "dr", which does
+/// not count. Returns (certificate DER, PKCS#8 key DER).
+fn sanless_certificate(pki: &Path) -> (Vec<u8>, Vec<u8>) {
+    let ca_pem = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    assert!(params.subject_alt_names.is_empty());
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, "dr");
+    params.distinguished_name = dn;
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.der().to_vec(), key.serialize_der())
+}
+
 #[test]
-fn silent_peer_connections_beyond_the_cap_are_closed_at_once_and_replication_continues() {
+fn a_certificate_of_the_cluster_ca_without_a_site_name_is_refused() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let mut c = Cluster::new("ny", &["dr"], &[vol("v0", "16MiB")], "");
+    let pki = c.dir.path().join("pki");
+    certs(&pki, &["ny", "dr"]);
+    for site in ["ny", "dr"] {
+        use_tls(&c.site(site).config, &pki, site);
+    }
+    c.start("dr");
+    c.start("ny");
+    qemu_io(&c.uri("ny", "v0"), &["write -P 0x71 0 1M", "flush"]);
+    c.wait_replicated(Duration::from_secs(60));
+
+    // A TLS client presenting the SAN-less certificate to dr's peer port.
+    let (cert, key) = sanless_certificate(&pki);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pki.join("ca.pem")).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from(cert)],
+        PrivateKeyDer::Pkcs8(key.into()),
+    )
+    .unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("dr").unwrap())
+        .unwrap();
+    let tcp = TcpStream::connect(peer_listen(&c, "dr")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // The handshake verifies (the certificate chains to the CA); then dr
+    // closes the connection instead of accepting it, and never reads a
+    // hello from it.
+    let hello = Message::Hello(Hello {
+        version: tandem_peer::VERSION,
+        primary: "ny".into(),
+        replica: "dr".into(),
+        group: "g".into(),
+        epoch: 9,
+        fork_epoch: 0,
+        fork_seq: 0,
+        volumes: vec![("v0".into(), 16 << 20)],
+    });
+    let _ = write_message(&mut tls, &hello, &mut Vec::new());
+    let mut byte = [0u8; 1];
+    let verdict = tls.read(&mut byte);
+    assert!(
+        !matches!(verdict, Ok(1)),
+        "a certificate without a site name was accepted"
+    );
+    wait_until(Duration::from_secs(10), "dr's log line", || {
+        let log = c.site("dr").log();
+        log.contains("names no site") && log.contains("subjectAltName")
+    });
+    assert_eq!(c.status("dr")["groups"][0]["epoch"], 1);
+    // ny replicates on.
+    qemu_io(&c.uri("ny", "v0"), &["write -P 0x72 2M 1M", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
+    assert!(c.stop("ny").success());
+    assert!(c.stop("dr").success());
+    assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));
+}
+
+/// Opens a TLS peer connection to `site` of `c` with the certificate of
+/// `as_site` and sends `hello`, then `writes` records of its epoch;
+/// returns the replica's answer to the hello.
+fn forge(c: &Cluster, pki: &Path, as_site: &str, site: &str, hello: Hello, writes: u64) -> Message {
+    let identity = TlsIdentity::load(
+        &pki.join("ca.pem"),
+        &pki.join(format!("{as_site}.pem")),
+        &pki.join(format!("{as_site}.key")),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(peer_listen(c, site)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // The certificate is a valid member's: the handshake succeeds.
+    let mut s = PeerStream::connect_tls(tcp, &identity, site).unwrap();
+    let epoch = hello.epoch;
+    let mut scratch = Vec::new();
+    write_message(&mut s, &Message::Hello(hello), &mut scratch).unwrap();
+    for seq in 1..=writes {
+        let record = Message::Record(Record {
+            epoch,
+            seq,
+            volume: 0,
+            op: RecordOp::Write,
+            fua: true,
+            offset: seq * 65536,
+            len: 65536,
+            data: Payload::raw(vec![0xEE; 65536]),
+        });
+        if write_message(&mut s, &record, &mut scratch).is_err() {
+            break;
+        }
+    }
+    let mut buf = Vec::new();
+    read_message(&mut s, &mut buf).unwrap()
+}
+
+#[test]
+fn a_forged_newer_epoch_hello_from_a_member_site_is_refused_and_the_owner_replicates_on() {
+    let mut c = Cluster::new("ny", &["dr", "r2"], &[vol("v0", "16MiB")], "");
+    let pki = c.dir.path().join("pki");
+    certs(&pki, &["ny", "dr", "r2"]);
+    for site in ["ny", "dr", "r2"] {
+        use_tls(&c.site(site).config, &pki, site);
+    }
+    let witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("3s"));
+    for site in ["dr", "r2", "ny"] {
+        c.start_any(site);
+    }
+    wait_until(Duration::from_secs(30), "ny primary in epoch 1", || {
+        let g = &c.status("ny")["groups"][0];
+        g["role"] == "primary" && g["epoch"] == 1
+    });
+    qemu_io(&c.uri("ny", "v0"), &["write -P 0x51 0 4M", "flush"]);
+    c.wait_replicated(Duration::from_secs(60));
+    let image_before = std::fs::read(c.image("dr", "v0")).unwrap();
+
+    // r2 (a site of the group, not its owner) opens a session to dr as
+    // the primary of epoch 51 and writes.
+    let forged = |primary: &str, epoch: u64| Hello {
+        version: tandem_peer::VERSION,
+        primary: primary.into(),
+        replica: "dr".into(),
+        group: "g".into(),
+        epoch,
+        fork_epoch: 0,
+        fork_seq: 0,
+        volumes: vec![("v0".into(), 16 << 20)],
+    };
+    match forge(&c, &pki, "r2", "dr", forged("r2", 51), 8) {
+        Message::Refuse { reason } => assert!(
+            reason.contains("r2 is not the owner of group g in epoch 51")
+                && reason.contains("names ny owner in epoch 1"),
+            "{reason}"
+        ),
+        other => panic!("a forged primary was answered {other:?}"),
+    }
+    // Nor may it speak for the owner.
+    match forge(&c, &pki, "r2", "dr", forged("ny", 51), 1) {
+        Message::Refuse { reason } => assert!(reason.contains("certificate"), "{reason}"),
+        other => panic!("a forged primary was answered {other:?}"),
+    }
+    assert!(c.site("dr").log().contains("is not the owner of group g"));
+    // dr's epoch and image are what they were.
+    let dr = &c.status("dr")["groups"][0];
+    assert_eq!(dr["epoch"], 1, "{dr:#}");
+    assert_eq!(dr["role"], "replica");
+    assert!(std::fs::read(c.image("dr", "v0")).unwrap() == image_before);
+
+    // ny's session goes on: new writes reach dr, which follows epoch 1.
+    qemu_io(&c.uri("ny", "v0"), &["write -P 0x52 8M 1M", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
+    assert_eq!(c.status("dr")["groups"][0]["epoch"], 1);
+    for site in ["ny", "dr", "r2"] {
+        assert!(c.stop(site).success(), "{site}");
+    }
+    assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));
+}
+
+/// (VmRSS in bytes, threads) of a process, from /proc/PID/status.
+fn rss_and_threads(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap())
+            .unwrap()
+    };
+    (field("VmRSS:") * 1024, field("Threads:"))
+}
+
+/// The largest RSS and thread count seen while sampling.
+#[derive(Clone, Copy, Default)]
+struct Peak {
+    rss: u64,
+    threads: u64,
+}
+
+impl Peak {
+    fn sample(&mut self, pid: u32) {
+        let (rss, threads) = rss_and_threads(pid);
+        self.rss = self.rss.max(rss);
+        self.threads = self.threads.max(threads);
+    }
+}
+
+#[test]
+fn idle_connections_and_huge_hellos_before_authentication_cost_little_and_a_real_peer_gets_in() {
     let mut c = Cluster::new("ny", &["dr"], &[vol("v0", "16MiB")], "");
     c.start("dr");
     c.start("ny");
     qemu_io(&c.uri("ny", "v0"), &["write -P 0x41 0 1M", "flush"]);
     c.wait_replicated(Duration::from_secs(30));
+    let pid = c.site("dr").pid().unwrap();
     let listen = peer_listen(&c, "dr");
-    // dr replicates one group: 64 + 4 sessions at once, one of them ny's.
-    // Connections that say nothing hold the others; past the cap, dr
-    // closes each new connection at once.
-    let cap = 68;
-    let held: Vec<TcpStream> = (0..cap + 5)
+    let (rss0, threads0) = rss_and_threads(pid);
+    let mut peak = Peak {
+        rss: rss0,
+        threads: threads0,
+    };
+
+    // 500 connections that say nothing.
+    let idle: Vec<TcpStream> = (0..500)
+        .map(|_| TcpStream::connect(&listen).unwrap())
+        .collect();
+    // 8 hellos announcing 60 MiB each, sent as fast as dr takes them.
+    let hellos: Vec<_> = (0..8)
         .map(|_| {
-            let s = TcpStream::connect(&listen).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s
+            let listen = listen.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&listen).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut header = Vec::new();
+                header.extend_from_slice(&tandem_peer::MAGIC.to_le_bytes());
+                header.extend_from_slice(&[1, 0, 0, 0]);
+                header.extend_from_slice(&(60u32 << 20).to_le_bytes());
+                header.extend_from_slice(&[0; 4]);
+                s.write_all(&header).unwrap();
+                let piece = vec![0x5A; 1 << 20];
+                let mut sent = 0u64;
+                for _ in 0..60 {
+                    if s.write_all(&piece).is_err() {
+                        return (sent, true);
+                    }
+                    sent += piece.len() as u64;
+                }
+                (sent, false)
+            })
         })
         .collect();
-    wait_until(Duration::from_secs(10), "the cap's log line", || {
-        c.site("dr").log().contains("too many replication sessions")
+    let started = Instant::now();
+    while !hellos.iter().all(std::thread::JoinHandle::is_finished) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the hellos were not refused"
+        );
+        peak.sample(pid);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for h in hellos {
+        let (sent, refused) = h.join().unwrap();
+        assert!(refused, "a 60 MiB hello was read whole");
+        assert!(sent < 16 << 20, "{sent} bytes of a hello taken");
+    }
+    wait_until(Duration::from_secs(15), "dr's log lines", || {
+        let log = c.site("dr").log();
+        log.contains("closing an unauthenticated peer connection")
+            && log.contains("exceeds the limit of 131072 bytes")
     });
-    let mut s = TcpStream::connect(&listen).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 1];
-    let started = std::time::Instant::now();
-    assert!(
-        matches!(s.read(&mut buf), Ok(0)),
-        "a connection past the cap is closed"
-    );
-    assert!(started.elapsed() < Duration::from_secs(4), "closed at once");
-    // ny's session goes on meanwhile.
+    peak.sample(pid);
+
+    // A real peer connects meanwhile: ny restarts (a new connection)
+    // while idle connections keep coming, 500 held at any time.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = {
+        let (flooding, listen) = (Arc::clone(&flooding), listen.clone());
+        std::thread::spawn(move || {
+            let mut held: VecDeque<TcpStream> = idle.into_iter().collect();
+            let mut opened = 0u64;
+            while flooding.load(Ordering::Acquire) {
+                if let Ok(s) = TcpStream::connect(&listen) {
+                    held.push_back(s);
+                    opened += 1;
+                }
+                if held.len() > 500 {
+                    held.pop_front();
+                }
+                // Pacing of the flood (about 200 connections a second).
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            opened
+        })
+    };
+    assert!(c.stop("ny").success());
+    c.start("ny");
     qemu_io(&c.uri("ny", "v0"), &["write -P 0x42 2M 1M", "flush"]);
-    c.wait_replicated(Duration::from_secs(30));
-    drop(held);
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        peak.sample(pid);
+        let s = c.status("ny");
+        let r = &s["groups"][0]["replicas"][0];
+        let next = s["groups"][0]["next_seq"].as_u64().unwrap_or(0);
+        if r["state"] == "streaming" && r["durable_seq"].as_u64().unwrap_or(0) + 1 >= next {
+            break;
+        }
+        assert!(Instant::now() < until, "ny did not get in: {s:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    flooding.store(false, Ordering::Release);
+    let opened = flood.join().unwrap();
+    assert!(opened > 100, "the flood went on meanwhile ({opened})");
+    peak.sample(pid);
+    let grown = peak.rss.saturating_sub(rss0);
+    eprintln!(
+        "dr before authentication under load: RSS {} -> {} MiB (+{} KiB), threads {threads0} -> {}",
+        rss0 >> 20,
+        peak.rss >> 20,
+        grown >> 10,
+        peak.threads
+    );
+    assert!(grown < 32 << 20, "RSS grew by {grown} bytes");
+    // One session thread for ny's new connection while the old one ends.
+    assert!(
+        peak.threads <= threads0 + 2,
+        "threads {threads0} -> {}",
+        peak.threads
+    );
     assert!(c.stop("ny").success());
     assert!(c.stop("dr").success());
     assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));

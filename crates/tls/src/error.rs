@@ -112,6 +112,8 @@ pub enum TlsError {
     #[error("TLS configuration: {0}")]
     Config(String),
     /// The TLS handshake with a peer failed.
+    #[error("refusing {peer}: its certificate names no site (no DNS name in its subjectAltName; the site name is taken only from there); create site certificates with `tandem certs create`")]
+    NoSiteName { peer: String },
     #[error("TLS handshake with {peer} failed: {reason}")]
     Handshake {
         /// The peer's address (and expected site, client side).

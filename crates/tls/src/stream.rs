@@ -71,6 +71,7 @@ impl PeerStream {
         let mut stream = StreamOwned::new(conn, tcp);
         with_deadline(
             &stream.sock.try_clone().map_err(|e| fail(e.to_string()))?,
+            Instant::now() + HANDSHAKE_TIMEOUT,
             |deadline| {
                 handshake(&mut stream.conn, &mut stream.sock, deadline)?;
                 // Wait for the server's verdict on our certificate.
@@ -99,7 +100,21 @@ impl PeerStream {
     /// must chain to the CA. Completed here, within [`HANDSHAKE_TIMEOUT`];
     /// the socket's timeouts are restored afterwards. The peer's site is
     /// then [`PeerStream::peer_site`].
+    ///
+    /// A certificate that names no site (no DNS name in its
+    /// subjectAltName) is refused ([`TlsError::NoSiteName`]), however it is
+    /// signed: a site's name is taken only from there.
     pub fn accept_tls(tcp: TcpStream, identity: &TlsIdentity) -> Result<PeerStream, TlsError> {
+        PeerStream::accept_tls_within(tcp, identity, HANDSHAKE_TIMEOUT)
+    }
+
+    /// [`PeerStream::accept_tls`] that must finish within `timeout` (e.g.
+    /// what is left of the time a connection may take to authenticate).
+    pub fn accept_tls_within(
+        tcp: TcpStream,
+        identity: &TlsIdentity,
+        timeout: Duration,
+    ) -> Result<PeerStream, TlsError> {
         let peer = peer_name(&tcp);
         let fail = |reason: String| TlsError::Handshake {
             peer: peer.clone(),
@@ -108,23 +123,36 @@ impl PeerStream {
         let conn =
             ServerConnection::new(identity.server_config()).map_err(|e| fail(explain(&e)))?;
         let mut stream = StreamOwned::new(conn, tcp);
-        with_deadline(
-            &stream.sock.try_clone().map_err(|e| fail(e.to_string()))?,
-            |deadline| {
-                handshake(&mut stream.conn, &mut stream.sock, deadline)?;
-                set_timeouts(&stream.sock, deadline)?;
-                stream
-                    .write_all(&[ACCEPTED])
-                    .and_then(|()| stream.flush())
-                    .map_err(|e| explain_io(&e))
-            },
-        )
+        let sock = stream.sock.try_clone().map_err(|e| fail(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        with_deadline(&sock, deadline, |deadline| {
+            handshake(&mut stream.conn, &mut stream.sock, deadline)
+        })
+        .map_err(fail)?;
+        // The name check: no site name in the certificate, no entry (the
+        // connection closes without our acceptance byte).
+        let named = stream
+            .conn
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .is_some_and(|cert| !dns_names(cert).is_empty());
+        if !named {
+            return Err(TlsError::NoSiteName { peer });
+        }
+        with_deadline(&sock, deadline, |deadline| {
+            set_timeouts(&stream.sock, deadline)?;
+            stream
+                .write_all(&[ACCEPTED])
+                .and_then(|()| stream.flush())
+                .map_err(|e| explain_io(&e))
+        })
         .map_err(fail)?;
         Ok(PeerStream::Server(Box::new(stream)))
     }
 
     /// The site name from the peer's verified certificate (its first SAN DNS
-    /// name); `None` for a plain stream.
+    /// name); `None` for a plain stream. An accepted TLS stream always has
+    /// one ([`PeerStream::accept_tls`] refuses a certificate without).
     pub fn peer_site(&self) -> Option<String> {
         let certs = match self {
             PeerStream::Plain(_) => return None,
@@ -206,15 +234,16 @@ fn peer_name(tcp: &TcpStream) -> String {
         .map_or_else(|_| "an unknown peer".to_owned(), |a| a.to_string())
 }
 
-/// Runs `f` with a deadline [`HANDSHAKE_TIMEOUT`] from now, then restores
-/// the socket's previous timeouts (whatever the outcome).
+/// Runs `f` with `deadline`, then restores the socket's previous timeouts
+/// (whatever the outcome).
 fn with_deadline(
     tcp: &TcpStream,
+    deadline: Instant,
     f: impl FnOnce(Instant) -> Result<(), String>,
 ) -> Result<(), String> {
     let read = tcp.read_timeout().unwrap_or(None);
     let write = tcp.write_timeout().unwrap_or(None);
-    let result = f(Instant::now() + HANDSHAKE_TIMEOUT);
+    let result = f(deadline);
     let restored = tcp
         .set_read_timeout(read)
         .and_then(|()| tcp.set_write_timeout(write));
@@ -237,10 +266,7 @@ fn set_timeouts(tcp: &TcpStream, deadline: Instant) -> Result<(), String> {
 }
 
 fn timed_out() -> String {
-    format!(
-        "timed out after {} s (the peer is silent or too slow)",
-        HANDSHAKE_TIMEOUT.as_secs()
-    )
+    "timed out (the peer is silent or too slow)".to_owned()
 }
 
 /// Drives a handshake to completion (and flushes its last flight).

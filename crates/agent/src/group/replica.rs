@@ -65,6 +65,7 @@ impl ReplicaRole {
         let plan = Arc::new(GroupPlan {
             membership: Membership {
                 group: group.name.clone(),
+                primary: group.primary.clone(),
                 sites,
                 volumes: group
                     .volumes

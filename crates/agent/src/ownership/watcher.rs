@@ -70,6 +70,11 @@ pub(super) fn run(h: &std::sync::Arc<Handle>) {
             for (key, reason) in &view.unreadable {
                 warn!(%key, "unreadable coordinator value: {reason}");
             }
+            // What a primary's hello is judged by (docs/PEER.md).
+            h.shared.receivers.owners.publish(
+                m.runtime.name(),
+                view.owner.as_ref().map(|(o, _)| (o.site.as_str(), o.epoch)),
+            );
             if let Some(gate) = m.runtime.gate() {
                 match &view.owner {
                     Some((o, _)) if o.site == h.shared.site && o.lease == lease.id => {

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use tandem_peer::{Ack, Hello, Message, Payload, Record, ReplicaState, Welcome};
+use tandem_peer::{Ack, Hello, Message, Payload, Record, RecordOp, ReplicaState, Welcome};
 
 use crate::replica::Position;
 
@@ -25,6 +25,9 @@ pub const COMMIT_BYTES: usize = 8 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Membership {
     pub group: String,
+    /// The group's configured primary: without a coordinator, the only
+    /// site that may open a session ([`Owner::Configured`]).
+    pub primary: String,
     /// Every site of the group.
     pub sites: Vec<String>,
     /// Volume names and sizes, in order.
@@ -53,6 +56,77 @@ pub enum Refusal {
     OlderEpoch { epoch: u64, held: u64 },
     #[error("group {0} already has a replication session")]
     Busy(String),
+    #[error("{claimed} is not the owner of group {group} in epoch {epoch}: {owner}")]
+    NotOwner {
+        group: String,
+        claimed: String,
+        epoch: u64,
+        owner: Owner,
+    },
+}
+
+/// Who owns a group as this replica knows it: what a primary's hello is
+/// checked against (only the owner of an epoch may open a session in it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// No coordinator (`kind = "none"`): the group's configured primary
+    /// is its only primary, in every epoch.
+    Configured(String),
+    /// The coordinator's owner record as last read: `site` owns the group
+    /// in `epoch`.
+    Recorded { site: String, epoch: u64 },
+    /// The coordinator names no owner (none yet, or the key was deleted
+    /// by a forced failover or a release), or has not been read yet.
+    Unknown,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Configured(site) => write!(
+                f,
+                "without a coordinator only the configured primary {site} is"
+            ),
+            Owner::Recorded { site, epoch } => {
+                write!(f, "the coordinator names {site} owner in epoch {epoch}")
+            }
+            Owner::Unknown => f.write_str("the coordinator names no owner of it"),
+        }
+    }
+}
+
+/// What the ownership check says of a hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerVerdict {
+    /// The hello's site owns the group in the hello's epoch.
+    Confirmed,
+    /// The owner known here is older than the hello (or none is known):
+    /// a newer reading of the coordinator may confirm it. Refused once
+    /// the driver has waited long enough.
+    Unconfirmed(Refusal),
+    /// Another site owns that epoch, or a newer one is known: refused.
+    Refused(Refusal),
+}
+
+/// Judges a primary's hello against the owner known here: accepted only
+/// when `owner` says the hello's site owns the group in the hello's epoch
+/// (or, without a coordinator, that it is the configured primary).
+pub fn judge_owner(hello: &Hello, owner: &Owner) -> OwnerVerdict {
+    let refusal = || Refusal::NotOwner {
+        group: hello.group.clone(),
+        claimed: hello.primary.clone(),
+        epoch: hello.epoch,
+        owner: owner.clone(),
+    };
+    match owner {
+        Owner::Configured(site) if *site == hello.primary => OwnerVerdict::Confirmed,
+        Owner::Configured(_) => OwnerVerdict::Refused(refusal()),
+        Owner::Recorded { site, epoch } if *epoch == hello.epoch && *site == hello.primary => {
+            OwnerVerdict::Confirmed
+        }
+        Owner::Recorded { epoch, .. } if *epoch >= hello.epoch => OwnerVerdict::Refused(refusal()),
+        Owner::Recorded { .. } | Owner::Unknown => OwnerVerdict::Unconfirmed(refusal()),
+    }
 }
 
 /// Why a session ends (besides the primary closing it).
@@ -72,6 +146,22 @@ pub enum ProtocolError {
     EndWithoutBegin,
     #[error("unexpected {0} message from a primary")]
     Unexpected(&'static str),
+    #[error("{what} for volume index {volume}, but the group has {volumes} volume(s)")]
+    NoSuchVolume {
+        what: &'static str,
+        volume: u32,
+        volumes: usize,
+    },
+    #[error("{what} at offset {offset} of {len} bytes reaches past the end of volume index {volume} ({size} bytes)")]
+    OutOfRange {
+        what: &'static str,
+        volume: u32,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("hashes of {count} chunks of {chunk} bytes: the chunk must be a power of two from 4096 to 1048576, at most 1024 of them")]
+    Chunks { chunk: u32, count: usize },
 }
 
 /// What the replica does with one message.
@@ -193,6 +283,9 @@ pub fn check_epoch(epoch: u64, held: u64) -> Result<(), Refusal> {
 #[derive(Clone, Debug)]
 pub struct ReplicaSession {
     epoch: u64,
+    /// The size of each volume, in order: every range a message names
+    /// must lie within one.
+    volumes: Vec<u64>,
     /// The last record received in this session (or where a resync puts
     /// the stream).
     last_seq: u64,
@@ -208,16 +301,27 @@ pub struct ReplicaSession {
 }
 
 impl ReplicaSession {
-    /// Accepts a session of `epoch` on a replica at `held` (its position
-    /// under the group's lock, after [`check_hello`]); returns the session
-    /// and the welcome to send.
+    /// Accepts `hello` (already checked by [`check_hello`]) on a replica
+    /// at `held` (its position under the group's lock) when `owner` — who
+    /// owns the group as known here — confirms that the hello's site owns
+    /// the group in its epoch ([`judge_owner`]; an unconfirmed hello is
+    /// refused: the driver waits for a newer reading first); returns the
+    /// session and the welcome to send.
     pub fn start(
         site: &str,
-        epoch: u64,
+        hello: &Hello,
+        owner: &Owner,
         held: &Position,
         now: Instant,
     ) -> Result<(ReplicaSession, Welcome), Refusal> {
+        let epoch = hello.epoch;
         check_epoch(epoch, held.epoch)?;
+        match judge_owner(hello, owner) {
+            OwnerVerdict::Confirmed => {}
+            OwnerVerdict::Unconfirmed(refusal) | OwnerVerdict::Refused(refusal) => {
+                return Err(refusal)
+            }
+        }
         let state = if held.new {
             ReplicaState::New
         } else if held.consistent {
@@ -235,6 +339,7 @@ impl ReplicaSession {
         Ok((
             ReplicaSession {
                 epoch,
+                volumes: hello.volumes.iter().map(|(_, size)| *size).collect(),
                 last_seq: held.received,
                 acked: (held.received, held.durable),
                 resync: None,
@@ -283,6 +388,11 @@ impl ReplicaSession {
                         len: r.len,
                     });
                 }
+                if r.op != RecordOp::Flush {
+                    self.within("record", r.volume, r.offset, r.len)?;
+                } else {
+                    self.size("record", r.volume)?;
+                }
                 self.last_seq = r.seq;
                 self.bytes_since_commit += data;
                 self.ack_now = r.fua || r.op == tandem_peer::RecordOp::Flush;
@@ -312,21 +422,54 @@ impl ReplicaSession {
                 offset,
                 chunk,
                 hashes,
-            } => Action::Compare {
-                volume,
-                offset,
-                chunk,
-                hashes,
-            },
+            } => {
+                if !tandem_peer::chunk_ok(chunk) || hashes.len() > tandem_peer::MAX_HASHES {
+                    return Err(ProtocolError::Chunks {
+                        chunk,
+                        count: hashes.len(),
+                    });
+                }
+                // Every chunk hashed starts inside the volume (the last
+                // one may be short).
+                let size = self.size("hashes", volume)?;
+                let chunks = hashes.len() as u64;
+                if let Some(last) = chunks.checked_sub(1) {
+                    let last_start = offset.checked_add(last * u64::from(chunk));
+                    if last_start.is_none_or(|start| start >= size) {
+                        return Err(ProtocolError::OutOfRange {
+                            what: "hashes",
+                            volume,
+                            offset,
+                            len: chunks * u64::from(chunk),
+                            size,
+                        });
+                    }
+                }
+                Action::Compare {
+                    volume,
+                    offset,
+                    chunk,
+                    hashes,
+                }
+            }
             Message::Chunk {
                 volume,
                 offset,
                 data,
-            } => Action::WriteChunk {
-                volume,
-                offset,
-                data,
-            },
+            } => {
+                if data.raw_len > tandem_peer::MAX_CHUNK {
+                    return Err(ProtocolError::Chunks {
+                        chunk: data.raw_len,
+                        count: 1,
+                    });
+                }
+                self.within("chunk", volume, offset, u64::from(data.raw_len))?;
+                Action::WriteChunk {
+                    volume,
+                    offset,
+                    data,
+                }
+            }
             Message::ResyncEnd { consistent_at } => {
                 let Some(resume_at) = self.resync.take() else {
                     return Err(ProtocolError::EndWithoutBegin);
@@ -345,6 +488,39 @@ impl ReplicaSession {
             Message::Pong(_) => Action::None,
             other => return Err(ProtocolError::Unexpected(other.kind())),
         })
+    }
+
+    /// The size of volume index `volume`.
+    fn size(&self, what: &'static str, volume: u32) -> Result<u64, ProtocolError> {
+        self.volumes
+            .get(volume as usize)
+            .copied()
+            .ok_or(ProtocolError::NoSuchVolume {
+                what,
+                volume,
+                volumes: self.volumes.len(),
+            })
+    }
+
+    /// Checks that `[offset, offset + len)` lies within volume `volume`.
+    fn within(
+        &self,
+        what: &'static str,
+        volume: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ProtocolError> {
+        let size = self.size(what, volume)?;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(ProtocolError::OutOfRange {
+                what,
+                volume,
+                offset,
+                len,
+                size,
+            });
+        }
+        Ok(())
     }
 
     /// When to commit, after the action was carried out. `idle`: nothing

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tandem_replication::owners::Owners;
 use tandem_replication::receiver::{GroupPlan, Membership, ReceiverContext};
 use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
 use tandem_volume::RawImage;
@@ -48,6 +49,8 @@ pub fn replica_site(
         groups: parking_lot::RwLock::new(vec![Arc::new(GroupPlan {
             membership: Membership {
                 group: "g".into(),
+                // The first site is the configured primary.
+                primary: sites[0].to_string(),
                 sites: sites.iter().map(|s| s.to_string()).collect(),
                 volumes: vec![("v".into(), size)],
             },
@@ -60,6 +63,7 @@ pub fn replica_site(
             session: Mutex::new(None),
         })]),
         definer: parking_lot::RwLock::new(None),
+        owners: Arc::new(Owners::configured()),
     });
     ReplicaSite {
         ctx,

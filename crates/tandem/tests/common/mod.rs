@@ -461,6 +461,11 @@ impl Cluster {
 }
 
 impl ClusterSite {
+    /// The process id of the site's agent, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
