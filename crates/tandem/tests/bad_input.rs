@@ -725,6 +725,7 @@ fn api_status_ok(site: &Site) {
 #[test]
 fn metrics_need_the_api_token_by_default() {
     let (mut site, mut good) = started();
+    let token = api_token(&site); // also waits for the API to listen
     let get = |auth: &str| {
         let head = format!("GET /metrics HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n");
         api_raw(&site, &head, b"")
@@ -737,7 +738,7 @@ fn metrics_need_the_api_token_by_default() {
     );
     let (status, text) = get("Authorization: Bearer wrong\r\n");
     assert_eq!(status, 401, "/metrics with a wrong token: {text}");
-    let (status, text) = get(&format!("Authorization: Bearer {}\r\n", api_token(&site)));
+    let (status, text) = get(&format!("Authorization: Bearer {token}\r\n"));
     assert_eq!(status, 200, "/metrics with the token: {text}");
     assert!(text.contains("tandem_"), "{text}");
     finish(&mut site, &mut good);
