@@ -545,15 +545,30 @@ pub struct Witness {
     pub data_dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// Where `tandem certs create` wrote the witness's certificate, when
+    /// it speaks TLS (the sites then run with `[tls]` on).
+    pki: Option<PathBuf>,
 }
 
 impl Witness {
+    /// A plain witness (`--tls off`), for sites with `[tls] mode = "off"`.
     pub fn start(dir: &Path) -> Witness {
+        Witness::start_with(dir, None)
+    }
+
+    /// A witness speaking mutual TLS with the certificates `tandem certs
+    /// create` wrote to `pki` (`ca.pem`, `witness.pem`, `witness.key`).
+    pub fn start_tls(dir: &Path, pki: &Path) -> Witness {
+        Witness::start_with(dir, Some(pki.to_path_buf()))
+    }
+
+    fn start_with(dir: &Path, pki: Option<PathBuf>) -> Witness {
         let mut w = Witness {
             addr: format!("127.0.0.1:{}", free_port()),
             data_dir: dir.join("witness"),
             child: None,
             log: dir.join("witness.log"),
+            pki,
         };
         w.restart();
         w
@@ -567,11 +582,22 @@ impl Witness {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(TANDEM)
+        let mut command = Command::new(TANDEM);
+        command
             .args(["witness", "--listen", &self.addr, "--data-dir"])
-            .arg(&self.data_dir)
+            .arg(&self.data_dir);
+        match &self.pki {
+            Some(pki) => command
+                .arg("--ca")
+                .arg(pki.join("ca.pem"))
+                .arg("--cert")
+                .arg(pki.join("witness.pem"))
+                .arg("--key")
+                .arg(pki.join("witness.key")),
             // The sites run with `[tls] mode = "off"` on loopback.
-            .args(["--tls", "off"])
+            None => command.args(["--tls", "off"]),
+        };
+        let child = command
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
