@@ -311,7 +311,7 @@ write_configs() {
 start_witness() { # sets COORD_SECTION
     local port
     port=$(free_ports 1)
-    NO_COLOR=1 "$TANDEM_BIN" witness --listen "127.0.0.1:$port" --data-dir "$PDIR/witness-data" \
+    NO_COLOR=1 "$TANDEM_BIN" witness --listen "127.0.0.1:$port" --data-dir "$PDIR/witness-data" --tls off \
         </dev/null >>"$PDIR/witness.log" 2>&1 &
     local pid=$!
     track_pid "$pid"

@@ -183,7 +183,7 @@ write_configs() {
 
 start_witness() { # sets WITNESS_PORT
     WITNESS_PORT=$(free_ports 1)
-    NO_COLOR=1 "$TANDEM_BIN" witness --listen "127.0.0.1:$WITNESS_PORT" --data-dir "$CDIR/witness-data" \
+    NO_COLOR=1 "$TANDEM_BIN" witness --listen "127.0.0.1:$WITNESS_PORT" --data-dir "$CDIR/witness-data" --tls off \
         </dev/null >>"$CDIR/witness.log" 2>&1 &
     local pid=$!
     track_pid "$pid"
