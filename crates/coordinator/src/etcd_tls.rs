@@ -152,26 +152,65 @@ fn explained(e: std::io::Error) -> std::io::Error {
 }
 
 #[derive(Debug)]
-struct TlsStream(rustls::StreamOwned<ClientConnection, Box<dyn ureq::ReadWrite>>);
+struct TlsStream {
+    inner: rustls::StreamOwned<ClientConnection, Box<dyn ureq::ReadWrite>>,
+    /// Nothing came from etcd yet since the handshake.
+    unanswered: bool,
+}
+
+impl TlsStream {
+    /// An error of this connection, explained. Under TLS 1.3 a server
+    /// judges the client's certificate after the client's handshake is
+    /// done, so a refusal often reaches the client as the connection
+    /// closing under its first request (a broken pipe, a reset), not as
+    /// an alert it could read.
+    fn explain(&self, e: std::io::Error) -> std::io::Error {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        let e = explained(e);
+        if self.unanswered
+            && matches!(
+                e.kind(),
+                BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+            )
+        {
+            return std::io::Error::new(
+                e.kind(),
+                format!(
+                    "etcd closed the connection right after the TLS handshake ({e}): most likely \
+                     etcd refused this client's certificate (none, or one it does not trust): \
+                     give etcd_cert and etcd_key signed by a CA that etcd's \
+                     --trusted-ca-file names"
+                ),
+            );
+        }
+        e
+    }
+}
 
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf).map_err(explained)
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.unanswered &= n == 0;
+                Ok(n)
+            }
+            Err(e) => Err(self.explain(e)),
+        }
     }
 }
 
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf).map_err(explained)
+        self.inner.write(buf).map_err(|e| self.explain(e))
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush().map_err(explained)
+        self.inner.flush().map_err(|e| self.explain(e))
     }
 }
 
 impl ureq::ReadWrite for TlsStream {
     fn socket(&self) -> Option<&TcpStream> {
-        self.0.sock.socket()
+        self.inner.sock.socket()
     }
 }
 
@@ -193,6 +232,9 @@ impl ureq::TlsConnector for EtcdTls {
         while conn.is_handshaking() {
             conn.complete_io(&mut io).map_err(explained)?;
         }
-        Ok(Box::new(TlsStream(rustls::StreamOwned::new(conn, io))))
+        Ok(Box::new(TlsStream {
+            inner: rustls::StreamOwned::new(conn, io),
+            unanswered: true,
+        }))
     }
 }
