@@ -25,6 +25,9 @@ use tandem_peer::Message;
 use tandem_replication::receiver::{self, ReceiverContext};
 use tandem_replication::shipper::{ConnectError, Connection};
 use tandem_tls::{PeerStream, TlsIdentity};
+
+// A group the configuration accepts fits in one peer hello.
+const _: () = assert!(tandem_config::Group::MAX_VOLUMES == tandem_peer::bounds::MAX_VOLUMES);
 use tracing::{info, warn};
 
 use crate::preauth::{Sessions, Waiting};

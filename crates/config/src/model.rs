@@ -352,6 +352,9 @@ pub struct Group {
 }
 
 impl Group {
+    /// Most volumes in one group: what one peer hello names (docs/PEER.md,
+    /// "Bounds").
+    pub const MAX_VOLUMES: usize = 1024;
     /// Default `sync_replicas`.
     pub const DEFAULT_SYNC_REPLICAS: u32 = 1;
     /// Default `max_lag_on_failover`.

@@ -1758,3 +1758,29 @@ fn etcd_links_must_be_authenticated_off_loopback() {
         "is for kind = \"etcd\"",
     );
 }
+
+#[test]
+fn a_group_has_at_most_1024_volumes() {
+    let list = |n: usize| {
+        (0..n)
+            .map(|i| format!("{{ name = \"v{i}\", size = \"1M\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let with = |n: usize| {
+        spec_with(
+            "volumes = [ { name = \"web01-root\", size = \"20GiB\" } ]",
+            &format!("volumes = [ {} ]", list(n)),
+        )
+    };
+    assert_eq!(
+        ok(&with(crate::Group::MAX_VOLUMES)).groups[0].volumes.len(),
+        1024
+    );
+    check(
+        &with(crate::Group::MAX_VOLUMES + 1),
+        "volumes = [ { name = \"v0\"",
+        "group[0].volumes",
+        "at most 1024 volumes (this one has 1025)",
+    );
+}

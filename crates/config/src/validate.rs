@@ -516,6 +516,17 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
                 "a group needs at least one volume",
             ));
         }
+        if g.volumes.get_ref().len() > Group::MAX_VOLUMES {
+            return Err(cx.err(
+                &g.volumes.span(),
+                key("volumes"),
+                format!(
+                    "a group has at most {} volumes (this one has {}): split it into several groups",
+                    Group::MAX_VOLUMES,
+                    g.volumes.get_ref().len()
+                ),
+            ));
+        }
         let mut volumes = Vec::with_capacity(g.volumes.get_ref().len());
         for (vi, v) in g.volumes.get_ref().iter().enumerate() {
             let vkey = |k: &str| key(&format!("volumes[{vi}].{k}"));
