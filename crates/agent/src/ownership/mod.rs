@@ -208,7 +208,6 @@ impl Ownership {
             pool: pool::Pool::default(),
             instance: instance::Instances::new(me),
         });
-        let count = groups.len();
         for (runtime, record) in groups {
             handle.add(runtime, &record)?;
         }
@@ -228,9 +227,14 @@ impl Ownership {
             let h = Arc::clone(&handle);
             spawn("instance-watch".into(), move || instance::watch(&h))?
         };
-        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, groups = count,
-            tls = c.etcd.ca.is_some(), client_cert = c.etcd.cert.is_some(), user = ?c.etcd.user,
-            "coordinator decides ownership");
+        // Groups join as they open (`Handle::add`), so none are counted here.
+        let tls = match c.kind {
+            tandem_config::CoordinatorKind::Witness => shared.tls.is_some(),
+            _ => c.endpoints.iter().any(|e| e.starts_with("https://")),
+        };
+        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, tls,
+            etcd_ca = c.etcd.ca.is_some(), etcd_client_cert = c.etcd.cert.is_some(),
+            etcd_user = ?c.etcd.user, "coordinator decides ownership");
         Ok(Ownership {
             handle,
             threads: vec![keeper, watcher, fencer, instance_watch],
