@@ -17,15 +17,13 @@ use rcgen::{
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
-    ClientConfig, ClientConnection, ConnectionCommon, RootCertStore, ServerConfig,
-    ServerConnection, StreamOwned,
+    ClientConfig, ClientConnection, ConnectionCommon, ServerConfig, ServerConnection, StreamOwned,
 };
 
-use crate::identity::{dns_names, provider};
+use crate::identity::{dns_names, provider, read_certs, read_key, read_roots, warn_if_readable};
 use crate::stream::{explain, explain_io};
 use crate::TlsError;
 
@@ -49,20 +47,10 @@ impl WitnessTls {
     /// [`WITNESS_NAME`]. Errors name the file.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<WitnessTls, TlsError> {
         let provider = provider();
-        let mut roots = RootCertStore::empty();
-        for c in read_certs(ca, "CA certificate")? {
-            roots.add(c).map_err(|e| TlsError::BadCertificate {
-                path: ca.to_path_buf(),
-                what: "CA certificate",
-                reason: e.to_string(),
-            })?;
-        }
-        let roots = Arc::new(roots);
+        let roots = read_roots(ca)?;
         let chain = read_certs(cert, "witness certificate")?;
-        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::BadKey {
-            path: key.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let key_der = read_key(key)?;
+        warn_if_readable(key);
         let config_err = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
         let server_verifier =
             WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
@@ -177,28 +165,6 @@ pub(crate) fn witness_cert(
     crate::certs::set_validity(&mut params, now, crate::certs::SITE_VALIDITY);
     let cert = params.signed_by(&key, issuer).map_err(generate)?;
     Ok((cert.pem(), key.serialize_pem()))
-}
-
-fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        what,
-        source,
-    })?;
-    let certs = CertificateDer::pem_slice_iter(&data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::NotPem {
-            path: path.to_path_buf(),
-            what,
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_path_buf(),
-            what,
-        });
-    }
-    Ok(certs)
 }
 
 fn peer_name(tcp: &TcpStream) -> String {

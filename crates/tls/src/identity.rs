@@ -43,16 +43,7 @@ impl TlsIdentity {
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsIdentity, TlsError> {
         let provider = provider();
 
-        let ca_certs = read_certs(ca, "CA certificate")?;
-        let mut roots = RootCertStore::empty();
-        for c in ca_certs {
-            roots.add(c).map_err(|e| TlsError::BadCertificate {
-                path: ca.to_path_buf(),
-                what: "CA certificate",
-                reason: e.to_string(),
-            })?;
-        }
-        let roots = Arc::new(roots);
+        let roots = read_roots(ca)?;
 
         let chain = read_certs(cert, "site certificate")?;
         let key_der = read_key(key)?;
@@ -204,7 +195,23 @@ fn looks_like_pem(data: &[u8]) -> bool {
     data.windows(11).any(|w| w == b"-----BEGIN ")
 }
 
-fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The CA certificates of `ca` (PEM) as trust roots.
+pub(crate) fn read_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(ca, "CA certificate")? {
+        roots.add(c).map_err(|e| TlsError::BadCertificate {
+            path: ca.to_path_buf(),
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+pub(crate) fn read_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let data = read_file(path, what)?;
     if !looks_like_pem(&data) {
         return Err(TlsError::NotPem {
@@ -234,7 +241,7 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     const WHAT: &str = "private key";
     let data = read_file(path, WHAT)?;
     if !looks_like_pem(&data) {
@@ -256,7 +263,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// Warns when a private key is readable by group or others.
-fn warn_if_readable(path: &Path) {
+pub(crate) fn warn_if_readable(path: &Path) {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
