@@ -373,15 +373,16 @@ impl Shipper {
             if !alive.load(Ordering::Acquire) {
                 return Err(ShipError::ReaderEnded);
             }
-            let settled = self.link.session.lock().settled();
-            let wait = if unflushed {
-                Duration::ZERO
-            } else if settled {
-                SETTLED_WAIT
-            } else {
-                BUSY_WAIT
-            };
             if events.is_empty() {
+                // Only an idle sender asks the session how long to wait:
+                // not once per record on the hot path.
+                let wait = if unflushed {
+                    Duration::ZERO
+                } else if self.link.session.lock().settled() {
+                    SETTLED_WAIT
+                } else {
+                    BUSY_WAIT
+                };
                 cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut events)?;
                 // Registered before any is written: an acknowledgement
                 // cannot overtake the sender's bookkeeping.
@@ -413,8 +414,7 @@ impl Shipper {
                         if !self.gather.is_zero() {
                             thread::sleep(self.gather);
                         }
-                    } else if last_sent.elapsed() >= if settled { SETTLED_PING } else { IDLE_PING }
-                    {
+                    } else if last_sent.elapsed() >= self.ping_every() {
                         write_message(w, &Message::Ping(nanos_now()), &mut scratch)?;
                         w.flush().map_err(PeerError::Io)?;
                         last_sent = Instant::now();
@@ -440,6 +440,16 @@ impl Shipper {
                 }
             }
             self.link.count(compressor);
+        }
+    }
+
+    /// How often an idle link pings: often while the replica does not hold
+    /// everything sent, rarely once it does.
+    fn ping_every(&self) -> Duration {
+        if self.link.session.lock().settled() {
+            SETTLED_PING
+        } else {
+            IDLE_PING
         }
     }
 
