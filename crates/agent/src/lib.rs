@@ -143,6 +143,7 @@ impl Agent {
                 layout.clone(),
                 config.libvirt.network_map.clone(),
             )),
+            links: parking_lot::Mutex::new(BTreeMap::new()),
         });
         let mut agent = Agent {
             shared: Arc::clone(&shared),

@@ -247,6 +247,7 @@ fn claimed_site(stream: &PeerStream, first: &Message, peer: &str) -> String {
     }
     match first {
         Message::Hello(h) => h.primary.clone(),
+        Message::Link { primary, .. } => primary.clone(),
         _ => peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_owned(),
     }
 }
@@ -303,7 +304,7 @@ fn authenticate(auth: &Auth, conn: Pending, accepted: Instant) {
     }
 }
 
-fn serve_peer(stream: PeerStream, first: Message, peer: &str, ctx: &ReceiverContext) {
+fn serve_peer(stream: PeerStream, first: Message, peer: &str, ctx: &Arc<ReceiverContext>) {
     // Bounds every later read.
     let _ = stream.tcp().set_read_timeout(Some(READ_TIMEOUT));
     // A promotion ends this session at once rather than wait for a silent

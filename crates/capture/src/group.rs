@@ -301,7 +301,13 @@ pub struct GroupCapture {
     /// Signalled on every acknowledgement and connection change.
     acknowledged: Condvar,
     closing: std::sync::atomic::AtomicBool,
+    /// Called whenever records arrive and when the capture closes (the
+    /// shippers' wake-ups, who do not wait on `arrived`).
+    listeners: Mutex<Vec<Listener>>,
 }
+
+/// Told that records arrived or the capture closed; must not block.
+pub type Listener = Box<dyn Fn() + Send + Sync>;
 
 /// How a synchronous wait for replicas ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -406,6 +412,7 @@ impl GroupCapture {
             }),
             arrived: Condvar::new(),
             acknowledged: Condvar::new(),
+            listeners: Mutex::new(Vec::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -546,7 +553,21 @@ impl GroupCapture {
             st.relieve();
         }
         self.arrived.notify_all();
+        self.tell_listeners();
         Ok(seq)
+    }
+
+    /// Has `listener` called whenever records arrive and when the capture
+    /// closes, for a shipper that waits elsewhere than in
+    /// [`GroupCapture::next_events`].
+    pub fn on_arrival(&self, listener: Listener) {
+        self.listeners.lock().push(listener);
+    }
+
+    fn tell_listeners(&self) {
+        for l in self.listeners.lock().iter() {
+            l();
+        }
     }
 
     /// The next event for `replica`, waiting up to `timeout` for one.
@@ -735,9 +756,11 @@ impl GroupCapture {
     pub fn close(&self) {
         self.closing
             .store(true, std::sync::atomic::Ordering::Release);
-        let _st = self.state.lock();
+        let st = self.state.lock();
         self.acknowledged.notify_all();
         self.arrived.notify_all();
+        drop(st);
+        self.tell_listeners();
     }
 
     /// Replicas with a session up.

@@ -13,5 +13,7 @@ pub mod seq;
 mod spill;
 
 pub use error::CaptureError;
-pub use group::{CaptureStats, CaptureVolume, Event, GroupCapture, Lag, Op, Record, SyncOutcome};
+pub use group::{
+    CaptureStats, CaptureVolume, Event, GroupCapture, Lag, Listener, Op, Record, SyncOutcome,
+};
 pub use queue::QueueOptions;

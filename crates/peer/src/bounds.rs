@@ -176,6 +176,13 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
         | Message::Defined { group }
         | Message::Retire { group }
         | Message::Retired { group } => check_name(kind, "group", group.len())?,
+        Message::Link {
+            primary, replica, ..
+        } => {
+            check_name(kind, "primary", primary.len())?;
+            check_name(kind, "replica", replica.len())?;
+        }
+        Message::Linked { .. } | Message::End { .. } => {}
         Message::Refuse { .. }
         | Message::Ack(_)
         | Message::ResyncBegin { .. }

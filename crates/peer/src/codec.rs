@@ -21,6 +21,9 @@ pub struct FrameHeader {
     pub len: u32,
     /// CRC-32C of the payload.
     pub crc: u32,
+    /// The link channel the frame belongs to (0 outside a link, and a
+    /// link's own messages; docs/PEER.md, "Links").
+    pub channel: u32,
 }
 
 impl FrameHeader {
@@ -65,13 +68,6 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, PeerError> {
             return Err(PeerError::UnknownType(ty));
         }
     }
-    if let Some(reserved) = buf.get(5..buf.len().min(8)) {
-        if reserved.iter().any(|&b| b != 0) {
-            return Err(PeerError::Malformed(format!(
-                "frame header: reserved bytes are {reserved:02x?}, not zero"
-            )));
-        }
-    }
     if buf.len() >= 12 {
         let len = le_u32(&buf[8..]);
         if len as usize > MAX_PAYLOAD {
@@ -88,14 +84,35 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, PeerError> {
         ty: buf[4],
         len: le_u32(&buf[8..]),
         crc: le_u32(&buf[12..]),
+        channel: u32::from(buf[5]) | u32::from(buf[6]) << 8 | u32::from(buf[7]) << 16,
     }))
 }
+
+/// The highest channel number a frame header can carry (24 bits).
+pub const MAX_CHANNEL: u32 = (1 << 24) - 1;
 
 /// Decodes one frame from the front of `buf`. `Ok(None)`: `buf` is a valid
 /// beginning of a frame and more bytes are needed; `Ok(Some((msg, n)))`:
 /// the frame took the first `n` bytes. An error is a protocol error: the
 /// connection must be closed. Never allocates more than the frame's length.
 pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, PeerError> {
+    match decode_frame(buf)? {
+        None => Ok(None),
+        Some((0, msg, n)) => Ok(Some((msg, n))),
+        Some((channel, msg, _)) => Err(outside_link(channel, msg.kind())),
+    }
+}
+
+/// A frame for a channel where there are no channels (not on a link).
+pub fn outside_link(channel: u32, kind: &'static str) -> PeerError {
+    PeerError::malformed(
+        kind,
+        format_args!("frame on channel {channel}, but this connection is not a link"),
+    )
+}
+
+/// [`decode`] of a frame on a link: also says which channel it is on.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(u32, Message, usize)>, PeerError> {
     let Some(header) = parse_header(buf)? else {
         return Ok(None);
     };
@@ -104,7 +121,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, PeerError> {
         return Ok(None);
     }
     let msg = decode_payload(&header, &buf[FRAME_HEADER_LEN..total])?;
-    Ok(Some((msg, total)))
+    Ok(Some((header.channel, msg, total)))
 }
 
 /// Checks the CRC of `payload` against `header` and decodes the message.
@@ -315,6 +332,17 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         },
         18 => Message::Retired {
             group: r.name("group")?,
+        },
+        19 => Message::Link {
+            version: r.u16("version")?,
+            primary: r.name("primary")?,
+            replica: r.name("replica")?,
+        },
+        20 => Message::Linked {
+            version: r.u16("version")?,
+        },
+        21 => Message::End {
+            reason: r.str("reason")?,
         },
         ty => return Err(PeerError::UnknownType(ty)),
     };
@@ -536,6 +564,11 @@ pub fn payload_len(msg: &Message) -> usize {
         Message::Defined { group } | Message::Retire { group } | Message::Retired { group } => {
             str_len(group)
         }
+        Message::Link {
+            primary, replica, ..
+        } => 2 + str_len(primary) + str_len(replica),
+        Message::Linked { .. } => 2,
+        Message::End { reason } => str_len(reason),
     }
 }
 
@@ -548,11 +581,17 @@ pub fn payload_len(msg: &Message) -> usize {
 /// gets its length, which the receiver refuses. Use [`try_encode`] (or
 /// [`crate::write_message`]) to be told instead.
 pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+    encode_on(0, msg, out)
+}
+
+/// [`encode`] on a link's `channel` (its low 24 bits; channels are at
+/// most [`MAX_CHANNEL`]).
+pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
     let start = out.len();
     out.reserve(FRAME_HEADER_LEN + payload_len(msg));
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(message_type(msg));
-    out.extend_from_slice(&[0; 3]);
+    out.extend_from_slice(&channel.to_le_bytes()[..3]);
     out.extend_from_slice(&[0; 8]); // length and CRC, patched below
     let body = out.len();
     let w = out;
@@ -654,6 +693,17 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         Message::Defined { group } | Message::Retire { group } | Message::Retired { group } => {
             put_str(w, group)
         }
+        Message::Link {
+            version,
+            primary,
+            replica,
+        } => {
+            put_u16(w, *version);
+            put_str(w, primary);
+            put_str(w, replica);
+        }
+        Message::Linked { version } => put_u16(w, *version),
+        Message::End { reason } => put_str(w, reason),
     }
     let len = len_u32(w.len() - body);
     let crc = crc32c::crc32c(&w[body..]);
@@ -666,8 +716,19 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
 /// (`TooLarge` for a frame over [`MAX_PAYLOAD`], `DataTooLarge` for data
 /// over [`crate::MAX_DATA`], `Malformed` for the rest).
 pub fn try_encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), PeerError> {
+    try_encode_on(0, msg, out)
+}
+
+/// [`try_encode`] on a link's `channel`.
+pub fn try_encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) -> Result<(), PeerError> {
     validate(msg)?;
-    encode(msg, out);
+    if channel > MAX_CHANNEL {
+        return Err(PeerError::malformed(
+            msg.kind(),
+            format_args!("channel {channel} exceeds {MAX_CHANNEL}"),
+        ));
+    }
+    encode_on(channel, msg, out);
     Ok(())
 }
 
@@ -726,6 +787,13 @@ pub fn validate(msg: &Message) -> Result<(), PeerError> {
         Message::Defined { group } | Message::Retire { group } | Message::Retired { group } => {
             check_str("group", group)?
         }
+        Message::Link {
+            primary, replica, ..
+        } => {
+            check_str("primary", primary)?;
+            check_str("replica", replica)?;
+        }
+        Message::End { reason } => check_str("reason", reason)?,
         _ => {}
     }
     bounds::check(msg)?;

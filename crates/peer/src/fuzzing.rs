@@ -5,10 +5,11 @@
 
 use std::io::Cursor;
 
-use crate::codec::{decode, encode, payload_len, validate};
+use crate::codec::{decode, decode_frame, encode_on, payload_len, validate};
 use crate::error::PeerError;
 use crate::message::Message;
-use crate::stream::{read_message, read_message_within};
+use crate::stream::{read_frame_within, read_message, read_message_within};
+use crate::MAX_PAYLOAD;
 use crate::{FRAME_HEADER_LEN, MAX_PREAUTH_PAYLOAD};
 
 /// Decodes frames off the front of `data` until it runs out or hits an
@@ -70,13 +71,24 @@ fn run(data: &[u8]) {
     let mut buf = Vec::new();
     loop {
         let rest = &data[pos..];
-        let streamed = read_message(&mut reader, &mut buf);
-        match decode(rest) {
-            Ok(Some((msg, n))) => {
+        let streamed = read_frame_within(&mut reader, &mut buf, MAX_PAYLOAD);
+        // Outside a link only channel 0 is a frame.
+        match (decode(rest), decode_frame(rest)) {
+            (Ok(Some((m, n))), Ok(Some((0, f, k)))) => assert_eq!((m, n), (f, k)),
+            (Err(_), Ok(Some((c, ..)))) => assert_ne!(c, 0, "decode refused a channel-0 frame"),
+            (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+            (a, b) => panic!("decode gave {a:?}, decode_frame {b:?}"),
+        }
+        match decode_frame(rest) {
+            Ok(Some((channel, msg, n))) => {
                 assert!(n >= FRAME_HEADER_LEN && n <= rest.len());
-                check_message(&msg, &rest[..n]);
+                check_message(channel, &msg, &rest[..n]);
                 match streamed {
-                    Ok(ref m) => assert_eq!(m, &msg, "read_message disagrees with decode"),
+                    Ok((c, ref m)) => assert_eq!(
+                        (c, m),
+                        (channel, &msg),
+                        "read_frame disagrees with decode_frame"
+                    ),
                     Err(e) => panic!("read_message failed ({e}) where decode succeeded"),
                 }
                 pos += n;
@@ -104,15 +116,15 @@ fn run(data: &[u8]) {
     }
 }
 
-fn check_message(msg: &Message, frame: &[u8]) {
+fn check_message(channel: u32, msg: &Message, frame: &[u8]) {
     validate(msg).unwrap_or_else(|e| panic!("decoded message does not validate: {e}"));
     let mut again = Vec::new();
-    encode(msg, &mut again);
+    encode_on(channel, msg, &mut again);
     assert_eq!(again.len(), FRAME_HEADER_LEN + payload_len(msg));
     assert_eq!(again, frame, "re-encoding changed the frame");
-    match decode(&again) {
-        Ok(Some((m, n))) => {
-            assert_eq!(&m, msg);
+    match decode_frame(&again) {
+        Ok(Some((c, m, n))) => {
+            assert_eq!((c, &m), (channel, msg));
             assert_eq!(n, again.len());
         }
         other => panic!("re-encoded frame does not decode: {other:?}"),

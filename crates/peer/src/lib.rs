@@ -46,7 +46,8 @@ pub use bounds::{
     MAX_PREAUTH_PAYLOAD, MAX_VOLUMES, MIN_CHUNK,
 };
 pub use codec::{
-    decode, decode_payload, encode, parse_header, payload_len, try_encode, validate, FrameHeader,
+    decode, decode_frame, decode_payload, encode, encode_on, parse_header, payload_len, try_encode,
+    try_encode_on, validate, FrameHeader, MAX_CHANNEL,
 };
 pub use error::PeerError;
 pub use message::{
@@ -54,10 +55,12 @@ pub use message::{
     Welcome,
 };
 pub use payload::{is_zero, Compressor, Encoding, Payload, PAYLOAD_OVERHEAD};
-pub use stream::{read_message, read_message_within, write_message};
+pub use stream::{
+    read_frame_within, read_message, read_message_within, write_frame, write_message,
+};
 
 /// The protocol version sent in `Hello`.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The frame magic, `"TNDP"` as a little-endian `u32`.
 pub const MAGIC: u32 = 0x544E_4450;
 /// Bytes of a frame header.

@@ -65,6 +65,20 @@ pub enum Message {
     Retire { group: String },
     /// R→P: the replica no longer has the group `Retire` named.
     Retired { group: String },
+    /// P→R, the first frame of a link (channel 0): one connection between
+    /// two sites carrying every group's session on its own channel
+    /// (docs/PEER.md, "Links").
+    Link {
+        version: u16,
+        primary: String,
+        replica: String,
+    },
+    /// R→P: the link is accepted.
+    Linked { version: u16 },
+    /// Either way, on a link's channel: the session on this channel is
+    /// over (the primary stops the group; the replica was promoted or
+    /// failed), with the reason.
+    End { reason: String },
     /// Either way: a keepalive carrying the sender's clock in nanoseconds.
     Ping(u64),
     /// Either way: answers a `Ping`, echoing its value.
@@ -222,6 +236,9 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::Defined { .. } => 16,
         Message::Retire { .. } => 17,
         Message::Retired { .. } => 18,
+        Message::Link { .. } => 19,
+        Message::Linked { .. } => 20,
+        Message::End { .. } => 21,
     }
 }
 
@@ -246,6 +263,9 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         16 => "defined",
         17 => "retire",
         18 => "retired",
+        19 => "link",
+        20 => "linked",
+        21 => "end",
         _ => return None,
     })
 }

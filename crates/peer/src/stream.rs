@@ -3,7 +3,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 
-use crate::codec::{decode_payload, parse_header, try_encode};
+use crate::codec::{decode_payload, outside_link, parse_header, try_encode, try_encode_on};
 use crate::error::PeerError;
 use crate::message::Message;
 use crate::{FRAME_HEADER_LEN, MAX_PAYLOAD};
@@ -34,6 +34,18 @@ pub fn read_message_within<R: Read + ?Sized>(
     buf: &mut Vec<u8>,
     max: usize,
 ) -> Result<Message, PeerError> {
+    match read_frame_within(r, buf, max)? {
+        (0, msg) => Ok(msg),
+        (channel, msg) => Err(outside_link(channel, msg.kind())),
+    }
+}
+
+/// [`read_message_within`] on a link: the frame's channel and message.
+pub fn read_frame_within<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<(u32, Message), PeerError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     let mut filled = 0;
     while filled < FRAME_HEADER_LEN {
@@ -74,7 +86,7 @@ pub fn read_message_within<R: Read + ?Sized>(
             Err(e) => return Err(e.into()),
         }
     }
-    decode_payload(&header, &buf[..len])
+    Ok((header.channel, decode_payload(&header, &buf[..len])?))
 }
 
 /// Encodes `msg` into `scratch` (cleared first) and writes it to `w`, then
@@ -91,5 +103,19 @@ pub fn write_message<W: Write + ?Sized>(
     try_encode(msg, scratch)?;
     w.write_all(scratch)?;
     w.flush()?;
+    Ok(())
+}
+
+/// [`write_message`] on a link's `channel` (without the flush: a link's
+/// writer flushes when its queue runs dry).
+pub fn write_frame<W: Write + ?Sized>(
+    w: &mut W,
+    channel: u32,
+    msg: &Message,
+    scratch: &mut Vec<u8>,
+) -> Result<(), PeerError> {
+    scratch.clear();
+    try_encode_on(channel, msg, scratch)?;
+    w.write_all(scratch)?;
     Ok(())
 }

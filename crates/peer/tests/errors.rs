@@ -60,7 +60,7 @@ fn bad_magic() {
 
 #[test]
 fn unknown_type() {
-    for ty in [0u8, 19, 200, 255] {
+    for ty in [0u8, 22, 200, 255] {
         let mut f = frame(&Message::Ping(1));
         f[4] = ty;
         match decode(&f) {
@@ -73,10 +73,13 @@ fn unknown_type() {
 }
 
 #[test]
-fn reserved_bytes_must_be_zero() {
+fn a_channel_outside_a_link_is_refused() {
     let mut f = frame(&Message::Ping(1));
     f[6] = 1;
-    assert!(malformed(&f).contains("reserved"));
+    assert!(malformed(&f).contains("channel 256"), "{}", malformed(&f));
+    // On a link the same frame is channel 256's.
+    let (channel, msg, n) = tandem_peer::decode_frame(&f).unwrap().unwrap();
+    assert_eq!((channel, msg, n), (256, Message::Ping(1), f.len()));
 }
 
 #[test]
@@ -427,7 +430,10 @@ fn kinds() {
     assert_eq!(type_name(16), Some("defined"));
     assert_eq!(type_name(17), Some("retire"));
     assert_eq!(type_name(18), Some("retired"));
-    assert_eq!(type_name(19), None);
+    assert_eq!(type_name(19), Some("link"));
+    assert_eq!(type_name(20), Some("linked"));
+    assert_eq!(type_name(21), Some("end"));
+    assert_eq!(type_name(22), None);
 }
 
 #[test]

@@ -173,12 +173,19 @@ pub fn message() -> impl Strategy<Value = Message> {
         text().prop_map(|group| Message::Defined { group }),
         text().prop_map(|group| Message::Retire { group }),
         text().prop_map(|group| Message::Retired { group }),
+        (any::<u16>(), text(), text()).prop_map(|(version, primary, replica)| Message::Link {
+            version,
+            primary,
+            replica
+        }),
+        any::<u16>().prop_map(|version| Message::Linked { version }),
+        text().prop_map(|reason| Message::End { reason }),
     ]
 }
 
 proptest! {
     #[test]
-    fn round_trip(msg in message()) {
+    fn round_trip(msg in message(), channel in 0..=tandem_peer::MAX_CHANNEL) {
         let mut frame = vec![0xAA; 3]; // encode appends
         try_encode(&msg, &mut frame).unwrap();
         let frame = &frame[3..];
@@ -194,6 +201,12 @@ proptest! {
         let (first, n) = decode(&two).unwrap().unwrap();
         prop_assert_eq!(&first, &msg);
         prop_assert_eq!(decode(&two[n..]).unwrap().unwrap(), (Message::Ping(7), two.len() - n));
+
+        // On a link's channel, the same message with its channel.
+        let mut on = Vec::new();
+        tandem_peer::try_encode_on(channel, &msg, &mut on).unwrap();
+        let (c, back, n) = tandem_peer::decode_frame(&on).unwrap().unwrap();
+        prop_assert_eq!((c, &back, n), (channel, &msg, on.len()));
 
         // The fuzz property holds on valid frames too.
         tandem_peer::fuzzing::fuzz_one(&two);

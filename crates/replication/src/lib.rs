@@ -7,9 +7,11 @@
 mod error;
 pub mod files;
 pub mod journal;
+pub mod link;
 pub mod owners;
 pub mod receiver;
 pub mod replica;
+pub mod runtime;
 pub mod session;
 pub mod shipper;
 pub mod state;

@@ -1,9 +1,12 @@
-//! The replica side of a replication session (docs/PEER.md), as a driver
-//! of [`ReplicaSession`]: reads the primary's frames, carries out what the
+//! The replica side of replication (docs/PEER.md), as a driver of
+//! [`ReplicaSession`]: takes the primary's messages, carries out what the
 //! session says on the group's journal and images
-//! ([`crate::replica::ReplicaGroup`]), and writes the answers. One thread
-//! per session; the group's lock is held for the whole session, so one
-//! primary at a time.
+//! ([`crate::replica::ReplicaGroup`]), and sends the answers. A primary's
+//! connection is a link carrying every group's session on its own channel
+//! ([`crate::link`]); each session is a task on the replication runtime.
+//! The group's lock is held for the whole session, so one primary at a
+//! time. A connection that opens with a `Hello` (or `Define`) instead of
+//! `Link` carries that one session, served on the calling thread.
 
 use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tandem_peer::{read_message, read_message_within, write_message, Message, PeerError};
+
+use crate::link::{ChannelOut, Mailbox, SessionStart};
+use crate::runtime;
 
 use crate::error::ReplicaError;
 use crate::journal::Entry;
@@ -45,6 +51,16 @@ pub enum SessionError {
     Peer(#[from] PeerError),
     #[error("{0}")]
     Replica(#[from] ReplicaError),
+    #[error("the link closed")]
+    LinkClosed,
+    #[error("link refused: {0}")]
+    Link(Refusal),
+}
+
+impl From<crate::link::LinkDown> for SessionError {
+    fn from(_: crate::link::LinkDown) -> SessionError {
+        SessionError::LinkClosed
+    }
 }
 
 impl From<Refusal> for SessionError {
@@ -141,8 +157,8 @@ pub fn read_opening<R: Read + ?Sized>(reader: &mut R) -> Result<Message, PeerErr
 
 /// Serves one connection from a primary. `peer_site` is the site name in
 /// the peer's TLS certificate (None without TLS).
-pub fn serve<R: Read, W: Write>(
-    ctx: &ReceiverContext,
+pub fn serve<R: Read, W: Write + Send + 'static>(
+    ctx: &Arc<ReceiverContext>,
     mut reader: R,
     writer: W,
     peer_site: Option<&str>,
@@ -154,53 +170,273 @@ pub fn serve<R: Read, W: Write>(
 
 /// [`serve`] for a connection whose first message was read already
 /// ([`read_opening`]).
-pub fn serve_from<R: Read, W: Write>(
-    ctx: &ReceiverContext,
-    mut first: Message,
+pub fn serve_from<R: Read, W: Write + Send + 'static>(
+    ctx: &Arc<ReceiverContext>,
+    first: Message,
     reader: R,
     mut writer: W,
     peer_site: Option<&str>,
     closer: Option<SessionCloser>,
 ) -> Result<(), SessionError> {
-    let mut reader = BufReader::with_capacity(1 << 20, reader);
-    let mut buf = Vec::new();
     let mut out = Vec::new();
-    if let Message::Retire { group } = first {
-        let definer = ctx.definer.read().clone();
-        let retired = match definer {
-            Some(d) => d.retire(&group, peer_site),
-            None => Err(Box::new(Refusal::UnknownGroup(group.clone())) as _),
-        };
-        return match retired {
-            Ok(()) => {
-                write_message(&mut writer, &Message::Retired { group }, &mut out)?;
-                writer.flush().map_err(PeerError::Io)?;
-                Ok(())
+    match first {
+        Message::Link {
+            version,
+            primary,
+            replica,
+        } => {
+            let refusal = if version != tandem_peer::VERSION {
+                Some(Refusal::Version {
+                    theirs: version,
+                    ours: tandem_peer::VERSION,
+                })
+            } else if replica != ctx.site {
+                Some(Refusal::WrongSite {
+                    this: ctx.site.clone(),
+                    named: replica,
+                })
+            } else {
+                peer_site
+                    .filter(|s| *s != primary)
+                    .map(|cert| Refusal::Certificate {
+                        cert: cert.to_owned(),
+                        claimed: primary.clone(),
+                    })
+            };
+            if let Some(refusal) = refusal {
+                send_refusal(&mut writer, &refusal.to_string(), &mut out);
+                return Err(SessionError::Link(refusal));
             }
-            Err(source) => {
-                send_refusal(&mut writer, &source.to_string(), &mut out);
-                Err(SessionError::Retire { group, source })
+            write_message(
+                &mut writer,
+                &Message::Linked {
+                    version: tandem_peer::VERSION,
+                },
+                &mut out,
+            )?;
+            let close: SessionCloser = closer.unwrap_or_else(|| Box::new(|| {}));
+            let start = |s: SessionStart| {
+                let ctx = Arc::clone(ctx);
+                let peer_site = peer_site.map(str::to_owned);
+                runtime::handle().spawn(async move {
+                    link_session(ctx, s, peer_site).await;
+                })
+            };
+            let reader = BufReader::with_capacity(1 << 20, reader);
+            crate::link::serve_replica(reader, Box::new(writer), close, &primary, &start)?;
+            Ok(())
+        }
+        Message::Retire { group } => {
+            let definer = ctx.definer.read().clone();
+            let retired = match definer {
+                Some(d) => d.retire(&group, peer_site),
+                None => Err(Box::new(Refusal::UnknownGroup(group.clone())) as _),
+            };
+            match retired {
+                Ok(()) => {
+                    write_message(&mut writer, &Message::Retired { group }, &mut out)?;
+                    writer.flush().map_err(PeerError::Io)?;
+                    Ok(())
+                }
+                Err(source) => {
+                    send_refusal(&mut writer, &source.to_string(), &mut out);
+                    Err(SessionError::Retire { group, source })
+                }
             }
-        };
+        }
+        first => {
+            // One session on this connection, served on this thread.
+            let mut inbox = StreamInbox {
+                reader: BufReader::with_capacity(1 << 20, reader),
+                buf: Vec::new(),
+            };
+            let mut outbox = StreamOutbox {
+                writer,
+                scratch: Vec::new(),
+            };
+            let result = runtime::handle().block_on(session(
+                ctx,
+                first,
+                &mut inbox,
+                &mut outbox,
+                peer_site,
+                closer,
+            ));
+            if let Err(e) = &result {
+                if !matches!(e, SessionError::Peer(_)) {
+                    send_refusal(&mut outbox.writer, &e.to_string(), &mut out);
+                }
+            }
+            result
+        }
     }
+}
+
+/// One session on a link's channel, to its end; the primary is told why
+/// it ended.
+async fn link_session(ctx: Arc<ReceiverContext>, s: SessionStart, peer_site: Option<String>) {
+    let SessionStart {
+        first,
+        inbox,
+        mut out,
+        guard,
+    } = s;
+    let mut inbox = LinkInbox(inbox);
+    let closer = guard.closer();
+    let result = {
+        let mut outbox = LinkOutbox(&mut out);
+        session(
+            &ctx,
+            first,
+            &mut inbox,
+            &mut outbox,
+            peer_site.as_deref(),
+            Some(closer),
+        )
+        .await
+    };
+    drop(guard);
+    let end = match &result {
+        Ok(()) => Message::End {
+            reason: "session ended".into(),
+        },
+        Err(e) => Message::Refuse {
+            reason: e.to_string(),
+        },
+    };
+    let _ = out.send(&end).await;
+    let _ = out.flush().await;
+    let site = peer_site.as_deref().unwrap_or("(no TLS)");
+    match result {
+        Ok(()) => tracing::info!(%site, "replication session ended"),
+        Err(SessionError::LinkClosed) => {}
+        Err(e) => tracing::warn!(%site, "replication session closed: {e}"),
+    }
+}
+
+/// Where a session's messages come from.
+trait Inbox {
+    /// The next message; `Closed` at the end.
+    async fn next(&mut self) -> Result<Message, PeerError>;
+    /// The message after a `Define`, still before authentication on a
+    /// connection of its own.
+    async fn next_opening(&mut self) -> Result<Message, PeerError>;
+    /// Nothing more has arrived yet.
+    fn is_idle(&self) -> bool;
+}
+
+/// Where a session's answers go.
+trait Outbox {
+    async fn send(&mut self, msg: &Message) -> Result<(), SessionError>;
+    async fn flush(&mut self) -> Result<(), SessionError>;
+}
+
+struct StreamInbox<R> {
+    reader: BufReader<R>,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> Inbox for StreamInbox<R> {
+    async fn next(&mut self) -> Result<Message, PeerError> {
+        read_message(&mut self.reader, &mut self.buf)
+    }
+
+    async fn next_opening(&mut self) -> Result<Message, PeerError> {
+        read_message_within(
+            &mut self.reader,
+            &mut self.buf,
+            tandem_peer::MAX_PREAUTH_PAYLOAD,
+        )
+    }
+
+    fn is_idle(&self) -> bool {
+        self.reader.buffer().is_empty()
+    }
+}
+
+struct StreamOutbox<W> {
+    writer: W,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> Outbox for StreamOutbox<W> {
+    async fn send(&mut self, msg: &Message) -> Result<(), SessionError> {
+        self.scratch.clear();
+        tandem_peer::try_encode(msg, &mut self.scratch)?;
+        self.writer
+            .write_all(&self.scratch)
+            .map_err(PeerError::Io)?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        Ok(self.writer.flush().map_err(PeerError::Io)?)
+    }
+}
+
+struct LinkInbox(Mailbox);
+
+impl Inbox for LinkInbox {
+    async fn next(&mut self) -> Result<Message, PeerError> {
+        match self.0.recv().await {
+            // The primary ends its session: as the end of a connection.
+            Some(Message::End { .. }) | None => Err(PeerError::Closed),
+            Some(msg) => Ok(msg),
+        }
+    }
+
+    async fn next_opening(&mut self) -> Result<Message, PeerError> {
+        self.next().await
+    }
+
+    fn is_idle(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+struct LinkOutbox<'a>(&'a mut ChannelOut);
+
+impl Outbox for LinkOutbox<'_> {
+    async fn send(&mut self, msg: &Message) -> Result<(), SessionError> {
+        self.0.send(msg).await.map_err(|e| match e {
+            crate::session::shipper::ShipError::Peer(p) => SessionError::Peer(p),
+            _ => SessionError::LinkClosed,
+        })
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        Ok(self.0.flush().await?)
+    }
+}
+
+/// A session from its first message (`Hello`, or `Define` then `Hello`)
+/// to its end.
+// The group's lock is held for the whole session, across its waits for
+// messages, by design (one primary at a time): whoever else wants it ends
+// the session first (`GroupPlan::end_session`) or tries with a bound.
+#[allow(clippy::await_holding_lock)]
+async fn session<I: Inbox, O: Outbox>(
+    ctx: &ReceiverContext,
+    mut first: Message,
+    inbox: &mut I,
+    writer: &mut O,
+    peer_site: Option<&str>,
+    closer: Option<SessionCloser>,
+) -> Result<(), SessionError> {
     if let Message::Define { group, definition } = first {
         let definer = ctx.definer.read().clone();
         let defined = match definer {
-            Some(d) => d.define(&group, &definition, peer_site),
+            Some(d) => runtime::blocking(|| d.define(&group, &definition, peer_site)),
             None => Err(Box::new(Refusal::UnknownGroup(group.clone())) as _),
         };
         match defined {
             Ok(()) => {
-                write_message(&mut writer, &Message::Defined { group }, &mut out)?;
-                writer.flush().map_err(PeerError::Io)?;
+                writer.send(&Message::Defined { group }).await?;
+                writer.flush().await?;
             }
-            Err(source) => {
-                send_refusal(&mut writer, &source.to_string(), &mut out);
-                return Err(SessionError::Define { group, source });
-            }
+            Err(source) => return Err(SessionError::Define { group, source }),
         }
-        // The hello, still before the session is authenticated.
-        first = read_message_within(&mut reader, &mut buf, tandem_peer::MAX_PREAUTH_PAYLOAD)?;
+        first = inbox.next_opening().await?;
     }
     let hello = match first {
         Message::Hello(h) => h,
@@ -212,42 +448,35 @@ pub fn serve_from<R: Read, W: Write>(
         .iter()
         .find(|g| g.name() == hello.group)
         .cloned();
-    if let Err(refusal) = rs::check_hello(
+    rs::check_hello(
         &hello,
         &ctx.site,
         peer_site,
         plan.as_ref().map(|p| &p.membership),
-    ) {
-        return Err(refuse(&mut writer, refusal));
-    }
+    )?;
     let Some(plan) = plan else {
-        return Err(refuse(&mut writer, Refusal::UnknownGroup(hello.group)));
+        return Err(Refusal::UnknownGroup(hello.group).into());
     };
     // Checked before waiting for a running session (a stale primary, or
     // one the coordinator does not name owner, is turned away without
     // disturbing it) and again under the group's lock.
-    if let Err(refusal) = rs::check_epoch(hello.epoch, plan.position.lock().epoch) {
-        return Err(refuse(&mut writer, refusal));
-    }
-    let owner = ctx.owners.settle(&hello, &plan.membership, OWNER_WAIT);
+    rs::check_epoch(hello.epoch, plan.position.lock().epoch)?;
+    let owner = runtime::blocking(|| ctx.owners.settle(&hello, &plan.membership, OWNER_WAIT));
     if let OwnerVerdict::Refused(refusal) | OwnerVerdict::Unconfirmed(refusal) =
         rs::judge_owner(&hello, &owner)
     {
-        return Err(refuse(&mut writer, refusal));
+        return Err(refusal.into());
     }
-    let Some(mut group) = plan.group.try_lock_for(TAKEOVER_WAIT) else {
-        return Err(refuse(&mut writer, Refusal::Busy(plan.name().to_owned())));
+    let Some(mut group) = runtime::blocking(|| plan.group.try_lock_for(TAKEOVER_WAIT)) else {
+        return Err(Refusal::Busy(plan.name().to_owned()).into());
     };
-    let (mut session, welcome) = match ReplicaSession::start(
+    let (mut session, welcome) = ReplicaSession::start(
         &ctx.site,
         &hello,
         &ctx.owners.owner(&plan.membership),
         &group.position(),
         Instant::now(),
-    ) {
-        Ok(started) => started,
-        Err(refusal) => return Err(refuse(&mut writer, refusal)),
-    };
+    )?;
     group.set_epoch(hello.epoch)?;
     *plan.session.lock() = closer;
     struct EndSession<'a>(&'a GroupPlan);
@@ -259,7 +488,8 @@ pub fn serve_from<R: Read, W: Write>(
     }
     let _session = EndSession(&plan);
     tracing::info!(group = %plan.name(), primary = %hello.primary, epoch = hello.epoch, durable = welcome.durable, state = welcome.state.as_str(), "replication session started");
-    write_message(&mut writer, &Message::Welcome(welcome), &mut out)?;
+    writer.send(&Message::Welcome(welcome)).await?;
+    writer.flush().await?;
     plan.connected.store(true, Ordering::Release);
     let mut data = Vec::new();
     // One record at a time, its data buffer reused.
@@ -274,14 +504,16 @@ pub fn serve_from<R: Read, W: Write>(
         data: Vec::new(),
     };
     loop {
-        let msg = match read_message(&mut reader, &mut buf) {
+        let msg = match inbox.next().await {
             Ok(m) => m,
             Err(e) => {
                 // Whatever arrived is kept: make it durable before leaving.
-                if group.has_uncommitted() {
-                    group.commit()?;
-                }
-                group.checkpoint()?;
+                runtime::blocking(|| {
+                    if group.has_uncommitted() {
+                        group.commit()?;
+                    }
+                    group.checkpoint()
+                })?;
                 return match e {
                     PeerError::Closed => Ok(()),
                     e => Err(e.into()),
@@ -305,7 +537,7 @@ pub fn serve_from<R: Read, W: Write>(
             }
             Action::BeginResync { resume_at } => {
                 tracing::info!(group = %plan.name(), resume_at, "resync started: replica is inconsistent until it completes");
-                group.begin_resync(session.epoch(), resume_at)?;
+                runtime::blocking(|| group.begin_resync(session.epoch(), resume_at))?;
             }
             Action::Compare {
                 volume,
@@ -313,23 +545,21 @@ pub fn serve_from<R: Read, W: Write>(
                 chunk,
                 hashes,
             } => {
-                let mine = group.hashes(volume, offset, chunk, hashes.len())?;
+                let mine = runtime::blocking(|| group.hashes(volume, offset, chunk, hashes.len()))?;
                 let mut bitmap = vec![0u8; tandem_peer::diff_bitmap_len(hashes.len())];
                 for (i, theirs) in hashes.iter().enumerate() {
                     if mine.get(i) != Some(theirs) {
                         tandem_peer::set_diff_bit(&mut bitmap, i);
                     }
                 }
-                write_message(
-                    &mut writer,
-                    &Message::Diff {
+                writer
+                    .send(&Message::Diff {
                         volume,
                         offset,
                         chunk,
                         bitmap,
-                    },
-                    &mut out,
-                )?;
+                    })
+                    .await?;
             }
             Action::WriteChunk {
                 volume,
@@ -337,15 +567,15 @@ pub fn serve_from<R: Read, W: Write>(
                 data: payload,
             } => {
                 payload.decode_into(&mut data)?;
-                group.write_chunk(volume, offset, &data)?;
+                runtime::blocking(|| group.write_chunk(volume, offset, &data))?;
             }
             Action::EndResync {
                 consistent_at,
                 resume_at,
             } => {
-                group.end_resync(consistent_at)?;
+                runtime::blocking(|| group.end_resync(consistent_at))?;
                 tracing::info!(group = %plan.name(), consistent_at, "resync data complete");
-                write_message(&mut writer, &Message::ResyncDone { resume_at }, &mut out)?;
+                writer.send(&Message::ResyncDone { resume_at }).await?;
             }
             Action::StoreFile {
                 path,
@@ -353,14 +583,18 @@ pub fn serve_from<R: Read, W: Write>(
                 data: payload,
             } => {
                 payload.decode_into(&mut data)?;
-                let stored = if path == crate::files::VM_DEFINITION {
-                    match &plan.vm_definition {
-                        Some(at) => crate::files::store_at(at, mode, &data).map(|()| at.clone()),
-                        None => Err(crate::files::FileError::NotConfigured(path.clone())),
+                let stored = runtime::blocking(|| {
+                    if path == crate::files::VM_DEFINITION {
+                        match &plan.vm_definition {
+                            Some(at) => {
+                                crate::files::store_at(at, mode, &data).map(|()| at.clone())
+                            }
+                            None => Err(crate::files::FileError::NotConfigured(path.clone())),
+                        }
+                    } else {
+                        crate::files::store(&plan.files_dir, &plan.files, &path, mode, &data)
                     }
-                } else {
-                    crate::files::store(&plan.files_dir, &plan.files, &path, mode, &data)
-                };
+                });
                 match stored {
                     Ok(at) => {
                         tracing::info!(group = %plan.name(), file = %path, copy = %at.display(), "configuration file replicated")
@@ -370,15 +604,15 @@ pub fn serve_from<R: Read, W: Write>(
                     }
                 }
             }
-            Action::Pong(n) => write_message(&mut writer, &Message::Pong(n), &mut out)?,
+            Action::Pong(n) => writer.send(&Message::Pong(n)).await?,
             Action::None => {}
         }
-        let idle = reader.buffer().is_empty();
+        let idle = inbox.is_idle();
         let committed =
             match session.plan_commit(Instant::now(), group.has_uncommitted(), group.has_batch()) {
-                Commit::Now => Some(group.commit()?),
+                Commit::Now => Some(runtime::blocking(|| group.commit())?),
                 Commit::Background => {
-                    group.commit_in_background()?;
+                    runtime::blocking(|| group.commit_in_background())?;
                     None
                 }
                 Commit::Later => None,
@@ -390,17 +624,10 @@ pub fn serve_from<R: Read, W: Write>(
             applied: p.applied,
         };
         if let Some(ack) = session.acknowledge(idle, progress) {
-            write_message(&mut writer, &Message::Ack(ack), &mut out)?;
+            writer.send(&Message::Ack(ack)).await?;
         }
         if committed.is_some() || idle {
-            writer.flush().map_err(PeerError::Io)?;
+            writer.flush().await?;
         }
     }
-}
-
-/// Tells the primary why its session is refused (best effort) and returns
-/// the error to log.
-fn refuse<W: Write>(writer: &mut W, refusal: Refusal) -> SessionError {
-    send_refusal(writer, &refusal.to_string(), &mut Vec::new());
-    refusal.into()
 }

@@ -4,18 +4,20 @@
 //!
 //! Receiving and committing overlap: [`ReplicaGroup::receive`] only encodes
 //! a record into the batch being filled, and a commit hands whole batches to
-//! the group's committer thread, which writes and syncs them in the journal
-//! and then applies them, one batch after another in sequence order. So the
+//! the group's committer, which writes and syncs them in the journal and
+//! then applies them, one batch after another in sequence order. So the
 //! session keeps reading from the network while the journal syncs. Between
 //! batches, every 2 s, the committer syncs the images and records the
-//! applied position (a checkpoint).
+//! applied position (a checkpoint). Committers run on a pool of
+//! [`COMMIT_THREADS`] threads shared by every group of the process: a group
+//! with batches queued is on the pool's queue once, and one thread at a
+//! time commits it.
 
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -37,6 +39,8 @@ const CHECKPOINT_BYTES: u64 = 1 << 30;
 const COMMIT_QUEUE_BYTES: usize = 32 << 20;
 /// Emptied batches kept for reuse.
 const SPARE_BATCHES: usize = 4;
+/// Threads that commit every replica group's batches.
+pub const COMMIT_THREADS: usize = 4;
 
 /// A volume of a replicated group.
 pub struct ReplicaVolume {
@@ -148,11 +152,12 @@ struct Handoff {
     queued_bytes: usize,
     /// The committer holds a batch it has not finished.
     busy: bool,
+    /// On the pool's queue (at most once, and never while busy).
+    scheduled: bool,
     /// A commit failed: nothing after it may be applied (order), and the
     /// error is reported to the next caller.
     failed: Option<ReplicaError>,
     broken: bool,
-    stop: bool,
     /// Emptied batches, for reuse (no allocation per batch).
     spare: Vec<Batch>,
 }
@@ -160,6 +165,57 @@ struct Handoff {
 struct Committer {
     handoff: Mutex<Handoff>,
     changed: Condvar,
+    core: Arc<Mutex<Core>>,
+}
+
+/// The committer threads and the groups waiting for one.
+struct Pool {
+    ready: Mutex<VecDeque<Arc<Committer>>>,
+    wake: Condvar,
+}
+
+/// The process's committer pool, started on first use.
+fn pool() -> &'static Pool {
+    static POOL: std::sync::OnceLock<&'static Pool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let pool: &'static Pool = Box::leak(Box::new(Pool {
+            ready: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+        }));
+        for i in 0..COMMIT_THREADS {
+            let spawned = std::thread::Builder::new()
+                .name(format!("commit-{i}"))
+                .spawn(move || pool.run());
+            if let Err(e) = spawned {
+                // Fewer threads commit; with none, commits wait forever:
+                // say so loudly.
+                tracing::error!("cannot start a replica commit thread: {e}");
+            }
+        }
+        pool
+    })
+}
+
+impl Pool {
+    fn run(&self) {
+        loop {
+            let next = {
+                let mut ready = self.ready.lock();
+                loop {
+                    if let Some(c) = ready.pop_front() {
+                        break c;
+                    }
+                    self.wake.wait(&mut ready);
+                }
+            };
+            next.commit_queued();
+        }
+    }
+
+    fn push(&self, c: Arc<Committer>) {
+        self.ready.lock().push_back(c);
+        self.wake.notify_one();
+    }
 }
 
 pub struct ReplicaGroup {
@@ -167,7 +223,6 @@ pub struct ReplicaGroup {
     volumes: Arc<Vec<ReplicaVolume>>,
     core: Arc<Mutex<Core>>,
     committer: Arc<Committer>,
-    threads: Vec<JoinHandle<()>>,
     /// Received and not yet handed to the committer.
     batch: Batch,
     received: Arc<AtomicU64>,
@@ -262,26 +317,13 @@ impl ReplicaGroup {
         let committer = Arc::new(Committer {
             handoff: Mutex::new(Handoff::default()),
             changed: Condvar::new(),
+            core: Arc::clone(&core),
         });
-        let spawn = |what: &str, job: fn(&Committer, &Mutex<Core>)| {
-            let core = Arc::clone(&core);
-            let committer = Arc::clone(&committer);
-            std::thread::Builder::new()
-                .name(format!("{what}-{name}"))
-                .spawn(move || job(&committer, &core))
-                .map_err(|source| ReplicaError::Io {
-                    path: dir.to_owned(),
-                    op: "start a replica thread",
-                    source,
-                })
-        };
-        let threads = vec![spawn("commit", Committer::run)?];
         Ok(ReplicaGroup {
             name: name.to_owned(),
             volumes,
             core,
             committer,
-            threads,
             batch: Batch::default(),
             received,
             published,
@@ -432,7 +474,10 @@ impl ReplicaGroup {
         let batch = std::mem::replace(&mut self.batch, spare);
         h.queued_bytes += batch.encoded.len();
         h.queue.push_back(batch);
-        self.committer.changed.notify_all();
+        if !h.busy && !h.scheduled {
+            h.scheduled = true;
+            pool().push(Arc::clone(&self.committer));
+        }
         Ok(())
     }
 
@@ -570,11 +615,8 @@ impl ReplicaGroup {
 
 impl Drop for ReplicaGroup {
     fn drop(&mut self) {
-        self.committer.handoff.lock().stop = true;
-        self.committer.changed.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        // What was handed over is committed (as far as it can be).
+        let _ = self.committer.wait_idle();
     }
 }
 
@@ -597,18 +639,18 @@ impl Handoff {
 }
 
 impl Committer {
-    /// The committer thread: journal, sync, apply, one batch at a time.
-    fn run(&self, core: &Mutex<Core>) {
-        loop {
-            // Group commit: whatever queued up while the last sync ran
-            // goes to the journal with one sync.
+    /// One turn on a pool thread: journal, sync and apply every batch
+    /// queued so far (group commit: whatever queued up while the last
+    /// sync ran goes to the journal with one sync); back on the pool's
+    /// queue if more arrived meanwhile.
+    fn commit_queued(self: Arc<Self>) {
+        let core = &*self.core;
+        {
             let mut taken: Vec<Batch> = {
                 let mut h = self.handoff.lock();
-                while h.queue.is_empty() && !h.stop {
-                    self.changed.wait(&mut h);
-                }
-                if h.queue.is_empty() {
-                    return; // stopping, nothing left
+                h.scheduled = false;
+                if h.queue.is_empty() || h.broken {
+                    return;
                 }
                 h.queued_bytes = 0;
                 h.busy = true;
@@ -636,6 +678,10 @@ impl Committer {
             if let Err(e) = result {
                 tracing::error!("replica commit failed: {e}");
                 h.fail(e);
+            }
+            if !h.queue.is_empty() && !h.broken {
+                h.scheduled = true;
+                pool().push(Arc::clone(&self));
             }
             self.changed.notify_all();
         }

@@ -1,23 +1,29 @@
 //! The primary side of replication to one replica site (docs/PEER.md), as
-//! a driver of [`ShipperSession`]: connects, says hello, resyncs what the
-//! replica lacks by chunk comparison, then streams the group's captured
-//! records in order while a second thread reads the replica's
-//! acknowledgements. Both threads step the link's one session machine.
+//! a driver of [`ShipperSession`]: opens a channel on the link to the
+//! replica site, says hello, resyncs what the replica lacks by chunk
+//! comparison, then streams the group's captured records in order while
+//! a second task takes the replica's acknowledgements. Both tasks step the
+//! session's one machine. They are tasks on the replication runtime
+//! ([`crate::runtime`]), woken by the capture when records arrive: an idle
+//! group costs no thread and no wake-up.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 use tandem_capture::{Event, GroupCapture, Op};
 use tandem_peer::{
     read_message, write_message, Compressor, Hello, Message, Payload, PeerError, RecordOp,
 };
+use tokio::sync::{mpsc, Notify};
 
+use crate::link::{ChannelOut, Mailbox};
+pub use crate::link::{Connect, Connection, SiteLink};
 use crate::replica::chunk_hashes;
+use crate::runtime;
 pub use crate::session::shipper::{ConnectError, LinkInfo, LinkState, ShipError};
 use crate::session::shipper::{Incoming, Opening, ShipperSession};
 use crate::session::Tip;
@@ -32,18 +38,11 @@ const HASHES_PER_MESSAGE: usize = 256;
 const HASHES_IN_FLIGHT: usize = 256;
 /// Records taken from the capture queue per lock.
 const EVENTS_PER_LOCK: usize = 256;
-/// A link with records the replica does not yet hold durably and applied
-/// pings this often; the replica also syncs its journal then, so
-/// durability follows the last write within about this long.
+/// A session with records the replica does not yet hold durably and
+/// applied pings this often; the replica also syncs its journal then, so
+/// durability follows the last write within about this long. A settled
+/// session does not ping: its link does, once a second for every group.
 const IDLE_PING: Duration = Duration::from_millis(100);
-/// A settled link (the replica holds everything sent) only shows it is
-/// alive, this often: well inside `PEER_TIMEOUT` and the replica's read
-/// timeout, and cheap with a thousand groups.
-const SETTLED_PING: Duration = Duration::from_secs(2);
-/// How long an idle sender waits for records before it looks at its
-/// flags, pings and files: while records are in flight, and when settled.
-const BUSY_WAIT: Duration = Duration::from_millis(200);
-const SETTLED_WAIT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A session that lasted this long resets the backoff.
@@ -51,30 +50,20 @@ const BACKOFF_RESET: Duration = Duration::from_secs(30);
 /// How often changed configuration files are looked for.
 const FILES_EVERY: Duration = Duration::from_millis(250);
 /// How often regions every replica holds are cleared from the persistent
-/// dirty map (docs/CAPTURE.md, D2), while the link is idle.
+/// dirty map (docs/CAPTURE.md, D2), while the session is idle.
 const CLEAR_EVERY: Duration = Duration::from_secs(5);
 /// How long a sender waits for a diff before looking at its flags.
 const DIFF_POLL: Duration = Duration::from_millis(200);
 /// How long `verify` lets the replica catch up before each pass.
 const CATCH_UP: Duration = Duration::from_secs(60);
 
-/// A connection to a replica: its halves, and a way to close it from
-/// another thread.
-pub struct Connection {
-    pub reader: Box<dyn Read + Send>,
-    pub writer: Box<dyn Write + Send>,
-    pub close: Box<dyn Fn() + Send + Sync>,
-}
-
-/// Opens a connection to the replica.
-pub type Connect = dyn Fn() -> Result<Connection, ConnectError> + Send + Sync;
-
-/// The link to one replica across reconnects: its session machine and
-/// byte counters, read by status.
+/// The session with one replica across reconnects: its machine and byte
+/// counters, read by status.
 pub struct Link {
     session: Mutex<ShipperSession>,
     raw_bytes: AtomicU64,
     wire_bytes: AtomicU64,
+    site: Mutex<Option<Arc<SiteLink>>>,
 }
 
 impl Link {
@@ -83,15 +72,23 @@ impl Link {
             session: Mutex::new(ShipperSession::new(epoch, fork, Instant::now())),
             raw_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
+            site: Mutex::new(None),
         }
     }
 
     /// What status shows of the link.
     pub fn info(&self) -> LinkInfo {
-        self.session.lock().info((
+        let mut info = self.session.lock().info((
             self.raw_bytes.load(Ordering::Relaxed),
             self.wire_bytes.load(Ordering::Relaxed),
-        ))
+        ));
+        if info.state != LinkState::Disconnected {
+            // The site link's pings are the freshest round trips.
+            if let Some(rtt) = self.site.lock().as_ref().and_then(|s| s.rtt()) {
+                info.rtt = Some(rtt);
+            }
+        }
+        info
     }
 
     fn count(&self, compressor: &Compressor) {
@@ -110,7 +107,8 @@ pub struct Shipper {
     /// tip is exactly here, or in this epoch, can stream; any other needs
     /// a comparison.
     pub fork: Tip,
-    pub connect: Box<Connect>,
+    /// The link to the replica site, shared by every group.
+    pub site: Arc<SiteLink>,
     pub link: Arc<Link>,
     pub stop: Arc<AtomicBool>,
     /// The group's configuration files, if it has any.
@@ -123,6 +121,19 @@ pub struct Shipper {
     pub gather: Duration,
     /// A group defined at runtime: its definition, sent before the hello.
     pub definition: Option<String>,
+}
+
+/// A running shipper.
+pub struct ShipperTask {
+    done: crossbeam_channel::Receiver<()>,
+}
+
+impl ShipperTask {
+    /// Waits until the shipper has ended (after its `stop` was set and
+    /// its capture closed).
+    pub fn join(self) {
+        let _ = self.done.recv();
+    }
 }
 
 /// Why a verification did not complete.
@@ -160,22 +171,22 @@ struct Diff {
     bitmap: Vec<u8>,
 }
 
-/// The connection as the resync and verify pipelines use it.
-struct Wire<'a, W> {
-    w: &'a mut W,
-    diffs: &'a Receiver<Diff>,
+/// A session's channel as the sender uses it: where frames go, the diffs
+/// the acknowledgement task hands over, whether that task still runs.
+struct Wire<'a> {
+    out: &'a mut ChannelOut,
+    diffs: &'a mut mpsc::UnboundedReceiver<Diff>,
     alive: &'a AtomicBool,
     compressor: &'a mut Compressor,
-    scratch: Vec<u8>,
 }
 
-impl<W: Write> Wire<'_, W> {
-    fn send(&mut self, msg: &Message) -> Result<(), ShipError> {
-        Ok(write_message(self.w, msg, &mut self.scratch)?)
+impl Wire<'_> {
+    async fn send(&mut self, msg: &Message) -> Result<(), ShipError> {
+        self.out.send(msg).await
     }
 
-    fn flush(&mut self) -> Result<(), ShipError> {
-        Ok(self.w.flush().map_err(PeerError::Io)?)
+    async fn flush(&mut self) -> Result<(), ShipError> {
+        Ok(self.out.flush().await?)
     }
 }
 
@@ -199,14 +210,36 @@ impl Shipper {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Runs until `stop`, reconnecting with backoff.
+    /// Starts the shipper as a task on the replication runtime; it runs
+    /// until `stop` is set and the capture closed.
+    pub fn spawn(self) -> ShipperTask {
+        let (tx, done) = crossbeam_channel::bounded(1);
+        runtime::handle().spawn(async move {
+            self.serve().await;
+            let _ = tx.send(());
+        });
+        ShipperTask { done }
+    }
+
+    /// Runs the shipper on the calling thread until `stop`.
     pub fn run(self) {
+        runtime::handle().block_on(self.serve());
+    }
+
+    /// Runs until `stop`, reconnecting with backoff.
+    async fn serve(self) {
+        *self.link.site.lock() = Some(Arc::clone(&self.site));
+        let wake = Arc::new(Notify::new());
+        {
+            let wake = Arc::clone(&wake);
+            self.capture.on_arrival(Box::new(move || wake.notify_one()));
+        }
         let mut backoff = BACKOFF_MIN;
         // Kept across reconnects, so that the byte counters are cumulative.
         let mut compressor = Compressor::new(1);
         while !self.stopping() {
             let started = Instant::now();
-            match self.session(&mut compressor) {
+            match self.session(&mut compressor, &wake).await {
                 Ok(()) => return,
                 Err(e) => {
                     let mut session = self.link.session.lock();
@@ -219,25 +252,39 @@ impl Shipper {
             if started.elapsed() > BACKOFF_RESET {
                 backoff = BACKOFF_MIN;
             }
-            let until = Instant::now() + backoff;
-            while Instant::now() < until && !self.stopping() {
-                thread::sleep(Duration::from_millis(20));
+            let until = tokio::time::Instant::now() + backoff;
+            // Woken early by records or the stop (the capture closes).
+            while tokio::time::Instant::now() < until && !self.stopping() {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    fn session(&self, compressor: &mut Compressor) -> Result<(), ShipError> {
+    async fn session(
+        &self,
+        compressor: &mut Compressor,
+        wake: &Arc<Notify>,
+    ) -> Result<(), ShipError> {
         let group = self.capture.name().to_owned();
         let replica = self.replica_site.clone();
-        let Connection {
-            reader,
-            writer,
-            close,
-        } = (self.connect)()?;
-        let mut w = BufWriter::with_capacity(1 << 20, writer);
-        let mut r = BufReader::with_capacity(1 << 16, reader);
-        let mut scratch = Vec::new();
+        let crate::link::Channel {
+            mut out,
+            mut inbox,
+            guard,
+        } = self.site.open().await?;
+        let ended = |inbox_end: Option<Message>| match inbox_end {
+            Some(Message::Refuse { reason }) => ShipError::Refused(reason),
+            Some(Message::End { reason }) => ShipError::Ended(reason),
+            Some(other) => ShipError::Unexpected(other.kind()),
+            None => guard
+                .link()
+                .fault()
+                .map_or(ShipError::LinkClosed, ShipError::Link),
+        };
         let volumes = self
             .capture
             .volumes()
@@ -254,26 +301,23 @@ impl Shipper {
             fork_seq: self.fork.1,
             volumes,
         });
-        let mut buf = Vec::new();
         if let Some(definition) = &self.definition {
             let define = Message::Define {
                 group: group.clone(),
                 definition: definition.clone(),
             };
-            write_message(&mut w, &define, &mut scratch)?;
-            w.flush().map_err(PeerError::Io)?;
-            match read_message(&mut r, &mut buf).map_err(ShipError::NoWelcome)? {
-                Message::Defined { .. } => {}
-                Message::Refuse { reason } => return Err(ShipError::Refused(reason)),
-                other => return Err(ShipError::Unexpected(other.kind())),
+            out.send(&define).await?;
+            out.flush().await?;
+            match inbox.recv().await {
+                Some(Message::Defined { .. }) => {}
+                other => return Err(ended(other)),
             }
         }
-        write_message(&mut w, &hello, &mut scratch)?;
-        w.flush().map_err(PeerError::Io)?;
-        let welcome = match read_message(&mut r, &mut buf).map_err(ShipError::NoWelcome)? {
-            Message::Welcome(w) => w,
-            Message::Refuse { reason } => return Err(ShipError::Refused(reason)),
-            other => return Err(ShipError::Unexpected(other.kind())),
+        out.send(&hello).await?;
+        out.flush().await?;
+        let welcome = match inbox.recv().await {
+            Some(Message::Welcome(w)) => w,
+            other => return Err(ended(other)),
         };
         let cap = &self.capture;
         let opening = self
@@ -300,41 +344,58 @@ impl Shipper {
         let _connected = Disconnected(cap, &replica);
 
         let alive = Arc::new(AtomicBool::new(true));
-        let (diff_tx, diff_rx) = crossbeam_channel::bounded::<Diff>(HASHES_IN_FLIGHT * 2);
-        let reader_thread = {
-            let (cap, link, alive) = (Arc::clone(cap), Arc::clone(&self.link), Arc::clone(&alive));
+        let (diff_tx, mut diff_rx) = mpsc::unbounded_channel::<Diff>();
+        let acks = {
+            let (cap, link, alive, wake) = (
+                Arc::clone(cap),
+                Arc::clone(&self.link),
+                Arc::clone(&alive),
+                Arc::clone(wake),
+            );
             let replica = replica.clone();
-            thread::Builder::new()
-                .name(format!("acks-{group}-{replica}"))
-                .spawn(move || {
-                    let end = read_acks(&mut r, &cap, &link, &replica, &diff_tx, &alive);
-                    alive.store(false, Ordering::Release);
-                    end
-                })
-                .map_err(ShipError::Thread)?
+            runtime::handle().spawn(async move {
+                let end = read_acks(&mut inbox, &cap, &link, &replica, &diff_tx).await;
+                alive.store(false, Ordering::Release);
+                wake.notify_one();
+                end
+            })
         };
-        let result = self.stream(&mut w, &diff_rx, &alive, compressor);
+        let result = self
+            .stream(&mut out, &mut diff_rx, &alive, compressor, wake)
+            .await;
         alive.store(false, Ordering::Release);
-        drop(w);
-        close(); // wakes the ack reader
-        let reader_end = reader_thread.join().unwrap_or(ShipError::ReaderPanicked);
+        // Tell the replica why the session ends (best effort), then end the
+        // channel: the acknowledgement task's mailbox ends.
+        let reason = match &result {
+            Ok(()) => "the primary is stopping the group".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        if guard.link().is_alive() {
+            let _ = out.send(&Message::End { reason }).await;
+            let _ = out.flush().await;
+        }
+        drop(guard);
+        let acks_end = match acks.await {
+            Ok(end) => end,
+            Err(_) => ShipError::ReaderPanicked,
+        };
         match result {
-            Err(ShipError::ReaderEnded) => Err(reader_end),
+            Err(ShipError::ReaderEnded) => Err(acks_end),
             other => other,
         }
     }
 
     /// Sends records and resyncs until stopped or the link fails.
-    fn stream<W: Write>(
+    async fn stream(
         &self,
-        w: &mut W,
-        diffs: &Receiver<Diff>,
+        out: &mut ChannelOut,
+        diffs: &mut mpsc::UnboundedReceiver<Diff>,
         alive: &AtomicBool,
         compressor: &mut Compressor,
+        wake: &Notify,
     ) -> Result<(), ShipError> {
         let cap = &self.capture;
         let replica = &self.replica_site;
-        let mut scratch = Vec::new();
         let mut unflushed = false;
         let mut last_sent = Instant::now();
         // Every file goes again on a new session: the replica may have
@@ -346,8 +407,11 @@ impl Shipper {
         let mut events = std::collections::VecDeque::new();
         loop {
             if let Ok(job) = self.verify.try_recv() {
-                w.flush().map_err(PeerError::Io)?;
-                match self.verify_replica(w, diffs, alive, compressor) {
+                out.flush().await?;
+                match self
+                    .verify_replica(out, diffs, alive, compressor, wake)
+                    .await
+                {
                     Ok(report) => {
                         let _ = job.reply.send(Ok(report));
                     }
@@ -362,28 +426,19 @@ impl Shipper {
             }
             if files_checked.is_none_or(|t| t.elapsed() >= FILES_EVERY) {
                 files_checked = Some(Instant::now());
-                if self.send_files(w, &mut files_sent, compressor, &mut scratch)? {
+                if self.send_files(out, &mut files_sent, compressor).await? {
                     unflushed = true;
                 }
             }
             if self.stopping() {
-                w.flush().map_err(PeerError::Io)?;
+                out.flush().await?;
                 return Ok(());
             }
             if !alive.load(Ordering::Acquire) {
                 return Err(ShipError::ReaderEnded);
             }
             if events.is_empty() {
-                // Only an idle sender asks the session how long to wait:
-                // not once per record on the hot path.
-                let wait = if unflushed {
-                    Duration::ZERO
-                } else if self.link.session.lock().settled() {
-                    SETTLED_WAIT
-                } else {
-                    BUSY_WAIT
-                };
-                cap.next_events(replica, wait, EVENTS_PER_LOCK, &mut events)?;
+                cap.next_events(replica, Duration::ZERO, EVENTS_PER_LOCK, &mut events)?;
                 // Registered before any is written: an acknowledgement
                 // cannot overtake the sender's bookkeeping.
                 let last = events.iter().rev().find_map(|e| match e {
@@ -397,34 +452,41 @@ impl Shipper {
             match events.pop_front() {
                 Some(Event::Record(rec)) => {
                     let msg = record_message(self.epoch, &rec, compressor);
-                    write_message(w, &msg, &mut scratch)?;
+                    out.send(&msg).await?;
                     unflushed = true;
                     last_sent = Instant::now();
                 }
                 Some(Event::Resync { ranges, resume_at }) => {
-                    w.flush().map_err(PeerError::Io)?;
-                    self.resync(w, diffs, alive, &ranges, resume_at, compressor)?;
+                    out.flush().await?;
+                    let mut wire = Wire {
+                        out: &mut *out,
+                        diffs: &mut *diffs,
+                        alive,
+                        compressor: &mut *compressor,
+                    };
+                    self.resync(&mut wire, &ranges, resume_at).await?;
                     unflushed = false;
                     last_sent = Instant::now();
                 }
                 None => {
                     if unflushed {
-                        w.flush().map_err(PeerError::Io)?;
+                        out.flush().await?;
                         unflushed = false;
                         if !self.gather.is_zero() {
-                            thread::sleep(self.gather);
+                            tokio::time::sleep(self.gather).await;
                         }
-                    } else if last_sent.elapsed() >= self.ping_every() {
-                        write_message(w, &Message::Ping(nanos_now()), &mut scratch)?;
-                        w.flush().map_err(PeerError::Io)?;
-                        last_sent = Instant::now();
+                        self.link.count(compressor);
+                        continue;
                     }
-                    if let Some(e) = self.link.session.lock().silent(Instant::now()) {
-                        return Err(e);
+                    let settled = self.link.session.lock().settled();
+                    if !settled && last_sent.elapsed() >= IDLE_PING {
+                        out.send(&Message::Ping(nanos_now())).await?;
+                        out.flush().await?;
+                        last_sent = Instant::now();
                     }
                     if cleared.elapsed() >= CLEAR_EVERY {
                         cleared = Instant::now();
-                        match cap.clear_cold() {
+                        match runtime::blocking(|| cap.clear_cold()) {
                             Ok(0) => {}
                             Ok(n) => tracing::debug!(
                                 group = cap.name(),
@@ -437,29 +499,31 @@ impl Shipper {
                             ),
                         }
                     }
+                    // Sleep until records arrive (the capture wakes us),
+                    // or the next thing to look at.
+                    let wait = if !settled {
+                        IDLE_PING.saturating_sub(last_sent.elapsed())
+                    } else if self.files.is_some() {
+                        FILES_EVERY
+                    } else {
+                        CLEAR_EVERY.saturating_sub(cleared.elapsed())
+                    };
+                    tokio::select! {
+                        () = wake.notified() => {}
+                        () = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+                    }
                 }
             }
             self.link.count(compressor);
         }
     }
 
-    /// How often an idle link pings: often while the replica does not hold
-    /// everything sent, rarely once it does.
-    fn ping_every(&self) -> Duration {
-        if self.link.session.lock().settled() {
-            SETTLED_PING
-        } else {
-            IDLE_PING
-        }
-    }
-
     /// Sends files that changed since they were last sent on this session.
-    fn send_files<W: Write>(
+    async fn send_files(
         &self,
-        w: &mut W,
+        out: &mut ChannelOut,
         sent: &mut std::collections::BTreeMap<std::path::PathBuf, u64>,
         compressor: &mut Compressor,
-        scratch: &mut Vec<u8>,
     ) -> Result<bool, ShipError> {
         let Some(files) = &self.files else {
             return Ok(false);
@@ -471,38 +535,29 @@ impl Shipper {
                 mode: version.mode,
                 data: Payload::encode(&version.content, compressor),
             };
-            write_message(w, &msg, scratch)?;
+            out.send(&msg).await?;
             sent.insert(path.clone(), version.version);
             tracing::debug!(group = self.capture.name(), replica = %self.replica_site, file = %path.display(), "file sent");
         }
         Ok(!changed.is_empty())
     }
 
-    fn resync<W: Write>(
+    async fn resync(
         &self,
-        w: &mut W,
-        diffs: &Receiver<Diff>,
-        alive: &AtomicBool,
+        wire: &mut Wire<'_>,
         ranges: &[Vec<(u64, u64)>],
         resume_at: u64,
-        compressor: &mut Compressor,
     ) -> Result<(), ShipError> {
         let cap = &self.capture;
         let total: u64 = ranges.iter().flatten().map(|r| r.1).sum();
         self.link.session.lock().resync_begins(resume_at, total);
         tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, resume_at, "resync: comparing chunks");
-        let mut wire = Wire {
-            w,
-            diffs,
-            alive,
-            compressor,
-            scratch: Vec::new(),
-        };
         wire.send(&Message::ResyncBegin {
             epoch: self.epoch,
             resume_at,
             bytes: total,
-        })?;
+        })
+        .await?;
         // Whole regions compare in large chunks; small known-dirty ranges
         // in 4 KiB chunks, so that only what changed travels.
         let mut items = Vec::new();
@@ -519,13 +574,13 @@ impl Shipper {
                 items.push((volume, start, offset + len - start, chunk));
             }
         }
-        self.compare(&mut wire, &items, &mut OnDiff::Send)?;
+        self.compare(wire, &items, &mut OnDiff::Send).await?;
         // Every chunk was read before this point: once the replica has
         // applied the records below it, it is a prefix again.
         let consistent_at = cap.next_seq();
         self.link.session.lock().resync_ends(consistent_at);
-        wire.send(&Message::ResyncEnd { consistent_at })?;
-        wire.flush()?;
+        wire.send(&Message::ResyncEnd { consistent_at }).await?;
+        wire.flush().await?;
         let sent = self.link.info().resync_sent;
         tracing::info!(group = cap.name(), replica = %self.replica_site, compared = total, sent, "resync: data sent");
         Ok(())
@@ -535,9 +590,9 @@ impl Shipper {
     /// length, chunk size). `Hashes` go out in a pipeline of
     /// [`HASHES_IN_FLIGHT`]; the chunks each `Diff` marks are sent (resync)
     /// or noted (verify). Returns the bytes compared.
-    fn compare<W: Write>(
+    async fn compare(
         &self,
-        wire: &mut Wire<'_, W>,
+        wire: &mut Wire<'_>,
         items: &[(u32, u64, u64, u32)],
         on_diff: &mut OnDiff<'_>,
     ) -> Result<u64, ShipError> {
@@ -552,7 +607,7 @@ impl Shipper {
                 let count = usize::try_from((end - pos).div_ceil(u64::from(chunk)))
                     .unwrap_or(usize::MAX)
                     .min(HASHES_PER_MESSAGE);
-                let hashes = chunk_hashes(image, pos, chunk, count)?;
+                let hashes = runtime::blocking(|| chunk_hashes(image, pos, chunk, count))?;
                 let n = hashes.len();
                 if n == 0 {
                     break; // past the end of the volume
@@ -564,36 +619,38 @@ impl Shipper {
                     offset: pos,
                     chunk,
                     hashes,
-                })?;
+                })
+                .await?;
                 pos += n as u64 * u64::from(chunk);
                 in_flight += 1;
                 while in_flight >= HASHES_IN_FLIGHT {
-                    wire.flush()?;
-                    self.answer_diff(wire, on_diff)?;
+                    wire.flush().await?;
+                    self.answer_diff(wire, on_diff).await?;
                     in_flight -= 1;
                 }
             }
         }
-        wire.flush()?;
+        wire.flush().await?;
         while in_flight > 0 {
-            self.answer_diff(wire, on_diff)?;
+            self.answer_diff(wire, on_diff).await?;
             in_flight -= 1;
-            wire.flush()?;
+            wire.flush().await?;
         }
         Ok(compared)
     }
 
     /// Waits for the next `Diff` and handles the chunks that differ: sent
     /// read fresh from the image, or noted.
-    fn answer_diff<W: Write>(
+    async fn answer_diff(
         &self,
-        wire: &mut Wire<'_, W>,
+        wire: &mut Wire<'_>,
         on_diff: &mut OnDiff<'_>,
     ) -> Result<(), ShipError> {
         let diff = loop {
-            match wire.diffs.recv_timeout(DIFF_POLL) {
-                Ok(d) => break d,
-                Err(RecvTimeoutError::Timeout) if wire.alive.load(Ordering::Acquire) => {
+            match tokio::time::timeout(DIFF_POLL, wire.diffs.recv()).await {
+                Ok(Some(d)) => break d,
+                Ok(None) => return Err(ShipError::ReaderEnded),
+                Err(_) if wire.alive.load(Ordering::Acquire) => {
                     if self.stopping() {
                         return Err(ShipError::Stopping);
                     }
@@ -612,14 +669,15 @@ impl Shipper {
             match on_diff {
                 OnDiff::Collect(found) => found.push((volume, at, n as u64)),
                 OnDiff::Send => {
-                    image.read(at, &mut buf[..n])?;
+                    runtime::blocking(|| image.read(at, &mut buf[..n]))?;
                     let data = Payload::encode(&buf[..n], wire.compressor);
                     sent += data.wire_len() as u64;
                     wire.send(&Message::Chunk {
                         volume,
                         offset: at,
                         data,
-                    })?;
+                    })
+                    .await?;
                 }
             }
         }
@@ -633,12 +691,13 @@ impl Shipper {
     /// Compares every chunk of every volume with the replica; chunks that
     /// differ are compared again once the replica has caught up with the
     /// changes made meanwhile (the VM keeps writing), up to three passes.
-    fn verify_replica<W: Write>(
+    async fn verify_replica(
         &self,
-        w: &mut W,
-        diffs: &Receiver<Diff>,
+        out: &mut ChannelOut,
+        diffs: &mut mpsc::UnboundedReceiver<Diff>,
         alive: &AtomicBool,
         compressor: &mut Compressor,
+        wake: &Notify,
     ) -> Result<VerifyReport, ShipError> {
         let mut report = VerifyReport::default();
         let mut suspects = Vec::new();
@@ -648,20 +707,21 @@ impl Shipper {
         }
         for pass in 1..=3 {
             report.passes = pass;
-            self.catch_up(w, diffs, alive, compressor)?;
+            let mut wire = Wire {
+                out: &mut *out,
+                diffs: &mut *diffs,
+                alive,
+                compressor: &mut *compressor,
+            };
+            self.catch_up(&mut wire, wake).await?;
             let items: Vec<_> = suspects
                 .iter()
                 .map(|&(v, off, len)| (v, off, len, CHUNK_LARGE))
                 .collect();
             let mut found = Vec::new();
-            let mut wire = Wire {
-                w: &mut *w,
-                diffs,
-                alive,
-                compressor: &mut *compressor,
-                scratch: Vec::new(),
-            };
-            let compared = self.compare(&mut wire, &items, &mut OnDiff::Collect(&mut found))?;
+            let compared = self
+                .compare(&mut wire, &items, &mut OnDiff::Collect(&mut found))
+                .await?;
             if pass == 1 {
                 report.compared_bytes = compared;
             }
@@ -676,17 +736,11 @@ impl Shipper {
 
     /// Streams queued changes (and any owed resync) until the replica holds
     /// every change made so far.
-    fn catch_up<W: Write>(
-        &self,
-        w: &mut W,
-        diffs: &Receiver<Diff>,
-        alive: &AtomicBool,
-        compressor: &mut Compressor,
-    ) -> Result<(), ShipError> {
+    async fn catch_up(&self, wire: &mut Wire<'_>, wake: &Notify) -> Result<(), ShipError> {
         let cap = &self.capture;
         let target = cap.next_seq().saturating_sub(1);
         let deadline = Instant::now() + CATCH_UP;
-        let mut scratch = Vec::new();
+        let mut events = std::collections::VecDeque::new();
         loop {
             let lag = cap.lag(&self.replica_site)?;
             if lag.acked >= target && !lag.resyncing {
@@ -695,39 +749,47 @@ impl Shipper {
             if Instant::now() > deadline {
                 return Err(ShipError::CatchUp(CATCH_UP));
             }
-            if !alive.load(Ordering::Acquire) {
+            if !wire.alive.load(Ordering::Acquire) {
                 return Err(ShipError::ReaderEnded);
             }
-            match cap.next_event(&self.replica_site, Duration::from_millis(20))? {
+            cap.next_events(&self.replica_site, Duration::ZERO, 1, &mut events)?;
+            match events.pop_front() {
                 Some(Event::Record(rec)) => {
                     self.link.session.lock().sending(rec.seq);
-                    let msg = record_message(self.epoch, &rec, compressor);
-                    write_message(w, &msg, &mut scratch)?;
+                    let msg = record_message(self.epoch, &rec, wire.compressor);
+                    wire.send(&msg).await?;
                 }
                 Some(Event::Resync { ranges, resume_at }) => {
-                    self.resync(w, diffs, alive, &ranges, resume_at, compressor)?
+                    self.resync(wire, &ranges, resume_at).await?
                 }
-                None => w.flush().map_err(PeerError::Io)?,
+                None => {
+                    wire.send(&Message::Ping(nanos_now())).await?;
+                    wire.flush().await?;
+                    tokio::select! {
+                        () = wake.notified() => {}
+                        () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                }
             }
         }
     }
 }
 
-/// Reads the replica's messages until the connection ends; returns why.
-fn read_acks<R: Read>(
-    r: &mut R,
+/// Takes the replica's messages until the channel ends; returns why.
+async fn read_acks(
+    inbox: &mut Mailbox,
     cap: &GroupCapture,
     link: &Link,
     replica: &str,
-    diffs: &crossbeam_channel::Sender<Diff>,
-    alive: &AtomicBool,
+    diffs: &mpsc::UnboundedSender<Diff>,
 ) -> ShipError {
-    let mut buf = Vec::new();
     loop {
-        let msg = match read_message(r, &mut buf) {
-            Ok(msg) => msg,
-            Err(e) => return e.into(),
+        let Some(msg) = inbox.recv().await else {
+            return ShipError::LinkClosed;
         };
+        if let Message::End { reason } = msg {
+            return ShipError::Ended(reason);
+        }
         let incoming = link
             .session
             .lock()
@@ -741,15 +803,12 @@ fn read_acks<R: Read>(
                 .send(Diff { asked, bitmap })
                 .map_err(|_| ShipError::ReaderEnded),
             Ok(Incoming::ResyncDone { resume_at }) => {
-                cap.resync_done(replica, resume_at).map_err(ShipError::from)
+                runtime::blocking(|| cap.resync_done(replica, resume_at).map_err(ShipError::from))
             }
             Err(e) => Err(e),
         };
         if let Err(e) = done {
             return e;
-        }
-        if !alive.load(Ordering::Acquire) {
-            return ShipError::ReaderEnded;
         }
     }
 }

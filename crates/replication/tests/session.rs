@@ -18,7 +18,7 @@ use support::replica::replica_site;
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_replication::receiver;
 use tandem_replication::replica::Position;
-use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper};
+use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper, SiteLink};
 use tandem_volume::RawImage;
 
 const SIZE: u64 = 32 << 20;
@@ -104,7 +104,7 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
         replica_site: "dr".into(),
         epoch: 1,
         fork: (0, 0),
-        connect,
+        site: SiteLink::new("ny", "dr", connect),
         link: Arc::clone(&link),
         stop: Arc::clone(&stop),
         files: None,

@@ -23,7 +23,7 @@ use support::replica::replica_site;
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_replication::receiver;
 use tandem_replication::replica::Position;
-use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper};
+use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper, SiteLink};
 use tandem_testkit::poll;
 use tandem_volume::RawImage;
 
@@ -100,7 +100,7 @@ fn start(dir: &Path) -> Cluster {
             replica_site: site.into(),
             epoch: 1,
             fork: (0, 0),
-            connect,
+            site: SiteLink::new("ny", site, connect),
             link: Arc::clone(&link),
             stop: Arc::clone(&stop),
             files: None,

@@ -88,6 +88,9 @@ pub(crate) struct Shared {
     pub stopping: Arc<crate::signal::Signal>,
     /// This site's hypervisor, for the groups' VMs.
     pub vms: Arc<crate::vm::Vms>,
+    /// The links to replica sites, one per site, shared by every group
+    /// (docs/PEER.md, "Links"); made as the first group needs one.
+    pub links: Mutex<BTreeMap<String, Arc<tandem_replication::link::SiteLink>>>,
 }
 
 /// The role the group's data plane has now.

@@ -13,7 +13,7 @@ use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_coordinator::machine::Tip;
 use tandem_nbd::{Export, Scope};
 use tandem_replication::files::Watched;
-use tandem_replication::shipper::{Link, Shipper};
+use tandem_replication::shipper::{Link, Shipper, SiteLink};
 use tandem_volume::RawImage;
 use tracing::{info, warn};
 
@@ -45,6 +45,7 @@ pub(crate) struct PrimaryRole {
     sockets: Vec<PathBuf>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    shippers: Vec<tandem_replication::shipper::ShipperTask>,
 }
 
 impl PrimaryRole {
@@ -133,6 +134,7 @@ impl PrimaryRole {
             sockets: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
+            shippers: Vec::new(),
         };
         for index in 0..capture.volumes().len() {
             let export: Arc<dyn Export> = Arc::new(
@@ -233,6 +235,9 @@ impl PrimaryRole {
         // the exports are closed), so they see `stop` now, not after their
         // wait.
         self.capture.close();
+        for t in self.shippers {
+            t.join();
+        }
         for t in self.threads {
             let _ = t.join();
         }
@@ -288,10 +293,6 @@ impl PrimaryRole {
     ) -> Result<(), AgentError> {
         let capture = &self.capture;
         let link = Arc::new(Link::new(self.epoch, self.fork));
-        let (address, site) = (address.to_owned(), replica.to_owned());
-        let limiter = shared.bandwidth.limiter(replica);
-        let tls = shared.tls.clone();
-        let name_held = Arc::clone(&shared.name_held);
         let (verify_tx, verify_rx) = crossbeam_channel::unbounded();
         let shipper = Shipper {
             capture: Arc::clone(capture),
@@ -299,26 +300,7 @@ impl PrimaryRole {
             replica_site: replica.to_owned(),
             epoch: self.epoch,
             fork: self.fork,
-            connect: Box::new(move || {
-                if !name_held.load(Ordering::Acquire) {
-                    return Err(tandem_replication::shipper::ConnectError::Socket(
-                        std::io::Error::other(
-                            "not connecting yet: this agent does not hold its site name",
-                        ),
-                    ));
-                }
-                let link = replication::connect(&address, &site, tls.as_deref())?;
-                Ok(match &limiter {
-                    Some(limiter) => tandem_replication::shipper::Connection {
-                        writer: Box::new(tandem_replication::throttle::Throttled {
-                            inner: link.writer,
-                            limiter: Arc::clone(limiter),
-                        }),
-                        ..link
-                    },
-                    None => link,
-                })
-            }),
+            site: shared.site_link(replica, address),
             link: Arc::clone(&link),
             stop: Arc::clone(&self.stop),
             files,
@@ -326,20 +308,50 @@ impl PrimaryRole {
             gather,
             definition,
         };
-        let name = format!("ship-{}-{replica}", capture.name());
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || shipper.run())
-            .map_err(|source| AgentError::Thread {
-                what: format!("start thread {name}"),
-                source,
-            })?;
+        let task = shipper.spawn();
         self.links.push(LinkHandle {
             replica: replica.to_owned(),
             link,
             verify: verify_tx,
         });
-        self.threads.push(thread);
+        self.shippers.push(task);
         Ok(())
+    }
+}
+
+impl Shared {
+    /// The link to replica site `replica` at `address`, made on first use.
+    pub(crate) fn site_link(&self, replica: &str, address: &str) -> Arc<SiteLink> {
+        let mut links = self.links.lock();
+        if let Some(link) = links.get(replica) {
+            return Arc::clone(link);
+        }
+        let (address, site) = (address.to_owned(), replica.to_owned());
+        let limiter = self.bandwidth.limiter(replica);
+        let tls = self.tls.clone();
+        let name_held = Arc::clone(&self.name_held);
+        let connect = Box::new(move || {
+            if !name_held.load(Ordering::Acquire) {
+                return Err(tandem_replication::shipper::ConnectError::Socket(
+                    std::io::Error::other(
+                        "not connecting yet: this agent does not hold its site name",
+                    ),
+                ));
+            }
+            let link = replication::connect(&address, &site, tls.as_deref())?;
+            Ok(match &limiter {
+                Some(limiter) => tandem_replication::shipper::Connection {
+                    writer: Box::new(tandem_replication::throttle::Throttled {
+                        inner: link.writer,
+                        limiter: Arc::clone(limiter),
+                    }),
+                    ..link
+                },
+                None => link,
+            })
+        });
+        let link = SiteLink::new(&self.site, replica, connect);
+        links.insert(replica.to_owned(), Arc::clone(&link));
+        link
     }
 }

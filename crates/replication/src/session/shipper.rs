@@ -75,6 +75,12 @@ pub enum ShipError {
     Stopping,
     #[error("verify failed: {0}")]
     Verify(std::sync::Arc<ShipError>),
+    #[error("link to the replica site: {0}")]
+    Link(std::sync::Arc<ShipError>),
+    #[error("the link to the replica site closed")]
+    LinkClosed,
+    #[error("the replica ended the session: {0}")]
+    Ended(String),
 }
 
 /// Why a connection to a replica could not be made.
@@ -364,6 +370,7 @@ impl ShipperSession {
             }
             Message::Ping(_) => Incoming::Nothing,
             Message::Refuse { reason } => return Err(ShipError::Refused(reason)),
+            Message::End { reason } => return Err(ShipError::Ended(reason)),
             other => return Err(ShipError::Unexpected(other.kind())),
         })
     }
