@@ -3,9 +3,11 @@
 //! at two sizes. What an operator with many volumes relies on:
 //!
 //! * every group reaches streaming within a bound, whatever their number;
-//! * the agent's own threads (everything but the NBD and replication
-//!   threads, which are counted apart) do not grow with the groups: going
-//!   from 10 to 100 groups adds at most a small constant;
+//! * threads do not grow with the groups — every thread of the process,
+//!   replication and the NBD server included: going from 10 to 100 groups
+//!   adds at most a small constant;
+//! * the primary reaches its replica over one connection, whatever the
+//!   number of groups (a link per site pair);
 //! * open files stay under the per-volume figure the agent's open-file
 //!   warning uses (`tandem_agent::fdlimit`);
 //! * a clean stop (SIGTERM) of the primary and of the replica ends within
@@ -20,19 +22,17 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Thread name prefixes of the NBD data path and of replication (other
-/// parts of issue 10 bound those); the rest are the agent's own.
-const DATA_PATH_THREADS: &[&str] = &["nbd-", "ship-", "acks-", "peer-", "commit-", "files"];
-
 /// What one size measured.
 #[derive(Debug)]
 struct Figures {
     groups: usize,
-    /// The agent's own threads (not NBD, not replication), by site.
-    own_threads: BTreeMap<String, usize>,
+    /// Every thread of the process, by site.
+    all_threads: BTreeMap<String, usize>,
     /// Every thread, by name with its group stripped (for the messages).
     threads: BTreeMap<String, BTreeMap<String, usize>>,
     fds: BTreeMap<String, usize>,
+    /// Established TCP connections to dr's peer port.
+    peer_connections: usize,
     stop_took: BTreeMap<String, Duration>,
 }
 
@@ -57,12 +57,38 @@ fn threads(pid: u32) -> BTreeMap<String, usize> {
     out
 }
 
-fn own_threads(names: &BTreeMap<String, usize>) -> usize {
-    names
-        .iter()
-        .filter(|(n, _)| !DATA_PATH_THREADS.iter().any(|p| n.starts_with(p)))
-        .map(|(_, c)| c)
-        .sum()
+fn all_threads(names: &BTreeMap<String, usize>) -> usize {
+    names.values().sum()
+}
+
+/// The peer port `site.listen` of a site's configuration.
+fn listen_port(config: &std::path::Path) -> u16 {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .expect("a [site] listen line");
+    line.trim_end_matches('"')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port")
+}
+
+/// Established TCP connections (IPv4, this network namespace) whose
+/// remote end is `port`.
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let remote = f.get(2).and_then(|r| r.rsplit(':').next());
+            f.get(3) == Some(&"01")
+                && remote.and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+        })
+        .count()
 }
 
 fn fds(pid: u32) -> usize {
@@ -155,15 +181,16 @@ fn measure(groups: usize) -> Figures {
     std::thread::sleep(Duration::from_secs(2));
     let mut f = Figures {
         groups,
-        own_threads: BTreeMap::new(),
+        all_threads: BTreeMap::new(),
         threads: BTreeMap::new(),
         fds: BTreeMap::new(),
+        peer_connections: established_to(listen_port(&c.site("dr").config)),
         stop_took: BTreeMap::new(),
     };
     for site in ["ny", "dr"] {
         let pid = c.pid(site);
         let names = threads(pid);
-        f.own_threads.insert(site.into(), own_threads(&names));
+        f.all_threads.insert(site.into(), all_threads(&names));
         f.threads.insert(site.into(), names);
         f.fds.insert(site.into(), fds(pid));
     }
@@ -195,12 +222,19 @@ fn threads_and_files_do_not_grow_per_group_and_a_stop_is_quick() {
             );
         }
     }
+    for f in [&small, &large] {
+        assert_eq!(
+            f.peer_connections, 1,
+            "{} groups: ny should reach dr over one link, not {} connections",
+            f.groups, f.peer_connections
+        );
+    }
     let added = (large.groups - small.groups) as u64;
     for site in ["ny", "dr"] {
-        let (a, b) = (small.own_threads[site], large.own_threads[site]);
+        let (a, b) = (small.all_threads[site], large.all_threads[site]);
         assert!(
             b <= a + 4,
-            "{site}: the agent's own threads grew from {a} at {} groups to {b} at {} groups: {:?}",
+            "{site}: the process's threads grew from {a} at {} groups to {b} at {} groups: {:?}",
             small.groups,
             large.groups,
             large.threads[site]
