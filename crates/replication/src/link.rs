@@ -562,10 +562,14 @@ impl SiteLink {
             .map_err(ShipError::Thread)?;
         {
             let (reading, out) = (Arc::clone(&core), out.clone());
+            let peer = self.peer.clone();
             let spawned = thread::Builder::new()
                 .name(format!("link-in-{}", self.peer))
                 .spawn(move || {
                     let end = read_replies(&reading, &mut r, &out);
+                    if reading.is_alive() {
+                        tracing::warn!(replica = %peer, "replication link down: {end}");
+                    }
                     reading.end(Some(end));
                 });
             if let Err(e) = spawned {

@@ -63,7 +63,7 @@ fn all_threads(names: &BTreeMap<String, usize>) -> usize {
 
 /// The peer port `site.listen` of a site's configuration.
 fn listen_port(config: &std::path::Path) -> u16 {
-    let text = std::fs::read_to_string(config).unwrap();
+    let text = std::fs::read_to_string(config).expect("the site's configuration");
     let line = text
         .lines()
         .find(|l| l.starts_with("listen = "))
@@ -78,7 +78,7 @@ fn listen_port(config: &std::path::Path) -> u16 {
 /// Established TCP connections (IPv4, this network namespace) whose
 /// remote end is `port`.
 fn established_to(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     table
         .lines()
         .skip(1)
