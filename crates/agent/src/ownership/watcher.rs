@@ -3,8 +3,10 @@
 //! under its lease may be acted on until `t + TTL - TTL/6`; one showing
 //! anything else fences at once), hands each group's view to its actor,
 //! and publishes this site's reports — a group's report when it changed
-//! (its tip at most every TTL/3), the owner's lag record every TTL/3 —
-//! batched into few transactions. Then it waits for the next change in
+//! (its tip at most every TTL/3), the owner's lag record when it changed
+//! (at most every TTL/3; unchanged, once a minute) — batched into few
+//! transactions. An idle cluster so writes nothing, and no watcher is
+//! woken by another site's unchanged records. Then it waits for the next change in
 //! the store, or TTL/3 (at most a second, so that a stop is quick).
 
 use std::collections::HashMap;
@@ -29,12 +31,17 @@ const READ_RETRY: Duration = Duration::from_millis(200);
 /// at most this long, whatever the lease TTL (the wait cannot be woken,
 /// and a TTL of an hour would otherwise make it 20 minutes).
 const WAIT_AT_MOST: Duration = Duration::from_secs(1);
+/// An unchanged lag record is written again this often (the record has
+/// no lease: this refreshes one lost with a restored store).
+const LAG_REFRESH: Duration = Duration::from_secs(60);
 
 /// What was last published for a group.
 struct Published {
     report: MemberReport,
     at: Instant,
     lag_at: Option<Instant>,
+    /// The lag record last written.
+    lag: Option<tandem_coordinator::keys::LagRecord>,
 }
 
 pub(super) fn run(h: &std::sync::Arc<Handle>) {
@@ -169,6 +176,12 @@ fn publish(
             .and_then(|l| l.lag_at)
             .is_none_or(|at| now >= at + every);
         let lag = if lag_due { lag_record(&m) } else { None };
+        // Unchanged since it was last written: only a refresh, rarely.
+        let lag = lag.filter(|record| {
+            last.is_none_or(|l| {
+                l.lag.as_ref() != Some(record) || l.lag_at.is_none_or(|at| now >= at + LAG_REFRESH)
+            })
+        });
         if !report_due && lag.is_none() {
             continue;
         }
@@ -186,7 +199,7 @@ fn publish(
                 lease: 0,
             });
         }
-        sent.push((name.to_owned(), report_due.then_some(report), lag.is_some()));
+        sent.push((name.to_owned(), report_due.then_some(report), lag));
     }
     let mut failed = false;
     for chunk in ops.chunks(OPS_PER_TXN) {
@@ -208,15 +221,17 @@ fn publish(
                     p.report = r;
                     p.at = now;
                 }
-                if lag {
+                if lag.is_some() {
                     p.lag_at = Some(now);
+                    p.lag = lag;
                 }
             }
             (std::collections::hash_map::Entry::Vacant(e), Some(report)) => {
                 e.insert(Published {
                     report,
                     at: now,
-                    lag_at: lag.then_some(now),
+                    lag_at: lag.is_some().then_some(now),
+                    lag,
                 });
             }
             (std::collections::hash_map::Entry::Vacant(_), None) => {}
