@@ -127,6 +127,8 @@ impl StatusView {
             {
                 Err(VerifyError::LinkStopped)
             } else {
+                // The shipper sleeps until records arrive: wake it.
+                link.link.wake();
                 rx.recv_timeout(VERIFY_TIMEOUT)
                     .map_err(|_| VerifyError::NoAnswer)
                     .and_then(|r| r)

@@ -224,6 +224,11 @@ impl DirtyMap {
         out
     }
 
+    /// Any region marked.
+    pub fn any_marked(&self) -> bool {
+        self.bits.iter().any(|w| *w != 0)
+    }
+
     pub fn marked_count(&self) -> u64 {
         self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
     }

@@ -868,6 +868,12 @@ impl GroupCapture {
     /// recently written and was written since the pass before last, so a
     /// working set does not pay a synchronous map update after every pass.
     /// Idle regions are cleared within two passes.
+    /// Whether any region is marked in the persistent dirty map: only
+    /// then is there anything for [`GroupCapture::clear_cold`] to do.
+    pub fn has_marked(&self) -> bool {
+        self.state.lock().maps.iter().any(DirtyMap::any_marked)
+    }
+
     pub fn clear_cold(&self) -> Result<u64, CaptureError> {
         self.clear(true)
     }

@@ -52,6 +52,9 @@ const FILES_EVERY: Duration = Duration::from_millis(250);
 /// How often regions every replica holds are cleared from the persistent
 /// dirty map (docs/CAPTURE.md, D2), while the session is idle.
 const CLEAR_EVERY: Duration = Duration::from_secs(5);
+/// How long a settled session with nothing to clear sleeps when nothing
+/// wakes it (records, a verification request and the stop do at once).
+const QUIET_WAIT: Duration = Duration::from_secs(30);
 /// How long a sender waits for a diff before looking at its flags.
 const DIFF_POLL: Duration = Duration::from_millis(200);
 /// How long `verify` lets the replica catch up before each pass.
@@ -64,6 +67,9 @@ pub struct Link {
     raw_bytes: AtomicU64,
     wire_bytes: AtomicU64,
     site: Mutex<Option<Arc<SiteLink>>>,
+    /// Wakes the shipper (records arrived, a verification was asked for,
+    /// the session's acknowledgement task ended, the capture closed).
+    wake: Arc<Notify>,
 }
 
 impl Link {
@@ -73,7 +79,13 @@ impl Link {
             raw_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             site: Mutex::new(None),
+            wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// Wakes the shipper, e.g. after sending it a verification request.
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// What status shows of the link.
@@ -229,7 +241,7 @@ impl Shipper {
     /// Runs until `stop`, reconnecting with backoff.
     async fn serve(self) {
         *self.link.site.lock() = Some(Arc::clone(&self.site));
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::clone(&self.link.wake);
         {
             let wake = Arc::clone(&wake);
             self.capture.on_arrival(Box::new(move || wake.notify_one()));
@@ -484,7 +496,11 @@ impl Shipper {
                         out.flush().await?;
                         last_sent = Instant::now();
                     }
-                    if cleared.elapsed() >= CLEAR_EVERY {
+                    // Only a map with marked regions has anything to
+                    // clear (and takes passes to clear it): an idle group
+                    // with a clean map is not woken for it.
+                    let marked = cap.has_marked();
+                    if marked && cleared.elapsed() >= CLEAR_EVERY {
                         cleared = Instant::now();
                         match runtime::blocking(|| cap.clear_cold()) {
                             Ok(0) => {}
@@ -505,8 +521,11 @@ impl Shipper {
                         IDLE_PING.saturating_sub(last_sent.elapsed())
                     } else if self.files.is_some() {
                         FILES_EVERY
-                    } else {
+                    } else if marked {
                         CLEAR_EVERY.saturating_sub(cleared.elapsed())
+                    } else {
+                        // Nothing to do until something wakes this task.
+                        QUIET_WAIT
                     };
                     tokio::select! {
                         () = wake.notified() => {}

@@ -412,7 +412,15 @@ fn verify_finds_replicas_identical_and_reports_a_damaged_one() {
             Duration::from_secs(120),
         )
     };
+    let asked = std::time::Instant::now();
     let ok = verify();
+    // A settled shipper sleeps until something wakes it (30 s at most):
+    // the request does, so a small verify answers at once.
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "verify of 24 MiB took {:?}: the idle shipper was not woken",
+        asked.elapsed()
+    );
     assert!(
         ok.status.success(),
         "{}",
