@@ -165,12 +165,19 @@ struct Handoff {
 struct Committer {
     handoff: Mutex<Handoff>,
     changed: Condvar,
-    core: Arc<Mutex<Core>>,
+}
+
+/// A group's turn on the pool. The pool holds the group's state only
+/// while it commits: once the group is dropped and idle, its images are
+/// closed (a group opened again at once finds them unlocked).
+struct Job {
+    committer: Arc<Committer>,
+    core: std::sync::Weak<Mutex<Core>>,
 }
 
 /// The committer threads and the groups waiting for one.
 struct Pool {
-    ready: Mutex<VecDeque<Arc<Committer>>>,
+    ready: Mutex<VecDeque<Job>>,
     wake: Condvar,
 }
 
@@ -208,11 +215,11 @@ impl Pool {
                     self.wake.wait(&mut ready);
                 }
             };
-            next.commit_queued();
+            Committer::commit_queued(next);
         }
     }
 
-    fn push(&self, c: Arc<Committer>) {
+    fn push(&self, c: Job) {
         self.ready.lock().push_back(c);
         self.wake.notify_one();
     }
@@ -317,7 +324,6 @@ impl ReplicaGroup {
         let committer = Arc::new(Committer {
             handoff: Mutex::new(Handoff::default()),
             changed: Condvar::new(),
-            core: Arc::clone(&core),
         });
         Ok(ReplicaGroup {
             name: name.to_owned(),
@@ -476,7 +482,10 @@ impl ReplicaGroup {
         h.queue.push_back(batch);
         if !h.busy && !h.scheduled {
             h.scheduled = true;
-            pool().push(Arc::clone(&self.committer));
+            pool().push(Job {
+                committer: Arc::clone(&self.committer),
+                core: Arc::downgrade(&self.core),
+            });
         }
         Ok(())
     }
@@ -643,11 +652,12 @@ impl Committer {
     /// queued so far (group commit: whatever queued up while the last
     /// sync ran goes to the journal with one sync); back on the pool's
     /// queue if more arrived meanwhile.
-    fn commit_queued(self: Arc<Self>) {
-        let core = &*self.core;
+    fn commit_queued(job: Job) {
+        let Job { committer, core } = job;
+        let this = &*committer;
         {
             let mut taken: Vec<Batch> = {
-                let mut h = self.handoff.lock();
+                let mut h = this.handoff.lock();
                 h.scheduled = false;
                 if h.queue.is_empty() || h.broken {
                     return;
@@ -660,17 +670,25 @@ impl Committer {
             for later in &mut taken {
                 batch.absorb(later);
             }
-            // (The lock is let go before a checkpoint takes it again.)
-            let committed = core.lock().commit(&batch);
-            let result = match committed {
-                // Between batches, so image and journal syncs never
-                // compete for the disk.
-                Ok(true) => Core::checkpoint_unlocked(core),
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
+            let result = match core.upgrade() {
+                Some(core) => {
+                    // (The lock is let go before a checkpoint takes it
+                    // again.)
+                    let committed = core.lock().commit(&batch);
+                    match committed {
+                        // Between batches, so image and journal syncs
+                        // never compete for the disk.
+                        Ok(true) => Core::checkpoint_unlocked(&core),
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                // Unreachable while batches wait (the group waits for
+                // its committer before it goes): nothing to commit to.
+                None => Ok(()),
             };
             batch.clear();
-            let mut h = self.handoff.lock();
+            let mut h = this.handoff.lock();
             h.busy = false;
             h.spare.push(batch);
             h.spare.append(&mut taken);
@@ -681,9 +699,12 @@ impl Committer {
             }
             if !h.queue.is_empty() && !h.broken {
                 h.scheduled = true;
-                pool().push(Arc::clone(&self));
+                pool().push(Job {
+                    committer: Arc::clone(&committer),
+                    core,
+                });
             }
-            self.changed.notify_all();
+            this.changed.notify_all();
         }
     }
 

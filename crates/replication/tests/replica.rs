@@ -202,3 +202,19 @@ fn a_resync_resets_the_position_below_numbers_of_another_history() {
     g.volumes()[0].image.read(0, &mut block).unwrap();
     assert_eq!(block, vec![0x5a; 4096]);
 }
+
+/// A group's commits run on a shared pool: once the group is dropped,
+/// nothing of the pool holds its images, so it opens again at once (an
+/// image is locked while open).
+#[test]
+fn a_dropped_group_releases_its_images_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for seq in 1..=1000 {
+        let mut g = open(dir.path());
+        g.set_epoch(1).unwrap();
+        g.receive(&write(seq)).unwrap();
+        assert_eq!(g.commit().unwrap(), seq);
+    }
+    let g = open(dir.path());
+    assert_eq!(g.position().applied, 1000);
+}
