@@ -95,8 +95,10 @@ pub struct StoredKey {
     pub by: String,
 }
 
-/// Called with the new state after every change, before the change is
-/// answered; an error fails the request (the change stays in memory).
+/// Called with the state to make durable before a change (or a read of
+/// it) is answered; an error fails the request (the change stays in
+/// memory). Concurrent requests share one call (group commit): the call
+/// gets the latest state, which includes every change made so far.
 pub type Persist = Box<dyn Fn(&State) -> Result<(), PersistError> + Send + Sync>;
 
 /// Why the store's state could not be made durable.
@@ -115,6 +117,18 @@ struct Inner {
     state: State,
     /// Lease id -> deadline on the store's clock.
     deadlines: BTreeMap<LeaseId, Duration>,
+    /// Changes of `state` so far (what durability is counted in).
+    version: u64,
+}
+
+/// How far the state on disk has come.
+#[derive(Default)]
+struct Durable {
+    /// Every change up to this version is persisted.
+    version: u64,
+    /// A request is writing the state now; the others wait for it.
+    writing: bool,
+    failed: Option<PersistError>,
 }
 
 pub struct MemStore {
@@ -122,6 +136,8 @@ pub struct MemStore {
     changed: Condvar,
     clock: Arc<dyn Clock>,
     persist: Option<Persist>,
+    durable: Mutex<Durable>,
+    persisted: Condvar,
 }
 
 impl MemStore {
@@ -147,10 +163,16 @@ impl MemStore {
             .map(|(&id, &ttl)| (id, now + Duration::from_millis(ttl)))
             .collect();
         MemStore {
-            inner: Mutex::new(Inner { state, deadlines }),
+            inner: Mutex::new(Inner {
+                state,
+                deadlines,
+                version: 0,
+            }),
             changed: Condvar::new(),
             clock,
             persist,
+            durable: Mutex::new(Durable::default()),
+            persisted: Condvar::new(),
         }
     }
 
@@ -191,13 +213,64 @@ impl MemStore {
         }
     }
 
-    fn commit(&self, inner: &Inner) -> Result<(), StoreError> {
+    /// The state changed: waiters are woken; the change is persisted
+    /// before anything that saw it is answered ([`MemStore::settle`]).
+    fn commit(&self, inner: &mut Inner) {
+        inner.version += 1;
         self.changed.notify_all();
-        match &self.persist {
-            Some(persist) => persist(&inner.state)
-                .map_err(|e| StoreError::Unreachable(format!("cannot persist: {e}"))),
-            None => Ok(()),
+    }
+
+    /// Returns once every change up to `version` is persisted. One caller
+    /// at a time writes the latest state, outside the store's lock; the
+    /// others wait for it and are done if it covered their changes
+    /// (group commit: one write and sync for every request that arrived
+    /// meanwhile).
+    fn settle(&self, version: u64) -> Result<(), StoreError> {
+        let Some(persist) = &self.persist else {
+            return Ok(());
+        };
+        let mut d = self.durable.lock();
+        loop {
+            if d.version >= version {
+                return Ok(());
+            }
+            if let Some(e) = &d.failed {
+                return Err(StoreError::Unreachable(format!("cannot persist: {e}")));
+            }
+            if d.writing {
+                self.persisted.wait(&mut d);
+                continue;
+            }
+            d.writing = true;
+            drop(d);
+            let (state, upto) = {
+                let inner = self.inner.lock();
+                (inner.state.clone(), inner.version)
+            };
+            let written = persist(&state);
+            d = self.durable.lock();
+            d.writing = false;
+            match written {
+                Ok(()) => d.version = d.version.max(upto),
+                Err(e) => d.failed = Some(e),
+            }
+            self.persisted.notify_all();
         }
+    }
+
+    /// Runs `f` on the state under the store's lock, then answers once
+    /// every change it made or saw is persisted.
+    fn locked<T>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let (result, version) = {
+            let mut inner = self.inner.lock();
+            let result = f(&mut inner);
+            (result, inner.version)
+        };
+        self.settle(version)?;
+        result
     }
 
     fn holds(state: &State, c: &Compare) -> bool {
@@ -226,13 +299,14 @@ impl MemStore {
         holder: &str,
         check: impl FnOnce(&State) -> Result<(), R>,
     ) -> Result<Result<LeaseId, R>, StoreError> {
-        let mut inner = self.inner.lock();
-        self.expire(&mut inner);
-        if let Err(refusal) = check(&inner.state) {
-            self.commit(&inner)?;
-            return Ok(Err(refusal));
-        }
-        self.grant_locked(&mut inner, ttl, holder).map(Ok)
+        self.locked(|inner| {
+            self.expire(inner);
+            if let Err(refusal) = check(&inner.state) {
+                self.commit(inner);
+                return Ok(Err(refusal));
+            }
+            self.grant_locked(inner, ttl, holder).map(Ok)
+        })
     }
 
     pub fn keep_alive_checked<R>(
@@ -240,14 +314,15 @@ impl MemStore {
         lease: LeaseId,
         check: impl FnOnce(&State) -> Result<(), R>,
     ) -> Result<Result<Duration, R>, StoreError> {
-        let mut inner = self.inner.lock();
-        if self.expire(&mut inner) {
-            self.commit(&inner)?;
-        }
-        if let Err(refusal) = check(&inner.state) {
-            return Ok(Err(refusal));
-        }
-        self.keep_alive_locked(&mut inner, lease).map(Ok)
+        self.locked(|inner| {
+            if self.expire(inner) {
+                self.commit(inner);
+            }
+            if let Err(refusal) = check(&inner.state) {
+                return Ok(Err(refusal));
+            }
+            self.keep_alive_locked(inner, lease).map(Ok)
+        })
     }
 
     pub fn revoke_checked<R>(
@@ -255,15 +330,16 @@ impl MemStore {
         lease: LeaseId,
         check: impl FnOnce(&State) -> Result<(), R>,
     ) -> Result<Result<(), R>, StoreError> {
-        let mut inner = self.inner.lock();
-        let expired = self.expire(&mut inner);
-        if let Err(refusal) = check(&inner.state) {
-            if expired {
-                self.commit(&inner)?;
+        self.locked(|inner| {
+            let expired = self.expire(inner);
+            if let Err(refusal) = check(&inner.state) {
+                if expired {
+                    self.commit(inner);
+                }
+                return Ok(Err(refusal));
             }
-            return Ok(Err(refusal));
-        }
-        self.revoke_locked(&mut inner, lease, expired).map(Ok)
+            self.revoke_locked(inner, lease, expired).map(Ok)
+        })
     }
 
     /// A transaction written by `by`; `check` (run only when every
@@ -276,27 +352,28 @@ impl MemStore {
         by: &str,
         check: impl FnOnce(&State) -> Result<Vec<EpochHolder>, R>,
     ) -> Result<Result<(bool, i64), R>, StoreError> {
-        let mut inner = self.inner.lock();
-        let expired = self.expire(&mut inner);
-        // A transaction whose compares fail changes nothing: it is
-        // answered `false` as usual, whatever it would have written.
-        if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
-            if expired {
-                self.commit(&inner)?;
-            }
-            return Ok(Ok((false, inner.state.revision)));
-        }
-        match check(&inner.state) {
-            Err(refusal) => {
+        self.locked(|inner| {
+            let expired = self.expire(inner);
+            // A transaction whose compares fail changes nothing: it is
+            // answered `false` as usual, whatever it would have written.
+            if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
                 if expired {
-                    self.commit(&inner)?;
+                    self.commit(inner);
                 }
-                Ok(Err(refusal))
+                return Ok(Ok((false, inner.state.revision)));
             }
-            Ok(marks) => self
-                .txn_locked(&mut inner, expired, compares, ops, by, &marks)
-                .map(Ok),
-        }
+            match check(&inner.state) {
+                Err(refusal) => {
+                    if expired {
+                        self.commit(inner);
+                    }
+                    Ok(Err(refusal))
+                }
+                Ok(marks) => self
+                    .txn_locked(inner, expired, compares, ops, by, &marks)
+                    .map(Ok),
+            }
+        })
     }
 
     fn grant_locked(
@@ -314,7 +391,7 @@ impl MemStore {
         }
         let deadline = self.clock.now() + Duration::from_millis(ttl_ms);
         inner.deadlines.insert(id, deadline);
-        self.commit(inner)?;
+        self.commit(inner);
         Ok(id)
     }
 
@@ -336,12 +413,13 @@ impl MemStore {
     ) -> Result<(), StoreError> {
         if !inner.state.leases.contains_key(&lease) {
             if expired {
-                self.commit(inner)?;
+                self.commit(inner);
             }
             return Err(StoreError::LeaseNotFound(lease));
         }
         self.drop_lease(inner, lease);
-        self.commit(inner)
+        self.commit(inner);
+        Ok(())
     }
 
     fn txn_locked(
@@ -355,7 +433,7 @@ impl MemStore {
     ) -> Result<(bool, i64), StoreError> {
         if !compares.iter().all(|c| Self::holds(&inner.state, c)) {
             if expired {
-                self.commit(inner)?;
+                self.commit(inner);
             }
             return Ok((false, inner.state.revision));
         }
@@ -363,7 +441,7 @@ impl MemStore {
             if let Op::Put { lease, key, .. } = op {
                 if *lease != 0 && !inner.state.leases.contains_key(lease) {
                     if expired {
-                        self.commit(inner)?;
+                        self.commit(inner);
                     }
                     return Err(StoreError::Refused(format!(
                         "put {key}: lease {lease:x} not found"
@@ -373,7 +451,7 @@ impl MemStore {
         }
         if ops.is_empty() {
             if expired {
-                self.commit(inner)?;
+                self.commit(inner);
             }
             return Ok((true, inner.state.revision));
         }
@@ -409,60 +487,65 @@ impl MemStore {
                 .insert(mark.epoch_key.clone(), mark.site.clone());
         }
         inner.state.revision = revision;
-        self.commit(inner)?;
+        self.commit(inner);
         Ok((true, revision))
     }
 }
 
 impl Store for MemStore {
     fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        let mut inner = self.inner.lock();
-        self.expire(&mut inner);
-        self.grant_locked(&mut inner, ttl, "")
+        self.locked(|inner| {
+            self.expire(inner);
+            self.grant_locked(inner, ttl, "")
+        })
     }
 
     fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let mut inner = self.inner.lock();
-        if self.expire(&mut inner) {
-            self.commit(&inner)?;
-        }
-        self.keep_alive_locked(&mut inner, lease)
+        self.locked(|inner| {
+            if self.expire(inner) {
+                self.commit(inner);
+            }
+            self.keep_alive_locked(inner, lease)
+        })
     }
 
     fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock();
-        let expired = self.expire(&mut inner);
-        self.revoke_locked(&mut inner, lease, expired)
+        self.locked(|inner| {
+            let expired = self.expire(inner);
+            self.revoke_locked(inner, lease, expired)
+        })
     }
 
     fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
-        let mut inner = self.inner.lock();
-        if self.expire(&mut inner) {
-            self.commit(&inner)?;
-        }
-        let kvs = inner
-            .state
-            .keys
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| KeyValue {
-                key: k.clone(),
-                value: v.value.clone(),
-                mod_revision: v.mod_revision,
-                create_revision: v.create_revision,
-                lease: v.lease,
+        self.locked(|inner| {
+            if self.expire(inner) {
+                self.commit(inner);
+            }
+            let kvs = inner
+                .state
+                .keys
+                .range(prefix.to_owned()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| KeyValue {
+                    key: k.clone(),
+                    value: v.value.clone(),
+                    mod_revision: v.mod_revision,
+                    create_revision: v.create_revision,
+                    lease: v.lease,
+                })
+                .collect();
+            Ok(Snapshot {
+                revision: inner.state.revision,
+                kvs,
             })
-            .collect();
-        Ok(Snapshot {
-            revision: inner.state.revision,
-            kvs,
         })
     }
 
     fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<(bool, i64), StoreError> {
-        let mut inner = self.inner.lock();
-        let expired = self.expire(&mut inner);
-        self.txn_locked(&mut inner, expired, compares, ops, "", &[])
+        self.locked(|inner| {
+            let expired = self.expire(inner);
+            self.txn_locked(inner, expired, compares, ops, "", &[])
+        })
     }
 
     fn wait(&self, prefix: &str, after_revision: i64, timeout: Duration) -> Result<(), StoreError> {
@@ -472,8 +555,9 @@ impl Store for MemStore {
         let until = Instant::now() + timeout;
         let mut inner = self.inner.lock();
         loop {
+            // (What a waiter is told is read, and so persisted, next.)
             if self.expire(&mut inner) {
-                self.commit(&inner)?;
+                self.commit(&mut inner);
             }
             if inner.state.revision > after_revision {
                 return Ok(());
@@ -495,6 +579,62 @@ impl Store for MemStore {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Concurrent changes share writes (group commit), and none is
+    /// answered before a write that holds it has returned; a read is not
+    /// answered before the changes it sees are written.
+    #[test]
+    fn changes_are_persisted_before_they_are_answered_and_share_writes() {
+        let written: Arc<Mutex<State>> = Arc::new(Mutex::new(State::default()));
+        let writes = Arc::new(AtomicU64::new(0));
+        let persist: Persist = {
+            let (written, writes) = (Arc::clone(&written), Arc::clone(&writes));
+            Box::new(move |state: &State| {
+                // A slow disk: others queue up meanwhile.
+                std::thread::sleep(Duration::from_millis(20));
+                *written.lock() = state.clone();
+                writes.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+        };
+        let store = Arc::new(MemStore::restore(
+            State {
+                revision: 1,
+                next_lease: 1,
+                ..State::default()
+            },
+            Arc::new(SimClock::default()),
+            Some(persist),
+        ));
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let (store, written) = (Arc::clone(&store), Arc::clone(&written));
+                std::thread::spawn(move || {
+                    let key = format!("g{i}/owner");
+                    store.txn(&[], &[put(&key, "ny", 0)]).unwrap();
+                    assert!(
+                        written.lock().keys.contains_key(&key),
+                        "{key} answered before it was written"
+                    );
+                    let seen = store.range("g").unwrap();
+                    let on_disk = written.lock().clone();
+                    for kv in &seen.kvs {
+                        assert!(
+                            on_disk.keys.contains_key(&kv.key),
+                            "{} read before it was written",
+                            kv.key
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = writes.load(Ordering::Relaxed);
+        assert!(n < 16, "16 concurrent changes took {n} writes");
+        assert_eq!(written.lock().keys.len(), 16);
+    }
 
     fn store() -> (MemStore, SimClock) {
         let clock = SimClock::default();
