@@ -182,25 +182,34 @@ impl Budget {
     }
 }
 
+/// Messages for one channel read in one go, and their size.
+type Batch = (Vec<Message>, usize);
+
 /// What a channel's session receives, in order; ends (None) when the link
-/// or the channel closes.
+/// or the channel closes. The reader hands messages over in batches (what
+/// it read for the channel before its input ran dry): one wake-up of the
+/// session per batch, not per message.
 pub struct Mailbox {
-    rx: mpsc::UnboundedReceiver<(Message, usize)>,
+    rx: mpsc::UnboundedReceiver<Batch>,
+    ready: std::collections::VecDeque<Message>,
     budget: Option<Arc<Budget>>,
 }
 
 impl Mailbox {
     pub async fn recv(&mut self) -> Option<Message> {
-        let (msg, n) = self.rx.recv().await?;
-        if let Some(b) = &self.budget {
-            b.release(n);
+        if self.ready.is_empty() {
+            let (msgs, n) = self.rx.recv().await?;
+            if let Some(b) = &self.budget {
+                b.release(n);
+            }
+            self.ready.extend(msgs);
         }
-        Some(msg)
+        self.ready.pop_front()
     }
 
     /// Nothing more has arrived yet.
     pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
+        self.ready.is_empty() && self.rx.is_empty()
     }
 }
 
@@ -213,7 +222,7 @@ impl Drop for Mailbox {
 }
 
 struct ChannelTx {
-    tx: mpsc::UnboundedSender<(Message, usize)>,
+    tx: mpsc::UnboundedSender<Batch>,
     budget: Option<Arc<Budget>>,
 }
 
@@ -297,7 +306,11 @@ impl LinkCore {
                 budget: budget.clone(),
             },
         );
-        Mailbox { rx, budget }
+        Mailbox {
+            rx,
+            ready: std::collections::VecDeque::new(),
+            budget,
+        }
     }
 
     /// Ends channel `id`: its session's mailbox ends once it has taken
@@ -310,26 +323,81 @@ impl LinkCore {
         }
     }
 
-    /// Hands a frame to its channel's session; gives it back if there is
-    /// none. Waits (the replica's reader) while the channel is over its
+    fn has_channel(&self, id: u32) -> bool {
+        self.channels.lock().contains_key(&id)
+    }
+
+    /// Hands a batch to its channel's session (dropped if the session has
+    /// ended). Waits (the replica's reader) while the channel is over its
     /// budget.
-    fn dispatch(&self, id: u32, msg: Message) -> Option<Message> {
+    fn deliver(&self, id: u32, batch: Batch) {
         let (tx, budget) = match self.channels.lock().get(&id) {
             Some(c) => (c.tx.clone(), c.budget.clone()),
-            None => return Some(msg),
+            None => return,
         };
-        let n = payload_len(&msg);
+        let n = batch.1;
         if let Some(b) = &budget {
             if !b.acquire(n) {
-                return None; // the session ended meanwhile: dropped
+                return; // the session ended meanwhile: dropped
             }
         }
-        if tx.send((msg, n)).is_err() {
+        if tx.send(batch).is_err() {
             if let Some(b) = &budget {
                 b.release(n);
             }
         }
-        None
+    }
+}
+
+/// Frames a reader has read and not yet handed over, by channel.
+#[derive(Default)]
+struct Gathered {
+    batches: Vec<(u32, Batch)>,
+    bytes: usize,
+}
+
+/// Hand over once this much is gathered, even if more is buffered.
+const GATHER_BYTES: usize = 1 << 20;
+
+impl Gathered {
+    fn add(&mut self, channel: u32, msg: Message) {
+        let n = payload_len(&msg);
+        self.bytes += n;
+        match self.batches.iter_mut().find(|(c, _)| *c == channel) {
+            Some((_, (msgs, bytes))) => {
+                msgs.push(msg);
+                *bytes += n;
+            }
+            None => self.batches.push((channel, (vec![msg], n))),
+        }
+    }
+
+    /// Hands everything over when the reader's next read may wait (no
+    /// whole frame left in its buffer), or when enough was gathered.
+    fn deliver_if_dry(&mut self, core: &LinkCore, buffered: &[u8]) {
+        if self.bytes >= GATHER_BYTES || !whole_frame(buffered) {
+            self.deliver(core);
+        }
+    }
+
+    fn deliver(&mut self, core: &LinkCore) {
+        for (channel, batch) in self.batches.drain(..) {
+            core.deliver(channel, batch);
+        }
+        self.bytes = 0;
+    }
+}
+
+/// Whether `buf` starts with a whole frame (its header's length says how
+/// long it is).
+fn whole_frame(buf: &[u8]) -> bool {
+    match buf.get(8..12) {
+        Some(len) => {
+            let mut n = [0u8; 4];
+            n.copy_from_slice(len);
+            buf.len() >= tandem_peer::FRAME_HEADER_LEN + u32::from_le_bytes(n) as usize
+        }
+        None => false,
     }
 }
 
@@ -588,19 +656,25 @@ impl SiteLink {
 
 /// The primary's reader: hands the replica's frames to their channels
 /// (never waits for a session), answers pings; returns why it ended.
-fn read_replies<R: Read>(core: &LinkCore, r: &mut R, out: &Outbound) -> ShipError {
+fn read_replies<R: Read>(core: &LinkCore, r: &mut BufReader<R>, out: &Outbound) -> ShipError {
     let mut buf = Vec::new();
+    let mut gathered = Gathered::default();
     loop {
         let (channel, msg) = match read_frame_within(r, &mut buf, MAX_PAYLOAD) {
             Ok(f) => f,
-            Err(e) => return e.into(),
+            Err(e) => {
+                gathered.deliver(core);
+                return e.into();
+            }
         };
         core.heard.store(core.since_start(), Ordering::Relaxed);
         if channel != 0 {
-            // A late frame for a session that ended is dropped.
-            let _ = core.dispatch(channel, msg);
+            // (A late frame for a session that ended is dropped.)
+            gathered.add(channel, msg);
+            gathered.deliver_if_dry(core, r.buffer());
             continue;
         }
+        gathered.deliver_if_dry(core, r.buffer());
         match msg {
             Message::Pong(sent) => core
                 .rtt
@@ -624,7 +698,7 @@ fn read_replies<R: Read>(core: &LinkCore, r: &mut R, out: &Outbound) -> ShipErro
 /// with `start`. Returns when the link ends, once every session it
 /// started has ended.
 pub fn serve_replica<R: Read>(
-    mut reader: R,
+    mut reader: BufReader<R>,
     writer: Box<dyn Write + Send>,
     close: Box<dyn Fn() + Send + Sync>,
     peer: &str,
@@ -635,6 +709,7 @@ pub fn serve_replica<R: Read>(
         start_writer(&core, writer, false, format!("link-out-{peer}")).map_err(PeerError::Io)?;
     let mut sessions = Vec::new();
     let mut buf = Vec::new();
+    let mut gathered = Gathered::default();
     let result = loop {
         let (channel, msg) = match read_frame_within(&mut reader, &mut buf, MAX_PAYLOAD) {
             Ok(f) => f,
@@ -642,6 +717,7 @@ pub fn serve_replica<R: Read>(
             Err(e) => break Err(e),
         };
         if channel == 0 {
+            gathered.deliver_if_dry(&core, reader.buffer());
             match msg {
                 Message::Ping(n) => {
                     let _ = out.send_now(0, &Message::Pong(n));
@@ -657,9 +733,12 @@ pub fn serve_replica<R: Read>(
             }
             continue;
         }
-        let Some(msg) = core.dispatch(channel, msg) else {
+        if core.has_channel(channel) {
+            gathered.add(channel, msg);
+            gathered.deliver_if_dry(&core, reader.buffer());
             continue;
-        };
+        }
+        gathered.deliver_if_dry(&core, reader.buffer());
         if matches!(msg, Message::Hello(_) | Message::Define { .. }) {
             let inbox = core.open_channel(channel, true);
             sessions.retain(|s: &tokio::task::JoinHandle<()>| !s.is_finished());
@@ -675,6 +754,8 @@ pub fn serve_replica<R: Read>(
         }
         // Anything else is late for a session that ended: dropped.
     };
+    // What was read before the end is the sessions' to keep.
+    gathered.deliver(&core);
     core.end(None);
     runtime::handle().block_on(async {
         for s in sessions {

@@ -607,12 +607,19 @@ async fn session<I: Inbox, O: Outbox>(
             Action::Pong(n) => writer.send(&Message::Pong(n)).await?,
             Action::None => {}
         }
+        // Idle: nothing more has arrived for this session. Whatever it
+        // has to say is then flushed below — a session never waits for
+        // its next message with answers (a `Diff`, an `Ack`) unsent.
         let idle = inbox.is_idle();
         let committed =
             match session.plan_commit(Instant::now(), group.has_uncommitted(), group.has_batch()) {
                 Commit::Now => Some(runtime::blocking(|| group.commit())?),
                 Commit::Background => {
-                    runtime::blocking(|| group.commit_in_background())?;
+                    // Waits (off the worker) only when the committer is
+                    // far behind.
+                    if !group.try_commit_in_background()? {
+                        runtime::blocking(|| group.commit_in_background())?;
+                    }
                     None
                 }
                 Commit::Later => None,

@@ -466,11 +466,25 @@ impl ReplicaGroup {
     /// for them, unless it is already [`COMMIT_QUEUE_BYTES`] behind. Their
     /// durability shows in [`ReplicaGroup::progress`] once synced.
     pub fn commit_in_background(&mut self) -> Result<(), ReplicaError> {
+        self.hand_over(true).map(|_| ())
+    }
+
+    /// [`ReplicaGroup::commit_in_background`] unless it would wait: false
+    /// when the committer is [`COMMIT_QUEUE_BYTES`] behind (nothing was
+    /// handed over; call `commit_in_background` where waiting is fine).
+    pub fn try_commit_in_background(&mut self) -> Result<bool, ReplicaError> {
+        self.hand_over(false)
+    }
+
+    fn hand_over(&mut self, wait: bool) -> Result<bool, ReplicaError> {
         if self.batch.is_empty() {
-            return self.committer.check();
+            return self.committer.check().map(|()| true);
         }
         let mut h = self.committer.handoff.lock();
         while !h.broken && h.queued_bytes >= COMMIT_QUEUE_BYTES {
+            if !wait {
+                return Ok(false);
+            }
             self.committer.changed.wait(&mut h);
         }
         if h.broken {
@@ -487,7 +501,7 @@ impl ReplicaGroup {
                 core: Arc::downgrade(&self.core),
             });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Syncs the journal, then applies what it made durable. Returns the
