@@ -303,7 +303,8 @@ pub struct GroupCapture {
     closing: std::sync::atomic::AtomicBool,
     /// Called whenever records arrive and when the capture closes (the
     /// shippers' wake-ups, who do not wait on `arrived`).
-    listeners: Mutex<Vec<Listener>>,
+    listeners: Mutex<Vec<(u64, Listener)>>,
+    next_listener: std::sync::atomic::AtomicU64,
 }
 
 /// Told that records arrived or the capture closed; must not block.
@@ -413,6 +414,7 @@ impl GroupCapture {
             arrived: Condvar::new(),
             acknowledged: Condvar::new(),
             listeners: Mutex::new(Vec::new()),
+            next_listener: std::sync::atomic::AtomicU64::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -560,12 +562,22 @@ impl GroupCapture {
     /// Has `listener` called whenever records arrive and when the capture
     /// closes, for a shipper that waits elsewhere than in
     /// [`GroupCapture::next_events`].
-    pub fn on_arrival(&self, listener: Listener) {
-        self.listeners.lock().push(listener);
+    /// Returns what [`GroupCapture::remove_listener`] takes.
+    pub fn on_arrival(&self, listener: Listener) -> u64 {
+        let id = self
+            .next_listener
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.listeners.lock().push((id, listener));
+        id
+    }
+
+    /// Stops calling the listener `id` (its shipper ended).
+    pub fn remove_listener(&self, id: u64) {
+        self.listeners.lock().retain(|(l, _)| *l != id);
     }
 
     fn tell_listeners(&self) {
-        for l in self.listeners.lock().iter() {
+        for (_, l) in self.listeners.lock().iter() {
             l();
         }
     }

@@ -225,3 +225,34 @@ fn periodic_clears_keep_the_working_set_and_release_idle_regions() {
     group.clear_replicated().unwrap();
     assert_eq!(marked(), vec![(12 * mib, 4 * mib)]);
 }
+
+/// A shipper waiting elsewhere than in `next_events` is told of every
+/// write (and of the close), and no longer once it has gone.
+#[test]
+fn listeners_hear_writes_until_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = open_group(dir.path(), 64 << 20);
+    let heard = [
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    ];
+    let ids: Vec<u64> = heard
+        .iter()
+        .map(|h| {
+            let h = Arc::clone(h);
+            group.on_arrival(Box::new(move || {
+                h.fetch_add(1, Ordering::Relaxed);
+            }))
+        })
+        .collect();
+    group.write(0, 0, &[1u8; 4096], false).unwrap();
+    group.remove_listener(ids[0]);
+    group.write(1, 4096, &[2u8; 4096], false).unwrap();
+    group.close();
+    assert_eq!(heard[0].load(Ordering::Relaxed), 1);
+    assert_eq!(
+        heard[1].load(Ordering::Relaxed),
+        3,
+        "two writes and the close"
+    );
+}

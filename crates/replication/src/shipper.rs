@@ -242,10 +242,19 @@ impl Shipper {
     async fn serve(self) {
         *self.link.site.lock() = Some(Arc::clone(&self.site));
         let wake = Arc::clone(&self.link.wake);
-        {
+        let listener = {
             let wake = Arc::clone(&wake);
-            self.capture.on_arrival(Box::new(move || wake.notify_one()));
+            self.capture.on_arrival(Box::new(move || wake.notify_one()))
+        };
+        // The capture outlives this shipper (a role change may reuse it):
+        // it stops waking it when it ends.
+        struct Unlisten<'a>(&'a GroupCapture, u64);
+        impl Drop for Unlisten<'_> {
+            fn drop(&mut self) {
+                self.0.remove_listener(self.1);
+            }
         }
+        let _unlisten = Unlisten(&self.capture, listener);
         let mut backoff = BACKOFF_MIN;
         // Kept across reconnects, so that the byte counters are cumulative.
         let mut compressor = Compressor::new(1);
