@@ -405,7 +405,8 @@ fn whole_frame(buf: &[u8]) -> bool {
     }
 }
 
-fn nanos_now() -> u64 {
+/// The wall clock in nanoseconds, as pings carry it.
+pub(crate) fn nanos_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))

@@ -20,7 +20,7 @@ use tandem_peer::{
 };
 use tokio::sync::{mpsc, Notify};
 
-use crate::link::{ChannelOut, Mailbox};
+use crate::link::{nanos_now, ChannelOut, Mailbox};
 pub use crate::link::{Connect, Connection, SiteLink};
 use crate::replica::chunk_hashes;
 use crate::runtime;
@@ -75,7 +75,7 @@ pub struct Link {
 impl Link {
     pub fn new(epoch: u64, fork: Tip) -> Link {
         Link {
-            session: Mutex::new(ShipperSession::new(epoch, fork, Instant::now())),
+            session: Mutex::new(ShipperSession::new(epoch, fork)),
             raw_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             site: Mutex::new(None),
@@ -208,13 +208,6 @@ enum OnDiff<'a> {
     Send,
     /// Note them (verify).
     Collect(&'a mut Vec<(u32, u64, u64)>),
-}
-
-fn nanos_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl Shipper {
@@ -818,10 +811,7 @@ async fn read_acks(
         if let Message::End { reason } = msg {
             return ShipError::Ended(reason);
         }
-        let incoming = link
-            .session
-            .lock()
-            .receive(msg, Instant::now(), nanos_now());
+        let incoming = link.session.lock().receive(msg, nanos_now());
         let done = match incoming {
             Ok(Incoming::Nothing) => Ok(()),
             Ok(Incoming::Acked { received, durable }) => cap

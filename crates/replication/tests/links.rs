@@ -6,21 +6,21 @@
 #![allow(clippy::unwrap_used)]
 #![allow(clippy::cast_possible_truncation)] // pattern bytes keep the low bits on purpose
 
+mod support;
+
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use support::replica::pair_connection;
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_replication::owners::Owners;
-use tandem_replication::receiver::{self, GroupPlan, Membership, ReceiverContext};
+use tandem_replication::receiver::{GroupPlan, Membership, ReceiverContext};
 use tandem_replication::replica::{ReplicaGroup, ReplicaVolume};
-use tandem_replication::shipper::{
-    ConnectError, Connection, Link, LinkState, Shipper, ShipperTask, SiteLink,
-};
+use tandem_replication::shipper::{Link, LinkState, Shipper, ShipperTask, SiteLink};
 use tandem_volume::RawImage;
 
 const SIZE: u64 = 8 << 20;
@@ -87,22 +87,8 @@ fn start(dir: &Path) -> Sites {
     let connect = {
         let (connections, live) = (Arc::clone(&connections), Arc::clone(&live));
         Box::new(move || {
-            let (a, b) = UnixStream::pair().map_err(ConnectError::Socket)?;
-            live.lock().push(a.try_clone().unwrap());
             connections.fetch_add(1, Ordering::Relaxed);
-            let ctx = Arc::clone(&ctx);
-            thread::spawn(move || {
-                let r = b.try_clone().unwrap();
-                let _ = receiver::serve(&ctx, r, b, None, None);
-            });
-            let closer = a.try_clone().unwrap();
-            Ok(Connection {
-                reader: Box::new(a.try_clone().unwrap()),
-                writer: Box::new(a),
-                close: Box::new(move || {
-                    let _ = closer.shutdown(std::net::Shutdown::Both);
-                }),
-            })
+            pair_connection(&ctx, &live)
         })
     };
     let site = SiteLink::new("ny", "dr", connect);

@@ -14,11 +14,10 @@ use std::thread;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use support::replica::replica_site;
+use support::replica::{pair_connection, replica_site};
 use tandem_capture::{CaptureVolume, GroupCapture};
-use tandem_replication::receiver;
 use tandem_replication::replica::Position;
-use tandem_replication::shipper::{ConnectError, Connection, Link, LinkState, Shipper, SiteLink};
+use tandem_replication::shipper::{ConnectError, Link, LinkState, Shipper, SiteLink};
 use tandem_volume::RawImage;
 
 const SIZE: u64 = 32 << 20;
@@ -80,22 +79,8 @@ fn start(dir: &Path, prefill_replica: Option<&[u8]>) -> Pair {
             if cut.load(Ordering::Acquire) {
                 return Err(ConnectError::NoAddress("link cut".into()));
             }
-            let (a, b) = UnixStream::pair().map_err(ConnectError::Socket)?;
-            live.lock().push(a.try_clone().unwrap());
-            let ctx = Arc::clone(&ctx);
             sessions.fetch_add(1, Ordering::Relaxed);
-            thread::spawn(move || {
-                let r = b.try_clone().unwrap();
-                let _ = receiver::serve(&ctx, r, b, None, None);
-            });
-            let closer = a.try_clone().unwrap();
-            Ok(Connection {
-                reader: Box::new(a.try_clone().unwrap()),
-                writer: Box::new(a),
-                close: Box::new(move || {
-                    let _ = closer.shutdown(std::net::Shutdown::Both);
-                }),
-            })
+            pair_connection(&ctx, &live)
         })
     };
     let shipper = Shipper {

@@ -19,9 +19,6 @@ use tandem_peer::{Ack, Message, ReplicaState, Welcome};
 
 use super::Tip;
 
-/// A replica silent this long is considered gone.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How a replication link is doing, for status and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LinkState {
@@ -170,7 +167,6 @@ pub struct ShipperSession {
     fork: Tip,
     state: LinkState,
     connected_since: Option<Instant>,
-    heard: Instant,
     /// Latest acknowledgement (monotone within a connection).
     acked: Ack,
     /// The highest record sent on this connection, or the welcome's
@@ -211,13 +207,12 @@ pub struct LinkInfo {
 }
 
 impl ShipperSession {
-    pub fn new(epoch: u64, fork: Tip, now: Instant) -> ShipperSession {
+    pub fn new(epoch: u64, fork: Tip) -> ShipperSession {
         ShipperSession {
             epoch,
             fork,
             state: LinkState::Disconnected,
             connected_since: None,
-            heard: now,
             acked: Ack {
                 received: 0,
                 durable: 0,
@@ -263,7 +258,6 @@ impl ShipperSession {
         };
         self.state = LinkState::Streaming;
         self.connected_since = Some(now);
-        self.heard = now;
         self.acked = Ack {
             received: durable,
             durable,
@@ -307,13 +301,7 @@ impl ShipperSession {
     }
 
     /// A message from the replica.
-    pub fn receive(
-        &mut self,
-        msg: Message,
-        now: Instant,
-        now_nanos: u64,
-    ) -> Result<Incoming, ShipError> {
-        self.heard = now;
+    pub fn receive(&mut self, msg: Message, now_nanos: u64) -> Result<Incoming, ShipError> {
         Ok(match msg {
             Message::Ack(a) => {
                 let limit = self.sent.max(self.acked.received);
@@ -441,12 +429,6 @@ impl ShipperSession {
         self.resync_sent += sent;
     }
 
-    /// Whether the replica has been silent too long.
-    pub fn silent(&self, now: Instant) -> Option<ShipError> {
-        let quiet = now.saturating_duration_since(self.heard);
-        (quiet > PEER_TIMEOUT).then_some(ShipError::Silent(PEER_TIMEOUT))
-    }
-
     pub fn state(&self) -> LinkState {
         self.state
     }
@@ -532,7 +514,7 @@ mod tests {
         ) {
             let now = Instant::now();
             let consistent_at = resume_at + writes_meanwhile;
-            let mut s = ShipperSession::new(1, (0, 0), now);
+            let mut s = ShipperSession::new(1, (0, 0));
             s.welcome(&welcome(resume_at - 1), consistent_at + 10, now);
             s.resync_begins(resume_at, 1 << 20);
             s.sending(consistent_at + 10);
@@ -552,11 +534,11 @@ mod tests {
                     Step::Registered => s.resync_ends(consistent_at),
                     Step::Done => {
                         done = true;
-                        s.receive(Message::ResyncDone { resume_at }, now, 0).unwrap();
+                        s.receive(Message::ResyncDone { resume_at }, 0).unwrap();
                     }
                     Step::Ack { applied } | Step::Stale { applied } => {
                         let applied = applied.min(consistent_at + 10);
-                        s.receive(ack(applied, applied, applied), now, 0).unwrap();
+                        s.receive(ack(applied, applied, applied), 0).unwrap();
                     }
                 }
                 prop_assert!(done || !s.replica_consistent(), "consistent before ResyncDone");
@@ -573,13 +555,13 @@ mod tests {
             acks in proptest::collection::vec((0u64..12_000, 0u64..12_000), 1..40),
         ) {
             let now = Instant::now();
-            let mut s = ShipperSession::new(1, (0, 0), now);
+            let mut s = ShipperSession::new(1, (0, 0));
             s.welcome(&welcome(0), sent + 1, now);
             s.sending(sent);
             let mut last = (0, 0);
             for (received, durable) in acks {
                 let durable = durable.min(received);
-                match s.receive(ack(received, durable, durable), now, 0) {
+                match s.receive(ack(received, durable, durable), 0) {
                     Ok(Incoming::Acked { received, durable }) => {
                         prop_assert!(received >= last.0 && durable >= last.1);
                         prop_assert!(received > last.0 || durable > last.1, "reported without advancing");
@@ -603,14 +585,14 @@ mod tests {
         #[test]
         fn diffs_answer_hashes_in_order(asks in proptest::collection::vec((0u32..3, 0u64..1000), 1..20), skip in 0usize..20) {
             let now = Instant::now();
-            let mut s = ShipperSession::new(1, (0, 0), now);
+            let mut s = ShipperSession::new(1, (0, 0));
             s.welcome(&welcome(0), 1, now);
             for &(v, o) in &asks {
                 s.asking((v, o * 65536, 65536, 4));
             }
             let skip = skip % asks.len();
             let (v, o) = asks[skip];
-            let got = s.receive(Message::Diff { volume: v, offset: o * 65536, chunk: 65536, bitmap: vec![0] }, now, 0);
+            let got = s.receive(Message::Diff { volume: v, offset: o * 65536, chunk: 65536, bitmap: vec![0] }, 0);
             if asks[0] == (v, o) {
                 let answered = matches!(got, Ok(Incoming::Diff { asked, .. }) if asked == (v, o * 65536, 65536, 4));
                 prop_assert!(answered);
@@ -624,16 +606,16 @@ mod tests {
     #[test]
     fn a_link_settles_once_everything_sent_is_durable_and_applied() {
         let now = Instant::now();
-        let mut s = ShipperSession::new(1, (0, 0), now);
+        let mut s = ShipperSession::new(1, (0, 0));
         s.welcome(&welcome(10), 11, now);
         assert!(s.settled(), "nothing sent yet");
         s.sending(12);
         assert!(!s.settled(), "12 in flight");
-        s.receive(ack(12, 11, 11), now, 0).expect("ack");
+        s.receive(ack(12, 11, 11), 0).expect("ack");
         assert!(!s.settled(), "12 received, not durable");
-        s.receive(ack(12, 12, 11), now, 0).expect("ack");
+        s.receive(ack(12, 12, 11), 0).expect("ack");
         assert!(!s.settled(), "12 durable, not applied");
-        s.receive(ack(12, 12, 12), now, 0).expect("ack");
+        s.receive(ack(12, 12, 12), 0).expect("ack");
         assert!(s.settled());
         s.resync_begins(13, 4096);
         assert!(!s.settled(), "a resync is in progress");
@@ -642,7 +624,7 @@ mod tests {
     #[test]
     fn an_unasked_diff_is_a_protocol_error() {
         let now = Instant::now();
-        let mut s = ShipperSession::new(1, (0, 0), now);
+        let mut s = ShipperSession::new(1, (0, 0));
         s.welcome(&welcome(0), 1, now);
         let got = s.receive(
             Message::Diff {
@@ -651,7 +633,6 @@ mod tests {
                 chunk: 4096,
                 bitmap: vec![],
             },
-            now,
             0,
         );
         assert!(matches!(got, Err(ShipError::UnaskedDiff { .. })));
@@ -660,7 +641,7 @@ mod tests {
     #[test]
     fn a_welcome_off_this_primarys_history_compares_everything() {
         let now = Instant::now();
-        let mut s = ShipperSession::new(3, (2, 100), now);
+        let mut s = ShipperSession::new(3, (2, 100));
         let at_fork = Welcome {
             epoch: 2,
             durable: 100,

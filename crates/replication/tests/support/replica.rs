@@ -72,3 +72,31 @@ pub fn replica_site(
         image,
     }
 }
+
+/// A connection to the replica site `ctx` over a socket pair, served by
+/// the receiver on a thread of its own (what a primary's `Connect` does
+/// over TCP). The primary's end is also kept in `live`, so that a test
+/// can cut it.
+pub fn pair_connection(
+    ctx: &Arc<ReceiverContext>,
+    live: &Mutex<Vec<std::os::unix::net::UnixStream>>,
+) -> Result<tandem_replication::shipper::Connection, tandem_replication::shipper::ConnectError> {
+    use tandem_replication::shipper::{ConnectError, Connection};
+    let (a, b) = std::os::unix::net::UnixStream::pair().map_err(ConnectError::Socket)?;
+    live.lock()
+        .push(a.try_clone().map_err(ConnectError::Socket)?);
+    let ctx = Arc::clone(ctx);
+    std::thread::spawn(move || {
+        if let Ok(r) = b.try_clone() {
+            let _ = tandem_replication::receiver::serve(&ctx, r, b, None, None);
+        }
+    });
+    let closer = a.try_clone().map_err(ConnectError::Socket)?;
+    Ok(Connection {
+        reader: Box::new(a.try_clone().map_err(ConnectError::Socket)?),
+        writer: Box::new(a),
+        close: Box::new(move || {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+        }),
+    })
+}
