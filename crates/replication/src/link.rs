@@ -546,10 +546,6 @@ impl SiteLink {
         })
     }
 
-    pub fn peer(&self) -> &str {
-        &self.peer
-    }
-
     /// The latest round trip of a link ping, while connected.
     pub fn rtt(&self) -> Option<Duration> {
         self.current.try_lock().ok().and_then(|c| {
