@@ -15,7 +15,8 @@ use tandem_replication::throttle::{Limiter, UNLIMITED};
 const PLAN_EVERY: Duration = Duration::from_secs(2);
 
 pub struct PeerBandwidth {
-    pub peer: Peer,
+    /// The peer's configuration (a reload may change its rates).
+    pub peer: Mutex<Peer>,
     pub limiter: Arc<Limiter>,
     /// Set through the API ([`UNLIMITED`], or 0 to pause).
     pub override_bps: Mutex<Option<u64>>,
@@ -36,7 +37,9 @@ pub struct BandwidthStatus {
 }
 
 pub struct Bandwidth {
-    pub peers: BTreeMap<String, PeerBandwidth>,
+    /// Every other site; a reload adds and removes them.
+    pub peers: parking_lot::RwLock<BTreeMap<String, Arc<PeerBandwidth>>>,
+    local: String,
 }
 
 impl Bandwidth {
@@ -44,22 +47,18 @@ impl Bandwidth {
         let peers = peers
             .iter()
             .filter(|p| p.name != local)
-            .map(|p| {
-                let entry = PeerBandwidth {
-                    peer: p.clone(),
-                    limiter: Limiter::new(UNLIMITED),
-                    override_bps: Mutex::new(None),
-                };
-                (p.name.clone(), entry)
-            })
+            .map(|p| (p.name.clone(), PeerBandwidth::new(p)))
             .collect();
-        let b = Arc::new(Bandwidth { peers });
+        let b = Arc::new(Bandwidth {
+            peers: parking_lot::RwLock::new(peers),
+            local: local.to_owned(),
+        });
         b.apply();
         b
     }
 
     pub fn limiter(&self, site: &str) -> Option<Arc<Limiter>> {
-        self.peers.get(site).map(|p| Arc::clone(&p.limiter))
+        self.peers.read().get(site).map(|p| Arc::clone(&p.limiter))
     }
 
     /// The rate that applies to `p` now.
@@ -69,38 +68,66 @@ impl Bandwidth {
         }
         let (weekday, minute) = local_weekday_minute();
         p.peer
+            .lock()
             .rate_at(weekday, minute)
             .map_or(UNLIMITED, |r: Rate| r.bits_per_sec())
     }
 
     pub fn apply(&self) {
-        for p in self.peers.values() {
+        for p in self.peers.read().values() {
             p.limiter.set_rate(Self::effective(p));
         }
+    }
+
+    /// A reload added `peer` (this site's own entry is not a link), or
+    /// changed its `bandwidth` or `schedule`: the new rates apply at once;
+    /// a runtime override stays. The peer's limiter is kept, so links
+    /// already made follow the change.
+    pub fn upsert(&self, peer: &Peer) {
+        if peer.name == self.local {
+            return;
+        }
+        let mut peers = self.peers.write();
+        let entry = peers
+            .entry(peer.name.clone())
+            .or_insert_with(|| PeerBandwidth::new(peer));
+        *entry.peer.lock() = peer.clone();
+        entry.limiter.set_rate(Self::effective(entry));
+    }
+
+    /// A reload removed the peer `site`.
+    pub fn remove(&self, site: &str) {
+        self.peers.write().remove(site);
     }
 
     /// Sets (Some) or clears (None) the runtime override of a peer.
     pub fn set_override(&self, site: &str, bps: Option<u64>) -> Result<(), UnknownPeer> {
         let p = self
             .peers
+            .read()
             .get(site)
+            .cloned()
             .ok_or_else(|| UnknownPeer(site.to_owned()))?;
         *p.override_bps.lock() = bps;
-        p.limiter.set_rate(Self::effective(p));
+        p.limiter.set_rate(Self::effective(&p));
         tracing::info!(peer = site, override_bps = ?bps, "bandwidth override changed through the API");
         Ok(())
     }
 
     pub fn status(&self) -> Vec<BandwidthStatus> {
         self.peers
+            .read()
             .values()
-            .map(|p| BandwidthStatus {
-                site: p.peer.name.clone(),
-                bandwidth_bps: p.peer.bandwidth.map(|r| r.bits_per_sec()),
-                schedule: p.peer.schedule.iter().map(ToString::to_string).collect(),
-                override_bps: *p.override_bps.lock(),
-                paused: p.limiter.rate_bps() == 0,
-                effective_bps: Some(p.limiter.rate_bps()).filter(|r| *r != UNLIMITED),
+            .map(|p| {
+                let peer = p.peer.lock();
+                BandwidthStatus {
+                    site: peer.name.clone(),
+                    bandwidth_bps: peer.bandwidth.map(|r| r.bits_per_sec()),
+                    schedule: peer.schedule.iter().map(ToString::to_string).collect(),
+                    override_bps: *p.override_bps.lock(),
+                    paused: p.limiter.rate_bps() == 0,
+                    effective_bps: Some(p.limiter.rate_bps()).filter(|r| *r != UNLIMITED),
+                }
             })
             .collect()
     }
@@ -119,6 +146,16 @@ impl Bandwidth {
                     stop.wait(PLAN_EVERY);
                 }
             })
+    }
+}
+
+impl PeerBandwidth {
+    fn new(peer: &Peer) -> Arc<PeerBandwidth> {
+        Arc::new(PeerBandwidth {
+            peer: Mutex::new(peer.clone()),
+            limiter: Limiter::new(UNLIMITED),
+            override_bps: Mutex::new(None),
+        })
     }
 }
 

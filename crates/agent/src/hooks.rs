@@ -23,6 +23,23 @@ const POLL: Duration = Duration::from_millis(10);
 /// Output kept per stream and logged.
 const OUTPUT_MAX: u64 = 1 << 20;
 
+/// A group's hook commands now: the configuration's at start, a
+/// reload's after one (docs/CONFIG.md, "Reload").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupHooks {
+    pub on_promote: Option<String>,
+    pub on_demote: Option<String>,
+}
+
+impl GroupHooks {
+    pub fn of(group: &tandem_config::Group) -> GroupHooks {
+        GroupHooks {
+            on_promote: group.on_promote.clone(),
+            on_demote: group.on_demote.clone(),
+        }
+    }
+}
+
 /// What a hook is told.
 pub struct HookEnv<'a> {
     pub group: &'a str,

@@ -20,6 +20,7 @@ mod metrics;
 pub mod onboard;
 mod ownership;
 mod preauth;
+pub mod reload;
 mod replication;
 mod rolefile;
 mod runtime_groups;
@@ -52,6 +53,8 @@ use status::SiteStatus;
 pub use error::AgentError;
 pub use export::{SyncPolicy, VolumeExport};
 pub use layout::Layout;
+pub use reload::apply::{Applied, ReloadError};
+pub use runtime_groups::load as load_runtime_groups;
 pub use view::{OwnerChanged, StatusView};
 
 /// A group's first epoch.
@@ -74,6 +77,9 @@ pub struct Agent {
     peers: Option<replication::PeerListener>,
     api: Option<JoinHandle<()>>,
     ownership: Option<ownership::Ownership>,
+    /// The configuration file's contents the agent runs with (without
+    /// the runtime groups): what a reload compares the file with.
+    file_config: parking_lot::Mutex<Config>,
     /// The data directory's lock, held while the agent runs.
     _dir_lock: std::fs::File,
 }
@@ -86,6 +92,7 @@ impl Agent {
         config.check_data_dir()?;
         let layout = Layout::new(&config.site.data_dir);
         let dir_lock = startup::lock_data_dir(&layout)?;
+        let file_config = config.clone();
         let mut with_runtime = config.clone();
         runtime_groups::load(&layout, &mut with_runtime)?;
         let config = &with_runtime;
@@ -119,7 +126,7 @@ impl Agent {
         let shared = Arc::new(Shared {
             site: config.site.name.clone(),
             layout: layout.clone(),
-            config: Arc::new(config.clone()),
+            config: parking_lot::RwLock::new(Arc::new(config.clone())),
             tls: tls.clone(),
             bandwidth: Arc::clone(&bandwidth),
             receivers: Arc::new(ReceiverContext {
@@ -155,6 +162,7 @@ impl Agent {
             peers: None,
             api: None,
             ownership: None,
+            file_config: parking_lot::Mutex::new(file_config),
             _dir_lock: dir_lock,
         };
         let planner =
@@ -309,6 +317,19 @@ impl Agent {
         if let Some(o) = &self.ownership {
             o.on_fatal(f);
         }
+    }
+
+    /// Reloads the configuration: `new` is the file as it reads now.
+    /// Peers, groups, bandwidth, schedules and hook commands change in
+    /// place; NBD clients of the groups that stay are not touched. A
+    /// change that cannot be made refuses the whole reload (each one is
+    /// logged) and the running configuration stays (docs/CONFIG.md,
+    /// "Reload").
+    pub fn reload(&self, new: Config) -> Result<Applied, ReloadError> {
+        let mut running = self.file_config.lock();
+        let (now, outcome) = self.status_view().reload(&running, new);
+        *running = now;
+        outcome
     }
 
     /// The site's status (SPEC §4.4).

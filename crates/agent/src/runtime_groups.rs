@@ -59,7 +59,7 @@ impl StatusView {
     pub(crate) fn define_group(&self, text: &str) -> Result<String, DefineError> {
         let _one_at_a_time = self.defining.lock();
         let shared = &self.shared;
-        let mut config = (*shared.config).clone();
+        let mut config = (*shared.config()).clone();
         config.groups = self.groups.all().iter().map(|g| g.cfg.clone()).collect();
         let group = config
             .add_group(text, Path::new("(group definition)"))?
@@ -141,7 +141,7 @@ impl StatusView {
         for d in [
             layout.capture_dir(name),
             layout.replica_dir(name),
-            shared.config.group_files_dir(name),
+            shared.config().group_files_dir(name),
         ] {
             remove_if_there(&d, |p| std::fs::remove_dir_all(p))?;
         }
@@ -171,6 +171,12 @@ fn remove_if_there(
 /// name order; a file that does not check out stops the agent with its
 /// name, line and key.
 pub fn load(layout: &Layout, config: &mut Config) -> Result<(), AgentError> {
+    read(layout, config, true)
+}
+
+/// [`load`], logging each group found when `log` (at start, not at every
+/// reload's check).
+pub(crate) fn read(layout: &Layout, config: &mut Config, log: bool) -> Result<(), AgentError> {
     let dir = layout.data_dir.join("groups");
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -196,7 +202,9 @@ pub fn load(layout: &Layout, config: &mut Config) -> Result<(), AgentError> {
             source,
         })?;
         let name = config.add_group(&text, &file)?.name.clone();
-        tracing::info!(group = %name, file = %file.display(), "group defined at runtime");
+        if log {
+            tracing::info!(group = %name, file = %file.display(), "group defined at runtime");
+        }
     }
     Ok(())
 }
@@ -227,7 +235,7 @@ impl tandem_replication::receiver::GroupDefiner for PeerDefiner {
         let view = &self.0;
         // The definition as this site reads it, checked against its other
         // groups.
-        let mut config = (*view.shared.config).clone();
+        let mut config = (*view.shared.config()).clone();
         config.groups = view
             .groups
             .all()

@@ -44,6 +44,20 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Check a configuration file without starting anything: the file, the
+    /// data directory, TLS files and listen addresses; prints "ok" or each
+    /// problem with file, line and key (exit 0 / 1)
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Write the manual pages (one per command) into DIR
+    #[command(hide = true)]
+    Man {
+        /// Directory to write tandem.1, tandem-agent.1, ... into
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Run the witness: the small durable process that decides which site owns each group
     Witness {
         /// Address to listen on (host:port)
@@ -207,6 +221,16 @@ fn main() -> ExitCode {
     init_logging();
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
+        Command::Check { config } => {
+            return if cmd::check::run(&config.path()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
+        Command::Man { out } => {
+            cmd::man::run(<Cli as clap::CommandFactory>::command(), &out).map(|_| ())
+        }
         Command::Witness {
             listen,
             data_dir,

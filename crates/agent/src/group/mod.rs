@@ -68,7 +68,9 @@ impl Groups {
 pub(crate) struct Shared {
     pub site: String,
     pub layout: Layout,
-    pub config: Arc<Config>,
+    /// The configuration now (file and runtime groups); replaced by a
+    /// reload (docs/CONFIG.md, "Reload"). Read it with [`Shared::config`].
+    pub config: RwLock<Arc<Config>>,
     pub tls: Option<Arc<TlsIdentity>>,
     pub bandwidth: Arc<bandwidth::Bandwidth>,
     pub receivers: Arc<ReceiverContext>,
@@ -93,6 +95,13 @@ pub(crate) struct Shared {
     pub links: Mutex<BTreeMap<String, Arc<tandem_replication::link::SiteLink>>>,
 }
 
+impl Shared {
+    /// The configuration now.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read())
+    }
+}
+
 /// The role the group's data plane has now.
 pub(crate) enum Plane {
     Primary(PrimaryRole),
@@ -110,6 +119,8 @@ struct Leaving {
 
 pub(crate) struct GroupRuntime {
     pub cfg: tandem_config::Group,
+    /// `on_promote` / `on_demote` now: `cfg`'s, or a reload's.
+    pub hooks: RwLock<crate::hooks::GroupHooks>,
     pub plane: Mutex<Plane>,
     leaving: Mutex<Option<Leaving>>,
     /// The newest epoch this site knows for the group (status).
@@ -127,6 +138,7 @@ pub(crate) struct GroupRuntime {
 impl GroupRuntime {
     pub fn new(cfg: tandem_config::Group) -> GroupRuntime {
         GroupRuntime {
+            hooks: RwLock::new(crate::hooks::GroupHooks::of(&cfg)),
             cfg,
             plane: Mutex::new(Plane::Down),
             leaving: Mutex::new(None),

@@ -176,8 +176,9 @@ impl PrimaryRole {
         let definition = crate::runtime_groups::path(&shared.layout, &group.name)
             .exists()
             .then(|| group.to_toml());
+        let config = shared.config();
         for site in &others {
-            let Some(peer) = shared.config.peer(site) else {
+            let Some(peer) = config.peer(site) else {
                 continue;
             };
             role.start_shipper(

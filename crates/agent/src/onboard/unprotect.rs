@@ -240,8 +240,8 @@ impl StatusView {
     /// Tells a replica site to drop the group.
     fn retire_at(&self, site: &str, group: &str) -> Result<(), RetireError> {
         let shared = &self.shared;
-        let peer = shared
-            .config
+        let config = shared.config();
+        let peer = config
             .peer(site)
             .ok_or_else(|| RetireError::NoPeer(site.to_owned()))?;
         let conn = crate::replication::connect(&peer.address, site, shared.tls.as_deref())?;

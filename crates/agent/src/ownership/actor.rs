@@ -293,8 +293,8 @@ impl Actor<'_> {
     fn run_hook(&self, hook: Hook, epoch: u64) -> bool {
         let rt = &self.m.runtime;
         let command = match hook {
-            Hook::OnPromote => rt.cfg.on_promote.clone(),
-            Hook::OnDemote => rt.cfg.on_demote.clone(),
+            Hook::OnPromote => rt.hooks.read().on_promote.clone(),
+            Hook::OnDemote => rt.hooks.read().on_demote.clone(),
         };
         let Some(command) = command else { return true };
         let shared = &self.h.shared;

@@ -122,7 +122,7 @@ pub(super) fn identify(shared: &Shared) -> Instance {
     let since_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let cert_sha256 = shared.config.tls.cert.as_ref().and_then(|path| {
+    let cert_sha256 = shared.config().tls.cert.as_ref().and_then(|path| {
         use tandem_tls::rustls::pki_types::pem::PemObject;
         use tandem_tls::rustls::pki_types::CertificateDer;
         // TLS off: no certificate is in use.
@@ -145,7 +145,7 @@ pub(super) fn identify(shared: &Shared) -> Instance {
         pid: std::process::id(),
         since_ms,
         cert_sha256,
-        lease_ttl_ms: u64::try_from(shared.config.coordinator.lease_ttl.as_millis())
+        lease_ttl_ms: u64::try_from(shared.config().coordinator.lease_ttl.as_millis())
             .unwrap_or(u64::MAX),
         process: this_process(),
     }

@@ -100,7 +100,7 @@ pub(crate) struct Ownership {
 /// The store of the configured coordinator (not `kind = "none"`, which
 /// runs no ownership driver).
 fn connect(shared: &Shared) -> Result<Arc<dyn Store>, AgentError> {
-    let c = &shared.config.coordinator;
+    let c = &shared.config().coordinator;
     let timeout = lease::renew_every(c.lease_ttl).max(Duration::from_millis(300));
     Ok(match c.kind {
         CoordinatorKind::Etcd => Arc::new(tandem_coordinator::etcd::EtcdStore::secure(
@@ -161,7 +161,7 @@ fn settings(shared: &Shared, keys: &Keys, cfg: &tandem_config::Group) -> Setting
             max_lag: cfg.max_lag_on_failover.as_secs_f64(),
             freshest_first: cfg.mode == tandem_config::Mode::Sync,
         },
-        ttl: shared.config.coordinator.lease_ttl,
+        ttl: shared.config().coordinator.lease_ttl,
         on_promote: cfg.on_promote.is_some(),
         on_demote: cfg.on_demote.is_some(),
         on_promote_failure: match cfg.on_promote_failure {
@@ -191,7 +191,7 @@ impl Ownership {
         groups: Vec<(Arc<GroupRuntime>, RoleRecord)>,
     ) -> Result<Ownership, AgentError> {
         let store = connect(&shared)?;
-        let c = &shared.config.coordinator;
+        let c = &shared.config().coordinator;
         let keys = Keys::new(&c.prefix);
         let me = instance::identify(&shared);
         let handle = Arc::new(Handle {

@@ -1,9 +1,11 @@
 pub mod agent;
 pub mod bandwidth;
 pub mod certs;
+pub mod check;
 pub mod demo;
 pub mod dirty;
 pub mod failover;
+pub mod man;
 pub mod progress;
 pub mod protect;
 pub mod status;
