@@ -231,32 +231,40 @@ fn reload_adds_and_removes_a_group_and_changes_bandwidth_and_hooks() {
     c.set_coordinator(&witness.section("3s"));
     c.start("dr");
     c.start("ny");
-    // A client on g stays attached through every reload.
-    let mut client = Command::new(tool("nbdsh"))
-        .args(["-u", &c.uri("ny", "v0"), "-c"])
-        .arg(
-            "import sys\n\
-             h.pwrite(b'\\x61' * 65536, 0)\n\
-             sys.stdout.write('ready\\n'); sys.stdout.flush()\n\
-             sys.stdin.readline()\n\
-             h.pwrite(b'\\x62' * 65536, 65536)\n\
-             h.flush()\n\
-             assert h.pread(65536, 0) == b'\\x61' * 65536\n\
-             print('done')\n",
-        )
+    // A client on g stays attached through every reload: an interactive
+    // qemu-io (one NBD connection), fed commands on its stdin.
+    let client_out = c.dir.path().join("client.out");
+    let mut client = Command::new(tool("qemu-io"))
+        .args(["-f", "raw"])
+        .arg(c.uri("ny", "v0"))
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(std::fs::File::create(&client_out).expect("output"))
+        .stderr(Stdio::from(
+            std::fs::File::options()
+                .append(true)
+                .open(&client_out)
+                .expect("output"),
+        ))
         .spawn()
-        .expect("nbdsh");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("nbdsh ready");
-    assert_eq!(line.trim(), "ready");
-
+        .expect("qemu-io");
+    // One command at a time, each awaited (its next prompt): qemu-io
+    // reads its input a line per wake-up.
+    let prompts =
+        |path: &Path| std::fs::read_to_string(path).map_or(0, |t| t.matches("qemu-io> ").count());
+    let mut say = |cmd: &str| {
+        let before = prompts(&client_out);
+        let stdin = client.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, format!("{cmd}\n").as_bytes()).expect("qemu-io stdin");
+        if cmd != "quit" {
+            wait_until(Duration::from_secs(30), &format!("client: {cmd}"), || {
+                prompts(&client_out) > before.max(1)
+            });
+        }
+    };
+    wait_until(Duration::from_secs(30), "client's prompt", || {
+        prompts(&client_out) >= 1
+    });
+    say("write -P 0x61 0 64k");
     // Add group h on both sites, a bandwidth to dr on ny, a new hook.
     let h = "\n[[group]]\nname = \"h\"\nprimary = \"ny\"\nreplicas = [ { site = \"dr\", priority = 1 } ]\nvolumes = [ { name = \"h0\", size = \"16MiB\" } ]\n";
     for site in ["ny", "dr"] {
@@ -301,6 +309,10 @@ fn reload_adds_and_removes_a_group_and_changes_bandwidth_and_hooks() {
     assert_eq!(dr["bandwidth_bps"], 80_000_000, "{body}");
     assert_eq!(dr["effective_bps"], 80_000_000, "{body}");
 
+    // g's client, after the reloads that added h.
+    say("write -P 0x63 128k 64k");
+    say("flush");
+
     // Remove h again: its export goes, g's client is untouched.
     for site in ["ny", "dr"] {
         let config = c.site(site).config.clone();
@@ -315,15 +327,23 @@ fn reload_adds_and_removes_a_group_and_changes_bandwidth_and_hooks() {
     let s = c.status("ny");
     assert!(group(&s, "h").is_none(), "h gone: {s:#}");
     assert!(group(&s, "g").is_some());
-    client
-        .stdin
-        .as_mut()
-        .map(|i| std::io::Write::write_all(i, b"go\n"))
-        .expect("stdin")
-        .expect("write");
-    let out = wait_output(client, Duration::from_secs(30));
-    assert!(out.0.success(), "client on g: {}", out.1);
-    assert!(out.1.contains("done"), "{}", out.1);
+    // A fresh client of g works after the removal too.
+    qemu_io(
+        &c.uri("ny", "v0"),
+        &["write -P 0x64 1M 64k", "flush", "read -P 0x64 1M 64k"],
+    );
+    say("write -P 0x62 64k 64k");
+    say("flush");
+    say("read -P 0x61 0 64k");
+    say("read -P 0x62 64k 64k");
+    say("read -P 0x63 128k 64k");
+    say("quit");
+    let status = poll(Duration::from_secs(30), || client.try_wait().ok().flatten());
+    let out = std::fs::read_to_string(&client_out).expect("client output");
+    let status = status.unwrap_or_else(|| panic!("the client on g did not finish: {out}"));
+    assert!(status.success(), "client on g ({status}): {out}");
+    assert!(!out.contains("fail") && !out.contains("error"), "{out}");
+    assert_eq!(count(&out, "read 65536/65536"), 3, "{out}");
 
     // The new hook runs at the next promotion (a planned migration).
     wait_caught_up(&c, "ny", "g", Duration::from_secs(60));
@@ -341,33 +361,6 @@ fn reload_adds_and_removes_a_group_and_changes_bandwidth_and_hooks() {
         "the old hook command did not run at dr"
     );
     drop(witness);
-}
-
-/// A child's exit status and its stdout + stderr, within `timeout`.
-fn wait_output(
-    mut child: std::process::Child,
-    timeout: Duration,
-) -> (std::process::ExitStatus, String) {
-    let status = wait_child(&mut child, timeout);
-    let mut text = String::new();
-    for s in [
-        child.stdout.take().map(|mut o| {
-            let mut t = String::new();
-            let _ = std::io::Read::read_to_string(&mut o, &mut t);
-            t
-        }),
-        child.stderr.take().map(|mut o| {
-            let mut t = String::new();
-            let _ = std::io::Read::read_to_string(&mut o, &mut t);
-            t
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        text.push_str(&s);
-    }
-    (status, text)
 }
 
 /// (c) A volume's new size is refused with one clear line, the running
