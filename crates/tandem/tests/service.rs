@@ -150,7 +150,11 @@ fn sighup_under_a_writing_client_loses_no_request() {
             break status;
         }
         if sent % 3 == 2 {
-            let rate = if sent % 2 == 0 { "900Mbit" } else { "800Mbit" };
+            let rate = if sent.is_multiple_of(2) {
+                "900Mbit"
+            } else {
+                "800Mbit"
+            };
             let text = std::fs::read_to_string(&config).expect("config");
             let text = match text.find("bandwidth = ") {
                 Some(_) => text
@@ -494,10 +498,7 @@ const BASE_CACHE: &str = "/var/cache/tandem/debian-bookworm-minbase.tar";
 
 /// The Debian mirror this machine's apt uses.
 fn debian_mirror() -> String {
-    let mut texts = Vec::new();
-    for f in ["/etc/apt/sources.list"] {
-        texts.push(std::fs::read_to_string(f).unwrap_or_default());
-    }
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
         for e in dir.flatten() {
             texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
