@@ -40,6 +40,12 @@ impl ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run this site's agent: serve the volumes of the groups it is primary for
+    #[command(
+        after_long_help = "Signals: SIGHUP reloads the configuration file (peers, groups, \
+        bandwidth, schedules and hook commands change in place; other changes are refused, \
+        each logged, and the running configuration is kept). SIGTERM or SIGINT stop cleanly: \
+        clients finish their requests, images are flushed, exit 0."
+    )]
     Agent {
         #[command(flatten)]
         config: ConfigArg,

@@ -116,7 +116,12 @@ fn data_dir_usable(dir: &Path) -> Result<(), String> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => writable(dir),
         Ok(_) => Err(format!("{} exists but is not a directory", dir.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
             let mut parent: Option<PathBuf> = dir.parent().map(Path::to_path_buf);
             while let Some(p) = parent {
                 match std::fs::metadata(&p) {
