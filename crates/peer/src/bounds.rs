@@ -28,6 +28,9 @@ pub const MAX_PATH: usize = 4096;
 pub const MAX_MODE: u32 = 0o7777;
 /// The largest `File` (configuration files and VM definitions).
 pub const MAX_FILE: u32 = 16 << 20;
+/// The largest status report (`StatusReport`, decoded JSON): a site's
+/// status with hundreds of groups is far smaller.
+pub const MAX_STATUS_REPORT: u32 = 8 << 20;
 /// The longest frame a connection may send before it is authenticated
 /// (TLS handshake done, hello checked): the largest valid `Define` or
 /// `Hello`, with room to spare. A longer one is refused from its header.
@@ -80,6 +83,7 @@ pub(crate) fn max_data(kind: &str) -> u32 {
     match kind {
         "chunk" => MAX_CHUNK,
         "file" => MAX_FILE,
+        "status_report" => MAX_STATUS_REPORT,
         _ => u32::try_from(MAX_DATA).unwrap_or(u32::MAX),
     }
 }
@@ -183,6 +187,8 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
             check_name(kind, "replica", replica.len())?;
         }
         Message::Linked { .. } | Message::End { .. } => {}
+        Message::StatusRequest { site } => check_name(kind, "site", site.len())?,
+        Message::StatusReport { report } => check_data(kind, report.raw_len)?,
         Message::Refuse { .. }
         | Message::Ack(_)
         | Message::ResyncBegin { .. }

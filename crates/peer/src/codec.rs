@@ -344,6 +344,12 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         21 => Message::End {
             reason: r.str("reason")?,
         },
+        24 => Message::StatusRequest {
+            site: r.name("site")?,
+        },
+        25 => Message::StatusReport {
+            report: r.payload("report")?,
+        },
         ty => return Err(PeerError::UnknownType(ty)),
     };
     r.finish()?;
@@ -569,6 +575,8 @@ pub fn payload_len(msg: &Message) -> usize {
         } => 2 + str_len(primary) + str_len(replica),
         Message::Linked { .. } => 2,
         Message::End { reason } => str_len(reason),
+        Message::StatusRequest { site } => str_len(site),
+        Message::StatusReport { report } => report.wire_len(),
     }
 }
 
@@ -704,6 +712,8 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
         }
         Message::Linked { version } => put_u16(w, *version),
         Message::End { reason } => put_str(w, reason),
+        Message::StatusRequest { site } => put_str(w, site),
+        Message::StatusReport { report } => put_payload(w, report),
     }
     let len = len_u32(w.len() - body);
     let crc = crc32c::crc32c(&w[body..]);
@@ -794,6 +804,8 @@ pub fn validate(msg: &Message) -> Result<(), PeerError> {
             check_str("replica", replica)?;
         }
         Message::End { reason } => check_str("reason", reason)?,
+        Message::StatusRequest { site } => check_str("site", site)?,
+        Message::StatusReport { report } => report.check(kind)?,
         _ => {}
     }
     bounds::check(msg)?;

@@ -83,6 +83,13 @@ pub enum Message {
     Ping(u64),
     /// Either way: answers a `Ping`, echoing its value.
     Pong(u64),
+    /// Any site to any site, alone on a connection of its own: asks for
+    /// the answering site's local status (`tandem status`, cluster view).
+    /// `site` is the asking site (its certificate's, with TLS).
+    StatusRequest { site: String },
+    /// Answers a `StatusRequest`: the site's local status as JSON (SPEC
+    /// §4.4), at most [`crate::bounds::MAX_STATUS_REPORT`] bytes decoded.
+    StatusReport { report: Payload },
 }
 
 /// P→R: opens a session (type 1).
@@ -239,6 +246,9 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::Link { .. } => 19,
         Message::Linked { .. } => 20,
         Message::End { .. } => 21,
+        // 22 and 23 are reserved (peer leases).
+        Message::StatusRequest { .. } => 24,
+        Message::StatusReport { .. } => 25,
     }
 }
 
@@ -266,6 +276,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         19 => "link",
         20 => "linked",
         21 => "end",
+        24 => "status_request",
+        25 => "status_report",
         _ => return None,
     })
 }

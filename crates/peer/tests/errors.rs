@@ -434,6 +434,9 @@ fn kinds() {
     assert_eq!(type_name(20), Some("linked"));
     assert_eq!(type_name(21), Some("end"));
     assert_eq!(type_name(22), None);
+    assert_eq!(type_name(24), Some("status_request"));
+    assert_eq!(type_name(25), Some("status_report"));
+    assert_eq!(type_name(26), None);
 }
 
 #[test]

@@ -180,6 +180,8 @@ pub fn message() -> impl Strategy<Value = Message> {
         }),
         any::<u16>().prop_map(|version| Message::Linked { version }),
         text().prop_map(|reason| Message::End { reason }),
+        text().prop_map(|site| Message::StatusRequest { site }),
+        payload_within(MAX_STATUS_REPORT).prop_map(|report| Message::StatusReport { report }),
     ]
 }
 
@@ -252,7 +254,7 @@ proptest! {
     /// parsers (random bytes almost never get past the magic).
     #[test]
     fn arbitrary_payloads_never_panic(
-        ty in 1u8..=18,
+        ty in prop::sample::select((1u8..=21).chain(24..=25).collect::<Vec<_>>()),
         payload in prop::collection::vec(any::<u8>(), 0..512),
         tail in prop::collection::vec(any::<u8>(), 0..32),
     ) {
