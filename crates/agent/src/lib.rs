@@ -9,6 +9,7 @@
 mod api;
 pub mod bandwidth;
 mod catalog;
+pub mod cluster;
 mod error;
 mod export;
 pub mod fdlimit;
@@ -20,6 +21,7 @@ mod metrics;
 pub mod onboard;
 mod ownership;
 mod preauth;
+pub mod rate;
 mod replication;
 mod rolefile;
 mod runtime_groups;
@@ -144,6 +146,7 @@ impl Agent {
                 config.libvirt.network_map.clone(),
             )),
             links: parking_lot::Mutex::new(BTreeMap::new()),
+            tracker: Arc::default(),
         });
         let mut agent = Agent {
             shared: Arc::clone(&shared),
@@ -189,12 +192,14 @@ impl Agent {
                 source,
             })?;
         let sessions_cap = replication::session_cap(members.len());
+        let reporter = Arc::new(cluster::gather::Reporter::default());
         agent.peers = Some(
             replication::PeerListener::start(
                 listener,
                 Arc::clone(&shared.receivers),
                 tls,
                 members.len(),
+                Arc::clone(&reporter),
             )
             .map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),
@@ -235,6 +240,11 @@ impl Agent {
         let view = Arc::new(agent.status_view());
         *shared.receivers.definer.write() =
             Some(Arc::new(runtime_groups::PeerDefiner(Arc::clone(&view))));
+        reporter.set(Arc::clone(&view));
+        match cluster::sample(Arc::clone(&view), Arc::clone(&stopping)) {
+            Ok(sampler) => agent.threads.push(sampler),
+            Err(e) => warn!("cannot start the status sampler: {e}"),
+        }
         // The API comes up with every group open: a status that answers
         // lists them all (clients and scripts wait for the API to mean
         // that the agent is up).

@@ -203,6 +203,8 @@ impl StatusView {
                 next_seq: None,
                 queued_bytes: None,
                 sync_degraded: None,
+                owner: None,
+                member: None,
                 vm: cfg.vm.as_ref().map(|name| {
                     let seen = self.shared.vms.seen(&cfg.name);
                     let state = seen
@@ -249,7 +251,15 @@ impl StatusView {
                         replicas: p
                             .links
                             .iter()
-                            .map(|l| link_status(capture, l, &self.bandwidth))
+                            .map(|l| {
+                                link_status(
+                                    capture,
+                                    l,
+                                    &self.bandwidth,
+                                    &self.shared.tracker,
+                                    &cfg.name,
+                                )
+                            })
                             .collect(),
                         next_seq: Some(stats.next_seq),
                         queued_bytes: Some(stats.queued_bytes as u64),
@@ -268,6 +278,14 @@ impl StatusView {
                     } else {
                         ReplicaState::Disconnected
                     };
+                    let seen = self.shared.tracker.observe(
+                        &cfg.name,
+                        site,
+                        state,
+                        None,
+                        Instant::now(),
+                        crate::cluster::now_ms(),
+                    );
                     GroupStatus {
                         role: Role::Replica,
                         epoch: p.epoch.max(seen_epoch),
@@ -284,6 +302,10 @@ impl StatusView {
                             wire_bytes: 0,
                             raw_bytes: 0,
                             last_error: None,
+                            since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
+                            // Only the primary knows what this site lacks.
+                            rpo_seconds: None,
+                            reported_by: None,
                         }],
                         ..base
                     }
@@ -295,6 +317,7 @@ impl StatusView {
             site: site.clone(),
             groups,
             instance: self.ownership.as_ref().map(|o| o.instance.status()),
+            sites: Vec::new(),
         }
     }
 }
@@ -303,6 +326,8 @@ fn link_status(
     capture: &GroupCapture,
     link: &LinkHandle,
     bandwidth: &bandwidth::Bandwidth,
+    tracker: &crate::cluster::Tracker,
+    group: &str,
 ) -> ReplicaStatus {
     let info = link.link.info();
     let lag = capture.lag(&link.replica).ok();
@@ -325,6 +350,16 @@ fn link_status(
     let lag_seconds = lag
         .and_then(|l| l.oldest)
         .map_or(0.0, |t| Instant::now().duration_since(t).as_secs_f64());
+    let resync = (info.resync_total > 0)
+        .then_some((info.resync_done.min(info.resync_total), info.resync_total));
+    let seen = tracker.observe(
+        group,
+        &link.replica,
+        state,
+        resync.filter(|_| resyncing),
+        Instant::now(),
+        crate::cluster::now_ms(),
+    );
     ReplicaStatus {
         site: link.replica.clone(),
         state,
@@ -333,14 +368,19 @@ fn link_status(
         durable_seq: info.durable,
         applied_seq: info.applied,
         resyncing,
-        resync: (info.resync_total > 0).then_some(ResyncProgress {
-            total_bytes: info.resync_total,
-            compared_bytes: info.resync_done.min(info.resync_total),
+        resync: resync.map(|(done, total)| ResyncProgress {
+            total_bytes: total,
+            compared_bytes: done,
             sent_bytes: info.resync_sent,
+            rate_bytes_per_second: seen.rate,
+            eta_seconds: seen.eta,
         }),
         rtt_ms: info.rtt.map(|d| d.as_secs_f64() * 1000.0),
         wire_bytes: info.wire_bytes,
         raw_bytes: info.raw_bytes,
         last_error: info.last_error,
+        since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
+        rpo_seconds: Some(lag_seconds),
+        reported_by: None,
     }
 }

@@ -67,14 +67,20 @@ enum Command {
         #[arg(long)]
         vm: bool,
     },
-    /// Show this site's groups and how each replica is doing
+    /// Show every group of the cluster: owner, epoch, each replica's state,
+    /// lag, RPO and since when, gathered from every site (sites that do not
+    /// answer within 2 s are marked unreachable)
     Status {
         #[command(flatten)]
         config: ConfigArg,
         /// Print the JSON document (SPEC §4.4) instead of a table
         #[arg(long)]
         json: bool,
-        /// Follow running resyncs with a progress bar until they finish
+        /// Only this site's own view of its groups (no other site is asked)
+        #[arg(long)]
+        local: bool,
+        /// A live view, refreshed every second until Ctrl-C (with resync
+        /// rates and times left)
         #[arg(long, conflicts_with = "json")]
         watch: bool,
     },
@@ -226,8 +232,9 @@ fn main() -> ExitCode {
         Command::Status {
             config,
             json,
+            local,
             watch,
-        } => cmd::status::run(&config.path(), json, watch),
+        } => cmd::status::run(&config.path(), json, local, watch),
         Command::Verify { config, group } => match cmd::verify::run(&config.path(), &group) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

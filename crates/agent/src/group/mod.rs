@@ -91,6 +91,9 @@ pub(crate) struct Shared {
     /// The links to replica sites, one per site, shared by every group
     /// (docs/PEER.md, "Links"); made as the first group needs one.
     pub links: Mutex<BTreeMap<String, Arc<tandem_replication::link::SiteLink>>>,
+    /// Since when each replica is in its state, and resync rates, for
+    /// status.
+    pub tracker: Arc<crate::cluster::Tracker>,
 }
 
 /// The role the group's data plane has now.
