@@ -482,7 +482,7 @@ impl Agent {
         let out = run_with_timeout(
             Command::new(tool("ip"))
                 .args(["netns", "exec", &self.proc.ns, TANDEM])
-                .args(["status", "--json", "--config"])
+                .args(["status", "--json", "--local", "--config"])
                 .arg(&self.config),
             Duration::from_secs(15),
         );
