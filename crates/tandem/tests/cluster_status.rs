@@ -252,3 +252,50 @@ fn watch_is_a_live_view_until_ctrl_c() {
     let status = wait_child(&mut watch, Duration::from_secs(5));
     assert!(status.success(), "--watch ends cleanly on Ctrl-C: {status}");
 }
+
+#[test]
+fn a_resync_shows_its_rate_and_time_left() {
+    // A small queue: what b misses is tracked as dirty regions and
+    // resynced.
+    let mut c = Cluster::new(
+        "a",
+        &["b"],
+        &[vol("v0", "32MiB")],
+        "max_queue = \"1MiB\"\nqueue_memory = \"1MiB\"",
+    );
+    c.start("b");
+    c.start("a");
+    c.wait_replicated(Duration::from_secs(60));
+    // b misses 16 MiB of writes, then comes back over a slow link: the
+    // resync takes seconds, and status says how fast and how long.
+    assert!(c.stop("b").success());
+    let src = c.dir.path().join("src");
+    std::fs::write(&src, pattern(7, 16 << 20)).unwrap();
+    run_ok(
+        Command::new(tool("nbdcopy"))
+            .arg(&src)
+            .arg(c.uri("a", "v0")),
+        Duration::from_secs(60),
+    );
+    bandwidth(&c, "a", "b", "24Mbit");
+    c.start("b");
+    let mut seen = Vec::new();
+    let progress = poll(Duration::from_secs(60), || {
+        let (s, _) = cluster_status(&c, "b");
+        let r = replica(&s["groups"][0], "b").clone();
+        seen.push(r.clone());
+        let p = &r["resync"];
+        // Resyncing (`inconsistent` while a replica without an undo log
+        // is mid-resync).
+        (r["resyncing"] == true
+            && p["rate_bytes_per_second"].as_f64().is_some_and(|x| x > 0.0)
+            && p["eta_seconds"].as_f64().is_some())
+        .then_some(r)
+    });
+    let r = progress.unwrap_or_else(|| panic!("no resync rate seen: {seen:#?}"));
+    let p = &r["resync"];
+    assert!(p["total_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert!(p["compared_bytes"].as_u64().unwrap() <= p["total_bytes"].as_u64().unwrap());
+    bandwidth(&c, "a", "b", "auto");
+    c.wait_replicated(Duration::from_secs(60));
+}
