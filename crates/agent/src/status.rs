@@ -200,6 +200,9 @@ pub struct ReplicaStatus {
     pub resyncing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync: Option<ResyncProgress>,
+    /// `tandem verify` of this replica, while it runs (`sent_bytes` 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<ResyncProgress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
     /// Bytes sent on the link, after compression, and before.

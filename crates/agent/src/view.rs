@@ -100,7 +100,7 @@ impl StatusView {
     /// verify`).
     pub(crate) fn verify(&self, group: &str) -> Result<status::VerifyResult, VerifyGroupError> {
         let not_primary = || VerifyGroupError::NotPrimary(group.to_owned());
-        let (links, volumes) = {
+        let (links, volumes, total) = {
             let rt = self.runtime(group).ok_or_else(not_primary)?;
             let plane = rt.plane.lock();
             match &*plane {
@@ -111,6 +111,11 @@ impl StatusView {
                         .iter()
                         .map(|v| v.name.clone())
                         .collect::<Vec<_>>(),
+                    p.capture
+                        .volumes()
+                        .iter()
+                        .map(|v| v.image.size())
+                        .sum::<u64>(),
                 ),
                 _ => return Err(not_primary()),
             }
@@ -118,6 +123,8 @@ impl StatusView {
         let mut replicas = Vec::new();
         for link in &links {
             let (tx, rx) = crossbeam_channel::bounded(1);
+            let tracker = &self.shared.tracker;
+            tracker.verify_begins(group, &link.replica, link.link.info().resync_done, total);
             let outcome = if link.link.info().state == LinkState::Disconnected {
                 Err(VerifyError::NotConnected)
             } else if link
@@ -133,6 +140,7 @@ impl StatusView {
                     .map_err(|_| VerifyError::NoAnswer)
                     .and_then(|r| r)
             };
+            tracker.verify_ends(group, &link.replica);
             replicas.push(match outcome {
                 Ok(report) => status::VerifyReplica {
                     site: link.replica.clone(),
@@ -298,6 +306,7 @@ impl StatusView {
                             applied_seq: p.applied,
                             resyncing: p.resyncing,
                             resync: None,
+                            verify: None,
                             rtt_ms: None,
                             wire_bytes: 0,
                             raw_bytes: 0,
@@ -375,6 +384,15 @@ fn link_status(
             rate_bytes_per_second: seen.rate,
             eta_seconds: seen.eta,
         }),
+        verify: tracker
+            .verify_progress(group, &link.replica, info.resync_done, Instant::now())
+            .map(|v| ResyncProgress {
+                total_bytes: v.total,
+                compared_bytes: v.compared,
+                sent_bytes: 0,
+                rate_bytes_per_second: v.rate,
+                eta_seconds: v.eta,
+            }),
         rtt_ms: info.rtt.map(|d| d.as_secs_f64() * 1000.0),
         wire_bytes: info.wire_bytes,
         raw_bytes: info.raw_bytes,

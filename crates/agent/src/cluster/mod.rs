@@ -149,7 +149,14 @@ fn merge_group(local: &SiteStatus, name: &str, views: &[(&str, &GroupStatus)]) -
 #[derive(Default)]
 pub struct Tracker {
     entries: Mutex<HashMap<(String, String), Entry>>,
+    /// `tandem verify` running per (group, replica): the link's compared
+    /// bytes when it began, the bytes to compare, and its rate.
+    verifying: Mutex<HashMap<(String, String), Verifying>>,
 }
+
+/// A running verification: the link's compared bytes when it began, the
+/// bytes to compare, its rate.
+type Verifying = (u64, u64, RateWindow);
 
 struct Entry {
     state: ReplicaState,
@@ -168,10 +175,56 @@ pub struct Observed {
     pub eta: Option<f64>,
 }
 
+/// How a `tandem verify` of one replica is getting on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VerifyProgress {
+    pub compared: u64,
+    pub total: u64,
+    pub rate: Option<f64>,
+    pub eta: Option<f64>,
+}
+
 /// Entries not observed this long are forgotten (a group removed).
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 impl Tracker {
+    /// A verification of `site` begins: the link has compared `baseline`
+    /// bytes so far, `total` are to be compared.
+    pub fn verify_begins(&self, group: &str, site: &str, baseline: u64, total: u64) {
+        self.verifying.lock().insert(
+            (group.to_owned(), site.to_owned()),
+            (baseline, total, RateWindow::new(crate::rate::WINDOW)),
+        );
+    }
+
+    pub fn verify_ends(&self, group: &str, site: &str) {
+        self.verifying
+            .lock()
+            .remove(&(group.to_owned(), site.to_owned()));
+    }
+
+    /// The progress of a running verification, the link having compared
+    /// `compared` bytes in all now (a resync the verification waits for
+    /// may restart that count: progress is then approximate).
+    pub fn verify_progress(
+        &self,
+        group: &str,
+        site: &str,
+        compared: u64,
+        now: Instant,
+    ) -> Option<VerifyProgress> {
+        let mut v = self.verifying.lock();
+        let (baseline, total, rate) = v.get_mut(&(group.to_owned(), site.to_owned()))?;
+        let done = compared.saturating_sub(*baseline).min(*total);
+        rate.observe(now, done);
+        Some(VerifyProgress {
+            compared: done,
+            total: *total,
+            rate: rate.rate(),
+            eta: rate.eta(*total),
+        })
+    }
+
     /// Notes the state of `site` in `group` at `now` (`now_ms`: the same
     /// moment as wall time) and, while it resyncs, `resync` = (done,
     /// total) bytes.

@@ -11,6 +11,7 @@ fn replica(site: &str, state: ReplicaState, lag: u64) -> ReplicaStatus {
         applied_seq: 10,
         resyncing: false,
         resync: None,
+        verify: None,
         rtt_ms: None,
         wire_bytes: 0,
         raw_bytes: 0,
@@ -254,4 +255,29 @@ fn the_tracker_keeps_since_until_the_state_changes() {
     // Another replica is tracked apart.
     let o = t.observe("g", "c", ReplicaState::Paused, None, i, ms);
     assert_eq!(o.since_ms, 1_009_000);
+}
+
+#[test]
+fn verify_progress_counts_from_its_start() {
+    let t = Tracker::default();
+    let t0 = Instant::now();
+    assert_eq!(t.verify_progress("g", "b", 10, t0), None);
+    t.verify_begins("g", "b", 1000, 4000);
+    let p = t.verify_progress("g", "b", 1000, t0).unwrap();
+    assert_eq!((p.compared, p.total, p.rate), (0, 4000, None));
+    let p = t
+        .verify_progress("g", "b", 3000, t0 + Duration::from_secs(2))
+        .unwrap();
+    assert_eq!((p.compared, p.rate, p.eta), (2000, Some(1000.0), Some(2.0)));
+    // Never past the total, never below 0 (a resync restarted the count).
+    let p = t
+        .verify_progress("g", "b", 99_999, t0 + Duration::from_secs(3))
+        .unwrap();
+    assert_eq!(p.compared, 4000);
+    let p = t
+        .verify_progress("g", "b", 5, t0 + Duration::from_secs(4))
+        .unwrap();
+    assert_eq!(p.compared, 0);
+    t.verify_ends("g", "b");
+    assert_eq!(t.verify_progress("g", "b", 10, t0), None);
 }
