@@ -112,6 +112,7 @@ fn a_replica_shows_the_cluster_as_the_owner_sees_it() {
             .arg(&c.site("b").config),
         Duration::from_secs(20),
     );
+    eprintln!("{table}");
     assert!(table.contains("owner a"), "{table}");
     assert!(
         table
@@ -154,6 +155,7 @@ fn a_replica_shows_the_cluster_as_the_owner_sees_it() {
             .arg(&c.site("b").config),
         Duration::from_secs(20),
     );
+    eprintln!("{table}");
     assert!(table.contains("c UNREACHABLE"), "{table}");
 }
 

@@ -285,10 +285,10 @@ fn table(s: &SiteStatus, now: u64) -> String {
                 }
                 _ => note,
             };
-            out += &format!(
-                "  {:<12} {:<13} {:>8} {:>10} {:>8} {:>12}  {}\n",
+            let row = format!(
+                "  {:<12} {:<13} {:>8} {:>10} {:>8} {:>12}  {}",
                 r.site,
-                r.state,
+                r.state.as_str(),
                 r.since
                     .as_deref()
                     .map_or_else(|| "-".into(), |t| age(t, now)),
@@ -298,6 +298,8 @@ fn table(s: &SiteStatus, now: u64) -> String {
                 r.durable_seq,
                 note.trim_end()
             );
+            out += row.trim_end();
+            out += "\n";
         }
     }
     out
