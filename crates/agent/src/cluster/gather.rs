@@ -206,22 +206,15 @@ impl Reporter {
     /// The report for `asker` (the site it names; `cert_site` the site of
     /// its TLS certificate, None without TLS), or why not.
     fn report(&self, asker: &str, cert_site: Option<&str>) -> Result<SiteStatus, RefuseStatus> {
-        if let Some(cert) = cert_site.filter(|c| *c != asker) {
-            return Err(RefuseStatus::Certificate {
-                cert: cert.to_owned(),
-                claimed: asker.to_owned(),
-            });
-        }
         let view = self.view.read().clone().ok_or(RefuseStatus::Starting)?;
-        if !view
+        let peers: Vec<&str> = view
             .shared
             .config
             .peers
             .iter()
-            .any(|p| p.name == asker && p.name != view.shared.site)
-        {
-            return Err(RefuseStatus::UnknownSite(asker.to_owned()));
-        }
+            .map(|p| p.name.as_str())
+            .collect();
+        admit(asker, cert_site, &peers, &view.shared.site)?;
         Ok(view.status())
     }
 
@@ -260,7 +253,91 @@ impl Reporter {
     }
 }
 
+/// Whether a status request from `asker` is answered: with TLS its
+/// certificate must name it (as for `Link`), and it must be one of this
+/// site's `[[peer]]` sites other than itself.
+pub fn admit(
+    asker: &str,
+    cert_site: Option<&str>,
+    peers: &[&str],
+    me: &str,
+) -> Result<(), RefuseStatus> {
+    if let Some(cert) = cert_site.filter(|c| *c != asker) {
+        return Err(RefuseStatus::Certificate {
+            cert: cert.to_owned(),
+            claimed: asker.to_owned(),
+        });
+    }
+    if asker == me || !peers.contains(&asker) {
+        return Err(RefuseStatus::UnknownSite(asker.to_owned()));
+    }
+    Ok(())
+}
+
 /// The timeout for writing an answer.
 pub fn answer_write_timeout() -> Duration {
     ANSWER_WRITE_TIMEOUT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_peer_sites_get_an_answer() {
+        let peers = ["a", "b", "c"];
+        assert!(admit("b", Some("b"), &peers, "a").is_ok());
+        assert!(admit("b", None, &peers, "a").is_ok(), "without TLS");
+        assert!(matches!(
+            admit("b", Some("c"), &peers, "a"),
+            Err(RefuseStatus::Certificate { .. })
+        ));
+        assert!(matches!(
+            admit("mallory", None, &peers, "a"),
+            Err(RefuseStatus::UnknownSite(_))
+        ));
+        assert!(matches!(
+            admit("a", Some("a"), &peers, "a"),
+            Err(RefuseStatus::UnknownSite(_))
+        ));
+    }
+
+    #[test]
+    fn an_unreachable_site_is_reported_within_the_bound() {
+        // A listener that accepts (the kernel does) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_addr = silent.local_addr().unwrap().to_string();
+        // A port nobody listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let started = Instant::now();
+        let answers = ask_all(
+            "a",
+            &[
+                ("b".into(), silent_addr),
+                ("c".into(), closed_addr),
+                ("d".into(), "no-such-host.invalid:1".into()),
+            ],
+            None,
+            Duration::from_millis(300),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let names: Vec<_> = answers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["b", "c", "d"]);
+        for (name, a) in &answers {
+            let e = a.as_ref().unwrap_err();
+            assert!(!e.is_empty(), "{name}");
+        }
+        assert!(answers[1]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("cannot connect"));
+        drop(silent);
+    }
 }
