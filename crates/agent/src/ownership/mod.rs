@@ -170,6 +170,7 @@ fn settings(shared: &Shared, keys: &Keys, cfg: &tandem_config::Group) -> Setting
         },
         drain_timeout: DRAIN_TIMEOUT,
         vm: cfg.vm.is_some(),
+        failsafe: shared.config.coordinator.failsafe,
     }
 }
 
