@@ -109,8 +109,9 @@ pub struct PeerLeases {
     sites: Vec<String>,
     /// Until when each site's grant may be acted on.
     until: BTreeMap<String, Instant>,
-    /// The latest refusal of each site (cleared by its next grant).
-    refused: BTreeMap<String, Refusal>,
+    /// The latest refusal of each site, as it said it (cleared by its
+    /// next grant).
+    refused: BTreeMap<String, String>,
 }
 
 impl PeerLeases {
@@ -139,7 +140,7 @@ impl PeerLeases {
 
     /// `site` refused: whatever it granted before still runs its course
     /// (it promised), but nothing is extended.
-    pub fn refused(&mut self, site: &str, why: Refusal) {
+    pub fn refused(&mut self, site: &str, why: String) {
         if self.sites.iter().any(|s| s == site) {
             self.refused.insert(site.to_owned(), why);
         }
@@ -169,7 +170,7 @@ impl PeerLeases {
 
     /// The sites whose grant does not run at `now`, with their latest
     /// refusal if they refused.
-    pub fn lacking(&self, now: Instant) -> Vec<(String, Option<Refusal>)> {
+    pub fn lacking(&self, now: Instant) -> Vec<(String, Option<String>)> {
         self.sites
             .iter()
             .filter(|s| self.until.get(*s).is_none_or(|u| now >= *u))
@@ -195,7 +196,7 @@ mod tests {
         assert_eq!(p.lacking(t0).len(), 1);
         p.granted("seattle", t0 + Duration::from_millis(100), TTL);
         assert_eq!(p.valid_until(), Some(t0 + Duration::from_millis(2500)));
-        p.refused("chicago", Refusal::FailoverRequested);
+        p.refused("chicago", Refusal::FailoverRequested.to_string());
         assert_eq!(
             p.valid_until(),
             Some(t0 + Duration::from_millis(2500)),
@@ -205,7 +206,10 @@ mod tests {
         assert_eq!(
             lacking,
             vec![
-                ("chicago".into(), Some(Refusal::FailoverRequested)),
+                (
+                    "chicago".into(),
+                    Some(Refusal::FailoverRequested.to_string())
+                ),
                 ("seattle".into(), None)
             ]
         );

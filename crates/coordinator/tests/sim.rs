@@ -387,7 +387,7 @@ impl World {
                         if self.trace {
                             eprintln!("{now:?} {site} g{g}: refuses {me} a peer lease: {why}");
                         }
-                        peers.refused(&site, why);
+                        peers.refused(&site, why.to_string());
                     }
                     None => {}
                 }
