@@ -110,12 +110,14 @@ enum Command {
     ///
     /// The group's VM, if it has one (vm = "libvirt:..."), is destroyed on
     /// the old owner (its QEMU killed, no clean shutdown) if it still runs
-    /// there, and started cold (a fresh boot from the replicated disks and
-    /// definition) on the new owner after its promotion. No live state
-    /// moves. In async mode writes the old owner acknowledged but had not
-    /// yet replicated to the new owner are lost to the group (the old
-    /// owner saves them under <data_dir>/rollback/: `tandem rollback`); in
-    /// sync mode acknowledged writes are not lost.
+    /// there (an old owner whose agent is down does it when the agent
+    /// returns), and started cold (a fresh boot from the replicated disks
+    /// and definition) on the new owner after its promotion. No memory
+    /// state moves. In async mode, writes the old owner acknowledged but
+    /// had not yet replicated to the new owner are lost to the group (the
+    /// old owner keeps them under <data_dir>/rollback/: `tandem rollback`).
+    /// In sync mode, a failover without --to (the freshest replica goes
+    /// first) loses no acknowledged write.
     #[command(verbatim_doc_comment)]
     Failover {
         #[command(flatten)]
