@@ -358,6 +358,26 @@ fn the_rollback_data_of_a_forced_failover_is_private_listed_exported_and_discard
         text(&bad.stderr)
     );
 
+    // A save cut short by a crash (data, no index) is listed as
+    // incomplete, next to the good one, and can be discarded.
+    std::fs::write(rb.join("g-e7-s70.img"), vec![7u8; 4096]).unwrap();
+    let both = list("ny")["rollbacks"].clone();
+    assert_eq!(both.as_array().unwrap().len(), 2, "{both:#}");
+    let cut = &both[1];
+    assert_eq!(
+        (cut["id"].as_str(), cut["complete"].as_bool()),
+        (Some("g-e7-s70"), Some(false))
+    );
+    assert!(
+        cut["problem"].as_str().unwrap().contains("no index"),
+        "{cut:#}"
+    );
+    assert_eq!(cut["bytes"].as_u64(), Some(4096));
+    let table = ok(&tandem(&c, "ny", &["rollback", "list"]));
+    assert!(table.contains("incomplete: no index"), "{table}");
+    ok(&tandem(&c, "ny", &["rollback", "discard", "g-e7-s70"]));
+    assert!(!rb.join("g-e7-s70.img").exists());
+
     // Discard: both files gone, the list empty (the agent runs on).
     let out = ok(&tandem(&c, "ny", &["rollback", "discard", &id]));
     assert!(out.contains(&format!("discarded {id}")), "{out}");
