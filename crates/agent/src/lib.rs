@@ -15,6 +15,7 @@ mod export;
 pub mod fdlimit;
 pub mod gate;
 mod group;
+pub use group::rollback;
 mod hooks;
 pub mod layout;
 mod metrics;
@@ -128,6 +129,7 @@ impl Agent {
                 site: config.site.name.clone(),
                 groups: parking_lot::RwLock::new(Vec::new()),
                 definer: parking_lot::RwLock::new(None),
+                grantor: parking_lot::RwLock::new(None),
                 owners: Arc::new(if coordinated {
                     Owners::coordinated()
                 } else {

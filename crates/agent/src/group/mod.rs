@@ -8,7 +8,7 @@
 
 mod primary;
 mod replica;
-mod rollback;
+pub mod rollback;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -338,6 +338,14 @@ impl GroupRuntime {
         match &*self.plane.lock() {
             Plane::Primary(p) => Some(Arc::clone(&p.gate)),
             _ => None,
+        }
+    }
+
+    /// Opens the primary role's NBD exports (ownership is confirmed).
+    pub fn open_exports(&self, shared: &Shared) -> Result<(), AgentError> {
+        match &mut *self.plane.lock() {
+            Plane::Primary(p) => p.open_exports(shared),
+            _ => Ok(()),
         }
     }
 
