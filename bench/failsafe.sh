@@ -84,10 +84,10 @@ trial() {
             "$s" "$dir/$s" "${ports[$i]}" "$((ports[i + 1]))" "$WITNESS_PORT" "$LEASE_TTL" "$failsafe" "$peers" >"$dir/$s.toml"
         i=$((i + 2))
         tandem_start_agent "$TANDEM_BIN" "$dir/$s.toml" "$dir/$s.log"
-        tandem_wait_api 30 "$AGENT_PID" "$TANDEM_BIN" status --json --config "$dir/$s.toml" ||
+        tandem_wait_api 30 "$AGENT_PID" "$TANDEM_BIN" status --json --local --config "$dir/$s.toml" ||
             die "agent $s did not come up (see $dir/$s.log)"
     done
-    tandem_wait_replicated 60 - "$TANDEM_BIN" status --json --config "$dir/ny.toml" >/dev/null ||
+    tandem_wait_replicated 60 - "$TANDEM_BIN" status --json --local --config "$dir/ny.toml" >/dev/null ||
         die "the replicas did not catch up (see $dir)"
     local wlog=$dir/writer.log
     mkfifo "$dir/writer.cmd"
