@@ -358,7 +358,7 @@ start_site() { # start_site SITE: start its agent, wait until its API answers
     local s=$1
     tandem_start_agent "$TANDEM_BIN" "$(cfg "$s")" "$CDIR/$s.log"
     SITE_PID[$s]=$AGENT_PID
-    tandem_wait_api "$READY_TIMEOUT" "$AGENT_PID" "$TANDEM_BIN" status --json --config "$(cfg "$s")" ||
+    tandem_wait_api "$READY_TIMEOUT" "$AGENT_PID" "$TANDEM_BIN" status --json --local --config "$(cfg "$s")" ||
         pfail "agent $s did not come up within ${READY_TIMEOUT}s"
 }
 
@@ -366,7 +366,7 @@ start_site() { # start_site SITE: start its agent, wait until its API answers
 # with ROLE (and, for a replica, PRIMARY as primary and its state
 # "streaming").
 wait_group() {
-    "$PY" - "$WAIT_TIMEOUT" "$1" "$2" "${3:-}" "$TANDEM_BIN" status --json --config "$(cfg "$1")" <<'PYEOF' ||
+    "$PY" - "$WAIT_TIMEOUT" "$1" "$2" "${3:-}" "$TANDEM_BIN" status --json --local --config "$(cfg "$1")" <<'PYEOF' ||
 import json, subprocess, sys, time
 timeout, site, role, primary, cmd = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 deadline = time.monotonic() + timeout
@@ -556,7 +556,7 @@ sl_groups_toml() {
 sl_wait_ready() {
     local t0=$SECONDS what="primary on ny"
     [[ "$1" == primary ]] || what="primary on ny, streaming to chicago and seattle"
-    "$PY" - "$SL_READY_TIMEOUT" "$1" "$SL_GROUPS_CSV" "${SITE_PID[ny]}" "$TANDEM_BIN" status --json --config "$(cfg ny)" <<'PYEOF' ||
+    "$PY" - "$SL_READY_TIMEOUT" "$1" "$SL_GROUPS_CSV" "${SITE_PID[ny]}" "$TANDEM_BIN" status --json --local --config "$(cfg ny)" <<'PYEOF' ||
 import json, os, subprocess, sys, time
 timeout, mode, groups, pid, cmd = float(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), int(sys.argv[4]), sys.argv[5:]
 deadline = time.monotonic() + timeout
@@ -712,7 +712,7 @@ site_loss() {
     untrack_pid "${SITE_PID[ny]}"
     SITE_PID[ny]=
     for s in chicago seattle; do
-        timeout 15 "$TANDEM_BIN" status --json --config "$(cfg "$s")" >"$PDIR/sl-status-$s.json" 2>&1 </dev/null || true
+        timeout 15 "$TANDEM_BIN" status --json --local --config "$(cfg "$s")" >"$PDIR/sl-status-$s.json" 2>&1 </dev/null || true
     done
     ((rc != 2)) || pfail "site-loss: the writer exited (see $PDIR/sl-writer.out)"
     ((rc == 0)) || pfail "site-loss: not every group written through a new primary within ${SL_WAIT_TIMEOUT}s of SIGKILL"

@@ -342,7 +342,7 @@ tandem_start_agent() {
 }
 
 # tandem_wait_api TIMEOUT_S PID CMD...: polls the status command CMD (e.g.
-# `tandem status --json --config FILE`, prefixed with `ip netns exec NS`)
+# `tandem status --json --local --config FILE`, prefixed with `ip netns exec NS`)
 # until it prints a document. Returns 1 if PID dies or on timeout.
 tandem_wait_api() {
     local timeout=$1 pid=$2

@@ -251,7 +251,7 @@ STATUS_CMD=()
 status_cmd() {
     STATUS_CMD=()
     [[ -z "${SITE_NS[$1]}" ]] || STATUS_CMD=(ip netns exec "${SITE_NS[$1]}")
-    STATUS_CMD+=("$TANDEM_BIN" status --json --config "${SITE_CFG[$1]}")
+    STATUS_CMD+=("$TANDEM_BIN" status --json --local --config "${SITE_CFG[$1]}")
 }
 
 status_json() { # status_json KEY -> the status document

@@ -207,7 +207,7 @@ poll() {
 import json, os, subprocess, sys, time
 bin_, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 def status(cfg):
-    out = subprocess.run([bin_, "status", "--json", "--config", cfg],
+    out = subprocess.run([bin_, "status", "--json", "--local", "--config", cfg],
                          capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
         raise ValueError(out.stderr.strip()[-300:])

@@ -107,6 +107,8 @@ enum ApiRequest {
     OpenApi,
     Metrics,
     Status,
+    /// `?scope=cluster`: every site's status, merged.
+    ClusterStatus,
     Vms,
     DefineGroup {
         text: String,
@@ -141,6 +143,8 @@ enum ApiError {
     NoEndpoint { method: String, path: String },
     #[error("request body is not UTF-8")]
     NotUtf8,
+    #[error("unknown query {0:?} (status takes scope=local or scope=cluster)")]
+    BadQuery(String),
     #[error("bad request body: {0}")]
     BadBody(#[source] serde_json::Error),
     #[error(
@@ -179,6 +183,7 @@ impl ApiError {
             ApiError::Unauthorized => 401,
             ApiError::NoEndpoint { .. } => 404,
             ApiError::NotUtf8
+            | ApiError::BadQuery(_)
             | ApiError::BadBody(_)
             | ApiError::BadBandwidth(_)
             | ApiError::NoBandwidth
@@ -191,9 +196,7 @@ impl ApiError {
                 OwnerChangeError::Request(r) => match r {
                     RequestError::UnknownGroup(_) => 404,
                     RequestError::NotMember { .. } => 400,
-                    RequestError::NoOwner(_)
-                    | RequestError::OwnerAlive { .. }
-                    | RequestError::TargetUnable { .. } => 409,
+                    RequestError::Refused(_) | RequestError::TargetUnable { .. } => 409,
                     RequestError::TimedOut { .. } => 504,
                     RequestError::Store(StoreError::Unreachable(_)) => 503,
                     RequestError::Store(_) => 502,
@@ -218,7 +221,7 @@ impl ApiError {
 const ENDPOINTS: &[(&str, &str, &[u16])] = &[
     ("GET", "/api/v1/openapi.json", &[]),
     ("GET", "/metrics", &[]),
-    ("GET", "/api/v1/status", &[401]),
+    ("GET", "/api/v1/status", &[400, 401]),
     ("GET", "/api/v1/peers", &[401]),
     ("GET", "/api/v1/vms", &[401, 503]),
     ("POST", "/api/v1/groups", &[400, 401, 413, 500]),
@@ -345,7 +348,11 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
         return Err(ApiError::Unauthorized);
     }
     match method {
-        "GET" if path == "/api/v1/status" => Ok(ApiRequest::Status),
+        "GET" if path == "/api/v1/status" => match request.query.as_deref() {
+            None | Some("" | "scope=local") => Ok(ApiRequest::Status),
+            Some("scope=cluster") => Ok(ApiRequest::ClusterStatus),
+            Some(other) => Err(ApiError::BadQuery(other.escape_default().to_string())),
+        },
         "GET" if path == "/api/v1/peers" => Ok(ApiRequest::Peers),
         "GET" if path == "/api/v1/vms" => Ok(ApiRequest::Vms),
         "PUT" => {
@@ -415,6 +422,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
             crate::metrics::render(&view.status(), &view.nbd),
         )),
         ApiRequest::Status => to_json(&view.status()),
+        ApiRequest::ClusterStatus => to_json(&view.cluster_status()),
         ApiRequest::Peers => to_json(&view.bandwidth.status()),
         ApiRequest::Vms => to_json(&view.vms()?),
         ApiRequest::DefineGroup { text } => {
@@ -494,6 +502,7 @@ fn load_or_create_token(path: &Path) -> Result<String, std::io::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_coordinator::decide::Refusal;
 
     fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Request {
         Request {
@@ -536,6 +545,14 @@ mod tests {
             .ok()
         };
         assert_eq!(p("GET", "/api/v1/status", ""), Some(ApiRequest::Status));
+        let with_query = |q: &str| {
+            let mut r = request("GET", "/api/v1/status", Some("secret"), "");
+            r.query = Some(q.to_owned());
+            parse(&r, &guard(MetricsAuth::Token)).map_err(|e| e.status())
+        };
+        assert_eq!(with_query("scope=cluster"), Ok(ApiRequest::ClusterStatus));
+        assert_eq!(with_query("scope=local"), Ok(ApiRequest::Status));
+        assert_eq!(with_query("scope=everything"), Err(400));
         assert_eq!(
             p(
                 "POST",
@@ -689,12 +706,23 @@ mod tests {
                 site: "x".into(),
                 group: "g".into(),
             }),
-            change(RequestError::NoOwner("g".into())),
-            change(RequestError::OwnerAlive {
+            change(RequestError::Refused(Refusal::NoOwner {
+                group: "g".into(),
+            })),
+            change(RequestError::Refused(Refusal::OwnerAlive {
                 owner: "ny".into(),
                 group: "g".into(),
                 epoch: 1,
-            }),
+            })),
+            change(RequestError::Refused(Refusal::TargetIsOwner {
+                owner: "ny".into(),
+                group: "g".into(),
+                epoch: 1,
+            })),
+            change(RequestError::Refused(Refusal::NoCandidate {
+                owner: "ny".into(),
+                group: "g".into(),
+            })),
             change(RequestError::TargetUnable {
                 site: "seattle".into(),
                 group: "g".into(),

@@ -9,17 +9,20 @@
 mod api;
 pub mod bandwidth;
 mod catalog;
+pub mod cluster;
 mod error;
 mod export;
 pub mod fdlimit;
 pub mod gate;
 mod group;
+pub use group::rollback;
 mod hooks;
 pub mod layout;
 mod metrics;
 pub mod onboard;
 mod ownership;
 mod preauth;
+pub mod rate;
 pub mod reload;
 mod replication;
 mod rolefile;
@@ -133,6 +136,7 @@ impl Agent {
                 site: config.site.name.clone(),
                 groups: parking_lot::RwLock::new(Vec::new()),
                 definer: parking_lot::RwLock::new(None),
+                grantor: parking_lot::RwLock::new(None),
                 owners: Arc::new(if coordinated {
                     Owners::coordinated()
                 } else {
@@ -151,6 +155,7 @@ impl Agent {
                 config.libvirt.network_map.clone(),
             )),
             links: parking_lot::Mutex::new(BTreeMap::new()),
+            tracker: Arc::default(),
         });
         let mut agent = Agent {
             shared: Arc::clone(&shared),
@@ -197,12 +202,14 @@ impl Agent {
                 source,
             })?;
         let sessions_cap = replication::session_cap(members.len());
+        let reporter = Arc::new(cluster::gather::Reporter::default());
         agent.peers = Some(
             replication::PeerListener::start(
                 listener,
                 Arc::clone(&shared.receivers),
                 tls,
                 members.len(),
+                Arc::clone(&reporter),
             )
             .map_err(|source| AgentError::PeerListen {
                 addr: config.site.listen.clone(),
@@ -243,6 +250,11 @@ impl Agent {
         let view = Arc::new(agent.status_view());
         *shared.receivers.definer.write() =
             Some(Arc::new(runtime_groups::PeerDefiner(Arc::clone(&view))));
+        reporter.set(Arc::clone(&view));
+        match cluster::sample(Arc::clone(&view), Arc::clone(&stopping)) {
+            Ok(sampler) => agent.threads.push(sampler),
+            Err(e) => warn!("cannot start the status sampler: {e}"),
+        }
         // The API comes up with every group open: a status that answers
         // lists them all (clients and scripts wait for the API to mean
         // that the agent is up).

@@ -86,6 +86,8 @@ struct Pending {
 /// What the authenticating threads share.
 struct Auth {
     ctx: Arc<ReceiverContext>,
+    /// Answers `StatusRequest` (docs/PEER.md, "Status").
+    reporter: Arc<crate::cluster::gather::Reporter>,
     tls: Option<Arc<TlsIdentity>>,
     sessions: Arc<Mutex<Sessions>>,
 }
@@ -96,12 +98,14 @@ impl PeerListener {
         ctx: Arc<ReceiverContext>,
         tls: Option<Arc<TlsIdentity>>,
         groups: usize,
+        reporter: Arc<crate::cluster::gather::Reporter>,
     ) -> std::io::Result<PeerListener> {
         listener.set_nonblocking(true)?;
         let waker = tandem_nbd::AcceptWaker::new(&listener)?;
         let stop = Arc::new(AtomicBool::new(false));
         let auth = Arc::new(Auth {
             ctx,
+            reporter,
             tls,
             sessions: Arc::new(Mutex::new(Sessions::new(
                 session_cap(groups),
@@ -248,6 +252,7 @@ fn claimed_site(stream: &PeerStream, first: &Message, peer: &str) -> String {
     match first {
         Message::Hello(h) => h.primary.clone(),
         Message::Link { primary, .. } => primary.clone(),
+        Message::StatusRequest { site } => site.clone(),
         _ => peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_owned(),
     }
 }
@@ -291,11 +296,24 @@ fn authenticate(auth: &Auth, conn: Pending, accepted: Instant) {
         return;
     }
     let (ctx, sessions) = (Arc::clone(&auth.ctx), Arc::clone(&auth.sessions));
+    let reporter = Arc::clone(&auth.reporter);
     let released = site.clone();
     let spawned = thread::Builder::new()
         .name("peer-session".into())
         .spawn(move || {
-            serve_peer(stream, first, &peer, &ctx);
+            match &first {
+                // Alone on its connection: one answer and it ends.
+                Message::StatusRequest { site: asker } => {
+                    let mut stream = stream;
+                    let _ = stream
+                        .tcp()
+                        .set_write_timeout(Some(crate::cluster::gather::answer_write_timeout()));
+                    let cert = stream.peer_site();
+                    reporter.answer(&mut stream, asker, cert.as_deref());
+                    let _ = stream.shutdown();
+                }
+                _ => serve_peer(stream, first, &peer, &ctx),
+            }
             sessions.lock().release(&released);
         });
     if let Err(e) = spawned {

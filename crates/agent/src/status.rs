@@ -15,6 +15,21 @@ pub struct SiteStatus {
     /// name); absent without a coordinator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceStatus>,
+    /// Cluster view only (`?scope=cluster`): every site asked, this one
+    /// first, and whether it answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteReach>,
+}
+
+/// One site of the cluster view: whether its status could be gathered.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SiteReach {
+    pub name: String,
+    pub reachable: bool,
+    /// Why not (connection refused, no answer within the time allowed,
+    /// refused by the site, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// This running agent and its claim of the site name (docs/FAILOVER.md,
@@ -90,6 +105,15 @@ pub struct GroupStatus {
     /// The group's VM on this site (`vm = "libvirt:NAME"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmStatus>,
+    /// Cluster view only: the site serving the group (the highest epoch
+    /// among the sites that report serving it); absent when no reachable
+    /// site does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Cluster view only: `false` when this site has no part in the
+    /// group (its `role` is then `down`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<bool>,
 }
 
 /// A protected VM as this site sees it (SPEC §4.4).
@@ -176,6 +200,9 @@ pub struct ReplicaStatus {
     pub resyncing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync: Option<ResyncProgress>,
+    /// `tandem verify` of this replica, while it runs (`sent_bytes` 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<ResyncProgress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
     /// Bytes sent on the link, after compression, and before.
@@ -183,6 +210,19 @@ pub struct ReplicaStatus {
     pub raw_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When the replica entered `state` (UTC), as the reporting site saw
+    /// it change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The writes that a loss of the primary now would lose on this
+    /// replica, in seconds: the age of the oldest write it does not hold
+    /// durably (0 when it holds them all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_seconds: Option<f64>,
+    /// Cluster view only: the site whose report this entry comes from
+    /// (the owner's, else the replica's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_by: Option<String>,
 }
 
 /// How a replica is doing (SPEC §4.4 `state`; the words are pinned).
@@ -226,6 +266,13 @@ pub struct ResyncProgress {
     pub total_bytes: u64,
     pub compared_bytes: u64,
     pub sent_bytes: u64,
+    /// Bytes compared per second over the last seconds (absent until two
+    /// samples apart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_bytes_per_second: Option<f64>,
+    /// Seconds left at that rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
 }
 
 /// What `tandem verify GROUP` found.

@@ -40,6 +40,9 @@ pub struct OwnerChanged {
     pub group: String,
     pub owner: String,
     pub epoch: u64,
+    /// False when the group already was where a migration asked it to
+    /// go (nothing was done).
+    pub moved: bool,
     pub elapsed_ms: u64,
 }
 
@@ -83,11 +86,12 @@ impl StatusView {
         } else {
             RequestKind::Failover
         };
-        let (owner, epoch) = o.request(group, kind, to, force, OWNER_CHANGE_TIMEOUT)?;
+        let done = o.request(group, kind, to, force, OWNER_CHANGE_TIMEOUT)?;
         Ok(OwnerChanged {
             group: group.to_owned(),
-            owner,
-            epoch,
+            owner: done.owner,
+            epoch: done.epoch,
+            moved: done.moved,
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
     }
@@ -100,7 +104,7 @@ impl StatusView {
     /// verify`).
     pub(crate) fn verify(&self, group: &str) -> Result<status::VerifyResult, VerifyGroupError> {
         let not_primary = || VerifyGroupError::NotPrimary(group.to_owned());
-        let (links, volumes) = {
+        let (links, volumes, total) = {
             let rt = self.runtime(group).ok_or_else(not_primary)?;
             let plane = rt.plane.lock();
             match &*plane {
@@ -111,6 +115,11 @@ impl StatusView {
                         .iter()
                         .map(|v| v.name.clone())
                         .collect::<Vec<_>>(),
+                    p.capture
+                        .volumes()
+                        .iter()
+                        .map(|v| v.image.size())
+                        .sum::<u64>(),
                 ),
                 _ => return Err(not_primary()),
             }
@@ -118,6 +127,8 @@ impl StatusView {
         let mut replicas = Vec::new();
         for link in &links {
             let (tx, rx) = crossbeam_channel::bounded(1);
+            let tracker = &self.shared.tracker;
+            tracker.verify_begins(group, &link.replica, link.link.info().resync_done, total);
             let outcome = if link.link.info().state == LinkState::Disconnected {
                 Err(VerifyError::NotConnected)
             } else if link
@@ -133,6 +144,7 @@ impl StatusView {
                     .map_err(|_| VerifyError::NoAnswer)
                     .and_then(|r| r)
             };
+            tracker.verify_ends(group, &link.replica);
             replicas.push(match outcome {
                 Ok(report) => status::VerifyReplica {
                     site: link.replica.clone(),
@@ -203,6 +215,8 @@ impl StatusView {
                 next_seq: None,
                 queued_bytes: None,
                 sync_degraded: None,
+                owner: None,
+                member: None,
                 vm: cfg.vm.as_ref().map(|name| {
                     let seen = self.shared.vms.seen(&cfg.name);
                     let state = seen
@@ -249,7 +263,15 @@ impl StatusView {
                         replicas: p
                             .links
                             .iter()
-                            .map(|l| link_status(capture, l, &self.bandwidth))
+                            .map(|l| {
+                                link_status(
+                                    capture,
+                                    l,
+                                    &self.bandwidth,
+                                    &self.shared.tracker,
+                                    &cfg.name,
+                                )
+                            })
                             .collect(),
                         next_seq: Some(stats.next_seq),
                         queued_bytes: Some(stats.queued_bytes as u64),
@@ -268,6 +290,14 @@ impl StatusView {
                     } else {
                         ReplicaState::Disconnected
                     };
+                    let seen = self.shared.tracker.observe(
+                        &cfg.name,
+                        site,
+                        state,
+                        None,
+                        Instant::now(),
+                        crate::cluster::now_ms(),
+                    );
                     GroupStatus {
                         role: Role::Replica,
                         epoch: p.epoch.max(seen_epoch),
@@ -280,10 +310,15 @@ impl StatusView {
                             applied_seq: p.applied,
                             resyncing: p.resyncing,
                             resync: None,
+                            verify: None,
                             rtt_ms: None,
                             wire_bytes: 0,
                             raw_bytes: 0,
                             last_error: None,
+                            since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
+                            // Only the primary knows what this site lacks.
+                            rpo_seconds: None,
+                            reported_by: None,
                         }],
                         ..base
                     }
@@ -295,6 +330,7 @@ impl StatusView {
             site: site.clone(),
             groups,
             instance: self.ownership.as_ref().map(|o| o.instance.status()),
+            sites: Vec::new(),
         }
     }
 }
@@ -303,6 +339,8 @@ fn link_status(
     capture: &GroupCapture,
     link: &LinkHandle,
     bandwidth: &bandwidth::Bandwidth,
+    tracker: &crate::cluster::Tracker,
+    group: &str,
 ) -> ReplicaStatus {
     let info = link.link.info();
     let lag = capture.lag(&link.replica).ok();
@@ -325,6 +363,16 @@ fn link_status(
     let lag_seconds = lag
         .and_then(|l| l.oldest)
         .map_or(0.0, |t| Instant::now().duration_since(t).as_secs_f64());
+    let resync = (info.resync_total > 0)
+        .then_some((info.resync_done.min(info.resync_total), info.resync_total));
+    let seen = tracker.observe(
+        group,
+        &link.replica,
+        state,
+        resync.filter(|_| resyncing),
+        Instant::now(),
+        crate::cluster::now_ms(),
+    );
     ReplicaStatus {
         site: link.replica.clone(),
         state,
@@ -333,14 +381,28 @@ fn link_status(
         durable_seq: info.durable,
         applied_seq: info.applied,
         resyncing,
-        resync: (info.resync_total > 0).then_some(ResyncProgress {
-            total_bytes: info.resync_total,
-            compared_bytes: info.resync_done.min(info.resync_total),
+        resync: resync.map(|(done, total)| ResyncProgress {
+            total_bytes: total,
+            compared_bytes: done,
             sent_bytes: info.resync_sent,
+            rate_bytes_per_second: seen.rate,
+            eta_seconds: seen.eta,
         }),
+        verify: tracker
+            .verify_progress(group, &link.replica, info.resync_done, Instant::now())
+            .map(|v| ResyncProgress {
+                total_bytes: v.total,
+                compared_bytes: v.compared,
+                sent_bytes: 0,
+                rate_bytes_per_second: v.rate,
+                eta_seconds: v.eta,
+            }),
         rtt_ms: info.rtt.map(|d| d.as_secs_f64() * 1000.0),
         wire_bytes: info.wire_bytes,
         raw_bytes: info.raw_bytes,
         last_error: info.last_error,
+        since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
+        rpo_seconds: Some(lag_seconds),
+        reported_by: None,
     }
 }

@@ -20,6 +20,10 @@ pub const MIN_CHUNK: u32 = 4 << 10;
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Hashes in one `Hashes` (the primary sends 256).
 pub const MAX_HASHES: usize = 1024;
+/// Groups in one `LeaseAsk` or `LeaseAnswer`.
+pub const MAX_LEASE_GROUPS: usize = 4096;
+/// A refusal's reason in a `LeaseAnswer`.
+pub const MAX_REASON: usize = 256;
 /// Bytes of a `Diff` bitmap: one bit per hash.
 pub const MAX_BITMAP: usize = MAX_HASHES / 8;
 /// The longest `File` path.
@@ -28,6 +32,9 @@ pub const MAX_PATH: usize = 4096;
 pub const MAX_MODE: u32 = 0o7777;
 /// The largest `File` (configuration files and VM definitions).
 pub const MAX_FILE: u32 = 16 << 20;
+/// The largest status report (`StatusReport`, decoded JSON): a site's
+/// status with hundreds of groups is far smaller.
+pub const MAX_STATUS_REPORT: u32 = 8 << 20;
 /// The longest frame a connection may send before it is authenticated
 /// (TLS handshake done, hello checked): the largest valid `Define` or
 /// `Hello`, with room to spare. A longer one is refused from its header.
@@ -80,6 +87,7 @@ pub(crate) fn max_data(kind: &str) -> u32 {
     match kind {
         "chunk" => MAX_CHUNK,
         "file" => MAX_FILE,
+        "status_report" => MAX_STATUS_REPORT,
         _ => u32::try_from(MAX_DATA).unwrap_or(u32::MAX),
     }
 }
@@ -182,7 +190,43 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
             check_name(kind, "primary", primary.len())?;
             check_name(kind, "replica", replica.len())?;
         }
+        Message::LeaseAsk { groups, .. } => {
+            if groups.len() > MAX_LEASE_GROUPS {
+                return Err(out_of_bounds(
+                    kind,
+                    "groups",
+                    groups.len() as u64,
+                    "at most 4096",
+                ));
+            }
+            for (group, _) in groups {
+                check_name(kind, "group", group.len())?;
+            }
+        }
+        Message::LeaseAnswer { answers, .. } => {
+            if answers.len() > MAX_LEASE_GROUPS {
+                return Err(out_of_bounds(
+                    kind,
+                    "answers",
+                    answers.len() as u64,
+                    "at most 4096",
+                ));
+            }
+            for (group, reason) in answers {
+                check_name(kind, "group", group.len())?;
+                if reason.len() > MAX_REASON {
+                    return Err(out_of_bounds(
+                        kind,
+                        "reason",
+                        reason.len() as u64,
+                        "at most 256 bytes",
+                    ));
+                }
+            }
+        }
         Message::Linked { .. } | Message::End { .. } => {}
+        Message::StatusRequest { site } => check_name(kind, "site", site.len())?,
+        Message::StatusReport { report } => check_data(kind, report.raw_len)?,
         Message::Refuse { .. }
         | Message::Ack(_)
         | Message::ResyncBegin { .. }

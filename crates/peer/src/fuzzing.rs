@@ -133,7 +133,9 @@ fn check_message(channel: u32, msg: &Message, frame: &[u8]) {
     let _ = format!("{msg:?}");
     let payload = match msg {
         Message::Record(r) => Some(&r.data),
-        Message::Chunk { data, .. } | Message::File { data, .. } => Some(data),
+        Message::Chunk { data, .. }
+        | Message::File { data, .. }
+        | Message::StatusReport { report: data } => Some(data),
         _ => None,
     };
     if let Some(p) = payload {

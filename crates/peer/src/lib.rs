@@ -43,7 +43,7 @@ pub mod stream;
 
 pub use bounds::{
     chunk_ok, MAX_BITMAP, MAX_CHUNK, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME, MAX_PATH,
-    MAX_PREAUTH_PAYLOAD, MAX_VOLUMES, MIN_CHUNK,
+    MAX_PREAUTH_PAYLOAD, MAX_STATUS_REPORT, MAX_VOLUMES, MIN_CHUNK,
 };
 pub use codec::{
     decode, decode_frame, decode_payload, encode, encode_on, parse_header, payload_len, try_encode,

@@ -383,6 +383,26 @@ fn file_path_mode_and_size() {
     }
 }
 
+fn status_report(raw_len: u32) -> Vec<u8> {
+    P::new().u8(2).u32(raw_len).u32(0).frame(25)
+}
+
+#[test]
+fn status_report_and_request_bounds() {
+    for raw_len in [0, 1, MAX_STATUS_REPORT] {
+        assert!(decode_bounded(&status_report(raw_len)).is_ok());
+    }
+    for raw_len in [MAX_STATUS_REPORT + 1, MAX_DATA as u32, u32::MAX] {
+        let (_, limit) = data_too_large(decode_bounded(&status_report(raw_len)));
+        assert_eq!(limit, u64::from(MAX_STATUS_REPORT));
+    }
+    assert!(decode_bounded(&P::new().name(MAX_NAME).frame(24)).is_ok());
+    assert_eq!(
+        out_of_bounds(decode_bounded(&P::new().name(MAX_NAME + 1).frame(24))),
+        "site"
+    );
+}
+
 #[test]
 fn group_and_site_names_elsewhere() {
     for ty in [15u8, 16, 17, 18] {

@@ -180,6 +180,28 @@ pub fn message() -> impl Strategy<Value = Message> {
         }),
         any::<u16>().prop_map(|version| Message::Linked { version }),
         text().prop_map(|reason| Message::End { reason }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec((text(), any::<u64>()), 0..8)
+        )
+            .prop_map(|(id, duration_ms, groups)| Message::LeaseAsk {
+                id,
+                duration_ms,
+                groups
+            }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec((text(), text()), 0..8)
+        )
+            .prop_map(|(id, duration_ms, answers)| Message::LeaseAnswer {
+                id,
+                duration_ms,
+                answers
+            }),
+        text().prop_map(|site| Message::StatusRequest { site }),
+        payload_within(MAX_STATUS_REPORT).prop_map(|report| Message::StatusReport { report }),
     ]
 }
 
@@ -252,7 +274,7 @@ proptest! {
     /// parsers (random bytes almost never get past the magic).
     #[test]
     fn arbitrary_payloads_never_panic(
-        ty in 1u8..=18,
+        ty in 1u8..=25,
         payload in prop::collection::vec(any::<u8>(), 0..512),
         tail in prop::collection::vec(any::<u8>(), 0..32),
     ) {

@@ -115,7 +115,7 @@ impl NsSite {
     }
 
     fn status(&self) -> Option<serde_json::Value> {
-        let mut c = self.cmd(&["status", "--json", "--config"]);
+        let mut c = self.cmd(&["status", "--json", "--local", "--config"]);
         c.arg(&self.config);
         let out = run_with_timeout(&mut c, Duration::from_secs(15));
         out.status

@@ -114,6 +114,36 @@ fn tls_links_replicate_and_a_foreign_certificate_is_refused_with_the_reason() {
         log.contains("refusing peer connection") && log.contains("certificate"),
         "{log}"
     );
+    // The cluster status goes over the same mutual TLS: dr sees ny's view
+    // of the group; seattle (another CA) is unreachable, with the reason.
+    let out = run_ok(
+        Command::new(TANDEM)
+            .args(["status", "--json", "--config"])
+            .arg(&c.site("dr").config),
+        Duration::from_secs(20),
+    );
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["groups"][0]["owner"], "ny", "{s:#}");
+    assert_eq!(s["groups"][0]["replicas"][0]["reported_by"], "ny", "{s:#}");
+    let site = |name: &str| {
+        s["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(site("ny")["reachable"], true, "{s:#}");
+    assert_eq!(site("seattle")["reachable"], false, "{s:#}");
+    assert!(
+        site("seattle")["error"].as_str().unwrap().contains("TLS")
+            || site("seattle")["error"]
+                .as_str()
+                .unwrap()
+                .contains("certificate"),
+        "{s:#}"
+    );
     assert!(c.stop("ny").success());
     assert!(c.stop("dr").success());
     assert!(files_equal(&c.image("ny", "v0"), &c.image("dr", "v0")));

@@ -20,7 +20,7 @@ fn vms_with_libvirt_unreachable_is_a_clear_error_and_the_agent_goes_on() {
     let status = || {
         run_with_timeout(
             Command::new(TANDEM)
-                .args(["status", "--json", "--config"])
+                .args(["status", "--json", "--local", "--config"])
                 .arg(&site.config),
             Duration::from_secs(30),
         )

@@ -8,7 +8,7 @@
 
 mod primary;
 mod replica;
-mod rollback;
+pub mod rollback;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,6 +93,9 @@ pub(crate) struct Shared {
     /// The links to replica sites, one per site, shared by every group
     /// (docs/PEER.md, "Links"); made as the first group needs one.
     pub links: Mutex<BTreeMap<String, Arc<tandem_replication::link::SiteLink>>>,
+    /// Since when each replica is in its state, and resync rates, for
+    /// status.
+    pub tracker: Arc<crate::cluster::Tracker>,
 }
 
 impl Shared {
@@ -347,6 +350,14 @@ impl GroupRuntime {
         match &*self.plane.lock() {
             Plane::Primary(p) => Some(Arc::clone(&p.gate)),
             _ => None,
+        }
+    }
+
+    /// Opens the primary role's NBD exports (ownership is confirmed).
+    pub fn open_exports(&self, shared: &Shared) -> Result<(), AgentError> {
+        match &mut *self.plane.lock() {
+            Plane::Primary(p) => p.open_exports(shared),
+            _ => Ok(()),
         }
     }
 

@@ -485,12 +485,12 @@ impl Drop for Cluster {
     }
 }
 
-/// `tandem status --json --config FILE`, parsed; None if the agent does not
-/// answer.
+/// `tandem status --json --local --config FILE` (the site's own view),
+/// parsed; None if the agent does not answer.
 pub fn status_json(config: &Path) -> Option<serde_json::Value> {
     let out = run_with_timeout(
         Command::new(TANDEM)
-            .args(["status", "--json", "--config"])
+            .args(["status", "--json", "--local", "--config"])
             .arg(config),
         Duration::from_secs(15),
     );
