@@ -44,20 +44,26 @@ fn a_returning_old_primary_never_opens_its_export_and_a_restarted_owner_opens_it
             g["role"] == "primary" && g["epoch"] == 2
         },
     );
-    // A crashed agent leaves its socket file; the next start removes it
-    // only to listen again once it owns the group.
-    let _ = std::fs::remove_file(&ny_socket);
+    // A crashed agent leaves its socket file: the next start removes it
+    // before anything, and listens again only once it owns the group.
+    assert!(ny_socket.exists(), "the killed run's socket file");
 
     // ny returns with a role file saying "primary of epoch 1": its socket
     // path is watched (every millisecond) from before the start until ny
     // follows chicago.
+    let stale = std::fs::metadata(&ny_socket).unwrap().modified().unwrap();
     let seen = std::sync::atomic::AtomicBool::new(false);
     let done = std::sync::atomic::AtomicBool::new(false);
     let config = c.site("ny").config.clone();
     std::thread::scope(|scope| {
         scope.spawn(|| {
             while !done.load(std::sync::atomic::Ordering::Acquire) {
-                if ny_socket.exists() {
+                // Any socket file but the stale one of the killed run.
+                let fresh = std::fs::metadata(&ny_socket)
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .is_some_and(|m| m != stale);
+                if fresh {
                     seen.store(true, std::sync::atomic::Ordering::Release);
                 }
                 std::thread::sleep(Duration::from_millis(1));

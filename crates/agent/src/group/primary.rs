@@ -150,9 +150,27 @@ impl PrimaryRole {
             role.exports.push(export);
         }
         if shared.coordinated {
-            // No socket before the coordinator (or failsafe) confirms this
-            // site as owner: a client (a VM libvirt autostarts) must not
-            // attach to a disk that is about to go away.
+            // No socket before the coordinator confirms this site as
+            // owner: a client (a VM libvirt autostarts) must not attach to
+            // a disk that is about to go away. A socket file a killed run
+            // left goes now (the image lock proved that no other agent
+            // serves these volumes).
+            for export in &role.exports {
+                let path = shared.layout.socket(export.name());
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        info!(socket = %path.display(), "stale NBD socket of a previous run removed")
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(AgentError::Io {
+                            path,
+                            what: "remove stale socket",
+                            source,
+                        })
+                    }
+                }
+            }
             info!(group = %group.name, "NBD exports open once the coordinator confirms ownership");
         } else {
             role.open_exports(shared)?;
