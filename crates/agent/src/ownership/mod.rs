@@ -90,6 +90,8 @@ pub(crate) struct Handle {
     pool: pool::Pool,
     /// This agent's claim of its site name (one running agent per name).
     pub instance: instance::Instances,
+    /// How the lease keeper's renewals went.
+    pub contact: keeper::Contact,
 }
 
 pub(crate) struct Ownership {
@@ -207,6 +209,7 @@ impl Ownership {
             members: RwLock::new(Vec::new()),
             pool: pool::Pool::default(),
             instance: instance::Instances::new(me),
+            contact: keeper::Contact::default(),
         });
         for (runtime, record) in groups {
             handle.add(runtime, &record)?;
