@@ -265,7 +265,7 @@ mod tests {
     #[test]
     fn bounds_agree() {
         for (s, n) in LATENCY_BOUNDS.iter().zip(BOUNDS_NANOS) {
-            assert_eq!((s * 1e9).round() as u64, n);
+            assert!((s * 1e9 - n as f64).abs() < 0.5, "{s} s vs {n} ns");
         }
         assert!(BOUNDS_NANOS.windows(2).all(|w| w[0] < w[1]));
     }

@@ -280,10 +280,11 @@ impl Shared {
 /// One line for `count` lines not written.
 fn say(r: &Repeated<Key>) {
     let secs = r.over.as_secs_f64().ceil().max(1.0);
-    let text = format!(
-        "{} (repeated {} times in the last {secs:.0}s)",
-        r.key.text, r.count
-    );
+    let times = match r.count {
+        1 => "once".to_owned(),
+        n => format!("{n} times"),
+    };
+    let text = format!("{} (repeated {times} in the last {secs:.0}s)", r.key.text);
     let from = r.key.target;
     let n = r.count;
     match r.key.level {
