@@ -182,7 +182,18 @@ fn a_forced_failover_and_a_witness_outage_do_not_flood_the_logs() {
         Duration::from_secs(60),
     );
 
-    // A forced failover, run on the primary.
+    // A forced failover, run on the primary, while a client writes.
+    let mut writer = Command::new(tool("qemu-io"));
+    writer.args(["-f", "raw"]);
+    for i in 0..2000u64 {
+        writer.args(["-c", &format!("write -P 0x22 {} 4k", (i % 256) * 4096)]);
+    }
+    let mut writer = writer
+        .arg(c.uri("ny", VOLUME))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     run_ok(
         Command::new(TANDEM)
             .args(["failover", "g", "--to", "chicago", "--force", "--config"])
@@ -198,6 +209,9 @@ fn a_forced_failover_and_a_witness_outage_do_not_flood_the_logs() {
                 && c.status("ny")["groups"][0]["replicas"][0]["state"] == "streaming"
         },
     );
+
+    let _ = writer.kill();
+    let _ = writer.wait();
 
     // The witness stops and comes back.
     witness.kill();
