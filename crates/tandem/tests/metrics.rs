@@ -221,6 +221,18 @@ fn metrics_count_every_nbd_request_and_say_why_a_group_is_fenced() {
         since.len() == 20 && since.ends_with('Z'),
         "RFC 3339: {since}"
     );
+    let table = run_ok(
+        Command::new(TANDEM)
+            .args(["status", "--config"])
+            .arg(&c.site("ny").config),
+        Duration::from_secs(20),
+    );
+    assert!(
+        table.contains(&format!(
+            "writes fenced since {since}: coordinator unreachable since 20"
+        )),
+        "{table}"
+    );
     let text = metrics(&c, "ny");
     promtool(&text);
     let s = samples(&text);

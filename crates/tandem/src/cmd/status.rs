@@ -151,6 +151,9 @@ fn table(s: &SiteStatus) -> String {
             "\ngroup {}  role {}  epoch {}  primary {}  mode {}\n",
             g.name, g.role, g.epoch, g.primary, g.mode
         );
+        if let Some(f) = &g.fenced {
+            out += &format!("  writes fenced since {}: {}\n", f.since, f.detail);
+        }
         if let Some(vm) = &g.vm {
             out += &format!("  vm {}  {} here", vm.name, vm.state);
             if let Some(e) = &vm.error {
