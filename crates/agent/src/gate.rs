@@ -10,6 +10,12 @@
 //!   agent's lease): a gate whose confirmation lapses, or a read that shows
 //!   another owner, fences that group alone.
 //!
+//! Failsafe ownership adds a third clock (docs/FAILOVER.md, "Failsafe",
+//! F5): the peer leases every other site of the group granted, extended by
+//! the failsafe driver. While it runs, a lapsed lease or confirmation (the
+//! coordinator unreachable) does not shut the gate; a read that shows
+//! another owner or a newer epoch still does, at once.
+//!
 //! When the gate is shut, changes are held (`on_lost_lease = "suspend"`)
 //! or failed (`"error"`) until ownership is back or the site is demoted. A
 //! migration *holds* changes whatever the setting, while it drains.
@@ -116,6 +122,8 @@ struct Reading {
     not_owner_at: u64,
     lease_until: u64,
     confirmed_until: u64,
+    /// Failsafe: until when every other site's peer lease runs (0: none).
+    peer_until: u64,
     contact: u64,
 }
 
@@ -138,10 +146,16 @@ fn explain(r: &Reading, wall: impl Fn(u64) -> SystemTime) -> Option<(FenceReason
         };
         return Some((reason, r.not_owner_at));
     }
-    let lapsed_at = [r.lease_until, r.confirmed_until]
+    // Shut once the coordinator's clocks lapsed (the earlier of the two)
+    // and, with failsafe, the peer leases too.
+    let coordinator_lapsed = [r.lease_until, r.confirmed_until]
         .into_iter()
         .filter(|&until| r.now >= until)
         .min()?;
+    if r.now < r.peer_until {
+        return None;
+    }
+    let lapsed_at = coordinator_lapsed.max(r.peer_until);
     Some((
         FenceReason::CoordinatorUnreachable {
             since: wall(r.contact),
@@ -170,6 +184,9 @@ pub struct Gate {
     /// Nanoseconds since `origin` until which the last read naming this
     /// site owner may be acted on; `u64::MAX` without a coordinator.
     confirmed_until: AtomicU64,
+    /// Nanoseconds since `origin` until which every other site's peer
+    /// lease may be acted on (failsafe); 0 without one.
+    peer_until: AtomicU64,
     /// The store revision at which ownership was last admitted: a read of
     /// an older revision does not fence.
     admitted_revision: AtomicI64,
@@ -206,6 +223,7 @@ impl Gate {
             closed_at: AtomicU64::new(0),
             lease_until: AtomicU64::new(0),
             confirmed_until: AtomicU64::new(0),
+            peer_until: AtomicU64::new(0),
             admitted_revision: AtomicI64::new(0),
             owner: AtomicBool::new(false),
             held: AtomicBool::new(false),
@@ -222,24 +240,73 @@ impl Gate {
 
     /// Moves a clock forward to `until` (never back: renewals and reads
     /// sent later may be seen first).
-    fn set_until(&self, slot: &AtomicU64, until: Instant) {
+    /// Whether the clock moved.
+    fn set_until(&self, slot: &AtomicU64, until: Instant) -> bool {
         let until = self.nanos(until);
-        if slot.fetch_max(until, Ordering::AcqRel) < until {
+        let moved = slot.fetch_max(until, Ordering::AcqRel) < until;
+        self.changed.notify_all();
+        moved
+    }
+
+    /// The coordinator moved one of its clocks: heard from now.
+    fn heard_from_coordinator(&self, moved: bool) {
+        if moved {
             self.contact
                 .fetch_max(self.nanos(Instant::now()), Ordering::AcqRel);
         }
-        self.changed.notify_all();
     }
 
     /// The lease may be acted on until `until` (the lease keeper).
     pub fn extend(&self, until: Instant) {
-        self.set_until(&self.lease_until, until);
+        let moved = self.set_until(&self.lease_until, until);
+        self.heard_from_coordinator(moved);
     }
 
     /// A store read sent early enough to act on until `until` named this
     /// site owner (the store watcher).
     pub fn confirm(&self, until: Instant) {
-        self.set_until(&self.confirmed_until, until);
+        let moved = self.set_until(&self.confirmed_until, until);
+        self.heard_from_coordinator(moved);
+    }
+
+    /// Every other site of the group granted a peer lease that may be
+    /// acted on until `until` (failsafe).
+    pub fn extend_peer(&self, until: Instant) {
+        self.set_until(&self.peer_until, until);
+    }
+
+    /// Until when the coordinator's two clocks allow acting.
+    pub fn coordinator_until(&self) -> Instant {
+        let n = self
+            .lease_until
+            .load(Ordering::Acquire)
+            .min(self.confirmed_until.load(Ordering::Acquire));
+        // u64::MAX (no coordinator) is centuries away: far enough.
+        self.origin
+            .checked_add(Duration::from_nanos(n))
+            .unwrap_or(self.origin + Duration::from_secs(100 * 365 * 86_400))
+    }
+
+    /// Whether changes pass on peer leases alone at `now` (failsafe): the
+    /// coordinator's clocks lapsed, the peer leases run.
+    pub fn on_peer_leases(&self) -> bool {
+        let now = self.nanos(Instant::now());
+        !self.coordinator_valid(now) && self.peer_valid(now)
+    }
+
+    fn coordinator_valid(&self, now: u64) -> bool {
+        now < self.lease_until.load(Ordering::Acquire)
+            && now < self.confirmed_until.load(Ordering::Acquire)
+    }
+
+    fn peer_valid(&self, now: u64) -> bool {
+        now < self.peer_until.load(Ordering::Acquire)
+    }
+
+    /// The clocks allow acting at `now`: the coordinator's, or the peer
+    /// leases.
+    fn clocks_allow(&self, now: u64) -> bool {
+        self.coordinator_valid(now) || self.peer_valid(now)
     }
 
     /// The coordinator names this site owner: acknowledge while both
@@ -257,6 +324,22 @@ impl Gate {
     pub fn deny(&self, revision: i64) {
         if revision >= self.admitted_revision.load(Ordering::Acquire) {
             self.not_owner(REPLACED);
+        }
+    }
+
+    /// A read at `revision` shows the owner key gone with this site's
+    /// lease (nobody newer): fence, unless peer leases run (F5: no other
+    /// site may claim before they end).
+    pub fn deny_unless_failsafe(&self, revision: i64) {
+        if !self.peer_valid(self.nanos(Instant::now())) {
+            self.deny(revision);
+        }
+    }
+
+    /// The lease is gone: fence now, unless peer leases run (failsafe).
+    pub fn lease_lost(&self) {
+        if !self.peer_valid(self.nanos(Instant::now())) {
+            self.fence();
         }
     }
 
@@ -312,6 +395,7 @@ impl Gate {
             not_owner_at: self.not_owner_at.load(Ordering::Acquire),
             lease_until: self.lease_until.load(Ordering::Acquire),
             confirmed_until: self.confirmed_until.load(Ordering::Acquire),
+            peer_until: self.peer_until.load(Ordering::Acquire),
             contact: self.contact.load(Ordering::Acquire),
         };
         explain(&reading, |n| self.wall(n)).map(|(reason, since)| Fenced {
@@ -334,12 +418,16 @@ impl Gate {
     /// (not a migration's hold, not a role that closed).
     pub fn lapsed(&self) -> bool {
         let now = self.nanos(Instant::now());
-        let owner = self.owner.load(Ordering::Acquire)
-            && now < self.lease_until.load(Ordering::Acquire)
-            && now < self.confirmed_until.load(Ordering::Acquire);
+        let owner = self.owner.load(Ordering::Acquire) && self.clocks_allow(now);
         let closed_or_held =
             self.closed.load(Ordering::Acquire) || self.held.load(Ordering::Acquire);
         !closed_or_held && !owner
+    }
+
+    /// The coordinator admitted this site as owner and nothing fenced or
+    /// closed the gate since (its clocks aside).
+    pub fn admitted(&self) -> bool {
+        self.owner.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
     }
 
     /// Whether a change may be acknowledged now.
@@ -348,8 +436,7 @@ impl Gate {
         !self.closed.load(Ordering::Acquire)
             && !self.held.load(Ordering::Acquire)
             && self.owner.load(Ordering::Acquire)
-            && now < self.lease_until.load(Ordering::Acquire)
-            && now < self.confirmed_until.load(Ordering::Acquire)
+            && self.clocks_allow(now)
     }
 
     /// Lets a change through, holds it, or fails it.
@@ -502,6 +589,20 @@ mod tests {
         );
         let both = Reading { now: 400, ..open };
         assert_eq!(explain(&both, wall).map(|(_, at)| at), Some(200));
+        let failsafe = Reading {
+            peer_until: 350,
+            ..lapsed
+        };
+        assert_eq!(explain(&failsafe, wall), None, "open on peer leases");
+        let peers_lapsed = Reading {
+            now: 360,
+            ..failsafe
+        };
+        assert_eq!(
+            explain(&peers_lapsed, wall).map(|(_, at)| at),
+            Some(350),
+            "shut when the last clock ran out"
+        );
         let replaced = Reading {
             owner: false,
             not_owner: REPLACED,
@@ -566,6 +667,32 @@ mod tests {
             gate.fenced_state().map(|f| f.reason.as_str()),
             Some("closed")
         );
+    }
+
+    #[test]
+    fn peer_leases_keep_the_gate_open_until_they_lapse() {
+        let gate = owned(false, SHORT, SHORT);
+        gate.extend_peer(Instant::now() + SHORT * 3);
+        gate.lease_lost();
+        gate.deny_unless_failsafe(11);
+        std::thread::sleep(SHORT + SHORT / 2);
+        assert!(gate.on_peer_leases());
+        assert!(
+            gate.pass().is_ok(),
+            "the coordinator lapsed, the peers hold"
+        );
+        until_shut(&gate);
+        assert!(gate.pass().is_err(), "the peer leases lapsed too");
+        gate.extend_peer(Instant::now() + LONG);
+        gate.deny(12);
+        assert!(!gate.is_open(), "another owner fences whatever the peers");
+    }
+
+    #[test]
+    fn without_peer_leases_a_lost_lease_fences_at_once() {
+        let gate = owned(false, LONG, LONG);
+        gate.lease_lost();
+        assert!(!gate.is_open());
     }
 
     #[test]

@@ -126,6 +126,7 @@ impl Agent {
                 site: config.site.name.clone(),
                 groups: parking_lot::RwLock::new(Vec::new()),
                 definer: parking_lot::RwLock::new(None),
+                grantor: parking_lot::RwLock::new(None),
                 owners: Arc::new(if coordinated {
                     Owners::coordinated()
                 } else {

@@ -213,6 +213,10 @@ pub struct Coordinator {
     pub endpoints: Vec<String>,
     /// Ownership lease time-to-live (default 3 s).
     pub lease_ttl: Duration,
+    /// Failsafe ownership (default on; docs/FAILOVER.md, "Failsafe"): an
+    /// owner that cannot reach the coordinator keeps acknowledging writes
+    /// while every other site of the group grants it a peer lease.
+    pub failsafe: bool,
     /// Key prefix in etcd (default `/tandem`).
     pub prefix: String,
     /// How to reach etcd over TLS and log in (`etcd_*` keys).
@@ -256,6 +260,7 @@ impl Default for Coordinator {
             kind: CoordinatorKind::None,
             endpoints: Vec::new(),
             lease_ttl: Coordinator::DEFAULT_LEASE_TTL,
+            failsafe: true,
             prefix: Coordinator::DEFAULT_PREFIX.to_string(),
             etcd: EtcdAccess::default(),
         }

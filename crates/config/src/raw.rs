@@ -62,6 +62,7 @@ pub(crate) struct RawCoordinator {
     pub kind: Option<Spanned<CoordinatorKind>>,
     pub endpoints: Option<Spanned<Vec<Spanned<Endpoint>>>>,
     pub lease_ttl: Option<Spanned<DurationValue>>,
+    pub failsafe: Option<bool>,
     pub prefix: Option<Spanned<String>>,
     pub etcd_ca: Option<Spanned<NonEmpty>>,
     pub etcd_cert: Option<Spanned<NonEmpty>>,

@@ -141,6 +141,7 @@ fn spec_example_parses() {
             kind: CoordinatorKind::Witness,
             endpoints: vec!["10.0.3.1:7460".into()],
             lease_ttl: Duration::from_secs(3),
+            failsafe: true,
             prefix: "/tandem".into(),
             etcd: EtcdAccess::default(),
         }

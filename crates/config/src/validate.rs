@@ -302,6 +302,7 @@ fn coordinator(cx: &Ctx<'_>, raw: Option<&RawCoordinator>) -> Result<Coordinator
         kind,
         endpoints,
         lease_ttl,
+        failsafe: raw.failsafe.unwrap_or(true),
         prefix,
         etcd: crate::model::EtcdAccess::default(),
     })

@@ -11,6 +11,7 @@
 pub mod decide;
 pub mod etcd;
 pub mod etcd_tls;
+pub mod failsafe;
 pub mod instance;
 pub mod keys;
 pub mod lease;

@@ -29,6 +29,7 @@
 use std::time::{Duration, Instant};
 
 use crate::decide::{decide, handover_txn, Decision, Local, Policy};
+use crate::failsafe::Refusal;
 use crate::keys::{GroupView, Keys, LagRecord, MemberReport, RequestKind, Role};
 use crate::{Compare, LeaseId, Op};
 
@@ -90,6 +91,9 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// The group protects a VM: it runs on the owner only (G9).
     pub vm: bool,
+    /// Failsafe ownership (docs/FAILOVER.md, "Failsafe"): this site
+    /// grants peer leases for `ttl`, and claims nothing during one.
+    pub failsafe: bool,
 }
 
 /// What this site was for the group when the agent started (its role
@@ -416,6 +420,14 @@ pub struct GroupMachine {
     stop_failed: bool,
     /// [`Decision::Exhausted`] was logged already.
     exhausted: bool,
+    /// Failsafe: this site promised an owner not to claim the group
+    /// before then (a peer lease it granted; F5).
+    promised_until: Option<Instant>,
+    /// The first input was taken (failsafe: a grant of the previous run
+    /// may still run, so the first input promises a TTL).
+    started: bool,
+    /// The last view showed an operator's failover request.
+    failover_requested: bool,
 }
 
 /// What made a site unfit.
@@ -450,6 +462,9 @@ impl GroupMachine {
             unfit: None,
             stop_failed: false,
             exhausted: false,
+            promised_until: None,
+            started: false,
+            failover_requested: false,
         }
     }
 
@@ -487,6 +502,56 @@ impl GroupMachine {
             Held::Primary { epoch, fork } => Some((epoch, fork)),
             _ => None,
         }
+    }
+
+    /// Failsafe (F5): `owner`, serving `epoch` without the coordinator,
+    /// asks this site to promise not to claim the group for a TTL.
+    /// Granted when this site is a replica that is not taking the group
+    /// over and knows neither a newer epoch nor another owner of that
+    /// one; the promise runs from `now` (its receipt) and holds even if
+    /// this site learns of a failover meanwhile.
+    pub fn grant(&mut self, owner: &str, epoch: u64, now: Instant) -> Result<Duration, Refusal> {
+        if !self.settings.failsafe {
+            return Err(Refusal::Disabled);
+        }
+        match self.held {
+            Held::Primary { .. } => return Err(Refusal::Promoting),
+            Held::Down => return Err(Refusal::Down),
+            Held::Replica => {}
+        }
+        if matches!(
+            self.pending,
+            Some(
+                Pending::Claim { .. }
+                    | Pending::StopReceiving { .. }
+                    | Pending::StartServing { .. }
+                    | Pending::PromoteHook { .. }
+                    | Pending::StartVm { .. }
+            )
+        ) {
+            return Err(Refusal::Promoting);
+        }
+        if epoch < self.epoch {
+            return Err(Refusal::NewerEpoch { epoch: self.epoch });
+        }
+        if epoch == self.epoch {
+            if let Some(known) = self.owner.as_deref().filter(|o| *o != owner) {
+                return Err(Refusal::OtherOwner {
+                    owner: known.to_owned(),
+                });
+            }
+        }
+        if self.failover_requested {
+            return Err(Refusal::FailoverRequested);
+        }
+        let until = now + self.settings.ttl;
+        self.promised_until = Some(self.promised_until.map_or(until, |u| u.max(until)));
+        Ok(self.settings.ttl)
+    }
+
+    /// Until when this site promised not to claim the group, if it did.
+    pub fn promised_until(&self) -> Option<Instant> {
+        self.promised_until
     }
 
     /// This site's report for the store.
@@ -566,6 +631,13 @@ impl GroupMachine {
     /// Takes one input; returns what to do, in order.
     pub fn step(&mut self, input: Input, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
+        if self.settings.failsafe && !self.started {
+            // The previous run of this agent may have granted a peer
+            // lease just before it stopped: honour it as if given now.
+            self.started = true;
+            let until = now + self.settings.ttl;
+            self.promised_until = Some(self.promised_until.map_or(until, |u| u.max(until)));
+        }
         match input {
             Input::Store {
                 view,
@@ -591,6 +663,10 @@ impl GroupMachine {
         now: Instant,
         out: &mut Vec<Effect>,
     ) {
+        self.failover_requested = view
+            .request
+            .as_ref()
+            .is_some_and(|(r, _)| r.kind == RequestKind::Failover);
         match (&view.owner, self.owner_missing_since) {
             (Some(_), _) => self.owner_missing_since = None,
             (None, None) => self.owner_missing_since = Some(now),
@@ -715,6 +791,12 @@ impl GroupMachine {
                     .owner_missing_since
                     .is_some_and(|t| now.saturating_duration_since(t) >= self.settings.ttl);
                 if forced && !local.primary && !fenced_by_now {
+                    return;
+                }
+                // F5: a peer lease this site granted runs: the owner may
+                // still be acknowledging writes on it.
+                if !local.primary && self.promised_until.is_some_and(|u| now < u) {
+                    tracing::debug!(%group, "failover waits: this site granted the owner a peer lease");
                     return;
                 }
                 self.pending = Some(Pending::Claim { epoch, fork });

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_coordinator::decide::Policy;
+use tandem_coordinator::failsafe::{self, PeerLeases};
 use tandem_coordinator::keys::{encode, GroupView, Keys, Request, RequestKind, Role};
 use tandem_coordinator::lease;
 use tandem_coordinator::machine::{
@@ -115,6 +116,8 @@ struct GroupAtSite {
     vm_flag: bool,
     /// The fencer destroyed the VM; the machine is told when idle.
     fenced: bool,
+    /// Failsafe, as the owner: the peer leases the other sites granted.
+    peers: PeerLeases,
 }
 
 struct Site {
@@ -164,6 +167,22 @@ struct World {
     hooks: bool,
     /// Print every effect and fault (TANDEM_SIM_TRACE=<seed>).
     trace: bool,
+    /// Failsafe ownership on every site (the default).
+    failsafe: bool,
+    /// The coordinator runs (false: down for every site).
+    store_up: bool,
+    /// Peer leases granted (owner, group) so far.
+    grants: u64,
+}
+
+/// Every site of the group but `site`: whom its owner asks for peer leases.
+fn others(policy: &Policy, site: &str) -> Vec<String> {
+    policy
+        .sites
+        .iter()
+        .map(|(s, _)| s.clone())
+        .filter(|s| s != site)
+        .collect()
 }
 
 fn policy(group: usize, automatic: bool, freshest_first: bool) -> Policy {
@@ -258,6 +277,7 @@ impl World {
                             vm_orphan: false,
                             vm_flag: false,
                             fenced: false,
+                            peers: PeerLeases::new(others(p, name)),
                         }
                     })
                     .collect(),
@@ -289,11 +309,90 @@ impl World {
             on_promote_failure,
             hooks: true,
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == seed.to_string()),
+            failsafe: true,
+            store_up: true,
+            grants: 0,
         };
         for i in 0..w.sites.len() {
             w.boot(i);
         }
         w
+    }
+
+    /// The same world without failsafe ownership (before it runs).
+    fn without_failsafe(mut self) -> World {
+        self.failsafe = false;
+        for i in 0..self.sites.len() {
+            self.boot(i);
+        }
+        self
+    }
+
+    /// Whether site `i` reaches the coordinator.
+    fn reaches_store(&self, i: usize) -> bool {
+        self.store_up && self.sites[i].reach_store
+    }
+
+    /// Whether group `g`'s gate at site `i` lets writes through at `now`:
+    /// the coordinator's two clocks, or (failsafe) every peer lease.
+    fn gate_open(&self, i: usize, g: usize, now: Duration) -> bool {
+        let s = &self.sites[i];
+        let gs = &s.groups[g];
+        let coordinator = now < s.valid_until && now < gs.confirmed_until;
+        gs.gate_owner && (coordinator || self.peer_valid(i, g, now))
+    }
+
+    fn peer_valid(&self, i: usize, g: usize, now: Duration) -> bool {
+        self.failsafe && self.sites[i].groups[g].peers.valid_at(self.base + now)
+    }
+
+    /// Failsafe, the owner's driver: a primary whose coordinator clocks
+    /// run short asks every other site it reaches for a peer lease; each
+    /// answers from its machine, as the agent's link handler does.
+    fn ask_peers(&mut self, i: usize) {
+        if !self.failsafe || !self.sites[i].alive {
+            return;
+        }
+        let now = self.now();
+        for g in 0..self.policies.len() {
+            let gs = &self.sites[i].groups[g];
+            let Data::Primary { epoch, .. } = gs.data else {
+                continue;
+            };
+            if !gs.gate_owner {
+                continue;
+            }
+            let coordinator = self.base + self.sites[i].valid_until.min(gs.confirmed_until);
+            let at = self.base + now;
+            if !failsafe::should_ask(at, coordinator, gs.peers.valid_until(), TTL) {
+                continue;
+            }
+            let me = self.sites[i].name.clone();
+            for j in 0..self.sites.len() {
+                if j == i || !self.linked(i, j) {
+                    continue;
+                }
+                let answer = self.sites[j].groups[g]
+                    .machine
+                    .as_mut()
+                    .map(|m| m.grant(&me, epoch, at));
+                let site = self.sites[j].name.clone();
+                let peers = &mut self.sites[i].groups[g].peers;
+                match answer {
+                    Some(Ok(d)) => {
+                        self.grants += 1;
+                        peers.granted(&site, at, d);
+                    }
+                    Some(Err(why)) => {
+                        if self.trace {
+                            eprintln!("{now:?} {site} g{g}: refuses {me} a peer lease: {why}");
+                        }
+                        peers.refused(&site, why.to_string());
+                    }
+                    None => {}
+                }
+            }
+        }
     }
 
     /// The same world without hooks (before it runs).
@@ -335,6 +434,7 @@ impl World {
             on_promote_failure: self.on_promote_failure,
             drain_timeout: Duration::from_secs(30),
             vm: group == 0,
+            failsafe: self.failsafe,
         }
     }
 
@@ -366,6 +466,7 @@ impl World {
             gs.held = false;
             gs.vm_flag = false;
             gs.fenced = false;
+            gs.peers = PeerLeases::new(gs.peers.sites().to_vec());
             if gs.vm_running {
                 // Half the crashes lose the host; the others the agent
                 // alone, orphaning its VM.
@@ -435,9 +536,8 @@ impl World {
         // or was fenced destroys the VM its actor started, at once,
         // whatever the actor is doing.
         for g in 0..self.policies.len() {
-            let valid_until = self.sites[i].valid_until;
+            let gate_fenced = !self.gate_open(i, g, now);
             let gs = &mut self.sites[i].groups[g];
-            let gate_fenced = !gs.gate_owner || now >= valid_until || now >= gs.confirmed_until;
             if matches!(gs.data, Data::Primary { .. }) && gs.vm_flag && gate_fenced {
                 if self.trace {
                     eprintln!(
@@ -452,7 +552,7 @@ impl World {
                 gs.fenced = true;
             }
         }
-        let lease = if self.sites[i].reach_store {
+        let lease = if self.reaches_store(i) {
             self.renew(i, now);
             self.sites[i].lease
         } else {
@@ -469,11 +569,19 @@ impl World {
                     // one that shows otherwise (newer than the admission)
                     // fences it at once.
                     let me = self.sites[i].name.clone();
+                    // Failsafe: a view that shows the owner key gone (its
+                    // lease lapsed) and nothing newer does not fence while
+                    // every peer lease runs (nobody can claim meanwhile).
+                    let lapsed_only = view.owner.is_none()
+                        && view.request.is_none()
+                        && matches!(self.sites[i].groups[g].data, Data::Primary { epoch, .. } if epoch == view.epoch)
+                        && self.peer_valid(i, g, now);
                     let gs = &mut self.sites[i].groups[g];
                     match &view.owner {
                         Some((o, _)) if o.site == me && o.lease == lease => {
                             gs.confirmed_until = lease::valid_until(now, TTL);
                         }
+                        _ if lapsed_only => {}
                         _ if view.revision >= gs.admitted_rev => gs.gate_owner = false,
                         _ => {}
                     }
@@ -484,6 +592,7 @@ impl World {
         // The actors: effects that finished answer their machines (they
         // may change the store after the watcher read it), then idle
         // actors take the view waiting for them, stale or not.
+        self.ask_peers(i);
         for g in 0..self.policies.len() {
             self.progress(i, g);
         }
@@ -541,10 +650,14 @@ impl World {
                             if self.trace {
                                 eprintln!("{now:?} {} LEASE LOST", s.name);
                             }
-                            // The keeper fences every gate of the agent.
+                            // The keeper fences every gate of the agent
+                            // (failsafe: but those on peer leases).
                             s.lease = None;
+                            let at = self.base + now;
                             for gs in &mut s.groups {
-                                gs.gate_owner = false;
+                                if !(self.failsafe && gs.peers.valid_at(at)) {
+                                    gs.gate_owner = false;
+                                }
                             }
                         }
                         Err(e) => panic!("memory store failed: {e}"),
@@ -624,7 +737,7 @@ impl World {
         compares: &[tandem_coordinator::Compare],
         ops: &[Op],
     ) -> Input {
-        if !self.sites[i].reach_store {
+        if !self.reaches_store(i) {
             return Input::Txn(Err(Failed));
         }
         let site = self.sites[i].name.clone();
@@ -1007,7 +1120,9 @@ impl World {
         }
         for (g, gs) in s.groups.iter_mut().enumerate() {
             if let Data::Primary { epoch, last, .. } = &mut gs.data {
-                if gs.gate_owner && !gs.held && now < s.valid_until && now < gs.confirmed_until {
+                let coordinator = now < s.valid_until && now < gs.confirmed_until;
+                let peers = self.failsafe && gs.peers.valid_at(self.base + now);
+                if gs.gate_owner && !gs.held && (coordinator || peers) {
                     *last += 1;
                     self.acks.push(Ack {
                         at: now,
@@ -1299,7 +1414,8 @@ fn losing_the_owner_promotes_the_best_priority_within_the_lease() {
 
 #[test]
 fn an_owner_cut_from_the_store_fences_itself_before_anyone_takes_over() {
-    let mut w = World::new(3, 1, true);
+    // Without failsafe ownership (with it, see the failsafe tests below).
+    let mut w = World::new(3, 1, true).without_failsafe();
     w.run(Duration::from_secs(5));
     w.sites[0].reach_store = false;
     w.run(TTL + Duration::from_secs(6));
@@ -1315,6 +1431,123 @@ fn an_owner_cut_from_the_store_fences_itself_before_anyone_takes_over() {
         "the old owner must follow the new one"
     );
     w.check(3);
+}
+
+/// The longest gap between two acknowledged writes of group `g` since
+/// `since` (and from `since` to the first one).
+fn longest_gap(w: &World, g: usize, since: Duration) -> Duration {
+    let mut last = since;
+    let mut gap = Duration::ZERO;
+    for a in w.acks.iter().filter(|a| a.group == g && a.at >= since) {
+        gap = gap.max(a.at - last);
+        last = a.at;
+    }
+    gap.max(w.now() - last)
+}
+
+#[test]
+fn failsafe_the_witness_down_with_sites_healthy_keeps_writes_going() {
+    let mut w = World::new(20, 2, true);
+    w.run(Duration::from_secs(5));
+    let down = w.now();
+    w.store_up = false;
+    w.run(Duration::from_secs(30));
+    for g in 0..2 {
+        assert_eq!(
+            longest_gap(&w, g, down),
+            TICK,
+            "g{g}: a write every tick while the witness is down"
+        );
+    }
+    assert_eq!(w.acking(0, Duration::from_secs(30)), vec![("ny".into(), 1)]);
+    assert_eq!(
+        w.acking(1, Duration::from_secs(30)),
+        vec![("chicago".into(), 1)]
+    );
+    assert!(w.grants > 0);
+    // The witness returns (its leases lapsed meanwhile): the owners take
+    // their groups back in the same epoch, writes never stop.
+    w.store_up = true;
+    w.run(Duration::from_secs(10));
+    assert_eq!(w.owner(0).as_deref(), Some("ny"));
+    assert_eq!(w.owner(1).as_deref(), Some("chicago"));
+    assert_eq!(longest_gap(&w, 0, down), TICK);
+    assert_eq!(w.acking(0, Duration::from_secs(40)), vec![("ny".into(), 1)]);
+    w.check(20);
+}
+
+#[test]
+fn failsafe_the_witness_down_and_the_owner_cut_from_a_peer_fences_within_the_lease() {
+    let mut w = World::new(21, 1, true).without_hooks();
+    w.run(Duration::from_secs(5));
+    w.store_up = false;
+    w.run(Duration::from_secs(5));
+    assert_eq!(w.acking(0, Duration::from_secs(1)), vec![("ny".into(), 1)]);
+    let cut = w.now();
+    w.sites[0].reach_peers = false;
+    w.run(TTL);
+    let last = w.acks.iter().filter(|a| a.group == 0).map(|a| a.at).max();
+    assert!(
+        last.is_some_and(|t| t < cut + TTL - TTL / 6),
+        "ny must stop within its last peer lease: last write {last:?}, cut at {cut:?}"
+    );
+    assert!(w.acking(0, Duration::from_millis(500)).is_empty());
+    // Nobody can take over without the witness; once it is back, the
+    // group is served again by exactly one site.
+    w.run(Duration::from_secs(10));
+    assert!(w.acking(0, Duration::from_secs(5)).is_empty());
+    w.store_up = true;
+    w.run(Duration::from_secs(10));
+    assert_eq!(w.acking(0, Duration::from_secs(1)).len(), 1);
+    w.check(21);
+}
+
+#[test]
+fn failsafe_an_owner_cut_from_the_witness_alone_keeps_serving_and_nobody_claims() {
+    let mut w = World::new(22, 1, true).without_hooks();
+    w.run(Duration::from_secs(5));
+    let cut = w.now();
+    w.sites[0].reach_store = false;
+    w.run(Duration::from_secs(20));
+    assert_eq!(w.owner(0), None, "ny's lease lapsed at the witness");
+    assert_eq!(longest_gap(&w, 0, cut), TICK);
+    assert_eq!(w.acking(0, Duration::from_secs(20)), vec![("ny".into(), 1)]);
+    // ny dies: the replicas take over once their promise ran out.
+    w.crash(0);
+    let killed = w.now();
+    while w.owner(0).as_deref() != Some("chicago") {
+        assert!(
+            w.now() < killed + TTL * 2,
+            "no failover after the owner died"
+        );
+        w.tick();
+    }
+    w.run(Duration::from_secs(2));
+    assert_eq!(
+        w.acking(0, Duration::from_secs(1)),
+        vec![("chicago".into(), 2)]
+    );
+    w.check(22);
+}
+
+#[test]
+fn failsafe_a_forced_failover_ends_the_peer_leases() {
+    let mut w = World::new(23, 1, true).without_hooks();
+    w.run(Duration::from_secs(5));
+    w.sites[0].reach_store = false;
+    w.run(Duration::from_secs(5));
+    w.request(0, RequestKind::Failover, Some("seattle"));
+    let asked = w.now();
+    while w.owner(0).as_deref() != Some("seattle") {
+        assert!(w.now() < asked + TTL * 3, "no forced failover");
+        w.tick();
+    }
+    w.run(Duration::from_secs(2));
+    assert_eq!(
+        w.acking(0, Duration::from_secs(1)),
+        vec![("seattle".into(), 2)]
+    );
+    w.check(23);
 }
 
 #[test]
@@ -1647,6 +1880,10 @@ fn randomized_crashes_restarts_partitions_and_requests_never_overlap_epochs() {
 /// One randomized run; returns the number of failovers it saw.
 fn chaos(seed: u64) -> u64 {
     let mut w = World::new(seed, 2, true);
+    if seed % 4 == 3 {
+        w = w.without_failsafe();
+    }
+    let mut store_down: Option<Duration> = None;
     w.hook_failures = 20;
     let n = w.sites.len();
     let mut down: Vec<Option<Duration>> = vec![None; n];
@@ -1683,6 +1920,18 @@ fn chaos(seed: u64) -> u64 {
                 cut[i] = Some(now + Duration::from_millis(500 + w.random() % 8000));
             }
         }
+        let now = w.now();
+        if store_down.is_some_and(|t| now >= t) {
+            store_down = None;
+            w.store_up = true;
+        }
+        if store_down.is_none() && w.chance(2) {
+            if w.trace {
+                eprintln!("{now:?} WITNESS DOWN");
+            }
+            w.store_up = false;
+            store_down = Some(now + Duration::from_millis(500 + w.random() % 10_000));
+        }
         if w.chance(4) {
             let g = (w.random() % 2) as usize;
             let to = SITES[(w.random() % 3) as usize];
@@ -1696,6 +1945,7 @@ fn chaos(seed: u64) -> u64 {
         w.tick();
     }
     // Heal everything: each group must settle on one owner that acks.
+    w.store_up = true;
     w.heal();
     w.run(Duration::from_secs(40));
     w.check(seed);

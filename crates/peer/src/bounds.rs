@@ -20,6 +20,10 @@ pub const MIN_CHUNK: u32 = 4 << 10;
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Hashes in one `Hashes` (the primary sends 256).
 pub const MAX_HASHES: usize = 1024;
+/// Groups in one `LeaseAsk` or `LeaseAnswer`.
+pub const MAX_LEASE_GROUPS: usize = 4096;
+/// A refusal's reason in a `LeaseAnswer`.
+pub const MAX_REASON: usize = 256;
 /// Bytes of a `Diff` bitmap: one bit per hash.
 pub const MAX_BITMAP: usize = MAX_HASHES / 8;
 /// The longest `File` path.
@@ -181,6 +185,40 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
         } => {
             check_name(kind, "primary", primary.len())?;
             check_name(kind, "replica", replica.len())?;
+        }
+        Message::LeaseAsk { groups, .. } => {
+            if groups.len() > MAX_LEASE_GROUPS {
+                return Err(out_of_bounds(
+                    kind,
+                    "groups",
+                    groups.len() as u64,
+                    "at most 4096",
+                ));
+            }
+            for (group, _) in groups {
+                check_name(kind, "group", group.len())?;
+            }
+        }
+        Message::LeaseAnswer { answers, .. } => {
+            if answers.len() > MAX_LEASE_GROUPS {
+                return Err(out_of_bounds(
+                    kind,
+                    "answers",
+                    answers.len() as u64,
+                    "at most 4096",
+                ));
+            }
+            for (group, reason) in answers {
+                check_name(kind, "group", group.len())?;
+                if reason.len() > MAX_REASON {
+                    return Err(out_of_bounds(
+                        kind,
+                        "reason",
+                        reason.len() as u64,
+                        "at most 256 bytes",
+                    ));
+                }
+            }
         }
         Message::Linked { .. } | Message::End { .. } => {}
         Message::Refuse { .. }

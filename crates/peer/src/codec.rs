@@ -1,7 +1,9 @@
 //! Frames on bytes: [`encode`] appends one, [`decode`] takes one off the
 //! front of a buffer (docs/PEER.md, "Framing").
 
-use crate::bounds::{self, MAX_BITMAP, MAX_HASHES, MAX_NAME, MAX_PATH, MAX_VOLUMES};
+use crate::bounds::{
+    self, MAX_BITMAP, MAX_HASHES, MAX_LEASE_GROUPS, MAX_NAME, MAX_PATH, MAX_REASON, MAX_VOLUMES,
+};
 use crate::error::PeerError;
 use crate::message::{
     message_type, type_name, Ack, Hello, Message, Record, RecordOp, ReplicaState, Welcome,
@@ -344,6 +346,37 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         21 => Message::End {
             reason: r.str("reason")?,
         },
+        22 => {
+            let id = r.u64("id")?;
+            let duration_ms = r.u32("duration_ms")?;
+            let n = r.count("groups", 2 + 8, (MAX_LEASE_GROUPS, "at most 4096"))?;
+            let mut groups = Vec::with_capacity(n);
+            for _ in 0..n {
+                let group = r.name("group")?;
+                groups.push((group, r.u64("epoch")?));
+            }
+            Message::LeaseAsk {
+                id,
+                duration_ms,
+                groups,
+            }
+        }
+        23 => {
+            let id = r.u64("id")?;
+            let duration_ms = r.u32("duration_ms")?;
+            let n = r.count("answers", 2 + 2, (MAX_LEASE_GROUPS, "at most 4096"))?;
+            let mut answers = Vec::with_capacity(n);
+            for _ in 0..n {
+                let group = r.name("group")?;
+                let reason = r.str_within("reason", MAX_REASON, "at most 256 bytes")?;
+                answers.push((group, reason));
+            }
+            Message::LeaseAnswer {
+                id,
+                duration_ms,
+                answers,
+            }
+        }
         ty => return Err(PeerError::UnknownType(ty)),
     };
     r.finish()?;
@@ -569,6 +602,17 @@ pub fn payload_len(msg: &Message) -> usize {
         } => 2 + str_len(primary) + str_len(replica),
         Message::Linked { .. } => 2,
         Message::End { reason } => str_len(reason),
+        Message::LeaseAsk { groups, .. } => {
+            8 + 4 + 4 + groups.iter().map(|(g, _)| str_len(g) + 8).sum::<usize>()
+        }
+        Message::LeaseAnswer { answers, .. } => {
+            8 + 4
+                + 4
+                + answers
+                    .iter()
+                    .map(|(g, r)| str_len(g) + str_len(r))
+                    .sum::<usize>()
+        }
     }
 }
 
@@ -704,6 +748,32 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
         }
         Message::Linked { version } => put_u16(w, *version),
         Message::End { reason } => put_str(w, reason),
+        Message::LeaseAsk {
+            id,
+            duration_ms,
+            groups,
+        } => {
+            put_u64(w, *id);
+            put_u32(w, *duration_ms);
+            put_u32(w, len_u32(groups.len()));
+            for (group, epoch) in groups {
+                put_str(w, group);
+                put_u64(w, *epoch);
+            }
+        }
+        Message::LeaseAnswer {
+            id,
+            duration_ms,
+            answers,
+        } => {
+            put_u64(w, *id);
+            put_u32(w, *duration_ms);
+            put_u32(w, len_u32(answers.len()));
+            for (group, reason) in answers {
+                put_str(w, group);
+                put_str(w, reason);
+            }
+        }
     }
     let len = len_u32(w.len() - body);
     let crc = crc32c::crc32c(&w[body..]);
@@ -794,6 +864,17 @@ pub fn validate(msg: &Message) -> Result<(), PeerError> {
             check_str("replica", replica)?;
         }
         Message::End { reason } => check_str("reason", reason)?,
+        Message::LeaseAsk { groups, .. } => {
+            for (group, _) in groups {
+                check_str("group", group)?;
+            }
+        }
+        Message::LeaseAnswer { answers, .. } => {
+            for (group, reason) in answers {
+                check_str("group", group)?;
+                check_str("reason", reason)?;
+            }
+        }
         _ => {}
     }
     bounds::check(msg)?;

@@ -79,6 +79,23 @@ pub enum Message {
     /// over (the primary stops the group; the replica was promoted or
     /// failed), with the reason.
     End { reason: String },
+    /// P→R, on a link's channel 0: failsafe ownership (docs/FAILOVER.md,
+    /// "Failsafe"): the primary site, serving each listed group in the
+    /// given epoch without its coordinator, asks for peer leases of
+    /// `duration_ms`.
+    LeaseAsk {
+        id: u64,
+        duration_ms: u32,
+        groups: Vec<(String, u64)>,
+    },
+    /// R→P, on channel 0: answers the `LeaseAsk` `id`, per group: granted
+    /// for `duration_ms` (an empty refusal) or refused, with a short
+    /// reason.
+    LeaseAnswer {
+        id: u64,
+        duration_ms: u32,
+        answers: Vec<(String, String)>,
+    },
     /// Either way: a keepalive carrying the sender's clock in nanoseconds.
     Ping(u64),
     /// Either way: answers a `Ping`, echoing its value.
@@ -239,6 +256,8 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::Link { .. } => 19,
         Message::Linked { .. } => 20,
         Message::End { .. } => 21,
+        Message::LeaseAsk { .. } => 22,
+        Message::LeaseAnswer { .. } => 23,
     }
 }
 
@@ -266,6 +285,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         19 => "link",
         20 => "linked",
         21 => "end",
+        22 => "lease_ask",
+        23 => "lease_answer",
         _ => return None,
     })
 }

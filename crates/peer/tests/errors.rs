@@ -60,7 +60,7 @@ fn bad_magic() {
 
 #[test]
 fn unknown_type() {
-    for ty in [0u8, 22, 200, 255] {
+    for ty in [0u8, 40, 200, 255] {
         let mut f = frame(&Message::Ping(1));
         f[4] = ty;
         match decode(&f) {
@@ -433,7 +433,9 @@ fn kinds() {
     assert_eq!(type_name(19), Some("link"));
     assert_eq!(type_name(20), Some("linked"));
     assert_eq!(type_name(21), Some("end"));
-    assert_eq!(type_name(22), None);
+    assert_eq!(type_name(22), Some("lease_ask"));
+    assert_eq!(type_name(23), Some("lease_answer"));
+    assert_eq!(type_name(40), None);
 }
 
 #[test]

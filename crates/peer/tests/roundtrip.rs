@@ -180,6 +180,26 @@ pub fn message() -> impl Strategy<Value = Message> {
         }),
         any::<u16>().prop_map(|version| Message::Linked { version }),
         text().prop_map(|reason| Message::End { reason }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec((text(), any::<u64>()), 0..8)
+        )
+            .prop_map(|(id, duration_ms, groups)| Message::LeaseAsk {
+                id,
+                duration_ms,
+                groups
+            }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec((text(), text()), 0..8)
+        )
+            .prop_map(|(id, duration_ms, answers)| Message::LeaseAnswer {
+                id,
+                duration_ms,
+                answers
+            }),
     ]
 }
 

@@ -485,12 +485,22 @@ fn write_loop(
     }
 }
 
+/// What the primary's reader does with a `LeaseAnswer` (failsafe
+/// ownership): called with the replica site, the ask's id, the duration
+/// granted and the answers.
+pub type LeaseAnswers = Arc<dyn Fn(&str, u64, u32, Vec<(String, String)>) + Send + Sync>;
+
+/// What a replica site answers to a `LeaseAsk` of `primary`.
+pub type LeaseGrants<'a> = &'a dyn Fn(&str, u64, u32, Vec<(String, u64)>) -> Message;
+
 /// The primary's side of the link to one replica site, across
 /// reconnects: groups open channels on it; the first one connects.
 pub struct SiteLink {
     local: String,
     peer: String,
     connect: Box<Connect>,
+    /// Where `LeaseAnswer`s go (set by the failsafe driver).
+    answers: Arc<Mutex<Option<LeaseAnswers>>>,
     current: tokio::sync::Mutex<Option<Arc<Live>>>,
     failed: Mutex<Option<(Instant, Arc<ShipError>)>>,
 }
@@ -541,9 +551,27 @@ impl SiteLink {
             local: local.to_owned(),
             peer: peer.to_owned(),
             connect,
+            answers: Arc::new(Mutex::new(None)),
             current: tokio::sync::Mutex::new(None),
             failed: Mutex::new(None),
         })
+    }
+
+    /// Where `LeaseAnswer`s read from this link go from now on.
+    pub fn on_lease_answers(&self, answers: LeaseAnswers) {
+        *self.answers.lock() = Some(answers);
+    }
+
+    /// Sends a link message (channel 0) now if the link is up; false if
+    /// it is not (or is being connected).
+    pub fn send_control(&self, msg: &Message) -> bool {
+        let Ok(current) = self.current.try_lock() else {
+            return false;
+        };
+        current
+            .as_ref()
+            .filter(|l| l.core.is_alive())
+            .is_some_and(|l| l.out.send_now(0, msg).is_ok())
     }
 
     /// The latest round trip of a link ping, while connected.
@@ -632,10 +660,11 @@ impl SiteLink {
         {
             let (reading, out) = (Arc::clone(&core), out.clone());
             let peer = self.peer.clone();
+            let answers = Arc::clone(&self.answers);
             let spawned = thread::Builder::new()
                 .name(format!("link-in-{}", self.peer))
                 .spawn(move || {
-                    let end = read_replies(&reading, &mut r, &out);
+                    let end = read_replies(&reading, &mut r, &out, &peer, &answers);
                     if reading.is_alive() {
                         tracing::warn!(replica = %peer, "replication link down: {end}");
                     }
@@ -657,7 +686,13 @@ impl SiteLink {
 
 /// The primary's reader: hands the replica's frames to their channels
 /// (never waits for a session), answers pings; returns why it ended.
-fn read_replies<R: Read>(core: &LinkCore, r: &mut BufReader<R>, out: &Outbound) -> ShipError {
+fn read_replies<R: Read>(
+    core: &LinkCore,
+    r: &mut BufReader<R>,
+    out: &Outbound,
+    peer: &str,
+    answers: &Mutex<Option<LeaseAnswers>>,
+) -> ShipError {
     let mut buf = Vec::new();
     let mut gathered = Gathered::default();
     loop {
@@ -685,6 +720,16 @@ fn read_replies<R: Read>(core: &LinkCore, r: &mut BufReader<R>, out: &Outbound) 
                     return ShipError::LinkClosed;
                 }
             }
+            Message::LeaseAnswer {
+                id,
+                duration_ms,
+                answers: given,
+            } => {
+                let handler = answers.lock().clone();
+                if let Some(handler) = handler {
+                    handler(peer, id, duration_ms, given);
+                }
+            }
             Message::Refuse { reason } | Message::End { reason } => {
                 return ShipError::Ended(reason)
             }
@@ -704,6 +749,7 @@ pub fn serve_replica<R: Read>(
     close: Box<dyn Fn() + Send + Sync>,
     peer: &str,
     start: &dyn Fn(SessionStart) -> tokio::task::JoinHandle<()>,
+    grants: LeaseGrants<'_>,
 ) -> Result<(), PeerError> {
     let core = LinkCore::new(close);
     let (out, writer_thread) =
@@ -724,6 +770,13 @@ pub fn serve_replica<R: Read>(
                     let _ = out.send_now(0, &Message::Pong(n));
                 }
                 Message::Pong(_) => {}
+                Message::LeaseAsk {
+                    id,
+                    duration_ms,
+                    groups,
+                } => {
+                    let _ = out.send_now(0, &grants(peer, id, duration_ms, groups));
+                }
                 Message::End { .. } => break Ok(()),
                 other => {
                     break Err(PeerError::Malformed(format!(

@@ -105,6 +105,21 @@ impl GroupPlan {
     }
 }
 
+/// Failsafe ownership on a replica site (docs/FAILOVER.md, "Failsafe"):
+/// answers a primary site's `LeaseAsk` with a `LeaseAnswer`, each group
+/// granted or refused by its ownership machine.
+pub trait LeaseGrantor: Send + Sync {
+    /// `primary` (as its `Link` and certificate name it) asks, in ask
+    /// `id`, for peer leases of `duration_ms` for each (group, epoch).
+    fn answer(
+        &self,
+        primary: &str,
+        id: u64,
+        duration_ms: u32,
+        groups: Vec<(String, u64)>,
+    ) -> Message;
+}
+
 /// Defines groups that primaries send (`Define`, groups defined at
 /// runtime), on behalf of the agent.
 pub trait GroupDefiner: Send + Sync {
@@ -134,6 +149,9 @@ pub struct ReceiverContext {
     pub groups: parking_lot::RwLock<Vec<Arc<GroupPlan>>>,
     /// Defines groups that primaries send; None refuses them.
     pub definer: parking_lot::RwLock<Option<Arc<dyn GroupDefiner>>>,
+    /// Answers primaries' peer lease asks (failsafe ownership); without
+    /// one every ask is refused.
+    pub grantor: parking_lot::RwLock<Option<Arc<dyn LeaseGrantor>>>,
     /// Who owns each group: only a group's owner in an epoch may open a
     /// session in it.
     pub owners: Arc<Owners>,
@@ -223,7 +241,21 @@ pub fn serve_from<R: Read, W: Write + Send + 'static>(
                 })
             };
             let reader = BufReader::with_capacity(1 << 20, reader);
-            crate::link::serve_replica(reader, Box::new(writer), close, &primary, &start)?;
+            let grants = |primary: &str, id: u64, duration_ms: u32, groups: Vec<(String, u64)>| {
+                let grantor = ctx.grantor.read().clone();
+                match grantor {
+                    Some(g) => g.answer(primary, id, duration_ms, groups),
+                    None => Message::LeaseAnswer {
+                        id,
+                        duration_ms: 0,
+                        answers: groups
+                            .into_iter()
+                            .map(|(g, _)| (g, "disabled: failsafe is off there".to_owned()))
+                            .collect(),
+                    },
+                }
+            };
+            crate::link::serve_replica(reader, Box::new(writer), close, &primary, &start, &grants)?;
             Ok(())
         }
         Message::Retire { group } => {

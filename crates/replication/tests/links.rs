@@ -80,6 +80,7 @@ fn start(dir: &Path) -> Sites {
         site: "dr".into(),
         groups: parking_lot::RwLock::new(plans.clone()),
         definer: parking_lot::RwLock::new(None),
+        grantor: parking_lot::RwLock::new(None),
         owners: Arc::new(Owners::configured()),
     });
     let connections = Arc::new(AtomicU64::new(0));

@@ -209,6 +209,7 @@ fn coordinated_replica() -> Site {
         site: "dr".into(),
         groups: parking_lot::RwLock::new(site.ctx.groups.read().clone()),
         definer: parking_lot::RwLock::new(None),
+        grantor: parking_lot::RwLock::new(None),
         owners: Arc::clone(&owners),
     });
     Site {

@@ -15,7 +15,9 @@
 //! SIGKILL of an agent and restart after a random delay, SIGKILL and
 //! restart of the witness, and `nft` partitions inside a site's namespace
 //! (cut from the coordinator only, from its peers only, or from both),
-//! then healed; sometimes two at once. After every round the test waits
+//! the witness killed while a site is partitioned (failsafe ownership
+//! must then fence the owner if the cut site is one of the group's), then
+//! healed; sometimes two at once. After every round the test waits
 //! (bounded) for a write acknowledged after the heal.
 //!
 //! Checks:
@@ -31,7 +33,10 @@
 //!    epoch;
 //! 3. in sync mode (`sync_replicas = 2`, `on_sync_loss = "suspend"`),
 //!    additionally no acknowledged write is lost (G4): its block holds it
-//!    or a later write to the same block.
+//!    or a later write to the same block;
+//! 4. failsafe ownership: a round that only kills the witness, started
+//!    with every replica caught up, never pauses writes for more than
+//!    [`FAILSAFE_PAUSE`].
 //!
 //! `TANDEM_JEPSEN_ROUNDS` / `TANDEM_JEPSEN_SYNC_ROUNDS` change the number
 //! of rounds (for longer soaks); `TANDEM_JEPSEN_KEEP=1` keeps the
@@ -67,6 +72,11 @@ const MAGIC: &[u8; 8] = b"TNDMJEP1";
 /// A stamp: magic, site, block, epoch, counter (little endian), repeated
 /// to fill the block.
 const STAMP: usize = 32;
+
+/// The longest write pause allowed while only the witness is down and
+/// every site is healthy (failsafe; the target is one lease renewal, 1 s,
+/// with room for a loaded 2-core machine).
+const FAILSAFE_PAUSE: f64 = 2.0;
 
 const ASYNC_ROUNDS: usize = 40;
 const SYNC_ROUNDS: usize = 15;
@@ -698,6 +708,25 @@ impl Writer {
         self.log.lock().unwrap().last_ack
     }
 
+    /// The longest time without an acknowledgement within [from, to].
+    fn longest_pause(&self, from: f64, to: f64) -> f64 {
+        let log = self.log.lock().unwrap();
+        let mut times: Vec<f64> = log
+            .acks
+            .iter()
+            .map(|a| a.0)
+            .filter(|t| *t >= from && *t <= to)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let mut last = from;
+        let mut pause: f64 = 0.0;
+        for t in times {
+            pause = pause.max(t - last);
+            last = t;
+        }
+        pause.max(to - last)
+    }
+
     /// The site of the newest acknowledgement.
     fn serving(&self) -> Option<usize> {
         let log = self.log.lock().unwrap();
@@ -744,12 +773,15 @@ enum Fault {
     Kill(usize),
     KillWitness,
     Partition(usize, Cut),
+    /// The witness killed and a site cut from its peers (and so from
+    /// everything).
+    WitnessAndPartition(usize),
 }
 
 impl Fault {
     fn target(self) -> Option<usize> {
         match self {
-            Fault::Kill(s) | Fault::Partition(s, _) => Some(s),
+            Fault::Kill(s) | Fault::Partition(s, _) | Fault::WitnessAndPartition(s) => Some(s),
             Fault::KillWitness => None,
         }
     }
@@ -764,6 +796,9 @@ impl Fault {
             Fault::Partition(s, Cut::Peers) => format!("cut {} from its peers", SITES[s]),
             Fault::Partition(s, Cut::Both) => {
                 format!("cut {} from the coordinator and its peers", SITES[s])
+            }
+            Fault::WitnessAndPartition(s) => {
+                format!("SIGKILL the witness and cut {} from its peers", SITES[s])
             }
         }
     }
@@ -983,6 +1018,10 @@ impl Harness {
             Fault::Kill(s) => self.agents[s].proc.kill(),
             Fault::KillWitness => self.witness.kill(),
             Fault::Partition(s, cut) => self.net.partition(s, cut),
+            Fault::WitnessAndPartition(s) => {
+                self.witness.kill();
+                self.net.partition(s, Cut::Peers);
+            }
         }
     }
 
@@ -991,6 +1030,10 @@ impl Harness {
             Fault::Kill(s) => self.agents[s].proc.spawn(),
             Fault::KillWitness => self.start_witness(),
             Fault::Partition(s, _) => self.net.heal(s),
+            Fault::WitnessAndPartition(s) => {
+                self.net.heal(s);
+                self.start_witness();
+            }
         }
     }
 
@@ -1080,7 +1123,9 @@ impl Harness {
     fn draw_fault(&self, rng: &mut Rng, exclude: &[Fault]) -> Fault {
         let serving = self.writer().serving().unwrap_or(0);
         let busy: Vec<usize> = exclude.iter().filter_map(|f| f.target()).collect();
-        let witness_busy = exclude.contains(&Fault::KillWitness);
+        let witness_busy = exclude
+            .iter()
+            .any(|f| matches!(f, Fault::KillWitness | Fault::WitnessAndPartition(_)));
         loop {
             let kind = rng.below(100);
             let site = if rng.chance(0.55) {
@@ -1088,10 +1133,12 @@ impl Harness {
             } else {
                 rng.below(3) as usize
             };
-            let f = if kind < 30 {
+            let f = if kind < 27 {
                 Fault::Kill(site)
-            } else if kind < 45 {
+            } else if kind < 42 {
                 Fault::KillWitness
+            } else if kind < 52 {
+                Fault::WitnessAndPartition(site)
             } else {
                 let cut = match rng.below(3) {
                     0 => Cut::Coordinator,
@@ -1100,9 +1147,12 @@ impl Harness {
                 };
                 Fault::Partition(site, cut)
             };
-            let clash = match f.target() {
-                Some(s) => busy.contains(&s),
-                None => witness_busy,
+            let clash = match f {
+                Fault::WitnessAndPartition(s) => witness_busy || busy.contains(&s),
+                _ => match f.target() {
+                    Some(s) => busy.contains(&s),
+                    None => witness_busy,
+                },
             };
             if !clash {
                 return f;
@@ -1219,6 +1269,10 @@ fn run(mode: Mode, rounds: usize, tag: char) {
             hold.as_secs_f64()
         );
         h.rounds.push((mono(), what.clone()));
+        // Failsafe (check 4): the witness alone dies while every replica
+        // is caught up: writes must not stop.
+        let failsafe_round = faults == [Fault::KillWitness] && h.settled().is_some();
+        let injected = mono();
         // The fault schedule: these sleeps are the faults' durations and
         // gaps drawn from the seed (bounded by the draws' ranges), which
         // is what the round tests; nothing is synchronised by them.
@@ -1231,6 +1285,15 @@ fn run(mode: Mode, rounds: usize, tag: char) {
         let mut order = faults.clone();
         if heal_second_first {
             order.reverse();
+        }
+        if failsafe_round {
+            let pause = h.writer().longest_pause(injected, mono());
+            eprintln!("jepsen: failsafe round: longest write pause {pause:.3} s");
+            if pause > FAILSAFE_PAUSE {
+                h.fail(format!(
+                    "round {round} ({what}): writes paused {pause:.3} s with only the witness down and every site healthy (failsafe allows {FAILSAFE_PAUSE} s)"
+                ));
+            }
         }
         for (k, f) in order.iter().enumerate() {
             if k > 0 {

@@ -124,7 +124,8 @@ fn latency_count(s: &BTreeMap<String, f64>, class: &str) -> f64 {
 fn metrics_count_every_nbd_request_and_say_why_a_group_is_fenced() {
     let mut c = Cluster::new("ny", &["chicago"], &[vol(VOLUME, "16MiB")], "");
     let mut witness = Witness::start(c.dir.path());
-    c.set_coordinator(&witness.section("2s"));
+    // Without failsafe ownership: the witness's loss alone fences.
+    c.set_coordinator(&format!("{}\nfailsafe = false", witness.section("2s")));
     c.start_any("ny");
     c.start_any("chicago");
     wait_until(Duration::from_secs(30), "ny primary", || {

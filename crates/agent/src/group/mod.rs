@@ -338,6 +338,14 @@ impl GroupRuntime {
         }
     }
 
+    /// Opens the primary role's NBD exports (ownership is confirmed).
+    pub fn open_exports(&self, shared: &Shared) -> Result<(), AgentError> {
+        match &mut *self.plane.lock() {
+            Plane::Primary(p) => p.open_exports(shared),
+            _ => Ok(()),
+        }
+    }
+
     /// The change capture of the primary role.
     pub fn capture(&self) -> Option<Arc<GroupCapture>> {
         match &*self.plane.lock() {

@@ -43,6 +43,10 @@ pub(crate) struct PrimaryRole {
     /// The NBD listeners and clients of this group's volumes.
     server: Arc<Scope>,
     sockets: Vec<PathBuf>,
+    /// The volumes' exports, listened on once ownership is confirmed
+    /// ([`PrimaryRole::open_exports`]).
+    exports: Vec<Arc<dyn Export>>,
+    exported: bool,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     shippers: Vec<tandem_replication::shipper::ShipperTask>,
@@ -132,6 +136,8 @@ impl PrimaryRole {
             links: Vec::new(),
             server: shared.nbd.scope(),
             sockets: Vec::new(),
+            exports: Vec::new(),
+            exported: false,
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
             shippers: Vec::new(),
@@ -142,11 +148,15 @@ impl PrimaryRole {
                     .in_epoch(epoch)
                     .counted_in(&shared.nbd.stats),
             );
-            role.listen_unix(shared, Arc::clone(&export))?;
-            shared
-                .tcp_exports
-                .write()
-                .insert(export.name().to_owned(), export);
+            role.exports.push(export);
+        }
+        if shared.coordinated {
+            // No socket before the coordinator (or failsafe) confirms this
+            // site as owner: a client (a VM libvirt autostarts) must not
+            // attach to a disk that is about to go away.
+            info!(group = %group.name, "NBD exports open once the coordinator confirms ownership");
+        } else {
+            role.open_exports(shared)?;
         }
         let mut watched: Vec<Watched> = group.files.iter().map(|f| Watched::file(f)).collect();
         if group.vm.is_some() {
@@ -256,6 +266,23 @@ impl PrimaryRole {
             self.capture.next_seq().saturating_sub(1).max(self.fork.1),
         );
         Ok((images, tip, self.capture))
+    }
+
+    /// Listens on the volumes' sockets (and offers them on the TCP
+    /// listener), once: ownership is confirmed.
+    pub fn open_exports(&mut self, shared: &Shared) -> Result<(), AgentError> {
+        if self.exported {
+            return Ok(());
+        }
+        self.exported = true;
+        for export in self.exports.clone() {
+            self.listen_unix(shared, Arc::clone(&export))?;
+            shared
+                .tcp_exports
+                .write()
+                .insert(export.name().to_owned(), export);
+        }
+        Ok(())
     }
 
     fn listen_unix(&mut self, shared: &Shared, export: Arc<dyn Export>) -> Result<(), AgentError> {

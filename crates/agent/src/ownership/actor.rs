@@ -190,6 +190,9 @@ impl Actor<'_> {
                         info!(%group, "ownership confirmed: acknowledging writes");
                     }
                 }
+                if let Err(e) = rt.open_exports(shared) {
+                    error!(%group, "cannot open the NBD exports: {e}");
+                }
                 None
             }
             Effect::Hold => Some(Input::Held(rt.hold().ok_or(Failed))),

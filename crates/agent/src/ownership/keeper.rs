@@ -108,12 +108,12 @@ pub(super) fn run(h: &Handle) {
             Err(StoreError::LeaseNotFound(id)) => {
                 warn!(
                     lease = format!("{id:x}"),
-                    "coordinator lease lost: writes are fenced until ownership is confirmed again"
+                    "coordinator lease lost: writes are fenced until ownership is confirmed again (but while peer leases run: failsafe)"
                 );
                 *h.lease.lock() = None;
                 for m in h.members() {
                     if let Some(gate) = m.runtime.gate() {
-                        gate.fence();
+                        gate.lease_lost();
                     }
                 }
             }

@@ -19,6 +19,7 @@
 //!   hanging hook or a slow promotion of one group delays no other group.
 
 mod actor;
+mod failsafe;
 mod fencer;
 mod instance;
 mod keeper;
@@ -68,6 +69,8 @@ pub(crate) struct Member {
     /// What the actor keeps between its turns (taken by the worker
     /// running the group).
     actor: Mutex<actor::ActorState>,
+    /// Failsafe: the peer leases this site holds as the group's owner.
+    pub failsafe: failsafe::GroupLeases,
 }
 
 /// What the driver's threads share; also what the API uses for requests.
@@ -92,6 +95,8 @@ pub(crate) struct Handle {
     pub instance: instance::Instances,
     /// How the lease keeper's renewals went.
     pub contact: keeper::Contact,
+    /// Failsafe: peer lease asks in flight.
+    asks: failsafe::Asks,
 }
 
 pub(crate) struct Ownership {
@@ -172,6 +177,7 @@ fn settings(shared: &Shared, keys: &Keys, cfg: &tandem_config::Group) -> Setting
         },
         drain_timeout: DRAIN_TIMEOUT,
         vm: cfg.vm.is_some(),
+        failsafe: shared.config.coordinator.failsafe,
     }
 }
 
@@ -210,6 +216,7 @@ impl Ownership {
             pool: pool::Pool::default(),
             instance: instance::Instances::new(me),
             contact: keeper::Contact::default(),
+            asks: failsafe::Asks::default(),
         });
         for (runtime, record) in groups {
             handle.add(runtime, &record)?;
@@ -230,18 +237,23 @@ impl Ownership {
             let h = Arc::clone(&handle);
             spawn("instance-watch".into(), move || instance::watch(&h))?
         };
+        let mut threads = vec![keeper, watcher, fencer, instance_watch];
+        if c.failsafe {
+            let h = Arc::clone(&handle);
+            threads.push(spawn("failsafe".into(), move || failsafe::run(&h))?);
+            *shared.receivers.grantor.write() = Some(Arc::new(failsafe::Grantor {
+                h: Arc::downgrade(&handle),
+            }));
+        }
         // Groups join as they open (`Handle::add`), so none are counted here.
         let tls = match c.kind {
             tandem_config::CoordinatorKind::Witness => shared.tls.is_some(),
             _ => c.endpoints.iter().any(|e| e.starts_with("https://")),
         };
-        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, tls,
+        info!(kind = ?c.kind, endpoints = ?c.endpoints, ttl = ?c.lease_ttl, tls, failsafe = c.failsafe,
             etcd_ca = c.etcd.ca.is_some(), etcd_client_cert = c.etcd.cert.is_some(),
             etcd_user = ?c.etcd.user, "coordinator decides ownership");
-        Ok(Ownership {
-            handle,
-            threads: vec![keeper, watcher, fencer, instance_watch],
-        })
+        Ok(Ownership { handle, threads })
     }
 
     pub fn handle(&self) -> Arc<Handle> {
@@ -266,6 +278,7 @@ impl Ownership {
     /// and one that does not come back is failed over after the TTL.
     pub fn stop(mut self) {
         self.stop_deciding();
+        *self.handle.shared.receivers.grantor.write() = None;
         self.handle.stopped.store(true, Ordering::Release);
         self.handle.ended.raise();
         for t in self.threads {
@@ -298,15 +311,21 @@ impl Handle {
         runtime: Arc<GroupRuntime>,
         record: &RoleRecord,
     ) -> Result<(), AgentError> {
-        let machine = GroupMachine::new(
-            settings(&self.shared, &self.keys, &runtime.cfg),
-            record.start(),
-        );
+        let settings = settings(&self.shared, &self.keys, &runtime.cfg);
+        let others = settings
+            .policy
+            .sites
+            .iter()
+            .map(|(s, _)| s.clone())
+            .filter(|s| *s != self.shared.site)
+            .collect();
+        let machine = GroupMachine::new(settings, record.start());
         let member = Arc::new(Member {
             runtime,
             machine: Mutex::new(machine),
             inbox: mailbox::Mailbox::default(),
             actor: Mutex::new(actor::ActorState::default()),
+            failsafe: failsafe::GroupLeases::new(others),
         });
         self.members.write().push(member);
         Ok(())

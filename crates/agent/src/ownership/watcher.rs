@@ -87,6 +87,15 @@ pub(super) fn run(h: &std::sync::Arc<Handle>) {
                     Some((o, _)) if o.site == h.shared.site && o.lease == lease.id => {
                         gate.confirm(confirmed)
                     }
+                    // The owner key lapsed with this site's lease, nobody
+                    // newer, no operator's request: while every peer lease
+                    // runs nobody can claim (F5), and the machine claims
+                    // the epoch back.
+                    None if view.request.is_none()
+                        && m.machine.lock().serving().map(|(e, _)| e) == Some(view.epoch) =>
+                    {
+                        gate.deny_unless_failsafe(view.revision)
+                    }
                     _ => gate.deny(view.revision),
                 }
             }

@@ -63,6 +63,7 @@ pub fn replica_site(
             session: Mutex::new(None),
         })]),
         definer: parking_lot::RwLock::new(None),
+        grantor: parking_lot::RwLock::new(None),
         owners: Arc::new(Owners::configured()),
     });
     ReplicaSite {
