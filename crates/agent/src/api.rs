@@ -191,9 +191,7 @@ impl ApiError {
                 OwnerChangeError::Request(r) => match r {
                     RequestError::UnknownGroup(_) => 404,
                     RequestError::NotMember { .. } => 400,
-                    RequestError::NoOwner(_)
-                    | RequestError::OwnerAlive { .. }
-                    | RequestError::TargetUnable { .. } => 409,
+                    RequestError::Refused(_) | RequestError::TargetUnable { .. } => 409,
                     RequestError::TimedOut { .. } => 504,
                     RequestError::Store(StoreError::Unreachable(_)) => 503,
                     RequestError::Store(_) => 502,
@@ -494,6 +492,7 @@ fn load_or_create_token(path: &Path) -> Result<String, std::io::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_coordinator::decide::Refusal;
 
     fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Request {
         Request {
@@ -689,12 +688,23 @@ mod tests {
                 site: "x".into(),
                 group: "g".into(),
             }),
-            change(RequestError::NoOwner("g".into())),
-            change(RequestError::OwnerAlive {
+            change(RequestError::Refused(Refusal::NoOwner {
+                group: "g".into(),
+            })),
+            change(RequestError::Refused(Refusal::OwnerAlive {
                 owner: "ny".into(),
                 group: "g".into(),
                 epoch: 1,
-            }),
+            })),
+            change(RequestError::Refused(Refusal::TargetIsOwner {
+                owner: "ny".into(),
+                group: "g".into(),
+                epoch: 1,
+            })),
+            change(RequestError::Refused(Refusal::NoCandidate {
+                owner: "ny".into(),
+                group: "g".into(),
+            })),
             change(RequestError::TargetUnable {
                 site: "seattle".into(),
                 group: "g".into(),

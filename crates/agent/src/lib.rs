@@ -14,6 +14,7 @@ mod export;
 pub mod fdlimit;
 pub mod gate;
 mod group;
+pub use group::rollback;
 mod hooks;
 pub mod layout;
 mod metrics;

@@ -40,6 +40,9 @@ pub struct OwnerChanged {
     pub group: String,
     pub owner: String,
     pub epoch: u64,
+    /// False when the group already was where a migration asked it to
+    /// go (nothing was done).
+    pub moved: bool,
     pub elapsed_ms: u64,
 }
 
@@ -83,11 +86,12 @@ impl StatusView {
         } else {
             RequestKind::Failover
         };
-        let (owner, epoch) = o.request(group, kind, to, force, OWNER_CHANGE_TIMEOUT)?;
+        let done = o.request(group, kind, to, force, OWNER_CHANGE_TIMEOUT)?;
         Ok(OwnerChanged {
             group: group.to_owned(),
-            owner,
-            epoch,
+            owner: done.owner,
+            epoch: done.epoch,
+            moved: done.moved,
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
     }

@@ -5,7 +5,7 @@
 //! partitions. The timing half of fencing (stop acknowledging before the
 //! lease can expire) is [`crate::lease::Validity`].
 
-use crate::keys::{encode, GroupView, Keys, OwnerRecord, RequestKind, Role};
+use crate::keys::{encode, GroupView, Keys, MemberReport, OwnerRecord, RequestKind, Role};
 use crate::{Compare, LeaseId, Op};
 
 /// A group's failover settings, from the configuration.
@@ -167,13 +167,38 @@ pub fn decide(keys: &Keys, policy: &Policy, view: &GroupView, local: &Local) -> 
     if !policy.automatic && request.is_none() {
         return Decision::Idle;
     }
-    let wanted = request.and_then(|(r, _)| r.to.clone());
-    let best = view
-        .members
+    let wanted = request.and_then(|(r, _)| r.to.as_deref());
+    let from = request.and_then(|(r, _)| r.from.as_deref());
+    let best = best_candidate(policy, view, wanted, from);
+    match best {
+        Some(m) if m.site == local.site && local.consistent && local.fit => {
+            let newest = view.epoch.max(local.epoch);
+            match next_epoch(newest) {
+                Some(epoch) => claim(keys, policy, view, local, epoch, local.tip),
+                None => Decision::Exhausted { epoch: newest },
+            }
+        }
+        _ => Decision::Idle,
+    }
+}
+
+/// The site the failover order chooses among the group's reports: present
+/// (lease alive), in the group, `fit`, `consistent`, not primary, within
+/// `max_lag_on_failover`, not `excluded` (the owner a forced failover
+/// takes the group from) and, if `wanted` names one, that one; ranked by
+/// priority then freshness (async), or freshness then priority (sync).
+pub fn best_candidate<'v>(
+    policy: &Policy,
+    view: &'v GroupView,
+    wanted: Option<&str>,
+    excluded: Option<&str>,
+) -> Option<&'v MemberReport> {
+    view.members
         .iter()
         .filter(|m| policy.priority(&m.site).is_some())
         .filter(|m| m.fit && m.consistent && m.role != Role::Primary)
-        .filter(|m| wanted.as_ref().is_none_or(|w| w == &m.site))
+        .filter(|m| wanted.is_none_or(|w| w == m.site))
+        .filter(|m| excluded.is_none_or(|x| x != m.site))
         .filter(|m| within_lag(policy, view, &m.site))
         .min_by_key(|m| {
             let priority = policy.priority(&m.site).unwrap_or(u32::MAX);
@@ -185,17 +210,7 @@ pub fn decide(keys: &Keys, policy: &Policy, view: &GroupView, local: &Local) -> 
                 (none, fresh)
             };
             (first, priority, then, m.site.clone())
-        });
-    match best {
-        Some(m) if m.site == local.site && local.consistent && local.fit => {
-            let newest = view.epoch.max(local.epoch);
-            match next_epoch(newest) {
-                Some(epoch) => claim(keys, policy, view, local, epoch, local.tip),
-                None => Decision::Exhausted { epoch: newest },
-            }
-        }
-        _ => Decision::Idle,
-    }
+        })
 }
 
 fn within_lag(policy: &Policy, view: &GroupView, site: &str) -> bool {
@@ -293,11 +308,109 @@ pub fn handover_txn(
     )
 }
 
+/// What an operator's request (`tandem failover`, `tandem migrate`) is to
+/// do, decided from the store's view of the group before anything is
+/// written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// The group already is where a migration asks it to go: nothing to
+    /// do.
+    AlreadyThere { owner: String, epoch: u64 },
+    /// Write the request (with `from`, see [`crate::keys::Request`]).
+    /// `expect` is the site that should end up owning the group, when it
+    /// is known now (a named target, or the failover order's choice among
+    /// the replicas of a live owner).
+    Ask {
+        from: Option<String>,
+        expect: Option<String>,
+    },
+}
+
+/// Why an operator's request is refused before anything is written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("group {group} has no owner to migrate from")]
+    NoOwner { group: String },
+    #[error("{owner} owns {group} (epoch {epoch}) and holds its lease: use `tandem migrate` for a planned move, or --force to fail over anyway")]
+    OwnerAlive {
+        owner: String,
+        group: String,
+        epoch: u64,
+    },
+    #[error("{owner} already owns {group} (epoch {epoch}): a failover moves a group to another site; name a replica with --to, or leave --to out to let the failover order choose one")]
+    TargetIsOwner {
+        owner: String,
+        group: String,
+        epoch: u64,
+    },
+    #[error("no replica of {group} can take it over from {owner} now (none reports itself consistent, fit and within max_lag_on_failover): nothing was changed")]
+    NoCandidate { owner: String, group: String },
+}
+
+/// Plans an operator's request. A failover never moves a group to its
+/// current owner: `to` naming the owner is refused, and without `to` a
+/// live owner's group goes to the best other candidate
+/// ([`best_candidate`], the owner excluded), or the request is refused
+/// when there is none. A migration to the owner is [`Plan::AlreadyThere`].
+pub fn plan_request(
+    policy: &Policy,
+    view: &GroupView,
+    kind: RequestKind,
+    to: Option<&str>,
+    force: bool,
+) -> Result<Plan, Refusal> {
+    let group = &policy.group;
+    let owner = view.owner.as_ref().map(|(o, _)| o);
+    match (kind, owner) {
+        (RequestKind::Migrate, None) => Err(Refusal::NoOwner {
+            group: group.clone(),
+        }),
+        (RequestKind::Migrate, Some(o)) if Some(o.site.as_str()) == to => Ok(Plan::AlreadyThere {
+            owner: o.site.clone(),
+            epoch: o.epoch,
+        }),
+        (RequestKind::Migrate, Some(_)) => Ok(Plan::Ask {
+            from: None,
+            expect: to.map(str::to_owned),
+        }),
+        (RequestKind::Failover, Some(o)) if Some(o.site.as_str()) == to => {
+            Err(Refusal::TargetIsOwner {
+                owner: o.site.clone(),
+                group: group.clone(),
+                epoch: o.epoch,
+            })
+        }
+        (RequestKind::Failover, Some(o)) if !force => Err(Refusal::OwnerAlive {
+            owner: o.site.clone(),
+            group: group.clone(),
+            epoch: o.epoch,
+        }),
+        (RequestKind::Failover, Some(o)) => {
+            let expect = match to {
+                Some(t) => t.to_owned(),
+                None => best_candidate(policy, view, None, Some(&o.site))
+                    .map(|m| m.site.clone())
+                    .ok_or_else(|| Refusal::NoCandidate {
+                        owner: o.site.clone(),
+                        group: group.clone(),
+                    })?,
+            };
+            Ok(Plan::Ask {
+                from: Some(o.site.clone()),
+                expect: Some(expect),
+            })
+        }
+        (RequestKind::Failover, None) => Ok(Plan::Ask {
+            from: None,
+            expect: to.map(str::to_owned),
+        }),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::keys::MemberReport;
 
     fn view(members: &[(&str, u64)]) -> GroupView {
         GroupView {
@@ -410,6 +523,7 @@ mod tests {
                 id: "r".into(),
                 kind: RequestKind::Migrate,
                 to: Some("chicago".into()),
+                from: None,
             },
             10,
         ));
@@ -458,6 +572,7 @@ mod tests {
                         id: "r".into(),
                         kind: RequestKind::Migrate,
                         to: Some("chicago".into()),
+                        from: None,
                     },
                     10,
                 ));
@@ -484,5 +599,206 @@ mod tests {
     fn async_goes_by_priority_sync_by_freshness() {
         assert_eq!(winner(false).as_deref(), Some("chicago"));
         assert_eq!(winner(true).as_deref(), Some("seattle"));
+    }
+
+    fn owned_by(site: &str, members: &[(&str, u64)]) -> GroupView {
+        let mut v = view(members);
+        v.owner = Some((
+            OwnerRecord {
+                site: site.into(),
+                epoch: 1,
+                lease: 7,
+                fork_epoch: 0,
+                fork_seq: 0,
+            },
+            9,
+        ));
+        if let Some(m) = v.members.iter_mut().find(|m| m.site == site) {
+            m.role = Role::Primary;
+        }
+        v
+    }
+
+    fn three() -> Policy {
+        Policy {
+            group: "g".into(),
+            sites: vec![
+                ("ny".into(), 0),
+                ("chicago".into(), 1),
+                ("seattle".into(), 2),
+            ],
+            automatic: true,
+            max_lag: 30.0,
+            freshest_first: false,
+        }
+    }
+
+    #[test]
+    fn a_forced_failover_without_a_target_goes_to_the_first_replica_by_priority() {
+        let v = owned_by("ny", &[("ny", 10), ("seattle", 10), ("chicago", 10)]);
+        assert_eq!(
+            plan_request(&three(), &v, RequestKind::Failover, None, true),
+            Ok(Plan::Ask {
+                from: Some("ny".into()),
+                expect: Some("chicago".into()),
+            })
+        );
+        // An unfit priority-1 replica is passed over.
+        let mut v = v;
+        v.members
+            .iter_mut()
+            .find(|m| m.site == "chicago")
+            .unwrap()
+            .fit = false;
+        assert_eq!(
+            plan_request(&three(), &v, RequestKind::Failover, None, true),
+            Ok(Plan::Ask {
+                from: Some("ny".into()),
+                expect: Some("seattle".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn a_failover_to_the_owner_is_refused_and_a_migration_there_is_a_no_op() {
+        let v = owned_by("ny", &[("ny", 10), ("chicago", 10)]);
+        for force in [false, true] {
+            assert_eq!(
+                plan_request(&three(), &v, RequestKind::Failover, Some("ny"), force),
+                Err(Refusal::TargetIsOwner {
+                    owner: "ny".into(),
+                    group: "g".into(),
+                    epoch: 1,
+                })
+            );
+        }
+        assert_eq!(
+            plan_request(&three(), &v, RequestKind::Migrate, Some("ny"), false),
+            Ok(Plan::AlreadyThere {
+                owner: "ny".into(),
+                epoch: 1,
+            })
+        );
+        assert_eq!(
+            plan_request(&three(), &v, RequestKind::Failover, Some("chicago"), false),
+            Err(Refusal::OwnerAlive {
+                owner: "ny".into(),
+                group: "g".into(),
+                epoch: 1,
+            })
+        );
+    }
+
+    #[test]
+    fn a_forced_failover_with_no_other_candidate_is_refused() {
+        // The owner alone reports; its replicas are absent or inconsistent.
+        let mut v = owned_by("ny", &[("ny", 10), ("chicago", 10)]);
+        v.members[1].consistent = false;
+        assert_eq!(
+            plan_request(&three(), &v, RequestKind::Failover, None, true),
+            Err(Refusal::NoCandidate {
+                owner: "ny".into(),
+                group: "g".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn the_owner_a_forced_failover_takes_the_group_from_never_claims_it_back() {
+        // The owner key is gone, the request names ny as the one it is
+        // taken from; ny has stepped down (a replica, priority 0, freshest).
+        let keys = Keys::new("/t");
+        let mut v = view(&[("ny", 20), ("chicago", 10), ("seattle", 10)]);
+        v.request = Some((
+            crate::keys::Request {
+                id: "r".into(),
+                kind: RequestKind::Failover,
+                to: None,
+                from: Some("ny".into()),
+            },
+            10,
+        ));
+        let ny = Local {
+            tip: (1, 20),
+            ..replica("ny", 1)
+        };
+        assert_eq!(decide(&keys, &three(), &v, &ny), Decision::Idle);
+        // Still primary (not yet stepped down): it stops serving.
+        let ny_primary = Local {
+            primary: true,
+            ..ny.clone()
+        };
+        assert!(matches!(
+            decide(&keys, &three(), &v, &ny_primary),
+            Decision::Stale { .. }
+        ));
+        // Chicago, priority 1, claims the next epoch.
+        assert!(matches!(
+            decide(&keys, &three(), &v, &replica("chicago", 1)),
+            Decision::Claim { epoch: 2, .. }
+        ));
+        assert_eq!(
+            decide(&keys, &three(), &v, &replica("seattle", 1)),
+            Decision::Idle
+        );
+        // Without `from` (an older request), ny would have been chosen:
+        // the fault this field closes.
+        v.request.as_mut().unwrap().0.from = None;
+        assert!(matches!(
+            decide(&keys, &three(), &v, &ny),
+            Decision::Claim { epoch: 2, .. }
+        ));
+    }
+
+    proptest::proptest! {
+        /// Whatever the reports, a failover's plan never expects the
+        /// owner, and the site it expects is one `decide` lets claim once
+        /// the owner key is gone.
+        #[test]
+        fn a_failover_never_plans_the_owner(
+            owner in 0..3usize,
+            fit in proptest::collection::vec(proptest::bool::ANY, 3),
+            consistent in proptest::collection::vec(proptest::bool::ANY, 3),
+            tips in proptest::collection::vec(0..5u64, 3),
+            to in 0..4usize,
+            force in proptest::bool::ANY,
+        ) {
+            let sites = ["ny", "chicago", "seattle"];
+            let mut v = owned_by(sites[owner], &[("ny", tips[0]), ("chicago", tips[1]), ("seattle", tips[2])]);
+            for (i, m) in v.members.iter_mut().enumerate() {
+                m.fit = fit[i];
+                m.consistent = consistent[i];
+            }
+            let to = sites.get(to).copied();
+            if let Ok(Plan::Ask { expect: Some(expect), from }) =
+                plan_request(&three(), &v, RequestKind::Failover, to, force)
+            {
+                proptest::prop_assert_ne!(&expect, sites[owner]);
+                proptest::prop_assert_eq!(from.as_deref(), Some(sites[owner]));
+                if to.is_none() {
+                    // The owner key deleted, the owner stepped down.
+                    let mut gone = v.clone();
+                    gone.owner = None;
+                    for m in &mut gone.members {
+                        m.role = Role::Replica;
+                    }
+                    gone.request = Some((
+                        crate::keys::Request { id: "r".into(), kind: RequestKind::Failover, to: None, from },
+                        10,
+                    ));
+                    let keys = Keys::new("/t");
+                    for (i, site) in sites.iter().enumerate() {
+                        let local = Local {
+                            tip: (1, tips[i]),
+                            consistent: consistent[i],
+                            fit: fit[i],
+                            ..replica(site, 1)
+                        };
+                        let claims = matches!(decide(&keys, &three(), &gone, &local), Decision::Claim { .. });
+                        proptest::prop_assert_eq!(claims, *site == expect, "{}", site);
+                    }
+                }
+            }
+        }
     }
 }

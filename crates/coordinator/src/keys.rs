@@ -105,6 +105,12 @@ pub struct Request {
     pub kind: RequestKind,
     /// The site to take over; None lets the failover order choose.
     pub to: Option<String>,
+    /// A failover away from a live owner (`--force`): the site it takes
+    /// the group from, which is never a candidate for it. Absent in
+    /// migrations, in failovers of an ownerless group, and in requests
+    /// written before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

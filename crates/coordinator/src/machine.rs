@@ -442,6 +442,11 @@ enum Unfit {
 }
 
 impl GroupMachine {
+    /// The group's failover settings.
+    pub fn policy(&self) -> &crate::decide::Policy {
+        &self.settings.policy
+    }
+
     pub fn new(settings: Settings, start: Start) -> GroupMachine {
         let (held, epoch) = match start {
             Start::Primary { epoch, fork } => (Held::Primary { epoch, fork }, epoch),

@@ -1266,10 +1266,15 @@ impl World {
         if self.trace {
             eprintln!("{:?} REQUEST g{g} {kind:?} to {to:?}", self.now());
         }
+        // A forced failover names the owner it takes the group from.
+        let from = (kind == RequestKind::Failover)
+            .then(|| self.view(g).owner.map(|(o, _)| o.site))
+            .flatten();
         let req = Request {
             id: format!("{kind:?}-{to:?}-{:?}", self.now()),
             kind,
             to: to.map(str::to_owned),
+            from,
         };
         let put = Op::Put {
             key: self.keys.request(&self.policies[g].group),

@@ -103,20 +103,53 @@ enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
-    /// Promote a replica of a group now (refused while the owner is healthy unless --force)
+    /// Move a group to one of its replicas now: unplanned, for a lost or
+    /// misbehaving owner (refused while the owner is healthy unless --force)
+    ///
+    /// The group always goes to a site other than its current owner:
+    /// --to SITE, or else the first eligible replica in its failover order
+    /// (priority 1 first; eligible: its agent reports, its images are a
+    /// consistent prefix, it is fit and within max_lag_on_failover).
+    /// --to naming the current owner is refused and nothing changes.
+    ///
+    /// The group's VM, if it has one (vm = "libvirt:..."), is destroyed on
+    /// the old owner (its QEMU killed, no clean shutdown) if it still runs
+    /// there (an old owner whose agent is down does it when the agent
+    /// returns), and started cold (a fresh boot from the replicated disks
+    /// and definition) on the new owner after its promotion. No memory
+    /// state moves. In async mode, writes the old owner acknowledged but
+    /// had not yet replicated to the new owner are lost to the group (the
+    /// old owner keeps them under <data_dir>/rollback/: `tandem rollback`).
+    /// In sync mode, a failover without --to (the freshest replica goes
+    /// first) loses no acknowledged write.
+    #[command(verbatim_doc_comment)]
     Failover {
         #[command(flatten)]
         config: ConfigArg,
         /// Group name
         group: String,
-        /// The site to promote [default: the next in the failover order]
+        /// The site to promote (never the current owner) [default: the
+        /// first eligible replica in the failover order]
         #[arg(long, value_name = "SITE")]
         to: Option<String>,
-        /// Take the group from a live owner (its owner key is deleted first)
+        /// Take the group from a live owner: its owner key is deleted, its
+        /// writes are fenced and its VM destroyed; data not yet replicated
+        /// to the new owner may be lost
         #[arg(long)]
         force: bool,
     },
     /// Planned switchover of a group to another site, with zero data loss
+    ///
+    /// The owner holds new writes, drains every write to SITE, then hands
+    /// the group over; SITE continues from exactly that point (nothing is
+    /// lost, no resync). If SITE already owns the group, this says so and
+    /// changes nothing.
+    ///
+    /// The group's VM, if it has one, moves cold: the guest is shut down
+    /// cleanly on the old owner (destroyed if it has not stopped within the
+    /// group's vm_shutdown_timeout, default 60 s), then booted on SITE after
+    /// the handover. Live migration of a running guest is not available.
+    #[command(verbatim_doc_comment)]
     Migrate {
         #[command(flatten)]
         config: ConfigArg,
@@ -171,6 +204,62 @@ enum Command {
         /// Volume name
         volume: String,
     },
+    /// The writes a demoted primary saved before they were rolled back
+    /// (<data_dir>/rollback/, docs/ROLLBACK.md): list, show, export, discard
+    Rollback {
+        #[command(subcommand)]
+        action: RollbackAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum RollbackAction {
+    /// List this site's rollback data: group, epoch, seq, created, ranges, bytes, path
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the ranges (volume, offset, length) one rollback holds
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The rollback's ID (e.g. web01-e3-s1234, as `list` shows)
+        id: String,
+    },
+    /// One volume's saved ranges as a raw image of the volume's size: the
+    /// saved bytes at their original offsets, holes (zeros) elsewhere;
+    /// written to a sparse file (--out) or served read-only over NBD
+    /// (--nbd) until Ctrl-C
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The rollback's ID
+        id: String,
+        /// The volume to export
+        #[arg(long, value_name = "VOL")]
+        volume: String,
+        /// The raw file to create (must not exist)
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "nbd",
+            conflicts_with = "nbd"
+        )]
+        out: Option<PathBuf>,
+        /// Serve the view read-only on this Unix socket (export name = VOL)
+        #[arg(long, value_name = "SOCKET")]
+        nbd: Option<PathBuf>,
+    },
+    /// Remove a rollback's files for good
+    Discard {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The rollback's ID
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +313,18 @@ fn main() -> ExitCode {
         } => cmd::witness::run(&listen, &data_dir, &tls),
         Command::Demo { keep, vm } => cmd::demo::run(keep, vm),
         Command::Dirty { config, volume } => cmd::dirty::run(&config.path(), &volume),
+        Command::Rollback { action } => match action {
+            RollbackAction::List { config, json } => cmd::rollback::list(&config.path(), json),
+            RollbackAction::Show { config, id } => cmd::rollback::show(&config.path(), &id),
+            RollbackAction::Export {
+                config,
+                id,
+                volume,
+                out,
+                nbd,
+            } => cmd::rollback::export(&config.path(), &id, &volume, out, nbd),
+            RollbackAction::Discard { config, id } => cmd::rollback::discard(&config.path(), &id),
+        },
         Command::Vms { config, json } => cmd::vms::run(&config.path(), json),
         Command::Unprotect { config, group, to } => cmd::unprotect::run(&config.path(), &group, to),
         Command::Protect {

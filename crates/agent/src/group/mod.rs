@@ -8,7 +8,7 @@
 
 mod primary;
 mod replica;
-mod rollback;
+pub mod rollback;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

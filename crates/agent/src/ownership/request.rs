@@ -11,9 +11,10 @@
 
 use std::time::{Duration, Instant};
 
+use tandem_coordinator::decide::{plan_request, Plan, Refusal};
 use tandem_coordinator::keys::{encode, GroupView, Request, RequestKind};
 use tandem_coordinator::{Compare, Op, StoreError};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Handle;
 
@@ -24,14 +25,8 @@ pub(crate) enum RequestError {
     UnknownGroup(String),
     #[error("{site} is not a site of group {group}")]
     NotMember { site: String, group: String },
-    #[error("group {0} has no owner to migrate from")]
-    NoOwner(String),
-    #[error("{owner} owns {group} (epoch {epoch}) and holds its lease: use `tandem migrate` for a planned move, or --force to fail over anyway")]
-    OwnerAlive {
-        owner: String,
-        group: String,
-        epoch: u64,
-    },
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("{site} cannot take {group} over: {why}; it would be left without an owner (choose another site, or none to let the failover order choose)")]
     TargetUnable {
         site: String,
@@ -42,6 +37,15 @@ pub(crate) enum RequestError {
     TimedOut { group: String, waited: Duration },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Who owns a group after a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub owner: String,
+    pub epoch: u64,
+    /// False: the group already was where a migration asked it to go.
+    pub moved: bool,
 }
 
 /// Why a named site cannot take a group over.
@@ -89,7 +93,8 @@ impl Handle {
 
     /// Asks for a failover or migration of `group` and waits until a site
     /// other than the current owner owns it (the one named by `to`, if
-    /// any), or `timeout`. Returns the new owner and its epoch.
+    /// any), or `timeout`. Returns the new owner and its epoch, or the
+    /// current owner, unmoved, when a migration names it.
     pub fn request(
         &self,
         group: &str,
@@ -97,7 +102,7 @@ impl Handle {
         to: Option<String>,
         force: bool,
         timeout: Duration,
-    ) -> Result<(String, u64), RequestError> {
+    ) -> Result<Outcome, RequestError> {
         let member = self
             .members()
             .into_iter()
@@ -112,22 +117,41 @@ impl Handle {
             }
         }
         let prefix = self.keys.group(group);
-        let view = GroupView::read(&self.keys, group, &self.store.range(&prefix)?);
+        let policy = member.machine.lock().policy().clone();
+        // A replica that is merely behind in reporting (its first sync
+        // just ended) gets a lease's time to say so before a failover
+        // without a target is refused for want of a candidate.
+        let patience = Instant::now() + self.ttl;
+        let (view, plan) = loop {
+            let snap = self.store.range(&prefix)?;
+            let view = GroupView::read(&self.keys, group, &snap);
+            match plan_request(&policy, &view, kind, to.as_deref(), force) {
+                Err(Refusal::NoCandidate { .. }) if Instant::now() < patience => {
+                    let _ = self.store.wait(
+                        &prefix,
+                        snap.revision,
+                        patience.saturating_duration_since(Instant::now()),
+                    );
+                }
+                plan => break (view, plan?),
+            }
+        };
         let before = view.owner.as_ref().map(|(o, _)| (o.site.clone(), o.epoch));
-        match (kind, &view.owner) {
-            (RequestKind::Migrate, None) => return Err(RequestError::NoOwner(group.to_owned())),
-            (RequestKind::Migrate, Some((o, _))) if Some(&o.site) == to.as_ref() => {
-                return Ok((o.site.clone(), o.epoch))
+        let from = match plan {
+            Plan::AlreadyThere { owner, epoch } => {
+                return Ok(Outcome {
+                    owner,
+                    epoch,
+                    moved: false,
+                })
             }
-            (RequestKind::Failover, Some((o, _))) if !force => {
-                return Err(RequestError::OwnerAlive {
-                    owner: o.site.clone(),
-                    group: group.to_owned(),
-                    epoch: o.epoch,
-                });
+            Plan::Ask { from, expect } => {
+                if let Some(expect) = expect {
+                    info!(group, to = %expect, ?kind, "operator request: moving the group");
+                }
+                from
             }
-            _ => {}
-        }
+        };
         // A forced failover to a site that cannot claim would take the
         // group away from its owner and leave it with none.
         if let (RequestKind::Failover, Some(site)) = (kind, &to) {
@@ -144,6 +168,7 @@ impl Handle {
             ),
             kind,
             to: to.clone(),
+            from: from.clone(),
         };
         self.store.txn(
             &[],
@@ -169,9 +194,14 @@ impl Handle {
                 let moved = before
                     .as_ref()
                     .is_none_or(|(s, e)| *s != o.site || *e != o.epoch);
-                let right = to.as_ref().is_none_or(|t| *t == o.site);
+                let right = to.as_ref().is_none_or(|t| *t == o.site)
+                    && from.as_ref().is_none_or(|f| *f != o.site);
                 if moved && right {
-                    return Ok((o.site.clone(), o.epoch));
+                    return Ok(Outcome {
+                        owner: o.site.clone(),
+                        epoch: o.epoch,
+                        moved: true,
+                    });
                 }
             }
             if Instant::now() >= deadline {

@@ -220,6 +220,7 @@ fn the_failover_logic_own_transactions_pass() {
             id: "r1".into(),
             kind: RequestKind::Migrate,
             to: Some("chicago".into()),
+            from: None,
         }),
         lease: 0,
     };
@@ -254,6 +255,7 @@ fn the_failover_logic_own_transactions_pass() {
             id: "r2".into(),
             kind: RequestKind::Failover,
             to: Some("chicago".into()),
+            from: None,
         }),
         lease: 0,
     };
@@ -542,7 +544,7 @@ proptest! {
                 Step::ForceRequest(s) => {
                     w.txn_any(SITES[s], &[Op::Put {
                         key: w.keys.request("g"),
-                        value: encode(&Request { id: "x".into(), kind: RequestKind::Failover, to: None }),
+                        value: encode(&Request { id: "x".into(), kind: RequestKind::Failover, to: None, from: None }),
                         lease: 0,
                     }]);
                 }

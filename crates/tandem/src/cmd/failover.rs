@@ -17,7 +17,9 @@ pub fn run(
     let what = if migrate { "migrate" } else { "failover" };
     match to {
         Some(site) => eprintln!("{what}: moving group {group} to {site}..."),
-        None => eprintln!("{what}: moving group {group} to the next site in its failover order..."),
+        None => eprintln!(
+            "{what}: moving group {group} to the first eligible replica in its failover order (never its current owner)..."
+        ),
     }
     let body = serde_json::json!({ "to": to, "force": force }).to_string();
     let answer = super::status::api_request(
@@ -28,11 +30,17 @@ pub fn run(
     )?;
     let done: serde_json::Value =
         serde_json::from_str(&answer).context("the agent's answer is not valid JSON")?;
-    println!(
-        "group {group}: owned by {} in epoch {} ({} ms)",
-        done["owner"].as_str().unwrap_or("?"),
-        done["epoch"],
-        done["elapsed_ms"]
-    );
+    let owner = done["owner"].as_str().unwrap_or("?");
+    if done["moved"] == serde_json::Value::Bool(false) {
+        println!(
+            "group {group} is already at {owner} (epoch {}): nothing to do",
+            done["epoch"]
+        );
+    } else {
+        println!(
+            "group {group}: owned by {owner} in epoch {} ({} ms)",
+            done["epoch"], done["elapsed_ms"]
+        );
+    }
     Ok(())
 }

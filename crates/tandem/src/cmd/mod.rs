@@ -6,6 +6,7 @@ pub mod dirty;
 pub mod failover;
 pub mod progress;
 pub mod protect;
+pub mod rollback;
 pub mod status;
 pub mod unprotect;
 pub mod verify;
