@@ -419,7 +419,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
         ApiRequest::Metrics => Ok(Response::new(
             200,
             "text/plain; version=0.0.4",
-            crate::metrics::render(&view.status(), &view.nbd),
+            view.metrics(),
         )),
         ApiRequest::Status => to_json(&view.status()),
         ApiRequest::ClusterStatus => to_json(&view.cluster_status()),

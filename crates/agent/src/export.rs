@@ -21,6 +21,8 @@ pub struct VolumeExport {
     /// export description, so a client can attribute every acknowledged
     /// write to an epoch).
     epoch: u64,
+    /// Where its requests are counted (the metrics).
+    stats: Option<Arc<tandem_nbd::stats::ExportStats>>,
 }
 
 /// Sync mode (SPEC G4): how many replicas must have each change before the
@@ -56,12 +58,19 @@ impl VolumeExport {
             sync,
             gate,
             epoch: 0,
+            stats: None,
         }
     }
 
     /// Names the epoch in the export description.
     pub fn in_epoch(mut self, epoch: u64) -> VolumeExport {
         self.epoch = epoch;
+        self
+    }
+
+    /// Counts its requests in the server's counters of this volume.
+    pub fn counted_in(mut self, stats: &tandem_nbd::stats::Stats) -> VolumeExport {
+        self.stats = Some(stats.export(&self.name));
         self
     }
 
@@ -149,6 +158,10 @@ impl Export for VolumeExport {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn stats(&self) -> Option<Arc<tandem_nbd::stats::ExportStats>> {
+        self.stats.clone()
     }
 
     fn multi_conn(&self) -> bool {

@@ -19,6 +19,9 @@ pub struct SiteStatus {
     /// first, and whether it answered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteReach>,
+    /// The coordinator as the lease keeper sees it; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<CoordinatorStatus>,
 }
 
 /// One site of the cluster view: whether its status could be gathered.
@@ -30,6 +33,45 @@ pub struct SiteReach {
     /// refused by the site, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Whether the coordinator answers this agent's lease renewals.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CoordinatorStatus {
+    /// It answered the last renewal, within the lease TTL.
+    pub reachable: bool,
+    /// When the last renewal it answered was sent (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_renewal: Option<String>,
+    /// Seconds since then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_age_seconds: Option<f64>,
+}
+
+/// Why a primary acknowledges no writes now, and since when.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FencedStatus {
+    /// `unconfirmed` | `coordinator_unreachable` | `lease_lost` |
+    /// `replaced` | `draining` | `closed` (more may be added).
+    pub reason: String,
+    /// When writes stopped being acknowledged (UTC, RFC 3339).
+    pub since: String,
+    /// The reason in words ("coordinator unreachable since T").
+    pub detail: String,
+    /// `since` in seconds since the Unix epoch (metrics).
+    #[serde(skip)]
+    pub since_unix: f64,
+}
+
+impl From<crate::gate::Fenced> for FencedStatus {
+    fn from(f: crate::gate::Fenced) -> Self {
+        FencedStatus {
+            reason: f.reason.as_str().to_owned(),
+            since: crate::gate::rfc3339(f.since),
+            detail: f.reason.to_string(),
+            since_unix: crate::gate::unix_seconds(f.since),
+        }
+    }
 }
 
 /// This running agent and its claim of the site name (docs/FAILOVER.md,
@@ -114,6 +156,14 @@ pub struct GroupStatus {
     /// group (its `role` is then `down`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<bool>,
+    /// Primary role here, writes not acknowledged: why, since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<FencedStatus>,
+    /// Primary role here, with a coordinator: seconds since the
+    /// coordinator last renewed the right to acknowledge writes (a lease
+    /// renewal or a read naming this site owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_age_seconds: Option<f64>,
 }
 
 /// A protected VM as this site sees it (SPEC §4.4).

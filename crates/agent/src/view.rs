@@ -196,6 +196,22 @@ impl StatusView {
         })
     }
 
+    /// The Prometheus exposition (`GET /metrics`).
+    pub(crate) fn metrics(&self) -> String {
+        let volume_groups = self
+            .groups
+            .all()
+            .iter()
+            .flat_map(|g| {
+                g.cfg
+                    .volumes
+                    .iter()
+                    .map(|v| (v.name.clone(), g.cfg.name.clone()))
+            })
+            .collect();
+        crate::metrics::render(&self.status(), &self.nbd, &volume_groups)
+    }
+
     /// The site's status (SPEC §4.4).
     pub fn status(&self) -> SiteStatus {
         let site = &self.shared.site;
@@ -217,6 +233,8 @@ impl StatusView {
                 sync_degraded: None,
                 owner: None,
                 member: None,
+                fenced: None,
+                lease_age_seconds: None,
                 vm: cfg.vm.as_ref().map(|name| {
                     let seen = self.shared.vms.seen(&cfg.name);
                     let state = seen
@@ -252,12 +270,19 @@ impl StatusView {
                 Plane::Primary(p) => {
                     let capture = &p.capture;
                     let stats = capture.stats();
+                    let fenced = p.gate.fenced_state();
                     GroupStatus {
-                        role: if p.gate.is_open() {
+                        role: if fenced.is_none() {
                             Role::Primary
                         } else {
                             Role::Fenced
                         },
+                        fenced: fenced.map(status::FencedStatus::from),
+                        lease_age_seconds: p
+                            .gate
+                            .last_contact()
+                            .filter(|_| self.shared.coordinated)
+                            .map(|at| at.elapsed().unwrap_or_default().as_secs_f64()),
                         epoch: p.epoch,
                         primary: site.clone(),
                         replicas: p
@@ -331,6 +356,11 @@ impl StatusView {
             groups,
             instance: self.ownership.as_ref().map(|o| o.instance.status()),
             sites: Vec::new(),
+            coordinator: self.ownership.as_ref().map(|o| status::CoordinatorStatus {
+                reachable: o.contact.reachable(o.ttl),
+                last_renewal: o.contact.last_renewal().map(crate::gate::rfc3339),
+                lease_age_seconds: o.contact.lease_age().map(|a| a.as_secs_f64()),
+            }),
         }
     }
 }

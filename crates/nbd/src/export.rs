@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::ExportError;
+use crate::stats::ExportStats;
 
 /// Work that finishes an operation off the connection's reader thread
 /// (making data durable, waiting for replicas). The reply is sent when it
@@ -84,6 +85,11 @@ pub trait Export: Send + Sync {
     /// Allocation status of `[offset, offset + len)`: at least one extent,
     /// consecutive from `offset`.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
+    /// Where the requests served on this export are counted (shared by
+    /// every connection to it); `None`: not counted anywhere.
+    fn stats(&self) -> Option<Arc<ExportStats>> {
+        None
+    }
 }
 
 /// Finds exports by name during the handshake.

@@ -7,7 +7,6 @@
 //! is not admitted the thread reads nothing more and only writes replies.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use crate::export::{Catalog, Completion, Export};
 use crate::handshake::{self, Agreement, Negotiation, Step};
 use crate::proto::*;
 use crate::server::{ListenOptions, Scope};
+use crate::stats::{ExportStats, Op};
 use crate::tls::TlsStream;
 use crate::transmission::{self as tx, Command, RequestHeader, Session};
 
@@ -171,6 +171,8 @@ struct Transmission {
     conn: Conn,
     waker: Arc<dyn Wake>,
     export: Arc<dyn Export>,
+    /// The export's counters (or this connection's own, uncounted).
+    stats: Arc<ExportStats>,
     session: Session,
     inbuf: Vec<u8>,
     start: usize,
@@ -190,7 +192,9 @@ impl Transmission {
             base_allocation: agreement.base_allocation,
         };
         let waker: Arc<dyn Wake> = Arc::clone(&conn.mailbox) as Arc<dyn Wake>;
+        let stats = agreement.export.stats().unwrap_or_default();
         Transmission {
+            stats,
             scope: Arc::clone(scope),
             id,
             conn,
@@ -360,7 +364,6 @@ impl Transmission {
         checked: Result<Command, ExportError>,
         mut charge: Charge,
     ) -> Result<bool, Ended> {
-        let stats = Arc::clone(&self.scope.server.stats);
         let started = Instant::now();
         let command = match checked {
             Ok(command) => command,
@@ -370,7 +373,7 @@ impl Transmission {
                     export = self.export.name(),
                     "refused request {header:?}: {err}"
                 );
-                stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.error();
                 tx::error_reply(
                     &mut self.batch,
                     self.session.structured,
@@ -384,8 +387,8 @@ impl Transmission {
         let cookie = header.cookie;
         match command {
             Command::Read { offset, len } => {
-                self.read(cookie, offset, len, charge);
-                stats.record_read(u64::from(len), started);
+                self.stats.read_bytes(u64::from(len));
+                self.read(cookie, offset, len, charge, started);
             }
             Command::Write { offset, len, fua } => {
                 let len = len as usize;
@@ -403,8 +406,8 @@ impl Transmission {
                 // The payload (and any copy made while applying it) is no
                 // longer held by this request.
                 self.give_back(&mut charge, 2 * len);
-                self.complete(cookie, result, charge);
-                stats.record_write(len as u64, started);
+                self.stats.written_bytes(len as u64);
+                self.complete(cookie, result, charge, Op::Write, started);
             }
             Command::Trim { offset, len, fua } => {
                 let result = if len == 0 {
@@ -412,8 +415,7 @@ impl Transmission {
                 } else {
                     self.export.trim(offset, u64::from(len), fua)
                 };
-                self.complete(cookie, result, charge);
-                stats.trims.fetch_add(1, Ordering::Relaxed);
+                self.complete(cookie, result, charge, Op::Trim, started);
             }
             Command::WriteZeroes { offset, len, flags } => {
                 let result = if len == 0 {
@@ -421,20 +423,18 @@ impl Transmission {
                 } else {
                     self.export.write_zeroes(offset, u64::from(len), flags)
                 };
-                self.complete(cookie, result, charge);
-                stats.zeroes.fetch_add(1, Ordering::Relaxed);
+                self.complete(cookie, result, charge, Op::WriteZeroes, started);
             }
             Command::Flush => {
                 let result = self.export.flush();
-                self.complete(cookie, result, charge);
-                stats.flushes.fetch_add(1, Ordering::Relaxed);
+                self.complete(cookie, result, charge, Op::Flush, started);
             }
             Command::Cache { offset, len } => {
                 let result = self
                     .export
                     .cache(offset, u64::from(len))
                     .map(|()| Completion::Done);
-                self.complete(cookie, result, charge);
+                self.complete(cookie, result, charge, Op::Cache, started);
             }
             Command::BlockStatus {
                 offset,
@@ -442,6 +442,7 @@ impl Transmission {
                 req_one,
             } => {
                 self.block_status(cookie, offset, len, req_one);
+                self.stats.served(Op::BlockStatus, started);
                 self.reply_here(charge);
             }
             Command::Disconnect => {
@@ -485,26 +486,36 @@ impl Transmission {
         Ok(payload)
     }
 
-    /// Replies now, or hands the rest of the operation to the pool.
-    fn complete(&mut self, cookie: u64, result: Result<Completion, ExportError>, charge: Charge) {
+    /// Replies now, or hands the rest of the operation to the pool; the
+    /// request is counted (and timed) once its reply is made.
+    fn complete(
+        &mut self,
+        cookie: u64,
+        result: Result<Completion, ExportError>,
+        charge: Charge,
+        op: Op,
+        started: Instant,
+    ) {
         match result {
             Ok(Completion::Done) => {
                 tx::ok_reply(&mut self.batch, cookie);
+                self.stats.served(op, started);
                 self.reply_here(charge);
             }
             Ok(Completion::Deferred(rest)) => {
                 let mailbox = Arc::clone(&self.conn.mailbox);
                 let structured = self.session.structured;
-                let stats = Arc::clone(&self.scope.server.stats);
+                let stats = Arc::clone(&self.stats);
                 self.submit(Box::new(move || {
                     let mut reply = Vec::with_capacity(32);
                     match rest() {
                         Ok(()) => tx::ok_reply(&mut reply, cookie),
                         Err(err) => {
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                            stats.error();
                             tx::error_reply(&mut reply, structured, cookie, &err);
                         }
                     }
+                    stats.served(op, started);
                     mailbox.post(Outgoing {
                         bytes: reply,
                         charge,
@@ -513,11 +524,8 @@ impl Transmission {
                 }));
             }
             Err(err) => {
-                self.scope
-                    .server
-                    .stats
-                    .errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.error();
+                self.stats.served(op, started);
                 debug!(export = self.export.name(), "request failed: {err}");
                 tx::error_reply(&mut self.batch, self.session.structured, cookie, &err);
                 self.reply_here(charge);
@@ -529,9 +537,10 @@ impl Transmission {
         self.scope.server.pool.submit(self.id, job);
     }
 
-    fn read(&mut self, cookie: u64, offset: u64, len: u32, charge: Charge) {
+    fn read(&mut self, cookie: u64, offset: u64, len: u32, charge: Charge, started: Instant) {
         let structured = self.session.structured;
         if len == 0 {
+            self.stats.served(Op::Read, started);
             if structured {
                 tx::chunk_header(&mut self.batch, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
             } else {
@@ -551,6 +560,7 @@ impl Transmission {
                 let mut header = Vec::with_capacity(header_len);
                 tx::read_reply_header(&mut header, structured, cookie, offset, len);
                 self.batch[at..at + header_len].copy_from_slice(&header);
+                self.stats.served(Op::Read, started);
                 self.reply_here(charge);
                 return;
             }
@@ -558,6 +568,8 @@ impl Transmission {
             Err(err) => {
                 self.batch.truncate(at);
                 tx::error_reply(&mut self.batch, structured, cookie, &err);
+                self.stats.error();
+                self.stats.served(Op::Read, started);
                 self.reply_here(charge);
                 return;
             }
@@ -566,6 +578,7 @@ impl Transmission {
         let export = Arc::clone(&self.export);
         let mailbox = Arc::clone(&self.conn.mailbox);
         let bytes = header_len + len as usize;
+        let stats = Arc::clone(&self.stats);
         self.submit(Box::new(move || {
             let mut reply = vec![0u8; bytes];
             match export.read(offset, &mut reply[header_len..]) {
@@ -577,8 +590,10 @@ impl Transmission {
                 Err(err) => {
                     reply.clear();
                     tx::error_reply(&mut reply, structured, cookie, &err);
+                    stats.error();
                 }
             }
+            stats.served(Op::Read, started);
             mailbox.post(Outgoing {
                 bytes: reply,
                 charge,

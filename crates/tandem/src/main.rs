@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod logging;
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +20,9 @@ mod cmd;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to stderr [default: $TANDEM_LOG_FORMAT, then text]
+    #[arg(long, global = true, value_name = "FORMAT", value_enum)]
+    log_format: Option<logging::LogFormat>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -319,7 +323,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logging();
+    let _logging = match logging::LogFormat::choose(cli.log_format) {
+        Ok(format) => logging::init(format),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result: Result<()> = match cli.command {
         Command::Agent { config } => cmd::agent::run(&config.path()),
         Command::Check { config } => {
@@ -396,19 +406,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("TANDEM_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn load_config(path: &std::path::Path) -> Result<tandem_config::Config> {

@@ -193,10 +193,14 @@ fn wait_stuck(sent: &AtomicU64) -> u64 {
 fn flush_count(site: &Site) -> u64 {
     let (status, body) = api_call(site, "GET", "/metrics", "");
     assert_eq!(status, 200, "{body}");
-    body.lines()
-        .find_map(|l| l.strip_prefix("tandem_nbd_ops_total{op=\"flush\"} "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .expect("flush counter in /metrics")
+    // Every volume's (docs/OBSERVABILITY.md).
+    let counters: Vec<u64> = body
+        .lines()
+        .filter(|l| l.starts_with("tandem_nbd_ops_total{") && l.contains("op=\"flush\"}"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .collect();
+    assert!(!counters.is_empty(), "flush counters in /metrics:\n{body}");
+    counters.iter().sum()
 }
 
 /// The tests of this file run one at a time: the fairness test compares

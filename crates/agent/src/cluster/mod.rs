@@ -71,6 +71,7 @@ pub fn merge(local: SiteStatus, others: Vec<(String, Answer)>) -> SiteStatus {
         groups,
         instance: local.instance.clone(),
         sites,
+        coordinator: local.coordinator.clone(),
     }
 }
 
@@ -140,6 +141,9 @@ fn merge_group(local: &SiteStatus, name: &str, views: &[(&str, &GroupStatus)]) -
         vm: mine.and_then(|g| g.vm.clone()),
         owner: owner.map(|(site, _)| site.to_owned()),
         member: Some(mine.is_some()),
+        // Why the owner acknowledges no writes, as it says.
+        fenced: owner.and_then(|(_, g)| g.fenced.clone()),
+        lease_age_seconds: owner.and_then(|(_, g)| g.lease_age_seconds),
     }
 }
 

@@ -42,6 +42,8 @@ fn group(
         vm: None,
         owner: None,
         member: None,
+        fenced: None,
+        lease_age_seconds: None,
     }
 }
 
@@ -51,6 +53,7 @@ fn site(name: &str, groups: Vec<GroupStatus>) -> SiteStatus {
         groups,
         instance: None,
         sites: Vec::new(),
+        coordinator: None,
     }
 }
 

@@ -145,7 +145,8 @@ impl PrimaryRole {
         for index in 0..capture.volumes().len() {
             let export: Arc<dyn Export> = Arc::new(
                 (VolumeExport::with_sync(Arc::clone(&capture), index, sync, Arc::clone(&gate)))
-                    .in_epoch(epoch),
+                    .in_epoch(epoch)
+                    .counted_in(&shared.nbd.stats),
             );
             role.exports.push(export);
         }

@@ -5,12 +5,59 @@
 //! acted on before the site's instance key is held under it
 //! ([`instance::acquire`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
+use parking_lot::Mutex;
 use tandem_coordinator::{lease, StoreError};
 use tracing::{info, warn};
 
 use super::{instance, Handle, Lease};
+
+/// How the lease keeper's renewals went: what status and metrics say of
+/// the coordinator (`tandem_coordinator_up`, the lease's age).
+#[derive(Debug, Default)]
+pub(crate) struct Contact {
+    state: Mutex<ContactState>,
+}
+
+#[derive(Debug, Default)]
+struct ContactState {
+    /// When the last renewal (or grant) the store answered was sent.
+    renewed: Option<(Instant, SystemTime)>,
+    /// The last attempt failed (no answer, or an error).
+    failing: bool,
+}
+
+impl Contact {
+    fn answered(&self, sent: Instant) {
+        let wall = SystemTime::now()
+            .checked_sub(sent.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut s = self.state.lock();
+        s.renewed = Some((sent, wall));
+        s.failing = false;
+    }
+
+    fn failed(&self) {
+        self.state.lock().failing = true;
+    }
+
+    /// The coordinator answered the last renewal, and within `ttl`.
+    pub fn reachable(&self, ttl: Duration) -> bool {
+        let s = self.state.lock();
+        !s.failing && s.renewed.is_some_and(|(at, _)| at.elapsed() < ttl)
+    }
+
+    /// Time since the last renewal the coordinator answered was sent.
+    pub fn lease_age(&self) -> Option<Duration> {
+        self.state.lock().renewed.map(|(at, _)| at.elapsed())
+    }
+
+    /// When that renewal was sent, on the wall clock.
+    pub fn last_renewal(&self) -> Option<SystemTime> {
+        self.state.lock().renewed.map(|(_, wall)| wall)
+    }
+}
 
 pub(super) fn run(h: &Handle) {
     let every = lease::renew_every(h.ttl);
@@ -34,6 +81,10 @@ pub(super) fn run(h: &Handle) {
                 instance::Acquired::LeaseLost => continue,
                 instance::Acquired::Refused | instance::Acquired::Stopped => return,
             }
+        }
+        match &outcome {
+            Ok(_) | Err(StoreError::LeaseNotFound(_)) => h.contact.answered(sent),
+            Err(_) => h.contact.failed(),
         }
         match outcome {
             Ok(granted) => {

@@ -93,6 +93,8 @@ pub(crate) struct Handle {
     pool: pool::Pool,
     /// This agent's claim of its site name (one running agent per name).
     pub instance: instance::Instances,
+    /// How the lease keeper's renewals went.
+    pub contact: keeper::Contact,
     /// Failsafe: peer lease asks in flight.
     asks: failsafe::Asks,
 }
@@ -213,6 +215,7 @@ impl Ownership {
             members: RwLock::new(Vec::new()),
             pool: pool::Pool::default(),
             instance: instance::Instances::new(me),
+            contact: keeper::Contact::default(),
             asks: failsafe::Asks::default(),
         });
         for (runtime, record) in groups {

@@ -240,6 +240,9 @@ fn table(s: &SiteStatus, now: u64) -> String {
             "\ngroup {}  owner {}  epoch {}  mode {}  here {}\n",
             g.name, owner, g.epoch, g.mode, here
         );
+        if let Some(f) = &g.fenced {
+            out += &format!("  writes fenced since {}: {}\n", f.since, f.detail);
+        }
         if let Some(vm) = &g.vm {
             out += &format!("  vm {}  {} here", vm.name, vm.state);
             if let Some(e) = &vm.error {
