@@ -28,6 +28,10 @@ pub const MAX_PATH: usize = 4096;
 pub const MAX_MODE: u32 = 0o7777;
 /// The largest `File` (configuration files and VM definitions).
 pub const MAX_FILE: u32 = 16 << 20;
+/// Ranges in one `Diverged` (20 bytes each: 20 MiB at most). A replica
+/// that knows more sends `known = false` (a whole comparison).
+pub const MAX_DIVERGED_RANGES: usize = 1 << 20;
+pub(crate) const DIVERGED_RULE: &str = "at most 1048576";
 /// The longest frame a connection may send before it is authenticated
 /// (TLS handshake done, hello checked): the largest valid `Define` or
 /// `Hello`, with room to spare. A longer one is refused from its header.
@@ -183,6 +187,29 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
             check_name(kind, "replica", replica.len())?;
         }
         Message::Linked { .. } | Message::End { .. } => {}
+        Message::Diverged(d) => {
+            if d.ranges.len() > MAX_DIVERGED_RANGES {
+                return Err(out_of_bounds(
+                    kind,
+                    "ranges",
+                    d.ranges.len() as u64,
+                    DIVERGED_RULE,
+                ));
+            }
+            if !d.known && !d.ranges.is_empty() {
+                return Err(PeerError::malformed(kind, "ranges that are not known"));
+            }
+            for &(_, offset, len) in &d.ranges {
+                if offset.checked_add(len).is_none() {
+                    return Err(out_of_bounds(
+                        kind,
+                        "len",
+                        len,
+                        "offset + len must not pass 2^64",
+                    ));
+                }
+            }
+        }
         Message::Refuse { .. }
         | Message::Ack(_)
         | Message::ResyncBegin { .. }

@@ -42,7 +42,7 @@ pub mod payload;
 pub mod stream;
 
 pub use bounds::{
-    chunk_ok, MAX_BITMAP, MAX_CHUNK, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME, MAX_PATH,
+    chunk_ok, MAX_BITMAP, MAX_CHUNK, MAX_DIVERGED_RANGES, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME, MAX_PATH,
     MAX_PREAUTH_PAYLOAD, MAX_VOLUMES, MIN_CHUNK,
 };
 pub use codec::{
@@ -51,7 +51,7 @@ pub use codec::{
 };
 pub use error::PeerError;
 pub use message::{
-    frame_kind, message_type, type_name, Ack, Hello, Message, Record, RecordOp, ReplicaState,
+    frame_kind, message_type, type_name, Ack, Diverged, Hello, Message, Record, RecordOp, ReplicaState,
     Welcome,
 };
 pub use payload::{is_zero, Compressor, Encoding, Payload, PAYLOAD_OVERHEAD};
@@ -60,7 +60,7 @@ pub use stream::{
 };
 
 /// The protocol version sent in `Hello`.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The frame magic, `"TNDP"` as a little-endian `u32`.
 pub const MAGIC: u32 = 0x544E_4450;
 /// Bytes of a frame header.

@@ -79,6 +79,10 @@ pub enum Message {
     /// over (the primary stops the group; the replica was promoted or
     /// failed), with the reason.
     End { reason: String },
+    /// R→P, right after `Welcome` (type 26): what this replica knows of
+    /// where its images may differ from the primary's, so that only those
+    /// regions are compared (docs/PEER.md, "Divergence").
+    Diverged(Diverged),
     /// Either way: a keepalive carrying the sender's clock in nanoseconds.
     Ping(u64),
     /// Either way: answers a `Ping`, echoing its value.
@@ -207,6 +211,20 @@ pub struct Record {
     pub data: Payload,
 }
 
+/// R→P: what a replica knows of where it may differ (type 26).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Diverged {
+    /// The epoch of the primary whose resync last began here and has not
+    /// yet left the images consistent (0: none, or not known).
+    pub resync_epoch: u64,
+    /// Whether `ranges` is known: the images hold this site's own history
+    /// as it served the group, and `ranges` (its dirty map when it
+    /// stopped serving) covers every write that another site may lack.
+    pub known: bool,
+    /// (volume index, offset, length); empty unless `known`.
+    pub ranges: Vec<(u32, u64, u64)>,
+}
+
 /// R→P: progress of the replica (type 5); each is a record sequence number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ack {
@@ -239,6 +257,7 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::Link { .. } => 19,
         Message::Linked { .. } => 20,
         Message::End { .. } => 21,
+        Message::Diverged(_) => 26,
     }
 }
 
@@ -266,6 +285,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         19 => "link",
         20 => "linked",
         21 => "end",
+        26 => "diverged",
         _ => return None,
     })
 }

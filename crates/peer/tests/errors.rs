@@ -434,6 +434,7 @@ fn kinds() {
     assert_eq!(type_name(20), Some("linked"));
     assert_eq!(type_name(21), Some("end"));
     assert_eq!(type_name(22), None);
+    assert_eq!(type_name(26), Some("diverged"));
 }
 
 #[test]
