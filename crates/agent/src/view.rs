@@ -283,6 +283,7 @@ impl StatusView {
                             rtt_ms: None,
                             wire_bytes: 0,
                             raw_bytes: 0,
+                            compare_bytes_read: p.compared,
                             last_error: None,
                         }],
                         ..base
@@ -341,6 +342,7 @@ fn link_status(
         rtt_ms: info.rtt.map(|d| d.as_secs_f64() * 1000.0),
         wire_bytes: info.wire_bytes,
         raw_bytes: info.raw_bytes,
+        compare_bytes_read: info.compare_bytes,
         last_error: info.last_error,
     }
 }

@@ -2,7 +2,8 @@
 //! front of a buffer (docs/PEER.md, "Framing").
 
 use crate::bounds::{
-    self, DIVERGED_RULE, MAX_BITMAP, MAX_DIVERGED_RANGES, MAX_HASHES, MAX_NAME, MAX_PATH, MAX_VOLUMES,
+    self, DIVERGED_RULE, MAX_BITMAP, MAX_DIVERGED_RANGES, MAX_HASHES, MAX_NAME, MAX_PATH,
+    MAX_VOLUMES,
 };
 use crate::error::PeerError;
 use crate::message::{

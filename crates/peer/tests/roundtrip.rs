@@ -180,7 +180,10 @@ pub fn message() -> impl Strategy<Value = Message> {
         }),
         any::<u16>().prop_map(|version| Message::Linked { version }),
         text().prop_map(|reason| Message::End { reason }),
-        (any::<u64>(), prop::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..40))
+        (
+            any::<u64>(),
+            prop::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..40)
+        )
             .prop_map(|(resync_epoch, ranges)| {
                 let ranges: Vec<_> = ranges
                     .into_iter()
