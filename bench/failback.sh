@@ -83,7 +83,9 @@ map_clear() { # at most one region of ny's dirty map marked
     ((n <= 1))
 }
 
-# run LABEL BIN: one failback; prints "LABEL compared_by_chicago ny_counter chicago_counter".
+# run LABEL BIN: one failback; appends "LABEL compared_by_chicago ny_counter
+# chicago_counter" to $WORK/results. (Not in a subshell: the agents it
+# starts are tracked by this shell.)
 run() {
     local label=$1
     BIN=$2
@@ -111,7 +113,7 @@ run() {
     ny=$AGENT_PID
     tandem_start_agent "$BIN" "$RUN/chicago.toml" "$RUN/chicago.log"
     chicago=$AGENT_PID
-    wait_for "ny primary" "$READY_TIMEOUT" is_role ny "('primary', 1)"
+    wait_for "ny primary" "$READY_TIMEOUT" is_role ny "primary 1"
     wait_for "initial sync" 600 replica_caught_up ny
     wait_for "ny's dirty map cleared after the initial sync" 60 map_clear
     log "$label: initial sync done; pausing replication, $UNREPLICATED unreplicated on ny, SIGKILL ny"
@@ -121,7 +123,7 @@ run() {
     kill -KILL "$ny"
     wait "$ny" 2>/dev/null || true
     untrack_pid "$ny"
-    wait_for "chicago primary in epoch 2" 60 is_role chicago "('primary', 2)"
+    wait_for "chicago primary in epoch 2" 60 is_role chicago "primary 2"
     log "$label: chicago took over; writing $WRITES there"
     qemu-io -f raw -c "write -P 0x33 1G $((WRITES_BYTES / MIB))M" -c flush \
         "$(nbd_uri "$RUN/chicago/nbd/v.sock")" >/dev/null
@@ -130,19 +132,19 @@ run() {
     local t0=$SECONDS
     tandem_start_agent "$BIN" "$RUN/ny.toml" "$RUN/ny.log"
     ny=$AGENT_PID
-    wait_for "ny replica of chicago" 120 is_role ny "('replica', 2)"
+    wait_for "ny replica of chicago" 120 is_role ny "replica 2"
     wait_for "ny caught up" 900 replica_caught_up chicago
     log "$label: ny rejoined and caught up in $((SECONDS - t0)) s"
     local by_log ny_counter ch_counter
     by_log=$(tail -n +"$((mark + 1))" "$RUN/chicago.log" | grep 'resync: comparing chunks' |
-        grep -o 'bytes=[0-9]*' | cut -d= -f2 | awk '{s += $1} END {print s + 0}')
+        grep -o 'bytes=[0-9]*' | cut -d= -f2 | awk '{s += $1} END {printf "%d", s}')
     ch_counter=$(json "d['groups'][0]['replicas'][0].get('compare_bytes_read', '-')" chicago)
     ny_counter=$(json "d['groups'][0]['replicas'][0].get('compare_bytes_read', '-')" ny)
     [[ -e "$RUN/ny/rollback" ]] || warn "$label: no rollback file on ny"
     stop_pid "$ny"
     stop_pid "$chicago"
     stop_all_pids
-    printf '%s %s %s %s\n' "$label" "$by_log" "$ny_counter" "$ch_counter"
+    printf '%s %s %s %s\n' "$label" "$by_log" "$ny_counter" "$ch_counter" >>"$WORK/results"
 }
 
 # This tree's binary: BIN_NEW, else the release build (built if missing).
@@ -154,17 +156,15 @@ if [[ ! -x "$NEW" ]]; then
 fi
 [[ -x "$NEW" ]] || die "no tandem binary at $NEW"
 
-results=()
 if [[ -n "${BASELINE:-}" ]]; then
-    results+=("$(run before "$BASELINE")")
+    run before "$BASELINE"
 fi
-results+=("$(run after "$NEW")")
+run after "$NEW"
 
 gib() { "$PY" -c "import sys; v=sys.argv[1]; print(v if not v.isdigit() else '%.3f GiB' % (int(v) / 2**30))" "$1"; }
 printf '\nfailback after %s of writes on the new owner (+%s unreplicated on the old one), %s volume\n' "$WRITES" "$UNREPLICATED" "$VOLUME"
 printf '%-8s %-28s %-24s %-24s\n' tree "compared (chicago's log)" "ny compare_bytes_read" "chicago compare_bytes_read"
-for r in "${results[@]}"; do
-    read -r label by_log nyc chc <<<"$r"
+while read -r label by_log nyc chc; do
     printf '%-8s %-28s %-24s %-24s\n' "$label" "$(gib "$by_log")" "$(gib "$nyc")" "$(gib "$chc")"
-done
+done <"$WORK/results"
 printf 'target: <= 1.5 GiB per side\n'
