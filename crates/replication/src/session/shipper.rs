@@ -314,7 +314,10 @@ impl ShipperSession {
         // A resync of this epoch began there: this primary's capture owes
         // it every range that resync has not yet confirmed.
         let ours = d.resync_epoch == self.epoch;
-        if w.state == ReplicaState::New {
+        // A new replica whose first resync (of this epoch) was
+        // interrupted is resumed like any other; otherwise it is compared
+        // in full.
+        if w.state == ReplicaState::New && !(ours && owed) {
             return Ok(Opening::CompareAll(Mismatch::NotConsistent(w.state)));
         }
         if on_history {
@@ -333,7 +336,7 @@ impl ShipperSession {
                 Opening::CompareAll(Mismatch::NotConsistent(w.state))
             });
         }
-        if w.state == ReplicaState::Inconsistent {
+        if w.state != ReplicaState::Consistent {
             // Before its first part ended there: its tip is still of the
             // history it had. Only what this capture owes may differ.
             return Ok(if ours && owed {
@@ -821,11 +824,23 @@ mod tests {
             s.welcome(&w, &d, 500, owed, &sizes, now).unwrap()
         };
         use ReplicaState::{Consistent, Inconsistent, New};
-        // A new replica: everything, whatever it says.
+        // A new replica: everything, unless a resync of this epoch began
+        // there and is still owed (interrupted before its first part
+        // ended).
+        for d in [told(3, None), told(0, None)] {
+            assert!(matches!(
+                open(w(0, 0, New), d, false),
+                Opening::CompareAll(Mismatch::NotConsistent(New))
+            ));
+        }
         assert!(matches!(
-            open(w(0, 0, New), told(3, None), true),
+            open(w(0, 0, New), told(2, None), true),
             Opening::CompareAll(Mismatch::NotConsistent(New))
         ));
+        assert_eq!(
+            open(w(0, 0, New), told(3, None), true),
+            Opening::Resume { durable: None }
+        );
         // Interrupted in a resync of this epoch, past a part's end (tip of
         // this epoch) or before (tip of its old history): what is owed.
         assert_eq!(
@@ -909,7 +924,8 @@ mod tests {
                     prop_assert_eq!(at, durable);
                 }
                 Opening::Resume { durable: at } => {
-                    prop_assert_eq!(state, ReplicaState::Inconsistent);
+                    prop_assert!(state != ReplicaState::Consistent);
+                    prop_assert!(state != ReplicaState::New || owed);
                     prop_assert_eq!(resync_epoch, epoch);
                     prop_assert!(at.is_some() == on_history);
                     prop_assert!(on_history || owed);
