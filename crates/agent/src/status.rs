@@ -258,6 +258,11 @@ pub struct ReplicaStatus {
     /// Bytes sent on the link, after compression, and before.
     pub wire_bytes: u64,
     pub raw_bytes: u64,
+    /// Bytes of this site's images hashed to compare them with the other
+    /// side (resyncs and `tandem verify`) since the agent started: on a
+    /// primary, for this replica; on a replica, for its primaries.
+    #[serde(default)]
+    pub compare_bytes_read: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// When the replica entered `state` (UTC), as the reporting site saw

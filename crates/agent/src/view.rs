@@ -339,6 +339,7 @@ impl StatusView {
                             rtt_ms: None,
                             wire_bytes: 0,
                             raw_bytes: 0,
+                            compare_bytes_read: p.compared,
                             last_error: None,
                             since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
                             // Only the primary knows what this site lacks.
@@ -430,6 +431,7 @@ fn link_status(
         rtt_ms: info.rtt.map(|d| d.as_secs_f64() * 1000.0),
         wire_bytes: info.wire_bytes,
         raw_bytes: info.raw_bytes,
+        compare_bytes_read: info.compare_bytes,
         last_error: info.last_error,
         since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
         rpo_seconds: Some(lag_seconds),

@@ -99,7 +99,9 @@ fn replicate(capture: &GroupCapture, copies: &[File], stop: &AtomicBool, hold: b
                 capture.ack("dr", r.seq).unwrap();
                 records += 1;
             }
-            Some(Event::Resync { ranges, resume_at }) => {
+            Some(Event::Resync {
+                ranges, resume_at, ..
+            }) => {
                 for (v, list) in ranges.iter().enumerate() {
                     for &(offset, len) in list {
                         let mut buf = vec![0; len as usize];

@@ -98,6 +98,45 @@ impl FineDirty {
         }
     }
 
+    /// Moves the first `max` regions (4 MiB) with anything dirty, in
+    /// region order, into a set of their own: a resync's next part.
+    pub fn split_off_regions(&mut self, max: usize) -> FineDirty {
+        let mut part = FineDirty::default();
+        let whole: Vec<u64> = self.whole_regions().collect();
+        let mut whole = whole.into_iter().peekable();
+        let mut partial = self
+            .regions
+            .keys()
+            .copied()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .peekable();
+        for _ in 0..max {
+            let take_whole = match (whole.peek(), partial.peek()) {
+                (Some(w), Some(p)) => w < p,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            if take_whole {
+                let Some(region) = whole.next() else { break };
+                self.whole[(region / 64) as usize] &= !(1 << (region % 64));
+                part.add_region(region);
+            } else {
+                let Some(region) = partial.next() else { break };
+                if let Some(words) = self.regions.remove(&region) {
+                    part.regions.insert(region, words);
+                }
+            }
+        }
+        part
+    }
+
+    /// Regions (4 MiB) with anything dirty.
+    pub fn region_count(&self) -> usize {
+        self.whole_regions().count() + self.regions.len()
+    }
+
     /// Whether any block of region `region` (4 MiB) is dirty.
     pub fn touches_region(&self, region: u64) -> bool {
         self.is_whole(region) || self.regions.contains_key(&region)
@@ -216,5 +255,27 @@ mod tests {
             }
             prop_assert_eq!(got, model);
         }
+    }
+
+    #[test]
+    fn a_part_takes_the_first_regions_and_leaves_the_rest() {
+        let size = 64 * REGION_SIZE;
+        let mut d = FineDirty::default();
+        d.add_region(1);
+        d.add(2 * REGION_SIZE + 4096, 4096);
+        d.add_region(5);
+        d.add(9 * REGION_SIZE, 8192);
+        let all = d.ranges(size);
+        let first = d.split_off_regions(2);
+        assert_eq!(
+            first.ranges(size),
+            vec![(REGION_SIZE, REGION_SIZE), (2 * REGION_SIZE + 4096, 4096)]
+        );
+        let second = d.split_off_regions(5);
+        assert!(d.is_empty());
+        let mut back = first.clone();
+        back.merge(&second);
+        assert_eq!(back.ranges(size), all);
+        assert!(d.split_off_regions(3).is_empty());
     }
 }

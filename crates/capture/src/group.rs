@@ -19,6 +19,10 @@ use crate::spill::{self, Cursor};
 
 /// Fixed per-record overhead counted against `queue_memory`.
 const RECORD_OVERHEAD: usize = 96;
+/// Regions (4 MiB) handed out per resync part: 1 GiB. A part is confirmed
+/// (`ResyncDone`) before the next starts, so an interrupted resync starts
+/// again from the first part not confirmed, not from the beginning.
+pub const RESYNC_PART_REGIONS: usize = 256;
 
 /// One captured change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,10 +85,14 @@ pub enum Event {
     /// agent restarted): copy these ranges of each volume (indexed like the
     /// group's volumes) from the primary, then continue with the records
     /// from `resume_at`. [`GroupCapture::resync_done`] says the copy is
-    /// complete.
+    /// complete. A long resync comes in parts of at most
+    /// [`RESYNC_PART_REGIONS`] regions: `more` bytes are still owed after
+    /// this one (0: the last part), and the next part is handed out once
+    /// this one is confirmed.
     Resync {
         ranges: Vec<Vec<(u64, u64)>>,
         resume_at: u64,
+        more: u64,
     },
 }
 
@@ -612,14 +620,17 @@ impl GroupCapture {
             let upcoming = st_ref.seq.peek();
             let i = replica_index(&st_ref.replicas, replica)?;
             let r = &mut st_ref.replicas[i];
-            if r.overflowed || r.gap.iter().any(|g| !g.is_empty()) {
+            let owes = r.overflowed || r.gap.iter().any(|g| !g.is_empty());
+            if owes && r.resyncing.is_none() {
                 if out.len() == start {
                     out.push_back(self.start_resync(r, upcoming));
                 }
                 return Ok(());
             }
             let mut fell_back = false;
-            while out.len() - start < max {
+            // With a part not yet confirmed and more owed, nothing is
+            // handed out until its `ResyncDone` (or a reconnect).
+            while !owes && out.len() - start < max {
                 match st_ref.queue.next_from(r.next, &mut r.cursor) {
                     Ok(Some(record)) => {
                         r.next = record.seq + 1;
@@ -649,8 +660,17 @@ impl GroupCapture {
     /// replica owes every change so far in `gap`, so it resumes with the
     /// next change; otherwise it resumes where its stream was.
     fn start_resync(&self, r: &mut Replica, upcoming: u64) -> Event {
-        let empty = vec![FineDirty::default(); self.volumes.len()];
-        let gap = std::mem::replace(&mut r.gap, empty);
+        let mut budget = RESYNC_PART_REGIONS;
+        let gap: Vec<FineDirty> = r
+            .gap
+            .iter_mut()
+            .map(|g| {
+                let part = g.split_off_regions(budget);
+                budget -= part.region_count().min(budget);
+                part
+            })
+            .collect();
+        let more = r.gap.iter().map(FineDirty::dirty_bytes).sum();
         let ranges = gap
             .iter()
             .zip(&self.volumes)
@@ -667,7 +687,11 @@ impl GroupCapture {
             }
         }
         r.resyncing = Some((pending, resume_at));
-        Event::Resync { ranges, resume_at }
+        Event::Resync {
+            ranges,
+            resume_at,
+            more,
+        }
     }
 
     /// `replica` holds every change up to `seq` durably.
@@ -801,6 +825,56 @@ impl GroupCapture {
         st.trim();
         drop(st);
         self.acknowledged.notify_all();
+        // The next part (if any) may start.
+        self.arrived.notify_all();
+        self.tell_listeners();
+        Ok(())
+    }
+
+    /// Whether `replica` is owed ranges outside the record stream (a
+    /// resync handed out and not confirmed, or dirty ranges).
+    pub fn owes(&self, replica: &str) -> Result<bool, CaptureError> {
+        let mut st = self.state.lock();
+        let r = replica_mut(&mut st.replicas, replica)?;
+        Ok(r.overflowed || r.resyncing.is_some() || r.gap.iter().any(|g| !g.is_empty()))
+    }
+
+    /// `replica` may differ from this site's images in `ranges` (per
+    /// volume: a former owner's writes this site never got) and in every
+    /// change it has not acknowledged: those ranges are marked in the
+    /// persistent dirty map (durably, invariant D1: they stay owed across
+    /// a restart until the replica confirms them) and owed with every
+    /// region the map marks, to be compared chunk by chunk; its records
+    /// resume with the next change.
+    pub fn owe_ranges(
+        &self,
+        replica: &str,
+        ranges: &[Vec<(u64, u64)>],
+    ) -> Result<(), CaptureError> {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let i = replica_index(&st.replicas, replica)?;
+        for ((map, list), &size) in st.maps.iter_mut().zip(ranges).zip(&st.sizes) {
+            for &(offset, len) in list {
+                let len = len.min(size.saturating_sub(offset));
+                if len > 0 {
+                    map.mark(offset, len)?;
+                }
+            }
+        }
+        let r = &mut st.replicas[i];
+        for ((gap, map), &size) in r.gap.iter_mut().zip(&st.maps).zip(&st.sizes) {
+            for (offset, len) in map.ranges(size) {
+                for region in regions_of(offset, len) {
+                    gap.add_region(region);
+                }
+            }
+        }
+        r.overflowed = true;
+        r.cursor = None;
+        r.behind_since.get_or_insert_with(Instant::now);
+        let dropped = st.trim();
+        st.dropped_records += dropped;
         Ok(())
     }
 
@@ -809,6 +883,15 @@ impl GroupCapture {
     /// by chunk (only chunks that differ move).
     pub fn owe_everything(&self, replica: &str) -> Result<(), CaptureError> {
         let mut st = self.state.lock();
+        let st = &mut *st;
+        // Marked first, durably: the map covers what this replica lacks
+        // until it confirms the comparison, across restarts (D1), so an
+        // interrupted initial sync resumes with what is left.
+        for (map, &size) in st.maps.iter_mut().zip(&st.sizes) {
+            if size > 0 {
+                map.mark(0, size)?;
+            }
+        }
         let r = replica_mut(&mut st.replicas, replica)?;
         for (gap, v) in r.gap.iter_mut().zip(&self.volumes) {
             for region in regions_of(0, v.image.size()) {

@@ -70,7 +70,9 @@ fn consume(group: &GroupCapture, replicas: &[File], done: &AtomicBool) -> (u64, 
                 group.ack("dr", r.seq).unwrap();
                 records += 1;
             }
-            Some(Event::Resync { ranges, resume_at }) => {
+            Some(Event::Resync {
+                ranges, resume_at, ..
+            }) => {
                 // Copy the owed ranges from the primary, as a resync does.
                 for (v, list) in ranges.iter().enumerate() {
                     for &(offset, len) in list {

@@ -159,7 +159,9 @@ fn drain(
                 group.ack(replica, r.seq).unwrap();
                 got.records.push((r.seq, r.volume, r.op.clone()));
             }
-            Some(Event::Resync { ranges, resume_at }) => {
+            Some(Event::Resync {
+                ranges, resume_at, ..
+            }) => {
                 copy.copy(group, &ranges);
                 group.resync_done(replica, resume_at).unwrap();
                 got.resyncs.push((ranges, resume_at));
@@ -445,7 +447,9 @@ fn past_max_queue_the_laggard_overflows_to_dirty_ranges_as_before() {
 
     // One resync of exactly the blocks it lacks, then it streams again.
     match group.next_event("slow", NOW).unwrap() {
-        Some(Event::Resync { ranges, resume_at }) => {
+        Some(Event::Resync {
+            ranges, resume_at, ..
+        }) => {
             assert_eq!(ranges, blocks_of(&written));
             assert_eq!(resume_at, group.next_seq());
             slow.copy(&group, &ranges);
@@ -544,7 +548,9 @@ fn a_damaged_frame_found_while_overflowing_owes_the_marked_regions() {
     }
     let marked = group.dirty_ranges();
     match group.next_event("slow", NOW).unwrap() {
-        Some(Event::Resync { ranges, resume_at }) => {
+        Some(Event::Resync {
+            ranges, resume_at, ..
+        }) => {
             assert_eq!(ranges, marked);
             slow.copy(&group, &ranges);
             group.resync_done("slow", resume_at).unwrap();

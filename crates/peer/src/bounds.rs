@@ -35,6 +35,10 @@ pub const MAX_FILE: u32 = 16 << 20;
 /// The largest status report (`StatusReport`, decoded JSON): a site's
 /// status with hundreds of groups is far smaller.
 pub const MAX_STATUS_REPORT: u32 = 8 << 20;
+/// Ranges in one `Diverged` (20 bytes each: 20 MiB at most). A replica
+/// that knows more sends `known = false` (a whole comparison).
+pub const MAX_DIVERGED_RANGES: usize = 1 << 20;
+pub(crate) const DIVERGED_RULE: &str = "at most 1048576";
 /// The longest frame a connection may send before it is authenticated
 /// (TLS handshake done, hello checked): the largest valid `Define` or
 /// `Hello`, with room to spare. A longer one is refused from its header.
@@ -227,6 +231,29 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
         Message::Linked { .. } | Message::End { .. } => {}
         Message::StatusRequest { site } => check_name(kind, "site", site.len())?,
         Message::StatusReport { report } => check_data(kind, report.raw_len)?,
+        Message::Diverged(d) => {
+            if d.ranges.len() > MAX_DIVERGED_RANGES {
+                return Err(out_of_bounds(
+                    kind,
+                    "ranges",
+                    d.ranges.len() as u64,
+                    DIVERGED_RULE,
+                ));
+            }
+            if !d.known && !d.ranges.is_empty() {
+                return Err(PeerError::malformed(kind, "ranges that are not known"));
+            }
+            for &(_, offset, len) in &d.ranges {
+                if offset.checked_add(len).is_none() {
+                    return Err(out_of_bounds(
+                        kind,
+                        "len",
+                        len,
+                        "offset + len must not pass 2^64",
+                    ));
+                }
+            }
+        }
         Message::Refuse { .. }
         | Message::Ack(_)
         | Message::ResyncBegin { .. }

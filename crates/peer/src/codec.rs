@@ -2,11 +2,12 @@
 //! front of a buffer (docs/PEER.md, "Framing").
 
 use crate::bounds::{
-    self, MAX_BITMAP, MAX_HASHES, MAX_LEASE_GROUPS, MAX_NAME, MAX_PATH, MAX_REASON, MAX_VOLUMES,
+    self, DIVERGED_RULE, MAX_BITMAP, MAX_DIVERGED_RANGES, MAX_HASHES, MAX_LEASE_GROUPS, MAX_NAME,
+    MAX_PATH, MAX_REASON, MAX_VOLUMES,
 };
 use crate::error::PeerError;
 use crate::message::{
-    message_type, type_name, Ack, Hello, Message, Record, RecordOp, ReplicaState, Welcome,
+    message_type, type_name, Ack, Diverged, Hello, Message, Record, RecordOp, ReplicaState, Welcome,
 };
 use crate::payload::{Encoding, Payload, PAYLOAD_OVERHEAD};
 use crate::{FRAME_HEADER_LEN, MAGIC, MAX_PAYLOAD};
@@ -383,6 +384,43 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         25 => Message::StatusReport {
             report: r.payload("report")?,
         },
+        26 => {
+            let resync_epoch = r.u64("resync_epoch")?;
+            let known = match r.u8("known")? {
+                0 => false,
+                1 => true,
+                k => {
+                    return Err(PeerError::malformed(
+                        kind,
+                        format_args!("known must be 0 or 1, not {k}"),
+                    ))
+                }
+            };
+            let n = r.count("ranges", 4 + 8 + 8, (MAX_DIVERGED_RANGES, DIVERGED_RULE))?;
+            if n > 0 && !known {
+                return Err(PeerError::malformed(kind, "ranges that are not known"));
+            }
+            let mut ranges = Vec::with_capacity(n);
+            for _ in 0..n {
+                let volume = r.u32("volume")?;
+                let offset = r.u64("offset")?;
+                let len = r.u64("len")?;
+                if offset.checked_add(len).is_none() {
+                    return Err(bounds::out_of_bounds(
+                        kind,
+                        "len",
+                        len,
+                        "offset + len must not pass 2^64",
+                    ));
+                }
+                ranges.push((volume, offset, len));
+            }
+            Message::Diverged(Diverged {
+                resync_epoch,
+                known,
+                ranges,
+            })
+        }
         ty => return Err(PeerError::UnknownType(ty)),
     };
     r.finish()?;
@@ -621,6 +659,7 @@ pub fn payload_len(msg: &Message) -> usize {
         }
         Message::StatusRequest { site } => str_len(site),
         Message::StatusReport { report } => report.wire_len(),
+        Message::Diverged(d) => 8 + 1 + 4 + 20 * d.ranges.len(),
     }
 }
 
@@ -784,6 +823,16 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
         }
         Message::StatusRequest { site } => put_str(w, site),
         Message::StatusReport { report } => put_payload(w, report),
+        Message::Diverged(d) => {
+            put_u64(w, d.resync_epoch);
+            w.push(u8::from(d.known));
+            put_u32(w, len_u32(d.ranges.len()));
+            for &(volume, offset, len) in &d.ranges {
+                put_u32(w, volume);
+                put_u64(w, offset);
+                put_u64(w, len);
+            }
+        }
     }
     let len = len_u32(w.len() - body);
     let crc = crc32c::crc32c(&w[body..]);

@@ -42,8 +42,8 @@ pub mod payload;
 pub mod stream;
 
 pub use bounds::{
-    chunk_ok, MAX_BITMAP, MAX_CHUNK, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME, MAX_PATH,
-    MAX_PREAUTH_PAYLOAD, MAX_STATUS_REPORT, MAX_VOLUMES, MIN_CHUNK,
+    chunk_ok, MAX_BITMAP, MAX_CHUNK, MAX_DIVERGED_RANGES, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME,
+    MAX_PATH, MAX_PREAUTH_PAYLOAD, MAX_STATUS_REPORT, MAX_VOLUMES, MIN_CHUNK,
 };
 pub use codec::{
     decode, decode_frame, decode_payload, encode, encode_on, parse_header, payload_len, try_encode,
@@ -51,8 +51,8 @@ pub use codec::{
 };
 pub use error::PeerError;
 pub use message::{
-    frame_kind, message_type, type_name, Ack, Hello, Message, Record, RecordOp, ReplicaState,
-    Welcome,
+    frame_kind, message_type, type_name, Ack, Diverged, Hello, Message, Record, RecordOp,
+    ReplicaState, Welcome,
 };
 pub use payload::{is_zero, Compressor, Encoding, Payload, PAYLOAD_OVERHEAD};
 pub use stream::{
@@ -60,7 +60,10 @@ pub use stream::{
 };
 
 /// The protocol version sent in `Hello`.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
+/// `ResyncEnd.consistent_at` of a resync part that more parts follow: the
+/// replica stays inconsistent until a later part ends.
+pub const NOT_YET_CONSISTENT: u64 = u64::MAX;
 /// The frame magic, `"TNDP"` as a little-endian `u32`.
 pub const MAGIC: u32 = 0x544E_4450;
 /// Bytes of a frame header.

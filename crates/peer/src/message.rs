@@ -96,6 +96,10 @@ pub enum Message {
         duration_ms: u32,
         answers: Vec<(String, String)>,
     },
+    /// R→P, right after `Welcome` (type 26): what this replica knows of
+    /// where its images may differ from the primary's, so that only those
+    /// regions are compared (docs/PEER.md, "Divergence").
+    Diverged(Diverged),
     /// Either way: a keepalive carrying the sender's clock in nanoseconds.
     Ping(u64),
     /// Either way: answers a `Ping`, echoing its value.
@@ -231,6 +235,20 @@ pub struct Record {
     pub data: Payload,
 }
 
+/// R→P: what a replica knows of where it may differ (type 26).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Diverged {
+    /// The epoch of the primary whose resync last began here and has not
+    /// yet left the images consistent (0: none, or not known).
+    pub resync_epoch: u64,
+    /// Whether `ranges` is known: the images hold this site's own history
+    /// as it served the group, and `ranges` (its dirty map when it
+    /// stopped serving) covers every write that another site may lack.
+    pub known: bool,
+    /// (volume index, offset, length); empty unless `known`.
+    pub ranges: Vec<(u32, u64, u64)>,
+}
+
 /// R→P: progress of the replica (type 5); each is a record sequence number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ack {
@@ -267,6 +285,7 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::LeaseAnswer { .. } => 23,
         Message::StatusRequest { .. } => 24,
         Message::StatusReport { .. } => 25,
+        Message::Diverged(_) => 26,
     }
 }
 
@@ -298,6 +317,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         23 => "lease_answer",
         24 => "status_request",
         25 => "status_report",
+        26 => "diverged",
         _ => return None,
     })
 }

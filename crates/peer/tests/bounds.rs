@@ -556,3 +556,52 @@ proptest! {
         }
     }
 }
+
+/// A `Diverged` payload: `known`, `count` ranges announced, `ranges`
+/// present.
+fn diverged(known: u8, count: u32, ranges: &[(u32, u64, u64)]) -> Vec<u8> {
+    let mut p = P::new().u64(3).u8(known).u32(count);
+    for &(v, o, l) in ranges {
+        p = p.u32(v).u64(o).u64(l);
+    }
+    p.frame(26)
+}
+
+#[test]
+fn diverged_ranges() {
+    let one = [(0, 4 << 20, 4 << 20)];
+    match decode_bounded(&diverged(1, 1, &one)) {
+        Ok(Message::Diverged(d)) => {
+            assert!(d.known);
+            assert_eq!((d.resync_epoch, d.ranges), (3, one.to_vec()));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(decode_bounded(&diverged(0, 0, &[])).is_ok());
+    // Past the bound: refused on the count, before anything is allocated.
+    for count in [MAX_DIVERGED_RANGES as u32 + 1, u32::MAX] {
+        assert_eq!(
+            out_of_bounds(decode_bounded(&diverged(1, count, &one))),
+            "ranges"
+        );
+    }
+    // A range that wraps past 2^64.
+    assert_eq!(
+        out_of_bounds(decode_bounded(&diverged(1, 1, &[(0, u64::MAX, 1)]))),
+        "len"
+    );
+    // Ranges the sender does not know, and a flag that is not one.
+    for frame in [diverged(0, 1, &one), diverged(2, 0, &[])] {
+        assert!(matches!(
+            decode_bounded(&frame),
+            Err(PeerError::Malformed(_))
+        ));
+    }
+    // The encoder refuses what the decoder would.
+    let unknown = Message::Diverged(Diverged {
+        resync_epoch: 0,
+        known: false,
+        ranges: one.to_vec(),
+    });
+    assert!(try_encode(&unknown, &mut Vec::new()).is_err());
+}

@@ -437,7 +437,7 @@ fn kinds() {
     assert_eq!(type_name(23), Some("lease_answer"));
     assert_eq!(type_name(24), Some("status_request"));
     assert_eq!(type_name(25), Some("status_report"));
-    assert_eq!(type_name(26), None);
+    assert_eq!(type_name(26), Some("diverged"));
     assert_eq!(type_name(40), None);
 }
 

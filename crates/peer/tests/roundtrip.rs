@@ -202,6 +202,21 @@ pub fn message() -> impl Strategy<Value = Message> {
             }),
         text().prop_map(|site| Message::StatusRequest { site }),
         payload_within(MAX_STATUS_REPORT).prop_map(|report| Message::StatusReport { report }),
+        (
+            any::<u64>(),
+            prop::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..40)
+        )
+            .prop_map(|(resync_epoch, ranges)| {
+                let ranges: Vec<_> = ranges
+                    .into_iter()
+                    .map(|(v, o, l)| (v, o / 2, l / 2))
+                    .collect();
+                Message::Diverged(tandem_peer::Diverged {
+                    resync_epoch,
+                    known: !ranges.is_empty() || resync_epoch % 2 == 0,
+                    ranges,
+                })
+            }),
     ]
 }
 

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod diverged;
 mod error;
 pub mod files;
 pub mod journal;

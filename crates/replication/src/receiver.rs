@@ -520,7 +520,10 @@ async fn session<I: Inbox, O: Outbox>(
     }
     let _session = EndSession(&plan);
     tracing::info!(group = %plan.name(), primary = %hello.primary, epoch = hello.epoch, durable = welcome.durable, state = welcome.state.as_str(), "replication session started");
+    let divergence = group.divergence();
+    tracing::info!(group = %plan.name(), resync_epoch = divergence.resync_epoch, known = divergence.known, ranges = divergence.ranges.len(), "told the primary where this replica may differ");
     writer.send(&Message::Welcome(welcome)).await?;
+    writer.send(&Message::Diverged(divergence)).await?;
     writer.flush().await?;
     plan.connected.store(true, Ordering::Release);
     let mut data = Vec::new();

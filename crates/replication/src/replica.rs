@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use tandem_volume::RawImage;
 
+use crate::diverged::{self, Divergence};
 use crate::error::ReplicaError;
 use crate::journal::{remove_segments, Entry, Journal, RecordOp, HEADER_LEN};
 use crate::state::{ReplicaState, StateFile};
@@ -61,6 +62,11 @@ pub struct Position {
     /// No state yet: the images hold nothing known.
     pub new: bool,
     pub resyncing: bool,
+    /// The epoch of the primary whose resync last began here.
+    pub resync_epoch: u64,
+    /// Bytes of the images hashed to compare them with a primary's, since
+    /// the group was opened (resyncs and verifications).
+    pub compared: u64,
 }
 
 /// Received records in journal encoding, with where each one's data lies.
@@ -139,6 +145,8 @@ struct Core {
     resume_at: Option<u64>,
     /// Created by this run and never synced since.
     new: bool,
+    /// Bytes hashed for comparisons since the group was opened.
+    compared: u64,
     /// Last record received (shared with the receiving side).
     received: Arc<AtomicU64>,
     /// The latest position, readable while a session holds the group.
@@ -234,7 +242,15 @@ pub struct ReplicaGroup {
     batch: Batch,
     received: Arc<AtomicU64>,
     published: Arc<Mutex<Position>>,
+    /// Where the images may differ, if this site served the group until
+    /// it became a replica (`diverged` beside the state).
+    divergence: Option<Divergence>,
+    divergence_path: std::path::PathBuf,
 }
+
+/// The file of a demoted primary's divergence in a group's replica
+/// directory.
+const DIVERGED_FILE: &str = "diverged";
 
 impl ReplicaGroup {
     /// Opens the group's replica state under `dir`
@@ -272,18 +288,33 @@ impl ReplicaGroup {
             consistent: false,
             new,
             resyncing: false,
+            resync_epoch: 0,
+            compared: 0,
         }));
+        let divergence_path = dir.join(DIVERGED_FILE);
+        let divergence = match diverged::load(&divergence_path) {
+            Ok(d) => d,
+            Err(e) => {
+                // Unknown: a primary compares everything instead.
+                tracing::warn!(
+                    group = name,
+                    "{e}: the regions that may differ are not known"
+                );
+                None
+            }
+        };
         let mut core = Core {
             name: name.to_owned(),
             volumes: Arc::clone(&volumes),
             applied: state.get().applied,
             tip_epoch: state.get().tip_epoch,
+            resync_epoch: state.get().resync_epoch,
             journal,
             state,
-            resync_epoch: 0,
             last_checkpoint: Instant::now(),
             resume_at: None,
             new,
+            compared: 0,
             received: Arc::clone(&received),
             published: Arc::clone(&published),
         };
@@ -333,6 +364,8 @@ impl ReplicaGroup {
             batch: Batch::default(),
             received,
             published,
+            divergence,
+            divergence_path,
         })
     }
 
@@ -343,13 +376,18 @@ impl ReplicaGroup {
     /// Sets up the replica state of a site that served the group until
     /// now (demotion): its images hold exactly the records up to `tip`
     /// (epoch, seq) of its own history, and its journal is empty. A stale
-    /// state from an earlier time as replica is replaced.
+    /// state from an earlier time as replica is replaced. `diverged` are
+    /// the regions its dirty map marked (volume, offset, length): every
+    /// write another site may lack is inside them; kept beside the state
+    /// until a resync has ended here (None: not known, and a primary will
+    /// compare everything).
     pub fn adopt(
         dir: &Path,
         name: &str,
         volumes: Vec<ReplicaVolume>,
         tip: (u64, u64),
         epoch: u64,
+        diverged: Option<Vec<(u32, u64, u64)>>,
     ) -> Result<ReplicaGroup, ReplicaError> {
         let journal = dir.join("journal");
         match std::fs::remove_dir_all(&journal) {
@@ -368,6 +406,15 @@ impl ReplicaGroup {
             op: "create replica directory",
             source,
         })?;
+        // Before the state names the tip: a divergence file always
+        // belongs to the state beside it, or to none (its tip differs).
+        let path = dir.join(DIVERGED_FILE);
+        match diverged {
+            Some(ranges) if ranges.len() <= tandem_peer::MAX_DIVERGED_RANGES => {
+                diverged::store(&path, &Divergence { tip, ranges })?;
+            }
+            _ => diverged::remove(&path)?,
+        }
         let mut state = StateFile::open(&dir.join("state"))?;
         state.set(ReplicaState {
             epoch: epoch.max(tip.0),
@@ -375,9 +422,28 @@ impl ReplicaGroup {
             consistent_at: 0,
             inconsistent: false,
             tip_epoch: tip.0,
+            resync_epoch: 0,
         })?;
         drop(state);
         ReplicaGroup::open(dir, name, volumes)
+    }
+
+    /// What this replica tells a primary after its welcome (docs/PEER.md,
+    /// "Divergence"): the epoch of the last resync that began here, and
+    /// the regions its images may differ in when it served the group
+    /// until it became a replica — known only while the images still hold
+    /// exactly what they held then (same tip, consistent, no resync since).
+    pub fn divergence(&self) -> tandem_peer::Diverged {
+        let core = self.core.lock();
+        let p = core.position();
+        let known = self.divergence.as_ref().filter(|d| {
+            p.consistent && !p.new && !p.resyncing && d.tip == (core.tip_epoch, core.applied)
+        });
+        tandem_peer::Diverged {
+            resync_epoch: core.state.get().resync_epoch,
+            known: known.is_some(),
+            ranges: known.map(|d| d.ranges.clone()).unwrap_or_default(),
+        }
     }
 
     /// The records the images hold: (epoch, seq) of the last one applied.
@@ -539,6 +605,7 @@ impl ReplicaGroup {
         core.state.set(ReplicaState {
             epoch: epoch.max(s.epoch),
             inconsistent: true,
+            resync_epoch: epoch,
             ..s
         })?;
         core.publish();
@@ -559,7 +626,13 @@ impl ReplicaGroup {
         }
         self.committer.wait_idle()?;
         let image = &self.volume(volume)?.image;
-        chunk_hashes(image, offset, chunk, count)
+        let hashes = chunk_hashes(image, offset, chunk, count)?;
+        let bytes =
+            (hashes.len() as u64 * u64::from(chunk)).min(image.size().saturating_sub(offset));
+        let mut core = self.core.lock();
+        core.compared += bytes;
+        core.publish();
+        Ok(hashes)
     }
 
     /// Writes a resync chunk straight to the image.
@@ -594,6 +667,11 @@ impl ReplicaGroup {
     /// The resync has sent everything: once every record below
     /// `consistent_at` is applied, the images are a prefix again.
     pub fn end_resync(&mut self, consistent_at: u64) -> Result<(), ReplicaError> {
+        // The primary that ran this resync keeps what it owes in its own
+        // dirty map: this site's divergence is told once, and obsolete.
+        if self.divergence.take().is_some() {
+            diverged::remove(&self.divergence_path)?;
+        }
         self.committer.wait_idle()?;
         let mut core = self.core.lock();
         for v in core.volumes.iter() {
@@ -767,6 +845,8 @@ impl Core {
             .is_consistent(),
             new: self.new,
             resyncing: s.inconsistent,
+            resync_epoch: s.resync_epoch,
+            compared: self.compared,
         }
     }
 

@@ -66,6 +66,9 @@ pub struct Link {
     session: Mutex<ShipperSession>,
     raw_bytes: AtomicU64,
     wire_bytes: AtomicU64,
+    /// Bytes of this site's images hashed to compare them with the
+    /// replica's (resyncs and verifications), since the link was made.
+    compare_bytes: AtomicU64,
     site: Mutex<Option<Arc<SiteLink>>>,
     /// Wakes the shipper (records arrived, a verification was asked for,
     /// the session's acknowledgement task ended, the capture closed).
@@ -78,6 +81,7 @@ impl Link {
             session: Mutex::new(ShipperSession::new(epoch, fork)),
             raw_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
+            compare_bytes: AtomicU64::new(0),
             site: Mutex::new(None),
             wake: Arc::new(Notify::new()),
         }
@@ -94,6 +98,7 @@ impl Link {
             self.raw_bytes.load(Ordering::Relaxed),
             self.wire_bytes.load(Ordering::Relaxed),
         ));
+        info.compare_bytes = self.compare_bytes.load(Ordering::Relaxed);
         if info.state != LinkState::Disconnected {
             // The site link's pings are the freshest round trips.
             if let Some(rtt) = self.site.lock().as_ref().and_then(|s| s.rtt()) {
@@ -333,17 +338,36 @@ impl Shipper {
             Some(Message::Welcome(w)) => w,
             other => return Err(ended(other)),
         };
+        let diverged = match inbox.recv().await {
+            Some(Message::Diverged(d)) => d,
+            other => return Err(ended(other)),
+        };
         let cap = &self.capture;
-        let opening = self
-            .link
-            .session
-            .lock()
-            .welcome(&welcome, cap.next_seq(), Instant::now());
+        let sizes: Vec<u64> = cap.volumes().iter().map(|v| v.image.size()).collect();
+        let opening = self.link.session.lock().welcome(
+            &welcome,
+            &diverged,
+            cap.next_seq(),
+            cap.owes(&replica)?,
+            &sizes,
+            Instant::now(),
+        )?;
         match opening {
             Opening::Stream { durable } => cap.ack(&replica, durable)?,
+            Opening::Resume { durable } => {
+                tracing::info!(%group, %replica, "replica inconsistent after a resync of this epoch: comparing only what is still owed");
+                if let Some(durable) = durable {
+                    cap.ack(&replica, durable)?;
+                }
+            }
+            Opening::CompareKnown { ranges } => {
+                let bytes: u64 = ranges.iter().flatten().map(|r| r.1).sum();
+                tracing::info!(%group, %replica, tip = ?(welcome.epoch, welcome.durable), replica_dirty_bytes = bytes, "a former owner returns: comparing the regions it wrote and those written here since the fork");
+                runtime::blocking(|| cap.owe_ranges(&replica, &ranges))?;
+            }
             Opening::CompareAll(why) => {
                 tracing::info!(%group, %replica, ?why, "replica needs a full comparison; only differing chunks move");
-                cap.owe_everything(&replica)?;
+                runtime::blocking(|| cap.owe_everything(&replica))?;
             }
         }
         cap.rewind(&replica)?;
@@ -470,7 +494,11 @@ impl Shipper {
                     unflushed = true;
                     last_sent = Instant::now();
                 }
-                Some(Event::Resync { ranges, resume_at }) => {
+                Some(Event::Resync {
+                    ranges,
+                    resume_at,
+                    more,
+                }) => {
                     out.flush().await?;
                     let mut wire = Wire {
                         out: &mut *out,
@@ -478,7 +506,7 @@ impl Shipper {
                         alive,
                         compressor: &mut *compressor,
                     };
-                    self.resync(&mut wire, &ranges, resume_at).await?;
+                    self.resync(&mut wire, &ranges, resume_at, more).await?;
                     unflushed = false;
                     last_sent = Instant::now();
                 }
@@ -563,16 +591,24 @@ impl Shipper {
         Ok(!changed.is_empty())
     }
 
+    /// One resync part: compares `ranges`, then continues with records
+    /// from `resume_at`; `more` bytes are still owed after it (a later
+    /// part compares them, and until then the replica stays
+    /// inconsistent).
     async fn resync(
         &self,
         wire: &mut Wire<'_>,
         ranges: &[Vec<(u64, u64)>],
         resume_at: u64,
+        more: u64,
     ) -> Result<(), ShipError> {
         let cap = &self.capture;
         let total: u64 = ranges.iter().flatten().map(|r| r.1).sum();
-        self.link.session.lock().resync_begins(resume_at, total);
-        tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, resume_at, "resync: comparing chunks");
+        self.link
+            .session
+            .lock()
+            .resync_begins(resume_at, total, more);
+        tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, more, resume_at, "resync: comparing chunks");
         wire.send(&Message::ResyncBegin {
             epoch: self.epoch,
             resume_at,
@@ -597,8 +633,13 @@ impl Shipper {
         }
         self.compare(wire, &items, &mut OnDiff::Send).await?;
         // Every chunk was read before this point: once the replica has
-        // applied the records below it, it is a prefix again.
-        let consistent_at = cap.next_seq();
+        // applied the records below it, it is a prefix again — unless
+        // more parts follow (never, as far as this part goes).
+        let consistent_at = if more > 0 {
+            tandem_peer::NOT_YET_CONSISTENT
+        } else {
+            cap.next_seq()
+        };
         self.link.session.lock().resync_ends(consistent_at);
         wire.send(&Message::ResyncEnd { consistent_at }).await?;
         wire.flush().await?;
@@ -633,6 +674,8 @@ impl Shipper {
                 if n == 0 {
                     break; // past the end of the volume
                 }
+                let hashed = (n as u64 * u64::from(chunk)).min(image.size().saturating_sub(pos));
+                self.link.compare_bytes.fetch_add(hashed, Ordering::Relaxed);
                 compared += (n as u64 * u64::from(chunk)).min(end - pos);
                 self.link.session.lock().asking((volume, pos, chunk, n));
                 wire.send(&Message::Hashes {
@@ -780,9 +823,11 @@ impl Shipper {
                     let msg = record_message(self.epoch, &rec, wire.compressor);
                     wire.send(&msg).await?;
                 }
-                Some(Event::Resync { ranges, resume_at }) => {
-                    self.resync(wire, &ranges, resume_at).await?
-                }
+                Some(Event::Resync {
+                    ranges,
+                    resume_at,
+                    more,
+                }) => self.resync(wire, &ranges, resume_at, more).await?,
                 None => {
                     wire.send(&Message::Ping(nanos_now())).await?;
                     wire.flush().await?;

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ReplicaError;
 
-const MAGIC: &[u8; 8] = b"TNDRST02";
-const SLOT_LEN: usize = 64;
+/// Slots of this version (with `resync_epoch`) and of the one before.
+const MAGIC: &[u8; 8] = b"TNDRST03";
+const MAGIC_V2: &[u8; 8] = b"TNDRST02";
+const SLOT_LEN: usize = 72;
+const SLOT_LEN_V2: usize = 64;
 const SLOT_STRIDE: u64 = 512;
 
 /// What the replica's images hold.
@@ -27,6 +30,11 @@ pub struct ReplicaState {
     /// Epoch of the records up to `applied` (with `applied`, the replica's
     /// *tip*, matched against a new owner's fork point).
     pub tip_epoch: u64,
+    /// The epoch of the primary whose resync last began here (0: none, or
+    /// a state written before this field existed). While the images are
+    /// inconsistent, that primary's dirty map covers every region they
+    /// may still differ in (docs/REPLICA.md).
+    pub resync_epoch: u64,
 }
 
 impl ReplicaState {
@@ -65,12 +73,18 @@ impl StateFile {
         let mut best: Option<(u64, ReplicaState)> = None;
         for slot in 0..2 {
             let mut buf = [0u8; SLOT_LEN];
-            match file.read_exact_at(&mut buf, slot * SLOT_STRIDE) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => continue,
-                Err(e) => return Err(io_err("read replica state")(e)),
+            // A slot of the version before is shorter: the last one in
+            // its file ends 8 bytes before a slot of this version.
+            let mut have = 0;
+            while have < SLOT_LEN {
+                match file.read_at(&mut buf[have..], slot * SLOT_STRIDE + have as u64) {
+                    Ok(0) => break,
+                    Ok(n) => have += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err("read replica state")(e)),
+                }
             }
-            if let Some(found) = decode(&buf) {
+            if let Some(found) = decode(&buf, have) {
                 if best.is_none_or(|b| found.0 > b.0) {
                     best = Some(found);
                 }
@@ -124,19 +138,26 @@ fn encode(generation: u64, s: &ReplicaState) -> [u8; SLOT_LEN] {
     buf[32..40].copy_from_slice(&s.consistent_at.to_le_bytes());
     buf[40] = u8::from(s.inconsistent);
     buf[48..56].copy_from_slice(&s.tip_epoch.to_le_bytes());
-    let crc = crc32c::crc32c(&buf[0..56]);
-    buf[56..60].copy_from_slice(&crc.to_le_bytes());
+    buf[56..64].copy_from_slice(&s.resync_epoch.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[0..64]);
+    buf[64..68].copy_from_slice(&crc.to_le_bytes());
     buf
 }
 
-fn decode(buf: &[u8; SLOT_LEN]) -> Option<(u64, ReplicaState)> {
-    if &buf[0..8] != MAGIC {
-        return None;
-    }
+/// A slot of `have` bytes read: this version's, or the one before (no
+/// `resync_epoch`: 0).
+fn decode(buf: &[u8; SLOT_LEN], have: usize) -> Option<(u64, ReplicaState)> {
     let word =
         |at: usize| -> Option<u64> { Some(u64::from_le_bytes(buf[at..at + 8].try_into().ok()?)) };
-    let crc = u32::from_le_bytes(buf[56..60].try_into().ok()?);
-    if crc != crc32c::crc32c(&buf[0..56]) || buf[40] > 1 {
+    let (crc_at, resync_epoch) = if &buf[0..8] == MAGIC && have >= SLOT_LEN {
+        (64, word(56)?)
+    } else if &buf[0..8] == MAGIC_V2 && have >= SLOT_LEN_V2 {
+        (56, 0)
+    } else {
+        return None;
+    };
+    let crc = u32::from_le_bytes(buf[crc_at..crc_at + 4].try_into().ok()?);
+    if crc != crc32c::crc32c(&buf[0..crc_at]) || buf[40] > 1 {
         return None;
     }
     Some((
@@ -147,6 +168,7 @@ fn decode(buf: &[u8; SLOT_LEN]) -> Option<(u64, ReplicaState)> {
             consistent_at: word(32)?,
             inconsistent: buf[40] == 1,
             tip_epoch: word(48)?,
+            resync_epoch,
         },
     ))
 }
@@ -167,6 +189,7 @@ mod tests {
             consistent_at: 0,
             inconsistent: false,
             tip_epoch: 1,
+            resync_epoch: 0,
         };
         let b = ReplicaState {
             epoch: 1,
@@ -174,6 +197,7 @@ mod tests {
             consistent_at: 30,
             inconsistent: true,
             tip_epoch: 1,
+            resync_epoch: 1,
         };
         f.set(a).unwrap();
         f.set(b).unwrap();
@@ -191,6 +215,44 @@ mod tests {
         assert_eq!(StateFile::open(&path).unwrap().get(), a);
     }
 
+    /// A state file of the version before (64-byte `TNDRST02` slots, no
+    /// resync epoch) is read, as of resync epoch 0, and the next write
+    /// is of this version.
+    #[test]
+    fn a_state_of_the_version_before_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let mut slot = [0u8; SLOT_LEN_V2];
+        slot[0..8].copy_from_slice(MAGIC_V2);
+        slot[8..16].copy_from_slice(&3u64.to_le_bytes()); // generation 3: slot 1
+        slot[16..24].copy_from_slice(&4u64.to_le_bytes());
+        slot[24..32].copy_from_slice(&77u64.to_le_bytes());
+        slot[40] = 1;
+        slot[48..56].copy_from_slice(&4u64.to_le_bytes());
+        let crc = crc32c::crc32c(&slot[0..56]);
+        slot[56..60].copy_from_slice(&crc.to_le_bytes());
+        let mut file = vec![0u8; 512];
+        file.extend_from_slice(&slot);
+        std::fs::write(&path, &file).unwrap();
+        let mut f = StateFile::open(&path).unwrap();
+        let old = ReplicaState {
+            epoch: 4,
+            applied: 77,
+            consistent_at: 0,
+            inconsistent: true,
+            tip_epoch: 4,
+            resync_epoch: 0,
+        };
+        assert_eq!(f.get(), old);
+        let new = ReplicaState {
+            resync_epoch: 5,
+            ..old
+        };
+        f.set(new).unwrap();
+        drop(f);
+        assert_eq!(StateFile::open(&path).unwrap().get(), new);
+    }
+
     #[test]
     fn consistency_follows_the_resync_point() {
         let s = ReplicaState {
@@ -199,6 +261,7 @@ mod tests {
             consistent_at: 9,
             inconsistent: false,
             tip_epoch: 1,
+            resync_epoch: 0,
         };
         assert!(!s.is_consistent());
         assert!(ReplicaState { applied: 8, ..s }.is_consistent());

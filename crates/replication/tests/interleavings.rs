@@ -170,7 +170,14 @@ fn play(r: &Replica, epoch: u64, history: &[Write1], known: u64, s: &Session) ->
     };
     let welcome = if send(&mut w, hello) {
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Message::Welcome(welcome)) => Some(welcome),
+            Ok(Message::Welcome(welcome)) => {
+                // Then what the replica knows of where it may differ.
+                match rx.recv_timeout(Duration::from_secs(20)) {
+                    Ok(Message::Diverged(_)) => {}
+                    other => panic!("expected diverged after the welcome, got {other:?}"),
+                }
+                Some(welcome)
+            }
             Ok(Message::Refuse { .. }) => {
                 outcome.refused = true;
                 None

@@ -104,6 +104,8 @@ fn held(epoch: u64) -> Position {
         consistent: false,
         new: true,
         resyncing: false,
+        resync_epoch: 0,
+        compared: 0,
     }
 }
 
@@ -320,6 +322,7 @@ fn a_forged_primary_is_refused_and_the_owners_session_goes_on() {
     let mut ny = Peer::connect(&site.ctx);
     assert!(ny.send(&Message::Hello(hello("ny", 5))));
     assert!(matches!(ny.answer(), Message::Welcome(_)));
+    assert!(matches!(ny.answer(), Message::Diverged(_)));
     assert!(ny.write(5, 1, 0x11));
     ny.durable(1);
     let before = image(&site);
@@ -371,6 +374,7 @@ fn a_forged_primary_is_refused_and_the_owners_session_goes_on() {
     let mut ny = Peer::connect(&site.ctx);
     assert!(ny.send(&Message::Hello(hello("ny", 5))));
     assert!(matches!(ny.answer(), Message::Welcome(_)));
+    assert!(matches!(ny.answer(), Message::Diverged(_)));
     assert!(ny.write(5, 3, 0x33));
     ny.durable(3);
 }
@@ -389,6 +393,7 @@ fn a_new_owners_hello_waits_for_the_reading_that_names_it() {
     let mut r2 = Peer::connect(&site.ctx);
     assert!(r2.send(&Message::Hello(hello("r2", 6))));
     assert!(matches!(r2.answer(), Message::Welcome(_)));
+    assert!(matches!(r2.answer(), Message::Diverged(_)));
     assert!(started.elapsed() >= Duration::from_millis(300));
     publisher.join().unwrap();
     assert_eq!(site.site.position.lock().epoch, 6);
@@ -418,6 +423,7 @@ fn the_60_byte_hashes_probe_ends_the_session_without_allocating() {
     let mut ny = Peer::connect(&site.ctx);
     assert!(ny.send(&Message::Hello(hello("ny", 5))));
     assert!(matches!(ny.answer(), Message::Welcome(_)));
+    assert!(matches!(ny.answer(), Message::Diverged(_)));
     // Hashes: volume 0, offset 0, chunk 0xFFFFFFFF, one hash.
     let mut payload = Vec::new();
     payload.extend_from_slice(&0u32.to_le_bytes());

@@ -895,11 +895,12 @@ fn disk_state(c: &Cluster, site: &str) -> Option<(bool, u64, u64)> {
     let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap());
     let mut best: Option<(u64, (bool, u64, u64))> = None;
     for at in [0usize, 512] {
-        let Some(s) = data.get(at..at + 64) else {
+        // docs/REPLICA.md: 72-byte `TNDRST03` slots, CRC of 0..64 at 64.
+        let Some(s) = data.get(at..at + 72) else {
             continue;
         };
-        let crc = u32::from_le_bytes(s[56..60].try_into().unwrap());
-        if &s[0..8] != b"TNDRST02" || crc != crc32c(&s[0..56]) || s[40] > 1 {
+        let crc = u32::from_le_bytes(s[64..68].try_into().unwrap());
+        if &s[0..8] != b"TNDRST03" || crc != crc32c(&s[0..64]) || s[40] > 1 {
             continue;
         }
         let generation = word(s, 8);

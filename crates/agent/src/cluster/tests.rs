@@ -19,6 +19,7 @@ fn replica(site: &str, state: ReplicaState, lag: u64) -> ReplicaStatus {
         since: Some("2026-12-06T10:00:00Z".into()),
         rpo_seconds: None,
         reported_by: None,
+        compare_bytes_read: 0,
     }
 }
 

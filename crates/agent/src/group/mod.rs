@@ -311,11 +311,60 @@ impl GroupRuntime {
 
     /// Becomes a replica following `epoch` on the images the primary role
     /// left, which hold exactly `tip`.
+    ///
+    /// The regions the primary role's dirty map marks (a superset of the
+    /// writes the new owner may lack) are kept beside the replica state,
+    /// so that the new owner compares only those and its own writes
+    /// (docs/REPLICA.md, "Divergence"); the map itself stays on disk until
+    /// this site serves again.
     pub fn start_receiving(&self, shared: &Shared, tip: Tip, epoch: u64) -> Result<(), AgentError> {
         self.epoch.fetch_max(epoch, Ordering::AcqRel);
-        let images = self.take_images(shared)?;
-        let role = ReplicaRole::start(shared, &self.cfg, images, Some((tip, epoch)))?;
+        let leaving = self.leaving.lock().take();
+        let (images, capture) = match leaving {
+            Some(l) => (l.images, l.capture),
+            None => (self.open_images(shared)?.0, None),
+        };
+        let diverged = self.divergence(shared, capture.as_deref());
+        let role = ReplicaRole::start(shared, &self.cfg, images, Some((tip, epoch, diverged)))?;
         self.become_replica(shared, role)
+    }
+
+    /// The regions the dirty map of the primary role just left marks, as
+    /// (volume index, offset, length): from the stopped capture, or (a
+    /// restart between the steps) from the map files. None when they
+    /// cannot be read: the new owner then compares everything.
+    fn divergence(
+        &self,
+        shared: &Shared,
+        capture: Option<&GroupCapture>,
+    ) -> Option<Vec<(u32, u64, u64)>> {
+        let per_volume = match capture {
+            Some(c) => c.dirty_ranges(),
+            None => {
+                let dir = shared.layout.capture_dir(self.name());
+                let mut all = Vec::new();
+                for v in &self.cfg.volumes {
+                    let path = dir.join(format!("{}.dirty", v.name));
+                    match tandem_capture::dirty::read_ranges(&path, v.size) {
+                        Ok(r) => all.push(r),
+                        Err(e) => {
+                            warn!(
+                                group = self.name(),
+                                "{e}: the new owner will compare every region"
+                            );
+                            return None;
+                        }
+                    }
+                }
+                all
+            }
+        };
+        let mut out = Vec::new();
+        for (v, ranges) in per_volume.into_iter().enumerate() {
+            let v = u32::try_from(v).ok()?;
+            out.extend(ranges.into_iter().map(|(o, l)| (v, o, l)));
+        }
+        Some(out)
     }
 
     /// A replica learns of `epoch`: older primaries are refused from now

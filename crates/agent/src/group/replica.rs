@@ -22,6 +22,10 @@ const STOP_RELEASE: Duration = Duration::from_secs(2);
 /// How long recording a newer epoch waits for a running session.
 const EPOCH_WAIT: Duration = Duration::from_millis(200);
 
+/// What a demoted primary's images hold: (tip, epoch followed, the
+/// regions its dirty map marked as (volume, offset, length), if known).
+pub(crate) type Adopt = (Tip, u64, Option<Vec<(u32, u64, u64)>>);
+
 pub(crate) struct ReplicaRole {
     pub group: Arc<Mutex<ReplicaGroup>>,
     pub position: Arc<Mutex<Position>>,
@@ -31,12 +35,13 @@ pub(crate) struct ReplicaRole {
 
 impl ReplicaRole {
     /// Starts receiving `group`. `adopt` (demotion) sets the replica state
-    /// from what the images hold: (tip, epoch followed).
+    /// from what the images hold: (tip, epoch followed, the regions the
+    /// primary role's dirty map marked).
     pub fn start(
         shared: &Shared,
         group: &tandem_config::Group,
         images: Images,
-        adopt: Option<(Tip, u64)>,
+        adopt: Option<Adopt>,
     ) -> Result<ReplicaRole, AgentError> {
         let volumes = group
             .volumes
@@ -53,7 +58,9 @@ impl ReplicaRole {
             source,
         };
         let replica = match adopt {
-            Some((tip, epoch)) => ReplicaGroup::adopt(&dir, &group.name, volumes, tip, epoch),
+            Some((tip, epoch, diverged)) => {
+                ReplicaGroup::adopt(&dir, &group.name, volumes, tip, epoch, diverged)
+            }
             None => ReplicaGroup::open(&dir, &group.name, volumes),
         }
         .map_err(replica_err)?;

@@ -1,6 +1,7 @@
 //! The primary's side of replication to one replica site, as a machine
 //! over decoded messages and the shipper's own steps (docs/PEER.md): how
-//! a welcome is judged (stream on, or compare everything), what an
+//! a welcome is judged (stream on, resume what is still owed, compare
+//! what either side knows may differ, or compare everything), what an
 //! acknowledgement advances, which `Diff` answers which `Hashes`, when a
 //! resynced replica is a consistent prefix again, and how the link is
 //! doing for status. No I/O: the shipper (`crate::shipper`) moves bytes
@@ -15,7 +16,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use tandem_peer::{Ack, Message, ReplicaState, Welcome};
+use tandem_peer::{Ack, Diverged, Message, ReplicaState, Welcome};
 
 use super::Tip;
 
@@ -78,6 +79,8 @@ pub enum ShipError {
     LinkClosed,
     #[error("the replica ended the session: {0}")]
     Ended(String),
+    #[error("the replica says volume index {volume} may differ at offset {offset} ({len} bytes), outside the group's volumes")]
+    DivergedOutside { volume: u32, offset: u64, len: u64 },
 }
 
 /// Why a connection to a replica could not be made.
@@ -102,12 +105,22 @@ pub enum ConnectError {
     Socket(std::io::Error),
 }
 
-/// How a welcome is followed up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a welcome is followed up (docs/PEER.md, "Divergence").
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Opening {
     /// The replica is on this primary's history: it holds every record up
     /// to `durable`; the stream goes on from there.
     Stream { durable: u64 },
+    /// The replica is inconsistent because of a resync of this epoch:
+    /// what the capture still owes it (kept in the persistent dirty map
+    /// until the replica confirms it durably) is all that may differ.
+    /// With `durable`, the replica's records up to there are of this
+    /// history (it is past the resync's end).
+    Resume { durable: Option<u64> },
+    /// The replica served the epoch this primary forked from and holds
+    /// writes this primary may lack, all inside `ranges` (per volume):
+    /// those ranges and this primary's own dirty map are compared.
+    CompareKnown { ranges: Vec<Vec<(u64, u64)>> },
     /// Every region must be compared (only differing chunks move).
     CompareAll(Mismatch),
 }
@@ -119,7 +132,8 @@ pub enum Mismatch {
     OtherHistory { tip: Tip, fork: Tip },
     /// It holds records this primary never issued.
     Ahead { durable: u64, next: u64 },
-    /// It is new, or was interrupted in a resync.
+    /// It is new, or was interrupted in a resync this primary cannot
+    /// account for (of another epoch, or with nothing owed here).
     NotConsistent(ReplicaState),
 }
 
@@ -179,6 +193,8 @@ pub struct ShipperSession {
     resync_total: u64,
     resync_done: u64,
     resync_sent: u64,
+    /// Bytes owed after the current resync part (0: its last part).
+    resync_more: u64,
     rtt: Option<Duration>,
     connects: u64,
     last_error: Option<String>,
@@ -199,6 +215,9 @@ pub struct LinkInfo {
     pub resync_sent: u64,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
+    /// Bytes of the primary's images hashed to compare them with this
+    /// replica's (filled in by the shipper).
+    pub compare_bytes: u64,
     pub last_error: Option<String>,
     pub connects: u64,
     /// The replica's images are a prefix of the stream (as last reported,
@@ -226,35 +245,42 @@ impl ShipperSession {
             resync_total: 0,
             resync_done: 0,
             resync_sent: 0,
+            resync_more: 0,
             rtt: None,
             connects: 0,
             last_error: None,
         }
     }
 
-    /// The replica's welcome, with the capture's next sequence number:
-    /// how the session goes on. Also the start of a connection.
-    pub fn welcome(&mut self, w: &Welcome, next: u64, now: Instant) -> Opening {
-        let tip = (w.epoch, w.durable);
-        let on_history = w.epoch == self.epoch || tip == self.fork;
-        let opening = if !on_history {
-            Opening::CompareAll(Mismatch::OtherHistory {
-                tip,
-                fork: self.fork,
-            })
-        } else if w.durable >= next {
-            Opening::CompareAll(Mismatch::Ahead {
-                durable: w.durable,
-                next,
-            })
-        } else if w.state != ReplicaState::Consistent {
-            Opening::CompareAll(Mismatch::NotConsistent(w.state))
-        } else {
-            Opening::Stream { durable: w.durable }
-        };
+    /// The replica's welcome and what it knows of where it may differ
+    /// (`Diverged`), with the capture's next sequence number, whether the
+    /// capture still owes this replica ranges (`owed`: a resync handed
+    /// out and not confirmed, or dirty ranges) and the group's volume
+    /// sizes: how the session goes on. Also the start of a connection.
+    ///
+    /// What may differ after an outage is the union of what each side
+    /// knows: this primary's dirty map (every write since it began its
+    /// epoch that some replica has not durably confirmed, and every range
+    /// it owes a replica) and, for a demoted primary of the epoch this one
+    /// forked from, that site's own dirty map at its demotion. A new
+    /// replica, or one whose divergence neither side can name, is compared
+    /// in full.
+    pub fn welcome(
+        &mut self,
+        w: &Welcome,
+        d: &Diverged,
+        next: u64,
+        owed: bool,
+        sizes: &[u64],
+        now: Instant,
+    ) -> Result<Opening, ShipError> {
+        let opening = self.judge(w, d, next, owed, sizes)?;
         let durable = match opening {
-            Opening::Stream { durable } => durable,
-            Opening::CompareAll(_) => 0,
+            Opening::Stream { durable }
+            | Opening::Resume {
+                durable: Some(durable),
+            } => durable,
+            _ => 0,
         };
         self.state = LinkState::Streaming;
         self.connected_since = Some(now);
@@ -267,10 +293,88 @@ impl ShipperSession {
         self.replica_state = Some(w.state);
         self.replica_consistent = w.state == ReplicaState::Consistent;
         self.resync = None;
+        self.resync_more = 0;
         self.asked.clear();
         self.connects += 1;
         self.last_error = None;
-        opening
+        Ok(opening)
+    }
+
+    /// The decision of [`ShipperSession::welcome`].
+    fn judge(
+        &self,
+        w: &Welcome,
+        d: &Diverged,
+        next: u64,
+        owed: bool,
+        sizes: &[u64],
+    ) -> Result<Opening, ShipError> {
+        let tip = (w.epoch, w.durable);
+        let on_history = w.epoch == self.epoch || tip == self.fork;
+        // A resync of this epoch began there: this primary's capture owes
+        // it every range that resync has not yet confirmed.
+        let ours = d.resync_epoch == self.epoch;
+        // A new replica whose first resync (of this epoch) was
+        // interrupted is resumed like any other; otherwise it is compared
+        // in full.
+        if w.state == ReplicaState::New && !(ours && owed) {
+            return Ok(Opening::CompareAll(Mismatch::NotConsistent(w.state)));
+        }
+        if on_history {
+            return Ok(if w.durable >= next {
+                Opening::CompareAll(Mismatch::Ahead {
+                    durable: w.durable,
+                    next,
+                })
+            } else if w.state == ReplicaState::Consistent {
+                Opening::Stream { durable: w.durable }
+            } else if ours {
+                Opening::Resume {
+                    durable: Some(w.durable),
+                }
+            } else {
+                Opening::CompareAll(Mismatch::NotConsistent(w.state))
+            });
+        }
+        if w.state != ReplicaState::Consistent {
+            // Before its first part ended there: its tip is still of the
+            // history it had. Only what this capture owes may differ.
+            return Ok(if ours && owed {
+                Opening::Resume { durable: None }
+            } else {
+                Opening::CompareAll(Mismatch::NotConsistent(w.state))
+            });
+        }
+        // Consistent, off this history: a former owner of the epoch this
+        // primary forked from, at or past the fork, can name its writes
+        // beyond it; anything else cannot.
+        if d.known && w.epoch == self.fork.0 && w.durable >= self.fork.1 {
+            let mut ranges = vec![Vec::new(); sizes.len()];
+            for &(volume, offset, len) in &d.ranges {
+                let size = sizes.get(volume as usize).copied();
+                match (ranges.get_mut(volume as usize), size) {
+                    (Some(list), Some(size))
+                        if offset.checked_add(len).is_some_and(|e| e <= size) =>
+                    {
+                        if len > 0 {
+                            list.push((offset, len));
+                        }
+                    }
+                    _ => {
+                        return Err(ShipError::DivergedOutside {
+                            volume,
+                            offset,
+                            len,
+                        })
+                    }
+                }
+            }
+            return Ok(Opening::CompareKnown { ranges });
+        }
+        Ok(Opening::CompareAll(Mismatch::OtherHistory {
+            tip,
+            fork: self.fork,
+        }))
     }
 
     /// The connection ended.
@@ -363,9 +467,10 @@ impl ShipperSession {
         })
     }
 
-    /// A resync starts: `total` bytes to compare, records resume at
-    /// `resume_at`. The replica is not a prefix until it ends.
-    pub fn resync_begins(&mut self, resume_at: u64, total: u64) {
+    /// A resync (part) starts: `total` bytes to compare, `more` owed after
+    /// it, records resume at `resume_at`. The replica is not a prefix
+    /// until its last part ends. Progress counts across the parts.
+    pub fn resync_begins(&mut self, resume_at: u64, total: u64, more: u64) {
         self.state = LinkState::Resyncing;
         self.replica_consistent = false;
         self.resync = Some(Resync {
@@ -373,9 +478,12 @@ impl ShipperSession {
             ..Resync::default()
         });
         self.asked.clear();
-        self.resync_total = total;
-        self.resync_done = 0;
-        self.resync_sent = 0;
+        if self.resync_more == 0 {
+            self.resync_done = 0;
+            self.resync_sent = 0;
+        }
+        self.resync_total = self.resync_done + total + more;
+        self.resync_more = more;
         // The resync covers every record below resume_at (docs/PEER.md).
         self.sent = self.sent.max(resume_at.saturating_sub(1));
     }
@@ -456,6 +564,7 @@ impl ShipperSession {
             resync_sent: self.resync_sent,
             raw_bytes: bytes.0,
             wire_bytes: bytes.1,
+            compare_bytes: 0,
             last_error: self.last_error.clone(),
             connects: self.connects,
             replica_consistent: self.replica_consistent,
@@ -477,6 +586,12 @@ mod tests {
             state: ReplicaState::Consistent,
         }
     }
+
+    const NONE: Diverged = Diverged {
+        resync_epoch: 0,
+        known: false,
+        ranges: Vec::new(),
+    };
 
     fn ack(received: u64, durable: u64, applied: u64) -> Message {
         Message::Ack(Ack {
@@ -515,8 +630,8 @@ mod tests {
             let now = Instant::now();
             let consistent_at = resume_at + writes_meanwhile;
             let mut s = ShipperSession::new(1, (0, 0));
-            s.welcome(&welcome(resume_at - 1), consistent_at + 10, now);
-            s.resync_begins(resume_at, 1 << 20);
+            s.welcome(&welcome(resume_at - 1), &NONE, consistent_at + 10, false, &[], now).unwrap();
+            s.resync_begins(resume_at, 1 << 20, 0);
             s.sending(consistent_at + 10);
             // The replica's stream: stale acks, ResyncDone, then acks that
             // climb to consistent_at - 1.
@@ -556,7 +671,7 @@ mod tests {
         ) {
             let now = Instant::now();
             let mut s = ShipperSession::new(1, (0, 0));
-            s.welcome(&welcome(0), sent + 1, now);
+            s.welcome(&welcome(0), &NONE, sent + 1, false, &[], now).unwrap();
             s.sending(sent);
             let mut last = (0, 0);
             for (received, durable) in acks {
@@ -586,7 +701,7 @@ mod tests {
         fn diffs_answer_hashes_in_order(asks in proptest::collection::vec((0u32..3, 0u64..1000), 1..20), skip in 0usize..20) {
             let now = Instant::now();
             let mut s = ShipperSession::new(1, (0, 0));
-            s.welcome(&welcome(0), 1, now);
+            s.welcome(&welcome(0), &NONE, 1, false, &[], now).unwrap();
             for &(v, o) in &asks {
                 s.asking((v, o * 65536, 65536, 4));
             }
@@ -607,7 +722,7 @@ mod tests {
     fn a_link_settles_once_everything_sent_is_durable_and_applied() {
         let now = Instant::now();
         let mut s = ShipperSession::new(1, (0, 0));
-        s.welcome(&welcome(10), 11, now);
+        s.welcome(&welcome(10), &NONE, 11, false, &[], now).unwrap();
         assert!(s.settled(), "nothing sent yet");
         s.sending(12);
         assert!(!s.settled(), "12 in flight");
@@ -617,7 +732,7 @@ mod tests {
         assert!(!s.settled(), "12 durable, not applied");
         s.receive(ack(12, 12, 12), 0).expect("ack");
         assert!(s.settled());
-        s.resync_begins(13, 4096);
+        s.resync_begins(13, 4096, 0);
         assert!(!s.settled(), "a resync is in progress");
     }
 
@@ -625,7 +740,7 @@ mod tests {
     fn an_unasked_diff_is_a_protocol_error() {
         let now = Instant::now();
         let mut s = ShipperSession::new(1, (0, 0));
-        s.welcome(&welcome(0), 1, now);
+        s.welcome(&welcome(0), &NONE, 1, false, &[], now).unwrap();
         let got = s.receive(
             Message::Diff {
                 volume: 0,
@@ -648,7 +763,7 @@ mod tests {
             ..welcome(100)
         };
         assert_eq!(
-            s.welcome(&at_fork, 150, now),
+            s.welcome(&at_fork, &NONE, 150, false, &[], now).unwrap(),
             Opening::Stream { durable: 100 }
         );
         let past_fork = Welcome {
@@ -657,7 +772,7 @@ mod tests {
             ..welcome(101)
         };
         assert!(matches!(
-            s.welcome(&past_fork, 150, now),
+            s.welcome(&past_fork, &NONE, 150, false, &[], now).unwrap(),
             Opening::CompareAll(Mismatch::OtherHistory { .. })
         ));
         let ahead = Welcome {
@@ -666,7 +781,7 @@ mod tests {
             ..welcome(200)
         };
         assert!(matches!(
-            s.welcome(&ahead, 150, now),
+            s.welcome(&ahead, &NONE, 150, false, &[], now).unwrap(),
             Opening::CompareAll(Mismatch::Ahead { .. })
         ));
         let new = Welcome {
@@ -676,8 +791,151 @@ mod tests {
             ..welcome(0)
         };
         assert!(matches!(
-            s.welcome(&new, 150, now),
+            s.welcome(&new, &NONE, 150, false, &[], now).unwrap(),
             Opening::CompareAll(Mismatch::NotConsistent(ReplicaState::New))
         ));
+    }
+
+    fn told(resync_epoch: u64, ranges: Option<Vec<(u32, u64, u64)>>) -> Diverged {
+        Diverged {
+            resync_epoch,
+            known: ranges.is_some(),
+            ranges: ranges.unwrap_or_default(),
+        }
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    /// The cases of docs/PEER.md, "Divergence".
+    #[test]
+    fn only_what_either_side_knows_may_differ_is_compared() {
+        let now = Instant::now();
+        // Epoch 3 forked from (2, 100).
+        let mut s = ShipperSession::new(3, (2, 100));
+        let sizes = [8 * GIB];
+        let w = |epoch, durable, state| Welcome {
+            epoch,
+            durable,
+            applied: durable,
+            state,
+            ..welcome(durable)
+        };
+        let mut open = |w: Welcome, d: Diverged, owed: bool| {
+            s.welcome(&w, &d, 500, owed, &sizes, now).unwrap()
+        };
+        use ReplicaState::{Consistent, Inconsistent, New};
+        // A new replica: everything, unless a resync of this epoch began
+        // there and is still owed (interrupted before its first part
+        // ended).
+        for d in [told(3, None), told(0, None)] {
+            assert!(matches!(
+                open(w(0, 0, New), d, false),
+                Opening::CompareAll(Mismatch::NotConsistent(New))
+            ));
+        }
+        assert!(matches!(
+            open(w(0, 0, New), told(2, None), true),
+            Opening::CompareAll(Mismatch::NotConsistent(New))
+        ));
+        assert_eq!(
+            open(w(0, 0, New), told(3, None), true),
+            Opening::Resume { durable: None }
+        );
+        // Interrupted in a resync of this epoch, past a part's end (tip of
+        // this epoch) or before (tip of its old history): what is owed.
+        assert_eq!(
+            open(w(3, 200, Inconsistent), told(3, None), false),
+            Opening::Resume { durable: Some(200) }
+        );
+        assert_eq!(
+            open(w(1, 50, Inconsistent), told(3, None), true),
+            Opening::Resume { durable: None }
+        );
+        // ... unless nothing is owed here (the capture cannot account for
+        // it) or the resync was another epoch's.
+        for (tip, d, owed) in [
+            ((1, 50), told(3, None), false),
+            ((3, 200), told(2, None), true),
+            ((1, 50), told(2, Some(vec![(0, 0, 4 << 20)])), true),
+        ] {
+            assert!(matches!(
+                open(w(tip.0, tip.1, Inconsistent), d, owed),
+                Opening::CompareAll(_)
+            ));
+        }
+        // The former owner of epoch 2, past the fork, with its map.
+        let ranges = vec![(0, 64 << 20, 8 << 20)];
+        assert_eq!(
+            open(w(2, 130, Consistent), told(0, Some(ranges.clone())), false),
+            Opening::CompareKnown {
+                ranges: vec![vec![(64 << 20, 8 << 20)]]
+            }
+        );
+        // Not known, of another epoch than the fork's, or behind the
+        // fork: everything.
+        for (tip, d) in [
+            ((2, 130), told(0, None)),
+            ((1, 130), told(0, Some(ranges.clone()))),
+            ((2, 90), told(0, Some(ranges.clone()))),
+        ] {
+            assert!(matches!(
+                open(w(tip.0, tip.1, Consistent), d, true),
+                Opening::CompareAll(Mismatch::OtherHistory { .. })
+            ));
+        }
+        // Ranges outside the volumes end the session.
+        let outside = told(0, Some(vec![(0, 8 * GIB - 4096, 8192)]));
+        assert!(matches!(
+            s.welcome(&w(2, 130, Consistent), &outside, 500, false, &sizes, now),
+            Err(ShipError::DivergedOutside { .. })
+        ));
+        let no_volume = told(0, Some(vec![(1, 0, 4096)]));
+        assert!(s
+            .welcome(&w(2, 130, Consistent), &no_volume, 500, false, &sizes, now)
+            .is_err());
+    }
+
+    proptest! {
+        /// Whatever a replica says, a stream without any comparison is
+        /// chosen only for a consistent replica on this primary's history
+        /// and behind its next record; a comparison of known ranges only
+        /// for the former owner of the fork's epoch past the fork; a
+        /// resume only for a resync of this epoch.
+        #[test]
+        fn the_opening_never_trusts_what_cannot_be_known(
+            epoch in 1u64..5,
+            tip_epoch in 0u64..5,
+            durable in 0u64..300,
+            state in 0u8..3,
+            resync_epoch in 0u64..5,
+            known in any::<bool>(),
+            owed in any::<bool>(),
+        ) {
+            let fork = (epoch - 1, 100);
+            let mut s = ShipperSession::new(epoch, fork);
+            let state = ReplicaState::from_u8(state).unwrap();
+            let w = Welcome { epoch: tip_epoch, durable, applied: durable, state, ..welcome(durable) };
+            let d = told(resync_epoch, known.then(|| vec![(0, 0, 4096)]));
+            let next = 200;
+            let on_history = tip_epoch == epoch || (tip_epoch, durable) == fork;
+            match s.welcome(&w, &d, next, owed, &[1 << 30], Instant::now()).unwrap() {
+                Opening::Stream { durable: at } => {
+                    prop_assert!(on_history && state == ReplicaState::Consistent && durable < next);
+                    prop_assert_eq!(at, durable);
+                }
+                Opening::Resume { durable: at } => {
+                    prop_assert!(state != ReplicaState::Consistent);
+                    prop_assert!(state != ReplicaState::New || owed);
+                    prop_assert_eq!(resync_epoch, epoch);
+                    prop_assert!(at.is_some() == on_history);
+                    prop_assert!(on_history || owed);
+                }
+                Opening::CompareKnown { .. } => {
+                    prop_assert!(known && !on_history && state == ReplicaState::Consistent);
+                    prop_assert!(tip_epoch == fork.0 && durable >= fork.1);
+                }
+                Opening::CompareAll(_) => {}
+            }
+        }
     }
 }
