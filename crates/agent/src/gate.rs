@@ -198,6 +198,9 @@ pub struct Gate {
     closed: AtomicBool,
     suspend: bool,
     lock: Mutex<()>,
+    /// Failsafe: since when changes pass on peer leases alone, and whose
+    /// (set by the failsafe driver; status and metrics).
+    failsafe: Mutex<Option<(SystemTime, Vec<String>)>>,
     changed: Condvar,
 }
 
@@ -230,6 +233,7 @@ impl Gate {
             closed: AtomicBool::new(false),
             suspend,
             lock: Mutex::new(()),
+            failsafe: Mutex::new(None),
             changed: Condvar::new(),
         }
     }
@@ -273,6 +277,17 @@ impl Gate {
     /// acted on until `until` (failsafe).
     pub fn extend_peer(&self, until: Instant) {
         self.set_until(&self.peer_until, until);
+    }
+
+    /// Failsafe: changes pass on the peer leases of `sites` since
+    /// `since` (None: not, or no longer).
+    pub fn set_failsafe(&self, state: Option<(SystemTime, Vec<String>)>) {
+        *self.failsafe.lock() = state;
+    }
+
+    /// Since when changes pass on peer leases alone, and whose.
+    pub fn failsafe(&self) -> Option<(SystemTime, Vec<String>)> {
+        self.failsafe.lock().clone()
     }
 
     /// Until when the coordinator's two clocks allow acting.

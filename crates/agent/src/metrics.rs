@@ -168,6 +168,16 @@ pub fn render(
             .collect::<Vec<_>>(),
     );
     out.gauge_or_counter(
+        "tandem_group_failsafe",
+        "1 if this site acknowledges the group's writes on peer leases alone: the coordinator is unreachable (failsafe ownership).",
+        "gauge",
+        &groups
+            .iter()
+            .filter(|x| x.role == crate::status::Role::Primary)
+            .map(|x| (g(&x.name), f64::from(u8::from(x.failsafe.is_some()))))
+            .collect::<Vec<_>>(),
+    );
+    out.gauge_or_counter(
         "tandem_group_fenced_since_seconds",
         "When the group's writes stopped being acknowledged here (Unix time); only while fenced.",
         "gauge",

@@ -48,6 +48,15 @@ pub struct CoordinatorStatus {
     pub lease_age_seconds: Option<f64>,
 }
 
+/// A primary acknowledging writes on peer leases (failsafe ownership).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailsafeStatus {
+    /// Since when (UTC, RFC 3339).
+    pub since: String,
+    /// The sites whose peer leases it holds.
+    pub peers: Vec<String>,
+}
+
 /// Why a primary acknowledges no writes now, and since when.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FencedStatus {
@@ -156,6 +165,10 @@ pub struct GroupStatus {
     /// group (its `role` is then `down`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<bool>,
+    /// Primary role here, writes acknowledged on peer leases alone (the
+    /// coordinator unreachable; docs/FAILOVER.md, "Failsafe").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe: Option<FailsafeStatus>,
     /// Primary role here, writes not acknowledged: why, since when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<FencedStatus>,

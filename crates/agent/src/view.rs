@@ -235,6 +235,7 @@ impl StatusView {
                 member: None,
                 fenced: None,
                 lease_age_seconds: None,
+                failsafe: None,
                 vm: cfg.vm.as_ref().map(|name| {
                     let seen = self.shared.vms.seen(&cfg.name);
                     let state = seen
@@ -277,6 +278,12 @@ impl StatusView {
                         } else {
                             Role::Fenced
                         },
+                        failsafe: p.gate.failsafe().filter(|_| p.gate.on_peer_leases()).map(
+                            |(since, peers)| status::FailsafeStatus {
+                                since: crate::gate::rfc3339(since),
+                                peers,
+                            },
+                        ),
                         fenced: fenced.map(status::FencedStatus::from),
                         lease_age_seconds: p
                             .gate

@@ -97,6 +97,13 @@ fn group(c: &Cluster, site: &str) -> serde_json::Value {
     c.status(site)["groups"][0].clone()
 }
 
+/// ny's own status (GET /api/v1/status).
+fn ny_status(c: &Cluster) -> serde_json::Value {
+    let (code, body) = api_call(c.site("ny"), "GET", "/api/v1/status", "");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 /// Lets `seconds` of the fault pass (the fault's duration is what is
 /// tested; nothing is synchronised by it).
 fn hold(seconds: f64) {
@@ -150,6 +157,24 @@ fn failsafe_keeps_writes_going_while_the_witness_is_down_and_fences_when_a_site_
             .contains("writes continue on peer leases"),
         "ny says it runs on peer leases"
     );
+    // Status and metrics say so: acknowledging on the peer leases of
+    // chicago and seattle, the coordinator unreachable.
+    let local = ny_status(&c);
+    let g = &local["groups"][0];
+    assert_eq!(
+        g["failsafe"]["peers"],
+        serde_json::json!(["chicago", "seattle"]),
+        "{g}"
+    );
+    assert!(g["failsafe"]["since"].is_string(), "{g}");
+    assert!(g.get("fenced").is_none(), "{g}");
+    assert_eq!(local["coordinator"]["reachable"], false, "{local}");
+    let (code, metrics) = api_call(c.site("ny"), "GET", "/metrics", "");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("tandem_group_failsafe{group=\"g\"} 1"),
+        "{metrics}"
+    );
 
     // 2. The witness still down, seattle stops answering (a site lost):
     //    ny stops acknowledging within its last peer lease.
@@ -161,6 +186,10 @@ fn failsafe_keeps_writes_going_while_the_witness_is_down_and_fences_when_a_site_
         || mono() - writer.last_ack() > 1.0,
     );
     let last = writer.last_ack();
+    // ny says why: fenced, the coordinator unreachable.
+    wait_until(Duration::from_secs(5), "ny's status to say fenced", || {
+        ny_status(&c)["groups"][0]["fenced"]["reason"] == "coordinator_unreachable"
+    });
     assert!(
         last - cut <= TTL,
         "ny acknowledged a write {:.3} s after seattle was lost (lease {TTL} s)",

@@ -143,6 +143,7 @@ fn merge_group(local: &SiteStatus, name: &str, views: &[(&str, &GroupStatus)]) -
         member: Some(mine.is_some()),
         // Why the owner acknowledges no writes, as it says.
         fenced: owner.and_then(|(_, g)| g.fenced.clone()),
+        failsafe: owner.and_then(|(_, g)| g.failsafe.clone()),
         lease_age_seconds: owner.and_then(|(_, g)| g.lease_age_seconds),
     }
 }

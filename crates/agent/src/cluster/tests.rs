@@ -44,6 +44,7 @@ fn group(
         owner: None,
         member: None,
         fenced: None,
+        failsafe: None,
         lease_age_seconds: None,
     }
 }

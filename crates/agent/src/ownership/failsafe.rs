@@ -109,8 +109,11 @@ fn look(h: &Handle, m: &Member, now: Instant, per_site: &mut BTreeMap<String, Ve
         let mut since = m.failsafe.since.lock();
         match (on_peers, since.is_some()) {
             (true, false) => {
-                *since = Some(SystemTime::now());
-                let sites = m.failsafe.peers.lock().sites().join(", ");
+                let now = SystemTime::now();
+                *since = Some(now);
+                let peers = m.failsafe.peers.lock().sites().to_vec();
+                gate.set_failsafe(Some((now, peers.clone())));
+                let sites = peers.join(", ");
                 warn!(
                     group,
                     "coordinator unreachable: writes continue on peer leases of {sites} (failsafe)"
@@ -118,6 +121,7 @@ fn look(h: &Handle, m: &Member, now: Instant, per_site: &mut BTreeMap<String, Ve
             }
             (false, true) => {
                 *since = None;
+                gate.set_failsafe(None);
                 if gate.is_open() {
                     info!(
                         group,
