@@ -1063,6 +1063,19 @@ impl Harness {
         }
     }
 
+    /// Whether writes were acknowledged in more than one epoch so far.
+    fn failed_over(&self) -> bool {
+        let log = self.writer().log.lock().unwrap();
+        let first = log
+            .writes
+            .values()
+            .find(|w| w.acked.is_some())
+            .map(|w| w.epoch);
+        log.writes
+            .values()
+            .any(|w| w.acked.is_some() && Some(w.epoch) != first)
+    }
+
     /// Waits (bounded) until a write is acknowledged after `since`.
     fn wait_available(&mut self, since: f64, what: &str) -> f64 {
         let recovery = poll(Duration::from_secs(60), || {
@@ -1257,7 +1270,15 @@ fn run(mode: Mode, rounds: usize, tag: char) {
             let second = h.draw_fault(&mut rng, &faults);
             faults.push(second);
         }
-        let hold = rng.millis(300, 5000);
+        let mut hold = rng.millis(300, 5000);
+        if round == rounds && !h.failed_over() {
+            // Failsafe keeps an owner cut from the coordinator alone (and
+            // a short kill keeps its lease): a run whose draws made no
+            // failover ends with one that does, so every run exercises one.
+            let serving = h.writer().serving().unwrap_or(0);
+            faults = vec![Fault::Kill(serving)];
+            hold = Duration::from_millis(4500);
+        }
         let gap = rng.millis(0, 800);
         let steady = rng.millis(200, 1500);
         let heal_second_first = rng.chance(0.5);
