@@ -37,9 +37,6 @@ pub(crate) struct Asks {
 /// A group's failsafe state on the owner's side.
 pub(crate) struct GroupLeases {
     pub peers: Mutex<PeerLeases>,
-    /// Since when (wall clock) writes have passed on peer leases alone,
-    /// while they do.
-    pub since: Mutex<Option<SystemTime>>,
     /// The sites the last warning named as lacking (not repeated).
     warned: Mutex<Vec<(String, Option<String>)>>,
 }
@@ -48,7 +45,6 @@ impl GroupLeases {
     pub fn new(others: Vec<String>) -> GroupLeases {
         GroupLeases {
             peers: Mutex::new(PeerLeases::new(others)),
-            since: Mutex::new(None),
             warned: Mutex::new(Vec::new()),
         }
     }
@@ -100,17 +96,15 @@ fn look(h: &Handle, m: &Member, now: Instant, per_site: &mut BTreeMap<String, Ve
     let gate = m.runtime.gate();
     let serving = m.machine.lock().serving();
     let (Some(gate), Some((epoch, _))) = (gate, serving) else {
-        *m.failsafe.since.lock() = None;
         return;
     };
     let group = m.runtime.name();
     let on_peers = gate.admitted() && gate.on_peer_leases();
+    // The gate keeps since when it runs on peer leases (status, metrics).
     {
-        let mut since = m.failsafe.since.lock();
-        match (on_peers, since.is_some()) {
+        match (on_peers, gate.failsafe().is_some()) {
             (true, false) => {
                 let now = SystemTime::now();
-                *since = Some(now);
                 let peers = m.failsafe.peers.lock().sites().to_vec();
                 gate.set_failsafe(Some((now, peers.clone())));
                 let sites = peers.join(", ");
@@ -120,7 +114,6 @@ fn look(h: &Handle, m: &Member, now: Instant, per_site: &mut BTreeMap<String, Ve
                 );
             }
             (false, true) => {
-                *since = None;
                 gate.set_failsafe(None);
                 if gate.is_open() {
                     info!(
