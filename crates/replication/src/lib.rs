@@ -7,6 +7,7 @@
 pub mod diverged;
 mod error;
 pub mod files;
+pub mod history;
 pub mod journal;
 pub mod link;
 pub mod owners;

