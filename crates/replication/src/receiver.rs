@@ -8,8 +8,9 @@
 //! time. A connection that opens with a `Hello` (or `Define`) instead of
 //! `Link` carries that one session, served on the calling thread.
 
+use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,40 @@ pub struct GroupPlan {
     /// Ends the running session's connection (set while one runs), so a
     /// promotion need not wait for a silent old primary to time out.
     pub session: Mutex<Option<SessionCloser>>,
+    /// The recovery-point marks the group's sessions received.
+    pub marks: MarkLog,
+}
+
+/// How many of the latest marks a [`MarkLog`] keeps.
+pub const RECENT_MARKS: usize = 4096;
+
+/// The `Mark`s a group's sessions received (docs/PEER.md, "Marks"): how
+/// many, and the latest [`RECENT_MARKS`] as (seq, time_ms), oldest first.
+#[derive(Debug, Default)]
+pub struct MarkLog {
+    total: AtomicU64,
+    recent: Mutex<VecDeque<(u64, u64)>>,
+}
+
+impl MarkLog {
+    fn note(&self, seq: u64, time_ms: u64) {
+        let mut recent = self.recent.lock();
+        if recent.len() == RECENT_MARKS {
+            recent.pop_front();
+        }
+        recent.push_back((seq, time_ms));
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks received since the group was set up here.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The latest marks, oldest first.
+    pub fn recent(&self) -> Vec<(u64, u64)> {
+        self.recent.lock().iter().copied().collect()
+    }
 }
 
 /// Shuts a session's connection down.
@@ -638,6 +673,10 @@ async fn session<I: Inbox, O: Outbox>(
                         tracing::warn!(group = %plan.name(), "refused a replicated file: {e}")
                     }
                 }
+            }
+            Action::Mark { seq, time_ms } => {
+                group.mark(seq, time_ms);
+                plan.marks.note(seq, time_ms);
             }
             Action::Pong(n) => writer.send(&Message::Pong(n)).await?,
             Action::None => {}

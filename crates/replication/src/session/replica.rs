@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tandem_peer::{Ack, Hello, Message, Payload, Record, RecordOp, ReplicaState, Welcome};
 
 use crate::replica::Position;
+use crate::session::marks::MarkRule;
 
 /// Journal syncs (and acks) at least this often while records arrive.
 pub const COMMIT_EVERY: Duration = Duration::from_millis(20);
@@ -162,6 +163,14 @@ pub enum ProtocolError {
     },
     #[error("hashes of {count} chunks of {chunk} bytes: the chunk must be a power of two from 4096 to 1048576, at most 1024 of them")]
     Chunks { chunk: u32, count: usize },
+    #[error("mark of record {seq}, but the last record received is {last}")]
+    MarkAhead { seq: u64, last: u64 },
+    #[error("mark of record {seq} after a mark of record {last}: marks went backwards")]
+    MarkBackwards { seq: u64, last: u64 },
+    #[error("mark of record {seq} while the images are no consistent prefix (no resync has ended at a consistent point)")]
+    MarkInResync { seq: u64 },
+    #[error("mark of record {seq}, before record {from}, the first one the last resync leaves consistent")]
+    MarkBeforeConsistent { seq: u64, from: u64 },
 }
 
 /// What the replica does with one message.
@@ -188,6 +197,9 @@ pub enum Action {
     /// The resync is over: record `consistent_at`, then answer
     /// `ResyncDone { resume_at }`.
     EndResync { consistent_at: u64, resume_at: u64 },
+    /// The primary captured every record up to `seq` (received) by
+    /// `time_ms`: a recovery point ([`crate::replica::ReplicaGroup::mark`]).
+    Mark { seq: u64, time_ms: u64 },
     /// Store a replicated configuration file.
     StoreFile {
         path: String,
@@ -293,6 +305,9 @@ pub struct ReplicaSession {
     acked: (u64, u64),
     /// The resync in progress resumes the stream here.
     resync: Option<u64>,
+    /// Which records a mark may name, and the last one marked.
+    marks: MarkRule,
+    last_mark: u64,
     since_commit: Instant,
     bytes_since_commit: u64,
     /// The message just stepped asks for a commit and acknowledgement now.
@@ -343,6 +358,8 @@ impl ReplicaSession {
                 last_seq: held.received,
                 acked: (held.received, held.durable),
                 resync: None,
+                marks: MarkRule::opening(held.consistent && !held.new),
+                last_mark: 0,
                 since_commit: now,
                 bytes_since_commit: 0,
                 ack_now: false,
@@ -408,6 +425,8 @@ impl ReplicaSession {
                     });
                 }
                 self.resync = Some(resume_at);
+                self.marks.resync_begins();
+                self.last_mark = 0;
                 // The resync redefines the position: records from
                 // resume_at on follow, whatever this replica held before.
                 self.last_seq = resume_at.saturating_sub(1);
@@ -475,10 +494,36 @@ impl ReplicaSession {
                     return Err(ProtocolError::EndWithoutBegin);
                 };
                 self.ack_now = true;
+                self.marks.resync_ends(consistent_at);
                 Action::EndResync {
                     consistent_at,
                     resume_at,
                 }
+            }
+            Message::Mark { seq, time_ms } => {
+                if seq > self.last_seq {
+                    return Err(ProtocolError::MarkAhead {
+                        seq,
+                        last: self.last_seq,
+                    });
+                }
+                if self.resync.is_some() || self.marks.from() == u64::MAX {
+                    return Err(ProtocolError::MarkInResync { seq });
+                }
+                if !self.marks.allows(seq) {
+                    return Err(ProtocolError::MarkBeforeConsistent {
+                        seq,
+                        from: self.marks.from(),
+                    });
+                }
+                if seq <= self.last_mark {
+                    return Err(ProtocolError::MarkBackwards {
+                        seq,
+                        last: self.last_mark,
+                    });
+                }
+                self.last_mark = seq;
+                Action::Mark { seq, time_ms }
             }
             Message::File { path, mode, data } => Action::StoreFile { path, mode, data },
             Message::Ping(n) => {
@@ -570,5 +615,179 @@ impl ReplicaSession {
             durable,
             applied: progress.applied.min(durable),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: tandem_peer::VERSION,
+            primary: "ny".into(),
+            replica: "dr".into(),
+            group: "g".into(),
+            epoch: 3,
+            fork_epoch: 0,
+            fork_seq: 0,
+            volumes: vec![("v".into(), 1 << 20)],
+        }
+    }
+
+    fn held(received: u64, consistent: bool) -> Position {
+        Position {
+            received,
+            durable: received,
+            applied: received,
+            epoch: 3,
+            tip_epoch: 3,
+            consistent,
+            new: false,
+            resyncing: !consistent,
+            resync_epoch: 0,
+            compared: 0,
+        }
+    }
+
+    fn session(held: &Position) -> ReplicaSession {
+        let owner = Owner::Configured("ny".into());
+        ReplicaSession::start("dr", &hello(), &owner, held, Instant::now())
+            .unwrap()
+            .0
+    }
+
+    fn flush(seq: u64) -> Message {
+        Message::Record(Record {
+            epoch: 3,
+            seq,
+            volume: 0,
+            op: RecordOp::Flush,
+            fua: false,
+            offset: 0,
+            len: 0,
+            data: Payload::empty(),
+        })
+    }
+
+    fn mark(seq: u64) -> Message {
+        Message::Mark {
+            seq,
+            time_ms: 1_700_000_000_000 + seq,
+        }
+    }
+
+    #[test]
+    fn marks_name_received_records_in_order() {
+        let mut s = session(&held(10, true));
+        // A record the replica held before the session may be marked.
+        assert_eq!(
+            s.step(mark(10)).unwrap(),
+            Action::Mark {
+                seq: 10,
+                time_ms: 1_700_000_000_010
+            }
+        );
+        // One not received yet may not.
+        let e = s.step(mark(11)).unwrap_err();
+        assert!(matches!(e, ProtocolError::MarkAhead { seq: 11, last: 10 }));
+        assert_eq!(
+            e.to_string(),
+            "mark of record 11, but the last record received is 10"
+        );
+        assert!(matches!(s.step(flush(11)).unwrap(), Action::Receive(_)));
+        assert!(matches!(
+            s.step(mark(11)).unwrap(),
+            Action::Mark { seq: 11, .. }
+        ));
+        // A mark joins the batch: no commit or acknowledgement of its own.
+        assert_eq!(s.plan_commit(Instant::now(), true, true), Commit::Later);
+        for seq in [11, 4] {
+            let e = s.step(mark(seq)).unwrap_err();
+            assert!(
+                matches!(e, ProtocolError::MarkBackwards { last: 11, .. }),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_marks_where_the_images_are_no_prefix() {
+        // An inconsistent replica: none until a resync ends.
+        let mut s = session(&held(10, false));
+        let e = s.step(mark(10)).unwrap_err();
+        assert!(matches!(e, ProtocolError::MarkInResync { seq: 10 }), "{e}");
+        assert!(e.to_string().contains("no consistent prefix"), "{e}");
+        let begin = Message::ResyncBegin {
+            epoch: 3,
+            resume_at: 11,
+            bytes: 1 << 20,
+        };
+        assert_eq!(
+            s.step(begin.clone()).unwrap(),
+            Action::BeginResync { resume_at: 11 }
+        );
+        assert!(matches!(
+            s.step(mark(10)),
+            Err(ProtocolError::MarkInResync { .. })
+        ));
+        // A part that more parts follow leaves it inconsistent.
+        s.step(Message::ResyncEnd {
+            consistent_at: tandem_peer::NOT_YET_CONSISTENT,
+        })
+        .unwrap();
+        s.step(flush(11)).unwrap();
+        assert!(matches!(
+            s.step(mark(11)),
+            Err(ProtocolError::MarkInResync { .. })
+        ));
+        // The last part: consistent once record 13 is applied.
+        s.step(Message::ResyncBegin {
+            epoch: 3,
+            resume_at: 12,
+            bytes: 1 << 20,
+        })
+        .unwrap();
+        s.step(Message::ResyncEnd { consistent_at: 14 }).unwrap();
+        s.step(flush(12)).unwrap();
+        let e = s.step(mark(12)).unwrap_err();
+        assert!(
+            matches!(e, ProtocolError::MarkBeforeConsistent { seq: 12, from: 13 }),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "mark of record 12, before record 13, the first one the last resync leaves consistent"
+        );
+        s.step(flush(13)).unwrap();
+        assert!(matches!(
+            s.step(mark(13)).unwrap(),
+            Action::Mark { seq: 13, .. }
+        ));
+        // A new resync starts the order of marks again.
+        s.step(begin).unwrap();
+        s.step(Message::ResyncEnd { consistent_at: 11 }).unwrap();
+        s.step(flush(11)).unwrap();
+        assert!(matches!(
+            s.step(mark(10)).unwrap(),
+            Action::Mark { seq: 10, .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_protocol_version_is_refused_with_both_versions() {
+        let mut h = hello();
+        h.version = 4;
+        let membership = Membership {
+            group: "g".into(),
+            primary: "ny".into(),
+            sites: vec!["ny".into(), "dr".into()],
+            volumes: h.volumes.clone(),
+        };
+        let e = check_hello(&h, "dr", None, Some(&membership)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "protocol version 4 is not supported (this site speaks 5)"
+        );
     }
 }

@@ -61,6 +61,7 @@ pub fn replica_site(
             files: Vec::new(),
             vm_definition: None,
             session: Mutex::new(None),
+            marks: Default::default(),
         })]),
         definer: parking_lot::RwLock::new(None),
         grantor: parking_lot::RwLock::new(None),
