@@ -573,24 +573,38 @@ async fn session<I: Inbox, O: Outbox>(
         len: 0,
         data: Vec::new(),
     };
+    // Whatever arrived before the session ends is kept: made durable
+    // before leaving, so the next session's welcome starts from it.
+    let keep = |group: &mut ReplicaGroup| {
+        runtime::blocking(|| {
+            if group.has_uncommitted() {
+                group.commit()?;
+            }
+            group.checkpoint()
+        })
+    };
     loop {
         let msg = match inbox.next().await {
             Ok(m) => m,
             Err(e) => {
-                // Whatever arrived is kept: make it durable before leaving.
-                runtime::blocking(|| {
-                    if group.has_uncommitted() {
-                        group.commit()?;
-                    }
-                    group.checkpoint()
-                })?;
+                keep(&mut group)?;
                 return match e {
                     PeerError::Closed => Ok(()),
                     e => Err(e.into()),
                 };
             }
         };
-        match session.step(msg)? {
+        // A message the session refuses ends it; what came before stays
+        // (a journal with records received but not committed would make
+        // the next session refuse the records it resends).
+        let action = match session.step(msg) {
+            Ok(action) => action,
+            Err(e) => {
+                keep(&mut group)?;
+                return Err(e.into());
+            }
+        };
+        match action {
             Action::Receive(r) => {
                 entry.data.clear();
                 if r.op == tandem_peer::RecordOp::Write {
