@@ -471,8 +471,17 @@ impl ReplicaGroup {
     ///
     /// A mark names the last record received (the primary sends it right
     /// after that record); any other is stale and makes no point.
+    /// While the images are not a prefix (a resync is writing chunks, or
+    /// has not caught up), no mark makes a point (G10).
     pub fn mark(&mut self, seq: u64, time_ms: u64) {
         if self.history.is_none() || seq == 0 || seq != self.received.load(Ordering::Acquire) {
+            return;
+        }
+        let consistent = {
+            let p = self.published.lock();
+            p.consistent && !p.resyncing && !p.new
+        };
+        if !consistent {
             return;
         }
         let n = self.batch.records.len();
@@ -626,6 +635,46 @@ impl ReplicaGroup {
         self.batch.push(entry);
         self.last_epoch = entry.epoch;
         self.received.store(entry.seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rolls the images back to `point` of the history (docs/HISTORY.md,
+    /// H3): the state first says the images hold exactly the point, with
+    /// the log's synced end right after it, so that a crash part way
+    /// finishes the rollback at the next open. The history after the
+    /// point is gone afterwards; a caller that keeps it for forensics
+    /// saves [`History::changed_since`] ranges first.
+    pub fn roll_back_to(&mut self, point: crate::history::Point) -> Result<(), ReplicaError> {
+        let Some(history) = self.history.clone() else {
+            return Err(ReplicaError::Corrupt {
+                path: self.divergence_path.with_file_name(HISTORY_DIR),
+                reason: "the group keeps no history to roll back with".into(),
+            });
+        };
+        self.commit()?;
+        self.committer.wait_idle()?;
+        let mut core = self.core.lock();
+        core.checkpoint()?;
+        let s = core.state.get();
+        let end = point.pos + crate::history::entry::HEADER_LEN as u64;
+        core.state.set(ReplicaState {
+            applied: point.seq,
+            tip_epoch: point.epoch,
+            consistent_at: 0,
+            inconsistent: false,
+            history_end: end,
+            ..s
+        })?;
+        history.roll_back(point)?;
+        core.applied = point.seq;
+        core.tip_epoch = point.epoch;
+        core.resume_at = None;
+        core.new = false;
+        self.received.store(point.seq, Ordering::Release);
+        self.last_epoch = point.epoch;
+        core.checkpoint()?;
+        core.publish();
+        tracing::info!(group = %self.name, seq = point.seq, epoch = point.epoch, time_ms = point.time_ms, "rolled the images back to a recovery point");
         Ok(())
     }
 

@@ -39,6 +39,17 @@ fn open(dir: &Path) -> ReplicaGroup {
     ReplicaGroup::open_with(&dir.join("replica"), "g", volumes, options()).unwrap()
 }
 
+/// A new replica made consistent (an empty resync): marks make points
+/// only on a prefix.
+fn open_synced(dir: &Path) -> ReplicaGroup {
+    let mut g = open(dir);
+    g.set_epoch(1).unwrap();
+    g.begin_resync(1, 1).unwrap();
+    g.end_resync(1).unwrap();
+    assert!(g.position().consistent);
+    g
+}
+
 #[derive(Clone, Debug)]
 enum Step {
     Write {
@@ -189,8 +200,7 @@ proptest! {
         more in prop::collection::vec(step(), 1..120),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let mut g = open(dir.path());
-        g.set_epoch(1).unwrap();
+        let mut g = open_synced(dir.path());
         let mut models = vec![vec![vec![0u8; SIZE as usize]; VOLUMES]];
         let mut marked = Vec::new();
         feed(&mut g, &first, &mut models, &mut marked);
@@ -223,8 +233,7 @@ proptest! {
 #[test]
 fn the_latest_point_and_a_time_choose_points() {
     let dir = tempfile::tempdir().unwrap();
-    let mut g = open(dir.path());
-    g.set_epoch(1).unwrap();
+    let mut g = open_synced(dir.path());
     let mut models = vec![vec![vec![0u8; SIZE as usize]; VOLUMES]];
     let mut marked = Vec::new();
     let steps: Vec<Step> = (0..10)
@@ -269,8 +278,7 @@ fn a_commit_cut_short_by_a_crash_is_rolled_back_at_open() {
     let mut models = vec![vec![vec![0u8; SIZE as usize]; VOLUMES]];
     let mut marked = Vec::new();
     {
-        let mut g = open(dir.path());
-        g.set_epoch(1).unwrap();
+        let mut g = open_synced(dir.path());
         let steps: Vec<Step> = (0..6)
             .flat_map(|i| {
                 [
@@ -326,8 +334,7 @@ fn a_commit_cut_short_by_a_crash_is_rolled_back_at_open() {
 fn turning_history_off_removes_it() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let mut g = open(dir.path());
-        g.set_epoch(1).unwrap();
+        let mut g = open_synced(dir.path());
         let mut models = vec![vec![vec![0u8; SIZE as usize]; VOLUMES]];
         let mut marked = Vec::new();
         feed(
@@ -364,4 +371,52 @@ fn turning_history_off_removes_it() {
     assert!(g.history().is_none());
     assert!(!dir.path().join("replica/history").exists());
     assert_eq!(g.position().applied, 1);
+}
+
+/// `roll_back_to` a point: the images are exactly that point's prefix,
+/// the points after it are gone, the ones before it still read as their
+/// prefixes, and what changed since the point was told first.
+#[test]
+fn rolling_back_to_a_point_restores_its_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = open_synced(dir.path());
+    let mut models = vec![vec![vec![0u8; SIZE as usize]; VOLUMES]];
+    let mut marked = Vec::new();
+    let steps: Vec<Step> = (0..12)
+        .flat_map(|i| {
+            [
+                Step::Write {
+                    volume: (i % 2) as u32,
+                    offset: (i % 5) * 12288,
+                    len: 12288,
+                },
+                Step::Mark,
+            ]
+        })
+        .collect();
+    feed(&mut g, &steps, &mut models, &mut marked);
+    let h = g.history().unwrap();
+    let p = h.points().into_iter().find(|p| p.seq == 5).unwrap();
+    let changed = h.changed_since(p).unwrap();
+    // Writes 6..=12 touched offsets (i % 5) * 12288 for i in 5..12 on both volumes.
+    assert!(changed
+        .iter()
+        .all(|&(_, o, l)| o % 12288 == 0 && l % 12288 == 0));
+    // seqs 6..=12 wrote seven distinct (volume, offset) places.
+    assert_eq!(changed.iter().map(|c| c.2).sum::<u64>(), 7 * 12288);
+    g.roll_back_to(p).unwrap();
+    for (v, want) in models[5].iter().enumerate() {
+        let got = std::fs::read(dir.path().join(format!("v{v}.img"))).unwrap();
+        assert!(got == *want, "volume {v} is the prefix up to 5");
+    }
+    assert_eq!(g.position().applied, 5);
+    models.truncate(6);
+    marked.retain(|s| *s <= 5);
+    check_points(&g, &models, &marked);
+    // A new history goes on from the point, and survives a restart.
+    feed(&mut g, &steps[..6], &mut models, &mut marked);
+    check_points(&g, &models, &marked);
+    drop((g, h));
+    let g = open(dir.path());
+    check_points(&g, &models, &marked);
 }

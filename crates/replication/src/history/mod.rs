@@ -319,6 +319,90 @@ impl History {
         Ok(())
     }
 
+    /// The ranges (volume, offset, length) the images changed in since
+    /// `point`: what a rollback to it gives up.
+    pub fn changed_since(&self, point: Point) -> Result<Vec<(u32, u64, u64)>, ReplicaError> {
+        let mut changed: Vec<RangeMap<()>> = self.volumes.iter().map(|_| RangeMap::new()).collect();
+        let log = self.log.read();
+        let mut pos = point.pos + HEADER_LEN as u64;
+        while pos < log.end() {
+            let Some((_, seg_end)) = log.segment_of(pos) else {
+                break;
+            };
+            let Some(head) = read_head(&log, pos, seg_end, false)? else {
+                return Err(corrupt(&self.dir, pos));
+            };
+            if let EntryHead::Undo {
+                volume,
+                offset,
+                len,
+                ..
+            } = head
+            {
+                if let Some(m) = changed.get_mut(volume as usize) {
+                    m.fill(offset, offset.saturating_add(len), ());
+                }
+            }
+            pos += head.entry_len();
+        }
+        let mut out = Vec::new();
+        for (v, m) in changed.iter().enumerate() {
+            let v = u32::try_from(v).unwrap_or(u32::MAX);
+            // Adjacent pieces merge into one range.
+            let mut run: Option<(u64, u64)> = None;
+            for (s, e, (), _) in m.covered(0, u64::MAX) {
+                match run {
+                    Some((rs, re)) if re == s => run = Some((rs, e)),
+                    Some((rs, re)) => {
+                        out.push((v, rs, re - rs));
+                        run = Some((s, e));
+                    }
+                    None => run = Some((s, e)),
+                }
+            }
+            if let Some((rs, re)) = run {
+                out.push((v, rs, re - rs));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rolls the images back to `point` (H3) and cuts the log right after
+    /// it; every point after it is gone. No view may be open past it.
+    pub fn roll_back(&self, point: Point) -> Result<(), ReplicaError> {
+        let mut meta = self.meta.lock();
+        if !meta.points.contains(&point) {
+            return Err(ReplicaError::Corrupt {
+                path: self.dir.clone(),
+                reason: format!("point seq {} is not in the history", point.seq),
+            });
+        }
+        let end = point.pos + HEADER_LEN as u64;
+        let mut log = self.log.write();
+        let mut found = Vec::new();
+        let mut pos = end;
+        while pos < log.end() {
+            let Some((_, seg_end)) = log.segment_of(pos) else {
+                break;
+            };
+            let Some(head) = read_head(&log, pos, seg_end, true)? else {
+                return Err(corrupt(&self.dir, pos));
+            };
+            found.push(Found { pos, head });
+            pos += head.entry_len();
+        }
+        for f in found.iter().rev() {
+            undo_one(&log, &self.volumes, f)?;
+        }
+        for v in self.volumes.iter() {
+            v.image.sync()?;
+        }
+        log.truncate(end)?;
+        meta.points.retain(|p| p.pos <= point.pos);
+        meta.views.retain(|w| w.strong_count() > 0);
+        Ok(())
+    }
+
     /// Forgets everything (the images changed without undo: this site
     /// served the group).
     pub fn clear(&self) -> Result<(), ReplicaError> {
@@ -416,10 +500,7 @@ impl History {
                     return Ok(pos);
                 };
                 let Some(head) = read_head(&log, pos, seg_end, false)? else {
-                    return Err(ReplicaError::Corrupt {
-                        path: self.dir.clone(),
-                        reason: format!("no valid history entry at position {pos}"),
-                    });
+                    return Err(corrupt(&self.dir, pos));
                 };
                 deliver(overlay, pos, &head);
                 pos += head.entry_len();
@@ -441,6 +522,13 @@ impl History {
 impl Drop for PointView {
     fn drop(&mut self) {
         self.history.unpin(self.overlay.point.pos);
+    }
+}
+
+fn corrupt(dir: &Path, pos: u64) -> ReplicaError {
+    ReplicaError::Corrupt {
+        path: dir.to_owned(),
+        reason: format!("no valid history entry at position {pos}"),
     }
 }
 
