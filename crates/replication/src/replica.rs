@@ -508,6 +508,28 @@ impl ReplicaGroup {
         epoch: u64,
         diverged: Option<Vec<(u32, u64, u64)>>,
     ) -> Result<ReplicaGroup, ReplicaError> {
+        ReplicaGroup::adopt_with(
+            dir,
+            name,
+            volumes,
+            tip,
+            epoch,
+            diverged,
+            ReplicaOptions::default(),
+        )
+    }
+
+    /// [`ReplicaGroup::adopt`] with `options`: a history starts empty (the
+    /// images changed without undo while this site served the group).
+    pub fn adopt_with(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<ReplicaVolume>,
+        tip: (u64, u64),
+        epoch: u64,
+        diverged: Option<Vec<(u32, u64, u64)>>,
+        options: ReplicaOptions,
+    ) -> Result<ReplicaGroup, ReplicaError> {
         // This site served the group: its images changed without undo,
         // so no point of an earlier time as replica can be rebuilt.
         remove_history(&dir.join(HISTORY_DIR))?;
@@ -548,7 +570,7 @@ impl ReplicaGroup {
             history_end: 0,
         })?;
         drop(state);
-        ReplicaGroup::open(dir, name, volumes)
+        ReplicaGroup::open_with(dir, name, volumes, options)
     }
 
     /// What this replica tells a primary after its welcome (docs/PEER.md,

@@ -416,6 +416,21 @@ impl History {
         self.meta.lock().points.clone()
     }
 
+    /// The newest point.
+    pub fn latest(&self) -> Option<Point> {
+        self.meta.lock().points.last().copied()
+    }
+
+    /// The point of record `seq` of `epoch`, if it is one.
+    pub fn find(&self, epoch: u64, seq: u64) -> Option<Point> {
+        let meta = self.meta.lock();
+        let i = meta.points.partition_point(|p| (p.epoch, p.seq) < (epoch, seq));
+        meta.points
+            .get(i)
+            .filter(|p| (p.epoch, p.seq) == (epoch, seq))
+            .copied()
+    }
+
     /// The window in numbers.
     pub fn summary(&self) -> Summary {
         let meta = self.meta.lock();
