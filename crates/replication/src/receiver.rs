@@ -707,19 +707,23 @@ async fn session<I: Inbox, O: Outbox>(
         // has to say is then flushed below — a session never waits for
         // its next message with answers (a `Diff`, an `Ack`) unsent.
         let idle = inbox.is_idle();
-        let committed =
-            match session.plan_commit(Instant::now(), group.has_uncommitted(), group.has_batch()) {
-                Commit::Now => Some(runtime::blocking(|| group.commit())?),
-                Commit::Background => {
-                    // Waits (off the worker) only when the committer is
-                    // far behind.
-                    if !group.try_commit_in_background()? {
-                        runtime::blocking(|| group.commit_in_background())?;
-                    }
-                    None
+        let committed = match session.plan_commit(
+            Instant::now(),
+            group.has_uncommitted(),
+            group.has_batch(),
+            idle,
+        ) {
+            Commit::Now => Some(runtime::blocking(|| group.commit())?),
+            Commit::Background => {
+                // Waits (off the worker) only when the committer is
+                // far behind.
+                if !group.try_commit_in_background()? {
+                    runtime::blocking(|| group.commit_in_background())?;
                 }
-                Commit::Later => None,
-            };
+                None
+            }
+            Commit::Later => None,
+        };
         let p = group.progress();
         let progress = Progress {
             committed,

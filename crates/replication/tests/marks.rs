@@ -23,11 +23,12 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
-use support::replica::{pair_connection, replica_site};
+use support::replica::{pair_connection, replica_site, replica_site_with};
 use tandem_capture::{CaptureVolume, GroupCapture};
 use tandem_peer::{read_message, write_message, Message};
+use tandem_replication::history::{History, Retention};
 use tandem_replication::receiver::{GroupPlan, ReceiverContext};
-use tandem_replication::replica::Position;
+use tandem_replication::replica::{Position, ReplicaOptions};
 use tandem_replication::shipper::{ConnectError, Link, LinkState, Shipper, SiteLink};
 use tandem_volume::RawImage;
 
@@ -39,6 +40,8 @@ const CLOCK_SLACK_MS: u64 = 20;
 struct Pair {
     capture: Arc<GroupCapture>,
     plan: Arc<GroupPlan>,
+    /// The replica's undo history: its points come from the marks.
+    history: Arc<History>,
     replica: Arc<Mutex<Position>>,
     link: Arc<Link>,
     stop: Arc<AtomicBool>,
@@ -106,14 +109,21 @@ fn start(dir: &Path, before_shipping: impl FnOnce(&GroupCapture)) -> Pair {
         .unwrap(),
     );
     before_shipping(&capture);
-    let site = replica_site(
+    let site = replica_site_with(
         &dir.join("replica"),
         "dr",
         &["ny", "dr"],
         &dir.join("r.img"),
         SIZE,
+        ReplicaOptions {
+            history: Some(Retention {
+                keep: Duration::from_secs(3600),
+                max_bytes: 1 << 30,
+            }),
+        },
     );
     let plan = first_plan(&site.ctx);
+    let history = site.group.lock().history().expect("a replica with history");
     let (ctx, replica) = (site.ctx, site.group);
     let stop = Arc::new(AtomicBool::new(false));
     let cut = Arc::new(AtomicBool::new(false));
@@ -149,6 +159,7 @@ fn start(dir: &Path, before_shipping: impl FnOnce(&GroupCapture)) -> Pair {
     Pair {
         capture,
         plan,
+        history,
         replica: position,
         link,
         stop,
@@ -213,6 +224,42 @@ impl Pair {
         (time, started.elapsed())
     }
 
+    /// Waits (at most 10 s) until the replica's history has a point of
+    /// record `seq` at `time_ms`.
+    fn wait_point(&self, seq: u64, time_ms: u64) {
+        let found = tandem_testkit::poll(Duration::from_secs(10), || {
+            self.history
+                .points()
+                .iter()
+                .any(|p| p.seq == seq && p.time_ms == time_ms)
+                .then_some(())
+        });
+        assert!(
+            found.is_some(),
+            "no point of record {seq} at {time_ms}: {:?}",
+            self.history.points()
+        );
+    }
+
+    /// Every point of the history was made of a mark received (of those
+    /// the log still holds).
+    fn check_points(&self) {
+        let marks = self.marks();
+        let oldest = marks.keys().next().copied().unwrap_or(0);
+        for p in self
+            .history
+            .points()
+            .into_iter()
+            .filter(|p| p.seq >= oldest)
+        {
+            assert_eq!(
+                marks.get(&p.seq),
+                Some(&p.time_ms),
+                "point {p:?} of no mark received"
+            );
+        }
+    }
+
     /// Every mark names a record the test captured, with a time within
     /// that record's wall-clock window.
     fn check_marks(&self, log: &Log) {
@@ -252,6 +299,8 @@ fn flushes_fua_writes_and_a_flush_free_stream_are_marked() {
         let (time, _) = pair.wait_mark(flush, Duration::from_secs(10));
         let w = log.0[&flush];
         assert!(time + CLOCK_SLACK_MS >= w.before && time <= w.after + CLOCK_SLACK_MS);
+        // A recovery point, without waiting for more writes.
+        pair.wait_point(flush, time);
     }
     // FUA: the same.
     let fua = log.write(&pair.capture, 100, true);
@@ -268,12 +317,14 @@ fn flushes_fua_writes_and_a_flush_free_stream_are_marked() {
     let last = pair.capture.next_seq() - 1;
     // Idle now: the last record is marked about a second after its
     // capture.
-    let (_, waited) = pair.wait_mark(last, Duration::from_secs(5));
+    let (time, waited) = pair.wait_mark(last, Duration::from_secs(5));
     assert!(
         waited < Duration::from_millis(2500),
         "the idle stream's last record was marked {waited:?} after it was written"
     );
+    pair.wait_point(last, time);
     pair.check_marks(&log);
+    pair.check_points();
 
     // At least one mark per second of capture time: between two marks
     // (from the FUA write's on), no record was captured a second or more
@@ -357,8 +408,10 @@ fn marks_follow_a_resync_catch_up_and_a_new_session() {
     writer.join().unwrap();
     let last = log.lock().flush(&pair.capture);
     pair.wait_caught_up();
-    pair.wait_mark(last, Duration::from_secs(10));
+    let (time, _) = pair.wait_mark(last, Duration::from_secs(10));
+    pair.wait_point(last, time);
     pair.check_marks(&log.lock());
+    pair.check_points();
     // One session before the cut, one after: the replica never refused a
     // mark.
     assert_eq!(pair.sessions.load(Ordering::Relaxed), 2);

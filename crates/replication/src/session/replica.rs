@@ -313,6 +313,13 @@ pub struct ReplicaSession {
     /// The message just stepped asks for a commit and acknowledgement now.
     ack_now: bool,
     pinged: bool,
+    /// A FLUSH or FUA record awaits its commit (and acknowledgement).
+    flush_owed: bool,
+    /// ...and may wait for one more message already buffered: the mark
+    /// right behind it joins its commit.
+    flush_defer: bool,
+    /// The message just stepped is a mark.
+    marked: bool,
 }
 
 impl ReplicaSession {
@@ -364,6 +371,9 @@ impl ReplicaSession {
                 bytes_since_commit: 0,
                 ack_now: false,
                 pinged: false,
+                flush_owed: false,
+                flush_defer: false,
+                marked: false,
             },
             welcome,
         ))
@@ -377,6 +387,8 @@ impl ReplicaSession {
     pub fn step(&mut self, msg: Message) -> Result<Action, ProtocolError> {
         self.ack_now = false;
         self.pinged = false;
+        self.flush_defer = false;
+        self.marked = false;
         Ok(match msg {
             Message::Record(r) => {
                 if r.epoch != self.epoch {
@@ -412,7 +424,13 @@ impl ReplicaSession {
                 }
                 self.last_seq = r.seq;
                 self.bytes_since_commit += data;
-                self.ack_now = r.fua || r.op == tandem_peer::RecordOp::Flush;
+                if r.fua || r.op == RecordOp::Flush {
+                    // Committed after this message, or after the next one
+                    // if it is already here (the primary sends the
+                    // record's mark right behind it): never later.
+                    self.flush_defer = !self.flush_owed;
+                    self.flush_owed = true;
+                }
                 Action::Receive(r)
             }
             Message::ResyncBegin {
@@ -523,6 +541,7 @@ impl ReplicaSession {
                     });
                 }
                 self.last_mark = seq;
+                self.marked = true;
                 Action::Mark { seq, time_ms }
             }
             Message::File { path, mode, data } => Action::StoreFile { path, mode, data },
@@ -569,22 +588,35 @@ impl ReplicaSession {
     }
 
     /// When to commit, after the action was carried out. `idle`: nothing
-    /// more is buffered from the primary; `uncommitted`: records were
-    /// received and not yet made durable; `batch`: some are not yet handed
-    /// to the committer.
-    pub fn plan_commit(&mut self, now: Instant, uncommitted: bool, batch: bool) -> Commit {
+    /// more is buffered from the primary; `uncommitted`: records (or
+    /// marks) were received and not yet made durable; `batch`: some are
+    /// not yet handed to the committer.
+    pub fn plan_commit(
+        &mut self,
+        now: Instant,
+        uncommitted: bool,
+        batch: bool,
+        idle: bool,
+    ) -> Commit {
         let due = now.saturating_duration_since(self.since_commit) >= COMMIT_EVERY
             || self.bytes_since_commit >= COMMIT_BYTES as u64;
         // A FLUSH or FUA (or an idle primary's ping) is synced and applied
-        // now and acknowledged at once; otherwise the committer syncs and
-        // applies while reading goes on.
-        let commit = if self.ack_now || (self.pinged && uncommitted) {
+        // now and acknowledged at once — after the message behind it, if
+        // that one is here already (its mark); otherwise the committer
+        // syncs and applies while reading goes on. A mark with nothing
+        // behind it goes to the committer at once: its point does not
+        // wait for the next records.
+        let flush = self.flush_owed && (idle || !self.flush_defer);
+        let commit = if self.ack_now || flush || (self.pinged && uncommitted) {
             Commit::Now
-        } else if due && batch {
+        } else if batch && (due || (self.marked && idle)) {
             Commit::Background
         } else {
             Commit::Later
         };
+        if commit == Commit::Now {
+            self.flush_owed = false;
+        }
         if commit == Commit::Now || due {
             self.since_commit = now;
             self.bytes_since_commit = 0;
@@ -700,8 +732,6 @@ mod tests {
             s.step(mark(11)).unwrap(),
             Action::Mark { seq: 11, .. }
         ));
-        // A mark joins the batch: no commit or acknowledgement of its own.
-        assert_eq!(s.plan_commit(Instant::now(), true, true), Commit::Later);
         for seq in [11, 4] {
             let e = s.step(mark(seq)).unwrap_err();
             assert!(
@@ -709,6 +739,55 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    fn write(seq: u64) -> Message {
+        Message::Record(Record {
+            epoch: 3,
+            seq,
+            volume: 0,
+            op: RecordOp::Write,
+            fua: false,
+            offset: 0,
+            len: 512,
+            data: Payload::raw(vec![7; 512]),
+        })
+    }
+
+    #[test]
+    fn a_flush_and_its_mark_share_one_commit() {
+        let mut s = session(&held(10, true));
+        let now = s.since_commit;
+        let step = |s: &mut ReplicaSession, msg, idle| {
+            s.step(msg).unwrap();
+            s.plan_commit(now, true, true, idle)
+        };
+        // The mark already buffered behind the flush joins its commit.
+        assert_eq!(step(&mut s, flush(11), false), Commit::Later);
+        assert_eq!(step(&mut s, mark(11), false), Commit::Now);
+        // A flush with nothing behind it commits at once; its mark, when
+        // it comes alone, goes to the committer without waiting for more
+        // records.
+        assert_eq!(step(&mut s, flush(12), true), Commit::Now);
+        assert_eq!(step(&mut s, mark(12), true), Commit::Background);
+        // A mark with more behind it (and a write) just joins the batch.
+        assert_eq!(step(&mut s, write(13), false), Commit::Later);
+        assert_eq!(step(&mut s, mark(13), false), Commit::Later);
+        // A flush waits for one message at most, whatever it is.
+        assert_eq!(step(&mut s, flush(14), false), Commit::Later);
+        assert_eq!(step(&mut s, flush(15), false), Commit::Now);
+        assert_eq!(step(&mut s, flush(16), false), Commit::Later);
+        assert_eq!(step(&mut s, write(17), false), Commit::Now);
+        assert_eq!(step(&mut s, write(18), false), Commit::Later);
+        // A FUA write is a flush.
+        let Message::Record(mut fua) = write(19) else {
+            unreachable!()
+        };
+        fua.fua = true;
+        assert_eq!(step(&mut s, Message::Record(fua), true), Commit::Now);
+        // Without history a mark leaves no batch: nothing to commit.
+        s.step(mark(19)).unwrap();
+        assert_eq!(s.plan_commit(now, false, false, true), Commit::Later);
     }
 
     #[test]
