@@ -424,7 +424,9 @@ impl History {
     /// The point of record `seq` of `epoch`, if it is one.
     pub fn find(&self, epoch: u64, seq: u64) -> Option<Point> {
         let meta = self.meta.lock();
-        let i = meta.points.partition_point(|p| (p.epoch, p.seq) < (epoch, seq));
+        let i = meta
+            .points
+            .partition_point(|p| (p.epoch, p.seq) < (epoch, seq));
         meta.points
             .get(i)
             .filter(|p| (p.epoch, p.seq) == (epoch, seq))
