@@ -264,11 +264,14 @@ PYEOF
 #   group=NAME              default "g"
 #   tls=DIR                 mutual TLS with DIR/ca.pem, DIR/SITE.pem,
 #                           DIR/SITE.key (`tandem certs create`); default off
+#   retention=DURATION  history_max=SIZE  test_scratch_max=SIZE
+#                           the group's recovery-point history (docs/HISTORY.md)
 tandem_site_config() {
     local file=$1 kv k v
     shift
     local site="" data="" listen="" api="" primary="" replicas="" mode=""
     local sync_replicas="" queue_memory="" on_sync_loss="" group=g tls=""
+    local retention="" history_max="" test_scratch_max=""
     local -a peers=() volumes=()
     for kv in "$@"; do
         k=${kv%%=*} v=${kv#*=}
@@ -287,6 +290,9 @@ tandem_site_config() {
         volume) volumes+=("$v") ;;
         group) group=$v ;;
         tls) tls=$v ;;
+        retention) retention=$v ;;
+        history_max) history_max=$v ;;
+        test_scratch_max) test_scratch_max=$v ;;
         *) die "tandem_site_config: unknown key '$k'" ;;
         esac
     done
@@ -324,6 +330,9 @@ tandem_site_config() {
         [[ -z "$sync_replicas" ]] || printf 'sync_replicas = %d\n' "$sync_replicas"
         [[ -z "$queue_memory" ]] || printf 'queue_memory = "%s"\n' "$queue_memory"
         [[ -z "$on_sync_loss" ]] || printf 'on_sync_loss = "%s"\n' "$on_sync_loss"
+        [[ -z "$retention" ]] || printf 'retention = "%s"\n' "$retention"
+        [[ -z "$history_max" ]] || printf 'history_max = "%s"\n' "$history_max"
+        [[ -z "$test_scratch_max" ]] || printf 'test_scratch_max = "%s"\n' "$test_scratch_max"
         printf 'volumes = [ %s ]\n' "$vols"
     } >"$file"
 }
