@@ -330,6 +330,7 @@ impl StatusView {
                         Instant::now(),
                         crate::cluster::now_ms(),
                     );
+                    let summary = r.history.as_ref().map(|h| h.summary());
                     GroupStatus {
                         role: Role::Replica,
                         epoch: p.epoch.max(seen_epoch),
@@ -352,6 +353,8 @@ impl StatusView {
                             // Only the primary knows what this site lacks.
                             rpo_seconds: None,
                             reported_by: None,
+                            points: summary.as_ref().map(crate::history::window),
+                            history: summary.as_ref().map(crate::history::bytes),
                         }],
                         ..base
                     }
@@ -443,5 +446,8 @@ fn link_status(
         since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
         rpo_seconds: Some(lag_seconds),
         reported_by: None,
+        // The replica's own report says its points.
+        points: None,
+        history: None,
     }
 }

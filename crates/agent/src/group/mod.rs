@@ -394,6 +394,15 @@ impl GroupRuntime {
         }
     }
 
+    /// The group's recovery-point history on this site: `Some` while this
+    /// site is a replica of the group and keeps history (docs/HISTORY.md).
+    pub(crate) fn history(&self) -> Option<Arc<tandem_replication::history::History>> {
+        match &*self.plane.lock() {
+            Plane::Replica(r) => r.history.clone(),
+            _ => None,
+        }
+    }
+
     /// The gate of the primary role, if this site serves the group.
     pub fn gate(&self) -> Option<Arc<Gate>> {
         match &*self.plane.lock() {

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tandem_coordinator::machine::Tip;
+use tandem_replication::history::History;
 use tandem_replication::receiver::{GroupPlan, Membership};
-use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
+use tandem_replication::replica::{Position, ReplicaGroup, ReplicaOptions, ReplicaVolume};
 use tracing::{info, warn};
 
 use super::{Images, Shared};
@@ -31,6 +32,9 @@ pub(crate) struct ReplicaRole {
     pub position: Arc<Mutex<Position>>,
     pub connected: Arc<AtomicBool>,
     pub plan: Arc<GroupPlan>,
+    /// The group's recovery-point history here (docs/HISTORY.md), if it
+    /// keeps one.
+    pub history: Option<Arc<History>>,
 }
 
 impl ReplicaRole {
@@ -61,9 +65,18 @@ impl ReplicaRole {
             Some((tip, epoch, diverged)) => {
                 ReplicaGroup::adopt(&dir, &group.name, volumes, tip, epoch, diverged)
             }
-            None => ReplicaGroup::open(&dir, &group.name, volumes),
+            None => {
+                // The retention now: the file's, or a reload's.
+                let config = shared.config();
+                let current = config.group(&group.name).unwrap_or(group);
+                let options = ReplicaOptions {
+                    history: crate::history::retention(current),
+                };
+                ReplicaGroup::open_with(&dir, &group.name, volumes, options)
+            }
         }
         .map_err(replica_err)?;
+        let history = replica.history();
         let position = replica.published();
         let replica = Arc::new(Mutex::new(replica));
         let connected = Arc::new(AtomicBool::new(false));
@@ -102,6 +115,7 @@ impl ReplicaRole {
             position,
             connected,
             plan,
+            history,
         })
     }
 
