@@ -121,6 +121,10 @@ enum ApiRequest {
     Verify {
         group: String,
     },
+    /// `tandem points GROUP`: this site's recovery points of the group.
+    Points {
+        group: String,
+    },
     Protect(crate::onboard::ProtectRequest),
     Unprotect {
         group: String,
@@ -172,6 +176,10 @@ enum ApiError {
     Protect(#[from] crate::onboard::ProtectError),
     #[error(transparent)]
     Unprotect(#[from] crate::onboard::UnprotectError),
+    #[error(transparent)]
+    Points(#[from] crate::view::PointsError),
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
 }
@@ -210,6 +218,8 @@ impl ApiError {
             ApiError::Hypervisor(_) => 503,
             ApiError::Protect(e) => e.status(),
             ApiError::Unprotect(e) => e.status(),
+            ApiError::Points(e) => e.status(),
+            ApiError::Forward(e) => e.status(),
             ApiError::Encode(_) => 500,
         }
     }
@@ -236,6 +246,11 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
         &[400, 401, 404, 413],
     ),
     ("POST", "/api/v1/groups/{group}/verify", &[401, 404]),
+    (
+        "GET",
+        "/api/v1/groups/{group}/points",
+        &[400, 401, 404, 409, 502, 504],
+    ),
     (
         "POST",
         "/api/v1/groups/{group}/unprotect",
@@ -347,6 +362,17 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
     if !guard.authorized(request) {
         return Err(ApiError::Unauthorized);
     }
+    parse_authorized(request)
+}
+
+/// Parses a request under `/api/v1/` whose token was checked (or that
+/// another site forwarded: docs/PEER.md, "Forwarded API requests").
+fn parse_authorized(request: &Request) -> Result<ApiRequest, ApiError> {
+    let (method, path) = (request.method.as_str(), request.path.as_str());
+    let no_endpoint = || ApiError::NoEndpoint {
+        method: method.to_owned(),
+        path: path.escape_default().to_string(),
+    };
     match method {
         "GET" if path == "/api/v1/status" => match request.query.as_deref() {
             None | Some("" | "scope=local") => Ok(ApiRequest::Status),
@@ -355,6 +381,12 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
         },
         "GET" if path == "/api/v1/peers" => Ok(ApiRequest::Peers),
         "GET" if path == "/api/v1/vms" => Ok(ApiRequest::Vms),
+        "GET" => match group_action(path) {
+            Some((group, "points")) => Ok(ApiRequest::Points {
+                group: group.to_owned(),
+            }),
+            _ => Err(no_endpoint()),
+        },
         "PUT" => {
             let site = peer_bandwidth(path).ok_or_else(no_endpoint)?;
             Ok(ApiRequest::SetBandwidth {
@@ -434,6 +466,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
             to_json(&view.bandwidth.status())
         }
         ApiRequest::Verify { group } => to_json(&view.verify(&group)?),
+        ApiRequest::Points { group } => to_json(&view.points(&group)?),
         ApiRequest::Protect(request) => to_json(&view.protect(&request)?),
         ApiRequest::Unprotect { group, request } => to_json(&view.unprotect(&group, &request)?),
         ApiRequest::ChangeOwner {
@@ -449,14 +482,74 @@ fn error(message: &str, code: u16) -> Response {
     Response::json(code, serde_json::json!({ "error": message }).to_string())
 }
 
+fn error_body(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// Serves a request another site forwarded (docs/PEER.md, "Forwarded API
+/// requests"), as if it came with this site's token: (HTTP status, JSON
+/// body).
+pub(crate) fn serve_forwarded(view: &StatusView, request: Request) -> (u16, String) {
+    match parse_authorized(&request).and_then(|r| serve(r, view)) {
+        Ok(response) => (
+            response.status,
+            String::from_utf8_lossy(&response.body).into_owned(),
+        ),
+        Err(e) => (e.status(), error_body(&e.to_string())),
+    }
+}
+
+/// `?site=SITE` naming another site: has SITE serve the request
+/// (`crate::forward`). The token was checked.
+fn forward_to(view: &StatusView, site: &str, request: &Request) -> Result<Response, ApiError> {
+    let config = view.shared.config();
+    let peer = config
+        .peer(site)
+        .ok_or_else(|| crate::forward::ForwardError::UnknownSite(site.to_owned()))?;
+    let (_, query) = crate::forward::take_site(request.query.as_deref());
+    let answer = crate::forward::forward(
+        &view.shared.site,
+        site,
+        &peer.address,
+        view.shared.tls.as_deref(),
+        &crate::forward::Forward {
+            method: &request.method,
+            path: &request.path,
+            query: query.as_deref(),
+            body: &request.body,
+        },
+        crate::forward::FORWARD_TIMEOUT,
+    )?;
+    Ok(Response::json(
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    ))
+}
+
 struct Api {
     view: Arc<StatusView>,
     guard: Guard,
 }
 
 impl Handler for Api {
-    fn handle(&self, request: Request, peer: SocketAddr) -> Response {
-        let response = match parse(&request, &self.guard).and_then(|r| serve(r, &self.view)) {
+    fn handle(&self, mut request: Request, peer: SocketAddr) -> Response {
+        // `?site=`: this site's own, or another's (forwarded).
+        let (site, rest) = crate::forward::take_site(request.query.as_deref());
+        let elsewhere = site.filter(|s| *s != self.view.shared.site);
+        let outcome = match elsewhere {
+            Some(site) if request.path.starts_with("/api/v1/") => {
+                if self.guard.authorized(&request) {
+                    forward_to(&self.view, &site, &request)
+                } else {
+                    Err(ApiError::Unauthorized)
+                }
+            }
+            _ => {
+                request.query = rest;
+                parse(&request, &self.guard).and_then(|r| serve(r, &self.view))
+            }
+        };
+        let response = match outcome {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();

@@ -16,6 +16,7 @@ pub mod fdlimit;
 pub mod gate;
 mod group;
 pub use group::rollback;
+pub mod forward;
 pub mod history;
 mod hooks;
 pub mod layout;

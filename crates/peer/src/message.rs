@@ -111,6 +111,23 @@ pub enum Message {
     /// Answers a `StatusRequest`: the site's local status as JSON (SPEC
     /// §4.4), at most [`crate::bounds::MAX_STATUS_REPORT`] bytes decoded.
     StatusReport { report: Payload },
+    /// Any site to any site, alone on a connection of its own (type 28):
+    /// an API request of an operator of `site` (the asking site, its
+    /// certificate's with TLS) to be served by the answering site as its
+    /// own API would (`--site`, docs/PEER.md "Forwarded API requests").
+    /// `query` without the leading `?`; `body` at most
+    /// [`crate::bounds::MAX_API_BODY`] bytes decoded.
+    ApiRequest {
+        site: String,
+        method: String,
+        path: String,
+        query: String,
+        body: Payload,
+    },
+    /// Answers an `ApiRequest` (type 29): the HTTP status and JSON body the
+    /// answering site's API gave, at most [`crate::bounds::MAX_API_ANSWER`]
+    /// bytes decoded.
+    ApiAnswer { status: u16, body: Payload },
 }
 
 /// P→R: opens a session (type 1).
@@ -286,6 +303,8 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::StatusRequest { .. } => 24,
         Message::StatusReport { .. } => 25,
         Message::Diverged(_) => 26,
+        Message::ApiRequest { .. } => 28,
+        Message::ApiAnswer { .. } => 29,
     }
 }
 
@@ -318,6 +337,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         24 => "status_request",
         25 => "status_report",
         26 => "diverged",
+        28 => "api_request",
+        29 => "api_answer",
         _ => return None,
     })
 }

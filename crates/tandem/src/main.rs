@@ -115,6 +115,21 @@ enum Command {
         /// Group name
         group: String,
     },
+    /// The recovery points a replica keeps of a group: oldest and newest,
+    /// their times, count, bytes held
+    Points {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// The site whose points to list (default: this site, if it keeps
+        /// them); asked through the local agent
+        #[arg(long)]
+        site: Option<String>,
+        /// Print {"group", "site", "points": [{"time", "seq"}, ...]}, oldest first
+        #[arg(long)]
+        json: bool,
+    },
     /// Change the bandwidth limit towards a peer site now (until restart)
     Bandwidth {
         #[command(flatten)]
@@ -381,6 +396,12 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
+        Command::Points {
+            config,
+            group,
+            site,
+            json,
+        } => cmd::points::run(&config.path(), &group, site.as_deref(), json),
         Command::Bandwidth {
             config,
             site,

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod dirty;
 pub mod failover;
 pub mod man;
+pub mod points;
 pub mod progress;
 pub mod protect;
 pub mod rollback;
