@@ -136,6 +136,11 @@ enum ApiRequest {
         to: Option<String>,
         force: bool,
     },
+    /// `tandem recover`: fail over to this site at a point in time.
+    Recover {
+        group: String,
+        at_ms: u64,
+    },
 }
 
 /// Why a request was not served. Each has one status code.
@@ -182,6 +187,10 @@ enum ApiError {
     Forward(#[from] crate::forward::ForwardError),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error("\"at\" must be an RFC 3339 time like \"2026-12-05T10:15:00Z\", not {0:?}")]
+    BadTime(String),
+    #[error(transparent)]
+    Recover(#[from] crate::recover::RecoverError),
 }
 
 impl ApiError {
@@ -221,6 +230,23 @@ impl ApiError {
             ApiError::Points(e) => e.status(),
             ApiError::Forward(e) => e.status(),
             ApiError::Encode(_) => 500,
+            ApiError::BadTime(_) => 400,
+            ApiError::Recover(e) => {
+                use crate::recover::RecoverError as R;
+                match e {
+                    R::UnknownGroup(_) => 404,
+                    R::NoCoordinator | R::NotReplica { .. } | R::NoHistory { .. } => 409,
+                    R::Point(_) => 404,
+                    R::Request(r) => match r {
+                        RequestError::UnknownGroup(_) => 404,
+                        RequestError::NotMember { .. } => 400,
+                        RequestError::Refused(_) | RequestError::TargetUnable { .. } => 409,
+                        RequestError::TimedOut { .. } => 504,
+                        RequestError::Store(StoreError::Unreachable(_)) => 503,
+                        RequestError::Store(_) => 502,
+                    },
+                }
+            }
         }
     }
 }
@@ -264,6 +290,11 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
     (
         "POST",
         "/api/v1/groups/{group}/migrate",
+        &[400, 401, 404, 409, 413, 502, 503, 504],
+    ),
+    (
+        "POST",
+        "/api/v1/groups/{group}/recover",
         &[400, 401, 404, 409, 413, 502, 503, 504],
     ),
 ];
@@ -430,6 +461,25 @@ fn parse_authorized(request: &Request) -> Result<ApiRequest, ApiError> {
                         force: change.force,
                     })
                 }
+                "recover" => {
+                    #[derive(serde::Deserialize)]
+                    #[serde(deny_unknown_fields)]
+                    struct At {
+                        at: String,
+                    }
+                    let at: At =
+                        serde_json::from_str(body_text(request)?).map_err(ApiError::BadBody)?;
+                    let t = humantime::parse_rfc3339_weak(&at.at)
+                        .map_err(|_| ApiError::BadTime(at.at.clone()))?;
+                    let at_ms = t
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_err(|_| ApiError::BadTime(at.at.clone()))?
+                        .as_millis();
+                    Ok(ApiRequest::Recover {
+                        group,
+                        at_ms: u64::try_from(at_ms).unwrap_or(u64::MAX),
+                    })
+                }
                 _ => Err(no_endpoint()),
             }
         }
@@ -475,6 +525,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
             to,
             force,
         } => to_json(&view.change_owner(&group, migrate, to, force)?),
+        ApiRequest::Recover { group, at_ms } => to_json(&view.recover(&group, at_ms)?),
     }
 }
 

@@ -20,12 +20,8 @@ pub(crate) fn retention(group: &tandem_config::Group) -> Option<Retention> {
 /// A reload changed the group's `retention` or `history_max`: the running
 /// history takes the new values (a shorter window or a smaller cap drops
 /// the oldest points at its next commit).
-///
-/// LEAD: replace the body with `history.set_retention(retention)` once the
-/// history core (with `History::set_retention`) is merged; until then the
-/// new values take effect at the next start of the replica role.
 pub(crate) fn set_retention(history: &History, retention: Retention) {
-    let _ = (history, retention);
+    history.set_retention(retention);
 }
 
 /// `ms` since the Unix epoch as RFC 3339 with milliseconds, UTC

@@ -136,6 +136,9 @@ pub(crate) struct GroupRuntime {
     /// The VM's state at each site, as their reports in the coordinator
     /// last said (status).
     pub vm_sites: Mutex<Vec<(String, String)>>,
+    /// `tandem recover`: the recovery point the next promotion of this
+    /// replica rolls back to (docs/HISTORY.md).
+    pub recover_at: Mutex<Option<tandem_replication::history::Point>>,
 }
 
 impl GroupRuntime {
@@ -149,6 +152,7 @@ impl GroupRuntime {
             owner: Mutex::new(None),
             vm_started: AtomicBool::new(false),
             vm_sites: Mutex::new(Vec::new()),
+            recover_at: Mutex::new(None),
         }
     }
 
@@ -251,7 +255,8 @@ impl GroupRuntime {
                 expected: "a replica",
             });
         };
-        let (images, tip, consistent) = r.stop(shared, self.name())?;
+        let recover = self.recover_at.lock().take();
+        let (images, tip, consistent) = r.stop(shared, self.name(), recover)?;
         *self.leaving.lock() = Some(Leaving {
             images,
             capture: None,
@@ -384,10 +389,19 @@ impl GroupRuntime {
             },
             Plane::Replica(r) => {
                 let pos = *r.position.lock();
-                Holding::Receiving {
-                    epoch: pos.epoch,
-                    tip: (pos.tip_epoch, pos.applied),
-                    consistent: pos.consistent,
+                // In the middle of a resync, a replica with history is
+                // promotable at its newest point (docs/HISTORY.md).
+                match r.fallback() {
+                    Some(p) => Holding::Receiving {
+                        epoch: pos.epoch,
+                        tip: (p.epoch, p.seq),
+                        consistent: true,
+                    },
+                    None => Holding::Receiving {
+                        epoch: pos.epoch,
+                        tip: (pos.tip_epoch, pos.applied),
+                        consistent: pos.consistent,
+                    },
                 }
             }
             Plane::Down => Holding::Nothing,

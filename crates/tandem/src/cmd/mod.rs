@@ -9,6 +9,7 @@ pub mod man;
 pub mod points;
 pub mod progress;
 pub mod protect;
+pub mod recover;
 pub mod rollback;
 pub mod status;
 pub mod unprotect;
