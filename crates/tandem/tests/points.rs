@@ -219,11 +219,16 @@ fn a_replica_lists_its_points_oldest_first_here_and_through_another_site() {
     c.wait_replicated(Duration::from_secs(60));
     let ended = SystemTime::now();
 
-    // Points are listed once applied: wait until b lists the last flush's.
+    // Points are listed once applied: wait until b lists the flushes'
+    // and its list no longer grows (the primary marks an idle stream's
+    // last record too).
+    let mut previous = serde_json::Value::Null;
     let list = poll(Duration::from_secs(30), || {
         let out = points(&c.site("b").config, &["g", "--json"]);
         let v = ok_json(&out);
-        (v["points"].as_array().map_or(0, Vec::len) >= 4).then_some(v)
+        let settled = v == previous && v["points"].as_array().map_or(0, Vec::len) >= 4;
+        previous = v.clone();
+        settled.then_some(v)
     })
     .unwrap_or_else(|| {
         panic!(
@@ -264,13 +269,12 @@ fn a_replica_lists_its_points_oldest_first_here_and_through_another_site() {
     let s = c.status("b");
     let me = &s["groups"][0]["replicas"][0];
     assert_eq!(me["site"], "b");
-    assert_eq!(
-        me["points"]["count"].as_u64(),
-        Some(pts.len() as u64),
-        "{me:#}"
-    );
+    // (A later mark may add a point: the window holds at least the list.)
+    let count = me["points"]["count"].as_u64().unwrap();
+    assert!(count >= pts.len() as u64, "{me:#}");
     assert_eq!(me["points"]["oldest"], pts[0]["time"]);
-    assert_eq!(me["points"]["newest"], pts[pts.len() - 1]["time"]);
+    let newest = parse_time(me["points"]["newest"].as_str().unwrap());
+    assert!(newest >= parse_time(pts[pts.len() - 1]["time"].as_str().unwrap()));
     assert!(me["history"]["bytes"].as_u64().unwrap() > 0, "{me:#}");
     assert_eq!(me["history"]["dropped_bytes"], 0);
     assert_eq!(me["history"]["held_over_cap"], false);
@@ -289,20 +293,17 @@ fn a_replica_lists_its_points_oldest_first_here_and_through_another_site() {
         .find(|r| r["site"] == "b")
         .unwrap()
         .clone();
-    assert_eq!(
-        b["points"]["count"].as_u64(),
-        Some(pts.len() as u64),
+    assert!(
+        b["points"]["count"].as_u64().unwrap() >= pts.len() as u64,
         "{b:#}"
     );
+    assert_eq!(b["points"]["oldest"], pts[0]["time"], "{b:#}");
 
     // Metrics on b, clean for promtool.
     let (code, text) = api_call(c.site("b"), "GET", "/metrics", "");
     assert_eq!(code, 200);
     promtool(&text);
-    assert_eq!(
-        sample(&text, "tandem_history_points{group=\"g\"}"),
-        Some(pts.len() as f64)
-    );
+    assert!(sample(&text, "tandem_history_points{group=\"g\"}").unwrap() >= pts.len() as f64);
     assert!(sample(&text, "tandem_history_bytes{group=\"g\"}").unwrap() > 0.0);
     let age = sample(
         &text,
@@ -319,15 +320,14 @@ fn a_replica_lists_its_points_oldest_first_here_and_through_another_site() {
     let out = points(&c.site("b").config, &["g"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&format!("{} recovery points", pts.len())),
-        "{text}"
+    assert!(text.contains(" recovery points, "), "{text}");
+    let oldest = format!(
+        "oldest  {}  seq {}",
+        pts[0]["time"].as_str().unwrap(),
+        pts[0]["seq"]
     );
-    assert!(text.contains(pts[0]["time"].as_str().unwrap()), "{text}");
-    assert!(
-        text.contains(pts[pts.len() - 1]["time"].as_str().unwrap()),
-        "{text}"
-    );
+    assert!(text.contains(&oldest), "{text}");
+    assert!(text.contains("newest  "), "{text}");
 
     // The primary keeps none: it says which sites do.
     let out = points(&c.site("a").config, &["g"]);
@@ -342,7 +342,12 @@ fn a_replica_lists_its_points_oldest_first_here_and_through_another_site() {
         &c.site("a").config,
         &["g", "--site", "b", "--json"],
     ));
-    assert_eq!(forwarded, list);
+    assert_eq!(forwarded["site"], "b");
+    let fwd = forwarded["points"].as_array().unwrap();
+    assert!(
+        fwd.len() >= pts.len() && fwd[..pts.len()] == pts[..],
+        "{forwarded:#}"
+    );
     // And c's, through b.
     let from_c = ok_json(&points(
         &c.site("b").config,
