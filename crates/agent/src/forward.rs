@@ -27,8 +27,9 @@ const ANSWER_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether another site may have `method path` served here: requests
 /// that read or act on this site's own copy of a group (its recovery
-/// points, its test views, a recovery from them). Never one that changes
-/// ownership through the coordinator or the configuration.
+/// points, its test views, its promotion at one of its points). Never one
+/// that changes the configuration, another site's bandwidth, or moves a
+/// group to another site (failover, migrate).
 pub fn forwardable(method: &str, path: &str) -> bool {
     let Some((group, action)) = path
         .strip_prefix("/api/v1/groups/")
@@ -39,7 +40,7 @@ pub fn forwardable(method: &str, path: &str) -> bool {
     if group.is_empty() || group.contains('/') {
         return false;
     }
-    matches!((method, action), ("GET", "points"))
+    matches!((method, action), ("GET", "points") | ("POST", "recover"))
 }
 
 /// Splits `site=SITE` out of a query string: (SITE, the rest of the query,
@@ -289,6 +290,7 @@ mod tests {
     #[test]
     fn only_listed_requests_are_forwarded() {
         assert!(forwardable("GET", "/api/v1/groups/web01/points"));
+        assert!(forwardable("POST", "/api/v1/groups/web01/recover"));
         for (method, path) in [
             ("POST", "/api/v1/groups/web01/points"),
             ("GET", "/api/v1/groups//points"),

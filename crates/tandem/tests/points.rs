@@ -460,3 +460,51 @@ fn forwarding_is_for_peer_sites_and_listed_requests_only() {
     // a serves on.
     assert_eq!(c.status("a")["groups"][0]["role"], "primary");
 }
+
+/// Needs the history core and the primary's marks: `tandem recover
+/// --site` runs on the site named, asked through another site's agent.
+#[test]
+fn recover_runs_on_the_site_named_through_another_sites_agent() {
+    let mut c = Cluster::new("a", &["b", "c"], &[vol(VOLUME, "16MiB")], "");
+    let witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("2s"));
+    for s in ["a", "b", "c"] {
+        c.start_any(s);
+    }
+    let socket = c.socket("a", VOLUME);
+    wait_until(Duration::from_secs(30), "a serving", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    qemu_io(&c.uri("a", VOLUME), &["write -P 0x41 0 64k", "flush"]);
+    c.wait_replicated(Duration::from_secs(60));
+    let good = poll(Duration::from_secs(30), || {
+        let v = ok_json(&points(&c.site("b").config, &["g", "--json"]));
+        v["points"].as_array()?.last().cloned()
+    })
+    .expect("b lists a point after the first flush");
+    // The damage, replicated.
+    qemu_io(&c.uri("a", VOLUME), &["write -P 0x66 0 64k", "flush"]);
+    c.wait_replicated(Duration::from_secs(60));
+
+    // From c: recover at b, at the good point.
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .args(["recover", "g", "--at", good["time"].as_str().unwrap()])
+            .args(["--site", "b", "--config"])
+            .arg(&c.site("c").config),
+        Duration::from_secs(180),
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("owned by b"), "{said}");
+    let socket = c.socket("b", VOLUME);
+    wait_until(Duration::from_secs(30), "b serving", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    qemu_io(&c.uri("b", VOLUME), &["read -P 0x41 0 64k"]);
+}
