@@ -475,13 +475,32 @@ fn recover_runs_on_the_site_named_through_another_sites_agent() {
     wait_until(Duration::from_secs(30), "a serving", || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
-    qemu_io(&c.uri("a", VOLUME), &["write -P 0x41 0 64k", "flush"]);
+    // The replicas' first comparison over (writes during it travel as
+    // its chunks, not as records marked as points).
     c.wait_replicated(Duration::from_secs(60));
+    qemu_io(&c.uri("a", VOLUME), &["write -P 0x41 0 64k", "flush"]);
+    let last = c.wait_replicated(Duration::from_secs(60))["groups"][0]["next_seq"]
+        .as_u64()
+        .unwrap()
+        - 1;
+    // The point of the last flush (qemu-io's at its exit): it holds the
+    // write (an older point, of the comparison's end, would not).
     let good = poll(Duration::from_secs(30), || {
         let v = ok_json(&points(&c.site("b").config, &["g", "--json"]));
-        v["points"].as_array()?.last().cloned()
+        v["points"]
+            .as_array()?
+            .iter()
+            .find(|p| p["seq"].as_u64() == Some(last))
+            .cloned()
     })
-    .expect("b lists a point after the first flush");
+    .unwrap_or_else(|| {
+        panic!(
+            "b lists no point after the first flush: {}\n{:#}\n{:#}",
+            String::from_utf8_lossy(&points(&c.site("b").config, &["g", "--json"]).stdout),
+            c.status("b"),
+            c.status("a")
+        )
+    });
     // The damage, replicated.
     qemu_io(&c.uri("a", VOLUME), &["write -P 0x66 0 64k", "flush"]);
     c.wait_replicated(Duration::from_secs(60));
