@@ -10,6 +10,7 @@ pub mod progress;
 pub mod protect;
 pub mod rollback;
 pub mod status;
+pub mod test;
 pub mod unprotect;
 pub mod verify;
 pub mod vms;
