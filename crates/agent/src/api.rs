@@ -143,6 +143,11 @@ enum ApiRequest {
         group: String,
         id: Option<u64>,
     },
+    /// `tandem recover`: fail over to this site at a point in time.
+    Recover {
+        group: String,
+        at_ms: u64,
+    },
 }
 
 /// Why a request was not served. Each has one status code.
@@ -189,6 +194,10 @@ enum ApiError {
     BadTestId(String),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error("\"at\" must be an RFC 3339 time like \"2026-12-05T10:15:00Z\", not {0:?}")]
+    BadTime(String),
+    #[error(transparent)]
+    Recover(#[from] crate::recover::RecoverError),
 }
 
 impl ApiError {
@@ -228,6 +237,23 @@ impl ApiError {
             ApiError::Protect(e) => e.status(),
             ApiError::Unprotect(e) => e.status(),
             ApiError::Encode(_) => 500,
+            ApiError::BadTime(_) => 400,
+            ApiError::Recover(e) => {
+                use crate::recover::RecoverError as R;
+                match e {
+                    R::UnknownGroup(_) => 404,
+                    R::NoCoordinator | R::NotReplica { .. } | R::NoHistory { .. } => 409,
+                    R::Point(_) => 404,
+                    R::Request(r) => match r {
+                        RequestError::UnknownGroup(_) => 404,
+                        RequestError::NotMember { .. } => 400,
+                        RequestError::Refused(_) | RequestError::TargetUnable { .. } => 409,
+                        RequestError::TimedOut { .. } => 504,
+                        RequestError::Store(StoreError::Unreachable(_)) => 503,
+                        RequestError::Store(_) => 502,
+                    },
+                }
+            }
         }
     }
 }
@@ -279,6 +305,11 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
         "DELETE",
         "/api/v1/groups/{group}/tests/{id}",
         &[400, 401, 404],
+    ),
+    (
+        "POST",
+        "/api/v1/groups/{group}/recover",
+        &[400, 401, 404, 409, 413, 502, 503, 504],
     ),
 ];
 
@@ -471,6 +502,25 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
                         force: change.force,
                     })
                 }
+                "recover" => {
+                    #[derive(serde::Deserialize)]
+                    #[serde(deny_unknown_fields)]
+                    struct At {
+                        at: String,
+                    }
+                    let at: At =
+                        serde_json::from_str(body_text(request)?).map_err(ApiError::BadBody)?;
+                    let t = humantime::parse_rfc3339_weak(&at.at)
+                        .map_err(|_| ApiError::BadTime(at.at.clone()))?;
+                    let at_ms = t
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_err(|_| ApiError::BadTime(at.at.clone()))?
+                        .as_millis();
+                    Ok(ApiRequest::Recover {
+                        group,
+                        at_ms: u64::try_from(at_ms).unwrap_or(u64::MAX),
+                    })
+                }
                 _ => Err(no_endpoint()),
             }
         }
@@ -520,6 +570,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
         ApiRequest::StopTests { group, id } => {
             to_json(&serde_json::json!({ "stopped": view.stop_tests(&group, id)? }))
         }
+        ApiRequest::Recover { group, at_ms } => to_json(&view.recover(&group, at_ms)?),
     }
 }
 

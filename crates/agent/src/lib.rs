@@ -23,6 +23,7 @@ pub mod onboard;
 mod ownership;
 mod preauth;
 pub mod rate;
+pub mod recover;
 pub mod reload;
 mod replication;
 mod rolefile;

@@ -502,6 +502,14 @@ async fn session<I: Inbox, O: Outbox>(
     let Some(mut group) = runtime::blocking(|| plan.group.try_lock_for(TAKEOVER_WAIT)) else {
         return Err(Refusal::Busy(plan.name().to_owned()).into());
     };
+    // A replica past the new owner's fork that holds the fork as a
+    // recovery point follows the new history by rolling back to it
+    // (docs/HISTORY.md): no comparison at all.
+    if let Some(point) = fork_point(&group, &hello) {
+        let from = group.tip();
+        runtime::blocking(|| group.roll_back_to(point))?;
+        tracing::info!(group = %plan.name(), from_epoch = from.0, from_seq = from.1, fork_epoch = point.epoch, fork_seq = point.seq, "rolled back to the new owner's fork, a recovery point here");
+    }
     let (mut session, welcome) = ReplicaSession::start(
         &ctx.site,
         &hello,
@@ -672,4 +680,15 @@ async fn session<I: Inbox, O: Outbox>(
             writer.flush().await?;
         }
     }
+}
+
+/// The recovery point of this replica's history that is the new owner's
+/// fork, when the replica's images are past it.
+fn fork_point(group: &ReplicaGroup, hello: &tandem_peer::Hello) -> Option<crate::history::Point> {
+    let history = group.history()?;
+    let fork = (hello.fork_epoch, hello.fork_seq);
+    if fork.1 == 0 || group.tip() == fork {
+        return None;
+    }
+    history.find(fork.0, fork.1)
 }

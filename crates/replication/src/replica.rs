@@ -25,6 +25,8 @@ use tandem_volume::RawImage;
 
 use crate::diverged::{self, Divergence};
 use crate::error::ReplicaError;
+use crate::history::undo::{self, Change, Encoded, PointAt};
+use crate::history::History;
 use crate::journal::{remove_segments, Entry, Journal, RecordOp, HEADER_LEN};
 use crate::state::{ReplicaState, StateFile};
 
@@ -74,6 +76,9 @@ pub struct Position {
 struct Batch {
     encoded: Vec<u8>,
     records: Vec<Received>,
+    /// Marks (docs/HISTORY.md, "Points"): (how many of `records` precede
+    /// the point, epoch, seq, time in ms).
+    marks: Vec<(usize, u64, u64, u64)>,
 }
 
 struct Received {
@@ -88,7 +93,7 @@ struct Received {
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.records.is_empty() && self.marks.is_empty()
     }
 
     /// Adds a record, in journal encoding.
@@ -113,11 +118,19 @@ impl Batch {
     fn clear(&mut self) {
         self.encoded.clear();
         self.records.clear();
+        self.marks.clear();
     }
 
     /// Appends `later` (received after this batch) and empties it.
     fn absorb(&mut self, later: &mut Batch) {
         let base = self.encoded.len();
+        let count = self.records.len();
+        self.marks.extend(
+            later
+                .marks
+                .drain(..)
+                .map(|(n, e, s, t)| (n + count, e, s, t)),
+        );
         self.encoded.extend_from_slice(&later.encoded);
         self.records
             .extend(later.records.drain(..).map(|r| Received {
@@ -147,6 +160,11 @@ struct Core {
     new: bool,
     /// Bytes hashed for comparisons since the group was opened.
     compared: u64,
+    /// The undo history, when kept (docs/HISTORY.md): it replaces the
+    /// journal.
+    history: Option<Arc<History>>,
+    /// A commit's undo entries (reused).
+    undo: Encoded,
     /// Last record received (shared with the receiving side).
     received: Arc<AtomicU64>,
     /// The latest position, readable while a session holds the group.
@@ -247,7 +265,9 @@ pub struct ReplicaGroup {
     divergence: Option<Divergence>,
     divergence_path: std::path::PathBuf,
     /// The undo history, when the group keeps one (docs/HISTORY.md).
-    history: Option<Arc<crate::history::History>>,
+    history: Option<Arc<History>>,
+    /// Epoch of the last record received (a mark's point's epoch).
+    last_epoch: u64,
 }
 
 /// How a replica group is kept.
@@ -261,6 +281,27 @@ pub struct ReplicaOptions {
 /// The file of a demoted primary's divergence in a group's replica
 /// directory.
 const DIVERGED_FILE: &str = "diverged";
+/// The undo history's directory in a group's replica directory.
+const HISTORY_DIR: &str = "history";
+
+fn remove_history(dir: &Path) -> Result<(), ReplicaError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ReplicaError::Io {
+            path: dir.to_owned(),
+            op: "remove the undo history",
+            source,
+        }),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
 
 impl ReplicaGroup {
     /// Opens the group's replica state under `dir`
@@ -270,6 +311,19 @@ impl ReplicaGroup {
         dir: &Path,
         name: &str,
         volumes: Vec<ReplicaVolume>,
+    ) -> Result<ReplicaGroup, ReplicaError> {
+        ReplicaGroup::open_with(dir, name, volumes, ReplicaOptions::default())
+    }
+
+    /// [`ReplicaGroup::open`] with `options` (the agent's way: history as
+    /// configured). With history, the images are rolled back to the last
+    /// synced position of the undo log (docs/HISTORY.md, "Crash
+    /// behaviour"); without, a history left from before is removed.
+    pub fn open_with(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<ReplicaVolume>,
+        options: ReplicaOptions,
     ) -> Result<ReplicaGroup, ReplicaError> {
         std::fs::create_dir_all(dir).map_err(|source| ReplicaError::Io {
             path: dir.to_owned(),
@@ -325,6 +379,8 @@ impl ReplicaGroup {
             resume_at: None,
             new,
             compared: 0,
+            history: None,
+            undo: Encoded::default(),
             received: Arc::clone(&received),
             published: Arc::clone(&published),
         };
@@ -359,8 +415,31 @@ impl ReplicaGroup {
                 "replayed the journal after a restart"
             );
         }
+        let history_dir = dir.join(HISTORY_DIR);
+        match options.history {
+            Some(retention) => {
+                let (history, rolled) = History::open(
+                    &history_dir,
+                    Arc::clone(&core.volumes),
+                    core.state.get().history_end,
+                    retention,
+                )?;
+                if rolled > 0 {
+                    tracing::info!(
+                        group = name,
+                        entries = rolled,
+                        applied = core.applied,
+                        "rolled the images back to the history's synced end after a restart"
+                    );
+                }
+                core.history = Some(history);
+            }
+            None => remove_history(&history_dir)?,
+        }
         core.received.store(core.applied, Ordering::Release);
         core.checkpoint()?;
+        let history = core.history.clone();
+        let last_epoch = core.tip_epoch;
         let core = Arc::new(Mutex::new(core));
         let committer = Arc::new(Committer {
             handoff: Mutex::new(Handoff::default()),
@@ -376,32 +455,37 @@ impl ReplicaGroup {
             published,
             divergence,
             divergence_path,
-            history: None,
+            history,
+            last_epoch,
         })
     }
 
-    /// [`ReplicaGroup::open`] with `options` (the agent's way: history as
-    /// configured).
-    pub fn open_with(
-        dir: &Path,
-        name: &str,
-        volumes: Vec<ReplicaVolume>,
-        options: ReplicaOptions,
-    ) -> Result<ReplicaGroup, ReplicaError> {
-        let _ = options;
-        ReplicaGroup::open(dir, name, volumes)
-    }
-
     /// The group's undo history, if it keeps one.
-    pub fn history(&self) -> Option<Arc<crate::history::History>> {
+    pub fn history(&self) -> Option<Arc<History>> {
         self.history.clone()
     }
 
     /// The primary captured the records up to `seq` by `time_ms` (ms
     /// since the Unix epoch, its clock): a recovery point once they are
     /// applied (`Mark`, docs/PEER.md).
+    ///
+    /// A mark names the last record received (the primary sends it right
+    /// after that record); any other is stale and makes no point.
+    /// While the images are not a prefix (a resync is writing chunks, or
+    /// has not caught up), no mark makes a point (G10).
     pub fn mark(&mut self, seq: u64, time_ms: u64) {
-        let _ = (seq, time_ms);
+        if self.history.is_none() || seq == 0 || seq != self.received.load(Ordering::Acquire) {
+            return;
+        }
+        let consistent = {
+            let p = self.published.lock();
+            p.consistent && !p.resyncing && !p.new
+        };
+        if !consistent {
+            return;
+        }
+        let n = self.batch.records.len();
+        self.batch.marks.push((n, self.last_epoch, seq, time_ms));
     }
 
     pub fn name(&self) -> &str {
@@ -424,6 +508,31 @@ impl ReplicaGroup {
         epoch: u64,
         diverged: Option<Vec<(u32, u64, u64)>>,
     ) -> Result<ReplicaGroup, ReplicaError> {
+        ReplicaGroup::adopt_with(
+            dir,
+            name,
+            volumes,
+            tip,
+            epoch,
+            diverged,
+            ReplicaOptions::default(),
+        )
+    }
+
+    /// [`ReplicaGroup::adopt`] with `options`: a history starts empty (the
+    /// images changed without undo while this site served the group).
+    pub fn adopt_with(
+        dir: &Path,
+        name: &str,
+        volumes: Vec<ReplicaVolume>,
+        tip: (u64, u64),
+        epoch: u64,
+        diverged: Option<Vec<(u32, u64, u64)>>,
+        options: ReplicaOptions,
+    ) -> Result<ReplicaGroup, ReplicaError> {
+        // This site served the group: its images changed without undo,
+        // so no point of an earlier time as replica can be rebuilt.
+        remove_history(&dir.join(HISTORY_DIR))?;
         let journal = dir.join("journal");
         match std::fs::remove_dir_all(&journal) {
             Ok(()) => {}
@@ -458,9 +567,10 @@ impl ReplicaGroup {
             inconsistent: false,
             tip_epoch: tip.0,
             resync_epoch: 0,
+            history_end: 0,
         })?;
         drop(state);
-        ReplicaGroup::open(dir, name, volumes)
+        ReplicaGroup::open_with(dir, name, volumes, options)
     }
 
     /// What this replica tells a primary after its welcome (docs/PEER.md,
@@ -545,7 +655,48 @@ impl ReplicaGroup {
             });
         }
         self.batch.push(entry);
+        self.last_epoch = entry.epoch;
         self.received.store(entry.seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rolls the images back to `point` of the history (docs/HISTORY.md,
+    /// H3): the state first says the images hold exactly the point, with
+    /// the log's synced end right after it, so that a crash part way
+    /// finishes the rollback at the next open. The history after the
+    /// point is gone afterwards; a caller that keeps it for forensics
+    /// saves [`History::changed_since`] ranges first.
+    pub fn roll_back_to(&mut self, point: crate::history::Point) -> Result<(), ReplicaError> {
+        let Some(history) = self.history.clone() else {
+            return Err(ReplicaError::Corrupt {
+                path: self.divergence_path.with_file_name(HISTORY_DIR),
+                reason: "the group keeps no history to roll back with".into(),
+            });
+        };
+        self.commit()?;
+        self.committer.wait_idle()?;
+        let mut core = self.core.lock();
+        core.checkpoint()?;
+        let s = core.state.get();
+        let end = point.pos + crate::history::entry::HEADER_LEN as u64;
+        core.state.set(ReplicaState {
+            applied: point.seq,
+            tip_epoch: point.epoch,
+            consistent_at: 0,
+            inconsistent: false,
+            history_end: end,
+            ..s
+        })?;
+        history.roll_back(point)?;
+        core.applied = point.seq;
+        core.tip_epoch = point.epoch;
+        core.resume_at = None;
+        core.new = false;
+        self.received.store(point.seq, Ordering::Release);
+        self.last_epoch = point.epoch;
+        core.checkpoint()?;
+        core.publish();
+        tracing::info!(group = %self.name, seq = point.seq, epoch = point.epoch, time_ms = point.time_ms, "rolled the images back to a recovery point");
         Ok(())
     }
 
@@ -689,6 +840,25 @@ impl ReplicaGroup {
                 volume: v.name.clone(),
                 size,
             });
+        }
+        if let Some(history) = &self.history {
+            // The resync's overwrites are undoable too (docs/HISTORY.md).
+            let mut core = self.core.lock();
+            let Core { undo, .. } = &mut *core;
+            undo.clear();
+            let change = Change {
+                epoch: 0,
+                seq: 0,
+                volume,
+                offset,
+                len: data.len() as u64,
+                data,
+                zero: false,
+            };
+            let images: Vec<&RawImage> = self.volumes.iter().map(|v| &*v.image).collect();
+            undo::build(&images, &[change], &[], undo)?;
+            history.append(undo)?;
+            history.sync()?;
         }
         if data.iter().all(|b| *b == 0) {
             v.image
@@ -888,6 +1058,9 @@ impl Core {
     /// Journals and syncs a batch, then applies it. True when a checkpoint
     /// is due.
     fn commit(&mut self, batch: &Batch) -> Result<bool, ReplicaError> {
+        if let Some(history) = self.history.clone() {
+            return self.commit_with_history(batch, &history).map(|()| false);
+        }
         let Some((last_epoch, last)) = batch.last() else {
             return Ok(false);
         };
@@ -902,6 +1075,69 @@ impl Core {
         self.publish();
         Ok(self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
             || self.journal.bytes() >= CHECKPOINT_BYTES)
+    }
+
+    /// With history (docs/HISTORY.md, "Commit, with history"): the undo
+    /// entries are written and synced, then the records applied and the
+    /// images synced, then the state records both: only then are the
+    /// records durable.
+    fn commit_with_history(
+        &mut self,
+        batch: &Batch,
+        history: &History,
+    ) -> Result<(), ReplicaError> {
+        let mut changes = Vec::with_capacity(batch.records.len());
+        let mut points = Vec::with_capacity(batch.marks.len());
+        let mut marks = batch.marks.iter().peekable();
+        for (i, r) in batch.records.iter().enumerate() {
+            while let Some(&(_, epoch, seq, time_ms)) = marks.next_if(|m| m.0 <= i) {
+                points.push(PointAt {
+                    after: changes.len(),
+                    epoch,
+                    seq,
+                    time_ms,
+                });
+            }
+            if r.op == RecordOp::Flush {
+                continue;
+            }
+            changes.push(Change {
+                epoch: r.epoch,
+                seq: r.seq,
+                volume: r.volume,
+                offset: r.offset,
+                len: r.len,
+                data: batch.encoded.get(r.data.clone()).unwrap_or_default(),
+                zero: r.op != RecordOp::Write,
+            });
+        }
+        for &(_, epoch, seq, time_ms) in marks {
+            points.push(PointAt {
+                after: changes.len(),
+                epoch,
+                seq,
+                time_ms,
+            });
+        }
+        let images: Vec<&RawImage> = self.volumes.iter().map(|v| &*v.image).collect();
+        self.undo.clear();
+        undo::build(&images, &changes, &points, &mut self.undo)?;
+        let start = history.append(&self.undo)?;
+        history.sync()?;
+        for r in &batch.records {
+            let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
+            apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+        }
+        for v in self.volumes.iter() {
+            v.image.sync()?;
+        }
+        history.add_points(start, &self.undo);
+        if let Some((last_epoch, last)) = batch.last() {
+            self.applied = last;
+            self.tip_epoch = last_epoch;
+        }
+        self.record_checkpoint(self.applied, self.tip_epoch)?;
+        history.trim(now_ms())
     }
 
     /// Syncs the images and records what they hold (caller holds the lock
@@ -939,9 +1175,15 @@ impl Core {
     ) -> Result<Vec<std::path::PathBuf>, ReplicaError> {
         let mut s = self.state.get();
         let consistent_now = s.consistent_at != 0 && applied + 1 >= s.consistent_at;
-        if s.applied != applied || s.tip_epoch != tip || consistent_now {
+        let history_end = self.history.as_ref().map_or(0, |h| h.end());
+        if s.applied != applied
+            || s.tip_epoch != tip
+            || consistent_now
+            || s.history_end != history_end
+        {
             s.applied = applied;
             s.tip_epoch = tip;
+            s.history_end = history_end;
             if consistent_now {
                 s.consistent_at = 0;
                 tracing::info!(group = %self.name, applied, "replica is a consistent prefix again");

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ReplicaError;
 
-/// Slots of this version (with `resync_epoch`) and of the one before.
-const MAGIC: &[u8; 8] = b"TNDRST03";
+/// Slots of this version (with `history_end`) and of the ones before
+/// (`TNDRST03`: no `history_end`; `TNDRST02`: no `resync_epoch` either).
+const MAGIC: &[u8; 8] = b"TNDRST04";
+const MAGIC_V3: &[u8; 8] = b"TNDRST03";
 const MAGIC_V2: &[u8; 8] = b"TNDRST02";
-const SLOT_LEN: usize = 72;
+const SLOT_LEN: usize = 80;
+const SLOT_LEN_V3: usize = 72;
 const SLOT_LEN_V2: usize = 64;
 const SLOT_STRIDE: u64 = 512;
 
@@ -35,6 +38,10 @@ pub struct ReplicaState {
     /// inconsistent, that primary's dirty map covers every region they
     /// may still differ in (docs/REPLICA.md).
     pub resync_epoch: u64,
+    /// With an undo history (docs/HISTORY.md, H5): the log's length when
+    /// the images were last synced; entries from here on are rolled back
+    /// at open. 0 without history.
+    pub history_end: u64,
 }
 
 impl ReplicaState {
@@ -139,8 +146,9 @@ fn encode(generation: u64, s: &ReplicaState) -> [u8; SLOT_LEN] {
     buf[40] = u8::from(s.inconsistent);
     buf[48..56].copy_from_slice(&s.tip_epoch.to_le_bytes());
     buf[56..64].copy_from_slice(&s.resync_epoch.to_le_bytes());
-    let crc = crc32c::crc32c(&buf[0..64]);
-    buf[64..68].copy_from_slice(&crc.to_le_bytes());
+    buf[64..72].copy_from_slice(&s.history_end.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[0..72]);
+    buf[72..76].copy_from_slice(&crc.to_le_bytes());
     buf
 }
 
@@ -149,10 +157,12 @@ fn encode(generation: u64, s: &ReplicaState) -> [u8; SLOT_LEN] {
 fn decode(buf: &[u8; SLOT_LEN], have: usize) -> Option<(u64, ReplicaState)> {
     let word =
         |at: usize| -> Option<u64> { Some(u64::from_le_bytes(buf[at..at + 8].try_into().ok()?)) };
-    let (crc_at, resync_epoch) = if &buf[0..8] == MAGIC && have >= SLOT_LEN {
-        (64, word(56)?)
+    let (crc_at, resync_epoch, history_end) = if &buf[0..8] == MAGIC && have >= SLOT_LEN {
+        (72, word(56)?, word(64)?)
+    } else if &buf[0..8] == MAGIC_V3 && have >= SLOT_LEN_V3 {
+        (64, word(56)?, 0)
     } else if &buf[0..8] == MAGIC_V2 && have >= SLOT_LEN_V2 {
-        (56, 0)
+        (56, 0, 0)
     } else {
         return None;
     };
@@ -169,6 +179,7 @@ fn decode(buf: &[u8; SLOT_LEN], have: usize) -> Option<(u64, ReplicaState)> {
             inconsistent: buf[40] == 1,
             tip_epoch: word(48)?,
             resync_epoch,
+            history_end,
         },
     ))
 }
@@ -190,6 +201,7 @@ mod tests {
             inconsistent: false,
             tip_epoch: 1,
             resync_epoch: 0,
+            history_end: 0,
         };
         let b = ReplicaState {
             epoch: 1,
@@ -198,6 +210,7 @@ mod tests {
             inconsistent: true,
             tip_epoch: 1,
             resync_epoch: 1,
+            history_end: 123_456,
         };
         f.set(a).unwrap();
         f.set(b).unwrap();
@@ -242,10 +255,12 @@ mod tests {
             inconsistent: true,
             tip_epoch: 4,
             resync_epoch: 0,
+            history_end: 0,
         };
         assert_eq!(f.get(), old);
         let new = ReplicaState {
             resync_epoch: 5,
+            history_end: 0,
             ..old
         };
         f.set(new).unwrap();
@@ -262,6 +277,7 @@ mod tests {
             inconsistent: false,
             tip_epoch: 1,
             resync_epoch: 0,
+            history_end: 0,
         };
         assert!(!s.is_consistent());
         assert!(ReplicaState { applied: 8, ..s }.is_consistent());

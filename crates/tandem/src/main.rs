@@ -230,6 +230,35 @@ enum Command {
         #[arg(long, value_name = "SITE")]
         to: String,
     },
+    /// Fail a group over to a replica site at a point in time (before a
+    /// ransomware attack, a bad upgrade, a mistaken rm -rf)
+    ///
+    /// The site (this one, or --site) must be a replica that keeps the
+    /// group's history (retention). It is promoted with the volumes as
+    /// they were at the newest recovery point at or before TIME (`tandem
+    /// points` lists them); the owner is fenced as by `failover --force`
+    /// and its VM destroyed, then the group's VM boots cold on the site.
+    /// Everything written after that point is kept aside, not lost: the
+    /// promoted site saves what its images held since as rollback data
+    /// (`tandem rollback list`), and the old owner saves its own
+    /// unreplicated writes when it returns. Every other replica follows
+    /// the new history (one that holds the point as a recovery point rolls
+    /// back to it; others compare and receive only what differs).
+    ///
+    /// TIME is RFC 3339 (2026-12-05T10:15:00Z) or relative (-15m, -2h).
+    #[command(verbatim_doc_comment)]
+    Recover {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// The point in time: RFC 3339, or relative to now (-15m)
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        at: String,
+        /// The replica site to recover on [default: this site]
+        #[arg(long, value_name = "SITE")]
+        site: Option<String>,
+    },
     /// This host's libvirt domains, their disks and state, and the groups protecting them
     Vms {
         #[command(flatten)]
@@ -460,6 +489,12 @@ fn main() -> ExitCode {
             to,
             force,
         } => cmd::failover::run(&config.path(), &group, to.as_deref(), force, false),
+        Command::Recover {
+            config,
+            group,
+            at,
+            site,
+        } => cmd::recover::run(&config.path(), &group, &at, site.as_deref()),
         Command::Migrate { config, group, to } => {
             cmd::failover::run(&config.path(), &group, Some(&to), false, true)
         }

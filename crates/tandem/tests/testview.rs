@@ -263,7 +263,7 @@ fn test_start_refuses_what_it_cannot_do() {
     refused(
         &dr,
         &["start", "g", "--at", "2000-01-01T00:00:00Z"],
-        "no recovery point",
+        "no recovery point at or before",
     );
     assert!(!c.site("dr").data_dir.join("nbd/test/g").exists());
 }

@@ -138,6 +138,9 @@ pub(crate) struct GroupRuntime {
     pub vm_sites: Mutex<Vec<(String, String)>>,
     /// The test views running on this site (replica role only).
     pub tests: crate::testview::Tests,
+    /// `tandem recover`: the recovery point the next promotion of this
+    /// replica rolls back to (docs/HISTORY.md).
+    pub recover_at: Mutex<Option<tandem_replication::history::Point>>,
 }
 
 impl GroupRuntime {
@@ -152,6 +155,7 @@ impl GroupRuntime {
             vm_started: AtomicBool::new(false),
             vm_sites: Mutex::new(Vec::new()),
             tests: crate::testview::Tests::default(),
+            recover_at: Mutex::new(None),
         }
     }
 
@@ -258,7 +262,8 @@ impl GroupRuntime {
                 expected: "a replica",
             });
         };
-        let (images, tip, consistent) = r.stop(shared, self.name())?;
+        let recover = self.recover_at.lock().take();
+        let (images, tip, consistent) = r.stop(shared, self.name(), recover)?;
         *self.leaving.lock() = Some(Leaving {
             images,
             capture: None,
@@ -391,10 +396,19 @@ impl GroupRuntime {
             },
             Plane::Replica(r) => {
                 let pos = *r.position.lock();
-                Holding::Receiving {
-                    epoch: pos.epoch,
-                    tip: (pos.tip_epoch, pos.applied),
-                    consistent: pos.consistent,
+                // In the middle of a resync, a replica with history is
+                // promotable at its newest point (docs/HISTORY.md).
+                match r.fallback() {
+                    Some(p) => Holding::Receiving {
+                        epoch: pos.epoch,
+                        tip: (p.epoch, p.seq),
+                        consistent: true,
+                    },
+                    None => Holding::Receiving {
+                        epoch: pos.epoch,
+                        tip: (pos.tip_epoch, pos.applied),
+                        consistent: pos.consistent,
+                    },
                 }
             }
             Plane::Down => Holding::Nothing,
@@ -404,14 +418,10 @@ impl GroupRuntime {
     /// The undo history of the replica role, if this site is a replica
     /// of the group that keeps one (docs/HISTORY.md).
     pub fn history(&self) -> Option<Arc<tandem_replication::history::History>> {
-        let group = match &*self.plane.lock() {
-            Plane::Replica(r) => Arc::clone(&r.group),
-            _ => return None,
-        };
-        // The session holds the replica while it applies a batch; wait
-        // for it rather than for a whole batch with the plane locked.
-        let history = group.lock().history();
-        history
+        match &*self.plane.lock() {
+            Plane::Replica(r) => r.history.clone(),
+            _ => None,
+        }
     }
 
     /// The gate of the primary role, if this site serves the group.

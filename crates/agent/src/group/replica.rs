@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tandem_coordinator::machine::Tip;
+use tandem_replication::history::{History, Point};
 use tandem_replication::receiver::{GroupPlan, Membership};
 use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
 use tracing::{info, warn};
@@ -31,6 +32,8 @@ pub(crate) struct ReplicaRole {
     pub position: Arc<Mutex<Position>>,
     pub connected: Arc<AtomicBool>,
     pub plan: Arc<GroupPlan>,
+    /// The group's undo history, when it keeps one (docs/HISTORY.md).
+    pub history: Option<Arc<History>>,
 }
 
 impl ReplicaRole {
@@ -65,6 +68,7 @@ impl ReplicaRole {
         }
         .map_err(replica_err)?;
         let position = replica.published();
+        let history = replica.history();
         let replica = Arc::new(Mutex::new(replica));
         let connected = Arc::new(AtomicBool::new(false));
         let mut sites = vec![group.primary.clone()];
@@ -102,6 +106,7 @@ impl ReplicaRole {
             position,
             connected,
             plan,
+            history,
         })
     }
 
@@ -110,10 +115,30 @@ impl ReplicaRole {
         self.position.lock().epoch
     }
 
+    /// The point a promotion falls back to while the images are not a
+    /// prefix (a resync is running): the newest recovery point (its
+    /// images are made of it by a rollback, docs/HISTORY.md).
+    pub fn fallback(&self) -> Option<Point> {
+        let p = *self.position.lock();
+        if p.consistent {
+            return None;
+        }
+        self.history.as_ref()?.latest()
+    }
+
     /// Leaves the role: no more sessions, everything received applied and
     /// synced. Returns the images, their tip and whether they are a
-    /// prefix (G3).
-    pub fn stop(self, shared: &Shared, name: &str) -> Result<(Images, Tip, bool), AgentError> {
+    /// prefix (G3). With `recover`, or when the images are not a prefix
+    /// but the history holds a point, the images are first rolled back to
+    /// that point, what they held since saved to rollback data
+    /// (docs/ROLLBACK.md).
+    pub fn stop(
+        self,
+        shared: &Shared,
+        name: &str,
+        recover: Option<Point>,
+    ) -> Result<(Images, Tip, bool), AgentError> {
+        let target = recover.or_else(|| self.fallback());
         shared
             .receivers
             .groups
@@ -132,6 +157,59 @@ impl ReplicaRole {
         };
         group.commit().map_err(replica_err)?;
         group.checkpoint().map_err(replica_err)?;
+        if recover.is_some() && group.history().is_none() {
+            return Err(replica_err(tandem_replication::ReplicaError::Corrupt {
+                path: shared.layout.replica_dir(name),
+                reason:
+                    "a recovery to a point in time needs the group's history (retention is 0s here)"
+                        .into(),
+            }));
+        }
+        if let (Some(point), Some(history)) = (target, group.history()) {
+            let why = if recover.is_some() {
+                "recovery to a point in time"
+            } else {
+                "its images are in the middle of a resync"
+            };
+            let changed = history.changed_since(point).map_err(replica_err)?;
+            let mut ranges = vec![Vec::new(); group.volumes().len()];
+            for (v, offset, length) in changed {
+                if let Some(r) = ranges.get_mut(v as usize) {
+                    r.push((offset, length));
+                }
+            }
+            let volumes: Vec<(&str, &tandem_volume::RawImage)> = group
+                .volumes()
+                .iter()
+                .map(|v| (v.name.as_str(), &*v.image))
+                .collect();
+            let tip = group.tip();
+            let saved = match super::rollback::save_ranges(
+                &shared.layout.data_dir,
+                name,
+                &volumes,
+                &ranges,
+                tip,
+            ) {
+                Ok(saved) => saved,
+                // A recovery gives up writes the user may want back: not
+                // without them saved.
+                Err(source) if recover.is_some() => {
+                    return Err(AgentError::Io {
+                        path: super::rollback::dir(&shared.layout.data_dir),
+                        what: "save what a recovery to a point in time gives up",
+                        source,
+                    })
+                }
+                Err(e) => {
+                    warn!(group = %name, "cannot save what the resync had written since the recovery point: {e}");
+                    None
+                }
+            };
+            drop(volumes);
+            group.roll_back_to(point).map_err(replica_err)?;
+            info!(group = %name, seq = point.seq, epoch = point.epoch, time_ms = point.time_ms, saved = ?saved, "promoted at a recovery point ({why}); what the images held since is kept in the rollback data");
+        }
         let consistent = group.position().consistent;
         let images = group
             .volumes()

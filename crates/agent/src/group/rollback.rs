@@ -338,6 +338,23 @@ pub fn save(
     tip: Tip,
 ) -> Result<Option<PathBuf>, std::io::Error> {
     let ranges = capture.dirty_ranges();
+    let volumes: Vec<(&str, &tandem_volume::RawImage)> = capture
+        .volumes()
+        .iter()
+        .map(|v| (v.name.as_str(), &*v.image))
+        .collect();
+    save_ranges(data_dir, group, &volumes, &ranges, tip)
+}
+
+/// Saves `ranges` (per volume, (offset, length)) of `volumes` as the
+/// rollback data of `group` at `tip`; None when there are none.
+pub fn save_ranges(
+    data_dir: &Path,
+    group: &str,
+    volumes: &[(&str, &tandem_volume::RawImage)],
+    ranges: &[Vec<(u64, u64)>],
+    tip: Tip,
+) -> Result<Option<PathBuf>, std::io::Error> {
     if ranges.iter().all(Vec::is_empty) {
         return Ok(None);
     }
@@ -357,16 +374,21 @@ pub fn save(
     let mut index = Index::default();
     let mut at = 0u64;
     let mut buf = Vec::new();
-    for (v, volume_ranges) in capture.volumes().iter().zip(ranges) {
-        for (offset, length) in volume_ranges {
-            let n = usize::try_from(length).map_err(std::io::Error::other)?;
-            buf.resize(n, 0);
-            v.image
-                .read(offset, &mut buf)
-                .map_err(std::io::Error::other)?;
-            data.write_all(&buf)?;
+    for (&(name, image), volume_ranges) in volumes.iter().zip(ranges) {
+        for &(offset, length) in volume_ranges {
+            // In pieces: a range may be as large as the volume.
+            let mut done = 0;
+            while done < length {
+                let n = (length - done).min(CHUNK);
+                buf.resize(usize::try_from(n).map_err(std::io::Error::other)?, 0);
+                image
+                    .read(offset + done, &mut buf)
+                    .map_err(std::io::Error::other)?;
+                data.write_all(&buf)?;
+                done += n;
+            }
             index.ranges.push(Range {
-                volume: v.name.clone(),
+                volume: name.to_owned(),
                 offset,
                 length,
                 file_offset: at,

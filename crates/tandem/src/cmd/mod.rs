@@ -8,6 +8,7 @@ pub mod failover;
 pub mod man;
 pub mod progress;
 pub mod protect;
+pub mod recover;
 pub mod rollback;
 pub mod status;
 pub mod test;
