@@ -170,6 +170,19 @@ fn a_test_view_is_the_point_writable_isolated_and_leaves_nothing() {
         "{status:#}"
     );
     assert_eq!(status["groups"][0]["replicas"][0]["state"], "streaming");
+    let human = run_ok(
+        Command::new(TANDEM)
+            .args(["status", "--local", "--config"])
+            .arg(&dr),
+        Duration::from_secs(15),
+    );
+    assert!(
+        human.contains(&format!(
+            "test {id}  point {}",
+            test["point"]["time"].as_str().unwrap_or("?")
+        )) && human.contains(&a.display().to_string()),
+        "{human}"
+    );
 
     // A second test of the group at the same time gets its own sockets.
     let second = start_test(&dr, &["--at", "latest"]);
@@ -266,4 +279,63 @@ fn test_start_refuses_what_it_cannot_do() {
         "no recovery point at or before",
     );
     assert!(!c.site("dr").data_dir.join("nbd/test/g").exists());
+}
+
+#[test]
+fn a_full_scratch_fails_the_test_and_replication_streams_on() {
+    let mut c = Cluster::new(
+        "ny",
+        &["dr"],
+        &[vol("a", "16MiB")],
+        "test_scratch_max = \"1MiB\"",
+    );
+    c.start("dr");
+    c.start("ny");
+    qemu_io(&c.uri("ny", "a"), &["write -P 0x41 0 64k", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
+    let seq = primary_seq(&c);
+    let dr = c.site("dr").config.clone();
+    let test = wait_point(&dr, seq);
+    assert_eq!(test["scratch_max"], 1 << 20, "{test:#}");
+    let a = socket_of(&test, "a");
+    // Within the cap: written.
+    qemu_io(&unix_uri("a", &a), &["write -P 0x5a 0 512k", "flush"]);
+    // Past it: the write fails with ENOSPC and the test is failed.
+    let out = run_with_timeout(
+        Command::new(tool("qemu-io"))
+            .args(["-f", "raw", "-c", "write -P 0x5b 1M 1M"])
+            .arg(unix_uri("a", &a)),
+        Duration::from_secs(60),
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("No space left on device"), "{said}");
+    let status = c.status("dr");
+    let t = &status["groups"][0]["tests"][0];
+    assert_eq!(t["state"], "failed", "{status:#}");
+    let error = t["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("scratch full") && error.contains("test_scratch_max"),
+        "{error}"
+    );
+    assert!(c.site("dr").log().contains("test view FAILED"));
+    // Its writes are refused from now on; what it wrote reads back.
+    qemu_io(
+        &unix_uri("a", &a),
+        &["read -P 0x5a 0 512k", "read -P 0 1M 4k"],
+    );
+    // Replication never noticed.
+    qemu_io(&c.uri("ny", "a"), &["write -P 0x61 0 4M", "flush"]);
+    let s = c.wait_replicated(Duration::from_secs(30));
+    assert_eq!(s["groups"][0]["replicas"][0]["state"], "streaming", "{s:#}");
+    assert_eq!(
+        c.status("dr")["groups"][0]["replicas"][0]["state"],
+        "streaming"
+    );
+    let (code, out, err) = tandem_test(&dr, &["stop", "g"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!c.site("dr").data_dir.join("tests/g").exists());
 }

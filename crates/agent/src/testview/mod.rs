@@ -40,8 +40,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 pub const DEFAULT_SCRATCH_MAX: u64 = 10 << 30;
 
 /// The scratch cap of `group`'s tests (`test_scratch_max`).
-// The configuration key comes with docs/CONFIG.md's history keys; until
-// then every group has the default.
+// TODO(merge): `group.test_scratch_max` once the configuration key
+// (docs/CONFIG.md) is in main; until then every group has the default.
 pub fn scratch_max(_group: &tandem_config::Group) -> u64 {
     DEFAULT_SCRATCH_MAX
 }

@@ -71,10 +71,14 @@ impl StatusView {
         let history = rt
             .history()
             .ok_or_else(|| TestError::NoHistory(group.to_owned()))?;
+        // The group as configured now (a reload may have changed
+        // `test_scratch_max`; its volumes never change).
+        let config = self.shared.config();
+        let current = config.group(group).unwrap_or(&rt.cfg);
         Ok(rt.tests.start(
             &self.shared.layout,
             &self.shared.nbd,
-            &rt.cfg,
+            current,
             &history,
             choice,
         )?)
