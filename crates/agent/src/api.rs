@@ -192,6 +192,8 @@ enum ApiError {
     Test(#[from] crate::testview::TestRequestError),
     #[error("{0:?} is not a test id (tests are numbered 1, 2, ...)")]
     BadTestId(String),
+    #[error("{0:?}: this endpoint takes no query (another site's tests are asked with ?site=SITE where the agent forwards requests)")]
+    TestQuery(String),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
     #[error("\"at\" must be an RFC 3339 time like \"2026-12-05T10:15:00Z\", not {0:?}")]
@@ -212,7 +214,8 @@ impl ApiError {
             | ApiError::BadBandwidth(_)
             | ApiError::NoBandwidth
             | ApiError::BadRate(_)
-            | ApiError::BadTestId(_) => 400,
+            | ApiError::BadTestId(_)
+            | ApiError::TestQuery(_) => 400,
             ApiError::Test(e) => e.status(),
             ApiError::UnknownPeer(_) => 404,
             ApiError::Verify(VerifyGroupError::NotPrimary(_)) => 404,
@@ -299,8 +302,8 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
         "/api/v1/groups/{group}/tests",
         &[400, 401, 404, 409, 413, 500],
     ),
-    ("GET", "/api/v1/groups/{group}/tests", &[401, 404]),
-    ("DELETE", "/api/v1/groups/{group}/tests", &[401, 404]),
+    ("GET", "/api/v1/groups/{group}/tests", &[400, 401, 404]),
+    ("DELETE", "/api/v1/groups/{group}/tests", &[400, 401, 404]),
     (
         "DELETE",
         "/api/v1/groups/{group}/tests/{id}",
@@ -352,6 +355,15 @@ fn peer_bandwidth(path: &str) -> Option<&str> {
         .strip_prefix("/api/v1/peers/")?
         .strip_suffix("/bandwidth")?;
     (!site.is_empty() && !site.contains('/')).then_some(site)
+}
+
+/// The test endpoints take no query: one left here (`site=` where no
+/// forwarding took it) is refused, never ignored.
+fn no_query(request: &Request) -> Result<(), ApiError> {
+    match request.query.as_deref() {
+        None | Some("") => Ok(()),
+        Some(q) => Err(ApiError::TestQuery(q.escape_default().to_string())),
+    }
 }
 
 fn body_text(request: &Request) -> Result<&str, ApiError> {
@@ -433,6 +445,7 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
         "GET" if path == "/api/v1/vms" => Ok(ApiRequest::Vms),
         "GET" | "DELETE" => {
             let (group, id) = group_tests(path).ok_or_else(no_endpoint)?;
+            no_query(request)?;
             let group = group.to_owned();
             match (method, id) {
                 ("GET", None) => Ok(ApiRequest::Tests { group }),
@@ -467,6 +480,7 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
             match action {
                 "verify" => Ok(ApiRequest::Verify { group }),
                 "tests" => {
+                    no_query(request)?;
                     let body = body_text(request)?;
                     Ok(ApiRequest::StartTest {
                         group,

@@ -268,7 +268,8 @@ fn test_start_refuses_what_it_cannot_do() {
         &["start", "g", "--boot"],
         "--boot is not available yet",
     );
-    refused(&dr, &["start", "g", "--site", "ny"], "not available yet");
+    // Asked of the primary through --site: forwarded there, refused there.
+    refused(&dr, &["start", "g", "--site", "ny"], "not a replica");
     refused(&dr, &["start", "g", "--at", "yesterday"], "is not a time");
     refused(&dr, &["start", "nosuch"], "not defined on this site");
     refused(&dr, &["stop", "g", "--id", "7"], "no test 7");
@@ -338,4 +339,36 @@ fn a_full_scratch_fails_the_test_and_replication_streams_on() {
     let (code, out, err) = tandem_test(&dr, &["stop", "g"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!c.site("dr").data_dir.join("tests/g").exists());
+}
+
+#[test]
+fn a_test_runs_on_another_site_with_site() {
+    let mut c = Cluster::new("ny", &["dr"], &[vol("a", "8MiB")], "");
+    c.start("dr");
+    c.start("ny");
+    qemu_io(&c.uri("ny", "a"), &["write -P 0x41 0 64k", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
+    let ny = c.site("ny").config.clone();
+    let dr_data = c.site("dr").data_dir.clone();
+    // From the primary's host: the test runs on dr, its sockets are dr's.
+    let mut last = String::new();
+    let test = poll(Duration::from_secs(20), || {
+        let (code, out, err) = tandem_test(&ny, &["start", "g", "--json", "--site", "dr"]);
+        if code == 0 {
+            return Some(serde_json::from_str::<serde_json::Value>(&out).expect("json"));
+        }
+        // Until the flush's point reached dr.
+        assert!(err.contains("no recovery point"), "{err}");
+        last = err;
+        None
+    })
+    .unwrap_or_else(|| panic!("no test on dr: {last}"));
+    let a = socket_of(&test, "a");
+    assert_eq!(a, dr_data.join("nbd/test/g/a.sock"));
+    qemu_io(&unix_uri("a", &a), &["read -P 0x41 0 64k"]);
+    assert_eq!(c.status("dr")["groups"][0]["tests"][0]["id"], test["id"]);
+    let (code, out, err) = tandem_test(&ny, &["stop", "g", "--site", "dr"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!a.exists());
+    assert!(c.status("dr")["groups"][0]["tests"].is_null());
 }

@@ -9,16 +9,32 @@ use anyhow::{bail, Context, Result};
 use tandem_agent::status::TestStatus;
 use tandem_agent::testview::at;
 
-/// Refuses what is not available yet, before anything is asked.
-fn local_site(config: &tandem_config::Config, site: Option<&str>) -> Result<()> {
-    match site {
-        Some(site) if site != config.site.name => bail!(
-            "--site {site}: starting or stopping a test on another site is not available yet \
-             (this host is site {}); run the command on {site}'s host",
-            config.site.name
-        ),
-        _ => Ok(()),
+/// The API path of `group`'s tests (`rest`: `""` or `/ID`), asked of
+/// `site` through the local agent when it is another site (`?site=`,
+/// forwarded over the peer port).
+fn tests_path(
+    config: &tandem_config::Config,
+    group: &str,
+    rest: &str,
+    site: Option<&str>,
+) -> Result<String> {
+    for (what, name) in [("group", Some(group)), ("site", site)] {
+        if let Some(name) = name {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                bail!("{what} {name:?} is not a valid name");
+            }
+        }
     }
+    let mut path = format!("/api/v1/groups/{group}/tests{rest}");
+    if let Some(site) = site.filter(|s| *s != config.site.name) {
+        path.push_str("?site=");
+        path.push_str(site);
+    }
+    Ok(path)
 }
 
 fn now_ms() -> u64 {
@@ -42,15 +58,10 @@ pub fn start(
         );
     }
     let config = crate::load_config(config_path)?;
-    local_site(&config, site)?;
+    let path = tests_path(&config, group, "", site)?;
     let choice = at::parse(at_text, now_ms())?;
     let body = serde_json::json!({ "at": at::to_api(choice) }).to_string();
-    let answer = super::status::api_request(
-        &config,
-        "POST",
-        &format!("/api/v1/groups/{group}/tests"),
-        Some(&body),
-    )?;
+    let answer = super::status::api_request(&config, "POST", &path, Some(&body))?;
     if json {
         println!("{}", answer.trim());
         return Ok(());
@@ -74,11 +85,8 @@ pub fn start(
 
 pub fn stop(config_path: &Path, group: &str, site: Option<&str>, id: Option<u64>) -> Result<()> {
     let config = crate::load_config(config_path)?;
-    local_site(&config, site)?;
-    let path = match id {
-        Some(id) => format!("/api/v1/groups/{group}/tests/{id}"),
-        None => format!("/api/v1/groups/{group}/tests"),
-    };
+    let rest = id.map(|id| format!("/{id}")).unwrap_or_default();
+    let path = tests_path(&config, group, &rest, site)?;
     let answer = super::status::api_request(&config, "DELETE", &path, None)?;
     let v: serde_json::Value =
         serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
