@@ -372,3 +372,43 @@ fn a_test_runs_on_another_site_with_site() {
     assert!(!a.exists());
     assert!(c.status("dr")["groups"][0]["tests"].is_null());
 }
+
+#[test]
+fn a_promoted_replica_stops_its_tests_first() {
+    let mut c = Cluster::new("ny", &["dr"], &[vol("a", "8MiB")], "");
+    let witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("2s"));
+    c.start_any("dr");
+    c.start_any("ny");
+    wait_until(Duration::from_secs(30), "ny serving", || {
+        c.status("ny")["groups"][0]["role"] == "primary"
+            && std::os::unix::net::UnixStream::connect(c.socket("ny", "a")).is_ok()
+    });
+    qemu_io(&c.uri("ny", "a"), &["write -P 0x41 0 64k", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
+    let seq = primary_seq(&c);
+    let dr = c.site("dr").config.clone();
+    let data_dir = c.site("dr").data_dir.clone();
+    let test = wait_point(&dr, seq);
+    let a = socket_of(&test, "a");
+    run_ok(
+        Command::new(TANDEM)
+            .args(["migrate", "g", "--to", "dr", "--config"])
+            .arg(c.site("ny").config.clone()),
+        Duration::from_secs(120),
+    );
+    wait_until(Duration::from_secs(30), "dr serving", || {
+        c.status("dr")["groups"][0]["role"] == "primary"
+    });
+    assert!(!a.exists(), "the test's socket outlived the promotion");
+    assert!(
+        !data_dir.join("tests/g").exists(),
+        "the test's scratch outlived the promotion"
+    );
+    let log = c.site("dr").log();
+    assert!(
+        log.contains("stopping the group's test views: this replica is being promoted"),
+        "{log}"
+    );
+    qemu_io(&c.uri("dr", "a"), &["read -P 0x41 0 64k"]);
+}
