@@ -78,7 +78,13 @@ fn socket_of(test: &serde_json::Value, volume: &str) -> PathBuf {
 fn wait_point(config: &Path, seq: u64) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     let got = poll(Duration::from_secs(20), || {
-        let test = start_test(config, &["--at", "latest"]);
+        let (code, out, err) = tandem_test(config, &["start", "g", "--json", "--at", "latest"]);
+        if code != 0 {
+            // Until the first point reached the replica.
+            assert!(err.contains("no recovery point"), "{out}{err}");
+            return None;
+        }
+        let test: serde_json::Value = serde_json::from_str(&out).expect("json");
         if test["point"]["seq"].as_u64().unwrap_or(0) >= seq {
             return Some(test);
         }
