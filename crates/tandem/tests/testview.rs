@@ -392,6 +392,9 @@ fn a_promoted_replica_stops_its_tests_first() {
     });
     qemu_io(&c.uri("ny", "a"), &["write -P 0x41 0 64k", "flush"]);
     c.wait_replicated(Duration::from_secs(30));
+    // A flush once the replica streams (not resyncs) makes a point.
+    qemu_io(&c.uri("ny", "a"), &["write -P 0x41 64k 4k", "flush"]);
+    c.wait_replicated(Duration::from_secs(30));
     let seq = primary_seq(&c);
     let dr = c.site("dr").config.clone();
     let data_dir = c.site("dr").data_dir.clone();
