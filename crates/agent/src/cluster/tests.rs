@@ -46,6 +46,7 @@ fn group(
         fenced: None,
         failsafe: None,
         lease_age_seconds: None,
+        tests: Vec::new(),
     }
 }
 
