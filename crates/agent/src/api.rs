@@ -136,6 +136,17 @@ enum ApiRequest {
         to: Option<String>,
         force: bool,
     },
+    StartTest {
+        group: String,
+        request: crate::testview::StartRequest,
+    },
+    Tests {
+        group: String,
+    },
+    StopTests {
+        group: String,
+        id: Option<u64>,
+    },
     /// `tandem recover`: fail over to this site at a point in time.
     Recover {
         group: String,
@@ -185,6 +196,12 @@ enum ApiError {
     Points(#[from] crate::view::PointsError),
     #[error(transparent)]
     Forward(#[from] crate::forward::ForwardError),
+    #[error(transparent)]
+    Test(#[from] crate::testview::TestRequestError),
+    #[error("{0:?} is not a test id (tests are numbered 1, 2, ...)")]
+    BadTestId(String),
+    #[error("{0:?}: this endpoint takes no query (another site's tests are asked with ?site=SITE where the agent forwards requests)")]
+    TestQuery(String),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
     #[error("\"at\" must be an RFC 3339 time like \"2026-12-05T10:15:00Z\", not {0:?}")]
@@ -204,7 +221,10 @@ impl ApiError {
             | ApiError::BadBody(_)
             | ApiError::BadBandwidth(_)
             | ApiError::NoBandwidth
-            | ApiError::BadRate(_) => 400,
+            | ApiError::BadRate(_)
+            | ApiError::BadTestId(_)
+            | ApiError::TestQuery(_) => 400,
+            ApiError::Test(e) => e.status(),
             ApiError::UnknownPeer(_) => 404,
             ApiError::Verify(VerifyGroupError::NotPrimary(_)) => 404,
             ApiError::OwnerChange(e) => match e {
@@ -294,6 +314,18 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
     ),
     (
         "POST",
+        "/api/v1/groups/{group}/tests",
+        &[400, 401, 404, 409, 413, 500],
+    ),
+    ("GET", "/api/v1/groups/{group}/tests", &[400, 401, 404]),
+    ("DELETE", "/api/v1/groups/{group}/tests", &[400, 401, 404]),
+    (
+        "DELETE",
+        "/api/v1/groups/{group}/tests/{id}",
+        &[400, 401, 404],
+    ),
+    (
+        "POST",
         "/api/v1/groups/{group}/recover",
         &[400, 401, 404, 409, 413, 502, 503, 504],
     ),
@@ -316,12 +348,37 @@ fn group_action(path: &str) -> Option<(&str, &str)> {
     (!group.is_empty() && !action.contains('/')).then_some((group, action))
 }
 
+/// `/api/v1/groups/{group}/tests[/{id}]` -> (group, id).
+fn group_tests(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix("/api/v1/groups/")?;
+    let (group, rest) = rest.split_once('/')?;
+    if group.is_empty() {
+        return None;
+    }
+    match rest.strip_prefix("tests")? {
+        "" => Some((group, None)),
+        id => {
+            let id = id.strip_prefix('/')?;
+            (!id.is_empty() && !id.contains('/')).then_some((group, Some(id)))
+        }
+    }
+}
+
 /// `/api/v1/peers/{site}/bandwidth` -> site.
 fn peer_bandwidth(path: &str) -> Option<&str> {
     let site = path
         .strip_prefix("/api/v1/peers/")?
         .strip_suffix("/bandwidth")?;
     (!site.is_empty() && !site.contains('/')).then_some(site)
+}
+
+/// The test endpoints take no query: one left here (`site=` where no
+/// forwarding took it) is refused, never ignored.
+fn no_query(request: &Request) -> Result<(), ApiError> {
+    match request.query.as_deref() {
+        None | Some("") => Ok(()),
+        Some(q) => Err(ApiError::TestQuery(q.escape_default().to_string())),
+    }
 }
 
 fn body_text(request: &Request) -> Result<&str, ApiError> {
@@ -412,12 +469,30 @@ fn parse_authorized(request: &Request) -> Result<ApiRequest, ApiError> {
         },
         "GET" if path == "/api/v1/peers" => Ok(ApiRequest::Peers),
         "GET" if path == "/api/v1/vms" => Ok(ApiRequest::Vms),
-        "GET" => match group_action(path) {
-            Some((group, "points")) => Ok(ApiRequest::Points {
+        "GET" if matches!(group_action(path), Some((_, "points"))) => {
+            let (group, _) = group_action(path).ok_or_else(no_endpoint)?;
+            Ok(ApiRequest::Points {
                 group: group.to_owned(),
-            }),
-            _ => Err(no_endpoint()),
-        },
+            })
+        }
+        "GET" | "DELETE" => {
+            let (group, id) = group_tests(path).ok_or_else(no_endpoint)?;
+            no_query(request)?;
+            let group = group.to_owned();
+            match (method, id) {
+                ("GET", None) => Ok(ApiRequest::Tests { group }),
+                ("DELETE", id) => Ok(ApiRequest::StopTests {
+                    group,
+                    id: id
+                        .map(|id| {
+                            id.parse::<u64>()
+                                .map_err(|_| ApiError::BadTestId(id.escape_default().to_string()))
+                        })
+                        .transpose()?,
+                }),
+                _ => Err(no_endpoint()),
+            }
+        }
         "PUT" => {
             let site = peer_bandwidth(path).ok_or_else(no_endpoint)?;
             Ok(ApiRequest::SetBandwidth {
@@ -436,6 +511,18 @@ fn parse_authorized(request: &Request) -> Result<ApiRequest, ApiError> {
             let group = group.to_owned();
             match action {
                 "verify" => Ok(ApiRequest::Verify { group }),
+                "tests" => {
+                    no_query(request)?;
+                    let body = body_text(request)?;
+                    Ok(ApiRequest::StartTest {
+                        group,
+                        request: if body.trim().is_empty() {
+                            crate::testview::StartRequest::default()
+                        } else {
+                            serde_json::from_str(body).map_err(ApiError::BadBody)?
+                        },
+                    })
+                }
                 "unprotect" => {
                     let body = body_text(request)?;
                     Ok(ApiRequest::Unprotect {
@@ -525,6 +612,11 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
             to,
             force,
         } => to_json(&view.change_owner(&group, migrate, to, force)?),
+        ApiRequest::StartTest { group, request } => to_json(&view.start_test(&group, &request)?),
+        ApiRequest::Tests { group } => to_json(&view.tests(&group)?),
+        ApiRequest::StopTests { group, id } => {
+            to_json(&serde_json::json!({ "stopped": view.stop_tests(&group, id)? }))
+        }
         ApiRequest::Recover { group, at_ms } => to_json(&view.recover(&group, at_ms)?),
     }
 }
@@ -895,5 +987,55 @@ mod tests {
         let verify = ApiError::Verify(VerifyGroupError::NotPrimary("g".into()));
         assert_eq!(verify.status(), 404);
         assert_eq!(ApiError::UnknownPeer(UnknownPeer("x".into())).status(), 404);
+        // Starting a test: every error's code is declared.
+        use crate::testview::{at::AtError, TestError, TestRequestError};
+        use tandem_replication::history::HistoryError;
+        let start = ENDPOINTS
+            .iter()
+            .find(|(m, p, _)| *m == "POST" && p.ends_with("/tests"))
+            .map(|(_, _, c)| *c)
+            .unwrap_or_default();
+        let test_errors = [
+            TestRequestError::UnknownGroup("g".into()),
+            TestRequestError::At(AtError::NotATime("x".into())),
+            TestError::NotReplica("g".into()).into(),
+            TestError::NoHistory("g".into()).into(),
+            TestError::History {
+                group: "g".into(),
+                source: HistoryError::NoPoint("t".into()),
+            }
+            .into(),
+            TestError::Io {
+                path: "/x".into(),
+                what: "create",
+                source: std::io::Error::other("full"),
+            }
+            .into(),
+        ];
+        for e in test_errors {
+            let e = ApiError::Test(e);
+            assert!(start.contains(&e.status()), "{e}: status {}", e.status());
+        }
+        let stop = ApiError::Test(
+            TestError::NoTest {
+                group: "g".into(),
+                id: 3,
+            }
+            .into(),
+        );
+        assert_eq!(stop.status(), 404);
+    }
+
+    #[test]
+    fn test_paths_parse() {
+        assert_eq!(group_tests("/api/v1/groups/g/tests"), Some(("g", None)));
+        assert_eq!(
+            group_tests("/api/v1/groups/g/tests/12"),
+            Some(("g", Some("12")))
+        );
+        assert_eq!(group_tests("/api/v1/groups/g/tests/"), None);
+        assert_eq!(group_tests("/api/v1/groups/g/testsx"), None);
+        assert_eq!(group_tests("/api/v1/groups/g/tests/1/2"), None);
+        assert_eq!(group_tests("/api/v1/groups//tests"), None);
     }
 }

@@ -37,10 +37,17 @@ pub fn forwardable(method: &str, path: &str) -> bool {
     else {
         return false;
     };
-    if group.is_empty() || group.contains('/') {
+    if group.is_empty() {
         return false;
     }
-    matches!((method, action), ("GET", "points") | ("POST", "recover"))
+    match (method, action) {
+        ("GET", "points") | ("POST", "recover") => true,
+        ("GET" | "POST" | "DELETE", "tests") => true,
+        ("DELETE", action) => action
+            .strip_prefix("tests/")
+            .is_some_and(|id| !id.is_empty() && !id.contains('/')),
+        _ => false,
+    }
 }
 
 /// Splits `site=SITE` out of a query string: (SITE, the rest of the query,
@@ -291,6 +298,12 @@ mod tests {
     fn only_listed_requests_are_forwarded() {
         assert!(forwardable("GET", "/api/v1/groups/web01/points"));
         assert!(forwardable("POST", "/api/v1/groups/web01/recover"));
+        assert!(forwardable("POST", "/api/v1/groups/web01/tests"));
+        assert!(forwardable("GET", "/api/v1/groups/web01/tests"));
+        assert!(forwardable("DELETE", "/api/v1/groups/web01/tests"));
+        assert!(forwardable("DELETE", "/api/v1/groups/web01/tests/3"));
+        assert!(!forwardable("DELETE", "/api/v1/groups/web01/tests/3/x"));
+        assert!(!forwardable("PUT", "/api/v1/groups/web01/tests"));
         for (method, path) in [
             ("POST", "/api/v1/groups/web01/points"),
             ("GET", "/api/v1/groups//points"),

@@ -177,6 +177,53 @@ pub struct GroupStatus {
     /// renewal or a read naming this site owner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_age_seconds: Option<f64>,
+    /// Replica role here: the test views running on this site
+    /// (`tandem test start`; docs/HISTORY.md, "Test views").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestStatus>,
+}
+
+/// A test view of a group (`tandem test start`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestStatus {
+    /// Names the test in `tandem test stop GROUP --id ID`.
+    pub id: u64,
+    pub point: TestPoint,
+    /// When the test started (RFC 3339, UTC).
+    pub started: String,
+    /// Bytes of scratch its writes hold, and the cap (`test_scratch_max`).
+    pub scratch_bytes: u64,
+    pub scratch_max: u64,
+    /// `running`, or `failed` (its writes are refused; `error` says why).
+    pub state: TestState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub exports: Vec<TestExportStatus>,
+}
+
+/// The recovery point a test views.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestPoint {
+    /// The primary's wall-clock time of the point, RFC 3339 with
+    /// milliseconds (UTC): given back to `--at`, it selects this point.
+    pub time: String,
+    pub time_ms: u64,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TestState {
+    Running,
+    Failed,
+}
+
+/// One volume of a test, served over NBD.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestExportStatus {
+    pub volume: String,
+    pub socket: String,
 }
 
 /// A protected VM as this site sees it (SPEC §4.4).

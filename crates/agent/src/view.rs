@@ -318,6 +318,7 @@ impl StatusView {
                 fenced: None,
                 lease_age_seconds: None,
                 failsafe: None,
+                tests: rt.tests.status(),
                 vm: cfg.vm.as_ref().map(|name| {
                     let seen = self.shared.vms.seen(&cfg.name);
                     let state = seen

@@ -295,7 +295,8 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
         | Message::ResyncEnd { .. }
         | Message::ResyncDone { .. }
         | Message::Ping(_)
-        | Message::Pong(_) => {}
+        | Message::Pong(_)
+        | Message::Mark { .. } => {}
     }
     Ok(())
 }

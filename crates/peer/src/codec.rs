@@ -432,6 +432,10 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
                 ranges,
             })
         }
+        27 => Message::Mark {
+            seq: r.u64("seq")?,
+            time_ms: r.u64("time_ms")?,
+        },
         ty => return Err(PeerError::UnknownType(ty)),
     };
     r.finish()?;
@@ -640,6 +644,7 @@ pub fn payload_len(msg: &Message) -> usize {
                 }
         }
         Message::Ack(_) | Message::ResyncBegin { .. } => 24,
+        Message::Mark { .. } => 16,
         Message::Hashes { hashes, .. } => 4 + 8 + 4 + 4 + 32 * hashes.len(),
         Message::Diff { bitmap, .. } => 4 + 8 + 4 + 4 + bitmap.len(),
         Message::Chunk { data, .. } => 4 + 8 + data.wire_len(),
@@ -868,6 +873,10 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
                 put_u64(w, offset);
                 put_u64(w, len);
             }
+        }
+        Message::Mark { seq, time_ms } => {
+            put_u64(w, *seq);
+            put_u64(w, *time_ms);
         }
     }
     let len = len_u32(w.len() - body);

@@ -60,8 +60,9 @@ pub use stream::{
     read_frame_within, read_message, read_message_within, write_frame, write_message,
 };
 
-/// The protocol version sent in `Hello`.
-pub const VERSION: u16 = 4;
+/// The protocol version sent in `Link` and `Hello`; a peer of another
+/// version is refused with both versions named. 5 added `Mark`.
+pub const VERSION: u16 = 5;
 /// `ResyncEnd.consistent_at` of a resync part that more parts follow: the
 /// replica stays inconsistent until a later part ends.
 pub const NOT_YET_CONSISTENT: u64 = u64::MAX;

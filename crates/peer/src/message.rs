@@ -111,6 +111,11 @@ pub enum Message {
     /// Answers a `StatusRequest`: the site's local status as JSON (SPEC
     /// §4.4), at most [`crate::bounds::MAX_STATUS_REPORT`] bytes decoded.
     StatusReport { report: Payload },
+    /// P→R, on a group's session channel, after the record `seq` was sent
+    /// (type 27): the primary had captured every record up to `seq` by
+    /// `time_ms` (ms since the Unix epoch, its clock): a recovery point
+    /// (docs/HISTORY.md, "Points").
+    Mark { seq: u64, time_ms: u64 },
     /// Any site to any site, alone on a connection of its own (type 28):
     /// an API request of an operator of `site` (the asking site, its
     /// certificate's with TLS) to be served by the answering site as its
@@ -303,6 +308,7 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::StatusRequest { .. } => 24,
         Message::StatusReport { .. } => 25,
         Message::Diverged(_) => 26,
+        Message::Mark { .. } => 27,
         Message::ApiRequest { .. } => 28,
         Message::ApiAnswer { .. } => 29,
     }
@@ -337,6 +343,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         24 => "status_request",
         25 => "status_report",
         26 => "diverged",
+        27 => "mark",
         28 => "api_request",
         29 => "api_answer",
         _ => return None,
@@ -345,7 +352,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
 
 /// The kind of a message for logs and metrics: `"hello"`, `"welcome"`,
 /// `"refuse"`, `"record"`, `"ack"`, `"resync_begin"`, `"hashes"`, `"diff"`,
-/// `"chunk"`, `"resync_end"`, `"file"`, `"ping"` or `"pong"`.
+/// `"chunk"`, `"resync_end"`, `"file"`, `"ping"`, `"pong"`, … (the names
+/// of [`type_name`]).
 pub fn frame_kind(msg: &Message) -> &'static str {
     type_name(message_type(msg)).unwrap_or("unknown")
 }

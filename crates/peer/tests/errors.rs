@@ -171,6 +171,40 @@ fn truncated_fields_and_trailing_bytes() {
 }
 
 #[test]
+fn mark_wire_format_and_bad_marks() {
+    // seq u64 then time_ms u64, little-endian, type 27.
+    let f = frame(&Message::Mark {
+        seq: 0x0102,
+        time_ms: 1_700_000_000_123,
+    });
+    assert_eq!((f[4], f.len()), (27, FRAME_HEADER_LEN + 16));
+    assert_eq!(&f[16..24], &0x0102u64.to_le_bytes());
+    assert_eq!(&f[24..], &1_700_000_000_123u64.to_le_bytes());
+    // Every shorter payload names the missing field; a longer one is
+    // refused for its trailing bytes.
+    for n in 0..8 {
+        assert!(
+            malformed(&raw_frame(27, &vec![0; n])).contains("mark: seq truncated"),
+            "{n}"
+        );
+    }
+    for n in 8..16 {
+        assert!(
+            malformed(&raw_frame(27, &vec![0; n])).contains("mark: time_ms truncated"),
+            "{n}"
+        );
+    }
+    assert!(malformed(&raw_frame(27, &[0; 17])).contains("trailing"));
+    // A corrupted mark is a checksum error, not a different mark.
+    let mut bad = f.clone();
+    bad[20] ^= 1;
+    assert!(matches!(
+        decode(&bad),
+        Err(PeerError::Checksum { kind: "mark", .. })
+    ));
+}
+
+#[test]
 fn invalid_utf8_is_malformed() {
     let mut p = Vec::new();
     p.extend_from_slice(&2u16.to_le_bytes());
@@ -438,6 +472,9 @@ fn kinds() {
     assert_eq!(type_name(24), Some("status_request"));
     assert_eq!(type_name(25), Some("status_report"));
     assert_eq!(type_name(26), Some("diverged"));
+    assert_eq!(type_name(27), Some("mark"));
+    assert_eq!(frame_kind(&Message::Mark { seq: 1, time_ms: 2 }), "mark");
+    assert_eq!(type_name(28), None);
     assert_eq!(type_name(40), None);
 }
 

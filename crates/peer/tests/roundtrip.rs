@@ -233,6 +233,7 @@ pub fn message() -> impl Strategy<Value = Message> {
                     ranges,
                 })
             }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, time_ms)| Message::Mark { seq, time_ms }),
     ]
 }
 

@@ -8,8 +8,9 @@
 //! time. A connection that opens with a `Hello` (or `Define`) instead of
 //! `Link` carries that one session, served on the calling thread.
 
+use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,40 @@ pub struct GroupPlan {
     /// Ends the running session's connection (set while one runs), so a
     /// promotion need not wait for a silent old primary to time out.
     pub session: Mutex<Option<SessionCloser>>,
+    /// The recovery-point marks the group's sessions received.
+    pub marks: MarkLog,
+}
+
+/// How many of the latest marks a [`MarkLog`] keeps.
+pub const RECENT_MARKS: usize = 4096;
+
+/// The `Mark`s a group's sessions received (docs/PEER.md, "Marks"): how
+/// many, and the latest [`RECENT_MARKS`] as (seq, time_ms), oldest first.
+#[derive(Debug, Default)]
+pub struct MarkLog {
+    total: AtomicU64,
+    recent: Mutex<VecDeque<(u64, u64)>>,
+}
+
+impl MarkLog {
+    fn note(&self, seq: u64, time_ms: u64) {
+        let mut recent = self.recent.lock();
+        if recent.len() == RECENT_MARKS {
+            recent.pop_front();
+        }
+        recent.push_back((seq, time_ms));
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks received since the group was set up here.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The latest marks, oldest first.
+    pub fn recent(&self) -> Vec<(u64, u64)> {
+        self.recent.lock().iter().copied().collect()
+    }
 }
 
 /// Shuts a session's connection down.
@@ -546,24 +581,38 @@ async fn session<I: Inbox, O: Outbox>(
         len: 0,
         data: Vec::new(),
     };
+    // Whatever arrived before the session ends is kept: made durable
+    // before leaving, so the next session's welcome starts from it.
+    let keep = |group: &mut ReplicaGroup| {
+        runtime::blocking(|| {
+            if group.has_uncommitted() {
+                group.commit()?;
+            }
+            group.checkpoint()
+        })
+    };
     loop {
         let msg = match inbox.next().await {
             Ok(m) => m,
             Err(e) => {
-                // Whatever arrived is kept: make it durable before leaving.
-                runtime::blocking(|| {
-                    if group.has_uncommitted() {
-                        group.commit()?;
-                    }
-                    group.checkpoint()
-                })?;
+                keep(&mut group)?;
                 return match e {
                     PeerError::Closed => Ok(()),
                     e => Err(e.into()),
                 };
             }
         };
-        match session.step(msg)? {
+        // A message the session refuses ends it; what came before stays
+        // (a journal with records received but not committed would make
+        // the next session refuse the records it resends).
+        let action = match session.step(msg) {
+            Ok(action) => action,
+            Err(e) => {
+                keep(&mut group)?;
+                return Err(e.into());
+            }
+        };
+        match action {
             Action::Receive(r) => {
                 entry.data.clear();
                 if r.op == tandem_peer::RecordOp::Write {
@@ -647,6 +696,10 @@ async fn session<I: Inbox, O: Outbox>(
                     }
                 }
             }
+            Action::Mark { seq, time_ms } => {
+                group.mark(seq, time_ms);
+                plan.marks.note(seq, time_ms);
+            }
             Action::Pong(n) => writer.send(&Message::Pong(n)).await?,
             Action::None => {}
         }
@@ -654,19 +707,23 @@ async fn session<I: Inbox, O: Outbox>(
         // has to say is then flushed below — a session never waits for
         // its next message with answers (a `Diff`, an `Ack`) unsent.
         let idle = inbox.is_idle();
-        let committed =
-            match session.plan_commit(Instant::now(), group.has_uncommitted(), group.has_batch()) {
-                Commit::Now => Some(runtime::blocking(|| group.commit())?),
-                Commit::Background => {
-                    // Waits (off the worker) only when the committer is
-                    // far behind.
-                    if !group.try_commit_in_background()? {
-                        runtime::blocking(|| group.commit_in_background())?;
-                    }
-                    None
+        let committed = match session.plan_commit(
+            Instant::now(),
+            group.has_uncommitted(),
+            group.has_batch(),
+            idle,
+        ) {
+            Commit::Now => Some(runtime::blocking(|| group.commit())?),
+            Commit::Background => {
+                // Waits (off the worker) only when the committer is
+                // far behind.
+                if !group.try_commit_in_background()? {
+                    runtime::blocking(|| group.commit_in_background())?;
                 }
-                Commit::Later => None,
-            };
+                None
+            }
+            Commit::Later => None,
+        };
         let p = group.progress();
         let progress = Progress {
             committed,

@@ -24,6 +24,7 @@ use crate::link::{nanos_now, ChannelOut, Mailbox};
 pub use crate::link::{Connect, Connection, SiteLink};
 use crate::replica::chunk_hashes;
 use crate::runtime;
+use crate::session::marks::{Marker, WallClock};
 pub use crate::session::shipper::{ConnectError, LinkInfo, LinkState, ShipError};
 use crate::session::shipper::{Incoming, Opening, ShipperSession};
 use crate::session::Tip;
@@ -195,6 +196,50 @@ struct Wire<'a> {
     diffs: &'a mut mpsc::UnboundedReceiver<Diff>,
     alive: &'a AtomicBool,
     compressor: &'a mut Compressor,
+    marks: &'a mut Marks,
+}
+
+/// Which records of a session are marked as recovery points, and their
+/// capture instants as wall-clock time (docs/PEER.md, "Marks").
+struct Marks {
+    marker: Marker,
+    clock: WallClock,
+}
+
+impl Marks {
+    /// `consistent`: the session streams to a replica that is a prefix.
+    fn new(consistent: bool) -> Marks {
+        Marks {
+            marker: Marker::new(consistent),
+            clock: WallClock::now(),
+        }
+    }
+
+    fn message(&self, mark: crate::session::marks::MarkAt) -> Message {
+        Message::Mark {
+            seq: mark.seq,
+            time_ms: self.clock.ms(mark.at),
+        }
+    }
+}
+
+/// Sends a captured record, then its mark if it gets one.
+async fn send_record(
+    out: &mut ChannelOut,
+    epoch: u64,
+    rec: &tandem_capture::Record,
+    compressor: &mut Compressor,
+    marks: &mut Marks,
+) -> Result<(), ShipError> {
+    out.send(&record_message(epoch, rec, compressor)).await?;
+    let point = match rec.op {
+        Op::Flush => true,
+        Op::Write { fua, .. } | Op::WriteZeroes { fua, .. } | Op::Trim { fua, .. } => fua,
+    };
+    if let Some(mark) = marks.marker.sent(rec.seq, rec.at, point) {
+        out.send(&marks.message(mark)).await?;
+    }
+    Ok(())
 }
 
 impl Wire<'_> {
@@ -352,6 +397,9 @@ impl Shipper {
             &sizes,
             Instant::now(),
         )?;
+        // Only a replica that is a prefix of this history gets marks before
+        // a resync has made it one again.
+        let consistent = matches!(opening, Opening::Stream { .. });
         match opening {
             Opening::Stream { durable } => cap.ack(&replica, durable)?,
             Opening::Resume { durable } => {
@@ -398,8 +446,9 @@ impl Shipper {
                 end
             })
         };
+        let mut marks = Marks::new(consistent);
         let result = self
-            .stream(&mut out, &mut diff_rx, &alive, compressor, wake)
+            .stream(&mut out, &mut diff_rx, &alive, compressor, &mut marks, wake)
             .await;
         alive.store(false, Ordering::Release);
         // Tell the replica why the session ends (best effort), then end the
@@ -430,6 +479,7 @@ impl Shipper {
         diffs: &mut mpsc::UnboundedReceiver<Diff>,
         alive: &AtomicBool,
         compressor: &mut Compressor,
+        marks: &mut Marks,
         wake: &Notify,
     ) -> Result<(), ShipError> {
         let cap = &self.capture;
@@ -447,7 +497,7 @@ impl Shipper {
             if let Ok(job) = self.verify.try_recv() {
                 out.flush().await?;
                 match self
-                    .verify_replica(out, diffs, alive, compressor, wake)
+                    .verify_replica(out, diffs, alive, compressor, marks, wake)
                     .await
                 {
                     Ok(report) => {
@@ -489,8 +539,7 @@ impl Shipper {
             }
             match events.pop_front() {
                 Some(Event::Record(rec)) => {
-                    let msg = record_message(self.epoch, &rec, compressor);
-                    out.send(&msg).await?;
+                    send_record(out, self.epoch, &rec, compressor, marks).await?;
                     unflushed = true;
                     last_sent = Instant::now();
                 }
@@ -505,12 +554,19 @@ impl Shipper {
                         diffs: &mut *diffs,
                         alive,
                         compressor: &mut *compressor,
+                        marks: &mut *marks,
                     };
                     self.resync(&mut wire, &ranges, resume_at, more).await?;
                     unflushed = false;
                     last_sent = Instant::now();
                 }
                 None => {
+                    // The stream is idle: its last record is marked a
+                    // second after its capture at the latest.
+                    if let Some(mark) = marks.marker.idle(Instant::now()) {
+                        out.send(&marks.message(mark)).await?;
+                        unflushed = true;
+                    }
                     if unflushed {
                         out.flush().await?;
                         unflushed = false;
@@ -557,6 +613,10 @@ impl Shipper {
                         // Nothing to do until something wakes this task.
                         QUIET_WAIT
                     };
+                    // ...or until the last record sent is to be marked.
+                    let wait = marks.marker.deadline().map_or(wait, |at| {
+                        wait.min(at.saturating_duration_since(Instant::now()))
+                    });
                     tokio::select! {
                         () = wake.notified() => {}
                         () = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
@@ -608,6 +668,7 @@ impl Shipper {
             .session
             .lock()
             .resync_begins(resume_at, total, more);
+        wire.marks.marker.resync_begins();
         tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, more, resume_at, "resync: comparing chunks");
         wire.send(&Message::ResyncBegin {
             epoch: self.epoch,
@@ -641,6 +702,7 @@ impl Shipper {
             cap.next_seq()
         };
         self.link.session.lock().resync_ends(consistent_at);
+        wire.marks.marker.resync_ends(consistent_at);
         wire.send(&Message::ResyncEnd { consistent_at }).await?;
         wire.flush().await?;
         let sent = self.link.info().resync_sent;
@@ -761,6 +823,7 @@ impl Shipper {
         diffs: &mut mpsc::UnboundedReceiver<Diff>,
         alive: &AtomicBool,
         compressor: &mut Compressor,
+        marks: &mut Marks,
         wake: &Notify,
     ) -> Result<VerifyReport, ShipError> {
         let mut report = VerifyReport::default();
@@ -776,6 +839,7 @@ impl Shipper {
                 diffs: &mut *diffs,
                 alive,
                 compressor: &mut *compressor,
+                marks: &mut *marks,
             };
             self.catch_up(&mut wire, wake).await?;
             let items: Vec<_> = suspects
@@ -820,8 +884,7 @@ impl Shipper {
             match events.pop_front() {
                 Some(Event::Record(rec)) => {
                     self.link.session.lock().sending(rec.seq);
-                    let msg = record_message(self.epoch, &rec, wire.compressor);
-                    wire.send(&msg).await?;
+                    send_record(wire.out, self.epoch, &rec, wire.compressor, wire.marks).await?;
                 }
                 Some(Event::Resync {
                     ranges,
@@ -829,6 +892,10 @@ impl Shipper {
                     more,
                 }) => self.resync(wire, &ranges, resume_at, more).await?,
                 None => {
+                    if let Some(mark) = wire.marks.marker.idle(Instant::now()) {
+                        let mark = wire.marks.message(mark);
+                        wire.send(&mark).await?;
+                    }
                     wire.send(&Message::Ping(nanos_now())).await?;
                     wire.flush().await?;
                     tokio::select! {

@@ -74,6 +74,7 @@ fn start(dir: &Path) -> Sites {
             files: Vec::new(),
             vm_definition: None,
             session: Mutex::new(None),
+            marks: Default::default(),
         }));
     }
     let ctx = Arc::new(ReceiverContext {

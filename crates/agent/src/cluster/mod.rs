@@ -160,6 +160,8 @@ fn merge_group(local: &SiteStatus, name: &str, views: &[(&str, &GroupStatus)]) -
         fenced: owner.and_then(|(_, g)| g.fenced.clone()),
         failsafe: owner.and_then(|(_, g)| g.failsafe.clone()),
         lease_age_seconds: owner.and_then(|(_, g)| g.lease_age_seconds),
+        // This site's own test views (their sockets are local paths).
+        tests: mine.map(|g| g.tests.clone()).unwrap_or_default(),
     }
 }
 

@@ -48,6 +48,7 @@ fn group(
         fenced: None,
         failsafe: None,
         lease_age_seconds: None,
+        tests: Vec::new(),
     }
 }
 

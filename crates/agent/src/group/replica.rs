@@ -102,6 +102,7 @@ impl ReplicaRole {
                 .as_ref()
                 .map(|_| shared.layout.vm_definition(&group.name)),
             session: Mutex::new(None),
+            marks: Default::default(),
         });
         {
             let mut plans = shared.receivers.groups.write();

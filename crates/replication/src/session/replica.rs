@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tandem_peer::{Ack, Hello, Message, Payload, Record, RecordOp, ReplicaState, Welcome};
 
 use crate::replica::Position;
+use crate::session::marks::MarkRule;
 
 /// Journal syncs (and acks) at least this often while records arrive.
 pub const COMMIT_EVERY: Duration = Duration::from_millis(20);
@@ -162,6 +163,14 @@ pub enum ProtocolError {
     },
     #[error("hashes of {count} chunks of {chunk} bytes: the chunk must be a power of two from 4096 to 1048576, at most 1024 of them")]
     Chunks { chunk: u32, count: usize },
+    #[error("mark of record {seq}, but the last record received is {last}")]
+    MarkAhead { seq: u64, last: u64 },
+    #[error("mark of record {seq} after a mark of record {last}: marks went backwards")]
+    MarkBackwards { seq: u64, last: u64 },
+    #[error("mark of record {seq} while the images are no consistent prefix (no resync has ended at a consistent point)")]
+    MarkInResync { seq: u64 },
+    #[error("mark of record {seq}, before record {from}, the first one the last resync leaves consistent")]
+    MarkBeforeConsistent { seq: u64, from: u64 },
 }
 
 /// What the replica does with one message.
@@ -188,6 +197,9 @@ pub enum Action {
     /// The resync is over: record `consistent_at`, then answer
     /// `ResyncDone { resume_at }`.
     EndResync { consistent_at: u64, resume_at: u64 },
+    /// The primary captured every record up to `seq` (received) by
+    /// `time_ms`: a recovery point ([`crate::replica::ReplicaGroup::mark`]).
+    Mark { seq: u64, time_ms: u64 },
     /// Store a replicated configuration file.
     StoreFile {
         path: String,
@@ -293,11 +305,21 @@ pub struct ReplicaSession {
     acked: (u64, u64),
     /// The resync in progress resumes the stream here.
     resync: Option<u64>,
+    /// Which records a mark may name, and the last one marked.
+    marks: MarkRule,
+    last_mark: u64,
     since_commit: Instant,
     bytes_since_commit: u64,
     /// The message just stepped asks for a commit and acknowledgement now.
     ack_now: bool,
     pinged: bool,
+    /// A FLUSH or FUA record awaits its commit (and acknowledgement).
+    flush_owed: bool,
+    /// ...and may wait for one more message already buffered: the mark
+    /// right behind it joins its commit.
+    flush_defer: bool,
+    /// The message just stepped is a mark.
+    marked: bool,
 }
 
 impl ReplicaSession {
@@ -343,10 +365,15 @@ impl ReplicaSession {
                 last_seq: held.received,
                 acked: (held.received, held.durable),
                 resync: None,
+                marks: MarkRule::opening(held.consistent && !held.new),
+                last_mark: 0,
                 since_commit: now,
                 bytes_since_commit: 0,
                 ack_now: false,
                 pinged: false,
+                flush_owed: false,
+                flush_defer: false,
+                marked: false,
             },
             welcome,
         ))
@@ -360,6 +387,8 @@ impl ReplicaSession {
     pub fn step(&mut self, msg: Message) -> Result<Action, ProtocolError> {
         self.ack_now = false;
         self.pinged = false;
+        self.flush_defer = false;
+        self.marked = false;
         Ok(match msg {
             Message::Record(r) => {
                 if r.epoch != self.epoch {
@@ -395,7 +424,13 @@ impl ReplicaSession {
                 }
                 self.last_seq = r.seq;
                 self.bytes_since_commit += data;
-                self.ack_now = r.fua || r.op == tandem_peer::RecordOp::Flush;
+                if r.fua || r.op == RecordOp::Flush {
+                    // Committed after this message, or after the next one
+                    // if it is already here (the primary sends the
+                    // record's mark right behind it): never later.
+                    self.flush_defer = !self.flush_owed;
+                    self.flush_owed = true;
+                }
                 Action::Receive(r)
             }
             Message::ResyncBegin {
@@ -408,6 +443,8 @@ impl ReplicaSession {
                     });
                 }
                 self.resync = Some(resume_at);
+                self.marks.resync_begins();
+                self.last_mark = 0;
                 // The resync redefines the position: records from
                 // resume_at on follow, whatever this replica held before.
                 self.last_seq = resume_at.saturating_sub(1);
@@ -475,10 +512,37 @@ impl ReplicaSession {
                     return Err(ProtocolError::EndWithoutBegin);
                 };
                 self.ack_now = true;
+                self.marks.resync_ends(consistent_at);
                 Action::EndResync {
                     consistent_at,
                     resume_at,
                 }
+            }
+            Message::Mark { seq, time_ms } => {
+                if seq > self.last_seq {
+                    return Err(ProtocolError::MarkAhead {
+                        seq,
+                        last: self.last_seq,
+                    });
+                }
+                if self.resync.is_some() || self.marks.from() == u64::MAX {
+                    return Err(ProtocolError::MarkInResync { seq });
+                }
+                if !self.marks.allows(seq) {
+                    return Err(ProtocolError::MarkBeforeConsistent {
+                        seq,
+                        from: self.marks.from(),
+                    });
+                }
+                if seq <= self.last_mark {
+                    return Err(ProtocolError::MarkBackwards {
+                        seq,
+                        last: self.last_mark,
+                    });
+                }
+                self.last_mark = seq;
+                self.marked = true;
+                Action::Mark { seq, time_ms }
             }
             Message::File { path, mode, data } => Action::StoreFile { path, mode, data },
             Message::Ping(n) => {
@@ -524,22 +588,35 @@ impl ReplicaSession {
     }
 
     /// When to commit, after the action was carried out. `idle`: nothing
-    /// more is buffered from the primary; `uncommitted`: records were
-    /// received and not yet made durable; `batch`: some are not yet handed
-    /// to the committer.
-    pub fn plan_commit(&mut self, now: Instant, uncommitted: bool, batch: bool) -> Commit {
+    /// more is buffered from the primary; `uncommitted`: records (or
+    /// marks) were received and not yet made durable; `batch`: some are
+    /// not yet handed to the committer.
+    pub fn plan_commit(
+        &mut self,
+        now: Instant,
+        uncommitted: bool,
+        batch: bool,
+        idle: bool,
+    ) -> Commit {
         let due = now.saturating_duration_since(self.since_commit) >= COMMIT_EVERY
             || self.bytes_since_commit >= COMMIT_BYTES as u64;
         // A FLUSH or FUA (or an idle primary's ping) is synced and applied
-        // now and acknowledged at once; otherwise the committer syncs and
-        // applies while reading goes on.
-        let commit = if self.ack_now || (self.pinged && uncommitted) {
+        // now and acknowledged at once — after the message behind it, if
+        // that one is here already (its mark); otherwise the committer
+        // syncs and applies while reading goes on. A mark with nothing
+        // behind it goes to the committer at once: its point does not
+        // wait for the next records.
+        let flush = self.flush_owed && (idle || !self.flush_defer);
+        let commit = if self.ack_now || flush || (self.pinged && uncommitted) {
             Commit::Now
-        } else if due && batch {
+        } else if batch && (due || (self.marked && idle)) {
             Commit::Background
         } else {
             Commit::Later
         };
+        if commit == Commit::Now {
+            self.flush_owed = false;
+        }
         if commit == Commit::Now || due {
             self.since_commit = now;
             self.bytes_since_commit = 0;
@@ -570,5 +647,226 @@ impl ReplicaSession {
             durable,
             applied: progress.applied.min(durable),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: tandem_peer::VERSION,
+            primary: "ny".into(),
+            replica: "dr".into(),
+            group: "g".into(),
+            epoch: 3,
+            fork_epoch: 0,
+            fork_seq: 0,
+            volumes: vec![("v".into(), 1 << 20)],
+        }
+    }
+
+    fn held(received: u64, consistent: bool) -> Position {
+        Position {
+            received,
+            durable: received,
+            applied: received,
+            epoch: 3,
+            tip_epoch: 3,
+            consistent,
+            new: false,
+            resyncing: !consistent,
+            resync_epoch: 0,
+            compared: 0,
+        }
+    }
+
+    fn session(held: &Position) -> ReplicaSession {
+        let owner = Owner::Configured("ny".into());
+        ReplicaSession::start("dr", &hello(), &owner, held, Instant::now())
+            .unwrap()
+            .0
+    }
+
+    fn flush(seq: u64) -> Message {
+        Message::Record(Record {
+            epoch: 3,
+            seq,
+            volume: 0,
+            op: RecordOp::Flush,
+            fua: false,
+            offset: 0,
+            len: 0,
+            data: Payload::empty(),
+        })
+    }
+
+    fn mark(seq: u64) -> Message {
+        Message::Mark {
+            seq,
+            time_ms: 1_700_000_000_000 + seq,
+        }
+    }
+
+    #[test]
+    fn marks_name_received_records_in_order() {
+        let mut s = session(&held(10, true));
+        // A record the replica held before the session may be marked.
+        assert_eq!(
+            s.step(mark(10)).unwrap(),
+            Action::Mark {
+                seq: 10,
+                time_ms: 1_700_000_000_010
+            }
+        );
+        // One not received yet may not.
+        let e = s.step(mark(11)).unwrap_err();
+        assert!(matches!(e, ProtocolError::MarkAhead { seq: 11, last: 10 }));
+        assert_eq!(
+            e.to_string(),
+            "mark of record 11, but the last record received is 10"
+        );
+        assert!(matches!(s.step(flush(11)).unwrap(), Action::Receive(_)));
+        assert!(matches!(
+            s.step(mark(11)).unwrap(),
+            Action::Mark { seq: 11, .. }
+        ));
+        for seq in [11, 4] {
+            let e = s.step(mark(seq)).unwrap_err();
+            assert!(
+                matches!(e, ProtocolError::MarkBackwards { last: 11, .. }),
+                "{e}"
+            );
+        }
+    }
+
+    fn write(seq: u64) -> Message {
+        Message::Record(Record {
+            epoch: 3,
+            seq,
+            volume: 0,
+            op: RecordOp::Write,
+            fua: false,
+            offset: 0,
+            len: 512,
+            data: Payload::raw(vec![7; 512]),
+        })
+    }
+
+    #[test]
+    fn a_flush_and_its_mark_share_one_commit() {
+        let mut s = session(&held(10, true));
+        let now = s.since_commit;
+        let step = |s: &mut ReplicaSession, msg, idle| {
+            s.step(msg).unwrap();
+            s.plan_commit(now, true, true, idle)
+        };
+        // The mark already buffered behind the flush joins its commit.
+        assert_eq!(step(&mut s, flush(11), false), Commit::Later);
+        assert_eq!(step(&mut s, mark(11), false), Commit::Now);
+        // A flush with nothing behind it commits at once; its mark, when
+        // it comes alone, goes to the committer without waiting for more
+        // records.
+        assert_eq!(step(&mut s, flush(12), true), Commit::Now);
+        assert_eq!(step(&mut s, mark(12), true), Commit::Background);
+        // A mark with more behind it (and a write) just joins the batch.
+        assert_eq!(step(&mut s, write(13), false), Commit::Later);
+        assert_eq!(step(&mut s, mark(13), false), Commit::Later);
+        // A flush waits for one message at most, whatever it is.
+        assert_eq!(step(&mut s, flush(14), false), Commit::Later);
+        assert_eq!(step(&mut s, flush(15), false), Commit::Now);
+        assert_eq!(step(&mut s, flush(16), false), Commit::Later);
+        assert_eq!(step(&mut s, write(17), false), Commit::Now);
+        assert_eq!(step(&mut s, write(18), false), Commit::Later);
+        // A FUA write is a flush.
+        let Message::Record(mut fua) = write(19) else {
+            unreachable!()
+        };
+        fua.fua = true;
+        assert_eq!(step(&mut s, Message::Record(fua), true), Commit::Now);
+        // Without history a mark leaves no batch: nothing to commit.
+        s.step(mark(19)).unwrap();
+        assert_eq!(s.plan_commit(now, false, false, true), Commit::Later);
+    }
+
+    #[test]
+    fn no_marks_where_the_images_are_no_prefix() {
+        // An inconsistent replica: none until a resync ends.
+        let mut s = session(&held(10, false));
+        let e = s.step(mark(10)).unwrap_err();
+        assert!(matches!(e, ProtocolError::MarkInResync { seq: 10 }), "{e}");
+        assert!(e.to_string().contains("no consistent prefix"), "{e}");
+        let begin = Message::ResyncBegin {
+            epoch: 3,
+            resume_at: 11,
+            bytes: 1 << 20,
+        };
+        assert_eq!(
+            s.step(begin.clone()).unwrap(),
+            Action::BeginResync { resume_at: 11 }
+        );
+        assert!(matches!(
+            s.step(mark(10)),
+            Err(ProtocolError::MarkInResync { .. })
+        ));
+        // A part that more parts follow leaves it inconsistent.
+        s.step(Message::ResyncEnd {
+            consistent_at: tandem_peer::NOT_YET_CONSISTENT,
+        })
+        .unwrap();
+        s.step(flush(11)).unwrap();
+        assert!(matches!(
+            s.step(mark(11)),
+            Err(ProtocolError::MarkInResync { .. })
+        ));
+        // The last part: consistent once record 13 is applied.
+        s.step(Message::ResyncBegin {
+            epoch: 3,
+            resume_at: 12,
+            bytes: 1 << 20,
+        })
+        .unwrap();
+        s.step(Message::ResyncEnd { consistent_at: 14 }).unwrap();
+        s.step(flush(12)).unwrap();
+        let e = s.step(mark(12)).unwrap_err();
+        assert!(
+            matches!(e, ProtocolError::MarkBeforeConsistent { seq: 12, from: 13 }),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "mark of record 12, before record 13, the first one the last resync leaves consistent"
+        );
+        s.step(flush(13)).unwrap();
+        assert!(matches!(
+            s.step(mark(13)).unwrap(),
+            Action::Mark { seq: 13, .. }
+        ));
+        // A new resync starts the order of marks again.
+        s.step(begin).unwrap();
+        s.step(Message::ResyncEnd { consistent_at: 11 }).unwrap();
+        s.step(flush(11)).unwrap();
+        assert!(matches!(
+            s.step(mark(10)).unwrap(),
+            Action::Mark { seq: 10, .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_protocol_version_is_refused_with_both_versions() {
+        let mut h = hello();
+        h.version = 4;
+        let membership = Membership {
+            group: "g".into(),
+            primary: "ny".into(),
+            sites: vec!["ny".into(), "dr".into()],
+            volumes: h.volumes.clone(),
+        };
+        let e = check_hello(&h, "dr", None, Some(&membership)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "protocol version 4 is not supported (this site speaks 5)"
+        );
     }
 }

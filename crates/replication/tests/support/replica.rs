@@ -11,7 +11,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tandem_replication::owners::Owners;
 use tandem_replication::receiver::{GroupPlan, Membership, ReceiverContext};
-use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
+use tandem_replication::replica::{Position, ReplicaGroup, ReplicaOptions, ReplicaVolume};
 use tandem_volume::RawImage;
 
 pub struct ReplicaSite {
@@ -31,15 +31,28 @@ pub fn replica_site(
     image: &Path,
     size: u64,
 ) -> ReplicaSite {
+    replica_site_with(state, site, sites, image, size, ReplicaOptions::default())
+}
+
+/// [`replica_site`] with `options` (e.g. an undo history).
+pub fn replica_site_with(
+    state: &Path,
+    site: &str,
+    sites: &[&str],
+    image: &Path,
+    size: u64,
+    options: ReplicaOptions,
+) -> ReplicaSite {
     let image = Arc::new(RawImage::open_or_create(image, size).expect("replica image"));
     let group = Arc::new(Mutex::new(
-        ReplicaGroup::open(
+        ReplicaGroup::open_with(
             state,
             "g",
             vec![ReplicaVolume {
                 name: "v".into(),
                 image: Arc::clone(&image),
             }],
+            options,
         )
         .expect("replica state"),
     ));
@@ -61,6 +74,7 @@ pub fn replica_site(
             files: Vec::new(),
             vm_definition: None,
             session: Mutex::new(None),
+            marks: Default::default(),
         })]),
         definer: parking_lot::RwLock::new(None),
         grantor: parking_lot::RwLock::new(None),

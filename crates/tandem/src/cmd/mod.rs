@@ -12,6 +12,7 @@ pub mod protect;
 pub mod recover;
 pub mod rollback;
 pub mod status;
+pub mod test;
 pub mod unprotect;
 pub mod verify;
 pub mod vms;
