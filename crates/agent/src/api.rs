@@ -121,6 +121,10 @@ enum ApiRequest {
     Verify {
         group: String,
     },
+    /// `tandem points GROUP`: this site's recovery points of the group.
+    Points {
+        group: String,
+    },
     Protect(crate::onboard::ProtectRequest),
     Unprotect {
         group: String,
@@ -131,6 +135,17 @@ enum ApiRequest {
         migrate: bool,
         to: Option<String>,
         force: bool,
+    },
+    StartTest {
+        group: String,
+        request: crate::testview::StartRequest,
+    },
+    Tests {
+        group: String,
+    },
+    StopTests {
+        group: String,
+        id: Option<u64>,
     },
     /// `tandem recover`: fail over to this site at a point in time.
     Recover {
@@ -177,6 +192,16 @@ enum ApiError {
     Protect(#[from] crate::onboard::ProtectError),
     #[error(transparent)]
     Unprotect(#[from] crate::onboard::UnprotectError),
+    #[error(transparent)]
+    Points(#[from] crate::view::PointsError),
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
+    #[error(transparent)]
+    Test(#[from] crate::testview::TestRequestError),
+    #[error("{0:?} is not a test id (tests are numbered 1, 2, ...)")]
+    BadTestId(String),
+    #[error("{0:?}: this endpoint takes no query (another site's tests are asked with ?site=SITE where the agent forwards requests)")]
+    TestQuery(String),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
     #[error("\"at\" must be an RFC 3339 time like \"2026-12-05T10:15:00Z\", not {0:?}")]
@@ -196,7 +221,10 @@ impl ApiError {
             | ApiError::BadBody(_)
             | ApiError::BadBandwidth(_)
             | ApiError::NoBandwidth
-            | ApiError::BadRate(_) => 400,
+            | ApiError::BadRate(_)
+            | ApiError::BadTestId(_)
+            | ApiError::TestQuery(_) => 400,
+            ApiError::Test(e) => e.status(),
             ApiError::UnknownPeer(_) => 404,
             ApiError::Verify(VerifyGroupError::NotPrimary(_)) => 404,
             ApiError::OwnerChange(e) => match e {
@@ -219,6 +247,8 @@ impl ApiError {
             ApiError::Hypervisor(_) => 503,
             ApiError::Protect(e) => e.status(),
             ApiError::Unprotect(e) => e.status(),
+            ApiError::Points(e) => e.status(),
+            ApiError::Forward(e) => e.status(),
             ApiError::Encode(_) => 500,
             ApiError::BadTime(_) => 400,
             ApiError::Recover(e) => {
@@ -263,6 +293,11 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
     ),
     ("POST", "/api/v1/groups/{group}/verify", &[401, 404]),
     (
+        "GET",
+        "/api/v1/groups/{group}/points",
+        &[400, 401, 404, 409, 502, 504],
+    ),
+    (
         "POST",
         "/api/v1/groups/{group}/unprotect",
         &[400, 401, 404, 409, 413, 500, 503],
@@ -276,6 +311,18 @@ const ENDPOINTS: &[(&str, &str, &[u16])] = &[
         "POST",
         "/api/v1/groups/{group}/migrate",
         &[400, 401, 404, 409, 413, 502, 503, 504],
+    ),
+    (
+        "POST",
+        "/api/v1/groups/{group}/tests",
+        &[400, 401, 404, 409, 413, 500],
+    ),
+    ("GET", "/api/v1/groups/{group}/tests", &[400, 401, 404]),
+    ("DELETE", "/api/v1/groups/{group}/tests", &[400, 401, 404]),
+    (
+        "DELETE",
+        "/api/v1/groups/{group}/tests/{id}",
+        &[400, 401, 404],
     ),
     (
         "POST",
@@ -301,12 +348,37 @@ fn group_action(path: &str) -> Option<(&str, &str)> {
     (!group.is_empty() && !action.contains('/')).then_some((group, action))
 }
 
+/// `/api/v1/groups/{group}/tests[/{id}]` -> (group, id).
+fn group_tests(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix("/api/v1/groups/")?;
+    let (group, rest) = rest.split_once('/')?;
+    if group.is_empty() {
+        return None;
+    }
+    match rest.strip_prefix("tests")? {
+        "" => Some((group, None)),
+        id => {
+            let id = id.strip_prefix('/')?;
+            (!id.is_empty() && !id.contains('/')).then_some((group, Some(id)))
+        }
+    }
+}
+
 /// `/api/v1/peers/{site}/bandwidth` -> site.
 fn peer_bandwidth(path: &str) -> Option<&str> {
     let site = path
         .strip_prefix("/api/v1/peers/")?
         .strip_suffix("/bandwidth")?;
     (!site.is_empty() && !site.contains('/')).then_some(site)
+}
+
+/// The test endpoints take no query: one left here (`site=` where no
+/// forwarding took it) is refused, never ignored.
+fn no_query(request: &Request) -> Result<(), ApiError> {
+    match request.query.as_deref() {
+        None | Some("") => Ok(()),
+        Some(q) => Err(ApiError::TestQuery(q.escape_default().to_string())),
+    }
 }
 
 fn body_text(request: &Request) -> Result<&str, ApiError> {
@@ -378,6 +450,17 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
     if !guard.authorized(request) {
         return Err(ApiError::Unauthorized);
     }
+    parse_authorized(request)
+}
+
+/// Parses a request under `/api/v1/` whose token was checked (or that
+/// another site forwarded: docs/PEER.md, "Forwarded API requests").
+fn parse_authorized(request: &Request) -> Result<ApiRequest, ApiError> {
+    let (method, path) = (request.method.as_str(), request.path.as_str());
+    let no_endpoint = || ApiError::NoEndpoint {
+        method: method.to_owned(),
+        path: path.escape_default().to_string(),
+    };
     match method {
         "GET" if path == "/api/v1/status" => match request.query.as_deref() {
             None | Some("" | "scope=local") => Ok(ApiRequest::Status),
@@ -386,6 +469,30 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
         },
         "GET" if path == "/api/v1/peers" => Ok(ApiRequest::Peers),
         "GET" if path == "/api/v1/vms" => Ok(ApiRequest::Vms),
+        "GET" if matches!(group_action(path), Some((_, "points"))) => {
+            let (group, _) = group_action(path).ok_or_else(no_endpoint)?;
+            Ok(ApiRequest::Points {
+                group: group.to_owned(),
+            })
+        }
+        "GET" | "DELETE" => {
+            let (group, id) = group_tests(path).ok_or_else(no_endpoint)?;
+            no_query(request)?;
+            let group = group.to_owned();
+            match (method, id) {
+                ("GET", None) => Ok(ApiRequest::Tests { group }),
+                ("DELETE", id) => Ok(ApiRequest::StopTests {
+                    group,
+                    id: id
+                        .map(|id| {
+                            id.parse::<u64>()
+                                .map_err(|_| ApiError::BadTestId(id.escape_default().to_string()))
+                        })
+                        .transpose()?,
+                }),
+                _ => Err(no_endpoint()),
+            }
+        }
         "PUT" => {
             let site = peer_bandwidth(path).ok_or_else(no_endpoint)?;
             Ok(ApiRequest::SetBandwidth {
@@ -404,6 +511,18 @@ fn parse(request: &Request, guard: &Guard) -> Result<ApiRequest, ApiError> {
             let group = group.to_owned();
             match action {
                 "verify" => Ok(ApiRequest::Verify { group }),
+                "tests" => {
+                    no_query(request)?;
+                    let body = body_text(request)?;
+                    Ok(ApiRequest::StartTest {
+                        group,
+                        request: if body.trim().is_empty() {
+                            crate::testview::StartRequest::default()
+                        } else {
+                            serde_json::from_str(body).map_err(ApiError::BadBody)?
+                        },
+                    })
+                }
                 "unprotect" => {
                     let body = body_text(request)?;
                     Ok(ApiRequest::Unprotect {
@@ -484,6 +603,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
             to_json(&view.bandwidth.status())
         }
         ApiRequest::Verify { group } => to_json(&view.verify(&group)?),
+        ApiRequest::Points { group } => to_json(&view.points(&group)?),
         ApiRequest::Protect(request) => to_json(&view.protect(&request)?),
         ApiRequest::Unprotect { group, request } => to_json(&view.unprotect(&group, &request)?),
         ApiRequest::ChangeOwner {
@@ -492,6 +612,11 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
             to,
             force,
         } => to_json(&view.change_owner(&group, migrate, to, force)?),
+        ApiRequest::StartTest { group, request } => to_json(&view.start_test(&group, &request)?),
+        ApiRequest::Tests { group } => to_json(&view.tests(&group)?),
+        ApiRequest::StopTests { group, id } => {
+            to_json(&serde_json::json!({ "stopped": view.stop_tests(&group, id)? }))
+        }
         ApiRequest::Recover { group, at_ms } => to_json(&view.recover(&group, at_ms)?),
     }
 }
@@ -500,14 +625,74 @@ fn error(message: &str, code: u16) -> Response {
     Response::json(code, serde_json::json!({ "error": message }).to_string())
 }
 
+fn error_body(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// Serves a request another site forwarded (docs/PEER.md, "Forwarded API
+/// requests"), as if it came with this site's token: (HTTP status, JSON
+/// body).
+pub(crate) fn serve_forwarded(view: &StatusView, request: Request) -> (u16, String) {
+    match parse_authorized(&request).and_then(|r| serve(r, view)) {
+        Ok(response) => (
+            response.status,
+            String::from_utf8_lossy(&response.body).into_owned(),
+        ),
+        Err(e) => (e.status(), error_body(&e.to_string())),
+    }
+}
+
+/// `?site=SITE` naming another site: has SITE serve the request
+/// (`crate::forward`). The token was checked.
+fn forward_to(view: &StatusView, site: &str, request: &Request) -> Result<Response, ApiError> {
+    let config = view.shared.config();
+    let peer = config
+        .peer(site)
+        .ok_or_else(|| crate::forward::ForwardError::UnknownSite(site.to_owned()))?;
+    let (_, query) = crate::forward::take_site(request.query.as_deref());
+    let answer = crate::forward::forward(
+        &view.shared.site,
+        site,
+        &peer.address,
+        view.shared.tls.as_deref(),
+        &crate::forward::Forward {
+            method: &request.method,
+            path: &request.path,
+            query: query.as_deref(),
+            body: &request.body,
+        },
+        crate::forward::FORWARD_TIMEOUT,
+    )?;
+    Ok(Response::json(
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    ))
+}
+
 struct Api {
     view: Arc<StatusView>,
     guard: Guard,
 }
 
 impl Handler for Api {
-    fn handle(&self, request: Request, peer: SocketAddr) -> Response {
-        let response = match parse(&request, &self.guard).and_then(|r| serve(r, &self.view)) {
+    fn handle(&self, mut request: Request, peer: SocketAddr) -> Response {
+        // `?site=`: this site's own, or another's (forwarded).
+        let (site, rest) = crate::forward::take_site(request.query.as_deref());
+        let elsewhere = site.filter(|s| *s != self.view.shared.site);
+        let outcome = match elsewhere {
+            Some(site) if request.path.starts_with("/api/v1/") => {
+                if self.guard.authorized(&request) {
+                    forward_to(&self.view, &site, &request)
+                } else {
+                    Err(ApiError::Unauthorized)
+                }
+            }
+            _ => {
+                request.query = rest;
+                parse(&request, &self.guard).and_then(|r| serve(r, &self.view))
+            }
+        };
+        let response = match outcome {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
@@ -802,5 +987,55 @@ mod tests {
         let verify = ApiError::Verify(VerifyGroupError::NotPrimary("g".into()));
         assert_eq!(verify.status(), 404);
         assert_eq!(ApiError::UnknownPeer(UnknownPeer("x".into())).status(), 404);
+        // Starting a test: every error's code is declared.
+        use crate::testview::{at::AtError, TestError, TestRequestError};
+        use tandem_replication::history::HistoryError;
+        let start = ENDPOINTS
+            .iter()
+            .find(|(m, p, _)| *m == "POST" && p.ends_with("/tests"))
+            .map(|(_, _, c)| *c)
+            .unwrap_or_default();
+        let test_errors = [
+            TestRequestError::UnknownGroup("g".into()),
+            TestRequestError::At(AtError::NotATime("x".into())),
+            TestError::NotReplica("g".into()).into(),
+            TestError::NoHistory("g".into()).into(),
+            TestError::History {
+                group: "g".into(),
+                source: HistoryError::NoPoint("t".into()),
+            }
+            .into(),
+            TestError::Io {
+                path: "/x".into(),
+                what: "create",
+                source: std::io::Error::other("full"),
+            }
+            .into(),
+        ];
+        for e in test_errors {
+            let e = ApiError::Test(e);
+            assert!(start.contains(&e.status()), "{e}: status {}", e.status());
+        }
+        let stop = ApiError::Test(
+            TestError::NoTest {
+                group: "g".into(),
+                id: 3,
+            }
+            .into(),
+        );
+        assert_eq!(stop.status(), 404);
+    }
+
+    #[test]
+    fn test_paths_parse() {
+        assert_eq!(group_tests("/api/v1/groups/g/tests"), Some(("g", None)));
+        assert_eq!(
+            group_tests("/api/v1/groups/g/tests/12"),
+            Some(("g", Some("12")))
+        );
+        assert_eq!(group_tests("/api/v1/groups/g/tests/"), None);
+        assert_eq!(group_tests("/api/v1/groups/g/testsx"), None);
+        assert_eq!(group_tests("/api/v1/groups/g/tests/1/2"), None);
+        assert_eq!(group_tests("/api/v1/groups//tests"), None);
     }
 }

@@ -48,6 +48,32 @@ impl Layout {
         self.data_dir.join("vms").join(format!("{group}.xml"))
     }
 
+    /// The scratch space of every test view (docs/HISTORY.md, "Test
+    /// views"); emptied at agent start.
+    pub fn tests_dir(&self) -> PathBuf {
+        self.data_dir.join("tests")
+    }
+
+    /// Test `id` of `group`'s scratch files.
+    pub fn test_dir(&self, group: &str, id: u64) -> PathBuf {
+        self.tests_dir().join(group).join(id.to_string())
+    }
+
+    /// The test views' sockets; emptied at agent start.
+    pub fn test_sockets_dir(&self) -> PathBuf {
+        self.nbd_dir().join("test")
+    }
+
+    /// Where a test view's sockets are: `nbd/test/<group>/` (SPEC §4.2)
+    /// for the test that holds it, `nbd/test/<group>@<id>/` for further
+    /// tests of the group running at the same time.
+    pub fn test_socket_dir(&self, group: &str, id: Option<u64>) -> PathBuf {
+        match id {
+            None => self.test_sockets_dir().join(group),
+            Some(id) => self.test_sockets_dir().join(format!("{group}@{id}")),
+        }
+    }
+
     pub fn dirty_map(&self, group: &str, volume: &str) -> PathBuf {
         self.capture_dir(group).join(format!("{volume}.dirty"))
     }

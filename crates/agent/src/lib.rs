@@ -16,6 +16,8 @@ pub mod fdlimit;
 pub mod gate;
 mod group;
 pub use group::rollback;
+pub mod forward;
+pub mod history;
 mod hooks;
 pub mod layout;
 mod metrics;
@@ -31,6 +33,7 @@ mod runtime_groups;
 mod signal;
 mod startup;
 pub mod status;
+pub mod testview;
 mod view;
 pub mod vm;
 pub mod vms;
@@ -107,6 +110,7 @@ impl Agent {
                 source,
             })?;
         }
+        testview::remove_leftovers(&layout);
         let tls = match config.tls.mode {
             TlsMode::Off => None,
             TlsMode::On => {

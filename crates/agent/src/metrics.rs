@@ -232,6 +232,55 @@ pub fn render(
             })
             .collect::<Vec<_>>(),
     );
+    // This site's recovery-point history of each group it keeps one of
+    // (its own replica entry; docs/HISTORY.md).
+    let kept: Vec<_> = groups
+        .iter()
+        .filter_map(|x| {
+            let own = x.replicas.iter().find(|r| r.site == status.site)?;
+            Some((x.name.as_str(), own.points.as_ref()?, own.history.as_ref()?))
+        })
+        .collect();
+    out.gauge_or_counter(
+        "tandem_history_bytes",
+        "Bytes of recovery-point history (undo log) this replica keeps for the group.",
+        "gauge",
+        &kept
+            .iter()
+            .map(|(name, _, h)| (g(name), h.bytes as f64))
+            .collect::<Vec<_>>(),
+    );
+    out.gauge_or_counter(
+        "tandem_history_points",
+        "Recovery points this replica keeps for the group.",
+        "gauge",
+        &kept
+            .iter()
+            .map(|(name, p, _)| (g(name), p.count as f64))
+            .collect::<Vec<_>>(),
+    );
+    let now = std::time::SystemTime::now();
+    out.gauge_or_counter(
+        "tandem_history_oldest_point_age_seconds",
+        "Age of the oldest recovery point this replica keeps for the group (the primary's time of its write).",
+        "gauge",
+        &kept
+            .iter()
+            .filter_map(|(name, _, h)| {
+                h.oldest_ms
+                    .map(|ms| (g(name), crate::history::age_seconds(ms, now)))
+            })
+            .collect::<Vec<_>>(),
+    );
+    out.gauge_or_counter(
+        "tandem_history_dropped_bytes_total",
+        "Bytes of history dropped because of history_max since the agent started (never a resync).",
+        "counter",
+        &kept
+            .iter()
+            .map(|(name, _, h)| (g(name), h.dropped_bytes as f64))
+            .collect::<Vec<_>>(),
+    );
     let replicas: Vec<_> = groups
         .iter()
         .flat_map(|x| x.replicas.iter().map(move |r| (x, r)))

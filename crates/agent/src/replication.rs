@@ -252,7 +252,7 @@ fn claimed_site(stream: &PeerStream, first: &Message, peer: &str) -> String {
     match first {
         Message::Hello(h) => h.primary.clone(),
         Message::Link { primary, .. } => primary.clone(),
-        Message::StatusRequest { site } => site.clone(),
+        Message::StatusRequest { site } | Message::ApiRequest { site, .. } => site.clone(),
         _ => peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_owned(),
     }
 }
@@ -301,7 +301,37 @@ fn authenticate(auth: &Auth, conn: Pending, accepted: Instant) {
     let spawned = thread::Builder::new()
         .name("peer-session".into())
         .spawn(move || {
-            match &first {
+            match first {
+                // Alone on its connection: served here as this site's own
+                // API would, one answer and it ends.
+                Message::ApiRequest {
+                    site: asker,
+                    method,
+                    path,
+                    query,
+                    body,
+                } => {
+                    let mut stream = stream;
+                    // The request's work bounds its own time; the answer
+                    // is written within this.
+                    let _ = stream
+                        .tcp()
+                        .set_write_timeout(Some(crate::forward::answer_write_timeout()));
+                    let cert = stream.peer_site();
+                    crate::forward::answer(
+                        &reporter,
+                        &mut stream,
+                        crate::forward::Incoming {
+                            asker,
+                            method,
+                            path,
+                            query,
+                            body,
+                        },
+                        cert.as_deref(),
+                    );
+                    let _ = stream.shutdown();
+                }
                 // Alone on its connection: one answer and it ends.
                 Message::StatusRequest { site: asker } => {
                     let mut stream = stream;
@@ -309,10 +339,10 @@ fn authenticate(auth: &Auth, conn: Pending, accepted: Instant) {
                         .tcp()
                         .set_write_timeout(Some(crate::cluster::gather::answer_write_timeout()));
                     let cert = stream.peer_site();
-                    reporter.answer(&mut stream, asker, cert.as_deref());
+                    reporter.answer(&mut stream, &asker, cert.as_deref());
                     let _ = stream.shutdown();
                 }
-                _ => serve_peer(stream, first, &peer, &ctx),
+                first => serve_peer(stream, first, &peer, &ctx),
             }
             sessions.lock().release(&released);
         });

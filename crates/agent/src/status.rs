@@ -177,6 +177,53 @@ pub struct GroupStatus {
     /// renewal or a read naming this site owner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_age_seconds: Option<f64>,
+    /// Replica role here: the test views running on this site
+    /// (`tandem test start`; docs/HISTORY.md, "Test views").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestStatus>,
+}
+
+/// A test view of a group (`tandem test start`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestStatus {
+    /// Names the test in `tandem test stop GROUP --id ID`.
+    pub id: u64,
+    pub point: TestPoint,
+    /// When the test started (RFC 3339, UTC).
+    pub started: String,
+    /// Bytes of scratch its writes hold, and the cap (`test_scratch_max`).
+    pub scratch_bytes: u64,
+    pub scratch_max: u64,
+    /// `running`, or `failed` (its writes are refused; `error` says why).
+    pub state: TestState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub exports: Vec<TestExportStatus>,
+}
+
+/// The recovery point a test views.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestPoint {
+    /// The primary's wall-clock time of the point, RFC 3339 with
+    /// milliseconds (UTC): given back to `--at`, it selects this point.
+    pub time: String,
+    pub time_ms: u64,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TestState {
+    Running,
+    Failed,
+}
+
+/// One volume of a test, served over NBD.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestExportStatus {
+    pub volume: String,
+    pub socket: String,
 }
 
 /// A protected VM as this site sees it (SPEC §4.4).
@@ -291,6 +338,67 @@ pub struct ReplicaStatus {
     /// (the owner's, else the replica's own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_by: Option<String>,
+    /// The recovery-point window (SPEC §4.4), on the entry of a site that
+    /// keeps history for the group (its own report; the cluster view
+    /// carries it over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<PointsWindow>,
+    /// The history's bytes beside the points (docs/HISTORY.md,
+    /// "Retention"), where `points` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryStatus>,
+}
+
+/// The recovery points a replica keeps (SPEC §4.4 `points`): the oldest
+/// and newest one's time (RFC 3339 with milliseconds, UTC; absent while
+/// there is none) and how many.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointsWindow {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest: Option<String>,
+    pub count: u64,
+}
+
+/// A replica's history in bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryStatus {
+    /// Bytes of undo log kept.
+    pub bytes: u64,
+    /// Bytes dropped because of `history_max` since the agent started.
+    pub dropped_bytes: u64,
+    /// Running test views hold the log past `history_max`.
+    pub held_over_cap: bool,
+    /// The oldest point in ms since the Unix epoch (metrics).
+    #[serde(skip)]
+    pub oldest_ms: Option<u64>,
+}
+
+/// `tandem points GROUP --json` (SPEC §4.3, pinned): the recovery points
+/// of `group` that `site` keeps, oldest first.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointsList {
+    pub group: String,
+    pub site: String,
+    pub points: Vec<PointEntry>,
+}
+
+/// One recovery point: the primary's time of the write (RFC 3339 with
+/// milliseconds, UTC) and its sequence number.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointEntry {
+    pub time: String,
+    pub seq: u64,
+}
+
+/// `GET /api/v1/groups/{group}/points`: the pinned list, and the
+/// history's bytes (what `tandem points` prints as text).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointsAnswer {
+    #[serde(flatten)]
+    pub list: PointsList,
+    pub history: HistoryStatus,
 }
 
 /// How a replica is doing (SPEC §4.4 `state`; the words are pinned).

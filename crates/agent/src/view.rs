@@ -64,7 +64,89 @@ pub(crate) enum VerifyGroupError {
     NotPrimary(String),
 }
 
+/// Why `tandem points` has no list from this site.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PointsError {
+    #[error("no group named {0:?} on this site")]
+    UnknownGroup(String),
+    #[error("group {0} keeps no recovery points (retention = \"0s\")")]
+    NoHistory(String),
+    #[error(
+        "this site ({site}) keeps no recovery points of group {group}{why}; {}",
+        keepers_hint(group, keepers)
+    )]
+    NotKeptHere {
+        site: String,
+        group: String,
+        why: &'static str,
+        keepers: Vec<String>,
+    },
+}
+
+fn keepers_hint(group: &str, keepers: &[String]) -> String {
+    match keepers.first() {
+        None => "no other site keeps them either".to_owned(),
+        Some(first) => format!(
+            "the sites that keep them: {} (e.g. tandem points {group} --site {first})",
+            keepers.join(", ")
+        ),
+    }
+}
+
+impl PointsError {
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            PointsError::UnknownGroup(_) => 404,
+            PointsError::NoHistory(_) | PointsError::NotKeptHere { .. } => 409,
+        }
+    }
+}
+
 impl StatusView {
+    /// This site's recovery points of `group`, oldest first (`tandem
+    /// points`, SPEC §4.3), or which sites keep them.
+    pub(crate) fn points(&self, group: &str) -> Result<status::PointsAnswer, PointsError> {
+        let rt = self
+            .runtime(group)
+            .ok_or_else(|| PointsError::UnknownGroup(group.to_owned()))?;
+        let site = &self.shared.site;
+        if let Some(history) = rt.history() {
+            let summary = history.summary();
+            return Ok(status::PointsAnswer {
+                list: crate::history::list(group, site, &history.points()),
+                history: crate::history::bytes(&summary),
+            });
+        }
+        let config = self.shared.config();
+        let cfg = config.group(group).unwrap_or(&rt.cfg);
+        if !cfg.keeps_history() {
+            return Err(PointsError::NoHistory(group.to_owned()));
+        }
+        // Every site of the group but its owner keeps them (as this site
+        // knows the owner).
+        let owner = rt
+            .owner
+            .lock()
+            .clone()
+            .unwrap_or_else(|| cfg.primary.clone());
+        let (why, serving) = match &*rt.plane.lock() {
+            Plane::Primary(_) => (" (it serves the group)", true),
+            Plane::Replica(_) => ("", false),
+            Plane::Down => (" (the group is down here)", false),
+        };
+        let keepers = rt
+            .members()
+            .into_iter()
+            .filter(|s| s != site && (serving || *s != owner))
+            .collect();
+        Err(PointsError::NotKeptHere {
+            site: site.clone(),
+            group: group.to_owned(),
+            why,
+            keepers,
+        })
+    }
+
     /// Fails the group over (or migrates it) through the coordinator and
     /// waits for the new owner.
     pub(crate) fn change_owner(
@@ -236,6 +318,7 @@ impl StatusView {
                 fenced: None,
                 lease_age_seconds: None,
                 failsafe: None,
+                tests: rt.tests.status(),
                 vm: cfg.vm.as_ref().map(|name| {
                     let seen = self.shared.vms.seen(&cfg.name);
                     let state = seen
@@ -330,6 +413,7 @@ impl StatusView {
                         Instant::now(),
                         crate::cluster::now_ms(),
                     );
+                    let summary = r.history.as_ref().map(|h| h.summary());
                     GroupStatus {
                         role: Role::Replica,
                         epoch: p.epoch.max(seen_epoch),
@@ -352,6 +436,8 @@ impl StatusView {
                             // Only the primary knows what this site lacks.
                             rpo_seconds: None,
                             reported_by: None,
+                            points: summary.as_ref().map(crate::history::window),
+                            history: summary.as_ref().map(crate::history::bytes),
                         }],
                         ..base
                     }
@@ -443,5 +529,8 @@ fn link_status(
         since: Some(tandem_coordinator::instance::utc(seen.since_ms)),
         rpo_seconds: Some(lag_seconds),
         reported_by: None,
+        // The replica's own report says its points.
+        points: None,
+        history: None,
     }
 }

@@ -354,6 +354,16 @@ pub struct Group {
     /// How long a migration lets the guest shut down cleanly before the VM
     /// is destroyed (default 60 s).
     pub vm_shutdown_timeout: Duration,
+    /// How long each replica keeps recovery points (default 24 h); zero:
+    /// no history, the replica keeps only its redo journal
+    /// (docs/HISTORY.md).
+    pub retention: Duration,
+    /// The byte cap of a replica's history (default 10 GiB); past it the
+    /// oldest points go, never a resync.
+    pub history_max: u64,
+    /// The cap of one test view's scratch writes (default 10 GiB): a test
+    /// that fills it is stopped, never replication.
+    pub test_scratch_max: u64,
 }
 
 impl Group {
@@ -370,6 +380,18 @@ impl Group {
     pub const DEFAULT_QUEUE_MEMORY: u64 = 256 * MIB;
     /// Default `vm_shutdown_timeout`.
     pub const DEFAULT_VM_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default `retention`.
+    pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+    /// Default `history_max`.
+    pub const DEFAULT_HISTORY_MAX: u64 = 10 * GIB;
+    /// Default `test_scratch_max`.
+    pub const DEFAULT_TEST_SCRATCH_MAX: u64 = 10 * GIB;
+
+    /// Whether the group's replicas keep a recovery-point history
+    /// (`retention` is not zero).
+    pub fn keeps_history(&self) -> bool {
+        !self.retention.is_zero()
+    }
 
     /// Replicas ordered by priority (lowest number first).
     pub fn replicas_by_priority(&self) -> Vec<&ReplicaSpec> {

@@ -118,6 +118,9 @@ pub(crate) struct RawGroup {
     pub on_promote_failure: Option<Spanned<OnPromoteFailure>>,
     pub vm: Option<Spanned<VmName>>,
     pub vm_shutdown_timeout: Option<Spanned<DurationValue>>,
+    pub retention: Option<Spanned<DurationValue>>,
+    pub history_max: Option<Spanned<SizeValue>>,
+    pub test_scratch_max: Option<Spanned<SizeValue>>,
 }
 
 #[derive(Deserialize)]

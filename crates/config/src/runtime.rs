@@ -119,6 +119,21 @@ impl Group {
             "on_promote_failure = {}",
             toml_string(self.on_promote_failure.as_str())
         );
+        let _ = writeln!(
+            t,
+            "retention = {}",
+            toml_string(&format_duration(self.retention))
+        );
+        let _ = writeln!(
+            t,
+            "history_max = {}",
+            toml_string(&format_size(self.history_max))
+        );
+        let _ = writeln!(
+            t,
+            "test_scratch_max = {}",
+            toml_string(&format_size(self.test_scratch_max))
+        );
         if let Some(vm) = &self.vm {
             let _ = writeln!(t, "vm = {}", toml_string(&format!("libvirt:{vm}")));
             let _ = writeln!(

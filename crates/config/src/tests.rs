@@ -189,6 +189,9 @@ fn spec_example_parses() {
             on_promote_failure: OnPromoteFailure::Report,
             vm: None,
             vm_shutdown_timeout: Group::DEFAULT_VM_SHUTDOWN_TIMEOUT,
+            retention: Duration::from_secs(24 * 3600),
+            history_max: 10 << 30,
+            test_scratch_max: 10 << 30,
         }]
     );
     assert_eq!(
@@ -316,6 +319,34 @@ volumes = [ { name = "v", size = "1M" } ]
     assert_eq!(g.on_lost_lease, OnLostLease::Suspend);
     assert!(g.files.is_empty() && g.on_promote.is_none() && g.on_demote.is_none());
     assert_eq!(g.replicas[0].priority, 1);
+    assert_eq!(g.retention, Duration::from_secs(24 * 3600));
+    assert!(g.keeps_history());
+    assert_eq!(g.history_max, 10 << 30);
+    assert_eq!(g.test_scratch_max, 10 << 30);
+}
+
+#[test]
+fn history_keys() {
+    let text = spec_with(
+        "max_lag_on_failover = \"30s\"",
+        "retention = \"72h\"\nhistory_max = \"50GiB\"\ntest_scratch_max = \"2GiB\"",
+    );
+    let g = &ok(&text).groups[0];
+    assert_eq!(g.retention, Duration::from_secs(72 * 3600));
+    assert_eq!(g.history_max, 50 << 30);
+    assert_eq!(g.test_scratch_max, 2 << 30);
+    // No history: the replica keeps only its redo journal.
+    let text = spec_with("max_lag_on_failover = \"30s\"", "retention = \"0s\"");
+    let g = &ok(&text).groups[0];
+    assert_eq!(g.retention, Duration::ZERO);
+    assert!(!g.keeps_history());
+    // A runtime group's table keeps them.
+    let mut g = ok(&text).groups[0].clone();
+    g.history_max = 3 << 30;
+    let toml = g.to_toml();
+    assert!(toml.contains("retention = \"0s\""), "{toml}");
+    assert!(toml.contains("history_max = \"3GiB\""), "{toml}");
+    assert!(toml.contains("test_scratch_max = \"10GiB\""), "{toml}");
 }
 
 #[test]
@@ -754,6 +785,32 @@ fn bad_values() {
         &text,
         "queue_memory",
         "group[0].queue_memory",
+        "greater than zero",
+    );
+
+    let text = spec_with("max_lag_on_failover = \"30s\"", "retention = \"1 day\"");
+    check(
+        &text,
+        "retention",
+        "group[0].retention",
+        "invalid duration \"1 day\"",
+    );
+    let text = spec_with("max_lag_on_failover = \"30s\"", "retention = 3600");
+    check(&text, "retention", "group[0].retention", "a duration");
+    let text = spec_with("max_lag_on_failover = \"30s\"", "history_max = \"0GiB\"");
+    check(
+        &text,
+        "history_max",
+        "group[0].history_max",
+        "greater than zero (to keep no history, set retention = \"0s\")",
+    );
+    let text = spec_with("max_lag_on_failover = \"30s\"", "history_max = \"lots\"");
+    check(&text, "history_max", "group[0].history_max", "invalid size");
+    let text = spec_with("max_lag_on_failover = \"30s\"", "test_scratch_max = 0");
+    check(
+        &text,
+        "test_scratch_max",
+        "group[0].test_scratch_max",
         "greater than zero",
     );
 

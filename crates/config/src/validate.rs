@@ -14,7 +14,7 @@ use crate::model::{
 };
 use crate::raw::{
     endpoint_host_port, is_loopback_host, span_of_path, split_host_port, Entry, RawConfig,
-    RawCoordinator, RawGroup, RawPeer, RawSite, RawTls,
+    RawCoordinator, RawGroup, RawPeer, RawSite, RawTls, SizeValue,
 };
 use crate::units::format_size;
 use crate::Config;
@@ -604,6 +604,31 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
             }
             None => None,
         };
+        let retention = g
+            .retention
+            .as_ref()
+            .map_or(Group::DEFAULT_RETENTION, |d| d.get_ref().0);
+        let positive = |v: &Option<Spanned<SizeValue>>, k: &str, default: u64, hint: &str| match v {
+            Some(v) if v.get_ref().0 == 0 => Err(cx.err(
+                &v.span(),
+                key(k),
+                format!("{k} must be greater than zero{hint}"),
+            )),
+            Some(v) => Ok(v.get_ref().0),
+            None => Ok(default),
+        };
+        let history_max = positive(
+            &g.history_max,
+            "history_max",
+            Group::DEFAULT_HISTORY_MAX,
+            " (to keep no history, set retention = \"0s\")",
+        )?;
+        let test_scratch_max = positive(
+            &g.test_scratch_max,
+            "test_scratch_max",
+            Group::DEFAULT_TEST_SCRATCH_MAX,
+            "",
+        )?;
         out.push(Group {
             name: name.to_string(),
             primary: primary.to_string(),
@@ -644,6 +669,9 @@ fn groups(cx: &Ctx<'_>, raw: &[RawGroup], peers: &[Peer]) -> Result<Vec<Group>, 
                 .vm_shutdown_timeout
                 .as_ref()
                 .map_or(Group::DEFAULT_VM_SHUTDOWN_TIMEOUT, |d| d.get_ref().0),
+            retention,
+            history_max,
+            test_scratch_max,
         });
     }
     Ok(out)

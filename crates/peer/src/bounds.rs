@@ -35,6 +35,13 @@ pub const MAX_FILE: u32 = 16 << 20;
 /// The largest status report (`StatusReport`, decoded JSON): a site's
 /// status with hundreds of groups is far smaller.
 pub const MAX_STATUS_REPORT: u32 = 8 << 20;
+/// The largest forwarded API request body (`ApiRequest`, decoded): the
+/// API's own bound on a request body.
+pub const MAX_API_BODY: u32 = 64 << 10;
+/// The largest forwarded API answer (`ApiAnswer`, decoded JSON).
+pub const MAX_API_ANSWER: u32 = 32 << 20;
+/// The longest method of an `ApiRequest` (`GET`, `POST`, ...).
+pub const MAX_API_METHOD: usize = 16;
 /// Ranges in one `Diverged` (20 bytes each: 20 MiB at most). A replica
 /// that knows more sends `known = false` (a whole comparison).
 pub const MAX_DIVERGED_RANGES: usize = 1 << 20;
@@ -64,6 +71,8 @@ pub(crate) fn out_of_bounds(
 }
 
 pub(crate) const NAME_RULE: &str = "at most 64 bytes";
+pub(crate) const PATH_RULE: &str = "at most 4096 bytes";
+pub(crate) const API_METHOD_RULE: &str = "at most 16 bytes";
 pub(crate) const CHUNK_RULE: &str = "a power of two from 4096 to 1048576";
 
 pub(crate) fn check_name(
@@ -92,6 +101,8 @@ pub(crate) fn max_data(kind: &str) -> u32 {
         "chunk" => MAX_CHUNK,
         "file" => MAX_FILE,
         "status_report" => MAX_STATUS_REPORT,
+        "api_request" => MAX_API_BODY,
+        "api_answer" => MAX_API_ANSWER,
         _ => u32::try_from(MAX_DATA).unwrap_or(u32::MAX),
     }
 }
@@ -231,6 +242,30 @@ pub(crate) fn check(msg: &Message) -> Result<(), PeerError> {
         Message::Linked { .. } | Message::End { .. } => {}
         Message::StatusRequest { site } => check_name(kind, "site", site.len())?,
         Message::StatusReport { report } => check_data(kind, report.raw_len)?,
+        Message::ApiRequest {
+            site,
+            method,
+            path,
+            query,
+            body,
+        } => {
+            check_name(kind, "site", site.len())?;
+            if method.len() > MAX_API_METHOD {
+                return Err(out_of_bounds(
+                    kind,
+                    "method",
+                    method.len() as u64,
+                    API_METHOD_RULE,
+                ));
+            }
+            for (field, s) in [("path", path), ("query", query)] {
+                if s.len() > MAX_PATH {
+                    return Err(out_of_bounds(kind, field, s.len() as u64, PATH_RULE));
+                }
+            }
+            check_data(kind, body.raw_len)?;
+        }
+        Message::ApiAnswer { body, .. } => check_data(kind, body.raw_len)?,
         Message::Diverged(d) => {
             if d.ranges.len() > MAX_DIVERGED_RANGES {
                 return Err(out_of_bounds(

@@ -384,6 +384,17 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
         25 => Message::StatusReport {
             report: r.payload("report")?,
         },
+        28 => Message::ApiRequest {
+            site: r.name("site")?,
+            method: r.str_within("method", bounds::MAX_API_METHOD, bounds::API_METHOD_RULE)?,
+            path: r.str_within("path", MAX_PATH, bounds::PATH_RULE)?,
+            query: r.str_within("query", MAX_PATH, bounds::PATH_RULE)?,
+            body: r.payload("body")?,
+        },
+        29 => Message::ApiAnswer {
+            status: r.u16("status")?,
+            body: r.payload("body")?,
+        },
         26 => {
             let resync_epoch = r.u64("resync_epoch")?;
             let known = match r.u8("known")? {
@@ -665,6 +676,14 @@ pub fn payload_len(msg: &Message) -> usize {
         Message::StatusRequest { site } => str_len(site),
         Message::StatusReport { report } => report.wire_len(),
         Message::Diverged(d) => 8 + 1 + 4 + 20 * d.ranges.len(),
+        Message::ApiRequest {
+            site,
+            method,
+            path,
+            query,
+            body,
+        } => str_len(site) + str_len(method) + str_len(path) + str_len(query) + body.wire_len(),
+        Message::ApiAnswer { body, .. } => 2 + body.wire_len(),
     }
 }
 
@@ -828,6 +847,23 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
         }
         Message::StatusRequest { site } => put_str(w, site),
         Message::StatusReport { report } => put_payload(w, report),
+        Message::ApiRequest {
+            site,
+            method,
+            path,
+            query,
+            body,
+        } => {
+            put_str(w, site);
+            put_str(w, method);
+            put_str(w, path);
+            put_str(w, query);
+            put_payload(w, body);
+        }
+        Message::ApiAnswer { status, body } => {
+            put_u16(w, *status);
+            put_payload(w, body);
+        }
         Message::Diverged(d) => {
             put_u64(w, d.resync_epoch);
             w.push(u8::from(d.known));
@@ -945,6 +981,20 @@ pub fn validate(msg: &Message) -> Result<(), PeerError> {
         }
         Message::StatusRequest { site } => check_str("site", site)?,
         Message::StatusReport { report } => report.check(kind)?,
+        Message::ApiRequest {
+            site,
+            method,
+            path,
+            query,
+            body,
+        } => {
+            check_str("site", site)?;
+            check_str("method", method)?;
+            check_str("path", path)?;
+            check_str("query", query)?;
+            body.check(kind)?;
+        }
+        Message::ApiAnswer { body, .. } => body.check(kind)?,
         _ => {}
     }
     bounds::check(msg)?;

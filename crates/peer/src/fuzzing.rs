@@ -135,7 +135,9 @@ fn check_message(channel: u32, msg: &Message, frame: &[u8]) {
         Message::Record(r) => Some(&r.data),
         Message::Chunk { data, .. }
         | Message::File { data, .. }
-        | Message::StatusReport { report: data } => Some(data),
+        | Message::StatusReport { report: data }
+        | Message::ApiRequest { body: data, .. }
+        | Message::ApiAnswer { body: data, .. } => Some(data),
         _ => None,
     };
     if let Some(p) = payload {

@@ -42,8 +42,9 @@ pub mod payload;
 pub mod stream;
 
 pub use bounds::{
-    chunk_ok, MAX_BITMAP, MAX_CHUNK, MAX_DIVERGED_RANGES, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME,
-    MAX_PATH, MAX_PREAUTH_PAYLOAD, MAX_STATUS_REPORT, MAX_VOLUMES, MIN_CHUNK,
+    chunk_ok, MAX_API_ANSWER, MAX_API_BODY, MAX_API_METHOD, MAX_BITMAP, MAX_CHUNK,
+    MAX_DIVERGED_RANGES, MAX_FILE, MAX_HASHES, MAX_MODE, MAX_NAME, MAX_PATH, MAX_PREAUTH_PAYLOAD,
+    MAX_STATUS_REPORT, MAX_VOLUMES, MIN_CHUNK,
 };
 pub use codec::{
     decode, decode_frame, decode_payload, encode, encode_on, parse_header, payload_len, try_encode,

@@ -116,6 +116,23 @@ pub enum Message {
     /// `time_ms` (ms since the Unix epoch, its clock): a recovery point
     /// (docs/HISTORY.md, "Points").
     Mark { seq: u64, time_ms: u64 },
+    /// Any site to any site, alone on a connection of its own (type 28):
+    /// an API request of an operator of `site` (the asking site, its
+    /// certificate's with TLS) to be served by the answering site as its
+    /// own API would (`--site`, docs/PEER.md "Forwarded API requests").
+    /// `query` without the leading `?`; `body` at most
+    /// [`crate::bounds::MAX_API_BODY`] bytes decoded.
+    ApiRequest {
+        site: String,
+        method: String,
+        path: String,
+        query: String,
+        body: Payload,
+    },
+    /// Answers an `ApiRequest` (type 29): the HTTP status and JSON body the
+    /// answering site's API gave, at most [`crate::bounds::MAX_API_ANSWER`]
+    /// bytes decoded.
+    ApiAnswer { status: u16, body: Payload },
 }
 
 /// P→R: opens a session (type 1).
@@ -292,6 +309,8 @@ pub fn message_type(msg: &Message) -> u8 {
         Message::StatusReport { .. } => 25,
         Message::Diverged(_) => 26,
         Message::Mark { .. } => 27,
+        Message::ApiRequest { .. } => 28,
+        Message::ApiAnswer { .. } => 29,
     }
 }
 
@@ -325,6 +344,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         25 => "status_report",
         26 => "diverged",
         27 => "mark",
+        28 => "api_request",
+        29 => "api_answer",
         _ => return None,
     })
 }

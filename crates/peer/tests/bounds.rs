@@ -605,3 +605,60 @@ fn diverged_ranges() {
     });
     assert!(try_encode(&unknown, &mut Vec::new()).is_err());
 }
+
+#[test]
+fn forwarded_api_requests_and_answers_are_bounded() {
+    let request = |method: &str, path: &str, body: Payload| Message::ApiRequest {
+        site: "ny".into(),
+        method: method.into(),
+        path: path.into(),
+        query: String::new(),
+        body,
+    };
+    let mut out = Vec::new();
+    let ok = request(
+        "GET",
+        "/api/v1/groups/web01/points",
+        Payload::raw(vec![0; MAX_API_BODY as usize]),
+    );
+    try_encode(&ok, &mut out).unwrap();
+    assert_eq!(decode(&out).unwrap().unwrap().0, ok);
+    let long_method = request("GETGETGETGETGETGE", "/", Payload::empty());
+    assert!(matches!(
+        try_encode(&long_method, &mut Vec::new()),
+        Err(PeerError::OutOfBounds {
+            field: "method",
+            ..
+        })
+    ));
+    let long_path = request("GET", &"p".repeat(MAX_PATH + 1), Payload::empty());
+    assert!(matches!(
+        try_encode(&long_path, &mut Vec::new()),
+        Err(PeerError::OutOfBounds { field: "path", .. })
+    ));
+    let big = request(
+        "POST",
+        "/",
+        Payload::raw(vec![0; MAX_API_BODY as usize + 1]),
+    );
+    assert!(matches!(
+        try_encode(&big, &mut Vec::new()),
+        Err(PeerError::DataTooLarge { .. })
+    ));
+    // A frame claiming a body over the bound is refused from its
+    // header, before the body is allocated.
+    let mut frame = Vec::new();
+    encode(&big, &mut frame);
+    assert!(matches!(
+        decode(&frame),
+        Err(PeerError::DataTooLarge { .. })
+    ));
+    let answer = Message::ApiAnswer {
+        status: 200,
+        body: Payload::zeroes(MAX_API_ANSWER + 1),
+    };
+    assert!(matches!(
+        try_encode(&answer, &mut Vec::new()),
+        Err(PeerError::DataTooLarge { .. })
+    ));
+}

@@ -474,7 +474,9 @@ fn kinds() {
     assert_eq!(type_name(26), Some("diverged"));
     assert_eq!(type_name(27), Some("mark"));
     assert_eq!(frame_kind(&Message::Mark { seq: 1, time_ms: 2 }), "mark");
-    assert_eq!(type_name(28), None);
+    assert_eq!(type_name(28), Some("api_request"));
+    assert_eq!(type_name(29), Some("api_answer"));
+    assert_eq!(type_name(30), None);
     assert_eq!(type_name(40), None);
 }
 

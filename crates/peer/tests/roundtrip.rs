@@ -203,6 +203,22 @@ pub fn message() -> impl Strategy<Value = Message> {
         text().prop_map(|site| Message::StatusRequest { site }),
         payload_within(MAX_STATUS_REPORT).prop_map(|report| Message::StatusReport { report }),
         (
+            text(),
+            "[A-Z]{0,16}",
+            text(),
+            text(),
+            payload_within(tandem_peer::MAX_API_BODY)
+        )
+            .prop_map(|(site, method, path, query, body)| Message::ApiRequest {
+                site,
+                method,
+                path,
+                query,
+                body
+            }),
+        (any::<u16>(), payload_within(tandem_peer::MAX_API_ANSWER))
+            .prop_map(|(status, body)| Message::ApiAnswer { status, body }),
+        (
             any::<u64>(),
             prop::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..40)
         )

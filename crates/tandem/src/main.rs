@@ -42,6 +42,45 @@ impl ConfigArg {
 }
 
 #[derive(Subcommand)]
+enum TestAction {
+    /// Open a writable view of the group's volumes at a recovery point, on
+    /// this replica, as NBD sockets (printed); prints the test's id
+    Start {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// The site to test on (this one; other sites: not available yet)
+        #[arg(long)]
+        site: Option<String>,
+        /// The newest point at or before TIME: RFC 3339
+        /// (2026-12-05T10:15:00Z), back from now (-15m, -2h, -30s), or latest
+        #[arg(long, value_name = "TIME", default_value = "latest")]
+        at: String,
+        /// Boot a copy of the group's VM on the view (not available yet)
+        #[arg(long)]
+        boot: bool,
+        /// Print the agent's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Discard the group's test views (or one, --id): sockets, scratch and
+    /// the view go; replication is not touched
+    Stop {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// The site the test runs on (this one; other sites: not available yet)
+        #[arg(long)]
+        site: Option<String>,
+        /// Only this test (as `test start` printed it)
+        #[arg(long)]
+        id: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run this site's agent: serve the volumes of the groups it is primary for
     #[command(
@@ -114,6 +153,27 @@ enum Command {
         config: ConfigArg,
         /// Group name
         group: String,
+    },
+    /// The recovery points a replica keeps of a group: oldest and newest,
+    /// their times, count, bytes held
+    Points {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Group name
+        group: String,
+        /// The site whose points to list (default: this site, if it keeps
+        /// them); asked through the local agent
+        #[arg(long)]
+        site: Option<String>,
+        /// Print {"group", "site", "points": [{"time", "seq"}, ...]}, oldest first
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test failover without failing over: a replica's volumes at a
+    /// recovery point, served writable over NBD while replication goes on
+    Test {
+        #[command(subcommand)]
+        action: TestAction,
     },
     /// Change the bandwidth limit towards a peer site now (until restart)
     Bandwidth {
@@ -410,6 +470,32 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
+        Command::Points {
+            config,
+            group,
+            site,
+            json,
+        } => cmd::points::run(&config.path(), &group, site.as_deref(), json),
+        Command::Test {
+            action:
+                TestAction::Start {
+                    config,
+                    group,
+                    site,
+                    at,
+                    boot,
+                    json,
+                },
+        } => cmd::test::start(&config.path(), &group, site.as_deref(), &at, boot, json),
+        Command::Test {
+            action:
+                TestAction::Stop {
+                    config,
+                    group,
+                    site,
+                    id,
+                },
+        } => cmd::test::stop(&config.path(), &group, site.as_deref(), id),
         Command::Bandwidth {
             config,
             site,

@@ -111,15 +111,16 @@ pub fn ask_all(
         .collect()
 }
 
-/// Asks one site for its status.
-fn ask(
-    me: &str,
+/// Opens a connection of its own to `site` at its peer `address` (mutual
+/// TLS, checking that the server is `site`), all within `deadline`; the
+/// TCP socket is put in `socket` as soon as it connects (to cut it off).
+pub(crate) fn dial(
     site: &str,
     address: &str,
     tls: Option<&TlsIdentity>,
     deadline: Instant,
     socket: &Mutex<Option<TcpStream>>,
-) -> Result<SiteStatus, AskError> {
+) -> Result<PeerStream, AskError> {
     let left = || {
         deadline
             .saturating_duration_since(Instant::now())
@@ -154,7 +155,7 @@ fn ask(
         .map_err(AskError::Socket)?;
     tcp.set_write_timeout(Some(left()))
         .map_err(AskError::Socket)?;
-    let mut stream = match tls {
+    let stream = match tls {
         Some(identity) => PeerStream::connect_tls(tcp, identity, site)?,
         None => PeerStream::Plain(tcp),
     };
@@ -162,6 +163,19 @@ fn ask(
         .tcp()
         .set_read_timeout(Some(left()))
         .map_err(AskError::Socket)?;
+    Ok(stream)
+}
+
+/// Asks one site for its status.
+fn ask(
+    me: &str,
+    site: &str,
+    address: &str,
+    tls: Option<&TlsIdentity>,
+    deadline: Instant,
+    socket: &Mutex<Option<TcpStream>>,
+) -> Result<SiteStatus, AskError> {
+    let mut stream = dial(site, address, tls, deadline, socket)?;
     let mut scratch = Vec::new();
     write_message(
         &mut stream,
@@ -211,6 +225,11 @@ impl Reporter {
         let peers: Vec<&str> = config.peers.iter().map(|p| p.name.as_str()).collect();
         admit(asker, cert_site, &peers, &view.shared.site)?;
         Ok(view.status())
+    }
+
+    /// The view, once the agent's status can be read.
+    pub(crate) fn view(&self) -> Option<Arc<StatusView>> {
+        self.view.read().clone()
     }
 
     /// Serves a connection that opened with `StatusRequest` from `asker`:

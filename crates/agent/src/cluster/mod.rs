@@ -115,6 +115,21 @@ fn merge_group(local: &SiteStatus, name: &str, views: &[(&str, &GroupStatus)]) -
             replicas.push(r);
         }
     }
+    // Only a replica knows its history: its own report's points go on the
+    // owner's entry of it.
+    for r in &mut replicas {
+        if r.points.is_some() {
+            continue;
+        }
+        let own = views
+            .iter()
+            .filter(|(site, _)| *site == r.site)
+            .find_map(|(_, g)| g.replicas.iter().find(|x| x.site == r.site));
+        if let Some(own) = own {
+            r.points.clone_from(&own.points);
+            r.history.clone_from(&own.history);
+        }
+    }
     // Replicas' own reports of themselves fill what the owner did not say.
     for (site, g) in views {
         if serves(g.role) || listed.contains(*site) {
@@ -145,6 +160,8 @@ fn merge_group(local: &SiteStatus, name: &str, views: &[(&str, &GroupStatus)]) -
         fenced: owner.and_then(|(_, g)| g.fenced.clone()),
         failsafe: owner.and_then(|(_, g)| g.failsafe.clone()),
         lease_age_seconds: owner.and_then(|(_, g)| g.lease_age_seconds),
+        // This site's own test views (their sockets are local paths).
+        tests: mine.map(|g| g.tests.clone()).unwrap_or_default(),
     }
 }
 

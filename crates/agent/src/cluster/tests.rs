@@ -20,6 +20,8 @@ fn replica(site: &str, state: ReplicaState, lag: u64) -> ReplicaStatus {
         rpo_seconds: None,
         reported_by: None,
         compare_bytes_read: 0,
+        points: None,
+        history: None,
     }
 }
 
@@ -46,6 +48,7 @@ fn group(
         fenced: None,
         failsafe: None,
         lease_age_seconds: None,
+        tests: Vec::new(),
     }
 }
 
@@ -285,4 +288,48 @@ fn verify_progress_counts_from_its_start() {
     assert_eq!(p.compared, 0);
     t.verify_ends("g", "b");
     assert_eq!(t.verify_progress("g", "b", 10, t0), None);
+}
+
+#[test]
+fn a_replicas_points_come_from_its_own_report() {
+    let window = crate::status::PointsWindow {
+        oldest: Some("2026-12-06T10:00:00.000Z".into()),
+        newest: Some("2026-12-06T10:05:00.250Z".into()),
+        count: 301,
+    };
+    let history = crate::status::HistoryStatus {
+        bytes: 1 << 20,
+        dropped_bytes: 0,
+        held_over_cap: false,
+        oldest_ms: None,
+    };
+    let mut own = replica("chicago", ReplicaState::Streaming, 0);
+    own.points = Some(window.clone());
+    own.history = Some(history.clone());
+    let ny = site(
+        "ny",
+        vec![group(
+            "web01",
+            Role::Primary,
+            2,
+            "ny",
+            vec![
+                replica("chicago", ReplicaState::Streaming, 0),
+                replica("seattle", ReplicaState::Streaming, 0),
+            ],
+        )],
+    );
+    let chicago = site(
+        "chicago",
+        vec![group("web01", Role::Replica, 2, "ny", vec![own])],
+    );
+    let merged = merge(ny, vec![("chicago".into(), Ok(chicago))]);
+    let g = &merged.groups[0];
+    let c = g.replicas.iter().find(|r| r.site == "chicago").unwrap();
+    assert_eq!(c.reported_by.as_deref(), Some("ny"), "the owner's entry");
+    assert_eq!(c.points.as_ref(), Some(&window));
+    assert_eq!(c.history.as_ref(), Some(&history));
+    // Seattle did not answer: no points are made up for it.
+    let s = g.replicas.iter().find(|r| r.site == "seattle").unwrap();
+    assert!(s.points.is_none() && s.history.is_none());
 }

@@ -136,6 +136,8 @@ pub(crate) struct GroupRuntime {
     /// The VM's state at each site, as their reports in the coordinator
     /// last said (status).
     pub vm_sites: Mutex<Vec<(String, String)>>,
+    /// The test views running on this site (replica role only).
+    pub tests: crate::testview::Tests,
     /// `tandem recover`: the recovery point the next promotion of this
     /// replica rolls back to (docs/HISTORY.md).
     pub recover_at: Mutex<Option<tandem_replication::history::Point>>,
@@ -152,6 +154,7 @@ impl GroupRuntime {
             owner: Mutex::new(None),
             vm_started: AtomicBool::new(false),
             vm_sites: Mutex::new(Vec::new()),
+            tests: crate::testview::Tests::default(),
             recover_at: Mutex::new(None),
         }
     }
@@ -247,6 +250,10 @@ impl GroupRuntime {
     /// applied and synced. The images wait for the next role; returns
     /// their tip and whether they are a prefix (G3).
     pub fn stop_receiving(&self, shared: &Shared) -> Result<(Tip, bool), AgentError> {
+        // A view reads the images through the history, which the primary
+        // role does not keep.
+        self.tests
+            .stop_all(self.name(), "this replica is being promoted");
         let plane = std::mem::replace(&mut *self.plane.lock(), Plane::Down);
         let Plane::Replica(r) = plane else {
             *self.plane.lock() = plane;
@@ -408,6 +415,15 @@ impl GroupRuntime {
         }
     }
 
+    /// The undo history of the replica role, if this site is a replica
+    /// of the group that keeps one (docs/HISTORY.md).
+    pub fn history(&self) -> Option<Arc<tandem_replication::history::History>> {
+        match &*self.plane.lock() {
+            Plane::Replica(r) => r.history.clone(),
+            _ => None,
+        }
+    }
+
     /// The gate of the primary role, if this site serves the group.
     pub fn gate(&self) -> Option<Arc<Gate>> {
         match &*self.plane.lock() {
@@ -488,6 +504,8 @@ impl GroupRuntime {
     /// Stops whatever role runs (agent stop): clients finish, queued
     /// changes are sent, everything is synced.
     pub fn stop_graceful(&self, shared: &Shared, grace: Duration) -> Result<(), AgentError> {
+        self.tests
+            .stop_all(self.name(), "the group stops on this site");
         let plane = std::mem::replace(&mut *self.plane.lock(), Plane::Down);
         match plane {
             Plane::Primary(p) => {

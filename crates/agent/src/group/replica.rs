@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use tandem_coordinator::machine::Tip;
 use tandem_replication::history::{History, Point};
 use tandem_replication::receiver::{GroupPlan, Membership};
-use tandem_replication::replica::{Position, ReplicaGroup, ReplicaVolume};
+use tandem_replication::replica::{Position, ReplicaGroup, ReplicaOptions, ReplicaVolume};
 use tracing::{info, warn};
 
 use super::{Images, Shared};
@@ -64,7 +64,15 @@ impl ReplicaRole {
             Some((tip, epoch, diverged)) => {
                 ReplicaGroup::adopt(&dir, &group.name, volumes, tip, epoch, diverged)
             }
-            None => ReplicaGroup::open(&dir, &group.name, volumes),
+            None => {
+                // The retention now: the file's, or a reload's.
+                let config = shared.config();
+                let current = config.group(&group.name).unwrap_or(group);
+                let options = ReplicaOptions {
+                    history: crate::history::retention(current),
+                };
+                ReplicaGroup::open_with(&dir, &group.name, volumes, options)
+            }
         }
         .map_err(replica_err)?;
         let position = replica.published();

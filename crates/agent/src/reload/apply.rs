@@ -161,6 +161,32 @@ impl StatusView {
                     };
                     info!(group = %group, on_promote = ?on_promote, on_demote = ?on_demote, "reload: hooks changed");
                 }
+                Change::ChangeHistory {
+                    group,
+                    retention,
+                    history_max,
+                    test_scratch_max,
+                } => {
+                    // The new configuration is in `Shared` already: a
+                    // replica role opened later and test views started
+                    // from now on read it there.
+                    if let Some(history) = self.groups.find(group).and_then(|rt| rt.history()) {
+                        crate::history::set_retention(
+                            &history,
+                            tandem_replication::history::Retention {
+                                keep: *retention,
+                                max_bytes: *history_max,
+                            },
+                        );
+                    }
+                    info!(
+                        group = %group,
+                        retention = %tandem_config::format_duration(*retention),
+                        history_max = %tandem_config::format_size(*history_max),
+                        test_scratch_max = %tandem_config::format_size(*test_scratch_max),
+                        "reload: history limits changed"
+                    );
+                }
                 Change::Recorded(name) => {
                     info!(group = %name, "reload: group of other sites recorded");
                 }

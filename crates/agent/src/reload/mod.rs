@@ -4,8 +4,9 @@
 //! the running agent.
 //!
 //! What may change while the agent runs: peers (added, removed, their
-//! `bandwidth` and `schedule`), groups (added, removed) and the commands of
-//! a group's `on_promote`/`on_demote`. Everything else is refused: the
+//! `bandwidth` and `schedule`), groups (added, removed), the commands of
+//! a group's `on_promote`/`on_demote`, and its history's `retention`,
+//! `history_max` and `test_scratch_max` (not history on <-> off). Everything else is refused: the
 //! site's name, data directory, listeners and TLS files, the coordinator,
 //! libvirt and API settings, a peer's address, and every other key of an
 //! existing group (its volumes and their sizes, sites, mode, failover
@@ -40,6 +41,15 @@ pub enum Change {
         group: String,
         on_promote: Option<String>,
         on_demote: Option<String>,
+    },
+    /// A group's `retention`, `history_max` or `test_scratch_max` value
+    /// changed (history stays on, or stays off): applied to the replica's
+    /// history at once, to test views started from then on.
+    ChangeHistory {
+        group: String,
+        retention: std::time::Duration,
+        history_max: u64,
+        test_scratch_max: u64,
     },
     /// A change the running agent cannot make.
     Refused { what: String, why: String },
@@ -302,6 +312,30 @@ fn group_changes(was: &Group, now: &Group, out: &mut Vec<Change>) {
             group: name.clone(),
             on_promote: now.on_promote.clone(),
             on_demote: now.on_demote.clone(),
+        });
+    }
+    // History: its window and caps may change; switching it on or off
+    // changes the replica's on-disk format (undo log or redo journal).
+    if was.keeps_history() != now.keeps_history() {
+        out.push(Change::Refused {
+            what: format!(
+                "group {name} retention {} -> {}",
+                tandem_config::format_duration(was.retention),
+                tandem_config::format_duration(now.retention)
+            ),
+            why: format!(
+                "restart the agent to switch the history of group {name} on or off \
+                 (the replica keeps an undo log with history, a redo journal without)"
+            ),
+        });
+    } else if (was.retention, was.history_max, was.test_scratch_max)
+        != (now.retention, now.history_max, now.test_scratch_max)
+    {
+        out.push(Change::ChangeHistory {
+            group: name.clone(),
+            retention: now.retention,
+            history_max: now.history_max,
+            test_scratch_max: now.test_scratch_max,
         });
     }
 }

@@ -257,3 +257,62 @@ fn every_other_group_key_is_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn history_values_change_live_but_history_does_not_switch_on_or_off() {
+    let with = |keys: &str| {
+        edit(
+            "on_demote = \"/bin/true demote\"",
+            &format!("on_demote = \"/bin/true demote\"\n{keys}"),
+        )
+    };
+    // Default (24h) -> a shorter window and a larger cap: applied.
+    let p = plan(
+        &cfg(BASE),
+        &with("retention = \"1h\"\nhistory_max = \"50GiB\"\ntest_scratch_max = \"1GiB\""),
+    );
+    assert!(p.acceptable(), "{p:?}");
+    assert_eq!(
+        p.changes,
+        vec![Change::ChangeHistory {
+            group: "web01".into(),
+            retention: std::time::Duration::from_secs(3600),
+            history_max: 50 << 30,
+            test_scratch_max: 1 << 30,
+        }]
+    );
+    // The same values written another way: nothing.
+    let p = plan(&with("retention = \"24h\""), &with("retention = \"1440m\""));
+    assert!(p.is_empty(), "{p:?}");
+    // On -> off and off -> on: refused, with one line naming the restart.
+    for (from, to) in [
+        (cfg(BASE), with("retention = \"0s\"")),
+        (with("retention = \"0s\""), with("retention = \"1h\"")),
+    ] {
+        let p = plan(&from, &to);
+        assert!(!p.acceptable(), "{p:?}");
+        let refused: Vec<(String, String)> = p
+            .refused()
+            .map(|(w, y)| (w.to_owned(), y.to_owned()))
+            .collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].0.starts_with("group web01 retention"),
+            "{refused:?}"
+        );
+        assert!(
+            refused[0]
+                .1
+                .starts_with("restart the agent to switch the history of group web01 on or off"),
+            "{refused:?}"
+        );
+    }
+    // history_max alone while history is off: applied (it is kept for
+    // when history is switched on).
+    let p = plan(
+        &with("retention = \"0s\""),
+        &with("retention = \"0s\"\nhistory_max = \"1GiB\""),
+    );
+    assert!(p.acceptable(), "{p:?}");
+    assert!(matches!(&p.changes[..], [Change::ChangeHistory { .. }]));
+}

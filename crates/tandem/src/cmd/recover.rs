@@ -8,19 +8,23 @@ use anyhow::{bail, Context, Result};
 
 pub fn run(config_path: &Path, group: &str, at: &str, site: Option<&str>) -> Result<()> {
     let config = crate::load_config(config_path)?;
-    if let Some(site) = site {
-        if site != config.site.name {
-            bail!("--site {site}: run `tandem recover` on {site} itself (this agent is {}); recovering through another site is not available yet", config.site.name);
-        }
+    // Another site is asked through this one's agent (docs/PEER.md,
+    // "Forwarded API requests").
+    let target = site.unwrap_or(&config.site.name);
+    if !target
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        bail!("{target:?} is not a site name (A-Z, a-z, 0-9, '.', '_' and '-')");
     }
     let when = parse_time(at, SystemTime::now())?;
     let at = humantime::format_rfc3339_millis(when).to_string();
-    eprintln!("recover: failing group {group} over to {} at the newest recovery point at or before {at}...", config.site.name);
+    eprintln!("recover: failing group {group} over to {target} at the newest recovery point at or before {at}...");
     let body = serde_json::json!({ "at": at }).to_string();
     let answer = super::status::api_request(
         &config,
         "POST",
-        &format!("/api/v1/groups/{group}/recover"),
+        &format!("/api/v1/groups/{group}/recover?site={target}"),
         Some(&body),
     )?;
     let done: serde_json::Value =

@@ -304,6 +304,22 @@ fn table(s: &SiteStatus, now: u64) -> String {
             out += row.trim_end();
             out += "\n";
         }
+        for t in &g.tests {
+            let state = match &t.error {
+                Some(e) => format!("FAILED: {e}"),
+                None => "running".to_owned(),
+            };
+            let sockets: Vec<&str> = t.exports.iter().map(|e| e.socket.as_str()).collect();
+            out += &format!(
+                "  test {}  point {} (seq {})  scratch {} of {}  {state}\n    {}\n",
+                t.id,
+                t.point.time,
+                t.point.seq,
+                tandem_config::format_size_approx(t.scratch_bytes),
+                tandem_config::format_size_approx(t.scratch_max),
+                sockets.join(" ")
+            );
+        }
     }
     out
 }
