@@ -128,10 +128,15 @@ log "tandem: $TANDEM_BIN"
 # ---------------------------------------------------------------------------
 [[ -d "$WORK_BASE" ]] || die "WORK_BASE $WORK_BASE does not exist"
 WORK=$(mktemp -d "$WORK_BASE/tandem-bench-history.XXXXXX")
+BLKIO_CG=
+RESTART_BLKIO=0
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_all_pids
+    if [[ -n "$BLKIO_CG" ]]; then
+        rmdir "$BLKIO_CG" 2>/dev/null || warn "could not remove the cgroup $BLKIO_CG"
+    fi
     if ((KEEP)); then
         log "work dir kept: $WORK"
     else
@@ -152,6 +157,29 @@ need_kib=$(((2 * 2 * SIZE_BYTES + 2 * (SIZE_BYTES + WA_BYTES + WA_SPARSE_BYTES) 
 avail_kib=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
 ((avail_kib >= need_kib)) ||
     die "not enough free space in $WORK_BASE: need ~$((need_kib / 1024)) MiB, have $((avail_kib / 1024)) MiB"
+
+# Device bytes, as a cross-check of write_bytes (which counts a whole page
+# cache folio when a write dirties part of it): the replica agent runs in a
+# blkio (cgroup v1) group of its own whose throttle statistics count the
+# bytes of the bios it submits; a (never reached) 1 TiB/s limit turns them on.
+# The agent's fdatasyncs submit nearly all its writes; the kernel's flusher
+# threads' writeback is not counted there.
+BLKIO_DEV=$(findmnt -no MAJ:MIN -T "$WORK" 2>/dev/null | tr -d ' ') || BLKIO_DEV=
+if [[ -n "$BLKIO_DEV" && -d /sys/fs/cgroup/blkio ]] && mkdir "/sys/fs/cgroup/blkio/tandem-bench-history-$$" 2>/dev/null; then
+    BLKIO_CG=/sys/fs/cgroup/blkio/tandem-bench-history-$$
+    echo "$BLKIO_DEV 1099511627776" >"$BLKIO_CG/blkio.throttle.write_bps_device" 2>/dev/null ||
+        warn "cannot enable blkio accounting for $BLKIO_DEV in $BLKIO_CG: no device-byte cross-check"
+else
+    warn "no cgroup v1 blkio hierarchy (or not root): no device-byte cross-check of write_bytes"
+fi
+# blkio_written -> bytes the replica agent's cgroup wrote to BLKIO_DEV (0 without)
+blkio_written() {
+    if [[ -n "$BLKIO_CG" ]]; then
+        awk -v d="$BLKIO_DEV" 'BEGIN { n = "0" } $1 == d && $2 == "Write" { n = $3 } END { print n }' "$BLKIO_CG/blkio.throttle.io_service_bytes"
+    else
+        echo 0
+    fi
+}
 
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
@@ -184,6 +212,27 @@ data() { printf '%s/%s' "$MDIR" "$1"; }
 sock() { printf '%s/nbd/%s.sock' "$(data "$1")" "$EXPORT"; }
 status_of() { timeout 10 "$TANDEM_BIN" status --json --local --config "$(cfg "$1")"; }
 
+start_agent() { # start_agent ny|dr: sets NY_PID or DR_PID, waits for its API
+    local k=$1
+    tandem_start_agent "$TANDEM_BIN" "$(cfg "$k")" "$MDIR/$k.log"
+    if [[ $k == dr ]]; then DR_PID=$AGENT_PID; else NY_PID=$AGENT_PID; fi
+    if [[ $k == dr && -n "$BLKIO_CG" ]]; then
+        echo "$DR_PID" >"$BLKIO_CG/cgroup.procs" || warn "cannot move the replica agent into $BLKIO_CG"
+    fi
+    tandem_wait_api "$READY_TIMEOUT" "$AGENT_PID" "$TANDEM_BIN" status --json --local --config "$(cfg "$k")" ||
+        fail "agent $k did not come up within ${READY_TIMEOUT}s"
+}
+
+# restart_dr: a clean stop of the replica agent (it syncs what it wrote, so
+# its cgroup's device bytes are complete: without history the images are
+# otherwise synced only every 2 s while records arrive), then a start.
+restart_dr() {
+    stop_pid "$DR_PID" 30
+    [[ "$STOP_STATUS" == 0 ]] || warn "replica agent did not exit cleanly on SIGTERM (status $STOP_STATUS)"
+    RESTART_BLKIO=$(blkio_written)
+    start_agent dr
+}
+
 start_sites() { # start_sites RETENTION PORT
     local ret=$1 port=$2 k
     local common=(peer="ny@127.0.0.1:$port" peer="dr@127.0.0.1:$((port + 2))" primary=ny replicas=dr
@@ -193,12 +242,7 @@ start_sites() { # start_sites RETENTION PORT
         api="127.0.0.1:$((port + 1))" "${common[@]}"
     tandem_site_config "$(cfg dr)" site=dr data="$(data dr)" listen="127.0.0.1:$((port + 2))" \
         api="127.0.0.1:$((port + 3))" "${common[@]}"
-    for k in dr ny; do
-        tandem_start_agent "$TANDEM_BIN" "$(cfg $k)" "$MDIR/$k.log"
-        if [[ $k == dr ]]; then DR_PID=$AGENT_PID; else NY_PID=$AGENT_PID; fi
-        tandem_wait_api "$READY_TIMEOUT" "$AGENT_PID" "$TANDEM_BIN" status --json --local --config "$(cfg $k)" ||
-            fail "agent $k did not come up within ${READY_TIMEOUT}s"
-    done
+    for k in dr ny; do start_agent $k; done
     wait_nbd_ready "$NY_PID" "$(sock ny)" "$EXPORT" "$READY_TIMEOUT" "$MDIR/ny.log" ||
         fail "ny did not serve $EXPORT"
 }
@@ -245,11 +289,11 @@ now() { date +%s.%N; }
 # 1: replica bytes written per replicated byte
 # ---------------------------------------------------------------------------
 wa_run() { # wa_run MODE VOLSTATE BYTES
-    local mode=$1 vstate=$2 n=$3 out w0 c0 h0 r0 w1 c1 h1 r1 fb t0 t1
+    local mode=$1 vstate=$2 n=$3 out w0 c0 h0 r0 w1 c1 h1 r1 fb t0 t1 b0 b1
     out="$MDIR/wa-$vstate.json"
     wait_repl "before the $vstate write job"
-    sync
     w0=$(io_field "$DR_PID" write_bytes) c0=$(io_field "$DR_PID" cancelled_write_bytes)
+    b0=$(blkio_written)
     h0=$(dir_bytes "$(data dr)/replica/$GROUP/history")
     r0=$(io_field "$DR_PID" read_bytes)
     log "1 [$mode]: $((n / 1048576)) MiB of 4k-64k random writes on the $vstate volume"
@@ -259,22 +303,27 @@ wa_run() { # wa_run MODE VOLSTATE BYTES
         --size="$SIZE_BYTES" --io_size="$n" --norandommap || fail "fio failed"
     t1=$(now)
     wait_repl "catching up after the $vstate write job"
+    local caught=$REPL_S
     w1=$(io_field "$DR_PID" write_bytes) c1=$(io_field "$DR_PID" cancelled_write_bytes)
     h1=$(dir_bytes "$(data dr)/replica/$GROUP/history")
     r1=$(io_field "$DR_PID" read_bytes)
+    restart_dr
+    b1=$RESTART_BLKIO
     fb=$(fio_written "$out")
-    log "    fio wrote $((fb / 1048576)) MiB in $("$PY" -c "print('%.1f' % ($t1 - $t0))")s; replica agent wrote $(((w1 - w0) / 1048576)) MiB (cancelled $(((c1 - c0) / 1048576)) MiB), history dir +$(((h1 - h0) / 1048576)) MiB; caught up ${REPL_S}s after"
-    result kind=wa mode="$mode" vol="$vstate" fio_bytes="$fb" write_bytes=$((w1 - w0)) \
+    log "    fio wrote $((fb / 1048576)) MiB in $("$PY" -c "print('%.1f' % ($t1 - $t0))")s; replica agent wrote $(((w1 - w0) / 1048576)) MiB (cancelled $(((c1 - c0) / 1048576)) MiB, device $(((b1 - b0) / 1048576)) MiB), history dir +$(((h1 - h0) / 1048576)) MiB; caught up ${caught}s after"
+    result kind=wa mode="$mode" vol="$vstate" fio_bytes="$fb" write_bytes=$((w1 - w0)) blkio_bytes=$((b1 - b0)) \
         cancelled_write_bytes=$((c1 - c0)) read_bytes=$((r1 - r0)) history_growth=$((h1 - h0)) \
-        fio_s="$("$PY" -c "print($t1 - $t0)")" catchup_s="$REPL_S"
+        fio_s="$("$PY" -c "print($t1 - $t0)")" catchup_s="$caught"
 }
 
 # ---------------------------------------------------------------------------
 # 2: async lag under sustained writes
 # ---------------------------------------------------------------------------
 lag_run() { # lag_run MODE
-    local mode=$1 out t0 t1 sampler c0 c1
+    local mode=$1 out t0 t1 sampler c0 c1 w0 w1 b0 b1
     wait_repl "before the lag run"
+    w0=$(io_field "$DR_PID" write_bytes)
+    b0=$(blkio_written)
     tandem_sample_status 0.1 $((LAG_RUNTIME + 60)) "$MDIR/samples.jsonl" \
         "$TANDEM_BIN" status --json --local --config "$(cfg ny)"
     sampler=$SAMPLER_PID
@@ -290,12 +339,16 @@ lag_run() { # lag_run MODE
     t1=$(now)
     c1=$(proc_cpu_ticks "$DR_PID")
     wait_repl "draining after the lag run"
+    local caught=$REPL_S
     stop_pid "$sampler" 5
-    "$PY" - "$MDIR/samples.jsonl" "$t0" "$t1" "$out" "$REPL_S" "$mode" "$((c1 - c0))" "$(getconf CLK_TCK)" \
-        >>"$RESULTS" <<'PYEOF'
+    w1=$(io_field "$DR_PID" write_bytes)
+    restart_dr
+    b1=$RESTART_BLKIO
+    "$PY" - "$MDIR/samples.jsonl" "$t0" "$t1" "$out" "$caught" "$mode" "$((c1 - c0))" "$(getconf CLK_TCK)" \
+        "$((w1 - w0))" "$((b1 - b0))" >>"$RESULTS" <<'PYEOF'
 import json, sys
 samples, t0, t1, fio_out, catch, mode = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], float(sys.argv[5]), sys.argv[6]
-ticks, hz = int(sys.argv[7]), int(sys.argv[8])
+ticks, hz, wbytes, bbytes = int(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9]), int(sys.argv[10])
 lag_s, lag_b, errs = [], [], 0
 for line in open(samples):
     s = json.loads(line)
@@ -315,9 +368,11 @@ w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
 print(json.dumps({"kind": "lag", "mode": mode, "samples": len(lag_s), "sample_errors": errs,
                   "p50": pct(lag_s, 50), "p99": pct(lag_s, 99), "max": max(lag_s) if lag_s else None,
                   "lag_bytes_p99": pct(lag_b, 99), "fio_mib_s": w["bw"] / 1024, "fio_bytes": w["io_bytes"],
-                  "drain_s": catch, "replica_cpu_pct": 100.0 * ticks / hz / (t1 - t0)}))
+                  "drain_s": catch, "replica_cpu_pct": 100.0 * ticks / hz / (t1 - t0),
+                  "write_bytes": wbytes, "blkio_bytes": bbytes,
+                  "amplification": wbytes / w["io_bytes"] if w["io_bytes"] else None}))
 PYEOF
-    tail -n 1 "$RESULTS" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("    lag p50 %.3fs p99 %.3fs max %.3fs; fio %.1f MiB/s; replica agent CPU %.0f%%" % (d["p50"], d["p99"], d["max"], d["fio_mib_s"], d["replica_cpu_pct"]))' >&2
+    tail -n 1 "$RESULTS" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("    lag p50 %.3fs p99 %.3fs max %.3fs; fio %.1f MiB/s; replica agent CPU %.0f%%; replica wrote %.2f bytes per replicated byte (device %.2f)" % (d["p50"], d["p99"], d["max"], d["fio_mib_s"], d["replica_cpu_pct"], d["amplification"], d["blkio_bytes"] / d["fio_bytes"]))' >&2
 }
 
 # ---------------------------------------------------------------------------
@@ -372,9 +427,13 @@ open_run() {
 }
 
 read_run() { # read_run POINT_TIME
-    local at=$1 qsock="$MDIR/image-ro.sock" qpid j jname rw bs qd order k uri out c0 c1 t0 t1
+    local at=$1 qsock="$MDIR/image-ro.sock" qpid j jname rw bs qd order k uri what out c0 c1 t0 t1
     test_start "$at" reads
     local view_sock=$TEST_SOCK
+    # the same jobs through Tandem's own server on the latest point (whose
+    # reads go to the image): tells the server apart from the undo log
+    test_start latest latest
+    local latest_sock=$TEST_SOCK
     qemu-nbd -r -t -f raw -x "$EXPORT" -k "$qsock" "$(data dr)/volumes/$EXPORT.img" \
         </dev/null >"$MDIR/qemu-nbd.log" 2>&1 &
     qpid=$!
@@ -383,12 +442,16 @@ read_run() { # read_run POINT_TIME
     local jobs=("randread-4k-qd16 randread 4k 16" "read-1m-qd8 read 1M 8")
     for ((j = 0; j < ${#jobs[@]}; j++)); do
         read -r jname rw bs qd <<<"${jobs[$j]}"
-        if ((j % 2 == 0)); then order=(view image); else order=(image view); fi
+        if ((j % 2 == 0)); then order=(view image latest); else order=(latest image view); fi
         for k in "${order[@]}"; do
-            if [[ $k == view ]]; then uri=$(nbd_uri "$view_sock" "$EXPORT"); else uri=$(nbd_uri "$qsock" "$EXPORT"); fi
+            case $k in
+            view) uri=$(nbd_uri "$view_sock" "$EXPORT") what="test view at the point after the prefill" ;;
+            latest) uri=$(nbd_uri "$latest_sock" "$EXPORT") what="test view at the latest point" ;;
+            image) uri=$(nbd_uri "$qsock" "$EXPORT") what="replica image (qemu-nbd -r)" ;;
+            esac
             drop_caches
             out="$MDIR/read-$k-$jname.json"
-            log "4: $jname on the $([[ $k == view ]] && echo "test view (tandem agent)" || echo "replica image (qemu-nbd -r)")"
+            log "4: $jname on the $what"
             c0=$(proc_cpu_ticks "$DR_PID")
             t0=$(now)
             bench_fio "$out" --name="$jname" --ioengine=nbd --uri="$uri" --readonly \
@@ -486,6 +549,8 @@ for vol, label in (("sparse", "fresh sparse volume"), ("full", "fully written vo
     rows.append([f"1: replica bytes written per replicated byte, {label}", f"{a_on:.2f}",
                  f"{a_off:.2f} (history off)", f"{a_on / a_off:.2f}x", "<= 2.0 (on)",
                  "ok" if a_on <= 2.0 else "ABOVE",
+                 (f"device bytes (blkio): {on['blkio_bytes']/on['fio_bytes']:.2f} on, "
+                  f"{off['blkio_bytes']/off['fio_bytes']:.2f} off; " if on.get("blkio_bytes") else "") +
                  f"on: {on['write_bytes']/M:.0f} MiB written for {on['fio_bytes']/M:.0f} MiB "
                  f"(history dir +{on['history_growth']/M:.0f} MiB, cancelled {on['cancelled_write_bytes']/M:.0f} MiB, "
                  f"read {on['read_bytes']/M:.0f} MiB); off: {off['write_bytes']/M:.0f} MiB for "
@@ -499,6 +564,13 @@ if on and off:
                  f"on: p50 {on['p50']:.3f} max {on['max']:.3f}, fio {on['fio_mib_s']:.1f} MiB/s, replica CPU "
                  f"{on['replica_cpu_pct']:.0f}%, {on['samples']} samples; off: p50 {off['p50']:.3f} max "
                  f"{off['max']:.3f}, fio {off['fio_mib_s']:.1f} MiB/s, replica CPU {off['replica_cpu_pct']:.0f}%"])
+if on and off and on.get("amplification") and off.get("amplification"):
+    rows.append([f"1: replica bytes written per replicated byte, during 2 (full volume, {params['LAG_RATE']}/s)",
+                 f"{on['amplification']:.2f}", f"{off['amplification']:.2f} (history off)",
+                 f"{on['amplification'] / off['amplification']:.2f}x", "<= 2.0 (on)",
+                 "ok" if on["amplification"] <= 2.0 else "ABOVE",
+                 f"device bytes (blkio): {on['blkio_bytes']/on['fio_bytes']:.2f} on, {off['blkio_bytes']/off['fio_bytes']:.2f} off; "
+                 f"{on['fio_bytes']/M:.0f} MiB replicated on, {off['fio_bytes']/M:.0f} MiB off"])
 o = one(kind="open")
 if o:
     rows.append(["3: open a test view at the oldest point (cold cache)", f"{o['read_s']:.2f} s", "-", "-",
@@ -509,6 +581,7 @@ if o:
 for job, label, f in (("randread-4k-qd16", "4k random read QD16", lambda r: f"{r['iops']/1000:.1f}k IOPS"),
                       ("read-1m-qd8", "1M sequential read QD8", lambda r: f"{r['bw_kib']/1024:.0f} MiB/s")):
     v, i = one(kind="read", job=job, target="view"), one(kind="read", job=job, target="image")
+    l = one(kind="read", job=job, target="latest")
     if not (v and i):
         continue
     key = "iops" if job.startswith("randread") else "bw_kib"
@@ -516,7 +589,9 @@ for job, label, f in (("randread-4k-qd16", "4k random read QD16", lambda r: f"{r
     rows.append([f"4: {label}, test view vs replica image", f(v), f(i) + " (qemu-nbd -r)", f"{ratio:.2f}x",
                  ">= 0.8x", "ok" if ratio >= 0.8 else "BELOW",
                  f"p99 {v['p99_us']:.0f} vs {i['p99_us']:.0f} us; replica agent CPU {v['replica_cpu_pct']:.0f}% "
-                 f"while serving the view; point {v['point']}"])
+                 f"while serving the view; point {v['point']}"
+                 + (f"; a test view at the latest point (reads from the image, same server): {f(l)}, "
+                    f"p99 {l['p99_us']:.0f} us" if l else "")])
 head = ["measure", "history on", "peer", "ratio", "target", "ok?"]
 w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
 line = lambda r: "  ".join(str(c).ljust(x) for c, x in zip(r, w)).rstrip()
