@@ -291,6 +291,9 @@ now() { date +%s.%N; }
 wa_run() { # wa_run MODE VOLSTATE BYTES
     local mode=$1 vstate=$2 n=$3 out w0 c0 h0 r0 w1 c1 h1 r1 fb t0 t1 b0 b1
     out="$MDIR/wa-$vstate.json"
+    # a clean start: what came before (the prefill) is synced by the agent
+    # now, not counted in this window
+    restart_dr
     wait_repl "before the $vstate write job"
     w0=$(io_field "$DR_PID" write_bytes) c0=$(io_field "$DR_PID" cancelled_write_bytes)
     b0=$(blkio_written)
