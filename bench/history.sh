@@ -4,7 +4,7 @@
 # vs one without (retention = "0s").
 # Not a test: run it by hand, as root (it drops the page cache).
 #
-#   bench/history.sh                       # everything (~15 min with the defaults)
+#   bench/history.sh                       # everything (~5 min with the defaults)
 #   LAG_RUNTIME=120 WA_WRITES=1GiB bench/history.sh
 #   TANDEM_BIN=/path/to/tandem bench/history.sh
 #
