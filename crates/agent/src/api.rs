@@ -256,6 +256,7 @@ impl ApiError {
                 match e {
                     R::UnknownGroup(_) => 404,
                     R::NoCoordinator | R::NotReplica { .. } | R::NoHistory { .. } => 409,
+                    R::NotPromoted { .. } => 504,
                     R::Point(_) => 404,
                     R::Request(r) => match r {
                         RequestError::UnknownGroup(_) => 404,

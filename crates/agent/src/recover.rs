@@ -52,6 +52,8 @@ pub(crate) enum RecoverError {
     Point(#[from] HistoryError),
     #[error(transparent)]
     Request(#[from] RequestError),
+    #[error("{group}: this site was named owner but its promotion at the recovery point did not complete within {waited:?} (see its log)")]
+    NotPromoted { group: String, waited: Duration },
 }
 
 /// Milliseconds since the Unix epoch as RFC 3339 (UTC, ms).
@@ -95,10 +97,33 @@ impl StatusView {
             true,
             RECOVER_TIMEOUT,
         );
-        // Consumed by the promotion; a request that failed must not
-        // leave it armed for a later one.
-        rt.recover_at.lock().take();
-        let done = done?;
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // A request that failed must not leave the point armed
+                // for a later, unrelated promotion.
+                rt.recover_at.lock().take();
+                return Err(e.into());
+            }
+        };
+        // The coordinator names this site owner before its promotion
+        // runs: wait until the promotion has taken the point and serves.
+        let deadline = Instant::now() + RECOVER_TIMEOUT;
+        loop {
+            let taken = rt.recover_at.lock().is_none();
+            let serving = matches!(&*rt.plane.lock(), Plane::Primary(_));
+            if taken && serving {
+                break;
+            }
+            if Instant::now() >= deadline {
+                rt.recover_at.lock().take();
+                return Err(RecoverError::NotPromoted {
+                    group: group.to_owned(),
+                    waited: RECOVER_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(Recovered {
             group: group.to_owned(),
             site,

@@ -1164,3 +1164,180 @@ fn the_checker_catches_what_it_must() {
         .contains("never issued"));
     assert_eq!(crc32c(b"123456789"), 0xE306_9283, "CRC-32C check value");
 }
+
+// ---------------------------------------------------------------------------
+// Recovery points (SPEC G10, docs/HISTORY.md).
+
+/// Starts a test view of the point at `time` on `site`; returns its id
+/// and the socket of the volume.
+fn test_start(c: &Cluster, site: &str, time: &str) -> (u64, String) {
+    let out = run_ok(
+        std::process::Command::new(TANDEM)
+            .args(["test", "start", "g", "--at", time, "--json", "--config"])
+            .arg(&c.site(site).config),
+        Duration::from_secs(30),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let socket = v["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["volume"] == VOLUME)
+        .unwrap()["socket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (v["id"].as_u64().unwrap(), socket)
+}
+
+fn test_stop(c: &Cluster, site: &str, id: u64) {
+    run_ok(
+        std::process::Command::new(TANDEM)
+            .args(["test", "stop", "g", "--id", &id.to_string(), "--config"])
+            .arg(&c.site(site).config),
+        Duration::from_secs(30),
+    );
+}
+
+/// The whole volume as an NBD server at `socket` serves it (nbdcopy).
+fn read_nbd(socket: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("read.raw");
+    let _ = std::fs::remove_file(&out);
+    run_ok(
+        std::process::Command::new(tool("nbdcopy"))
+            .arg(format!("nbd+unix:///{VOLUME}?socket={socket}"))
+            .arg(&out),
+        Duration::from_secs(60),
+    );
+    read_image(&out)
+}
+
+/// The record seq of write `i`, with writes numbered from 1 after the
+/// record `base`, a FLUSH after every `every` writes, nothing else (QD1).
+fn seq_of_write(base: u64, every: u64, i: u64) -> u64 {
+    base + i + (i - 1) / every
+}
+
+/// G10 with the stamping writer and checker: every point the replica
+/// lists reads back, through a test view, as exactly the writes up to the
+/// point's sequence; three views stay exactly so while 1 GiB of
+/// whole-volume overwrites ("ransomware") is replicated; `tandem recover`
+/// at the newest point before the overwrites brings that prefix back as
+/// the group's data.
+#[test]
+fn every_listed_point_is_the_prefix_up_to_it_and_recover_undoes_a_whole_volume_overwrite() {
+    const SEED: u64 = 0x5EED_0010;
+    const WRITES: u64 = 1500;
+    const EVERY: u64 = 50;
+    let mut c = Cluster::new("ny", &["dr"], &[vol(VOLUME, VOLUME_SIZE)], "");
+    let witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("2s"));
+    c.start_any("dr");
+    c.start_any("ny");
+    c.wait_replicated(CONVERGE);
+    let base = c.status("ny")["groups"][0]["next_seq"].as_u64().unwrap() - 1;
+    let history = Arc::new(Mutex::new(History::default()));
+    let w = Writer::start(&c.socket("ny", VOLUME), &history, SEED, EVERY);
+    w.write(WRITES);
+    expect_stopped(w.finish(), "writer");
+    let last_flush = seq_of_write(base, EVERY, WRITES) + 1;
+    c.wait_replicated(CONVERGE);
+    let blocks = history.lock().unwrap().blocks.clone();
+    // The replica lists the last flush's point (its mark follows it).
+    let points = poll_every(Duration::from_secs(30), Duration::from_millis(100), || {
+        let out = run_ok(
+            std::process::Command::new(TANDEM)
+                .args(["points", "g", "--json", "--config"])
+                .arg(&c.site("dr").config),
+            Duration::from_secs(30),
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let points = v["points"].as_array()?.clone();
+        points
+            .iter()
+            .any(|p| p["seq"].as_u64() >= Some(last_flush))
+            .then_some(points)
+    })
+    .unwrap_or_else(|| panic!("dr never listed the point of the last flush (seq {last_flush})"));
+    let flush_points = points
+        .iter()
+        .filter(|p| {
+            let s = p["seq"].as_u64().unwrap();
+            s > base && (s - base) % (EVERY + 1) == 0
+        })
+        .count() as u64;
+    assert!(
+        flush_points >= WRITES / EVERY,
+        "every FLUSH is a point: {flush_points} of {} listed ({} points)",
+        WRITES / EVERY,
+        points.len()
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let mut kept = Vec::new();
+    for (n, p) in points.iter().enumerate() {
+        let seq = p["seq"].as_u64().unwrap();
+        let time = p["time"].as_str().unwrap();
+        let (id, socket) = test_start(&c, "dr", time);
+        let image = read_nbd(&socket, scratch.path());
+        let prefix = check_prefix(&image, &blocks)
+            .unwrap_or_else(|e| panic!("point seq {seq} ({time}): not a prefix: {e}"));
+        // The prefix is exactly the writes up to the point's seq.
+        if prefix > 0 {
+            assert!(
+                seq_of_write(base, EVERY, prefix) <= seq,
+                "point seq {seq} holds write {prefix}, which is seq {}",
+                seq_of_write(base, EVERY, prefix)
+            );
+        }
+        if prefix < WRITES {
+            assert!(
+                seq_of_write(base, EVERY, prefix + 1) > seq,
+                "point seq {seq} lacks write {}, which is seq {}",
+                prefix + 1,
+                seq_of_write(base, EVERY, prefix + 1)
+            );
+        }
+        if n == 0 || n == points.len() / 2 || n + 1 == points.len() {
+            kept.push((id, socket, image, seq, time.to_owned()));
+        } else {
+            test_stop(&c, "dr", id);
+        }
+    }
+    eprintln!("{} points read, each the prefix of its seq", points.len());
+    // The "ransomware": the whole volume overwritten 64 times (1 GiB).
+    let uri = c.uri("ny", VOLUME);
+    let mut cmds: Vec<String> = (0..64)
+        .map(|k| format!("write -P {} 0 {VOLUME_SIZE}", 0x80 + k))
+        .collect();
+    cmds.push("flush".into());
+    run_ok(
+        std::process::Command::new(tool("qemu-io"))
+            .args(["-f", "raw", &uri])
+            .args(cmds.iter().flat_map(|c| ["-c", c.as_str()])),
+        Duration::from_secs(300),
+    );
+    c.wait_replicated(CONVERGE);
+    for (id, socket, before, seq, _) in &kept {
+        let now = read_nbd(socket, scratch.path());
+        assert!(now == *before, "the view of point seq {seq} moved while 1 GiB was replicated");
+        test_stop(&c, "dr", *id);
+    }
+    // Recover at the newest point before the overwrite.
+    let (_, _, want, seq, time) = kept.last().unwrap().clone();
+    let out = run_ok(
+        std::process::Command::new(TANDEM)
+            .args(["recover", "g", "--at", &time, "--config"])
+            .arg(&c.site("dr").config),
+        Duration::from_secs(180),
+    );
+    assert!(out.contains("owned by dr"), "{out}");
+    let socket = c.socket("dr", VOLUME);
+    let now = read_nbd(socket.to_str().unwrap(), scratch.path());
+    assert!(now == want, "after recover at seq {seq}, dr serves that point's data");
+    // What the recovery gave up is kept as rollback data on dr.
+    let saved = std::fs::read_dir(c.site("dr").data_dir.join("rollback"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(saved >= 2, "dr kept the overwritten data (.img and .index)");
+    drop(witness);
+}
