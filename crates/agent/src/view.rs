@@ -398,7 +398,11 @@ impl StatusView {
                 Plane::Replica(r) => {
                     let p = *r.position.lock();
                     let connected = r.connected.load(Ordering::Acquire);
-                    let state = if !p.consistent {
+                    let state = if !p.consistent && r.fallback().is_some() {
+                        // Promotable at its newest point (docs/HISTORY.md,
+                        // "Always promotable").
+                        ReplicaState::Resyncing
+                    } else if !p.consistent {
                         ReplicaState::Inconsistent
                     } else if connected {
                         ReplicaState::Streaming

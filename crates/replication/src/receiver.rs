@@ -740,12 +740,50 @@ async fn session<I: Inbox, O: Outbox>(
 }
 
 /// The recovery point of this replica's history that is the new owner's
-/// fork, when the replica's images are past it.
+/// fork, when the replica's images went past it on another history.
 fn fork_point(group: &ReplicaGroup, hello: &tandem_peer::Hello) -> Option<crate::history::Point> {
     let history = group.history()?;
     let fork = (hello.fork_epoch, hello.fork_seq);
-    if fork.1 == 0 || group.tip() == fork {
+    if !off_the_owners_history(group.tip(), fork, hello.epoch) {
         return None;
     }
     history.find(fork.0, fork.1)
+}
+
+/// Whether images holding records up to `tip` went past `fork` on a
+/// history other than that of the owner of `epoch`, whose history is the
+/// fork's prefix and then its own records (epoch `epoch`): records of
+/// `epoch` come from that owner alone, and a tip at or before the fork in
+/// the fork's epoch is a prefix of it.
+pub(crate) fn off_the_owners_history(tip: (u64, u64), fork: (u64, u64), epoch: u64) -> bool {
+    if fork.1 == 0 || tip.0 == epoch {
+        return false;
+    }
+    tip.0 > fork.0 || (tip.0 == fork.0 && tip.1 > fork.1)
+}
+
+#[cfg(test)]
+mod fork_tests {
+    use super::off_the_owners_history as off;
+
+    #[test]
+    fn only_a_tip_past_the_fork_on_another_history_is_off_it() {
+        // The owner of epoch 3 forked at (2, 100).
+        assert!(!off((3, 500), (2, 100), 3), "its own records");
+        assert!(!off((2, 100), (2, 100), 3), "exactly at the fork");
+        assert!(!off((2, 50), (2, 100), 3), "behind the fork, on it");
+        assert!(
+            off((2, 150), (2, 100), 3),
+            "the old owner's records past the fork"
+        );
+        assert!(
+            off((4, 10), (2, 100), 5),
+            "a later epoch that is not the owner's"
+        );
+        assert!(
+            !off((1, 10), (2, 100), 3),
+            "an older epoch: not known, compared"
+        );
+        assert!(!off((2, 150), (0, 0), 3), "no fork");
+    }
 }

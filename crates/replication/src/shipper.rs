@@ -668,7 +668,7 @@ impl Shipper {
             .session
             .lock()
             .resync_begins(resume_at, total, more);
-        wire.marks.marker.resync_begins();
+        wire.marks.marker.resync_begins(resume_at);
         tracing::info!(group = cap.name(), replica = %self.replica_site, bytes = total, more, resume_at, "resync: comparing chunks");
         wire.send(&Message::ResyncBegin {
             epoch: self.epoch,
@@ -702,7 +702,7 @@ impl Shipper {
             cap.next_seq()
         };
         self.link.session.lock().resync_ends(consistent_at);
-        wire.marks.marker.resync_ends(consistent_at);
+        wire.marks.marker.resync_ends(consistent_at, Instant::now());
         wire.send(&Message::ResyncEnd { consistent_at }).await?;
         wire.flush().await?;
         let sent = self.link.info().resync_sent;

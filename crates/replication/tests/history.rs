@@ -420,3 +420,92 @@ fn rolling_back_to_a_point_restores_its_prefix() {
     let g = open(dir.path());
     check_points(&g, &models, &marked);
 }
+
+/// `history_max`: past it the oldest segments go with their points, and
+/// nothing else: every point left still reads as its prefix, the newest
+/// is kept, the images hold the latest records, and nothing waits.
+#[test]
+fn the_byte_cap_drops_the_oldest_points_and_nothing_else() {
+    const RECORDS: u64 = 800; // 800 x 256 KiB of old data: 200 MiB of log
+    let dir = tempfile::tempdir().unwrap();
+    let volumes = (0..VOLUMES)
+        .map(|i| ReplicaVolume {
+            name: format!("v{i}"),
+            image: Arc::new(
+                RawImage::open_or_create(&dir.path().join(format!("v{i}.img")), SIZE).unwrap(),
+            ),
+        })
+        .collect();
+    let cap = 100 << 20;
+    let options = ReplicaOptions {
+        history: Some(Retention {
+            keep: Duration::from_secs(24 * 3600),
+            max_bytes: cap,
+        }),
+    };
+    let mut g =
+        ReplicaGroup::open_with(&dir.path().join("replica"), "g", volumes, options).unwrap();
+    g.set_epoch(1).unwrap();
+    g.begin_resync(1, 1).unwrap();
+    g.end_resync(1).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for seq in 1..=RECORDS {
+        g.receive(&Entry {
+            epoch: 1,
+            seq,
+            volume: 0,
+            op: RecordOp::Write,
+            fua: false,
+            offset: 0,
+            len: SIZE,
+            data: vec![seq as u8; SIZE as usize],
+        })
+        .unwrap();
+        // Recent times: retention (24 h) keeps them all, only the cap
+        // drops.
+        g.mark(seq, now + seq);
+        if seq % 10 == 0 {
+            g.commit().unwrap();
+        }
+    }
+    g.commit().unwrap();
+    let h = g.history().unwrap();
+    let s = h.summary();
+    assert!(
+        s.bytes <= cap + (64 << 20),
+        "the log ({} bytes) is within the cap and one segment",
+        s.bytes
+    );
+    assert!(s.dropped_bytes > 0, "the cap dropped history");
+    let points = h.points();
+    assert_eq!(
+        points.last().unwrap().seq,
+        RECORDS,
+        "the newest point is kept"
+    );
+    assert!(points.first().unwrap().seq > 1, "the oldest points went");
+    // The points left are consecutive (only the oldest went), and each
+    // still reads as its prefix.
+    for w in points.windows(2) {
+        assert_eq!(w[0].seq + 1, w[1].seq);
+    }
+    for p in points.iter().step_by(37).chain(points.last()) {
+        let view = h.open_view(*p).unwrap();
+        let mut got = vec![0u8; SIZE as usize];
+        view.read(0, 0, &mut got).unwrap();
+        assert!(
+            got.iter().all(|b| *b == p.seq as u8),
+            "point {} reads as its prefix",
+            p.seq
+        );
+    }
+    let got = std::fs::read(dir.path().join("v0.img")).unwrap();
+    assert!(
+        got.iter().all(|b| *b == RECORDS as u8),
+        "the image holds the latest records"
+    );
+    assert_eq!(g.position().applied, RECORDS);
+}

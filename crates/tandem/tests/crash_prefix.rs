@@ -895,12 +895,12 @@ fn disk_state(c: &Cluster, site: &str) -> Option<(bool, u64, u64)> {
     let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap());
     let mut best: Option<(u64, (bool, u64, u64))> = None;
     for at in [0usize, 512] {
-        // docs/REPLICA.md: 72-byte `TNDRST03` slots, CRC of 0..64 at 64.
-        let Some(s) = data.get(at..at + 72) else {
+        // docs/REPLICA.md: 80-byte `TNDRST04` slots, CRC of 0..72 at 72.
+        let Some(s) = data.get(at..at + 76) else {
             continue;
         };
-        let crc = u32::from_le_bytes(s[64..68].try_into().unwrap());
-        if &s[0..8] != b"TNDRST03" || crc != crc32c(&s[0..64]) || s[40] > 1 {
+        let crc = u32::from_le_bytes(s[72..76].try_into().unwrap());
+        if &s[0..8] != b"TNDRST04" || crc != crc32c(&s[0..72]) || s[40] > 1 {
             continue;
         }
         let generation = word(s, 8);
@@ -920,8 +920,10 @@ fn disk_state(c: &Cluster, site: &str) -> Option<(bool, u64, u64)> {
 fn a_replica_killed_mid_resync_says_inconsistent_until_a_resync_completes() {
     const SEED: u64 = 0x5EED_0004;
     let mut rng = Rng::new(SEED);
-    // No disk spill: an outage past 1 MiB of changes means a resync.
-    let mut c = cluster("queue_memory = \"1MiB\"\nmax_queue = \"1MiB\"");
+    // No disk spill: an outage past 1 MiB of changes means a resync. No
+    // history: with one, the replica keeps a point to be promoted at
+    // (`a_replica_killed_mid_resync_is_promotable_at_its_last_point`).
+    let mut c = cluster("queue_memory = \"1MiB\"\nmax_queue = \"1MiB\"\nretention = \"0s\"");
     let history = Arc::new(Mutex::new(History::default()));
     for round in 1..=ROUNDS {
         let ctx = format!("seed {SEED:#x} round {round}");
@@ -1263,7 +1265,7 @@ fn every_listed_point_is_the_prefix_up_to_it_and_recover_undoes_a_whole_volume_o
         .iter()
         .filter(|p| {
             let s = p["seq"].as_u64().unwrap();
-            s > base && (s - base) % (EVERY + 1) == 0
+            s > base && (s - base).is_multiple_of(EVERY + 1)
         })
         .count() as u64;
     assert!(
@@ -1307,7 +1309,7 @@ fn every_listed_point_is_the_prefix_up_to_it_and_recover_undoes_a_whole_volume_o
     // The "ransomware": the whole volume overwritten 64 times (1 GiB).
     let uri = c.uri("ny", VOLUME);
     let mut cmds: Vec<String> = (0..64)
-        .map(|k| format!("write -P {} 0 {VOLUME_SIZE}", 0x80 + k))
+        .map(|k| format!("write -P {} 0 {}M", 0x80 + k, VOLUME_BYTES >> 20))
         .collect();
     cmds.push("flush".into());
     run_ok(
@@ -1319,7 +1321,10 @@ fn every_listed_point_is_the_prefix_up_to_it_and_recover_undoes_a_whole_volume_o
     c.wait_replicated(CONVERGE);
     for (id, socket, before, seq, _) in &kept {
         let now = read_nbd(socket, scratch.path());
-        assert!(now == *before, "the view of point seq {seq} moved while 1 GiB was replicated");
+        assert!(
+            now == *before,
+            "the view of point seq {seq} moved while 1 GiB was replicated"
+        );
         test_stop(&c, "dr", *id);
     }
     // Recover at the newest point before the overwrite.
@@ -1333,11 +1338,123 @@ fn every_listed_point_is_the_prefix_up_to_it_and_recover_undoes_a_whole_volume_o
     assert!(out.contains("owned by dr"), "{out}");
     let socket = c.socket("dr", VOLUME);
     let now = read_nbd(socket.to_str().unwrap(), scratch.path());
-    assert!(now == want, "after recover at seq {seq}, dr serves that point's data");
+    assert!(
+        now == want,
+        "after recover at seq {seq}, dr serves that point's data"
+    );
     // What the recovery gave up is kept as rollback data on dr.
     let saved = std::fs::read_dir(c.site("dr").data_dir.join("rollback"))
         .map(|d| d.count())
         .unwrap_or(0);
     assert!(saved >= 2, "dr kept the overwritten data (.img and .index)");
+    drop(witness);
+}
+
+/// G3 with history (docs/HISTORY.md, "Always promotable"): a replica
+/// SIGKILLed in the middle of a resync still holds its last point. After
+/// a restart it says `resyncing` (not `inconsistent`); when the primary's
+/// site is lost, automatic failover promotes it at that point, and what
+/// it serves is exactly the prefix of the writes up to the point.
+#[test]
+fn a_replica_killed_mid_resync_is_promotable_at_its_last_point() {
+    const SEED: u64 = 0x5EED_0011;
+    const EVERY: u64 = 25;
+    let mut c = Cluster::new(
+        "ny",
+        &["dr"],
+        &[vol(VOLUME, VOLUME_SIZE)],
+        "queue_memory = \"1MiB\"\nmax_queue = \"1MiB\"",
+    );
+    let witness = Witness::start(c.dir.path());
+    c.set_coordinator(&witness.section("2s"));
+    c.start_any("dr");
+    c.start_any("ny");
+    c.wait_replicated(CONVERGE);
+    let history = Arc::new(Mutex::new(History::default()));
+    let w = Writer::start(&c.socket("ny", VOLUME), &history, SEED, EVERY);
+    w.write(200);
+    c.wait_replicated(CONVERGE);
+    let last = c.status("ny")["groups"][0]["next_seq"].as_u64().unwrap() - 1;
+    let newest = || {
+        let s = c.status("dr");
+        s["groups"][0]["replicas"][0]["points"]["newest"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    // dr's newest point is the last flush (writes 1..=200).
+    let points = |c: &Cluster| -> Vec<serde_json::Value> {
+        let out = run_ok(
+            std::process::Command::new(TANDEM)
+                .args(["points", "g", "--json", "--config"])
+                .arg(&c.site("dr").config),
+            Duration::from_secs(30),
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["points"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let point = poll_every(Duration::from_secs(30), Duration::from_millis(100), || {
+        points(&c).last().filter(|p| p["seq"] == last).cloned()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "dr's newest point is not the last flush (seq {last}): {:?}",
+            newest()
+        )
+    });
+    // An outage longer than the memory queue: dr needs a resync.
+    assert!(c.stop("dr").success());
+    w.write(600);
+    wait_until(Duration::from_secs(20), "ny to owe dr a resync", || {
+        primary_view(&c)["resyncing"] == true
+    });
+    w.allow(RUN_ON);
+    c.spawn("dr");
+    let began = poll_every(Duration::from_micros(200), Duration::from_secs(30), || {
+        assert!(
+            c.is_running("dr"),
+            "dr exited during start:\n{}",
+            c.site("dr").log()
+        );
+        disk_state(&c, "dr").is_some_and(|s| s.0).then_some(())
+    });
+    assert!(
+        began.is_some(),
+        "no resync of dr began: {:#}",
+        primary_view(&c)
+    );
+    c.kill("dr");
+    assert_eq!(
+        disk_state(&c, "dr").map(|s| s.0),
+        Some(true),
+        "dr was killed in the middle of its resync"
+    );
+    expect_stopped(w.finish(), "writer");
+    // The primary's site is lost.
+    c.kill("ny");
+    c.start_any("dr");
+    let me = c.status("dr")["groups"][0].clone();
+    if me["role"] != "primary" {
+        assert_eq!(
+            me["replicas"][0]["state"], "resyncing",
+            "a replica with a point says resyncing, not inconsistent: {me:#}"
+        );
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "dr promoted by automatic failover",
+        || c.status("dr")["groups"][0]["role"] == "primary",
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let image = read_nbd(c.socket("dr", VOLUME).to_str().unwrap(), scratch.path());
+    let blocks = history.lock().unwrap().blocks.clone();
+    let prefix = check_prefix(&image, &blocks)
+        .unwrap_or_else(|e| panic!("dr promoted mid-resync serves no prefix: {e}"));
+    assert_eq!(
+        prefix, 200,
+        "dr serves its last point (seq {}, the writes up to 200), not prefix {prefix}",
+        point["seq"]
+    );
     drop(witness);
 }

@@ -16,7 +16,7 @@ use crate::error::ReplicaError;
 /// A segment is closed once it holds this much.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Segment files kept open for reading at once.
-const OPEN_READERS: usize = 16;
+const OPEN_READERS: usize = 64;
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> ReplicaError {
     let path = path.to_owned();

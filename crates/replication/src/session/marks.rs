@@ -83,6 +83,9 @@ pub struct Marker {
     last_mark: Option<Instant>,
     /// The last record sent, if it is not marked.
     pending: Option<MarkAt>,
+    /// The last record the replica holds or was sent, as far as this
+    /// session knows (0: not known).
+    last_sent: u64,
 }
 
 impl Marker {
@@ -93,12 +96,14 @@ impl Marker {
             rule: MarkRule::opening(consistent),
             last_mark: None,
             pending: None,
+            last_sent: 0,
         }
     }
 
     /// The record `seq`, captured at `at`, was sent; `point`: it is a
     /// FLUSH or carries FUA. Returns the mark to send right after it.
     pub fn sent(&mut self, seq: u64, at: Instant, point: bool) -> Option<MarkAt> {
+        self.last_sent = seq;
         if !self.rule.allows(seq) {
             self.pending = None;
             return None;
@@ -135,17 +140,28 @@ impl Marker {
         self.pending.map(|p| p.at + MARK_EVERY)
     }
 
-    /// A resync began: nothing is marked until it ends at a consistent
-    /// point.
-    pub fn resync_begins(&mut self) {
+    /// A resync began, resuming the stream at `resume_at` (the replica
+    /// holds the records below it once the resync is over): nothing is
+    /// marked until it ends at a consistent point.
+    pub fn resync_begins(&mut self, resume_at: u64) {
         self.rule.resync_begins();
         self.pending = None;
         self.last_mark = None;
+        self.last_sent = resume_at.saturating_sub(1);
     }
 
-    /// A resync part ended with `consistent_at`.
-    pub fn resync_ends(&mut self, consistent_at: u64) {
+    /// A resync part ended with `consistent_at`, at `now`. When every
+    /// record below it was sent already, the images are a prefix at
+    /// `consistent_at - 1` (captured by now) as soon as they are applied:
+    /// that point is marked once the stream is idle, unless a later
+    /// record is sent first, so a group quiet after its resync still gets
+    /// a point.
+    pub fn resync_ends(&mut self, consistent_at: u64, now: Instant) {
         self.rule.resync_ends(consistent_at);
+        let seq = consistent_at.saturating_sub(1);
+        if self.rule.allows(seq) && seq > 0 && self.last_sent == seq {
+            self.pending = Some(MarkAt { seq, at: now });
+        }
     }
 }
 
@@ -262,14 +278,14 @@ mod tests {
         let mut m = Marker::new(true);
         assert_eq!(m.sent(1, t, false).map(|m| m.seq), Some(1));
         assert_eq!(m.sent(2, t, false), None);
-        m.resync_begins();
+        m.resync_begins(3);
         // The pending record of before the resync is forgotten.
         assert_eq!((m.idle(t + ms(5000)), m.deadline()), (None, None));
         // A part that more parts follow leaves nothing markable.
-        m.resync_ends(tandem_peer::NOT_YET_CONSISTENT);
+        m.resync_ends(tandem_peer::NOT_YET_CONSISTENT, t);
         assert_eq!(m.sent(10, t, true), None);
-        m.resync_begins();
-        m.resync_ends(20);
+        m.resync_begins(11);
+        m.resync_ends(20, t);
         // Records below 19 are of the resync's catch-up: no prefix.
         assert_eq!(m.sent(11, t, true), None);
         assert_eq!(m.sent(18, t + ms(2000), true), None);
@@ -282,9 +298,27 @@ mod tests {
         let t = Instant::now();
         let mut m = Marker::new(false);
         assert_eq!(m.sent(5, t, true), None);
-        m.resync_begins();
-        m.resync_ends(6);
+        m.resync_begins(6);
+        m.resync_ends(6, t);
         assert_eq!(m.sent(6, t, false).map(|m| m.seq), Some(6));
+    }
+
+    /// A resync that ends with every record below its consistent point
+    /// sent (an idle group's first sync) marks that point once idle.
+    #[test]
+    fn a_quiet_resync_end_is_marked_once_idle() {
+        let t = Instant::now();
+        let mut m = Marker::new(false);
+        m.resync_begins(8);
+        m.resync_ends(8, t);
+        assert_eq!(m.idle(t + ms(500)), None);
+        assert_eq!(m.idle(t + ms(1000)).map(|m| m.seq), Some(7));
+        // Records still to come: nothing is marked before they are sent.
+        let mut m = Marker::new(false);
+        m.resync_begins(8);
+        m.resync_ends(12, t);
+        assert_eq!(m.idle(t + ms(5000)), None);
+        assert_eq!(m.sent(11, t, false).map(|m| m.seq), Some(11));
     }
 
     #[test]
@@ -352,13 +386,18 @@ mod tests {
                 now += ms(gap);
                 match what {
                     0 => {
-                        m.resync_begins();
+                        m.resync_begins(seq + 1);
                         rule.resync_begins();
                         unmarked_since = None;
                         last_mark_at = None;
                         let consistent_at = seq + 1 + u64::from(point) * 3;
-                        m.resync_ends(consistent_at);
+                        m.resync_ends(consistent_at, now);
                         rule.resync_ends(consistent_at);
+                        if consistent_at == seq + 1 && seq > 0 {
+                            // Every record below it was sent: its point
+                            // is due once idle.
+                            unmarked_since = Some(now);
+                        }
                         continue;
                     }
                     1 => {
