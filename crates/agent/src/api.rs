@@ -150,7 +150,7 @@ enum ApiRequest {
     /// `tandem recover`: fail over to this site at a point in time.
     Recover {
         group: String,
-        at_ms: u64,
+        at: tandem_replication::history::PointChoice,
     },
 }
 
@@ -204,7 +204,9 @@ enum ApiError {
     TestQuery(String),
     #[error("cannot encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
-    #[error("\"at\" must be an RFC 3339 time like \"2026-12-05T10:15:00Z\", not {0:?}")]
+    #[error(
+        "\"at\" must be \"latest\" or an RFC 3339 time like \"2026-12-05T10:15:00Z\", not {0:?}"
+    )]
     BadTime(String),
     #[error(transparent)]
     Recover(#[from] crate::recover::RecoverError),
@@ -557,16 +559,9 @@ fn parse_authorized(request: &Request) -> Result<ApiRequest, ApiError> {
                     }
                     let at: At =
                         serde_json::from_str(body_text(request)?).map_err(ApiError::BadBody)?;
-                    let t = humantime::parse_rfc3339_weak(&at.at)
+                    let at = crate::testview::at::parse_absolute(&at.at)
                         .map_err(|_| ApiError::BadTime(at.at.clone()))?;
-                    let at_ms = t
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_err(|_| ApiError::BadTime(at.at.clone()))?
-                        .as_millis();
-                    Ok(ApiRequest::Recover {
-                        group,
-                        at_ms: u64::try_from(at_ms).unwrap_or(u64::MAX),
-                    })
+                    Ok(ApiRequest::Recover { group, at })
                 }
                 _ => Err(no_endpoint()),
             }
@@ -618,7 +613,7 @@ fn serve(request: ApiRequest, view: &StatusView) -> Result<Response, ApiError> {
         ApiRequest::StopTests { group, id } => {
             to_json(&serde_json::json!({ "stopped": view.stop_tests(&group, id)? }))
         }
-        ApiRequest::Recover { group, at_ms } => to_json(&view.recover(&group, at_ms)?),
+        ApiRequest::Recover { group, at } => to_json(&view.recover(&group, at)?),
     }
 }
 

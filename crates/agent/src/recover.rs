@@ -56,16 +56,10 @@ pub(crate) enum RecoverError {
     NotPromoted { group: String, waited: Duration },
 }
 
-/// Milliseconds since the Unix epoch as RFC 3339 (UTC, ms).
-pub fn rfc3339_ms(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 impl StatusView {
-    /// Fails `group` over to this site at the newest recovery point at or
-    /// before `at_ms` (ms since the Unix epoch).
-    pub(crate) fn recover(&self, group: &str, at_ms: u64) -> Result<Recovered, RecoverError> {
+    /// Fails `group` over to this site at the recovery point `at` names
+    /// (the newest at or before a time, or the latest).
+    pub(crate) fn recover(&self, group: &str, at: PointChoice) -> Result<Recovered, RecoverError> {
         let Some(o) = &self.ownership else {
             return Err(RecoverError::NoCoordinator);
         };
@@ -86,10 +80,10 @@ impl StatusView {
                 })
             }
         };
-        let point = history.choose(PointChoice::AtOrBefore(at_ms))?;
+        let point = history.choose(at)?;
         let started = Instant::now();
         *rt.recover_at.lock() = Some(point);
-        tracing::warn!(group, seq = point.seq, epoch = point.epoch, time = %rfc3339_ms(point.time_ms), "recovery to a point in time: failing the group over to this site at that point");
+        tracing::warn!(group, seq = point.seq, epoch = point.epoch, time = %crate::history::utc_ms(point.time_ms), "recovery to a point in time: failing the group over to this site at that point");
         let done = o.request(
             group,
             RequestKind::Failover,
@@ -128,7 +122,7 @@ impl StatusView {
             group: group.to_owned(),
             site,
             point: PointJson {
-                time: rfc3339_ms(point.time_ms),
+                time: crate::history::utc_ms(point.time_ms),
                 seq: point.seq,
                 epoch: point.epoch,
             },

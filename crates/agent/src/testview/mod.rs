@@ -164,9 +164,7 @@ pub fn point_status(point: &Point) -> TestPoint {
 
 /// `ms` since the Unix epoch as RFC 3339, UTC, with milliseconds.
 pub fn rfc3339_ms(ms: u64) -> String {
-    let seconds = tandem_coordinator::instance::utc(ms);
-    let base = seconds.strip_suffix('Z').unwrap_or(&seconds);
-    format!("{base}.{:03}Z", ms % 1000)
+    crate::history::utc_ms(ms)
 }
 
 /// The test views of one group on this site.

@@ -17,8 +17,10 @@ pub fn run(config_path: &Path, group: &str, at: &str, site: Option<&str>) -> Res
     {
         bail!("{target:?} is not a site name (A-Z, a-z, 0-9, '.', '_' and '-')");
     }
-    let when = parse_time(at, SystemTime::now())?;
-    let at = humantime::format_rfc3339_millis(when).to_string();
+    let now_ms = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let at = tandem_agent::testview::at::to_api(tandem_agent::testview::at::parse(at, now_ms)?);
     eprintln!("recover: failing group {group} over to {target} at the newest recovery point at or before {at}...");
     let body = serde_json::json!({ "at": at }).to_string();
     let answer = super::status::api_request(
@@ -38,46 +40,4 @@ pub fn run(config_path: &Path, group: &str, at: &str, site: Option<&str>) -> Res
         done["elapsed_ms"]
     );
     Ok(())
-}
-
-/// TIME: RFC 3339 (`2026-12-05T10:15:00Z`, fractions allowed) or a
-/// duration before `now` (`-15m`, `-2h30m`, `-90s`).
-pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime> {
-    let text = text.trim();
-    if let Some(ago) = text.strip_prefix('-') {
-        let d = humantime::parse_duration(ago)
-            .with_context(|| format!("{text:?}: a relative time is like -15m, -2h or -90s"))?;
-        return now
-            .checked_sub(d)
-            .with_context(|| format!("{text:?} is before the Unix epoch"));
-    }
-    humantime::parse_rfc3339_weak(text).with_context(|| {
-        format!("{text:?}: TIME is RFC 3339 (2026-12-05T10:15:00Z) or relative (-15m)")
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn times_are_absolute_or_before_now() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        assert_eq!(
-            parse_time("-15m", now).unwrap(),
-            now - Duration::from_secs(900)
-        );
-        assert_eq!(
-            parse_time("-2h30m", now).unwrap(),
-            now - Duration::from_secs(9000)
-        );
-        assert_eq!(
-            parse_time("2026-12-05T10:15:00.123Z", now).unwrap(),
-            SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_465_700_123)
-        );
-        assert!(parse_time("yesterday", now).is_err());
-        assert!(parse_time("-", now).is_err());
-        assert!(parse_time("-15 parsecs", now).is_err());
-    }
 }
