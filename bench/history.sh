@@ -546,14 +546,17 @@ for vol, label in (("sparse", "fresh sparse volume"), ("full", "fully written vo
     on, off = one(kind="wa", mode="on", vol=vol), one(kind="wa", mode="off", vol=vol)
     if not (on and off):
         continue
-    a_on, a_off = on["write_bytes"] / on["fio_bytes"], off["write_bytes"] / off["fio_bytes"]
+    # Device bytes (blkio) when counted: write_bytes over-counts on this
+    # kernel (see bench/README.md); the headline is the device's.
+    dev = lambda r: (r.get("blkio_bytes") or r["write_bytes"]) / r["fio_bytes"]
+    a_on, a_off = dev(on), dev(off)
     for r in (on, off):
         r["amplification"] = r["write_bytes"] / r["fio_bytes"]
-    rows.append([f"1: replica bytes written per replicated byte, {label}", f"{a_on:.2f}",
+    rows.append([f"1: replica device bytes written per replicated byte, {label}", f"{a_on:.2f}",
                  f"{a_off:.2f} (history off)", f"{a_on / a_off:.2f}x", "<= 2.0 (on)",
                  "ok" if a_on <= 2.0 else "ABOVE",
-                 (f"device bytes (blkio): {on['blkio_bytes']/on['fio_bytes']:.2f} on, "
-                  f"{off['blkio_bytes']/off['fio_bytes']:.2f} off; " if on.get("blkio_bytes") else "") +
+                 (f"write_bytes (/proc/PID/io): {on['write_bytes']/on['fio_bytes']:.2f} on, "
+                  f"{off['write_bytes']/off['fio_bytes']:.2f} off; " if on.get("blkio_bytes") else "") +
                  f"on: {on['write_bytes']/M:.0f} MiB written for {on['fio_bytes']/M:.0f} MiB "
                  f"(history dir +{on['history_growth']/M:.0f} MiB, cancelled {on['cancelled_write_bytes']/M:.0f} MiB, "
                  f"read {on['read_bytes']/M:.0f} MiB); off: {off['write_bytes']/M:.0f} MiB for "
@@ -568,11 +571,13 @@ if on and off:
                  f"{on['replica_cpu_pct']:.0f}%, {on['samples']} samples; off: p50 {off['p50']:.3f} max "
                  f"{off['max']:.3f}, fio {off['fio_mib_s']:.1f} MiB/s, replica CPU {off['replica_cpu_pct']:.0f}%"])
 if on and off and on.get("amplification") and off.get("amplification"):
-    rows.append([f"1: replica bytes written per replicated byte, during 2 (full volume, {params['LAG_RATE']}/s)",
-                 f"{on['amplification']:.2f}", f"{off['amplification']:.2f} (history off)",
-                 f"{on['amplification'] / off['amplification']:.2f}x", "<= 2.0 (on)",
-                 "ok" if on["amplification"] <= 2.0 else "ABOVE",
-                 f"device bytes (blkio): {on['blkio_bytes']/on['fio_bytes']:.2f} on, {off['blkio_bytes']/off['fio_bytes']:.2f} off; "
+    d_on = (on.get("blkio_bytes") or on["write_bytes"]) / on["fio_bytes"]
+    d_off = (off.get("blkio_bytes") or off["write_bytes"]) / off["fio_bytes"]
+    rows.append([f"1: replica device bytes written per replicated byte, during 2 (full volume, {params['LAG_RATE']}/s)",
+                 f"{d_on:.2f}", f"{d_off:.2f} (history off)",
+                 f"{d_on / d_off:.2f}x", "<= 2.0 (on)",
+                 "ok" if d_on <= 2.0 else "ABOVE",
+                 f"write_bytes (/proc/PID/io): {on['amplification']:.2f} on, {off['amplification']:.2f} off; "
                  f"{on['fio_bytes']/M:.0f} MiB replicated on, {off['fio_bytes']/M:.0f} MiB off"])
 o = one(kind="open")
 if o:
