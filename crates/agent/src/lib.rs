@@ -162,6 +162,7 @@ impl Agent {
             links: parking_lot::Mutex::new(BTreeMap::new()),
             tracker: Arc::default(),
         });
+        testview::remove_leftover_copies(shared.vms.hypervisor().as_ref(), config);
         let mut agent = Agent {
             shared: Arc::clone(&shared),
             groups: Arc::new(Groups::default()),

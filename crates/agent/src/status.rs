@@ -199,6 +199,18 @@ pub struct TestStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub exports: Vec<TestExportStatus>,
+    /// The copy of the group's VM booted on the view (`--boot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<TestVm>,
+}
+
+/// The copy of a group's VM a test booted (`tandem test start --boot`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestVm {
+    /// `<vm>-test-<id>`.
+    pub name: String,
+    /// Its libvirt state (`running`, `shut off`...).
+    pub state: String,
 }
 
 /// The recovery point a test views.

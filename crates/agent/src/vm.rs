@@ -242,6 +242,34 @@ impl Vms {
         Ok(how)
     }
 
+    /// Defines and starts `name`, a copy of the group's VM on a test view
+    /// (`tandem test start --boot`): the group's definition with its disks
+    /// on the view's sockets (`socket_of(volume)`), no network, nothing
+    /// that clashes with the VM ([`xml::test_copy`]). Undefined again when
+    /// it cannot start.
+    pub fn boot_test_copy(
+        &self,
+        group: &tandem_config::Group,
+        name: &str,
+        socket_of: impl Fn(&str) -> String,
+    ) -> Result<(), VmError> {
+        let vm = group.vm.as_deref().unwrap_or_default();
+        let path = self.definition_path(&group.name);
+        let definition = read_optional(&path)?.ok_or_else(|| VmError::NoDefinition {
+            vm: vm.to_owned(),
+            path: path.clone(),
+        })?;
+        let copy = xml::test_copy(&definition, name, socket_of)?;
+        let hv = &self.hypervisor;
+        hv.define(&copy)?;
+        if let Err(e) = hv.start(name) {
+            let _ = hv.undefine(name);
+            return Err(e.into());
+        }
+        info!(group = %group.name, vm = name, "test copy of the VM started on the test view (network detached)");
+        Ok(())
+    }
+
     /// Makes sure the group's VM does not run here: shut down within the
     /// group's `vm_shutdown_timeout` (`graceful`) or destroyed at once. Its
     /// definition then leaves this host (nothing, autostart or an

@@ -749,6 +749,69 @@ pub fn for_site(
     map_networks(&out, network_map)
 }
 
+/// A test copy of the VM (`tandem test start --boot`; docs/HISTORY.md,
+/// "Test views"): the group's definition made into another domain that
+/// can run beside the real VM without touching it. Every disk in Tandem's
+/// form reads `socket_of(volume)` (the test view's socket); the domain is
+/// named `name` and loses its `<uuid>` (libvirt makes a new one); every
+/// `<interface>` goes (the network is detached); a file-backed serial
+/// port or console writes to `<path>.<name>` instead of the VM's file; a
+/// graphics console with a fixed port gets one of libvirt's choosing.
+/// Everything else is kept byte for byte.
+pub fn test_copy(
+    xml: &str,
+    name: &str,
+    socket_of: impl Fn(&str) -> String,
+) -> Result<String, XmlError> {
+    representable("name", name)?;
+    let on_view = for_site(xml, socket_of, &[])?;
+    let doc = parse(&on_view)?;
+    let root = doc.root_element();
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    let name_node = child(root, "name").ok_or(XmlError::NoName)?;
+    edits.push((name_node.range(), format!("<name>{}</name>", text(name))));
+    if let Some(uuid) = child(root, "uuid") {
+        edits.push((whole_line(&on_view, uuid.range()), String::new()));
+    }
+    if let Some(devices) = child(root, "devices") {
+        for dev in devices.children().filter(|c| c.is_element()) {
+            match dev.tag_name().name() {
+                "interface" => edits.push((whole_line(&on_view, dev.range()), String::new())),
+                "serial" | "console" | "parallel" | "channel"
+                    if dev.attribute("type") == Some("file") =>
+                {
+                    if let Some(a) = child(dev, "source").and_then(|s| {
+                        s.attributes()
+                            .find(|a| a.name() == "path" && a.namespace().is_none())
+                    }) {
+                        let path = format!("{}.{name}", a.value());
+                        edits.push((a.range(), format!("path='{}'", attr(&path))));
+                    }
+                }
+                "graphics" => {
+                    for a in dev.attributes().filter(|a| a.namespace().is_none()) {
+                        match a.name() {
+                            "port" | "tlsPort" | "websocket" if a.value() != "-1" => {
+                                // With the space before it.
+                                let start = on_view[..a.range().start]
+                                    .trim_end_matches([' ', '\t', '\n'])
+                                    .len();
+                                edits.push((start..a.range().end, String::new()));
+                            }
+                            "autoport" if a.value() != "yes" => {
+                                edits.push((a.range(), "autoport='yes'".into()));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    checked(splice(&on_view, edits))
+}
+
 /// Puts the Tandem disks `disks` (target, raw file) back as `<disk>`
 /// elements: their `<qemu:commandline>` arguments are removed (the whole
 /// `<qemu:commandline>` when nothing else is left in it) and each gets
@@ -1354,6 +1417,80 @@ mod tests {
             device_id(&p, "vda").unwrap().as_deref(),
             Some("tandem-vda-dev")
         );
+    }
+
+    #[test]
+    fn a_test_copy_reads_the_view_and_clashes_with_nothing() {
+        let guest = VMKIT_GUEST.replace(
+            "<memballoon model='none'/>",
+            "<memballoon model='none'/>\n    <interface type='network'>\n      \
+                 <source network='default'/>\n    </interface>\n    \
+                 <graphics type='vnc' port='5901' autoport='no' listen='127.0.0.1'/>",
+        );
+        let p = protect(
+            &guest,
+            &[pd("vda", "web01-vda", "/a/nbd/web01-vda.sock")],
+            30,
+        )
+        .unwrap();
+        let copy = test_copy(&p, "web01-test-3", |v| format!("/a/nbd/test/web/{v}.sock")).unwrap();
+        let d = read(&copy).unwrap();
+        assert_eq!(d.name, "web01-test-3");
+        assert_eq!(d.disks.len(), 1);
+        assert_eq!(
+            d.disks[0].source,
+            DiskSource::Nbd {
+                export: "web01-vda".into(),
+                socket: "/a/nbd/test/web/web01-vda.sock".into()
+            }
+        );
+        assert_eq!(d.disks[0].serial.as_deref(), Some("myserial"));
+        for gone in [
+            "<uuid>",
+            "<interface",
+            "port='5901'",
+            "autoport='no'",
+            "/a/nbd/web01-vda.sock",
+        ] {
+            assert!(!copy.contains(gone), "{gone} left in {copy}");
+        }
+        assert!(
+            copy.contains("<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>"),
+            "{copy}"
+        );
+        assert_eq!(
+            copy.matches("/var/tmp/hvexp/console.log.web01-test-3'")
+                .count(),
+            2,
+            "{copy}"
+        );
+        // The rest is kept as it was.
+        assert!(copy.contains(
+            "<cmdline>console=ttyS0 panic=-1 loglevel=4 tandem.workload=write</cmdline>"
+        ));
+        assert_eq!(
+            copy.lines().count() + 4,
+            p.lines().count(),
+            "uuid and the interface's 3 lines go: {copy}"
+        );
+        // The original's name nowhere but where it was part of a path.
+        assert!(!copy.contains("<name>tandem-test-4242-0-write</name>"));
+    }
+
+    #[test]
+    fn a_test_copy_needs_a_name_xml_can_carry() {
+        let p = protect(VMKIT_GUEST, &[pd("vda", "v", "/s")], 30).unwrap();
+        assert!(matches!(
+            test_copy(&p, "bad\u{1}", |v| v.to_owned()),
+            Err(XmlError::Unrepresentable { .. })
+        ));
+        assert!(matches!(
+            test_copy("<domain><devices/></domain>", "x", |v| v.to_owned()),
+            Err(XmlError::NoName)
+        ));
+        // A name with XML's special characters is escaped.
+        let copy = test_copy(&p, "a&b", |v| v.to_owned()).unwrap();
+        assert_eq!(read(&copy).unwrap().name, "a&b");
     }
 
     /// A disk of a generated domain.

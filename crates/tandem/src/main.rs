@@ -57,7 +57,7 @@ enum TestAction {
         /// (2026-12-05T10:15:00Z), back from now (-15m, -2h, -30s), or latest
         #[arg(long, value_name = "TIME", default_value = "latest")]
         at: String,
-        /// Boot a copy of the group's VM on the view (not available yet)
+        /// Boot a copy of the group's VM on the view, its network detached
         #[arg(long)]
         boot: bool,
         /// Print the agent's answer as JSON

@@ -118,6 +118,10 @@ fn a_test_view_is_the_point_writable_isolated_and_leaves_nothing() {
     let dr = c.site("dr").config.clone();
     let data_dir = c.site("dr").data_dir.clone();
     let test = wait_point(&dr, seq);
+    // --boot wants a group with a VM (crates/tandem/tests/vm_testboot.rs).
+    let (code, out, err) = tandem_test(&dr, &["start", "g", "--boot"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("group g has no VM"), "{err}");
     let id = test["id"].as_u64().expect("id");
     let a = socket_of(&test, "a");
     let b = socket_of(&test, "b");

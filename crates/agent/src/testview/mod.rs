@@ -29,9 +29,10 @@ use tandem_nbd::{Export, Scope};
 use tandem_replication::history::{History, HistoryError, Point, PointChoice};
 use tracing::{info, warn};
 
-use crate::status::{TestExportStatus, TestPoint, TestState, TestStatus};
+use crate::status::{TestExportStatus, TestPoint, TestState, TestStatus, TestVm};
 use crate::Layout;
 use export::{Budget, PointSource, TestExport};
+use tandem_hypervisor::Hypervisor;
 
 /// How long a stopping test lets its clients finish their requests.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -54,6 +55,14 @@ pub enum TestError {
     NoHistory(String),
     #[error("group {group}: {source}")]
     History { group: String, source: HistoryError },
+    #[error("group {0} has no VM (vm = \"libvirt:NAME\"): --boot starts a copy of the group's VM; start the test without it")]
+    NoVm(String),
+    #[error("group {group}: cannot boot the test copy {name} of the VM: {source}")]
+    Boot {
+        group: String,
+        name: String,
+        source: Box<crate::vm::VmError>,
+    },
     #[error("group {group} has no test {id} running")]
     NoTest { group: String, id: u64 },
     #[error("cannot {what} {}: {source}", path.display())]
@@ -83,6 +92,9 @@ struct Running {
     pinned: bool,
     sockets: Vec<(String, PathBuf)>,
     scratch_dir: PathBuf,
+    /// The copy of the group's VM booted on the view (`--boot`), and the
+    /// hypervisor it runs on.
+    copy: Option<(String, Arc<dyn Hypervisor>)>,
 }
 
 impl Running {
@@ -108,12 +120,21 @@ impl Running {
                     socket: socket.display().to_string(),
                 })
                 .collect(),
+            vm: self.copy.as_ref().map(|(name, hv)| TestVm {
+                name: name.clone(),
+                state: hv
+                    .state(name)
+                    .map_or_else(|e| format!("unknown ({e})"), |s| s.to_string()),
+            }),
         }
     }
 
     /// Closes the exports and removes the sockets and the scratch; the
     /// view (and its hold on the history) goes with the last export.
     fn stop(self, group: &str, why: &str) {
+        if let Some((name, hv)) = &self.copy {
+            remove_copy(hv.as_ref(), group, name);
+        }
         let left = self.scope.shutdown(STOP_GRACE);
         if left > 0 {
             warn!(
@@ -211,6 +232,7 @@ impl Tests {
             pinned,
             sockets: Vec::new(),
             scratch_dir,
+            copy: None,
         };
         match serve(&mut test, group, view) {
             Ok(()) => {
@@ -229,6 +251,20 @@ impl Tests {
             Err(e) => {
                 test.stop(&group.name, "it could not start");
                 Err(e)
+            }
+        }
+    }
+
+    /// Records the copy of the VM booted on test `id`'s view, stopped with
+    /// it; when the test is gone already (stopped meanwhile), the copy goes
+    /// at once.
+    pub fn attach_copy(&self, group: &str, id: u64, name: String, hv: Arc<dyn Hypervisor>) {
+        let mut running = self.running.lock();
+        match running.iter_mut().find(|r| r.id == id) {
+            Some(test) => test.copy = Some((name, hv)),
+            None => {
+                drop(running);
+                remove_copy(hv.as_ref(), group, &name);
             }
         }
     }
@@ -323,6 +359,65 @@ fn serve(
     Ok(())
 }
 
+/// The name of the copy of VM `vm` booted on test `id`.
+pub fn copy_name(vm: &str, id: u64) -> String {
+    format!("{vm}-test-{id}")
+}
+
+/// Whether `domain` is named like a test copy of VM `vm`.
+pub fn is_copy_of(vm: &str, domain: &str) -> bool {
+    domain
+        .strip_prefix(vm)
+        .and_then(|rest| rest.strip_prefix("-test-"))
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Destroys and undefines a test copy of a VM.
+fn remove_copy(hv: &dyn Hypervisor, group: &str, name: &str) {
+    for (what, result) in [
+        ("destroy", hv.destroy(name)),
+        ("undefine", hv.undefine(name)),
+    ] {
+        if let Err(e) = result {
+            warn!(
+                group,
+                vm = name,
+                "cannot {what} the test copy of the VM: {e}"
+            );
+        }
+    }
+    info!(
+        group,
+        vm = name,
+        "test copy of the VM destroyed and undefined"
+    );
+}
+
+/// Removes the test copies of the groups' VMs a killed run left (agent
+/// start): named `<vm>-test-<id>` on this site's hypervisor.
+pub fn remove_leftover_copies(hv: &dyn Hypervisor, config: &tandem_config::Config) {
+    let vms: Vec<(&str, &str)> = config
+        .groups
+        .iter()
+        .filter_map(|g| g.vm.as_deref().map(|vm| (g.name.as_str(), vm)))
+        .collect();
+    if vms.is_empty() {
+        return;
+    }
+    let domains = match hv.domains() {
+        Ok(d) => d,
+        Err(e) => {
+            warn!("cannot look for test copies of VMs a previous run left: {e}");
+            return;
+        }
+    };
+    for d in domains {
+        if let Some((group, _)) = vms.iter().find(|(_, vm)| is_copy_of(vm, &d.name)) {
+            remove_copy(hv, group, &d.name);
+        }
+    }
+}
+
 /// Removes what tests of a killed run left (agent start): tests do not
 /// survive a restart.
 pub fn remove_leftovers(layout: &Layout) {
@@ -344,6 +439,23 @@ pub fn remove_leftovers(layout: &Layout) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_are_told_by_their_names() {
+        assert_eq!(copy_name("web01", 3), "web01-test-3");
+        assert!(is_copy_of("web01", "web01-test-3"));
+        assert!(is_copy_of("web01", &copy_name("web01", 12)));
+        for other in [
+            "web01",
+            "web01-test-",
+            "web01-test-x",
+            "web01-test-3a",
+            "web0-test-3",
+            "web01-test",
+        ] {
+            assert!(!is_copy_of("web01", other), "{other}");
+        }
+    }
 
     #[test]
     fn point_times_keep_their_milliseconds() {

@@ -1,7 +1,8 @@
 //! `tandem test start GROUP [--at TIME|latest]` and `tandem test stop
 //! GROUP [--id ID]`: test failover of unlimited length on a replica
 //! (docs/HISTORY.md, "Test views"). Relative times (`-15m`) are resolved
-//! here, against this host's clock, and sent as absolute ones.
+//! here, against this host's clock, and sent as absolute ones. `--boot`
+//! has the agent boot a copy of the group's VM on the view.
 
 use std::path::Path;
 
@@ -51,16 +52,15 @@ pub fn start(
     boot: bool,
     json: bool,
 ) -> Result<()> {
-    if boot {
-        bail!(
-            "--boot is not available yet: start the test without it and attach a copy of the VM \
-             to the sockets it prints (with its network detached)"
-        );
-    }
     let config = crate::load_config(config_path)?;
     let path = tests_path(&config, group, "", site)?;
     let choice = at::parse(at_text, now_ms())?;
-    let body = serde_json::json!({ "at": at::to_api(choice) }).to_string();
+    let body = if boot {
+        serde_json::json!({ "at": at::to_api(choice), "boot": true })
+    } else {
+        serde_json::json!({ "at": at::to_api(choice) })
+    }
+    .to_string();
     let answer = super::status::api_request(&config, "POST", &path, Some(&body))?;
     if json {
         println!("{}", answer.trim());
@@ -74,6 +74,12 @@ pub fn start(
     );
     for e in &test.exports {
         println!("  {}: {}", e.volume, e.socket);
+    }
+    if let Some(vm) = &test.vm {
+        println!(
+            "  VM copy {} booted on the view ({}), its network detached",
+            vm.name, vm.state
+        );
     }
     println!(
         "writes go to scratch (at most {}); replication goes on. Stop with: tandem test stop {group}{}",
