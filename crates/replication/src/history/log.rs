@@ -184,6 +184,12 @@ impl Log {
         Ok(file)
     }
 
+    /// Closes the segments kept open for reading (after a scan at open:
+    /// only test views keep them open).
+    pub fn close_readers(&self) {
+        self.readers.lock().clear();
+    }
+
     /// The segment holding `pos`: (start, end).
     pub fn segment_of(&self, pos: u64) -> Option<(u64, u64)> {
         self.segments

@@ -190,6 +190,8 @@ impl History {
         if log.end() > cut {
             log.truncate(cut)?;
         }
+        // The scan opened segments to read them: only views keep any.
+        log.close_readers();
         let history = Arc::new(History {
             dir: dir.to_owned(),
             volumes,
@@ -345,6 +347,13 @@ impl History {
             }
             pos += head.entry_len();
         }
+        drop(log);
+        // (The views' lock before the log's, as everywhere.)
+        let meta = self.meta.lock();
+        if meta.pins.is_empty() {
+            self.log.read().close_readers();
+        }
+        drop(meta);
         let mut out = Vec::new();
         for (v, m) in changed.iter().enumerate() {
             let v = u32::try_from(v).unwrap_or(u32::MAX);
@@ -398,6 +407,7 @@ impl History {
             v.image.sync()?;
         }
         log.truncate(end)?;
+        log.close_readers();
         meta.points.retain(|p| p.pos <= point.pos);
         meta.views.retain(|w| w.strong_count() > 0);
         Ok(())
@@ -532,6 +542,10 @@ impl History {
             if *n == 0 {
                 meta.pins.remove(&pos);
             }
+        }
+        if meta.pins.is_empty() {
+            // The last view is gone: its segments need no descriptors.
+            self.log.read().close_readers();
         }
     }
 }
