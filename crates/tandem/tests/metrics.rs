@@ -10,8 +10,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -34,41 +33,6 @@ fn metrics(c: &Cluster, site: &str) -> String {
     let (status, body) = api_call(c.site(site), "GET", "/metrics", "");
     assert_eq!(status, 200, "{body}");
     body
-}
-
-/// `promtool check metrics` on `text`: must pass, lint warnings included.
-fn promtool(text: &str) {
-    let mut child = Command::new(tool("promtool"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = wait_output(child, Duration::from_secs(60));
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}\n{}{}\n--- metrics ---\n{text}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn wait_output(child: std::process::Child, timeout: Duration) -> std::process::Output {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(timeout)
-        .expect("promtool did not finish")
-        .expect("promtool output")
 }
 
 /// Every sample of the exposition: `name{labels}` -> value.

@@ -10,9 +10,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -62,38 +61,6 @@ fn parse_time(s: &str) -> u128 {
         "not RFC 3339 with ms in UTC: {s}"
     );
     ms(humantime::parse_rfc3339(s).unwrap())
-}
-
-/// `promtool check metrics` on `text`: must pass, lint warnings included.
-fn promtool(text: &str) {
-    let mut child = Command::new(tool("promtool"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = run_child(child, Duration::from_secs(30));
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn run_child(mut child: std::process::Child, timeout: Duration) -> Output {
-    let done = poll(timeout, || child.try_wait().ok().flatten());
-    if done.is_none() {
-        let _ = child.kill();
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// The value of the sample `key` (name and labels as written).
