@@ -500,28 +500,47 @@ const BASE_CACHE: &str = "/var/cache/tandem/debian-bookworm-minbase.tar";
 
 /// The Debian mirror this machine's apt uses.
 fn debian_mirror() -> String {
+    // What apt reads: sources.list and sources.list.d/*.list|*.sources
+    // (other names, e.g. a disabled source, are ignored, as apt does).
     let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        for e in dir.flatten() {
-            texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+        let mut paths: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "list" || x == "sources"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            texts.push(std::fs::read_to_string(p).unwrap_or_default());
         }
     }
+    let usable = |uri: &str, suites: &[&str]| {
+        uri.starts_with("http") && !uri.contains("security") && suites.contains(&"bookworm")
+    };
     for text in &texts {
+        // One-line entries: `deb [options] URI SUITE COMPONENTS...`.
         for l in text.lines().map(str::trim) {
-            let uri = l
-                .strip_prefix("URIs:")
-                .map(|u| u.split_whitespace().next().unwrap_or(""))
-                .or_else(|| {
-                    l.strip_prefix("deb ").map(|r| {
-                        r.split_whitespace()
-                            .find(|w| w.starts_with("http"))
-                            .unwrap_or("")
-                    })
-                });
-            if let Some(uri) = uri {
-                if uri.starts_with("http") && !uri.contains("security") {
-                    return uri.to_owned();
+            if let Some(rest) = l.strip_prefix("deb ") {
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                if let Some(i) = words.iter().position(|w| w.starts_with("http")) {
+                    if usable(words[i], &words[i + 1..]) {
+                        return words[i].to_owned();
+                    }
                 }
+            }
+        }
+        // deb822 stanzas: `URIs:` and `Suites:` of one paragraph.
+        for stanza in text.split("\n\n") {
+            let field = |name: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix(name))
+                    .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                    .unwrap_or_default()
+            };
+            let suites = field("Suites:");
+            if let Some(uri) = field("URIs:").into_iter().find(|u| usable(u, &suites)) {
+                return uri.to_owned();
             }
         }
     }

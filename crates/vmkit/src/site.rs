@@ -527,7 +527,11 @@ fn site_script() -> String {
     let mut s =
         String::from("set -e\nR=$1\nexec 2>>\"$R/log/start.log\" >&2\nmount --make-rprivate /\n");
     for (dir, mount_point) in BINDS {
-        s.push_str(&format!("mount --bind \"$R/{dir}\" {mount_point}\n"));
+        // A fresh machine may lack a mount point (/run/libvirt exists
+        // only once a system libvirtd ran).
+        s.push_str(&format!(
+            "mkdir -p {mount_point}\nmount --bind \"$R/{dir}\" {mount_point}\n"
+        ));
     }
     s.push_str(
         "LIBVIRT_LOG_OUTPUTS=\"3:file:$R/log/virtlogd.log\" virtlogd -d -p \"$R/virtlogd.pid\"\n\
