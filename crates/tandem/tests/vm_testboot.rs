@@ -7,9 +7,10 @@
 //! every file ny acknowledged before the point) while web01 keeps running
 //! at ny. `tandem test stop` leaves no domain behind. A group without a VM
 //! refuses `--boot` (crates/tandem/tests/testview.rs).
-//! The test guest has no interface of its own (QEMU in this image fails to
-//! start one: virtio-net and user networking were tried); that the copy
-//! loses every `<interface>` is checked by `xml::test_copy`'s unit tests.
+//! web01 has a network interface (user-mode networking); the copy has
+//! none. A copy does not outlive its agent (removed when the agent starts
+//! again after a SIGKILL) nor a promotion of the replica (removed before
+//! the group's VM starts there).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -93,7 +94,7 @@ fn tandem_test(config: &Path, args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
-fn boot_runs_a_copy_of_the_vm_on_the_test_view_without_network_and_stop_removes_it() {
+fn boot_runs_a_copy_of_the_vm_on_the_test_view_without_network_and_nothing_outlives_it() {
     let image = ok(GuestImage::ensure(), "guest image");
     let ny_host = ok(SiteLibvirt::start("ny"), "ny libvirt");
     let dr_host = ok(SiteLibvirt::start("dr"), "dr libvirt");
@@ -135,7 +136,14 @@ fn boot_runs_a_copy_of_the_vm_on_the_test_view_without_network_and_stop_removes_
     )
     .with_name(VM)
     .with_console(&console);
-    let xml = tandem_vmkit::domain_xml(VM, &image, &config, &console);
+    // web01 has a network interface (user-mode networking: no host
+    // bridge needed); the copy must come without it.
+    let xml = tandem_vmkit::domain_xml(VM, &image, &config, &console).replacen(
+        "</devices>",
+        "<interface type='user'><mac address='52:54:00:7a:6e:01'/><model type='virtio'/></interface>\n</devices>",
+        1,
+    );
+    assert!(xml.contains("<interface"), "{xml}");
     let xml_path = work.join("web01.xml");
     std::fs::write(&xml_path, &xml).unwrap();
     ok(
@@ -247,7 +255,65 @@ fn boot_runs_a_copy_of_the_vm_on_the_test_view_without_network_and_stop_removes_
     assert!(domains.is_empty(), "domains left at dr: {domains:?}");
     assert_eq!(ny_host.qemu_pid(VM), Some(ny_pid));
 
+    // A killed agent's copy does not outlive it: the agent removes it
+    // when it starts again (tests do not survive a restart).
+    let boot = |what: &str| -> String {
+        let (code, out, err) = tandem_test(&dr, &["start", "g", "--boot", "--json"]);
+        assert_eq!(
+            code, 0,
+            "{what}: tandem test start --boot failed: {out}{err}"
+        );
+        let test: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let name = test["vm"]["name"].as_str().unwrap().to_owned();
+        assert!(
+            dr_host.qemu_pid(&name).is_some(),
+            "{what}: the copy {name} does not run at dr"
+        );
+        name
+    };
+    let copy = boot("before the kill");
+    c.kill("dr");
+    assert!(
+        dr_host.qemu_pid(&copy).is_some(),
+        "the copy runs on without its agent (libvirt's child)"
+    );
+    c.start("dr");
+    wait_until(BOOT, "dr's agent to remove the copy at start", || {
+        ok(dr_host.libvirt().domains(), "domains").is_empty()
+    });
+    assert_eq!(dr_host.qemu_pid(&copy), None);
+    c.wait_replicated(Duration::from_secs(60));
+
+    // A promotion removes the copies before the group's VM starts there.
+    let copy = boot("before the migration");
+    run_ok(
+        Command::new(TANDEM)
+            .args(["migrate", "g", "--to", "dr", "--config"])
+            .arg(&c.site("ny").config),
+        Duration::from_secs(180),
+    );
+    wait_until(BOOT, "web01 running at dr", || {
+        dr_host.qemu_pid(VM).is_some()
+    });
+    assert_eq!(
+        dr_host.qemu_pid(&copy),
+        None,
+        "the copy outlived the promotion"
+    );
+    let domains = ok(dr_host.libvirt().domains(), "domains");
+    assert_eq!(
+        domains,
+        vec![VM.to_owned()],
+        "domains at dr after the promotion"
+    );
+    assert_eq!(ny_host.qemu_pid(VM), None, "web01 still runs at ny");
+
     c.stop("ny");
     c.stop("dr");
-    ok(ny_host.libvirt().destroy_and_undefine(VM), "remove web01");
+    ok(
+        dr_host.libvirt().destroy_and_undefine(VM),
+        "remove web01 at dr",
+    );
+    let _ = ny_host.libvirt().destroy_and_undefine(VM);
 }

@@ -95,13 +95,18 @@ pub const QEMU_XMLNS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 /// -blockdev {"driver":"raw","node-name":"tandem-vda","file":{"driver":"nbd",
 ///            "node-name":"tandem-vda-nbd","server":{"type":"unix","path":SOCKET},
 ///            "export":EXPORT,"reconnect-delay":N}}
-/// -device virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev
+/// -device virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev,bus=pci.0,addr=0x9
 /// ```
 ///
 /// With `reconnect-delay`, QEMU holds the guest's I/O while the server is
 /// gone (killed and restarted on the same socket) and reconnects, for up
 /// to N seconds, instead of failing it. The guest sees `/dev/vda` (the
 /// only virtio disk).
+///
+/// The device has a fixed PCI address (slot 9 of the `pc` machine's
+/// bus), as a disk Tandem protected keeps the one libvirt gave it:
+/// libvirt does not know the passthrough device, and would give its
+/// lowest free slot to another device (an `<interface>`) lacking one.
 pub fn tandem_nbd_commandline(socket: &Path, export: &str, reconnect_delay_secs: u32) -> String {
     let blockdev = format!(
         "{{\"driver\":\"raw\",\"node-name\":\"tandem-vda\",\"file\":{{\"driver\":\"nbd\",\
@@ -115,7 +120,7 @@ pub fn tandem_nbd_commandline(socket: &Path, export: &str, reconnect_delay_secs:
          \x20   <qemu:arg value='-blockdev'/>\n\
          \x20   <qemu:arg value='{}'/>\n\
          \x20   <qemu:arg value='-device'/>\n\
-         \x20   <qemu:arg value='virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev'/>\n\
+         \x20   <qemu:arg value='virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev,bus=pci.0,addr=0x9'/>\n\
          \x20 </qemu:commandline>",
         escape(&blockdev)
     )

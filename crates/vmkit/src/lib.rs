@@ -81,7 +81,7 @@
 //!   `-blockdev {"driver":"raw","node-name":"tandem-vda","file":{"driver":
 //!   "nbd","node-name":"tandem-vda-nbd","server":{"type":"unix","path":
 //!   SOCKET},"export":EXPORT,"reconnect-delay":N}}` and `-device
-//!   virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev` in
+//!   virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev,bus=pci.0,addr=0x9` in
 //!   `<qemu:commandline>` (no `<disk>` element; the domain declares
 //!   `xmlns:qemu=`[`QEMU_XMLNS`]), because libvirt 9.0 drops `<reconnect
 //!   delay>` from an NBD `<disk>`. With it QEMU holds the guest's I/O while
