@@ -509,3 +509,92 @@ fn the_byte_cap_drops_the_oldest_points_and_nothing_else() {
     );
     assert_eq!(g.position().applied, RECORDS);
 }
+
+/// H6: a resync makes no points, so its images stay promotable at the
+/// point from before it, however long it runs (past `retention`) and
+/// however much it overwrites (past `history_max`); status says the log
+/// is held over the cap, and a rollback to the point restores it.
+#[test]
+fn a_resync_never_loses_the_newest_point() {
+    const CHUNK: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let volumes = (0..VOLUMES)
+        .map(|i| ReplicaVolume {
+            name: format!("v{i}"),
+            image: Arc::new(
+                RawImage::open_or_create(&dir.path().join(format!("v{i}.img")), SIZE).unwrap(),
+            ),
+        })
+        .collect();
+    let cap = 64 << 20;
+    let options = ReplicaOptions {
+        history: Some(Retention {
+            keep: Duration::from_secs(3600),
+            max_bytes: cap,
+        }),
+    };
+    let mut g =
+        ReplicaGroup::open_with(&dir.path().join("replica"), "g", volumes, options).unwrap();
+    g.set_epoch(1).unwrap();
+    g.begin_resync(1, 1).unwrap();
+    g.end_resync(1).unwrap();
+    // The point: two hours old, past `retention` (1 h).
+    let old = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 2 * 3600 * 1000;
+    g.receive(&Entry {
+        epoch: 1,
+        seq: 1,
+        volume: 0,
+        op: RecordOp::Write,
+        fua: true,
+        offset: 0,
+        len: SIZE,
+        data: vec![0xAA; SIZE as usize],
+    })
+    .unwrap();
+    g.mark(1, old);
+    g.commit().unwrap();
+    let point = g.history().unwrap().latest().unwrap();
+    assert_eq!(point.seq, 1);
+
+    // A resync overwrites the volume again and again: 192 MiB of undo
+    // data, three times the cap, with records streaming (each commit
+    // trims).
+    g.begin_resync(1, 2).unwrap();
+    let mut seq = 1;
+    for round in 0..(192 << 20) / SIZE {
+        for off in (0..SIZE).step_by(CHUNK as usize) {
+            g.write_chunk(0, off, &vec![round as u8 | 1; CHUNK as usize])
+                .unwrap();
+        }
+        seq += 1;
+        g.receive(&Entry {
+            epoch: 1,
+            seq,
+            volume: 1,
+            op: RecordOp::Write,
+            fua: false,
+            offset: 0,
+            len: 4096,
+            data: vec![seq as u8; 4096],
+        })
+        .unwrap();
+        g.commit().unwrap();
+    }
+    let h = g.history().unwrap();
+    let s = h.summary();
+    assert!(s.bytes > cap, "the resync's undo data is all kept: {s:?}");
+    assert!(s.held_over_cap, "status says the log is held over the cap");
+    assert_eq!(h.points(), vec![point], "the point is still listed");
+    assert!(!g.position().consistent, "the images are mid-resync");
+    assert!(g.position().point, "and promotable at the point");
+
+    g.roll_back_to(point).unwrap();
+    let v0 = std::fs::read(dir.path().join("v0.img")).unwrap();
+    assert!(v0.iter().all(|b| *b == 0xAA), "v0 is back at the point");
+    let v1 = std::fs::read(dir.path().join("v1.img")).unwrap();
+    assert!(v1.iter().all(|b| *b == 0), "v1 is back at the point");
+}

@@ -273,10 +273,15 @@ impl History {
     pub fn trim(&self, now_ms: u64) -> Result<(), ReplicaError> {
         let mut meta = self.meta.lock();
         meta.views.retain(|w| w.strong_count() > 0);
-        let held_from = meta.pins.keys().next().copied().unwrap_or(u64::MAX);
+        // A running test view holds the log from its point on; the newest
+        // point is never dropped, so that images in the middle of a resync
+        // (which makes no points) stay promotable at it (H6).
+        let pinned = meta.pins.keys().next().copied().unwrap_or(u64::MAX);
+        let newest = meta.points.last().map_or(u64::MAX, |p| p.pos);
+        let held_from = pinned.min(newest);
         let cutoff = now_ms
             .saturating_sub(u64::try_from(meta.retention.keep.as_millis()).unwrap_or(u64::MAX));
-        let mut held = false;
+        let mut held = None;
         loop {
             let mut log = self.log.write();
             let segments = log.segments();
@@ -296,7 +301,11 @@ impl History {
                 break;
             }
             if held_from < e0 {
-                held = over_cap;
+                held = over_cap.then_some(if pinned < e0 {
+                    "a running test view holds it"
+                } else {
+                    "the newest recovery point is kept until a newer one is made (a resync makes none)"
+                });
                 break;
             }
             log.drop_first()?;
@@ -314,10 +323,10 @@ impl History {
             }
             meta.points.drain(..gone);
         }
-        if held && !meta.held_over_cap {
-            tracing::warn!(dir = %self.dir.display(), "history is over history_max: a running test view holds it");
+        if let (Some(why), false) = (held, meta.held_over_cap) {
+            tracing::warn!(dir = %self.dir.display(), "history is over history_max: {why}");
         }
-        meta.held_over_cap = held;
+        meta.held_over_cap = held.is_some();
         Ok(())
     }
 
