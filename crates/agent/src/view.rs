@@ -481,7 +481,7 @@ fn link_status(
         ReplicaState::Disconnected
     } else if paused {
         ReplicaState::Paused
-    } else if !info.replica_consistent {
+    } else if !info.replica_promotable {
         ReplicaState::Inconsistent
     } else if resyncing {
         ReplicaState::Resyncing

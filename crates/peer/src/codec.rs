@@ -14,6 +14,10 @@ use crate::{FRAME_HEADER_LEN, MAGIC, MAX_PAYLOAD};
 
 /// Record flag: forced unit access.
 const FLAG_FUA: u8 = 1;
+/// `Welcome` flags: the replica keeps history; it holds a recovery point.
+const WELCOME_HISTORY: u8 = 1;
+const WELCOME_POINT: u8 = 2;
+const WELCOME_FLAGS: u8 = WELCOME_HISTORY | WELCOME_POINT;
 
 /// A validated frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,12 +189,21 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, P
             let state = r.u8("state")?;
             let state = ReplicaState::from_u8(state)
                 .ok_or_else(|| PeerError::malformed(kind, format_args!("unknown state {state}")))?;
+            let flags = r.u8("flags")?;
+            if flags & !WELCOME_FLAGS != 0 {
+                return Err(PeerError::malformed(
+                    kind,
+                    format_args!("unknown flags {flags:#04x}"),
+                ));
+            }
             Message::Welcome(Welcome {
                 replica,
                 epoch,
                 applied,
                 durable,
                 state,
+                history: flags & WELCOME_HISTORY != 0,
+                point: flags & WELCOME_POINT != 0,
             })
         }
         3 => Message::Refuse {
@@ -628,7 +641,7 @@ pub fn payload_len(msg: &Message) -> usize {
                     .map(|(name, _)| str_len(name) + 8)
                     .sum::<usize>()
         }
-        Message::Welcome(w) => str_len(&w.replica) + 8 + 8 + 8 + 1,
+        Message::Welcome(w) => str_len(&w.replica) + 8 + 8 + 8 + 1 + 1,
         Message::Refuse { reason } => str_len(reason),
         Message::Record(rec) => {
             8 + 8
@@ -731,6 +744,10 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
             put_u64(w, wl.applied);
             put_u64(w, wl.durable);
             w.push(wl.state as u8);
+            w.push(
+                if wl.history { WELCOME_HISTORY } else { 0 }
+                    | if wl.point { WELCOME_POINT } else { 0 },
+            );
         }
         Message::Refuse { reason } => put_str(w, reason),
         Message::Record(rec) => {

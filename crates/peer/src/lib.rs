@@ -61,8 +61,9 @@ pub use stream::{
 };
 
 /// The protocol version sent in `Link` and `Hello`; a peer of another
-/// version is refused with both versions named. 5 added `Mark`.
-pub const VERSION: u16 = 5;
+/// version is refused with both versions named. 5 added `Mark`, 6 the
+/// `Welcome` flags (history, point).
+pub const VERSION: u16 = 6;
 /// `ResyncEnd.consistent_at` of a resync part that more parts follow: the
 /// replica stays inconsistent until a later part ends.
 pub const NOT_YET_CONSISTENT: u64 = u64::MAX;

@@ -199,6 +199,12 @@ pub struct Welcome {
     /// Every record up to this sequence number is synced in its journal.
     pub durable: u64,
     pub state: ReplicaState,
+    /// The replica keeps history for the group (docs/HISTORY.md): every
+    /// mark it is sent becomes a recovery point.
+    pub history: bool,
+    /// It holds a recovery point: whatever `state` says, it can be
+    /// promoted at that point (a resync in progress is undone).
+    pub point: bool,
 }
 
 /// The operation of a `Record`.

@@ -422,6 +422,7 @@ fn group_and_site_names_elsewhere() {
             .u64(u64::MAX)
             .u64(u64::MAX)
             .u8(0)
+            .u8(3)
             .frame(2)
     };
     assert!(decode_bounded(&welcome(MAX_NAME)).is_ok());

@@ -306,12 +306,37 @@ fn welcome_state() {
         applied: 2,
         durable: 3,
         state: ReplicaState::New,
+        history: true,
+        point: false,
     }));
-    let last = f.len() - 1;
-    f[last] = 3;
+    let state = f.len() - 2;
+    f[state] = 3;
     let crc = crc32c::crc32c(&f[16..]);
     f[12..16].copy_from_slice(&crc.to_le_bytes());
     assert!(malformed(&f).contains("state 3"));
+}
+
+#[test]
+fn welcome_flags() {
+    let mut f = frame(&Message::Welcome(Welcome {
+        replica: "ldn".into(),
+        epoch: 1,
+        applied: 2,
+        durable: 3,
+        state: ReplicaState::Inconsistent,
+        history: true,
+        point: true,
+    }));
+    let flags = f.len() - 1;
+    assert_eq!(f[flags], 3);
+    f[flags] = 4;
+    let crc = crc32c::crc32c(&f[16..]);
+    f[12..16].copy_from_slice(&crc.to_le_bytes());
+    assert!(
+        malformed(&f).contains("unknown flags 0x04"),
+        "{}",
+        malformed(&f)
+    );
 }
 
 #[test]

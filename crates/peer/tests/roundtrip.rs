@@ -105,15 +105,28 @@ pub fn message() -> impl Strategy<Value = Message> {
                     volumes,
                 })
             }),
-        (text(), any::<u64>(), any::<u64>(), any::<u64>(), 0u8..3).prop_map(
-            |(replica, epoch, applied, durable, state)| Message::Welcome(Welcome {
-                replica,
-                epoch,
-                applied,
-                durable,
-                state: ReplicaState::from_u8(state).unwrap(),
-            })
-        ),
+        (
+            text(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            0u8..3,
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(replica, epoch, applied, durable, state, history, point)| {
+                    Message::Welcome(Welcome {
+                        replica,
+                        epoch,
+                        applied,
+                        durable,
+                        state: ReplicaState::from_u8(state).unwrap(),
+                        history,
+                        point,
+                    })
+                }
+            ),
         text().prop_map(|reason| Message::Refuse { reason }),
         record().prop_map(Message::Record),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(received, durable, applied)| {

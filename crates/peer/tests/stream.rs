@@ -32,6 +32,8 @@ fn session() -> Vec<Message> {
             applied: 10,
             durable: 12,
             state: ReplicaState::Consistent,
+            history: true,
+            point: true,
         }),
         Message::Record(Record {
             epoch: 4,

@@ -39,7 +39,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// With history, the images are synced (and the records made durable) at
 /// every FLUSH or FUA and at least this often while records arrive; an
 /// idle primary's ping makes the rest durable (docs/HISTORY.md).
-const HISTORY_SYNC_EVERY: Duration = Duration::from_millis(200);
+pub const HISTORY_SYNC_EVERY: Duration = Duration::from_millis(200);
 const CHECKPOINT_BYTES: u64 = 1 << 30;
 /// Bytes of received records the committer may have waiting before
 /// [`ReplicaGroup::commit_in_background`] blocks the session (back-pressure).
@@ -73,6 +73,11 @@ pub struct Position {
     /// Bytes of the images hashed to compare them with a primary's, since
     /// the group was opened (resyncs and verifications).
     pub compared: u64,
+    /// The group keeps history (docs/HISTORY.md).
+    pub history: bool,
+    /// The history holds a recovery point: promotable at it even in the
+    /// middle of a resync.
+    pub point: bool,
 }
 
 /// Received records in journal encoding, with where each one's data lies.
@@ -363,6 +368,8 @@ impl ReplicaGroup {
             consistent: false,
             new,
             resyncing: false,
+            history: false,
+            point: false,
             resync_epoch: 0,
             compared: 0,
         }));
@@ -1074,6 +1081,8 @@ impl Core {
             resyncing: s.inconsistent,
             resync_epoch: s.resync_epoch,
             compared: self.compared,
+            history: self.history.is_some(),
+            point: self.history.as_ref().is_some_and(|h| h.latest().is_some()),
         }
     }
 
@@ -1159,7 +1168,9 @@ impl Core {
             .records
             .iter()
             .any(|r| r.op == RecordOp::Flush || r.fua);
-        if flush || self.last_checkpoint.elapsed() >= HISTORY_SYNC_EVERY {
+        // The session commits every HISTORY_SYNC_EVERY (or sooner, when
+        // 8 MiB wait): such a commit is a checkpoint, whatever a sync took.
+        if flush || self.last_checkpoint.elapsed() >= HISTORY_SYNC_EVERY * 3 / 4 {
             for v in self.volumes.iter() {
                 v.image.sync()?;
             }

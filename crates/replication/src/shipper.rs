@@ -204,18 +204,22 @@ struct Wire<'a> {
 struct Marks {
     marker: Marker,
     clock: WallClock,
+    /// Told of every mark sent (the replica's point, for status).
+    link: Arc<Link>,
 }
 
 impl Marks {
     /// `consistent`: the session streams to a replica that is a prefix.
-    fn new(consistent: bool) -> Marks {
+    fn new(consistent: bool, link: Arc<Link>) -> Marks {
         Marks {
             marker: Marker::new(consistent),
             clock: WallClock::now(),
+            link,
         }
     }
 
     fn message(&self, mark: crate::session::marks::MarkAt) -> Message {
+        self.link.session.lock().marked(mark.seq);
         Message::Mark {
             seq: mark.seq,
             time_ms: self.clock.ms(mark.at),
@@ -446,7 +450,7 @@ impl Shipper {
                 end
             })
         };
-        let mut marks = Marks::new(consistent);
+        let mut marks = Marks::new(consistent, Arc::clone(&self.link));
         let result = self
             .stream(&mut out, &mut diff_rx, &alive, compressor, &mut marks, wake)
             .await;

@@ -432,7 +432,7 @@ fn marks_follow_a_resync_catch_up_and_a_new_session() {
 }
 
 #[test]
-fn a_link_of_protocol_version_4_is_refused_with_both_versions() {
+fn a_link_of_another_protocol_version_is_refused_with_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let site = replica_site(
         &dir.path().join("replica"),
@@ -441,7 +441,7 @@ fn a_link_of_protocol_version_4_is_refused_with_both_versions() {
         &dir.path().join("r.img"),
         SIZE,
     );
-    for version in [4, 6] {
+    for version in [4, 5, 7] {
         let (mut ours, theirs) = UnixStream::pair().unwrap();
         let ctx = Arc::clone(&site.ctx);
         let served = thread::spawn(move || {
@@ -461,7 +461,10 @@ fn a_link_of_protocol_version_4_is_refused_with_both_versions() {
         assert_eq!(
             answer,
             Message::Refuse {
-                reason: format!("protocol version {version} is not supported (this site speaks 5)")
+                reason: format!(
+                    "protocol version {version} is not supported (this site speaks {})",
+                    tandem_peer::VERSION
+                )
             }
         );
         let end = served.join().unwrap().unwrap_err();

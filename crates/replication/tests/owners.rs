@@ -106,6 +106,8 @@ fn held(epoch: u64) -> Position {
         resyncing: false,
         resync_epoch: 0,
         compared: 0,
+        history: false,
+        point: false,
     }
 }
 

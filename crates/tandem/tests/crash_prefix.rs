@@ -1410,6 +1410,14 @@ fn a_replica_killed_mid_resync_is_promotable_at_its_last_point() {
         primary_view(&c)["resyncing"] == true
     });
     w.allow(RUN_ON);
+    // A slow link keeps the resync going while the views are read.
+    run_ok(
+        std::process::Command::new(TANDEM)
+            .args(["bandwidth", "--config"])
+            .arg(&c.site("ny").config)
+            .args(["dr", "1Mbit"]),
+        Duration::from_secs(15),
+    );
     c.spawn("dr");
     let began = poll_every(Duration::from_micros(200), Duration::from_secs(30), || {
         assert!(
@@ -1423,6 +1431,26 @@ fn a_replica_killed_mid_resync_is_promotable_at_its_last_point() {
         began.is_some(),
         "no resync of dr began: {:#}",
         primary_view(&c)
+    );
+    // Both views of dr: `resyncing`, never `inconsistent` (it holds a
+    // point: always promotable).
+    let seen = poll_every(Duration::from_secs(20), Duration::from_millis(50), || {
+        let theirs = primary_view(&c);
+        assert_ne!(theirs["state"], "inconsistent", "ny's view: {theirs:#}");
+        let own = own_state(&c, "dr");
+        assert_ne!(own, "inconsistent", "dr's own view");
+        (theirs["state"] == "resyncing" && own == "resyncing").then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "dr is not `resyncing` in both views: ny says {:#}, dr says {}",
+        primary_view(&c),
+        own_state(&c, "dr")
+    );
+    assert_eq!(
+        disk_state(&c, "dr").map(|s| s.0),
+        Some(true),
+        "the resync ended before the views were read (the link is slow)"
     );
     c.kill("dr");
     assert_eq!(

@@ -19,6 +19,11 @@ use crate::session::marks::MarkRule;
 
 /// Journal syncs (and acks) at least this often while records arrive.
 pub const COMMIT_EVERY: Duration = Duration::from_millis(20);
+/// With history, records become durable only at a checkpoint (every
+/// `HISTORY_SYNC_EVERY`, docs/HISTORY.md): committing more often would
+/// only sync the undo log more often (a page and the file's metadata per
+/// sync) and make nothing durable sooner.
+pub const HISTORY_COMMIT_EVERY: Duration = crate::replica::HISTORY_SYNC_EVERY;
 /// ...or after this many bytes.
 pub const COMMIT_BYTES: usize = 8 << 20;
 
@@ -310,6 +315,9 @@ pub struct ReplicaSession {
     last_mark: u64,
     since_commit: Instant,
     bytes_since_commit: u64,
+    /// [`COMMIT_EVERY`], or [`HISTORY_COMMIT_EVERY`] for a group that
+    /// keeps history.
+    commit_every: Duration,
     /// The message just stepped asks for a commit and acknowledgement now.
     ack_now: bool,
     pinged: bool,
@@ -357,6 +365,8 @@ impl ReplicaSession {
             applied: held.applied,
             durable: held.durable,
             state,
+            history: held.history,
+            point: held.point,
         };
         Ok((
             ReplicaSession {
@@ -369,6 +379,11 @@ impl ReplicaSession {
                 last_mark: 0,
                 since_commit: now,
                 bytes_since_commit: 0,
+                commit_every: if held.history {
+                    HISTORY_COMMIT_EVERY
+                } else {
+                    COMMIT_EVERY
+                },
                 ack_now: false,
                 pinged: false,
                 flush_owed: false,
@@ -598,7 +613,7 @@ impl ReplicaSession {
         batch: bool,
         idle: bool,
     ) -> Commit {
-        let due = now.saturating_duration_since(self.since_commit) >= COMMIT_EVERY
+        let due = now.saturating_duration_since(self.since_commit) >= self.commit_every
             || self.bytes_since_commit >= COMMIT_BYTES as u64;
         // A FLUSH or FUA (or an idle primary's ping) is synced and applied
         // now and acknowledged at once — after the message behind it, if
@@ -679,6 +694,8 @@ mod tests {
             resyncing: !consistent,
             resync_epoch: 0,
             compared: 0,
+            history: false,
+            point: false,
         }
     }
 
@@ -866,7 +883,7 @@ mod tests {
         let e = check_hello(&h, "dr", None, Some(&membership)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "protocol version 4 is not supported (this site speaks 5)"
+            "protocol version 4 is not supported (this site speaks 6)"
         );
     }
 }

@@ -188,6 +188,14 @@ pub struct ShipperSession {
     sent: u64,
     replica_state: Option<ReplicaState>,
     replica_consistent: bool,
+    /// The replica keeps history (its welcome said so).
+    replica_history: bool,
+    /// It holds a recovery point: its welcome said so, or a mark sent on
+    /// this connection is durable there.
+    replica_point: bool,
+    /// The last mark sent on this connection to a replica that keeps
+    /// history, not yet known durable there.
+    mark_pending: Option<u64>,
     resync: Option<Resync>,
     asked: VecDeque<Asked>,
     resync_total: u64,
@@ -223,6 +231,10 @@ pub struct LinkInfo {
     /// The replica's images are a prefix of the stream (as last reported,
     /// or once it has applied everything below the resync's end).
     pub replica_consistent: bool,
+    /// The replica can be promoted at a consistent point: its images are
+    /// a prefix, or it keeps history and holds a recovery point (a resync
+    /// in progress would be undone: docs/HISTORY.md, "Always promotable").
+    pub replica_promotable: bool,
 }
 
 impl ShipperSession {
@@ -240,6 +252,9 @@ impl ShipperSession {
             sent: 0,
             replica_state: None,
             replica_consistent: false,
+            replica_history: false,
+            replica_point: false,
+            mark_pending: None,
             resync: None,
             asked: VecDeque::new(),
             resync_total: 0,
@@ -292,6 +307,9 @@ impl ShipperSession {
         self.sent = durable;
         self.replica_state = Some(w.state);
         self.replica_consistent = w.state == ReplicaState::Consistent;
+        self.replica_history = w.history;
+        self.replica_point = w.history && w.point;
+        self.mark_pending = None;
         self.resync = None;
         self.resync_more = 0;
         self.asked.clear();
@@ -416,6 +434,10 @@ impl ShipperSession {
                     });
                 }
                 let before = self.acked;
+                if self.mark_pending.is_some_and(|m| a.durable >= m) {
+                    self.mark_pending = None;
+                    self.replica_point = true;
+                }
                 self.acked = Ack {
                     received: before.received.max(a.received),
                     durable: before.durable.max(a.durable),
@@ -549,6 +571,14 @@ impl ShipperSession {
         self.replica_consistent
     }
 
+    /// A mark naming record `seq` was sent: a replica that keeps history
+    /// makes it a recovery point, held once `seq` is durable there.
+    pub fn marked(&mut self, seq: u64) {
+        if self.replica_history && !self.replica_point {
+            self.mark_pending = Some(seq);
+        }
+    }
+
     /// What status shows; `(raw, wire)` are the link's byte counters.
     pub fn info(&self, bytes: (u64, u64)) -> LinkInfo {
         LinkInfo {
@@ -568,6 +598,7 @@ impl ShipperSession {
             last_error: self.last_error.clone(),
             connects: self.connects,
             replica_consistent: self.replica_consistent,
+            replica_promotable: self.replica_consistent || self.replica_point,
         }
     }
 }
@@ -584,6 +615,8 @@ mod tests {
             applied: durable,
             durable,
             state: ReplicaState::Consistent,
+            history: false,
+            point: false,
         }
     }
 
@@ -734,6 +767,63 @@ mod tests {
         assert!(s.settled());
         s.resync_begins(13, 4096, 0);
         assert!(!s.settled(), "a resync is in progress");
+    }
+
+    #[test]
+    fn a_replica_with_a_recovery_point_stays_promotable_through_a_resync() {
+        let now = Instant::now();
+        let promotable = |s: &ShipperSession| s.info((0, 0)).replica_promotable;
+        // Mid-resync, and it says it holds a point: promotable at once.
+        let mut s = ShipperSession::new(1, (0, 0));
+        let holding = Welcome {
+            state: ReplicaState::Inconsistent,
+            history: true,
+            point: true,
+            ..welcome(10)
+        };
+        s.welcome(&holding, &NONE, 11, false, &[1 << 20], now)
+            .unwrap();
+        s.resync_begins(11, 1 << 20, 0);
+        assert!(!s.replica_consistent());
+        assert!(promotable(&s));
+
+        // No history: a resync leaves it inconsistent, marks or not.
+        let mut s = ShipperSession::new(1, (0, 0));
+        s.welcome(&welcome(10), &NONE, 11, false, &[], now).unwrap();
+        s.sending(11);
+        s.marked(11);
+        s.receive(ack(11, 11, 11), 0).expect("ack");
+        s.resync_begins(12, 4096, 0);
+        assert!(!promotable(&s));
+
+        // History, no point yet: a mark makes one once durable there.
+        let mut s = ShipperSession::new(1, (0, 0));
+        let keeping = Welcome {
+            history: true,
+            ..welcome(10)
+        };
+        s.welcome(&keeping, &NONE, 11, false, &[], now).unwrap();
+        s.sending(12);
+        s.marked(12);
+        s.receive(ack(12, 11, 11), 0).expect("ack");
+        s.resync_begins(13, 4096, 0);
+        assert!(!promotable(&s), "the mark's record is not durable there");
+        s.receive(ack(12, 12, 12), 0).expect("ack");
+        assert!(promotable(&s));
+        // A new connection believes the replica's welcome again.
+        s.welcome(
+            &Welcome {
+                state: ReplicaState::Inconsistent,
+                ..keeping
+            },
+            &NONE,
+            13,
+            false,
+            &[4096],
+            now,
+        )
+        .unwrap();
+        assert!(!promotable(&s));
     }
 
     #[test]
