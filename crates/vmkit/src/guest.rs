@@ -790,7 +790,7 @@ mod tests {
              \"server\":{\"type\":\"unix\",\"path\":\"/var/tmp/t/nbd/vda.sock\"},\
              \"export\":\"web01-vda\",\"reconnect-delay\":30}}'/>",
             "<qemu:arg value='-device'/>",
-            "<qemu:arg value='virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev'/>",
+            "<qemu:arg value='virtio-blk-pci,drive=tandem-vda,id=tandem-vda-dev,bus=pci.0,addr=0x9'/>",
         ];
         let mut at = 0;
         for e in expected {
