@@ -50,7 +50,6 @@ Options:
 Environment (defaults give a ~15 minute run):
   RUNTIME         a: seconds per fio job (20)        RAMP: fio ramp (2)
   SIZE            a, b, c: volume size (2GiB)
-  SHM_BASE        a: tmpfs for the isolated replica's data (/dev/shm)
   ISO_HISTORY_MAX a: history_max of the isolated replica, in memory (1GiB)
   LAG_RUNTIME     b: seconds of sustained writes (60)
   LAG_RATE        b: fio --rate (50m = 50 MiB/s)
@@ -127,7 +126,6 @@ FIRST_SIZE=${FIRST_SIZE:-4GiB}
 FIRST_DIFF_PCT=${FIRST_DIFF_PCT:-10}
 WAIT_TIMEOUT=${WAIT_TIMEOUT:-300}
 WORK_BASE=${WORK_BASE:-/var/tmp}
-SHM_BASE=${SHM_BASE:-/dev/shm}
 ISO_HISTORY_MAX=${ISO_HISTORY_MAX:-1GiB}
 PORT_BASE=${PORT_BASE:-18450}
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -189,10 +187,12 @@ log "tandem: $TANDEM_BIN"
 # ---------------------------------------------------------------------------
 [[ -d "$WORK_BASE" ]] || die "WORK_BASE $WORK_BASE does not exist"
 WORK=$(mktemp -d "$WORK_BASE/tandem-bench-replication.XXXXXX")
-# Part a: the replica standing in for another host keeps its data on tmpfs
-# (SHM_WORK), and the co-located replica's device bytes are counted in a
-# blkio cgroup of its own (BLKIO_GROUP); both are removed at exit.
-SHM_WORK=
+# Part a: the replica standing in for another host keeps its data on a
+# tmpfs this script mounts (TMPFS_DIR), and the co-located replica's device
+# bytes are counted in a blkio cgroup of its own (BLKIO_GROUP); both are
+# removed at exit.
+TMPFS_DIR=
+TMPFS_MOUNTED=0
 BLKIO_GROUP=
 # Network namespaces of part d (named after this script's PID, so that only
 # ours are ever deleted).
@@ -212,7 +212,9 @@ cleanup() {
     fi
     stop_all_pids
     [[ -z "$BLKIO_GROUP" ]] || blkio_group_remove "$BLKIO_GROUP"
-    [[ -z "$SHM_WORK" ]] || rm -rf -- "$SHM_WORK"
+    if ((TMPFS_MOUNTED)); then
+        umount "$TMPFS_DIR" 2>/dev/null || umount -l "$TMPFS_DIR" || warn "could not unmount the tmpfs on $TMPFS_DIR"
+    fi
     local ns
     for ns in "$NS_A" "$NS_B"; do
         if [[ -e "/run/netns/$ns" ]]; then
@@ -247,16 +249,25 @@ avail_kib=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
 ((avail_kib >= need_kib)) ||
     die "not enough free space in $WORK_BASE: need ~$((need_kib / 1024)) MiB, have $((avail_kib / 1024)) MiB"
 if want a; then
-    [[ -d "$SHM_BASE" ]] || die "SHM_BASE $SHM_BASE does not exist"
-    shm_fs=$(stat -f -c %T "$SHM_BASE")
-    [[ "$shm_fs" == tmpfs ]] || warn "SHM_BASE $SHM_BASE is on $shm_fs, not tmpfs: part a's isolated replica is not in memory"
-    SHM_WORK=$(mktemp -d "$SHM_BASE/tandem-bench-replication.XXXXXX")
-    # the isolated replica's image, its history (capped at ISO_HISTORY_MAX)
-    # and its journal
-    need_kib=$(((SIZE_BYTES + ISO_HISTORY_MAX_BYTES) / 1024 + 1024 * 1024))
-    avail_kib=$(df -Pk "$SHM_WORK" | awk 'NR == 2 { print $4 }')
-    ((avail_kib >= need_kib)) ||
-        die "not enough space in $SHM_BASE: need ~$((need_kib / 1024)) MiB, have $((avail_kib / 1024)) MiB (set ISO_HISTORY_MAX or SIZE lower)"
+    [[ $(id -u) -eq 0 ]] || die "part a needs root: it mounts a tmpfs and uses a blkio cgroup"
+    # The isolated replica's image, its history (capped at ISO_HISTORY_MAX)
+    # and its journal, in memory. Huge pages: on a tmpfs of 4 KiB pages,
+    # SEEK_HOLE walks every page up to the next hole, and a resync asks for
+    # it chunk by chunk — quadratic in the volume size on a fully written
+    # image (minutes per GiB); with 2 MiB pages it walks 512 times fewer.
+    need_kib=$(((SIZE_BYTES + ISO_HISTORY_MAX_BYTES) / 1024 + 2 * 1024 * 1024))
+    mem_kib=$(awk '$1 == "MemAvailable:" { print $2 }' /proc/meminfo)
+    ((mem_kib >= need_kib + 2 * 1024 * 1024)) ||
+        die "not enough memory for part a's tmpfs: need ~$((need_kib / 1024)) MiB + 2 GiB, have $((mem_kib / 1024)) MiB (set ISO_HISTORY_MAX or SIZE lower)"
+    TMPFS_DIR=$WORK/tmpfs
+    mkdir "$TMPFS_DIR"
+    if mount -t tmpfs -o "size=${need_kib}k,mode=0700,huge=always" tandem-bench "$TMPFS_DIR" 2>/dev/null; then
+        TMPFS_MOUNTED=1
+    else
+        warn "cannot mount a tmpfs with huge=always on $TMPFS_DIR: mounting one without (a resync of the isolated replica will be slow)"
+        mount -t tmpfs -o "size=${need_kib}k,mode=0700" tandem-bench "$TMPFS_DIR" || die "cannot mount a tmpfs on $TMPFS_DIR"
+        TMPFS_MOUNTED=1
+    fi
     if ! blkio_group_new "tandem-bench-replication-$$" "$WORK"; then
         warn "no cgroup-v1 blkio hierarchy (or not root): part a reports no replica device bytes"
     fi
@@ -615,7 +626,7 @@ part_a() {
     SITE_CPUS[local]=$A_CPU_PRIMARY
     SITE_CPUS[ny]=$A_CPU_PRIMARY
     SITE_CPUS[dr]=$A_CPU_REPLICA
-    SITE_DATA_BASE[dr]=$SHM_WORK
+    SITE_DATA_BASE[dr]=$TMPFS_DIR
     local_site local "$vs"
     pair_sites async "$vs" history_max="$(cfg_size "$ISO_HISTORY_MAX_BYTES")"
     start_site local
@@ -624,7 +635,7 @@ part_a() {
     wait_nbd local
     wait_nbd ny
     wait_repl ny "$WAIT_TIMEOUT" "initial sync"
-    log "a (isolated): fio and the primary on CPU $A_CPU_PRIMARY, the replica on CPU $A_CPU_REPLICA with its data on $SHM_WORK"
+    log "a (isolated): fio and the primary on CPU $A_CPU_PRIMARY, the replica on CPU $A_CPU_REPLICA with its data on the tmpfs $TMPFS_DIR"
     a_prefill local "$A_CPU_PRIMARY"
     a_prefill ny "$A_CPU_PRIMARY"
     wait_repl ny "$WAIT_TIMEOUT" "catching up after prefill"
@@ -636,6 +647,7 @@ part_a() {
         done
     done
     stop_sites
+    ((KEEP)) || rm -rf -- "${SITE_DATA[dr]}" # frees its memory
 
     # --- a0: the loopback floor, as many messages as fio wrote -----------
     for ((j = 0; j < ${#A_JOBS[@]}; j++)); do
