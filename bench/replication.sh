@@ -505,6 +505,7 @@ snapshot() { status_json "$1" >"$PDIR/status-$2.json" 2>/dev/null || true; }
 A_JOBS=("randwrite-4k-qd16 randwrite 4k 16" "write-1m-qd8 write 1M 8")
 A_CPU_PRIMARY=0
 A_CPU_REPLICA=1
+A_COLOC_DONE=0 # set when the co-located replica did not catch up
 
 now() { date +%s.%N; }
 
@@ -581,13 +582,31 @@ a_run() {
     snapshot "$k" "$tag-end"
     c2=$c1 d2=$d1 t2=$t1
     if [[ $r != - ]]; then
-        wait_repl "$k" "$WAIT_TIMEOUT" "catching up after $jname"
-        catch=$REPL_S
+        if [[ $ph == coloc ]]; then
+            # informational: a replica that does not catch up is a result
+            # (the phase's remaining runs are left out), not a failure
+            local pids
+            pids="${SITE_PID[$k]},${SITE_PID[$r]}"
+            status_cmd "$k"
+            if catch=$(tandem_wait_replicated "$WAIT_TIMEOUT" "$pids" "${STATUS_CMD[@]}" 2>"$PDIR/$tag.wait.err"); then
+                :
+            else
+                if ! kill -0 "${SITE_PID[$k]}" 2>/dev/null || ! kill -0 "${SITE_PID[$r]}" 2>/dev/null; then
+                    pfail "an agent died while the replica caught up after $jname"
+                fi
+                warn "a (co-located): the replica did not catch up within ${WAIT_TIMEOUT}s after $jname: the phase's other runs are left out"
+                catch=timeout
+                A_COLOC_DONE=1
+            fi
+        else
+            wait_repl "$k" "$WAIT_TIMEOUT" "catching up after $jname"
+            catch=$REPL_S
+        fi
         t2=$(now)
         c2=$(proc_cpu_ticks "${SITE_PID[$k]}")
         d2=$(proc_cpu_ticks "${SITE_PID[$r]}")
         snapshot "$k" "$tag-after"
-        if [[ $ph == coloc ]]; then
+        if [[ $ph == coloc && $catch != timeout ]]; then
             # a clean stop: the replica syncs what it wrote, in its cgroup
             quiet_begin
             stop_site "$r"
@@ -660,6 +679,7 @@ part_a() {
                 pfail "the loopback floor for $jname failed"
         done
     done
+    a_result
 
     # --- co-located (informational) and the replica's device bytes --------
     SITE_CGROUP[cl-dr]=$BLKIO_GROUP
@@ -686,14 +706,22 @@ part_a() {
         read -r jname rw bs qd <<<"${A_JOBS[$j]}"
         if ((j % 2 == 0)); then order=(cl-local cl-ny); else order=(cl-ny cl-local); fi
         for k in "${order[@]}"; do
+            ((!A_COLOC_DONE)) || break 2
             if [[ $k == cl-ny ]]; then a_run coloc cl-ny cl-dr "$jname" "$rw" "$bs" "$qd"; else a_run coloc cl-local - "$jname" "$rw" "$bs" "$qd"; fi
         done
     done
     stop_sites
     cat /proc/loadavg >"$PDIR/loadavg-end"
-    "$PY" - "$PDIR" "$CLK_TCK" "$BLKIO_GROUP" "$ISO_HISTORY_MAX" >"$PDIR/result.json" <<'PYEOF'
+    a_result
+}
+
+# a_result: $PDIR/result.json from what part a has measured so far (written
+# after the isolated phase too, so that a failure in the co-located phase
+# does not lose it).
+a_result() {
+    "$PY" - "$PDIR" "$CLK_TCK" "$BLKIO_GROUP" "$ISO_HISTORY_MAX" "$WAIT_TIMEOUT" >"$PDIR/result.json.new" <<'PYEOF'
 import json, os, sys
-pdir, hz, blkio, iso_hmax = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+pdir, hz, blkio, iso_hmax, wait_timeout = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 M = 2 ** 20
 JOBS = [("randwrite-4k-qd16", "4k randwrite QD16", 1.3), ("write-1m-qd8", "1M seq write QD8", 1.2)]
 
@@ -783,7 +811,7 @@ for l in open(os.path.join(pdir, "runs.jsonl")):
                   "replica_cpu_us_per_record": (r["d2"] - r["d0"]) / hz * 1e6 / records if records > 0 else None,
                   "records_applied_while_fio_ran": applied_fio,
                   "replica_cpu_us_per_record_fio_only": (r["d1"] - r["d0"]) / hz * 1e6 / applied_fio if applied_fio > 0 else None})
-        if r["phase"] == "coloc" and blkio:
+        if r["phase"] == "coloc" and blkio and r["catchup_s"] != "timeout":
             dev = r["b1"] - r["b0"]
             d.update({"replica_device_bytes": dev,
                       "replica_device_bytes_per_replicated_byte": dev / raw if raw > 0 else None})
@@ -816,7 +844,10 @@ def lag_note(x):
     s += f" ({x['samples']} samples)"
     if e.get("lag_bytes") is not None:
         s += f"; at fio end lag {e['lag_bytes'] / M:.1f} MiB, {e['lag_seconds']:.2f} s, state {e['state']}"
-    s += f"; caught up {x['catchup_s']} s after fio"
+    if x["catchup_s"] == "timeout":
+        s += f"; NOT caught up within {wait_timeout} s after fio (the co-located phase stopped there)"
+    else:
+        s += f"; caught up {x['catchup_s']} s after fio"
     return s
 
 def by_thread(x, label):
@@ -891,10 +922,12 @@ for job, label, _ in JOBS:
     rows.append({"what": f"a: replica device bytes per replicated byte (co-located, disk), {label}",
                  "tandem": "-" if dv is None else f"{dv:.2f}", "peer": "-", "ratio": None, "ratio_text": "-",
                  "target": "report", "ok": None,
-                 "note": ("no blkio cgroup: not measured" if dv is None else
+                 "note": ("the replica did not catch up: not measured" if w["catchup_s"] == "timeout" else
+                          "no blkio cgroup: not measured" if dv is None else
                           f"{w['replica_device_bytes'] / M:.0f} MiB to the disk for {w['replicated_raw_bytes'] / M:.0f} MiB "
                           f"replicated (fio {w['fio_bytes'] / M:.0f} MiB after ramp); replica CPU "
-                          f"{w['replica_cpu_us_per_record']:.1f} us/record on disk, default history")})
+                          f"{w['replica_cpu_us_per_record']:.1f} us/record on disk, default history"
+                          + ("" if w["streamed_throughout"] else "; the replica fell behind: a resync is included"))})
 for job, label, _ in JOBS:
     r = co.get(job, {})
     w, n = r.get("replica"), r.get("none")
@@ -917,6 +950,7 @@ json.dump({"part": "a", "rows": rows, "details": {
     "floor": floor, "colocated": {"runs": co, "blkio_cgroup": bool(blkio)},
     "loadavg_start": la("loadavg-start"), "loadavg_end": la("loadavg-end")}}, sys.stdout, indent=1)
 PYEOF
+    mv "$PDIR/result.json.new" "$PDIR/result.json"
 }
 
 # ---------------------------------------------------------------------------
@@ -1476,7 +1510,8 @@ for p in parts.split():
         res.update(json.loads(r))
         rows += [[x["what"], x["tandem"], x["peer"], x.get("ratio_text") or "-", x["target"],
                   "-" if x["ok"] is None else "ok" if x["ok"] else "BELOW", x.get("note", "")] for x in res["rows"]]
-    else:
+    if err or not r:
+        # a part may have written the results it got before it failed
         res["error"] = (err or "no result").strip()
         rows.append([TITLES[p], "FAILED", "-", "-", "-", "FAILED", res["error"].splitlines()[0]])
     pr = rd("problems.json")
