@@ -49,6 +49,7 @@ Options:
 
 Environment (defaults give a ~15 minute run):
   RUNTIME         a: seconds per fio job (20)        RAMP: fio ramp (2)
+  COLOC_RUNTIME   a: seconds per fio job of the co-located runs (10)
   SIZE            a, b, c: volume size (2GiB)
   ISO_HISTORY_MAX a: history_max of the isolated replica, in memory (1GiB)
   LAG_RUNTIME     b: seconds of sustained writes (60)
@@ -112,6 +113,7 @@ posint() {
 }
 RUNTIME=${RUNTIME:-20}
 RAMP=${RAMP:-2}
+COLOC_RUNTIME=${COLOC_RUNTIME:-10}
 SIZE=${SIZE:-2GiB}
 LAG_RUNTIME=${LAG_RUNTIME:-60}
 LAG_RATE=${LAG_RATE:-50m}
@@ -131,6 +133,7 @@ PORT_BASE=${PORT_BASE:-18450}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=${OUT:-/tmp/tandem-bench-replication-$STAMP.json}
 posint RUNTIME "$RUNTIME"
+posint COLOC_RUNTIME "$COLOC_RUNTIME"
 [[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be an integer (seconds)"
 posint LAG_RUNTIME "$LAG_RUNTIME"
 posint LAT_RUNTIME "$LAT_RUNTIME"
@@ -548,7 +551,7 @@ a_prefill() {
 # a_run PHASE KEY REPLICA_KEY|- JOB RW BS QD: one measured fio run through
 # site KEY. iso: fio pinned to core 0, no ramp (every operation fio
 # completes is counted, so CPU per write divides the whole window); coloc:
-# not pinned, RAMP s of ramp, as before. The primary's status is sampled
+# not pinned, COLOC_RUNTIME s after RAMP s of ramp. The primary's status is sampled
 # every 0.5 s while fio runs. With a replica: the run ends once it has
 # caught up (CPU is counted until then, the writes' shipping included); in
 # the co-located phase the replica is restarted cleanly at the end, so its
@@ -558,7 +561,11 @@ a_run() {
     local tag="$ph-$k-$jname" out c0 c1 c2 d0=0 d1=0 d2=0 t0 t1 t2 b0=0 b1=0 catch=- cpus="" sampler tsampler
     local -a timing=(--time_based --runtime="$RUNTIME")
     out="$PDIR/$tag.json"
-    if [[ $ph == iso ]]; then cpus=$A_CPU_PRIMARY; else timing+=(--ramp_time="$RAMP"); fi
+    if [[ $ph == iso ]]; then
+        cpus=$A_CPU_PRIMARY
+    else
+        timing=(--time_based --runtime="$COLOC_RUNTIME" --ramp_time="$RAMP")
+    fi
     [[ $r == - ]] || wait_repl "$k" "$WAIT_TIMEOUT" "before $jname"
     drop_caches
     log "a ($ph): $jname on $k ($([[ $r == - ]] && echo 'no replica' || echo "live async replica $r"))"
@@ -1484,7 +1491,7 @@ else
 fi
 mkdir -p "$(dirname "$OUT")"
 params=()
-for v in RUNTIME RAMP SIZE ISO_HISTORY_MAX LAG_RUNTIME LAG_RATE LAT_RUNTIME WAN_BYTES WAN_SIZE WAN_RATE \
+for v in RUNTIME RAMP COLOC_RUNTIME SIZE ISO_HISTORY_MAX LAG_RUNTIME LAG_RATE LAT_RUNTIME WAN_BYTES WAN_SIZE WAN_RATE \
     WAN_QUEUE_MEMORY RESYNC_SIZE RESYNC_WRITES FIRST_SIZE FIRST_DIFF_PCT WAIT_TIMEOUT; do
     params+=("$v=${!v}")
 done
