@@ -258,7 +258,11 @@ if want a; then
     # SEEK_HOLE walks every page up to the next hole, and a resync asks for
     # it chunk by chunk — quadratic in the volume size on a fully written
     # image (minutes per GiB); with 2 MiB pages it walks 512 times fewer.
-    need_kib=$(((SIZE_BYTES + ISO_HISTORY_MAX_BYTES) / 1024 + 2 * 1024 * 1024))
+    # A resync's undo data can take the history past its cap until the
+    # resync ends (up to the volume's size), and with huge pages every file
+    # takes whole 2 MiB pages: room for the image, that, the cap, the
+    # journal and slack. Memory is used only as files grow.
+    need_kib=$(((2 * SIZE_BYTES + ISO_HISTORY_MAX_BYTES) / 1024 + 4 * 1024 * 1024))
     mem_kib=$(awk '$1 == "MemAvailable:" { print $2 }' /proc/meminfo)
     ((mem_kib >= need_kib + 2 * 1024 * 1024)) ||
         die "not enough memory for part a's tmpfs: need ~$((need_kib / 1024)) MiB + 2 GiB, have $((mem_kib / 1024)) MiB (set ISO_HISTORY_MAX or SIZE lower)"
