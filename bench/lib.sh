@@ -186,18 +186,124 @@ proc_rss_kib() {
     awk -v f="$field:" '$1 == f { print $2 }' "/proc/$1/status"
 }
 
+# thread_ticks PID -> JSON object {name prefix: utime+stime ticks} over the
+# process's live threads; a thread's name loses its group/site/number suffix
+# (ship-g0001-dr -> ship, nbd-worker-3 -> nbd-worker).
+thread_ticks() {
+    "$(bench_python)" - "$1" <<'PYEOF'
+import collections, json, os, re, sys
+pid = sys.argv[1]
+c = collections.Counter()
+try:
+    tasks = os.listdir(f"/proc/{pid}/task")
+except OSError:
+    tasks = []
+for t in tasks:
+    try:
+        with open(f"/proc/{pid}/task/{t}/comm") as f:
+            name = f.read().strip()
+        with open(f"/proc/{pid}/task/{t}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    c[re.sub(r"-(g\d+.*|\d+)$", "", name)] += int(rest[11]) + int(rest[12])
+print(json.dumps(c))
+PYEOF
+}
+
+# thread_sampler PID PERIOD_S OUTFILE: starts, in the background, a sampler
+# that appends every PERIOD_S one JSON line {"t": unix time, "ticks":
+# thread_ticks of PID} to OUTFILE, until PID is gone or it is stopped (a
+# thread that exits takes its ticks with it: the samples see the threads
+# that lived through them). Tracked; sets THREAD_SAMPLER_PID (end it with
+# stop_pid).
+THREAD_SAMPLER_PID=
+thread_sampler() {
+    "$(bench_python)" - "$@" <<'PYEOF' &
+import collections, json, os, re, sys, time
+pid, period, outf = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+nxt = time.monotonic()
+with open(outf, "a", buffering=1) as f:
+    while os.path.exists(f"/proc/{pid}"):
+        c = collections.Counter()
+        t = time.time()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            break
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/comm") as g:
+                    name = g.read().strip()
+                with open(f"/proc/{pid}/task/{task}/stat") as g:
+                    rest = g.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            c[re.sub(r"-(g\d+.*|\d+)$", "", name)] += int(rest[11]) + int(rest[12])
+        f.write(json.dumps({"t": t, "ticks": c}) + "\n")
+        nxt += period
+        time.sleep(max(0.0, nxt - time.monotonic()))
+PYEOF
+    THREAD_SAMPLER_PID=$!
+    track_pid "$THREAD_SAMPLER_PID"
+}
+
+# ---------------------------------------------------------------------------
+# Device bytes of one process: a cgroup-v1 blkio group of its own
+# ---------------------------------------------------------------------------
+# The blkio throttle statistics of a group count the bytes of the bios its
+# processes submit to a device; a (never reached) 1 TiB/s write limit turns
+# them on. Writeback by the kernel's flusher threads (or by another
+# process's sync) is not counted: cgroup v1 charges it to whoever submits
+# it, so a window should end with the process syncing what it wrote (a
+# clean stop of a Tandem agent does).
+
+# blkio_group_new NAME PATH: creates /sys/fs/cgroup/blkio/NAME for the
+# device holding PATH. Sets BLKIO_GROUP (the directory) and BLKIO_GROUP_DEV
+# (MAJ:MIN); returns 1, with both empty, where that is impossible (no
+# cgroup-v1 blkio hierarchy, not root). Remove it with blkio_group_remove.
+BLKIO_GROUP=
+BLKIO_GROUP_DEV=
+# shellcheck disable=SC2034 # BLKIO_GROUP* are read by the scripts that source this file
+blkio_group_new() {
+    local name=$1 path=$2 dev
+    BLKIO_GROUP=
+    BLKIO_GROUP_DEV=
+    dev=$(findmnt -no MAJ:MIN -T "$path" 2>/dev/null | tr -d ' ') || dev=
+    [[ -n "$dev" && -d /sys/fs/cgroup/blkio ]] || return 1
+    mkdir "/sys/fs/cgroup/blkio/$name" 2>/dev/null || return 1
+    if ! echo "$dev 1099511627776" >"/sys/fs/cgroup/blkio/$name/blkio.throttle.write_bps_device" 2>/dev/null; then
+        rmdir "/sys/fs/cgroup/blkio/$name" 2>/dev/null || true
+        return 1
+    fi
+    BLKIO_GROUP=/sys/fs/cgroup/blkio/$name
+    BLKIO_GROUP_DEV=$dev
+}
+
+# blkio_group_written GROUP DEV -> bytes the group's processes wrote to DEV
+blkio_group_written() {
+    awk -v d="$2" 'BEGIN { n = "0" } $1 == d && $2 == "Write" { n = $3 } END { print n }' \
+        "$1/blkio.throttle.io_service_bytes"
+}
+
+# blkio_group_remove GROUP: removes it (its processes must have exited).
+blkio_group_remove() {
+    [[ -z "$1" ]] || rmdir "$1" 2>/dev/null || warn "could not remove the cgroup $1"
+}
+
 # ---------------------------------------------------------------------------
 # Tandem helpers
 # ---------------------------------------------------------------------------
 
-# build_tandem REPO_ROOT -> path of the release binary (build log on stderr).
+# build_tandem REPO_ROOT -> path of the release binary (build log on stderr;
+# CARGO_TARGET_DIR honoured).
 build_tandem() {
     local root=$1
     need_cmd cargo
     log "building: cargo build --release -p tandem"
     (cd "$root" && cargo build --release -p tandem >&2) ||
         die "cargo build --release -p tandem failed"
-    local bin="$root/target/release/tandem"
+    local bin="${CARGO_TARGET_DIR:-$root/target}/release/tandem"
     [[ -x "$bin" ]] || die "$bin not found after build"
     if ! "$bin" agent --help >/dev/null 2>&1; then
         die "'$bin agent --help' fails: the tandem binary has no working 'agent' command yet"
@@ -214,9 +320,18 @@ build_tandem() {
 # so an interrupt ends it at once. Returns 1 (with the output's tail) if fio
 # fails.
 bench_fio() {
-    local out=$1
-    shift
-    fio --output-format=json --output="$out" "$@" </dev/null >"$out.stdout" 2>&1 &
+    bench_fio_on "" "$@"
+}
+
+# bench_fio_on CPUS OUTFILE ARGS...: bench_fio, with fio (and the job
+# processes it forks) pinned to the CPU list CPUS by `taskset -c` (not
+# pinned if CPUS is empty).
+bench_fio_on() {
+    local cpus=$1 out=$2
+    shift 2
+    local -a pre=()
+    [[ -z "$cpus" ]] || pre=(taskset -c "$cpus")
+    "${pre[@]+"${pre[@]}"}" fio --output-format=json --output="$out" "$@" </dev/null >"$out.stdout" 2>&1 &
     local pid=$! rc=0
     track_pid "$pid"
     wait "$pid" || rc=$?
@@ -337,14 +452,16 @@ tandem_site_config() {
     } >"$file"
 }
 
-# tandem_start_agent BIN CONFIG LOGFILE [NETNS]: starts `tandem agent` (inside
-# network namespace NETNS if given; `ip netns exec` execs, so the PID is the
+# tandem_start_agent BIN CONFIG LOGFILE [NETNS] [CPUS]: starts `tandem agent`
+# (inside network namespace NETNS if given, pinned to the CPU list CPUS with
+# `taskset -c` if given; `ip netns exec` and taskset exec, so the PID is the
 # agent's) and tracks it. Sets AGENT_PID.
 AGENT_PID=
 tandem_start_agent() {
-    local bin=$1 cfg=$2 logf=$3 ns=${4:-}
+    local bin=$1 cfg=$2 logf=$3 ns=${4:-} cpus=${5:-}
     local -a pre=()
     [[ -z "$ns" ]] || pre=(ip netns exec "$ns")
+    [[ -z "$cpus" ]] || pre+=(taskset -c "$cpus")
     NO_COLOR=1 "${pre[@]+"${pre[@]}"}" "$bin" agent --config "$cfg" </dev/null >>"$logf" 2>&1 &
     AGENT_PID=$!
     track_pid "$AGENT_PID"
@@ -451,4 +568,103 @@ with open(outf, "a", buffering=1) as f:
 PYEOF
     SAMPLER_PID=$!
     track_pid "$SAMPLER_PID"
+}
+
+# ---------------------------------------------------------------------------
+# The floor of shipping writes to another host, on one machine
+# ---------------------------------------------------------------------------
+
+# loopback_floor COUNT MSG_BYTES SEND_CPU RECV_CPU -> one JSON object: a
+# writer pinned to SEND_CPU sends COUNT messages of MSG_BYTES (one send per
+# message, TCP_NODELAY) over a loopback TCP connection to a reader pinned to
+# RECV_CPU that reads and discards them. Measured over the send loop (until
+# the reader has read everything): the writer's utime and stime
+# (getrusage; its utime is the Python interpreter's, not the floor's),
+# ksoftirqd/SEND_CPU's CPU, SEND_CPU's softirq and busy time (/proc/stat:
+# user+nice+system+irq+softirq, whatever ran there) and the reader's CPU,
+# all in seconds. Loopback transmits by queueing the packet for the
+# sending CPU's own softirq, usually run on the way out of the send
+# syscall: the receive path's protocol work (but not the copy to the
+# reader) is done on SEND_CPU, in the writer's context.
+loopback_floor() {
+    "$(bench_python)" - "$@" <<'PYEOF'
+import json, os, resource, socket, sys, time
+count, size, send_cpu, recv_cpu = (int(x) for x in sys.argv[1:5])
+hz = os.sysconf("SC_CLK_TCK")
+
+def cpu_line(n):
+    with open("/proc/stat") as f:
+        for l in f:
+            if l.startswith(f"cpu{n} "):
+                v = [int(x) for x in l.split()[1:]]
+                # user nice system idle iowait irq softirq steal
+                return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "softirq": v[6]}
+    raise SystemExit(f"no cpu{n} in /proc/stat")
+
+def task_ticks(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return int(rest[11]) + int(rest[12])
+    except OSError:
+        return 0
+
+ksoftirqd = None
+for p in os.listdir("/proc"):
+    if p.isdigit():
+        try:
+            with open(f"/proc/{p}/comm") as f:
+                if f.read().strip() == f"ksoftirqd/{send_cpu}":
+                    ksoftirqd = int(p)
+                    break
+        except OSError:
+            pass
+
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+rfd, wfd = os.pipe()
+child = os.fork()
+if child == 0:
+    # the reader: reads and discards; reports its CPU and byte count
+    try:
+        os.sched_setaffinity(0, {recv_cpu})
+        srv.settimeout(60)
+        c, _ = srv.accept()
+        c.settimeout(60)
+        buf = bytearray(4 << 20)
+        n = 0
+        t = os.times()
+        while True:
+            k = c.recv_into(buf)
+            if k == 0:
+                break
+            n += k
+        u = os.times()
+        os.write(wfd, json.dumps({"bytes": n, "cpu_s": (u.user - t.user) + (u.system - t.system)}).encode())
+    finally:
+        os._exit(0)
+os.close(wfd)
+os.sched_setaffinity(0, {send_cpu})
+s = socket.create_connection(srv.getsockname(), timeout=60)  # bounds every send
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg = memoryview(os.urandom(size))
+c0, k0, r0, t0 = cpu_line(send_cpu), task_ticks(ksoftirqd) if ksoftirqd else 0, resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+send = s.sendall
+for _ in range(count):
+    send(msg)
+s.shutdown(socket.SHUT_WR)
+reader = json.loads(os.read(rfd, 4096) or b"{}")
+t1, r1, k1, c1 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF), task_ticks(ksoftirqd) if ksoftirqd else 0, cpu_line(send_cpu)
+os.waitpid(child, 0)
+s.close()
+if reader.get("bytes") != count * size:
+    raise SystemExit(f"the reader got {reader.get('bytes')} bytes, not {count * size}")
+print(json.dumps({
+    "count": count, "msg_bytes": size, "send_cpu": send_cpu, "recv_cpu": recv_cpu, "wall_s": t1 - t0,
+    "writer_utime_s": r1.ru_utime - r0.ru_utime, "writer_stime_s": r1.ru_stime - r0.ru_stime,
+    "ksoftirqd_s": (k1 - k0) / hz if ksoftirqd else None,
+    "cpu_softirq_s": (c1["softirq"] - c0["softirq"]) / hz, "cpu_busy_s": (c1["busy"] - c0["busy"]) / hz,
+    "reader_cpu_s": reader.get("cpu_s")}))
+PYEOF
 }

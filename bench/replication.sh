@@ -4,7 +4,7 @@
 # goodput over a shaped link, resync wire bytes, first sync vs rsync.
 # Not a test: run it by hand, as root.
 #
-#   bench/replication.sh                 # everything (~10 min with the defaults)
+#   bench/replication.sh                 # everything (~15 min with the defaults)
 #   bench/replication.sh --only a,c      # just some parts
 #   LAG_RUNTIME=120 bench/replication.sh --only b
 #
@@ -21,9 +21,15 @@ usage() {
 usage: bench/replication.sh [--only LIST] [--skip LIST] [--keep] [-h]
 
 Parts (SPEC §6 replication targets), each against its peer figure:
-  a  fio through the primary with one live async replica (loopback) vs the
-     same agent with no replica: 4k randwrite QD16, 1M seq write QD8
-     (target >= 0.9x)
+  a  what one async replica costs the primary, 4k randwrite QD16 and 1M seq
+     write QD8 through it, one live async replica vs none (issue 13):
+     a1 the primary agent's CPU per write (target <= 1.3x 4k, <= 1.2x 1M)
+     a2 throughput (target >= 0.9x), with fio and the primary pinned to
+        CPU 0, the replica agent pinned to CPU 1 with its data on tmpfs
+     a0 the floor: CPU 0's cost of sending the same writes over loopback
+        TCP to a reader on CPU 1, beside Tandem's extra CPU per write
+     and, informational: the replica's CPU per record, its device bytes
+     per replicated byte, the same jobs with nothing pinned (co-located)
   b  async lag under sustained 50 MiB/s random writes (4k-64k), lag_seconds
      sampled every 100 ms (target p99 <= 1 s)
   c  sync mode 4k write latency (QD1) vs no replica
@@ -41,9 +47,11 @@ Options:
   --keep        keep the work directory (configs, agent logs, samples)
   -h, --help    this text
 
-Environment (defaults give a ~10 minute run):
+Environment (defaults give a ~15 minute run):
   RUNTIME         a: seconds per fio job (20)        RAMP: fio ramp (2)
+  COLOC_RUNTIME   a: seconds per fio job of the co-located runs (10)
   SIZE            a, b, c: volume size (2GiB)
+  ISO_HISTORY_MAX a: history_max of the isolated replica, in memory (1GiB)
   LAG_RUNTIME     b: seconds of sustained writes (60)
   LAG_RATE        b: fio --rate (50m = 50 MiB/s)
   LAT_RUNTIME     c: seconds per fio job (20)
@@ -105,6 +113,7 @@ posint() {
 }
 RUNTIME=${RUNTIME:-20}
 RAMP=${RAMP:-2}
+COLOC_RUNTIME=${COLOC_RUNTIME:-10}
 SIZE=${SIZE:-2GiB}
 LAG_RUNTIME=${LAG_RUNTIME:-60}
 LAG_RATE=${LAG_RATE:-50m}
@@ -119,10 +128,12 @@ FIRST_SIZE=${FIRST_SIZE:-4GiB}
 FIRST_DIFF_PCT=${FIRST_DIFF_PCT:-10}
 WAIT_TIMEOUT=${WAIT_TIMEOUT:-300}
 WORK_BASE=${WORK_BASE:-/var/tmp}
+ISO_HISTORY_MAX=${ISO_HISTORY_MAX:-1GiB}
 PORT_BASE=${PORT_BASE:-18450}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=${OUT:-/tmp/tandem-bench-replication-$STAMP.json}
 posint RUNTIME "$RUNTIME"
+posint COLOC_RUNTIME "$COLOC_RUNTIME"
 [[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be an integer (seconds)"
 posint LAG_RUNTIME "$LAG_RUNTIME"
 posint LAT_RUNTIME "$LAT_RUNTIME"
@@ -137,6 +148,7 @@ WAN_SIZE_BYTES=$(parse_size "$WAN_SIZE")
 RESYNC_SIZE_BYTES=$(parse_size "$RESYNC_SIZE")
 RESYNC_WRITES_BYTES=$(parse_size "$RESYNC_WRITES")
 FIRST_SIZE_BYTES=$(parse_size "$FIRST_SIZE")
+ISO_HISTORY_MAX_BYTES=$(parse_size "$ISO_HISTORY_MAX")
 ((WAN_BYTES_N <= WAN_SIZE_BYTES)) || die "WAN_BYTES ($WAN_BYTES) is larger than WAN_SIZE ($WAN_SIZE)"
 ((RESYNC_WRITES_BYTES <= RESYNC_SIZE_BYTES)) || die "RESYNC_WRITES is larger than RESYNC_SIZE"
 ((FIRST_SIZE_BYTES % 65536 == 0)) || die "FIRST_SIZE must be a multiple of 64 KiB"
@@ -155,6 +167,8 @@ fi
 want d && need_cmd nbdcopy libnbd-bin
 want f && need_cmd rsync rsync
 want f && need_cmd cmp diffutils
+want a && need_cmd taskset util-linux
+want a && need_cmd findmnt util-linux
 if want d; then
     need_cmd ip iproute2
     need_cmd tc iproute2
@@ -176,6 +190,13 @@ log "tandem: $TANDEM_BIN"
 # ---------------------------------------------------------------------------
 [[ -d "$WORK_BASE" ]] || die "WORK_BASE $WORK_BASE does not exist"
 WORK=$(mktemp -d "$WORK_BASE/tandem-bench-replication.XXXXXX")
+# Part a: the replica standing in for another host keeps its data on a
+# tmpfs this script mounts (TMPFS_DIR), and the co-located replica's device
+# bytes are counted in a blkio cgroup of its own (BLKIO_GROUP); both are
+# removed at exit.
+TMPFS_DIR=
+TMPFS_MOUNTED=0
+BLKIO_GROUP=
 # Network namespaces of part d (named after this script's PID, so that only
 # ours are ever deleted).
 NS_A="tndb$$a"
@@ -193,6 +214,10 @@ cleanup() {
         wait "$PART_PID" 2>/dev/null || true
     fi
     stop_all_pids
+    [[ -z "$BLKIO_GROUP" ]] || blkio_group_remove "$BLKIO_GROUP"
+    if ((TMPFS_MOUNTED)); then
+        umount "$TMPFS_DIR" 2>/dev/null || umount -l "$TMPFS_DIR" || warn "could not unmount the tmpfs on $TMPFS_DIR"
+    fi
     local ns
     for ns in "$NS_A" "$NS_B"; do
         if [[ -e "/run/netns/$ns" ]]; then
@@ -220,25 +245,62 @@ need_kib=$((1024 * 1024))
 want a && need_kib=$((need_kib + 3 * SIZE_BYTES / 1024))
 want f && need_kib=$((need_kib + 3 * FIRST_SIZE_BYTES / 1024))
 want e && need_kib=$((need_kib + 3 * RESYNC_WRITES_BYTES / 1024))
+# part a's co-located replica keeps history (default retention, history_max
+# 10 GiB) on this disk
+want a && need_kib=$((need_kib + 10 * 1024 * 1024))
 avail_kib=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
 ((avail_kib >= need_kib)) ||
     die "not enough free space in $WORK_BASE: need ~$((need_kib / 1024)) MiB, have $((avail_kib / 1024)) MiB"
+if want a; then
+    [[ $(id -u) -eq 0 ]] || die "part a needs root: it mounts a tmpfs and uses a blkio cgroup"
+    # The isolated replica's image, its history (capped at ISO_HISTORY_MAX)
+    # and its journal, in memory. Huge pages: on a tmpfs of 4 KiB pages,
+    # SEEK_HOLE walks every page up to the next hole, and a resync asks for
+    # it chunk by chunk — quadratic in the volume size on a fully written
+    # image (minutes per GiB); with 2 MiB pages it walks 512 times fewer.
+    # A resync's undo data can take the history past its cap until the
+    # resync ends (up to the volume's size), and with huge pages every file
+    # takes whole 2 MiB pages: room for the image, that, the cap, the
+    # journal and slack. Memory is used only as files grow.
+    need_kib=$(((2 * SIZE_BYTES + ISO_HISTORY_MAX_BYTES) / 1024 + 4 * 1024 * 1024))
+    mem_kib=$(awk '$1 == "MemAvailable:" { print $2 }' /proc/meminfo)
+    ((mem_kib >= need_kib + 2 * 1024 * 1024)) ||
+        die "not enough memory for part a's tmpfs: need ~$((need_kib / 1024)) MiB + 2 GiB, have $((mem_kib / 1024)) MiB (set ISO_HISTORY_MAX or SIZE lower)"
+    TMPFS_DIR=$WORK/tmpfs
+    mkdir "$TMPFS_DIR"
+    if mount -t tmpfs -o "size=${need_kib}k,mode=0700,huge=always" tandem-bench "$TMPFS_DIR" 2>/dev/null; then
+        TMPFS_MOUNTED=1
+    else
+        warn "cannot mount a tmpfs with huge=always on $TMPFS_DIR: mounting one without (a resync of the isolated replica will be slow)"
+        mount -t tmpfs -o "size=${need_kib}k,mode=0700" tandem-bench "$TMPFS_DIR" || die "cannot mount a tmpfs on $TMPFS_DIR"
+        TMPFS_MOUNTED=1
+    fi
+    if ! blkio_group_new "tandem-bench-replication-$$" "$WORK"; then
+        warn "no cgroup-v1 blkio hierarchy (or not root): part a reports no replica device bytes"
+    fi
+fi
 
 # ---------------------------------------------------------------------------
 # sites (inside a part: PDIR, PORT are set by run_part)
 # ---------------------------------------------------------------------------
 PDIR=
 PORT=
-declare -A SITE_CFG SITE_DATA SITE_LOG SITE_NS SITE_PID
+declare -A SITE_CFG SITE_DATA SITE_LOG SITE_NS SITE_PID SITE_ROLE
+# Set by a part before it creates or starts a site KEY: SITE_DATA_BASE[KEY]
+# the parent of its data dir (default $PDIR), SITE_CPUS[KEY] the CPU list it
+# is pinned to (taskset -c; default none), SITE_CGROUP[KEY] a cgroup-v1
+# directory its agent is moved into once started (default none).
+declare -A SITE_DATA_BASE SITE_CPUS SITE_CGROUP
 SITES=()
 
 # new_site KEY NETNS KEY=VALUE...: config $PDIR/KEY.toml, data dir
-# $PDIR/KEY, log $PDIR/KEY.log (see tandem_site_config for the keys).
+# ${SITE_DATA_BASE[KEY]:-$PDIR}/KEY, log $PDIR/KEY.log (see
+# tandem_site_config for the keys).
 new_site() {
     local key=$1 ns=$2
     shift 2
     SITE_CFG[$key]=$PDIR/$key.toml
-    SITE_DATA[$key]=$PDIR/$key
+    SITE_DATA[$key]=${SITE_DATA_BASE[$key]:-$PDIR}/$key
     SITE_LOG[$key]=$PDIR/$key.log
     SITE_NS[$key]=$ns
     mkdir -p "${SITE_DATA[$key]}"
@@ -274,8 +336,12 @@ pfail() {
 
 start_site() { # start_site KEY: start its agent, wait until its API answers
     local k=$1
-    tandem_start_agent "$TANDEM_BIN" "${SITE_CFG[$k]}" "${SITE_LOG[$k]}" "${SITE_NS[$k]}"
+    tandem_start_agent "$TANDEM_BIN" "${SITE_CFG[$k]}" "${SITE_LOG[$k]}" "${SITE_NS[$k]}" "${SITE_CPUS[$k]:-}"
     SITE_PID[$k]=$AGENT_PID
+    if [[ -n "${SITE_CGROUP[$k]:-}" ]]; then
+        echo "$AGENT_PID" >"${SITE_CGROUP[$k]}/cgroup.procs" ||
+            pfail "cannot move agent $k into ${SITE_CGROUP[$k]}"
+    fi
     status_cmd "$k"
     tandem_wait_api "$READY_TIMEOUT" "$AGENT_PID" "${STATUS_CMD[@]}" ||
         pfail "agent $k did not come up within ${READY_TIMEOUT}s"
@@ -323,7 +389,11 @@ wait_repl() {
 
 # pair_sites MODE VOLSIZE [NETNS_A NETNS_B ADDR_A ADDR_B TLSDIR] [KEY=VALUE...]:
 # sites "ny" (primary) and "dr" (its replica) on loopback, or in two network
-# namespaces; extra KEY=VALUEs go into both configs.
+# namespaces; extra KEY=VALUEs go into both configs. Their keys are
+# $PAIR_PRIMARY and $PAIR_REPLICA (default ny and dr; the site names stay
+# ny and dr).
+PAIR_PRIMARY=ny
+PAIR_REPLICA=dr
 pair_sites() {
     local mode=$1 vsize=$2
     shift 2
@@ -335,8 +405,9 @@ pair_sites() {
     PORT=$((PORT + 4))
     local common=(peer="ny@$ha:$pa" peer="dr@$hb:$pb" primary=ny replicas=dr mode="$mode"
         volume="$EXPORT:$vsize" "${tls[@]+"${tls[@]}"}" "$@")
-    new_site ny "$nsa" site=ny listen="$ha:$pa" api="127.0.0.1:$((pa + 1))" "${common[@]}"
-    new_site dr "$nsb" site=dr listen="$hb:$pb" api="127.0.0.1:$((pb + 1))" "${common[@]}"
+    new_site "$PAIR_PRIMARY" "$nsa" site=ny listen="$ha:$pa" api="127.0.0.1:$((pa + 1))" "${common[@]}"
+    new_site "$PAIR_REPLICA" "$nsb" site=dr listen="$hb:$pb" api="127.0.0.1:$((pb + 1))" "${common[@]}"
+    SITE_ROLE[$PAIR_REPLICA]=replica
 }
 
 # local_site KEY VOLSIZE: the same primary with no replica (replicas = []).
@@ -351,8 +422,8 @@ local_site() {
 stop_sites() { # stop every started site, replicas last
     local k
     quiet_begin
-    for k in "${SITES[@]+"${SITES[@]}"}"; do [[ "$k" == dr ]] || stop_site "$k"; done
-    for k in "${SITES[@]+"${SITES[@]}"}"; do [[ "$k" != dr ]] || stop_site "$k"; done
+    for k in "${SITES[@]+"${SITES[@]}"}"; do [[ "${SITE_ROLE[$k]:-}" == replica ]] || stop_site "$k"; done
+    for k in "${SITES[@]+"${SITES[@]}"}"; do [[ "${SITE_ROLE[$k]:-}" != replica ]] || stop_site "$k"; done
     quiet_end
 }
 
@@ -428,113 +499,469 @@ cpu_pct() {
 snapshot() { status_json "$1" >"$PDIR/status-$2.json" 2>/dev/null || true; }
 
 # ---------------------------------------------------------------------------
-# part a: fio with one live async replica vs no replica
+# part a: what one async replica costs the primary
 # ---------------------------------------------------------------------------
+# Two phases on fresh sites each, then the result:
+#   isolated (a0, a1, a2, replica CPU per record): fio and the primary
+#     pinned to core 0, the replica agent pinned to core 1 with its data
+#     dir on tmpfs (another host's CPU and disk, as far as one machine
+#     allows); the same jobs on the same primary configuration without a
+#     replica (pinned the same way); then the loopback TCP floor;
+#   co-located (informational, and the replica's device bytes): the old
+#     measurement, nothing pinned, every data dir on WORK_BASE's disk.
+A_JOBS=("randwrite-4k-qd16 randwrite 4k 16" "write-1m-qd8 write 1M 8")
+A_CPU_PRIMARY=0
+A_CPU_REPLICA=1
+A_COLOC_DONE=0 # set when the co-located replica did not catch up
+
+now() { date +%s.%N; }
+
+# arec KEY=VALUE...: one JSON line of figures into $PDIR/runs.jsonl (values
+# that parse as numbers are numbers)
+arec() {
+    "$PY" - "$@" >>"$PDIR/runs.jsonl" <<'PYEOF'
+import json, sys
+d = {}
+for a in sys.argv[1:]:
+    k, v = a.split("=", 1)
+    for conv in (int, float):
+        try:
+            d[k] = conv(v)
+            break
+        except ValueError:
+            pass
+    else:
+        d[k] = v
+print(json.dumps(d))
+PYEOF
+}
+
+# a_blkio -> bytes the co-located replica's cgroup wrote to its disk (0
+# without the cgroup)
+a_blkio() {
+    if [[ -n "$BLKIO_GROUP" ]]; then blkio_group_written "$BLKIO_GROUP" "$BLKIO_GROUP_DEV"; else echo 0; fi
+}
+
+# a_prefill KEY CPUS: the whole volume of site KEY, sequential 1M QD8
+a_prefill() {
+    local k=$1 cpus=$2 t0=$SECONDS
+    log "a: prefill $k: $SIZE sequential 1M QD8"
+    bench_fio_on "$cpus" "$PDIR/prefill-$k.json" --name=prefill --ioengine=nbd --uri="$(site_uri "$k")" \
+        --rw=write --bs=1M --iodepth=8 --numjobs=1 --size="$SIZE_BYTES" ||
+        pfail "prefill of $k failed"
+    log "a: prefill $k: $((SECONDS - t0))s"
+}
+
+# a_run PHASE KEY REPLICA_KEY|- JOB RW BS QD: one measured fio run through
+# site KEY. iso: fio pinned to core 0, no ramp (every operation fio
+# completes is counted, so CPU per write divides the whole window); coloc:
+# not pinned, COLOC_RUNTIME s after RAMP s of ramp. The primary's status is sampled
+# every 0.5 s while fio runs. With a replica: the run ends once it has
+# caught up (CPU is counted until then, the writes' shipping included); in
+# the co-located phase the replica is restarted cleanly at the end, so its
+# cgroup has the device bytes of everything it wrote.
+a_run() {
+    local ph=$1 k=$2 r=$3 jname=$4 rw=$5 bs=$6 qd=$7
+    local tag="$ph-$k-$jname" out c0 c1 c2 d0=0 d1=0 d2=0 t0 t1 t2 b0=0 b1=0 catch=- cpus="" sampler tsampler
+    local -a timing=(--time_based --runtime="$RUNTIME")
+    out="$PDIR/$tag.json"
+    if [[ $ph == iso ]]; then
+        cpus=$A_CPU_PRIMARY
+    else
+        timing=(--time_based --runtime="$COLOC_RUNTIME" --ramp_time="$RAMP")
+    fi
+    [[ $r == - ]] || wait_repl "$k" "$WAIT_TIMEOUT" "before $jname"
+    drop_caches
+    log "a ($ph): $jname on $k ($([[ $r == - ]] && echo 'no replica' || echo "live async replica $r"))"
+    snapshot "$k" "$tag-before"
+    status_cmd "$k"
+    tandem_sample_status 0.5 $((RUNTIME + RAMP + 60)) "$PDIR/$tag.samples.jsonl" "${STATUS_CMD[@]}"
+    sampler=$SAMPLER_PID
+    thread_sampler "${SITE_PID[$k]}" 0.5 "$PDIR/$tag.threads.jsonl"
+    tsampler=$THREAD_SAMPLER_PID
+    [[ $r == - ]] || { d0=$(proc_cpu_ticks "${SITE_PID[$r]}") && b0=$(a_blkio); }
+    c0=$(proc_cpu_ticks "${SITE_PID[$k]}")
+    t0=$(now)
+    bench_fio_on "$cpus" "$out" --name="$jname" --ioengine=nbd --uri="$(site_uri "$k")" \
+        --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 "${timing[@]}" \
+        --size="$SIZE_BYTES" --norandommap || pfail "$jname on $k failed"
+    t1=$(now)
+    c1=$(proc_cpu_ticks "${SITE_PID[$k]}")
+    [[ $r == - ]] || d1=$(proc_cpu_ticks "${SITE_PID[$r]}")
+    stop_pid "$tsampler" 5
+    stop_pid "$sampler" 5
+    snapshot "$k" "$tag-end"
+    c2=$c1 d2=$d1 t2=$t1
+    if [[ $r != - ]]; then
+        if [[ $ph == coloc ]]; then
+            # informational: a replica that does not catch up is a result
+            # (the phase's remaining runs are left out), not a failure
+            local pids
+            pids="${SITE_PID[$k]},${SITE_PID[$r]}"
+            status_cmd "$k"
+            if catch=$(tandem_wait_replicated "$WAIT_TIMEOUT" "$pids" "${STATUS_CMD[@]}" 2>"$PDIR/$tag.wait.err"); then
+                :
+            else
+                if ! kill -0 "${SITE_PID[$k]}" 2>/dev/null || ! kill -0 "${SITE_PID[$r]}" 2>/dev/null; then
+                    pfail "an agent died while the replica caught up after $jname"
+                fi
+                warn "a (co-located): the replica did not catch up within ${WAIT_TIMEOUT}s after $jname: the phase's other runs are left out"
+                catch=timeout
+                A_COLOC_DONE=1
+            fi
+        else
+            wait_repl "$k" "$WAIT_TIMEOUT" "catching up after $jname"
+            catch=$REPL_S
+        fi
+        t2=$(now)
+        c2=$(proc_cpu_ticks "${SITE_PID[$k]}")
+        d2=$(proc_cpu_ticks "${SITE_PID[$r]}")
+        snapshot "$k" "$tag-after"
+        if [[ $ph == coloc && $catch != timeout ]]; then
+            # a clean stop: the replica syncs what it wrote, in its cgroup
+            quiet_begin
+            stop_site "$r"
+            b1=$(a_blkio)
+            start_site "$r"
+            wait_repl "$k" "$WAIT_TIMEOUT" "replica restarted after $jname"
+            quiet_end
+        fi
+    fi
+    arec phase="$ph" site="$k" replica="$r" job="$jname" t0="$t0" t1="$t1" t2="$t2" \
+        c0="$c0" c1="$c1" c2="$c2" d0="$d0" d1="$d1" d2="$d2" b0="$b0" b1="$b1" catchup_s="$catch"
+    "$PY" - "$PDIR/runs.jsonl" "$out" "$CLK_TCK" <<'PYEOF' >&2
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])][-1]
+t = open(sys.argv[2]).read()
+w = json.loads(t[t.index("{"):])["jobs"][0]["write"]
+hz = float(sys.argv[3])
+us = (r["c2"] - r["c0"]) / hz * 1e6 / w["total_ios"] if w["total_ios"] else 0
+msg = f"    {w['iops']:.0f} IOPS, {w['bw'] / 1024:.0f} MiB/s; primary CPU {us:.1f} us per write"
+if r["replica"] != "-":
+    msg += f"; replica agent CPU {100 * (r['d1'] - r['d0']) / hz / (r['t1'] - r['t0']):.0f}%"
+    msg += f"; caught up {r['catchup_s']}s after fio"
+print(msg)
+PYEOF
+}
+
 part_a() {
-    local vs res="$PDIR/runs.tsv" j k order jname rw bs qd out t0 summ c0 d0 cpu_p cpu_r catch
-    local iops bw p50 p99
+    local vs j jname rw bs qd k order n
     vs=$(cfg_size "$SIZE_BYTES")
-    : >"$res"
+    : >"$PDIR/runs.jsonl"
+    taskset -c "$A_CPU_REPLICA" true 2>/dev/null ||
+        pfail "cannot pin to CPU $A_CPU_REPLICA (taskset -c $A_CPU_REPLICA): part a needs two CPUs"
+    cat /proc/loadavg >"$PDIR/loadavg-start"
+
+    # --- isolated: a1, a2 (one set of runs), replica CPU per record -------
+    SITE_CPUS[local]=$A_CPU_PRIMARY
+    SITE_CPUS[ny]=$A_CPU_PRIMARY
+    SITE_CPUS[dr]=$A_CPU_REPLICA
+    SITE_DATA_BASE[dr]=$TMPFS_DIR
     local_site local "$vs"
-    pair_sites async "$vs"
+    pair_sites async "$vs" history_max="$(cfg_size "$ISO_HISTORY_MAX_BYTES")"
     start_site local
     start_site dr
     start_site ny
     wait_nbd local
     wait_nbd ny
     wait_repl ny "$WAIT_TIMEOUT" "initial sync"
-    log "a: initial comparison of the new $SIZE volume: ${REPL_S}s"
-    echo "initial_sync_s $REPL_S" >"$PDIR/extra.txt"
-    for k in local ny; do
-        log "a: prefill $k: $SIZE sequential 1M QD8"
-        t0=$SECONDS
-        bench_fio "$PDIR/prefill-$k.json" --name=prefill --ioengine=nbd --uri="$(site_uri "$k")" \
-            --rw=write --bs=1M --iodepth=8 --numjobs=1 --size="$SIZE_BYTES" ||
-            pfail "prefill of $k failed"
-        log "a: prefill $k: $((SECONDS - t0))s"
-    done
+    log "a (isolated): fio and the primary on CPU $A_CPU_PRIMARY, the replica on CPU $A_CPU_REPLICA with its data on the tmpfs $TMPFS_DIR"
+    a_prefill local "$A_CPU_PRIMARY"
+    a_prefill ny "$A_CPU_PRIMARY"
     wait_repl ny "$WAIT_TIMEOUT" "catching up after prefill"
-    log "a: replica caught up with the prefill ${REPL_S}s after it ended"
-    echo "prefill_catchup_s $REPL_S" >>"$PDIR/extra.txt"
-    local jobs=("randwrite-4k-qd16 randwrite 4k 16" "write-1m-qd8 write 1M 8")
-    for ((j = 0; j < ${#jobs[@]}; j++)); do
-        read -r jname rw bs qd <<<"${jobs[$j]}"
+    for ((j = 0; j < ${#A_JOBS[@]}; j++)); do
+        read -r jname rw bs qd <<<"${A_JOBS[$j]}"
         if ((j % 2 == 0)); then order=(local ny); else order=(ny local); fi
         for k in "${order[@]}"; do
-            [[ "$k" != ny ]] || wait_repl ny "$WAIT_TIMEOUT" "before $jname"
-            drop_caches
-            log "a: $jname on $([[ $k == ny ]] && echo 'tandem + live async replica' || echo 'tandem, no replica')"
-            out="$PDIR/$k-$jname.json"
-            c0=$(proc_cpu_ticks "${SITE_PID[$k]}")
-            d0=$(proc_cpu_ticks "${SITE_PID[dr]}")
-            t0=$(date +%s.%N)
-            bench_fio "$out" --name="$jname" --ioengine=nbd --uri="$(site_uri "$k")" \
-                --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
-                --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-                --size="$SIZE_BYTES" --norandommap || pfail "$jname on $k failed"
-            cpu_p=$(cpu_pct "$c0" "$(proc_cpu_ticks "${SITE_PID[$k]}")" "$t0" "$(date +%s.%N)")
-            cpu_r=$(cpu_pct "$d0" "$(proc_cpu_ticks "${SITE_PID[dr]}")" "$t0" "$(date +%s.%N)")
-            summ=$(fio_summary "$out") || pfail "cannot read $out"
-            if [[ "$k" == ny ]]; then
-                snapshot ny "after-$jname"
-                wait_repl ny "$WAIT_TIMEOUT" "catching up after $jname"
-                catch=$REPL_S
-            else
-                catch=-
-            fi
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$k" "$jname" "$summ" "$catch" "$cpu_p" "$cpu_r" >>"$res"
-            read -r iops bw p50 p99 _ <<<"$summ"
-            log "    $iops IOPS, $((bw / 1024)) MiB/s, p50 ${p50} us, p99 ${p99} us; CPU: primary ${cpu_p}%, replica agent ${cpu_r}%"
-            [[ "$catch" == - ]] || log "    replica caught up ${catch}s after fio ended"
+            if [[ $k == ny ]]; then a_run iso ny dr "$jname" "$rw" "$bs" "$qd"; else a_run iso local - "$jname" "$rw" "$bs" "$qd"; fi
         done
     done
     stop_sites
-    "$PY" - "$res" "$PDIR" >"$PDIR/result.json" <<'PYEOF'
-import json, sys, os
-res, pdir = sys.argv[1:3]
+    ((KEEP)) || rm -rf -- "${SITE_DATA[dr]}" # frees its memory
+
+    # --- a0: the loopback floor, as many messages as fio wrote -----------
+    for ((j = 0; j < ${#A_JOBS[@]}; j++)); do
+        read -r jname rw bs qd <<<"${A_JOBS[$j]}"
+        n=$("$PY" -c 'import json,sys; t=open(sys.argv[1]).read(); print(json.loads(t[t.index("{"):])["jobs"][0]["write"]["total_ios"])' \
+            "$PDIR/iso-ny-$jname.json") || pfail "cannot read $PDIR/iso-ny-$jname.json"
+        log "a0: loopback TCP floor for $jname: $n messages of $bs, writer on CPU $A_CPU_PRIMARY, reader on CPU $A_CPU_REPLICA (3 times)"
+        for _ in 1 2 3; do
+            loopback_floor "$n" "$(parse_size "$bs")" "$A_CPU_PRIMARY" "$A_CPU_REPLICA" >>"$PDIR/floor-$jname.jsonl" ||
+                pfail "the loopback floor for $jname failed"
+        done
+    done
+    a_result
+
+    # --- co-located (informational) and the replica's device bytes --------
+    SITE_CGROUP[cl-dr]=$BLKIO_GROUP
+    local_site cl-local "$vs"
+    PAIR_PRIMARY=cl-ny PAIR_REPLICA=cl-dr
+    pair_sites async "$vs"
+    start_site cl-local
+    start_site cl-dr
+    start_site cl-ny
+    wait_nbd cl-local
+    wait_nbd cl-ny
+    wait_repl cl-ny "$WAIT_TIMEOUT" "initial sync"
+    log "a (co-located, informational): nothing pinned, every data dir on $WORK_BASE"
+    a_prefill cl-local ""
+    a_prefill cl-ny ""
+    wait_repl cl-ny "$WAIT_TIMEOUT" "catching up after prefill"
+    # a clean restart: the prefill's writes are synced now, outside the windows
+    quiet_begin
+    stop_site cl-dr
+    start_site cl-dr
+    wait_repl cl-ny "$WAIT_TIMEOUT" "replica restarted after the prefill"
+    quiet_end
+    for ((j = 0; j < ${#A_JOBS[@]}; j++)); do
+        read -r jname rw bs qd <<<"${A_JOBS[$j]}"
+        if ((j % 2 == 0)); then order=(cl-local cl-ny); else order=(cl-ny cl-local); fi
+        for k in "${order[@]}"; do
+            ((!A_COLOC_DONE)) || break 2
+            if [[ $k == cl-ny ]]; then a_run coloc cl-ny cl-dr "$jname" "$rw" "$bs" "$qd"; else a_run coloc cl-local - "$jname" "$rw" "$bs" "$qd"; fi
+        done
+    done
+    stop_sites
+    cat /proc/loadavg >"$PDIR/loadavg-end"
+    a_result
+}
+
+# a_result: $PDIR/result.json from what part a has measured so far (written
+# after the isolated phase too, so that a failure in the co-located phase
+# does not lose it).
+a_result() {
+    "$PY" - "$PDIR" "$CLK_TCK" "$BLKIO_GROUP" "$ISO_HISTORY_MAX" "$WAIT_TIMEOUT" >"$PDIR/result.json.new" <<'PYEOF'
+import json, os, sys
+pdir, hz, blkio, iso_hmax, wait_timeout = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+M = 2 ** 20
+JOBS = [("randwrite-4k-qd16", "4k randwrite QD16", 1.3), ("write-1m-qd8", "1M seq write QD8", 1.2)]
+
+def load(name):
+    try:
+        with open(os.path.join(pdir, name)) as f:
+            t = f.read()
+        return json.loads(t[t.index("{"):])
+    except (OSError, ValueError):
+        return None
+
+def rep(doc):
+    try:
+        return doc["groups"][0]["replicas"][0]
+    except (TypeError, KeyError, IndexError):
+        return None
+
+def grp(doc):
+    try:
+        return doc["groups"][0]
+    except (TypeError, KeyError, IndexError):
+        return None
+
 runs = {}
-for line in open(res):
-    k, job, summ, catch, cpu_p, cpu_r = line.rstrip("\n").split("\t")
-    iops, bw, p50, p99, mean, fio_cpu = map(float, summ.split())
-    runs.setdefault(job, {})[k] = {"iops": iops, "bw_mib_s": bw / 1024, "clat_p50_us": p50,
-                                   "clat_p99_us": p99, "catchup_s": None if catch == "-" else float(catch),
-                                   "cpu_primary_pct": float(cpu_p), "cpu_replica_agent_pct": float(cpu_r),
-                                   "cpu_fio_pct": fio_cpu,
-                                   "primary_cpu_us_per_io": float(cpu_p) * 1e4 / iops if iops else None}
-    if k == "ny":
+for l in open(os.path.join(pdir, "runs.jsonl")):
+    r = json.loads(l)
+    tag = f"{r['phase']}-{r['site']}-{r['job']}"
+    fj = load(tag + ".json")["jobs"][0]
+    w = fj["write"]
+    ops = w["total_ios"]
+    d = {"iops": w["iops"], "bw_mib_s": w["bw"] / 1024, "ops": ops, "fio_bytes": w["io_bytes"],
+         "fio_cpu_pct": fj.get("usr_cpu", 0) + fj.get("sys_cpu", 0),
+         "clat_p50_us": w.get("clat_ns", {}).get("percentile", {}).get("50.000000", 0) / 1e3,
+         "clat_p99_us": w.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0) / 1e3,
+         "fio_s": r["t1"] - r["t0"], "window_s": r["t2"] - r["t0"],
+         "primary_cpu_s": (r["c2"] - r["c0"]) / hz, "primary_cpu_s_fio_only": (r["c1"] - r["c0"]) / hz,
+         "primary_cpu_pct_fio": 100 * (r["c1"] - r["c0"]) / hz / (r["t1"] - r["t0"])}
+    # CPU per write: fio's operations over the whole window (iso: no ramp,
+    # every completed write is counted; coloc: ramp writes are not, as before)
+    d["primary_cpu_us_per_write"] = d["primary_cpu_s"] * 1e6 / ops if ops else None
+    d["primary_cpu_us_per_write_fio_only"] = d["primary_cpu_s_fio_only"] * 1e6 / ops if ops else None
+    # by thread: the first and last samples taken while fio ran (threads
+    # that end with fio's connection are in the last one)
+    try:
+        ts = [json.loads(l) for l in open(os.path.join(pdir, tag + ".threads.jsonl"))]
+    except (OSError, ValueError):
+        ts = []
+    ts = [x for x in ts if r["t0"] <= x["t"] <= r["t1"]]
+    if len(ts) >= 2:
+        a, b = ts[0]["ticks"], ts[-1]["ticks"]
+        by = {k: v - a.get(k, 0) for k, v in b.items() if v - a.get(k, 0) > 0}
+        tot = sum(by.values())
+        d["primary_cpu_share_by_thread"] = {"seconds": ts[-1]["t"] - ts[0]["t"], "shares": dict(sorted(
+            ((k, round(v / tot, 3)) for k, v in by.items()), key=lambda kv: -kv[1]))} if tot else None
+    if r["replica"] != "-":
+        before, end, after = (load(f"status-{tag}-{x}.json") for x in ("before", "end", "after"))
+        states, resyncing, errs, n = {}, 0, 0, 0
         try:
-            st = json.load(open(os.path.join(pdir, f"status-after-{job}.json")))
-            g = st["groups"][0]
-            r = g["replicas"][0]
-            runs[job][k]["at_end"] = {"lag_bytes": r.get("lag_bytes"), "lag_seconds": r.get("lag_seconds"),
-                                      "state": r.get("state"), "queued_bytes": g.get("queued_bytes")}
-        except (OSError, ValueError, KeyError, IndexError):
-            pass
-extra = dict(l.split() for l in open(os.path.join(pdir, "extra.txt")))
+            samples = open(os.path.join(pdir, tag + ".samples.jsonl")).read().splitlines()
+        except OSError:
+            samples = []
+        for line in samples:
+            s = json.loads(line)
+            if not (r["t0"] <= s["t"] <= r["t1"]):
+                continue
+            if "doc" not in s:
+                errs += 1
+                continue
+            x = rep(s["doc"]) or {}
+            n += 1
+            st = x.get("state", "none")
+            states[st] = states.get(st, 0) + 1
+            resyncing += 1 if x.get("resyncing") else 0
+        streamed = n > 0 and set(states) == {"streaming"} and resyncing == 0
+        re_, ge = rep(end) or {}, grp(end) or {}
+        records = (grp(after) or {}).get("next_seq", 0) - (grp(before) or {}).get("next_seq", 0)
+        applied_fio = (re_.get("applied_seq") or 0) - ((rep(before) or {}).get("applied_seq") or 0)
+        raw = (rep(after) or {}).get("raw_bytes", 0) - (rep(before) or {}).get("raw_bytes", 0)
+        d.update({"catchup_s": r["catchup_s"], "samples": n, "sample_errors": errs, "states": states,
+                  "samples_resyncing": resyncing, "streamed_throughout": streamed,
+                  "at_fio_end": {"lag_bytes": re_.get("lag_bytes"), "lag_seconds": re_.get("lag_seconds"),
+                                 "state": re_.get("state"), "resyncing": re_.get("resyncing"),
+                                 "queued_bytes": ge.get("queued_bytes")},
+                  "records": records, "replicated_raw_bytes": raw,
+                  "replica_cpu_s": (r["d2"] - r["d0"]) / hz,
+                  "replica_cpu_pct_fio": 100 * (r["d1"] - r["d0"]) / hz / (r["t1"] - r["t0"]),
+                  "replica_cpu_us_per_record": (r["d2"] - r["d0"]) / hz * 1e6 / records if records > 0 else None,
+                  "records_applied_while_fio_ran": applied_fio,
+                  "replica_cpu_us_per_record_fio_only": (r["d1"] - r["d0"]) / hz * 1e6 / applied_fio if applied_fio > 0 else None})
+        if r["phase"] == "coloc" and blkio and r["catchup_s"] != "timeout":
+            dev = r["b1"] - r["b0"]
+            d.update({"replica_device_bytes": dev,
+                      "replica_device_bytes_per_replicated_byte": dev / raw if raw > 0 else None})
+    runs.setdefault(r["phase"], {}).setdefault(r["job"], {})["replica" if r["replica"] != "-" else "none"] = d
+
+floor = {}
+for j, _, _ in JOBS:
+    # the median of three runs by the floor's own figure
+    try:
+        fs = [json.loads(l) for l in open(os.path.join(pdir, f"floor-{j}.jsonl"))]
+    except (OSError, ValueError):
+        fs = []
+    for f in fs:
+        f["floor_s"] = f["writer_stime_s"] + (f["ksoftirqd_s"] or 0)
+    fs.sort(key=lambda f: f["floor_s"])
+    floor[j] = fs[len(fs) // 2] if fs else None
+    if fs:
+        floor[j]["floor_us_per_write_all_runs"] = [round(f["floor_s"] * 1e6 / f["count"], 2) for f in fs]
+for j, f in floor.items():
+    if f:
+        f["floor_us_per_write"] = f["floor_s"] * 1e6 / f["count"]
+        f["cpu_busy_us_per_write"] = f["cpu_busy_s"] * 1e6 / f["count"]
+        f["writer_utime_us_per_write"] = f["writer_utime_s"] * 1e6 / f["count"]
+
+def lag_note(x):
+    e = x["at_fio_end"]
+    s = ("streaming throughout" if x["streamed_throughout"] else
+         "DID NOT KEEP UP (states " + ", ".join(f"{k} x{v}" for k, v in sorted(x["states"].items()))
+         + (f", resyncing in {x['samples_resyncing']} samples" if x["samples_resyncing"] else "") + ")")
+    s += f" ({x['samples']} samples)"
+    if e.get("lag_bytes") is not None:
+        s += f"; at fio end lag {e['lag_bytes'] / M:.1f} MiB, {e['lag_seconds']:.2f} s, state {e['state']}"
+    if x["catchup_s"] == "timeout":
+        s += f"; NOT caught up within {wait_timeout} s after fio (the co-located phase stopped there)"
+    else:
+        s += f"; caught up {x['catchup_s']} s after fio"
+    return s
+
+def by_thread(x, label):
+    b = x.get("primary_cpu_share_by_thread")
+    if not b:
+        return f"no thread samples ({label})"
+    return (f"primary CPU by thread, {label}: "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(b["shares"].items())[:6] if v >= 0.01))
+
 rows = []
-for job, label in [("randwrite-4k-qd16", "4k randwrite QD16"), ("write-1m-qd8", "1M seq write QD8")]:
-    r = runs.get(job, {})
-    if "ny" not in r or "local" not in r:
+iso = runs.get("iso", {})
+for job, label, target in JOBS:
+    r = iso.get(job, {})
+    w, n, f = r.get("replica"), r.get("none"), floor.get(job)
+    if not (w and n):
         continue
-    def f(x):
-        return f"{x['iops']/1000:.1f}k IOPS" if job.startswith("randwrite") else f"{x['bw_mib_s']:.0f} MiB/s"
-    ratio = r["ny"]["iops"] / r["local"]["iops"] if r["local"]["iops"] > 0 else None
-    n, l = r["ny"], r["local"]
-    note = (f"CPU (% of one core): primary {n['cpu_primary_pct']:.0f}% + replica agent "
-            f"{n['cpu_replica_agent_pct']:.0f}% + fio {n['cpu_fio_pct']:.0f}%, vs primary "
-            f"{l['cpu_primary_pct']:.0f}% + fio {l['cpu_fio_pct']:.0f}% without replica; primary CPU per I/O "
-            f"{n['primary_cpu_us_per_io']:.1f} vs {l['primary_cpu_us_per_io']:.1f} us")
-    if r["ny"].get("catchup_s") is not None:
-        note += f"; replica caught up {r['ny']['catchup_s']:.1f}s after fio ended"
-    ae = r["ny"].get("at_end")
-    if ae:
-        note += f"; at fio end: lag {ae['lag_bytes']/2**20:.0f} MiB, {ae['lag_seconds']:.1f}s, queued {ae['queued_bytes']/2**20:.0f} MiB"
-    rows.append({"what": f"a: +1 async replica, {label}", "tandem": f(r["ny"]), "peer": f(r["local"]) + " (no replica)",
-                 "ratio": ratio, "ratio_text": None if ratio is None else f"{ratio:.2f}x",
-                 "target": ">= 0.9x", "ok": ratio is not None and ratio >= 0.9, "note": note})
-json.dump({"part": "a", "rows": rows, "details": {"runs": runs, **{k: float(v) for k, v in extra.items()}}},
-          sys.stdout, indent=1)
+    extra = w["primary_cpu_us_per_write"] - n["primary_cpu_us_per_write"]
+    if f:
+        rows.append({"what": f"a0: floor, loopback TCP send of the same writes, {label}",
+                     "tandem": f"+{extra:.1f} us/write (Tandem's extra)", "peer": f"{f['floor_us_per_write']:.1f} us/write (floor)",
+                     "ratio": extra / f["floor_us_per_write"] if f["floor_us_per_write"] > 0 else None,
+                     "ratio_text": f"{extra / f['floor_us_per_write']:.1f}x floor" if f["floor_us_per_write"] > 0 else "-",
+                     "target": "report", "ok": None,
+                     "note": f"median of {len(f['floor_us_per_write_all_runs'])} runs "
+                             f"({', '.join(str(x) for x in f['floor_us_per_write_all_runs'])} us/write); "
+                             f"{f['count']} messages of {f['msg_bytes']} B on CPU {f['send_cpu']} -> CPU {f['recv_cpu']}: writer "
+                             f"stime {f['writer_stime_s']:.2f} s (+ ksoftirqd {f['ksoftirqd_s'] or 0:.2f} s), of which softirq on "
+                             f"CPU {f['send_cpu']} {f['cpu_softirq_s']:.2f} s; CPU {f['send_cpu']} busy "
+                             f"{f['cpu_busy_us_per_write']:.1f} us/write (Python {f['writer_utime_us_per_write']:.1f} us and "
+                             f"anything else on it included)"})
+    ratio = w["primary_cpu_us_per_write"] / n["primary_cpu_us_per_write"] if n["primary_cpu_us_per_write"] else None
+    ok = ratio is not None and ratio <= target and w["streamed_throughout"]
+    rows.append({"what": f"a1: primary CPU per write, {label}",
+                 "tandem": f"{w['primary_cpu_us_per_write']:.1f} us (1 replica)",
+                 "peer": f"{n['primary_cpu_us_per_write']:.1f} us (no replica)",
+                 "ratio": ratio, "ratio_text": "-" if ratio is None else f"{ratio:.2f}x",
+                 "target": f"<= {target}x", "ok": ok,
+                 "note": f"fio window only: {w['primary_cpu_us_per_write_fio_only']:.1f} vs "
+                         f"{n['primary_cpu_us_per_write_fio_only']:.1f} us; replica: " + lag_note(w)
+                         + "; " + by_thread(w, "1 replica") + "; " + by_thread(n, "no replica")})
+for job, label, _ in JOBS:
+    r = iso.get(job, {})
+    w, n = r.get("replica"), r.get("none")
+    if not (w and n):
+        continue
+    fmt = (lambda x: f"{x['iops'] / 1000:.1f}k IOPS") if job.startswith("randwrite") else (lambda x: f"{x['bw_mib_s']:.0f} MiB/s")
+    ratio = w["iops"] / n["iops"] if n["iops"] else None
+    rows.append({"what": f"a2: throughput, replica off core 0, {label}", "tandem": fmt(w) + " (1 replica)",
+                 "peer": fmt(n) + " (no replica)", "ratio": ratio, "ratio_text": "-" if ratio is None else f"{ratio:.2f}x",
+                 "target": ">= 0.9x", "ok": ratio is not None and ratio >= 0.9 and w["streamed_throughout"],
+                 "note": f"replica: {lag_note(w)}; p99 {w['clat_p99_us']:.0f} vs {n['clat_p99_us']:.0f} us"})
+for job, label, _ in JOBS:
+    w = iso.get(job, {}).get("replica")
+    if w and w.get("replica_cpu_us_per_record") is not None:
+        rows.append({"what": f"a: replica CPU per record (tmpfs, CPU 1), {label}",
+                     "tandem": f"{w['replica_cpu_us_per_record']:.1f} us/record", "peer": "-", "ratio": None,
+                     "ratio_text": "-", "target": "report", "ok": None,
+                     "note": f"{w['records']} records ({w['replicated_raw_bytes'] / M:.0f} MiB) applied, replica agent "
+                             f"{w['replica_cpu_s']:.1f} s CPU from fio start until caught up ({w['replica_cpu_pct_fio']:.0f}% "
+                             f"of a core while fio ran)"
+                             + ("" if w["streamed_throughout"] else "; the replica fell behind: a resync is included")
+                             + (f"; while fio ran: {w['records_applied_while_fio_ran']} records applied, "
+                                f"{w['replica_cpu_us_per_record_fio_only']:.1f} us/record"
+                                if w["streamed_throughout"] and w.get("replica_cpu_us_per_record_fio_only") is not None else "")
+                             + f"; history on, capped at {iso_hmax}"})
+co = runs.get("coloc", {})
+for job, label, _ in JOBS:
+    w = co.get(job, {}).get("replica")
+    if not w:
+        continue
+    dv = w.get("replica_device_bytes_per_replicated_byte")
+    rows.append({"what": f"a: replica device bytes per replicated byte (co-located, disk), {label}",
+                 "tandem": "-" if dv is None else f"{dv:.2f}", "peer": "-", "ratio": None, "ratio_text": "-",
+                 "target": "report", "ok": None,
+                 "note": ("the replica did not catch up: not measured" if w["catchup_s"] == "timeout" else
+                          "no blkio cgroup: not measured" if dv is None else
+                          f"{w['replica_device_bytes'] / M:.0f} MiB to the disk for {w['replicated_raw_bytes'] / M:.0f} MiB "
+                          f"replicated (fio {w['fio_bytes'] / M:.0f} MiB after ramp); replica CPU "
+                          f"{w['replica_cpu_us_per_record']:.1f} us/record on disk, default history"
+                          + ("" if w["streamed_throughout"] else "; the replica fell behind: a resync is included"))})
+for job, label, _ in JOBS:
+    r = co.get(job, {})
+    w, n = r.get("replica"), r.get("none")
+    if not (w and n):
+        continue
+    fmt = (lambda x: f"{x['iops'] / 1000:.1f}k IOPS") if job.startswith("randwrite") else (lambda x: f"{x['bw_mib_s']:.0f} MiB/s")
+    ratio = w["iops"] / n["iops"] if n["iops"] else None
+    rows.append({"what": f"a: co-located (informational), {label}", "tandem": fmt(w) + " (1 replica)",
+                 "peer": fmt(n) + " (no replica)", "ratio": ratio, "ratio_text": "-" if ratio is None else f"{ratio:.2f}x",
+                 "target": "informational", "ok": None,
+                 "note": f"fio, primary and replica share both CPUs and the disk; CPU (% of a core while fio ran): "
+                         f"primary {w['primary_cpu_pct_fio']:.0f}% + replica {w['replica_cpu_pct_fio']:.0f}% + fio "
+                         f"{w['fio_cpu_pct']:.0f}%, vs primary {n['primary_cpu_pct_fio']:.0f}% + fio {n['fio_cpu_pct']:.0f}%; "
+                         f"primary CPU per write {w['primary_cpu_us_per_write']:.1f} vs {n['primary_cpu_us_per_write']:.1f} us; "
+                         f"replica: {lag_note(w)}"})
+la = lambda name: (open(os.path.join(pdir, name)).read().split()[:3] if os.path.exists(os.path.join(pdir, name)) else None)
+json.dump({"part": "a", "rows": rows, "details": {
+    "isolated": {"cpus": {"fio": 0, "primary": 0, "replica": 1}, "replica_data": "tmpfs",
+                 "replica_history_max": iso_hmax, "runs": iso},
+    "floor": floor, "colocated": {"runs": co, "blkio_cgroup": bool(blkio)},
+    "loadavg_start": la("loadavg-start"), "loadavg_end": la("loadavg-end")}}, sys.stdout, indent=1)
 PYEOF
+    mv "$PDIR/result.json.new" "$PDIR/result.json"
 }
 
 # ---------------------------------------------------------------------------
@@ -1068,7 +1495,7 @@ else
 fi
 mkdir -p "$(dirname "$OUT")"
 params=()
-for v in RUNTIME RAMP SIZE LAG_RUNTIME LAG_RATE LAT_RUNTIME WAN_BYTES WAN_SIZE WAN_RATE \
+for v in RUNTIME RAMP COLOC_RUNTIME SIZE ISO_HISTORY_MAX LAG_RUNTIME LAG_RATE LAT_RUNTIME WAN_BYTES WAN_SIZE WAN_RATE \
     WAN_QUEUE_MEMORY RESYNC_SIZE RESYNC_WRITES FIRST_SIZE FIRST_DIFF_PCT WAIT_TIMEOUT; do
     params+=("$v=${!v}")
 done
@@ -1077,7 +1504,7 @@ done
 import json, os, sys, datetime
 work, out_path, rev, fio_ver, kernel, ncpu, fstype, parts, rsync_ver = sys.argv[1:10]
 params = dict(a.split("=", 1) for a in sys.argv[10:])
-TITLES = {"a": "a: +1 async replica vs none", "b": "b: async lag", "c": "c: sync latency",
+TITLES = {"a": "a: what one async replica costs the primary", "b": "b: async lag", "c": "c: sync latency",
           "d": "d: goodput over shaped link", "e": "e: resync wire bytes", "f": "f: first sync vs rsync"}
 results, rows = {}, []
 for p in parts.split():
@@ -1093,8 +1520,9 @@ for p in parts.split():
     if r:
         res.update(json.loads(r))
         rows += [[x["what"], x["tandem"], x["peer"], x.get("ratio_text") or "-", x["target"],
-                  "ok" if x["ok"] else "BELOW", x.get("note", "")] for x in res["rows"]]
-    else:
+                  "-" if x["ok"] is None else "ok" if x["ok"] else "BELOW", x.get("note", "")] for x in res["rows"]]
+    if err or not r:
+        # a part may have written the results it got before it failed
         res["error"] = (err or "no result").strip()
         rows.append([TITLES[p], "FAILED", "-", "-", "-", "FAILED", res["error"].splitlines()[0]])
     pr = rd("problems.json")

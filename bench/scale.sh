@@ -292,25 +292,7 @@ print(json.dumps(dict(c.most_common())))
 PYEOF
 }
 
-# thread_ticks PID -> JSON object {name prefix: utime+stime ticks} over the
-# process's threads (names shortened as threads_by_name).
-thread_ticks() {
-    "$PY" - "$1" <<'PYEOF'
-import collections, json, os, re, sys
-pid = sys.argv[1]
-c = collections.Counter()
-for t in os.listdir(f"/proc/{pid}/task"):
-    try:
-        with open(f"/proc/{pid}/task/{t}/comm") as f:
-            name = f.read().strip()
-        with open(f"/proc/{pid}/task/{t}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        continue
-    c[re.sub(r"-(g\d+.*|\d+)$", "", name)] += int(rest[11]) + int(rest[12])
-print(json.dumps(c))
-PYEOF
-}
+# thread_ticks PID (bench/lib.sh) -> JSON object {name prefix: utime+stime ticks}
 
 # tick_delta BEFORE AFTER SECONDS -> JSON {name: % of a core}, busiest first
 tick_delta() {
