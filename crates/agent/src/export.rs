@@ -188,6 +188,16 @@ impl Export for VolumeExport {
         self.changed(self.capture.write(self.index, offset, data, fua), fua)
     }
 
+    fn write_owned(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<Completion, ExportError> {
+        self.gate.pass()?;
+        self.changed(self.capture.write_owned(self.index, offset, data, fua), fua)
+    }
+
     fn write_zeroes(
         &self,
         offset: u64,

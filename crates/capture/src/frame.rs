@@ -158,7 +158,7 @@ impl Header {
         let op = match self.kind {
             KIND_WRITE => Op::Write {
                 offset,
-                data: payload,
+                data: bytes::Bytes::from(payload),
                 fua,
             },
             KIND_WRITE_ZEROES => Op::WriteZeroes { offset, len, fua },
@@ -212,7 +212,7 @@ mod tests {
             )
                 .prop_map(|(offset, data, fua)| Op::Write {
                     offset: u64::from(offset),
-                    data,
+                    data: data.into(),
                     fua
                 }),
             (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(o, l, fua)| Op::WriteZeroes {
@@ -260,7 +260,7 @@ mod tests {
             volume: 0,
             op: Op::Write {
                 offset: 4096,
-                data: vec![5; 512],
+                data: vec![5; 512].into(),
                 fua: false,
             },
             at: base,

@@ -39,7 +39,8 @@ pub struct Record {
 pub enum Op {
     Write {
         offset: u64,
-        data: Vec<u8>,
+        /// Shared, not copied, from the capture to the wire.
+        data: bytes::Bytes,
         fua: bool,
     },
     WriteZeroes {
@@ -459,7 +460,35 @@ impl GroupCapture {
             |image| image.write(offset, data),
             || Op::Write {
                 offset,
-                data: data.to_vec(),
+                data: bytes::Bytes::copy_from_slice(data),
+                fua,
+            },
+        )
+    }
+
+    /// [`GroupCapture::write`] of a buffer the caller gives up: queued
+    /// for the replicas as it is, not copied.
+    pub fn write_owned(
+        &self,
+        volume: usize,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<u64, CaptureError> {
+        let len = data.len() as u64;
+        // The buffer goes into the queued record when there is one (taken
+        // before the write), else the write reads it where it is.
+        let unqueued = std::cell::Cell::new(Some(data));
+        self.change_with(
+            volume,
+            Some((offset, len)),
+            |image, op| match op {
+                Some(Op::Write { data, .. }) => image.write(offset, data),
+                _ => image.write(offset, &unqueued.take().unwrap_or_default()),
+            },
+            || Op::Write {
+                offset,
+                data: bytes::Bytes::from(unqueued.take().unwrap_or_default()),
                 fua,
             },
         )
@@ -512,6 +541,18 @@ impl GroupCapture {
         apply: impl FnOnce(&RawImage) -> Result<(), VolumeError>,
         op: impl FnOnce() -> Op,
     ) -> Result<u64, CaptureError> {
+        self.change_with(volume, range, |image, _| apply(image), op)
+    }
+
+    /// [`GroupCapture::change`] whose `apply` also sees the queued
+    /// operation (`None` when nothing is queued).
+    fn change_with(
+        &self,
+        volume: usize,
+        range: Option<(u64, u64)>,
+        apply: impl FnOnce(&RawImage, Option<&Op>) -> Result<(), VolumeError>,
+        op: impl FnOnce() -> Op,
+    ) -> Result<u64, CaptureError> {
         // The queued copy is made before the order lock is taken: the lock
         // covers only what ordering needs.
         let op = self.tracked.then(op);
@@ -521,7 +562,7 @@ impl GroupCapture {
             st.maps[volume].mark(offset, len)?; // D1: durable before the write
         }
         let seq = st.seq.issue()?;
-        if let Err(e) = apply(&self.volumes[volume].image) {
+        if let Err(e) = apply(&self.volumes[volume].image, op.as_ref()) {
             // A failed change may have reached the image in part: owe it to
             // every replica. A refused fast zero changed nothing.
             if let (false, Some((offset, len))) = (matches!(e, VolumeError::SlowZero { .. }), range)

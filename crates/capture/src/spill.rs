@@ -506,7 +506,7 @@ mod tests {
                 },
                 _ => Op::Write {
                     offset: seq * 4096,
-                    data: vec![seq.to_le_bytes()[0]; ((seq * 37) % 5000) as usize],
+                    data: vec![seq.to_le_bytes()[0]; ((seq * 37) % 5000) as usize].into(),
                     fua: false,
                 },
             },

@@ -122,6 +122,13 @@ fn run(queue_limit: u64, writers: u64, ops_per_writer: u64) -> (u64, u64) {
                             .map(drop),
                         1 => group.trim(v, offset, len, false).map(drop),
                         2 => group.flush(v).map(drop),
+                        3 => {
+                            // A buffer handed over (NBD's large writes).
+                            let byte = (xorshift(&mut rng) % 251) as u8 + 1;
+                            group
+                                .write_owned(v, offset, vec![byte; len as usize], false)
+                                .map(drop)
+                        }
                         _ => {
                             let byte = (xorshift(&mut rng) % 251) as u8 + 1;
                             group
@@ -257,4 +264,44 @@ fn listeners_hear_writes_until_removed() {
         3,
         "two writes and the close"
     );
+}
+
+/// A buffer handed to a group without replicas is written where it is.
+#[test]
+fn an_owned_buffer_reaches_the_image_with_or_without_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = Arc::new(RawImage::open_or_create(&dir.path().join("v.img"), SIZE).unwrap());
+    let volumes = vec![CaptureVolume {
+        name: "v".into(),
+        image: Arc::clone(&image),
+    }];
+    let alone = GroupCapture::open(
+        &dir.path().join("capture"),
+        "g",
+        volumes,
+        &[false],
+        &[],
+        1 << 20,
+    )
+    .unwrap();
+    alone.write_owned(0, 4096, vec![0x5a; 8192], false).unwrap();
+    let mut got = vec![0u8; 8192];
+    image.read(4096, &mut got).unwrap();
+    assert!(got.iter().all(|b| *b == 0x5a));
+
+    std::fs::create_dir_all(dir.path().join("t")).unwrap();
+    let tracked = open_group(&dir.path().join("t"), 1 << 20);
+    tracked.write_owned(1, 512, vec![0x77; 4096], true).unwrap();
+    match tracked.next_event("dr", Duration::from_secs(1)).unwrap() {
+        Some(Event::Record(r)) => match &r.op {
+            Op::Write { offset, data, fua } => {
+                assert_eq!((*offset, data.len(), *fua), (512, 4096, true));
+                assert!(data.iter().all(|b| *b == 0x77));
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let v1 = std::fs::read(dir.path().join("t/v1.img")).unwrap();
+    assert!(v1[512..4608].iter().all(|b| *b == 0x77));
 }

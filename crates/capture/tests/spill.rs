@@ -204,7 +204,7 @@ fn change(group: &GroupCapture, rng: &mut u64, max_write: u64) -> Change {
                 seq,
                 Op::Write {
                     offset,
-                    data,
+                    data: data.into(),
                     fua: false,
                 },
             )

@@ -70,6 +70,17 @@ pub trait Export: Send + Sync {
         Ok(false)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Completion, ExportError>;
+    /// [`Export::write`] of a payload the server read into a buffer of
+    /// its own: an export that keeps a copy (a capture queue) may keep
+    /// this buffer instead of copying it.
+    fn write_owned(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<Completion, ExportError> {
+        self.write(offset, &data, fua)
+    }
     fn write_zeroes(
         &self,
         offset: u64,

@@ -401,7 +401,7 @@ impl Transmission {
                     self.export.write(offset, data, fua)
                 } else {
                     let payload = self.read_large_payload(len)?;
-                    self.export.write(offset, &payload, fua)
+                    self.export.write_owned(offset, payload, fua)
                 };
                 // The payload (and any copy made while applying it) is no
                 // longer held by this request.

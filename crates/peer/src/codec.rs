@@ -588,7 +588,7 @@ impl<'a> Reader<'a> {
         let payload = Payload {
             encoding,
             raw_len,
-            bytes: bytes.to_vec(),
+            bytes: bytes::Bytes::copy_from_slice(bytes),
         };
         payload.check(self.kind)?;
         Ok(payload)
@@ -715,8 +715,49 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
 /// [`encode`] on a link's `channel` (its low 24 bits; channels are at
 /// most [`MAX_CHANNEL`]).
 pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
+    encode_parts(channel, msg, out, false);
+}
+
+/// Records whose data is at least this long are encoded without it
+/// ([`try_encode_split`]); shorter data is cheaper to copy.
+pub const SPLIT_AT: usize = 64 << 10;
+
+/// [`try_encode_on`] that does not copy a long write's data: for a
+/// `Record` with at least [`SPLIT_AT`] bytes of data, appends the frame up
+/// to the data (its length and CRC cover the data) and returns the data,
+/// which the caller sends right after; for any other message, appends the
+/// whole frame and returns `None`.
+pub fn try_encode_split(
+    channel: u32,
+    msg: &Message,
+    out: &mut Vec<u8>,
+) -> Result<Option<bytes::Bytes>, PeerError> {
+    validate(msg)?;
+    if channel > MAX_CHANNEL {
+        return Err(PeerError::malformed(
+            msg.kind(),
+            format_args!("channel {channel} exceeds {MAX_CHANNEL}"),
+        ));
+    }
+    let split = matches!(msg, Message::Record(r) if r.op == RecordOp::Write && r.data.bytes.len() >= SPLIT_AT);
+    Ok(encode_parts(channel, msg, out, split).cloned())
+}
+
+/// Encodes `msg`; with `split`, a record's data bytes are left out (and
+/// returned) but counted in the frame's length and CRC.
+fn encode_parts<'m>(
+    channel: u32,
+    msg: &'m Message,
+    out: &mut Vec<u8>,
+    split: bool,
+) -> Option<&'m bytes::Bytes> {
+    let mut left_out = None;
     let start = out.len();
-    out.reserve(FRAME_HEADER_LEN + payload_len(msg));
+    let data_len = match msg {
+        Message::Record(r) if split => r.data.bytes.len(),
+        _ => 0,
+    };
+    out.reserve(FRAME_HEADER_LEN + payload_len(msg) - data_len);
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(message_type(msg));
     out.extend_from_slice(&channel.to_le_bytes()[..3]);
@@ -759,7 +800,14 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
             put_u64(w, rec.offset);
             put_u64(w, rec.len);
             if rec.op == RecordOp::Write {
-                put_payload(w, &rec.data);
+                if split {
+                    w.push(rec.data.encoding as u8);
+                    put_u32(w, rec.data.raw_len);
+                    put_u32(w, len_u32(rec.data.bytes.len()));
+                    left_out = Some(&rec.data.bytes);
+                } else {
+                    put_payload(w, &rec.data);
+                }
             }
         }
         Message::Ack(a) => {
@@ -896,10 +944,12 @@ pub fn encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) {
             put_u64(w, *time_ms);
         }
     }
-    let len = len_u32(w.len() - body);
-    let crc = crc32c::crc32c(&w[body..]);
+    let data: &[u8] = left_out.map_or(&[], |b| b);
+    let len = len_u32(w.len() - body + data.len());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&w[body..]), data);
     w[start + 8..start + 12].copy_from_slice(&len.to_le_bytes());
     w[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    left_out
 }
 
 /// Appends one frame for `msg` to `out` if the receiver will decode it to

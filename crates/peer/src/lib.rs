@@ -48,7 +48,7 @@ pub use bounds::{
 };
 pub use codec::{
     decode, decode_frame, decode_payload, encode, encode_on, parse_header, payload_len, try_encode,
-    try_encode_on, validate, FrameHeader, MAX_CHANNEL,
+    try_encode_on, try_encode_split, validate, FrameHeader, MAX_CHANNEL, SPLIT_AT,
 };
 pub use error::PeerError;
 pub use message::{

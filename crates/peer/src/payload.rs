@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use bytes::Bytes;
+
 use crate::error::PeerError;
 use crate::MAX_DATA;
 
@@ -49,8 +51,9 @@ pub struct Payload {
     pub encoding: Encoding,
     /// Length of the decoded data.
     pub raw_len: u32,
-    /// The bytes on the wire.
-    pub bytes: Vec<u8>,
+    /// The bytes on the wire (shared: a raw payload is the caller's
+    /// buffer, not a copy of it).
+    pub bytes: Bytes,
 }
 
 /// Bytes of a payload on the wire besides its bytes.
@@ -82,17 +85,18 @@ impl Payload {
         Payload {
             encoding: Encoding::Raw,
             raw_len: 0,
-            bytes: Vec::new(),
+            bytes: Bytes::new(),
         }
     }
 
     /// `data` as it is. `data` must be at most [`MAX_DATA`] bytes (a larger
     /// one gets a `raw_len` that the encoder refuses).
-    pub fn raw(data: Vec<u8>) -> Payload {
+    pub fn raw(data: impl Into<Bytes>) -> Payload {
+        let bytes = data.into();
         Payload {
             encoding: Encoding::Raw,
-            raw_len: u32::try_from(data.len()).unwrap_or(u32::MAX),
-            bytes: data,
+            raw_len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+            bytes,
         }
     }
 
@@ -101,7 +105,7 @@ impl Payload {
         Payload {
             encoding: Encoding::Zeroes,
             raw_len: len,
-            bytes: Vec::new(),
+            bytes: Bytes::new(),
         }
     }
 
@@ -110,7 +114,13 @@ impl Payload {
     /// is not backing off, else `Raw`. Empty data gives [`Payload::empty`].
     /// `data` must be at most [`MAX_DATA`] bytes.
     pub fn encode(data: &[u8], compressor: &mut Compressor) -> Payload {
-        compressor.encode(data)
+        compressor.encode(data, None)
+    }
+
+    /// [`Payload::encode`] of shared data: sent raw, the payload shares
+    /// `data` instead of copying it.
+    pub fn encode_shared(data: &Bytes, compressor: &mut Compressor) -> Payload {
+        compressor.encode(data, Some(data))
     }
 
     /// Whether the data is empty.
@@ -306,14 +316,17 @@ impl Compressor {
         self.skip > 0
     }
 
-    fn encode(&mut self, data: &[u8]) -> Payload {
-        let payload = self.choose(data);
+    fn encode(&mut self, data: &[u8], shared: Option<&Bytes>) -> Payload {
+        let raw =
+            || Payload::raw(shared.map_or_else(|| Bytes::copy_from_slice(data), Bytes::clone));
+        let payload = self.choose(data, raw);
         self.raw_bytes += data.len() as u64;
         self.wire_bytes += payload.wire_len() as u64;
         payload
     }
 
-    fn choose(&mut self, data: &[u8]) -> Payload {
+    /// `raw`: the data as a raw payload.
+    fn choose(&mut self, data: &[u8], raw: impl FnOnce() -> Payload) -> Payload {
         if data.is_empty() {
             return Payload::empty();
         }
@@ -322,15 +335,15 @@ impl Compressor {
             return Payload::zeroes(raw_len);
         }
         let Some(ctx) = self.ctx.as_mut() else {
-            return Payload::raw(data.to_vec());
+            return raw();
         };
         if data.len() < MIN_COMPRESS {
-            return Payload::raw(data.to_vec());
+            return raw();
         }
         if self.skip > 0 {
             self.skip -= 1;
             self.skipped += 1;
-            return Payload::raw(data.to_vec());
+            return raw();
         }
         self.attempts += 1;
         // Room for the largest output worth sending: saving at least 1/8.
@@ -342,7 +355,7 @@ impl Compressor {
             Ok(n) if n <= limit => {
                 self.misses = 0;
                 self.next_backoff = BACKOFF_FIRST;
-                let bytes = self.scratch[..n].to_vec();
+                let bytes = Bytes::copy_from_slice(&self.scratch[..n]);
                 self.trim_scratch();
                 Payload {
                     encoding: Encoding::Zstd,
@@ -357,7 +370,7 @@ impl Compressor {
                     self.skip = self.next_backoff;
                     self.next_backoff = (self.next_backoff * 2).min(BACKOFF_MAX);
                 }
-                Payload::raw(data.to_vec())
+                raw()
             }
         }
     }
@@ -392,7 +405,7 @@ mod tests {
         let mut tried = Vec::new();
         for i in 0..1000u64 {
             let before = c.attempts();
-            c.encode(&noise(512, i + 1));
+            c.encode(&noise(512, i + 1), None);
             if c.attempts() > before {
                 tried.push(i);
             }
@@ -418,7 +431,7 @@ mod tests {
     #[test]
     fn scratch_is_trimmed() {
         let mut c = Compressor::new(1);
-        c.encode(&noise(6 << 20, 3));
+        c.encode(&noise(6 << 20, 3), None);
         assert!(c.scratch.capacity() <= SCRATCH_KEEP);
     }
 

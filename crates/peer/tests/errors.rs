@@ -384,7 +384,7 @@ fn try_encode_refuses_what_would_not_decode() {
     let bad = Payload {
         encoding: Encoding::Raw,
         raw_len: 3,
-        bytes: vec![0; 2],
+        bytes: vec![0; 2].into(),
     };
     assert!(try_encode(
         &Message::Chunk {
@@ -404,7 +404,7 @@ fn try_encode_refuses_what_would_not_decode() {
             data: Payload {
                 encoding: Encoding::Zstd,
                 raw_len: 10,
-                bytes: vec![0; MAX_PAYLOAD],
+                bytes: vec![0; MAX_PAYLOAD].into(),
             },
         },
         &mut out,
@@ -437,7 +437,7 @@ fn largest_chunk_fits() {
             data: Payload {
                 encoding: Encoding::Raw,
                 raw_len: MAX_DATA as u32,
-                bytes: Vec::new(),
+                bytes: bytes::Bytes::new(),
             },
         })) + MAX_DATA
             <= MAX_PAYLOAD
@@ -451,7 +451,7 @@ fn zstd_payload_errors_are_bounded() {
     let p = Payload {
         encoding: Encoding::Zstd,
         raw_len: 1000,
-        bytes: bomb.clone(),
+        bytes: bomb.clone().into(),
     };
     let e = p.decode().unwrap_err();
     assert!(matches!(e, PeerError::Decompress(_)), "{e}");
@@ -459,7 +459,7 @@ fn zstd_payload_errors_are_bounded() {
     let p = Payload {
         encoding: Encoding::Zstd,
         raw_len: (1 << 20) + 1,
-        bytes: bomb,
+        bytes: bomb.into(),
     };
     let e = p.decode().unwrap_err();
     assert!(e.to_string().contains("1048576"), "{e}");
@@ -467,7 +467,7 @@ fn zstd_payload_errors_are_bounded() {
     let p = Payload {
         encoding: Encoding::Zstd,
         raw_len: 10,
-        bytes: b"hello".to_vec(),
+        bytes: b"hello".to_vec().into(),
     };
     assert!(matches!(p.decode(), Err(PeerError::Decompress(_))));
     // Over the data limit.

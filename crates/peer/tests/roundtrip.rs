@@ -32,7 +32,7 @@ fn payload_within(max: u32) -> impl Strategy<Value = Payload> {
             Payload {
                 encoding: Encoding::Zstd,
                 raw_len: data.len() as u32,
-                bytes,
+                bytes: bytes.into(),
             }
         }),
         // Whatever the policy picks.
@@ -43,7 +43,7 @@ fn payload_within(max: u32) -> impl Strategy<Value = Payload> {
             Payload {
                 encoding: Encoding::Zstd,
                 raw_len,
-                bytes,
+                bytes: bytes.into(),
             }
         }),
     ]
@@ -356,5 +356,41 @@ proptest! {
             prop_assert!(matches!(result, Err(PeerError::Checksum { .. })), "{:?}", result);
         }
         tandem_peer::fuzzing::fuzz_one(&frame);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// A long write encoded without its data, then the data, is the same
+    /// frame byte for byte as the whole frame encoded at once.
+    #[test]
+    fn a_split_record_is_the_whole_frame(
+        len in (tandem_peer::SPLIT_AT - 2)..(tandem_peer::SPLIT_AT + 4097),
+        seed in any::<u8>(),
+        channel in 0..=tandem_peer::MAX_CHANNEL,
+        fua in any::<bool>(),
+    ) {
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let msg = Message::Record(Record {
+            epoch: 3,
+            seq: 99,
+            volume: 1,
+            op: RecordOp::Write,
+            fua,
+            offset: 1 << 20,
+            len: len as u64,
+            data: tandem_peer::Payload::raw(data),
+        });
+        let mut whole = Vec::new();
+        tandem_peer::try_encode_on(channel, &msg, &mut whole).unwrap();
+        let mut split = vec![0xEE; 5];
+        let data = tandem_peer::try_encode_split(channel, &msg, &mut split).unwrap();
+        prop_assert_eq!(data.is_some(), len >= tandem_peer::SPLIT_AT);
+        if let Some(data) = data {
+            split.extend_from_slice(&data);
+        }
+        prop_assert_eq!(&split[5..], &whole[..]);
+        let (c, back, n) = tandem_peer::decode_frame(&split[5..]).unwrap().unwrap();
+        prop_assert_eq!((c, &back, n), (channel, &msg, whole.len()));
     }
 }

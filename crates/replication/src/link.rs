@@ -12,17 +12,18 @@
 //! by what was asked), so the two sides cannot wait on each other.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::RecvTimeoutError;
 use parking_lot::{Condvar, Mutex};
 use tandem_peer::{
-    payload_len, read_frame_within, try_encode_on, write_frame, Message, PeerError, MAX_CHANNEL,
-    MAX_PAYLOAD,
+    payload_len, read_frame_within, try_encode_on, try_encode_split, write_frame, Message,
+    PeerError, MAX_CHANNEL, MAX_PAYLOAD,
 };
 use tokio::sync::{mpsc, Semaphore};
 
@@ -73,7 +74,9 @@ impl From<LinkDown> for ShipError {
 /// Frames queued for a link's writer; `permits` go back to the budget
 /// once written.
 struct Queued {
-    bytes: Vec<u8>,
+    /// Written in order: encoded frames, and long writes' data shared
+    /// with the capture queue (no copy).
+    parts: Vec<Bytes>,
     permits: u32,
 }
 
@@ -88,14 +91,20 @@ impl Outbound {
     /// Queues encoded frames, waiting while the link has [`OUT_BUDGET`]
     /// bytes queued.
     pub async fn send_bytes(&self, bytes: Vec<u8>) -> Result<(), LinkDown> {
-        let permits = u32::try_from(bytes.len().min(OUT_BUDGET)).unwrap_or(u32::MAX);
+        self.send_parts(vec![Bytes::from(bytes)]).await
+    }
+
+    /// [`Outbound::send_bytes`] of frames in parts, written in order.
+    pub async fn send_parts(&self, parts: Vec<Bytes>) -> Result<(), LinkDown> {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        let permits = u32::try_from(len.min(OUT_BUDGET)).unwrap_or(u32::MAX);
         let permit = self
             .budget
             .acquire_many(permits)
             .await
             .map_err(|_| LinkDown)?;
         permit.forget();
-        self.tx.send(Queued { bytes, permits }).map_err(|_| {
+        self.tx.send(Queued { parts, permits }).map_err(|_| {
             self.budget.add_permits(permits as usize);
             LinkDown
         })
@@ -106,7 +115,10 @@ impl Outbound {
         let mut bytes = Vec::new();
         try_encode_on(channel, msg, &mut bytes).map_err(|_| LinkDown)?;
         self.tx
-            .send(Queued { bytes, permits: 0 })
+            .send(Queued {
+                parts: vec![Bytes::from(bytes)],
+                permits: 0,
+            })
             .map_err(|_| LinkDown)
     }
 }
@@ -116,7 +128,11 @@ impl Outbound {
 pub struct ChannelOut {
     pub channel: u32,
     out: Outbound,
+    /// Frames being encoded.
     buf: Vec<u8>,
+    /// Gathered before `buf`: earlier frames and long writes' data.
+    parts: Vec<Bytes>,
+    parts_len: usize,
 }
 
 impl ChannelOut {
@@ -125,25 +141,43 @@ impl ChannelOut {
             channel,
             out,
             buf: Vec::new(),
+            parts: Vec::new(),
+            parts_len: 0,
         }
     }
 
-    /// Adds `msg`; the gathered frames go once they make a piece.
+    /// Adds `msg`; the gathered frames go once they make a piece. A long
+    /// write's data is not copied: it goes as a part of its own.
     pub async fn send(&mut self, msg: &Message) -> Result<(), ShipError> {
-        try_encode_on(self.channel, msg, &mut self.buf)?;
-        if self.buf.len() >= OUT_PIECE {
+        if let Some(data) = try_encode_split(self.channel, msg, &mut self.buf)? {
+            self.seal();
+            self.parts_len += data.len();
+            self.parts.push(data);
+        }
+        if self.parts_len + self.buf.len() >= OUT_PIECE {
             self.flush().await?;
         }
         Ok(())
     }
 
+    /// Ends the frames encoded so far as a part.
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            let head = Bytes::from(std::mem::take(&mut self.buf));
+            self.parts_len += head.len();
+            self.parts.push(head);
+        }
+    }
+
     /// Hands what was gathered to the writer.
     pub async fn flush(&mut self) -> Result<(), LinkDown> {
-        if self.buf.is_empty() {
+        self.seal();
+        if self.parts.is_empty() {
             return Ok(());
         }
-        let bytes = std::mem::take(&mut self.buf);
-        self.out.send_bytes(bytes).await
+        self.parts_len = 0;
+        let parts = std::mem::take(&mut self.parts);
+        self.out.send_parts(parts).await
     }
 }
 
@@ -445,9 +479,12 @@ fn write_loop(
     budget: &Semaphore,
     ping: bool,
 ) -> Result<(), ShipError> {
-    let mut w = BufWriter::with_capacity(1 << 20, writer);
+    // The sessions' pieces go to the socket as they are, several per
+    // system call (no copy into a buffer of the writer's own).
+    let mut w = writer;
     let mut last_ping = Instant::now();
     let mut scratch = Vec::new();
+    let mut pieces: Vec<Queued> = Vec::new();
     loop {
         let wait = if ping {
             LINK_PING.saturating_sub(last_ping.elapsed())
@@ -456,10 +493,15 @@ fn write_loop(
         };
         match rx.recv_timeout(wait) {
             Ok(q) => {
-                w.write_all(&q.bytes).map_err(PeerError::Io)?;
-                budget.add_permits(q.permits as usize);
-                while let Ok(q) = rx.try_recv() {
-                    w.write_all(&q.bytes).map_err(PeerError::Io)?;
+                pieces.push(q);
+                while pieces.len() < WRITE_PIECES {
+                    match rx.try_recv() {
+                        Ok(q) => pieces.push(q),
+                        Err(_) => break,
+                    }
+                }
+                write_pieces(&mut w, &pieces).map_err(PeerError::Io)?;
+                for q in pieces.drain(..) {
                     budget.add_permits(q.permits as usize);
                 }
                 w.flush().map_err(PeerError::Io)?;
@@ -483,6 +525,29 @@ fn write_loop(
             last_ping = Instant::now();
         }
     }
+}
+
+/// Pieces written with one system call at most (`IOV_MAX` is 1024).
+const WRITE_PIECES: usize = 64;
+
+/// Writes every piece, in order, vectored.
+fn write_pieces(w: &mut dyn Write, pieces: &[Queued]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = pieces
+        .iter()
+        .flat_map(|q| &q.parts)
+        .filter(|b| !b.is_empty())
+        .map(|b| std::io::IoSlice::new(b))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What the primary's reader does with a `LeaseAnswer` (failsafe

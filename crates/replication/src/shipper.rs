@@ -959,7 +959,7 @@ fn record_message(
             *fua,
             *offset,
             data.len() as u64,
-            Payload::encode(data, compressor),
+            Payload::encode_shared(data, compressor),
         ),
         Op::WriteZeroes { offset, len, fua } => {
             (RecordOp::WriteZeroes, *fua, *offset, *len, Payload::empty())

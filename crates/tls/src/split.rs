@@ -204,6 +204,43 @@ impl Write for PeerWriter {
         }
     }
 
+    /// Several pieces with one socket write (plain) or as one run of TLS
+    /// records, sent when rustls's buffer fills and at the end.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.0 {
+            WriterInner::Plain(s) => s.write_vectored(bufs),
+            WriterInner::Tls(shared) => {
+                let mut sock = shared.sock_w.lock();
+                let mut total = 0;
+                for data in bufs {
+                    let mut done = 0;
+                    while done < data.len() {
+                        let n = shared.conn.lock().writer().write(&data[done..])?;
+                        if n == 0 {
+                            shared.flush_tls(&mut sock)?;
+                            if !shared.conn.lock().wants_write() {
+                                // Drained, and still nothing taken.
+                                let n = shared.conn.lock().writer().write(&data[done..])?;
+                                if n == 0 {
+                                    return Err(io::Error::new(
+                                        io::ErrorKind::WriteZero,
+                                        "TLS connection takes no more data",
+                                    ));
+                                }
+                                done += n;
+                            }
+                            continue;
+                        }
+                        done += n;
+                    }
+                    total += data.len();
+                }
+                shared.flush_tls(&mut sock)?;
+                Ok(total)
+            }
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.0 {
             WriterInner::Plain(s) => s.flush(),

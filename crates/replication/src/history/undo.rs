@@ -59,6 +59,9 @@ impl Encoded {
     }
 }
 
+/// Ranges at least this long are read around their holes.
+const ASK_HOLES_FROM: u64 = 1 << 20;
+
 /// Where the commit's own changes put a byte: (change index, or None for
 /// zeroes; the volume offset the change's data starts at).
 type Written = (Option<usize>, u64);
@@ -147,9 +150,15 @@ fn old_content(
     let from_batch = written.covered(at, end);
     let gaps = written.gaps(at, end);
     // Parts the image gives, skipping holes (a trim of a large sparse
-    // range costs no reading).
+    // range costs no reading). A short range is read as it is (a hole
+    // reads as zeroes): asking the file system where its holes are costs
+    // more than reading it (on tmpfs, a walk of the file's pages).
     let mut image_parts = Vec::new();
     for (s, e) in gaps {
+        if e - s < ASK_HOLES_FROM {
+            image_parts.push((s, e));
+            continue;
+        }
         let mut pos = s;
         for (run, hole) in image.extents(s, e - s, 4096)? {
             let stop = (pos + run).min(e);
