@@ -28,6 +28,10 @@ fn options() -> ReplicaOptions {
 }
 
 fn open(dir: &Path) -> ReplicaGroup {
+    open_with(dir, options())
+}
+
+fn open_with(dir: &Path, options: ReplicaOptions) -> ReplicaGroup {
     let volumes = (0..VOLUMES)
         .map(|i| ReplicaVolume {
             name: format!("v{i}"),
@@ -36,13 +40,28 @@ fn open(dir: &Path) -> ReplicaGroup {
             ),
         })
         .collect();
-    ReplicaGroup::open_with(&dir.join("replica"), "g", volumes, options()).unwrap()
+    ReplicaGroup::open_with(&dir.join("replica"), "g", volumes, options).unwrap()
+}
+
+/// A group keeping `keep` and at most `max_bytes` of history, made
+/// consistent.
+fn open_capped(dir: &Path, keep: Duration, max_bytes: u64) -> ReplicaGroup {
+    synced(open_with(
+        dir,
+        ReplicaOptions {
+            history: Some(Retention { keep, max_bytes }),
+        },
+    ))
 }
 
 /// A new replica made consistent (an empty resync): marks make points
 /// only on a prefix.
 fn open_synced(dir: &Path) -> ReplicaGroup {
-    let mut g = open(dir);
+    synced(open(dir))
+}
+
+/// `g` after an empty resync of epoch 1: consistent.
+fn synced(mut g: ReplicaGroup) -> ReplicaGroup {
     g.set_epoch(1).unwrap();
     g.begin_resync(1, 1).unwrap();
     g.end_resync(1).unwrap();
@@ -428,26 +447,8 @@ fn rolling_back_to_a_point_restores_its_prefix() {
 fn the_byte_cap_drops_the_oldest_points_and_nothing_else() {
     const RECORDS: u64 = 800; // 800 x 256 KiB of old data: 200 MiB of log
     let dir = tempfile::tempdir().unwrap();
-    let volumes = (0..VOLUMES)
-        .map(|i| ReplicaVolume {
-            name: format!("v{i}"),
-            image: Arc::new(
-                RawImage::open_or_create(&dir.path().join(format!("v{i}.img")), SIZE).unwrap(),
-            ),
-        })
-        .collect();
     let cap = 100 << 20;
-    let options = ReplicaOptions {
-        history: Some(Retention {
-            keep: Duration::from_secs(24 * 3600),
-            max_bytes: cap,
-        }),
-    };
-    let mut g =
-        ReplicaGroup::open_with(&dir.path().join("replica"), "g", volumes, options).unwrap();
-    g.set_epoch(1).unwrap();
-    g.begin_resync(1, 1).unwrap();
-    g.end_resync(1).unwrap();
+    let mut g = open_capped(dir.path(), Duration::from_secs(24 * 3600), cap);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -518,26 +519,8 @@ fn the_byte_cap_drops_the_oldest_points_and_nothing_else() {
 fn a_resync_never_loses_the_newest_point() {
     const CHUNK: u64 = 64 << 10;
     let dir = tempfile::tempdir().unwrap();
-    let volumes = (0..VOLUMES)
-        .map(|i| ReplicaVolume {
-            name: format!("v{i}"),
-            image: Arc::new(
-                RawImage::open_or_create(&dir.path().join(format!("v{i}.img")), SIZE).unwrap(),
-            ),
-        })
-        .collect();
     let cap = 64 << 20;
-    let options = ReplicaOptions {
-        history: Some(Retention {
-            keep: Duration::from_secs(3600),
-            max_bytes: cap,
-        }),
-    };
-    let mut g =
-        ReplicaGroup::open_with(&dir.path().join("replica"), "g", volumes, options).unwrap();
-    g.set_epoch(1).unwrap();
-    g.begin_resync(1, 1).unwrap();
-    g.end_resync(1).unwrap();
+    let mut g = open_capped(dir.path(), Duration::from_secs(3600), cap);
     // The point: two hours old, past `retention` (1 h).
     let old = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
