@@ -186,29 +186,53 @@ proc_rss_kib() {
     awk -v f="$field:" '$1 == f { print $2 }' "/proc/$1/status"
 }
 
+# THREAD_TICKS_PY PID [PERIOD_S OUTFILE]: the per-thread CPU reader behind
+# thread_ticks (one reading, printed) and thread_sampler (a reading every
+# PERIOD_S appended to OUTFILE while PID lives).
+THREAD_TICKS_PY=$(
+    cat <<'PYEOF'
+import collections, json, os, re, sys, time
+
+def ticks(pid):
+    c = collections.Counter()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as g:
+                name = g.read().strip()
+            with open(f"/proc/{pid}/task/{task}/stat") as g:
+                rest = g.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        c[re.sub(r"-(g\d+.*|\d+)$", "", name)] += int(rest[11]) + int(rest[12])
+    return c
+
+pid = sys.argv[1]
+if len(sys.argv) == 2:
+    try:
+        print(json.dumps(ticks(pid)))
+    except OSError:
+        print("{}")
+    sys.exit(0)
+period, outf = float(sys.argv[2]), sys.argv[3]
+nxt = time.monotonic()
+with open(outf, "a", buffering=1) as f:
+    while os.path.exists(f"/proc/{pid}"):
+        t = time.time()
+        try:
+            c = ticks(pid)
+        except OSError:
+            break
+        f.write(json.dumps({"t": t, "ticks": c}) + "\n")
+        nxt += period
+        time.sleep(max(0.0, nxt - time.monotonic()))
+PYEOF
+)
+
 # thread_ticks PID -> JSON object {name prefix: utime+stime ticks} over the
 # process's live threads; a thread's name loses its group/site/number suffix
 # (ship-g0001-dr -> ship, nbd-worker-3 -> nbd-worker).
 thread_ticks() {
-    "$(bench_python)" - "$1" <<'PYEOF'
-import collections, json, os, re, sys
-pid = sys.argv[1]
-c = collections.Counter()
-try:
-    tasks = os.listdir(f"/proc/{pid}/task")
-except OSError:
-    tasks = []
-for t in tasks:
-    try:
-        with open(f"/proc/{pid}/task/{t}/comm") as f:
-            name = f.read().strip()
-        with open(f"/proc/{pid}/task/{t}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        continue
-    c[re.sub(r"-(g\d+.*|\d+)$", "", name)] += int(rest[11]) + int(rest[12])
-print(json.dumps(c))
-PYEOF
+    "$(bench_python)" -c "$THREAD_TICKS_PY" "$1"
 }
 
 # thread_sampler PID PERIOD_S OUTFILE: starts, in the background, a sampler
@@ -219,31 +243,7 @@ PYEOF
 # stop_pid).
 THREAD_SAMPLER_PID=
 thread_sampler() {
-    "$(bench_python)" - "$@" <<'PYEOF' &
-import collections, json, os, re, sys, time
-pid, period, outf = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-nxt = time.monotonic()
-with open(outf, "a", buffering=1) as f:
-    while os.path.exists(f"/proc/{pid}"):
-        c = collections.Counter()
-        t = time.time()
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            break
-        for task in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{task}/comm") as g:
-                    name = g.read().strip()
-                with open(f"/proc/{pid}/task/{task}/stat") as g:
-                    rest = g.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            c[re.sub(r"-(g\d+.*|\d+)$", "", name)] += int(rest[11]) + int(rest[12])
-        f.write(json.dumps({"t": t, "ticks": c}) + "\n")
-        nxt += period
-        time.sleep(max(0.0, nxt - time.monotonic()))
-PYEOF
+    "$(bench_python)" -c "$THREAD_TICKS_PY" "$@" &
     THREAD_SAMPLER_PID=$!
     track_pid "$THREAD_SAMPLER_PID"
 }

@@ -899,17 +899,23 @@ for job, label, target in JOBS:
                  "note": f"fio window only: {w['primary_cpu_us_per_write_fio_only']:.1f} vs "
                          f"{n['primary_cpu_us_per_write_fio_only']:.1f} us; replica: " + lag_note(w)
                          + "; " + by_thread(w, "1 replica") + "; " + by_thread(n, "no replica")})
+def throughput_row(what, job, w, n, target, ok, note):
+    """A row of fio's rate with one replica (w) against none (n)."""
+    def speed(x):
+        return f"{x['iops'] / 1000:.1f}k IOPS" if job.startswith("randwrite") else f"{x['bw_mib_s']:.0f} MiB/s"
+    ratio = w["iops"] / n["iops"] if n["iops"] else None
+    return {"what": what, "tandem": speed(w) + " (1 replica)", "peer": speed(n) + " (no replica)",
+            "ratio": ratio, "ratio_text": "-" if ratio is None else f"{ratio:.2f}x", "target": target,
+            "ok": ok(ratio), "note": note}
 for job, label, _ in JOBS:
     r = iso.get(job, {})
     w, n = r.get("replica"), r.get("none")
     if not (w and n):
         continue
-    fmt = (lambda x: f"{x['iops'] / 1000:.1f}k IOPS") if job.startswith("randwrite") else (lambda x: f"{x['bw_mib_s']:.0f} MiB/s")
-    ratio = w["iops"] / n["iops"] if n["iops"] else None
-    rows.append({"what": f"a2: throughput, replica off core 0, {label}", "tandem": fmt(w) + " (1 replica)",
-                 "peer": fmt(n) + " (no replica)", "ratio": ratio, "ratio_text": "-" if ratio is None else f"{ratio:.2f}x",
-                 "target": ">= 0.9x", "ok": ratio is not None and ratio >= 0.9 and w["streamed_throughout"],
-                 "note": f"replica: {lag_note(w)}; p99 {w['clat_p99_us']:.0f} vs {n['clat_p99_us']:.0f} us"})
+    rows.append(throughput_row(
+        f"a2: throughput, replica off core 0, {label}", job, w, n, ">= 0.9x",
+        lambda ratio: ratio is not None and ratio >= 0.9 and w["streamed_throughout"],
+        f"replica: {lag_note(w)}; p99 {w['clat_p99_us']:.0f} vs {n['clat_p99_us']:.0f} us"))
 for job, label, _ in JOBS:
     w = iso.get(job, {}).get("replica")
     if w and w.get("replica_cpu_us_per_record") is not None:
@@ -944,16 +950,13 @@ for job, label, _ in JOBS:
     w, n = r.get("replica"), r.get("none")
     if not (w and n):
         continue
-    fmt = (lambda x: f"{x['iops'] / 1000:.1f}k IOPS") if job.startswith("randwrite") else (lambda x: f"{x['bw_mib_s']:.0f} MiB/s")
-    ratio = w["iops"] / n["iops"] if n["iops"] else None
-    rows.append({"what": f"a: co-located (informational), {label}", "tandem": fmt(w) + " (1 replica)",
-                 "peer": fmt(n) + " (no replica)", "ratio": ratio, "ratio_text": "-" if ratio is None else f"{ratio:.2f}x",
-                 "target": "informational", "ok": None,
-                 "note": f"fio, primary and replica share both CPUs and the disk; CPU (% of a core while fio ran): "
-                         f"primary {w['primary_cpu_pct_fio']:.0f}% + replica {w['replica_cpu_pct_fio']:.0f}% + fio "
-                         f"{w['fio_cpu_pct']:.0f}%, vs primary {n['primary_cpu_pct_fio']:.0f}% + fio {n['fio_cpu_pct']:.0f}%; "
-                         f"primary CPU per write {w['primary_cpu_us_per_write']:.1f} vs {n['primary_cpu_us_per_write']:.1f} us; "
-                         f"replica: {lag_note(w)}"})
+    rows.append(throughput_row(
+        f"a: co-located (informational), {label}", job, w, n, "informational", lambda ratio: None,
+        f"fio, primary and replica share both CPUs and the disk; CPU (% of a core while fio ran): "
+        f"primary {w['primary_cpu_pct_fio']:.0f}% + replica {w['replica_cpu_pct_fio']:.0f}% + fio "
+        f"{w['fio_cpu_pct']:.0f}%, vs primary {n['primary_cpu_pct_fio']:.0f}% + fio {n['fio_cpu_pct']:.0f}%; "
+        f"primary CPU per write {w['primary_cpu_us_per_write']:.1f} vs {n['primary_cpu_us_per_write']:.1f} us; "
+        f"replica: {lag_note(w)}"))
 la = lambda name: (open(os.path.join(pdir, name)).read().split()[:3] if os.path.exists(os.path.join(pdir, name)) else None)
 json.dump({"part": "a", "rows": rows, "details": {
     "isolated": {"cpus": {"fio": 0, "primary": 0, "replica": 1}, "replica_data": "tmpfs",

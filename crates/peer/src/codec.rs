@@ -732,13 +732,7 @@ pub fn try_encode_split(
     msg: &Message,
     out: &mut Vec<u8>,
 ) -> Result<Option<bytes::Bytes>, PeerError> {
-    validate(msg)?;
-    if channel > MAX_CHANNEL {
-        return Err(PeerError::malformed(
-            msg.kind(),
-            format_args!("channel {channel} exceeds {MAX_CHANNEL}"),
-        ));
-    }
+    check_encodable(channel, msg)?;
     let split = matches!(msg, Message::Record(r) if r.op == RecordOp::Write && r.data.bytes.len() >= SPLIT_AT);
     Ok(encode_parts(channel, msg, out, split).cloned())
 }
@@ -962,6 +956,13 @@ pub fn try_encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), PeerError> {
 
 /// [`try_encode`] on a link's `channel`.
 pub fn try_encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) -> Result<(), PeerError> {
+    check_encodable(channel, msg)?;
+    encode_on(channel, msg, out);
+    Ok(())
+}
+
+/// What [`try_encode_on`] and [`try_encode_split`] check first.
+fn check_encodable(channel: u32, msg: &Message) -> Result<(), PeerError> {
     validate(msg)?;
     if channel > MAX_CHANNEL {
         return Err(PeerError::malformed(
@@ -969,7 +970,6 @@ pub fn try_encode_on(channel: u32, msg: &Message, out: &mut Vec<u8>) -> Result<(
             format_args!("channel {channel} exceeds {MAX_CHANNEL}"),
         ));
     }
-    encode_on(channel, msg, out);
     Ok(())
 }
 

@@ -38,23 +38,6 @@ fn read_all(dir: &Path, volume: &str, socket: &Path) -> Vec<u8> {
     std::fs::read(&out).expect("read the copy")
 }
 
-/// `tandem test ...` against a site; (exit code, stdout, stderr).
-fn tandem_test(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = run_with_timeout(
-        Command::new(TANDEM)
-            .arg("test")
-            .args(args)
-            .arg("--config")
-            .arg(config),
-        Duration::from_secs(60),
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Starts a test and returns the agent's answer.
 fn start_test(config: &Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["start", "g", "--json"];

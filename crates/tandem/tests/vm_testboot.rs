@@ -77,22 +77,6 @@ fn last_ack(lines: &[String]) -> Option<u64> {
     lines.iter().rev().find_map(|l| tandem_vmkit::parse_ack(l))
 }
 
-fn tandem_test(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = run_with_timeout(
-        Command::new(TANDEM)
-            .arg("test")
-            .args(args)
-            .arg("--config")
-            .arg(config),
-        Duration::from_secs(120),
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn boot_runs_a_copy_of_the_vm_on_the_test_view_without_network_and_nothing_outlives_it() {
     let image = ok(GuestImage::ensure(), "guest image");

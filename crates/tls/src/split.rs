@@ -183,24 +183,7 @@ impl Write for PeerWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match &mut self.0 {
             WriterInner::Plain(s) => s.write(data),
-            WriterInner::Tls(shared) => {
-                let mut sock = shared.sock_w.lock();
-                // rustls buffers a limited amount of plaintext: hand it what
-                // it takes, send the records, repeat.
-                let mut done = 0;
-                while done < data.len() {
-                    let n = shared.conn.lock().writer().write(&data[done..])?;
-                    shared.flush_tls(&mut sock)?;
-                    if n == 0 && !shared.conn.lock().wants_write() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            "TLS connection takes no more data",
-                        ));
-                    }
-                    done += n;
-                }
-                Ok(data.len())
-            }
+            WriterInner::Tls(_) => self.write_vectored(&[io::IoSlice::new(data)]),
         }
     }
 
@@ -212,26 +195,25 @@ impl Write for PeerWriter {
             WriterInner::Tls(shared) => {
                 let mut sock = shared.sock_w.lock();
                 let mut total = 0;
+                // rustls buffers a limited amount: hand it what it takes,
+                // send the records when it takes nothing, repeat.
                 for data in bufs {
                     let mut done = 0;
+                    let mut flushed = false;
                     while done < data.len() {
                         let n = shared.conn.lock().writer().write(&data[done..])?;
-                        if n == 0 {
+                        if n > 0 {
+                            done += n;
+                            flushed = false;
+                        } else if flushed {
+                            return Err(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "TLS connection takes no more data",
+                            ));
+                        } else {
                             shared.flush_tls(&mut sock)?;
-                            if !shared.conn.lock().wants_write() {
-                                // Drained, and still nothing taken.
-                                let n = shared.conn.lock().writer().write(&data[done..])?;
-                                if n == 0 {
-                                    return Err(io::Error::new(
-                                        io::ErrorKind::WriteZero,
-                                        "TLS connection takes no more data",
-                                    ));
-                                }
-                                done += n;
-                            }
-                            continue;
+                            flushed = true;
                         }
-                        done += n;
                     }
                     total += data.len();
                 }

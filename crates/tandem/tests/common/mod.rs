@@ -25,6 +25,24 @@ pub fn tool(name: &str) -> PathBuf {
     panic!("required tool `{name}` is not installed; run scripts/test, which installs every test dependency");
 }
 
+/// `tandem test ARGS --config CONFIG` (docs/HISTORY.md, "Test views"),
+/// bounded by 120 s: (exit code, stdout, stderr).
+pub fn tandem_test(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = run_with_timeout(
+        Command::new(TANDEM)
+            .arg("test")
+            .args(args)
+            .arg("--config")
+            .arg(config),
+        Duration::from_secs(120),
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs a command and asserts it succeeded; returns stdout.
 pub fn run_ok(cmd: &mut Command, timeout: Duration) -> String {
     let description = format!("{cmd:?}");
