@@ -50,6 +50,8 @@ Options:
 Environment (defaults give a ~15 minute run):
   RUNTIME         a: seconds per fio job (20)        RAMP: fio ramp (2)
   COLOC_RUNTIME   a: seconds per fio job of the co-located runs (10)
+  A_COLOC         a: 0 leaves the co-located runs out (1)
+  A_PERF          a: 1 records perf profiles of the agents in each isolated run (off)
   SIZE            a, b, c: volume size (2GiB)
   ISO_HISTORY_MAX a: history_max of the isolated replica, in memory (1GiB)
   LAG_RUNTIME     b: seconds of sustained writes (60)
@@ -114,6 +116,8 @@ posint() {
 RUNTIME=${RUNTIME:-20}
 RAMP=${RAMP:-2}
 COLOC_RUNTIME=${COLOC_RUNTIME:-10}
+A_COLOC=${A_COLOC:-1}
+A_PERF=${A_PERF:-}
 SIZE=${SIZE:-2GiB}
 LAG_RUNTIME=${LAG_RUNTIME:-60}
 LAG_RATE=${LAG_RATE:-50m}
@@ -582,6 +586,14 @@ a_run() {
     [[ $r == - ]] || { d0=$(proc_cpu_ticks "${SITE_PID[$r]}") && b0=$(a_blkio); }
     c0=$(proc_cpu_ticks "${SITE_PID[$k]}")
     t0=$(now)
+    if [[ -n $A_PERF && $ph == iso ]]; then # a profile of the agent, 5 s from the 3rd second
+        (sleep 3 && perf record -F 999 -g -o "$PDIR/$tag.perf.data" -p "${SITE_PID[$k]}" -- sleep 5) >"$PDIR/$tag.perf.log" 2>&1 &
+        track_pid $!
+        if [[ $r != - ]]; then
+            (sleep 3 && perf record -F 999 -g -o "$PDIR/$tag.replica.perf.data" -p "${SITE_PID[$r]}" -- sleep 5) >"$PDIR/$tag.replica.perf.log" 2>&1 &
+            track_pid $!
+        fi
+    fi
     bench_fio_on "$cpus" "$out" --name="$jname" --ioengine=nbd --uri="$(site_uri "$k")" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 "${timing[@]}" \
         --size="$SIZE_BYTES" --norandommap || pfail "$jname on $k failed"
@@ -691,6 +703,10 @@ part_a() {
         done
     done
     a_result
+    if ((!A_COLOC)); then
+        log "a: co-located runs left out (A_COLOC=0)"
+        return 0
+    fi
 
     # --- co-located (informational) and the replica's device bytes --------
     SITE_CGROUP[cl-dr]=$BLKIO_GROUP
