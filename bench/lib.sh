@@ -574,7 +574,7 @@ PYEOF
 # The floor of shipping writes to another host, on one machine
 # ---------------------------------------------------------------------------
 
-# loopback_floor COUNT MSG_BYTES SEND_CPU RECV_CPU -> one JSON object: a
+# loopback_floor COUNT MSG_BYTES SEND_CPU RECV_CPU [BATCH] -> one JSON object: a
 # writer pinned to SEND_CPU sends COUNT messages of MSG_BYTES (one send per
 # message, TCP_NODELAY) over a loopback TCP connection to a reader pinned to
 # RECV_CPU that reads and discards them. Measured over the send loop (until
@@ -585,11 +585,15 @@ PYEOF
 # all in seconds. Loopback transmits by queueing the packet for the
 # sending CPU's own softirq, usually run on the way out of the send
 # syscall: the receive path's protocol work (but not the copy to the
-# reader) is done on SEND_CPU, in the writer's context.
+# reader) is done on SEND_CPU, in the writer's context. BATCH (default 1)
+# messages go in one send: COUNT is rounded down to a multiple of it, and
+# "count" says how many messages went.
 loopback_floor() {
     "$(bench_python)" - "$@" <<'PYEOF'
 import json, os, resource, socket, sys, time
 count, size, send_cpu, recv_cpu = (int(x) for x in sys.argv[1:5])
+batch = max(1, int(sys.argv[5])) if len(sys.argv) > 5 else 1
+count -= count % batch
 hz = os.sysconf("SC_CLK_TCK")
 
 def cpu_line(n):
@@ -648,10 +652,10 @@ os.close(wfd)
 os.sched_setaffinity(0, {send_cpu})
 s = socket.create_connection(srv.getsockname(), timeout=60)  # bounds every send
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-msg = memoryview(os.urandom(size))
+msg = memoryview(os.urandom(size) * batch)
 c0, k0, r0, t0 = cpu_line(send_cpu), task_ticks(ksoftirqd) if ksoftirqd else 0, resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
 send = s.sendall
-for _ in range(count):
+for _ in range(count // batch):
     send(msg)
 s.shutdown(socket.SHUT_WR)
 reader = json.loads(os.read(rfd, 4096) or b"{}")
@@ -661,7 +665,7 @@ s.close()
 if reader.get("bytes") != count * size:
     raise SystemExit(f"the reader got {reader.get('bytes')} bytes, not {count * size}")
 print(json.dumps({
-    "count": count, "msg_bytes": size, "send_cpu": send_cpu, "recv_cpu": recv_cpu, "wall_s": t1 - t0,
+    "count": count, "msg_bytes": size, "batch": batch, "send_cpu": send_cpu, "recv_cpu": recv_cpu, "wall_s": t1 - t0,
     "writer_utime_s": r1.ru_utime - r0.ru_utime, "writer_stime_s": r1.ru_stime - r0.ru_stime,
     "ksoftirqd_s": (k1 - k0) / hz if ksoftirqd else None,
     "cpu_softirq_s": (c1["softirq"] - c0["softirq"]) / hz, "cpu_busy_s": (c1["busy"] - c0["busy"]) / hz,

@@ -258,13 +258,12 @@ avail_kib=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
 if want a; then
     [[ $(id -u) -eq 0 ]] || die "part a needs root: it mounts a tmpfs and uses a blkio cgroup"
     # The isolated replica's image, its history (capped at ISO_HISTORY_MAX)
-    # and its journal, in memory. Huge pages: on a tmpfs of 4 KiB pages,
-    # SEEK_HOLE walks every page up to the next hole, and a resync asks for
-    # it chunk by chunk — quadratic in the volume size on a fully written
-    # image (minutes per GiB); with 2 MiB pages it walks 512 times fewer.
-    # A resync's undo data can take the history past its cap until the
-    # resync ends (up to the volume's size), and with huge pages every file
-    # takes whole 2 MiB pages: room for the image, that, the cap, the
+    # and its journal, in memory. 4 KiB pages: a random 4 KiB write into a
+    # huge-page tmpfs costs ~3.5x more CPU. (A tmpfs walks every page
+    # for SEEK_HOLE; Tandem's images remember the data run it last
+    # reported, so a resync no longer asks chunk by chunk.) A resync's
+    # undo data can take the history past its cap until the resync ends
+    # (up to the volume's size): room for the image, that, the cap, the
     # journal and slack. Memory is used only as files grow.
     need_kib=$(((2 * SIZE_BYTES + ISO_HISTORY_MAX_BYTES) / 1024 + 4 * 1024 * 1024))
     mem_kib=$(awk '$1 == "MemAvailable:" { print $2 }' /proc/meminfo)
@@ -272,13 +271,8 @@ if want a; then
         die "not enough memory for part a's tmpfs: need ~$((need_kib / 1024)) MiB + 2 GiB, have $((mem_kib / 1024)) MiB (set ISO_HISTORY_MAX or SIZE lower)"
     TMPFS_DIR=$WORK/tmpfs
     mkdir "$TMPFS_DIR"
-    if mount -t tmpfs -o "size=${need_kib}k,mode=0700,huge=always" tandem-bench "$TMPFS_DIR" 2>/dev/null; then
-        TMPFS_MOUNTED=1
-    else
-        warn "cannot mount a tmpfs with huge=always on $TMPFS_DIR: mounting one without (a resync of the isolated replica will be slow)"
-        mount -t tmpfs -o "size=${need_kib}k,mode=0700" tandem-bench "$TMPFS_DIR" || die "cannot mount a tmpfs on $TMPFS_DIR"
-        TMPFS_MOUNTED=1
-    fi
+    mount -t tmpfs -o "size=${need_kib}k,mode=0700,huge=never" tandem-bench "$TMPFS_DIR" || die "cannot mount a tmpfs on $TMPFS_DIR"
+    TMPFS_MOUNTED=1
     if ! blkio_group_new "tandem-bench-replication-$$" "$WORK"; then
         warn "no cgroup-v1 blkio hierarchy (or not root): part a reports no replica device bytes"
     fi
@@ -657,7 +651,7 @@ PYEOF
 }
 
 part_a() {
-    local vs j jname rw bs qd k order n
+    local vs j jname rw bs qd k order n batch
     vs=$(cfg_size "$SIZE_BYTES")
     : >"$PDIR/runs.jsonl"
     taskset -c "$A_CPU_REPLICA" true 2>/dev/null ||
@@ -700,6 +694,15 @@ part_a() {
         for _ in 1 2 3; do
             loopback_floor "$n" "$(parse_size "$bs")" "$A_CPU_PRIMARY" "$A_CPU_REPLICA" >>"$PDIR/floor-$jname.jsonl" ||
                 pfail "the loopback floor for $jname failed"
+        done
+        # the best a sender can do: the messages gathered into sends of
+        # the link writer's piece (256 KiB), as Tandem's link writer sends
+        batch=$(((256 << 10) / $(parse_size "$bs")))
+        ((batch >= 1)) || batch=1
+        log "a0: the same, $batch messages per send (3 times)"
+        for _ in 1 2 3; do
+            loopback_floor "$n" "$(parse_size "$bs")" "$A_CPU_PRIMARY" "$A_CPU_REPLICA" "$batch" >>"$PDIR/floor-batched-$jname.jsonl" ||
+                pfail "the batched loopback floor for $jname failed"
         done
     done
     a_result
@@ -844,24 +847,26 @@ for l in open(os.path.join(pdir, "runs.jsonl")):
                       "replica_device_bytes_per_replicated_byte": dev / raw if raw > 0 else None})
     runs.setdefault(r["phase"], {}).setdefault(r["job"], {})["replica" if r["replica"] != "-" else "none"] = d
 
-floor = {}
-for j, _, _ in JOBS:
-    # the median of three runs by the floor's own figure
+def load_floor(name):
+    """The median of three floor runs (by the floor's own figure)."""
     try:
-        fs = [json.loads(l) for l in open(os.path.join(pdir, f"floor-{j}.jsonl"))]
+        fs = [json.loads(l) for l in open(os.path.join(pdir, name))]
     except (OSError, ValueError):
         fs = []
     for f in fs:
         f["floor_s"] = f["writer_stime_s"] + (f["ksoftirqd_s"] or 0)
     fs.sort(key=lambda f: f["floor_s"])
-    floor[j] = fs[len(fs) // 2] if fs else None
-    if fs:
-        floor[j]["floor_us_per_write_all_runs"] = [round(f["floor_s"] * 1e6 / f["count"], 2) for f in fs]
-for j, f in floor.items():
-    if f:
-        f["floor_us_per_write"] = f["floor_s"] * 1e6 / f["count"]
-        f["cpu_busy_us_per_write"] = f["cpu_busy_s"] * 1e6 / f["count"]
-        f["writer_utime_us_per_write"] = f["writer_utime_s"] * 1e6 / f["count"]
+    if not fs:
+        return None
+    f = fs[len(fs) // 2]
+    f["floor_us_per_write_all_runs"] = [round(x["floor_s"] * 1e6 / x["count"], 2) for x in fs]
+    f["floor_us_per_write"] = f["floor_s"] * 1e6 / f["count"]
+    f["cpu_busy_us_per_write"] = f["cpu_busy_s"] * 1e6 / f["count"]
+    f["writer_utime_us_per_write"] = f["writer_utime_s"] * 1e6 / f["count"]
+    return f
+
+floor = {j: load_floor(f"floor-{j}.jsonl") for j, _, _ in JOBS}
+floor_batched = {j: load_floor(f"floor-batched-{j}.jsonl") for j, _, _ in JOBS}
 
 def lag_note(x):
     e = x["at_fio_end"]
@@ -905,6 +910,18 @@ for job, label, target in JOBS:
                              f"CPU {f['send_cpu']} {f['cpu_softirq_s']:.2f} s; CPU {f['send_cpu']} busy "
                              f"{f['cpu_busy_us_per_write']:.1f} us/write (Python {f['writer_utime_us_per_write']:.1f} us and "
                              f"anything else on it included)"})
+    fb = floor_batched.get(job)
+    if fb and n["primary_cpu_us_per_write"]:
+        best = (n["primary_cpu_us_per_write"] + fb["floor_us_per_write"]) / n["primary_cpu_us_per_write"]
+        rows.append({"what": f"a0: floor, {fb['batch']} writes per send ({fb['batch'] * fb['msg_bytes'] >> 10} KiB), {label}",
+                     "tandem": f"+{extra:.1f} us/write (Tandem's extra)", "peer": f"{fb['floor_us_per_write']:.2f} us/write (floor)",
+                     "ratio": extra / fb["floor_us_per_write"] if fb["floor_us_per_write"] > 0 else None,
+                     "ratio_text": f"{extra / fb['floor_us_per_write']:.1f}x floor" if fb["floor_us_per_write"] > 0 else "-",
+                     "target": "report", "ok": None,
+                     "note": f"median of {len(fb['floor_us_per_write_all_runs'])} runs "
+                             f"({', '.join(str(x) for x in fb['floor_us_per_write_all_runs'])} us/write); a primary whose only "
+                             f"extra cost were these sends would be at a1 = {best:.2f}x (target <= {target}x)"})
+        fb["best_a1"] = best
     ratio = w["primary_cpu_us_per_write"] / n["primary_cpu_us_per_write"] if n["primary_cpu_us_per_write"] else None
     ok = ratio is not None and ratio <= target and w["streamed_throughout"]
     rows.append({"what": f"a1: primary CPU per write, {label}",
@@ -977,7 +994,7 @@ la = lambda name: (open(os.path.join(pdir, name)).read().split()[:3] if os.path.
 json.dump({"part": "a", "rows": rows, "details": {
     "isolated": {"cpus": {"fio": 0, "primary": 0, "replica": 1}, "replica_data": "tmpfs",
                  "replica_history_max": iso_hmax, "runs": iso},
-    "floor": floor, "colocated": {"runs": co, "blkio_cgroup": bool(blkio)},
+    "floor": floor, "floor_batched": floor_batched, "colocated": {"runs": co, "blkio_cgroup": bool(blkio)},
     "loadavg_start": la("loadavg-start"), "loadavg_end": la("loadavg-end")}}, sys.stdout, indent=1)
 PYEOF
     mv "$PDIR/result.json.new" "$PDIR/result.json"

@@ -242,6 +242,8 @@ pub struct Compressor {
     wire_bytes: u64,
     attempts: u64,
     skipped: u64,
+    /// Whether compressing pays now (see [`Compressor::set_wanted`]).
+    wanted: bool,
     scratch: Vec<u8>,
 }
 
@@ -290,8 +292,18 @@ impl Compressor {
             wire_bytes: 0,
             attempts: 0,
             skipped: 0,
+            wanted: true,
             scratch: Vec::new(),
         }
+    }
+
+    /// Whether compressing is worth its CPU now (the default). A sender
+    /// whose link keeps up with it says no: zstd costs ~2 ms of CPU per
+    /// MiB, more than sending the raw bytes to a link with room; once the
+    /// link falls behind, fewer bytes are what counts. While not wanted,
+    /// payloads go raw (zero data still becomes `Zeroes`).
+    pub fn set_wanted(&mut self, wanted: bool) {
+        self.wanted = wanted;
     }
 
     /// Whether this compressor ever compresses.
@@ -342,7 +354,7 @@ impl Compressor {
         let Some(ctx) = self.ctx.as_mut() else {
             return raw();
         };
-        if data.len() < MIN_COMPRESS {
+        if data.len() < MIN_COMPRESS || !self.wanted {
             return raw();
         }
         if self.skip > 0 {

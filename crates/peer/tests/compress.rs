@@ -80,6 +80,24 @@ fn text_is_compressed_and_round_trips() {
 }
 
 #[test]
+fn while_not_wanted_data_goes_raw_and_zeroes_still_elided() {
+    let mut c = Compressor::new(1);
+    let data = text(65536);
+    c.set_wanted(false);
+    let p = Payload::encode(&data, &mut c);
+    assert_eq!(p.encoding, Encoding::Raw);
+    assert_eq!(c.attempts(), 0, "zstd was not run");
+    assert_eq!(p.decode().unwrap(), data);
+    let z = Payload::encode(&[0u8; 8192], &mut c);
+    assert_eq!(z.encoding, Encoding::Zeroes);
+    // Wanted again (the link fell behind): compressed at once.
+    c.set_wanted(true);
+    let p = Payload::encode(&data, &mut c);
+    assert_eq!(p.encoding, Encoding::Zstd);
+    assert_eq!(c.attempts(), 1);
+}
+
+#[test]
 fn small_data_is_sent_raw() {
     let mut c = Compressor::new(1);
     let p = Payload::encode(b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &mut c);

@@ -110,6 +110,12 @@ impl Outbound {
         })
     }
 
+    /// Bytes queued for the writer and not yet handed to the socket: near
+    /// zero while the link keeps up with its senders.
+    pub fn backlog(&self) -> usize {
+        OUT_BUDGET.saturating_sub(self.budget.available_permits())
+    }
+
     /// Queues a small message at once (a reader's answer to a ping).
     pub fn send_now(&self, channel: u32, msg: &Message) -> Result<(), LinkDown> {
         let mut bytes = Vec::new();
@@ -158,6 +164,13 @@ impl ChannelOut {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Whether the link is behind: more than a quarter of
+    /// [`OUT_BUDGET`] waits for the socket. Then the network, not the CPU,
+    /// limits the sender, and compressing pays.
+    pub fn link_behind(&self) -> bool {
+        self.out.backlog() > OUT_BUDGET / 4
     }
 
     /// Ends the frames encoded so far as a part.

@@ -6,8 +6,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use rustix::fs::FlockOperation;
 use rustix::io::Errno;
@@ -67,6 +67,22 @@ pub struct RawImage {
     zero_range: AtomicBool,
     /// Keeps the image's exclusive flock for as long as it is open.
     _lock: Option<File>,
+    /// The last data run `SEEK_HOLE` reported, so that a walk over a large
+    /// allocated run asks once: on tmpfs `SEEK_HOLE` walks every page to
+    /// the run's end, and asking once per piece of a long scan made it
+    /// quadratic. It only ever claims data, and any hole made since voids
+    /// it (`holes_made`).
+    data_hint: Mutex<DataHint>,
+    /// Counts deallocations begun (punched holes), before each one.
+    holes_made: AtomicU64,
+}
+
+/// `[from, until)` was data when `holes_made` was `holes`.
+#[derive(Clone, Copy, Debug, Default)]
+struct DataHint {
+    from: u64,
+    until: u64,
+    holes: u64,
 }
 
 impl std::fmt::Debug for RawImage {
@@ -142,6 +158,8 @@ impl RawImage {
             nowait: AtomicBool::new(true),
             zero_range: AtomicBool::new(true),
             _lock: None,
+            data_hint: Mutex::new(DataHint::default()),
+            holes_made: AtomicU64::new(0),
         }
     }
 
@@ -260,6 +278,7 @@ impl RawImage {
     /// Deallocates `[offset, offset + len)`; it reads back as zeroes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check_healthy()?;
+        self.holes_made.fetch_add(1, Ordering::AcqRel);
         match self.file.fallocate(Fallocate::PunchHole, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if Errno::from_io_error(&e) == Some(Errno::OPNOTSUPP) => {
@@ -282,6 +301,7 @@ impl RawImage {
     ) -> Result<(), VolumeError> {
         self.check_healthy()?;
         if !keep_allocated {
+            self.holes_made.fetch_add(1, Ordering::AcqRel);
             match self.file.fallocate(Fallocate::PunchHole, offset, len) {
                 Ok(()) => return Ok(()),
                 Err(e) if Errno::from_io_error(&e) == Some(Errno::OPNOTSUPP) => {}
@@ -289,6 +309,8 @@ impl RawImage {
             }
         }
         if self.zero_range.load(Ordering::Relaxed) {
+            // Zeroed extents may read as holes (unwritten extents).
+            self.holes_made.fetch_add(1, Ordering::AcqRel);
             match self.file.fallocate(Fallocate::ZeroRange, offset, len) {
                 Ok(()) => return Ok(()),
                 Err(e) if Errno::from_io_error(&e) == Some(Errno::OPNOTSUPP) => {
@@ -354,6 +376,17 @@ impl RawImage {
                 .map_err(|e| self.io_error("extent map", at, len, e))
         };
         while pos < end && runs.len() < max.max(1) {
+            let holes = self.holes_made.load(Ordering::Acquire);
+            let hint = self
+                .data_hint
+                .lock()
+                .map_or_else(|p| *p.into_inner(), |h| *h);
+            if hint.holes == holes && hint.from <= pos && pos < hint.until {
+                let stop = hint.until.min(end);
+                runs.push((stop - pos, false));
+                pos = stop;
+                continue;
+            }
             let data = seek(pos, Seek::Data)?.unwrap_or(self.size);
             if data > pos {
                 let stop = data.min(end);
@@ -362,6 +395,16 @@ impl RawImage {
                 continue;
             }
             let hole = seek(pos, Seek::Hole)?.unwrap_or(self.size).max(pos + 1);
+            if let Ok(mut h) = self.data_hint.lock() {
+                // Kept only if no hole was begun while asking.
+                if self.holes_made.load(Ordering::Acquire) == holes {
+                    *h = DataHint {
+                        from: pos,
+                        until: hole,
+                        holes,
+                    };
+                }
+            }
             let stop = hole.min(end);
             runs.push((stop - pos, false));
             pos = stop;
@@ -434,6 +477,83 @@ mod tests {
         assert_eq!(
             image.extents(2 * MIB, 2 * MIB, 16).unwrap(),
             vec![(2 * MIB, true)]
+        );
+    }
+
+    /// An OS file that counts its `SEEK_HOLE` calls.
+    struct CountsHoleSeeks(OsFile, std::sync::Arc<AtomicU64>);
+
+    impl BlockFile for CountsHoleSeeks {
+        fn read_at(&self, buf: &mut [u8], at: u64) -> io::Result<usize> {
+            self.0.read_at(buf, at)
+        }
+        fn read_cached_at(&self, buf: &mut [u8], at: u64) -> io::Result<usize> {
+            self.0.read_cached_at(buf, at)
+        }
+        fn write_at(&self, buf: &[u8], at: u64) -> io::Result<usize> {
+            self.0.write_at(buf, at)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.0.sync_data()
+        }
+        fn fallocate(&self, mode: Fallocate, at: u64, len: u64) -> io::Result<()> {
+            self.0.fallocate(mode, at, len)
+        }
+        fn seek(&self, at: u64, whence: Seek) -> io::Result<Option<u64>> {
+            if matches!(whence, Seek::Hole) {
+                self.1.fetch_add(1, Ordering::Relaxed);
+            }
+            self.0.seek(at, whence)
+        }
+        fn advise_willneed(&self, at: u64, len: u64) {
+            self.0.advise_willneed(at, len);
+        }
+        fn byte_len(&self) -> io::Result<u64> {
+            self.0.byte_len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+    }
+
+    #[test]
+    fn a_walk_in_pieces_asks_for_the_end_of_a_data_run_once_and_still_sees_new_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(16 * MIB).unwrap();
+        let seeks = std::sync::Arc::new(AtomicU64::new(0));
+        let image = RawImage::with_file(
+            Box::new(CountsHoleSeeks(OsFile(file), seeks.clone())),
+            path,
+            16 * MIB,
+        );
+        image.write(0, &vec![1; 16 << 20]).unwrap();
+        for piece in 0..16 {
+            let runs = image.extents(piece * MIB, MIB, 16).unwrap();
+            assert_eq!(runs, vec![(MIB, false)], "piece {piece}");
+        }
+        assert_eq!(
+            seeks.load(Ordering::Relaxed),
+            1,
+            "one SEEK_HOLE for the run"
+        );
+        // A hole punched after the run was learnt is seen at once...
+        image.punch_hole(5 * MIB, MIB).unwrap();
+        assert_eq!(
+            image.extents(4 * MIB, 3 * MIB, 16).unwrap(),
+            vec![(MIB, false), (MIB, true), (MIB, false)]
+        );
+        // ...and so is one that zeroing made.
+        image.write_zeroes(9 * MIB, MIB, false, false).unwrap();
+        assert_eq!(
+            image.extents(8 * MIB, 3 * MIB, 16).unwrap(),
+            vec![(MIB, false), (MIB, true), (MIB, false)]
         );
     }
 
