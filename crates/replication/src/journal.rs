@@ -336,10 +336,17 @@ impl Journal {
         }
         if cur.len > seg.bytes || !seg.recyclable {
             let flags = if seg.recyclable { 0 } else { TAIL_UNKNOWN };
-            cur.file
+            let sealed = cur
+                .file
                 .write_all_at(&trailer(first, seg.last_seq, flags), seg.bytes)
                 .and_then(|()| cur.file.sync_data())
-                .map_err(io_err("write journal trailer", &seg.path))?;
+                .map_err(io_err("write journal trailer", &seg.path));
+            if sealed.is_err() {
+                // No next segment before this one is closed: the next
+                // write tries again.
+                self.current = Some(cur);
+            }
+            sealed?;
         }
         Ok(())
     }
