@@ -502,6 +502,16 @@ impl Journal {
     }
 }
 
+impl Drop for Journal {
+    /// A clean close ends the segment being written with a trailer, so
+    /// that it stays recyclable after a restart.
+    fn drop(&mut self) {
+        if let Err(e) = self.close_current() {
+            tracing::warn!(error = %e, "journal segment not closed");
+        }
+    }
+}
+
 /// `from` renamed to `to`, or `from` itself if that fails.
 fn rename_or_keep(from: PathBuf, to: PathBuf) -> PathBuf {
     match std::fs::rename(&from, &to) {
@@ -821,6 +831,33 @@ mod tests {
         j
     }
 
+    /// Ends `j` as a crash would: no trailer for the segment being written.
+    fn crash(j: Journal) {
+        std::mem::forget(j);
+    }
+
+    #[test]
+    fn a_recycled_segment_stays_recyclable_after_a_clean_close_only() {
+        for clean in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let j = recycled(dir.path(), 33);
+            if clean {
+                drop(j);
+            } else {
+                crash(j);
+            }
+            let mut j = Journal::open(dir.path()).unwrap();
+            assert_eq!(seqs(&j, 0), (21..=33).collect::<Vec<_>>());
+            write(&mut j, &[entry(34, SMALL)]);
+            j.release(33).unwrap();
+            let mut want = vec![log(34), spare(30)];
+            if clean {
+                want.push(spare(33));
+            }
+            assert_eq!(names(dir.path()), want, "clean: {clean}");
+        }
+    }
+
     #[test]
     fn a_spare_is_written_in_place_without_growing() {
         let dir = tempfile::tempdir().unwrap();
@@ -839,7 +876,7 @@ mod tests {
         // The new run ends at an old entry's boundary: old entry 4 (CRC
         // valid) follows entry 33.
         let j = recycled(dir.path(), 33);
-        drop(j);
+        crash(j);
         let mut j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.durable_seq(), 33);
         assert_eq!(seqs(&j, 0), (21..=33).collect::<Vec<_>>());
@@ -856,7 +893,7 @@ mod tests {
     fn a_torn_write_into_a_recycled_segment_replays_the_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let j = recycled(dir.path(), 32);
-        drop(j);
+        crash(j);
         let mut torn = Vec::new();
         entry(33, SMALL).encode(&mut torn);
         let f = OpenOptions::new()
@@ -972,7 +1009,7 @@ mod tests {
         // (higher seqs than the new ones) are not taken.
         write(&mut j, &[entry(5, SMALL)]);
         write(&mut j, &[entry(6, SMALL)]);
-        drop(j);
+        crash(j);
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(seqs(&j, 0), vec![5, 6]);
     }
@@ -984,6 +1021,8 @@ mod tests {
         /// Release up to this share (in 1/8) of the written entries.
         Release(u8),
         Reopen,
+        /// Reopen without closing the journal.
+        Crash,
         /// Reopen after a torn write of that many bytes of the next entry.
         Torn(usize),
         /// Clear, and go on this many seqs lower.
@@ -997,6 +1036,7 @@ mod tests {
                 .prop_map(Op::Write),
             2 => (0u8..=8).prop_map(Op::Release),
             1 => Just(Op::Reopen),
+            1 => Just(Op::Crash),
             1 => (1usize..200).prop_map(Op::Torn),
             1 => (0u64..30).prop_map(Op::Clear),
         ]
@@ -1036,9 +1076,13 @@ mod tests {
                         drop(j);
                         j = open(dir.path());
                     }
+                    Op::Crash => {
+                        crash(j);
+                        j = open(dir.path());
+                    }
                     Op::Torn(n) => {
                         let at = j.segments.values().next_back().map(|s| (s.path.clone(), s.bytes));
-                        drop(j);
+                        crash(j);
                         if let Some((path, at)) = at {
                             let mut torn = Vec::new();
                             entry(next, 300).encode(&mut torn);
