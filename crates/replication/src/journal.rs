@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::ReplicaError;
@@ -506,6 +506,18 @@ impl Drop for Journal {
     /// A clean close ends the segment being written with a trailer, so
     /// that it stays recyclable after a restart.
     fn drop(&mut self) {
+        // Only while the file is still this journal's segment: a journal
+        // opened on the directory since may have recycled it.
+        let ours = match (&self.current, self.segments.values().next_back()) {
+            (Some(cur), Some(seg)) => match (cur.file.metadata(), std::fs::metadata(&seg.path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            },
+            _ => false,
+        };
+        if !ours {
+            return;
+        }
         if let Err(e) = self.close_current() {
             tracing::warn!(error = %e, "journal segment not closed");
         }
@@ -649,7 +661,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::io::Write;
-    use std::os::unix::fs::MetadataExt;
 
     fn entry(seq: u64, n: usize) -> Entry {
         Entry {
@@ -856,6 +867,31 @@ mod tests {
             }
             assert_eq!(names(dir.path()), want, "clean: {clean}");
         }
+    }
+
+    #[test]
+    fn a_journal_dropped_late_leaves_a_recycled_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = recycled(dir.path(), 30);
+        let ino = std::fs::metadata(dir.path().join(log(21))).unwrap().ino();
+        // A second journal on the directory while the first is alive: it
+        // releases the first's segment 21 (being written), and reuses its
+        // file for segment 41.
+        let mut j = Journal::open(dir.path())
+            .unwrap()
+            .with_segment_bytes(10 * SMALL_BYTES);
+        for seq in 31..=44 {
+            write(&mut j, &[entry(seq, SMALL)]);
+            j.release(seq - 1).unwrap();
+        }
+        let path = dir.path().join(log(41));
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino);
+        let before = std::fs::read(&path).unwrap();
+        drop(old);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        crash(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(seqs(&j, 40), vec![41, 42, 43, 44]);
     }
 
     #[test]
