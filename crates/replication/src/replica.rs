@@ -1209,7 +1209,8 @@ impl Core {
     }
 
     /// Records that the images durably hold everything up to `applied`
-    /// (epoch `tip`); returns the journal segments no longer needed.
+    /// (epoch `tip`); returns the journal files to delete (applied segments
+    /// become spares under the lock; see docs/REPLICA.md, "Recycled segments").
     fn record_checkpoint(
         &mut self,
         applied: u64,
