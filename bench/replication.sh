@@ -52,6 +52,7 @@ Environment (defaults give a ~15 minute run):
   COLOC_RUNTIME   a: seconds per fio job of the co-located runs (10)
   A_COLOC         a: 0 leaves the co-located runs out (1)
   A_PERF          a: 1 records perf profiles of the agents in each isolated run (off)
+  A_QUEUE_MEMORY  a: queue_memory of the isolated primary (Tandem's default)
   SIZE            a, b, c: volume size (2GiB)
   ISO_HISTORY_MAX a: history_max of the isolated replica, in memory (1GiB)
   LAG_RUNTIME     b: seconds of sustained writes (60)
@@ -118,6 +119,7 @@ RAMP=${RAMP:-2}
 COLOC_RUNTIME=${COLOC_RUNTIME:-10}
 A_COLOC=${A_COLOC:-1}
 A_PERF=${A_PERF:-}
+A_QUEUE_MEMORY=${A_QUEUE_MEMORY:-}
 SIZE=${SIZE:-2GiB}
 LAG_RUNTIME=${LAG_RUNTIME:-60}
 LAG_RATE=${LAG_RATE:-50m}
@@ -664,7 +666,7 @@ part_a() {
     SITE_CPUS[dr]=$A_CPU_REPLICA
     SITE_DATA_BASE[dr]=$TMPFS_DIR
     local_site local "$vs"
-    pair_sites async "$vs" history_max="$(cfg_size "$ISO_HISTORY_MAX_BYTES")"
+    pair_sites async "$vs" history_max="$(cfg_size "$ISO_HISTORY_MAX_BYTES")" ${A_QUEUE_MEMORY:+queue_memory="$A_QUEUE_MEMORY"}
     start_site local
     start_site dr
     start_site ny

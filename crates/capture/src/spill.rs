@@ -87,20 +87,52 @@ struct Segment {
     checkpoints: Vec<Checkpoint>,
 }
 
+fn remove_segment_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete spill segment");
+        }
+    }
+}
+
+/// A consumed segment's file kept for the next segment (it keeps its name).
+#[derive(Debug)]
+struct Spare {
+    path: PathBuf,
+    file: File,
+}
+
+/// Consumed segment files kept for reuse: a segment written over an old
+/// one reuses its blocks and page cache instead of allocating anew.
+const SPARE_SEGMENTS: usize = 2;
+
 impl Segment {
-    /// Starts segment number `*next_id` in `dir` with `record`.
-    fn create(dir: &Path, next_id: &mut u64, record: &Record) -> Result<Segment, SpillError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir, "create spill directory"))?;
+    /// Starts segment number `*next_id` in `dir` with `record`, in `spare`'s
+    /// file if there is one (its old frames stay behind `end`, where
+    /// nothing reads), else in a new file.
+    fn create(
+        dir: &Path,
+        next_id: &mut u64,
+        record: &Record,
+        spare: Option<Spare>,
+    ) -> Result<Segment, SpillError> {
         let id = *next_id;
-        let path = dir.join(format!("{id:08}.log"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path, "create spill segment"))?;
+        let (path, file) = match spare {
+            Some(Spare { path, file }) => (path, file),
+            None => {
+                std::fs::create_dir_all(dir).map_err(io_err(dir, "create spill directory"))?;
+                let path = dir.join(format!("{id:08}.log"));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io_err(&path, "create spill segment"))?;
+                (path, file)
+            }
+        };
         *next_id += 1;
         Ok(Segment {
             id,
@@ -141,6 +173,8 @@ pub struct Spill {
     segment_bytes: u64,
     base: Instant,
     segments: VecDeque<Segment>,
+    /// Consumed segments' files, for the next segments.
+    spares: Vec<Spare>,
     next_id: u64,
     bytes: u64,
     records: u64,
@@ -155,6 +189,7 @@ impl Spill {
             segment_bytes: segment_bytes.max(1),
             base,
             segments: VecDeque::new(),
+            spares: Vec::new(),
             next_id: 0,
             bytes: 0,
             records: 0,
@@ -197,7 +232,12 @@ impl Spill {
         let mut fresh = None;
         let seg = match self.segments.back_mut() {
             Some(seg) if seg.end < self.segment_bytes => seg,
-            _ => fresh.insert(Segment::create(&self.dir, &mut self.next_id, record)?),
+            _ => fresh.insert(Segment::create(
+                &self.dir,
+                &mut self.next_id,
+                record,
+                self.spares.pop(),
+            )?),
         };
         let at = seg.end;
         let written = seg
@@ -212,7 +252,7 @@ impl Spill {
         if let Err(e) = written {
             let err = io_err(&seg.path, "write spill frame")(e);
             if let Some(empty) = fresh {
-                self.delete(empty, &mut 0);
+                self.delete(empty, &mut 0, false);
             }
             return Err(err);
         }
@@ -246,25 +286,39 @@ impl Spill {
 
     /// Deletes every segment whose records are all below `floor`; returns
     /// how many records went.
+    /// Deletes every segment whose records are all below `floor`; returns
+    /// how many records went. While records stay spilled, consumed files
+    /// are kept for the next segments; once none do, nothing is left on
+    /// disk.
     pub fn trim_below(&mut self, floor: u64) -> u64 {
         let mut dropped = 0;
         while self.segments.front().is_some_and(|s| s.last_seq < floor) {
             if let Some(seg) = self.segments.pop_front() {
-                self.delete(seg, &mut dropped);
+                self.delete(seg, &mut dropped, true);
+            }
+        }
+        if self.segments.is_empty() {
+            for spare in std::mem::take(&mut self.spares) {
+                remove_segment_file(&spare.path);
             }
         }
         dropped
     }
 
-    fn delete(&mut self, seg: Segment, dropped: &mut u64) {
+    /// Ends a segment: its file is kept as a spare (`recycle`, while fewer
+    /// than [`SPARE_SEGMENTS`] are) or deleted.
+    fn delete(&mut self, seg: Segment, dropped: &mut u64, recycle: bool) {
         self.bytes -= seg.end;
         self.records -= seg.records;
         *dropped += seg.records;
-        if let Err(e) = std::fs::remove_file(&seg.path) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(path = %seg.path.display(), error = %e, "cannot delete spill segment");
-            }
+        if recycle && self.spares.len() < SPARE_SEGMENTS {
+            self.spares.push(Spare {
+                path: seg.path,
+                file: seg.file,
+            });
+            return;
         }
+        remove_segment_file(&seg.path);
     }
 
     /// The first spilled record with a sequence number of at least `seq`,
@@ -595,12 +649,63 @@ mod tests {
         assert_eq!(spill.trim_below(first_last), 0);
         let n = spill.segments[0].records;
         assert_eq!(spill.trim_below(first_last + 1), n);
-        assert_eq!(files(), before - 1);
+        // The consumed segment's file is kept as a spare.
+        assert_eq!(files(), before);
+        assert_eq!(spill.segments.len(), before - 1);
         let bytes: u64 = spill.segments.iter().map(|s| s.end).sum();
         assert_eq!(spill.bytes(), bytes);
         spill.trim_below(u64::MAX);
         assert!(spill.is_empty());
+        // Nothing spilled: nothing on disk, spares included.
         assert_eq!((spill.bytes(), spill.records(), files()), (0, 0, 0));
+    }
+
+    #[test]
+    fn spare_files_are_written_over_and_only_new_frames_read() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spill, _) = filled(dir.path(), 1..400, 64 << 10);
+        let inodes = |spill: &Spill| -> Vec<u64> {
+            spill
+                .segments
+                .iter()
+                .map(|s| s.file.metadata().unwrap().ino())
+                .collect()
+        };
+        let old = inodes(&spill);
+        // All but the newest segment consumed.
+        let newest_first = spill.segments.back().unwrap().first_seq;
+        spill.trim_below(newest_first);
+        assert_eq!(spill.spares.len(), SPARE_SEGMENTS);
+        // Fewer, shorter frames than the files held: stale frames stay
+        // behind each segment's end.
+        let base = spill.base;
+        let records: Vec<Record> = (400..460).map(|s| record(s, base)).collect();
+        for r in &records {
+            spill.append(r).unwrap();
+        }
+        let reused = inodes(&spill);
+        assert!(
+            reused.iter().all(|i| old.contains(i)),
+            "{reused:?} not in {old:?}"
+        );
+        assert!(spill.spares.len() < SPARE_SEGMENTS);
+        spill.trim_below(newest_first);
+        let mut cursor = None;
+        let mut seq = newest_first;
+        let mut got = Vec::new();
+        while let Some(r) = spill.read_next(seq, &mut cursor).unwrap() {
+            seq = r.seq + 1;
+            got.push(r);
+        }
+        let want: Vec<Record> = (newest_first..400)
+            .map(|s| record(s, base))
+            .chain(records)
+            .collect();
+        assert_eq!(got, want);
+        let mut seen = Vec::new();
+        spill.visit_from(0, |h| seen.push(h.seq)).unwrap();
+        assert_eq!(seen, (newest_first..460).collect::<Vec<_>>());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod replica;
 pub mod runtime;
 pub mod session;
 pub mod shipper;
+mod squeeze;
 pub mod state;
 pub mod throttle;
 

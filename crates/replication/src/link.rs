@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::runtime;
 use crate::session::shipper::{ConnectError, ShipError};
+use crate::squeeze::Squeeze;
 
 /// Bytes a link may have queued for its writer; sessions wait beyond.
 /// Small on purpose: what is in flight is not acknowledged, and the
@@ -139,6 +140,9 @@ pub struct ChannelOut {
     /// Gathered before `buf`: earlier frames and long writes' data.
     parts: Vec<Bytes>,
     parts_len: usize,
+    /// Bytes handed to the writer so far.
+    handed: u64,
+    squeeze: Squeeze,
 }
 
 impl ChannelOut {
@@ -149,6 +153,8 @@ impl ChannelOut {
             buf: Vec::new(),
             parts: Vec::new(),
             parts_len: 0,
+            handed: 0,
+            squeeze: Squeeze::new(Instant::now(), 0),
         }
     }
 
@@ -166,11 +172,13 @@ impl ChannelOut {
         Ok(())
     }
 
-    /// Whether the link is behind: more than a quarter of
-    /// [`OUT_BUDGET`] waits for the socket. Then the network, not the CPU,
-    /// limits the sender, and compressing pays.
-    pub fn link_behind(&self) -> bool {
-        self.out.backlog() > OUT_BUDGET / 4
+    /// Whether compressing what is sent next pays (docs/PEER.md): the link
+    /// is behind (more than a quarter of [`OUT_BUDGET`] waits for the
+    /// socket) and drains slowly enough that bytes, not the receiver's
+    /// CPU, hold it up ([`Squeeze`]).
+    pub fn compress_wanted(&mut self) -> bool {
+        let behind = self.out.backlog() > OUT_BUDGET / 4;
+        self.squeeze.wanted(Instant::now(), self.handed, behind)
     }
 
     /// Ends the frames encoded so far as a part.
@@ -188,6 +196,7 @@ impl ChannelOut {
         if self.parts.is_empty() {
             return Ok(());
         }
+        self.handed += self.parts_len as u64;
         self.parts_len = 0;
         let parts = std::mem::take(&mut self.parts);
         self.out.send_parts(parts).await
