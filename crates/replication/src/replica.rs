@@ -865,8 +865,10 @@ impl ReplicaGroup {
                 size,
             });
         }
-        if let Some(history) = &self.history {
-            // The resync's overwrites are undoable too (docs/HISTORY.md).
+        // The resync's overwrites are undoable too (docs/HISTORY.md, H1),
+        // unless no point exists to go back to (a new replica's first
+        // sync): nothing could use their old data.
+        if let Some(history) = self.history.as_ref().filter(|h| h.latest().is_some()) {
             let mut core = self.core.lock();
             let Core { undo, .. } = &mut *core;
             undo.clear();

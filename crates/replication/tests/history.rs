@@ -581,3 +581,47 @@ fn a_resync_never_loses_the_newest_point() {
     let v1 = std::fs::read(dir.path().join("v1.img")).unwrap();
     assert!(v1.iter().all(|b| *b == 0), "v1 is back at the point");
 }
+
+/// H1's exception: a new replica's first sync (no point yet) writes no
+/// undo data for its chunks (nothing could go back to them); once a point
+/// exists, a resync's chunks are undoable again.
+#[test]
+fn a_first_sync_writes_no_undo_data_and_a_later_resync_does() {
+    const CHUNK: usize = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = open(dir.path());
+    let h = g.history().unwrap();
+    assert!(h.latest().is_none());
+    g.begin_resync(1, 1).unwrap();
+    for i in 0..SIZE / CHUNK as u64 {
+        g.write_chunk(0, i * CHUNK as u64, &[0x11; CHUNK]).unwrap();
+    }
+    assert_eq!(h.end(), 0, "no undo data without a point");
+    g.end_resync(1).unwrap();
+    g.receive(&Entry {
+        epoch: 1,
+        seq: 1,
+        volume: 0,
+        op: RecordOp::Write,
+        fua: true,
+        offset: 0,
+        len: 4096,
+        data: vec![0x22; 4096],
+    })
+    .unwrap();
+    g.mark(1, 0);
+    g.commit().unwrap();
+    let point = h.latest().expect("a point after the first sync");
+    let end = h.end();
+
+    g.begin_resync(1, 2).unwrap();
+    g.write_chunk(0, 0, &[0x33; CHUNK]).unwrap();
+    assert!(
+        h.end() >= end + CHUNK as u64,
+        "the chunk's old data is kept"
+    );
+    g.roll_back_to(point).unwrap();
+    let v0 = std::fs::read(dir.path().join("v0.img")).unwrap();
+    assert!(v0[..4096].iter().all(|b| *b == 0x22), "back at the point");
+    assert!(v0[4096..].iter().all(|b| *b == 0x11));
+}
