@@ -899,30 +899,30 @@ for job, label, target in JOBS:
     if not (w and n):
         continue
     extra = w["primary_cpu_us_per_write"] - n["primary_cpu_us_per_write"]
+    def floor_row(what, fl, digits, note):
+        """A row of Tandem's extra CPU per write against a floor `fl`."""
+        per = fl["floor_us_per_write"]
+        return {"what": f"{what}, {label}",
+                "tandem": f"+{extra:.1f} us/write (Tandem's extra)", "peer": f"{per:.{digits}f} us/write (floor)",
+                "ratio": extra / per if per > 0 else None,
+                "ratio_text": f"{extra / per:.1f}x floor" if per > 0 else "-",
+                "target": "report", "ok": None,
+                "note": f"median of {len(fl['floor_us_per_write_all_runs'])} runs "
+                        f"({', '.join(str(x) for x in fl['floor_us_per_write_all_runs'])} us/write); " + note}
     if f:
-        rows.append({"what": f"a0: floor, loopback TCP send of the same writes, {label}",
-                     "tandem": f"+{extra:.1f} us/write (Tandem's extra)", "peer": f"{f['floor_us_per_write']:.1f} us/write (floor)",
-                     "ratio": extra / f["floor_us_per_write"] if f["floor_us_per_write"] > 0 else None,
-                     "ratio_text": f"{extra / f['floor_us_per_write']:.1f}x floor" if f["floor_us_per_write"] > 0 else "-",
-                     "target": "report", "ok": None,
-                     "note": f"median of {len(f['floor_us_per_write_all_runs'])} runs "
-                             f"({', '.join(str(x) for x in f['floor_us_per_write_all_runs'])} us/write); "
-                             f"{f['count']} messages of {f['msg_bytes']} B on CPU {f['send_cpu']} -> CPU {f['recv_cpu']}: writer "
-                             f"stime {f['writer_stime_s']:.2f} s (+ ksoftirqd {f['ksoftirqd_s'] or 0:.2f} s), of which softirq on "
-                             f"CPU {f['send_cpu']} {f['cpu_softirq_s']:.2f} s; CPU {f['send_cpu']} busy "
-                             f"{f['cpu_busy_us_per_write']:.1f} us/write (Python {f['writer_utime_us_per_write']:.1f} us and "
-                             f"anything else on it included)"})
+        rows.append(floor_row(
+            "a0: floor, loopback TCP send of the same writes", f, 1,
+            f"{f['count']} messages of {f['msg_bytes']} B on CPU {f['send_cpu']} -> CPU {f['recv_cpu']}: writer "
+            f"stime {f['writer_stime_s']:.2f} s (+ ksoftirqd {f['ksoftirqd_s'] or 0:.2f} s), of which softirq on "
+            f"CPU {f['send_cpu']} {f['cpu_softirq_s']:.2f} s; CPU {f['send_cpu']} busy "
+            f"{f['cpu_busy_us_per_write']:.1f} us/write (Python {f['writer_utime_us_per_write']:.1f} us and "
+            f"anything else on it included)"))
     fb = floor_batched.get(job)
     if fb and n["primary_cpu_us_per_write"]:
         best = (n["primary_cpu_us_per_write"] + fb["floor_us_per_write"]) / n["primary_cpu_us_per_write"]
-        rows.append({"what": f"a0: floor, {fb['batch']} writes per send ({fb['batch'] * fb['msg_bytes'] >> 10} KiB), {label}",
-                     "tandem": f"+{extra:.1f} us/write (Tandem's extra)", "peer": f"{fb['floor_us_per_write']:.2f} us/write (floor)",
-                     "ratio": extra / fb["floor_us_per_write"] if fb["floor_us_per_write"] > 0 else None,
-                     "ratio_text": f"{extra / fb['floor_us_per_write']:.1f}x floor" if fb["floor_us_per_write"] > 0 else "-",
-                     "target": "report", "ok": None,
-                     "note": f"median of {len(fb['floor_us_per_write_all_runs'])} runs "
-                             f"({', '.join(str(x) for x in fb['floor_us_per_write_all_runs'])} us/write); a primary whose only "
-                             f"extra cost were these sends would be at a1 = {best:.2f}x (target <= {target}x)"})
+        rows.append(floor_row(
+            f"a0: floor, {fb['batch']} writes per send ({fb['batch'] * fb['msg_bytes'] >> 10} KiB)", fb, 2,
+            f"a primary whose only extra cost were these sends would be at a1 = {best:.2f}x (target <= {target}x)"))
         fb["best_a1"] = best
     ratio = w["primary_cpu_us_per_write"] / n["primary_cpu_us_per_write"] if n["primary_cpu_us_per_write"] else None
     ok = ratio is not None and ratio <= target and w["streamed_throughout"]
