@@ -140,8 +140,6 @@ pub struct ChannelOut {
     /// Gathered before `buf`: earlier frames and long writes' data.
     parts: Vec<Bytes>,
     parts_len: usize,
-    /// Bytes handed to the writer so far.
-    handed: u64,
     squeeze: Squeeze,
 }
 
@@ -153,7 +151,6 @@ impl ChannelOut {
             buf: Vec::new(),
             parts: Vec::new(),
             parts_len: 0,
-            handed: 0,
             squeeze: Squeeze::new(Instant::now(), 0),
         }
     }
@@ -175,10 +172,12 @@ impl ChannelOut {
     /// Whether compressing what is sent next pays (docs/PEER.md): the link
     /// is behind (more than a quarter of [`OUT_BUDGET`] waits for the
     /// socket) and drains slowly enough that bytes, not the receiver's
-    /// CPU, hold it up ([`Squeeze`]).
-    pub fn compress_wanted(&mut self) -> bool {
+    /// CPU, hold it up ([`Squeeze`]). `raw_sent`: the data given to the
+    /// compressor so far, before compression (measured after it, a link
+    /// would look slower for compressing and never stop).
+    pub fn compress_wanted(&mut self, raw_sent: u64) -> bool {
         let behind = self.out.backlog() > OUT_BUDGET / 4;
-        self.squeeze.wanted(Instant::now(), self.handed, behind)
+        self.squeeze.wanted(Instant::now(), raw_sent, behind)
     }
 
     /// Ends the frames encoded so far as a part.
@@ -196,7 +195,6 @@ impl ChannelOut {
         if self.parts.is_empty() {
             return Ok(());
         }
-        self.handed += self.parts_len as u64;
         self.parts_len = 0;
         let parts = std::mem::take(&mut self.parts);
         self.out.send_parts(parts).await

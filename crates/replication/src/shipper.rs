@@ -530,7 +530,7 @@ impl Shipper {
                 return Err(ShipError::ReaderEnded);
             }
             if events.is_empty() {
-                compressor.set_wanted(out.compress_wanted());
+                compressor.set_wanted(out.compress_wanted(compressor.stats().0));
                 cap.next_events(replica, Duration::ZERO, EVENTS_PER_LOCK, &mut events)?;
                 // Registered before any is written: an acknowledgement
                 // cannot overtake the sender's bookkeeping.
@@ -793,7 +793,9 @@ impl Shipper {
         let image = self.capture.image(volume as usize);
         let mut buf = vec![0u8; chunk as usize];
         let mut sent = 0u64;
-        wire.compressor.set_wanted(wire.out.compress_wanted());
+        let raw_sent = wire.compressor.stats().0;
+        wire.compressor
+            .set_wanted(wire.out.compress_wanted(raw_sent));
         for i in (0..count).filter(|&i| tandem_peer::diff_bit(&diff.bitmap, i)) {
             let at = offset + i as u64 * u64::from(chunk);
             let n =

@@ -17,33 +17,33 @@ const WINDOW: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct Squeeze {
     started: Instant,
-    wire_at_start: u64,
+    sent_at_start: u64,
     /// Bytes per second handed to the link in the last whole window.
     rate: Option<u64>,
 }
 
 impl Squeeze {
-    pub fn new(now: Instant, wire_bytes: u64) -> Squeeze {
+    pub fn new(now: Instant, sent: u64) -> Squeeze {
         Squeeze {
             started: now,
-            wire_at_start: wire_bytes,
+            sent_at_start: sent,
             rate: None,
         }
     }
 
-    /// `wire_bytes`: everything handed to the link so far; `behind`: the
-    /// link's queue waits for its socket. Compressing is wanted while the
-    /// link is behind and, as far as measured, drains below
-    /// [`COMPRESS_BELOW`] (while behind, what the shipper hands over is
-    /// what the link drains).
-    pub fn wanted(&mut self, now: Instant, wire_bytes: u64, behind: bool) -> bool {
+    /// `sent`: the data handed to the link so far, counted before
+    /// compression; `behind`: the link's queue waits for its socket.
+    /// Compressing is wanted while the link is behind and, as far as
+    /// measured, carries data below [`COMPRESS_BELOW`] a second (while
+    /// behind, what the shipper hands over is what the link drains).
+    pub fn wanted(&mut self, now: Instant, sent: u64, behind: bool) -> bool {
         let elapsed = now.saturating_duration_since(self.started);
         if elapsed >= WINDOW {
-            let sent = wire_bytes.saturating_sub(self.wire_at_start);
-            let rate = u128::from(sent) * 1_000_000 / elapsed.as_micros().max(1);
+            let window = sent.saturating_sub(self.sent_at_start);
+            let rate = u128::from(window) * 1_000_000 / elapsed.as_micros().max(1);
             self.rate = Some(u64::try_from(rate).unwrap_or(u64::MAX));
             self.started = now;
-            self.wire_at_start = wire_bytes;
+            self.sent_at_start = sent;
         }
         behind && self.rate.is_none_or(|r| r < COMPRESS_BELOW)
     }
@@ -57,38 +57,37 @@ mod tests {
 
     /// Feeds `rate` bytes/s for `windows` windows, `behind` throughout;
     /// returns the last decision.
-    fn run(s: &mut Squeeze, at: &mut Instant, wire: &mut u64, rate: u64, behind: bool) -> bool {
+    fn run(s: &mut Squeeze, at: &mut Instant, sent: &mut u64, rate: u64, behind: bool) -> bool {
         let mut wanted = false;
         for _ in 0..8 {
             *at += WINDOW / 4;
-            *wire += rate / 16;
-            wanted = s.wanted(*at, *wire, behind);
+            *sent += rate / 16;
+            wanted = s.wanted(*at, *sent, behind);
         }
         wanted
     }
 
     #[test]
     fn a_slow_link_that_is_behind_compresses() {
-        let (mut at, mut wire) = (Instant::now(), 0);
-        let mut s = Squeeze::new(at, wire);
-        assert!(s.wanted(at, wire, true), "unmeasured and behind: compress");
+        let (mut at, mut sent) = (Instant::now(), 0);
+        let mut s = Squeeze::new(at, sent);
+        assert!(s.wanted(at, sent, true), "unmeasured and behind: compress");
         assert!(
-            run(&mut s, &mut at, &mut wire, 12 * MIB, true),
+            run(&mut s, &mut at, &mut sent, 12 * MIB, true),
             "100 Mbit/s"
         );
         assert!(
-            !run(&mut s, &mut at, &mut wire, 12 * MIB, false),
+            !run(&mut s, &mut at, &mut sent, 12 * MIB, false),
             "caught up"
         );
     }
 
     #[test]
     fn a_fast_link_held_up_by_its_receiver_does_not() {
-        let (mut at, mut wire) = (Instant::now(), 0);
-        let mut s = Squeeze::new(at, wire);
-        assert!(!run(&mut s, &mut at, &mut wire, 400 * MIB, true));
-        // The link slows down (a WAN path, or compression's own effect is
-        // not counted: wire bytes are what the link drains).
-        assert!(run(&mut s, &mut at, &mut wire, 50 * MIB, true));
+        let (mut at, mut sent) = (Instant::now(), 0);
+        let mut s = Squeeze::new(at, sent);
+        assert!(!run(&mut s, &mut at, &mut sent, 400 * MIB, true));
+        // The link slows down (a WAN path).
+        assert!(run(&mut s, &mut at, &mut sent, 50 * MIB, true));
     }
 }
