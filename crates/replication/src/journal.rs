@@ -673,17 +673,19 @@ fn scan_from<R: Read>(
 /// # Panics
 /// When that does not hold (the fuzzer's finding).
 pub fn fuzz_one(data: &[u8]) {
-    let Some((head, file)) = data.split_first_chunk::<8>() else {
-        return;
-    };
-    let first = u64::from_le_bytes(*head);
+    // A short input is a first seq (zero-padded) with an empty file.
+    let split = data.len().min(8);
+    let mut head = [0u8; 8];
+    head[..split].copy_from_slice(&data[..split]);
+    let (first, file) = (u64::from_le_bytes(head), &data[split..]);
     let mut again = Vec::new();
     let mut seqs = Vec::new();
-    let Ok((valid, last, end)) = scan_from(&mut &file[..], first, |e| {
+    let (valid, last, end) = match scan_from(&mut &file[..], first, |e| {
         e.encode(&mut again);
         seqs.push(e.seq);
-    }) else {
-        return;
+    }) {
+        Ok(scanned) => scanned,
+        Err(e) => panic!("reading a slice cannot fail: {e}"),
     };
     let valid = usize::try_from(valid).unwrap_or(usize::MAX);
     assert!(valid <= file.len(), "the valid run is inside the file");
