@@ -172,30 +172,43 @@ impl Payload {
     /// Like [`Payload::decode`], into `out` (cleared first), so that a
     /// buffer can be reused.
     pub fn decode_into(&self, out: &mut Vec<u8>) -> Result<(), PeerError> {
+        out.clear();
+        self.decode_append(out)
+    }
+
+    /// Like [`Payload::decode`], appended to `out` (a record decoded
+    /// straight into a batch: no copy in between). On an error `out` is
+    /// as it was.
+    pub fn decode_append(&self, out: &mut Vec<u8>) -> Result<(), PeerError> {
         self.check("payload")?;
         let want = self.raw_len as usize;
-        out.clear();
         match self.encoding {
             Encoding::Raw => out.extend_from_slice(&self.bytes),
-            Encoding::Zeroes => out.resize(want, 0),
+            Encoding::Zeroes => out.resize(out.len() + want, 0),
             Encoding::Zstd => {
-                out.reserve_exact(want);
+                let start = out.len();
+                out.resize(start + want, 0);
                 let mut dctx = zstd::bulk::Decompressor::new()
                     .map_err(|e| PeerError::Decompress(format!("zstd context: {e}")))?;
-                // The destination's capacity (`want`, unless `out` was bigger
-                // already) bounds the output: zstd fails rather than write
-                // past it, so no compressed data can make us allocate more.
-                let got = dctx.decompress_to_buffer(&self.bytes, out).map_err(|e| {
-                    PeerError::Decompress(format!(
-                        "zstd data ({} bytes, raw_len {want}): {e}",
-                        self.bytes.len()
-                    ))
-                })?;
-                if got != want {
-                    out.clear();
-                    return Err(PeerError::Decompress(format!(
-                        "zstd data decodes to {got} bytes but raw_len is {want}"
-                    )));
+                // The destination (exactly `want` bytes) bounds the
+                // output: zstd fails rather than write past it, so no
+                // compressed data can make us allocate more.
+                let decoded = dctx.decompress_to_buffer(&self.bytes, &mut out[start..]);
+                match decoded {
+                    Ok(got) if got == want => {}
+                    Ok(got) => {
+                        out.truncate(start);
+                        return Err(PeerError::Decompress(format!(
+                            "zstd data decodes to {got} bytes but raw_len is {want}"
+                        )));
+                    }
+                    Err(e) => {
+                        out.truncate(start);
+                        return Err(PeerError::Decompress(format!(
+                            "zstd data ({} bytes, raw_len {want}): {e}",
+                            self.bytes.len()
+                        )));
+                    }
                 }
             }
         }

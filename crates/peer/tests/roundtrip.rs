@@ -301,6 +301,27 @@ proptest! {
         }
     }
 
+    /// Appending keeps what the buffer held, adds exactly the decoded
+    /// data, and leaves the buffer as it was when the payload is refused.
+    #[test]
+    fn decode_append_adds_exactly_the_data_or_nothing(
+        p in payload(),
+        prefix in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut out = prefix.clone();
+        match p.decode() {
+            Ok(data) => {
+                p.decode_append(&mut out).unwrap();
+                prop_assert_eq!(&out[..prefix.len()], &prefix[..]);
+                prop_assert_eq!(&out[prefix.len()..], &data[..]);
+            }
+            Err(_) => {
+                prop_assert!(p.decode_append(&mut out).is_err());
+                prop_assert_eq!(out, prefix);
+            }
+        }
+    }
+
     #[test]
     fn encode_then_decode_data(data in prop::collection::vec(prop_oneof![Just(0u8), any::<u8>(), 0u8..3], 0..5000)) {
         let mut c = Compressor::new(3);

@@ -21,6 +21,11 @@ pub enum ReplicaError {
     },
     #[error("record {seq} reaches past the end of volume {volume} ({size} bytes)")]
     OutOfRange { seq: u64, volume: String, size: u64 },
+    #[error("record {seq}: {source}")]
+    Payload {
+        seq: u64,
+        source: tandem_peer::PeerError,
+    },
     #[error("{count} chunks of {chunk} bytes: a chunk is a power of two from 4096 to 1048576, at most 1024 of them at once")]
     BadChunks { chunk: u32, count: usize },
 }

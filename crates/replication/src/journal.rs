@@ -35,15 +35,32 @@ pub struct Entry {
     pub data: Vec<u8>,
 }
 
-impl Entry {
-    pub fn encode(&self, out: &mut Vec<u8>) {
+/// An entry's fields but its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub epoch: u64,
+    pub seq: u64,
+    pub volume: u32,
+    pub op: RecordOp,
+    pub fua: bool,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Head {
+    /// Appends the entry whose data `fill` appends to `out` (a record's
+    /// payload decoded straight into place, with no copy in between);
+    /// returns where its data lies in `out`. When `fill` fails, `out` is
+    /// as it was.
+    pub fn encode_with<E>(
+        &self,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<std::ops::Range<usize>, E> {
         let start = out.len();
         out.extend_from_slice(MAGIC);
-        // A record's data is at most one peer payload (32 MiB, checked by
-        // the codec), so the entry's length fits the u32 field.
-        #[allow(clippy::cast_possible_truncation)]
-        let total = (HEADER_LEN + self.data.len()) as u32;
-        out.extend_from_slice(&total.to_le_bytes());
+        // Patched once the data is in.
+        out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&self.seq.to_le_bytes());
         out.extend_from_slice(&self.volume.to_le_bytes());
@@ -52,9 +69,41 @@ impl Entry {
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&self.offset.to_le_bytes());
         out.extend_from_slice(&self.len.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 48]), &self.data);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&self.data);
+        out.extend_from_slice(&[0; 4]);
+        let data = start + HEADER_LEN;
+        if let Err(e) = fill(out) {
+            out.truncate(start);
+            return Err(e);
+        }
+        // A record's data is at most one peer payload (32 MiB, checked by
+        // the codec), so the entry's length fits the u32 field.
+        #[allow(clippy::cast_possible_truncation)]
+        let total = (out.len() - start) as u32;
+        out[start + 4..start + 8].copy_from_slice(&total.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 48]), &out[data..]);
+        out[start + 48..data].copy_from_slice(&crc.to_le_bytes());
+        Ok(data..out.len())
+    }
+}
+
+impl Entry {
+    pub fn head(&self) -> Head {
+        Head {
+            epoch: self.epoch,
+            seq: self.seq,
+            volume: self.volume,
+            op: self.op,
+            fua: self.fua,
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let Ok(_) = self.head().encode_with(out, |o| {
+            o.extend_from_slice(&self.data);
+            Ok::<(), std::convert::Infallible>(())
+        });
     }
 
     /// Reads the rest of one entry whose first 4 bytes were `magic`;
@@ -277,34 +326,40 @@ impl Journal {
     }
 
     /// Writes entries already encoded with [`Entry::encode`] (in sequence
-    /// order, the last one numbered `last`) and syncs them; returns the
-    /// last durable seq.
-    pub fn write_encoded(&mut self, encoded: &[u8], last: u64) -> Result<u64, ReplicaError> {
-        if encoded.is_empty() {
+    /// order, the last one numbered `last`), in as many buffers as they
+    /// came in, and syncs them once; returns the last durable seq.
+    pub fn write_encoded(&mut self, parts: &[&[u8]], last: u64) -> Result<u64, ReplicaError> {
+        let Some(first_part) = parts.iter().find(|p| !p.is_empty()) else {
             return Ok(self.last_seq);
-        }
+        };
         let needs_new = match self.segments.values().next_back() {
             Some(seg) => self.current.is_none() || seg.bytes >= self.segment_bytes,
             None => true,
         };
         if needs_new {
             self.close_current()?;
-            let first = first_seq_of(encoded).unwrap_or(last);
+            let first = first_seq_of(first_part).unwrap_or(last);
             self.start_segment(first)?;
         }
         let (Some((_, seg)), Some(cur)) = (self.segments.iter_mut().next_back(), &mut self.current)
         else {
             return Ok(self.last_seq);
         };
-        let written = cur
-            .file
-            .write_all_at(encoded, seg.bytes)
-            .and_then(|()| cur.file.sync_data());
-        let end = seg.bytes + encoded.len() as u64;
+        let mut end = seg.bytes;
+        let mut written = Ok(());
+        for part in parts {
+            written = cur.file.write_all_at(part, end);
+            if written.is_err() {
+                break;
+            }
+            end += part.len() as u64;
+        }
+        let written = written.and_then(|()| cur.file.sync_data());
         if let Err(source) = written {
             // Part of it may be on disk, with seqs above the segment's.
             seg.recyclable = false;
-            cur.len = cur.len.max(end);
+            let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+            cur.len = cur.len.max(seg.bytes + total);
             return Err(ReplicaError::Io {
                 path: seg.path.clone(),
                 op: "write journal",
@@ -768,14 +823,21 @@ mod tests {
         }
     }
 
-    /// Writes and syncs `entries`; returns the last durable seq.
+    /// Writes and syncs `entries`, each in its own buffer (as batches
+    /// queued behind one another are written); returns the last durable
+    /// seq.
     fn write(j: &mut Journal, entries: &[Entry]) -> u64 {
-        let mut encoded = Vec::new();
-        for e in entries {
-            e.encode(&mut encoded);
-        }
+        let encoded: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|e| {
+                let mut b = Vec::new();
+                e.encode(&mut b);
+                b
+            })
+            .collect();
+        let parts: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
         let last = entries.last().map_or(0, |e| e.seq);
-        j.write_encoded(&encoded, last).unwrap()
+        j.write_encoded(&parts, last).unwrap()
     }
 
     #[test]

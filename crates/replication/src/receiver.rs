@@ -21,7 +21,6 @@ use crate::link::{ChannelOut, Mailbox, SessionStart};
 use crate::runtime;
 
 use crate::error::ReplicaError;
-use crate::journal::Entry;
 use crate::owners::Owners;
 use crate::replica::ReplicaGroup;
 use crate::session::replica::{self as rs, Action, Commit, OwnerVerdict, Progress, ReplicaSession};
@@ -570,17 +569,6 @@ async fn session<I: Inbox, O: Outbox>(
     writer.flush().await?;
     plan.connected.store(true, Ordering::Release);
     let mut data = Vec::new();
-    // One record at a time, its data buffer reused.
-    let mut entry = Entry {
-        epoch: 0,
-        seq: 0,
-        volume: 0,
-        op: tandem_peer::RecordOp::Flush,
-        fua: false,
-        offset: 0,
-        len: 0,
-        data: Vec::new(),
-    };
     // Whatever arrived before the session ends is kept: made durable
     // before leaving, so the next session's welcome starts from it.
     let keep = |group: &mut ReplicaGroup| {
@@ -613,20 +601,7 @@ async fn session<I: Inbox, O: Outbox>(
             }
         };
         match action {
-            Action::Receive(r) => {
-                entry.data.clear();
-                if r.op == tandem_peer::RecordOp::Write {
-                    r.data.decode_into(&mut entry.data)?;
-                }
-                entry.epoch = r.epoch;
-                entry.seq = r.seq;
-                entry.volume = r.volume;
-                entry.op = r.op;
-                entry.fua = r.fua;
-                entry.offset = r.offset;
-                entry.len = r.len;
-                group.receive(&entry)?;
-            }
+            Action::Receive(r) => group.receive_record(&r)?,
             Action::BeginResync { resume_at } => {
                 tracing::info!(group = %plan.name(), resume_at, "resync started: replica is inconsistent until it completes");
                 runtime::blocking(|| group.begin_resync(session.epoch(), resume_at))?;

@@ -27,7 +27,7 @@ use crate::diverged::{self, Divergence};
 use crate::error::ReplicaError;
 use crate::history::undo::{self, Change, Encoded, PointAt};
 use crate::history::History;
-use crate::journal::{remove_segments, Entry, Journal, RecordOp, HEADER_LEN};
+use crate::journal::{remove_segments, Entry, Head, Journal, RecordOp};
 use crate::state::{ReplicaState, StateFile};
 
 /// Images are synced and the applied position recorded at least this often
@@ -108,18 +108,31 @@ impl Batch {
 
     /// Adds a record, in journal encoding.
     fn push(&mut self, entry: &Entry) {
-        let start = self.encoded.len();
-        entry.encode(&mut self.encoded);
-        self.records.push(Received {
-            epoch: entry.epoch,
-            seq: entry.seq,
-            volume: entry.volume,
-            op: entry.op,
-            fua: entry.fua,
-            offset: entry.offset,
-            len: entry.len,
-            data: start + HEADER_LEN..self.encoded.len(),
+        let Ok(()) = self.push_with(entry.head(), |o| {
+            o.extend_from_slice(&entry.data);
+            Ok::<(), std::convert::Infallible>(())
         });
+    }
+
+    /// Adds a record whose data `fill` appends (decoded straight into
+    /// the batch); on an error the batch is as it was.
+    fn push_with<E>(
+        &mut self,
+        head: Head,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let data = head.encode_with(&mut self.encoded, fill)?;
+        self.records.push(Received {
+            epoch: head.epoch,
+            seq: head.seq,
+            volume: head.volume,
+            op: head.op,
+            fua: head.fua,
+            offset: head.offset,
+            len: head.len,
+            data,
+        });
+        Ok(())
     }
 
     fn last(&self) -> Option<(u64, u64)> {
@@ -130,25 +143,6 @@ impl Batch {
         self.encoded.clear();
         self.records.clear();
         self.marks.clear();
-    }
-
-    /// Appends `later` (received after this batch) and empties it.
-    fn absorb(&mut self, later: &mut Batch) {
-        let base = self.encoded.len();
-        let count = self.records.len();
-        self.marks.extend(
-            later
-                .marks
-                .drain(..)
-                .map(|(n, e, s, t)| (n + count, e, s, t)),
-        );
-        self.encoded.extend_from_slice(&later.encoded);
-        self.records
-            .extend(later.records.drain(..).map(|r| Received {
-                data: base + r.data.start..base + r.data.end,
-                ..r
-            }));
-        later.clear();
     }
 }
 
@@ -655,30 +649,67 @@ impl ReplicaGroup {
     /// Checks a record and adds it to the batch being filled; it is durable
     /// after the next commit.
     pub fn receive(&mut self, entry: &Entry) -> Result<(), ReplicaError> {
-        let Some(volume) = self.volumes.get(entry.volume as usize) else {
+        let head = entry.head();
+        self.check_record(&head)?;
+        self.batch.push(entry);
+        self.received_up_to(&head);
+        Ok(())
+    }
+
+    /// [`ReplicaGroup::receive`] for a record as it came from the
+    /// primary: its payload is decoded straight into the batch.
+    pub fn receive_record(&mut self, r: &tandem_peer::Record) -> Result<(), ReplicaError> {
+        let head = Head {
+            epoch: r.epoch,
+            seq: r.seq,
+            volume: r.volume,
+            op: r.op,
+            fua: r.fua,
+            offset: r.offset,
+            len: r.len,
+        };
+        self.check_record(&head)?;
+        self.batch
+            .push_with(head, |out| {
+                if r.op == RecordOp::Write {
+                    r.data.decode_append(out)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|source| ReplicaError::Payload { seq: r.seq, source })?;
+        self.received_up_to(&head);
+        Ok(())
+    }
+
+    /// A record names a volume of the group and stays inside it.
+    fn check_record(&self, head: &Head) -> Result<(), ReplicaError> {
+        let Some(volume) = self.volumes.get(head.volume as usize) else {
             return Err(ReplicaError::NoSuchVolume {
-                seq: entry.seq,
-                volume: entry.volume,
+                seq: head.seq,
+                volume: head.volume,
                 volumes: self.volumes.len(),
             });
         };
         let size = volume.image.size();
-        if entry.op != RecordOp::Flush
-            && entry
+        if head.op != RecordOp::Flush
+            && head
                 .offset
-                .checked_add(entry.len)
+                .checked_add(head.len)
                 .is_none_or(|end| end > size)
         {
             return Err(ReplicaError::OutOfRange {
-                seq: entry.seq,
+                seq: head.seq,
                 volume: volume.name.clone(),
                 size,
             });
         }
-        self.batch.push(entry);
-        self.last_epoch = entry.epoch;
-        self.received.store(entry.seq, Ordering::Release);
         Ok(())
+    }
+
+    fn received_up_to(&mut self, head: &Head) {
+        self.last_epoch = head.epoch;
+        self.received.store(head.seq, Ordering::Release);
     }
 
     /// Rolls the images back to `point` of the history (docs/HISTORY.md,
@@ -989,15 +1020,11 @@ impl Committer {
                 h.busy = true;
                 h.queue.drain(..).collect()
             };
-            let mut batch = taken.remove(0);
-            for later in &mut taken {
-                batch.absorb(later);
-            }
             let result = match core.upgrade() {
                 Some(core) => {
                     // (The lock is let go before a checkpoint takes it
                     // again.)
-                    let committed = core.lock().commit(&batch);
+                    let committed = core.lock().commit(&taken);
                     match committed {
                         // Between batches, so image and journal syncs
                         // never compete for the disk.
@@ -1010,10 +1037,9 @@ impl Committer {
                 // its committer before it goes): nothing to commit to.
                 None => Ok(()),
             };
-            batch.clear();
+            taken.iter_mut().for_each(Batch::clear);
             let mut h = this.handoff.lock();
             h.busy = false;
-            h.spare.push(batch);
             h.spare.append(&mut taken);
             h.spare.truncate(SPARE_BATCHES);
             if let Err(e) = result {
@@ -1088,20 +1114,23 @@ impl Core {
         }
     }
 
-    /// Journals and syncs a batch, then applies it. True when a checkpoint
-    /// is due.
-    fn commit(&mut self, batch: &Batch) -> Result<bool, ReplicaError> {
+    /// Journals and syncs batches (in the order received, with one sync),
+    /// then applies them. True when a checkpoint is due.
+    fn commit(&mut self, batches: &[Batch]) -> Result<bool, ReplicaError> {
         if let Some(history) = self.history.clone() {
-            return self.commit_with_history(batch, &history).map(|()| false);
+            return self.commit_with_history(batches, &history).map(|()| false);
         }
-        let Some((last_epoch, last)) = batch.last() else {
+        let Some((last_epoch, last)) = batches.iter().rev().find_map(Batch::last) else {
             return Ok(false);
         };
-        self.journal.write_encoded(&batch.encoded, last)?;
+        let parts: Vec<&[u8]> = batches.iter().map(|b| b.encoded.as_slice()).collect();
+        self.journal.write_encoded(&parts, last)?;
         self.publish();
-        for r in &batch.records {
-            let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
-            apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+        for batch in batches {
+            for r in &batch.records {
+                let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
+                apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+            }
         }
         self.applied = last;
         self.tip_epoch = last_epoch;
@@ -1116,59 +1145,60 @@ impl Core {
     /// records durable.
     fn commit_with_history(
         &mut self,
-        batch: &Batch,
+        batches: &[Batch],
         history: &History,
     ) -> Result<(), ReplicaError> {
-        let mut changes = Vec::with_capacity(batch.records.len());
-        let mut points = Vec::with_capacity(batch.marks.len());
-        let mut marks = batch.marks.iter().peekable();
-        for (i, r) in batch.records.iter().enumerate() {
-            while let Some(&(_, epoch, seq, time_ms)) = marks.next_if(|m| m.0 <= i) {
-                points.push(PointAt {
-                    after: changes.len(),
-                    epoch,
-                    seq,
-                    time_ms,
+        let records: usize = batches.iter().map(|b| b.records.len()).sum();
+        let mut changes = Vec::with_capacity(records);
+        let mut points = Vec::new();
+        let point_at = |after, &(_, epoch, seq, time_ms): &(usize, u64, u64, u64)| PointAt {
+            after,
+            epoch,
+            seq,
+            time_ms,
+        };
+        for batch in batches {
+            let mut marks = batch.marks.iter().peekable();
+            for (i, r) in batch.records.iter().enumerate() {
+                while let Some(m) = marks.next_if(|m| m.0 <= i) {
+                    points.push(point_at(changes.len(), m));
+                }
+                if r.op == RecordOp::Flush {
+                    continue;
+                }
+                changes.push(Change {
+                    epoch: r.epoch,
+                    seq: r.seq,
+                    volume: r.volume,
+                    offset: r.offset,
+                    len: r.len,
+                    data: batch.encoded.get(r.data.clone()).unwrap_or_default(),
+                    zero: r.op != RecordOp::Write,
                 });
             }
-            if r.op == RecordOp::Flush {
-                continue;
+            for m in marks {
+                points.push(point_at(changes.len(), m));
             }
-            changes.push(Change {
-                epoch: r.epoch,
-                seq: r.seq,
-                volume: r.volume,
-                offset: r.offset,
-                len: r.len,
-                data: batch.encoded.get(r.data.clone()).unwrap_or_default(),
-                zero: r.op != RecordOp::Write,
-            });
-        }
-        for &(_, epoch, seq, time_ms) in marks {
-            points.push(PointAt {
-                after: changes.len(),
-                epoch,
-                seq,
-                time_ms,
-            });
         }
         let images: Vec<&RawImage> = self.volumes.iter().map(|v| &*v.image).collect();
         self.undo.clear();
         undo::build(&images, &changes, &points, &mut self.undo)?;
         let start = history.append(&self.undo)?;
         history.sync()?;
-        for r in &batch.records {
-            let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
-            apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+        for batch in batches {
+            for r in &batch.records {
+                let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
+                apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+            }
         }
         history.add_points(start, &self.undo);
-        if let Some((last_epoch, last)) = batch.last() {
+        if let Some((last_epoch, last)) = batches.iter().rev().find_map(Batch::last) {
             self.applied = last;
             self.tip_epoch = last_epoch;
         }
-        let flush = batch
-            .records
+        let flush = batches
             .iter()
+            .flat_map(|b| &b.records)
             .any(|r| r.op == RecordOp::Flush || r.fua);
         // The session commits every HISTORY_SYNC_EVERY (or sooner, when
         // 8 MiB wait): such a commit is a checkpoint, whatever a sync took.
@@ -1339,31 +1369,53 @@ mod tests {
     }
 
     #[test]
-    fn absorbed_batches_keep_each_records_data_in_order() {
-        let (mut first, mut later) = (Batch::default(), Batch::default());
-        add(&mut first, 1, 0xa1);
-        add(&mut first, 2, 0xa2);
-        add(&mut later, 3, 0xb3);
-        add(&mut later, 4, 0xb4);
-        first.absorb(&mut later);
-        assert!(later.is_empty() && later.encoded.is_empty());
-        let seen: Vec<(u64, u8, usize)> = first
-            .records
-            .iter()
-            .map(|r| (r.seq, first.encoded[r.data.start], r.data.len()))
-            .collect();
-        assert_eq!(
-            seen,
-            vec![
-                (1, 0xa1, 4096),
-                (2, 0xa2, 4096),
-                (3, 0xb3, 4096),
-                (4, 0xb4, 4096)
-            ]
-        );
-        assert!(first.records.iter().all(|r| first.encoded[r.data.clone()]
-            .iter()
-            .all(|&b| b == first.encoded[r.data.start])));
-        assert_eq!(first.last(), Some((1, 4)));
+    fn a_record_decoded_into_the_batch_is_its_journal_entry_and_a_refused_one_leaves_nothing() {
+        let mut batch = Batch::default();
+        add(&mut batch, 1, 0xa1);
+        let second = Entry {
+            epoch: 2,
+            seq: 2,
+            volume: 0,
+            op: RecordOp::Write,
+            fua: true,
+            offset: 8192,
+            len: 4096,
+            data: vec![0xb2; 4096],
+        };
+        let payload = tandem_peer::payload::Payload::raw(second.data.clone());
+        batch
+            .push_with(second.head(), |o| payload.decode_append(o))
+            .unwrap();
+        let mut want = Vec::new();
+        Entry {
+            epoch: 1,
+            seq: 1,
+            volume: 0,
+            op: RecordOp::Write,
+            fua: false,
+            offset: 4096,
+            len: 4096,
+            data: vec![0xa1; 4096],
+        }
+        .encode(&mut want);
+        second.encode(&mut want);
+        assert_eq!(batch.encoded, want);
+        let r = &batch.records[1];
+        assert_eq!((r.seq, r.fua, r.data.len()), (2, true, 4096));
+        assert!(batch.encoded[r.data.clone()].iter().all(|&b| b == 0xb2));
+
+        // Claimed zstd that is not: refused, and the batch is unchanged.
+        let bad = tandem_peer::payload::Payload {
+            encoding: tandem_peer::payload::Encoding::Zstd,
+            raw_len: 4096,
+            bytes: vec![1, 2, 3, 4].into(),
+        };
+        let third = Entry { seq: 3, ..second };
+        assert!(batch
+            .push_with(third.head(), |o| bad.decode_append(o))
+            .is_err());
+        assert_eq!(batch.encoded, want);
+        assert_eq!(batch.records.len(), 2);
+        assert_eq!(batch.last(), Some((2, 2)));
     }
 }
