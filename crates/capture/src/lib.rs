@@ -9,6 +9,7 @@ pub mod fine;
 mod frame;
 mod group;
 mod queue;
+mod segfile;
 pub mod seq;
 mod spill;
 

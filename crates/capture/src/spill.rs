@@ -4,14 +4,13 @@
 //! synced, deleted at open.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::frame::{FrameError, Header, HEADER_LEN};
 use crate::group::Record;
+use crate::segfile::{ReadCache, SegmentFile};
 
 /// A checkpoint every this many bytes of a segment bounds the headers read
 /// to find a sequence number.
@@ -75,7 +74,7 @@ struct Checkpoint {
 struct Segment {
     id: u64,
     path: PathBuf,
-    file: File,
+    file: SegmentFile,
     first_seq: u64,
     last_seq: u64,
     first_at: Instant,
@@ -99,7 +98,7 @@ fn remove_segment_file(path: &Path) {
 #[derive(Debug)]
 struct Spare {
     path: PathBuf,
-    file: File,
+    file: SegmentFile,
 }
 
 /// Consumed segment files kept for reuse: a segment written over an old
@@ -115,20 +114,18 @@ impl Segment {
         next_id: &mut u64,
         record: &Record,
         spare: Option<Spare>,
+        direct: bool,
     ) -> Result<Segment, SpillError> {
         let id = *next_id;
         let (path, file) = match spare {
-            Some(Spare { path, file }) => (path, file),
+            Some(Spare { path, mut file }) => {
+                file.reset();
+                (path, file)
+            }
             None => {
                 std::fs::create_dir_all(dir).map_err(io_err(dir, "create spill directory"))?;
                 let path = dir.join(format!("{id:08}.log"));
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&path)
+                let file = SegmentFile::create(&path, direct)
                     .map_err(io_err(&path, "create spill segment"))?;
                 (path, file)
             }
@@ -175,6 +172,10 @@ pub struct Spill {
     segments: VecDeque<Segment>,
     /// Consumed segments' files, for the next segments.
     spares: Vec<Spare>,
+    /// Segment files bypass the page cache where they can.
+    direct: bool,
+    /// Windows of segments recently read from disk.
+    cache: ReadCache,
     next_id: u64,
     bytes: u64,
     records: u64,
@@ -190,6 +191,8 @@ impl Spill {
             base,
             segments: VecDeque::new(),
             spares: Vec::new(),
+            direct: true,
+            cache: ReadCache::default(),
             next_id: 0,
             bytes: 0,
             records: 0,
@@ -232,20 +235,34 @@ impl Spill {
         let mut fresh = None;
         let seg = match self.segments.back_mut() {
             Some(seg) if seg.end < self.segment_bytes => seg,
-            _ => fresh.insert(Segment::create(
+            Some(full) => {
+                // Complete: its staged bytes go to disk now.
+                full.file
+                    .finish()
+                    .map_err(io_err(&full.path, "write spill frame"))?;
+                fresh.insert(Segment::create(
+                    &self.dir,
+                    &mut self.next_id,
+                    record,
+                    self.spares.pop(),
+                    self.direct,
+                )?)
+            }
+            None => fresh.insert(Segment::create(
                 &self.dir,
                 &mut self.next_id,
                 record,
                 self.spares.pop(),
+                self.direct,
             )?),
         };
         let at = seg.end;
         let written = seg
             .file
-            .write_all_at(&header.encode(), at)
+            .append(at, &header.encode())
             .and_then(|()| match &record.op {
                 crate::group::Op::Write { data, .. } => {
-                    seg.file.write_all_at(data, at + HEADER_LEN as u64)
+                    seg.file.append(at + HEADER_LEN as u64, data)
                 }
                 _ => Ok(()),
             });
@@ -340,13 +357,13 @@ impl Spill {
             },
         };
         let seg = &self.segments[at.0];
-        let header = read_header(seg, at.1)?;
+        let header = read_header(seg, at.1, &self.cache)?;
         if header.seq < seq || header.seq > seg.last_seq {
             return Err(index_err(seg, at.1, "sequence number out of order"));
         }
         let mut payload = vec![0u8; usize::try_from(header.payload_len()).unwrap_or(usize::MAX)];
         seg.file
-            .read_exact_at(&mut payload, at.1 + HEADER_LEN as u64)
+            .read_exact_at(&mut payload, at.1 + HEADER_LEN as u64, seg.id, &self.cache)
             .map_err(io_err(&seg.path, "read spill frame"))?;
         let record = header
             .record(payload, self.base)
@@ -400,7 +417,7 @@ impl Spill {
         let (mut offset, mut before) = (cp.offset, cp.changes_before);
         let mut prev = None;
         loop {
-            let header = scan.header(seg, offset)?;
+            let header = scan.header(seg, offset, &self.cache)?;
             let in_order = match prev {
                 None => header.seq == cp.seq,
                 Some(p) => header.seq > p,
@@ -434,7 +451,7 @@ impl Spill {
         for seg in self.segments.iter().skip(found.segment) {
             let mut scan = Scanner::default();
             while offset < seg.end {
-                let header = scan.header(seg, offset)?;
+                let header = scan.header(seg, offset, &self.cache)?;
                 if header.seq <= prev || header.seq > seg.last_seq {
                     return Err(index_err(seg, offset, "sequence number out of order"));
                 }
@@ -483,13 +500,13 @@ fn index_err(seg: &Segment, offset: u64, reason: &'static str) -> SpillError {
 
 /// Reads and checks the header of the frame at `offset`, which must end
 /// inside the segment (invariant S1).
-fn read_header(seg: &Segment, offset: u64) -> Result<Header, SpillError> {
+fn read_header(seg: &Segment, offset: u64, cache: &ReadCache) -> Result<Header, SpillError> {
     let mut b = [0u8; HEADER_LEN];
     if offset + HEADER_LEN as u64 > seg.end {
         return Err(index_err(seg, offset, "frame past the end of the segment"));
     }
     seg.file
-        .read_exact_at(&mut b, offset)
+        .read_exact_at(&mut b, offset, seg.id, cache)
         .map_err(io_err(&seg.path, "read spill frame"))?;
     checked(seg, offset, &b)
 }
@@ -515,7 +532,12 @@ struct Scanner {
 }
 
 impl Scanner {
-    fn header(&mut self, seg: &Segment, offset: u64) -> Result<Header, SpillError> {
+    fn header(
+        &mut self,
+        seg: &Segment,
+        offset: u64,
+        cache: &ReadCache,
+    ) -> Result<Header, SpillError> {
         if offset + HEADER_LEN as u64 > seg.end {
             return Err(index_err(seg, offset, "frame past the end of the segment"));
         }
@@ -526,7 +548,7 @@ impl Scanner {
             self.buf
                 .resize(usize::try_from(len).unwrap_or(HEADER_LEN), 0);
             seg.file
-                .read_exact_at(&mut self.buf, offset)
+                .read_exact_at(&mut self.buf, offset, seg.id, cache)
                 .map_err(io_err(&seg.path, "read spill frame"))?;
             self.at = offset;
         }
@@ -545,6 +567,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::group::Op;
+    use std::os::unix::fs::FileExt;
     use std::time::Duration;
 
     fn record(seq: u64, base: Instant) -> Record {
@@ -708,12 +731,36 @@ mod tests {
         assert_eq!(seen, (newest_first..460).collect::<Vec<_>>());
     }
 
+    impl Spill {
+        /// Every staged byte on disk and nothing cached: reads see what
+        /// the files hold.
+        fn settle(&mut self) {
+            for seg in &mut self.segments {
+                seg.file.finish().unwrap();
+            }
+            self.cache.clear();
+        }
+    }
+
+    #[test]
+    fn segments_on_a_disk_bypass_the_page_cache() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (spill, records) = filled(dir.path(), 1..3000, 1 << 20);
+        assert!(spill.segments.len() > 2);
+        assert!(spill.segments.iter().all(|s| s.file.is_direct()));
+        let mut cursor = None;
+        for r in &records {
+            assert_eq!(&spill.read_next(r.seq, &mut cursor).unwrap().unwrap(), r);
+        }
+    }
+
     #[test]
     fn damage_is_reported_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
-        let (spill, _) = filled(dir.path(), 1..100, 1 << 20);
+        let (mut spill, _) = filled(dir.path(), 1..100, 1 << 20);
+        spill.settle();
         let path = &spill.segments[0].path;
-        let file = OpenOptions::new().write(true).open(path).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         // Damage the payload of record 2 (the first frame is record 1).
         let first = spill.segments[0].checkpoints[0].offset
             + Header::of(&record(1, spill.base), spill.base)
@@ -732,11 +779,13 @@ mod tests {
         ));
         // A damaged header (its length field).
         file.write_all_at(&[0xff; 4], 4).unwrap();
+        spill.settle();
         assert!(spill.read_next(1, &mut None).is_err());
         assert!(spill.visit_from(1, |_| {}).is_err());
         assert!(spill.changes_after(0).is_err());
         // Truncated behind the index's back.
         file.set_len(10).unwrap();
+        spill.settle();
         assert!(spill.read_next(50, &mut None).is_err());
         assert!(spill.changes_after_approx(0).0 > 0);
     }
