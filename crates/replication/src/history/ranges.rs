@@ -83,6 +83,18 @@ impl<V: Clone> RangeMap<V> {
         gaps
     }
 
+    /// Maps `[start, end)`, which meets no interval ([`RangeMap::touches`]
+    /// said so), to `value`: one insertion, no lookup before it.
+    pub fn insert_apart(&mut self, start: u64, end: u64, value: V) {
+        debug_assert!(
+            !self.touches(start, end),
+            "{start}..{end} meets an interval"
+        );
+        if start < end {
+            self.map.insert(start, (end, value));
+        }
+    }
+
     /// Maps `[start, end)` to `value`, replacing what covered it (the
     /// last value of a byte wins); intervals cut by it keep their value
     /// on either side (values say where their bytes are in absolute
@@ -144,6 +156,8 @@ mod tests {
             queries in prop::collection::vec((0u64..260, 0u64..40), 0..20),
         ) {
             let mut first: RangeMap<(u32, u64)> = RangeMap::new();
+            let mut apart: RangeMap<(u32, u64)> = RangeMap::new();
+            let mut apart_model = vec![None; 260];
             let mut last: RangeMap<(u32, u64)> = RangeMap::new();
             let mut first_model = vec![None; 260];
             let mut last_model = vec![None; 260];
@@ -152,6 +166,10 @@ mod tests {
                 let end = start + len;
                 first.fill(*start, end, (id, *start));
                 last.overwrite(*start, end, (id, *start));
+                if !apart.touches(*start, end) {
+                    apart.insert_apart(*start, end, (id, *start));
+                    apart_model[*start as usize..end as usize].fill(Some((id, *start)));
+                }
                 for b in *start..end {
                     if first_model[b as usize].is_none() {
                         first_model[b as usize] = Some((id, *start));
@@ -161,6 +179,7 @@ mod tests {
             }
             check(&first, &first_model);
             check(&last, &last_model);
+            check(&apart, &apart_model);
             // A query touches the map where a byte of it is mapped.
             for (start, len) in queries {
                 let end = (start + len).min(260);

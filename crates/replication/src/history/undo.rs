@@ -128,7 +128,8 @@ pub fn build(
             changes,
             change: c,
         };
-        if w.touches(c.offset, end) {
+        let touches = w.touches(c.offset, end);
+        if touches {
             w.covered_into(c.offset, end, pieces);
             // Bytes written since the latest point are saved already.
             gaps.clear();
@@ -150,7 +151,11 @@ pub fn build(
         } else {
             old.save(c.offset, end, &[], image_parts, &mut out)?;
         }
-        w.overwrite(c.offset, end, (i, c.offset));
+        if touches {
+            w.overwrite(c.offset, end, (i, c.offset));
+        } else {
+            w.insert_apart(c.offset, end, (i, c.offset));
+        }
     }
     for p in next_point {
         out.push(point_head(p), &[]);
