@@ -54,7 +54,8 @@ impl Encoded {
     }
 }
 
-/// [`build`]'s working state (empty between calls, allocations kept).
+/// [`build`]'s working state, reset by each call (the vectors keep their
+/// allocations).
 #[derive(Default)]
 struct Scratch {
     /// Per volume: where the commit's changes so far put each byte.
@@ -128,8 +129,8 @@ pub fn build(
             changes,
             change: c,
         };
-        let touches = w.touches(c.offset, end);
-        if touches {
+        let value = (i, c.offset);
+        if w.touches(c.offset, end) {
             w.covered_into(c.offset, end, pieces);
             // Bytes written since the latest point are saved already.
             gaps.clear();
@@ -148,13 +149,11 @@ pub fn build(
             for &(gs, ge) in gaps.iter() {
                 old.save(gs, ge, pieces, image_parts, &mut out)?;
             }
+            w.overwrite(c.offset, end, value);
         } else {
+            // The common case: all of it from the image, one insertion.
             old.save(c.offset, end, &[], image_parts, &mut out)?;
-        }
-        if touches {
-            w.overwrite(c.offset, end, (i, c.offset));
-        } else {
-            w.insert_apart(c.offset, end, (i, c.offset));
+            w.insert_apart(c.offset, end, value);
         }
     }
     for p in next_point {
