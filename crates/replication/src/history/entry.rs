@@ -78,7 +78,26 @@ pub enum EntryError {
 /// Never for entries this crate builds; a payload whose length does not
 /// match `head` is a bug and is refused by [`decode_head`] on reading.
 pub fn encode(head: &EntryHead, payload: &[u8], out: &mut Vec<u8>) {
+    let start = begin(out);
+    out.extend_from_slice(payload);
+    seal(head, start, out);
+}
+
+/// Starts an entry at the end of `out` built in place: room for its
+/// header, which [`seal`] fills once the payload follows it. Returns
+/// where the entry starts.
+pub fn begin(out: &mut Vec<u8>) -> usize {
     let start = out.len();
+    out.resize(start + HEADER_LEN, 0);
+    start
+}
+
+/// Writes the header of `head` over the room [`begin`] made at `start`;
+/// the payload is all of `out` after it.
+///
+/// # Panics
+/// When `out` is shorter than `start + HEADER_LEN` (no [`begin`]: a bug).
+pub fn seal(head: &EntryHead, start: usize, out: &mut [u8]) {
     let (kind, volume, a, b, epoch, seq) = match *head {
         EntryHead::Undo {
             volume,
@@ -101,21 +120,21 @@ pub fn encode(head: &EntryHead, payload: &[u8], out: &mut Vec<u8>) {
             time_ms,
         } => (KIND_POINT, 0, time_ms, 0, epoch, seq),
     };
-    out.extend_from_slice(MAGIC);
+    let (h, payload) = out[start..].split_at_mut(HEADER_LEN);
     // HEADER_LEN + at most MAX_PAYLOAD: fits.
     #[allow(clippy::cast_possible_truncation)]
     let total = (HEADER_LEN + payload.len()) as u32;
-    out.extend_from_slice(&total.to_le_bytes());
-    out.push(kind);
-    out.extend_from_slice(&[0, 0, 0]);
-    out.extend_from_slice(&volume.to_le_bytes());
-    out.extend_from_slice(&a.to_le_bytes());
-    out.extend_from_slice(&b.to_le_bytes());
-    out.extend_from_slice(&epoch.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 48]), payload);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(payload);
+    h[0..4].copy_from_slice(MAGIC);
+    h[4..8].copy_from_slice(&total.to_le_bytes());
+    h[8] = kind;
+    h[9..12].fill(0);
+    h[12..16].copy_from_slice(&volume.to_le_bytes());
+    h[16..24].copy_from_slice(&a.to_le_bytes());
+    h[24..32].copy_from_slice(&b.to_le_bytes());
+    h[32..40].copy_from_slice(&epoch.to_le_bytes());
+    h[40..48].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..48]), payload);
+    h[48..52].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes a header; returns it and the CRC to check the payload with
@@ -262,6 +281,47 @@ mod tests {
                 Vec::new()
             )),
         ]
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The bytes docs/HISTORY.md describes, whether encoded whole or
+    /// built in place after other entries.
+    #[test]
+    fn entries_have_the_documented_bytes() {
+        let data = EntryHead::Undo {
+            volume: 3,
+            offset: 0x1234,
+            len: 5,
+            zero: false,
+            epoch: 7,
+            seq: 9,
+        };
+        let point = EntryHead::Point {
+            epoch: 2,
+            seq: 11,
+            time_ms: 1000,
+        };
+        let mut out = Vec::new();
+        encode(&data, b"hello", &mut out);
+        assert_eq!(
+            hex(&out),
+            "544e4448390000000100000003000000341200000000000005000000000000000700000000000000\
+             090000000000000054163b8d68656c6c6f"
+        );
+        let start = begin(&mut out);
+        seal(&point, start, &mut out);
+        assert_eq!(
+            hex(&out[start..]),
+            "544e4448340000000300000000000000e803000000000000000000000000000002000000000000000b\
+             0000000000000013d5e6ad"
+        );
+        let start = begin(&mut out);
+        out.extend_from_slice(b"hello");
+        seal(&data, start, &mut out);
+        assert_eq!(out[start..], out[..start - HEADER_LEN]);
     }
 
     proptest! {
