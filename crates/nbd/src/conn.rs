@@ -149,6 +149,26 @@ impl Transport {
         }
     }
 
+    /// Reads what is available into `out`'s spare capacity (not zeroed
+    /// first); `WouldBlock` when nothing is.
+    fn read_spare(&mut self, out: &mut Vec<u8>) -> io::Result<usize> {
+        match self {
+            Transport::Plain(fd) => Ok(rustix::net::recv(
+                fd,
+                rustix::buffer::spare_capacity(out),
+                RecvFlags::DONTWAIT,
+            )?
+            .0),
+            Transport::Tls(tls) => {
+                let at = out.len();
+                out.resize(out.capacity(), 0);
+                let read = tls.read(&mut out[at..]);
+                out.truncate(at + read.as_ref().map_or(0, |n| *n));
+                read
+            }
+        }
+    }
+
     /// Writes what the socket takes now; `WouldBlock` when nothing.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
@@ -388,6 +408,26 @@ impl Conn {
             match self.read(&mut buf[at..], deadline)? {
                 0 => return Err(WaitError::Io(io::ErrorKind::UnexpectedEof.into())),
                 n => at += n,
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `out` up to its capacity, reading into memory nobody zeroed
+    /// first (a write's payload: a fresh buffer would otherwise be
+    /// written twice); `UnexpectedEof` if the stream ends first.
+    pub fn read_to_capacity(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<(), WaitError> {
+        while out.len() < out.capacity() {
+            match self.transport.read_spare(out) {
+                Ok(0) => return Err(WaitError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(true, deadline)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(WaitError::Io(e)),
             }
         }
         Ok(())

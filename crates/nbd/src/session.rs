@@ -468,20 +468,26 @@ impl Transmission {
     /// A write payload larger than the input buffer, in a buffer of its
     /// own (charged to the budgets before it was allocated).
     fn read_large_payload(&mut self, len: usize) -> Result<Vec<u8>, Ended> {
-        let mut payload = vec![0u8; len];
+        // `Vec::with_capacity` gives exactly `len` of capacity: read into
+        // it without zeroing it first.
+        let mut payload = Vec::with_capacity(len);
         let have = self.buffered().min(len);
-        payload[..have].copy_from_slice(&self.inbuf[self.start..self.start + have]);
+        payload.extend_from_slice(&self.inbuf[self.start..self.start + have]);
         self.start += have;
         if have < len {
             self.flush_batch();
-            self.conn
-                .read_exact(&mut payload[have..], None)
-                .map_err(|e| match e {
-                    WaitError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        Ended::Protocol(ProtocolError::Truncated("write payload"))
-                    }
-                    e => Ended::Wait(e),
-                })?;
+            let read = if payload.capacity() == len {
+                self.conn.read_to_capacity(&mut payload, None)
+            } else {
+                payload.resize(len, 0);
+                self.conn.read_exact(&mut payload[have..], None)
+            };
+            read.map_err(|e| match e {
+                WaitError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    Ended::Protocol(ProtocolError::Truncated("write payload"))
+                }
+                e => Ended::Wait(e),
+            })?;
         }
         Ok(payload)
     }

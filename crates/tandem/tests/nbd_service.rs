@@ -463,7 +463,15 @@ fn nbd_tls_serves_only_clients_with_a_certificate_of_the_site_ca() {
     let (ok, out) = qemu_io_tls(
         port,
         Some((&good, true)),
-        &["write -P 0x3c 1M 64k", "flush", "read -P 0x3c 1M 64k"],
+        // A write larger than the session's input buffer (256 KiB) is
+        // read into a buffer of its own, through TLS as well.
+        &[
+            "write -P 0x3c 1M 64k",
+            "write -P 0x5a 4M 1M",
+            "flush",
+            "read -P 0x3c 1M 64k",
+            "read -P 0x5a 4M 1M",
+        ],
     );
     assert!(ok, "{out}");
     let image = std::fs::read(site.image("a")).unwrap();
@@ -472,6 +480,10 @@ fn nbd_tls_serves_only_clients_with_a_certificate_of_the_site_ca() {
             .iter()
             .all(|b| *b == 0x3c),
         "the write reached the volume"
+    );
+    assert!(
+        image[4 << 20..5 << 20].iter().all(|b| *b == 0x5a),
+        "the large write reached the volume"
     );
     let (ok, out) = qemu_io_tls(port, Some((&good, true)), &["read -P 0x3c 1M 64k"]);
     assert!(ok, "a new TLS session reads the data back: {out}");
