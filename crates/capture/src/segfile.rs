@@ -10,7 +10,10 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 
 /// Alignment of direct I/O (offsets, lengths and buffers): the largest
 /// logical block size of the disks it meets.
@@ -74,13 +77,15 @@ impl ReadCache {
 }
 
 pub struct SegmentFile {
-    file: File,
+    file: Arc<File>,
     direct: bool,
-    /// Bytes from `tail_at` not yet written (direct only; `tail_at` is
-    /// aligned and everything before it is on disk in whole blocks).
+    /// Bytes from `tail_at` not yet handed to the writer (direct only;
+    /// `tail_at` is aligned).
     tail: Option<Aligned>,
     tail_len: usize,
     tail_at: u64,
+    /// Blocks below `tail_at` on their way to the disk.
+    pending: Arc<Pending>,
 }
 
 impl std::fmt::Debug for SegmentFile {
@@ -90,6 +95,113 @@ impl std::fmt::Debug for SegmentFile {
             .field("tail_at", &self.tail_at)
             .field("tail_len", &self.tail_len)
             .finish_non_exhaustive()
+    }
+}
+
+/// Blocks handed to the spill writer (docs/CAPTURE.md, "Direct I/O"):
+/// they are read from memory until they are on disk.
+#[derive(Default)]
+struct Pending {
+    state: Mutex<PendingState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PendingState {
+    /// (offset, block, bytes of it written), in offset order; a block
+    /// leaves once written (a failed one stays: it is read from here).
+    blocks: VecDeque<(u64, Arc<Aligned>, usize)>,
+    /// Blocks handed over and not yet done with.
+    in_flight: usize,
+    /// The first write that failed: every later append fails with it.
+    failed: Option<(io::ErrorKind, String)>,
+    /// Written blocks, for the next ones.
+    free: Vec<Aligned>,
+    /// Nothing more is appended (until a reset): written blocks are let
+    /// go, so that complete segments hold no memory.
+    complete: bool,
+}
+
+/// Blocks a file may have on their way to the disk before an append
+/// waits (the device is that far behind).
+const IN_FLIGHT: usize = 8;
+/// Written blocks kept per file for reuse.
+const FREE_BLOCKS: usize = 2;
+
+/// One block for the writer.
+struct Job {
+    file: Arc<File>,
+    at: u64,
+    block: Arc<Aligned>,
+    len: usize,
+    pending: Arc<Pending>,
+}
+
+/// The process's spill writer thread (started on first use; `None` if it
+/// could not be: blocks are then written by the appender).
+fn writer() -> Option<&'static std::sync::mpsc::Sender<Job>> {
+    static WRITER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    WRITER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let spawned = std::thread::Builder::new()
+                .name("spill-writer".into())
+                .spawn(move || {
+                    for job in rx {
+                        let written = job.file.write_all_at(&job.block.bytes()[..job.len], job.at);
+                        job.pending.done(job.at, job.block, written);
+                    }
+                });
+            match spawned {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    tracing::warn!("cannot start the spill writer thread: spill blocks are written by the NBD threads: {e}");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+impl Pending {
+    /// A block handed over is written (or failed).
+    fn done(&self, at: u64, block: Arc<Aligned>, written: io::Result<()>) {
+        let mut p = self.state.lock();
+        p.in_flight = p.in_flight.saturating_sub(1);
+        match written {
+            Ok(()) => {
+                if let Some(i) = p.blocks.iter().position(|b| b.0 == at) {
+                    p.blocks.remove(i);
+                }
+                if let Ok(block) = Arc::try_unwrap(block) {
+                    if !p.complete && p.free.len() < FREE_BLOCKS {
+                        p.free.push(block);
+                    }
+                }
+            }
+            Err(e) => {
+                if p.failed.is_none() {
+                    p.failed = Some((e.kind(), e.to_string()));
+                }
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    fn check(p: &PendingState) -> io::Result<()> {
+        match &p.failed {
+            Some((kind, msg)) => Err(io::Error::new(*kind, format!("spill block write: {msg}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until nothing handed over is still being written.
+    fn wait_idle(&self) {
+        let mut p = self.state.lock();
+        while p.in_flight > 0 {
+            self.changed.wait(&mut p);
+        }
     }
 }
 
@@ -127,11 +239,12 @@ impl SegmentFile {
             (open(0)?, false)
         };
         Ok(SegmentFile {
-            file,
+            file: Arc::new(file),
             direct,
             tail: None,
             tail_len: 0,
             tail_at: 0,
+            pending: Arc::default(),
         })
     }
 
@@ -146,9 +259,22 @@ impl SegmentFile {
         self.file.metadata()
     }
 
+    /// Waits until every block handed over is on disk (or failed).
+    #[cfg(test)]
+    pub fn wait_written(&self) {
+        self.pending.wait_idle();
+    }
+
     /// Starts writing the file over from byte 0 (a spare reused): what it
-    /// held stays behind what is written, where nothing reads.
+    /// held stays behind what is written, where nothing reads. Waits for
+    /// the writes of its last use, so that none lands on the new content.
     pub fn reset(&mut self) {
+        self.pending.wait_idle();
+        let mut p = self.pending.state.lock();
+        p.blocks.clear();
+        p.failed = None;
+        p.complete = false;
+        drop(p);
         self.tail_len = 0;
         self.tail_at = 0;
     }
@@ -174,35 +300,90 @@ impl SegmentFile {
                 ),
             ));
         }
+        Pending::check(&self.pending.state.lock())?;
         // Within the staged block: at - tail_at < BLOCK.
         self.tail_len = usize::try_from(at - self.tail_at).unwrap_or(0);
         let mut rest = data;
         while !rest.is_empty() {
-            let tail = self.tail.get_or_insert_with(|| Aligned::new(BLOCK));
+            if self.tail.is_none() {
+                let spare = self.pending.state.lock().free.pop();
+                self.tail = Some(spare.unwrap_or_else(|| Aligned::new(BLOCK)));
+            }
+            let Some(tail) = self.tail.as_mut() else {
+                break;
+            };
             let n = rest.len().min(BLOCK - self.tail_len);
             tail.bytes_mut()[self.tail_len..self.tail_len + n].copy_from_slice(&rest[..n]);
             self.tail_len += n;
             rest = &rest[n..];
             if self.tail_len == BLOCK {
-                self.file.write_all_at(tail.bytes(), self.tail_at)?;
-                self.tail_at += BLOCK as u64;
-                self.tail_len = 0;
+                self.hand_over(BLOCK)?;
             }
         }
         Ok(())
     }
 
-    /// Writes the staged bytes (padded to the alignment) and lets go of the
-    /// staging block: the segment is complete.
+    /// Hands the staged block's first `len` bytes to the writer (or writes
+    /// them here without one) and starts a new block after them.
+    fn hand_over(&mut self, len: usize) -> io::Result<()> {
+        let Some(block) = self.tail.take() else {
+            return Ok(());
+        };
+        let at = self.tail_at;
+        match writer() {
+            Some(tx) => {
+                let block = Arc::new(block);
+                {
+                    let mut p = self.pending.state.lock();
+                    while p.in_flight >= IN_FLIGHT && p.failed.is_none() {
+                        self.pending.changed.wait(&mut p);
+                    }
+                    Pending::check(&p)?;
+                    p.blocks.push_back((at, Arc::clone(&block), len));
+                    p.in_flight += 1;
+                }
+                let job = Job {
+                    file: Arc::clone(&self.file),
+                    at,
+                    block,
+                    len,
+                    pending: Arc::clone(&self.pending),
+                };
+                if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+                    // The writer is gone: write it here.
+                    let written = self.file.write_all_at(&job.block.bytes()[..len], at);
+                    let failed = written
+                        .as_ref()
+                        .err()
+                        .map(|e| io::Error::new(e.kind(), e.to_string()));
+                    self.pending.done(at, job.block, written);
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                }
+            }
+            None => {
+                self.file.write_all_at(&block.bytes()[..len], at)?;
+                self.tail = Some(block);
+            }
+        }
+        self.tail_at += len as u64;
+        self.tail_len = 0;
+        Ok(())
+    }
+
+    /// Hands the staged bytes (padded to the alignment) to the writer and
+    /// lets go of the staging block: the segment is complete.
     pub fn finish(&mut self) -> io::Result<()> {
-        if let Some(tail) = self.tail.as_ref().filter(|_| self.tail_len > 0) {
+        if self.tail.is_some() && self.tail_len > 0 {
             // At most BLOCK, a multiple of ALIGN.
             let len = usize::try_from(round_up(self.tail_len as u64)).unwrap_or(BLOCK);
-            self.file.write_all_at(&tail.bytes()[..len], self.tail_at)?;
-            self.tail_at += len as u64;
-            self.tail_len = 0;
+            self.hand_over(len)?;
         }
         self.tail = None;
+        let mut p = self.pending.state.lock();
+        p.complete = true;
+        p.free.clear();
         Ok(())
     }
 
@@ -228,11 +409,51 @@ impl SegmentFile {
                 ),
             ));
         }
-        let on_disk = end.min(self.tail_at);
-        if at < on_disk {
-            let n = usize::try_from(on_disk - at).unwrap_or(usize::MAX);
-            self.read_disk(&mut buf[..n], at, segment, cache)?;
+        // [0, on_disk): on disk; [on_disk, tail_at): handed to the
+        // writer; [tail_at, end): staged.
+        // (The writer only ever moves `on_disk` up: a block found written
+        // meanwhile is read from the disk below.)
+        let on_disk = self
+            .pending
+            .state
+            .lock()
+            .blocks
+            .front()
+            .map_or(self.tail_at, |b| b.0);
+        let mut pos = at;
+        if pos < on_disk.min(end) {
+            let n = usize::try_from(on_disk.min(end) - pos).unwrap_or(usize::MAX);
+            self.read_disk(&mut buf[..n], pos, segment, cache, on_disk)?;
+            pos += n as u64;
         }
+        let pending = self.pending.state.lock();
+        while pos < end.min(self.tail_at) {
+            let i = usize::try_from(pos - at).unwrap_or(0);
+            let block = pending
+                .blocks
+                .iter()
+                .find(|(b, _, len)| *b <= pos && pos < b + *len as u64);
+            let n = match block {
+                Some((b, data, len)) => {
+                    let from = usize::try_from(pos - b).unwrap_or(0);
+                    let n = (len - from).min(buf.len() - i);
+                    buf[i..i + n].copy_from_slice(&data.bytes()[from..from + n]);
+                    n
+                }
+                None => {
+                    // Written since `on_disk` was read, or after a block
+                    // before it failed: on disk, outside the cached prefix.
+                    // Blocks start at multiples of BLOCK.
+                    let block_end = (pos / BLOCK as u64 + 1) * BLOCK as u64;
+                    let stop = end.min(self.tail_at).min(block_end);
+                    let n = usize::try_from(stop - pos).unwrap_or(0);
+                    self.read_uncached(&mut buf[i..i + n], pos)?;
+                    n
+                }
+            };
+            pos += n as u64;
+        }
+        drop(pending);
         if end > self.tail_at {
             let from = at.max(self.tail_at);
             let (a, b) = (
@@ -248,13 +469,26 @@ impl SegmentFile {
         Ok(())
     }
 
-    /// Reads bytes below `tail_at` through the cache.
+    /// Reads bytes from the disk around the cache (aligned, direct).
+    fn read_uncached(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        let start = round_down(at);
+        let len = round_up(at + buf.len() as u64) - start;
+        let mut data = Aligned::new(usize::try_from(len).unwrap_or(BLOCK));
+        self.file.read_exact_at(data.bytes_mut(), start)?;
+        let from = usize::try_from(at - start).unwrap_or(0);
+        buf.copy_from_slice(&data.bytes()[from..from + buf.len()]);
+        Ok(())
+    }
+
+    /// Reads bytes below `on_disk` (everything before it is on disk)
+    /// through the cache.
     fn read_disk(
         &self,
         buf: &mut [u8],
         at: u64,
         segment: u64,
         cache: &ReadCache,
+        on_disk: u64,
     ) -> io::Result<()> {
         let mut guard = cache.windows.lock();
         let (windows, clock) = &mut *guard;
@@ -269,8 +503,8 @@ impl SegmentFile {
                 Some(w) => w,
                 None => {
                     let start = round_down(pos);
-                    let want = round_up(at + buf.len() as u64).min(self.tail_at) - start;
-                    let len = want.max(WINDOW as u64).min(self.tail_at - start);
+                    let want = round_up(at + buf.len() as u64).min(on_disk) - start;
+                    let len = want.max(WINDOW as u64).min(on_disk - start);
                     let mut data = Aligned::new(usize::try_from(len).unwrap_or(WINDOW));
                     self.file.read_exact_at(data.bytes_mut(), start)?;
                     let w = Window {

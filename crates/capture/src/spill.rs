@@ -737,6 +737,7 @@ mod tests {
         fn settle(&mut self) {
             for seg in &mut self.segments {
                 seg.file.finish().unwrap();
+                seg.file.wait_written();
             }
             self.cache.clear();
         }

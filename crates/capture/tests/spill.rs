@@ -39,6 +39,20 @@ fn capture_dir(dir: &Path) -> PathBuf {
     dir.join("capture")
 }
 
+/// Waits until the spill writer has put a segment file's first `bytes`
+/// on disk (it writes a file's blocks in order, whole).
+fn on_disk(path: &Path, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(path).unwrap().len() < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not written within 30 s",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 fn spill_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(capture_dir(dir).join("spill")) else {
         return Vec::new();
@@ -493,7 +507,9 @@ fn a_damaged_spill_frame_falls_back_to_dirty_ranges() {
     assert!(files.len() > 2, "{files:?}");
     let good = drain(&group, "dr", &copy, NOW, 100);
     assert!(good.resyncs.is_empty() && good.records == written[..100]);
-    // Damage the middle of the second segment.
+    // Damage the middle of the second segment (once the writer has put
+    // its first block on disk: damage it would write over is no damage).
+    on_disk(&files[1], SEGMENT);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&files[1])
@@ -535,6 +551,7 @@ fn a_damaged_frame_found_while_overflowing_owes_the_marked_regions() {
     // Damage the header of the first frame (an overflow reads headers
     // only: their ranges are what the replica owes).
     let files = spill_files(dir.path());
+    on_disk(&files[0], SEGMENT);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&files[0])
