@@ -125,8 +125,10 @@ struct PendingState {
 /// Blocks a file may have on their way to the disk before an append
 /// waits (the device is that far behind).
 const IN_FLIGHT: usize = 8;
-/// Written blocks kept per file for reuse.
-const FREE_BLOCKS: usize = 2;
+/// Written blocks kept per file for reuse: as many as may be on their
+/// way, so that a file being appended to allocates none once running (a
+/// fresh block costs its pages' faults and zeroing, more than the copy).
+const FREE_BLOCKS: usize = IN_FLIGHT;
 
 /// One block for the writer.
 struct Job {
