@@ -459,6 +459,19 @@ mod tests {
     }
 
     #[test]
+    fn zero_detection_sees_every_byte() {
+        for len in [0, 1, 7, 8, 63, 64, 65, 4096, 4097] {
+            let mut b = vec![0u8; len];
+            assert!(is_zero(&b));
+            for i in 0..len {
+                b[i] = 1;
+                assert!(!is_zero(&b), "{len} bytes, byte {i}");
+                b[i] = 0;
+            }
+        }
+    }
+
+    #[test]
     fn scratch_is_trimmed() {
         let mut c = Compressor::new(1);
         c.encode(&noise(6 << 20, 3), None);

@@ -91,13 +91,8 @@ struct Batch {
 }
 
 struct Received {
-    epoch: u64,
-    seq: u64,
-    volume: u32,
-    op: RecordOp,
-    fua: bool,
-    offset: u64,
-    len: u64,
+    head: Head,
+    /// Where its data lies in the batch's `encoded`.
     data: Range<usize>,
 }
 
@@ -122,21 +117,12 @@ impl Batch {
         fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
         let data = head.encode_with(&mut self.encoded, fill)?;
-        self.records.push(Received {
-            epoch: head.epoch,
-            seq: head.seq,
-            volume: head.volume,
-            op: head.op,
-            fua: head.fua,
-            offset: head.offset,
-            len: head.len,
-            data,
-        });
+        self.records.push(Received { head, data });
         Ok(())
     }
 
     fn last(&self) -> Option<(u64, u64)> {
-        self.records.last().map(|r| (r.epoch, r.seq))
+        self.records.last().map(|r| (r.head.epoch, r.head.seq))
     }
 
     fn clear(&mut self) {
@@ -406,15 +392,7 @@ impl ReplicaGroup {
                 ..
             } = &mut core;
             journal.replay(*applied, |entry| {
-                apply(
-                    volumes,
-                    entry.volume,
-                    entry.seq,
-                    entry.op,
-                    entry.offset,
-                    entry.len,
-                    &entry.data,
-                )?;
+                apply(volumes, &entry.head(), &entry.data)?;
                 *applied = entry.seq;
                 *tip_epoch = entry.epoch;
                 Ok(())
@@ -917,7 +895,7 @@ impl ReplicaGroup {
             history.append(undo)?;
             history.sync()?;
         }
-        if data.iter().all(|b| *b == 0) {
+        if tandem_peer::is_zero(data) {
             v.image
                 .write_zeroes(offset, data.len() as u64, false, false)?;
         } else {
@@ -1129,7 +1107,7 @@ impl Core {
         for batch in batches {
             for r in &batch.records {
                 let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
-                apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+                apply(&self.volumes, &r.head, data)?;
             }
         }
         self.applied = last;
@@ -1163,17 +1141,18 @@ impl Core {
                 while let Some(m) = marks.next_if(|m| m.0 <= i) {
                     points.push(point_at(changes.len(), m));
                 }
-                if r.op == RecordOp::Flush {
+                let h = &r.head;
+                if h.op == RecordOp::Flush {
                     continue;
                 }
                 changes.push(Change {
-                    epoch: r.epoch,
-                    seq: r.seq,
-                    volume: r.volume,
-                    offset: r.offset,
-                    len: r.len,
+                    epoch: h.epoch,
+                    seq: h.seq,
+                    volume: h.volume,
+                    offset: h.offset,
+                    len: h.len,
                     data: batch.encoded.get(r.data.clone()).unwrap_or_default(),
-                    zero: r.op != RecordOp::Write,
+                    zero: h.op != RecordOp::Write,
                 });
             }
             for m in marks {
@@ -1188,7 +1167,7 @@ impl Core {
         for batch in batches {
             for r in &batch.records {
                 let data = batch.encoded.get(r.data.clone()).unwrap_or_default();
-                apply(&self.volumes, r.volume, r.seq, r.op, r.offset, r.len, data)?;
+                apply(&self.volumes, &r.head, data)?;
             }
         }
         history.add_points(start, &self.undo);
@@ -1199,7 +1178,7 @@ impl Core {
         let flush = batches
             .iter()
             .flat_map(|b| &b.records)
-            .any(|r| r.op == RecordOp::Flush || r.fua);
+            .any(|r| r.head.op == RecordOp::Flush || r.head.fua);
         // The session commits every HISTORY_SYNC_EVERY (or sooner, when
         // 8 MiB wait): such a commit is a checkpoint, whatever a sync took.
         if flush || self.last_checkpoint.elapsed() >= HISTORY_SYNC_EVERY * 3 / 4 {
@@ -1326,26 +1305,19 @@ fn hole_runs(image: &RawImage, offset: u64, len: u64) -> Result<Vec<(u64, u64)>,
     Ok(holes)
 }
 
-fn apply(
-    volumes: &[ReplicaVolume],
-    volume: u32,
-    seq: u64,
-    op: RecordOp,
-    offset: u64,
-    len: u64,
-    data: &[u8],
-) -> Result<(), ReplicaError> {
-    let Some(v) = volumes.get(volume as usize) else {
+/// Applies a record (its data, for a write) to its volume's image.
+fn apply(volumes: &[ReplicaVolume], head: &Head, data: &[u8]) -> Result<(), ReplicaError> {
+    let Some(v) = volumes.get(head.volume as usize) else {
         return Err(ReplicaError::NoSuchVolume {
-            seq,
-            volume,
+            seq: head.seq,
+            volume: head.volume,
             volumes: volumes.len(),
         });
     };
-    match op {
-        RecordOp::Write => v.image.write(offset, data)?,
-        RecordOp::WriteZeroes => v.image.write_zeroes(offset, len, false, false)?,
-        RecordOp::Trim => v.image.punch_hole(offset, len)?,
+    match head.op {
+        RecordOp::Write => v.image.write(head.offset, data)?,
+        RecordOp::WriteZeroes => v.image.write_zeroes(head.offset, head.len, false, false)?,
+        RecordOp::Trim => v.image.punch_hole(head.offset, head.len)?,
         RecordOp::Flush => {}
     }
     Ok(())
@@ -1401,7 +1373,7 @@ mod tests {
         second.encode(&mut want);
         assert_eq!(batch.encoded, want);
         let r = &batch.records[1];
-        assert_eq!((r.seq, r.fua, r.data.len()), (2, true, 4096));
+        assert_eq!((r.head.seq, r.head.fua, r.data.len()), (2, true, 4096));
         assert!(batch.encoded[r.data.clone()].iter().all(|&b| b == 0xb2));
 
         // Claimed zstd that is not: refused, and the batch is unchanged.
