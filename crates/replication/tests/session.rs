@@ -236,12 +236,14 @@ fn a_cut_link_resumes_without_a_full_copy() {
     pair.wait_caught_up();
     assert!(same(dir.path()));
     assert!(pair.sessions.load(Ordering::Relaxed) >= 2);
-    // Everything written crossed the link once, what was in flight at the
-    // cut maybe twice, plus hashes and framing: well below a full copy of
-    // the image (SIZE, 32 MiB) on top.
+    // The first burst crossed the link once; the rest resumes from the
+    // queue (what was written, what was in flight at the cut maybe twice)
+    // or, when the records cannot be used, by comparing and sending the
+    // dirty regions in 64 KiB chunks (the 300 writes touch ~230 of
+    // them, ~14 MiB): never a full copy of the image (SIZE) on top.
     let link = pair.link.info();
     assert!(
-        link.wire_bytes < before + 2 * written + (8 << 20),
+        link.wire_bytes < before + SIZE,
         "wire {} for {before} + {written} written",
         link.wire_bytes
     );
