@@ -14,10 +14,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
+use tandem_volume::AlignedBuf;
 
 /// Alignment of direct I/O (offsets, lengths and buffers): the largest
 /// logical block size of the disks it meets.
-pub const ALIGN: usize = 4096;
+pub const ALIGN: usize = tandem_volume::DIRECT_ALIGN;
 /// Appends are written in blocks of this many bytes.
 pub const BLOCK: usize = 1 << 20;
 /// Reads from disk are of at least this many bytes (one cached window).
@@ -25,34 +26,11 @@ pub const WINDOW: usize = 256 << 10;
 /// Windows kept (several replicas may read the spill at once).
 const WINDOWS: usize = 4;
 
-/// A buffer whose bytes start at an [`ALIGN`]ed address.
-struct Aligned {
-    raw: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let raw = vec![0u8; len + ALIGN];
-        let off = raw.as_ptr().align_offset(ALIGN);
-        Aligned { raw, off, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.raw[self.off..self.off + self.len]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.off..self.off + self.len]
-    }
-}
-
 /// A window of a segment read from disk: `(segment, start)` names it.
 struct Window {
     segment: u64,
     start: u64,
-    data: Aligned,
+    data: AlignedBuf,
     used: u64,
 }
 
@@ -81,7 +59,7 @@ pub struct SegmentFile {
     direct: bool,
     /// Bytes from `tail_at` not yet handed to the writer (direct only;
     /// `tail_at` is aligned).
-    tail: Option<Aligned>,
+    tail: Option<AlignedBuf>,
     tail_len: usize,
     tail_at: u64,
     /// Blocks below `tail_at` on their way to the disk.
@@ -110,13 +88,13 @@ struct Pending {
 struct PendingState {
     /// (offset, block, bytes of it written), in offset order; a block
     /// leaves once written (a failed one stays: it is read from here).
-    blocks: VecDeque<(u64, Arc<Aligned>, usize)>,
+    blocks: VecDeque<(u64, Arc<AlignedBuf>, usize)>,
     /// Blocks handed over and not yet done with.
     in_flight: usize,
     /// The first write that failed: every later append fails with it.
     failed: Option<(io::ErrorKind, String)>,
     /// Written blocks, for the next ones.
-    free: Vec<Aligned>,
+    free: Vec<AlignedBuf>,
     /// Nothing more is appended (until a reset): written blocks are let
     /// go, so that complete segments hold no memory.
     complete: bool,
@@ -134,7 +112,7 @@ const FREE_BLOCKS: usize = IN_FLIGHT;
 struct Job {
     file: Arc<File>,
     at: u64,
-    block: Arc<Aligned>,
+    block: Arc<AlignedBuf>,
     len: usize,
     pending: Arc<Pending>,
 }
@@ -168,7 +146,7 @@ fn writer() -> Option<&'static std::sync::mpsc::Sender<Job>> {
 
 impl Pending {
     /// A block handed over is written (or failed).
-    fn done(&self, at: u64, block: Arc<Aligned>, written: io::Result<()>) {
+    fn done(&self, at: u64, block: Arc<AlignedBuf>, written: io::Result<()>) {
         let mut p = self.state.lock();
         p.in_flight = p.in_flight.saturating_sub(1);
         match written {
@@ -309,7 +287,7 @@ impl SegmentFile {
         while !rest.is_empty() {
             if self.tail.is_none() {
                 let spare = self.pending.state.lock().free.pop();
-                self.tail = Some(spare.unwrap_or_else(|| Aligned::new(BLOCK)));
+                self.tail = Some(spare.unwrap_or_else(|| AlignedBuf::new(BLOCK)));
             }
             let Some(tail) = self.tail.as_mut() else {
                 break;
@@ -475,7 +453,7 @@ impl SegmentFile {
     fn read_uncached(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
         let start = round_down(at);
         let len = round_up(at + buf.len() as u64) - start;
-        let mut data = Aligned::new(usize::try_from(len).unwrap_or(BLOCK));
+        let mut data = AlignedBuf::new(usize::try_from(len).unwrap_or(BLOCK));
         self.file.read_exact_at(data.bytes_mut(), start)?;
         let from = usize::try_from(at - start).unwrap_or(0);
         buf.copy_from_slice(&data.bytes()[from..from + buf.len()]);
@@ -499,7 +477,7 @@ impl SegmentFile {
             let pos = at + done as u64;
             *clock += 1;
             let hit = windows.iter_mut().find(|w| {
-                w.segment == segment && w.start <= pos && pos < w.start + w.data.len as u64
+                w.segment == segment && w.start <= pos && pos < w.start + w.data.len() as u64
             });
             let window = match hit {
                 Some(w) => w,
@@ -507,7 +485,7 @@ impl SegmentFile {
                     let start = round_down(pos);
                     let want = round_up(at + buf.len() as u64).min(on_disk) - start;
                     let len = want.max(WINDOW as u64).min(on_disk - start);
-                    let mut data = Aligned::new(usize::try_from(len).unwrap_or(WINDOW));
+                    let mut data = AlignedBuf::new(usize::try_from(len).unwrap_or(WINDOW));
                     self.file.read_exact_at(data.bytes_mut(), start)?;
                     let w = Window {
                         segment,
@@ -532,12 +510,12 @@ impl SegmentFile {
             };
             window.used = *clock;
             let from = usize::try_from(pos - window.start).unwrap_or(0);
-            let n = (window.data.len - from).min(buf.len() - done);
+            let n = (window.data.len() - from).min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&window.data.bytes()[from..from + n]);
             done += n;
         }
         // A window bigger than the usual (a large record) is not kept.
-        windows.retain(|w| w.data.len <= WINDOW);
+        windows.retain(|w| w.data.len() <= WINDOW);
         Ok(())
     }
 }

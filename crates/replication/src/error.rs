@@ -28,4 +28,8 @@ pub enum ReplicaError {
     },
     #[error("{count} chunks of {chunk} bytes: a chunk is a power of two from 4096 to 1048576, at most 1024 of them at once")]
     BadChunks { chunk: u32, count: usize },
+    #[error("cannot start the thread that reads the image for a compare: {0}")]
+    Spawn(#[source] io::Error),
+    #[error("the thread reading the image for a compare stopped without an answer")]
+    ReaderGone,
 }

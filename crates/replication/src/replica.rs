@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tandem_volume::RawImage;
+use tandem_volume::{AlignedBuf, RawImage};
 
 use crate::diverged::{self, Divergence};
 use crate::error::ReplicaError;
@@ -1254,41 +1254,143 @@ impl Core {
     }
 }
 
-/// Hashes `count` chunks of an image.
+/// Bytes a compare reads at once: runs of chunks holding data.
+const HASH_READ: u64 = 1 << 20;
+
+/// What [`chunk_hashes`] does with the next piece of its range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HashPiece {
+    /// A chunk wholly inside a hole, of this many bytes: hashed as zeroes.
+    Hole(u32),
+    /// Chunks holding data: read at once, hashed each.
+    Data { at: u64, len: usize },
+}
+
+/// Hashes `count` chunks of an image. The image is read around the page
+/// cache ([`RawImage::read_uncached`]): a compare scans whole images, and
+/// filling the cache with them cost more CPU than the hashing, and evicted
+/// what the VM's I/O keeps there. While one run of chunks is hashed, the
+/// next is read (a compare runs at the disk's speed, not at the sum of
+/// read and hash times).
 pub fn chunk_hashes(
     image: &RawImage,
     offset: u64,
     chunk: u32,
     count: usize,
 ) -> Result<Vec<[u8; 32]>, ReplicaError> {
-    let size = image.size();
+    let pieces = hash_pieces(image, offset, chunk, count)?;
     let mut out = Vec::with_capacity(count.min(4096));
-    let mut buf = vec![0u8; chunk as usize];
-    // Chunks wholly inside a hole hash as zeroes without being read: a
-    // sparse image compares at the speed of its allocation map.
-    let span = u64::from(chunk).saturating_mul(count as u64);
-    let holes = hole_runs(image, offset, span)?;
     let zero_full = *blake3::hash(&vec![0u8; chunk as usize]).as_bytes();
-    for i in 0..count as u64 {
-        let at = offset + i * u64::from(chunk);
-        if at >= size {
-            break;
+    let mut hash_piece = |piece: HashPiece, data: &[u8]| match piece {
+        HashPiece::Hole(n) if n == chunk => out.push(zero_full),
+        HashPiece::Hole(n) => out.push(*blake3::hash(&vec![0u8; n as usize]).as_bytes()),
+        HashPiece::Data { .. } => out.extend(
+            data.chunks(chunk as usize)
+                .map(|piece| *blake3::hash(piece).as_bytes()),
+        ),
+    };
+    let runs: Vec<(u64, usize)> = pieces
+        .iter()
+        .filter_map(|p| match *p {
+            HashPiece::Data { at, len } => Some((at, len)),
+            HashPiece::Hole(_) => None,
+        })
+        .collect();
+    let buf_len = runs.iter().map(|r| r.1).max().unwrap_or(0);
+    if runs.len() < 2 {
+        // Nothing to overlap: read in place.
+        let mut buf = AlignedBuf::new(buf_len);
+        for piece in pieces {
+            if let HashPiece::Data { at, len } = piece {
+                image.read_uncached(at, &mut buf.bytes_mut()[..len])?;
+            }
+            hash_piece(piece, buf.bytes());
         }
-        // At most one chunk (a u32).
-        let n = u32::try_from(u64::from(chunk).min(size - at)).unwrap_or(chunk) as usize;
-        let end = at + n as u64;
-        if holes.iter().any(|&(s, e)| s <= at && end <= e) {
-            out.push(if n == chunk as usize {
-                zero_full
-            } else {
-                *blake3::hash(&vec![0u8; n]).as_bytes()
-            });
+        return Ok(out);
+    }
+    std::thread::scope(|s| -> Result<(), ReplicaError> {
+        // Two buffers: one being hashed here, one being read there.
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel(1);
+        let (free_tx, free_rx) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let _ = free_tx.send(AlignedBuf::new(buf_len));
+        }
+        std::thread::Builder::new()
+            .name("compare-read".into())
+            .spawn_scoped(s, move || {
+                for (at, len) in runs {
+                    let Ok(mut buf): Result<AlignedBuf, _> = free_rx.recv() else {
+                        return; // the hashing side stopped
+                    };
+                    let read = image.read_uncached(at, &mut buf.bytes_mut()[..len]);
+                    let failed = read.is_err();
+                    if full_tx.send(read.map(|()| buf)).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(ReplicaError::Spawn)?;
+        for piece in pieces {
+            match piece {
+                HashPiece::Hole(_) => hash_piece(piece, &[]),
+                HashPiece::Data { len, .. } => {
+                    let buf = full_rx.recv().map_err(|_| ReplicaError::ReaderGone)??;
+                    hash_piece(piece, &buf.bytes()[..len]);
+                    let _ = free_tx.send(buf);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The pieces of `count` chunks from `offset`: chunks wholly inside a hole
+/// are hashed as zeroes without being read (a sparse image compares at the
+/// speed of its allocation map); runs of chunks holding data are read at
+/// once, up to [`HASH_READ`] bytes.
+fn hash_pieces(
+    image: &RawImage,
+    offset: u64,
+    chunk: u32,
+    count: usize,
+) -> Result<Vec<HashPiece>, ReplicaError> {
+    let size = image.size();
+    let chunk_len = u64::from(chunk);
+    let span = chunk_len.saturating_mul(count as u64);
+    let holes = hole_runs(image, offset, span)?;
+    let in_hole = |at: u64| {
+        let end = (at + chunk_len).min(size);
+        holes.iter().any(|&(s, e)| s <= at && end <= e)
+    };
+    // Chunks per read (a chunk is at most HASH_READ bytes).
+    let per_read: u32 = (HASH_READ / chunk_len).max(1).try_into().unwrap_or(1);
+    // Bytes from `at` to the end of the image, if fewer than `max`.
+    let left = |at: u64, max: usize| usize::try_from(size - at).map_or(max, |n| n.min(max));
+    let ends = offset.saturating_add(span).min(size.max(offset));
+    let mut pieces = Vec::new();
+    let mut at = offset;
+    while at < ends {
+        if in_hole(at) {
+            let n = u32::try_from(size - at).map_or(chunk, |n| n.min(chunk));
+            pieces.push(HashPiece::Hole(n));
+            at += chunk_len;
             continue;
         }
-        image.read(at, &mut buf[..n])?;
-        out.push(*blake3::hash(&buf[..n]).as_bytes());
+        let mut run = 1;
+        while run < per_read
+            && at + u64::from(run) * chunk_len < ends
+            && !in_hole(at + u64::from(run) * chunk_len)
+        {
+            run += 1;
+        }
+        // At most max(HASH_READ, one chunk).
+        let len = left(at, run as usize * chunk as usize);
+        let run = u64::from(run);
+        pieces.push(HashPiece::Data { at, len });
+        at += run * chunk_len;
     }
-    Ok(out)
+    Ok(pieces)
 }
 
 /// The holes of `[offset, offset + len)` as (start, end) intervals. Past

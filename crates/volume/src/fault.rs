@@ -38,7 +38,7 @@ pub struct FaultyFile {
 impl FaultyFile {
     pub fn new(file: File, faults: Faults) -> FaultyFile {
         FaultyFile {
-            inner: OsFile(file),
+            inner: OsFile::new(file),
             faults,
         }
     }
@@ -50,6 +50,9 @@ impl BlockFile for FaultyFile {
     }
     fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.inner.read_cached_at(buf, offset)
+    }
+    fn read_direct_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_direct_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         if self.faults.disk_full.load(Ordering::Relaxed) {

@@ -3,10 +3,12 @@
 //! std lacks (`preadv2` with `RWF_NOWAIT`, `fallocate`, `SEEK_DATA`,
 //! `posix_fadvise`) go through `rustix`, so this crate has no `unsafe`.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, IoSliceMut};
 use std::num::NonZeroU64;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::OnceLock;
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -44,22 +46,70 @@ pub trait BlockFile: Send + Sync {
     /// data (ENXIO).
     fn seek(&self, offset: u64, whence: Seek) -> io::Result<Option<u64>>;
     fn advise_willneed(&self, offset: u64, len: u64);
+    /// Reads around the page cache (`O_DIRECT`) where the file system
+    /// allows it; `buf`'s address and length and `offset` are multiples of
+    /// [`DIRECT_ALIGN`]. Elsewhere it reads as [`BlockFile::read_at`] does.
+    fn read_direct_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at(buf, offset)
+    }
     fn byte_len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
 
+/// What direct I/O needs aligned: buffer addresses, lengths and offsets.
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// The real thing: a file on the host's filesystem.
-pub struct OsFile(pub File);
+pub struct OsFile {
+    file: File,
+    /// The same file opened again with `O_DIRECT` for
+    /// [`BlockFile::read_direct_at`], on first use; `None` where the file
+    /// system refuses direct I/O (tmpfs).
+    direct: OnceLock<Option<File>>,
+}
+
+impl OsFile {
+    pub fn new(file: File) -> OsFile {
+        OsFile {
+            file,
+            direct: OnceLock::new(),
+        }
+    }
+
+    /// A second open file description of this file, read-only and direct
+    /// (`/proc/self/fd` names the very file, even if renamed since).
+    fn open_direct(&self) -> Option<File> {
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!(error = %e, "no direct reads of this image: reads go through the page cache");
+                None
+            }
+        }
+    }
+}
 
 impl BlockFile for OsFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.0.read_at(buf, offset)
+        self.file.read_at(buf, offset)
+    }
+
+    fn read_direct_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self.direct.get_or_init(|| self.open_direct()) {
+            Some(direct) => direct.read_at(buf, offset),
+            None => self.file.read_at(buf, offset),
+        }
     }
 
     fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         // EAGAIN (not cached) arrives as `io::ErrorKind::WouldBlock`.
         let n = rustix::io::preadv2(
-            &self.0,
+            &self.file,
             &mut [IoSliceMut::new(buf)],
             offset,
             ReadWriteFlags::NOWAIT,
@@ -68,12 +118,12 @@ impl BlockFile for OsFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        self.0.write_at(buf, offset)
+        self.file.write_at(buf, offset)
     }
 
     fn sync_data(&self) -> io::Result<()> {
         // fdatasync(2).
-        self.0.sync_data()
+        self.file.sync_data()
     }
 
     fn fallocate(&self, mode: Fallocate, offset: u64, len: u64) -> io::Result<()> {
@@ -81,7 +131,7 @@ impl BlockFile for OsFile {
             Fallocate::PunchHole => FallocateFlags::PUNCH_HOLE,
             Fallocate::ZeroRange => FallocateFlags::ZERO_RANGE,
         };
-        rustix::fs::fallocate(&self.0, mode | FallocateFlags::KEEP_SIZE, offset, len)?;
+        rustix::fs::fallocate(&self.file, mode | FallocateFlags::KEEP_SIZE, offset, len)?;
         Ok(())
     }
 
@@ -92,7 +142,7 @@ impl BlockFile for OsFile {
             Seek::Data => SeekFrom::Data(offset),
             Seek::Hole => SeekFrom::Hole(offset),
         };
-        match rustix::fs::seek(&self.0, to) {
+        match rustix::fs::seek(&self.file, to) {
             Ok(pos) => Ok(Some(pos)),
             Err(Errno::NXIO) => Ok(None),
             Err(e) => Err(e.into()),
@@ -102,14 +152,14 @@ impl BlockFile for OsFile {
     fn advise_willneed(&self, offset: u64, len: u64) {
         // A hint: failure changes nothing. A length of 0 means "to the end
         // of the file", as in posix_fadvise(2).
-        let _ = rustix::fs::fadvise(&self.0, offset, NonZeroU64::new(len), Advice::WillNeed);
+        let _ = rustix::fs::fadvise(&self.file, offset, NonZeroU64::new(len), Advice::WillNeed);
     }
 
     fn byte_len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 }

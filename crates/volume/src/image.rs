@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 
-use crate::file::{BlockFile, Fallocate, OsFile, Seek};
+use crate::file::{BlockFile, Fallocate, OsFile, Seek, DIRECT_ALIGN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -143,7 +143,7 @@ impl RawImage {
                 configured: size,
             });
         }
-        let mut image = RawImage::with_file(Box::new(OsFile(file)), path.to_owned(), size);
+        let mut image = RawImage::with_file(Box::new(OsFile::new(file)), path.to_owned(), size);
         image._lock = Some(lock);
         Ok(image)
     }
@@ -217,6 +217,48 @@ impl RawImage {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     // Past the end of a shorter file reads as zeroes.
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_error("read", offset, buf.len() as u64, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` as [`RawImage::read`] does, but
+    /// around the page cache where the file system allows it (`O_DIRECT`):
+    /// a scan of the whole image (a compare) then neither pays for filling
+    /// the cache nor evicts what the VM's I/O keeps there. Dirty cached
+    /// pages in the range are written back first by the kernel, so the
+    /// bytes are the same. Only an aligned buffer, offset and length (see
+    /// [`crate::AlignedBuf`]) read directly; anything else, and the part
+    /// after a short read at the image's end, reads through the cache.
+    pub fn read_uncached(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let aligned = |at: u64, b: &[u8]| {
+            at.is_multiple_of(DIRECT_ALIGN as u64)
+                && b.len().is_multiple_of(DIRECT_ALIGN)
+                && b.as_ptr().addr().is_multiple_of(DIRECT_ALIGN)
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let rest = &mut buf[done..];
+            let got = if aligned(at, rest) {
+                match self.file.read_direct_at(rest, at) {
+                    // Some file systems refuse only some direct reads.
+                    Err(e) if Errno::from_io_error(&e) == Some(Errno::INVAL) => {
+                        self.file.read_at(rest, at)
+                    }
+                    r => r,
+                }
+            } else {
+                self.file.read_at(rest, at)
+            };
+            match got {
+                Ok(0) => {
                     buf[done..].fill(0);
                     break;
                 }
@@ -437,6 +479,93 @@ mod tests {
         buf
     }
 
+    /// A directory on a disk file system (direct I/O; tmpfs refuses it).
+    fn disk_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("tandem-volume-test")
+            .tempdir_in("/var/tmp")
+            .unwrap()
+    }
+
+    #[test]
+    fn uncached_reads_see_what_cached_reads_see_dirty_pages_and_the_short_end_included() {
+        let dir = disk_dir();
+        // Not a multiple of the alignment: the last direct read is short.
+        let size = 3 * MIB + 1000;
+        let image = RawImage::open_or_create(&dir.path().join("v.img"), size).unwrap();
+        let data: Vec<u8> = (0..size)
+            .map(|i| ((i % 251) ^ (i >> 12)).to_le_bytes()[0])
+            .collect();
+        image.write(0, &data[..2 << 20]).unwrap();
+        image.sync().unwrap();
+        // Dirty in the page cache, not yet written back.
+        image.write(2 * MIB, &data[2 << 20..]).unwrap();
+        image.write(4096 * 3, &[7; 100]).unwrap();
+        let cases: &[(u64, usize)] = &[
+            (0, 0),
+            (0, 4096),
+            (0, 1 << 20),
+            (4096, 2 << 20),
+            (2 * MIB - 4096, 8192),
+            (3 * MIB, 4096),        // runs past the end: short, then zeroes
+            (3 * MIB - 4096, 8192), // crosses the end
+            (size - 10, 10),        // unaligned tail
+            (4096 * 3 + 50, 4096),  // unaligned offset
+            (8192, 4096 * 3 + 100), // unaligned length
+        ];
+        for &(at, len) in cases {
+            let want = read(&image, at, len);
+            let mut aligned = crate::AlignedBuf::new(len);
+            aligned.bytes_mut().fill(0xee);
+            image.read_uncached(at, aligned.bytes_mut()).unwrap();
+            assert_eq!(aligned.bytes(), &want[..], "aligned buffer, {at}+{len}");
+            let mut plain = vec![0xee; len];
+            image.read_uncached(at, &mut plain).unwrap();
+            assert_eq!(plain, want, "plain buffer, {at}+{len}");
+        }
+    }
+
+    /// Bytes of `path` in the page cache, as util-linux's `fincore` sees
+    /// them (`mincore(2)`; a `RWF_NOWAIT` probe would start readahead).
+    fn cached_bytes(path: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(out.status.success(), "fincore: {:?}", out);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    #[test]
+    fn uncached_reads_of_a_disk_image_leave_the_page_cache_as_it_was() {
+        let dir = disk_dir();
+        let path = dir.path().join("v.img");
+        let image = RawImage::open_or_create(&path, 4 * MIB).unwrap();
+        image.write(0, &vec![0x5a; 4 << 20]).unwrap();
+        image.sync().unwrap();
+        // Clean pages: the kernel drops them on request.
+        let other = File::open(&path).unwrap();
+        rustix::fs::fadvise(&other, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert_eq!(
+            cached_bytes(&path),
+            0,
+            "the test needs the image out of the cache"
+        );
+        let mut buf = crate::AlignedBuf::new(4 << 20);
+        image.read_uncached(0, buf.bytes_mut()).unwrap();
+        assert!(buf.bytes().iter().all(|&b| b == 0x5a));
+        assert_eq!(
+            cached_bytes(&path),
+            0,
+            "an uncached read filled the page cache"
+        );
+        // The check can see a cached range: a plain read caches it.
+        let mut plain = vec![0; 1 << 20];
+        image.read(MIB, &mut plain).unwrap();
+        assert!(cached_bytes(&path) >= MIB);
+    }
+
     #[test]
     fn a_second_open_of_the_same_image_is_refused_as_locked() {
         let (dir, _image) = image(MIB);
@@ -529,7 +658,7 @@ mod tests {
         file.set_len(16 * MIB).unwrap();
         let seeks = std::sync::Arc::new(AtomicU64::new(0));
         let image = RawImage::with_file(
-            Box::new(CountsHoleSeeks(OsFile(file), seeks.clone())),
+            Box::new(CountsHoleSeeks(OsFile::new(file), seeks.clone())),
             path,
             16 * MIB,
         );

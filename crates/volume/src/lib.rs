@@ -3,9 +3,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod aligned;
 pub mod fault;
 pub mod file;
 pub mod image;
 
-pub use file::{BlockFile, Fallocate, OsFile, Seek};
+pub use aligned::AlignedBuf;
+pub use file::{BlockFile, Fallocate, OsFile, Seek, DIRECT_ALIGN};
 pub use image::{RawImage, VolumeError};
