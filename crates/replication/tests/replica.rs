@@ -205,6 +205,38 @@ fn hashes_of_a_sparse_image_equal_hashes_of_its_bytes() {
     }
 }
 
+#[test]
+fn a_failed_read_ends_a_compare_with_its_error() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("f.img");
+    let size = 8u64 << 20;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(size).unwrap();
+    let faults = tandem_volume::fault::Faults::default();
+    let image = RawImage::with_file(
+        Box::new(tandem_volume::fault::FaultyFile::new(file, faults.clone())),
+        path,
+        size,
+    );
+    image.write(0, &vec![1u8; 8 << 20]).unwrap();
+    // Several runs of data: the reads run beside the hashing.
+    let count = 128;
+    assert_eq!(
+        tandem_replication::replica::chunk_hashes(&image, 0, 65536, count)
+            .unwrap()
+            .len(),
+        count
+    );
+    faults.set_fail_read(true);
+    let err = tandem_replication::replica::chunk_hashes(&image, 0, 65536, count).unwrap_err();
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+}
+
 /// A former owner's replica state may hold higher sequence numbers of its
 /// own history than the new owner's: a resync must reset the position, and
 /// nothing of the old journal may be replayed after a crash.

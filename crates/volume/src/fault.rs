@@ -18,6 +18,8 @@ pub struct Faults {
     pub fail_sync: Arc<AtomicBool>,
     /// Writes fail with ENOSPC while set.
     pub disk_full: Arc<AtomicBool>,
+    /// Reads fail with EIO while set.
+    pub fail_read: Arc<AtomicBool>,
 }
 
 impl Faults {
@@ -27,6 +29,17 @@ impl Faults {
 
     pub fn set_disk_full(&self, on: bool) {
         self.disk_full.store(on, Ordering::Relaxed);
+    }
+
+    pub fn set_fail_read(&self, on: bool) {
+        self.fail_read.store(on, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> io::Result<()> {
+        if self.fail_read.load(Ordering::Relaxed) {
+            return Err(Errno::IO.into());
+        }
+        Ok(())
     }
 }
 
@@ -46,12 +59,14 @@ impl FaultyFile {
 
 impl BlockFile for FaultyFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.faults.read()?;
         self.inner.read_at(buf, offset)
     }
     fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.inner.read_cached_at(buf, offset)
     }
     fn read_direct_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.faults.read()?;
         self.inner.read_direct_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
