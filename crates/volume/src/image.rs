@@ -212,20 +212,7 @@ impl RawImage {
 
     /// Reads `buf.len()` bytes at `offset`, blocking on storage if needed.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    // Past the end of a shorter file reads as zeroes.
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.io_error("read", offset, buf.len() as u64, e)),
-            }
-        }
-        Ok(())
+        self.read_into(offset, buf, false)
     }
 
     /// Reads `buf.len()` bytes at `offset` as [`RawImage::read`] does, but
@@ -237,6 +224,10 @@ impl RawImage {
     /// [`crate::AlignedBuf`]) read directly; anything else, and the part
     /// after a short read at the image's end, reads through the cache.
     pub fn read_uncached(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.read_into(offset, buf, true)
+    }
+
+    fn read_into(&self, offset: u64, buf: &mut [u8], direct: bool) -> Result<(), VolumeError> {
         let aligned = |at: u64, b: &[u8]| {
             at.is_multiple_of(DIRECT_ALIGN as u64)
                 && b.len().is_multiple_of(DIRECT_ALIGN)
@@ -246,7 +237,7 @@ impl RawImage {
         while done < buf.len() {
             let at = offset + done as u64;
             let rest = &mut buf[done..];
-            let got = if aligned(at, rest) {
+            let got = if direct && aligned(at, rest) {
                 match self.file.read_direct_at(rest, at) {
                     // Some file systems refuse only some direct reads.
                     Err(e) if Errno::from_io_error(&e) == Some(Errno::INVAL) => {
@@ -259,6 +250,7 @@ impl RawImage {
             };
             match got {
                 Ok(0) => {
+                    // Past the end of a shorter file reads as zeroes.
                     buf[done..].fill(0);
                     break;
                 }
