@@ -18,6 +18,7 @@ use tandem_capture::{Event, GroupCapture, Op};
 use tandem_peer::{
     read_message, write_message, Compressor, Hello, Message, Payload, PeerError, RecordOp,
 };
+use tandem_volume::AlignedBuf;
 use tokio::sync::{mpsc, Notify};
 
 use crate::link::{nanos_now, ChannelOut, Mailbox};
@@ -791,7 +792,8 @@ impl Shipper {
         };
         let (volume, offset, chunk, count) = diff.asked;
         let image = self.capture.image(volume as usize);
-        let mut buf = vec![0u8; chunk as usize];
+        // Read around the page cache, as the hashes were (chunk_hashes).
+        let mut buf = AlignedBuf::new(chunk as usize);
         let mut sent = 0u64;
         let raw_sent = wire.compressor.stats().0;
         wire.compressor
@@ -803,8 +805,9 @@ impl Shipper {
             match on_diff {
                 OnDiff::Collect(found) => found.push((volume, at, n as u64)),
                 OnDiff::Send => {
-                    runtime::blocking(|| image.read(at, &mut buf[..n]))?;
-                    let data = Payload::encode(&buf[..n], wire.compressor);
+                    let data = &mut buf.bytes_mut()[..n];
+                    runtime::blocking(|| image.read_uncached(at, data))?;
+                    let data = Payload::encode(data, wire.compressor);
                     sent += data.wire_len() as u64;
                     wire.send(&Message::Chunk {
                         volume,
