@@ -285,13 +285,11 @@ impl SegmentFile {
         self.tail_len = usize::try_from(at - self.tail_at).unwrap_or(0);
         let mut rest = data;
         while !rest.is_empty() {
-            if self.tail.is_none() {
-                let spare = self.pending.state.lock().free.pop();
-                self.tail = Some(spare.unwrap_or_else(|| AlignedBuf::new(BLOCK)));
-            }
-            let Some(tail) = self.tail.as_mut() else {
-                break;
-            };
+            let pending = &self.pending;
+            let tail = self.tail.get_or_insert_with(|| {
+                let spare = pending.state.lock().free.pop();
+                spare.unwrap_or_else(|| AlignedBuf::new(BLOCK))
+            });
             let n = rest.len().min(BLOCK - self.tail_len);
             tail.bytes_mut()[self.tail_len..self.tail_len + n].copy_from_slice(&rest[..n]);
             self.tail_len += n;
@@ -330,16 +328,11 @@ impl SegmentFile {
                     pending: Arc::clone(&self.pending),
                 };
                 if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
-                    // The writer is gone: write it here.
+                    // The writer is gone: write it here (a failure is
+                    // kept as the writer's would be).
                     let written = self.file.write_all_at(&job.block.bytes()[..len], at);
-                    let failed = written
-                        .as_ref()
-                        .err()
-                        .map(|e| io::Error::new(e.kind(), e.to_string()));
                     self.pending.done(at, job.block, written);
-                    if let Some(e) = failed {
-                        return Err(e);
-                    }
+                    Pending::check(&self.pending.state.lock())?;
                 }
             }
             None => {
