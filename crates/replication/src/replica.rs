@@ -1266,6 +1266,16 @@ enum HashPiece {
     Data { at: u64, len: usize },
 }
 
+impl HashPiece {
+    /// Where to read, for chunks holding data.
+    fn run(self) -> Option<(u64, usize)> {
+        match self {
+            HashPiece::Data { at, len } => Some((at, len)),
+            HashPiece::Hole(_) => None,
+        }
+    }
+}
+
 /// Hashes `count` chunks of an image. The image is read around the page
 /// cache ([`RawImage::read_uncached`]): a compare scans whole images, and
 /// filling the cache with them cost more CPU than the hashing, and evicted
@@ -1289,22 +1299,21 @@ pub fn chunk_hashes(
                 .map(|piece| *blake3::hash(piece).as_bytes()),
         ),
     };
-    let runs: Vec<(u64, usize)> = pieces
-        .iter()
-        .filter_map(|p| match *p {
-            HashPiece::Data { at, len } => Some((at, len)),
-            HashPiece::Hole(_) => None,
-        })
-        .collect();
-    let buf_len = runs.iter().map(|r| r.1).max().unwrap_or(0);
-    if runs.len() < 2 {
+    let runs = || pieces.iter().filter_map(|p| p.run());
+    let buf_len = runs().map(|r| r.1).max().unwrap_or(0);
+    if runs().nth(1).is_none() {
         // Nothing to overlap: read in place.
         let mut buf = AlignedBuf::new(buf_len);
-        for piece in pieces {
-            if let HashPiece::Data { at, len } = piece {
-                image.read_uncached(at, &mut buf.bytes_mut()[..len])?;
-            }
-            hash_piece(piece, buf.bytes());
+        for &piece in &pieces {
+            let data = match piece.run() {
+                Some((at, len)) => {
+                    let data = &mut buf.bytes_mut()[..len];
+                    image.read_uncached(at, data)?;
+                    &*data
+                }
+                None => &[],
+            };
+            hash_piece(piece, data);
         }
         return Ok(out);
     }
@@ -1318,7 +1327,7 @@ pub fn chunk_hashes(
         std::thread::Builder::new()
             .name("compare-read".into())
             .spawn_scoped(s, move || {
-                for (at, len) in runs {
+                for (at, len) in runs() {
                     let Ok(mut buf): Result<AlignedBuf, _> = free_rx.recv() else {
                         return; // the hashing side stopped
                     };
@@ -1330,7 +1339,7 @@ pub fn chunk_hashes(
                 }
             })
             .map_err(ReplicaError::Spawn)?;
-        for piece in pieces {
+        for &piece in &pieces {
             match piece {
                 HashPiece::Hole(_) => hash_piece(piece, &[]),
                 HashPiece::Data { len, .. } => {
